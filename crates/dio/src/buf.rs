@@ -1,0 +1,364 @@
+//! Memory for direct I/O: aligned buffers, the raw memory references that travel
+//! inside device requests, and the scope that keeps borrowed memory alive until the
+//! device is done with it.
+//!
+//! This module and `device` are the only places with `unsafe`. Everything above them
+//! (the engine, the block maps, the CLI) handles memory through the safe types here.
+
+use std::alloc::{self, Layout};
+use std::fmt;
+use std::ptr::NonNull;
+
+/// A heap buffer whose address is aligned to a chosen power of two, as direct I/O
+/// needs (the device's memory alignment, see [`crate::Geometry::mem_align`]).
+///
+/// The contents start zeroed.
+pub struct AlignedBuf {
+    ptr: NonNull<u8>,
+    len: usize,
+    align: usize,
+}
+
+// SAFETY: AlignedBuf owns its allocation exclusively, like a Box<[u8]>.
+unsafe impl Send for AlignedBuf {}
+// SAFETY: shared access only hands out &[u8].
+unsafe impl Sync for AlignedBuf {}
+
+impl AlignedBuf {
+    /// A zeroed buffer of `len` bytes at an address aligned to `align` (a power of
+    /// two; values below 1 are taken as 1).
+    ///
+    /// # Panics
+    /// If `align` is not a power of two or the size overflows `isize`, as `Vec` does.
+    pub fn new(len: usize, align: usize) -> Self {
+        let align = align.max(1);
+        assert!(align.is_power_of_two(), "alignment {align} is not a power of two");
+        if len == 0 {
+            // A dangling but aligned pointer, as Vec does for empty allocations.
+            let ptr = NonNull::new(align as *mut u8).expect("align is non-zero");
+            return AlignedBuf { ptr, len, align };
+        }
+        let layout = Layout::from_size_align(len, align).expect("buffer size overflows");
+        // SAFETY: layout has a non-zero size (len > 0 checked above).
+        let raw = unsafe { alloc::alloc_zeroed(layout) };
+        let ptr = NonNull::new(raw).unwrap_or_else(|| alloc::handle_alloc_error(layout));
+        AlignedBuf { ptr, len, align }
+    }
+
+    /// A buffer holding a copy of `data`, aligned to `align`.
+    pub fn from_slice(data: &[u8], align: usize) -> Self {
+        let mut buf = AlignedBuf::new(data.len(), align);
+        buf.copy_from_slice(data);
+        buf
+    }
+
+    /// The alignment this buffer was allocated with.
+    pub fn align(&self) -> usize {
+        self.align
+    }
+}
+
+impl std::ops::Deref for AlignedBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: ptr is valid for len bytes (or dangling with len 0) and we own it.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl std::ops::DerefMut for AlignedBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in deref, and &mut self gives exclusive access.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        if self.len == 0 {
+            return;
+        }
+        let layout = Layout::from_size_align(self.len, self.align).expect("layout was valid");
+        // SAFETY: allocated in `new` with this very layout.
+        unsafe { alloc::dealloc(self.ptr.as_ptr(), layout) }
+    }
+}
+
+impl fmt::Debug for AlignedBuf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AlignedBuf")
+            .field("len", &self.len)
+            .field("align", &self.align)
+            .finish()
+    }
+}
+
+impl Clone for AlignedBuf {
+    fn clone(&self) -> Self {
+        AlignedBuf::from_slice(self, self.align)
+    }
+}
+
+/// An owned buffer that can be handed to an asynchronous request and returned at
+/// completion.
+///
+/// # Safety
+/// The memory returned by `as_mut_ptr` must stay valid, at the same address, for
+/// `len` bytes while the value lives, even when the value itself is moved (a heap
+/// allocation, not an inline array), and must not be accessed through any other
+/// path while the engine holds the value.
+pub unsafe trait OwnedBuf: Send + 'static {
+    /// Start of the buffer's memory.
+    fn as_mut_ptr(&mut self) -> *mut u8;
+    /// Length in bytes.
+    fn len(&self) -> usize;
+    /// Whether the buffer is empty.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+// SAFETY: the allocation is on the heap and owned by the AlignedBuf.
+unsafe impl OwnedBuf for AlignedBuf {
+    fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+
+// SAFETY: a Vec's elements live on the heap and do not move when the Vec moves.
+unsafe impl OwnedBuf for Vec<u8> {
+    fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.as_mut_slice().as_mut_ptr()
+    }
+    fn len(&self) -> usize {
+        Vec::len(self)
+    }
+}
+
+// SAFETY: a boxed slice lives on the heap and does not move when the Box moves.
+unsafe impl OwnedBuf for Box<[u8]> {
+    fn as_mut_ptr(&mut self) -> *mut u8 {
+        (**self).as_mut_ptr()
+    }
+    fn len(&self) -> usize {
+        (**self).len()
+    }
+}
+
+/// A reference to memory that a device request reads from (writes) or fills
+/// (reads): the user-space counterpart of a pinned page range in a bio.
+///
+/// It carries no lifetime: whoever builds one guarantees the memory outlives the
+/// request. Safe code gets them only from an [`IoScope`] (borrowed memory, kept alive
+/// by the scope), from [`MemRef::owned`]'s contract, or from the zero page.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct MemRef {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: a MemRef is an address range; the code that creates it guarantees that the
+// memory stays valid and unaliased by Rust references until the request completes,
+// whichever thread completes it.
+unsafe impl Send for MemRef {}
+// SAFETY: as for Send; a MemRef itself is an immutable pair of integers.
+unsafe impl Sync for MemRef {}
+
+impl fmt::Debug for MemRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "MemRef({:p}+{})", self.ptr, self.len)
+    }
+}
+
+impl MemRef {
+    /// A reference to `len` bytes at `ptr`.
+    ///
+    /// # Safety
+    /// The range must stay valid (allocated, and writable if a read request fills
+    /// it) until every device request that uses it has completed, and no Rust
+    /// reference may access it meanwhile.
+    pub unsafe fn from_raw(ptr: *mut u8, len: usize) -> Self {
+        MemRef { ptr, len }
+    }
+
+    /// Start address.
+    pub fn addr(&self) -> usize {
+        self.ptr as usize
+    }
+    /// Start pointer, for device back ends.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// Whether the range is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// The sub-range `[start, start + len)`.
+    ///
+    /// # Panics
+    /// If the sub-range does not lie inside this one.
+    pub fn slice(&self, start: usize, len: usize) -> MemRef {
+        assert!(start <= self.len && len <= self.len - start, "MemRef::slice out of range");
+        MemRef {
+            ptr: self.ptr.wrapping_add(start),
+            len,
+        }
+    }
+    /// Whether `next` starts where this range ends.
+    pub fn is_followed_by(&self, next: &MemRef) -> bool {
+        self.ptr.wrapping_add(self.len) == next.ptr
+    }
+    /// This range grown by `extra` bytes at its end.
+    pub fn grown(&self, extra: usize) -> MemRef {
+        MemRef {
+            ptr: self.ptr,
+            len: self.len + extra,
+        }
+    }
+
+    /// Fill the range with zeros (a read of a hole).
+    ///
+    /// Only for memory that a read request owns, inside its scope.
+    pub(crate) fn zero(&self) {
+        // SAFETY: the creator of this MemRef guaranteed the range is valid and not
+        // referenced elsewhere while the request runs; reads fill it.
+        unsafe { std::ptr::write_bytes(self.ptr, 0, self.len) }
+    }
+
+    /// Copy the range's bytes out (device back ends serving a write).
+    ///
+    /// # Safety
+    /// The range must be valid for reads (the request that carries it is live).
+    pub unsafe fn copy_to(&self, dst: &mut [u8]) {
+        assert_eq!(dst.len(), self.len);
+        // SAFETY: caller guarantees validity; dst is a distinct &mut.
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr, dst.as_mut_ptr(), self.len) }
+    }
+
+    /// Copy `src` into the range (device back ends serving a read).
+    ///
+    /// # Safety
+    /// The range must be valid for writes (the request that carries it is live).
+    pub unsafe fn copy_from(&self, src: &[u8]) {
+        assert_eq!(src.len(), self.len);
+        // SAFETY: caller guarantees validity; src is a distinct &.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr, self.len) }
+    }
+}
+
+/// Alignment used for the shared zero buffer: enough for any device's memory
+/// alignment (a page).
+const ZERO_ALIGN: usize = 4096;
+/// Size of the shared zero buffer: the largest fs block dio supports.
+pub(crate) const ZERO_LEN: usize = 64 * 1024;
+
+/// A read-only range of zeros for writing zeroes to the device (the seed's
+/// ZERO_PAGE), at most [`ZERO_LEN`] bytes.
+pub(crate) fn zeroes(len: usize) -> MemRef {
+    static ZEROES: std::sync::OnceLock<AlignedBuf> = std::sync::OnceLock::new();
+    let buf = ZEROES.get_or_init(|| AlignedBuf::new(ZERO_LEN, ZERO_ALIGN));
+    assert!(len <= ZERO_LEN);
+    // Devices only read from it (it is used for writes only), so the shared buffer is
+    // never written; the pointer cast to *mut is never written through.
+    MemRef {
+        ptr: buf.as_ptr() as *mut u8,
+        len,
+    }
+}
+
+/// Keeps borrowed memory valid until the I/O that uses it has drained.
+///
+/// Obtained only inside [`io_scope`], which waits for the I/O before it returns, even
+/// when the body panics, so a `MemRef` lent from a borrowed slice can never outlive it.
+pub struct IoScope<'a> {
+    _borrow: std::marker::PhantomData<&'a mut [u8]>,
+}
+
+impl<'a> IoScope<'a> {
+    /// Memory references for a caller's read buffers, kept alive by the scope.
+    pub fn lend_mut(&self, bufs: &'a mut [std::io::IoSliceMut<'_>]) -> Vec<MemRef> {
+        bufs.iter_mut()
+            .map(|b| MemRef {
+                ptr: b.as_mut_ptr(),
+                len: b.len(),
+            })
+            .collect()
+    }
+
+    /// Memory references for a caller's write buffers, kept alive by the scope.
+    /// Devices only read from them.
+    pub fn lend(&self, bufs: &'a [std::io::IoSlice<'_>]) -> Vec<MemRef> {
+        bufs.iter()
+            .map(|b| MemRef {
+                ptr: b.as_ptr() as *mut u8,
+                len: b.len(),
+            })
+            .collect()
+    }
+}
+
+/// Run `body` with a scope that lends borrowed memory to device requests; `drain`
+/// runs after `body` (also if it panics) and must return only once every request
+/// that used the lent memory has completed.
+pub fn io_scope<'a, R>(drain: impl FnOnce(), body: impl FnOnce(&IoScope<'a>) -> R) -> R {
+    struct Drain<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Drain<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    let _guard = Drain(Some(drain));
+    let scope = IoScope {
+        _borrow: std::marker::PhantomData,
+    };
+    body(&scope)
+}
+
+/// Memory references for owned async buffers. The engine holds `bufs` until every
+/// request completes, which the [`OwnedBuf`] contract makes sufficient.
+pub(crate) fn lend_owned<B: OwnedBuf>(bufs: &mut [B]) -> Vec<MemRef> {
+    bufs.iter_mut()
+        .map(|b| MemRef {
+            ptr: b.as_mut_ptr(),
+            len: b.len(),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aligned_buf_is_aligned_and_zeroed() {
+        for align in [1, 512, 4096, 65536] {
+            let b = AlignedBuf::new(12345, align);
+            assert_eq!(b.as_ptr() as usize % align, 0);
+            assert!(b.iter().all(|&x| x == 0));
+        }
+        let e = AlignedBuf::new(0, 4096);
+        assert_eq!(e.len(), 0);
+        assert_eq!(e.as_ptr() as usize % 4096, 0);
+    }
+
+    #[test]
+    fn memref_slices_and_contiguity() {
+        let mut b = AlignedBuf::new(8192, 4096);
+        // SAFETY: b outlives every use of m in this test.
+        let m = unsafe { MemRef::from_raw(b.as_mut_ptr(), 8192) };
+        let a = m.slice(0, 4096);
+        let c = m.slice(4096, 4096);
+        assert!(a.is_followed_by(&c));
+        assert!(!c.is_followed_by(&a));
+        assert_eq!(a.grown(4096), m);
+    }
+}

@@ -1,0 +1,413 @@
+//! The RAM device: a block device in memory for tests, benchmarks and fsx. It can
+//! complete on another thread, late, and out of order; fail chosen requests; count
+//! what it sees; and simulate a crash that keeps only durable data (flushed or
+//! written with FUA), the way redb's crash-consistency backend does.
+
+use std::collections::VecDeque;
+use std::io;
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use super::{check_request, Device, Geometry, Op, Request};
+
+/// How a [`MemDevice`] behaves.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct MemDeviceConfig {
+    /// Geometry (size, logical block, limits).
+    pub geometry: Geometry,
+    /// Byte the device is filled with at creation (0xAA makes stale reads visible).
+    pub fill: u8,
+    /// Complete requests on a separate thread (true) or inline in `submit` (false).
+    pub threaded: bool,
+    /// Delay before a request completes (threaded only).
+    pub latency: Option<Duration>,
+    /// Complete the requests waiting at the completion thread in shuffled order.
+    pub reorder: bool,
+    /// Seed of the shuffle.
+    pub seed: u64,
+    /// No storage: reads leave memory alone, writes are dropped (benchmarks).
+    pub null: bool,
+    /// Track durable data for [`MemDevice::crash`].
+    pub crash_mode: bool,
+    /// Keep a log of every request (see [`MemDevice::log`]).
+    pub log: bool,
+}
+
+impl MemDeviceConfig {
+    /// A device of `size` bytes with `logical_block`-byte blocks, zero-filled,
+    /// completing inline.
+    pub fn new(size: u64, logical_block: u32) -> Self {
+        MemDeviceConfig {
+            geometry: Geometry::new(logical_block, size),
+            fill: 0,
+            threaded: false,
+            latency: None,
+            reorder: false,
+            seed: 1,
+            null: false,
+            crash_mode: false,
+            log: false,
+        }
+    }
+    /// Set the geometry.
+    pub fn geometry(mut self, g: Geometry) -> Self {
+        self.geometry = g;
+        self
+    }
+    /// Set the fill byte.
+    pub fn fill(mut self, b: u8) -> Self {
+        self.fill = b;
+        self
+    }
+    /// Complete on another thread, optionally late and shuffled.
+    pub fn threaded(mut self, latency: Option<Duration>, reorder: bool, seed: u64) -> Self {
+        self.threaded = true;
+        self.latency = latency;
+        self.reorder = reorder;
+        self.seed = seed;
+        self
+    }
+    /// No storage, no copying.
+    pub fn null(mut self) -> Self {
+        self.null = true;
+        self
+    }
+    /// Track durability for crash simulation.
+    pub fn crash_mode(mut self) -> Self {
+        self.crash_mode = true;
+        self
+    }
+    /// Log every request.
+    pub fn log(mut self) -> Self {
+        self.log = true;
+        self
+    }
+}
+
+/// Counters of a [`MemDevice`].
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct MemStats {
+    /// Requests submitted.
+    pub requests: u64,
+    /// Bytes in submitted requests.
+    pub bytes: u64,
+    /// Memory segments in submitted requests.
+    pub segments: u64,
+    /// Most requests in flight at once.
+    pub max_in_flight: u64,
+    /// Flushes.
+    pub flushes: u64,
+}
+
+/// One logged request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoggedRequest {
+    /// Direction.
+    pub op: Op,
+    /// Device byte offset.
+    pub offset: u64,
+    /// Bytes.
+    pub len: u64,
+    /// Number of memory segments.
+    pub segments: usize,
+    /// FUA flag.
+    pub fua: bool,
+}
+
+#[derive(Default)]
+struct Faults {
+    /// Requests touching any of these device byte ranges fail with EIO.
+    ranges: Vec<(Range<u64>, Option<Op>)>,
+    /// Fail the request with this 1-based sequence number.
+    nth: Option<u64>,
+}
+
+struct Store {
+    data: Vec<u8>,
+    /// Durable image (crash mode): what survives a crash.
+    durable: Vec<u8>,
+}
+
+struct Shared {
+    cfg: MemDeviceConfig,
+    store: Mutex<Store>,
+    faults: Mutex<Faults>,
+    log: Mutex<Vec<LoggedRequest>>,
+    seq: AtomicU64,
+    bytes: AtomicU64,
+    segments: AtomicU64,
+    in_flight: AtomicU64,
+    max_in_flight: AtomicU64,
+    flushes: AtomicU64,
+}
+
+/// A block device in RAM. See the module docs.
+pub struct MemDevice {
+    shared: Arc<Shared>,
+    worker: Option<(mpsc::Sender<(Request, Instant, bool)>, thread::JoinHandle<()>)>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl MemDevice {
+    /// A device as `cfg` describes.
+    pub fn new(cfg: MemDeviceConfig) -> MemDevice {
+        let size = if cfg.null {
+            0
+        } else {
+            usize::try_from(cfg.geometry.size).expect("RAM device size fits in memory")
+        };
+        let data = vec![cfg.fill; size];
+        let durable = if cfg.crash_mode {
+            data.clone()
+        } else {
+            Vec::new()
+        };
+        let shared = Arc::new(Shared {
+            store: Mutex::new(Store { data, durable }),
+            faults: Mutex::new(Faults::default()),
+            log: Mutex::new(Vec::new()),
+            seq: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            segments: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            max_in_flight: AtomicU64::new(0),
+            flushes: AtomicU64::new(0),
+            cfg,
+        });
+        let worker = if shared.cfg.threaded {
+            let (tx, rx) = mpsc::channel();
+            let s = Arc::clone(&shared);
+            let handle = thread::Builder::new()
+                .name("dio-mem-complete".into())
+                .spawn(move || completion_thread(&s, &rx))
+                .expect("spawn RAM device completion thread");
+            Some((tx, handle))
+        } else {
+            None
+        };
+        MemDevice { shared, worker }
+    }
+
+    /// Fail (EIO) every request that touches device bytes `range`, of direction `op`
+    /// or of both when `None`.
+    pub fn fail_range(&self, range: Range<u64>, op: Option<Op>) {
+        lock(&self.shared.faults).ranges.push((range, op));
+    }
+
+    /// Fail the `n`th request from now (1 = the next one).
+    pub fn fail_nth(&self, n: u64) {
+        let now = self.shared.seq.load(Ordering::SeqCst);
+        lock(&self.shared.faults).nth = Some(now + n);
+    }
+
+    /// Remove all injected faults.
+    pub fn clear_faults(&self) {
+        *lock(&self.shared.faults) = Faults::default();
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> MemStats {
+        let s = &self.shared;
+        MemStats {
+            requests: s.seq.load(Ordering::SeqCst),
+            bytes: s.bytes.load(Ordering::SeqCst),
+            segments: s.segments.load(Ordering::SeqCst),
+            max_in_flight: s.max_in_flight.load(Ordering::SeqCst),
+            flushes: s.flushes.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Reset the counters and the request log.
+    pub fn reset_stats(&self) {
+        let s = &self.shared;
+        for c in [&s.seq, &s.bytes, &s.segments, &s.max_in_flight, &s.flushes] {
+            c.store(0, Ordering::SeqCst);
+        }
+        lock(&s.log).clear();
+    }
+
+    /// The requests logged so far (needs [`MemDeviceConfig::log`]).
+    pub fn log(&self) -> Vec<LoggedRequest> {
+        lock(&self.shared.log).clone()
+    }
+
+    /// A copy of device bytes `[offset, offset + len)`.
+    pub fn read_raw(&self, offset: u64, len: usize) -> Vec<u8> {
+        let st = lock(&self.shared.store);
+        let o = offset as usize;
+        st.data[o..o + len].to_vec()
+    }
+
+    /// Overwrite device bytes directly (test setup).
+    pub fn write_raw(&self, offset: u64, bytes: &[u8]) {
+        let mut st = lock(&self.shared.store);
+        let o = offset as usize;
+        st.data[o..o + bytes.len()].copy_from_slice(bytes);
+        if self.shared.cfg.crash_mode {
+            st.durable[o..o + bytes.len()].copy_from_slice(bytes);
+        }
+    }
+
+    /// Simulate a power loss: everything not flushed and not written with FUA is
+    /// lost. Needs [`MemDeviceConfig::crash_mode`].
+    pub fn crash(&self) {
+        assert!(self.shared.cfg.crash_mode, "crash() needs crash_mode");
+        let mut st = lock(&self.shared.store);
+        st.data = st.durable.clone();
+    }
+
+    /// Requests currently in flight.
+    pub fn in_flight(&self) -> u64 {
+        self.shared.in_flight.load(Ordering::SeqCst)
+    }
+}
+
+impl Shared {
+    fn injected_fault(&self, seq: u64, req: &Request, len: u64) -> bool {
+        let f = lock(&self.faults);
+        if f.nth == Some(seq) {
+            return true;
+        }
+        let r = req.offset..req.offset + len;
+        f.ranges.iter().any(|(range, op)| {
+            op.is_none_or(|o| o == req.op) && r.start < range.end && range.start < r.end
+        })
+    }
+
+    /// Move the data of `req` and return its result.
+    fn execute(&self, req: &Request, fail: bool) -> io::Result<()> {
+        check_request(&self.cfg.geometry, req)?;
+        if fail {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        if self.cfg.null {
+            return Ok(());
+        }
+        let mut st = lock(&self.store);
+        let mut pos = req.offset as usize;
+        for seg in &req.segments {
+            let dev = &mut st.data[pos..pos + seg.len()];
+            match req.op {
+                // SAFETY: the request is live (not yet completed), so its memory is
+                // valid per the MemRef contract.
+                Op::Read => unsafe { seg.copy_from(dev) },
+                // SAFETY: as above.
+                Op::Write => unsafe { seg.copy_to(dev) },
+            }
+            pos += seg.len();
+        }
+        if self.cfg.crash_mode && req.op == Op::Write && req.fua {
+            let start = req.offset as usize;
+            let Store { data, durable } = &mut *st;
+            durable[start..pos].copy_from_slice(&data[start..pos]);
+        }
+        Ok(())
+    }
+
+    fn finish(&self, req: Request, fail: bool) {
+        let result = self.execute(&req, fail);
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        req.complete(result);
+    }
+}
+
+fn completion_thread(s: &Shared, rx: &mpsc::Receiver<(Request, Instant, bool)>) {
+    let mut rng = s.cfg.seed | 1;
+    let mut batch: VecDeque<(Request, Instant, bool)> = VecDeque::new();
+    while let Ok(first) = rx.recv() {
+        batch.push_back(first);
+        if s.cfg.reorder {
+            // Give the submitter a moment to queue more, then complete what is
+            // waiting in a shuffled order.
+            thread::yield_now();
+            while let Ok(more) = rx.try_recv() {
+                batch.push_back(more);
+            }
+        }
+        while !batch.is_empty() {
+            let i = if s.cfg.reorder {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                (rng % batch.len() as u64) as usize
+            } else {
+                0
+            };
+            let (req, due, fail) = batch.remove(i).expect("index in range");
+            let now = Instant::now();
+            if due > now {
+                thread::sleep(due - now);
+            }
+            s.finish(req, fail);
+        }
+    }
+}
+
+impl Device for MemDevice {
+    fn geometry(&self) -> Geometry {
+        self.shared.cfg.geometry
+    }
+
+    fn submit(&self, req: Request) {
+        let s = &self.shared;
+        let seq = s.seq.fetch_add(1, Ordering::SeqCst) + 1;
+        let len = req.len();
+        s.bytes.fetch_add(len, Ordering::Relaxed);
+        s.segments
+            .fetch_add(req.segments.len() as u64, Ordering::Relaxed);
+        let now_in = s.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        s.max_in_flight.fetch_max(now_in, Ordering::SeqCst);
+        if s.cfg.log {
+            lock(&s.log).push(LoggedRequest {
+                op: req.op,
+                offset: req.offset,
+                len,
+                segments: req.segments.len(),
+                fua: req.fua,
+            });
+        }
+        let fail = s.injected_fault(seq, &req, len);
+        match &self.worker {
+            Some((tx, _)) => {
+                let due = Instant::now() + s.cfg.latency.unwrap_or_default();
+                if let Err(mpsc::SendError((req, _, fail))) = tx.send((req, due, fail)) {
+                    s.finish(req, fail);
+                }
+            }
+            None => s.finish(req, fail),
+        }
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        let s = &self.shared;
+        s.flushes.fetch_add(1, Ordering::SeqCst);
+        if s.cfg.crash_mode {
+            // Every write completed so far becomes durable.
+            let mut st = lock(&s.store);
+            let Store { data, durable } = &mut *st;
+            durable.copy_from_slice(data);
+        }
+        Ok(())
+    }
+
+    fn name(&self) -> &str {
+        "mem"
+    }
+}
+
+impl Drop for MemDevice {
+    fn drop(&mut self) {
+        if let Some((tx, handle)) = self.worker.take() {
+            drop(tx);
+            let _ = handle.join();
+        }
+    }
+}

@@ -1,0 +1,127 @@
+//! The request builder: takes (memory, device offset, file offset) pieces from the
+//! walk and grows device requests from them: a piece that continues the last memory
+//! segment and the device range grows that segment; one that continues the request
+//! on the device *and* in the file joins it as a new segment; anything else sends the
+//! request and starts another. Limits (segments, bytes) and the boundary flag send at
+//! once. Completed requests are reaped while submitting, so a huge call holds a
+//! bounded number of requests. (seed: submit_page_section, dio_send_cur_page,
+//! dio_new_bio, dio_bio_submit, dio_bio_reap)
+//!
+//! It knows nothing of block maps, holes or EOF: that is the walk's job.
+
+use std::sync::Arc;
+
+use super::complete::Dio;
+use crate::buf::MemRef;
+use crate::device::{Op, Request};
+
+/// Most requests one call keeps in flight before it waits for some to complete (the
+/// seed reaps every 64 pages for the same reason: bounded memory per call).
+pub const MAX_IN_FLIGHT: usize = 64;
+
+/// The seed's BIO_MAX_PAGES: at most this many segments per request, whatever the
+/// device allows.
+pub const MAX_SEGMENTS: usize = 256;
+
+struct Building {
+    dev_offset: u64,
+    file_offset: u64,
+    len: u64,
+    segments: Vec<MemRef>,
+}
+
+pub(crate) struct BioBuilder<'a> {
+    dio: &'a Arc<Dio>,
+    op: Op,
+    fua: bool,
+    max_bytes: u64,
+    max_segments: usize,
+    poll: bool,
+    cur: Option<Building>,
+}
+
+impl<'a> BioBuilder<'a> {
+    pub(crate) fn new(dio: &'a Arc<Dio>, fua: bool, poll: bool) -> BioBuilder<'a> {
+        let geo = dio.file.geometry;
+        BioBuilder {
+            dio,
+            op: dio.op,
+            fua,
+            max_bytes: u64::from(geo.max_bytes),
+            max_segments: (geo.max_segments as usize).min(MAX_SEGMENTS),
+            poll,
+            cur: None,
+        }
+    }
+
+    /// Add a piece: `mem` goes to device byte `dev_offset`, file byte `file_offset`.
+    /// With `boundary`, the request is sent right after this piece.
+    pub(crate) fn add(&mut self, mut mem: MemRef, mut dev_offset: u64, mut file_offset: u64, boundary: bool) {
+        if let Some(cur) = &self.cur {
+            if cur.dev_offset + cur.len != dev_offset || cur.file_offset + cur.len != file_offset {
+                self.send();
+            }
+        }
+        while !mem.is_empty() {
+            let cur = self.cur.get_or_insert_with(|| Building {
+                dev_offset,
+                file_offset,
+                len: 0,
+                segments: Vec::with_capacity(4),
+            });
+            let room = (self.max_bytes - cur.len) as usize;
+            let take = mem.len().min(room);
+            let piece = mem.slice(0, take);
+            let grows = cur.segments.last().is_some_and(|l| l.is_followed_by(&piece));
+            if grows {
+                let last = cur.segments.last_mut().expect("checked above");
+                *last = last.grown(take);
+            } else if cur.segments.len() == self.max_segments {
+                self.send();
+                continue;
+            } else {
+                cur.segments.push(piece);
+            }
+            cur.len += take as u64;
+            let full = cur.len == self.max_bytes;
+            mem = mem.slice(take, mem.len() - take);
+            dev_offset += take as u64;
+            file_offset += take as u64;
+            if full {
+                self.send();
+            }
+        }
+        if boundary {
+            self.send();
+        }
+    }
+
+    /// Send the request under assembly, if any.
+    pub(crate) fn send(&mut self) {
+        let Some(b) = self.cur.take() else {
+            return;
+        };
+        let dio = self.dio;
+        // Reap before adding another request in flight.
+        dio.wait_in_flight_at_most(MAX_IN_FLIGHT - 1, self.poll);
+        dio.get();
+        dio.submitted_bytes
+            .fetch_add(b.len, std::sync::atomic::Ordering::Relaxed);
+        let req = Request {
+            op: self.op,
+            offset: b.dev_offset,
+            segments: b.segments,
+            fua: self.fua,
+            completion: dio.clone(),
+            tag: b.file_offset,
+        };
+        let file = &dio.file;
+        file.map.submit_io(&*file.dev, req, b.file_offset);
+    }
+}
+
+impl Drop for BioBuilder<'_> {
+    fn drop(&mut self) {
+        self.send();
+    }
+}

@@ -1,0 +1,300 @@
+//! Completion: counting the requests of one direct-I/O call in flight, waiting for
+//! them (sync), finishing the call from the last completion (async), deferring the
+//! finish to a worker when it may block (dsync flush, a map that asks), and the
+//! result rules: precedence of errors, clipping at EOF, the end_io hook.
+//! (seed: dio_bio_end_io, dio_bio_end_aio, dio_await_completion, dio_complete)
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::thread::{self, Thread};
+
+use super::Shared;
+use crate::device::{Completion, CompletionMode, Op, Request};
+use crate::map::Private;
+use crate::{Error, Result};
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// How the caller learns the result of an async call.
+pub(crate) type Done = Box<dyn FnOnce(Result<usize>) + Send>;
+
+/// What the walk ended with, for the result rules.
+pub(crate) enum Stop {
+    /// Ran to the end of the request (or EOF, or a hole on a write).
+    Clean,
+    /// An error passed in (map error, bad extent).
+    Error(Error),
+    /// Memory could not be used at this byte of the request.
+    MemoryFault(u64),
+}
+
+/// One direct-I/O call in flight (the seed's `struct dio`).
+pub(crate) struct Dio {
+    pub(crate) file: Arc<Shared>,
+    pub(crate) op: Op,
+    pub(crate) offset: u64,
+    pub(crate) i_size: u64,
+    /// 1 for the submitter plus one per device request in flight.
+    refs: AtomicUsize,
+    /// Lowest file offset of a failed device request, and its error.
+    io_error: Mutex<Option<(u64, Error)>>,
+    /// Set once by the submitter: bytes walked, and how the walk stopped.
+    outcome: Mutex<Option<(u64, Stop)>>,
+    private: Mutex<Option<Private>>,
+    defer: AtomicBool,
+    /// Flush the device before completing (dsync with metadata changes or no FUA).
+    pub(crate) flush: AtomicBool,
+    /// Extend i_size to the written end at completion.
+    pub(crate) extend: bool,
+    /// Skip the in-flight count.
+    pub(crate) skip_count: bool,
+    /// Block range held in the file's range lock until completion.
+    pub(crate) range_lock: Option<(u64, u64)>,
+    /// Sync: the thread waiting. Async: None.
+    waiter: Option<Thread>,
+    sleeping: AtomicBool,
+    done: Mutex<Option<Done>>,
+    pub(crate) submitted_bytes: AtomicU64,
+}
+
+impl Dio {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        file: Arc<Shared>,
+        op: Op,
+        offset: u64,
+        i_size: u64,
+        extend: bool,
+        skip_count: bool,
+        range_lock: Option<(u64, u64)>,
+        done: Option<Done>,
+    ) -> Dio {
+        let waiter = if done.is_none() {
+            Some(thread::current())
+        } else {
+            None
+        };
+        Dio {
+            file,
+            op,
+            offset,
+            i_size,
+            refs: AtomicUsize::new(1),
+            io_error: Mutex::new(None),
+            outcome: Mutex::new(None),
+            private: Mutex::new(None),
+            defer: AtomicBool::new(false),
+            flush: AtomicBool::new(false),
+            extend,
+            skip_count,
+            range_lock,
+            waiter,
+            sleeping: AtomicBool::new(false),
+            done: Mutex::new(done),
+            submitted_bytes: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether the call completes through a callback.
+    pub(crate) fn is_async(&self) -> bool {
+        self.waiter.is_none()
+    }
+
+    /// A device request is about to be submitted.
+    pub(crate) fn get(&self) {
+        self.refs.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Requests in flight (not counting the submitter's reference).
+    pub(crate) fn in_flight(&self) -> usize {
+        self.refs.load(Ordering::Acquire) - 1
+    }
+
+    pub(crate) fn set_private(&self, p: Option<Private>) {
+        *lock(&self.private) = p;
+    }
+
+    pub(crate) fn set_defer(&self) {
+        self.defer.store(true, Ordering::Release);
+    }
+
+    /// Wait until at most `max` requests are in flight (reaping, the seed's
+    /// dio_bio_reap / dio_await_one). The caller is the submitter.
+    pub(crate) fn wait_in_flight_at_most(&self, max: usize, poll: bool) {
+        let dev = &self.file.dev;
+        let polled = poll || dev.completion_mode() == CompletionMode::Polled;
+        if self.in_flight() > max {
+            dev.unplug();
+        }
+        while self.in_flight() > max {
+            if polled {
+                if dev.poll(true).is_err() {
+                    std::hint::spin_loop();
+                }
+            } else if self.waiter.is_some() {
+                self.sleeping.store(true, Ordering::SeqCst);
+                if self.in_flight() > max {
+                    thread::park();
+                }
+                self.sleeping.store(false, Ordering::SeqCst);
+            } else {
+                // An async submitter has no park handle registered; yield instead.
+                thread::yield_now();
+            }
+        }
+    }
+
+    /// The submitter is done walking: record how it ended.
+    pub(crate) fn set_outcome(&self, walked: u64, stop: Stop) {
+        *lock(&self.outcome) = Some((walked, stop));
+    }
+
+    /// Drop the submitter's reference. Sync: wait for every request, then finish and
+    /// return the result. Async: the last reference finishes the call.
+    pub(crate) fn submitter_done(self: Arc<Self>, poll: bool) -> Option<Result<usize>> {
+        self.file.dev.unplug();
+        if self.waiter.is_some() {
+            self.wait_in_flight_at_most(0, poll);
+            Some(self.finish())
+        } else {
+            self.put();
+            None
+        }
+    }
+
+    fn put(self: Arc<Self>) {
+        if self.refs.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.finish_async();
+        }
+    }
+
+    fn finish_async(self: Arc<Self>) {
+        if self.defer.load(Ordering::Acquire) {
+            deferred(Box::new(move || {
+                let r = self.finish();
+                self.deliver(r);
+            }));
+        } else {
+            let r = self.finish();
+            self.deliver(r);
+        }
+    }
+
+    fn deliver(&self, r: Result<usize>) {
+        if let Some(done) = lock(&self.done).take() {
+            done(r);
+        }
+    }
+
+    /// The result rules (the seed's dio_complete).
+    fn finish(&self) -> Result<usize> {
+        let (walked, stop) = lock(&self.outcome)
+            .take()
+            .unwrap_or((0, Stop::Error(Error::Invalid("request ended without outcome".into()))));
+        let io_error = lock(&self.io_error).take();
+        // Bytes that are certainly done: the walk's count, cut at the first failed
+        // request (everything before it in the file completed), and for reads at EOF.
+        let mut done = walked;
+        if let Some((at, _)) = &io_error {
+            done = done.min(at.saturating_sub(self.offset));
+        }
+        if self.op == Op::Read {
+            done = done.min(self.i_size.saturating_sub(self.offset));
+        }
+        let mut result: Result<usize> = match stop {
+            Stop::Error(e) => Err(e),
+            Stop::MemoryFault(at) if done == 0 => Err(Error::MemoryFault { at }),
+            _ => match io_error {
+                Some((_, e)) if done == 0 => Err(e),
+                _ => Ok(done as usize),
+            },
+        };
+        if self.op == Op::Write && self.flush.load(Ordering::Acquire) {
+            if let Ok(n) = result {
+                if n > 0 {
+                    if let Err(e) = self.file.dev.flush() {
+                        result = Err(Error::Io {
+                            offset: self.offset,
+                            source: e,
+                        });
+                    }
+                }
+            }
+        }
+        let private = lock(&self.private).take();
+        result = self
+            .file
+            .map
+            .end_io(self.op, self.offset, result, private.as_ref());
+        if let (Op::Write, Ok(n)) = (self.op, &result) {
+            let stats = &self.file.stats;
+            stats.written.fetch_add(*n as u64, Ordering::Relaxed);
+            if self.extend {
+                self.file.state.extend_to(self.offset + *n as u64);
+            }
+        } else if let (Op::Read, Ok(n)) = (self.op, &result) {
+            self.file.stats.read.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        if let Some((s, e)) = self.range_lock {
+            self.file.state.ranges().unlock(s, e);
+        }
+        if !self.skip_count {
+            self.file.state.dio_end();
+        }
+        result
+    }
+}
+
+impl Completion for Dio {
+    fn complete(self: Arc<Self>, req: Request, result: std::io::Result<()>) {
+        if let Err(e) = result {
+            let mut slot = lock(&self.io_error);
+            let at = req.tag;
+            if slot.as_ref().is_none_or(|(first, _)| at < *first) {
+                *slot = Some((
+                    at,
+                    Error::Io {
+                        offset: req.offset,
+                        source: e,
+                    },
+                ));
+            }
+        }
+        drop(req);
+        if let Some(waiter) = &self.waiter {
+            // A sync submitter either polls or parks; wake it when it sleeps or when
+            // this was the last request (sleeping is set before its final check).
+            let before = self.refs.fetch_sub(1, Ordering::AcqRel);
+            if before <= 2 || self.sleeping.load(Ordering::SeqCst) {
+                waiter.unpark();
+            }
+        } else {
+            self.put();
+        }
+    }
+}
+
+/// Run `job` on the completion worker (the seed's dio_done_wq): for completions
+/// that may block, such as a dsync flush or a map's deferred end_io.
+fn deferred(job: Box<dyn FnOnce() + Send>) {
+    static WORKER: OnceLock<Mutex<mpsc::Sender<Box<dyn FnOnce() + Send>>>> = OnceLock::new();
+    let tx = WORKER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<Box<dyn FnOnce() + Send>>();
+        thread::Builder::new()
+            .name("dio-complete".into())
+            .spawn(move || {
+                while let Ok(job) = rx.recv() {
+                    job();
+                }
+            })
+            .expect("spawn dio completion worker");
+        Mutex::new(tx)
+    });
+    let tx = lock(tx).clone();
+    if let Err(mpsc::SendError(job)) = tx.send(job) {
+        job();
+    }
+}

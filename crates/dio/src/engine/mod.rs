@@ -1,0 +1,442 @@
+//! The engine: direct reads and writes of one file, given its block map, its device
+//! and its state. Sync calls borrow the caller's buffers; async calls own them and
+//! complete through a callback or a [`DioFuture`].
+//!
+//! Layers: `request` (validation, locks, sync/async), `walk` (buffers against the
+//! block map), `bio` (pieces into device requests), `complete` (counting, waiting,
+//! result rules).
+
+mod bio;
+mod complete;
+mod request;
+mod walk;
+
+use std::future::Future;
+use std::io::{IoSlice, IoSliceMut};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::task::{Context, Poll, Waker};
+
+use crate::buf::{self, MemRef, OwnedBuf};
+use crate::device::{CompletionMode, Device, Geometry, Op};
+use crate::file::FileState;
+use crate::map::BlockMap;
+use crate::{Error, Result};
+
+pub use bio::{MAX_IN_FLIGHT, MAX_SEGMENTS};
+
+/// Per-request flags (the seed's DIO_* flags and iocb flags).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+pub struct Flags(u32);
+
+impl Flags {
+    /// No flags.
+    pub const NONE: Flags = Flags(0);
+    /// Hold the file lock (shared) while blocks are looked up.
+    pub const LOCKING: Flags = Flags(1);
+    /// Never allocate inside i_size: a write that meets a hole stops there.
+    pub const SKIP_HOLES: Flags = Flags(1 << 1);
+    /// Let an async write that extends the file stay async.
+    pub const ASYNC_EXTEND: Flags = Flags(1 << 2);
+    /// Do not count the call in the file's in-flight count (the caller excludes
+    /// truncate itself).
+    pub const SKIP_DIO_COUNT: Flags = Flags(1 << 3);
+    /// O_DSYNC: the data is durable when the call completes (FUA writes, plus a
+    /// flush when metadata changed).
+    pub const DSYNC: Flags = Flags(1 << 4);
+    /// Poll the device for completions instead of sleeping (high priority).
+    pub const POLL: Flags = Flags(1 << 5);
+    /// Fail with [`Error::WouldBlock`] instead of waiting for another write that
+    /// shares a block.
+    pub const NOWAIT: Flags = Flags(1 << 6);
+
+    /// Whether every flag of `other` is set.
+    pub fn contains(self, other: Flags) -> bool {
+        self.0 & other.0 == other.0
+    }
+}
+
+impl std::ops::BitOr for Flags {
+    type Output = Flags;
+    fn bitor(self, rhs: Flags) -> Flags {
+        Flags(self.0 | rhs.0)
+    }
+}
+
+impl std::ops::BitOrAssign for Flags {
+    fn bitor_assign(&mut self, rhs: Flags) {
+        self.0 |= rhs.0;
+    }
+}
+
+/// Bytes moved through one [`DirectFile`] (the seed's per-task I/O accounting).
+#[derive(Debug, Default)]
+pub struct Stats {
+    read: AtomicU64,
+    written: AtomicU64,
+}
+
+impl Stats {
+    /// Bytes read by completed calls.
+    pub fn bytes_read(&self) -> u64 {
+        self.read.load(Ordering::Relaxed)
+    }
+    /// Bytes written by completed calls.
+    pub fn bytes_written(&self) -> u64 {
+        self.written.load(Ordering::Relaxed)
+    }
+}
+
+/// What every call on one file shares.
+pub(crate) struct Shared {
+    pub(crate) dev: Arc<dyn Device>,
+    pub(crate) map: Arc<dyn BlockMap>,
+    pub(crate) state: Arc<FileState>,
+    pub(crate) geometry: Geometry,
+    pub(crate) fs_block: u32,
+    pub(crate) read_only: bool,
+    pub(crate) stats: Stats,
+}
+
+/// A file open for direct I/O: a block map, a device and the file's state.
+#[derive(Clone)]
+pub struct DirectFile {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for DirectFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DirectFile")
+            .field("device", &self.shared.dev.name())
+            .field("fs_block", &self.shared.fs_block)
+            .field("size", &self.shared.state.size())
+            .finish()
+    }
+}
+
+/// The outcome of an async call: the result and the caller's buffers back.
+#[derive(Debug)]
+pub struct Completed<B> {
+    /// Bytes transferred, or the error.
+    pub result: Result<usize>,
+    /// The buffers given to the call.
+    pub bufs: Vec<B>,
+}
+
+impl DirectFile {
+    /// Open a file for direct I/O over `dev` with block map `map` and state `state`.
+    ///
+    /// Fails if the device geometry is unusable or the map's block size is not a
+    /// power of two between the device's logical block and 64 KiB.
+    pub fn new(
+        dev: Arc<dyn Device>,
+        map: Arc<dyn BlockMap>,
+        state: Arc<FileState>,
+    ) -> Result<DirectFile> {
+        let geometry = dev.geometry();
+        geometry.validate()?;
+        let fs_block = map.block_size();
+        if !fs_block.is_power_of_two()
+            || fs_block < geometry.logical_block
+            || fs_block as usize > buf::ZERO_LEN
+        {
+            return Err(Error::Invalid(format!(
+                "fs block size {fs_block} must be a power of two from the device's logical block ({}) to 64 KiB",
+                geometry.logical_block
+            )));
+        }
+        Ok(DirectFile {
+            shared: Arc::new(Shared {
+                dev,
+                map,
+                state,
+                geometry,
+                fs_block,
+                read_only: false,
+                stats: Stats::default(),
+            }),
+        })
+    }
+
+    /// The same file, refusing writes with [`Error::ReadOnly`] (EBADF).
+    pub fn read_only(self) -> DirectFile {
+        let s = &self.shared;
+        DirectFile {
+            shared: Arc::new(Shared {
+                dev: Arc::clone(&s.dev),
+                map: Arc::clone(&s.map),
+                state: Arc::clone(&s.state),
+                geometry: s.geometry,
+                fs_block: s.fs_block,
+                read_only: true,
+                stats: Stats::default(),
+            }),
+        }
+    }
+
+    /// The file's state (size, locks, in-flight count).
+    pub fn state(&self) -> &Arc<FileState> {
+        &self.shared.state
+    }
+    /// The device.
+    pub fn device(&self) -> &Arc<dyn Device> {
+        &self.shared.dev
+    }
+    /// The device geometry.
+    pub fn geometry(&self) -> Geometry {
+        self.shared.geometry
+    }
+    /// The fs block size.
+    pub fn block_size(&self) -> u32 {
+        self.shared.fs_block
+    }
+    /// Current file size.
+    pub fn size(&self) -> u64 {
+        self.shared.state.size()
+    }
+    /// Bytes moved so far.
+    pub fn stats(&self) -> &Stats {
+        &self.shared.stats
+    }
+
+    /// The alignment a caller needs, as statx(STATX_DIOALIGN) reports it: memory
+    /// address alignment and file offset/length alignment.
+    pub fn dio_align(&self) -> (u32, u32) {
+        (self.shared.geometry.mem_align, self.shared.geometry.logical_block)
+    }
+
+    /// Read at `offset` into `bufs`, synchronously. Returns the bytes read (short at
+    /// EOF, 0 at or past it).
+    pub fn read(&self, offset: u64, bufs: &mut [IoSliceMut<'_>], flags: Flags) -> Result<usize> {
+        let file = &self.shared;
+        buf::io_scope(
+            || {},
+            |scope| {
+                let mem = scope.lend_mut(bufs);
+                request::run(file, Op::Read, offset, &mem, flags, &mut |_| true, None)
+                    .expect("a sync call returns its result")
+            },
+        )
+    }
+
+    /// Write `bufs` at `offset`, synchronously. Returns the bytes written (short if
+    /// a hole needing allocation stopped it, see [`Error::Hole`]).
+    pub fn write(&self, offset: u64, bufs: &[IoSlice<'_>], flags: Flags) -> Result<usize> {
+        self.write_pinned(offset, bufs, flags, |_| true)
+    }
+
+    /// Write with a pin step: `pin` is called on every piece of memory before the
+    /// device sees it (as the kernel pins user pages) and may refuse it, e.g. when
+    /// memory cannot be locked or registered. A refusal is a memory fault: blocks
+    /// already mapped for the write get zeros, never their old contents, and the
+    /// call returns the bytes before the fault or [`Error::MemoryFault`].
+    pub fn write_pinned(
+        &self,
+        offset: u64,
+        bufs: &[IoSlice<'_>],
+        flags: Flags,
+        mut pin: impl FnMut(MemRef) -> bool,
+    ) -> Result<usize> {
+        let file = &self.shared;
+        buf::io_scope(
+            || {},
+            |scope| {
+                let mem = scope.lend(bufs);
+                request::run(file, Op::Write, offset, &mem, flags, &mut pin, None)
+                    .expect("a sync call returns its result")
+            },
+        )
+    }
+
+    /// Read into a single buffer.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8], flags: Flags) -> Result<usize> {
+        self.read(offset, &mut [IoSliceMut::new(buf)], flags)
+    }
+
+    /// Write a single buffer.
+    pub fn write_at(&self, offset: u64, buf: &[u8], flags: Flags) -> Result<usize> {
+        self.write(offset, &[IoSlice::new(buf)], flags)
+    }
+
+    /// Start an async read into owned buffers; `done` gets the result and the
+    /// buffers back, on whatever thread completes the call.
+    pub fn read_async<B: OwnedBuf>(
+        &self,
+        offset: u64,
+        bufs: Vec<B>,
+        flags: Flags,
+        done: impl FnOnce(Completed<B>) + Send + 'static,
+    ) {
+        self.start_async(Op::Read, offset, bufs, flags, done);
+    }
+
+    /// Start an async write from owned buffers; see [`DirectFile::read_async`]. A
+    /// write that extends the file runs synchronously (the callback runs before this
+    /// returns) unless [`Flags::ASYNC_EXTEND`] is set.
+    pub fn write_async<B: OwnedBuf>(
+        &self,
+        offset: u64,
+        bufs: Vec<B>,
+        flags: Flags,
+        done: impl FnOnce(Completed<B>) + Send + 'static,
+    ) {
+        self.start_async(Op::Write, offset, bufs, flags, done);
+    }
+
+    /// An async read as a future (works with any executor, or [`DioFuture::wait`]).
+    pub fn read_future<B: OwnedBuf>(&self, offset: u64, bufs: Vec<B>, flags: Flags) -> DioFuture<B> {
+        let (fut, slot) = DioFuture::new(Arc::clone(&self.shared.dev));
+        self.read_async(offset, bufs, flags, move |c| slot.fill(c));
+        fut
+    }
+
+    /// An async write as a future.
+    pub fn write_future<B: OwnedBuf>(&self, offset: u64, bufs: Vec<B>, flags: Flags) -> DioFuture<B> {
+        let (fut, slot) = DioFuture::new(Arc::clone(&self.shared.dev));
+        self.write_async(offset, bufs, flags, move |c| slot.fill(c));
+        fut
+    }
+
+    fn start_async<B: OwnedBuf>(
+        &self,
+        op: Op,
+        offset: u64,
+        mut bufs: Vec<B>,
+        flags: Flags,
+        done: impl FnOnce(Completed<B>) + Send + 'static,
+    ) {
+        let mem = buf::lend_owned(&mut bufs);
+        // The buffers travel with the completion: their memory (stable across moves,
+        // per OwnedBuf) stays alive until every request is done.
+        let done = Box::new(move |result| done(Completed { result, bufs }));
+        request::run(&self.shared, op, offset, &mem, flags, &mut |_| true, Some(done));
+    }
+
+    /// Change the file size: waits for in-flight direct I/O to drain (new calls with
+    /// [`Flags::LOCKING`] wait on the file lock), tells the block map, then sets the
+    /// size.
+    pub fn truncate(&self, size: u64) -> Result<()> {
+        let state = &self.shared.state;
+        let _excl = state.lock_exclusive();
+        state.wait_dio_zero();
+        if size < state.size() {
+            self.shared.map.truncate(size)?;
+        }
+        state.set_size(size);
+        Ok(())
+    }
+
+    /// Reap device completions (for devices whose completions need polling, when
+    /// async calls are in flight and nobody waits on them).
+    pub fn poll(&self, wait: bool) -> Result<usize> {
+        self.shared
+            .dev
+            .poll(wait)
+            .map_err(|e| Error::os("poll device", e))
+    }
+
+    /// Make completed writes durable (flush the device).
+    pub fn sync_data(&self) -> Result<()> {
+        self.shared
+            .dev
+            .flush()
+            .map_err(|e| Error::os("flush", e))
+    }
+}
+
+struct FutureState<B> {
+    result: Option<Completed<B>>,
+    waker: Option<Waker>,
+}
+
+struct FutureSlot<B> {
+    state: Mutex<FutureState<B>>,
+    ready: Condvar,
+}
+
+/// The completion side of a [`DioFuture`].
+struct Filler<B>(Arc<FutureSlot<B>>);
+
+impl<B> Filler<B> {
+    fn fill(self, c: Completed<B>) {
+        let waker = {
+            let mut st = self.0.state.lock().unwrap_or_else(|e| e.into_inner());
+            st.result = Some(c);
+            st.waker.take()
+        };
+        self.0.ready.notify_all();
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+}
+
+/// A direct-I/O call in flight, as a `Future`. Needs no particular executor: any
+/// executor polls it, and [`DioFuture::wait`] blocks without one.
+pub struct DioFuture<B> {
+    slot: Arc<FutureSlot<B>>,
+    dev: Arc<dyn Device>,
+}
+
+impl<B> DioFuture<B> {
+    fn new(dev: Arc<dyn Device>) -> (DioFuture<B>, Filler<B>) {
+        let slot = Arc::new(FutureSlot {
+            state: Mutex::new(FutureState {
+                result: None,
+                waker: None,
+            }),
+            ready: Condvar::new(),
+        });
+        (
+            DioFuture {
+                slot: Arc::clone(&slot),
+                dev,
+            },
+            Filler(slot),
+        )
+    }
+
+    /// Block the thread until the call completes (polling the device if its
+    /// completions need polling).
+    pub fn wait(self) -> Completed<B> {
+        let polled = self.dev.completion_mode() == CompletionMode::Polled;
+        let mut st = self.slot.state.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(c) = st.result.take() {
+                return c;
+            }
+            if polled {
+                drop(st);
+                let _ = self.dev.poll(true);
+                st = self.slot.state.lock().unwrap_or_else(|e| e.into_inner());
+            } else {
+                st = self.slot.ready.wait(st).unwrap_or_else(|e| e.into_inner());
+            }
+        }
+    }
+
+    /// Whether the call has completed.
+    pub fn is_done(&self) -> bool {
+        self.slot
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .result
+            .is_some()
+    }
+}
+
+impl<B> Future for DioFuture<B> {
+    type Output = Completed<B>;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Completed<B>> {
+        let mut st = self.slot.state.lock().unwrap_or_else(|e| e.into_inner());
+        match st.result.take() {
+            Some(c) => Poll::Ready(c),
+            None => {
+                st.waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+}

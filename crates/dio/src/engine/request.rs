@@ -1,0 +1,214 @@
+//! One direct-I/O call from start to finish: validate it (alignment, limits, zero
+//! length, EOF), take the file lock, the in-flight count and the block-range lock,
+//! choose sync or async, run the walk, and hand the call to completion.
+//! (seed: do_blockdev_direct_IO)
+
+use std::sync::Arc;
+
+use super::bio::BioBuilder;
+use super::complete::{Dio, Done, Stop};
+use super::walk::{walk, Seen, Walk};
+use super::{Flags, Shared};
+use crate::buf::MemRef;
+use crate::device::Op;
+use crate::error::AlignPart;
+use crate::{Error, Result};
+
+/// The unit a validated request walks in.
+pub(crate) struct Checked {
+    pub dio_block: u64,
+    pub len: u64,
+}
+
+/// Check alignment and limits. The dio block is the fs block when offset and every
+/// length are fs-block multiples, else the device's logical block; memory addresses
+/// must meet the device's memory alignment.
+pub(crate) fn check(file: &Shared, op: Op, offset: u64, mem: &[MemRef]) -> Result<Checked> {
+    if op == Op::Write && file.read_only {
+        return Err(Error::ReadOnly);
+    }
+    let fs = u64::from(file.fs_block);
+    let lb = u64::from(file.geometry.logical_block);
+    let mem_align = file.geometry.mem_align as usize;
+    let mut len = 0u64;
+    let mut lens = 0u64;
+    for m in mem {
+        if m.addr() % mem_align != 0 && !m.is_empty() {
+            return Err(Error::Misaligned {
+                part: AlignPart::Buffer,
+                value: m.addr() as u64,
+                required: mem_align as u64,
+            });
+        }
+        len += m.len() as u64;
+        lens |= m.len() as u64;
+    }
+    let dio_block = if (offset | lens) % fs == 0 { fs } else { lb };
+    if offset % dio_block != 0 {
+        return Err(Error::Misaligned {
+            part: AlignPart::Offset,
+            value: offset,
+            required: lb,
+        });
+    }
+    if let Some(bad) = mem.iter().find(|m| m.len() as u64 % dio_block != 0) {
+        return Err(Error::Misaligned {
+            part: AlignPart::Length,
+            value: bad.len() as u64,
+            required: lb,
+        });
+    }
+    let max = file.map.max_file_size();
+    match offset.checked_add(len) {
+        Some(end) if end <= max => {}
+        end => {
+            return Err(Error::TooLarge {
+                end: end.unwrap_or(u64::MAX),
+                max,
+            })
+        }
+    }
+    Ok(Checked { dio_block, len })
+}
+
+/// Run one call. `done` is None for a sync call (the result is returned) and Some
+/// for an async one (the result goes there, and None is returned).
+pub(crate) fn run(
+    file: &Arc<Shared>,
+    op: Op,
+    offset: u64,
+    mem: &[MemRef],
+    flags: Flags,
+    pin: &mut dyn FnMut(MemRef) -> bool,
+    mut done: Option<Done>,
+) -> Option<Result<usize>> {
+    let finish_now = |done: Option<Done>, r: Result<usize>| match done {
+        Some(d) => {
+            d(r);
+            None
+        }
+        None => Some(r),
+    };
+    let checked = match check(file, op, offset, mem) {
+        Ok(c) => c,
+        Err(e) => return finish_now(done, Err(e)),
+    };
+    if checked.len == 0 {
+        return finish_now(done, Ok(0));
+    }
+    let state = &file.state;
+    let fs = u64::from(file.fs_block);
+    let end = offset + checked.len;
+
+    // Writes that share an fs block with another write must not run at once: the
+    // zeroing of a fresh block's uncovered part would wipe the other's data
+    // (fstests generic/240). Lock the fs-block-rounded range until completion.
+    let range_lock = if op == Op::Write {
+        let r = (offset / fs * fs, end.div_ceil(fs) * fs);
+        if flags.contains(Flags::NOWAIT) {
+            if !state.ranges().try_lock(r.0, r.1) {
+                return finish_now(done, Err(Error::WouldBlock));
+            }
+        } else {
+            state.ranges().lock(r.0, r.1);
+        }
+        Some(r)
+    } else {
+        None
+    };
+    let unlock_range = || {
+        if let Some((s, e)) = range_lock {
+            state.ranges().unlock(s, e);
+        }
+    };
+
+    let guard = flags.contains(Flags::LOCKING).then(|| state.lock_shared());
+    let i_size = state.size();
+    if op == Op::Read && offset >= i_size {
+        drop(guard);
+        unlock_range();
+        return finish_now(done, Ok(0));
+    }
+    // An extending write is synchronous unless the file system allows async
+    // extension: i_size must not move before the data is on the device.
+    let extend = op == Op::Write && end > i_size;
+    let mut forced_sync = None;
+    if done.is_some() && extend && !flags.contains(Flags::ASYNC_EXTEND) {
+        forced_sync = done.take();
+    }
+    let skip_count = flags.contains(Flags::SKIP_DIO_COUNT);
+    if !skip_count {
+        state.dio_begin();
+    }
+    let dsync = op == Op::Write && flags.contains(Flags::DSYNC);
+    let dio = Arc::new(Dio::new(
+        Arc::clone(file),
+        op,
+        offset,
+        i_size,
+        extend,
+        skip_count,
+        range_lock,
+        done,
+    ));
+    let poll = flags.contains(Flags::POLL);
+    let walk_in = Walk {
+        op,
+        offset,
+        len: checked.len,
+        fs_block: fs,
+        i_size,
+        dio_block: checked.dio_block,
+        device_size: file.geometry.size,
+        skip_holes: flags.contains(Flags::SKIP_HOLES),
+        mem,
+    };
+    let mut seen = Seen::default();
+    let (walked, stop) = {
+        // Durable writes go out with FUA; if metadata changes too (allocation, a
+        // new size), a flush at completion covers it.
+        let mut builder = BioBuilder::new(&dio, dsync, poll);
+        let mut last_private = None;
+        let mut defer = false;
+        let r = walk(
+            &walk_in,
+            &mut builder,
+            &*file.map,
+            &mut |e| {
+                last_private = e.private.clone();
+                defer |= e.defer_completion;
+            },
+            pin,
+            &mut seen,
+        );
+        builder.send();
+        dio.set_private(last_private);
+        if defer {
+            dio.set_defer();
+        }
+        r
+    };
+    // All lookups are done: a locking read drops the lock before waiting.
+    drop(guard);
+    let stop = match stop {
+        // A write that met a hole before writing anything tells the caller so.
+        Stop::Clean if op == Op::Write && walked == 0 => Stop::Error(Error::Hole { offset }),
+        s => s,
+    };
+    if dsync && (seen.allocated || extend) {
+        dio.flush.store(true, std::sync::atomic::Ordering::Release);
+    }
+    if dsync && dio.is_async() {
+        // The flush may block: finish in the worker, not the device's context.
+        dio.set_defer();
+    }
+    dio.set_outcome(walked, stop);
+    let r = dio.submitter_done(poll);
+    match (forced_sync, r) {
+        (Some(d), Some(r)) => {
+            d(r);
+            None
+        }
+        (_, r) => r,
+    }
+}

@@ -1,0 +1,211 @@
+//! The walk: goes through the caller's memory and the file together, asks the block
+//! map for extents, and hands (memory, device offset, file offset) pieces to the
+//! request builder. It fills holes with zeros on reads, stops writes at holes, stops
+//! reads at EOF, and zeroes the parts of freshly allocated (or unwritten) fs blocks
+//! that a sub-block write does not cover. (seed: do_direct_IO, get_more_blocks,
+//! dio_zero_block)
+//!
+//! It does not build or send requests: that is the builder's job.
+
+use super::bio::BioBuilder;
+use super::complete::Stop;
+use crate::buf::{self, MemRef};
+use crate::device::Op;
+use crate::map::{Extent, Mapping};
+use crate::Error;
+
+/// Inputs of one walk.
+pub(crate) struct Walk<'a> {
+    pub op: Op,
+    /// File byte offset and length of the request.
+    pub offset: u64,
+    pub len: u64,
+    /// fs block size.
+    pub fs_block: u64,
+    /// i_size sampled at the start.
+    pub i_size: u64,
+    /// The dio block: fs block or device logical block (EOF rounding unit).
+    pub dio_block: u64,
+    /// Device size in bytes.
+    pub device_size: u64,
+    /// Skip-holes: no allocation inside i_size.
+    pub skip_holes: bool,
+    /// The caller's memory, in order.
+    pub mem: &'a [MemRef],
+}
+
+/// What the walk saw that the request layer needs.
+#[derive(Default)]
+pub(crate) struct Seen {
+    /// Some extent was new or unwritten (metadata will change).
+    pub allocated: bool,
+}
+
+/// The memory cursor over the caller's segments.
+struct Cursor<'a> {
+    mem: &'a [MemRef],
+    idx: usize,
+    off: usize,
+}
+
+impl Cursor<'_> {
+    /// The next piece of at most `max` bytes, without consuming it.
+    fn peek(&self, max: u64) -> MemRef {
+        let m = self.mem[self.idx];
+        let n = ((m.len() - self.off) as u64).min(max) as usize;
+        m.slice(self.off, n)
+    }
+    fn advance(&mut self, n: usize) {
+        self.off += n;
+        while self.idx < self.mem.len() && self.off == self.mem[self.idx].len() {
+            self.idx += 1;
+            self.off = 0;
+        }
+    }
+}
+
+/// Run the walk, feeding `builder`; `pin` is asked for every memory piece before it
+/// is used and may refuse it (a memory fault). Returns bytes walked and how it
+/// stopped.
+pub(crate) fn walk(
+    w: &Walk<'_>,
+    builder: &mut BioBuilder<'_>,
+    map: &dyn crate::BlockMap,
+    on_extent: &mut dyn FnMut(&Extent),
+    pin: &mut dyn FnMut(MemRef) -> bool,
+    seen: &mut Seen,
+) -> (u64, Stop) {
+    let fs = w.fs_block;
+    let end = w.offset + w.len;
+    let mut pos = w.offset;
+    let mut cur = Cursor {
+        mem: w.mem,
+        idx: 0,
+        off: 0,
+    };
+    cur.advance(0);
+    // The current extent: bytes left in it from `pos`, and the device byte for `pos`.
+    let mut ext: Option<Extent> = None;
+    let mut left = 0u64;
+    let mut dev_pos = 0u64;
+    // Reads stop at EOF rounded up to the dio block (a partial last block is read).
+    let eof = w.i_size.div_ceil(w.dio_block) * w.dio_block;
+
+    let stop = loop {
+        if pos >= end {
+            break Stop::Clean;
+        }
+        if left == 0 {
+            let first = pos / fs;
+            let count = (end - 1) / fs - first + 1;
+            // With skip-holes, no allocation inside i_size (guard the empty file:
+            // the seed's (i_size - 1) underflowed there).
+            let inside = w.i_size > 0 && first <= (w.i_size - 1) / fs;
+            let create = w.op == Op::Write && !(w.skip_holes && inside);
+            let e = match map.map(first, count, create) {
+                Ok(e) => e,
+                Err(e) => break Stop::Error(e),
+            };
+            if e.len == 0 {
+                break Stop::Error(Error::Corrupt(format!(
+                    "block map returned an empty extent at file block {first}"
+                )));
+            }
+            let len = e.len.min(count);
+            if let Some(b) = e.device_block() {
+                let dev_blocks = w.device_size / fs;
+                if b.checked_add(len).is_none_or(|e| e > dev_blocks) {
+                    break Stop::Error(Error::BeyondDevice {
+                        block: b,
+                        len,
+                        device_blocks: dev_blocks,
+                    });
+                }
+                dev_pos = b * fs + pos % fs;
+            }
+            on_extent(&e);
+            left = len * fs - pos % fs;
+            let fresh = e.new || matches!(e.mapping, Mapping::Unwritten(_));
+            if w.op == Op::Write && fresh {
+                seen.allocated = true;
+            }
+            // A write starting inside a fresh block zeroes the block's head first.
+            if w.op == Op::Write && fresh && pos % fs != 0 {
+                let head = pos % fs;
+                builder.add(buf::zeroes(head as usize), dev_pos - head, pos - head, false);
+            }
+            ext = Some(e);
+        }
+        let e = ext.as_ref().expect("extent mapped above");
+        let readable_zeros = matches!(e.mapping, Mapping::Hole)
+            || (w.op == Op::Read && matches!(e.mapping, Mapping::Unwritten(_)));
+        if readable_zeros {
+            if w.op == Op::Write {
+                // The seed's ENOTBLK: the rest is the caller's job.
+                break Stop::Clean;
+            }
+            if pos >= eof {
+                break Stop::Clean;
+            }
+            let n = left.min(end - pos).min(eof - pos);
+            let mut done = 0;
+            while done < n {
+                let piece = cur.peek(n - done);
+                if !pin(piece) {
+                    return (pos - w.offset, Stop::MemoryFault(pos - w.offset));
+                }
+                piece.zero();
+                cur.advance(piece.len());
+                done += piece.len() as u64;
+                pos += piece.len() as u64;
+            }
+            left -= n;
+            dev_pos += n;
+            continue;
+        }
+        let piece = cur.peek(left.min(end - pos));
+        let n = piece.len() as u64;
+        if !pin(piece) {
+            if w.op == Op::Write {
+                // The blocks are mapped (maybe freshly allocated): never leave them
+                // holding old data. Write zeros to the rest of this extent within the
+                // request, then report the fault.
+                let fault_at = pos - w.offset;
+                let mut zpos = pos;
+                let zend = (pos + left).min(end);
+                let mut zdev = dev_pos;
+                while zpos < zend {
+                    let z = (zend - zpos).min(buf::ZERO_LEN as u64);
+                    builder.add(buf::zeroes(z as usize), zdev, zpos, false);
+                    zpos += z;
+                    zdev += z;
+                }
+                zero_tail(w, builder, e, zend, zdev);
+                return (fault_at, Stop::MemoryFault(fault_at));
+            }
+            return (pos - w.offset, Stop::MemoryFault(pos - w.offset));
+        }
+        let boundary = e.boundary && n == left;
+        builder.add(piece, dev_pos, pos, boundary);
+        cur.advance(piece.len());
+        pos += n;
+        dev_pos += n;
+        left -= n;
+    };
+    if let Some(e) = &ext {
+        if matches!(stop, Stop::Clean) && pos == end {
+            zero_tail(w, builder, e, pos, dev_pos);
+        }
+    }
+    (pos - w.offset, stop)
+}
+
+/// A write that ends inside a fresh block zeroes the block's tail.
+fn zero_tail(w: &Walk<'_>, builder: &mut BioBuilder<'_>, e: &Extent, pos: u64, dev_pos: u64) {
+    let fs = w.fs_block;
+    let fresh = e.new || matches!(e.mapping, Mapping::Unwritten(_));
+    if w.op == Op::Write && fresh && pos % fs != 0 {
+        let tail = fs - pos % fs;
+        builder.add(buf::zeroes(tail as usize), dev_pos, pos, false);
+    }
+}

@@ -1,0 +1,130 @@
+//! Per-file state shared by every request on one file: the size (i_size), the file
+//! lock of the locking mode, the in-flight direct-I/O count that truncate waits on
+//! (i_dio_count), and the block-range lock that serialises writes which share a
+//! partly written fs block. No I/O happens here.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// State of one open file.
+#[derive(Debug)]
+pub struct FileState {
+    size: AtomicU64,
+    file_lock: RwLock<()>,
+    dio_count: AtomicU64,
+    dio_zero: Mutex<()>,
+    dio_zero_cv: Condvar,
+    ranges: RangeLock,
+}
+
+impl FileState {
+    /// A file of `size` bytes.
+    pub fn new(size: u64) -> FileState {
+        FileState {
+            size: AtomicU64::new(size),
+            file_lock: RwLock::new(()),
+            dio_count: AtomicU64::new(0),
+            dio_zero: Mutex::new(()),
+            dio_zero_cv: Condvar::new(),
+            ranges: RangeLock::default(),
+        }
+    }
+
+    /// Current size (i_size).
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// Set the size. Truncation should go through [`crate::DirectFile::truncate`],
+    /// which also waits for in-flight I/O and tells the block map.
+    pub fn set_size(&self, size: u64) {
+        self.size.store(size, Ordering::Release);
+    }
+
+    /// Grow the size to `end` if it is smaller (an extending write completed).
+    pub fn extend_to(&self, end: u64) {
+        self.size.fetch_max(end, Ordering::AcqRel);
+    }
+
+    /// Take the file lock shared (what a locking-mode read holds during lookups).
+    pub fn lock_shared(&self) -> RwLockReadGuard<'_, ()> {
+        self.file_lock.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Take the file lock exclusively (what truncate holds).
+    pub fn lock_exclusive(&self) -> RwLockWriteGuard<'_, ()> {
+        self.file_lock.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Direct I/O requests in flight on this file.
+    pub fn dio_count(&self) -> u64 {
+        self.dio_count.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn dio_begin(&self) {
+        self.dio_count.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub(crate) fn dio_end(&self) {
+        if self.dio_count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // Taking the mutex orders us after a waiter's check of the count.
+            let _g = lock(&self.dio_zero);
+            self.dio_zero_cv.notify_all();
+        }
+    }
+
+    /// Block until no direct I/O is in flight (inode_dio_wait).
+    pub fn wait_dio_zero(&self) {
+        let mut g = lock(&self.dio_zero);
+        while self.dio_count.load(Ordering::Acquire) != 0 {
+            g = self.dio_zero_cv.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    pub(crate) fn ranges(&self) -> &RangeLock {
+        &self.ranges
+    }
+}
+
+/// Exclusive locks on byte ranges of a file: a holder waits until no overlapping
+/// range is held. Non-overlapping ranges never wait for each other.
+#[derive(Debug, Default)]
+pub(crate) struct RangeLock {
+    held: Mutex<Vec<(u64, u64)>>,
+    released: Condvar,
+}
+
+impl RangeLock {
+    /// Lock `[start, end)`, waiting for overlapping holders.
+    pub(crate) fn lock(&self, start: u64, end: u64) {
+        let mut held = lock(&self.held);
+        while held.iter().any(|&(s, e)| s < end && start < e) {
+            held = self.released.wait(held).unwrap_or_else(|e| e.into_inner());
+        }
+        held.push((start, end));
+    }
+
+    /// Lock `[start, end)` if no overlapping range is held.
+    pub(crate) fn try_lock(&self, start: u64, end: u64) -> bool {
+        let mut held = lock(&self.held);
+        if held.iter().any(|&(s, e)| s < end && start < e) {
+            return false;
+        }
+        held.push((start, end));
+        true
+    }
+
+    /// Release a range taken with `lock`.
+    pub(crate) fn unlock(&self, start: u64, end: u64) {
+        let mut held = lock(&self.held);
+        if let Some(i) = held.iter().position(|&r| r == (start, end)) {
+            held.swap_remove(i);
+        }
+        drop(held);
+        self.released.notify_all();
+    }
+}

@@ -1,0 +1,194 @@
+//! Block maps: the file system side of direct I/O (the seed's `get_block`). A block
+//! map answers "where on the device is file block N, and for how many blocks?" and
+//! may allocate on writes. It owns no I/O policy: the engine decides what to do with
+//! holes, new blocks and boundaries.
+
+use std::any::Any;
+use std::sync::Arc;
+
+use crate::device::{Device, Op, Request};
+use crate::Result;
+
+mod test_map;
+
+pub use test_map::{TestMap, TestMapConfig};
+
+/// Opaque data a block map attaches to a mapping, handed back to its
+/// [`BlockMap::end_io`] hook (the seed's `b_private`).
+pub type Private = Arc<dyn Any + Send + Sync>;
+
+/// Where a run of file blocks lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mapping {
+    /// No device blocks: reads see zeros, writes must allocate.
+    Hole,
+    /// Written blocks starting at this device block (in fs blocks).
+    Mapped(u64),
+    /// Allocated but never written (preallocated) blocks at this device block: reads
+    /// see zeros; a write fills them and the map converts them in `end_io`.
+    Unwritten(u64),
+}
+
+/// The answer of a block map: a run of `len` file blocks and where they live.
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct Extent {
+    /// Hole, mapped or unwritten.
+    pub mapping: Mapping,
+    /// Length in fs blocks (at least 1).
+    pub len: u64,
+    /// The blocks were allocated by this call: parts a write does not cover must be
+    /// zeroed so no stale device data shows.
+    pub new: bool,
+    /// The block after this extent needs a metadata read: send the request now.
+    pub boundary: bool,
+    /// Complete the request in a worker, not in the device's completion context.
+    pub defer_completion: bool,
+    /// Handed back to `end_io`.
+    pub private: Option<Private>,
+}
+
+impl std::fmt::Debug for Extent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Extent")
+            .field("mapping", &self.mapping)
+            .field("len", &self.len)
+            .field("new", &self.new)
+            .field("boundary", &self.boundary)
+            .field("defer_completion", &self.defer_completion)
+            .field("private", &self.private.is_some())
+            .finish()
+    }
+}
+
+impl Extent {
+    /// A hole of `len` blocks.
+    pub fn hole(len: u64) -> Extent {
+        Extent::with(Mapping::Hole, len)
+    }
+    /// `len` written blocks at device block `block`.
+    pub fn mapped(block: u64, len: u64) -> Extent {
+        Extent::with(Mapping::Mapped(block), len)
+    }
+    /// `len` unwritten blocks at device block `block`.
+    pub fn unwritten(block: u64, len: u64) -> Extent {
+        Extent::with(Mapping::Unwritten(block), len)
+    }
+    fn with(mapping: Mapping, len: u64) -> Extent {
+        Extent {
+            mapping,
+            len,
+            new: false,
+            boundary: false,
+            defer_completion: false,
+            private: None,
+        }
+    }
+    /// Mark as freshly allocated.
+    pub fn new_blocks(mut self, new: bool) -> Extent {
+        self.new = new;
+        self
+    }
+    /// Mark the boundary.
+    pub fn boundary(mut self, boundary: bool) -> Extent {
+        self.boundary = boundary;
+        self
+    }
+    /// Ask for deferred completion.
+    pub fn defer_completion(mut self, defer: bool) -> Extent {
+        self.defer_completion = defer;
+        self
+    }
+    /// Attach private data.
+    pub fn private(mut self, private: Private) -> Extent {
+        self.private = Some(private);
+        self
+    }
+    /// The device block, if the extent has one.
+    pub fn device_block(&self) -> Option<u64> {
+        match self.mapping {
+            Mapping::Hole => None,
+            Mapping::Mapped(b) | Mapping::Unwritten(b) => Some(b),
+        }
+    }
+}
+
+/// The file system side of direct I/O.
+pub trait BlockMap: Send + Sync {
+    /// The fs block size in bytes (a power of two, at least the device's logical
+    /// block, at most 64 KiB).
+    fn block_size(&self) -> u32;
+
+    /// Map file block `block` for up to `max_blocks` blocks. With `create`, a hole
+    /// may be allocated (and the extent marked `new`). Errors pass through to the
+    /// caller of the request.
+    fn map(&self, block: u64, max_blocks: u64, create: bool) -> Result<Extent>;
+
+    /// Called once a request is done, with its file offset, its result and the
+    /// private data of the last mapping; may replace the result (the seed's
+    /// `end_io`): convert unwritten extents, update metadata.
+    fn end_io(
+        &self,
+        op: Op,
+        offset: u64,
+        result: Result<usize>,
+        private: Option<&Private>,
+    ) -> Result<usize> {
+        let _ = (op, offset, private);
+        result
+    }
+
+    /// Submit one device request (the seed's `submit_io`): the default sends it to
+    /// the device. A file system may submit it itself (checksums, RAID mapping), and
+    /// must then complete it exactly once with [`Request::complete`].
+    fn submit_io(&self, dev: &dyn Device, req: Request, file_offset: u64) {
+        let _ = file_offset;
+        dev.submit(req);
+    }
+
+    /// The file was truncated to `size`: drop the blocks past it.
+    fn truncate(&self, size: u64) -> Result<()> {
+        let _ = size;
+        Ok(())
+    }
+
+    /// The largest file size this file system supports.
+    fn max_file_size(&self) -> u64 {
+        i64::MAX as u64
+    }
+}
+
+/// The identity map of a raw file or block device: file block N is device block N.
+#[derive(Debug, Clone)]
+pub struct IdentityMap {
+    block_size: u32,
+    blocks: u64,
+}
+
+impl IdentityMap {
+    /// An identity map over a device of `device_size` bytes with `block_size`-byte
+    /// blocks.
+    pub fn new(block_size: u32, device_size: u64) -> IdentityMap {
+        IdentityMap {
+            block_size,
+            blocks: device_size.div_ceil(u64::from(block_size)),
+        }
+    }
+}
+
+impl BlockMap for IdentityMap {
+    fn block_size(&self) -> u32 {
+        self.block_size
+    }
+
+    fn map(&self, block: u64, max_blocks: u64, _create: bool) -> Result<Extent> {
+        if block >= self.blocks {
+            return Ok(Extent::hole(max_blocks.max(1)));
+        }
+        Ok(Extent::mapped(block, max_blocks.min(self.blocks - block)))
+    }
+
+    fn max_file_size(&self) -> u64 {
+        self.blocks * u64::from(self.block_size)
+    }
+}
