@@ -33,8 +33,10 @@ pub mod file;
 pub mod map;
 
 pub use buf::{AlignedBuf, MemRef, OwnedBuf};
-pub use device::{Completion, CompletionMode, Device, Geometry, MemDevice, MemDeviceConfig, Op, Request};
-pub use engine::{Completed, DioFuture, DirectFile, Flags, Stats};
+pub use device::{
+    Completion, CompletionMode, Device, Geometry, MemDevice, MemDeviceConfig, Op, Request,
+};
+pub use engine::{Completed, DioFuture, DirectFile, Flags, Stats, MAX_IN_FLIGHT, MAX_SEGMENTS};
 pub use error::{AlignPart, Error, Result};
 pub use file::FileState;
 pub use map::{BlockMap, Extent, IdentityMap, Mapping, Private, TestMap, TestMapConfig};

@@ -56,7 +56,13 @@ impl<'a> BioBuilder<'a> {
 
     /// Add a piece: `mem` goes to device byte `dev_offset`, file byte `file_offset`.
     /// With `boundary`, the request is sent right after this piece.
-    pub(crate) fn add(&mut self, mut mem: MemRef, mut dev_offset: u64, mut file_offset: u64, boundary: bool) {
+    pub(crate) fn add(
+        &mut self,
+        mut mem: MemRef,
+        mut dev_offset: u64,
+        mut file_offset: u64,
+        boundary: bool,
+    ) {
         if let Some(cur) = &self.cur {
             if cur.dev_offset + cur.len != dev_offset || cur.file_offset + cur.len != file_offset {
                 self.send();
@@ -72,7 +78,10 @@ impl<'a> BioBuilder<'a> {
             let room = (self.max_bytes - cur.len) as usize;
             let take = mem.len().min(room);
             let piece = mem.slice(0, take);
-            let grows = cur.segments.last().is_some_and(|l| l.is_followed_by(&piece));
+            let grows = cur
+                .segments
+                .last()
+                .is_some_and(|l| l.is_followed_by(&piece));
             if grows {
                 let last = cur.segments.last_mut().expect("checked above");
                 *last = last.grown(take);

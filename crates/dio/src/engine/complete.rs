@@ -191,9 +191,10 @@ impl Dio {
 
     /// The result rules (the seed's dio_complete).
     fn finish(&self) -> Result<usize> {
-        let (walked, stop) = lock(&self.outcome)
-            .take()
-            .unwrap_or((0, Stop::Error(Error::Invalid("request ended without outcome".into()))));
+        let (walked, stop) = lock(&self.outcome).take().unwrap_or((
+            0,
+            Stop::Error(Error::Invalid("request ended without outcome".into())),
+        ));
         let io_error = lock(&self.io_error).take();
         // Bytes that are certainly done: the walk's count, cut at the first failed
         // request (everything before it in the file completed), and for reads at EOF.

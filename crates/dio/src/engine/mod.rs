@@ -21,7 +21,8 @@ use std::task::{Context, Poll, Waker};
 use crate::buf::{self, MemRef, OwnedBuf};
 use crate::device::{CompletionMode, Device, Geometry, Op};
 use crate::file::FileState;
-use crate::map::BlockMap;
+use crate::map::{BlockMap, Mapping};
+use crate::AlignedBuf;
 use crate::{Error, Result};
 
 pub use bio::{MAX_IN_FLIGHT, MAX_SEGMENTS};
@@ -203,7 +204,10 @@ impl DirectFile {
     /// The alignment a caller needs, as statx(STATX_DIOALIGN) reports it: memory
     /// address alignment and file offset/length alignment.
     pub fn dio_align(&self) -> (u32, u32) {
-        (self.shared.geometry.mem_align, self.shared.geometry.logical_block)
+        (
+            self.shared.geometry.mem_align,
+            self.shared.geometry.logical_block,
+        )
     }
 
     /// Read at `offset` into `bufs`, synchronously. Returns the bytes read (short at
@@ -285,14 +289,24 @@ impl DirectFile {
     }
 
     /// An async read as a future (works with any executor, or [`DioFuture::wait`]).
-    pub fn read_future<B: OwnedBuf>(&self, offset: u64, bufs: Vec<B>, flags: Flags) -> DioFuture<B> {
+    pub fn read_future<B: OwnedBuf>(
+        &self,
+        offset: u64,
+        bufs: Vec<B>,
+        flags: Flags,
+    ) -> DioFuture<B> {
         let (fut, slot) = DioFuture::new(Arc::clone(&self.shared.dev));
         self.read_async(offset, bufs, flags, move |c| slot.fill(c));
         fut
     }
 
     /// An async write as a future.
-    pub fn write_future<B: OwnedBuf>(&self, offset: u64, bufs: Vec<B>, flags: Flags) -> DioFuture<B> {
+    pub fn write_future<B: OwnedBuf>(
+        &self,
+        offset: u64,
+        bufs: Vec<B>,
+        flags: Flags,
+    ) -> DioFuture<B> {
         let (fut, slot) = DioFuture::new(Arc::clone(&self.shared.dev));
         self.write_async(offset, bufs, flags, move |c| slot.fill(c));
         fut
@@ -310,7 +324,15 @@ impl DirectFile {
         // The buffers travel with the completion: their memory (stable across moves,
         // per OwnedBuf) stays alive until every request is done.
         let done = Box::new(move |result| done(Completed { result, bufs }));
-        request::run(&self.shared, op, offset, &mem, flags, &mut |_| true, Some(done));
+        request::run(
+            &self.shared,
+            op,
+            offset,
+            &mem,
+            flags,
+            &mut |_| true,
+            Some(done),
+        );
     }
 
     /// Change the file size: waits for in-flight direct I/O to drain (new calls with
@@ -322,9 +344,38 @@ impl DirectFile {
         state.wait_dio_zero();
         if size < state.size() {
             self.shared.map.truncate(size)?;
+            self.zero_eof_block_tail(size)?;
         }
         state.set_size(size);
         Ok(())
+    }
+
+    /// Bytes past EOF in the last block must read as zeros if the file grows again
+    /// (the kernel's block_truncate_page): zero the tail on the device.
+    fn zero_eof_block_tail(&self, size: u64) -> Result<()> {
+        let fs = u64::from(self.shared.fs_block);
+        if size % fs == 0 {
+            return Ok(());
+        }
+        let ext = self.shared.map.map(size / fs, 1, false)?;
+        let Mapping::Mapped(block) = ext.mapping else {
+            return Ok(());
+        };
+        let dev = &*self.shared.dev;
+        let at = block * fs;
+        if at + fs > self.shared.geometry.size {
+            return Ok(());
+        }
+        let mut b = AlignedBuf::new(fs as usize, self.shared.geometry.mem_align as usize);
+        crate::device::read_at(dev, at, &mut b).map_err(|e| Error::Io {
+            offset: at,
+            source: e,
+        })?;
+        b[(size % fs) as usize..].fill(0);
+        crate::device::write_at(dev, at, &mut b, false).map_err(|e| Error::Io {
+            offset: at,
+            source: e,
+        })
     }
 
     /// Reap device completions (for devices whose completions need polling, when
@@ -338,10 +389,7 @@ impl DirectFile {
 
     /// Make completed writes durable (flush the device).
     pub fn sync_data(&self) -> Result<()> {
-        self.shared
-            .dev
-            .flush()
-            .map_err(|e| Error::os("flush", e))
+        self.shared.dev.flush().map_err(|e| Error::os("flush", e))
     }
 }
 

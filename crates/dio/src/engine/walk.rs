@@ -132,7 +132,12 @@ pub(crate) fn walk(
             // A write starting inside a fresh block zeroes the block's head first.
             if w.op == Op::Write && fresh && pos % fs != 0 {
                 let head = pos % fs;
-                builder.add(buf::zeroes(head as usize), dev_pos - head, pos - head, false);
+                builder.add(
+                    buf::zeroes(head as usize),
+                    dev_pos - head,
+                    pos - head,
+                    false,
+                );
             }
             ext = Some(e);
         }
