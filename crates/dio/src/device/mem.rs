@@ -149,7 +149,10 @@ struct Shared {
 /// A block device in RAM. See the module docs.
 pub struct MemDevice {
     shared: Arc<Shared>,
-    worker: Option<(mpsc::Sender<(Request, Instant, bool)>, thread::JoinHandle<()>)>,
+    worker: Option<(
+        mpsc::Sender<(Request, Instant, bool)>,
+        thread::JoinHandle<()>,
+    )>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -407,7 +410,11 @@ impl Drop for MemDevice {
     fn drop(&mut self) {
         if let Some((tx, handle)) = self.worker.take() {
             drop(tx);
-            let _ = handle.join();
+            // The last reference may go away on the completion thread itself (a
+            // completion dropped the last file handle): it then ends by itself.
+            if handle.thread().id() != thread::current().id() {
+                let _ = handle.join();
+            }
         }
     }
 }
