@@ -31,6 +31,7 @@ pub mod engine;
 pub mod error;
 pub mod file;
 pub mod map;
+pub mod raw;
 
 pub use buf::{AlignedBuf, MemRef, OwnedBuf};
 pub use device::{

@@ -10,8 +10,13 @@ use std::sync::{Arc, Condvar, Mutex};
 use crate::buf::MemRef;
 
 pub mod mem;
+pub mod probe;
+pub mod sync;
+pub mod uring;
 
 pub use mem::{MemDevice, MemDeviceConfig};
+pub use sync::{SyncConfig, SyncDevice};
+pub use uring::{UringConfig, UringDevice};
 
 /// Direction of a device request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

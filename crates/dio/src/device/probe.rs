@@ -1,0 +1,359 @@
+//! Geometry discovery for real files and block devices: open with `O_DIRECT`, ask
+//! the kernel how direct I/O must be aligned (statx `STATX_DIOALIGN` for regular
+//! files; `BLKSSZGET`, `BLKPBSZGET`, `BLKGETSIZE64` and sysfs queue limits for block
+//! devices), and turn a refusal of `O_DIRECT` into an error that names the file
+//! system.
+//!
+//! It does no I/O and keeps no state: the back ends (`uring`, `sync`) and the raw
+//! client call it once at open.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use super::Geometry;
+use crate::{Error, Result};
+
+/// What [`probe`] found out about an open file or block device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Probed {
+    /// Geometry: for a regular file its size is the file size rounded up to the
+    /// logical block (the last partial block can be read; the read comes back short
+    /// and the back end zero-fills the rest).
+    pub geometry: Geometry,
+    /// Whether it is a block device (else a regular file).
+    pub block_device: bool,
+    /// The exact file or device size in bytes.
+    pub size: u64,
+    /// File offset alignment for reads when the kernel reports a separate one
+    /// (statx `stx_dio_read_offset_align`), else the logical block.
+    pub read_offset_align: u32,
+    /// Whether the alignment came from the kernel (statx or ioctls) rather than a
+    /// conservative fallback.
+    pub exact: bool,
+}
+
+/// `BLKGETSIZE64`: `_IOR(0x12, 114, size_t)`; libc does not export it.
+#[cfg(not(any(
+    target_arch = "mips",
+    target_arch = "mips64",
+    target_arch = "powerpc",
+    target_arch = "powerpc64",
+    target_arch = "sparc64"
+)))]
+const BLKGETSIZE64: libc::Ioctl = 0x8008_1272u32 as libc::Ioctl;
+#[cfg(any(
+    target_arch = "mips",
+    target_arch = "mips64",
+    target_arch = "powerpc",
+    target_arch = "powerpc64",
+    target_arch = "sparc64"
+))]
+const BLKGETSIZE64: libc::Ioctl = 0x4008_1272u32 as libc::Ioctl;
+
+/// Most bytes one request may carry when nothing smaller is known (regular files:
+/// the file system splits requests itself).
+const DEFAULT_MAX_BYTES: u32 = 1 << 20;
+/// Largest request size dio ever asks for, whatever sysfs says.
+const CAP_MAX_BYTES: u64 = 64 << 20;
+/// Most iovecs in one request when nothing smaller is known (`UIO_MAXIOV` is 1024).
+const DEFAULT_MAX_SEGMENTS: u32 = 256;
+
+fn c_path(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+/// Open `path` for direct I/O (`O_DIRECT | O_CLOEXEC`), read-only or read-write,
+/// creating a regular file (mode 0644) with `create`.
+///
+/// A file system that refuses `O_DIRECT` gives the error of
+/// [`direct_io_unsupported`], naming the path and the file system type.
+pub fn open_direct(path: &Path, write: bool, create: bool) -> Result<File> {
+    open_direct_with(path, write, create, 0)
+}
+
+/// [`open_direct`] with extra `open(2)` flags (`O_DSYNC`, `O_EXCL`, ...).
+pub fn open_direct_with(path: &Path, write: bool, create: bool, flags: i32) -> Result<File> {
+    if create && !write {
+        return Err(Error::Invalid(format!(
+            "{}: creating a file needs write access",
+            path.display()
+        )));
+    }
+    let mut o = std::fs::OpenOptions::new();
+    o.read(true)
+        .write(write)
+        .create(create)
+        .mode(0o644)
+        .custom_flags(libc::O_DIRECT | libc::O_CLOEXEC | flags);
+    match o.open(path) {
+        Ok(f) => Ok(f),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            Err(direct_io_unsupported(path, fs_type_of(path).as_deref()))
+        }
+        Err(e) => Err(Error::os(
+            format!("open {} for direct I/O", path.display()),
+            e,
+        )),
+    }
+}
+
+/// The error for a file system that refuses direct I/O:
+/// "PATH: this file system (tmpfs) does not support O_DIRECT" (errno EINVAL, as the
+/// kernel's `open` reports it).
+pub fn direct_io_unsupported(path: &Path, fs_type: Option<&str>) -> Error {
+    let fs = fs_type.unwrap_or("unknown");
+    Error::os(
+        format!(
+            "{}: this file system ({fs}) does not support O_DIRECT",
+            path.display()
+        ),
+        io::Error::from_raw_os_error(libc::EINVAL),
+    )
+}
+
+/// Name of a file system from its `statfs` magic number (`f_type`), for the common
+/// ones.
+pub fn fs_type_name(magic: u64) -> Option<&'static str> {
+    Some(match magic & 0xffff_ffff {
+        0x0102_1994 => "tmpfs",
+        0x8584_58f6 => "ramfs",
+        0x9584_58f6 => "hugetlbfs",
+        0x794c_7630 => "overlayfs",
+        0xef53 => "ext2/ext3/ext4",
+        0x5846_5342 => "xfs",
+        0x9123_683e => "btrfs",
+        0xf2f5_2010 => "f2fs",
+        0xca45_1a4e => "bcachefs",
+        0x2fc1_2fc1 => "zfs",
+        0x6969 => "nfs",
+        0x6573_5546 => "fuse",
+        0x0102_1997 => "9p",
+        0xff53_4d42 => "cifs",
+        0xfe53_4d42 => "smb2",
+        0x00c3_6400 => "ceph",
+        0x7371_7368 => "squashfs",
+        0xe0f5_e1e2 => "erofs",
+        0x4d44 => "vfat",
+        0x2011_bab0 => "exfat",
+        0x5346_544e => "ntfs",
+        0x7366_746e => "ntfs3",
+        0x9fa0 => "proc",
+        0x6265_6572 => "sysfs",
+        0x1cd1 => "devpts",
+        0x7275 => "romfs",
+        0x2468 => "nilfs",
+        _ => return None,
+    })
+}
+
+/// The file system type of `path` (or of its parent directory when `path` does not
+/// exist yet): its name, or its magic number in hex when unknown.
+pub fn fs_type_of(path: &Path) -> Option<String> {
+    let try_one = |p: &Path| -> Option<u64> {
+        let c = c_path(p).ok()?;
+        // SAFETY: an all-zero statfs is a valid value of a plain C struct.
+        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+        // SAFETY: `c` is a NUL-terminated path and `st` a valid out-pointer.
+        let r = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+        #[allow(clippy::unnecessary_cast)]
+        (r == 0).then_some(st.f_type as u64)
+    };
+    let parent: PathBuf = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let magic = try_one(path).or_else(|| try_one(&parent))?;
+    Some(match fs_type_name(magic) {
+        Some(n) => n.to_string(),
+        None => format!("{:#x}", magic & 0xffff_ffff),
+    })
+}
+
+/// statx of an open file with the basic fields and the direct-I/O alignment.
+fn statx_fd(fd: BorrowedFd<'_>) -> io::Result<libc::statx> {
+    // SAFETY: an all-zero statx is a valid value of a plain C struct.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    let mask = libc::STATX_BASIC_STATS | libc::STATX_DIOALIGN | libc::STATX_DIO_READ_ALIGN;
+    // SAFETY: the empty path with AT_EMPTY_PATH refers to `fd`, which is open for the
+    // duration of the call; `stx` is a valid out-pointer.
+    let r = unsafe {
+        libc::statx(
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            mask,
+            &mut stx,
+        )
+    };
+    if r == 0 {
+        Ok(stx)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Round `v` to a power of two within `[lo, hi]` (down to the largest power of two
+/// not above it), or `fallback` when `v` is 0.
+fn pow2_within(v: u64, lo: u32, hi: u32, fallback: u32) -> u32 {
+    if v == 0 {
+        return fallback;
+    }
+    let v = v.clamp(u64::from(lo), u64::from(hi));
+    let p = 1u64 << (63 - v.leading_zeros());
+    p as u32
+}
+
+/// Find out the geometry of an open file or block device. `path` is only used in
+/// error messages.
+pub fn probe(fd: BorrowedFd<'_>, path: &Path) -> Result<Probed> {
+    let stx = statx_fd(fd).map_err(|e| Error::os(format!("statx {}", path.display()), e))?;
+    let mode = u32::from(stx.stx_mode) & libc::S_IFMT;
+    if mode == libc::S_IFBLK {
+        return probe_block_device(fd, path, &stx);
+    }
+    if mode != libc::S_IFREG {
+        return Err(Error::Invalid(format!(
+            "{}: not a regular file or block device",
+            path.display()
+        )));
+    }
+    let has_dio = stx.stx_mask & libc::STATX_DIOALIGN != 0;
+    if has_dio && stx.stx_dio_offset_align == 0 {
+        return Err(direct_io_unsupported(path, fs_type_of(path).as_deref()));
+    }
+    let (logical, mem_align, exact) = if has_dio {
+        (
+            pow2_within(u64::from(stx.stx_dio_offset_align), 512, 65536, 4096),
+            pow2_within(u64::from(stx.stx_dio_mem_align), 1, 65536, 4096),
+            true,
+        )
+    } else {
+        // No STATX_DIOALIGN (kernel before 6.1 or a file system that does not say):
+        // the preferred I/O size is a safe alignment for both.
+        let b = pow2_within(u64::from(stx.stx_blksize), 512, 65536, 4096);
+        (b, b, false)
+    };
+    let read_align =
+        if stx.stx_mask & libc::STATX_DIO_READ_ALIGN != 0 && stx.stx_dio_read_offset_align != 0 {
+            pow2_within(
+                u64::from(stx.stx_dio_read_offset_align),
+                512,
+                65536,
+                logical,
+            )
+        } else {
+            logical
+        };
+    let size = stx.stx_size;
+    let lb = u64::from(logical);
+    let rounded = size.checked_next_multiple_of(lb).unwrap_or(size / lb * lb);
+    let geometry = Geometry::new(logical, rounded)
+        .with_mem_align(mem_align)
+        .with_physical_block(logical.max(pow2_within(
+            u64::from(stx.stx_blksize),
+            512,
+            65536,
+            logical,
+        )))
+        .with_limits(DEFAULT_MAX_SEGMENTS, DEFAULT_MAX_BYTES.max(logical));
+    Ok(Probed {
+        geometry,
+        block_device: false,
+        size,
+        read_offset_align: read_align,
+        exact,
+    })
+}
+
+fn ioctl_u64(fd: BorrowedFd<'_>, req: libc::Ioctl) -> io::Result<u64> {
+    let mut v: u64 = 0;
+    // SAFETY: `req` is a read ioctl that stores at most 8 bytes into the pointed-to
+    // u64, which lives for the call.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), req, &mut v as *mut u64) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(v)
+    }
+}
+
+fn ioctl_u32(fd: BorrowedFd<'_>, req: libc::Ioctl) -> io::Result<u32> {
+    let mut v: u32 = 0;
+    // SAFETY: `req` is a read ioctl that stores a 4-byte int into the pointed-to u32,
+    // which lives for the call.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), req, &mut v as *mut u32) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(v)
+    }
+}
+
+/// A number from a sysfs queue attribute of the block device `maj:min` (for a
+/// partition, from its parent disk's queue).
+fn sysfs_queue(major: u32, minor: u32, attr: &str) -> Option<u64> {
+    let base = format!("/sys/dev/block/{major}:{minor}");
+    // A partition has no queue directory; `..` after the symlink is its disk.
+    for dir in [format!("{base}/queue"), format!("{base}/../queue")] {
+        if let Ok(s) = std::fs::read_to_string(format!("{dir}/{attr}")) {
+            return s.trim().parse().ok();
+        }
+    }
+    None
+}
+
+fn probe_block_device(fd: BorrowedFd<'_>, path: &Path, stx: &libc::statx) -> Result<Probed> {
+    let ctx = |what: &str| format!("{what} {}", path.display());
+    let logical = ioctl_u32(fd, libc::BLKSSZGET).map_err(|e| Error::os(ctx("BLKSSZGET"), e))?;
+    let physical = ioctl_u32(fd, libc::BLKPBSZGET).unwrap_or(logical);
+    let size = ioctl_u64(fd, BLKGETSIZE64).map_err(|e| Error::os(ctx("BLKGETSIZE64"), e))?;
+    if !logical.is_power_of_two() || logical < 512 {
+        return Err(Error::Incompatible(format!(
+            "{}: logical block size {logical} is not supported",
+            path.display()
+        )));
+    }
+    let (maj, min) = (stx.stx_rdev_major, stx.stx_rdev_minor);
+    // Memory alignment: statx knows it on newer kernels (6.11+ for block devices),
+    // else the queue's DMA alignment, else the logical block.
+    let mem_align = if stx.stx_mask & libc::STATX_DIOALIGN != 0 && stx.stx_dio_mem_align != 0 {
+        pow2_within(u64::from(stx.stx_dio_mem_align), 1, logical, logical)
+    } else {
+        match sysfs_queue(maj, min, "dma_alignment") {
+            Some(a) => pow2_within(a + 1, 1, logical, logical),
+            None => logical,
+        }
+    };
+    let lb = u64::from(logical);
+    let max_bytes = sysfs_queue(maj, min, "max_sectors_kb")
+        .map(|kb| (kb * 1024).min(CAP_MAX_BYTES) / lb * lb)
+        .filter(|&b| b >= lb)
+        .unwrap_or(u64::from(DEFAULT_MAX_BYTES).max(lb));
+    let max_segments = sysfs_queue(maj, min, "max_segments")
+        .map(|s| s.clamp(1, 1024) as u32)
+        .unwrap_or(DEFAULT_MAX_SEGMENTS);
+    let geometry = Geometry::new(logical, size / lb * lb)
+        .with_mem_align(mem_align)
+        .with_physical_block(physical.max(logical))
+        .with_limits(max_segments, max_bytes as u32);
+    Ok(Probed {
+        geometry,
+        block_device: true,
+        size,
+        read_offset_align: logical,
+        exact: true,
+    })
+}
+
+/// Whether the file at `meta` is a block device.
+pub fn is_block_device(file: &File) -> bool {
+    file.metadata()
+        .is_ok_and(|m| m.file_type().is_block_device())
+}

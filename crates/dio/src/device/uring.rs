@@ -1,0 +1,767 @@
+//! The io_uring back end: an `O_DIRECT` regular file or block device behind one
+//! ring. `submit` only queues submission entries; the ring is entered in
+//! [`Device::unplug`] (or when the submission queue is full), so a call's requests go
+//! to the kernel in one `io_uring_enter` (the seed's plugging). Completions are reaped
+//! by [`Device::poll`] (the default, [`CompletionMode::Polled`]) or by a reaper thread
+//! ([`UringConfig::reaper`], [`CompletionMode::Interrupt`]).
+//!
+//! Requests in flight live in a slab indexed by the entry's `user_data`, together
+//! with the iovec array the kernel reads; the slab and both queues sit behind one
+//! mutex that is never held across a blocking wait or a completion callback.
+//!
+//! It knows nothing of files, block maps or the engine: it moves device ranges.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use io_uring::{opcode, squeue, types, IoUring};
+
+use super::{check_request, CompletionMode, Device, Geometry, Op, Request};
+use crate::buf::MemRef;
+use crate::{Error, Result};
+
+/// `user_data` of the no-op that wakes the reaper thread at shutdown.
+const WAKE: u64 = u64::MAX;
+/// How long a polling waiter sleeps in the kernel before it returns empty-handed
+/// (another thread may have reaped the completion it waited for).
+const POLL_WAIT: Duration = Duration::from_millis(1);
+/// How long the reaper thread waits before it checks for shutdown.
+const REAPER_WAIT: Duration = Duration::from_millis(100);
+/// How often a request is resubmitted after `EAGAIN`/`EINTR` before it fails.
+const MAX_RETRIES: u8 = 16;
+
+/// How a [`UringDevice`] is set up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct UringConfig {
+    /// Submission queue entries (the completion queue has twice as many, and that
+    /// many requests may be in flight).
+    pub queue_depth: u32,
+    /// Complete on a reaper thread ([`CompletionMode::Interrupt`]) instead of in
+    /// [`Device::poll`]: async callback users then need no poller.
+    pub reaper: bool,
+    /// Let a kernel thread poll the submission queue (`IORING_SETUP_SQPOLL`).
+    pub sqpoll: bool,
+    /// Busy-poll for completions (`IORING_SETUP_IOPOLL`), if the device supports it;
+    /// probed at open, with a fallback to interrupt completions and a note.
+    pub iopoll: bool,
+    /// Register the file with the ring (fixed file: saves a lookup per request).
+    pub registered_file: bool,
+}
+
+impl Default for UringConfig {
+    fn default() -> Self {
+        UringConfig {
+            queue_depth: 128,
+            reaper: false,
+            sqpoll: false,
+            iopoll: false,
+            registered_file: true,
+        }
+    }
+}
+
+/// One request in flight (or a free slot).
+struct Slot {
+    req: Option<Request>,
+    /// Total bytes of the request.
+    len: u64,
+    /// Bytes already moved (after short transfers, the rest is resubmitted).
+    done: u64,
+    retries: u8,
+    /// The iovecs of a vectored request; the kernel may read them until the entry
+    /// is consumed, so they live here, not on a stack. Capacity is kept for reuse.
+    iov: Vec<libc::iovec>,
+}
+
+struct State {
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    /// Registered buffers: (start address, length), index = buffer index.
+    fixed_bufs: Vec<(usize, usize)>,
+}
+
+// SAFETY: the raw pointers in the iovecs point into request memory whose owner
+// guarantees validity until completion, from any thread (the MemRef contract); State
+// is only touched under its mutex.
+unsafe impl Send for State {}
+
+struct Inner {
+    ring: IoUring,
+    /// Keeps the descriptor open as long as the ring may use it.
+    file: File,
+    fixed_file: bool,
+    geometry: Geometry,
+    state: Mutex<State>,
+    /// Entries pushed but maybe not yet submitted (a hint that saves a lock).
+    pending: AtomicUsize,
+    in_flight: AtomicUsize,
+    iopoll: bool,
+    ext_arg: bool,
+    stop: AtomicBool,
+}
+
+/// A completed request and its result, delivered after the lock is dropped.
+type Batch = Vec<(Request, io::Result<()>)>;
+
+/// An `O_DIRECT` file or block device driven through io_uring. See the module docs.
+pub struct UringDevice {
+    inner: Arc<Inner>,
+    mode: CompletionMode,
+    reaper: Option<thread::JoinHandle<()>>,
+    notes: Vec<String>,
+}
+
+fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn errno(code: i32) -> io::Error {
+    io::Error::from_raw_os_error(code)
+}
+
+/// Whether io_uring can be set up here at all (a tiny ring). `Err` carries the
+/// setup error: `ENOSYS` (no io_uring), `EPERM` (seccomp or the sysctl
+/// `kernel.io_uring_disabled`), `ENOMEM` (locked-memory limit).
+pub fn available() -> io::Result<()> {
+    IoUring::new(2).map(drop)
+}
+
+impl UringDevice {
+    /// Open `path` with `O_DIRECT`, probe its geometry and set up a ring.
+    pub fn open(path: &Path, write: bool, cfg: &UringConfig) -> Result<UringDevice> {
+        let file = super::probe::open_direct(path, write, false)?;
+        let probed = super::probe::probe(std::os::fd::AsFd::as_fd(&file), path)?;
+        UringDevice::new(file, probed.geometry, cfg)
+    }
+
+    /// A device over an already opened `O_DIRECT` file with the given geometry.
+    ///
+    /// Ring setup errors come back as [`Error::Os`] with the kernel's errno (see
+    /// [`available`]). An IOPOLL ring the device refuses is replaced by an ordinary
+    /// one, with a note (see [`UringDevice::notes`]).
+    pub fn new(file: File, geometry: Geometry, cfg: &UringConfig) -> Result<UringDevice> {
+        geometry.validate()?;
+        let depth = cfg.queue_depth.clamp(1, 32768);
+        let mut notes = Vec::new();
+        let mut ring = None;
+        if cfg.iopoll {
+            match build_ring(depth, cfg.sqpoll, true) {
+                Ok(r) => match probe_iopoll(&r, &file, &geometry) {
+                    Ok(()) => ring = Some(r),
+                    Err(e) => notes.push(format!(
+                        "IOPOLL refused by this device ({}): using interrupt completions",
+                        describe(&e)
+                    )),
+                },
+                Err(e) => notes.push(format!(
+                    "IOPOLL ring setup failed ({}): using interrupt completions",
+                    describe(&e)
+                )),
+            }
+        }
+        let iopoll = ring.is_some();
+        let ring = match ring {
+            Some(r) => r,
+            None => {
+                build_ring(depth, cfg.sqpoll, false).map_err(|e| Error::os("io_uring setup", e))?
+            }
+        };
+        let mut fixed_file = false;
+        if cfg.registered_file {
+            match ring.submitter().register_files(&[file.as_raw_fd()]) {
+                Ok(()) => fixed_file = true,
+                Err(e) => notes.push(format!(
+                    "io_uring file registration failed ({}): using the plain descriptor",
+                    describe(&e)
+                )),
+            }
+        }
+        let slots = ring.params().cq_entries().max(depth) as usize;
+        let ext_arg = ring.params().is_feature_ext_arg();
+        let inner = Arc::new(Inner {
+            ext_arg,
+            fixed_file,
+            geometry,
+            state: Mutex::new(State {
+                slots: (0..slots)
+                    .map(|_| Slot {
+                        req: None,
+                        len: 0,
+                        done: 0,
+                        retries: 0,
+                        iov: Vec::new(),
+                    })
+                    .collect(),
+                free: (0..slots as u32).rev().collect(),
+                fixed_bufs: Vec::new(),
+            }),
+            pending: AtomicUsize::new(0),
+            in_flight: AtomicUsize::new(0),
+            iopoll,
+            stop: AtomicBool::new(false),
+            ring,
+            file,
+        });
+        // A reaper thread would spin on an IOPOLL ring; busy polling is the caller's.
+        let reaper = if cfg.reaper && !iopoll {
+            let i = Arc::clone(&inner);
+            let handle = thread::Builder::new()
+                .name("dio-uring-reap".into())
+                .spawn(move || {
+                    while !i.stop.load(Ordering::Acquire) {
+                        i.wait_unlocked(REAPER_WAIT);
+                        i.reap_and_complete();
+                    }
+                })
+                .map_err(|e| Error::os("spawn io_uring reaper thread", e))?;
+            Some(handle)
+        } else {
+            if cfg.reaper && iopoll {
+                notes.push("IOPOLL completions are polled: no reaper thread".into());
+            }
+            None
+        };
+        let mode = if reaper.is_some() {
+            CompletionMode::Interrupt
+        } else {
+            CompletionMode::Polled
+        };
+        Ok(UringDevice {
+            inner,
+            mode,
+            reaper,
+            notes,
+        })
+    }
+
+    /// One-line notes about fallbacks taken at setup (IOPOLL refused, file
+    /// registration failed, ...).
+    pub fn notes(&self) -> &[String] {
+        &self.notes
+    }
+
+    /// Whether the ring busy-polls for completions (IOPOLL accepted).
+    pub fn is_iopoll(&self) -> bool {
+        self.inner.iopoll
+    }
+
+    /// The file or block device.
+    pub fn file(&self) -> &File {
+        &self.inner.file
+    }
+
+    /// Register memory with the ring: requests whose memory is one segment inside a
+    /// registered buffer use the fixed-buffer opcodes (no page pinning per request).
+    /// Replaces an earlier registration.
+    ///
+    /// # Safety
+    /// Every buffer must stay allocated, at its address, until the device is dropped
+    /// or [`UringDevice::unregister_buffers`] is called: the kernel keeps the pages
+    /// it pinned now, so memory freed and reused meanwhile would receive the data.
+    pub unsafe fn register_buffers(&self, bufs: &[MemRef]) -> io::Result<()> {
+        let iov: Vec<libc::iovec> = bufs
+            .iter()
+            .map(|b| libc::iovec {
+                iov_base: b.as_ptr().cast(),
+                iov_len: b.len(),
+            })
+            .collect();
+        let mut st = lock(&self.inner.state);
+        if !st.fixed_bufs.is_empty() {
+            // Registered buffers may be in use by requests in flight: the kernel
+            // refuses to unregister then (EBUSY), which is what we want.
+            self.inner.ring.submitter().unregister_buffers()?;
+            st.fixed_bufs.clear();
+        }
+        // SAFETY: the caller guarantees the memory outlives the registration.
+        unsafe { self.inner.ring.submitter().register_buffers(&iov)? };
+        st.fixed_bufs = bufs.iter().map(|b| (b.addr(), b.len())).collect();
+        Ok(())
+    }
+
+    /// Drop the buffer registration.
+    pub fn unregister_buffers(&self) -> io::Result<()> {
+        let mut st = lock(&self.inner.state);
+        if st.fixed_bufs.is_empty() {
+            return Ok(());
+        }
+        self.inner.ring.submitter().unregister_buffers()?;
+        st.fixed_bufs.clear();
+        Ok(())
+    }
+
+    /// Requests submitted and not yet completed.
+    pub fn in_flight(&self) -> usize {
+        self.inner.in_flight.load(Ordering::Acquire)
+    }
+}
+
+fn describe(e: &io::Error) -> String {
+    match e.raw_os_error() {
+        Some(libc::EOPNOTSUPP) => "EOPNOTSUPP".into(),
+        Some(libc::EINVAL) => "EINVAL".into(),
+        Some(libc::ENOSYS) => "ENOSYS".into(),
+        Some(libc::EPERM) => "EPERM".into(),
+        Some(libc::ENOMEM) => "ENOMEM".into(),
+        Some(libc::EAGAIN) => "EAGAIN".into(),
+        Some(libc::ETIME) => "timed out".into(),
+        _ => e.to_string(),
+    }
+}
+
+fn build_ring(depth: u32, sqpoll: bool, iopoll: bool) -> io::Result<IoUring> {
+    let mut b = IoUring::builder();
+    b.setup_cqsize(depth.saturating_mul(2)).setup_clamp();
+    if sqpoll {
+        b.setup_sqpoll(50);
+    }
+    if iopoll {
+        b.setup_iopoll();
+    }
+    b.build(depth)
+}
+
+/// Read the first logical block through an IOPOLL ring: devices without poll queues
+/// fail it (`EOPNOTSUPP`). Bounded to a second.
+fn probe_iopoll(ring: &IoUring, file: &File, geo: &Geometry) -> io::Result<()> {
+    let lb = geo.logical_block as usize;
+    let mut buf = crate::AlignedBuf::new(lb, (geo.mem_align as usize).max(lb));
+    let sqe = opcode::Read::new(types::Fd(file.as_raw_fd()), buf.as_mut_ptr(), lb as u32)
+        .offset(0)
+        .build()
+        .user_data(1);
+    // SAFETY: `buf` lives until the entry completed (we wait below) or, on timeout,
+    // is leaked so the kernel can never write into freed memory.
+    unsafe {
+        let mut sq = ring.submission_shared();
+        sq.push(&sqe).map_err(|_| errno(libc::EBUSY))?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        ring.submitter().submit_and_wait(0)?;
+        // SAFETY: nobody else uses this ring yet.
+        let cqe = unsafe { ring.completion_shared() }.next();
+        if let Some(cqe) = cqe {
+            let res = cqe.result();
+            return if res < 0 { Err(errno(-res)) } else { Ok(()) };
+        }
+        if Instant::now() > deadline {
+            std::mem::forget(buf);
+            return Err(errno(libc::ETIME));
+        }
+        thread::yield_now();
+    }
+}
+
+impl Inner {
+    fn fd(&self) -> types::Fixed {
+        types::Fixed(0)
+    }
+
+    /// Build the entry for the rest of the request in slot `idx`.
+    fn build_sqe(&self, st: &mut State, idx: u32) -> squeue::Entry {
+        let State {
+            slots, fixed_bufs, ..
+        } = st;
+        let slot = &mut slots[idx as usize];
+        let req = slot.req.as_ref().expect("slot in use");
+        let offset = req.offset + slot.done;
+        let rw_flags = if req.op == Op::Write && req.fua {
+            libc::RWF_DSYNC
+        } else {
+            0
+        };
+        // Skip the bytes already moved.
+        let mut skip = slot.done as usize;
+        let mut first = 0;
+        while first < req.segments.len() && skip >= req.segments[first].len() {
+            skip -= req.segments[first].len();
+            first += 1;
+        }
+        let rest = &req.segments[first.min(req.segments.len())..];
+        let entry = if rest.len() == 1 {
+            let seg = rest[0].slice(skip, rest[0].len() - skip);
+            let (ptr, len) = (seg.as_ptr(), seg.len() as u32);
+            let fixed = fixed_bufs
+                .iter()
+                .position(|&(start, n)| seg.addr() >= start && seg.addr() + seg.len() <= start + n);
+            macro_rules! rw {
+                ($fd:expr) => {
+                    match (req.op, fixed) {
+                        (Op::Read, None) => opcode::Read::new($fd, ptr, len).offset(offset).build(),
+                        (Op::Write, None) => opcode::Write::new($fd, ptr, len)
+                            .offset(offset)
+                            .rw_flags(rw_flags)
+                            .build(),
+                        (Op::Read, Some(i)) => opcode::ReadFixed::new($fd, ptr, len, i as u16)
+                            .offset(offset)
+                            .build(),
+                        (Op::Write, Some(i)) => opcode::WriteFixed::new($fd, ptr, len, i as u16)
+                            .offset(offset)
+                            .rw_flags(rw_flags)
+                            .build(),
+                    }
+                };
+            }
+            if self.fixed_file {
+                rw!(self.fd())
+            } else {
+                rw!(types::Fd(self.file.as_raw_fd()))
+            }
+        } else {
+            slot.iov.clear();
+            for (i, seg) in rest.iter().enumerate() {
+                let seg = if i == 0 {
+                    seg.slice(skip, seg.len() - skip)
+                } else {
+                    *seg
+                };
+                slot.iov.push(libc::iovec {
+                    iov_base: seg.as_ptr().cast(),
+                    iov_len: seg.len(),
+                });
+            }
+            let (iov, n) = (slot.iov.as_ptr(), slot.iov.len() as u32);
+            macro_rules! rwv {
+                ($fd:expr) => {
+                    match req.op {
+                        Op::Read => opcode::Readv::new($fd, iov, n).offset(offset).build(),
+                        Op::Write => opcode::Writev::new($fd, iov, n)
+                            .offset(offset)
+                            .rw_flags(rw_flags)
+                            .build(),
+                    }
+                };
+            }
+            if self.fixed_file {
+                rwv!(self.fd())
+            } else {
+                rwv!(types::Fd(self.file.as_raw_fd()))
+            }
+        };
+        entry.user_data(u64::from(idx))
+    }
+
+    /// Queue the entry for slot `idx`; enters the ring only if the queue is full.
+    fn push_locked(&self, st: &mut State, idx: u32) -> io::Result<()> {
+        let sqe = self.build_sqe(st, idx);
+        loop {
+            // SAFETY: we hold the state mutex, the only place that touches the
+            // submission queue. The entry's memory (request segments, the slot's
+            // iovecs) stays valid until its completion is reaped: the request is
+            // not completed before then, and the slot is not reused.
+            let pushed = unsafe { self.ring.submission_shared().push(&sqe).is_ok() };
+            if pushed {
+                self.pending.fetch_add(1, Ordering::Release);
+                return Ok(());
+            }
+            self.submit_locked()?;
+        }
+    }
+
+    /// Enter the ring to submit queued entries (caller holds the state mutex).
+    fn submit_locked(&self) -> io::Result<()> {
+        self.pending.store(0, Ordering::Release);
+        loop {
+            match self.ring.submitter().submit() {
+                Ok(_) => return Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                // The completion queue is backed up: the caller reaps, then retries.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY | libc::EAGAIN)) => {
+                    return Ok(())
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Reap every completion queued now into `batch` (caller holds the state mutex);
+    /// short transfers are resubmitted.
+    fn reap_locked(&self, st: &mut State, batch: &mut Batch) {
+        let lb = u64::from(self.geometry.logical_block);
+        let mut resubmit = false;
+        loop {
+            // SAFETY: we hold the state mutex, the only place that touches the
+            // completion queue.
+            let cqe = unsafe { self.ring.completion_shared() }.next();
+            let Some(cqe) = cqe else { break };
+            let ud = cqe.user_data();
+            if ud == WAKE {
+                continue;
+            }
+            let idx = ud as usize;
+            let res = cqe.result();
+            let Some(slot) = st.slots.get_mut(idx) else {
+                continue;
+            };
+            let Some(req) = slot.req.as_ref() else {
+                continue;
+            };
+            let outcome: Option<io::Result<()>> = if res < 0 {
+                let e = -res;
+                if matches!(e, libc::EAGAIN | libc::EINTR) && slot.retries < MAX_RETRIES {
+                    slot.retries += 1;
+                    None
+                } else {
+                    Some(Err(errno(e)))
+                }
+            } else {
+                slot.done += res as u64;
+                let at = req.offset + slot.done;
+                if slot.done >= slot.len {
+                    Some(Ok(()))
+                } else if req.op == Op::Read && (res == 0 || at % lb != 0) {
+                    // End of file: the rest of the request reads as zeros.
+                    zero_from(req, slot.done);
+                    Some(Ok(()))
+                } else if res == 0 || at % lb != 0 {
+                    // A write that moved nothing (or an unaligned part): never
+                    // report bytes not written as written.
+                    Some(Err(errno(libc::EIO)))
+                } else {
+                    None
+                }
+            };
+            match outcome {
+                Some(result) => {
+                    let req = slot.req.take().expect("checked above");
+                    st.free.push(idx as u32);
+                    self.in_flight.fetch_sub(1, Ordering::AcqRel);
+                    batch.push((req, result));
+                }
+                None => {
+                    // Resubmit the rest (a short transfer, or EAGAIN).
+                    if let Err(e) = self.push_locked(st, idx as u32) {
+                        let slot = &mut st.slots[idx];
+                        let req = slot.req.take().expect("checked above");
+                        st.free.push(idx as u32);
+                        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+                        batch.push((req, Err(e)));
+                    } else {
+                        resubmit = true;
+                    }
+                }
+            }
+        }
+        if resubmit {
+            let _ = self.submit_locked();
+        }
+    }
+
+    /// Wait in the kernel for at least one completion, at most `timeout`, without the
+    /// lock (another thread may reap it first; the caller re-checks).
+    fn wait_unlocked(&self, timeout: Duration) {
+        if self.iopoll {
+            // IOPOLL ignores wait timeouts: poll without blocking, briefly.
+            let _ = self.ring.submitter().submit_and_wait(0);
+            if self.ring_cq_empty() {
+                thread::yield_now();
+            }
+            return;
+        }
+        if self.ext_arg {
+            let ts = types::Timespec::new()
+                .sec(timeout.as_secs())
+                .nsec(timeout.subsec_nanos());
+            let args = types::SubmitArgs::new().timespec(&ts);
+            let _ = self.ring.submitter().submit_with_args(1, &args);
+        } else {
+            // No timed wait on this kernel: do not risk sleeping forever on a
+            // completion another thread takes.
+            let _ = self.ring.submitter().submit();
+            thread::sleep(Duration::from_micros(50));
+        }
+    }
+
+    fn ring_cq_empty(&self) -> bool {
+        let st = lock(&self.state);
+        // SAFETY: we hold the state mutex, the only place that touches the
+        // completion queue.
+        let empty = unsafe { self.ring.completion_shared() }.is_empty();
+        drop(st);
+        empty
+    }
+
+    /// Reap under the lock, then complete outside it. Returns how many completed.
+    fn reap_and_complete(&self) -> usize {
+        let mut batch = Batch::new();
+        {
+            let mut st = lock(&self.state);
+            if self.iopoll {
+                let _ = self.ring.submitter().submit_and_wait(0);
+            }
+            self.reap_locked(&mut st, &mut batch);
+        }
+        complete_all(batch)
+    }
+}
+
+fn complete_all(batch: Batch) -> usize {
+    let n = batch.len();
+    for (req, result) in batch {
+        req.complete(result);
+    }
+    n
+}
+
+/// Zero the request's memory from byte `from` on (a read that met end of file).
+fn zero_from(req: &Request, from: u64) {
+    let mut skip = from as usize;
+    for seg in &req.segments {
+        if skip >= seg.len() {
+            skip -= seg.len();
+            continue;
+        }
+        seg.slice(skip, seg.len() - skip).zero();
+        skip = 0;
+    }
+}
+
+impl Device for UringDevice {
+    fn geometry(&self) -> Geometry {
+        self.inner.geometry
+    }
+
+    fn submit(&self, req: Request) {
+        let inner = &*self.inner;
+        if let Err(e) = check_request(&inner.geometry, &req) {
+            req.complete(Err(e));
+            return;
+        }
+        let len = req.len();
+        if len == 0 {
+            req.complete(Ok(()));
+            return;
+        }
+        let mut batch = Batch::new();
+        let failed = {
+            let mut st = lock(&inner.state);
+            // Every slot in flight: reap (waiting in the kernel) until one frees up.
+            let mut failure = None;
+            while st.free.is_empty() {
+                let r = inner.ring.submitter().submit_and_wait(1);
+                inner.pending.store(0, Ordering::Release);
+                if let Err(e) = r {
+                    if !matches!(
+                        e.raw_os_error(),
+                        Some(libc::EINTR | libc::EAGAIN | libc::EBUSY | libc::ETIME)
+                    ) {
+                        failure = Some(e);
+                        break;
+                    }
+                }
+                inner.reap_locked(&mut st, &mut batch);
+            }
+            match failure {
+                Some(e) => Some((req, e)),
+                None => {
+                    let idx = st.free.pop().expect("a free slot");
+                    let slot = &mut st.slots[idx as usize];
+                    slot.req = Some(req);
+                    slot.len = len;
+                    slot.done = 0;
+                    slot.retries = 0;
+                    inner.in_flight.fetch_add(1, Ordering::AcqRel);
+                    match inner.push_locked(&mut st, idx) {
+                        Ok(()) => None,
+                        Err(e) => {
+                            let req = st.slots[idx as usize].req.take().expect("just stored");
+                            st.free.push(idx);
+                            inner.in_flight.fetch_sub(1, Ordering::AcqRel);
+                            Some((req, e))
+                        }
+                    }
+                }
+            }
+        };
+        if let Some((req, e)) = failed {
+            batch.push((req, Err(e)));
+        }
+        complete_all(batch);
+    }
+
+    fn unplug(&self) {
+        let inner = &*self.inner;
+        if inner.pending.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let st = lock(&inner.state);
+        // Errors here resurface at the next enter (poll or submit), which reaps.
+        let _ = inner.submit_locked();
+        drop(st);
+    }
+
+    fn poll(&self, wait: bool) -> io::Result<usize> {
+        let inner = &*self.inner;
+        self.unplug();
+        let n = inner.reap_and_complete();
+        if n > 0 || !wait {
+            return Ok(n);
+        }
+        if inner.in_flight.load(Ordering::Acquire) == 0 {
+            // Nothing of ours in the kernel: a completion may be on its way to a
+            // waiter through another thread's batch.
+            thread::yield_now();
+            return Ok(0);
+        }
+        inner.wait_unlocked(POLL_WAIT);
+        Ok(inner.reap_and_complete())
+    }
+
+    fn completion_mode(&self) -> CompletionMode {
+        self.mode
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        // SAFETY: fdatasync on a descriptor we own.
+        let r = unsafe { libc::fdatasync(self.inner.file.as_raw_fd()) };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
+    fn name(&self) -> &str {
+        "uring"
+    }
+}
+
+impl Drop for UringDevice {
+    fn drop(&mut self) {
+        let inner = &*self.inner;
+        if let Some(handle) = self.reaper.take() {
+            inner.stop.store(true, Ordering::Release);
+            {
+                let _st = lock(&inner.state);
+                let nop = opcode::Nop::new().build().user_data(WAKE);
+                // SAFETY: we hold the state mutex; a no-op references no memory.
+                let _ = unsafe { inner.ring.submission_shared().push(&nop) };
+                let _ = inner.submit_locked();
+            }
+            let _ = handle.join();
+        }
+        // Requests still in flight own caller memory until they complete: drain.
+        while inner.in_flight.load(Ordering::Acquire) > 0 {
+            let _ = self.poll(true);
+        }
+    }
+}
+
+impl std::fmt::Debug for UringDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UringDevice")
+            .field("geometry", &self.inner.geometry)
+            .field("mode", &self.mode)
+            .field("iopoll", &self.inner.iopoll)
+            .field("notes", &self.notes)
+            .finish()
+    }
+}

@@ -1,0 +1,362 @@
+//! The raw client: a host file or block device opened for direct I/O, as a
+//! [`DirectFile`] over the identity map. It picks the back end (io_uring, or
+//! pread/pwrite when io_uring is unavailable, with a note saying why), probes the
+//! geometry, and keeps the file's size in step with `ftruncate`.
+//!
+//! It holds no I/O logic of its own: bytes move through the engine and a device.
+
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::device::probe::{self, Probed};
+use crate::device::sync::{SyncConfig, SyncDevice};
+use crate::device::uring::{UringConfig, UringDevice};
+use crate::device::{Device, Geometry};
+use crate::map::{BlockMap, Extent};
+use crate::{DirectFile, Error, FileState, IdentityMap, MemRef, Result};
+
+/// Environment variable that makes [`Backend::Auto`] behave as if io_uring were
+/// unavailable (`DIO_DISABLE_URING=1`).
+pub const DISABLE_URING_ENV: &str = "DIO_DISABLE_URING";
+
+/// Which device back end a [`RawFile`] uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// io_uring if available, else pread/pwrite (with a note).
+    Auto,
+    /// io_uring, or fail.
+    Uring,
+    /// pread/pwrite (`preadv2`/`pwritev2`) on a small thread pool.
+    Sync,
+}
+
+/// How to open a [`RawFile`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenOptions {
+    /// Open read-write (else read-only; writes fail with EBADF).
+    pub write: bool,
+    /// Create the file if missing (needs `write`).
+    pub create: bool,
+    /// The device back end.
+    pub backend: Backend,
+    /// io_uring queue depth.
+    pub queue_depth: u32,
+    /// Open with `O_DSYNC`: every write is durable when it completes.
+    pub dsync: bool,
+    /// Ask for busy-polled completions (`IORING_SETUP_IOPOLL`); falls back with a
+    /// note where the device refuses.
+    pub iopoll: bool,
+    /// Let a kernel thread poll the submission queue (`IORING_SETUP_SQPOLL`).
+    pub sqpoll: bool,
+    /// Allow [`RawFile::register_buffers`] to register memory with the ring.
+    pub registered_buffers: bool,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            write: false,
+            create: false,
+            backend: Backend::Auto,
+            queue_depth: 128,
+            dsync: false,
+            iopoll: false,
+            sqpoll: false,
+            registered_buffers: false,
+        }
+    }
+}
+
+enum Dev {
+    Uring(Arc<UringDevice>),
+    Sync(Arc<SyncDevice>),
+}
+
+/// A host file or block device open for direct I/O. See the module docs.
+pub struct RawFile {
+    direct: DirectFile,
+    dev: Dev,
+    path: PathBuf,
+    block_device: bool,
+    write: bool,
+    registered_buffers: bool,
+    notes: Vec<String>,
+}
+
+impl std::fmt::Debug for RawFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawFile")
+            .field("path", &self.path)
+            .field("backend", &self.backend_name())
+            .field("size", &self.size())
+            .field("block_device", &self.block_device)
+            .finish()
+    }
+}
+
+/// Why io_uring cannot be used, as a short phrase for notes and errors.
+fn uring_unavailable_reason(e: &Error) -> String {
+    match e.errno() {
+        libc::ENOSYS => "ENOSYS: the kernel has no io_uring".into(),
+        libc::EPERM => "EPERM: blocked by seccomp or the sysctl kernel.io_uring_disabled".into(),
+        libc::ENOMEM => {
+            "ENOMEM at ring setup: raise RLIMIT_MEMLOCK or lower the queue depth".into()
+        }
+        _ => e.to_string(),
+    }
+}
+
+/// Whether `DIO_DISABLE_URING` asks to pretend io_uring is missing.
+fn uring_disabled_by_env() -> bool {
+    std::env::var_os(DISABLE_URING_ENV).is_some_and(|v| !v.is_empty() && v != "0")
+}
+
+impl RawFile {
+    /// Open `path` (a regular file or a block device) for direct I/O.
+    ///
+    /// Errors name the path: a missing file, a file system that refuses `O_DIRECT`
+    /// ("this file system (tmpfs) does not support O_DIRECT"), io_uring unavailable
+    /// with [`Backend::Uring`].
+    pub fn open(path: &Path, opts: &OpenOptions) -> Result<RawFile> {
+        let extra = if opts.dsync { libc::O_DSYNC } else { 0 };
+        let file = probe::open_direct_with(path, opts.write, opts.create, extra)?;
+        let probed = probe::probe(file.as_fd(), path)?;
+        let geometry = device_geometry(&probed, opts.write);
+        let mut notes = Vec::new();
+
+        let uring_cfg = {
+            let mut c = UringConfig::default();
+            c.queue_depth = opts.queue_depth.max(1);
+            c.iopoll = opts.iopoll;
+            c.sqpoll = opts.sqpoll;
+            c
+        };
+        let try_uring = |file: &File| -> Result<UringDevice> {
+            let dup = file
+                .try_clone()
+                .map_err(|e| Error::os(format!("dup {}", path.display()), e))?;
+            UringDevice::new(dup, geometry, &uring_cfg)
+        };
+        let dev = match opts.backend {
+            Backend::Uring => {
+                let d = try_uring(&file).map_err(|e| match e {
+                    Error::Os { .. } => Error::os(
+                        format!(
+                            "{}: io_uring unavailable ({})",
+                            path.display(),
+                            uring_unavailable_reason(&e)
+                        ),
+                        std::io::Error::from_raw_os_error(e.errno()),
+                    ),
+                    e => e,
+                })?;
+                Dev::Uring(Arc::new(d))
+            }
+            Backend::Auto if uring_disabled_by_env() => {
+                notes.push(format!(
+                    "io_uring disabled by {DISABLE_URING_ENV}: using pread/pwrite"
+                ));
+                Dev::Sync(Arc::new(SyncDevice::new(
+                    file,
+                    geometry,
+                    &SyncConfig::default(),
+                )?))
+            }
+            Backend::Auto => match try_uring(&file) {
+                Ok(d) => Dev::Uring(Arc::new(d)),
+                Err(e @ Error::Os { .. }) => {
+                    notes.push(format!(
+                        "io_uring unavailable ({}): using pread/pwrite",
+                        uring_unavailable_reason(&e)
+                    ));
+                    Dev::Sync(Arc::new(SyncDevice::new(
+                        file,
+                        geometry,
+                        &SyncConfig::default(),
+                    )?))
+                }
+                Err(e) => return Err(e),
+            },
+            Backend::Sync => Dev::Sync(Arc::new(SyncDevice::new(
+                file,
+                geometry,
+                &SyncConfig::default(),
+            )?)),
+        };
+        let device: Arc<dyn Device> = match &dev {
+            Dev::Uring(d) => {
+                notes.extend(d.notes().iter().cloned());
+                Arc::clone(d) as Arc<dyn Device>
+            }
+            Dev::Sync(d) => {
+                if opts.iopoll || opts.sqpoll || opts.registered_buffers {
+                    notes.push(
+                        "IOPOLL, SQPOLL and registered buffers need io_uring: ignored".into(),
+                    );
+                }
+                Arc::clone(d) as Arc<dyn Device>
+            }
+        };
+        let lb = geometry.logical_block;
+        let map = Arc::new(RawMap {
+            identity: IdentityMap::new(lb, geometry.size),
+            blocks: geometry.size / u64::from(lb),
+            block_size: lb,
+            path: path.to_path_buf(),
+        });
+        let state = Arc::new(FileState::new(probed.size));
+        let mut direct = DirectFile::new(device, map, state)?;
+        if !opts.write {
+            direct = direct.read_only();
+        }
+        Ok(RawFile {
+            direct,
+            dev,
+            path: path.to_path_buf(),
+            block_device: probed.block_device,
+            write: opts.write,
+            registered_buffers: opts.registered_buffers,
+            notes,
+        })
+    }
+
+    /// The file as a [`DirectFile`]: identity map over the device, fs block = the
+    /// device's logical block, size = the file or device size.
+    pub fn direct(&self) -> &DirectFile {
+        &self.direct
+    }
+
+    /// Current size in bytes (the file's, kept up to date by writes and
+    /// [`RawFile::set_len`]; a block device's).
+    pub fn size(&self) -> u64 {
+        self.direct.size()
+    }
+
+    /// Whether it is a block device.
+    pub fn is_block_device(&self) -> bool {
+        self.block_device
+    }
+
+    /// The back end in use: "uring" or "sync".
+    pub fn backend_name(&self) -> &'static str {
+        match self.dev {
+            Dev::Uring(_) => "uring",
+            Dev::Sync(_) => "sync",
+        }
+    }
+
+    /// One-line notes about fallbacks taken at open.
+    pub fn notes(&self) -> &[String] {
+        &self.notes
+    }
+
+    /// The descriptor (for `SEEK_DATA`/`SEEK_HOLE`, `fadvise`, ...). Do not change
+    /// the file size through it; use [`RawFile::set_len`].
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        match &self.dev {
+            Dev::Uring(d) => d.file().as_fd(),
+            Dev::Sync(d) => d.file().as_fd(),
+        }
+    }
+
+    /// Set the file size (`ftruncate`) and tell the engine (waiting for direct I/O
+    /// in flight when shrinking).
+    pub fn set_len(&self, size: u64) -> Result<()> {
+        if self.block_device {
+            return Err(Error::Invalid(format!(
+                "{}: cannot change the size of a block device",
+                self.path.display()
+            )));
+        }
+        if !self.write {
+            return Err(Error::ReadOnly);
+        }
+        let ftruncate = || -> Result<()> {
+            let len = libc::off_t::try_from(size).map_err(|_| Error::TooLarge {
+                end: size,
+                max: i64::MAX as u64,
+            })?;
+            // SAFETY: ftruncate on a descriptor this RawFile owns.
+            let r = unsafe { libc::ftruncate(self.fd().as_raw_fd(), len) };
+            if r == 0 {
+                Ok(())
+            } else {
+                Err(Error::os(
+                    format!("truncate {} to {size}", self.path.display()),
+                    std::io::Error::last_os_error(),
+                ))
+            }
+        };
+        if size < self.size() {
+            // Shrink: drain direct I/O and stop reads past the new end first.
+            self.direct.truncate(size)?;
+            ftruncate()
+        } else {
+            ftruncate()?;
+            self.direct.truncate(size)
+        }
+    }
+
+    /// Register memory with the io_uring ring, so that requests whose memory lies
+    /// in one registered buffer use fixed-buffer I/O. Does nothing unless opened
+    /// with [`OpenOptions::registered_buffers`] on the io_uring back end.
+    ///
+    /// # Safety
+    /// The buffers must stay allocated at their addresses until the file is
+    /// dropped (or registration is replaced): the kernel keeps the pages pinned
+    /// now, and memory freed and reused meanwhile would receive data.
+    pub unsafe fn register_buffers(&self, bufs: &[MemRef]) -> Result<()> {
+        match &self.dev {
+            Dev::Uring(d) if self.registered_buffers => {
+                // SAFETY: forwarded from the caller.
+                unsafe { d.register_buffers(bufs) }
+                    .map_err(|e| Error::os("register buffers with io_uring", e))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The device geometry a raw file is served with: a writable regular file may
+/// grow, so its device reaches to the largest file offset (reads past EOF come
+/// back short and zero-filled; the engine clips them at the file size).
+fn device_geometry(p: &Probed, write: bool) -> Geometry {
+    let mut g = p.geometry;
+    if write && !p.block_device {
+        let lb = u64::from(g.logical_block);
+        g.size = (i64::MAX as u64) / lb * lb;
+    }
+    g
+}
+
+/// The identity map of a raw file or device, with the file semantics at its end:
+/// reads past the end are short (not an error), and a write past the end of a block
+/// device fails with `ENOSPC`.
+struct RawMap {
+    identity: IdentityMap,
+    blocks: u64,
+    block_size: u32,
+    path: PathBuf,
+}
+
+impl BlockMap for RawMap {
+    fn block_size(&self) -> u32 {
+        self.block_size
+    }
+
+    fn map(&self, block: u64, max_blocks: u64, create: bool) -> Result<Extent> {
+        if create && block >= self.blocks {
+            return Err(Error::os(
+                format!("write past the end of {}", self.path.display()),
+                std::io::Error::from_raw_os_error(libc::ENOSPC),
+            ));
+        }
+        self.identity.map(block, max_blocks, create)
+    }
+
+    fn max_file_size(&self) -> u64 {
+        (i64::MAX as u64) / u64::from(self.block_size) * u64::from(self.block_size)
+    }
+}
