@@ -32,7 +32,10 @@ impl AlignedBuf {
     /// If `align` is not a power of two or the size overflows `isize`, as `Vec` does.
     pub fn new(len: usize, align: usize) -> Self {
         let align = align.max(1);
-        assert!(align.is_power_of_two(), "alignment {align} is not a power of two");
+        assert!(
+            align.is_power_of_two(),
+            "alignment {align} is not a power of two"
+        );
         if len == 0 {
             // A dangling but aligned pointer, as Vec does for empty allocations.
             let ptr = NonNull::new(align as *mut u8).expect("align is non-zero");
@@ -154,7 +157,11 @@ unsafe impl OwnedBuf for Box<[u8]> {
 /// It carries no lifetime: whoever builds one guarantees the memory outlives the
 /// request. Safe code gets them only from an [`IoScope`] (borrowed memory, kept alive
 /// by the scope), from [`MemRef::owned`]'s contract, or from the zero page.
+///
+/// Its layout is that of a C `struct iovec` (`repr(C)`, base then length), so a
+/// request's segments can go to readv/writev or io_uring as they are.
 #[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(C)]
 pub struct MemRef {
     ptr: *mut u8,
     len: usize,
@@ -205,7 +212,10 @@ impl MemRef {
     /// # Panics
     /// If the sub-range does not lie inside this one.
     pub fn slice(&self, start: usize, len: usize) -> MemRef {
-        assert!(start <= self.len && len <= self.len - start, "MemRef::slice out of range");
+        assert!(
+            start <= self.len && len <= self.len - start,
+            "MemRef::slice out of range"
+        );
         MemRef {
             ptr: self.ptr.wrapping_add(start),
             len,
@@ -283,24 +293,21 @@ pub struct IoScope<'a> {
 
 impl<'a> IoScope<'a> {
     /// Memory references for a caller's read buffers, kept alive by the scope.
-    pub fn lend_mut(&self, bufs: &'a mut [std::io::IoSliceMut<'_>]) -> Vec<MemRef> {
-        bufs.iter_mut()
-            .map(|b| MemRef {
-                ptr: b.as_mut_ptr(),
-                len: b.len(),
-            })
-            .collect()
+    /// No copy: the slices are viewed in place.
+    pub fn lend_mut(&self, bufs: &'a mut [std::io::IoSliceMut<'_>]) -> &'a [MemRef] {
+        // SAFETY: IoSliceMut is documented to be ABI compatible with `struct iovec`
+        // on Unix, and MemRef is a repr(C) {pointer, length} pair with the same
+        // layout; the exclusive borrow for 'a keeps the buffers alive and unaliased
+        // for the scope, which drains all I/O before it ends.
+        unsafe { std::slice::from_raw_parts(bufs.as_ptr().cast::<MemRef>(), bufs.len()) }
     }
 
     /// Memory references for a caller's write buffers, kept alive by the scope.
     /// Devices only read from them.
-    pub fn lend(&self, bufs: &'a [std::io::IoSlice<'_>]) -> Vec<MemRef> {
-        bufs.iter()
-            .map(|b| MemRef {
-                ptr: b.as_ptr() as *mut u8,
-                len: b.len(),
-            })
-            .collect()
+    pub fn lend(&self, bufs: &'a [std::io::IoSlice<'_>]) -> &'a [MemRef] {
+        // SAFETY: as in lend_mut (IoSlice is iovec-compatible too); devices only
+        // read through these references, for writes.
+        unsafe { std::slice::from_raw_parts(bufs.as_ptr().cast::<MemRef>(), bufs.len()) }
     }
 }
 

@@ -16,6 +16,7 @@ pub struct FileState {
     size: AtomicU64,
     file_lock: RwLock<()>,
     dio_count: AtomicU64,
+    dio_waiters: AtomicU64,
     dio_zero: Mutex<()>,
     dio_zero_cv: Condvar,
     ranges: RangeLock,
@@ -28,6 +29,7 @@ impl FileState {
             size: AtomicU64::new(size),
             file_lock: RwLock::new(()),
             dio_count: AtomicU64::new(0),
+            dio_waiters: AtomicU64::new(0),
             dio_zero: Mutex::new(()),
             dio_zero_cv: Condvar::new(),
             ranges: RangeLock::default(),
@@ -66,12 +68,16 @@ impl FileState {
     }
 
     pub(crate) fn dio_begin(&self) {
-        self.dio_count.fetch_add(1, Ordering::AcqRel);
+        self.dio_count.fetch_add(1, Ordering::SeqCst);
     }
 
     pub(crate) fn dio_end(&self) {
-        if self.dio_count.fetch_sub(1, Ordering::AcqRel) == 1 {
-            // Taking the mutex orders us after a waiter's check of the count.
+        // A waiter registers before it checks the count, and we check for waiters
+        // after the count drops (both SeqCst): one of us sees the other. Taking the
+        // mutex orders the wakeup after the waiter went to sleep.
+        if self.dio_count.fetch_sub(1, Ordering::SeqCst) == 1
+            && self.dio_waiters.load(Ordering::SeqCst) > 0
+        {
             let _g = lock(&self.dio_zero);
             self.dio_zero_cv.notify_all();
         }
@@ -80,9 +86,11 @@ impl FileState {
     /// Block until no direct I/O is in flight (inode_dio_wait).
     pub fn wait_dio_zero(&self) {
         let mut g = lock(&self.dio_zero);
-        while self.dio_count.load(Ordering::Acquire) != 0 {
+        self.dio_waiters.fetch_add(1, Ordering::SeqCst);
+        while self.dio_count.load(Ordering::SeqCst) != 0 {
             g = self.dio_zero_cv.wait(g).unwrap_or_else(|e| e.into_inner());
         }
+        self.dio_waiters.fetch_sub(1, Ordering::SeqCst);
     }
 
     pub(crate) fn ranges(&self) -> &RangeLock {

@@ -137,6 +137,8 @@ struct Shared {
     cfg: MemDeviceConfig,
     store: Mutex<Store>,
     faults: Mutex<Faults>,
+    /// Whether any fault is armed (saves the lock on the fast path).
+    armed: std::sync::atomic::AtomicBool,
     log: Mutex<Vec<LoggedRequest>>,
     seq: AtomicU64,
     bytes: AtomicU64,
@@ -176,6 +178,7 @@ impl MemDevice {
         let shared = Arc::new(Shared {
             store: Mutex::new(Store { data, durable }),
             faults: Mutex::new(Faults::default()),
+            armed: std::sync::atomic::AtomicBool::new(false),
             log: Mutex::new(Vec::new()),
             seq: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
@@ -203,17 +206,20 @@ impl MemDevice {
     /// or of both when `None`.
     pub fn fail_range(&self, range: Range<u64>, op: Option<Op>) {
         lock(&self.shared.faults).ranges.push((range, op));
+        self.shared.armed.store(true, Ordering::SeqCst);
     }
 
     /// Fail the `n`th request from now (1 = the next one).
     pub fn fail_nth(&self, n: u64) {
         let now = self.shared.seq.load(Ordering::SeqCst);
         lock(&self.shared.faults).nth = Some(now + n);
+        self.shared.armed.store(true, Ordering::SeqCst);
     }
 
     /// Remove all injected faults.
     pub fn clear_faults(&self) {
         *lock(&self.shared.faults) = Faults::default();
+        self.shared.armed.store(false, Ordering::SeqCst);
     }
 
     /// Counters so far.
@@ -275,6 +281,9 @@ impl MemDevice {
 
 impl Shared {
     fn injected_fault(&self, seq: u64, req: &Request, len: u64) -> bool {
+        if !self.armed.load(Ordering::SeqCst) {
+            return false;
+        }
         let f = lock(&self.faults);
         if f.nth == Some(seq) {
             return true;

@@ -90,7 +90,9 @@ impl Geometry {
         if ok {
             Ok(())
         } else {
-            Err(crate::Error::Invalid(format!("unusable device geometry {self:?}")))
+            Err(crate::Error::Invalid(format!(
+                "unusable device geometry {self:?}"
+            )))
         }
     }
 }
@@ -220,18 +222,16 @@ impl<D: Device + ?Sized> Device for Arc<D> {
 pub fn check_request(geo: &Geometry, req: &Request) -> io::Result<()> {
     let lb = u64::from(geo.logical_block);
     let len = req.len();
-    let bad = req.offset % lb != 0
-        || len % lb != 0
+    // Geometry sizes are powers of two (Geometry::validate).
+    let bad = req.offset & (lb - 1) != 0
+        || len & (lb - 1) != 0
         || len > u64::from(geo.max_bytes)
         || req.segments.len() > geo.max_segments as usize
-        || req
-            .offset
-            .checked_add(len)
-            .is_none_or(|end| end > geo.size)
+        || req.offset.checked_add(len).is_none_or(|end| end > geo.size)
         || req
             .segments
             .iter()
-            .any(|s| s.addr() % geo.mem_align as usize != 0);
+            .any(|s| s.addr() & (geo.mem_align as usize - 1) != 0);
     if bad {
         Err(io::Error::from_raw_os_error(libc::EINVAL))
     } else {

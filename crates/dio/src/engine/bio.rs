@@ -114,8 +114,6 @@ impl<'a> BioBuilder<'a> {
         // Reap before adding another request in flight.
         dio.wait_in_flight_at_most(MAX_IN_FLIGHT - 1, self.poll);
         dio.get();
-        dio.submitted_bytes
-            .fetch_add(b.len, std::sync::atomic::Ordering::Relaxed);
         let req = Request {
             op: self.op,
             offset: b.dev_offset,

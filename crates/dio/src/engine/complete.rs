@@ -4,7 +4,7 @@
 //! result rules: precedence of errors, clipping at EOF, the end_io hook.
 //! (seed: dio_bio_end_io, dio_bio_end_aio, dio_await_completion, dio_complete)
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::{self, Thread};
@@ -39,11 +39,8 @@ pub(crate) struct Dio {
     pub(crate) i_size: u64,
     /// 1 for the submitter plus one per device request in flight.
     refs: AtomicUsize,
-    /// Lowest file offset of a failed device request, and its error.
-    io_error: Mutex<Option<(u64, Error)>>,
-    /// Set once by the submitter: bytes walked, and how the walk stopped.
-    outcome: Mutex<Option<(u64, Stop)>>,
-    private: Mutex<Option<Private>>,
+    /// Everything completion reads once: one lock for all of it.
+    tail: Mutex<Tail>,
     defer: AtomicBool,
     /// Flush the device before completing (dsync with metadata changes or no FUA).
     pub(crate) flush: AtomicBool,
@@ -54,10 +51,23 @@ pub(crate) struct Dio {
     /// Block range held in the file's range lock until completion.
     pub(crate) range_lock: Option<(u64, u64)>,
     /// Sync: the thread waiting. Async: None.
-    waiter: Option<Thread>,
+    /// Whether a caller waits for the result (sync) rather than a callback.
+    sync: bool,
+    /// The waiting thread, registered only once it has to sleep.
+    waiter: OnceLock<Thread>,
     sleeping: AtomicBool,
-    done: Mutex<Option<Done>>,
-    pub(crate) submitted_bytes: AtomicU64,
+}
+
+#[derive(Default)]
+struct Tail {
+    /// Lowest file offset of a failed device request, and its error.
+    io_error: Option<(u64, Error)>,
+    /// Set once by the submitter: bytes walked, and how the walk stopped.
+    outcome: Option<(u64, Stop)>,
+    /// The private data of the last mapping, for end_io.
+    private: Option<Private>,
+    /// The async caller's completion.
+    done: Option<Done>,
 }
 
 impl Dio {
@@ -72,35 +82,31 @@ impl Dio {
         range_lock: Option<(u64, u64)>,
         done: Option<Done>,
     ) -> Dio {
-        let waiter = if done.is_none() {
-            Some(thread::current())
-        } else {
-            None
-        };
+        let sync = done.is_none();
         Dio {
             file,
             op,
             offset,
             i_size,
             refs: AtomicUsize::new(1),
-            io_error: Mutex::new(None),
-            outcome: Mutex::new(None),
-            private: Mutex::new(None),
+            tail: Mutex::new(Tail {
+                done,
+                ..Tail::default()
+            }),
             defer: AtomicBool::new(false),
             flush: AtomicBool::new(false),
             extend,
             skip_count,
             range_lock,
-            waiter,
+            sync,
+            waiter: OnceLock::new(),
             sleeping: AtomicBool::new(false),
-            done: Mutex::new(done),
-            submitted_bytes: AtomicU64::new(0),
         }
     }
 
     /// Whether the call completes through a callback.
     pub(crate) fn is_async(&self) -> bool {
-        self.waiter.is_none()
+        !self.sync
     }
 
     /// A device request is about to be submitted.
@@ -113,10 +119,6 @@ impl Dio {
         self.refs.load(Ordering::Acquire) - 1
     }
 
-    pub(crate) fn set_private(&self, p: Option<Private>) {
-        *lock(&self.private) = p;
-    }
-
     pub(crate) fn set_defer(&self) {
         self.defer.store(true, Ordering::Release);
     }
@@ -124,17 +126,21 @@ impl Dio {
     /// Wait until at most `max` requests are in flight (reaping, the seed's
     /// dio_bio_reap / dio_await_one). The caller is the submitter.
     pub(crate) fn wait_in_flight_at_most(&self, max: usize, poll: bool) {
+        if self.in_flight() <= max {
+            return;
+        }
         let dev = &self.file.dev;
         let polled = poll || dev.completion_mode() == CompletionMode::Polled;
-        if self.in_flight() > max {
-            dev.unplug();
-        }
+        dev.unplug();
         while self.in_flight() > max {
             if polled {
                 if dev.poll(true).is_err() {
                     std::hint::spin_loop();
                 }
-            } else if self.waiter.is_some() {
+            } else if self.sync {
+                // Register before announcing sleep; a completion that sees
+                // `sleeping` finds the thread to wake.
+                self.waiter.get_or_init(thread::current);
                 self.sleeping.store(true, Ordering::SeqCst);
                 if self.in_flight() > max {
                     thread::park();
@@ -148,15 +154,17 @@ impl Dio {
     }
 
     /// The submitter is done walking: record how it ended.
-    pub(crate) fn set_outcome(&self, walked: u64, stop: Stop) {
-        *lock(&self.outcome) = Some((walked, stop));
+    pub(crate) fn set_outcome(&self, walked: u64, stop: Stop, private: Option<Private>) {
+        let mut t = lock(&self.tail);
+        t.outcome = Some((walked, stop));
+        t.private = private;
     }
 
     /// Drop the submitter's reference. Sync: wait for every request, then finish and
     /// return the result. Async: the last reference finishes the call.
     pub(crate) fn submitter_done(self: Arc<Self>, poll: bool) -> Option<Result<usize>> {
         self.file.dev.unplug();
-        if self.waiter.is_some() {
+        if self.sync {
             self.wait_in_flight_at_most(0, poll);
             Some(self.finish())
         } else {
@@ -184,18 +192,22 @@ impl Dio {
     }
 
     fn deliver(&self, r: Result<usize>) {
-        if let Some(done) = lock(&self.done).take() {
+        let done = lock(&self.tail).done.take();
+        if let Some(done) = done {
             done(r);
         }
     }
 
     /// The result rules (the seed's dio_complete).
     fn finish(&self) -> Result<usize> {
-        let (walked, stop) = lock(&self.outcome).take().unwrap_or((
+        let (outcome, io_error, private) = {
+            let mut t = lock(&self.tail);
+            (t.outcome.take(), t.io_error.take(), t.private.take())
+        };
+        let (walked, stop) = outcome.unwrap_or((
             0,
             Stop::Error(Error::Invalid("request ended without outcome".into())),
         ));
-        let io_error = lock(&self.io_error).take();
         // Bytes that are certainly done: the walk's count, cut at the first failed
         // request (everything before it in the file completed), and for reads at EOF.
         let mut done = walked;
@@ -225,7 +237,6 @@ impl Dio {
                 }
             }
         }
-        let private = lock(&self.private).take();
         result = self
             .file
             .map
@@ -252,7 +263,8 @@ impl Dio {
 impl Completion for Dio {
     fn complete(self: Arc<Self>, req: Request, result: std::io::Result<()>) {
         if let Err(e) = result {
-            let mut slot = lock(&self.io_error);
+            let mut t = lock(&self.tail);
+            let slot = &mut t.io_error;
             let at = req.tag;
             if slot.as_ref().is_none_or(|(first, _)| at < *first) {
                 *slot = Some((
@@ -265,12 +277,14 @@ impl Completion for Dio {
             }
         }
         drop(req);
-        if let Some(waiter) = &self.waiter {
-            // A sync submitter either polls or parks; wake it when it sleeps or when
-            // this was the last request (sleeping is set before its final check).
-            let before = self.refs.fetch_sub(1, Ordering::AcqRel);
-            if before <= 2 || self.sleeping.load(Ordering::SeqCst) {
-                waiter.unpark();
+        if self.sync {
+            // A sync submitter polls or parks; it announces sleep before its last
+            // check of the count, so after our decrement one of us sees the other.
+            self.refs.fetch_sub(1, Ordering::SeqCst);
+            if self.sleeping.load(Ordering::SeqCst) {
+                if let Some(waiter) = self.waiter.get() {
+                    waiter.unpark();
+                }
             }
         } else {
             self.put();

@@ -218,7 +218,7 @@ impl DirectFile {
             || {},
             |scope| {
                 let mem = scope.lend_mut(bufs);
-                request::run(file, Op::Read, offset, &mem, flags, &mut |_| true, None)
+                request::run(file, Op::Read, offset, mem, flags, &mut |_| true, None)
                     .expect("a sync call returns its result")
             },
         )
@@ -247,7 +247,7 @@ impl DirectFile {
             || {},
             |scope| {
                 let mem = scope.lend(bufs);
-                request::run(file, Op::Write, offset, &mem, flags, &mut pin, None)
+                request::run(file, Op::Write, offset, mem, flags, &mut pin, None)
                     .expect("a sync call returns its result")
             },
         )

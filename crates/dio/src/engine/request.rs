@@ -33,7 +33,7 @@ pub(crate) fn check(file: &Shared, op: Op, offset: u64, mem: &[MemRef]) -> Resul
     let mut len = 0u64;
     let mut lens = 0u64;
     for m in mem {
-        if m.addr() % mem_align != 0 && !m.is_empty() {
+        if m.addr() & (mem_align - 1) != 0 && !m.is_empty() {
             return Err(Error::Misaligned {
                 part: AlignPart::Buffer,
                 value: m.addr() as u64,
@@ -43,15 +43,19 @@ pub(crate) fn check(file: &Shared, op: Op, offset: u64, mem: &[MemRef]) -> Resul
         len += m.len() as u64;
         lens |= m.len() as u64;
     }
-    let dio_block = if (offset | lens) % fs == 0 { fs } else { lb };
-    if offset % dio_block != 0 {
+    let dio_block = if (offset | lens) & (fs - 1) == 0 {
+        fs
+    } else {
+        lb
+    };
+    if offset & (dio_block - 1) != 0 {
         return Err(Error::Misaligned {
             part: AlignPart::Offset,
             value: offset,
             required: lb,
         });
     }
-    if let Some(bad) = mem.iter().find(|m| m.len() as u64 % dio_block != 0) {
+    if let Some(bad) = mem.iter().find(|m| m.len() as u64 & (dio_block - 1) != 0) {
         return Err(Error::Misaligned {
             part: AlignPart::Length,
             value: bad.len() as u64,
@@ -164,7 +168,7 @@ pub(crate) fn run(
         mem,
     };
     let mut seen = Seen::default();
-    let (walked, stop) = {
+    let (walked, stop, last_private) = {
         // Durable writes go out with FUA; if metadata changes too (allocation, a
         // new size), a flush at completion covers it.
         let mut builder = BioBuilder::new(&dio, dsync, poll);
@@ -182,11 +186,10 @@ pub(crate) fn run(
             &mut seen,
         );
         builder.send();
-        dio.set_private(last_private);
         if defer {
             dio.set_defer();
         }
-        r
+        (r.0, r.1, last_private)
     };
     // All lookups are done: a locking read drops the lock before waiting.
     drop(guard);
@@ -202,7 +205,7 @@ pub(crate) fn run(
         // The flush may block: finish in the worker, not the device's context.
         dio.set_defer();
     }
-    dio.set_outcome(walked, stop);
+    dio.set_outcome(walked, stop, last_private);
     let r = dio.submitter_done(poll);
     match (forced_sync, r) {
         (Some(d), Some(r)) => {

@@ -76,6 +76,9 @@ pub(crate) fn walk(
     seen: &mut Seen,
 ) -> (u64, Stop) {
     let fs = w.fs_block;
+    // Block sizes are powers of two: shifts and masks, no division on the hot path.
+    let sh = fs.trailing_zeros();
+    let mask = fs - 1;
     let end = w.offset + w.len;
     let mut pos = w.offset;
     let mut cur = Cursor {
@@ -89,18 +92,18 @@ pub(crate) fn walk(
     let mut left = 0u64;
     let mut dev_pos = 0u64;
     // Reads stop at EOF rounded up to the dio block (a partial last block is read).
-    let eof = w.i_size.div_ceil(w.dio_block) * w.dio_block;
+    let eof = (w.i_size + w.dio_block - 1) & !(w.dio_block - 1);
 
     let stop = loop {
         if pos >= end {
             break Stop::Clean;
         }
         if left == 0 {
-            let first = pos / fs;
-            let count = (end - 1) / fs - first + 1;
+            let first = pos >> sh;
+            let count = ((end - 1) >> sh) - first + 1;
             // With skip-holes, no allocation inside i_size (guard the empty file:
             // the seed's (i_size - 1) underflowed there).
-            let inside = w.i_size > 0 && first <= (w.i_size - 1) / fs;
+            let inside = w.i_size > 0 && first <= (w.i_size - 1) >> sh;
             let create = w.op == Op::Write && !(w.skip_holes && inside);
             let e = match map.map(first, count, create) {
                 Ok(e) => e,
@@ -113,7 +116,7 @@ pub(crate) fn walk(
             }
             let len = e.len.min(count);
             if let Some(b) = e.device_block() {
-                let dev_blocks = w.device_size / fs;
+                let dev_blocks = w.device_size >> sh;
                 if b.checked_add(len).is_none_or(|e| e > dev_blocks) {
                     break Stop::Error(Error::BeyondDevice {
                         block: b,
@@ -121,17 +124,17 @@ pub(crate) fn walk(
                         device_blocks: dev_blocks,
                     });
                 }
-                dev_pos = b * fs + pos % fs;
+                dev_pos = b * fs + (pos & mask);
             }
             on_extent(&e);
-            left = len * fs - pos % fs;
+            left = len * fs - (pos & mask);
             let fresh = e.new || matches!(e.mapping, Mapping::Unwritten(_));
             if w.op == Op::Write && fresh {
                 seen.allocated = true;
             }
             // A write starting inside a fresh block zeroes the block's head first.
-            if w.op == Op::Write && fresh && pos % fs != 0 {
-                let head = pos % fs;
+            if w.op == Op::Write && fresh && (pos & mask) != 0 {
+                let head = pos & mask;
                 builder.add(
                     buf::zeroes(head as usize),
                     dev_pos - head,
@@ -208,9 +211,10 @@ pub(crate) fn walk(
 /// A write that ends inside a fresh block zeroes the block's tail.
 fn zero_tail(w: &Walk<'_>, builder: &mut BioBuilder<'_>, e: &Extent, pos: u64, dev_pos: u64) {
     let fs = w.fs_block;
+    let mask = fs - 1;
     let fresh = e.new || matches!(e.mapping, Mapping::Unwritten(_));
-    if w.op == Op::Write && fresh && pos % fs != 0 {
-        let tail = fs - pos % fs;
+    if w.op == Op::Write && fresh && (pos & mask) != 0 {
+        let tail = fs - (pos & mask);
         builder.add(buf::zeroes(tail as usize), dev_pos, pos, false);
     }
 }
