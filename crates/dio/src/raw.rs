@@ -126,12 +126,11 @@ impl RawFile {
         let geometry = device_geometry(&probed, opts.write);
         let mut notes = Vec::new();
 
-        let uring_cfg = {
-            let mut c = UringConfig::default();
-            c.queue_depth = opts.queue_depth.max(1);
-            c.iopoll = opts.iopoll;
-            c.sqpoll = opts.sqpoll;
-            c
+        let uring_cfg = UringConfig {
+            queue_depth: opts.queue_depth.max(1),
+            iopoll: opts.iopoll,
+            sqpoll: opts.sqpoll,
+            ..UringConfig::default()
         };
         let try_uring = |file: &File| -> Result<UringDevice> {
             let dup = file

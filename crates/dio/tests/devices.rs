@@ -517,8 +517,8 @@ fn sqpoll_and_registered_buffers_round_trip() {
         o.registered_buffers = true;
         let raw = RawFile::open(&path, &o).unwrap();
         let mut buf = AlignedBuf::new(128 * KIB, 4096);
-        // SAFETY: `buf` outlives `raw` (dropped at the end of this closure, after
-        // `raw`, which is declared first... so drop `raw` explicitly before it).
+        // SAFETY: `buf` stays allocated at its address until `raw` is dropped
+        // explicitly below, before `buf`.
         unsafe {
             let m = dio::MemRef::from_raw(buf.as_mut_ptr(), buf.len());
             raw.register_buffers(&[m]).unwrap();
@@ -722,6 +722,54 @@ fn loop_devices_with_512_and_4096_byte_sectors() {
                     assert_eq!(&disk[4 << 20..(4 << 20) + 512], &small[..]);
                 }
             }
+        }
+    });
+}
+
+#[test]
+fn threads_sharing_a_polled_ring_all_get_their_completions() {
+    bounded(60, || {
+        let dir = tmpdir();
+        let data = Arc::new(pattern(1 << 20, 61));
+        let path = file_with(dir.path(), "f", &data);
+        let mut o = opts(Backend::Uring, false);
+        o.queue_depth = 8;
+        let raw = Arc::new(RawFile::open(&path, &o).unwrap());
+        assert_eq!(
+            raw.direct().device().completion_mode(),
+            CompletionMode::Polled
+        );
+        let threads: Vec<_> = (0..4u64)
+            .map(|t| {
+                let (raw, data) = (Arc::clone(&raw), Arc::clone(&data));
+                thread::spawn(move || {
+                    let mut b = AlignedBuf::new(8192, 4096);
+                    for i in 0..200u64 {
+                        let off = ((i * 7 + t * 13) % 120) * 8192;
+                        let n = raw.direct().read_at(off, &mut b, Flags::NONE).unwrap();
+                        assert_eq!(n, 8192);
+                        let o = off as usize;
+                        assert_eq!(&b[..], &data[o..o + 8192]);
+                    }
+                    // Async ones too, waited on by this thread while others poll.
+                    let futs: Vec<_> = (0..16u64)
+                        .map(|i| {
+                            let buf = vec![AlignedBuf::new(4096, 4096)];
+                            raw.direct()
+                                .read_future((i + t * 16) * 4096, buf, Flags::NONE)
+                        })
+                        .collect();
+                    for (i, f) in futs.into_iter().enumerate() {
+                        let c = f.wait();
+                        let o = (i + t as usize * 16) * 4096;
+                        assert_eq!(c.result.unwrap(), 4096);
+                        assert_eq!(&c.bufs[0][..], &data[o..o + 4096]);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
         }
     });
 }

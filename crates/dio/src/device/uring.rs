@@ -28,9 +28,10 @@ use crate::{Error, Result};
 
 /// `user_data` of the no-op that wakes the reaper thread at shutdown.
 const WAKE: u64 = u64::MAX;
-/// How long a polling waiter sleeps in the kernel before it returns empty-handed
-/// (another thread may have reaped the completion it waited for).
-const POLL_WAIT: Duration = Duration::from_millis(1);
+/// How long a polling waiter sleeps in the kernel before it returns empty-handed.
+/// Another thread may reap the completion it waits for; that thread then posts a
+/// no-op to wake the sleepers, so this is only a safety net.
+const POLL_WAIT: Duration = Duration::from_millis(10);
 /// How long the reaper thread waits before it checks for shutdown.
 const REAPER_WAIT: Duration = Duration::from_millis(100);
 /// How often a request is resubmitted after `EAGAIN`/`EINTR` before it fails.
@@ -102,6 +103,8 @@ struct Inner {
     /// Entries pushed but maybe not yet submitted (a hint that saves a lock).
     pending: AtomicUsize,
     in_flight: AtomicUsize,
+    /// Pollers asleep in the kernel, waiting for a completion.
+    sleepers: AtomicUsize,
     iopoll: bool,
     ext_arg: bool,
     stop: AtomicBool,
@@ -204,6 +207,7 @@ impl UringDevice {
             }),
             pending: AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),
+            sleepers: AtomicUsize::new(0),
             iopoll,
             stop: AtomicBool::new(false),
             ring,
@@ -216,7 +220,7 @@ impl UringDevice {
                 .name("dio-uring-reap".into())
                 .spawn(move || {
                     while !i.stop.load(Ordering::Acquire) {
-                        i.wait_unlocked(REAPER_WAIT);
+                        i.wait_unlocked(REAPER_WAIT, false);
                         i.reap_and_complete();
                     }
                 })
@@ -556,8 +560,9 @@ impl Inner {
     }
 
     /// Wait in the kernel for at least one completion, at most `timeout`, without the
-    /// lock (another thread may reap it first; the caller re-checks).
-    fn wait_unlocked(&self, timeout: Duration) {
+    /// lock (another thread may reap it first; the caller re-checks). A `poller`
+    /// counts as a sleeper whom a thread that reaps completions wakes.
+    fn wait_unlocked(&self, timeout: Duration, poller: bool) {
         if self.iopoll {
             // IOPOLL ignores wait timeouts: poll without blocking, briefly.
             let _ = self.ring.submitter().submit_and_wait(0);
@@ -571,7 +576,13 @@ impl Inner {
                 .sec(timeout.as_secs())
                 .nsec(timeout.subsec_nanos());
             let args = types::SubmitArgs::new().timespec(&ts);
+            if poller {
+                self.sleepers.fetch_add(1, Ordering::SeqCst);
+            }
             let _ = self.ring.submitter().submit_with_args(1, &args);
+            if poller {
+                self.sleepers.fetch_sub(1, Ordering::SeqCst);
+            }
         } else {
             // No timed wait on this kernel: do not risk sleeping forever on a
             // completion another thread takes.
@@ -598,6 +609,15 @@ impl Inner {
                 let _ = self.ring.submitter().submit_and_wait(0);
             }
             self.reap_locked(&mut st, &mut batch);
+            if !batch.is_empty() && self.sleepers.load(Ordering::SeqCst) > 0 {
+                // Some of these may be what a sleeping poller waits for: wake it
+                // with a no-op completion so it re-checks.
+                let nop = opcode::Nop::new().build().user_data(WAKE);
+                // SAFETY: we hold the state mutex; a no-op references no memory.
+                if unsafe { self.ring.submission_shared().push(&nop) }.is_ok() {
+                    let _ = self.submit_locked();
+                }
+            }
         }
         complete_all(batch)
     }
@@ -711,7 +731,7 @@ impl Device for UringDevice {
             thread::yield_now();
             return Ok(0);
         }
-        inner.wait_unlocked(POLL_WAIT);
+        inner.wait_unlocked(POLL_WAIT, true);
         Ok(inner.reap_and_complete())
     }
 
