@@ -1,0 +1,467 @@
+//! `dio bench`: one workload on a target (human or JSON output), or without a target
+//! the built-in suite, direct against buffered, on a scratch file in the current
+//! directory that is removed afterwards (also on error and Ctrl-C).
+
+mod cpu;
+mod hist;
+mod run;
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use clap::Args;
+use dio::raw::{OpenOptions, RawFile};
+use dio::{AlignedBuf, DioFuture, Flags};
+use serde_json::{json, Value};
+
+use crate::copy::open;
+use crate::fail::{say, Failure};
+use crate::segments::{Chunks, DataSegments};
+use crate::size::{human, parse_size};
+use crate::Engine;
+use run::{Report, Rw, Workload};
+
+/// Where the suite (and a target-less `--rw` run) measures.
+const SCRATCH: &str = "dio-bench.tmp";
+/// Size of a created target when --size does not say.
+const DEFAULT_SIZE: u64 = 256 << 20;
+/// The suite: pattern, block size, queue depth.
+const SUITE: [(Rw, u64, u32); 4] = [
+    (Rw::Randread, 4096, 32),
+    (Rw::Randwrite, 4096, 32),
+    (Rw::Read, 1 << 20, 8),
+    (Rw::Write, 1 << 20, 8),
+];
+
+/// `dio bench` arguments.
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// File or block device to measure; created and laid out if missing or smaller
+    /// than --size. Without it (and without --rw): the direct-vs-buffered suite.
+    pub target: Option<PathBuf>,
+    /// Access pattern [default: randread].
+    #[arg(long, value_enum)]
+    pub rw: Option<Rw>,
+    /// Bytes per I/O, K/M/G suffixes [default: 4k for rand*, 1M for read/write].
+    #[arg(long, value_parser = parse_size)]
+    pub bs: Option<u64>,
+    /// I/Os kept in flight [default: 32 for rand*, 8 for read/write].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub qd: Option<u32>,
+    /// Bytes of the target to use [default: the file's size, else 256M].
+    #[arg(long, value_parser = parse_size)]
+    pub size: Option<u64>,
+    /// Seconds per run [default: 5; 2 per run in the suite].
+    #[arg(long)]
+    pub runtime: Option<f64>,
+    /// I/O back end of the direct runs.
+    #[arg(long, value_enum, default_value_t = Engine::Auto)]
+    pub engine: Engine,
+    /// Print one JSON object (iops, bw_bytes, lat_ns {p50, p99, p999}, cpu_usr,
+    /// cpu_sys) instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Measure the page cache instead (pread/pwrite, one thread per queue slot).
+    #[arg(long)]
+    pub buffered: bool,
+    /// Allow write workloads on a block device (destroys its data).
+    #[arg(long)]
+    pub force: bool,
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Whether Ctrl-C (or SIGTERM) arrived: runs stop early, scratch files go away.
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::Relaxed)
+}
+
+fn catch_signals() {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    use signal_hook::flag;
+    for sig in [SIGINT, SIGTERM] {
+        // A second signal exits at once; the first asks for a clean stop.
+        let _ = flag::register_conditional_shutdown(sig, 130, &INTERRUPTED);
+        let _ = flag::register(sig, &INTERRUPTED);
+    }
+}
+
+fn stop_if_interrupted() -> Result<(), Failure> {
+    if interrupted() {
+        Err(Failure::Interrupted)
+    } else {
+        Ok(())
+    }
+}
+
+/// A file of ours that goes away when dropped.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn here() -> Scratch {
+        Scratch(Path::new(".").join(SCRATCH))
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// `dio bench`.
+pub fn run(args: &BenchArgs) -> Result<(), Failure> {
+    if let Some(r) = args.runtime {
+        if !(r.is_finite() && r > 0.0 && r <= 86_400.0) {
+            return Err(Failure::msg(
+                "--runtime must be a number of seconds above 0",
+            ));
+        }
+    }
+    if args.bs == Some(0) || args.size == Some(0) {
+        return Err(Failure::msg("--bs and --size must be above 0"));
+    }
+    catch_signals();
+    match (&args.target, args.rw) {
+        (None, None) => suite(args),
+        (Some(target), _) => single(target, args),
+        (None, Some(_)) => {
+            let scratch = Scratch::here();
+            single(&scratch.0, args)
+        }
+    }
+}
+
+/// The target, open and laid out.
+struct Target {
+    raw: RawFile,
+    size: u64,
+}
+
+fn ring_depth(qd: u32) -> u32 {
+    qd.saturating_mul(8).clamp(128, 4096).next_power_of_two()
+}
+
+/// Open `path` for a workload, creating and laying it out if it is a file smaller
+/// than `size` (fio's "laying out IO file").
+fn prepare(
+    path: &Path,
+    size: Option<u64>,
+    args: &BenchArgs,
+    write: bool,
+    qd: u32,
+) -> Result<Target, Failure> {
+    let meta = std::fs::metadata(path).ok();
+    if meta.as_ref().is_some_and(|m| m.is_dir()) {
+        return Err(Failure::at(path, "is a directory"));
+    }
+    let is_device = meta
+        .as_ref()
+        .is_some_and(|m| m.file_type().is_block_device());
+    if is_device && write && !args.force {
+        return Err(Failure::at(
+            path,
+            "is a block device and this workload writes to it, destroying its data; add --force to do it anyway",
+        ));
+    }
+    let existing = meta.as_ref().map_or(0, |m| m.len());
+    let file_size = size.unwrap_or(if existing > 0 { existing } else { DEFAULT_SIZE });
+    let lay_out_needed = !is_device && existing < file_size;
+    let raw = open(
+        path,
+        &OpenOptions {
+            write: write || lay_out_needed,
+            create: lay_out_needed,
+            backend: args.engine.backend(),
+            queue_depth: ring_depth(qd),
+            ..OpenOptions::default()
+        },
+    )?;
+    let size = if is_device {
+        let dev = raw.size();
+        let size = size.unwrap_or(dev);
+        if size > dev {
+            return Err(Failure::at(
+                path,
+                format!("--size {size} is larger than the device ({dev} bytes)"),
+            ));
+        }
+        size
+    } else {
+        file_size
+    };
+    if lay_out_needed {
+        lay_out(&raw, path, size)?;
+    }
+    Ok(Target { raw, size })
+}
+
+/// Fill `[0, size)` with data through dio, 1 MiB at a time, 8 in flight.
+fn lay_out(raw: &RawFile, path: &Path, size: u64) -> Result<(), Failure> {
+    const CHUNK: u64 = 1 << 20;
+    const DEPTH: usize = 8;
+    say(format_args!(
+        "laying out {} ({})",
+        path.display(),
+        human(size)
+    ));
+    let file = raw.direct();
+    let geo = file.geometry();
+    let block = u64::from(geo.logical_block);
+    let fail = |e: dio::Error| Failure::at(path, e);
+    raw.set_len(size.div_ceil(block) * block).map_err(fail)?;
+    let mut inflight: VecDeque<(usize, DioFuture<AlignedBuf>)> = VecDeque::new();
+    let mut free: Vec<AlignedBuf> = Vec::new();
+    let mut chunks = Chunks::new(DataSegments::whole(size), block, CHUNK, size);
+    let mut result = Ok(());
+    loop {
+        while result.is_ok() && inflight.len() < DEPTH && !interrupted() {
+            let Some(c) = chunks.next() else { break };
+            let c = c.map_err(|e| Failure::at(path, e))?;
+            let buf = match free.pop() {
+                Some(b) if b.len() == c.len => b,
+                _ => {
+                    let mut b = AlignedBuf::new(c.len, geo.mem_align as usize);
+                    run::pattern(&mut b, c.off + 1);
+                    b
+                }
+            };
+            inflight.push_back((c.len, file.write_future(c.off, vec![buf], Flags::NONE)));
+        }
+        let Some((len, fut)) = inflight.pop_front() else {
+            break;
+        };
+        let mut done = fut.wait();
+        match done.result {
+            Ok(n) if n == len => free.extend(done.bufs.pop()),
+            Ok(n) => {
+                if result.is_ok() {
+                    result = Err(Failure::at(
+                        path,
+                        format!("short write laying out: {n} of {len}"),
+                    ));
+                }
+            }
+            Err(e) => {
+                if result.is_ok() {
+                    result = Err(fail(e));
+                }
+            }
+        }
+    }
+    result?;
+    stop_if_interrupted()?;
+    raw.set_len(size).map_err(fail)
+}
+
+fn span(size: u64, bs: u64) -> Result<u64, Failure> {
+    let span = size / bs * bs;
+    if span == 0 {
+        return Err(Failure::msg(format!(
+            "--size ({size} bytes) is smaller than --bs ({bs} bytes)"
+        )));
+    }
+    Ok(span)
+}
+
+fn runtime(args: &BenchArgs, default: f64) -> Duration {
+    Duration::from_secs_f64(args.runtime.unwrap_or(default))
+}
+
+fn print(text: &str) -> Result<(), Failure> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                Failure::BrokenPipe
+            } else {
+                Failure::msg(format!("stdout: {e}"))
+            }
+        })
+}
+
+fn open_buffered(path: &Path, write: bool) -> Result<File, Failure> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(write)
+        .open(path)
+        .map_err(|e| Failure::at(path, e))
+}
+
+/// One workload on `path`.
+fn single(path: &Path, args: &BenchArgs) -> Result<(), Failure> {
+    let rw = args.rw.unwrap_or(Rw::Randread);
+    let (bs, qd) = if rw.is_random() {
+        (4096, 32)
+    } else {
+        (1 << 20, 8)
+    };
+    let bs = args.bs.unwrap_or(bs);
+    let qd = args.qd.unwrap_or(qd);
+    let target = prepare(path, args.size, args, rw.is_write(), qd)?;
+    let w = Workload {
+        rw,
+        bs,
+        qd,
+        span: span(target.size, bs)?,
+        runtime: runtime(args, 5.0),
+    };
+    let (mode, engine, report) = if args.buffered {
+        let file = open_buffered(path, rw.is_write())?;
+        ("buffered", "pread/pwrite", run::buffered(&file, &w)?)
+    } else {
+        let backend = target.raw.backend_name();
+        ("direct", backend, run::direct(&target.raw, &w)?)
+    };
+    stop_if_interrupted()?;
+    if args.json {
+        let mut v = report_json(&w, &report);
+        v["target"] = json!(path.display().to_string());
+        v["mode"] = json!(mode);
+        v["engine"] = json!(engine);
+        return print(&format!("{v}\n"));
+    }
+    let r = &report;
+    let us = |ns: u64| ns as f64 / 1000.0;
+    print(&format!(
+        "{} on {} ({}, {mode}, {engine}), {:.1} s\n  \
+         IOPS       {:.0}\n  \
+         bandwidth  {}/s\n  \
+         latency    p50 {:.1} us, p99 {:.1} us, p99.9 {:.1} us (mean {:.1} us, max {:.1} us)\n  \
+         cpu        usr {:.1}%, sys {:.1}% of one core, {:.2} us per I/O\n",
+        w.label(),
+        path.display(),
+        human(w.span),
+        r.elapsed.as_secs_f64(),
+        r.iops(),
+        human(r.bw_bytes() as u64),
+        us(r.lat.quantile(0.5)),
+        us(r.lat.quantile(0.99)),
+        us(r.lat.quantile(0.999)),
+        us(r.lat.mean()),
+        us(r.lat.max()),
+        r.cpu_usr,
+        r.cpu_sys,
+        cpu_per_io_us(r),
+    ))
+}
+
+/// CPU microseconds spent per I/O.
+fn cpu_per_io_us(r: &Report) -> f64 {
+    (r.cpu_usr + r.cpu_sys) / 100.0 * r.elapsed.as_secs_f64() * 1e6 / (r.ios.max(1) as f64)
+}
+
+fn report_json(w: &Workload, r: &Report) -> Value {
+    json!({
+        "workload": w.label(),
+        "rw": w.rw.name(),
+        "bs": w.bs,
+        "qd": w.qd,
+        "size": w.span,
+        "runtime_s": r.elapsed.as_secs_f64(),
+        "ios": r.ios,
+        "iops": r.iops(),
+        "bw_bytes": r.bw_bytes(),
+        "lat_ns": {
+            "p50": r.lat.quantile(0.5),
+            "p99": r.lat.quantile(0.99),
+            "p999": r.lat.quantile(0.999),
+            "mean": r.lat.mean(),
+            "max": r.lat.max(),
+        },
+        "cpu_usr": r.cpu_usr,
+        "cpu_sys": r.cpu_sys,
+    })
+}
+
+fn row(label: &str, mode: &str, r: &Report) -> String {
+    let us = |q: f64| r.lat.quantile(q) as f64 / 1000.0;
+    format!(
+        "{label:<18} {mode:<9} {:>9.0} {:>9.1} {:>8.1} {:>8.1} {:>9.1} {:>6.0} {:>10.2}\n",
+        r.iops(),
+        r.bw_bytes() / f64::from(1 << 20),
+        us(0.5),
+        us(0.99),
+        us(0.999),
+        r.cpu_usr + r.cpu_sys,
+        cpu_per_io_us(r),
+    )
+}
+
+/// The built-in suite: each workload through dio, then through the page cache.
+fn suite(args: &BenchArgs) -> Result<(), Failure> {
+    if args.bs.is_some() || args.qd.is_some() || args.buffered {
+        return Err(Failure::msg(
+            "--bs, --qd and --buffered shape one workload: add --rw or a TARGET",
+        ));
+    }
+    let scratch = Scratch::here();
+    let size = args.size.unwrap_or(DEFAULT_SIZE);
+    // The suite's own file: always laid out afresh.
+    let _ = std::fs::remove_file(&scratch.0);
+    let target = prepare(&scratch.0, Some(size), args, true, 32)?;
+    let buffered_file = open_buffered(&scratch.0, true)?;
+    let runtime = runtime(args, 2.0);
+    let engine = target.raw.backend_name();
+    if !args.json {
+        print(&format!(
+            "dio bench: direct (dio, {engine}) vs buffered (page cache, pread/pwrite) on {}, {}, {:.1} s per run\n\n\
+             {:<18} {:<9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>6} {:>10}\n",
+            scratch.0.display(),
+            human(size),
+            runtime.as_secs_f64(),
+            "workload", "mode", "IOPS", "MiB/s", "p50 us", "p99 us", "p99.9 us", "cpu %", "cpu us/IO",
+        ))?;
+    }
+    let mut results = Vec::new();
+    let mut summary = String::new();
+    for (rw, bs, qd) in SUITE {
+        let w = Workload {
+            rw,
+            bs,
+            qd,
+            span: span(target.size, bs)?,
+            runtime,
+        };
+        let d = run::direct(&target.raw, &w)?;
+        stop_if_interrupted()?;
+        if !args.json {
+            print(&row(&w.label(), "direct", &d))?;
+        }
+        let b = run::buffered(&buffered_file, &w)?;
+        stop_if_interrupted()?;
+        if !args.json {
+            print(&row(&w.label(), "buffered", &b))?;
+        }
+        summary.push_str(&format!(
+            "  {:<18} direct/buffered: {:.2}x IOPS, {:.2}x CPU per I/O\n",
+            w.label(),
+            d.iops() / b.iops().max(1e-9),
+            cpu_per_io_us(&d) / cpu_per_io_us(&b).max(1e-9),
+        ));
+        results.push(json!({
+            "workload": w.label(),
+            "direct": report_json(&w, &d),
+            "buffered": report_json(&w, &b),
+        }));
+    }
+    if args.json {
+        let v = json!({
+            "target": scratch.0.display().to_string(),
+            "size": size,
+            "engine": engine,
+            "results": results,
+        });
+        print(&format!("{v}\n"))
+    } else {
+        print(&format!(
+            "\n{summary}\nBuffered reads start with the file's cache dropped; buffered writes are timed up to their fdatasync.\n"
+        ))
+    }
+}

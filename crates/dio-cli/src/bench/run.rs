@@ -1,0 +1,341 @@
+//! One workload, timed: through dio (requests kept in flight at queue depth, refilled
+//! as each completes) or through the page cache (pread/pwrite, one thread per queue
+//! slot). Latency is submit to completion of each I/O.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, TryRecvError};
+use std::time::{Duration, Instant};
+
+use dio::raw::RawFile;
+use dio::{AlignedBuf, Completed, CompletionMode, Flags};
+use rustix::fs::{fadvise, Advice};
+
+use super::cpu::CpuTime;
+use super::hist::Histogram;
+use super::interrupted;
+use crate::fail::Failure;
+
+/// The access pattern.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rw {
+    /// Sequential reads.
+    Read,
+    /// Sequential writes.
+    Write,
+    /// Reads at random offsets (aligned to the block size).
+    Randread,
+    /// Writes at random offsets (aligned to the block size).
+    Randwrite,
+}
+
+impl Rw {
+    pub fn name(self) -> &'static str {
+        match self {
+            Rw::Read => "read",
+            Rw::Write => "write",
+            Rw::Randread => "randread",
+            Rw::Randwrite => "randwrite",
+        }
+    }
+    pub fn is_write(self) -> bool {
+        matches!(self, Rw::Write | Rw::Randwrite)
+    }
+    pub fn is_random(self) -> bool {
+        matches!(self, Rw::Randread | Rw::Randwrite)
+    }
+}
+
+/// What to run: pattern, block size, queue depth, how many bytes of the target
+/// (`span`, a multiple of `bs`), for how long.
+#[derive(Debug, Clone, Copy)]
+pub struct Workload {
+    pub rw: Rw,
+    pub bs: u64,
+    pub qd: u32,
+    pub span: u64,
+    pub runtime: Duration,
+}
+
+impl Workload {
+    pub fn label(&self) -> String {
+        format!(
+            "{} {} qd{}",
+            self.rw.name(),
+            crate::size::short(self.bs),
+            self.qd
+        )
+    }
+}
+
+/// What a run measured.
+#[derive(Clone)]
+pub struct Report {
+    pub ios: u64,
+    pub bytes: u64,
+    pub elapsed: Duration,
+    pub lat: Histogram,
+    pub cpu_usr: f64,
+    pub cpu_sys: f64,
+}
+
+impl Report {
+    pub fn iops(&self) -> f64 {
+        self.ios as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+    pub fn bw_bytes(&self) -> f64 {
+        self.bytes as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// Offsets of a workload: sequential with wrap-around, or uniformly random blocks
+/// from xorshift64* (cheap, and good enough to defeat read-ahead).
+pub struct Offsets {
+    random: bool,
+    bs: u64,
+    blocks: u64,
+    next: u64,
+    state: u64,
+}
+
+impl Offsets {
+    pub fn new(w: &Workload, seed: u64) -> Offsets {
+        Offsets {
+            random: w.rw.is_random(),
+            bs: w.bs,
+            blocks: (w.span / w.bs).max(1),
+            next: 0,
+            state: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
+        }
+    }
+
+    fn random(&mut self) -> u64 {
+        let mut x = self.state;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.state = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    pub fn next_offset(&mut self) -> u64 {
+        let block = if self.random {
+            self.random() % self.blocks
+        } else {
+            let b = self.next;
+            self.next = (self.next + 1) % self.blocks;
+            b
+        };
+        block * self.bs
+    }
+}
+
+/// Bytes to write: not zeros (a device may special-case those) and not the same
+/// every time from one run to another.
+pub fn pattern(buf: &mut [u8], seed: u64) {
+    let mut o = Offsets {
+        random: true,
+        bs: 1,
+        blocks: 1,
+        next: 0,
+        state: seed | 1,
+    };
+    for chunk in buf.chunks_mut(8) {
+        let r = o.random().to_le_bytes();
+        chunk.copy_from_slice(&r[..chunk.len()]);
+    }
+}
+
+struct Done {
+    off: u64,
+    buf: AlignedBuf,
+    result: dio::Result<usize>,
+    latency: Duration,
+}
+
+/// Run `w` through dio on `raw`.
+pub fn direct(raw: &RawFile, w: &Workload) -> Result<Report, Failure> {
+    let file = raw.direct();
+    let geo = file.geometry();
+    if w.bs % u64::from(geo.logical_block) != 0 {
+        return Err(Failure::msg(format!(
+            "--bs {} is not a multiple of the device's logical block ({} bytes)",
+            w.bs, geo.logical_block
+        )));
+    }
+    let polled = file.device().completion_mode() == CompletionMode::Polled;
+    let (tx, rx) = mpsc::channel::<Done>();
+    let mut offsets = Offsets::new(w, 0x5eed);
+    // Two writes to one block must not be in flight at once: the engine would make
+    // the second wait (a range lock) in this very thread, which also has to reap
+    // the first one's completion when the device is polled. Draw again instead, as
+    // often as needed: with no more I/Os in flight than blocks, one is free.
+    let qd = u64::from(w.qd).min((w.span / w.bs).max(1));
+    let mut busy: HashSet<u64> = HashSet::new();
+    let mut next_offset = |busy: &mut HashSet<u64>| loop {
+        let off = offsets.next_offset();
+        if !w.rw.is_write() || busy.insert(off) {
+            return off;
+        }
+    };
+    let issue = |buf: AlignedBuf, off: u64| {
+        let tx = tx.clone();
+        let start = Instant::now();
+        let done = move |mut c: Completed<AlignedBuf>| {
+            let latency = start.elapsed();
+            let buf = c.bufs.pop().expect("one buffer per request");
+            let _ = tx.send(Done {
+                off,
+                buf,
+                result: c.result,
+                latency,
+            });
+        };
+        if w.rw.is_write() {
+            file.write_async(off, vec![buf], Flags::NONE, done);
+        } else {
+            file.read_async(off, vec![buf], Flags::NONE, done);
+        }
+    };
+
+    let mut lat = Histogram::default();
+    let mut failure: Option<Failure> = None;
+    let mut in_flight = 0u32;
+    let mut ios = 0u64;
+    let cpu0 = CpuTime::now();
+    let t0 = Instant::now();
+    let deadline = t0 + w.runtime;
+    for i in 0..qd {
+        let mut buf = AlignedBuf::new(w.bs as usize, geo.mem_align as usize);
+        if w.rw.is_write() {
+            pattern(&mut buf, i + 1);
+        }
+        issue(buf, next_offset(&mut busy));
+        in_flight += 1;
+    }
+    while in_flight > 0 {
+        let done = match rx.try_recv() {
+            Ok(d) => d,
+            Err(TryRecvError::Empty) if polled => {
+                if let Err(e) = file.poll(true) {
+                    // Nothing more will complete; report what broke.
+                    return Err(Failure::msg(format!("polling completions: {e}")));
+                }
+                continue;
+            }
+            Err(_) => match rx.recv() {
+                Ok(d) => d,
+                Err(_) => break,
+            },
+        };
+        in_flight -= 1;
+        busy.remove(&done.off);
+        match done.result {
+            Ok(n) if n as u64 == w.bs => {}
+            Ok(n) => {
+                failure.get_or_insert(Failure::msg(format!(
+                    "short I/O: {n} of {} bytes (is the target smaller than --size?)",
+                    w.bs
+                )));
+            }
+            Err(e) => {
+                failure.get_or_insert(Failure::msg(e.to_string()));
+            }
+        }
+        lat.record(done.latency);
+        ios += 1;
+        if failure.is_none() && !interrupted() && Instant::now() < deadline {
+            issue(done.buf, next_offset(&mut busy));
+            in_flight += 1;
+        }
+    }
+    let elapsed = t0.elapsed();
+    let cpu1 = CpuTime::now();
+    if let Some(f) = failure {
+        return Err(f);
+    }
+    let (cpu_usr, cpu_sys) = cpu0.percent_until(&cpu1, elapsed);
+    Ok(Report {
+        ios,
+        bytes: ios * w.bs,
+        elapsed,
+        lat,
+        cpu_usr,
+        cpu_sys,
+    })
+}
+
+/// Flush the file's dirty pages and drop its page cache, so that a buffered read
+/// starts cold.
+pub fn drop_cache(file: &File) -> std::io::Result<()> {
+    file.sync_data()?;
+    fadvise(file, 0, None, Advice::DontNeed)?;
+    Ok(())
+}
+
+/// Run `w` through the page cache: `qd` threads doing pread/pwrite on `file`. Reads
+/// start with the file's cache dropped; writes are timed up to their fdatasync.
+pub fn buffered(file: &File, w: &Workload) -> Result<Report, Failure> {
+    if !w.rw.is_write() {
+        drop_cache(file).map_err(|e| Failure::msg(format!("dropping the page cache: {e}")))?;
+    }
+    let cursor = AtomicU64::new(0);
+    let blocks = (w.span / w.bs).max(1);
+    let cpu0 = CpuTime::now();
+    let t0 = Instant::now();
+    let deadline = t0 + w.runtime;
+    let worker = |id: u32| -> std::io::Result<(u64, Histogram)> {
+        let mut buf = vec![0u8; w.bs as usize];
+        pattern(&mut buf, u64::from(id) + 1);
+        let mut offsets = Offsets::new(w, u64::from(id) + 7);
+        let mut lat = Histogram::default();
+        let mut ios = 0;
+        while !interrupted() && Instant::now() < deadline {
+            let off = if w.rw.is_random() {
+                offsets.next_offset()
+            } else {
+                cursor.fetch_add(1, Ordering::Relaxed) % blocks * w.bs
+            };
+            let start = Instant::now();
+            if w.rw.is_write() {
+                file.write_all_at(&buf, off)?;
+            } else {
+                file.read_exact_at(&mut buf, off)?;
+            }
+            lat.record(start.elapsed());
+            ios += 1;
+        }
+        Ok((ios, lat))
+    };
+    let worker = &worker;
+    let results: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..w.qd).map(|id| s.spawn(move || worker(id))).collect();
+        handles.into_iter().map(|h| h.join()).collect()
+    });
+    let mut lat = Histogram::default();
+    let mut ios = 0;
+    for r in results {
+        let (n, h) = r
+            .map_err(|_| Failure::msg("a buffered worker thread panicked"))?
+            .map_err(|e| Failure::msg(format!("buffered {}: {e}", w.rw.name())))?;
+        ios += n;
+        lat.merge(&h);
+    }
+    if w.rw.is_write() {
+        file.sync_data()
+            .map_err(|e| Failure::msg(format!("fdatasync: {e}")))?;
+    }
+    let elapsed = t0.elapsed();
+    let cpu1 = CpuTime::now();
+    let (cpu_usr, cpu_sys) = cpu0.percent_until(&cpu1, elapsed);
+    Ok(Report {
+        ios,
+        bytes: ios * w.bs,
+        elapsed,
+        lat,
+        cpu_usr,
+        cpu_sys,
+    })
+}
