@@ -1,0 +1,126 @@
+#!/usr/bin/env bash
+# dio against fio on the same workloads: the same file, block size, queue depth and
+# runtime, fio with --direct=1 --ioengine=io_uring. Runs alternate dio, fio, dio, fio
+# (PAIRS pairs per workload) so that drift of the machine hits both alike; for each
+# workload it prints the median of the pairwise ratios dio/fio for IOPS, bandwidth
+# and CPU per I/O (above 1 means dio does more I/O, or spends more CPU per I/O).
+#
+# Usage: bench/vs-fio.sh [TARGET]
+#   TARGET   file or block device (default: target/vs-fio/bench.dat in this repo,
+#            created and laid out by the first dio run). Write workloads on a block
+#            device run only with ALLOW_WRITE=1 (they destroy its data).
+# Environment: RUNTIME (seconds per run, 3), PAIRS (3), SIZE (256M), ENGINE (uring),
+#   WORKLOADS ("randread:4k:32 randwrite:4k:32 read:1M:8 write:1M:8"),
+#   DIO (the dio binary; default: target/release/dio, built if missing).
+# Needs fio, and python3 or jq. Installs nothing.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+RUNTIME=${RUNTIME:-3}
+PAIRS=${PAIRS:-3}
+SIZE=${SIZE:-256M}
+ENGINE=${ENGINE:-uring}
+WORKLOADS=${WORKLOADS:-"randread:4k:32 randwrite:4k:32 read:1M:8 write:1M:8"}
+TARGET=${1:-$ROOT/target/vs-fio/bench.dat}
+
+die() { echo "vs-fio: $*" >&2; exit 1; }
+
+command -v fio >/dev/null || die "fio is missing: install it with 'apt-get install fio' (Debian/Ubuntu)"
+if command -v python3 >/dev/null; then
+  PARSER=python3
+elif command -v jq >/dev/null; then
+  PARSER=jq
+else
+  die "python3 or jq is needed to read the JSON results ('apt-get install jq')"
+fi
+
+if [ -z "${DIO:-}" ]; then
+  DIO=$ROOT/target/release/dio
+  if [ ! -x "$DIO" ]; then
+    echo "vs-fio: building dio (cargo build --release -p dio-cli)" >&2
+    (cd "$ROOT" && cargo build --release -q -p dio-cli)
+  fi
+fi
+[ -x "$DIO" ] || die "no dio binary at $DIO"
+
+DEVICE=0
+FORCE=()
+if [ -b "$TARGET" ]; then
+  DEVICE=1
+  if [ "${ALLOW_WRITE:-0}" = 1 ]; then FORCE=(--force); fi
+else
+  mkdir -p "$(dirname "$TARGET")"
+fi
+
+WORK=$(mktemp -d "$ROOT/target/vs-fio.XXXXXX" 2>/dev/null || mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+
+# Print "iops bw_bytes cpu_percent" of a dio bench --json result.
+dio_numbers() {
+  if [ "$PARSER" = python3 ]; then
+    python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(d["iops"], d["bw_bytes"], d["cpu_usr"]+d["cpu_sys"])' "$1"
+  else
+    jq -r '"\(.iops) \(.bw_bytes) \(.cpu_usr + .cpu_sys)"' "$1"
+  fi
+}
+
+# The same for fio's --output-format=json (one job; reads and writes added).
+fio_numbers() {
+  if [ "$PARSER" = python3 ]; then
+    python3 -c '
+import json, sys
+text = open(sys.argv[1]).read()
+j = json.loads(text[text.index("{"):])  # fio may print notes before the JSON
+job = j["jobs"][0]
+iops = job["read"]["iops"] + job["write"]["iops"]
+bw = job["read"]["bw_bytes"] + job["write"]["bw_bytes"]
+print(iops, bw, job["usr_cpu"] + job["sys_cpu"])' "$1"
+  else
+    sed -n '/^{/,$p' "$1" | jq -r '.jobs[0] | "\(.read.iops + .write.iops) \(.read.bw_bytes + .write.bw_bytes) \(.usr_cpu + .sys_cpu)"'
+  fi
+}
+
+median() { sort -g | awk '{v[NR]=$1} END {if (NR==0) print "nan"; else if (NR%2) print v[(NR+1)/2]; else print (v[NR/2]+v[NR/2+1])/2}'; }
+
+echo "vs-fio: $TARGET, $SIZE, $RUNTIME s per run, $PAIRS pairs per workload, dio engine $ENGINE, fio io_uring" >&2
+printf '%-18s %12s %12s %12s %14s %14s\n' workload "IOPS dio/fio" "BW dio/fio" "CPU/IO d/f" "dio IOPS" "fio IOPS" >"$WORK/table"
+
+for spec in $WORKLOADS; do
+  IFS=: read -r rw bs qd <<<"$spec"
+  case $rw in
+    write|randwrite)
+      if [ $DEVICE = 1 ] && [ ${#FORCE[@]} = 0 ]; then
+        echo "vs-fio: skipping $rw on block device $TARGET (set ALLOW_WRITE=1 to destroy its data)" >&2
+        continue
+      fi ;;
+  esac
+  label="$rw $bs qd$qd"
+  : >"$WORK/ratios"
+  for pair in $(seq 1 "$PAIRS"); do
+    "$DIO" bench "$TARGET" --rw "$rw" --bs "$bs" --qd "$qd" --size "$SIZE" \
+      --runtime "$RUNTIME" --engine "$ENGINE" --json "${FORCE[@]}" >"$WORK/dio.json" \
+      || die "dio bench failed ($label)"
+    fio --name=vs-fio --filename="$TARGET" --size="$SIZE" --rw="$rw" --bs="$bs" \
+      --iodepth="$qd" --runtime="$RUNTIME" --time_based --direct=1 --ioengine=io_uring \
+      --norandommap --randrepeat=0 --output-format=json >"$WORK/fio.json" 2>"$WORK/fio.err" \
+      || die "fio failed ($label): $(cat "$WORK/fio.err")"
+    read -r d_iops d_bw d_cpu < <(dio_numbers "$WORK/dio.json")
+    read -r f_iops f_bw f_cpu < <(fio_numbers "$WORK/fio.json")
+    printf 'vs-fio: %s pair %s: dio %.0f IOPS %.1f%% cpu, fio %.0f IOPS %.1f%% cpu\n' \
+      "$label" "$pair" "$d_iops" "$d_cpu" "$f_iops" "$f_cpu" >&2
+    awk -v di="$d_iops" -v db="$d_bw" -v dc="$d_cpu" -v fi="$f_iops" -v fb="$f_bw" -v fc="$f_cpu" 'BEGIN {
+      iops = (fi > 0) ? di / fi : "nan"; bw = (fb > 0) ? db / fb : "nan";
+      cpu = (di > 0 && fi > 0 && fc > 0) ? (dc / di) / (fc / fi) : "nan";
+      print iops, bw, cpu, di, fi }' >>"$WORK/ratios"
+  done
+  r_iops=$(cut -d' ' -f1 "$WORK/ratios" | median)
+  r_bw=$(cut -d' ' -f2 "$WORK/ratios" | median)
+  r_cpu=$(cut -d' ' -f3 "$WORK/ratios" | median)
+  m_dio=$(cut -d' ' -f4 "$WORK/ratios" | median)
+  m_fio=$(cut -d' ' -f5 "$WORK/ratios" | median)
+  printf '%-18s %12.2f %12.2f %12.2f %14.0f %14.0f\n' "$label" "$r_iops" "$r_bw" "$r_cpu" "$m_dio" "$m_fio" >>"$WORK/table"
+done
+
+echo
+echo "Median of $PAIRS pairwise ratios (dio/fio); CPU/IO above 1 means dio spends more CPU per I/O."
+cat "$WORK/table"
