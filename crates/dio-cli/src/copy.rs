@@ -49,16 +49,13 @@ impl PipeArgs {
     }
 }
 
-/// Open through dio, printing the back end's notes; errors name the path.
+/// Open through dio, printing the back end's notes. dio's open errors name the path
+/// already.
 pub fn open(path: &Path, opts: &OpenOptions) -> Result<RawFile, Failure> {
-    let raw = RawFile::open(path, opts).map_err(|e| {
-        let hint = if e.errno() == libc::EINVAL {
-            " (does this file system refuse O_DIRECT? tmpfs does)"
-        } else {
-            ""
-        };
-        Failure::at(path, format!("{e}{hint}"))
-    })?;
+    if path.is_dir() {
+        return Err(Failure::at(path, "is a directory"));
+    }
+    let raw = RawFile::open(path, opts).map_err(|e| Failure::msg(e.to_string()))?;
     print_notes(raw.notes());
     Ok(raw)
 }

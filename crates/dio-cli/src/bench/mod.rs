@@ -461,7 +461,8 @@ fn suite(args: &BenchArgs) -> Result<(), Failure> {
         print(&format!("{v}\n"))
     } else {
         print(&format!(
-            "\n{summary}\nBuffered reads start with the file's cache dropped; buffered writes are timed up to their fdatasync.\n"
+            "\n{summary}\nBuffered reads start with the file's cache dropped; buffered writes are timed up to their fdatasync.\n\
+             A file that fits in RAM is served from the page cache after its first pass: buffered then measures memory.\n"
         ))
     }
 }
