@@ -29,7 +29,7 @@ Exit status: 0 success, 1 error (a one-line `dio: ...` message on stderr), 2 usa
 
 /// dio: direct I/O from user space, through dio's engine (io_uring or pread/pwrite).
 #[derive(Parser, Debug)]
-#[command(name = "dio", version, about, after_help = AFTER_HELP)]
+#[command(name = "dio", version, after_help = AFTER_HELP)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -38,18 +38,12 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Write a file or block device to stdout, read with direct I/O.
-    ///
-    /// Example: dio cat /dev/loop0 | sha256sum
     #[command(after_help = "Example:\n  dio cat /dev/loop0 | sha256sum")]
     Cat(CatArgs),
     /// Copy a file or block device to another, with direct I/O; holes stay holes.
-    ///
-    /// Example: dio cp disk.img /dev/loop0
     #[command(after_help = "Examples:\n  dio cp disk.img copy.img\n  dio cp disk.img /dev/loop0")]
     Cp(CpArgs),
     /// Measure IOPS, bandwidth, latency and CPU; without TARGET: direct vs buffered.
-    ///
-    /// Example: dio bench data.bin --rw randread --bs 4k --qd 32 --json
     #[command(after_help = "\
 Examples:
   dio bench                                   the default suite on ./dio-bench.tmp (removed after)
