@@ -119,6 +119,14 @@ pub unsafe trait OwnedBuf: Send + 'static {
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// The buffer's bytes.
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        let len = self.len();
+        let ptr = self.as_mut_ptr();
+        // SAFETY: the trait's contract: `ptr` is valid for `len` bytes while self
+        // lives, and &mut self makes this the only access.
+        unsafe { std::slice::from_raw_parts_mut(ptr, len) }
+    }
 }
 
 // SAFETY: the allocation is on the heap and owned by the AlignedBuf.
@@ -300,6 +308,15 @@ impl<'a> IoScope<'a> {
         // layout; the exclusive borrow for 'a keeps the buffers alive and unaliased
         // for the scope, which drains all I/O before it ends.
         unsafe { std::slice::from_raw_parts(bufs.as_ptr().cast::<MemRef>(), bufs.len()) }
+    }
+
+    /// A memory reference for one buffer (a bounce buffer, say), kept alive by the
+    /// scope. Reads fill it; writes read from it.
+    pub fn lend_buf(&self, buf: &'a mut [u8]) -> MemRef {
+        MemRef {
+            ptr: buf.as_mut_ptr(),
+            len: buf.len(),
+        }
     }
 
     /// Memory references for a caller's write buffers, kept alive by the scope.

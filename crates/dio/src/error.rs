@@ -48,7 +48,9 @@ pub enum Error {
         max: u64,
     },
     /// The block map pointed outside the device: a file system bug or a corrupt image.
-    #[error("block map returned device block {block}+{len}, past the device's {device_blocks} blocks")]
+    #[error(
+        "block map returned device block {block}+{len}, past the device's {device_blocks} blocks"
+    )]
     BeyondDevice {
         /// First block returned.
         block: u64,

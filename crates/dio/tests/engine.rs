@@ -321,14 +321,10 @@ impl BlockMap for TableMap {
     fn block_size(&self) -> u32 {
         4096
     }
-    fn map(&self, block: u64, max: u64, _create: bool) -> dio::Result<Extent> {
-        match self.0.get(block as usize).copied().flatten() {
-            Some(d) => Ok(Extent::mapped(d, 1)),
-            None => Ok(Extent::hole(1)),
-        }
-        .map(|e| {
-            let _ = max;
-            e
+    fn map(&self, block: u64, _max: u64, _create: bool) -> dio::Result<Extent> {
+        Ok(match self.0.get(block as usize).copied().flatten() {
+            Some(d) => Extent::mapped(d, 1),
+            None => Extent::hole(1),
         })
     }
 }

@@ -14,8 +14,18 @@ const SPAN: u64 = 256 * 1024;
 
 #[derive(Debug, Clone)]
 enum Step {
-    Write { off: u64, len: u64, seed: u8, async_: bool, flags: u8 },
-    Read { off: u64, len: u64, async_: bool },
+    Write {
+        off: u64,
+        len: u64,
+        seed: u8,
+        async_: bool,
+        flags: u8,
+    },
+    Read {
+        off: u64,
+        len: u64,
+        async_: bool,
+    },
     Reads(Vec<(u64, u64)>),
     Truncate(u64),
 }
@@ -38,11 +48,29 @@ fn step() -> impl Strategy<Value = Step> {
     ]
 }
 
-fn check_read(model: &[u8], off: u64, len: u64, got: dio::Result<usize>, buf: &[u8]) -> Result<(), TestCaseError> {
+fn check_read(
+    model: &[u8],
+    off: u64,
+    len: u64,
+    got: dio::Result<usize>,
+    buf: &[u8],
+) -> Result<(), TestCaseError> {
     let size = model.len() as u64;
-    let want = if off >= size { 0 } else { len.min(size - off) as usize };
+    let want = if off >= size {
+        0
+    } else {
+        len.min(size - off) as usize
+    };
     let n = got.map_err(|e| TestCaseError::fail(format!("read {off}+{len}: {e}")))?;
-    prop_assert_eq!(n, want, "read {}+{} returned {}, size {}", off, len, n, size);
+    prop_assert_eq!(
+        n,
+        want,
+        "read {}+{} returned {}, size {}",
+        off,
+        len,
+        n,
+        size
+    );
     let o = off as usize;
     if let Some(i) = (0..n).find(|&i| buf[i] != model[o + i]) {
         let stale = if buf[i] == STALE { " (stale 0xAA)" } else { "" };
@@ -66,7 +94,13 @@ fn run(steps: Vec<Step>, threaded: bool, seed: u64) -> Result<(), TestCaseError>
     let mut model: Vec<u8> = Vec::new();
     for s in steps {
         match s {
-            Step::Write { off, len, seed, async_, flags } => {
+            Step::Write {
+                off,
+                len,
+                seed,
+                async_,
+                flags,
+            } => {
                 let data = pattern(len as usize, seed);
                 let mut f = Flags::NONE;
                 if flags & 1 != 0 {
@@ -91,7 +125,9 @@ fn run(steps: Vec<Step>, threaded: bool, seed: u64) -> Result<(), TestCaseError>
             }
             Step::Read { off, len, async_ } => {
                 if async_ {
-                    let c = file.read_future(off, vec![AlignedBuf::new(len as usize, 512)], Flags::NONE).wait();
+                    let c = file
+                        .read_future(off, vec![AlignedBuf::new(len as usize, 512)], Flags::NONE)
+                        .wait();
                     check_read(&model, off, len, c.result, &c.bufs[0])?;
                 } else {
                     let mut b = AlignedBuf::new(len as usize, 512);
@@ -102,7 +138,9 @@ fn run(steps: Vec<Step>, threaded: bool, seed: u64) -> Result<(), TestCaseError>
             Step::Reads(list) => {
                 let futs: Vec<_> = list
                     .iter()
-                    .map(|&(off, len)| file.read_future(off, vec![AlignedBuf::new(len as usize, 512)], Flags::NONE))
+                    .map(|&(off, len)| {
+                        file.read_future(off, vec![AlignedBuf::new(len as usize, 512)], Flags::NONE)
+                    })
                     .collect();
                 for (f, &(off, len)) in futs.into_iter().zip(&list) {
                     let c = f.wait();
@@ -110,7 +148,8 @@ fn run(steps: Vec<Step>, threaded: bool, seed: u64) -> Result<(), TestCaseError>
                 }
             }
             Step::Truncate(size) => {
-                file.truncate(size).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                file.truncate(size)
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
                 model.resize(size as usize, 0);
             }
         }

@@ -148,13 +148,13 @@ struct Shared {
     flushes: AtomicU64,
 }
 
+/// A request waiting at the completion thread: due time and whether it fails.
+type Queued = (Request, Instant, bool);
+
 /// A block device in RAM. See the module docs.
 pub struct MemDevice {
     shared: Arc<Shared>,
-    worker: Option<(
-        mpsc::Sender<(Request, Instant, bool)>,
-        thread::JoinHandle<()>,
-    )>,
+    worker: Option<(mpsc::Sender<Queued>, thread::JoinHandle<()>)>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -331,9 +331,9 @@ impl Shared {
     }
 }
 
-fn completion_thread(s: &Shared, rx: &mpsc::Receiver<(Request, Instant, bool)>) {
+fn completion_thread(s: &Shared, rx: &mpsc::Receiver<Queued>) {
     let mut rng = s.cfg.seed | 1;
-    let mut batch: VecDeque<(Request, Instant, bool)> = VecDeque::new();
+    let mut batch: VecDeque<Queued> = VecDeque::new();
     while let Ok(first) = rx.recv() {
         batch.push_back(first);
         if s.cfg.reorder {

@@ -44,8 +44,8 @@ pub(crate) struct Dio {
     defer: AtomicBool,
     /// Flush the device before completing (dsync with metadata changes or no FUA).
     pub(crate) flush: AtomicBool,
-    /// Extend i_size to the written end at completion.
-    pub(crate) extend: bool,
+    /// Extend i_size to the written end, at most to this, at completion.
+    pub(crate) extend: Option<u64>,
     /// Skip the in-flight count.
     pub(crate) skip_count: bool,
     /// Block range held in the file's range lock until completion.
@@ -77,7 +77,7 @@ impl Dio {
         op: Op,
         offset: u64,
         i_size: u64,
-        extend: bool,
+        extend: Option<u64>,
         skip_count: bool,
         range_lock: Option<(u64, u64)>,
         done: Option<Done>,
@@ -244,8 +244,10 @@ impl Dio {
         if let (Op::Write, Ok(n)) = (self.op, &result) {
             let stats = &self.file.stats;
             stats.written.fetch_add(*n as u64, Ordering::Relaxed);
-            if self.extend {
-                self.file.state.extend_to(self.offset + *n as u64);
+            if let Some(limit) = self.extend {
+                self.file
+                    .state
+                    .extend_to((self.offset + *n as u64).min(limit));
             }
         } else if let (Op::Read, Ok(n)) = (self.op, &result) {
             self.file.stats.read.fetch_add(*n as u64, Ordering::Relaxed);
@@ -295,9 +297,10 @@ impl Completion for Dio {
 /// Run `job` on the completion worker (the seed's dio_done_wq): for completions
 /// that may block, such as a dsync flush or a map's deferred end_io.
 fn deferred(job: Box<dyn FnOnce() + Send>) {
-    static WORKER: OnceLock<Mutex<mpsc::Sender<Box<dyn FnOnce() + Send>>>> = OnceLock::new();
+    type Job = Box<dyn FnOnce() + Send>;
+    static WORKER: OnceLock<Mutex<mpsc::Sender<Job>>> = OnceLock::new();
     let tx = WORKER.get_or_init(|| {
-        let (tx, rx) = mpsc::channel::<Box<dyn FnOnce() + Send>>();
+        let (tx, rx) = mpsc::channel::<Job>();
         thread::Builder::new()
             .name("dio-complete".into())
             .spawn(move || {

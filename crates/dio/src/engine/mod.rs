@@ -9,6 +9,7 @@
 mod bio;
 mod complete;
 mod request;
+mod unaligned;
 mod walk;
 
 use std::future::Future;
@@ -51,6 +52,11 @@ impl Flags {
     /// Fail with [`Error::WouldBlock`] instead of waiting for another write that
     /// shares a block.
     pub const NOWAIT: Flags = Flags(1 << 6);
+    /// Byte-granular I/O: accept any offset, length and buffer address. The aligned
+    /// middle still goes straight from the caller's memory; partial blocks go
+    /// through bounce buffers, and writes read-modify-write them under the block
+    /// range lock. Without it, misaligned requests fail with EINVAL.
+    pub const UNALIGNED: Flags = Flags(1 << 7);
 
     /// Whether every flag of `other` is set.
     pub fn contains(self, other: Flags) -> bool {
@@ -214,12 +220,30 @@ impl DirectFile {
     /// EOF, 0 at or past it).
     pub fn read(&self, offset: u64, bufs: &mut [IoSliceMut<'_>], flags: Flags) -> Result<usize> {
         let file = &self.shared;
+        if flags.contains(Flags::UNALIGNED)
+            && !unaligned::is_aligned(
+                file,
+                offset,
+                bufs.iter().map(|b| (b.as_ptr() as usize, b.len())),
+            )
+        {
+            return unaligned::read(file, offset, bufs, flags);
+        }
         buf::io_scope(
             || {},
             |scope| {
                 let mem = scope.lend_mut(bufs);
-                request::run(file, Op::Read, offset, mem, flags, &mut |_| true, None)
-                    .expect("a sync call returns its result")
+                request::run(
+                    file,
+                    Op::Read,
+                    offset,
+                    mem,
+                    flags,
+                    &mut |_| true,
+                    None,
+                    request::Extra::default(),
+                )
+                .expect("a sync call returns its result")
             },
         )
     }
@@ -243,12 +267,30 @@ impl DirectFile {
         mut pin: impl FnMut(MemRef) -> bool,
     ) -> Result<usize> {
         let file = &self.shared;
+        if flags.contains(Flags::UNALIGNED)
+            && !unaligned::is_aligned(
+                file,
+                offset,
+                bufs.iter().map(|b| (b.as_ptr() as usize, b.len())),
+            )
+        {
+            return unaligned::write(file, offset, bufs, flags);
+        }
         buf::io_scope(
             || {},
             |scope| {
                 let mem = scope.lend(bufs);
-                request::run(file, Op::Write, offset, mem, flags, &mut pin, None)
-                    .expect("a sync call returns its result")
+                request::run(
+                    file,
+                    Op::Write,
+                    offset,
+                    mem,
+                    flags,
+                    &mut pin,
+                    None,
+                    request::Extra::default(),
+                )
+                .expect("a sync call returns its result")
             },
         )
     }
@@ -320,6 +362,20 @@ impl DirectFile {
         flags: Flags,
         done: impl FnOnce(Completed<B>) + Send + 'static,
     ) {
+        let file = &self.shared;
+        if flags.contains(Flags::UNALIGNED) {
+            let aligned = unaligned::is_aligned(
+                file,
+                offset,
+                bufs.iter_mut().map(|b| (b.as_mut_ptr() as usize, b.len())),
+            );
+            if !aligned {
+                return match op {
+                    Op::Read => unaligned::read_async(file, offset, bufs, flags, done),
+                    Op::Write => unaligned::write_async(file, offset, bufs, flags, done),
+                };
+            }
+        }
         let mem = buf::lend_owned(&mut bufs);
         // The buffers travel with the completion: their memory (stable across moves,
         // per OwnedBuf) stays alive until every request is done.
@@ -332,6 +388,7 @@ impl DirectFile {
             flags,
             &mut |_| true,
             Some(done),
+            request::Extra::default(),
         );
     }
 
@@ -341,7 +398,16 @@ impl DirectFile {
     pub fn truncate(&self, size: u64) -> Result<()> {
         let state = &self.shared.state;
         let _excl = state.lock_exclusive();
-        state.wait_dio_zero();
+        let dev = &self.shared.dev;
+        if dev.completion_mode() == CompletionMode::Polled {
+            // In-flight async calls complete only when someone polls: drive them.
+            while state.dio_count() != 0 {
+                dev.poll(true)
+                    .map_err(|e| Error::os("poll device during truncate", e))?;
+            }
+        } else {
+            state.wait_dio_zero();
+        }
         if size < state.size() {
             self.shared.map.truncate(size)?;
             self.zero_eof_block_tail(size)?;
@@ -478,11 +544,20 @@ impl<B> DioFuture<B> {
 impl<B> Future for DioFuture<B> {
     type Output = Completed<B>;
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Completed<B>> {
+        // A device whose completions need polling gets reaped here; the task then
+        // asks to be polled again rather than sleeping on a wakeup nobody sends.
+        let polled = self.dev.completion_mode() == CompletionMode::Polled;
+        if polled {
+            let _ = self.dev.poll(false);
+        }
         let mut st = self.slot.state.lock().unwrap_or_else(|e| e.into_inner());
         match st.result.take() {
             Some(c) => Poll::Ready(c),
             None => {
                 st.waker = Some(cx.waker().clone());
+                if polled {
+                    cx.waker().wake_by_ref();
+                }
                 Poll::Pending
             }
         }

@@ -10,7 +10,7 @@ use super::complete::{Dio, Done, Stop};
 use super::walk::{walk, Seen, Walk};
 use super::{Flags, Shared};
 use crate::buf::MemRef;
-use crate::device::Op;
+use crate::device::{CompletionMode, Op};
 use crate::error::AlignPart;
 use crate::{Error, Result};
 
@@ -75,8 +75,49 @@ pub(crate) fn check(file: &Shared, op: Op, offset: u64, mem: &[MemRef]) -> Resul
     Ok(Checked { dio_block, len })
 }
 
+/// What a caller inside the engine (the byte-granular layer) arranged already.
+#[derive(Default, Clone, Copy)]
+pub(crate) struct Extra {
+    /// The write's block range is locked already (read-modify-write holds it from
+    /// its reads to its write); the call releases it when it completes.
+    pub range_locked: Option<(u64, u64)>,
+    /// The file may grow only to here (a padded write covers more than the caller's
+    /// bytes).
+    pub logical_end: Option<u64>,
+}
+
+/// The fs-block-rounded range a write locks.
+pub(crate) fn write_lock_range(fs: u64, start: u64, end: u64) -> (u64, u64) {
+    (start & !(fs - 1), (end + fs - 1) & !(fs - 1))
+}
+
+/// Take a write's block-range lock. The holder may be an async write whose
+/// completion only arrives when someone polls the device: then wait by polling, so
+/// the waiter itself drives that completion instead of sleeping on it forever.
+pub(crate) fn lock_write_range(file: &Shared, r: (u64, u64), flags: Flags) -> Result<()> {
+    let ranges = file.state.ranges();
+    if flags.contains(Flags::NOWAIT) {
+        return if ranges.try_lock(r.0, r.1) {
+            Ok(())
+        } else {
+            Err(Error::WouldBlock)
+        };
+    }
+    if file.dev.completion_mode() == CompletionMode::Polled {
+        while !ranges.try_lock(r.0, r.1) {
+            file.dev
+                .poll(true)
+                .map_err(|e| Error::os("poll device while waiting for an overlapping write", e))?;
+        }
+    } else {
+        ranges.lock(r.0, r.1);
+    }
+    Ok(())
+}
+
 /// Run one call. `done` is None for a sync call (the result is returned) and Some
 /// for an async one (the result goes there, and None is returned).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn run(
     file: &Arc<Shared>,
     op: Op,
@@ -85,7 +126,14 @@ pub(crate) fn run(
     flags: Flags,
     pin: &mut dyn FnMut(MemRef) -> bool,
     mut done: Option<Done>,
+    extra: Extra,
 ) -> Option<Result<usize>> {
+    let state = &file.state;
+    let unlock_range = |r: Option<(u64, u64)>| {
+        if let Some((s, e)) = r {
+            state.ranges().unlock(s, e);
+        }
+    };
     let finish_now = |done: Option<Done>, r: Result<usize>| match done {
         Some(d) => {
             d(r);
@@ -94,48 +142,41 @@ pub(crate) fn run(
         None => Some(r),
     };
     let checked = match check(file, op, offset, mem) {
-        Ok(c) => c,
-        Err(e) => return finish_now(done, Err(e)),
+        Ok(c) if c.len > 0 => c,
+        r => {
+            unlock_range(extra.range_locked);
+            return finish_now(done, r.map(|_| 0));
+        }
     };
-    if checked.len == 0 {
-        return finish_now(done, Ok(0));
-    }
-    let state = &file.state;
     let fs = u64::from(file.fs_block);
     let end = offset + checked.len;
 
     // Writes that share an fs block with another write must not run at once: the
     // zeroing of a fresh block's uncovered part would wipe the other's data
     // (fstests generic/240). Lock the fs-block-rounded range until completion.
-    let range_lock = if op == Op::Write {
-        let r = (offset / fs * fs, end.div_ceil(fs) * fs);
-        if flags.contains(Flags::NOWAIT) {
-            if !state.ranges().try_lock(r.0, r.1) {
-                return finish_now(done, Err(Error::WouldBlock));
+    let range_lock = match (op, extra.range_locked) {
+        (_, Some(r)) => Some(r),
+        (Op::Write, None) => {
+            let r = write_lock_range(fs, offset, end);
+            if let Err(e) = lock_write_range(file, r, flags) {
+                return finish_now(done, Err(e));
             }
-        } else {
-            state.ranges().lock(r.0, r.1);
+            Some(r)
         }
-        Some(r)
-    } else {
-        None
-    };
-    let unlock_range = || {
-        if let Some((s, e)) = range_lock {
-            state.ranges().unlock(s, e);
-        }
+        (Op::Read, None) => None,
     };
 
     let guard = flags.contains(Flags::LOCKING).then(|| state.lock_shared());
     let i_size = state.size();
     if op == Op::Read && offset >= i_size {
         drop(guard);
-        unlock_range();
+        unlock_range(range_lock);
         return finish_now(done, Ok(0));
     }
     // An extending write is synchronous unless the file system allows async
     // extension: i_size must not move before the data is on the device.
-    let extend = op == Op::Write && end > i_size;
+    let logical_end = extra.logical_end.unwrap_or(end).min(end);
+    let extend = op == Op::Write && logical_end > i_size;
     let mut forced_sync = None;
     if done.is_some() && extend && !flags.contains(Flags::ASYNC_EXTEND) {
         forced_sync = done.take();
@@ -150,7 +191,7 @@ pub(crate) fn run(
         op,
         offset,
         i_size,
-        extend,
+        extend.then_some(logical_end),
         skip_count,
         range_lock,
         done,

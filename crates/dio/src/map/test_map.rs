@@ -9,9 +9,9 @@ use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::{BlockMap, Extent, Private};
 #[cfg(test)]
 use super::Mapping;
+use super::{BlockMap, Extent, Private};
 use crate::device::Op;
 use crate::{Error, Result};
 
@@ -70,6 +70,9 @@ impl TestMapConfig {
     }
 }
 
+/// One recorded `end_io` call: op, offset, result (errno on error), private data.
+pub type EndIoCall = (Op, u64, std::result::Result<usize, i32>, Option<u64>);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Block {
     dev: u64,
@@ -84,7 +87,7 @@ struct State {
     fail_calls: Option<u64>,
     fail_blocks: Option<Range<u64>>,
     calls: u64,
-    end_io_calls: Vec<(Op, u64, std::result::Result<usize, i32>, Option<u64>)>,
+    end_io_calls: Vec<EndIoCall>,
 }
 
 /// See the module docs.
@@ -184,7 +187,7 @@ impl TestMap {
 
     /// Every `end_io` call so far: op, offset, result (errno on error) and the
     /// private data as a file block.
-    pub fn end_io_calls(&self) -> Vec<(Op, u64, std::result::Result<usize, i32>, Option<u64>)> {
+    pub fn end_io_calls(&self) -> Vec<EndIoCall> {
         self.state().end_io_calls.clone()
     }
 

@@ -1,0 +1,588 @@
+//! Byte-granular direct I/O ([`Flags::UNALIGNED`]): any offset, any length, any
+//! buffer address. The kernel answers EINVAL here; dio pads instead.
+//!
+//! A request is widened to whole logical blocks. Its aligned middle goes straight
+//! from (or to) the caller's memory when that memory is aligned; the partial head and
+//! tail blocks go through small bounce buffers. A write reads those partial blocks
+//! first and patches them (read-modify-write) while it holds the block-range lock
+//! that every direct write takes, so overlapping read-modify-writes, and
+//! read-modify-writes against plain direct writes sharing a block, never lose each
+//! other's bytes; writes to other blocks still run in parallel. Memory that is not
+//! aligned is bounced through an aligned buffer in bounded chunks, with no
+//! read-modify-write when offset and length are aligned.
+//!
+//! It builds on the request layer and owns no walk or request-building logic.
+
+use std::io::{IoSlice, IoSliceMut};
+use std::sync::Arc;
+
+use super::request::{self, write_lock_range, Extra};
+use super::{Completed, Flags, Shared};
+use crate::buf::{self, AlignedBuf, MemRef, OwnedBuf};
+use crate::device::Op;
+use crate::{Error, Result};
+
+/// Bytes bounced at a time when the caller's memory is not aligned.
+const BOUNCE_CHUNK: u64 = 1 << 20;
+
+/// Whether a request needs no padding or bouncing.
+pub(crate) fn is_aligned<'a>(
+    file: &Shared,
+    offset: u64,
+    pieces: impl Iterator<Item = (usize, usize)> + 'a,
+) -> bool {
+    let lb = u64::from(file.geometry.logical_block);
+    let ma = file.geometry.mem_align as usize;
+    let mut ok = offset & (lb - 1) == 0;
+    for (addr, len) in pieces {
+        ok &= len as u64 & (lb - 1) == 0 && (len == 0 || addr & (ma - 1) == 0);
+    }
+    ok
+}
+
+/// How one unaligned request is widened.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    off: u64,
+    end: u64,
+    lb: u64,
+    /// The widened, aligned range.
+    a0: u64,
+    a1: u64,
+    /// Partial head block (starts at a0), partial tail block start.
+    head: bool,
+    tail: Option<u64>,
+    /// The aligned middle, served from the caller's memory.
+    m0: u64,
+    m1: u64,
+}
+
+impl Plan {
+    fn new(off: u64, len: u64, lb: u64) -> Plan {
+        let end = off + len;
+        let a0 = off & !(lb - 1);
+        let a1 = (end + lb - 1) & !(lb - 1);
+        let head = off & (lb - 1) != 0;
+        let end_block = end & !(lb - 1);
+        if head && end <= a0 + lb {
+            // One partial block: the head bounce covers it all.
+            return Plan {
+                off,
+                end,
+                lb,
+                a0,
+                a1,
+                head,
+                tail: None,
+                m0: off,
+                m1: off,
+            };
+        }
+        let m0 = if head { a0 + lb } else { off };
+        let (m1, tail) = if end & (lb - 1) != 0 {
+            (end_block, Some(end_block))
+        } else {
+            (end, None)
+        };
+        Plan {
+            off,
+            end,
+            lb,
+            a0,
+            a1,
+            head,
+            tail,
+            m0,
+            m1,
+        }
+    }
+
+    /// Caller bytes done, given `n` bytes done from `a0`.
+    fn user_count(&self, n: usize) -> usize {
+        ((self.a0 + n as u64).min(self.end)).saturating_sub(self.off) as usize
+    }
+}
+
+/// Whether the caller's memory can serve the aligned middle as it is.
+fn middle_is_direct(file: &Shared, plan: &Plan, pieces: &[(usize, usize)]) -> bool {
+    let lb = plan.lb;
+    let ma = file.geometry.mem_align as usize;
+    let mut p = plan.off;
+    for &(addr, len) in pieces {
+        let s = p.max(plan.m0);
+        let e = (p + len as u64).min(plan.m1);
+        if s < e {
+            let at = addr + (s - p) as usize;
+            if s & (lb - 1) != 0 || e & (lb - 1) != 0 || at & (ma - 1) != 0 {
+                return false;
+            }
+        }
+        p += len as u64;
+    }
+    true
+}
+
+/// The parts of `mem` (laid end to end) between request bytes `from` and `to`.
+fn sub_refs(mem: &[MemRef], from: u64, to: u64, out: &mut Vec<MemRef>) {
+    let mut p = 0u64;
+    for m in mem {
+        let s = p.max(from);
+        let e = (p + m.len() as u64).min(to);
+        if s < e {
+            out.push(m.slice((s - p) as usize, (e - s) as usize));
+        }
+        p += m.len() as u64;
+    }
+}
+
+/// Copy `src` into the caller's buffers, starting at byte `at` of them.
+fn scatter(bufs: &mut [IoSliceMut<'_>], mut at: usize, mut src: &[u8]) {
+    for b in bufs.iter_mut() {
+        if src.is_empty() {
+            return;
+        }
+        if at >= b.len() {
+            at -= b.len();
+            continue;
+        }
+        let n = (b.len() - at).min(src.len());
+        b[at..at + n].copy_from_slice(&src[..n]);
+        src = &src[n..];
+        at = 0;
+    }
+}
+
+/// Copy from the caller's buffers, starting at byte `at` of them, into `dst`.
+fn gather<'b>(bufs: impl IntoIterator<Item = &'b [u8]>, mut at: usize, mut dst: &mut [u8]) {
+    for b in bufs {
+        if dst.is_empty() {
+            return;
+        }
+        if at >= b.len() {
+            at -= b.len();
+            continue;
+        }
+        let n = (b.len() - at).min(dst.len());
+        dst[..n].copy_from_slice(&b[at..at + n]);
+        dst = &mut dst[n..];
+        at = 0;
+    }
+}
+
+fn run_sync(
+    file: &Arc<Shared>,
+    op: Op,
+    offset: u64,
+    mem: &[MemRef],
+    flags: Flags,
+    extra: Extra,
+) -> Result<usize> {
+    request::run(file, op, offset, mem, flags, &mut |_| true, None, extra)
+        .expect("a sync call returns its result")
+}
+
+/// Read one logical block at `pos` into `block` for read-modify-write: bytes past
+/// what the read returned (EOF, a short read) are zeros.
+fn read_block(file: &Arc<Shared>, pos: u64, block: &mut [u8], flags: Flags) -> Result<()> {
+    let n = buf::io_scope(
+        || {},
+        |scope| {
+            let m = scope.lend_buf(block);
+            run_sync(file, Op::Read, pos, &[m], flags, Extra::default())
+        },
+    )?;
+    block[n..].fill(0);
+    Ok(())
+}
+
+fn too_large(file: &Shared, off: u64, len: u64) -> Result<()> {
+    let max = file.map.max_file_size();
+    match off.checked_add(len) {
+        Some(end) if end <= max => Ok(()),
+        end => Err(Error::TooLarge {
+            end: end.unwrap_or(u64::MAX),
+            max,
+        }),
+    }
+}
+
+fn lock_range(file: &Shared, plan: &Plan, flags: Flags) -> Result<(u64, u64)> {
+    let r = write_lock_range(u64::from(file.fs_block), plan.a0, plan.a1);
+    request::lock_write_range(file, r, flags)?;
+    Ok(r)
+}
+
+fn pieces_mut(bufs: &[IoSliceMut<'_>]) -> Vec<(usize, usize)> {
+    bufs.iter()
+        .map(|b| (b.as_ptr() as usize, b.len()))
+        .collect()
+}
+
+/// A synchronous read at any offset into any buffers.
+pub(crate) fn read(
+    file: &Arc<Shared>,
+    off: u64,
+    bufs: &mut [IoSliceMut<'_>],
+    flags: Flags,
+) -> Result<usize> {
+    let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+    too_large(file, off, len)?;
+    if len == 0 {
+        return Ok(0);
+    }
+    let lb = u64::from(file.geometry.logical_block);
+    let plan = Plan::new(off, len, lb);
+    if middle_is_direct(file, &plan, &pieces_mut(bufs)) {
+        return read_direct(file, &plan, bufs, flags);
+    }
+    // Bounce through aligned memory, a chunk at a time. The chunk keeps the file
+    // position's phase within a block so its middle is aligned.
+    let mut bounce = AlignedBuf::new(
+        (BOUNCE_CHUNK + lb) as usize,
+        file.geometry.mem_align as usize,
+    );
+    let mut done = 0u64;
+    while done < len {
+        let pos = off + done;
+        let phase = (pos & (lb - 1)) as usize;
+        let n = (len - done).min(BOUNCE_CHUNK - phase as u64) as usize;
+        let chunk = &mut bounce[phase..phase + n];
+        let plan = Plan::new(pos, n as u64, lb);
+        let got = read_direct(file, &plan, &mut [IoSliceMut::new(chunk)], flags)?;
+        scatter(bufs, done as usize, &bounce[phase..phase + got]);
+        done += got as u64;
+        if got < n {
+            break;
+        }
+    }
+    Ok(done as usize)
+}
+
+/// The read of a plan whose middle can go straight to the caller's memory.
+fn read_direct(
+    file: &Arc<Shared>,
+    plan: &Plan,
+    bufs: &mut [IoSliceMut<'_>],
+    flags: Flags,
+) -> Result<usize> {
+    let lb = plan.lb as usize;
+    let ma = file.geometry.mem_align as usize;
+    let mut head = plan.head.then(|| AlignedBuf::new(lb, ma));
+    let mut tail = plan.tail.map(|_| AlignedBuf::new(lb, ma));
+    let n = buf::io_scope(
+        || {},
+        |scope| {
+            let refs = scope.lend_mut(bufs);
+            let mut mem = Vec::with_capacity(refs.len() + 2);
+            if let Some(h) = head.as_mut() {
+                mem.push(scope.lend_buf(h));
+            }
+            sub_refs(refs, plan.m0 - plan.off, plan.m1 - plan.off, &mut mem);
+            if let Some(t) = tail.as_mut() {
+                mem.push(scope.lend_buf(t));
+            }
+            run_sync(file, Op::Read, plan.a0, &mem, flags, Extra::default())
+        },
+    )?;
+    let got_end = (plan.a0 + n as u64).min(plan.end);
+    if let Some(h) = &head {
+        let from = (plan.off - plan.a0) as usize;
+        let to = ((got_end.max(plan.off) - plan.a0) as usize).min(lb);
+        scatter(bufs, 0, &h[from..to]);
+    }
+    if let (Some(t), Some(t0)) = (&tail, plan.tail) {
+        if got_end > t0 {
+            scatter(
+                bufs,
+                (t0 - plan.off) as usize,
+                &t[..(got_end - t0) as usize],
+            );
+        }
+    }
+    Ok(plan.user_count(n))
+}
+
+/// A synchronous write at any offset from any buffers.
+pub(crate) fn write(
+    file: &Arc<Shared>,
+    off: u64,
+    bufs: &[IoSlice<'_>],
+    flags: Flags,
+) -> Result<usize> {
+    if file.read_only {
+        return Err(Error::ReadOnly);
+    }
+    let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+    too_large(file, off, len)?;
+    if len == 0 {
+        return Ok(0);
+    }
+    let lb = u64::from(file.geometry.logical_block);
+    let plan = Plan::new(off, len, lb);
+    let pieces: Vec<(usize, usize)> = bufs
+        .iter()
+        .map(|b| (b.as_ptr() as usize, b.len()))
+        .collect();
+    if middle_is_direct(file, &plan, &pieces) {
+        return write_direct(file, &plan, bufs, flags);
+    }
+    let mut bounce = AlignedBuf::new(
+        (BOUNCE_CHUNK + lb) as usize,
+        file.geometry.mem_align as usize,
+    );
+    let mut done = 0u64;
+    while done < len {
+        let pos = off + done;
+        let phase = (pos & (lb - 1)) as usize;
+        let n = (len - done).min(BOUNCE_CHUNK - phase as u64) as usize;
+        gather(
+            bufs.iter().map(|b| &b[..]),
+            done as usize,
+            &mut bounce[phase..phase + n],
+        );
+        let plan = Plan::new(pos, n as u64, lb);
+        let put = match write_direct(
+            file,
+            &plan,
+            &[IoSlice::new(&bounce[phase..phase + n])],
+            flags,
+        ) {
+            Ok(put) => put,
+            Err(e) if done == 0 => return Err(e),
+            Err(_) => break,
+        };
+        done += put as u64;
+        if put < n {
+            break;
+        }
+    }
+    Ok(done as usize)
+}
+
+/// The write of a plan whose middle can come straight from the caller's memory.
+fn write_direct(
+    file: &Arc<Shared>,
+    plan: &Plan,
+    bufs: &[IoSlice<'_>],
+    flags: Flags,
+) -> Result<usize> {
+    let lb = plan.lb as usize;
+    let ma = file.geometry.mem_align as usize;
+    let range = lock_range(file, plan, flags)?;
+    let mut head = plan.head.then(|| AlignedBuf::new(lb, ma));
+    let mut tail = plan.tail.map(|_| AlignedBuf::new(lb, ma));
+    let patched = (|| -> Result<()> {
+        if let Some(h) = head.as_mut() {
+            read_block(file, plan.a0, h, flags)?;
+            let from = (plan.off - plan.a0) as usize;
+            let to = ((plan.end - plan.a0) as usize).min(lb);
+            gather(bufs.iter().map(|b| &b[..]), 0, &mut h[from..to]);
+        }
+        if let (Some(t), Some(t0)) = (tail.as_mut(), plan.tail) {
+            read_block(file, t0, t, flags)?;
+            gather(
+                bufs.iter().map(|b| &b[..]),
+                (t0 - plan.off) as usize,
+                &mut t[..(plan.end - t0) as usize],
+            );
+        }
+        Ok(())
+    })();
+    if let Err(e) = patched {
+        file.state.ranges().unlock(range.0, range.1);
+        return Err(e);
+    }
+    let extra = Extra {
+        range_locked: Some(range),
+        logical_end: Some(plan.end),
+    };
+    let n = buf::io_scope(
+        || {},
+        |scope| {
+            let refs = scope.lend(bufs);
+            let mut mem = Vec::with_capacity(refs.len() + 2);
+            if let Some(h) = head.as_mut() {
+                mem.push(scope.lend_buf(h));
+            }
+            sub_refs(refs, plan.m0 - plan.off, plan.m1 - plan.off, &mut mem);
+            if let Some(t) = tail.as_mut() {
+                mem.push(scope.lend_buf(t));
+            }
+            run_sync(file, Op::Write, plan.a0, &mem, flags, extra)
+        },
+    )?;
+    Ok(plan.user_count(n))
+}
+
+/// An async read at any offset: the widened range is read into one aligned bounce
+/// buffer and copied into the caller's buffers at completion.
+pub(crate) fn read_async<B: OwnedBuf>(
+    file: &Arc<Shared>,
+    off: u64,
+    mut bufs: Vec<B>,
+    flags: Flags,
+    done: impl FnOnce(Completed<B>) + Send + 'static,
+) {
+    let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+    if let Err(e) = too_large(file, off, len) {
+        return done(Completed {
+            result: Err(e),
+            bufs,
+        });
+    }
+    let plan = Plan::new(off, len, u64::from(file.geometry.logical_block));
+    let mut bounce = vec![AlignedBuf::new(
+        (plan.a1 - plan.a0) as usize,
+        file.geometry.mem_align as usize,
+    )];
+    let mem = buf::lend_owned(&mut bounce);
+    let finish = Box::new(move |r: Result<usize>| {
+        let result = r.map(|n| {
+            let user = plan.user_count(n);
+            let from = (plan.off - plan.a0) as usize;
+            let mut src = &bounce[0][from..from + user];
+            for b in bufs.iter_mut() {
+                let dst = b.as_mut_slice();
+                let k = dst.len().min(src.len());
+                dst[..k].copy_from_slice(&src[..k]);
+                src = &src[k..];
+            }
+            user
+        });
+        done(Completed { result, bufs });
+    });
+    request::run(
+        file,
+        Op::Read,
+        plan.a0,
+        &mem,
+        flags,
+        &mut |_| true,
+        Some(finish),
+        Extra::default(),
+    );
+}
+
+/// An async write at any offset: the partial blocks are read and patched in the
+/// caller's thread, then the widened range is written from one bounce buffer, with
+/// the block range locked until it completes.
+pub(crate) fn write_async<B: OwnedBuf>(
+    file: &Arc<Shared>,
+    off: u64,
+    mut bufs: Vec<B>,
+    flags: Flags,
+    done: impl FnOnce(Completed<B>) + Send + 'static,
+) {
+    if file.read_only {
+        return done(Completed {
+            result: Err(Error::ReadOnly),
+            bufs,
+        });
+    }
+    let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+    if let Err(e) = too_large(file, off, len) {
+        return done(Completed {
+            result: Err(e),
+            bufs,
+        });
+    }
+    if len == 0 {
+        return done(Completed {
+            result: Ok(0),
+            bufs,
+        });
+    }
+    let lb = u64::from(file.geometry.logical_block);
+    let plan = Plan::new(off, len, lb);
+    let range = match lock_range(file, &plan, flags) {
+        Ok(r) => r,
+        Err(e) => {
+            return done(Completed {
+                result: Err(e),
+                bufs,
+            })
+        }
+    };
+    let mut bounce = vec![AlignedBuf::new(
+        (plan.a1 - plan.a0) as usize,
+        file.geometry.mem_align as usize,
+    )];
+    let lbu = lb as usize;
+    let patched = (|| -> Result<()> {
+        let b = &mut bounce[0];
+        if plan.head {
+            read_block(file, plan.a0, &mut b[..lbu], flags)?;
+        }
+        if let Some(t0) = plan.tail {
+            let at = (t0 - plan.a0) as usize;
+            read_block(file, t0, &mut b[at..at + lbu], flags)?;
+        }
+        let from = (plan.off - plan.a0) as usize;
+        gather(
+            bufs.iter_mut().map(|x| &*x.as_mut_slice()),
+            0,
+            &mut b[from..from + len as usize],
+        );
+        Ok(())
+    })();
+    if let Err(e) = patched {
+        file.state.ranges().unlock(range.0, range.1);
+        return done(Completed {
+            result: Err(e),
+            bufs,
+        });
+    }
+    let mem = buf::lend_owned(&mut bounce);
+    let finish = Box::new(move |r: Result<usize>| {
+        drop(bounce);
+        done(Completed {
+            result: r.map(|n| plan.user_count(n)),
+            bufs,
+        });
+    });
+    let extra = Extra {
+        range_locked: Some(range),
+        logical_end: Some(plan.end),
+    };
+    request::run(
+        file,
+        Op::Write,
+        plan.a0,
+        &mem,
+        flags,
+        &mut |_| true,
+        Some(finish),
+        extra,
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Plan;
+
+    #[test]
+    fn plans_widen_to_whole_blocks() {
+        let p = Plan::new(100, 50, 512);
+        assert_eq!(
+            (p.a0, p.a1, p.head, p.tail, p.m0, p.m1),
+            (0, 512, true, None, 100, 100)
+        );
+        let p = Plan::new(100, 1000, 512);
+        assert_eq!(
+            (p.a0, p.a1, p.head, p.tail, p.m0, p.m1),
+            (0, 1536, true, Some(1024), 512, 1024)
+        );
+        let p = Plan::new(512, 1024, 512);
+        assert_eq!(
+            (p.a0, p.a1, p.head, p.tail, p.m0, p.m1),
+            (512, 1536, false, None, 512, 1536)
+        );
+        let p = Plan::new(512, 700, 512);
+        assert_eq!(
+            (p.a0, p.a1, p.head, p.tail, p.m0, p.m1),
+            (512, 1536, false, Some(1024), 512, 1024)
+        );
+        assert_eq!(p.user_count(1024), 700);
+        assert_eq!(p.user_count(512), 512);
+    }
+}
