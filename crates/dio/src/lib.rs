@@ -30,7 +30,10 @@ pub mod device;
 pub mod engine;
 pub mod error;
 pub mod file;
+pub mod fs;
+pub mod fsx;
 pub mod map;
+pub mod nbd_file;
 pub mod raw;
 
 pub use buf::{AlignedBuf, MemRef, OwnedBuf};

@@ -1,0 +1,387 @@
+//! The block map of one file: extent trees (any depth, unwritten extents, checksummed
+//! tree blocks) and ext2/3 indirect blocks (single, double, triple), served to the
+//! engine as its `get_block`.
+//!
+//! Extent trees are read whole when the file is opened: one pass with every tree
+//! block checked (magic, counts, depth, order, checksum), a cycle or shared block
+//! caught, and then `map` is a binary search with no I/O. Indirect blocks are read
+//! on demand, as ext2's `get_block` does, and a mapping that ends at the last pointer
+//! of its indirect block carries the `boundary` flag: the next block needs another
+//! metadata read, so the engine sends what it has first.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use super::bytes::{crc32c, le16, le32};
+use super::inode::{flags, Inode};
+use super::Fs;
+use crate::map::{BlockMap, Extent};
+use crate::{Error, Result};
+
+const EXTENT_MAGIC: u16 = 0xF30A;
+/// The kernel's EXT4_MAX_EXTENT_DEPTH.
+const MAX_DEPTH: u16 = 5;
+/// Longest initialized extent; longer lengths encode unwritten extents.
+const INIT_MAX_LEN: u16 = 32768;
+
+/// One leaf extent: `len` file blocks from `logical` at device block `physical`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileExtent {
+    /// First file block.
+    pub logical: u64,
+    /// First fs block on the device.
+    pub physical: u64,
+    /// Blocks.
+    pub len: u64,
+    /// Allocated but not written: reads see zeros.
+    pub unwritten: bool,
+}
+
+/// How a file's blocks are found.
+pub(crate) enum Layout {
+    /// Leaf extents in logical order, non-overlapping.
+    Extents(Vec<FileExtent>),
+    /// ext2/3 block pointers.
+    Indirect(Indirect),
+    /// No blocks at all (inline data, fast symlinks, devices).
+    Empty,
+}
+
+impl Layout {
+    /// Read the layout of `inode`'s blocks.
+    pub(crate) fn of(fs: &Arc<Fs>, inode: &Inode) -> Result<Layout> {
+        if inode.has_flag(flags::INLINE_DATA) {
+            return Ok(Layout::Empty);
+        }
+        if inode.has_flag(flags::EXTENTS) {
+            return Ok(Layout::Extents(read_extent_tree(fs, inode)?));
+        }
+        let mut ptrs = [0u32; 15];
+        for (i, p) in ptrs.iter_mut().enumerate() {
+            *p = le32(inode.i_block(), i * 4);
+        }
+        Ok(Layout::Indirect(Indirect {
+            fs: Arc::clone(fs),
+            ino: inode.ino,
+            ptrs,
+            cache: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    /// Map file block `block` for up to `max` blocks (no allocation).
+    pub(crate) fn map(&self, block: u64, max: u64) -> Result<Extent> {
+        let max = max.max(1);
+        match self {
+            Layout::Empty => Ok(Extent::hole(max)),
+            Layout::Extents(list) => Ok(map_extents(list, block, max)),
+            Layout::Indirect(ind) => ind.map(block, max),
+        }
+    }
+
+    /// Every mapped run, in logical order (for `filefrag`-style listings), up to
+    /// file block `end`.
+    pub(crate) fn runs(&self, end: u64) -> Result<Vec<FileExtent>> {
+        match self {
+            Layout::Empty => Ok(Vec::new()),
+            Layout::Extents(list) => Ok(list.clone()),
+            Layout::Indirect(_) => {
+                let mut out: Vec<FileExtent> = Vec::new();
+                let mut b = 0;
+                while b < end {
+                    let e = self.map(b, end - b)?;
+                    let len = e.len.min(end - b);
+                    if let Some(p) = e.device_block() {
+                        match out.last_mut() {
+                            Some(last)
+                                if last.logical + last.len == b
+                                    && last.physical + last.len == p =>
+                            {
+                                last.len += len;
+                            }
+                            _ => out.push(FileExtent {
+                                logical: b,
+                                physical: p,
+                                len,
+                                unwritten: false,
+                            }),
+                        }
+                    }
+                    b += len;
+                }
+                Ok(out)
+            }
+        }
+    }
+}
+
+fn map_extents(list: &[FileExtent], block: u64, max: u64) -> Extent {
+    // The first extent ending after `block`.
+    let i = list.partition_point(|e| e.logical + e.len <= block);
+    match list.get(i) {
+        Some(e) if e.logical <= block => {
+            let off = block - e.logical;
+            let len = (e.len - off).min(max);
+            if e.unwritten {
+                Extent::unwritten(e.physical + off, len)
+            } else {
+                Extent::mapped(e.physical + off, len)
+            }
+        }
+        Some(e) => Extent::hole((e.logical - block).min(max)),
+        None => Extent::hole(max),
+    }
+}
+
+/// Parse one extent node (header and entries) of `ino`; `area` is the node's bytes.
+struct Node<'a> {
+    area: &'a [u8],
+    entries: usize,
+    depth: u16,
+}
+
+fn parse_node<'a>(area: &'a [u8], ino: u32, where_: &str) -> Result<Node<'a>> {
+    let bad = |m: String| Error::Corrupt(format!("inode {ino}: extent {where_}: {m}"));
+    if le16(area, 0) != EXTENT_MAGIC {
+        return Err(bad(format!("bad magic {:#06x}", le16(area, 0))));
+    }
+    let entries = usize::from(le16(area, 2));
+    let max = usize::from(le16(area, 4));
+    let depth = le16(area, 6);
+    if entries > max || 12 + max * 12 > area.len() {
+        return Err(bad(format!(
+            "{entries} entries, room for {max}, in {} bytes",
+            area.len()
+        )));
+    }
+    if depth > MAX_DEPTH {
+        return Err(bad(format!("depth {depth} exceeds {MAX_DEPTH}")));
+    }
+    Ok(Node {
+        area,
+        entries,
+        depth,
+    })
+}
+
+fn read_extent_tree(fs: &Arc<Fs>, inode: &Inode) -> Result<Vec<FileExtent>> {
+    let ino = inode.ino;
+    let root = parse_node(inode.i_block(), ino, "root")?;
+    let mut out = Vec::new();
+    let mut visited = HashSet::new();
+    let seed = fs.inode_seed(inode);
+    walk_node(
+        fs,
+        ino,
+        seed,
+        &root,
+        0,
+        u64::from(u32::MAX) + 1,
+        &mut visited,
+        &mut out,
+    )?;
+    Ok(out)
+}
+
+/// Walk `node`, whose entries must cover logical blocks within `[lo, hi)`.
+#[allow(clippy::too_many_arguments)]
+fn walk_node(
+    fs: &Arc<Fs>,
+    ino: u32,
+    seed: u32,
+    node: &Node<'_>,
+    lo: u64,
+    hi: u64,
+    visited: &mut HashSet<u64>,
+    out: &mut Vec<FileExtent>,
+) -> Result<()> {
+    let bad = |m: String| Error::Corrupt(format!("inode {ino}: extent tree: {m}"));
+    let mut prev_start: Option<u64> = None;
+    for i in 0..node.entries {
+        let e = &node.area[12 + i * 12..24 + i * 12];
+        let start = u64::from(le32(e, 0));
+        if start < lo || start >= hi || prev_start.is_some_and(|p| start <= p) {
+            return Err(bad(format!(
+                "entry for block {start} out of order (node covers {lo}..{hi})"
+            )));
+        }
+        prev_start = Some(start);
+        if node.depth == 0 {
+            let raw_len = le16(e, 4);
+            let (len, unwritten) = if raw_len > INIT_MAX_LEN {
+                (raw_len - INIT_MAX_LEN, true)
+            } else {
+                (raw_len, false)
+            };
+            let len = u64::from(len);
+            let physical = u64::from(le16(e, 6)) << 32 | u64::from(le32(e, 8));
+            if len == 0 {
+                return Err(bad(format!("empty extent at block {start}")));
+            }
+            if start + len > hi {
+                return Err(bad(format!("extent {start}+{len} overlaps the next one")));
+            }
+            if let Some(last) = out.last() {
+                if last.logical + last.len > start {
+                    return Err(bad(format!(
+                        "extent {start}+{len} overlaps the previous one"
+                    )));
+                }
+            }
+            fs.check_blocks(physical, len, ino)?;
+            out.push(FileExtent {
+                logical: start,
+                physical,
+                len,
+                unwritten,
+            });
+        } else {
+            let next_start = if i + 1 < node.entries {
+                u64::from(le32(&node.area[24 + i * 12..], 0))
+            } else {
+                hi
+            };
+            let child = u64::from(le16(e, 8)) << 32 | u64::from(le32(e, 4));
+            fs.check_blocks(child, 1, ino)?;
+            if !visited.insert(child) {
+                return Err(bad(format!(
+                    "tree block {child} is referenced twice (a cycle or a shared block)"
+                )));
+            }
+            let block = fs.read_block(child, "extent tree block")?;
+            let where_ = format!("block {child}");
+            let n = parse_node(&block, ino, &where_)?;
+            if n.depth + 1 != node.depth {
+                return Err(bad(format!(
+                    "block {child} has depth {}, its parent {}",
+                    n.depth, node.depth
+                )));
+            }
+            if fs.sb.metadata_csum() {
+                let tail = 12 + usize::from(le16(&block, 4)) * 12;
+                if tail + 4 > block.len() {
+                    return Err(bad(format!("block {child} has no room for its checksum")));
+                }
+                let want = le32(&block, tail);
+                let got = crc32c(seed, &block[..tail]);
+                if want != got {
+                    return Err(Error::Corrupt(format!(
+                        "inode {ino}: extent tree block {child} checksum {want:#010x} does not match its contents ({got:#010x})"
+                    )));
+                }
+            }
+            walk_node(fs, ino, seed, &n, start, next_start.min(hi), visited, out)?;
+        }
+    }
+    Ok(())
+}
+
+/// ext2/3 block pointers: 12 direct, then single, double and triple indirect.
+pub(crate) struct Indirect {
+    fs: Arc<Fs>,
+    ino: u32,
+    ptrs: [u32; 15],
+    /// Indirect blocks read so far (bounded; cleared when full).
+    cache: Mutex<HashMap<u64, Arc<Vec<u32>>>>,
+}
+
+const CACHE_BLOCKS: usize = 64;
+
+impl Indirect {
+    fn table(&self, block: u64) -> Result<Arc<Vec<u32>>> {
+        let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = cache.get(&block) {
+            return Ok(Arc::clone(t));
+        }
+        drop(cache);
+        self.fs.check_blocks(block, 1, self.ino)?;
+        let raw = self.fs.read_block(block, "indirect block")?;
+        let t: Arc<Vec<u32>> = Arc::new((0..raw.len() / 4).map(|i| le32(&raw, i * 4)).collect());
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() >= CACHE_BLOCKS {
+            cache.clear();
+        }
+        cache.insert(block, Arc::clone(&t));
+        Ok(t)
+    }
+
+    fn map(&self, block: u64, max: u64) -> Result<Extent> {
+        let p = u64::from(self.fs.sb.block_size / 4);
+        // The path: the table holding the pointer, and the index in it; `span` is
+        // how many file blocks one pointer of each level covers.
+        let (mut table_ptr, mut path): (Option<u32>, Vec<u64>) = if block < 12 {
+            (None, vec![block])
+        } else if block - 12 < p {
+            (Some(self.ptrs[12]), vec![block - 12])
+        } else if block - 12 - p < p * p {
+            let r = block - 12 - p;
+            (Some(self.ptrs[13]), vec![r / p, r % p])
+        } else if block - 12 - p - p * p < p * p * p {
+            let r = block - 12 - p - p * p;
+            (Some(self.ptrs[14]), vec![r / (p * p), (r / p) % p, r % p])
+        } else {
+            return Ok(Extent::hole(max));
+        };
+        let leaf_index = path.pop().expect("a path has a leaf index");
+        // Walk down the intermediate levels.
+        for level in 0..path.len() {
+            let ptr = table_ptr.expect("intermediate levels come from a table");
+            if ptr == 0 {
+                // Everything under this pointer is a hole: up to the end of the
+                // region it covers.
+                let digits = path[level..].iter().chain(std::iter::once(&leaf_index));
+                let off = digits.fold(0u64, |a, &d| a * p + d);
+                let span = p.pow((path.len() - level + 1) as u32);
+                return Ok(Extent::hole((span - off).min(max)));
+            }
+            let t = self.table(u64::from(ptr))?;
+            table_ptr = Some(t[path[level] as usize]);
+        }
+        let table: Arc<Vec<u32>> = match table_ptr {
+            None => Arc::new(self.ptrs[..12].to_vec()),
+            Some(0) => return Ok(Extent::hole((p - leaf_index).min(max))),
+            Some(ptr) => self.table(u64::from(ptr))?,
+        };
+        let first = leaf_index;
+        let first = first as usize;
+        let start = u64::from(table[first]);
+        let mut n = 1usize;
+        let limit = (table.len() - first).min(usize::try_from(max).unwrap_or(usize::MAX));
+        if start == 0 {
+            while n < limit && table[first + n] == 0 {
+                n += 1;
+            }
+            return Ok(Extent::hole(n as u64));
+        }
+        while n < limit && u64::from(table[first + n]) == start + n as u64 {
+            n += 1;
+        }
+        self.fs.check_blocks(start, n as u64, self.ino)?;
+        // The run reached the last pointer of its table: the next block's pointer
+        // is in another indirect block (ext2's get_block sets the boundary here).
+        let boundary = first + n == table.len();
+        Ok(Extent::mapped(start, n as u64).boundary(boundary))
+    }
+}
+
+/// The engine's view of one file: its layout, read-only (no allocation).
+pub(crate) struct ExtMap {
+    pub(crate) layout: Layout,
+    pub(crate) block_size: u32,
+    pub(crate) max_size: u64,
+}
+
+impl BlockMap for ExtMap {
+    fn block_size(&self) -> u32 {
+        self.block_size
+    }
+
+    fn map(&self, block: u64, max_blocks: u64, _create: bool) -> Result<Extent> {
+        // Never allocates: a write that meets a hole stops there (callers check the
+        // whole range before writing anything).
+        self.layout.map(block, max_blocks)
+    }
+
+    fn max_file_size(&self) -> u64 {
+        self.max_size
+    }
+}
