@@ -163,7 +163,7 @@ fn block_and_align(files: &[&DirectFile], bs: u64) -> Result<(u64, usize), Failu
         .unwrap_or(512);
     let align = files
         .iter()
-        .map(|f| f.geometry().mem_align as usize)
+        .map(|f| f.geometry().buffer_align())
         .max()
         .unwrap_or(512);
     if bs % block != 0 {

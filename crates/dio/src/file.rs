@@ -102,37 +102,55 @@ impl FileState {
 /// range is held. Non-overlapping ranges never wait for each other.
 #[derive(Debug, Default)]
 pub(crate) struct RangeLock {
-    held: Mutex<Vec<(u64, u64)>>,
+    held: Mutex<Ranges>,
     released: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct Ranges {
+    held: Vec<(u64, u64)>,
+    /// Threads waiting for a range: only then does a release need a wakeup.
+    waiters: usize,
+}
+
+impl Ranges {
+    fn overlaps(&self, start: u64, end: u64) -> bool {
+        self.held.iter().any(|&(s, e)| s < end && start < e)
+    }
 }
 
 impl RangeLock {
     /// Lock `[start, end)`, waiting for overlapping holders.
     pub(crate) fn lock(&self, start: u64, end: u64) {
-        let mut held = lock(&self.held);
-        while held.iter().any(|&(s, e)| s < end && start < e) {
-            held = self.released.wait(held).unwrap_or_else(|e| e.into_inner());
+        let mut g = lock(&self.held);
+        while g.overlaps(start, end) {
+            g.waiters += 1;
+            g = self.released.wait(g).unwrap_or_else(|e| e.into_inner());
+            g.waiters -= 1;
         }
-        held.push((start, end));
+        g.held.push((start, end));
     }
 
     /// Lock `[start, end)` if no overlapping range is held.
     pub(crate) fn try_lock(&self, start: u64, end: u64) -> bool {
-        let mut held = lock(&self.held);
-        if held.iter().any(|&(s, e)| s < end && start < e) {
+        let mut g = lock(&self.held);
+        if g.overlaps(start, end) {
             return false;
         }
-        held.push((start, end));
+        g.held.push((start, end));
         true
     }
 
     /// Release a range taken with `lock`.
     pub(crate) fn unlock(&self, start: u64, end: u64) {
-        let mut held = lock(&self.held);
-        if let Some(i) = held.iter().position(|&r| r == (start, end)) {
-            held.swap_remove(i);
+        let mut g = lock(&self.held);
+        if let Some(i) = g.held.iter().position(|&r| r == (start, end)) {
+            g.held.swap_remove(i);
         }
-        drop(held);
-        self.released.notify_all();
+        let wake = g.waiters > 0;
+        drop(g);
+        if wake {
+            self.released.notify_all();
+        }
     }
 }

@@ -72,6 +72,10 @@ pub struct BenchArgs {
     /// Allow write workloads on a block device (destroys its data).
     #[arg(long)]
     pub force: bool,
+    /// Shift every offset by this many bytes: byte-granular (unaligned) I/O, to
+    /// compare its cost with aligned runs (direct runs only).
+    #[arg(long, value_parser = parse_size, default_value_t = 0)]
+    pub skew: u64,
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -226,7 +230,7 @@ fn lay_out(raw: &RawFile, path: &Path, size: u64) -> Result<(), Failure> {
             let buf = match free.pop() {
                 Some(b) if b.len() == c.len => b,
                 _ => {
-                    let mut b = AlignedBuf::new(c.len, geo.mem_align as usize);
+                    let mut b = AlignedBuf::new(c.len, geo.buffer_align());
                     run::pattern(&mut b, c.off + 1);
                     b
                 }
@@ -311,6 +315,7 @@ fn single(path: &Path, args: &BenchArgs) -> Result<(), Failure> {
         qd,
         span: span(target.size, bs)?,
         runtime: runtime(args, 5.0),
+        skew: args.skew,
     };
     let (mode, engine, report) = if args.buffered {
         let file = open_buffered(path, rw.is_write())?;
@@ -428,6 +433,7 @@ fn suite(args: &BenchArgs) -> Result<(), Failure> {
             qd,
             span: span(target.size, bs)?,
             runtime,
+            skew: 0,
         };
         let d = run::direct(&target.raw, &w)?;
         stop_if_interrupted()?;

@@ -57,6 +57,8 @@ pub struct Workload {
     pub qd: u32,
     pub span: u64,
     pub runtime: Duration,
+    /// Bytes added to every offset (0: aligned I/O; else byte-granular).
+    pub skew: u64,
 }
 
 impl Workload {
@@ -105,7 +107,8 @@ impl Offsets {
         Offsets {
             random: w.rw.is_random(),
             bs: w.bs,
-            blocks: (w.span / w.bs).max(1),
+            // A skewed run keeps one block spare at the end for the shift.
+            blocks: ((w.span - w.span.min(w.skew.div_ceil(w.bs) * w.bs)) / w.bs).max(1),
             next: 0,
             state: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
         }
@@ -193,10 +196,17 @@ pub fn direct(raw: &RawFile, w: &Workload) -> Result<Report, Failure> {
                 latency,
             });
         };
-        if w.rw.is_write() {
-            file.write_async(off, vec![buf], Flags::NONE, done);
+        // A skewed run shifts every I/O by `skew` bytes, byte-granular; the
+        // offsets stay one block short of the end so the shift fits.
+        let (at, flags) = if w.skew == 0 {
+            (off, Flags::NONE)
         } else {
-            file.read_async(off, vec![buf], Flags::NONE, done);
+            (off + w.skew, Flags::UNALIGNED)
+        };
+        if w.rw.is_write() {
+            file.write_async(at, vec![buf], flags, done);
+        } else {
+            file.read_async(at, vec![buf], flags, done);
         }
     };
 
@@ -208,7 +218,7 @@ pub fn direct(raw: &RawFile, w: &Workload) -> Result<Report, Failure> {
     let t0 = Instant::now();
     let deadline = t0 + w.runtime;
     for i in 0..qd {
-        let mut buf = AlignedBuf::new(w.bs as usize, geo.mem_align as usize);
+        let mut buf = AlignedBuf::new(w.bs as usize, geo.buffer_align());
         if w.rw.is_write() {
             pattern(&mut buf, i + 1);
         }

@@ -10,6 +10,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use crate::buf::MemRef;
 
 pub mod mem;
+pub mod nbd;
 pub mod probe;
 pub mod sync;
 pub mod uring;
@@ -77,6 +78,13 @@ impl Geometry {
     pub fn with_physical_block(mut self, physical: u32) -> Geometry {
         self.physical_block = physical;
         self
+    }
+
+    /// The alignment to allocate I/O buffers at: the required memory alignment,
+    /// but at least a page, so a block-sized buffer never straddles two pages (two
+    /// DMA segments and two page pins per request instead of one).
+    pub fn buffer_align(&self) -> usize {
+        (self.mem_align as usize).max(4096)
     }
 
     /// Check that the geometry is usable (powers of two, limits not below a block).

@@ -432,7 +432,7 @@ impl DirectFile {
         if at + fs > self.shared.geometry.size {
             return Ok(());
         }
-        let mut b = AlignedBuf::new(fs as usize, self.shared.geometry.mem_align as usize);
+        let mut b = AlignedBuf::new(fs as usize, self.shared.geometry.buffer_align());
         crate::device::read_at(dev, at, &mut b).map_err(|e| Error::Io {
             offset: at,
             source: e,

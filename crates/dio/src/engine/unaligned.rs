@@ -237,10 +237,7 @@ pub(crate) fn read(
     }
     // Bounce through aligned memory, a chunk at a time. The chunk keeps the file
     // position's phase within a block so its middle is aligned.
-    let mut bounce = AlignedBuf::new(
-        (BOUNCE_CHUNK + lb) as usize,
-        file.geometry.mem_align as usize,
-    );
+    let mut bounce = AlignedBuf::new((BOUNCE_CHUNK + lb) as usize, file.geometry.buffer_align());
     let mut done = 0u64;
     while done < len {
         let pos = off + done;
@@ -266,9 +263,12 @@ fn read_direct(
     flags: Flags,
 ) -> Result<usize> {
     let lb = plan.lb as usize;
-    let ma = file.geometry.mem_align as usize;
-    let mut head = plan.head.then(|| AlignedBuf::new(lb, ma));
-    let mut tail = plan.tail.map(|_| AlignedBuf::new(lb, ma));
+    let mut head = plan
+        .head
+        .then(|| AlignedBuf::new(lb, file.geometry.buffer_align()));
+    let mut tail = plan
+        .tail
+        .map(|_| AlignedBuf::new(lb, file.geometry.buffer_align()));
     let n = buf::io_scope(
         || {},
         |scope| {
@@ -326,10 +326,7 @@ pub(crate) fn write(
     if middle_is_direct(file, &plan, &pieces) {
         return write_direct(file, &plan, bufs, flags);
     }
-    let mut bounce = AlignedBuf::new(
-        (BOUNCE_CHUNK + lb) as usize,
-        file.geometry.mem_align as usize,
-    );
+    let mut bounce = AlignedBuf::new((BOUNCE_CHUNK + lb) as usize, file.geometry.buffer_align());
     let mut done = 0u64;
     while done < len {
         let pos = off + done;
@@ -367,10 +364,13 @@ fn write_direct(
     flags: Flags,
 ) -> Result<usize> {
     let lb = plan.lb as usize;
-    let ma = file.geometry.mem_align as usize;
     let range = lock_range(file, plan, flags)?;
-    let mut head = plan.head.then(|| AlignedBuf::new(lb, ma));
-    let mut tail = plan.tail.map(|_| AlignedBuf::new(lb, ma));
+    let mut head = plan
+        .head
+        .then(|| AlignedBuf::new(lb, file.geometry.buffer_align()));
+    let mut tail = plan
+        .tail
+        .map(|_| AlignedBuf::new(lb, file.geometry.buffer_align()));
     let patched = (|| -> Result<()> {
         if let Some(h) = head.as_mut() {
             read_block(file, plan.a0, h, flags)?;
@@ -433,7 +433,7 @@ pub(crate) fn read_async<B: OwnedBuf>(
     let plan = Plan::new(off, len, u64::from(file.geometry.logical_block));
     let mut bounce = vec![AlignedBuf::new(
         (plan.a1 - plan.a0) as usize,
-        file.geometry.mem_align as usize,
+        file.geometry.buffer_align(),
     )];
     let mem = buf::lend_owned(&mut bounce);
     let finish = Box::new(move |r: Result<usize>| {
@@ -505,7 +505,7 @@ pub(crate) fn write_async<B: OwnedBuf>(
     };
     let mut bounce = vec![AlignedBuf::new(
         (plan.a1 - plan.a0) as usize,
-        file.geometry.mem_align as usize,
+        file.geometry.buffer_align(),
     )];
     let lbu = lb as usize;
     let patched = (|| -> Result<()> {
