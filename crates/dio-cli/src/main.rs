@@ -8,6 +8,7 @@
 mod bench;
 mod copy;
 mod fail;
+mod fsx;
 mod segments;
 mod size;
 
@@ -55,6 +56,15 @@ write 1M qd8, each through dio (direct) and through the page cache (buffered pre
 thread per queue slot, cache dropped before reads, writes timed up to their fdatasync).
 A TARGET that is missing or smaller than --size is created and laid out first.")]
     Bench(bench::BenchArgs),
+    /// Random direct I/O checked byte for byte against a model (fstests' fsx).
+    #[command(after_help = "\
+Examples:
+  dio fsx mem --faults 0.01 --duration 60     RAM device, EIO on 1% of requests
+  dio fsx scratch.bin --engine sync --seed 7  a host file (created; contents destroyed)
+  dio fsx disk.img:/data.bin                  overwrites of a file in an ext image
+
+Exit status 1 on a divergence, with the operation log and the first wrong byte.")]
+    Fsx(fsx::FsxArgs),
 }
 
 /// Which I/O back end `RawFile` uses.
@@ -101,6 +111,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Cat(a) => copy::cat(&a.path, &a.pipe),
         Command::Cp(a) => copy::cp(&a.src, &a.dst, &a.pipe),
         Command::Bench(a) => bench::run(&a),
+        Command::Fsx(a) => fsx::run(&a),
     }
 }
 

@@ -344,8 +344,8 @@ impl Target {
         let f = file.clone();
         Ok(Target {
             name: format!(
-                "mem ({} span, fs {}, sector {}, {} segs x {} KiB per request, faults {})",
-                span,
+                "mem ({} KiB span, fs {}, sector {}, {} segs x {} KiB per request, faults {})",
+                span >> 10,
                 cfg.fs_block,
                 cfg.logical_block,
                 segs,
@@ -841,6 +841,7 @@ struct Fsx<'a> {
     log: VecDeque<String>,
     op: u64,
     next_verify: u64,
+    corrupted: bool,
     report: Report,
     start: Instant,
 }
@@ -874,6 +875,7 @@ pub fn run(
         log: VecDeque::new(),
         op: 0,
         next_verify: opts.verify_every,
+        corrupted: false,
         report: Report::default(),
         start: Instant::now(),
     };
@@ -965,7 +967,11 @@ impl Fsx<'_> {
 
     fn step(&mut self) -> Step {
         self.op += 1;
-        if self.o.corrupt_model_at == Some(self.op) && self.model.size > 0 {
+        if self.o.corrupt_model_at.is_some_and(|n| self.op >= n)
+            && !self.corrupted
+            && self.model.size > 0
+        {
+            self.corrupted = true;
             let at = self.rng.below(self.model.size) as usize;
             self.model.data[at] ^= 0x5A;
             self.model.cut(at as u64, at as u64 + 1);

@@ -1,0 +1,228 @@
+//! `dio fsx TARGET`: the exerciser of `dio::fsx` on the RAM device, a host file, a
+//! block device or a file inside an ext image, with a progress line on a terminal,
+//! the figures at the end, and exit 1 with the operation log on a divergence.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+use dio::fsx::{self, MemTarget, Options, Report, Target};
+use dio::raw::OpenOptions;
+
+use crate::fail::{say, Failure};
+use crate::size::parse_size;
+use crate::Engine;
+
+/// Arguments of `dio fsx`.
+#[derive(Args, Debug)]
+pub struct FsxArgs {
+    /// `mem` or `mem:SIZE` (the RAM device, 0xAA-filled, under a test map), a host
+    /// file (created, its contents destroyed), a block device (overwritten: needs
+    /// --force), or IMAGE:/PATH (a file in an ext image, overwritten in place).
+    target: String,
+    /// Seed of the operations (default: from the clock; printed to repeat the run).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Number of operations [default: 10000].
+    #[arg(long, conflicts_with = "duration")]
+    ops: Option<u64>,
+    /// Run for this many seconds instead of a number of operations.
+    #[arg(long, value_name = "SECS")]
+    duration: Option<f64>,
+    /// I/O back end for host files and block devices.
+    #[arg(long, value_enum, default_value = "auto")]
+    engine: Engine,
+    /// Fraction of device requests failed with EIO (RAM device only), e.g. 0.01.
+    #[arg(long, value_name = "RATE", default_value_t = 0.0)]
+    faults: f64,
+    /// Largest file size (default 4M; for mem:SIZE, SIZE); at most this much of a
+    /// block device or ext file is exercised.
+    #[arg(long, value_parser = parse_size)]
+    span: Option<u64>,
+    /// Largest read or write.
+    #[arg(long, value_parser = parse_size, default_value = "256K")]
+    max_len: u64,
+    /// Most async calls in flight in one batch.
+    #[arg(long, default_value_t = 16)]
+    qd: usize,
+    /// fs block of the RAM device's test map.
+    #[arg(long, value_parser = parse_size, default_value = "4K")]
+    block: u64,
+    /// Only sector- and block-aligned calls (no byte-granular ones).
+    #[arg(long)]
+    aligned_only: bool,
+    /// Read the whole file back every N operations.
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    verify_every: u64,
+    /// Operations shown before a divergence.
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    log: usize,
+    /// Allow overwriting a block device.
+    #[arg(long)]
+    force: bool,
+    /// Corrupt the model at this operation (shows what a divergence looks like).
+    #[arg(long, hide = true)]
+    corrupt_model_at: Option<u64>,
+}
+
+/// `dio fsx`.
+pub fn run(a: &FsxArgs) -> Result<(), Failure> {
+    let seed = a.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64 % 1_000_000_007)
+            .unwrap_or(1)
+    });
+    let mut span = a.span.unwrap_or(4 << 20);
+    let target = open_target(a, seed, &mut span)?;
+    let mut opts = Options::new(seed).span(span);
+    opts = match (a.ops, a.duration) {
+        (_, Some(secs)) if secs > 0.0 => opts.duration(Duration::from_secs_f64(secs)),
+        (Some(n), _) => opts.ops(n),
+        _ => opts.ops(10_000),
+    };
+    opts.max_len = a.max_len.max(1);
+    opts.max_batch = a.qd.max(2);
+    opts.unaligned = !a.aligned_only;
+    opts.verify_every = a.verify_every;
+    opts.log_len = a.log.max(1);
+    opts.corrupt_model_at = a.corrupt_model_at;
+    let stop = Arc::new(AtomicBool::new(false));
+    let _ = signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&stop));
+    opts.stop = Some(Arc::clone(&stop));
+
+    say(format_args!("fsx: {} seed {seed}", target.name()));
+    let tty = std::io::stderr().is_terminal();
+    let mut progress = |r: &Report| {
+        if tty {
+            let _ = write!(
+                std::io::stderr().lock(),
+                "\r{} ops, {:.0} ops/s, {} calls, {} MiB moved   ",
+                r.ops,
+                r.ops_per_sec(),
+                r.calls,
+                (r.bytes_read + r.bytes_written) >> 20
+            );
+        }
+    };
+    let result = fsx::run(&target, &opts, &mut progress);
+    if tty {
+        let _ = write!(std::io::stderr().lock(), "\r{:60}\r", "");
+    }
+    match result {
+        Ok(r) => {
+            println!("{r}");
+            println!(
+                "seed {seed}: {} ops, {:.0} ops/s, 0 divergences",
+                r.ops,
+                r.ops_per_sec()
+            );
+            Ok(())
+        }
+        Err(d) => {
+            println!("{d}");
+            Err(Failure::msg(format!(
+                "fsx: divergence at op {} (repeat with --seed {seed}{})",
+                d.op,
+                match (a.ops, a.duration) {
+                    (_, Some(_)) => String::new(),
+                    _ => format!(" --ops {}", d.op),
+                }
+            )))
+        }
+    }
+}
+
+fn open_target(a: &FsxArgs, seed: u64, span: &mut u64) -> Result<Target, Failure> {
+    if a.faults != 0.0 && !a.target.starts_with("mem") {
+        return Err(Failure::msg("--faults needs the RAM device (TARGET mem)"));
+    }
+    if !(0.0..=1.0).contains(&a.faults) {
+        return Err(Failure::msg("--faults is a fraction from 0 to 1"));
+    }
+    if a.target == "mem" || a.target.starts_with("mem:") {
+        if let Some(size) = a.target.strip_prefix("mem:") {
+            *span = parse_size(size).map_err(Failure::msg)?;
+        }
+        let block = u32::try_from(a.block)
+            .ok()
+            .filter(|b| b.is_power_of_two() && (512..=65536).contains(b))
+            .ok_or_else(|| Failure::msg("--block must be a power of two from 512 to 64K"))?;
+        if *span < u64::from(block) {
+            return Err(Failure::msg("the span must hold at least one block"));
+        }
+        let cfg = MemTarget::new(*span, seed).faults(a.faults).fs_block(block);
+        return Target::mem(&cfg).map_err(|e| Failure::msg(e.to_string()));
+    }
+    if let Some((image, path)) = ext_location(&a.target) {
+        return open_ext(a, &image, &path);
+    }
+    let path = PathBuf::from(&a.target);
+    if path.is_dir() {
+        return Err(Failure::at(&path, "is a directory"));
+    }
+    let block_device = std::fs::metadata(&path)
+        .map(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()))
+        .unwrap_or(false);
+    if block_device && !a.force {
+        return Err(Failure::at(
+            &path,
+            "is a block device: fsx overwrites it (add --force)",
+        ));
+    }
+    let opts = OpenOptions {
+        write: true,
+        create: !block_device,
+        backend: a.engine.backend(),
+        ..OpenOptions::default()
+    };
+    let raw = crate::copy::open(&path, &opts)?;
+    Ok(Target::raw(raw))
+}
+
+/// `IMAGE:/PATH` where IMAGE is an existing file or block device.
+fn ext_location(s: &str) -> Option<(PathBuf, String)> {
+    let (image, path) = s.split_once(":/")?;
+    let image = PathBuf::from(image);
+    image.exists().then(|| (image, format!("/{path}")))
+}
+
+fn open_ext(a: &FsxArgs, image: &Path, path: &str) -> Result<Target, Failure> {
+    use dio::fs::ext::Ext;
+    let opts = OpenOptions {
+        write: true,
+        backend: a.engine.backend(),
+        ..OpenOptions::default()
+    };
+    let raw = crate::copy::open(image, &opts)?;
+    let dev = Arc::clone(raw.direct().device());
+    let fs = Ext::open_writable(dev, raw.size()).map_err(|e| Failure::at(image, e))?;
+    let inode = fs
+        .lookup(path.as_bytes(), true)
+        .map_err(|e| Failure::msg(format!("{}:{path}: {e}", image.display())))?;
+    let file = fs
+        .open_file(&inode)
+        .map_err(|e| Failure::msg(format!("{}:{path}: {e}", image.display())))?;
+    // Overwrites stay inside written blocks: refuse holes and unwritten extents
+    // up front rather than report them as divergences.
+    file.check_write(0, file.size())
+        .map_err(|e| Failure::msg(format!("{}:{path}: {e}", image.display())))?;
+    let direct = file
+        .direct()
+        .cloned()
+        .ok_or_else(|| Failure::msg(format!("{}:{path}: inline data", image.display())))?;
+    let name = format!(
+        "ext file {}:{path} ({})",
+        image.display(),
+        raw.backend_name()
+    );
+    Ok(Target::file(
+        name,
+        direct,
+        None,
+        Some(Box::new((raw, fs, file))),
+    ))
+}
