@@ -1,0 +1,268 @@
+//! The fixed-newstyle handshake: structured replies, the `base:allocation`
+//! metadata context, then `NBD_OPT_GO` with block-size information (or
+//! `NBD_OPT_EXPORT_NAME` for servers without `NBD_OPT_GO`).
+//!
+//! Everything the server sends here is checked before use: magic numbers, option
+//! echoes, payload lengths (bounded), and the export's size and block sizes.
+
+use std::io::{self, Read, Write};
+
+use super::conn::Stream;
+use super::proto::*;
+use crate::{Error, Result};
+
+/// Option reply payloads larger than this are refused (a sane server sends a few
+/// dozen bytes).
+const MAX_OPTION_REPLY: u32 = 1 << 20;
+
+/// What negotiation settled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Export {
+    /// Export size in bytes.
+    pub size: u64,
+    /// Transmission flags (`NBD_FLAG_*`).
+    pub flags: u16,
+    /// Block sizes the server announced (minimum, preferred, maximum), if any.
+    pub block_sizes: Option<(u32, u32, u32)>,
+    /// Structured replies were negotiated.
+    pub structured: bool,
+    /// Context id of `base:allocation`, if negotiated.
+    pub allocation_context: Option<u32>,
+}
+
+/// What to ask for.
+pub struct Wants<'a> {
+    pub export: &'a str,
+    pub structured: bool,
+    pub block_status: bool,
+}
+
+fn wire(e: io::Error) -> Error {
+    Error::os("NBD handshake", e)
+}
+
+fn corrupt(what: impl std::fmt::Display) -> Error {
+    Error::Incompatible(format!("NBD handshake: {what}"))
+}
+
+fn read_array<const N: usize>(s: &mut Stream) -> Result<[u8; N]> {
+    let mut b = [0u8; N];
+    s.read_exact(&mut b).map_err(wire)?;
+    Ok(b)
+}
+
+fn send_option(s: &mut Stream, option: u32, data: &[u8]) -> Result<()> {
+    let len = u32::try_from(data.len()).map_err(|_| corrupt("option too long"))?;
+    let mut msg = Vec::with_capacity(16 + data.len());
+    msg.extend_from_slice(&OPT_MAGIC.to_be_bytes());
+    msg.extend_from_slice(&option.to_be_bytes());
+    msg.extend_from_slice(&len.to_be_bytes());
+    msg.extend_from_slice(data);
+    s.write_all(&msg).map_err(wire)
+}
+
+/// One option reply: its type and payload.
+fn read_reply(s: &mut Stream, option: u32) -> Result<(u32, Vec<u8>)> {
+    let h: [u8; 20] = read_array(s)?;
+    if be64(&h, 0) != OPT_REPLY_MAGIC {
+        return Err(corrupt(format!(
+            "bad option reply magic {:#x}",
+            be64(&h, 0)
+        )));
+    }
+    if be32(&h, 8) != option {
+        return Err(corrupt(format!(
+            "reply to option {} while {option} was asked",
+            be32(&h, 8)
+        )));
+    }
+    let ty = be32(&h, 12);
+    let len = be32(&h, 16);
+    if len > MAX_OPTION_REPLY {
+        return Err(corrupt(format!("option reply of {len} bytes")));
+    }
+    let mut data = vec![0u8; len as usize];
+    s.read_exact(&mut data).map_err(wire)?;
+    Ok((ty, data))
+}
+
+/// The message of an option error reply, for humans.
+fn refusal(what: &str, ty: u32, data: &[u8]) -> String {
+    let msg = String::from_utf8_lossy(data);
+    let msg = msg.trim();
+    if msg.is_empty() {
+        format!("{what}: {}", rep_error_name(ty))
+    } else {
+        format!("{what}: {} ({msg})", rep_error_name(ty))
+    }
+}
+
+fn name_field(export: &str) -> Result<Vec<u8>> {
+    if export.len() > 4096 {
+        return Err(Error::Invalid(
+            "NBD export name longer than 4096 bytes".into(),
+        ));
+    }
+    let mut d = Vec::with_capacity(4 + export.len());
+    d.extend_from_slice(&(export.len() as u32).to_be_bytes());
+    d.extend_from_slice(export.as_bytes());
+    Ok(d)
+}
+
+/// Run the handshake on a fresh connection.
+pub fn negotiate(s: &mut Stream, wants: &Wants<'_>) -> Result<Export> {
+    let h: [u8; 18] = read_array(s)?;
+    if be64(&h, 0) != INIT_MAGIC {
+        return Err(corrupt("not an NBD server (no NBDMAGIC)"));
+    }
+    match be64(&h, 8) {
+        OPT_MAGIC => {}
+        OLDSTYLE_MAGIC => return Err(corrupt("old-style handshake is not supported")),
+        m => return Err(corrupt(format!("unknown handshake magic {m:#x}"))),
+    }
+    let server_flags = be16(&h, 16);
+    if server_flags & FLAG_FIXED_NEWSTYLE == 0 {
+        return Err(corrupt("server does not speak fixed newstyle"));
+    }
+    let no_zeroes = server_flags & FLAG_NO_ZEROES != 0;
+    let mut client_flags = CLIENT_FIXED_NEWSTYLE;
+    if no_zeroes {
+        client_flags |= CLIENT_NO_ZEROES;
+    }
+    s.write_all(&client_flags.to_be_bytes()).map_err(wire)?;
+
+    let mut structured = false;
+    if wants.structured {
+        send_option(s, OPT_STRUCTURED_REPLY, &[])?;
+        loop {
+            let (ty, _) = read_reply(s, OPT_STRUCTURED_REPLY)?;
+            match ty {
+                REP_ACK => {
+                    structured = true;
+                    break;
+                }
+                t if t & REP_ERR_BIT != 0 => break,
+                _ => {}
+            }
+        }
+    }
+
+    let mut allocation_context = None;
+    if structured && wants.block_status {
+        let mut d = name_field(wants.export)?;
+        d.extend_from_slice(&1u32.to_be_bytes());
+        d.extend_from_slice(&(META_BASE_ALLOCATION.len() as u32).to_be_bytes());
+        d.extend_from_slice(META_BASE_ALLOCATION.as_bytes());
+        send_option(s, OPT_SET_META_CONTEXT, &d)?;
+        loop {
+            let (ty, data) = read_reply(s, OPT_SET_META_CONTEXT)?;
+            match ty {
+                REP_META_CONTEXT => {
+                    if data.len() < 4 {
+                        return Err(corrupt("short meta context reply"));
+                    }
+                    if &data[4..] == META_BASE_ALLOCATION.as_bytes() {
+                        allocation_context = Some(be32(&data, 0));
+                    }
+                }
+                REP_ACK => break,
+                t if t & REP_ERR_BIT != 0 => {
+                    if t == REP_ERR_UNKNOWN {
+                        return Err(Error::Invalid(refusal(
+                            &format!("NBD export {:?}", wants.export),
+                            t,
+                            &data,
+                        )));
+                    }
+                    break;
+                }
+                _ => {}
+            }
+        }
+    }
+
+    let mut go = name_field(wants.export)?;
+    go.extend_from_slice(&1u16.to_be_bytes());
+    go.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
+    send_option(s, OPT_GO, &go)?;
+    let mut export_info = None;
+    let mut block_sizes = None;
+    loop {
+        let (ty, data) = read_reply(s, OPT_GO)?;
+        match ty {
+            REP_INFO => {
+                if data.len() < 2 {
+                    return Err(corrupt("short NBD_REP_INFO"));
+                }
+                match be16(&data, 0) {
+                    INFO_EXPORT if data.len() == 12 => {
+                        export_info = Some((be64(&data, 2), be16(&data, 10)));
+                    }
+                    INFO_BLOCK_SIZE if data.len() == 14 => {
+                        block_sizes = Some((be32(&data, 2), be32(&data, 6), be32(&data, 10)));
+                    }
+                    INFO_EXPORT | INFO_BLOCK_SIZE => {
+                        return Err(corrupt(format!(
+                            "NBD_REP_INFO of {} bytes for type {}",
+                            data.len(),
+                            be16(&data, 0)
+                        )))
+                    }
+                    _ => {}
+                }
+            }
+            REP_ACK => break,
+            REP_ERR_UNSUP => {
+                // A server from before NBD_OPT_GO: the old way in, which cannot fail
+                // politely (an unknown export just closes the connection).
+                send_option(s, OPT_EXPORT_NAME, wants.export.as_bytes())?;
+                let b: [u8; 10] = read_array(s).map_err(|_| {
+                    Error::Invalid(format!(
+                        "NBD export {:?}: server closed the connection (no such export?)",
+                        wants.export
+                    ))
+                })?;
+                if !no_zeroes {
+                    let _: [u8; 124] = read_array(s)?;
+                }
+                export_info = Some((be64(&b, 0), be16(&b, 8)));
+                break;
+            }
+            t if t & REP_ERR_BIT != 0 => {
+                let what = format!("NBD export {:?}", wants.export);
+                return Err(match t {
+                    REP_ERR_UNKNOWN | REP_ERR_INVALID => Error::Invalid(refusal(&what, t, &data)),
+                    _ => Error::Incompatible(refusal(&what, t, &data)),
+                });
+            }
+            _ => {}
+        }
+    }
+    let (size, flags) = export_info.ok_or_else(|| corrupt("no export size in NBD_OPT_GO"))?;
+    if flags & TFLAG_HAS_FLAGS == 0 {
+        return Err(corrupt("transmission flags without NBD_FLAG_HAS_FLAGS"));
+    }
+    if size > i64::MAX as u64 {
+        return Err(corrupt(format!("export size {size} too large")));
+    }
+    if let Some((min, pref, max)) = block_sizes {
+        let ok = min.is_power_of_two()
+            && min <= 64 * 1024
+            && pref.is_power_of_two()
+            && pref >= min
+            && (max == u32::MAX || max % min == 0)
+            && max >= min;
+        if !ok {
+            return Err(corrupt(format!(
+                "unusable block sizes: minimum {min}, preferred {pref}, maximum {max}"
+            )));
+        }
+    }
+    Ok(Export {
+        size,
+        flags,
+        block_sizes,
+        structured,
+        allocation_context,
+    })
+}

@@ -1,0 +1,107 @@
+//! The NBD client: an export on an NBD server as a [`DirectFile`] over the identity
+//! map, like [`crate::raw::RawFile`] for host files. Its size is the export's; it
+//! cannot grow. [`NbdFile::extents`] lists data and holes (`base:allocation`) so a
+//! copy can skip what reads as zeros, as nbdcopy does.
+//!
+//! It holds no I/O logic of its own: bytes move through the engine and the device.
+
+use std::sync::Arc;
+
+use crate::device::nbd::{Allocation, NbdConfig, NbdDevice, NbdUri};
+use crate::device::Device;
+use crate::{DirectFile, Error, FileState, IdentityMap, Result};
+
+/// An NBD export open for direct I/O. See the module docs.
+pub struct NbdFile {
+    direct: DirectFile,
+    dev: Arc<NbdDevice>,
+    uri: NbdUri,
+    notes: Vec<String>,
+}
+
+impl std::fmt::Debug for NbdFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NbdFile")
+            .field("uri", &self.uri.to_string())
+            .field("size", &self.size())
+            .finish()
+    }
+}
+
+impl NbdFile {
+    /// Connect to `uri` and open its export; `write` asks for a writable file (an
+    /// export the server serves read-only then fails with `EROFS`).
+    pub fn open(uri: &NbdUri, write: bool, cfg: &NbdConfig) -> Result<NbdFile> {
+        let dev = Arc::new(NbdDevice::connect(uri, cfg)?);
+        if write && dev.is_read_only() {
+            return Err(Error::os(
+                format!("{uri}: the server exports it read-only"),
+                std::io::Error::from_raw_os_error(libc::EROFS),
+            ));
+        }
+        let mut notes = Vec::new();
+        if !dev.structured_replies() {
+            notes.push(format!(
+                "{uri}: the server has no structured replies: holes are read as zeros"
+            ));
+        } else if !dev.can_block_status() {
+            notes.push(format!(
+                "{uri}: the server has no base:allocation block status: every block is copied"
+            ));
+        }
+        let geometry = dev.geometry();
+        let size = dev.export_size();
+        let map = Arc::new(IdentityMap::new(geometry.logical_block, geometry.size));
+        let device: Arc<dyn Device> = Arc::clone(&dev) as Arc<dyn Device>;
+        let mut direct = DirectFile::new(device, map, Arc::new(FileState::new(size)))?;
+        if !write {
+            direct = direct.read_only();
+        }
+        Ok(NbdFile {
+            direct,
+            dev,
+            uri: uri.clone(),
+            notes,
+        })
+    }
+
+    /// Parse an NBD URI and open it (see [`NbdUri::parse`]).
+    pub fn open_uri(uri: &str, write: bool, cfg: &NbdConfig) -> Result<NbdFile> {
+        NbdFile::open(&NbdUri::parse(uri)?, write, cfg)
+    }
+
+    /// The export as a [`DirectFile`]: identity map, fs block = the device's
+    /// logical block, size = the export size.
+    pub fn direct(&self) -> &DirectFile {
+        &self.direct
+    }
+
+    /// The NBD device (capabilities, trim, write zeroes, block status).
+    pub fn device(&self) -> &Arc<NbdDevice> {
+        &self.dev
+    }
+
+    /// The export size in bytes.
+    pub fn size(&self) -> u64 {
+        self.dev.export_size()
+    }
+
+    /// Where it is.
+    pub fn uri(&self) -> &NbdUri {
+        &self.uri
+    }
+
+    /// One-line notes about what the server lacks.
+    pub fn notes(&self) -> &[String] {
+        &self.notes
+    }
+
+    /// Data and holes of `[offset, offset + len)`, clipped to the export: adjacent
+    /// extents covering the range, each a hole or zeros (skip it) or data (copy
+    /// it). A server without block status reports everything as data.
+    pub fn extents(&self, offset: u64, len: u64) -> Result<Vec<Allocation>> {
+        self.dev
+            .allocation(offset, len)
+            .map_err(|e| Error::os(format!("{}: block status", self.uri), e))
+    }
+}
