@@ -943,7 +943,8 @@ impl Fsx<'_> {
             }
             self.model.size = 0;
         } else {
-            self.model.size = self.span;
+            // The file may be larger than the span: only the span is exercised.
+            self.model.size = self.t.file.size();
             let mut at = 0;
             while at < self.span {
                 let len = (self.span - at).min(1 << 20) as usize;
@@ -972,7 +973,7 @@ impl Fsx<'_> {
             && self.model.size > 0
         {
             self.corrupted = true;
-            let at = self.rng.below(self.model.size) as usize;
+            let at = self.rng.below(self.model.size.min(self.span)) as usize;
             self.model.data[at] ^= 0x5A;
             self.model.cut(at as u64, at as u64 + 1);
             self.note(format!("{:>6} corrupt the model at {at} (test)", self.op));
@@ -1025,7 +1026,7 @@ impl Fsx<'_> {
         }
         .min(max);
         len = len.div_ceil(unit) * unit;
-        let size = self.model.size;
+        let size = self.model.size.min(self.span);
         let off = if size > 0 && rng.percent(if write { 55 } else { 75 }) {
             rng.below(size)
         } else {
