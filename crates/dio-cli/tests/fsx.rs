@@ -1,0 +1,246 @@
+//! `dio fsx` as a user runs it: every target for a few seconds (the CI's short soak,
+//! about 25 s in all), the figures at the end, and exit 1 with the operation log and
+//! the first wrong byte on a divergence. Loop devices need root; ext images need
+//! mkfs.ext4: those parts skip with a printed reason.
+//!
+//! Files live under the target dir (`CARGO_TARGET_TMPDIR`), never /tmp: tmpfs may
+//! refuse O_DIRECT.
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+fn scratch() -> TempDir {
+    tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir under target/")
+}
+
+/// Run dio, killed after `secs` (no test hangs).
+fn dio_bounded(secs: u64, args: &[&str]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dio"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run dio");
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if child.try_wait().expect("wait for dio").is_some() {
+            return child.wait_with_output().expect("dio output");
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("dio output");
+            panic!(
+                "dio {args:?} ran past {secs} s; stderr:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Assert a clean run and return its stdout.
+fn clean(args: &[&str], secs: u64) -> String {
+    let o = dio_bounded(secs, args);
+    let (out, err) = (text(&o.stdout), text(&o.stderr));
+    assert!(
+        o.status.success(),
+        "dio {args:?}: exit {:?}\nstdout:\n{out}\nstderr:\n{err}",
+        o.status.code()
+    );
+    assert!(
+        out.contains("0 divergences") && out.contains("ops/s"),
+        "{out}"
+    );
+    eprintln!(
+        "dio {}: {}",
+        args.join(" "),
+        out.lines().next().unwrap_or("")
+    );
+    out
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+#[test]
+fn ram_device_run_is_clean_and_reports_ops_per_second() {
+    let out = clean(&["fsx", "mem", "--seed", "1", "--ops", "3000"], 120);
+    assert!(out.contains("seed 1: 30"), "{out}");
+}
+
+#[test]
+fn same_seed_same_operations() {
+    let a = clean(&["fsx", "mem:1M", "--seed", "42", "--ops", "500"], 120);
+    let b = clean(&["fsx", "mem:1M", "--seed", "42", "--ops", "500"], 120);
+    // Timing differs; the operation mix does not.
+    let mix = |o: &str| {
+        o.split(" calls")
+            .nth(1)
+            .map(|r| r.split(';').next().unwrap_or("").to_string())
+    };
+    assert_eq!(mix(&a), mix(&b));
+}
+
+#[test]
+fn divergence_exits_1_with_the_op_log_and_the_first_wrong_byte() {
+    let o = dio_bounded(
+        120,
+        &[
+            "fsx",
+            "mem:1M",
+            "--seed",
+            "3",
+            "--ops",
+            "2000",
+            "--corrupt-model-at",
+            "200",
+            "--log",
+            "8",
+        ],
+    );
+    let (out, err) = (text(&o.stdout), text(&o.stderr));
+    assert_eq!(o.status.code(), Some(1), "stdout:\n{out}\nstderr:\n{err}");
+    assert!(out.contains("divergence at op"), "{out}");
+    assert!(out.contains("first wrong byte at file offset"), "{out}");
+    assert!(out.contains("operation log (last 8 ops)"), "{out}");
+    assert!(err.contains("repeat with --seed 3"), "{err}");
+}
+
+#[test]
+fn usage_errors_are_refused() {
+    let o = dio_bounded(30, &["fsx", "somefile", "--faults", "0.1"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o.stderr).contains("--faults needs the RAM device"));
+    let o = dio_bounded(30, &["fsx", "mem", "--ops", "1", "--duration", "1"]);
+    assert_eq!(o.status.code(), Some(2));
+}
+
+fn root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+struct Loop(String);
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+fn attach_loop(backing: &Path) -> Result<Loop, String> {
+    let o = Command::new("losetup")
+        .args(["-f", "--show", s(backing)])
+        .output()
+        .map_err(|e| format!("losetup: {e}"))?;
+    if !o.status.success() {
+        return Err(format!("losetup: {}", text(&o.stderr).trim()));
+    }
+    Ok(Loop(text(&o.stdout).trim().to_string()))
+}
+
+fn ext_image(dir: &Path) -> Result<std::path::PathBuf, String> {
+    let src = dir.join("ext-src");
+    std::fs::create_dir_all(&src).map_err(|e| e.to_string())?;
+    let data: Vec<u8> = (0..(2u32 << 20))
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    std::fs::write(src.join("data.bin"), data).map_err(|e| e.to_string())?;
+    let img = dir.join("ext.img");
+    std::fs::File::create(&img)
+        .and_then(|f| f.set_len(16 << 20))
+        .map_err(|e| e.to_string())?;
+    let o = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-b", "4096", "-d", s(&src), s(&img)])
+        .output()
+        .map_err(|e| format!("mkfs.ext4: {e}"))?;
+    if !o.status.success() {
+        return Err(format!("mkfs.ext4: {}", text(&o.stderr).trim()));
+    }
+    Ok(img)
+}
+
+/// The CI's short soak: every target for a few seconds with zero divergences.
+#[test]
+fn short_soak_on_every_target() {
+    let dir = scratch();
+    clean(
+        &[
+            "fsx",
+            "mem",
+            "--faults",
+            "0.01",
+            "--seed",
+            "11",
+            "--duration",
+            "4",
+        ],
+        60,
+    );
+    let f = dir.path().join("host.bin");
+    clean(
+        &[
+            "fsx",
+            s(&f),
+            "--engine",
+            "sync",
+            "--seed",
+            "12",
+            "--duration",
+            "4",
+        ],
+        60,
+    );
+    clean(
+        &[
+            "fsx",
+            s(&f),
+            "--engine",
+            "auto",
+            "--seed",
+            "13",
+            "--duration",
+            "4",
+        ],
+        60,
+    );
+
+    let backing = dir.path().join("loop.img");
+    std::fs::File::create(&backing)
+        .and_then(|f| f.set_len(16 << 20))
+        .expect("loop backing file");
+    if !root() {
+        eprintln!("skip loop device: not root");
+    } else {
+        match attach_loop(&backing) {
+            Err(e) => eprintln!("skip loop device: {e}"),
+            Ok(dev) => {
+                let o = dio_bounded(30, &["fsx", &dev.0, "--ops", "10"]);
+                assert_eq!(o.status.code(), Some(1), "block device needs --force");
+                clean(
+                    &["fsx", &dev.0, "--force", "--seed", "14", "--duration", "4"],
+                    60,
+                );
+            }
+        }
+    }
+
+    match ext_image(dir.path()) {
+        Err(e) => eprintln!("skip ext image: {e}"),
+        Ok(img) => {
+            let loc = format!("{}:/data.bin", s(&img));
+            clean(&["fsx", &loc, "--seed", "15", "--duration", "4"], 60);
+            if let Ok(o) = Command::new("e2fsck").args(["-fn", s(&img)]).output() {
+                assert!(o.status.success(), "e2fsck after fsx: {}", text(&o.stdout));
+            }
+        }
+    }
+}
