@@ -164,7 +164,8 @@ unsafe impl OwnedBuf for Box<[u8]> {
 ///
 /// It carries no lifetime: whoever builds one guarantees the memory outlives the
 /// request. Safe code gets them only from an [`IoScope`] (borrowed memory, kept alive
-/// by the scope), from [`MemRef::owned`]'s contract, or from the zero page.
+/// by the scope), from owned buffers held by the engine (the [`OwnedBuf`] contract),
+/// or from the shared zero buffer. Device back ends read and fill them.
 ///
 /// Its layout is that of a C `struct iovec` (`repr(C)`, base then length), so a
 /// request's segments can go to readv/writev or io_uring as they are.

@@ -1,11 +1,20 @@
 //! dio: a direct-I/O engine in user space.
 //!
-//! dio moves bytes between a caller's memory and a block device without the page
-//! cache, the way Linux's generic O_DIRECT layer does: it asks a [`BlockMap`] (the
-//! file system side) where each file block lives, walks the caller's buffers against
-//! that map, merges the pieces into large device requests, submits them to a
-//! [`Device`], and completes the call synchronously or asynchronously, with exact
-//! rules for alignment, holes, end of file, freshly allocated blocks, errors and
+//! # What direct I/O is, and when to use it
+//!
+//! Direct I/O moves bytes between your memory and a block device without the page
+//! cache: no second copy of the data in the kernel, no write-back you do not control,
+//! no eviction of other programs' cached pages, and latency you can measure. Storage
+//! engines, databases, backup and image tools use it when they manage their own
+//! caching and durability. The price is alignment (offsets, lengths and memory
+//! addresses in device-block units) and the loss of read-ahead: a workload that
+//! rereads small files is better served by the page cache.
+//!
+//! dio is Linux's generic O_DIRECT layer (`fs/direct-io.c`) rebuilt as a library: it
+//! asks a [`BlockMap`] (the file system side) where each file block lives, walks your
+//! buffers against that map, merges the pieces into large device requests, submits
+//! them to a [`Device`], and completes the call synchronously or asynchronously, with
+//! exact rules for alignment, holes, end of file, freshly allocated blocks, errors and
 //! truncate races.
 //!
 //! ```
@@ -15,13 +24,88 @@
 //! let dev = Arc::new(MemDevice::new(MemDeviceConfig::new(1 << 20, 512)));
 //! let map = Arc::new(IdentityMap::new(4096, 1 << 20));
 //! let file = DirectFile::new(dev, map, Arc::new(FileState::new(1 << 20))).unwrap();
-//! let mut buf = AlignedBuf::new(8192, 4096);
+//! let mut buf = AlignedBuf::new(8192, file.geometry().buffer_align());
 //! buf.fill(7);
 //! assert_eq!(file.write_at(4096, &buf, Flags::NONE).unwrap(), 8192);
-//! let mut back = AlignedBuf::new(8192, 4096);
+//! let mut back = AlignedBuf::new(8192, file.geometry().buffer_align());
 //! assert_eq!(file.read_at(4096, &mut back, Flags::NONE).unwrap(), 8192);
 //! assert_eq!(&back[..], &buf[..]);
 //! ```
+//!
+//! # The parts
+//!
+//! - [`BlockMap`]: the file system side (the seed's `get_block`). `map(block,
+//!   max_blocks, create)` answers with an [`Extent`]: a hole, mapped or unwritten
+//!   blocks, how many, and flags (`new`, `boundary`, `defer_completion`, private data
+//!   for the [`BlockMap::end_io`] hook). [`IdentityMap`] serves raw files and block
+//!   devices; `dio::fs::ext` maps files inside ext2/3/4 images; [`TestMap`] is a small
+//!   allocating file system for tests. The `custom_map` example writes one.
+//! - [`Device`]: where bytes go. `submit` a [`Request`] (one contiguous device range,
+//!   many memory segments, an FUA flag) and get exactly one completion; `poll`,
+//!   `flush`, and [`Geometry`] with the limits. Back ends: io_uring and pread/pwrite
+//!   on O_DIRECT files and block devices ([`device::uring`], [`device::sync`]), RAM
+//!   with fault injection and crash simulation ([`MemDevice`]), and NBD exports
+//!   ([`device::nbd`]). [`raw::RawFile`] opens a host file or block device with the
+//!   best back end.
+//! - [`DirectFile`]: the engine over one file: sync calls borrow your buffers
+//!   ([`DirectFile::read`], [`DirectFile::write`]); async calls own them and complete
+//!   through a callback ([`DirectFile::read_async`]) or a [`DioFuture`] that needs no
+//!   particular executor ([`DirectFile::read_future`], [`DioFuture::wait`]).
+//!
+//! # Alignment
+//!
+//! A request's offset and every buffer length must be multiples of the device's
+//! logical block, and buffer addresses multiples of its memory alignment; otherwise
+//! the call fails with [`Error::Misaligned`] (EINVAL), naming the offending part and
+//! the alignment required, and nothing is transferred. Ask with
+//! [`DirectFile::dio_align`] (what statx(STATX_DIOALIGN) reports) and allocate with
+//! [`AlignedBuf::new`] at [`Geometry::buffer_align`]. Requests aligned to the file
+//! system block are walked in fs blocks; finer ones in logical blocks, with partly
+//! written new blocks zeroed. Or set [`Flags::UNALIGNED`] and use any offset, length
+//! and address: dio pads with bounce buffers and read-modify-write, serialised against
+//! every other write that shares a block (the kernel answers EINVAL here).
+//!
+//! # Sync or async
+//!
+//! Sync calls wait for their requests (polling the device if its completions need
+//! polling, as io_uring's do). Async calls return at once and complete on whatever
+//! thread reaps the device; a write that extends the file runs synchronously unless
+//! [`Flags::ASYNC_EXTEND`] is set, because the size must not move before the data is
+//! on the device. Up to [`MAX_IN_FLIGHT`] requests of one call are in flight at once,
+//! so a huge call pins a bounded amount of memory. The `async_reader` example keeps
+//! many calls in flight with and without an executor.
+//!
+//! # Errors
+//!
+//! Every error is an [`Error`]: misalignment, limits, corrupt or incompatible images,
+//! device I/O errors with the device offset, memory faults; [`Error::errno`] gives the
+//! errno a kernel caller would have seen. Precedence follows the kernel: an error
+//! passed in (a map error) wins, then a memory fault, then an I/O error, else the byte
+//! count; but where the bytes before a failure are certainly done, dio reports that
+//! exact count instead of the error, so a retry can resume from an aligned position.
+//!
+//! # Guarantees, and the tests that prove them
+//!
+//! - **No stale data.** A read never returns bytes that were on the device before the
+//!   file owned the block: holes and unwritten extents read as zeros, partly written
+//!   new blocks are zeroed, a memory fault during a write leaves zeros in the blocks
+//!   already mapped (`tests/engine.rs`: `partial_write_of_new_block_zeroes_the_rest_of_it`,
+//!   `memory_fault_during_write_leaves_zeros_not_old_data_in_mapped_blocks`,
+//!   `failed_write_into_unwritten_extent_reveals_no_old_data_generic_252`;
+//!   `tests/model.rs` checks every read of random operation sequences against a byte
+//!   model on a device pre-filled with 0xAA; `tests/races.rs`: readers of a hole
+//!   being filled).
+//! - **Exact partial counts.** A short result means exactly those bytes are done;
+//!   a reported success means the data is there (`tests/engine.rs`:
+//!   `eio_on_a_chosen_request_gives_the_error_or_the_exact_partial_count`;
+//!   `tests/faults.rs` under random EIO injection).
+//! - **Truncate exclusion.** [`DirectFile::truncate`] waits for in-flight direct I/O
+//!   (`truncate_waits_for_in_flight_io`, `tests/races.rs`).
+//! - **Sub-block writes never lose each other's bytes** (fstests generic/240):
+//!   `two_sub_block_writes_into_different_halves_of_one_new_block_both_survive_generic_240`,
+//!   and for byte-granular writes the stress tests in `tests/unaligned.rs`.
+//! - **Durability.** With [`Flags::DSYNC`] a completed write survives a crash
+//!   (`dsync_makes_data_durable_before_completion`, on the RAM device's crash mode).
 
 #![warn(missing_docs)]
 

@@ -105,7 +105,8 @@ impl Geometry {
     }
 }
 
-/// Receives completed requests. The engine implements it; so does [`wait_one`].
+/// Receives completed requests. The engine implements it; so do the one-shot waits
+/// behind [`read_at`] and [`write_at`].
 pub trait Completion: Send + Sync {
     /// `req` finished with `result`. Called exactly once per submitted request, on
     /// whatever thread the device completes on.

@@ -1,0 +1,147 @@
+//! Copy an NBD export to a local file, skipping holes, or time 4 KiB random reads
+//! at a queue depth: the NBD client's speed without the CLI.
+//!
+//! ```sh
+//! cargo run --release --example nbd_bench -- copy nbd://127.0.0.1:10809/disk out.img
+//! cargo run --release --example nbd_bench -- randread nbd://127.0.0.1:10809/disk 32 5
+//! ```
+
+use std::collections::VecDeque;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use dio::device::nbd::NbdConfig;
+use dio::nbd_file::NbdFile;
+use dio::raw::{OpenOptions, RawFile};
+use dio::{AlignedBuf, Flags};
+
+const CHUNK: usize = 1 << 20;
+const QD: usize = 8;
+
+fn copy(src: &str, dst: &Path) -> dio::Result<()> {
+    let t = Instant::now();
+    let src = NbdFile::open_uri(src, false, &NbdConfig::default())?;
+    let size = src.size();
+    let out = RawFile::open(
+        dst,
+        &OpenOptions {
+            write: true,
+            create: true,
+            ..OpenOptions::default()
+        },
+    )?;
+    out.set_len(0)?;
+    out.set_len(size)?;
+    let mut pieces = VecDeque::new();
+    for e in src.extents(0, size)? {
+        if e.zero {
+            continue;
+        }
+        let mut at = e.offset;
+        while at < e.offset + e.len {
+            let n = (e.offset + e.len - at).min(CHUNK as u64);
+            pieces.push_back((at, n as usize));
+            at += n;
+        }
+    }
+    let data: u64 = pieces.iter().map(|p| p.1 as u64).sum();
+    let mut free: Vec<AlignedBuf> = (0..QD).map(|_| AlignedBuf::new(CHUNK, 4096)).collect();
+    let mut flight = VecDeque::new();
+    loop {
+        while let (Some(_), Some(mut buf)) = (pieces.front(), free.pop()) {
+            let (at, n) = pieces.pop_front().expect("checked");
+            // Whole blocks: the tail past EOF reads as zeros and is cut below.
+            let whole = n.div_ceil(4096) * 4096;
+            if whole != buf.len() {
+                buf = AlignedBuf::new(whole, 4096);
+            }
+            flight.push_back((at, n, src.direct().read_future(at, vec![buf], Flags::NONE)));
+        }
+        let Some((at, n, fut)) = flight.pop_front() else {
+            break;
+        };
+        let mut c = fut.wait();
+        let got = c.result?;
+        assert_eq!(got, n);
+        let buf = c.bufs.pop().expect("one buffer");
+        let whole = n.div_ceil(4096) * 4096;
+        out.direct()
+            .write_at(at, &buf[..whole.min(buf.len())], Flags::UNALIGNED)?;
+        if buf.len() == CHUNK {
+            free.push(buf);
+        } else {
+            free.push(AlignedBuf::new(CHUNK, 4096));
+        }
+    }
+    out.set_len(size)?;
+    let s = t.elapsed().as_secs_f64();
+    println!(
+        "copied {size} bytes ({data} of data) in {s:.3} s: {:.0} MB/s",
+        size as f64 / s / 1e6
+    );
+    Ok(())
+}
+
+fn randread(src: &str, qd: usize, secs: u64) -> dio::Result<()> {
+    let src = NbdFile::open_uri(src, false, &NbdConfig::default())?;
+    let blocks = src.size() / 4096;
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x % blocks) * 4096
+    };
+    let start = Instant::now();
+    let end = start + Duration::from_secs(secs);
+    let mut flight = VecDeque::new();
+    for _ in 0..qd {
+        flight.push_back((
+            Instant::now(),
+            src.direct()
+                .read_future(next(), vec![AlignedBuf::new(4096, 4096)], Flags::NONE),
+        ));
+    }
+    let mut lat = Vec::new();
+    while let Some((t0, fut)) = flight.pop_front() {
+        let c = fut.wait();
+        c.result?;
+        lat.push(t0.elapsed());
+        if Instant::now() < end {
+            flight.push_back((
+                Instant::now(),
+                src.direct().read_future(next(), c.bufs, Flags::NONE),
+            ));
+        }
+    }
+    let s = start.elapsed().as_secs_f64();
+    lat.sort();
+    let p = |q: f64| lat[((lat.len() as f64 * q) as usize).min(lat.len() - 1)];
+    println!(
+        "randread 4k qd{qd}: {:.0} IOPS, p50 {:?}, p99 {:?}",
+        lat.len() as f64 / s,
+        p(0.5),
+        p(0.99)
+    );
+    Ok(())
+}
+
+fn main() {
+    let a: Vec<String> = std::env::args().collect();
+    let r = match a.get(1).map(String::as_str) {
+        Some("copy") if a.len() == 4 => copy(&a[2], Path::new(&a[3])),
+        Some("randread") if a.len() >= 3 => randread(
+            &a[2],
+            a.get(3).and_then(|s| s.parse().ok()).unwrap_or(32),
+            a.get(4).and_then(|s| s.parse().ok()).unwrap_or(5),
+        ),
+        _ => {
+            eprintln!("usage: nbd_bench copy URI DST | randread URI [QD] [SECS]");
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = r {
+        eprintln!("nbd_bench: {e}");
+        std::process::exit(1);
+    }
+}
