@@ -396,6 +396,10 @@ impl DirectFile {
     /// [`Flags::LOCKING`] wait on the file lock), tells the block map, then sets the
     /// size.
     pub fn truncate(&self, size: u64) -> Result<()> {
+        let max = self.shared.map.max_file_size();
+        if size > max {
+            return Err(Error::TooLarge { end: size, max });
+        }
         let state = &self.shared.state;
         let _excl = state.lock_exclusive();
         let dev = &self.shared.dev;

@@ -92,7 +92,7 @@ pub(crate) fn walk(
     let mut left = 0u64;
     let mut dev_pos = 0u64;
     // Reads stop at EOF rounded up to the dio block (a partial last block is read).
-    let eof = (w.i_size + w.dio_block - 1) & !(w.dio_block - 1);
+    let eof = w.i_size.saturating_add(w.dio_block - 1) & !(w.dio_block - 1);
 
     let stop = loop {
         if pos >= end {

@@ -171,7 +171,7 @@ impl IdentityMap {
     pub fn new(block_size: u32, device_size: u64) -> IdentityMap {
         IdentityMap {
             block_size,
-            blocks: device_size.div_ceil(u64::from(block_size)),
+            blocks: device_size.div_ceil(u64::from(block_size.max(1))),
         }
     }
 }
