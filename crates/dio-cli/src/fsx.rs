@@ -51,6 +51,10 @@ pub struct FsxArgs {
     /// fs block of the RAM device's test map.
     #[arg(long, value_parser = parse_size, default_value = "4K")]
     block: u64,
+    /// Request limits of the RAM device, SEGMENTS:BYTES (e.g. 256:1M); random
+    /// from the seed by default.
+    #[arg(long, value_name = "SEGS:BYTES")]
+    limits: Option<String>,
     /// Only sector- and block-aligned calls (no byte-granular ones).
     #[arg(long)]
     aligned_only: bool,
@@ -154,7 +158,15 @@ fn open_target(a: &FsxArgs, seed: u64, span: &mut u64) -> Result<Target, Failure
         if *span < u64::from(block) {
             return Err(Failure::msg("the span must hold at least one block"));
         }
-        let cfg = MemTarget::new(*span, seed).faults(a.faults).fs_block(block);
+        let mut cfg = MemTarget::new(*span, seed).faults(a.faults).fs_block(block);
+        if let Some(l) = &a.limits {
+            let bad = || Failure::msg("--limits takes SEGMENTS:BYTES, e.g. 256:1M");
+            let (segs, bytes) = l.split_once(':').ok_or_else(bad)?;
+            let segs: u32 = segs.parse().map_err(|_| bad())?;
+            let bytes = parse_size(bytes).map_err(Failure::msg)?;
+            let bytes = u32::try_from(bytes).map_err(|_| bad())?;
+            cfg = cfg.limits(segs.max(1), bytes);
+        }
         return Target::mem(&cfg).map_err(|e| Failure::msg(e.to_string()));
     }
     if let Some((image, path)) = ext_location(&a.target) {

@@ -249,6 +249,9 @@ pub struct MemTarget {
     pub threaded: bool,
     /// Seed of the device limits, boundaries, shuffle and faults.
     pub seed: u64,
+    /// Request limits of the device (segments, bytes); random from the seed when
+    /// `None`.
+    pub limits: Option<(u32, u32)>,
 }
 
 impl MemTarget {
@@ -262,7 +265,13 @@ impl MemTarget {
             fault_rate: 0.0,
             threaded: true,
             seed,
+            limits: None,
         }
+    }
+    /// Set the device's request limits: most segments and bytes per request.
+    pub fn limits(mut self, segments: u32, bytes: u32) -> MemTarget {
+        self.limits = Some((segments, bytes));
+        self
     }
     /// Fail this fraction of requests.
     pub fn faults(mut self, rate: f64) -> MemTarget {
@@ -311,10 +320,13 @@ impl Target {
         let fs = u64::from(cfg.fs_block);
         let span = cfg.span.div_ceil(fs) * fs;
         let dev_size = span + (1 << 20);
+        // Some limits cut requests inside an fs block (6 KiB on 4 KiB blocks), so a
+        // failed request can leave a block half written.
         let segs = [4u32, 16, 256][rng.below(3) as usize];
-        let bytes = [16u32 << 10, 64 << 10, 1 << 20][rng.below(3) as usize];
-        let geo =
-            Geometry::new(cfg.logical_block, dev_size).with_limits(segs, bytes.max(cfg.fs_block));
+        let bytes = [6u32 << 10, 16 << 10, 64 << 10, 1 << 20][rng.below(4) as usize];
+        let (segs, bytes) = cfg.limits.unwrap_or((segs, bytes));
+        let bytes = (bytes / cfg.logical_block * cfg.logical_block).max(cfg.logical_block);
+        let geo = Geometry::new(cfg.logical_block, dev_size).with_limits(segs, bytes);
         let mut dcfg = MemDeviceConfig::new(dev_size, cfg.logical_block)
             .geometry(geo)
             .fill(STALE)
