@@ -922,3 +922,114 @@ fn bad_geometry_or_block_size_is_refused() {
     .unwrap_err();
     assert!(e.to_string().contains("fs block size 512"), "{e}");
 }
+
+/// An identity map whose lookups take a while, recording when they end.
+struct SlowMap {
+    inner: IdentityMap,
+    entered: std::sync::mpsc::SyncSender<()>,
+    done_at: Mutex<Option<std::time::Instant>>,
+}
+
+impl BlockMap for SlowMap {
+    fn block_size(&self) -> u32 {
+        4096
+    }
+    fn map(&self, b: u64, n: u64, c: bool) -> dio::Result<Extent> {
+        let _ = self.entered.try_send(());
+        thread::sleep(Duration::from_millis(100));
+        *self.done_at.lock().unwrap() = Some(std::time::Instant::now());
+        self.inner.map(b, n, c)
+    }
+}
+
+#[test]
+fn locking_read_holds_the_file_lock_during_lookups_and_drops_it_before_waiting() {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    let dev = Arc::new(MemDevice::new(MemDeviceConfig::new(MIB, 512).threaded(
+        Some(Duration::from_millis(300)),
+        false,
+        1,
+    )));
+    let map = Arc::new(SlowMap {
+        inner: IdentityMap::new(4096, MIB),
+        entered: tx,
+        done_at: Mutex::new(None),
+    });
+    let file = DirectFile::new(dev, map.clone(), Arc::new(FileState::new(MIB))).unwrap();
+    let f2 = file.clone();
+    let reader = thread::spawn(move || {
+        let mut b = AlignedBuf::new(4096, 4096);
+        let r = f2.read_at(0, &mut b, Flags::LOCKING);
+        (r, std::time::Instant::now())
+    });
+    rx.recv().unwrap();
+    // The lookup is running: the exclusive lock must wait for it to end...
+    let got_lock = {
+        let _g = file.state().lock_exclusive();
+        std::time::Instant::now()
+    };
+    let (r, read_done) = reader.join().unwrap();
+    assert_eq!(r.unwrap(), 4096);
+    let lookup_done = map.done_at.lock().unwrap().unwrap();
+    assert!(
+        got_lock >= lookup_done,
+        "the file lock was free during the lookup"
+    );
+    // ...but not for the I/O, which takes 300 ms after it.
+    assert!(
+        got_lock < read_done,
+        "the file lock was held while waiting for I/O"
+    );
+}
+
+#[test]
+fn skip_dio_count_leaves_the_in_flight_count_alone() {
+    let r = rig_with(
+        MemDeviceConfig::new(MIB, 512).threaded(Some(Duration::from_millis(100)), false, 1),
+        TestMapConfig::new(4096, 256),
+        65536,
+    );
+    r.map.map_written(0..16).unwrap();
+    let counted = r
+        .file
+        .read_future(0, vec![AlignedBuf::new(4096, 4096)], Flags::NONE);
+    assert_eq!(r.file.state().dio_count(), 1);
+    let skipped = r.file.read_future(
+        4096,
+        vec![AlignedBuf::new(4096, 4096)],
+        Flags::SKIP_DIO_COUNT,
+    );
+    assert_eq!(
+        r.file.state().dio_count(),
+        1,
+        "the skipped call is not counted"
+    );
+    counted.wait().result.unwrap();
+    skipped.wait().result.unwrap();
+    assert_eq!(r.file.state().dio_count(), 0);
+}
+
+#[test]
+fn nowait_write_answers_would_block_instead_of_waiting_for_a_shared_block() {
+    let r = rig_with(
+        MemDeviceConfig::new(MIB, 512).threaded(Some(Duration::from_millis(100)), false, 1),
+        TestMapConfig::new(4096, 256),
+        65536,
+    );
+    r.map.map_written(0..16).unwrap();
+    let first = r.file.write_future(0, vec![pattern(4096, 1)], Flags::NONE);
+    let e = r
+        .file
+        .write_at(1024, &pattern(512, 2), Flags::NOWAIT)
+        .unwrap_err();
+    assert!(matches!(e, Error::WouldBlock), "{e}");
+    assert_eq!(e.errno(), libc::EAGAIN);
+    // A write to another block goes ahead.
+    assert_eq!(
+        r.file
+            .write_at(8192, &pattern(4096, 3), Flags::NOWAIT)
+            .unwrap(),
+        4096
+    );
+    first.wait().result.unwrap();
+}
