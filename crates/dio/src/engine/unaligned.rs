@@ -97,6 +97,12 @@ impl Plan {
         }
     }
 
+    /// Bounce buffers for the partial head and tail blocks.
+    fn bounce_blocks(&self, file: &Shared) -> (Option<AlignedBuf>, Option<AlignedBuf>) {
+        let block = || AlignedBuf::new(self.lb as usize, file.geometry.buffer_align());
+        (self.head.then(block), self.tail.map(|_| block()))
+    }
+
     /// Caller bytes done, given `n` bytes done from `a0`.
     fn user_count(&self, n: usize) -> usize {
         ((self.a0 + n as u64).min(self.end)).saturating_sub(self.off) as usize
@@ -169,6 +175,26 @@ fn gather<'b>(bufs: impl IntoIterator<Item = &'b [u8]>, mut at: usize, mut dst: 
     }
 }
 
+/// The memory of a widened request: the head bounce, the caller's aligned middle
+/// (`refs` are the caller's buffers laid end to end), the tail bounce.
+fn widened<'a>(
+    scope: &buf::IoScope<'a>,
+    plan: &Plan,
+    refs: &[MemRef],
+    head: Option<&'a mut AlignedBuf>,
+    tail: Option<&'a mut AlignedBuf>,
+) -> Vec<MemRef> {
+    let mut mem = Vec::with_capacity(refs.len() + 2);
+    if let Some(h) = head {
+        mem.push(scope.lend_buf(h));
+    }
+    sub_refs(refs, plan.m0 - plan.off, plan.m1 - plan.off, &mut mem);
+    if let Some(t) = tail {
+        mem.push(scope.lend_buf(t));
+    }
+    mem
+}
+
 fn run_sync(
     file: &Arc<Shared>,
     op: Op,
@@ -235,20 +261,43 @@ pub(crate) fn read(
     if middle_is_direct(file, &plan, &pieces_mut(bufs)) {
         return read_direct(file, &plan, bufs, flags);
     }
-    // Bounce through aligned memory, a chunk at a time. The chunk keeps the file
-    // position's phase within a block so its middle is aligned.
+    // Bounce through aligned memory, a chunk at a time.
     let mut bounce = AlignedBuf::new((BOUNCE_CHUNK + lb) as usize, file.geometry.buffer_align());
+    by_chunks(off, len, lb, |pos, phase, n, done| {
+        let chunk = &mut bounce[phase..phase + n];
+        let got = read_direct(
+            file,
+            &Plan::new(pos, n as u64, lb),
+            &mut [IoSliceMut::new(chunk)],
+            flags,
+        )?;
+        scatter(bufs, done, &bounce[phase..phase + got]);
+        Ok(got)
+    })
+}
+
+/// Run `step(position, phase, length, done so far)` over `[off, off + len)` in
+/// bounce-sized chunks, each placed at its file position's phase within a block
+/// so that its middle is memory-aligned. Stops at a short step; an error after
+/// some bytes are done ends with those bytes (an exact partial count).
+fn by_chunks(
+    off: u64,
+    len: u64,
+    lb: u64,
+    mut step: impl FnMut(u64, usize, usize, usize) -> Result<usize>,
+) -> Result<usize> {
     let mut done = 0u64;
     while done < len {
         let pos = off + done;
         let phase = (pos & (lb - 1)) as usize;
         let n = (len - done).min(BOUNCE_CHUNK - phase as u64) as usize;
-        let chunk = &mut bounce[phase..phase + n];
-        let plan = Plan::new(pos, n as u64, lb);
-        let got = read_direct(file, &plan, &mut [IoSliceMut::new(chunk)], flags)?;
-        scatter(bufs, done as usize, &bounce[phase..phase + got]);
-        done += got as u64;
-        if got < n {
+        let moved = match step(pos, phase, n, done as usize) {
+            Ok(m) => m,
+            Err(e) if done == 0 => return Err(e),
+            Err(_) => break,
+        };
+        done += moved as u64;
+        if moved < n {
             break;
         }
     }
@@ -263,24 +312,12 @@ fn read_direct(
     flags: Flags,
 ) -> Result<usize> {
     let lb = plan.lb as usize;
-    let mut head = plan
-        .head
-        .then(|| AlignedBuf::new(lb, file.geometry.buffer_align()));
-    let mut tail = plan
-        .tail
-        .map(|_| AlignedBuf::new(lb, file.geometry.buffer_align()));
+    let (mut head, mut tail) = plan.bounce_blocks(file);
     let n = buf::io_scope(
         || {},
         |scope| {
             let refs = scope.lend_mut(bufs);
-            let mut mem = Vec::with_capacity(refs.len() + 2);
-            if let Some(h) = head.as_mut() {
-                mem.push(scope.lend_buf(h));
-            }
-            sub_refs(refs, plan.m0 - plan.off, plan.m1 - plan.off, &mut mem);
-            if let Some(t) = tail.as_mut() {
-                mem.push(scope.lend_buf(t));
-            }
+            let mem = widened(scope, plan, refs, head.as_mut(), tail.as_mut());
             run_sync(file, Op::Read, plan.a0, &mem, flags, Extra::default())
         },
     )?;
@@ -327,33 +364,15 @@ pub(crate) fn write(
         return write_direct(file, &plan, bufs, flags);
     }
     let mut bounce = AlignedBuf::new((BOUNCE_CHUNK + lb) as usize, file.geometry.buffer_align());
-    let mut done = 0u64;
-    while done < len {
-        let pos = off + done;
-        let phase = (pos & (lb - 1)) as usize;
-        let n = (len - done).min(BOUNCE_CHUNK - phase as u64) as usize;
+    by_chunks(off, len, lb, |pos, phase, n, done| {
         gather(
             bufs.iter().map(|b| &b[..]),
-            done as usize,
+            done,
             &mut bounce[phase..phase + n],
         );
-        let plan = Plan::new(pos, n as u64, lb);
-        let put = match write_direct(
-            file,
-            &plan,
-            &[IoSlice::new(&bounce[phase..phase + n])],
-            flags,
-        ) {
-            Ok(put) => put,
-            Err(e) if done == 0 => return Err(e),
-            Err(_) => break,
-        };
-        done += put as u64;
-        if put < n {
-            break;
-        }
-    }
-    Ok(done as usize)
+        let chunk = [IoSlice::new(&bounce[phase..phase + n])];
+        write_direct(file, &Plan::new(pos, n as u64, lb), &chunk, flags)
+    })
 }
 
 /// The write of a plan whose middle can come straight from the caller's memory.
@@ -365,12 +384,7 @@ fn write_direct(
 ) -> Result<usize> {
     let lb = plan.lb as usize;
     let range = lock_range(file, plan, flags)?;
-    let mut head = plan
-        .head
-        .then(|| AlignedBuf::new(lb, file.geometry.buffer_align()));
-    let mut tail = plan
-        .tail
-        .map(|_| AlignedBuf::new(lb, file.geometry.buffer_align()));
+    let (mut head, mut tail) = plan.bounce_blocks(file);
     let patched = (|| -> Result<()> {
         if let Some(h) = head.as_mut() {
             read_block(file, plan.a0, h, flags)?;
@@ -400,14 +414,7 @@ fn write_direct(
         || {},
         |scope| {
             let refs = scope.lend(bufs);
-            let mut mem = Vec::with_capacity(refs.len() + 2);
-            if let Some(h) = head.as_mut() {
-                mem.push(scope.lend_buf(h));
-            }
-            sub_refs(refs, plan.m0 - plan.off, plan.m1 - plan.off, &mut mem);
-            if let Some(t) = tail.as_mut() {
-                mem.push(scope.lend_buf(t));
-            }
+            let mem = widened(scope, plan, refs, head.as_mut(), tail.as_mut());
             run_sync(file, Op::Write, plan.a0, &mem, flags, extra)
         },
     )?;
