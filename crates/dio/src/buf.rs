@@ -159,6 +159,41 @@ unsafe impl OwnedBuf for Box<[u8]> {
     }
 }
 
+/// A window `[start, start + len)` of an owned buffer, itself an owned buffer: for
+/// placing data at an offset within an aligned allocation (byte-granular I/O goes
+/// zero-copy when the memory of the aligned middle is aligned, i.e. when the
+/// buffer's address matches the file offset modulo the logical block).
+#[derive(Debug)]
+pub struct Window<B> {
+    buf: B,
+    start: usize,
+    len: usize,
+}
+
+impl<B: OwnedBuf> Window<B> {
+    /// The window of `buf` from `start`, `len` bytes long; `None` if it does not
+    /// fit.
+    pub fn new(buf: B, start: usize, len: usize) -> Option<Window<B>> {
+        let end = start.checked_add(len)?;
+        (end <= buf.len()).then_some(Window { buf, start, len })
+    }
+    /// The whole buffer back.
+    pub fn into_inner(self) -> B {
+        self.buf
+    }
+}
+
+// SAFETY: the window lies inside the inner buffer (checked in `new`), whose memory
+// is stable across moves per its own OwnedBuf contract.
+unsafe impl<B: OwnedBuf> OwnedBuf for Window<B> {
+    fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.buf.as_mut_ptr().wrapping_add(self.start)
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+
 /// A reference to memory that a device request reads from (writes) or fills
 /// (reads): the user-space counterpart of a pinned page range in a bio.
 ///

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use common::{rig_with, STALE};
 use dio::device::mem::MemDeviceConfig;
-use dio::{AlignedBuf, DirectFile, Flags, TestMapConfig};
+use dio::{AlignedBuf, DirectFile, Flags, OwnedBuf, TestMapConfig, Window};
 use proptest::prelude::*;
 
 const SPAN: u64 = 64 * 1024;
@@ -117,6 +117,18 @@ fn check_read(
     Ok(())
 }
 
+/// An owned buffer for `len` bytes at file offset `off`: at the offset's phase
+/// within a 4 KiB page when `skew` is 0, else `skew` bytes past it.
+fn window(off: u64, len: u64, skew: usize) -> Window<AlignedBuf> {
+    let phase = (off % 4096) as usize + skew;
+    Window::new(
+        AlignedBuf::new(phase + len as usize, 4096),
+        phase,
+        len as usize,
+    )
+    .unwrap()
+}
+
 fn run_batches(file: &DirectFile, batches: Vec<Batch>) -> Result<(), TestCaseError> {
     let mut m = Model::new((SPAN + 9000) as usize);
     for b in batches {
@@ -134,22 +146,24 @@ fn run_batches(file: &DirectFile, batches: Vec<Batch>) -> Result<(), TestCaseErr
                 .ops
                 .iter()
                 .map(|o| match *o {
-                    Op::Write { off, len, val } => (
-                        o.clone(),
-                        file.write_future(
-                            off,
-                            vec![vec![val; len as usize]],
-                            U | Flags::ASYNC_EXTEND,
-                        ),
-                    ),
+                    // With skew 0 the memory sits at the offset's phase (the
+                    // zero-copy middle), otherwise anywhere (bounced).
+                    Op::Write { off, len, val } => {
+                        let mut w = window(off, len, b.skew);
+                        w.as_mut_slice().fill(val);
+                        (
+                            o.clone(),
+                            file.write_future(off, vec![w], U | Flags::ASYNC_EXTEND),
+                        )
+                    }
                     Op::Read { off, len } => (
                         o.clone(),
-                        file.read_future(off, vec![vec![0u8; len as usize]], U),
+                        file.read_future(off, vec![window(off, len, b.skew)], U),
                     ),
                 })
                 .collect();
             for (o, f) in futs {
-                let c = f.wait();
+                let mut c = f.wait();
                 match o {
                     Op::Write { off, len, .. } => {
                         let n = c
@@ -161,7 +175,7 @@ fn run_batches(file: &DirectFile, batches: Vec<Batch>) -> Result<(), TestCaseErr
                         let n = c
                             .result
                             .map_err(|e| fail(format!("read {off}+{len}: {e}")))?;
-                        check_read(&m, off, len, &writes, n, &c.bufs[0])?;
+                        check_read(&m, off, len, &writes, n, c.bufs[0].as_mut_slice())?;
                     }
                 }
             }

@@ -103,6 +103,34 @@ impl Plan {
         (self.head.then(block), self.tail.map(|_| block()))
     }
 
+    /// After a read of `n` bytes from `a0`: copy the caller's parts of the head and
+    /// tail bounce blocks into the caller's buffers.
+    fn deliver_ends<'b>(
+        &self,
+        n: usize,
+        head: Option<&[u8]>,
+        tail: Option<&[u8]>,
+        bufs: impl IntoIterator<Item = &'b mut [u8]>,
+    ) {
+        let got_end = (self.a0 + n as u64).min(self.end);
+        let mut bufs: Vec<&mut [u8]> = bufs.into_iter().collect();
+        if let Some(h) = head {
+            let from = (self.off - self.a0) as usize;
+            let to = ((got_end.max(self.off) - self.a0) as usize).min(self.lb as usize);
+            scatter(bufs.iter_mut().map(|b| &mut **b), 0, &h[from..to]);
+        }
+        if let (Some(t), Some(t0)) = (tail, self.tail) {
+            if got_end > t0 {
+                let at = (t0 - self.off) as usize;
+                scatter(
+                    bufs.iter_mut().map(|b| &mut **b),
+                    at,
+                    &t[..(got_end - t0) as usize],
+                );
+            }
+        }
+    }
+
     /// Caller bytes done, given `n` bytes done from `a0`.
     fn user_count(&self, n: usize) -> usize {
         ((self.a0 + n as u64).min(self.end)).saturating_sub(self.off) as usize
@@ -142,8 +170,8 @@ fn sub_refs(mem: &[MemRef], from: u64, to: u64, out: &mut Vec<MemRef>) {
 }
 
 /// Copy `src` into the caller's buffers, starting at byte `at` of them.
-fn scatter(bufs: &mut [IoSliceMut<'_>], mut at: usize, mut src: &[u8]) {
-    for b in bufs.iter_mut() {
+fn scatter<'b>(bufs: impl IntoIterator<Item = &'b mut [u8]>, mut at: usize, mut src: &[u8]) {
+    for b in bufs {
         if src.is_empty() {
             return;
         }
@@ -221,6 +249,31 @@ fn read_block(file: &Arc<Shared>, pos: u64, block: &mut [u8], flags: Flags) -> R
     Ok(())
 }
 
+/// Read the partial head and tail blocks of a write and patch the caller's bytes
+/// (`src`, laid end to end) into them: the read-modify-write, done under the
+/// block-range lock.
+fn read_modify(
+    file: &Arc<Shared>,
+    plan: &Plan,
+    head: Option<&mut [u8]>,
+    tail: Option<&mut [u8]>,
+    src: &[&[u8]],
+    flags: Flags,
+) -> Result<()> {
+    if let Some(h) = head {
+        read_block(file, plan.a0, h, flags)?;
+        let from = (plan.off - plan.a0) as usize;
+        let to = ((plan.end - plan.a0) as usize).min(plan.lb as usize);
+        gather(src.iter().copied(), 0, &mut h[from..to]);
+    }
+    if let (Some(t), Some(t0)) = (tail, plan.tail) {
+        read_block(file, t0, t, flags)?;
+        let at = (t0 - plan.off) as usize;
+        gather(src.iter().copied(), at, &mut t[..(plan.end - t0) as usize]);
+    }
+    Ok(())
+}
+
 fn too_large(file: &Shared, off: u64, len: u64) -> Result<()> {
     let max = file.map.max_file_size();
     match off.checked_add(len) {
@@ -271,7 +324,11 @@ pub(crate) fn read(
             &mut [IoSliceMut::new(chunk)],
             flags,
         )?;
-        scatter(bufs, done, &bounce[phase..phase + got]);
+        scatter(
+            bufs.iter_mut().map(|b| &mut **b),
+            done,
+            &bounce[phase..phase + got],
+        );
         Ok(got)
     })
 }
@@ -311,7 +368,6 @@ fn read_direct(
     bufs: &mut [IoSliceMut<'_>],
     flags: Flags,
 ) -> Result<usize> {
-    let lb = plan.lb as usize;
     let (mut head, mut tail) = plan.bounce_blocks(file);
     let n = buf::io_scope(
         || {},
@@ -321,21 +377,12 @@ fn read_direct(
             run_sync(file, Op::Read, plan.a0, &mem, flags, Extra::default())
         },
     )?;
-    let got_end = (plan.a0 + n as u64).min(plan.end);
-    if let Some(h) = &head {
-        let from = (plan.off - plan.a0) as usize;
-        let to = ((got_end.max(plan.off) - plan.a0) as usize).min(lb);
-        scatter(bufs, 0, &h[from..to]);
-    }
-    if let (Some(t), Some(t0)) = (&tail, plan.tail) {
-        if got_end > t0 {
-            scatter(
-                bufs,
-                (t0 - plan.off) as usize,
-                &t[..(got_end - t0) as usize],
-            );
-        }
-    }
+    plan.deliver_ends(
+        n,
+        head.as_deref(),
+        tail.as_deref(),
+        bufs.iter_mut().map(|b| &mut **b),
+    );
     Ok(plan.user_count(n))
 }
 
@@ -382,26 +429,17 @@ fn write_direct(
     bufs: &[IoSlice<'_>],
     flags: Flags,
 ) -> Result<usize> {
-    let lb = plan.lb as usize;
     let range = lock_range(file, plan, flags)?;
     let (mut head, mut tail) = plan.bounce_blocks(file);
-    let patched = (|| -> Result<()> {
-        if let Some(h) = head.as_mut() {
-            read_block(file, plan.a0, h, flags)?;
-            let from = (plan.off - plan.a0) as usize;
-            let to = ((plan.end - plan.a0) as usize).min(lb);
-            gather(bufs.iter().map(|b| &b[..]), 0, &mut h[from..to]);
-        }
-        if let (Some(t), Some(t0)) = (tail.as_mut(), plan.tail) {
-            read_block(file, t0, t, flags)?;
-            gather(
-                bufs.iter().map(|b| &b[..]),
-                (t0 - plan.off) as usize,
-                &mut t[..(plan.end - t0) as usize],
-            );
-        }
-        Ok(())
-    })();
+    let src: Vec<&[u8]> = bufs.iter().map(|b| &b[..]).collect();
+    let patched = read_modify(
+        file,
+        plan,
+        head.as_deref_mut(),
+        tail.as_deref_mut(),
+        &src,
+        flags,
+    );
     if let Err(e) = patched {
         file.state.ranges().unlock(range.0, range.1);
         return Err(e);
@@ -421,8 +459,37 @@ fn write_direct(
     Ok(plan.user_count(n))
 }
 
-/// An async read at any offset: the widened range is read into one aligned bounce
-/// buffer and copied into the caller's buffers at completion.
+/// The memory of a widened async request from owned buffers: bounce blocks for
+/// the partial ends, the caller's buffers for the aligned middle. `blocks` holds the
+/// bounce blocks (head first) and must live until the request completes.
+fn widened_owned<B: OwnedBuf>(
+    plan: &Plan,
+    blocks: &mut [AlignedBuf],
+    bufs: &mut [B],
+) -> Vec<MemRef> {
+    let ends = buf::lend_owned(blocks);
+    let refs = buf::lend_owned(bufs);
+    let mut mem = Vec::with_capacity(refs.len() + 2);
+    if plan.head {
+        mem.push(ends[0]);
+    }
+    sub_refs(&refs, plan.m0 - plan.off, plan.m1 - plan.off, &mut mem);
+    if plan.tail.is_some() {
+        mem.push(ends[ends.len() - 1]);
+    }
+    mem
+}
+
+fn owned_pieces<B: OwnedBuf>(bufs: &mut [B]) -> Vec<(usize, usize)> {
+    bufs.iter_mut()
+        .map(|b| (b.as_mut_ptr() as usize, b.len()))
+        .collect()
+}
+
+/// An async read at any offset. When the caller's memory suits the aligned middle,
+/// only the partial end blocks are bounced; otherwise the widened range is read
+/// into one aligned bounce buffer. Copies into the caller's buffers happen at
+/// completion.
 pub(crate) fn read_async<B: OwnedBuf>(
     file: &Arc<Shared>,
     off: u64,
@@ -438,26 +505,48 @@ pub(crate) fn read_async<B: OwnedBuf>(
         });
     }
     let plan = Plan::new(off, len, u64::from(file.geometry.logical_block));
-    let mut bounce = vec![AlignedBuf::new(
-        (plan.a1 - plan.a0) as usize,
-        file.geometry.buffer_align(),
-    )];
-    let mem = buf::lend_owned(&mut bounce);
-    let finish = Box::new(move |r: Result<usize>| {
-        let result = r.map(|n| {
-            let user = plan.user_count(n);
-            let from = (plan.off - plan.a0) as usize;
-            let mut src = &bounce[0][from..from + user];
-            for b in bufs.iter_mut() {
-                let dst = b.as_mut_slice();
-                let k = dst.len().min(src.len());
-                dst[..k].copy_from_slice(&src[..k]);
-                src = &src[k..];
-            }
-            user
+    let direct = middle_is_direct(file, &plan, &owned_pieces(&mut bufs));
+    let (mem, finish): (Vec<MemRef>, super::complete::Done) = if direct {
+        let (head, tail) = plan.bounce_blocks(file);
+        let has_head = head.is_some();
+        let mut blocks: Vec<AlignedBuf> = head.into_iter().chain(tail).collect();
+        let mem = widened_owned(&plan, &mut blocks, &mut bufs);
+        let finish = Box::new(move |r: Result<usize>| {
+            let result = r.map(|n| {
+                let head = if has_head { blocks.first() } else { None };
+                let tail = plan.tail.and(blocks.last());
+                plan.deliver_ends(
+                    n,
+                    head.map(|b| &b[..]),
+                    tail.map(|b| &b[..]),
+                    bufs.iter_mut().map(|b| b.as_mut_slice()),
+                );
+                plan.user_count(n)
+            });
+            done(Completed { result, bufs });
         });
-        done(Completed { result, bufs });
-    });
+        (mem, finish)
+    } else {
+        let mut bounce = vec![AlignedBuf::new(
+            (plan.a1 - plan.a0) as usize,
+            file.geometry.buffer_align(),
+        )];
+        let mem = buf::lend_owned(&mut bounce);
+        let finish = Box::new(move |r: Result<usize>| {
+            let result = r.map(|n| {
+                let user = plan.user_count(n);
+                let from = (plan.off - plan.a0) as usize;
+                scatter(
+                    bufs.iter_mut().map(|b| b.as_mut_slice()),
+                    0,
+                    &bounce[0][from..from + user],
+                );
+                user
+            });
+            done(Completed { result, bufs });
+        });
+        (mem, finish)
+    };
     request::run(
         file,
         Op::Read,
@@ -471,8 +560,9 @@ pub(crate) fn read_async<B: OwnedBuf>(
 }
 
 /// An async write at any offset: the partial blocks are read and patched in the
-/// caller's thread, then the widened range is written from one bounce buffer, with
-/// the block range locked until it completes.
+/// caller's thread (read-modify-write), then the widened range is written, the
+/// middle straight from the caller's buffers when their memory suits it, else from
+/// one bounce buffer; the block range stays locked until the write completes.
 pub(crate) fn write_async<B: OwnedBuf>(
     file: &Arc<Shared>,
     off: u64,
@@ -501,6 +591,7 @@ pub(crate) fn write_async<B: OwnedBuf>(
     }
     let lb = u64::from(file.geometry.logical_block);
     let plan = Plan::new(off, len, lb);
+    let direct = middle_is_direct(file, &plan, &owned_pieces(&mut bufs));
     let range = match lock_range(file, &plan, flags) {
         Ok(r) => r,
         Err(e) => {
@@ -510,28 +601,43 @@ pub(crate) fn write_async<B: OwnedBuf>(
             })
         }
     };
-    let mut bounce = vec![AlignedBuf::new(
-        (plan.a1 - plan.a0) as usize,
-        file.geometry.buffer_align(),
-    )];
-    let lbu = lb as usize;
-    let patched = (|| -> Result<()> {
-        let b = &mut bounce[0];
-        if plan.head {
-            read_block(file, plan.a0, &mut b[..lbu], flags)?;
-        }
-        if let Some(t0) = plan.tail {
-            let at = (t0 - plan.a0) as usize;
-            read_block(file, t0, &mut b[at..at + lbu], flags)?;
-        }
-        let from = (plan.off - plan.a0) as usize;
-        gather(
-            bufs.iter_mut().map(|x| &*x.as_mut_slice()),
-            0,
-            &mut b[from..from + len as usize],
+    let mut blocks: Vec<AlignedBuf> = Vec::new();
+    let patched = if direct {
+        let (mut head, mut tail) = plan.bounce_blocks(file);
+        let src: Vec<&[u8]> = bufs.iter_mut().map(|b| &*b.as_mut_slice()).collect();
+        let r = read_modify(
+            file,
+            &plan,
+            head.as_deref_mut(),
+            tail.as_deref_mut(),
+            &src,
+            flags,
         );
-        Ok(())
-    })();
+        blocks.extend(head.into_iter().chain(tail));
+        r
+    } else {
+        // One bounce buffer for the whole widened range.
+        let mut b = AlignedBuf::new((plan.a1 - plan.a0) as usize, file.geometry.buffer_align());
+        let lbu = lb as usize;
+        let tail_at = plan.tail.map(|t0| (t0 - plan.a0) as usize);
+        let r = (|| -> Result<()> {
+            if plan.head {
+                read_block(file, plan.a0, &mut b[..lbu], flags)?;
+            }
+            if let Some(at) = tail_at {
+                read_block(file, plan.a0 + at as u64, &mut b[at..at + lbu], flags)?;
+            }
+            let from = (plan.off - plan.a0) as usize;
+            gather(
+                bufs.iter_mut().map(|x| &*x.as_mut_slice()),
+                0,
+                &mut b[from..from + len as usize],
+            );
+            Ok(())
+        })();
+        blocks.push(b);
+        r
+    };
     if let Err(e) = patched {
         file.state.ranges().unlock(range.0, range.1);
         return done(Completed {
@@ -539,9 +645,13 @@ pub(crate) fn write_async<B: OwnedBuf>(
             bufs,
         });
     }
-    let mem = buf::lend_owned(&mut bounce);
+    let mem = if direct {
+        widened_owned(&plan, &mut blocks, &mut bufs)
+    } else {
+        buf::lend_owned(&mut blocks)
+    };
     let finish = Box::new(move |r: Result<usize>| {
-        drop(bounce);
+        drop(blocks);
         done(Completed {
             result: r.map(|n| plan.user_count(n)),
             bufs,
