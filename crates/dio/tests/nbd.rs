@@ -719,6 +719,9 @@ enum Misdeed {
     HangUpMidReply,
     /// Nothing at all (a stall).
     Silence,
+    /// Not a violation: a write acknowledged before its data is read (the client
+    /// is still sending when the reply arrives). Reads are answered honestly.
+    EarlyWriteReply,
 }
 
 fn be32(b: &[u8]) -> u32 {
@@ -794,14 +797,23 @@ fn fake_server(mut s: UnixStream, misdeed: Misdeed) {
         let len = be32(&h[24..]) as usize;
         match ty {
             1 => {
-                let mut d = vec![0u8; len];
-                s.read_exact(&mut d).unwrap();
                 let mut r = 0x6744_6698u32.to_be_bytes().to_vec();
                 r.extend_from_slice(&0u32.to_be_bytes());
                 r.extend_from_slice(&cookie.to_be_bytes());
-                let _ = s.write_all(&r);
+                let mut d = vec![0u8; len];
+                if matches!(misdeed, Misdeed::EarlyWriteReply) {
+                    let _ = s.write_all(&r);
+                    thread::sleep(Duration::from_millis(200));
+                    s.read_exact(&mut d).unwrap();
+                } else {
+                    s.read_exact(&mut d).unwrap();
+                    let _ = s.write_all(&r);
+                }
             }
             2 => return,
+            0 if matches!(misdeed, Misdeed::EarlyWriteReply) => {
+                let _ = s.write_all(&data_chunk(1, cookie, offset, len));
+            }
             0 => {
                 let msg = match misdeed {
                     Misdeed::UnknownCookie => data_chunk(1, cookie ^ 0xdead, offset, len),
@@ -827,10 +839,9 @@ fn fake_server(mut s: UnixStream, misdeed: Misdeed) {
                         let _ = s.write_all(&v);
                         return;
                     }
-                    Misdeed::Silence => {
-                        thread::sleep(Duration::from_secs(20));
-                        return;
-                    }
+                    Misdeed::EarlyWriteReply => unreachable!("answered above"),
+                    // Say nothing; the client's hang-up ends the read below.
+                    Misdeed::Silence => Vec::new(),
                 };
                 let _ = s.write_all(&msg);
                 // Keep the socket open: the client must hang up by itself.
@@ -862,14 +873,7 @@ fn protocol_violations_fail_requests_and_kill_the_connection_without_panics() {
         HangUpMidReply,
         Silence,
     ] {
-        let dir = scratch("fake");
-        let sock = dir.join("s");
-        let listener = UnixListener::bind(&sock).unwrap();
-        let server = thread::spawn(move || {
-            let (s, _) = listener.accept().unwrap();
-            fake_server(s, misdeed);
-        });
-        let uri = NbdUri::unix(&sock, "");
+        let (uri, server, dir) = fake(misdeed);
         let outcome = bounded(20, move || {
             let c = cfg().timeout(Duration::from_millis(500));
             let f = NbdFile::open(&uri, true, &c).unwrap();
@@ -902,6 +906,39 @@ fn protocol_violations_fail_requests_and_kill_the_connection_without_panics() {
         let _ = server.join();
         let _ = std::fs::remove_dir_all(&dir);
     }
+}
+
+/// Listen on a fresh Unix socket and serve one connection with `misdeed`.
+fn fake(misdeed: Misdeed) -> (NbdUri, thread::JoinHandle<()>, PathBuf) {
+    let dir = scratch("fake");
+    let sock = dir.join("s");
+    let listener = UnixListener::bind(&sock).unwrap();
+    let server = thread::spawn(move || {
+        let (s, _) = listener.accept().unwrap();
+        fake_server(s, misdeed);
+    });
+    (NbdUri::unix(&sock, ""), server, dir)
+}
+
+#[test]
+fn a_write_acknowledged_while_still_sending_completes_after_the_send() {
+    let (uri, server, dir) = fake(Misdeed::EarlyWriteReply);
+    bounded(20, move || {
+        let f = NbdFile::open(&uri, true, &cfg()).unwrap();
+        // Larger than the socket buffers: the send is still going when the reply
+        // is read.
+        let d = pattern(MIB, 13);
+        assert_eq!(
+            f.direct().write_at(0, &aligned(&d), Flags::NONE).unwrap(),
+            MIB
+        );
+        let mut back = AlignedBuf::new(8192, 4096);
+        f.direct().read_at(0, &mut back, Flags::NONE).unwrap();
+        assert!(back.iter().all(|&x| x == 0x5a));
+        assert!(f.device().dead().is_none());
+    });
+    let _ = server.join();
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -104,13 +104,6 @@ pub struct Allocation {
     pub zero: bool,
 }
 
-impl Allocation {
-    /// Whether a copy may skip the range: it reads as zeros.
-    pub fn is_zero(&self) -> bool {
-        self.zero
-    }
-}
-
 /// Why the connection died; every request that meets it gets this error.
 #[derive(Debug, Clone)]
 struct Dead {
@@ -619,7 +612,7 @@ impl Shared {
         }
         if let Some(mut e) = early {
             let r = e.early.take().unwrap_or(Ok(()));
-            self.finish(e.target, r, Vec::new());
+            self.finish(e.target, r, e.extents);
         }
     }
 
@@ -752,11 +745,19 @@ impl Patience for Watch<'_> {
 
 fn reader_main(shared: &Arc<Shared>, stream: Stream) {
     let mut inc = Incoming::new(stream);
-    let why = loop {
+    // A completion callback that panics must not leave the requests behind it
+    // waiting forever: the connection ends and they fail.
+    let run = std::panic::AssertUnwindSafe(|| loop {
         if let Err(d) = read_reply(shared, &mut inc) {
             break d;
         }
-    };
+    });
+    let why = std::panic::catch_unwind(run).unwrap_or_else(|_| {
+        Dead::new(
+            io::ErrorKind::Other,
+            "NBD reader stopped: a completion panicked",
+        )
+    });
     shared.drain(why);
 }
 
