@@ -57,16 +57,14 @@ fn eio_on_random_requests_gives_errors_or_exact_counts_and_no_stale_data() {
     assert!(total.faults.injected() > 0);
 }
 
-/// A write into fresh blocks whose second device request fails returns the bytes
-/// before that request. When the failed request began inside an fs block (the
-/// device's request limit is not a multiple of the fs block, or the caller's memory
-/// is not page aligned), the block map converts that half-written block, and its
-/// other half keeps whatever the device held: 0xAA here, an old file's data when a
-/// freed block is reused. It shows as soon as i_size covers it (rule 10: a read
-/// never returns bytes the file never wrote). fsx finds it within seconds:
-/// `dio fsx mem:2M --faults 0.02 --seed 203`.
+/// A write into fresh blocks whose second device request fails, when that request
+/// began inside an fs block (the device's request limit is not a multiple of the fs
+/// block, or the caller's memory is not page aligned): the engine reports whole fs
+/// blocks only, so the map never converts the half-written block, whose other half
+/// keeps whatever the device held (0xAA here, an old file's data when a freed block
+/// is reused). Rule 10: a read never returns bytes the file never wrote. fsx found
+/// it: `dio fsx mem:2M --faults 0.02 --seed 203`.
 #[test]
-#[ignore = "engine bug: a partial count after EIO may end inside a fresh fs block (see the report)"]
 fn failed_request_inside_a_fresh_block_exposes_no_stale_data() {
     use dio::device::mem::MemDeviceConfig;
     use dio::{AlignedBuf, DirectFile, FileState, Flags, Geometry, MemDevice};

@@ -212,7 +212,15 @@ impl Dio {
         // request (everything before it in the file completed), and for reads at EOF.
         let mut done = walked;
         if let Some((at, _)) = &io_error {
-            done = done.min(at.saturating_sub(self.offset));
+            let mut good_end = (*at).max(self.offset);
+            if self.op == Op::Write {
+                // A failed request may begin inside an fs block: report only whole
+                // blocks, so the map never converts a half-written fresh block
+                // whose other half still holds the device's old bytes.
+                let fs = u64::from(self.file.fs_block);
+                good_end = (good_end & !(fs - 1)).max(self.offset);
+            }
+            done = done.min(good_end - self.offset);
         }
         if self.op == Op::Read {
             done = done.min(self.i_size.saturating_sub(self.offset));
