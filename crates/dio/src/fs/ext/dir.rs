@@ -256,7 +256,9 @@ impl<'a> Dir<'a> {
                 return Err(self.bad(b, "index has no room for its checksum"));
             }
             let mut c = crc32c(self.seed, &block[..at + count * 8]);
+            // The tail's reserved word, then its checksum field as zeros.
             c = crc32c(c, &block[t..t + 4]);
+            c = crc32c(c, &[0; 4]);
             let want = le32(block, t + 4);
             if want != c {
                 return Err(self.bad(

@@ -386,6 +386,17 @@ impl Ext {
         layout.runs(inode.size.div_ceil(bs))
     }
 
+    /// The block map of a file, as the engine sees it (no allocation; ext2/3
+    /// mappings that end at the last pointer of an indirect block carry the
+    /// boundary flag).
+    pub fn block_map(&self, inode: &Inode) -> Result<Arc<dyn crate::BlockMap>> {
+        Ok(Arc::new(ExtMap {
+            layout: Layout::of(&self.fs, inode)?,
+            block_size: self.fs.sb.block_size,
+            max_size: self.fs.max_file_size(inode),
+        }))
+    }
+
     /// Open a file's data: regular files (and anything else with data blocks) read
     /// through the engine; inline data from the inode.
     pub fn open_file(&self, inode: &Inode) -> Result<ExtFile> {

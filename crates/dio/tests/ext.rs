@@ -1,0 +1,863 @@
+//! The ext client against real images: compressed fixtures made by `mke2fs -d`
+//! (tests/fixtures/ext/make.sh), compared file by file with the tree they were made
+//! from, with `debugfs -R rdump` and, as root, with the kernel's own mount; in-place
+//! writes checked by `e2fsck -fn` and the kernel; hostile edits give "corrupt: ...".
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use dio::fs::ext::{Ext, FileType};
+use dio::map::Mapping;
+use dio::raw::{OpenOptions, RawFile};
+use dio::Error;
+
+const IMAGES: &[&str] = &["ext4-4k", "ext4-1k", "ext4-2k", "ext3-2k", "ext2-1k"];
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ext")
+}
+
+fn scratch_dir() -> PathBuf {
+    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join("ext-tests");
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Unpack fixture `name` to a scratch image of its own (`tag` keeps tests apart).
+fn unpack(name: &str, tag: &str) -> PathBuf {
+    let gz = std::fs::File::open(fixtures().join(format!("{name}.img.gz"))).unwrap();
+    let mut bytes = Vec::new();
+    flate2::read::GzDecoder::new(gz)
+        .read_to_end(&mut bytes)
+        .unwrap();
+    let path = scratch_dir().join(format!("{name}-{tag}.img"));
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+fn open(path: &Path, write: bool) -> dio::Result<(RawFile, Ext)> {
+    let raw = RawFile::open(
+        path,
+        &OpenOptions {
+            write,
+            ..OpenOptions::default()
+        },
+    )?;
+    let dev = Arc::clone(raw.direct().device());
+    let ext = if write {
+        Ext::open_writable(dev, raw.size())?
+    } else {
+        Ext::open(dev, raw.size())?
+    };
+    Ok((raw, ext))
+}
+
+fn read_all(ext: &Ext, path: &str) -> Vec<u8> {
+    let inode = ext.lookup(path.as_bytes(), true).unwrap();
+    let file = ext.open_file(&inode).unwrap();
+    let mut buf = vec![0u8; file.size() as usize];
+    assert_eq!(file.read_at(0, &mut buf).unwrap(), buf.len(), "{path}");
+    buf
+}
+
+fn crc(data: &[u8]) -> u32 {
+    let mut c = flate2::Crc::new();
+    c.update(data);
+    c.sum()
+}
+
+/// The pattern make.sh writes: 1 KiB blocks tagged with their index.
+fn pattern(nblocks: usize, tag: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    for i in 0..nblocks {
+        let head = format!("{tag} {i:08} ");
+        let mut b = head.repeat(1024 / head.len() + 1).into_bytes();
+        b.truncate(1024);
+        out.extend_from_slice(&b);
+    }
+    out
+}
+
+/// What /frag holds after make.sh punched every other fs block from 10 on (only
+/// extent-mapped images).
+fn frag_expected(ext: &Ext) -> Vec<u8> {
+    let mut data = pattern(800, "frag");
+    let inode = ext.lookup(b"/frag", true).unwrap();
+    if inode.has_flag(dio::fs::ext::inode_flags::EXTENTS) {
+        let bs = ext.block_size() as usize;
+        let blocks = 800 * 1024 / bs;
+        let mut b = 10;
+        while b < blocks - 2 {
+            data[b * bs..(b + 1) * bs].fill(0);
+            b += 2;
+        }
+    }
+    data
+}
+
+enum Want {
+    Dir,
+    File(u64, u32),
+    Link(String),
+}
+
+fn manifest() -> BTreeMap<String, Want> {
+    let text = std::fs::read_to_string(fixtures().join("manifest.txt")).unwrap();
+    let mut out = BTreeMap::new();
+    for line in text.lines() {
+        let f: Vec<&str> = line.split('\t').collect();
+        let want = match f[0] {
+            "d" => Want::Dir,
+            "f" => Want::File(
+                f[2].parse().unwrap(),
+                u32::from_str_radix(f[3], 16).unwrap(),
+            ),
+            "l" => Want::Link(f[2].to_string()),
+            _ => panic!("bad manifest line {line}"),
+        };
+        out.insert(f[1].to_string(), want);
+    }
+    out
+}
+
+fn parent(p: &str) -> &str {
+    match p.rfind('/') {
+        Some(0) => "/",
+        Some(i) => &p[..i],
+        None => "/",
+    }
+}
+
+#[test]
+fn every_fixture_matches_the_tree_it_was_made_from() {
+    let want = manifest();
+    for name in IMAGES {
+        let img = unpack(name, "manifest");
+        let (_raw, ext) = open(&img, false).unwrap();
+        for (path, w) in &want {
+            match w {
+                Want::Dir => {
+                    let inode = ext.lookup(path.as_bytes(), false).unwrap();
+                    assert_eq!(inode.file_type(), FileType::Directory, "{name}:{path}");
+                    let mut names: Vec<String> = ext
+                        .read_dir(&inode)
+                        .unwrap()
+                        .into_iter()
+                        .map(|e| String::from_utf8(e.name).unwrap())
+                        .filter(|n| n != "." && n != ".." && !(path == "/" && n == "lost+found"))
+                        .collect();
+                    names.sort();
+                    let mut expect: Vec<String> = want
+                        .keys()
+                        .filter(|k| k.as_str() != "/" && parent(k) == path)
+                        .map(|k| k.rsplit('/').next().unwrap().to_string())
+                        .collect();
+                    expect.sort();
+                    assert_eq!(names, expect, "{name}: listing of {path}");
+                }
+                Want::File(size, sum) => {
+                    let data = read_all(&ext, path);
+                    if path == "/frag" {
+                        assert!(data == frag_expected(&ext), "{name}: /frag");
+                        continue;
+                    }
+                    assert_eq!(data.len() as u64, *size, "{name}:{path} size");
+                    assert_eq!(crc(&data), *sum, "{name}:{path} contents");
+                }
+                Want::Link(target) => {
+                    let inode = ext.lookup(path.as_bytes(), false).unwrap();
+                    assert_eq!(inode.file_type(), FileType::Symlink, "{name}:{path}");
+                    assert_eq!(
+                        ext.read_link(&inode).unwrap(),
+                        target.as_bytes(),
+                        "{name}:{path}"
+                    );
+                }
+            }
+        }
+        // Symlinks are followed in the middle and at the end.
+        assert_eq!(read_all(&ext, "/links/fast"), b"hello, ext\n");
+        assert_eq!(read_all(&ext, "/links/slow"), b"deep inside\n");
+        assert_eq!(
+            read_all(&ext, "/links/todir/sub/deep.txt"),
+            b"deep inside\n"
+        );
+        assert_eq!(
+            read_all(&ext, "/links/abs"),
+            read_all(&ext, "/data/pattern")
+        );
+        let err = |p: &str| ext.lookup(p.as_bytes(), true).unwrap_err().errno();
+        assert_eq!(err("/links/dangling"), libc::ENOENT, "{name}");
+        assert_eq!(err("/links/loop1"), libc::ELOOP, "{name}");
+        assert_eq!(err("/hello.txt/x"), libc::ENOTDIR, "{name}");
+        assert_eq!(err("/many/not-there"), libc::ENOENT, "{name}");
+    }
+}
+
+#[test]
+fn feature_mix_of_the_fixtures_is_what_the_tests_claim() {
+    use dio::fs::ext::{compat, incompat, ro_compat};
+    let expect: &[(&str, u32, u32, u32, u32)] = &[
+        // name, block size, incompat, ro_compat, compat bits that must be set
+        (
+            "ext4-4k",
+            4096,
+            incompat::EXTENTS | incompat::BIT64 | incompat::INLINE_DATA | incompat::FLEX_BG,
+            ro_compat::METADATA_CSUM,
+            compat::DIR_INDEX,
+        ),
+        (
+            "ext4-1k",
+            1024,
+            incompat::EXTENTS | incompat::META_BG,
+            ro_compat::METADATA_CSUM,
+            compat::DIR_INDEX,
+        ),
+        (
+            "ext4-2k",
+            2048,
+            incompat::EXTENTS,
+            ro_compat::GDT_CSUM,
+            compat::DIR_INDEX,
+        ),
+        (
+            "ext3-2k",
+            2048,
+            incompat::FILETYPE,
+            0,
+            compat::HAS_JOURNAL | compat::DIR_INDEX,
+        ),
+        ("ext2-1k", 1024, incompat::FILETYPE, 0, compat::DIR_INDEX),
+    ];
+    for &(name, bs, inc, ro, com) in expect {
+        let img = unpack(name, "features");
+        let (_raw, ext) = open(&img, false).unwrap();
+        let sb = ext.superblock();
+        assert_eq!(sb.block_size, bs, "{name}");
+        assert_eq!(
+            sb.feature_incompat & inc,
+            inc,
+            "{name}: {}",
+            sb.feature_names()
+        );
+        assert_eq!(
+            sb.feature_ro_compat & ro,
+            ro,
+            "{name}: {}",
+            sb.feature_names()
+        );
+        assert_eq!(
+            sb.feature_compat & com,
+            com,
+            "{name}: {}",
+            sb.feature_names()
+        );
+        let many = ext.lookup(b"/many", false).unwrap();
+        assert!(
+            many.has_flag(dio::fs::ext::inode_flags::INDEX),
+            "{name}: /many is hashed"
+        );
+    }
+}
+
+fn have(tool: &str) -> bool {
+    Command::new(tool).arg("-V").output().is_ok()
+}
+
+/// Every file `debugfs -R rdump` writes out reads the same through dio.
+#[test]
+fn files_match_debugfs_rdump() {
+    if !have("debugfs") {
+        eprintln!("skipping: debugfs (e2fsprogs) is not installed");
+        return;
+    }
+    for name in IMAGES {
+        let img = unpack(name, "rdump");
+        let out = scratch_dir().join(format!("{name}-rdump"));
+        let _ = std::fs::remove_dir_all(&out);
+        std::fs::create_dir_all(&out).unwrap();
+        let st = Command::new("debugfs")
+            .arg("-R")
+            .arg(format!("rdump / {}", out.display()))
+            .arg(&img)
+            .output()
+            .unwrap();
+        assert!(
+            st.status.success(),
+            "{}",
+            String::from_utf8_lossy(&st.stderr)
+        );
+        let (_raw, ext) = open(&img, false).unwrap();
+        let mut checked = 0;
+        compare_tree(&ext, &out, "", &mut checked, true);
+        assert!(checked > 400, "{name}: only {checked} files compared");
+    }
+}
+
+/// Compare the tree under `host` (a dump or a mount) with the image's, file by
+/// file. `debugfs` pads inline-data files to their inline area: compare the prefix.
+fn compare_tree(ext: &Ext, host: &Path, rel: &str, checked: &mut usize, dump: bool) {
+    let mut names: Vec<_> = std::fs::read_dir(host)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    let dir = ext
+        .lookup(if rel.is_empty() { b"/" } else { rel.as_bytes() }, false)
+        .unwrap();
+    let mut ours: Vec<String> = ext
+        .read_dir(&dir)
+        .unwrap()
+        .into_iter()
+        .map(|e| String::from_utf8(e.name).unwrap())
+        .filter(|n| n != "." && n != "..")
+        .collect();
+    ours.sort();
+    assert_eq!(ours, names, "listing of {rel}/");
+    for n in names {
+        let p = host.join(&n);
+        let path = format!("{rel}/{n}");
+        let meta = std::fs::symlink_metadata(&p).unwrap();
+        let inode = ext.lookup(path.as_bytes(), false).unwrap();
+        if meta.file_type().is_symlink() {
+            let t = std::fs::read_link(&p).unwrap();
+            assert_eq!(
+                ext.read_link(&inode).unwrap(),
+                t.as_os_str().as_encoded_bytes(),
+                "{path}"
+            );
+        } else if meta.is_dir() {
+            compare_tree(ext, &p, &path, checked, dump);
+        } else {
+            let host_bytes = std::fs::read(&p).unwrap();
+            let ours = read_all(ext, &path);
+            if dump && inode.has_flag(dio::fs::ext::inode_flags::INLINE_DATA) {
+                assert!(host_bytes.starts_with(&ours), "{path} (inline)");
+            } else {
+                assert!(
+                    host_bytes == ours,
+                    "{path}: {} vs {} bytes",
+                    host_bytes.len(),
+                    ours.len()
+                );
+            }
+            *checked += 1;
+        }
+    }
+}
+
+fn is_root() -> bool {
+    // SAFETY-free: geteuid through the id command keeps this test file safe code.
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout == b"0\n")
+        .unwrap_or(false)
+}
+
+/// A kernel mount of an image, read-only unless asked, unmounted on drop.
+struct Mount(PathBuf);
+
+impl Mount {
+    fn new(img: &Path, opts: &str) -> Result<Mount, String> {
+        let dir = PathBuf::from(format!("{}.mnt", img.display()));
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let o = Command::new("mount")
+            .args(["-o", &format!("loop,{opts}")])
+            .arg(img)
+            .arg(&dir)
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !o.status.success() {
+            return Err(String::from_utf8_lossy(&o.stderr).into_owned());
+        }
+        Ok(Mount(dir))
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+fn kernel_mount(img: &Path, opts: &str) -> Option<Mount> {
+    if !is_root() {
+        eprintln!("skipping: kernel comparison needs root (mount -o loop)");
+        return None;
+    }
+    match Mount::new(img, opts) {
+        Ok(m) => Some(m),
+        Err(e) => {
+            eprintln!("skipping: mount -o loop failed: {e}");
+            None
+        }
+    }
+}
+
+#[test]
+fn fixtures_match_the_kernel_mount() {
+    for name in IMAGES {
+        let img = unpack(name, "kernel");
+        let Some(m) = kernel_mount(&img, "ro,noload") else {
+            return;
+        };
+        let (_raw, ext) = open(&img, false).unwrap();
+        let mut checked = 0;
+        compare_tree(&ext, &m.0, "", &mut checked, false);
+        assert!(checked > 400, "{name}");
+    }
+}
+
+fn run(cmd: &mut Command) {
+    let o = cmd.output().unwrap();
+    assert!(
+        o.status.success(),
+        "{cmd:?}: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// An image the kernel wrote: files copied in, unwritten extents by fallocate, a
+/// deep extent tree by punching holes, a big directory hashed by the kernel.
+#[test]
+fn kernel_made_image_reads_like_the_kernel_mount() {
+    if !is_root() {
+        eprintln!("skipping: making an image with the kernel needs root");
+        return;
+    }
+    for (tag, bs) in [("4k", "4096"), ("1k", "1024")] {
+        let img = scratch_dir().join(format!("kernel-{tag}.img"));
+        let _ = std::fs::remove_file(&img);
+        run(Command::new("mke2fs")
+            .args([
+                "-q",
+                "-F",
+                "-t",
+                "ext4",
+                "-b",
+                bs,
+                "-O",
+                "inline_data,metadata_csum",
+            ])
+            .arg(&img)
+            .arg("24M"));
+        {
+            let Some(m) = kernel_mount(&img, "rw") else {
+                return;
+            };
+            let root = &m.0;
+            let step: usize = bs.parse().unwrap();
+            let data: Vec<u8> = (0..1_200_000u32)
+                .map(|i| (i * 7 + i / 4096) as u8)
+                .collect();
+            std::fs::write(root.join("plain"), &data).unwrap();
+            // Every other block zero from block 3 on; `fallocate --dig-holes` punches
+            // them all in one go, leaving hundreds of extents (depth 2 with 1 KiB
+            // blocks).
+            let mut holey = data.clone();
+            for (i, block) in holey.chunks_mut(step).enumerate() {
+                if i >= 3 && i % 2 == 1 {
+                    block.fill(0);
+                }
+            }
+            std::fs::write(root.join("punched"), &holey).unwrap();
+            run(&mut Command::new("sync"));
+            run(Command::new("fallocate")
+                .arg("--dig-holes")
+                .arg(root.join("punched")));
+            std::fs::write(root.join("tiny"), b"tiny inline file\n").unwrap();
+            run(Command::new("fallocate")
+                .args(["-l", "1M"])
+                .arg(root.join("prealloc")));
+            // Written head, unwritten tail beyond it, inside i_size.
+            std::fs::write(root.join("mixed"), &data[..20000]).unwrap();
+            run(Command::new("fallocate")
+                .args(["-o", "20480", "-l", "200000"])
+                .arg(root.join("mixed")));
+            run(Command::new("truncate")
+                .args(["-s", "300000"])
+                .arg(root.join("mixed")));
+            std::fs::create_dir(root.join("bigdir")).unwrap();
+            for i in 0..600 {
+                std::fs::write(
+                    root.join(format!("bigdir/entry-{i:05}-{}", "y".repeat(i % 29))),
+                    format!("{i}"),
+                )
+                .unwrap();
+            }
+            std::os::unix::fs::symlink("plain", root.join("link")).unwrap();
+        }
+        let (_raw, ext) = open(&img, false).unwrap();
+        let ino = ext.lookup(b"/punched", false).unwrap();
+        let depth = u16::from_le_bytes([ino.i_block()[6], ino.i_block()[7]]);
+        let want_depth = if bs == "1024" { 2 } else { 1 };
+        assert!(
+            depth >= want_depth,
+            "punched file has a tree of depth {depth}"
+        );
+        let mixed = ext.lookup(b"/mixed", false).unwrap();
+        assert!(
+            ext.extents(&mixed).unwrap().iter().any(|e| e.unwritten),
+            "mixed has unwritten extents"
+        );
+        let Some(m) = kernel_mount(&img, "ro") else {
+            return;
+        };
+        let mut checked = 0;
+        compare_tree(&ext, &m.0, "", &mut checked, false);
+        assert!(checked > 300);
+    }
+}
+
+/// Each file block's device block (0 for a hole) as `debugfs bmap` reports it
+/// equals what the ext block map and the extent listing say.
+#[test]
+fn block_map_matches_debugfs_bmap() {
+    if !have("debugfs") {
+        eprintln!("skipping: debugfs (e2fsprogs) is not installed");
+        return;
+    }
+    for name in IMAGES {
+        let img = unpack(name, "bmap");
+        let (_raw, ext) = open(&img, false).unwrap();
+        for path in [
+            "/frag",
+            "/data/sparse",
+            "/data/pattern",
+            "/data/far",
+            "/many",
+        ] {
+            let inode = ext.lookup(path.as_bytes(), false).unwrap();
+            let bs = u64::from(ext.block_size());
+            let nblocks = inode.size.div_ceil(bs);
+            // The head, and the tail of the far file (triple indirect on ext2-1k).
+            let blocks: Vec<u64> = (0..nblocks.min(64))
+                .chain((64..nblocks.min(1200)).step_by(5))
+                .chain(nblocks.saturating_sub(8).max(1200)..nblocks)
+                .collect();
+            let cmds: String = blocks
+                .iter()
+                .map(|b| format!("bmap {path} {b}\n"))
+                .collect();
+            let cmdfile = scratch_dir().join(format!("{name}-bmap.cmds"));
+            std::fs::write(&cmdfile, cmds).unwrap();
+            let o = Command::new("debugfs")
+                .arg("-f")
+                .arg(&cmdfile)
+                .arg(&img)
+                .output()
+                .unwrap();
+            let theirs: Vec<u64> = String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter(|l| !l.starts_with("debugfs"))
+                .map(|l| l.split_whitespace().next().unwrap().parse().unwrap())
+                .collect();
+            assert_eq!(theirs.len(), blocks.len(), "{name}:{path}");
+            let map = ext.block_map(&inode).unwrap();
+            let extents = ext.extents(&inode).unwrap();
+            for (&b, &want) in blocks.iter().zip(&theirs) {
+                let e = map.map(b, 1, false).unwrap();
+                let got = e.device_block().unwrap_or(0);
+                assert_eq!(got, want, "{name}:{path} block {b}");
+                let listed = extents
+                    .iter()
+                    .find(|x| x.logical <= b && b < x.logical + x.len)
+                    .map_or(0, |x| x.physical + b - x.logical);
+                assert_eq!(listed, want, "{name}:{path} block {b} in the extent list");
+            }
+        }
+    }
+}
+
+#[test]
+fn indirect_mappings_end_at_indirect_block_boundaries() {
+    let img = unpack("ext2-1k", "boundary");
+    let (_raw, ext) = open(&img, false).unwrap();
+    let inode = ext.lookup(b"/data/pattern", false).unwrap();
+    let map = ext.block_map(&inode).unwrap();
+    // 1 KiB blocks: 12 direct pointers, then 256 per indirect block.
+    let e = map.map(0, 1000, false).unwrap();
+    assert!(e.len <= 12 && matches!(e.mapping, Mapping::Mapped(_)));
+    let e = map.map(11, 1000, false).unwrap();
+    assert_eq!(e.len, 1);
+    assert!(e.boundary, "the last direct block is a boundary");
+    let mut b = 12;
+    while b < 268 {
+        let e = map.map(b, 1000, false).unwrap();
+        assert!(
+            b + e.len <= 268,
+            "a mapping never crosses an indirect block"
+        );
+        assert_eq!(
+            e.boundary,
+            b + e.len == 268,
+            "boundary only at the block's end"
+        );
+        b += e.len;
+    }
+    // The hole and unwritten parts of a sparse extent file.
+    let img = unpack("ext4-4k", "boundary");
+    let (_raw, ext) = open(&img, false).unwrap();
+    let inode = ext.lookup(b"/data/sparse", false).unwrap();
+    let map = ext.block_map(&inode).unwrap();
+    assert!(matches!(
+        map.map(2, 1, false).unwrap().mapping,
+        Mapping::Hole
+    ));
+    assert!(matches!(
+        map.map(25, 1, false).unwrap().mapping,
+        Mapping::Unwritten(_)
+    ));
+}
+
+fn sha(path: &Path) -> u32 {
+    crc(&std::fs::read(path).unwrap())
+}
+
+fn e2fsck_clean(img: &Path) {
+    if !have("e2fsck") {
+        eprintln!("skipping e2fsck check: e2fsprogs is not installed");
+        return;
+    }
+    let o = Command::new("e2fsck").arg("-fn").arg(img).output().unwrap();
+    assert!(
+        o.status.success(),
+        "e2fsck -fn: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+}
+
+#[test]
+fn in_place_writes_land_and_keep_the_image_clean() {
+    for name in IMAGES {
+        let img = unpack(name, "write");
+        let before = {
+            let (_raw, ext) = open(&img, false).unwrap();
+            ext.lookup(b"/data/pattern", false).unwrap()
+        };
+        let (_raw, ext) = open(&img, true).unwrap();
+        let file = ext
+            .open_file(&ext.lookup(b"/data/pattern", false).unwrap())
+            .unwrap();
+        let mut expect = read_all(&ext, "/data/pattern");
+        // Sub-block head and tail, across fs blocks, and a one-byte write.
+        for (off, len) in [
+            (1000usize, 5000usize),
+            (3, 1),
+            (70_000, 9000),
+            (expect.len() - 7, 7),
+        ] {
+            let data: Vec<u8> = (0..len).map(|i| (i * 31 + off) as u8).collect();
+            assert_eq!(file.overwrite(off as u64, &data).unwrap(), len);
+            expect[off..off + len].copy_from_slice(&data);
+        }
+        let after = file.inode();
+        assert!(
+            after.mtime.secs >= before.mtime.secs && after.mtime != before.mtime,
+            "{name}: mtime"
+        );
+        assert_eq!(after.ctime, after.mtime);
+        drop(file);
+        drop(ext);
+        drop(_raw);
+        let (_raw, ext) = open(&img, false).unwrap();
+        assert!(
+            read_all(&ext, "/data/pattern") == expect,
+            "{name}: read back"
+        );
+        e2fsck_clean(&img);
+        if have("debugfs") {
+            let o = Command::new("debugfs")
+                .args(["-R", "cat /data/pattern"])
+                .arg(&img)
+                .output()
+                .unwrap();
+            assert!(o.stdout == expect, "{name}: debugfs sees the new bytes");
+        }
+        if let Some(m) = kernel_mount(&img, "ro,noload") {
+            assert!(
+                std::fs::read(m.0.join("data/pattern")).unwrap() == expect,
+                "{name}: kernel sees the new bytes"
+            );
+        }
+    }
+}
+
+#[test]
+fn writes_that_need_allocation_are_refused_and_change_nothing() {
+    let img = unpack("ext4-4k", "refuse");
+    let sum = sha(&img);
+    let (_raw, ext) = open(&img, true).unwrap();
+    let open_file = |p: &str| {
+        ext.open_file(&ext.lookup(p.as_bytes(), false).unwrap())
+            .unwrap()
+    };
+    let sparse = open_file("/data/sparse");
+    let msg = |r: dio::Result<usize>| r.unwrap_err().to_string();
+    // Written head, then a hole: the whole range is checked before any byte moves.
+    let m = msg(sparse.overwrite(4096 * 2 - 10, &[1; 20]));
+    assert!(m.contains("hole"), "{m}");
+    let m = msg(sparse.overwrite(4096 * 25 + 1, &[1; 20]));
+    assert!(m.contains("unwritten"), "{m}");
+    let pattern = open_file("/data/pattern");
+    let m = msg(pattern.overwrite(pattern.size() - 2, &[1; 3]));
+    assert!(m.contains("grow"), "{m}");
+    let m = msg(open_file("/inline_big").overwrite(0, &[1; 3]));
+    assert!(
+        m.starts_with("incompatible:") && m.contains("inline"),
+        "{m}"
+    );
+    drop((sparse, pattern));
+    drop(ext);
+    drop(_raw);
+    assert_eq!(sha(&img), sum, "refused writes changed the image");
+    // Read-only opens refuse writes.
+    let (_raw, ext) = open(&img, false).unwrap();
+    let f = ext
+        .open_file(&ext.lookup(b"/data/pattern", false).unwrap())
+        .unwrap();
+    assert!(matches!(f.overwrite(0, b"x"), Err(Error::ReadOnly)));
+}
+
+#[test]
+fn journal_needing_recovery_refuses_writes_but_reads() {
+    if !have("debugfs") {
+        eprintln!("skipping: debugfs (e2fsprogs) is not installed");
+        return;
+    }
+    let img = unpack("ext3-2k", "recover");
+    run(Command::new("debugfs")
+        .args(["-w", "-R", "feature needs_recovery"])
+        .arg(&img));
+    let e = open(&img, true).unwrap_err().to_string();
+    assert!(
+        e.starts_with("incompatible:") && e.contains("needs_recovery"),
+        "{e}"
+    );
+    let (_raw, ext) = open(&img, false).unwrap();
+    assert_eq!(read_all(&ext, "/hello.txt"), b"hello, ext\n");
+}
+
+/// Byte offset of an inode on the image, from `debugfs imap`.
+fn inode_offset(img: &Path, path: &str) -> u64 {
+    let o = Command::new("debugfs")
+        .args(["-R", &format!("imap {path}")])
+        .arg(img)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.contains("located at block"))
+        .unwrap();
+    let block: u64 = line
+        .split("block ")
+        .nth(1)
+        .unwrap()
+        .split(',')
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let off = u64::from_str_radix(line.split("offset 0x").nth(1).unwrap().trim(), 16).unwrap();
+    let bs = {
+        let (_raw, ext) = open(img, false).unwrap();
+        u64::from(ext.block_size())
+    };
+    block * bs + off
+}
+
+fn patch(img: &Path, at: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(img).unwrap();
+    f.write_all_at(bytes, at).unwrap();
+}
+
+fn read_frag(img: &Path) -> String {
+    match open(img, false) {
+        Err(e) => e.to_string(),
+        Ok((_raw, ext)) => match ext.lookup(b"/frag", false).and_then(|i| ext.open_file(&i)) {
+            Err(e) => e.to_string(),
+            Ok(f) => {
+                let mut b = vec![0; f.size() as usize];
+                match f.read_at(0, &mut b) {
+                    Ok(_) => "read fine".into(),
+                    Err(e) => e.to_string(),
+                }
+            }
+        },
+    }
+}
+
+#[test]
+fn hostile_images_give_corrupt_errors() {
+    if !have("debugfs") {
+        eprintln!("skipping: debugfs (e2fsprogs) is not installed");
+        return;
+    }
+    // Superblock magic.
+    let img = unpack("ext2-1k", "magic");
+    patch(&img, 1024 + 0x38, &[0, 0]);
+    assert!(open(&img, false)
+        .unwrap_err()
+        .to_string()
+        .starts_with("corrupt:"));
+    // An unknown incompat feature is refused by name.
+    let img = unpack("ext2-1k", "feature");
+    patch(&img, 1024 + 0x60, &0x0001_0002u32.to_le_bytes());
+    let e = open(&img, false).unwrap_err().to_string();
+    assert_eq!(e, "incompatible: encrypt");
+    // An inode checksum mismatch.
+    let img = unpack("ext4-4k", "icsum");
+    let at = inode_offset(&img, "/hello.txt");
+    patch(&img, at + 0x10, b"\x01\x02");
+    let e = {
+        let (_raw, ext) = open(&img, false).unwrap();
+        ext.lookup(b"/hello.txt", false).unwrap_err().to_string()
+    };
+    assert!(
+        e.starts_with("corrupt: inode") && e.contains("checksum"),
+        "{e}"
+    );
+    // Extent trees (ext4-2k has no checksums, so edits reach the tree checks):
+    // an absurd depth, and two index entries naming the same block.
+    let img = unpack("ext4-2k", "depth");
+    let at = inode_offset(&img, "/frag") + 0x28;
+    patch(&img, at + 6, &9u16.to_le_bytes());
+    let e = read_frag(&img);
+    assert!(e.starts_with("corrupt:") && e.contains("depth"), "{e}");
+    let img = unpack("ext4-2k", "cycle");
+    let at = inode_offset(&img, "/frag") + 0x28;
+    let raw = std::fs::read(&img).unwrap();
+    let entries = u16::from_le_bytes([raw[at as usize + 2], raw[at as usize + 3]]);
+    assert!(entries >= 2, "/frag's root has {entries} entries");
+    let first_leaf = raw[at as usize + 12 + 4..at as usize + 12 + 8].to_vec();
+    patch(&img, at + 24 + 4, &first_leaf);
+    let e = read_frag(&img);
+    assert!(e.starts_with("corrupt:") && e.contains("twice"), "{e}");
+    // A block pointer past the end of the file system (ext2, indirect).
+    let img = unpack("ext2-1k", "pointer");
+    let at = inode_offset(&img, "/hello.txt") + 0x28;
+    patch(&img, at, &0x00ff_ffffu32.to_le_bytes());
+    let (_raw, ext) = open(&img, false).unwrap();
+    let f = ext
+        .open_file(&ext.lookup(b"/hello.txt", false).unwrap())
+        .unwrap();
+    let e = f.read_at(0, &mut [0; 11]).unwrap_err().to_string();
+    assert!(e.starts_with("corrupt:"), "{e}");
+}
+
+#[test]
+fn a_truncated_image_is_corrupt_not_a_read_past_its_end() {
+    let img = unpack("ext4-1k", "short");
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    f.set_len(2 << 20).unwrap();
+    let e = open(&img, false).unwrap_err().to_string();
+    assert!(e.starts_with("corrupt:"), "{e}");
+}
