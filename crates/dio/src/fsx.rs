@@ -1266,11 +1266,18 @@ impl Fsx<'_> {
                 }
                 if n < lo {
                     self.report.partials += 1;
-                    // A short count ends where a device request ended: on a sector
-                    // boundary, unless the call itself was byte-granular.
-                    if io.align != Align::Byte && (io.off + n) % self.lb != 0 {
+                    // A short read ends where a device request ended: on a sector
+                    // boundary, unless the call itself was byte-granular. A short
+                    // write reports whole fs blocks only (a half-written fresh block
+                    // must not be converted), whatever the call's alignment.
+                    let (unit, what) = if io.write {
+                        (self.fs, "an fs block")
+                    } else {
+                        (self.lb, "a sector")
+                    };
+                    if (io.write || io.align != Align::Byte) && (io.off + n) % unit != 0 {
                         return Err(self.diverge(
-                            format!("{io}: short count {n} does not end on a sector"),
+                            format!("{io}: short count {n} does not end on {what}"),
                             None,
                         ));
                     }

@@ -5,16 +5,12 @@
 use dio::fsx::{self, MemTarget, Options, Target};
 
 fn fsx_with_faults(seed: u64, rate: f64, ops: u64, fs: u32, threaded: bool) -> fsx::Report {
-    // Requests of whole fs blocks (256 pages, 1 MiB; calls of at most 256 KiB):
-    // a request that ends inside an fs block and then fails hits the engine bug
-    // that `failed_request_inside_a_fresh_block_exposes_no_stale_data` shows. Drop
-    // the limits once it is fixed, so random limits cover that case too.
+    // Random request limits, some cutting inside fs blocks.
     let t = Target::mem(
         &MemTarget::new(2 << 20, seed)
             .faults(rate)
             .fs_block(fs)
-            .threaded(threaded)
-            .limits(256, 1 << 20),
+            .threaded(threaded),
     )
     .unwrap();
     let o = Options::new(seed).ops(ops).span(2 << 20);
