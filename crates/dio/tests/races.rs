@@ -270,7 +270,8 @@ fn readers_of_a_hole_being_filled_see_zeros_or_new_data_dio_sparse() {
                     readers.push(thread::spawn(move || {
                         let mut rng = Rng::new(seed ^ (t + 7));
                         let mut reads = 0u64;
-                        while !done.load(Ordering::SeqCst) {
+                        // At least one read, however fast the writer is.
+                        while reads == 0 || !done.load(Ordering::SeqCst) {
                             let len = 512 * (1 + rng.below(256));
                             let off = rng.below(span - len) / 512 * 512;
                             let mut b = AlignedBuf::new(len as usize, 512);
