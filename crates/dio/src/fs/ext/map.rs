@@ -50,7 +50,7 @@ pub(crate) enum Layout {
 impl Layout {
     /// Read the layout of `inode`'s blocks.
     pub(crate) fn of(fs: &Arc<Fs>, inode: &Inode) -> Result<Layout> {
-        if inode.has_flag(flags::INLINE_DATA) {
+        if inode.has_flag(flags::INLINE_DATA) || !has_blocks(fs, inode) {
             return Ok(Layout::Empty);
         }
         if inode.has_flag(flags::EXTENTS) {
@@ -112,6 +112,33 @@ impl Layout {
             }
         }
     }
+}
+
+/// Whether `i_block` maps blocks at all: device files keep device numbers there,
+/// fast symlinks their target (the kernel's `ext4_inode_is_fast_symlink`).
+pub(crate) fn has_blocks(fs: &Fs, inode: &Inode) -> bool {
+    use super::inode::FileType;
+    match inode.file_type() {
+        FileType::Regular | FileType::Directory | FileType::Unknown => true,
+        FileType::Symlink => !is_fast_symlink(fs, inode),
+        _ => false,
+    }
+}
+
+/// A symlink whose target lives in `i_block`.
+pub(crate) fn is_fast_symlink(fs: &Fs, inode: &Inode) -> bool {
+    if inode.has_flag(flags::INLINE_DATA) {
+        return false;
+    }
+    if inode.has_flag(flags::EA_INODE) {
+        return inode.size > 0 && inode.size < 60;
+    }
+    let ea_blocks = if inode.file_acl != 0 {
+        u64::from(fs.sb.block_size / 512)
+    } else {
+        0
+    };
+    inode.blocks_512.saturating_sub(ea_blocks) == 0
 }
 
 fn map_extents(list: &[FileExtent], block: u64, max: u64) -> Extent {

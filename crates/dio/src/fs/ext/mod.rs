@@ -329,13 +329,7 @@ impl Ext {
         if inode.has_flag(inode_flags::INLINE_DATA) {
             return self.inline_data(inode);
         }
-        let ea_blocks = if inode.file_acl != 0 {
-            u64::from(self.fs.sb.block_size / 512)
-        } else {
-            0
-        };
-        if !inode.has_flag(inode_flags::EXTENTS) && inode.blocks_512.saturating_sub(ea_blocks) == 0
-        {
+        if map::is_fast_symlink(&self.fs, inode) {
             // A fast symlink: the target is in i_block.
             if size > 60 {
                 return Err(Error::Corrupt(format!(
@@ -544,7 +538,7 @@ impl ExtFile {
                 "inode {ino} is an fs-verity file: its data cannot change"
             )));
         }
-        let end = offset.checked_add(len).unwrap_or(u64::MAX);
+        let end = offset.saturating_add(len);
         if end > self.size {
             return Err(Error::Invalid(format!(
                 "writing {len} bytes at offset {offset} would grow the file past its {} bytes: in-place writes do not allocate",

@@ -317,7 +317,7 @@ impl Superblock {
         if inode_size < 128 || !inode_size.is_power_of_two() || u32::from(inode_size) > block_size {
             return bad(format!("inode size {inode_size} out of range"));
         }
-        if bit64 && (desc_size < 64 || desc_size > 1024 || !desc_size.is_power_of_two()) {
+        if bit64 && (!(64..=1024).contains(&desc_size) || !desc_size.is_power_of_two()) {
             return bad(format!("group descriptor size {desc_size} out of range"));
         }
         if u64::from(first_data_block) >= blocks_count

@@ -1,0 +1,298 @@
+//! Locations: what the CLI takes wherever it takes a file. A location is a device
+//! source (a host file or block device through `RawFile`, or an NBD export) plus an
+//! optional path inside an ext2/3/4 image on that source, in the e2tools spelling
+//! `IMAGE:/PATH`:
+//!
+//! - `disk.img`, `/dev/sdb1`: the host file or device itself;
+//! - `disk.img:/etc/passwd`: a file inside the ext image `disk.img`;
+//! - `nbd://HOST[:PORT]/EXPORT`, `nbd+unix:///EXPORT?socket=PATH`: an NBD export;
+//! - `nbd://HOST/EXPORT:/etc/passwd`: a file inside the ext image on that export.
+//!
+//! A host argument is split at its first `:/` only when the whole argument is not
+//! an existing host path (so `./a:/b` still names a file called `b` in a directory
+//! `a:` if there is one). NBD URIs are split at their last `:/`.
+//!
+//! This module opens sources and images; it moves no data.
+
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use dio::device::nbd::{NbdConfig, NbdDevice, NbdUri};
+use dio::fs::ext::{Ext, ExtFile, FileType, Inode};
+use dio::raw::{OpenOptions, RawFile};
+use dio::{Device, DirectFile, FileState, IdentityMap};
+
+use crate::fail::{print_notes, Failure};
+use crate::Engine;
+
+/// Where the bytes of a location live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// A host file or block device.
+    Host(PathBuf),
+    /// An NBD export.
+    Nbd(String),
+}
+
+/// A parsed location.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Location {
+    pub source: Source,
+    /// A path inside an ext image on the source.
+    pub inner: Option<Vec<u8>>,
+}
+
+impl Location {
+    /// Parse a command-line argument.
+    pub fn parse(arg: &OsStr) -> Location {
+        let bytes = arg.as_bytes();
+        let is_nbd = bytes.starts_with(b"nbd://") || bytes.starts_with(b"nbd+unix://");
+        if is_nbd {
+            // After the scheme's `://`, the last `:/` starts the inner path.
+            let body = bytes.iter().position(|&c| c == b'/').map_or(0, |i| i + 2);
+            let split = bytes[body..]
+                .windows(2)
+                .rposition(|w| w == b":/")
+                .map(|i| i + body);
+            return match split {
+                Some(i) => Location {
+                    source: Source::Nbd(String::from_utf8_lossy(&bytes[..i]).into_owned()),
+                    inner: Some(bytes[i + 1..].to_vec()),
+                },
+                None => Location {
+                    source: Source::Nbd(String::from_utf8_lossy(bytes).into_owned()),
+                    inner: None,
+                },
+            };
+        }
+        let host = Location {
+            source: Source::Host(PathBuf::from(arg)),
+            inner: None,
+        };
+        let Some(i) = bytes.windows(2).position(|w| w == b":/") else {
+            return host;
+        };
+        if i == 0 || Path::new(arg).symlink_metadata().is_ok() {
+            return host;
+        }
+        Location {
+            source: Source::Host(PathBuf::from(OsString::from_vec(bytes[..i].to_vec()))),
+            inner: Some(bytes[i + 1..].to_vec()),
+        }
+    }
+
+    /// How to name it in messages.
+    pub fn display(&self) -> String {
+        let src = match &self.source {
+            Source::Host(p) => p.display().to_string(),
+            Source::Nbd(u) => u.clone(),
+        };
+        match &self.inner {
+            Some(p) => format!("{src}:{}", String::from_utf8_lossy(p)),
+            None => src,
+        }
+    }
+
+    /// The last component of the inner path (or of the host path).
+    pub fn file_name(&self) -> Option<OsString> {
+        match (&self.inner, &self.source) {
+            (Some(p), _) => p
+                .split(|&c| c == b'/')
+                .rfind(|c| !c.is_empty())
+                .map(|c| OsString::from_vec(c.to_vec())),
+            (None, Source::Host(p)) => p.file_name().map(OsStr::to_os_string),
+            (None, Source::Nbd(_)) => None,
+        }
+    }
+
+    /// A failure about this location.
+    pub fn fail(&self, err: impl std::fmt::Display) -> Failure {
+        Failure::msg(format!("{}: {err}", self.display()))
+    }
+}
+
+/// An opened source: the device and how many bytes it holds, plus the host file
+/// when there is one (for its descriptor and size changes).
+pub struct Opened {
+    pub device: Arc<dyn Device>,
+    pub size: u64,
+    pub raw: Option<RawFile>,
+    /// The whole source as a file (identity map).
+    pub direct: DirectFile,
+}
+
+impl Source {
+    fn name(&self) -> String {
+        match self {
+            Source::Host(p) => p.display().to_string(),
+            Source::Nbd(u) => u.clone(),
+        }
+    }
+
+    /// Open the source for reading, or reading and writing (`create` a missing
+    /// host file too).
+    pub fn open(&self, write: bool, create: bool, engine: Engine) -> Result<Opened, Failure> {
+        match self {
+            Source::Host(path) => {
+                if path.is_dir() {
+                    return Err(Failure::at(path, "is a directory"));
+                }
+                let raw = RawFile::open(
+                    path,
+                    &OpenOptions {
+                        write,
+                        create,
+                        backend: engine.backend(),
+                        ..OpenOptions::default()
+                    },
+                )
+                .map_err(|e| Failure::msg(e.to_string()))?;
+                print_notes(raw.notes());
+                Ok(Opened {
+                    device: Arc::clone(raw.direct().device()),
+                    size: raw.size(),
+                    direct: raw.direct().clone(),
+                    raw: Some(raw),
+                })
+            }
+            Source::Nbd(uri) => {
+                let fail = |e: dio::Error| Failure::msg(format!("{uri}: {e}"));
+                let uri_parsed = NbdUri::parse(uri).map_err(fail)?;
+                let dev = NbdDevice::connect(&uri_parsed, &NbdConfig::default()).map_err(fail)?;
+                if write && dev.is_read_only() {
+                    return Err(Failure::msg(format!("{uri}: the export is read-only")));
+                }
+                let size = dev.export_size();
+                let device: Arc<dyn Device> = Arc::new(dev);
+                let lb = device.geometry().logical_block;
+                let map = Arc::new(IdentityMap::new(lb, size));
+                let direct =
+                    DirectFile::new(Arc::clone(&device), map, Arc::new(FileState::new(size)))
+                        .map_err(fail)?;
+                let direct = if write { direct } else { direct.read_only() };
+                Ok(Opened {
+                    device,
+                    size,
+                    raw: None,
+                    direct,
+                })
+            }
+        }
+    }
+}
+
+/// An ext image opened from a location, with the inode its inner path names.
+pub struct Image {
+    // Keeps the host file (and its device) open as long as the image is used.
+    _opened: Opened,
+    pub ext: Ext,
+    pub inode: Inode,
+}
+
+impl Image {
+    /// Open the image of `loc` (which must have an inner path) and look the path
+    /// up; symlinks at the end are followed with `follow`.
+    pub fn open(
+        loc: &Location,
+        write: bool,
+        follow: bool,
+        engine: Engine,
+    ) -> Result<Image, Failure> {
+        let inner = loc.inner.as_deref().expect("an image location");
+        let opened = loc.source.open(write, false, engine)?;
+        let dev = Arc::clone(&opened.device);
+        let ext = if write {
+            Ext::open_writable(dev, opened.size)
+        } else {
+            Ext::open(dev, opened.size)
+        }
+        .map_err(|e| Failure::msg(format!("{}: {e}", loc.source.name())))?;
+        let inode = ext
+            .lookup(inner, follow)
+            .map_err(|e| loc.fail(lookup_error(e)))?;
+        Ok(Image {
+            _opened: opened,
+            ext,
+            inode,
+        })
+    }
+
+    /// Open the inode's data (a regular file, symlinks already followed).
+    pub fn file(&self, loc: &Location) -> Result<ExtFile, Failure> {
+        match self.inode.file_type() {
+            FileType::Regular => {}
+            FileType::Directory => return Err(loc.fail("is a directory")),
+            t => return Err(loc.fail(format!("is a {}, not a regular file", t.name()))),
+        }
+        self.ext.open_file(&self.inode).map_err(|e| loc.fail(e))
+    }
+}
+
+/// A lookup error without the path the error repeats (the location names it).
+fn lookup_error(e: dio::Error) -> String {
+    match e {
+        dio::Error::Os { source, .. } => {
+            let s = source.to_string();
+            match s.find(" (os error") {
+                Some(i) => s[..i].to_string(),
+                None => s,
+            }
+        }
+        e => e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Location {
+        Location::parse(OsStr::new(s))
+    }
+
+    #[test]
+    fn image_paths_split_at_the_first_colon_slash() {
+        let l = parse("disk.img:/etc/passwd");
+        assert_eq!(l.source, Source::Host("disk.img".into()));
+        assert_eq!(l.inner.as_deref(), Some(&b"/etc/passwd"[..]));
+        assert_eq!(parse("d.img:/").inner.as_deref(), Some(&b"/"[..]));
+        assert_eq!(parse("a:b:/c").source, Source::Host("a:b".into()));
+    }
+
+    #[test]
+    fn plain_host_paths_stay_whole() {
+        for s in ["disk.img", "/dev/loop0", "a:b", ":/x"] {
+            let l = parse(s);
+            assert_eq!(l.source, Source::Host(s.into()), "{s}");
+            assert_eq!(l.inner, None, "{s}");
+        }
+    }
+
+    #[test]
+    fn nbd_uris_split_at_their_last_colon_slash() {
+        let l = parse("nbd://host:10809/exp");
+        assert_eq!(l.source, Source::Nbd("nbd://host:10809/exp".into()));
+        assert_eq!(l.inner, None);
+        let l = parse("nbd://host:10809/exp:/var/log/syslog");
+        assert_eq!(l.source, Source::Nbd("nbd://host:10809/exp".into()));
+        assert_eq!(l.inner.as_deref(), Some(&b"/var/log/syslog"[..]));
+        let l = parse("nbd+unix:///exp?socket=/run/s.sock:/etc/hosts");
+        assert_eq!(
+            l.source,
+            Source::Nbd("nbd+unix:///exp?socket=/run/s.sock".into())
+        );
+        assert_eq!(l.inner.as_deref(), Some(&b"/etc/hosts"[..]));
+        assert_eq!(parse("nbd+unix:///exp?socket=/run/s.sock").inner, None);
+    }
+
+    #[test]
+    fn file_name_is_the_last_inner_component() {
+        assert_eq!(
+            parse("d.img:/var/log/syslog/").file_name(),
+            Some("syslog".into())
+        );
+        assert_eq!(parse("dir/d.img").file_name(), Some("d.img".into()));
+    }
+}

@@ -1,0 +1,448 @@
+//! `dio cat`, `cp`, `ls`, `stat` and `write` on `IMAGE:/PATH` locations and byte
+//! ranges, against the fixture images of the dio crate, debugfs, `filefrag -v` on a
+//! kernel mount (as root) and `e2fsck -fn` after every write.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+fn dio(args: &[&str]) -> Output {
+    dio_stdin(args, None)
+}
+
+fn dio_stdin(args: &[&str], input: Option<&[u8]>) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_dio"))
+        .args(args)
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    if let Some(i) = input {
+        c.stdin.take().unwrap().write_all(i).unwrap();
+    }
+    c.wait_with_output().unwrap()
+}
+
+fn ok(o: &Output, what: &str) -> Vec<u8> {
+    assert!(
+        o.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o.stdout.clone()
+}
+
+fn err(o: &Output) -> String {
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn scratch() -> PathBuf {
+    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join("ext-cli");
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn unpack(name: &str, tag: &str) -> String {
+    let gz = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../dio/tests/fixtures/ext")
+        .join(format!("{name}.img.gz"));
+    let mut bytes = Vec::new();
+    flate2::read::GzDecoder::new(std::fs::File::open(gz).unwrap())
+        .read_to_end(&mut bytes)
+        .unwrap();
+    let p = scratch().join(format!("{name}-{tag}.img"));
+    std::fs::write(&p, bytes).unwrap();
+    p.to_str().unwrap().to_string()
+}
+
+fn have(tool: &str) -> bool {
+    Command::new(tool).arg("-V").output().is_ok()
+}
+
+fn debugfs_cat(img: &str, path: &str) -> Vec<u8> {
+    Command::new("debugfs")
+        .args(["-R", &format!("cat {path}"), img])
+        .output()
+        .unwrap()
+        .stdout
+}
+
+fn fsck_clean(img: &str) {
+    if !have("e2fsck") {
+        return;
+    }
+    let o = Command::new("e2fsck").args(["-fn", img]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+}
+
+#[test]
+fn cat_reads_image_files_and_follows_symlinks() {
+    if !have("debugfs") {
+        eprintln!("skipping: debugfs (e2fsprogs) is not installed");
+        return;
+    }
+    for name in ["ext4-4k", "ext2-1k"] {
+        let img = unpack(name, "cat");
+        for p in ["/data/random", "/data/pattern", "/data/sparse", "/frag"] {
+            let out = ok(&dio(&["cat", &format!("{img}:{p}")]), p);
+            assert!(out == debugfs_cat(&img, p), "{name}:{p}");
+        }
+        // (debugfs pads inline files to their 60-byte area: compare with the tree.)
+        let out = ok(
+            &dio(&[
+                "cat",
+                &format!("{img}:/many/f0007-xxxxxxx-\u{e9}\u{e8}\u{ff}"),
+            ]),
+            "utf-8 name",
+        );
+        assert_eq!(out, b"7\n");
+        let out = ok(&dio(&["cat", &format!("{img}:/links/slow")]), "slow link");
+        assert_eq!(out, b"deep inside\n");
+        let out = ok(
+            &dio(&["cat", &format!("{img}:/links/todir/sub/deep.txt")]),
+            "dir link",
+        );
+        assert_eq!(out, b"deep inside\n");
+        let e = err(&dio(&["cat", &format!("{img}:/missing")]));
+        assert_eq!(
+            e,
+            format!("dio: {img}:/missing: No such file or directory\n")
+        );
+        let e = err(&dio(&["cat", &format!("{img}:/dir")]));
+        assert!(e.contains("is a directory"), "{e}");
+    }
+}
+
+#[test]
+fn cat_offset_and_length_are_byte_granular() {
+    let img = unpack("ext4-1k", "range");
+    let whole = ok(&dio(&["cat", &format!("{img}:/data/pattern")]), "whole");
+    for (off, len) in [
+        (0usize, 1usize),
+        (1023, 2),
+        (1000, 70_000),
+        (whole.len() - 3, 100),
+        (5, 0),
+    ] {
+        let out = ok(
+            &dio(&[
+                "cat",
+                &format!("{img}:/data/pattern"),
+                "--offset",
+                &off.to_string(),
+                "--length",
+                &len.to_string(),
+                "--bs",
+                "4k",
+            ]),
+            "range",
+        );
+        let end = (off + len).min(whole.len());
+        assert!(out == whole[off..end], "image range {off}+{len}");
+    }
+    // A host file too.
+    let host = scratch().join("range.bin");
+    let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&host, &data).unwrap();
+    let h = host.to_str().unwrap();
+    let out = ok(
+        &dio(&["cat", h, "--offset", "777", "--length", "50000"]),
+        "host range",
+    );
+    assert!(out == data[777..50_777]);
+    let out = ok(&dio(&["cat", h, "--offset", "99999"]), "host tail");
+    assert_eq!(out, &data[99_999..]);
+}
+
+#[test]
+fn cp_out_of_and_into_images() {
+    if !have("debugfs") {
+        eprintln!("skipping: debugfs (e2fsprogs) is not installed");
+        return;
+    }
+    let img = unpack("ext4-4k", "cp");
+    let out = scratch().join("sparse-copy");
+    ok(
+        &dio(&["cp", &format!("{img}:/data/sparse"), out.to_str().unwrap()]),
+        "cp out",
+    );
+    assert!(std::fs::read(&out).unwrap() == debugfs_cat(&img, "/data/sparse"));
+    // Into a directory: the image file's name.
+    let dir = scratch().join("cpdir");
+    std::fs::create_dir_all(&dir).unwrap();
+    ok(
+        &dio(&["cp", &format!("{img}:/data/random"), dir.to_str().unwrap()]),
+        "cp into dir",
+    );
+    assert!(std::fs::read(dir.join("random")).unwrap() == debugfs_cat(&img, "/data/random"));
+    // In place: same size, then shorter (the rest stays).
+    let len = debugfs_cat(&img, "/data/random").len();
+    let new: Vec<u8> = (0..len).map(|i| (i * 13 % 256) as u8).collect();
+    let src = scratch().join("new-random");
+    std::fs::write(&src, &new).unwrap();
+    ok(
+        &dio(&["cp", src.to_str().unwrap(), &format!("{img}:/data/random")]),
+        "cp in",
+    );
+    assert!(debugfs_cat(&img, "/data/random") == new);
+    fsck_clean(&img);
+    std::fs::write(&src, b"short").unwrap();
+    let o = dio(&["cp", src.to_str().unwrap(), &format!("{img}:/data/random")]);
+    ok(&o, "cp shorter");
+    let mut expect = new.clone();
+    expect[..5].copy_from_slice(b"short");
+    assert!(debugfs_cat(&img, "/data/random") == expect);
+    // Growing is refused, with nothing written.
+    let big = scratch().join("too-big");
+    std::fs::write(&big, vec![7u8; len + 1]).unwrap();
+    let e = err(&dio(&[
+        "cp",
+        big.to_str().unwrap(),
+        &format!("{img}:/data/random"),
+    ]));
+    assert!(e.contains("would grow"), "{e}");
+    assert!(debugfs_cat(&img, "/data/random") == expect);
+    fsck_clean(&img);
+}
+
+#[test]
+fn ls_lists_names_and_long_details() {
+    let img = unpack("ext3-2k", "ls");
+    let out = String::from_utf8(ok(&dio(&["ls", &format!("{img}:/")]), "ls /")).unwrap();
+    assert_eq!(
+        out,
+        "data\ndir\nempty\nemptydir\nfrag\nhello.txt\ninline_big\ninline_small\nlinks\nlost+found\nmany\n"
+    );
+    let many = ok(&dio(&["ls", &format!("{img}:/many")]), "ls many");
+    assert_eq!(
+        many.split(|&c| c == b'\n')
+            .filter(|l| !l.is_empty())
+            .count(),
+        400
+    );
+    let long =
+        String::from_utf8(ok(&dio(&["ls", "-l", &format!("{img}:/links")]), "ls -l")).unwrap();
+    let fast = long
+        .lines()
+        .find(|l| l.ends_with("fast -> ../hello.txt"))
+        .unwrap();
+    assert!(fast.starts_with("lrwxrwxrwx"), "{fast}");
+    let long = String::from_utf8(ok(
+        &dio(&["ls", "-l", &format!("{img}:/hello.txt")]),
+        "ls -l file",
+    ))
+    .unwrap();
+    let f: Vec<&str> = long.split_whitespace().collect();
+    assert_eq!(
+        (f[0], f[1], f[3]),
+        ("-rw-r--r--", "11", "hello.txt"),
+        "{long}"
+    );
+    let e = err(&dio(&["ls", &img]));
+    assert!(e.contains("IMAGE:/DIR"), "{e}");
+}
+
+/// `dio stat --json`'s extent map is what `filefrag -v` reports through the kernel.
+#[test]
+fn stat_extents_match_filefrag_on_a_kernel_mount() {
+    let img = unpack("ext4-1k", "stat");
+    let json: serde_json::Value = serde_json::from_slice(&ok(
+        &dio(&["stat", "--json", &format!("{img}:/data/sparse")]),
+        "stat",
+    ))
+    .unwrap();
+    assert_eq!(json["size"], 614400);
+    assert_eq!(json["type"], "regular");
+    assert_eq!(json["mode"], "0644");
+    assert_eq!(json["links"], 1);
+    let text =
+        String::from_utf8(ok(&dio(&["stat", &format!("{img}:/frag")]), "stat text")).unwrap();
+    assert!(text.contains(" ext:     logical_offset:"), "{text}");
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout == b"0\n")
+        .unwrap_or(false);
+    if !root || !have("filefrag") {
+        eprintln!("skipping filefrag comparison: needs root (mount -o loop) and filefrag");
+        return;
+    }
+    let mnt = PathBuf::from(format!("{img}.mnt"));
+    std::fs::create_dir_all(&mnt).unwrap();
+    let m = Command::new("mount")
+        .args(["-o", "loop,ro,noload", &img])
+        .arg(&mnt)
+        .output()
+        .unwrap();
+    if !m.status.success() {
+        eprintln!(
+            "skipping filefrag comparison: mount failed: {}",
+            String::from_utf8_lossy(&m.stderr)
+        );
+        return;
+    }
+    let mut checks = Vec::new();
+    for p in ["/data/sparse", "/frag", "/data/pattern", "/data/random"] {
+        let ff = Command::new("filefrag")
+            .arg("-v")
+            .arg(mnt.join(&p[1..]))
+            .output()
+            .unwrap();
+        let theirs: Vec<(u64, u64, u64, bool)> = String::from_utf8_lossy(&ff.stdout)
+            .lines()
+            .filter(|l| {
+                l.trim_start()
+                    .chars()
+                    .next()
+                    .is_some_and(|c| c.is_ascii_digit())
+                    && l.contains("..")
+            })
+            .map(|l| {
+                let f: Vec<&str> = l.split(':').map(str::trim).collect();
+                let logical: u64 = f[1].split("..").next().unwrap().trim().parse().unwrap();
+                let physical: u64 = f[2].split("..").next().unwrap().trim().parse().unwrap();
+                let len: u64 = f[3].parse().unwrap();
+                (logical, physical, len, l.contains("unwritten"))
+            })
+            .collect();
+        let json: serde_json::Value = serde_json::from_slice(&ok(
+            &dio(&["stat", "--json", &format!("{img}:{p}")]),
+            "stat",
+        ))
+        .unwrap();
+        let ours: Vec<(u64, u64, u64, bool)> = json["extents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                (
+                    e["logical"].as_u64().unwrap(),
+                    e["physical"].as_u64().unwrap(),
+                    e["length"].as_u64().unwrap(),
+                    e["unwritten"].as_bool().unwrap(),
+                )
+            })
+            .collect();
+        checks.push((p, ours == theirs, ours.len(), theirs.len()));
+    }
+    let _ = Command::new("umount").arg(&mnt).status();
+    for (p, same, a, b) in checks {
+        assert!(same, "{p}: dio lists {a} extents, filefrag {b}");
+    }
+}
+
+#[test]
+fn write_overwrites_in_place_and_refuses_allocation() {
+    if !have("debugfs") {
+        eprintln!("skipping: debugfs (e2fsprogs) is not installed");
+        return;
+    }
+    let img = unpack("ext4-2k", "write");
+    let before = debugfs_cat(&img, "/data/pattern");
+    ok(
+        &dio_stdin(
+            &["write", &format!("{img}:/data/pattern"), "--offset", "2040"],
+            Some(b"0123456789abcdef"),
+        ),
+        "write",
+    );
+    let mut expect = before.clone();
+    expect[2040..2056].copy_from_slice(b"0123456789abcdef");
+    assert!(debugfs_cat(&img, "/data/pattern") == expect);
+    fsck_clean(&img);
+    // From a file, through a symlink.
+    let input = scratch().join("write-input");
+    std::fs::write(&input, b"via link").unwrap();
+    ok(
+        &dio(&[
+            "write",
+            &format!("{img}:/links/abs"),
+            "--offset",
+            "1",
+            "--input",
+            input.to_str().unwrap(),
+        ]),
+        "write via link",
+    );
+    expect[1..9].copy_from_slice(b"via link");
+    assert!(debugfs_cat(&img, "/data/pattern") == expect);
+    let image_before = std::fs::read(&img).unwrap();
+    let e = err(&dio_stdin(
+        &["write", &format!("{img}:/data/sparse"), "--offset", "16000"],
+        Some(&[9u8; 600]),
+    ));
+    assert!(e.contains("hole"), "{e}");
+    let e = err(&dio_stdin(
+        &[
+            "write",
+            &format!("{img}:/data/pattern"),
+            "--offset",
+            &(expect.len() - 1).to_string(),
+        ],
+        Some(b"xy"),
+    ));
+    assert!(e.contains("grow"), "{e}");
+    assert!(
+        std::fs::read(&img).unwrap() == image_before,
+        "refused writes changed the image"
+    );
+    // A journal that needs recovery refuses writes.
+    let j = unpack("ext3-2k", "recovery");
+    Command::new("debugfs")
+        .args(["-w", "-R", "feature needs_recovery", &j])
+        .output()
+        .unwrap();
+    let e = err(&dio_stdin(
+        &["write", &format!("{j}:/data/pattern"), "--offset", "0"],
+        Some(b"x"),
+    ));
+    assert!(
+        e.contains("incompatible:") && e.contains("needs_recovery"),
+        "{e}"
+    );
+}
+
+#[test]
+fn write_to_host_files_is_byte_granular() {
+    let host = scratch().join("write-host.bin");
+    let data: Vec<u8> = (0..10_000u32).map(|i| (i % 253) as u8).collect();
+    std::fs::write(&host, &data).unwrap();
+    let h = host.to_str().unwrap();
+    ok(
+        &dio_stdin(&["write", h, "--offset", "4095"], Some(b"ABC")),
+        "write mid",
+    );
+    let mut expect = data.clone();
+    expect[4095..4098].copy_from_slice(b"ABC");
+    assert!(std::fs::read(&host).unwrap() == expect, "host bytes");
+    // Past the end: the file grows to exactly the last byte written.
+    ok(
+        &dio_stdin(&["write", h, "--offset", "12001"], Some(b"tail")),
+        "write past end",
+    );
+    expect.resize(12001, 0);
+    expect.extend_from_slice(b"tail");
+    assert!(std::fs::read(&host).unwrap() == expect, "host bytes");
+    // A new file.
+    let fresh = scratch().join("write-new.bin");
+    let _ = std::fs::remove_file(&fresh);
+    ok(
+        &dio_stdin(
+            &["write", fresh.to_str().unwrap(), "--offset", "3"],
+            Some(b"xyz"),
+        ),
+        "write new",
+    );
+    assert_eq!(std::fs::read(&fresh).unwrap(), b"\0\0\0xyz");
+}
