@@ -9,6 +9,7 @@ use std::collections::VecDeque;
 use std::io::Write;
 
 use dio::fs::ext::ExtFile;
+use dio::nbd_file::NbdFile;
 use dio::{AlignedBuf, DioFuture, DirectFile, Flags};
 
 use crate::copy::PipeArgs;
@@ -71,6 +72,9 @@ pub fn pump(
     let bs = args.bs;
     let align = file.geometry().mem_align.max(512) as usize;
     let mut inflight: VecDeque<(u64, usize, DioFuture<AlignedBuf>)> = VecDeque::new();
+    // Full-size buffers are recycled: a fresh 1 MiB allocation per request costs
+    // page faults and zeroing, and grows the heap (RSS) as they come and go.
+    let mut free: Vec<AlignedBuf> = Vec::new();
     let mut pos = start;
     let result = (|| {
         loop {
@@ -79,8 +83,11 @@ pub fn pump(
                 // unaligned in the file.
                 let next = ((pos / bs + 1) * bs).min(end);
                 let len = (next - pos) as usize;
-                let fut =
-                    file.read_future(pos, vec![AlignedBuf::new(len, align)], Flags::UNALIGNED);
+                let buf = match free.pop() {
+                    Some(b) if b.len() == len => b,
+                    _ => AlignedBuf::new(len, align),
+                };
+                let fut = file.read_future(pos, vec![buf], Flags::UNALIGNED);
                 inflight.push_back((pos, len, fut));
                 pos = next;
             }
@@ -99,6 +106,9 @@ pub fn pump(
             }
             let buf = done.bufs.pop().expect("one buffer per request");
             sink(off, &buf[..len])?;
+            if buf.len() as u64 == bs {
+                free.push(buf);
+            }
         }
     })();
     // On an error, let the requests in flight finish before their buffers go.
@@ -179,6 +189,20 @@ fn image_runs(img: &Image, file: &ExtFile) -> Result<Vec<(u64, u64)>, Failure> {
         .collect())
 }
 
+/// Data runs of an NBD export: what its block status (`base:allocation`) does not
+/// report as zeros, as nbdcopy skips them. Without block status, the whole export.
+fn nbd_runs(nbd: &NbdFile) -> Result<Vec<(u64, u64)>, Failure> {
+    crate::fail::print_notes(nbd.notes());
+    let extents = nbd
+        .extents(0, nbd.size())
+        .map_err(|e| Failure::msg(e.to_string()))?;
+    Ok(extents
+        .iter()
+        .filter(|e| !e.zero)
+        .map(|e| (e.offset, e.offset + e.len))
+        .collect())
+}
+
 /// `dio cp SRC DST` where either side is an image path or an NBD export.
 pub fn cp(src: &Location, dst: &Location, args: &PipeArgs) -> Result<(), Failure> {
     // The source: an image file or a whole device source.
@@ -196,11 +220,11 @@ pub fn cp(src: &Location, dst: &Location, args: &PipeArgs) -> Result<(), Failure
         (reader, src_file.size(), runs)
     } else {
         src_open = src.source.open(false, false, args.engine)?;
-        (
-            Reader::Engine(&src_open.direct),
-            src_open.size,
-            vec![(0, src_open.size)],
-        )
+        let runs = match &src_open.nbd {
+            Some(nbd) => nbd_runs(nbd)?,
+            None => vec![(0, src_open.size)],
+        };
+        (Reader::Engine(&src_open.direct), src_open.size, runs)
     };
     if dst.inner.is_some() {
         // Overwrite in place: check the whole range first, so a refusal writes

@@ -19,10 +19,11 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use dio::device::nbd::{NbdConfig, NbdDevice, NbdUri};
+use dio::device::nbd::NbdConfig;
 use dio::fs::ext::{Ext, ExtFile, FileType, Inode};
+use dio::nbd_file::NbdFile;
 use dio::raw::{OpenOptions, RawFile};
-use dio::{Device, DirectFile, FileState, IdentityMap};
+use dio::{Device, DirectFile};
 
 use crate::fail::{print_notes, Failure};
 use crate::Engine;
@@ -121,6 +122,8 @@ pub struct Opened {
     pub raw: Option<RawFile>,
     /// The whole source as a file (identity map).
     pub direct: DirectFile,
+    /// The NBD export, when the source is one (for its block status).
+    pub nbd: Option<NbdFile>,
 }
 
 impl Source {
@@ -155,28 +158,19 @@ impl Source {
                     size: raw.size(),
                     direct: raw.direct().clone(),
                     raw: Some(raw),
+                    nbd: None,
                 })
             }
             Source::Nbd(uri) => {
-                let fail = |e: dio::Error| Failure::msg(format!("{uri}: {e}"));
-                let uri_parsed = NbdUri::parse(uri).map_err(fail)?;
-                let dev = NbdDevice::connect(&uri_parsed, &NbdConfig::default()).map_err(fail)?;
-                if write && dev.is_read_only() {
-                    return Err(Failure::msg(format!("{uri}: the export is read-only")));
-                }
-                let size = dev.export_size();
-                let device: Arc<dyn Device> = Arc::new(dev);
-                let lb = device.geometry().logical_block;
-                let map = Arc::new(IdentityMap::new(lb, size));
-                let direct =
-                    DirectFile::new(Arc::clone(&device), map, Arc::new(FileState::new(size)))
-                        .map_err(fail)?;
-                let direct = if write { direct } else { direct.read_only() };
+                // NbdFile's errors name the URI already.
+                let f = NbdFile::open_uri(uri, write, &NbdConfig::default())
+                    .map_err(|e| Failure::msg(e.to_string()))?;
                 Ok(Opened {
-                    device,
-                    size,
+                    device: Arc::clone(f.direct().device()),
+                    size: f.size(),
                     raw: None,
-                    direct,
+                    direct: f.direct().clone(),
+                    nbd: Some(f),
                 })
             }
         }

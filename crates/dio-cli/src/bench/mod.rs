@@ -15,6 +15,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use clap::Args;
+use dio::device::nbd::{NbdConfig, NbdUri};
+use dio::nbd_file::NbdFile;
 use dio::raw::{OpenOptions, RawFile};
 use dio::{AlignedBuf, DioFuture, Flags};
 use serde_json::{json, Value};
@@ -41,8 +43,9 @@ const SUITE: [(Rw, u64, u32); 4] = [
 /// `dio bench` arguments.
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// File or block device to measure; created and laid out if missing or smaller
-    /// than --size. Without it (and without --rw): the direct-vs-buffered suite.
+    /// File, block device or NBD URI to measure; a file is created and laid out if
+    /// missing or smaller than --size. Without it (and without --rw): the
+    /// direct-vs-buffered suite.
     pub target: Option<PathBuf>,
     /// Access pattern [default: randread].
     #[arg(long, value_enum)]
@@ -298,6 +301,23 @@ fn open_buffered(path: &Path, write: bool) -> Result<File, Failure> {
         .map_err(|e| Failure::at(path, e))
 }
 
+/// An NBD export to measure in place: writes need --force (they destroy its data,
+/// as on a block device), and there is no page cache to compare with.
+fn open_nbd(uri: &str, args: &BenchArgs, rw: Rw) -> Result<NbdFile, Failure> {
+    if args.buffered {
+        return Err(Failure::msg(format!(
+            "{uri}: --buffered needs a host file, not an NBD export"
+        )));
+    }
+    if rw.is_write() && !args.force {
+        return Err(Failure::msg(format!(
+            "{uri}: this workload writes to the export, destroying its data; add --force to do it anyway"
+        )));
+    }
+    NbdFile::open_uri(uri, rw.is_write(), &NbdConfig::default())
+        .map_err(|e| Failure::msg(e.to_string()))
+}
+
 /// One workload on `path`.
 fn single(path: &Path, args: &BenchArgs) -> Result<(), Failure> {
     let rw = args.rw.unwrap_or(Rw::Randread);
@@ -308,12 +328,33 @@ fn single(path: &Path, args: &BenchArgs) -> Result<(), Failure> {
     };
     let bs = args.bs.unwrap_or(bs);
     let qd = args.qd.unwrap_or(qd);
-    let target = prepare(path, args.size, args, rw.is_write(), qd)?;
+    let nbd;
+    let target;
+    let (direct, size, backend) = match path.to_str().filter(|s| NbdUri::is_nbd_uri(s)) {
+        Some(uri) => {
+            nbd = open_nbd(uri, args, rw)?;
+            let size = match args.size {
+                Some(s) if s > nbd.size() => {
+                    return Err(Failure::msg(format!(
+                        "{uri}: --size {s} is larger than the export ({} bytes)",
+                        nbd.size()
+                    )))
+                }
+                Some(s) => s,
+                None => nbd.size(),
+            };
+            (nbd.direct(), size, "nbd")
+        }
+        None => {
+            target = prepare(path, args.size, args, rw.is_write(), qd)?;
+            (target.raw.direct(), target.size, target.raw.backend_name())
+        }
+    };
     let w = Workload {
         rw,
         bs,
         qd,
-        span: span(target.size, bs)?,
+        span: span(size, bs)?,
         runtime: runtime(args, 5.0),
         skew: args.skew,
     };
@@ -321,8 +362,7 @@ fn single(path: &Path, args: &BenchArgs) -> Result<(), Failure> {
         let file = open_buffered(path, rw.is_write())?;
         ("buffered", "pread/pwrite", run::buffered(&file, &w)?)
     } else {
-        let backend = target.raw.backend_name();
-        ("direct", backend, run::direct(&target.raw, &w)?)
+        ("direct", backend, run::direct(direct, &w)?)
     };
     stop_if_interrupted()?;
     if args.json {
@@ -435,7 +475,7 @@ fn suite(args: &BenchArgs) -> Result<(), Failure> {
             runtime,
             skew: 0,
         };
-        let d = run::direct(&target.raw, &w)?;
+        let d = run::direct(target.raw.direct(), &w)?;
         stop_if_interrupted()?;
         if !args.json {
             print(&row(&w.label(), "direct", &d))?;

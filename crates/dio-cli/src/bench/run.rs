@@ -9,8 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, TryRecvError};
 use std::time::{Duration, Instant};
 
-use dio::raw::RawFile;
-use dio::{AlignedBuf, Completed, CompletionMode, Flags};
+use dio::{AlignedBuf, Completed, CompletionMode, DirectFile, Flags};
 use rustix::fs::{fadvise, Advice};
 
 use super::cpu::CpuTime;
@@ -158,9 +157,8 @@ struct Done {
     latency: Duration,
 }
 
-/// Run `w` through dio on `raw`.
-pub fn direct(raw: &RawFile, w: &Workload) -> Result<Report, Failure> {
-    let file = raw.direct();
+/// Run `w` through dio on `file`.
+pub fn direct(file: &DirectFile, w: &Workload) -> Result<Report, Failure> {
     let geo = file.geometry();
     if w.bs % u64::from(geo.logical_block) != 0 {
         return Err(Failure::msg(format!(
