@@ -1033,3 +1033,23 @@ fn nowait_write_answers_would_block_instead_of_waiting_for_a_shared_block() {
     );
     first.wait().result.unwrap();
 }
+
+#[test]
+fn truncate_that_fails_to_zero_the_eof_block_changes_nothing() {
+    let r = rig(4096, 512, MIB, 0);
+    let data = pattern(16384, 5);
+    r.file.write_at(0, &data, Flags::NONE).unwrap();
+    let (dev_block, _) = r.map.lookup(1).unwrap();
+    r.dev
+        .fail_range(dev_block * 4096..dev_block * 4096 + 4096, None);
+    assert_eq!(r.file.truncate(5000).unwrap_err().errno(), libc::EIO);
+    r.dev.clear_faults();
+    assert_eq!(r.file.size(), 16384);
+    assert!(
+        r.map.lookup(3).is_some(),
+        "the blocks past the new EOF are still there"
+    );
+    let (n, back) = read_all(&r.file, 0, 16384);
+    assert_eq!(n.unwrap(), 16384);
+    assert_eq!(&back[..], &data[..]);
+}

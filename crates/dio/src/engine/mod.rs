@@ -413,8 +413,9 @@ impl DirectFile {
             state.wait_dio_zero();
         }
         if size < state.size() {
-            self.shared.map.truncate(size)?;
+            // Zero the new last block's tail first: if that fails, nothing changed.
             self.zero_eof_block_tail(size)?;
+            self.shared.map.truncate(size)?;
         }
         state.set_size(size);
         Ok(())
