@@ -511,6 +511,19 @@ fn kernel_made_image_reads_like_the_kernel_mount() {
         let mut checked = 0;
         compare_tree(&ext, &m.0, "", &mut checked, false);
         assert!(checked > 300);
+        drop(m);
+        if have("debugfs") {
+            let out = scratch_dir().join(format!("kernel-{tag}-rdump"));
+            let _ = std::fs::remove_dir_all(&out);
+            std::fs::create_dir_all(&out).unwrap();
+            run(Command::new("debugfs")
+                .arg("-R")
+                .arg(format!("rdump / {}", out.display()))
+                .arg(&img));
+            let mut checked = 0;
+            compare_tree(&ext, &out, "", &mut checked, true);
+            assert!(checked > 300);
+        }
     }
 }
 
