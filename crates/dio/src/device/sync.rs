@@ -245,8 +245,14 @@ impl Drop for SyncDevice {
         // Workers finish what is queued (it owns caller memory until completed).
         lock(&self.inner.queue).stop = true;
         self.inner.ready.notify_all();
+        // The last reference may go away on a worker itself (a completion dropped
+        // the last handle to the file): that worker ends by itself once the queue
+        // is drained; joining it from itself would fail.
+        let me = std::thread::current().id();
         for h in self.workers.drain(..) {
-            let _ = h.join();
+            if h.thread().id() != me {
+                let _ = h.join();
+            }
         }
     }
 }

@@ -766,7 +766,11 @@ impl Drop for UringDevice {
                 let _ = unsafe { inner.ring.submission_shared().push(&nop) };
                 let _ = inner.submit_locked();
             }
-            let _ = handle.join();
+            // Dropped on the reaper itself (a completion held the last handle): it
+            // stops by itself; it cannot join itself.
+            if handle.thread().id() != std::thread::current().id() {
+                let _ = handle.join();
+            }
         }
         // Requests still in flight own caller memory until they complete: drain.
         while inner.in_flight.load(Ordering::Acquire) > 0 {
