@@ -52,7 +52,22 @@ impl Flags {
     /// Fail with [`Error::WouldBlock`] instead of waiting for another write that
     /// shares a block.
     pub const NOWAIT: Flags = Flags(1 << 6);
-    /// Byte-granular I/O: accept any offset, length and buffer address. The aligned
+    /// Byte-granular I/O: accept any offset, length and buffer address.
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use dio::{DirectFile, FileState, Flags, IdentityMap, MemDevice, MemDeviceConfig};
+    /// # let dev = Arc::new(MemDevice::new(MemDeviceConfig::new(1 << 20, 512)));
+    /// # let file = DirectFile::new(dev, Arc::new(IdentityMap::new(4096, 1 << 20)), Arc::new(FileState::new(1 << 20))).unwrap();
+    /// file.write_at(1000, b"hello", Flags::UNALIGNED).unwrap();
+    /// let mut back = [0u8; 5];
+    /// file.read_at(1000, &mut back, Flags::UNALIGNED).unwrap();
+    /// assert_eq!(&back, b"hello");
+    /// // Without the flag the kernel's answer: EINVAL.
+    /// assert_eq!(file.read_at(1000, &mut back, Flags::NONE).unwrap_err().errno(), libc::EINVAL);
+    /// ```
+    ///
+    /// The aligned
     /// middle still goes straight from the caller's memory; partial blocks go
     /// through bounce buffers, and writes read-modify-write them under the block
     /// range lock. Without it, misaligned requests fail with EINVAL.
@@ -331,6 +346,21 @@ impl DirectFile {
     }
 
     /// An async read as a future (works with any executor, or [`DioFuture::wait`]).
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use dio::{AlignedBuf, DirectFile, FileState, Flags, IdentityMap, MemDevice, MemDeviceConfig};
+    /// # let dev = Arc::new(MemDevice::new(MemDeviceConfig::new(1 << 20, 512)));
+    /// # let file = DirectFile::new(dev, Arc::new(IdentityMap::new(4096, 1 << 20)), Arc::new(FileState::new(1 << 20))).unwrap();
+    /// // Eight reads in flight, then collect them in order.
+    /// let futures: Vec<_> = (0..8u64)
+    ///     .map(|i| file.read_future(i * 4096, vec![AlignedBuf::new(4096, 4096)], Flags::NONE))
+    ///     .collect();
+    /// for f in futures {
+    ///     let done = f.wait();
+    ///     assert_eq!(done.result.unwrap(), 4096);
+    /// }
+    /// ```
     pub fn read_future<B: OwnedBuf>(
         &self,
         offset: u64,
