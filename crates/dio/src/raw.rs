@@ -52,6 +52,11 @@ pub struct OpenOptions {
     pub sqpoll: bool,
     /// Allow [`RawFile::register_buffers`] to register memory with the ring.
     pub registered_buffers: bool,
+    /// Every call on this file comes from the thread that opens it: io_uring then
+    /// runs completion work only when that thread reaps (single issuer, deferred task
+    /// run), which saves interrupts and wakeups per I/O. Calls from other threads
+    /// fail (EEXIST).
+    pub single_thread: bool,
 }
 
 impl Default for OpenOptions {
@@ -65,6 +70,7 @@ impl Default for OpenOptions {
             iopoll: false,
             sqpoll: false,
             registered_buffers: false,
+            single_thread: false,
         }
     }
 }
@@ -130,6 +136,7 @@ impl RawFile {
             queue_depth: opts.queue_depth.max(1),
             iopoll: opts.iopoll,
             sqpoll: opts.sqpoll,
+            single_issuer: opts.single_thread,
             ..UringConfig::default()
         };
         let try_uring = |file: &File| -> Result<UringDevice> {

@@ -186,6 +186,8 @@ fn prepare(
             create: lay_out_needed,
             backend: args.engine.backend(),
             queue_depth: ring_depth(qd),
+            // The bench submits and reaps on this thread only.
+            single_thread: true,
             ..OpenOptions::default()
         },
     )?;

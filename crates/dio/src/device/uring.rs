@@ -54,6 +54,12 @@ pub struct UringConfig {
     pub iopoll: bool,
     /// Register the file with the ring (fixed file: saves a lookup per request).
     pub registered_file: bool,
+    /// One thread submits and reaps everything (as fio's jobs do): the ring runs
+    /// completion work only when that thread enters the kernel
+    /// (`IORING_SETUP_SINGLE_ISSUER | DEFER_TASKRUN | COOP_TASKRUN`), which saves
+    /// the interrupts and wakeups of the default mode. Only for a device used from
+    /// the thread that opened it; ignored with a reaper thread or SQPOLL.
+    pub single_issuer: bool,
 }
 
 impl Default for UringConfig {
@@ -64,6 +70,7 @@ impl Default for UringConfig {
             sqpoll: false,
             iopoll: false,
             registered_file: true,
+            single_issuer: false,
         }
     }
 }
@@ -105,6 +112,10 @@ struct Inner {
     in_flight: AtomicUsize,
     /// Pollers asleep in the kernel, waiting for a completion.
     sleepers: AtomicUsize,
+    /// Completion work is deferred to GETEVENTS enters by the one issuing thread.
+    defer: bool,
+    /// The thread that opened the ring (the only one that may use a `defer` ring).
+    owner: thread::ThreadId,
     iopoll: bool,
     ext_arg: bool,
     stop: AtomicBool,
@@ -155,7 +166,7 @@ impl UringDevice {
         let mut notes = Vec::new();
         let mut ring = None;
         if cfg.iopoll {
-            match build_ring(depth, cfg.sqpoll, true) {
+            match build_ring(depth, cfg.sqpoll, true, false) {
                 Ok(r) => match probe_iopoll(&r, &file, &geometry) {
                     Ok(()) => ring = Some(r),
                     Err(e) => notes.push(format!(
@@ -170,10 +181,26 @@ impl UringDevice {
             }
         }
         let iopoll = ring.is_some();
+        let mut defer = false;
         let ring = match ring {
             Some(r) => r,
             None => {
-                build_ring(depth, cfg.sqpoll, false).map_err(|e| Error::os("io_uring setup", e))?
+                let single = cfg.single_issuer && !cfg.reaper && !cfg.sqpoll;
+                match build_ring(depth, cfg.sqpoll, false, single) {
+                    Ok(r) => {
+                        defer = single;
+                        r
+                    }
+                    Err(e) if single => {
+                        notes.push(format!(
+                            "single-issuer io_uring refused ({}): using a shared ring",
+                            describe(&e)
+                        ));
+                        build_ring(depth, cfg.sqpoll, false, false)
+                            .map_err(|e| Error::os("io_uring setup", e))?
+                    }
+                    Err(e) => return Err(Error::os("io_uring setup", e)),
+                }
             }
         };
         let mut fixed_file = false;
@@ -209,6 +236,8 @@ impl UringDevice {
             in_flight: AtomicUsize::new(0),
             sleepers: AtomicUsize::new(0),
             iopoll,
+            defer,
+            owner: thread::current().id(),
             stop: AtomicBool::new(false),
             ring,
             file,
@@ -320,7 +349,7 @@ fn describe(e: &io::Error) -> String {
     }
 }
 
-fn build_ring(depth: u32, sqpoll: bool, iopoll: bool) -> io::Result<IoUring> {
+fn build_ring(depth: u32, sqpoll: bool, iopoll: bool, single_issuer: bool) -> io::Result<IoUring> {
     let mut b = IoUring::builder();
     b.setup_cqsize(depth.saturating_mul(2)).setup_clamp();
     if sqpoll {
@@ -328,6 +357,12 @@ fn build_ring(depth: u32, sqpoll: bool, iopoll: bool) -> io::Result<IoUring> {
     }
     if iopoll {
         b.setup_iopoll();
+    }
+    if single_issuer {
+        b.setup_coop_taskrun()
+            .setup_taskrun_flag()
+            .setup_single_issuer()
+            .setup_defer_taskrun();
     }
     b.build(depth)
 }
@@ -720,6 +755,12 @@ impl Device for UringDevice {
 
     fn poll(&self, wait: bool) -> io::Result<usize> {
         let inner = &*self.inner;
+        if inner.defer && !wait {
+            // Deferred completion work runs only in an enter with GETEVENTS, which
+            // a plain submit carries when the kernel flags pending work.
+            let _st = lock(&inner.state);
+            inner.submit_locked()?;
+        }
         self.unplug();
         let n = inner.reap_and_complete();
         if n > 0 || !wait {
@@ -773,6 +814,14 @@ impl Drop for UringDevice {
             }
         }
         // Requests still in flight own caller memory until they complete: drain.
+        if inner.defer && thread::current().id() != inner.owner {
+            // Only the owner may reap a single-issuer ring. Leak the ring and what
+            // it holds rather than free memory the kernel may still write.
+            if inner.in_flight.load(Ordering::Acquire) > 0 {
+                std::mem::forget(Arc::clone(&self.inner));
+            }
+            return;
+        }
         while inner.in_flight.load(Ordering::Acquire) > 0 {
             let _ = self.poll(true);
         }
