@@ -172,7 +172,25 @@ impl<'a> Dir<'a> {
         if self.inode.has_flag(flags::INLINE_DATA) {
             return self.inline_entries(f).map(|_| ());
         }
-        for b in 0..self.blocks() {
+        // Walk the mapped runs, not every block number: a hostile i_size may name
+        // billions of blocks, and holes are skipped a run at a time. Written blocks
+        // of one directory never outnumber the file system's.
+        let nblocks = self.blocks();
+        let mut next = 0u64;
+        let mut mapped = 0u64;
+        while next < nblocks {
+            let run = self.layout.map(next, nblocks - next)?;
+            let len = run.len.clamp(1, nblocks - next);
+            let b = next;
+            if !matches!(run.mapping, Mapping::Mapped(_)) {
+                next += len;
+                continue;
+            }
+            next += 1;
+            mapped += 1;
+            if mapped > self.fs.sb.blocks_count {
+                return Err(self.bad(b, "the directory maps more blocks than the file system has"));
+            }
             let Some(block) = self.block(b)? else {
                 continue;
             };
