@@ -151,6 +151,8 @@ fn stdout_failure(e: std::io::Error) -> Failure {
 fn open_options(args: &PipeArgs) -> OpenOptions {
     OpenOptions {
         backend: args.engine.backend(),
+        // cat and cp submit and reap on this thread only.
+        single_thread: true,
         ..OpenOptions::default()
     }
 }
