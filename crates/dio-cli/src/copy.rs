@@ -27,7 +27,7 @@ pub struct PipeArgs {
     #[arg(long, value_enum, default_value_t = Engine::Auto)]
     pub engine: Engine,
     /// Requests in flight.
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=256))]
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub qd: u32,
     /// Bytes per request (K/M suffixes; a multiple of the device's logical block).
     #[arg(long, default_value = "1M", value_parser = parse_size)]
