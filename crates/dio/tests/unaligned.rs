@@ -16,7 +16,7 @@ use dio::device::mem::MemDeviceConfig;
 use dio::{AlignedBuf, DirectFile, Flags, OwnedBuf, TestMapConfig, Window};
 use proptest::prelude::*;
 
-const SPAN: u64 = 64 * 1024;
+const SPAN: u64 = 256 * 1024;
 const U: Flags = Flags::UNALIGNED;
 
 #[derive(Debug, Clone)]
@@ -36,7 +36,12 @@ struct Batch {
 }
 
 fn op() -> impl Strategy<Value = Op> {
-    let range = (0..SPAN, 1..9000u64);
+    // Mostly small requests (bounced whole), some long enough for the zero-copy
+    // middle.
+    let range = (
+        0..SPAN,
+        prop_oneof![4 => 1..9000u64, 1 => 65000..200_000u64],
+    );
     prop_oneof![
         (range.clone(), 1..0xA0u8).prop_map(|((off, len), val)| Op::Write { off, len, val }),
         range.prop_map(|(off, len)| Op::Read { off, len }),
@@ -130,7 +135,7 @@ fn window(off: u64, len: u64, skew: usize) -> Window<AlignedBuf> {
 }
 
 fn run_batches(file: &DirectFile, batches: Vec<Batch>) -> Result<(), TestCaseError> {
-    let mut m = Model::new((SPAN + 9000) as usize);
+    let mut m = Model::new((SPAN + 200_000) as usize);
     for b in batches {
         let writes: Vec<(u64, u64, u8)> = b
             .ops

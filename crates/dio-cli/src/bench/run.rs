@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, TryRecvError};
 use std::time::{Duration, Instant};
 
-use dio::{AlignedBuf, Completed, CompletionMode, DirectFile, Flags};
+use dio::{AlignedBuf, Completed, CompletionMode, DirectFile, Flags, OwnedBuf, Window};
 use rustix::fs::{fadvise, Advice};
 
 use super::cpu::CpuTime;
@@ -152,7 +152,7 @@ pub fn pattern(buf: &mut [u8], seed: u64) {
 
 struct Done {
     off: u64,
-    buf: AlignedBuf,
+    buf: Window<AlignedBuf>,
     result: dio::Result<usize>,
     latency: Duration,
 }
@@ -181,10 +181,10 @@ pub fn direct(file: &DirectFile, w: &Workload) -> Result<Report, Failure> {
             return off;
         }
     };
-    let issue = |buf: AlignedBuf, off: u64| {
+    let issue = |buf: Window<AlignedBuf>, off: u64| {
         let tx = tx.clone();
         let start = Instant::now();
-        let done = move |mut c: Completed<AlignedBuf>| {
+        let done = move |mut c: Completed<Window<AlignedBuf>>| {
             let latency = start.elapsed();
             let buf = c.bufs.pop().expect("one buffer per request");
             let _ = tx.send(Done {
@@ -216,9 +216,13 @@ pub fn direct(file: &DirectFile, w: &Workload) -> Result<Report, Failure> {
     let t0 = Instant::now();
     let deadline = t0 + w.runtime;
     for i in 0..qd {
-        let mut buf = AlignedBuf::new(w.bs as usize, geo.buffer_align());
+        // A skewed run places its data at the offset's phase within a page, so the
+        // aligned middle of each request goes straight from (to) it.
+        let phase = (w.skew % 4096) as usize;
+        let inner = AlignedBuf::new(phase + w.bs as usize, geo.buffer_align());
+        let mut buf = Window::new(inner, phase, w.bs as usize).expect("the window fits");
         if w.rw.is_write() {
-            pattern(&mut buf, i + 1);
+            pattern(buf.as_mut_slice(), i + 1);
         }
         issue(buf, next_offset(&mut busy));
         in_flight += 1;

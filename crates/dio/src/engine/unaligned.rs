@@ -25,6 +25,12 @@ use crate::{Error, Result};
 /// Bytes bounced at a time when the caller's memory is not aligned.
 const BOUNCE_CHUNK: u64 = 1 << 20;
 
+/// The aligned middle goes straight from (to) the caller's memory when it is at
+/// least this long. Shorter requests go through one contiguous bounce buffer: one
+/// memory segment and fewer pages pinned per request instead of head + middle +
+/// tail, which costs more than copying a few KiB.
+const DIRECT_MIN: u64 = 64 << 10;
+
 /// Whether a request needs no padding or bouncing.
 pub(crate) fn is_aligned<'a>(
     file: &Shared,
@@ -139,6 +145,9 @@ impl Plan {
 
 /// Whether the caller's memory can serve the aligned middle as it is.
 fn middle_is_direct(file: &Shared, plan: &Plan, pieces: &[(usize, usize)]) -> bool {
+    if plan.m1 - plan.m0 < DIRECT_MIN {
+        return false;
+    }
     let lb = plan.lb;
     let ma = file.geometry.mem_align as usize;
     let mut p = plan.off;
@@ -314,41 +323,75 @@ pub(crate) fn read(
     if middle_is_direct(file, &plan, &pieces_mut(bufs)) {
         return read_direct(file, &plan, bufs, flags);
     }
-    // Bounce through aligned memory, a chunk at a time.
-    let mut bounce = AlignedBuf::new((BOUNCE_CHUNK + lb) as usize, file.geometry.buffer_align());
-    by_chunks(off, len, lb, |pos, phase, n, done| {
-        let chunk = &mut bounce[phase..phase + n];
-        let got = read_direct(
-            file,
-            &Plan::new(pos, n as u64, lb),
-            &mut [IoSliceMut::new(chunk)],
-            flags,
+    // Bounce the widened range through one aligned buffer, a chunk at a time.
+    let mut bounce = bounce_buffer(file, len, lb);
+    by_chunks(off, len, |pos, n, done| {
+        let plan = Plan::new(pos, n as u64, lb);
+        let widened = &mut bounce[..(plan.a1 - plan.a0) as usize];
+        let got = buf::io_scope(
+            || {},
+            |scope| {
+                let m = scope.lend_buf(widened);
+                run_sync(file, Op::Read, plan.a0, &[m], flags, Extra::default())
+            },
         )?;
+        let user = plan.user_count(got);
+        let from = (plan.off - plan.a0) as usize;
         scatter(
             bufs.iter_mut().map(|b| &mut **b),
             done,
-            &bounce[phase..phase + got],
+            &bounce[from..from + user],
         );
-        Ok(got)
+        Ok(user)
     })
 }
 
-/// Run `step(position, phase, length, done so far)` over `[off, off + len)` in
-/// bounce-sized chunks, each placed at its file position's phase within a block
-/// so that its middle is memory-aligned. Stops at a short step; an error after
-/// some bytes are done ends with those bytes (an exact partial count).
+/// A bounce buffer for a request of `len` bytes widened to whole blocks, at most
+/// a chunk's worth.
+fn bounce_buffer(file: &Shared, len: u64, lb: u64) -> AlignedBuf {
+    let size = len.min(BOUNCE_CHUNK) + 2 * lb;
+    AlignedBuf::new(size as usize, file.geometry.buffer_align())
+}
+
+/// Fill a widened range's bounce buffer for a write: the partial head and tail
+/// blocks read from the file (read-modify-write), the caller's bytes (`src`, laid
+/// end to end from the request's start) over them.
+fn fill_widened(
+    file: &Arc<Shared>,
+    plan: &Plan,
+    widened: &mut [u8],
+    src: &[&[u8]],
+    flags: Flags,
+) -> Result<()> {
+    let lb = plan.lb as usize;
+    if plan.head {
+        read_block(file, plan.a0, &mut widened[..lb], flags)?;
+    }
+    if let Some(t0) = plan.tail {
+        let at = (t0 - plan.a0) as usize;
+        read_block(file, t0, &mut widened[at..at + lb], flags)?;
+    }
+    let from = (plan.off - plan.a0) as usize;
+    gather(
+        src.iter().copied(),
+        0,
+        &mut widened[from..from + (plan.end - plan.off) as usize],
+    );
+    Ok(())
+}
+
+/// Run `step(position, length, done so far)` over `[off, off + len)` in chunks of
+/// at most [`BOUNCE_CHUNK`] bytes. Stops at a short step; an error after some bytes
+/// are done ends with those bytes (an exact partial count).
 fn by_chunks(
     off: u64,
     len: u64,
-    lb: u64,
-    mut step: impl FnMut(u64, usize, usize, usize) -> Result<usize>,
+    mut step: impl FnMut(u64, usize, usize) -> Result<usize>,
 ) -> Result<usize> {
     let mut done = 0u64;
     while done < len {
-        let pos = off + done;
-        let phase = (pos & (lb - 1)) as usize;
-        let n = (len - done).min(BOUNCE_CHUNK - phase as u64) as usize;
-        let moved = match step(pos, phase, n, done as usize) {
+        let n = (len - done).min(BOUNCE_CHUNK) as usize;
+        let moved = match step(off + done, n, done as usize) {
             Ok(m) => m,
             Err(e) if done == 0 => return Err(e),
             Err(_) => break,
@@ -410,15 +453,37 @@ pub(crate) fn write(
     if middle_is_direct(file, &plan, &pieces) {
         return write_direct(file, &plan, bufs, flags);
     }
-    let mut bounce = AlignedBuf::new((BOUNCE_CHUNK + lb) as usize, file.geometry.buffer_align());
-    by_chunks(off, len, lb, |pos, phase, n, done| {
-        gather(
-            bufs.iter().map(|b| &b[..]),
-            done,
-            &mut bounce[phase..phase + n],
-        );
-        let chunk = [IoSlice::new(&bounce[phase..phase + n])];
-        write_direct(file, &Plan::new(pos, n as u64, lb), &chunk, flags)
+    let mut bounce = bounce_buffer(file, len, lb);
+    let all: Vec<&[u8]> = bufs.iter().map(|b| &b[..]).collect();
+    by_chunks(off, len, |pos, n, done| {
+        let plan = Plan::new(pos, n as u64, lb);
+        let range = lock_range(file, &plan, flags)?;
+        let widened = &mut bounce[..(plan.a1 - plan.a0) as usize];
+        // This chunk's bytes of the caller's buffers.
+        let mut part = vec![0u8; 0];
+        let src: Vec<&[u8]> = if done == 0 && n as u64 == len {
+            all.clone()
+        } else {
+            part.resize(n, 0);
+            gather(all.iter().copied(), done, &mut part);
+            vec![&part[..]]
+        };
+        if let Err(e) = fill_widened(file, &plan, widened, &src, flags) {
+            file.state.ranges().unlock(range.0, range.1);
+            return Err(e);
+        }
+        let extra = Extra {
+            range_locked: Some(range),
+            logical_end: Some(plan.end),
+        };
+        let put = buf::io_scope(
+            || {},
+            |scope| {
+                let m = scope.lend_buf(widened);
+                run_sync(file, Op::Write, plan.a0, &[m], flags, extra)
+            },
+        )?;
+        Ok(plan.user_count(put))
     })
 }
 
@@ -618,23 +683,8 @@ pub(crate) fn write_async<B: OwnedBuf>(
     } else {
         // One bounce buffer for the whole widened range.
         let mut b = AlignedBuf::new((plan.a1 - plan.a0) as usize, file.geometry.buffer_align());
-        let lbu = lb as usize;
-        let tail_at = plan.tail.map(|t0| (t0 - plan.a0) as usize);
-        let r = (|| -> Result<()> {
-            if plan.head {
-                read_block(file, plan.a0, &mut b[..lbu], flags)?;
-            }
-            if let Some(at) = tail_at {
-                read_block(file, plan.a0 + at as u64, &mut b[at..at + lbu], flags)?;
-            }
-            let from = (plan.off - plan.a0) as usize;
-            gather(
-                bufs.iter_mut().map(|x| &*x.as_mut_slice()),
-                0,
-                &mut b[from..from + len as usize],
-            );
-            Ok(())
-        })();
+        let src: Vec<&[u8]> = bufs.iter_mut().map(|x| &*x.as_mut_slice()).collect();
+        let r = fill_widened(file, &plan, &mut b, &src, flags);
         blocks.push(b);
         r
     };
