@@ -384,14 +384,33 @@ pub fn io_scope<'a, R>(drain: impl FnOnce(), body: impl FnOnce(&IoScope<'a>) -> 
 }
 
 /// Memory references for owned async buffers. The engine holds `bufs` until every
-/// request completes, which the [`OwnedBuf`] contract makes sufficient.
-pub(crate) fn lend_owned<B: OwnedBuf>(bufs: &mut [B]) -> Vec<MemRef> {
-    bufs.iter_mut()
-        .map(|b| MemRef {
-            ptr: b.as_mut_ptr(),
-            len: b.len(),
-        })
-        .collect()
+/// request completes, which the [`OwnedBuf`] contract makes sufficient. One buffer,
+/// the common case, needs no allocation.
+pub(crate) fn lend_owned<B: OwnedBuf>(bufs: &mut [B]) -> Lent {
+    let lend = |b: &mut B| MemRef {
+        ptr: b.as_mut_ptr(),
+        len: b.len(),
+    };
+    match bufs {
+        [one] => Lent::One([lend(one)]),
+        many => Lent::Many(many.iter_mut().map(lend).collect()),
+    }
+}
+
+/// Lent memory references: inline for one buffer.
+pub(crate) enum Lent {
+    One([MemRef; 1]),
+    Many(Vec<MemRef>),
+}
+
+impl std::ops::Deref for Lent {
+    type Target = [MemRef];
+    fn deref(&self) -> &[MemRef] {
+        match self {
+            Lent::One(one) => one,
+            Lent::Many(many) => many,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -596,7 +596,7 @@ pub(crate) fn read_async<B: OwnedBuf>(
             (plan.a1 - plan.a0) as usize,
             file.geometry.buffer_align(),
         )];
-        let mem = buf::lend_owned(&mut bounce);
+        let mem = buf::lend_owned(&mut bounce).to_vec();
         let finish = Box::new(move |r: Result<usize>| {
             let result = r.map(|n| {
                 let user = plan.user_count(n);
@@ -698,7 +698,7 @@ pub(crate) fn write_async<B: OwnedBuf>(
     let mem = if direct {
         widened_owned(&plan, &mut blocks, &mut bufs)
     } else {
-        buf::lend_owned(&mut blocks)
+        buf::lend_owned(&mut blocks).to_vec()
     };
     let finish = Box::new(move |r: Result<usize>| {
         drop(blocks);
