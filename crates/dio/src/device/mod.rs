@@ -227,6 +227,19 @@ impl<D: Device + ?Sized> Device for Arc<D> {
     }
 }
 
+/// fdatasync(2) on a file or block device: the flush of the back ends over file
+/// descriptors.
+pub(crate) fn fdatasync(file: &std::fs::File) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fdatasync on a descriptor that `file` keeps open for the call.
+    let r = unsafe { libc::fdatasync(file.as_raw_fd()) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Check a request against a geometry; back ends call it before doing anything.
 pub fn check_request(geo: &Geometry, req: &Request) -> io::Result<()> {
     let lb = u64::from(geo.logical_block);

@@ -226,13 +226,7 @@ impl Device for SyncDevice {
     }
 
     fn flush(&self) -> io::Result<()> {
-        // SAFETY: fdatasync on a descriptor we own.
-        let r = unsafe { libc::fdatasync(self.inner.file.as_raw_fd()) };
-        if r == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
+        super::fdatasync(&self.inner.file)
     }
 
     fn name(&self) -> &str {

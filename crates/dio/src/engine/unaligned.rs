@@ -468,14 +468,8 @@ pub(crate) fn write(
             gather(all.iter().copied(), done, &mut part);
             vec![&part[..]]
         };
-        if let Err(e) = fill_widened(file, &plan, widened, &src, flags) {
-            file.state.ranges().unlock(range.0, range.1);
-            return Err(e);
-        }
-        let extra = Extra {
-            range_locked: Some(range),
-            logical_end: Some(plan.end),
-        };
+        let patched = fill_widened(file, &plan, widened, &src, flags);
+        let extra = after_patch(file, &plan, range, patched)?;
         let put = buf::io_scope(
             || {},
             |scope| {
@@ -484,6 +478,24 @@ pub(crate) fn write(
             },
         )?;
         Ok(plan.user_count(put))
+    })
+}
+
+/// After the read-modify-write of a write holding `range`: on failure release the
+/// range and report; else what the write's call needs to release it when done.
+fn after_patch(
+    file: &Shared,
+    plan: &Plan,
+    range: (u64, u64),
+    patched: Result<()>,
+) -> Result<Extra> {
+    if let Err(e) = patched {
+        file.state.ranges().unlock(range.0, range.1);
+        return Err(e);
+    }
+    Ok(Extra {
+        range_locked: Some(range),
+        logical_end: Some(plan.end),
     })
 }
 
@@ -505,14 +517,7 @@ fn write_direct(
         &src,
         flags,
     );
-    if let Err(e) = patched {
-        file.state.ranges().unlock(range.0, range.1);
-        return Err(e);
-    }
-    let extra = Extra {
-        range_locked: Some(range),
-        logical_end: Some(plan.end),
-    };
+    let extra = after_patch(file, plan, range, patched)?;
     let n = buf::io_scope(
         || {},
         |scope| {
