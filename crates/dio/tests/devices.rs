@@ -3,6 +3,9 @@
 //! 512- and 4096-byte sectors. Results are checked against `std::fs`, independently
 //! of dio. Every wait is bounded: a test that would hang fails instead.
 
+mod common;
+
+use common::{aligned, bounded, random_bytes as pattern};
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
@@ -17,44 +20,6 @@ use dio::raw::{Backend, OpenOptions, RawFile};
 use dio::{AlignedBuf, CompletionMode, Device, DirectFile, Error, FileState, Flags, IdentityMap};
 
 const KIB: usize = 1024;
-
-/// Run `f` on a thread and fail if it takes longer than `secs`.
-fn bounded<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = mpsc::channel();
-    let h = thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    match rx.recv_timeout(Duration::from_secs(secs)) {
-        Ok(v) => {
-            let _ = h.join();
-            v
-        }
-        Err(mpsc::RecvTimeoutError::Disconnected) => {
-            // The closure panicked: re-raise its panic.
-            match h.join() {
-                Err(p) => std::panic::resume_unwind(p),
-                Ok(()) => unreachable!("sent nothing yet returned"),
-            }
-        }
-        Err(mpsc::RecvTimeoutError::Timeout) => panic!("test did not finish within {secs} s"),
-    }
-}
-
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-fn aligned(data: &[u8]) -> AlignedBuf {
-    AlignedBuf::from_slice(data, 4096)
-}
 
 fn tmpdir() -> tempfile::TempDir {
     tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir under target/")

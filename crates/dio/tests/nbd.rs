@@ -7,13 +7,16 @@
 //! installs them). Every test is bounded in time, and every server it starts is
 //! killed by a guard, also when the test fails.
 
+mod common;
+
+use common::{aligned, bounded, random_bytes as pattern};
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -22,41 +25,6 @@ use dio::nbd_file::NbdFile;
 use dio::{AlignedBuf, CompletionMode, Device, Error, Flags};
 
 const MIB: usize = 1 << 20;
-
-/// Run `f` on a thread and fail if it takes longer than `secs`.
-fn bounded<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = mpsc::channel();
-    let h = thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    match rx.recv_timeout(Duration::from_secs(secs)) {
-        Ok(v) => {
-            let _ = h.join();
-            v
-        }
-        Err(mpsc::RecvTimeoutError::Disconnected) => match h.join() {
-            Err(p) => std::panic::resume_unwind(p),
-            Ok(()) => unreachable!("sent nothing yet returned"),
-        },
-        Err(mpsc::RecvTimeoutError::Timeout) => panic!("test did not finish within {secs} s"),
-    }
-}
-
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-fn aligned(data: &[u8]) -> AlignedBuf {
-    AlignedBuf::from_slice(data, 4096)
-}
 
 /// A fresh scratch directory under the target dir (unix socket paths must stay
 /// short, so the name is compact).
