@@ -210,6 +210,14 @@ fn pow2_within(v: u64, lo: u32, hi: u32, fallback: u32) -> u32 {
     p as u32
 }
 
+/// Open `path` with `O_DIRECT` and probe its geometry: what a back end's `open`
+/// needs.
+pub fn open_probed(path: &Path, write: bool) -> Result<(File, Geometry)> {
+    let file = open_direct(path, write, false)?;
+    let probed = probe(std::os::fd::AsFd::as_fd(&file), path)?;
+    Ok((file, probed.geometry))
+}
+
 /// Find out the geometry of an open file or block device. `path` is only used in
 /// error messages.
 pub fn probe(fd: BorrowedFd<'_>, path: &Path) -> Result<Probed> {

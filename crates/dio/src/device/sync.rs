@@ -58,9 +58,8 @@ fn lock(m: &Mutex<Queue>) -> MutexGuard<'_, Queue> {
 impl SyncDevice {
     /// Open `path` with `O_DIRECT` and probe its geometry.
     pub fn open(path: &Path, write: bool, cfg: &SyncConfig) -> Result<SyncDevice> {
-        let file = super::probe::open_direct(path, write, false)?;
-        let probed = super::probe::probe(std::os::fd::AsFd::as_fd(&file), path)?;
-        SyncDevice::new(file, probed.geometry, cfg)
+        let (file, geometry) = super::probe::open_probed(path, write)?;
+        SyncDevice::new(file, geometry, cfg)
     }
 
     /// A device over an already opened `O_DIRECT` file with the given geometry.

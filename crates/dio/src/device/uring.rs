@@ -150,9 +150,8 @@ pub fn available() -> io::Result<()> {
 impl UringDevice {
     /// Open `path` with `O_DIRECT`, probe its geometry and set up a ring.
     pub fn open(path: &Path, write: bool, cfg: &UringConfig) -> Result<UringDevice> {
-        let file = super::probe::open_direct(path, write, false)?;
-        let probed = super::probe::probe(std::os::fd::AsFd::as_fd(&file), path)?;
-        UringDevice::new(file, probed.geometry, cfg)
+        let (file, geometry) = super::probe::open_probed(path, write)?;
+        UringDevice::new(file, geometry, cfg)
     }
 
     /// A device over an already opened `O_DIRECT` file with the given geometry.

@@ -178,38 +178,46 @@ fn sub_refs(mem: &[MemRef], from: u64, to: u64, out: &mut Vec<MemRef>) {
     }
 }
 
-/// Copy `src` into the caller's buffers, starting at byte `at` of them.
-fn scatter<'b>(bufs: impl IntoIterator<Item = &'b mut [u8]>, mut at: usize, mut src: &[u8]) {
+/// Walk buffers laid end to end from byte `at` for `len` bytes: `f(buffer, range
+/// in it, offset in the flat run)` for each piece.
+fn pieces<B: AsRef<[u8]>>(
+    bufs: impl IntoIterator<Item = B>,
+    mut at: usize,
+    len: usize,
+    mut f: impl FnMut(B, std::ops::Range<usize>, usize),
+) {
+    let mut done = 0;
     for b in bufs {
-        if src.is_empty() {
+        if done == len {
             return;
         }
-        if at >= b.len() {
-            at -= b.len();
+        let blen = b.as_ref().len();
+        if at >= blen {
+            at -= blen;
             continue;
         }
-        let n = (b.len() - at).min(src.len());
-        b[at..at + n].copy_from_slice(&src[..n]);
-        src = &src[n..];
+        let n = (blen - at).min(len - done);
+        f(b, at..at + n, done);
+        done += n;
         at = 0;
     }
 }
 
+/// Copy `src` into the caller's buffers, starting at byte `at` of them.
+fn scatter<'b>(bufs: impl IntoIterator<Item = &'b mut [u8]>, at: usize, src: &[u8]) {
+    pieces(bufs, at, src.len(), |b, r, o| {
+        let n = r.len();
+        b[r].copy_from_slice(&src[o..o + n]);
+    });
+}
+
 /// Copy from the caller's buffers, starting at byte `at` of them, into `dst`.
-fn gather<'b>(bufs: impl IntoIterator<Item = &'b [u8]>, mut at: usize, mut dst: &mut [u8]) {
-    for b in bufs {
-        if dst.is_empty() {
-            return;
-        }
-        if at >= b.len() {
-            at -= b.len();
-            continue;
-        }
-        let n = (b.len() - at).min(dst.len());
-        dst[..n].copy_from_slice(&b[at..at + n]);
-        dst = &mut dst[n..];
-        at = 0;
-    }
+fn gather<'b>(bufs: impl IntoIterator<Item = &'b [u8]>, at: usize, dst: &mut [u8]) {
+    let len = dst.len();
+    pieces(bufs, at, len, |b, r, o| {
+        let n = r.len();
+        dst[o..o + n].copy_from_slice(&b[r]);
+    });
 }
 
 /// The memory of a widened request: the head bounce, the caller's aligned middle
