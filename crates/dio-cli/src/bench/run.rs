@@ -167,7 +167,10 @@ struct Done {
     off: u64,
     buf: Window<AlignedBuf>,
     result: dio::Result<usize>,
-    latency: Duration,
+    /// Submission and completion times (the completion time also serves the
+    /// deadline check: two clock reads per I/O).
+    start: Instant,
+    end: Instant,
 }
 
 /// Run `w` through dio on `file`.
@@ -194,17 +197,17 @@ pub fn direct(file: &DirectFile, w: &Workload) -> Result<Report, Failure> {
             return off;
         }
     };
-    let issue = |buf: Window<AlignedBuf>, off: u64| {
+    let issue = |buf: Window<AlignedBuf>, off: u64, start: Instant| {
         let tx = tx.clone();
-        let start = Instant::now();
         let done = move |mut c: Completed<Window<AlignedBuf>>| {
-            let latency = start.elapsed();
+            let end = Instant::now();
             let buf = c.bufs.pop().expect("one buffer per request");
             let _ = tx.send(Done {
                 off,
                 buf,
                 result: c.result,
-                latency,
+                start,
+                end,
             });
         };
         // A skewed run shifts every I/O by `skew` bytes, byte-granular; the
@@ -237,7 +240,7 @@ pub fn direct(file: &DirectFile, w: &Workload) -> Result<Report, Failure> {
         if w.rw.is_write() {
             pattern(buf.as_mut_slice(), i + 1);
         }
-        issue(buf, next_offset(&mut busy));
+        issue(buf, next_offset(&mut busy), Instant::now());
         in_flight += 1;
     }
     while in_flight > 0 {
@@ -269,10 +272,10 @@ pub fn direct(file: &DirectFile, w: &Workload) -> Result<Report, Failure> {
                 failure.get_or_insert(Failure::msg(e.to_string()));
             }
         }
-        lat.record(done.latency);
+        lat.record(done.end.saturating_duration_since(done.start));
         ios += 1;
-        if failure.is_none() && !interrupted() && Instant::now() < deadline {
-            issue(done.buf, next_offset(&mut busy));
+        if failure.is_none() && !interrupted() && done.end < deadline {
+            issue(done.buf, next_offset(&mut busy), Instant::now());
             in_flight += 1;
         }
     }
