@@ -3,7 +3,7 @@
 //! (i_dio_count), and the block-range lock that serialises writes which share a
 //! partly written fs block. No I/O happens here.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -19,6 +19,10 @@ pub struct FileState {
     dio_waiters: AtomicU64,
     dio_zero: Mutex<()>,
     dio_zero_cv: Condvar,
+    /// A truncate is under way: new direct I/O waits at [`FileState::dio_begin`].
+    truncating: AtomicBool,
+    gate: Mutex<()>,
+    gate_cv: Condvar,
     ranges: RangeLock,
 }
 
@@ -32,6 +36,9 @@ impl FileState {
             dio_waiters: AtomicU64::new(0),
             dio_zero: Mutex::new(()),
             dio_zero_cv: Condvar::new(),
+            truncating: AtomicBool::new(false),
+            gate: Mutex::new(()),
+            gate_cv: Condvar::new(),
             ranges: RangeLock::default(),
         }
     }
@@ -67,8 +74,37 @@ impl FileState {
         self.dio_count.load(Ordering::Acquire)
     }
 
-    pub(crate) fn dio_begin(&self) {
-        self.dio_count.fetch_add(1, Ordering::SeqCst);
+    /// Count a direct I/O in, before it samples i_size or maps a block. While a
+    /// truncate is under way it waits (or, with `nowait`, returns false) instead:
+    /// otherwise it could map a block that the truncate is about to free, and read
+    /// another offset's data once the block is reused (the kernel holds i_rwsem
+    /// against this; LTP dio_truncate).
+    ///
+    /// The count goes up before the gate is checked, and truncate closes the gate
+    /// before it checks the count (both SeqCst): either truncate waits for this I/O,
+    /// or this I/O sees the gate and steps back.
+    pub(crate) fn dio_begin(&self, nowait: bool) -> bool {
+        loop {
+            self.dio_count.fetch_add(1, Ordering::SeqCst);
+            if !self.truncating.load(Ordering::SeqCst) {
+                return true;
+            }
+            self.dio_end();
+            if nowait {
+                return false;
+            }
+            let mut g = lock(&self.gate);
+            while self.truncating.load(Ordering::SeqCst) {
+                g = self.gate_cv.wait(g).unwrap_or_else(|e| e.into_inner());
+            }
+        }
+    }
+
+    /// Hold new direct I/O at [`FileState::dio_begin`] until the guard drops (the
+    /// caller then waits for the I/O in flight to drain).
+    pub(crate) fn close_gate(&self) -> Gate<'_> {
+        self.truncating.store(true, Ordering::SeqCst);
+        Gate(self)
     }
 
     pub(crate) fn dio_end(&self) {
@@ -95,6 +131,22 @@ impl FileState {
 
     pub(crate) fn ranges(&self) -> &RangeLock {
         &self.ranges
+    }
+}
+
+/// A closed gate for new direct I/O (see [`FileState::close_gate`]); reopens on drop.
+pub(crate) struct Gate<'a>(&'a FileState);
+
+impl Drop for Gate<'_> {
+    fn drop(&mut self) {
+        let state = self.0;
+        {
+            // Under the mutex, so that a waiter between its check and its sleep
+            // cannot miss the wakeup.
+            let _g = lock(&state.gate);
+            state.truncating.store(false, Ordering::SeqCst);
+        }
+        state.gate_cv.notify_all();
     }
 }
 

@@ -432,6 +432,8 @@ impl DirectFile {
         }
         let state = &self.shared.state;
         let _excl = state.lock_exclusive();
+        // New calls without the file lock wait too, until the size is set.
+        let _gate = state.close_gate();
         let dev = &self.shared.dev;
         if dev.completion_mode() == CompletionMode::Polled {
             // In-flight async calls complete only when someone polls: drive them.

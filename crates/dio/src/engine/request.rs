@@ -167,8 +167,19 @@ pub(crate) fn run(
     };
 
     let guard = flags.contains(Flags::LOCKING).then(|| state.lock_shared());
+    // Counted in before i_size is sampled and blocks are mapped, so that a truncate
+    // either waits for this call or runs entirely before it.
+    let skip_count = flags.contains(Flags::SKIP_DIO_COUNT);
+    if !skip_count && !state.dio_begin(flags.contains(Flags::NOWAIT)) {
+        drop(guard);
+        unlock_range(range_lock);
+        return finish_now(done, Err(Error::WouldBlock));
+    }
     let i_size = state.size();
     if op == Op::Read && offset >= i_size {
+        if !skip_count {
+            state.dio_end();
+        }
         drop(guard);
         unlock_range(range_lock);
         return finish_now(done, Ok(0));
@@ -180,10 +191,6 @@ pub(crate) fn run(
     let mut forced_sync = None;
     if done.is_some() && extend && !flags.contains(Flags::ASYNC_EXTEND) {
         forced_sync = done.take();
-    }
-    let skip_count = flags.contains(Flags::SKIP_DIO_COUNT);
-    if !skip_count {
-        state.dio_begin();
     }
     let dsync = op == Op::Write && flags.contains(Flags::DSYNC);
     let dio = Arc::new(Dio::new(
