@@ -298,6 +298,104 @@ impl fmt::Debug for MemRef {
     }
 }
 
+/// The memory of one device request, its segments in order: a slice of
+/// [`MemRef`]s. A single segment, by far the most common case, is held inline, so
+/// building a request allocates nothing; more spill to the heap.
+#[derive(Clone, Default)]
+pub struct Segments(SegRepr);
+
+#[derive(Clone, Default)]
+enum SegRepr {
+    #[default]
+    Empty,
+    One([MemRef; 1]),
+    Many(Vec<MemRef>),
+}
+
+impl Segments {
+    /// No segments.
+    pub fn new() -> Segments {
+        Segments(SegRepr::Empty)
+    }
+
+    /// Append a segment.
+    pub fn push(&mut self, seg: MemRef) {
+        self.0 = match std::mem::take(&mut self.0) {
+            SegRepr::Empty => SegRepr::One([seg]),
+            SegRepr::One([first]) => {
+                let mut v = Vec::with_capacity(4);
+                v.extend([first, seg]);
+                SegRepr::Many(v)
+            }
+            SegRepr::Many(mut v) => {
+                v.push(seg);
+                SegRepr::Many(v)
+            }
+        };
+    }
+}
+
+impl std::ops::Deref for Segments {
+    type Target = [MemRef];
+    fn deref(&self) -> &[MemRef] {
+        match &self.0 {
+            SegRepr::Empty => &[],
+            SegRepr::One(one) => one,
+            SegRepr::Many(v) => v,
+        }
+    }
+}
+
+impl std::ops::DerefMut for Segments {
+    fn deref_mut(&mut self) -> &mut [MemRef] {
+        match &mut self.0 {
+            SegRepr::Empty => &mut [],
+            SegRepr::One(one) => one,
+            SegRepr::Many(v) => v,
+        }
+    }
+}
+
+impl From<Vec<MemRef>> for Segments {
+    fn from(v: Vec<MemRef>) -> Segments {
+        match v.len() {
+            0 => Segments(SegRepr::Empty),
+            1 => Segments(SegRepr::One([v[0]])),
+            _ => Segments(SegRepr::Many(v)),
+        }
+    }
+}
+
+impl From<MemRef> for Segments {
+    fn from(seg: MemRef) -> Segments {
+        Segments(SegRepr::One([seg]))
+    }
+}
+
+impl FromIterator<MemRef> for Segments {
+    fn from_iter<I: IntoIterator<Item = MemRef>>(iter: I) -> Segments {
+        let mut s = Segments::new();
+        for seg in iter {
+            s.push(seg);
+        }
+        s
+    }
+}
+
+impl<'a> IntoIterator for &'a Segments {
+    type Item = &'a MemRef;
+    type IntoIter = std::slice::Iter<'a, MemRef>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
+    }
+}
+
+impl fmt::Debug for Segments {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
 impl MemRef {
     /// A reference to `len` bytes at `ptr`.
     ///
@@ -460,31 +558,13 @@ pub fn io_scope<'a, R>(drain: impl FnOnce(), body: impl FnOnce(&IoScope<'a>) -> 
 /// Memory references for owned async buffers. The engine holds `bufs` until every
 /// request completes, which the [`OwnedBuf`] contract makes sufficient. One buffer,
 /// the common case, needs no allocation.
-pub(crate) fn lend_owned<B: OwnedBuf>(bufs: &mut [B]) -> Lent {
-    let lend = |b: &mut B| MemRef {
-        ptr: b.as_mut_ptr(),
-        len: b.len(),
-    };
-    match bufs {
-        [one] => Lent::One([lend(one)]),
-        many => Lent::Many(many.iter_mut().map(lend).collect()),
-    }
-}
-
-/// Lent memory references: inline for one buffer.
-pub(crate) enum Lent {
-    One([MemRef; 1]),
-    Many(Vec<MemRef>),
-}
-
-impl std::ops::Deref for Lent {
-    type Target = [MemRef];
-    fn deref(&self) -> &[MemRef] {
-        match self {
-            Lent::One(one) => one,
-            Lent::Many(many) => many,
-        }
-    }
+pub(crate) fn lend_owned<B: OwnedBuf>(bufs: &mut [B]) -> Segments {
+    bufs.iter_mut()
+        .map(|b| MemRef {
+            ptr: b.as_mut_ptr(),
+            len: b.len(),
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -120,7 +120,7 @@ pub mod map;
 pub mod nbd_file;
 pub mod raw;
 
-pub use buf::{AlignedBuf, MemRef, OwnedBuf, Window};
+pub use buf::{AlignedBuf, MemRef, OwnedBuf, Segments, Window};
 pub use device::{
     Completion, CompletionMode, Device, Geometry, MemDevice, MemDeviceConfig, Op, Request,
 };

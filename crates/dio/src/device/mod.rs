@@ -7,7 +7,7 @@
 use std::io;
 use std::sync::{Arc, Condvar, Mutex};
 
-use crate::buf::MemRef;
+use crate::buf::{MemRef, Segments};
 
 pub mod mem;
 pub mod nbd;
@@ -121,7 +121,7 @@ pub struct Request {
     /// Device byte offset (a multiple of the logical block).
     pub offset: u64,
     /// Memory segments, in order; their lengths add up to the request's length.
-    pub segments: Vec<MemRef>,
+    pub segments: Segments,
     /// Force unit access: the data is durable when the request completes.
     pub fua: bool,
     /// Who is told when the request completes.
@@ -281,7 +281,7 @@ fn submit_and_wait(
     dev: &dyn Device,
     op: Op,
     offset: u64,
-    segments: Vec<MemRef>,
+    segments: Segments,
     fua: bool,
 ) -> io::Result<()> {
     let shot = Arc::new(OneShot {
@@ -345,7 +345,7 @@ fn transfer_at(
         // submit_and_wait returns only after the request completed, so the memory
         // outlives the request and nothing else touches it meanwhile.
         let seg = unsafe { MemRef::from_raw(chunk.as_mut_ptr(), n) };
-        submit_and_wait(dev, op, offset + done as u64, vec![seg], fua)?;
+        submit_and_wait(dev, op, offset + done as u64, seg.into(), fua)?;
         done += n;
     }
     Ok(())

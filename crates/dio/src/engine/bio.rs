@@ -12,7 +12,7 @@
 use std::sync::Arc;
 
 use super::complete::Dio;
-use crate::buf::MemRef;
+use crate::buf::{MemRef, Segments};
 use crate::device::{Op, Request};
 
 /// Most requests one call keeps in flight before it waits for some to complete (the
@@ -27,7 +27,7 @@ struct Building {
     dev_offset: u64,
     file_offset: u64,
     len: u64,
-    segments: Vec<MemRef>,
+    segments: Segments,
 }
 
 pub(crate) struct BioBuilder<'a> {
@@ -73,7 +73,7 @@ impl<'a> BioBuilder<'a> {
                 dev_offset,
                 file_offset,
                 len: 0,
-                segments: Vec::with_capacity(4),
+                segments: Segments::new(),
             });
             let room = (self.max_bytes - cur.len) as usize;
             let take = mem.len().min(room);

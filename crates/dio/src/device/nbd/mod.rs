@@ -33,7 +33,7 @@ use self::conn::{Incoming, Patience, Stream};
 use self::handshake::Export;
 use self::proto::*;
 use super::{check_request, CompletionMode, Device, Geometry, Op, Request};
-use crate::buf::MemRef;
+use crate::buf::{MemRef, Segments};
 use crate::{Error, Result};
 
 pub use uri::{Address, NbdUri, DEFAULT_PORT};
@@ -767,7 +767,7 @@ struct Peek {
     command: u16,
     offset: u64,
     len: u32,
-    segments: Vec<MemRef>,
+    segments: Segments,
 }
 
 fn peek(shared: &Shared, cookie: u64) -> std::result::Result<Peek, Dead> {
@@ -783,7 +783,7 @@ fn peek(shared: &Shared, cookie: u64) -> std::result::Result<Peek, Dead> {
     }
     let segments = match &e.target {
         Target::Request { req, .. } if e.command == CMD_READ => req.segments.clone(),
-        _ => Vec::new(),
+        _ => Segments::new(),
     };
     Ok(Peek {
         command: e.command,
@@ -1092,7 +1092,7 @@ impl Device for NbdDevice {
         let payload = if req.op == Op::Write {
             req.segments.clone()
         } else {
-            Vec::new()
+            Segments::new()
         };
         self.shared.start(
             command,
