@@ -99,8 +99,12 @@
 //!   a reported success means the data is there (`tests/engine.rs`:
 //!   `eio_on_a_chosen_request_gives_the_error_or_the_exact_partial_count`;
 //!   `tests/faults.rs` under random EIO injection).
-//! - **Truncate exclusion.** [`DirectFile::truncate`] waits for in-flight direct I/O
-//!   (`truncate_waits_for_in_flight_io`, `tests/races.rs`).
+//! - **Truncate exclusion.** [`DirectFile::truncate`] waits for in-flight direct I/O,
+//!   and calls that start meanwhile wait for it (or get [`Error::WouldBlock`] with
+//!   [`Flags::NOWAIT`]), so none maps a block truncate frees
+//!   (`truncate_waits_for_in_flight_io`; in `tests/races.rs`,
+//!   `calls_starting_during_truncate_wait_for_it_and_see_the_new_size` and
+//!   `truncates_racing_sync_readers_and_writers_show_only_data_or_zeros`).
 //! - **Sub-block writes never lose each other's bytes** (fstests generic/240):
 //!   `two_sub_block_writes_into_different_halves_of_one_new_block_both_survive_generic_240`,
 //!   and for byte-granular writes the stress tests in `tests/unaligned.rs`.

@@ -556,3 +556,67 @@ fn concurrent_async_writes_to_disjoint_ranges_all_land() {
         });
     }
 }
+
+/// A map whose truncate stops halfway until the test lets it go.
+struct StallTruncate {
+    inner: dio::IdentityMap,
+    entered: Barrier,
+    release: Barrier,
+}
+
+impl BlockMap for StallTruncate {
+    fn block_size(&self) -> u32 {
+        self.inner.block_size()
+    }
+    fn map(&self, block: u64, max_blocks: u64, create: bool) -> dio::Result<Extent> {
+        self.inner.map(block, max_blocks, create)
+    }
+    fn truncate(&self, _size: u64) -> dio::Result<()> {
+        self.entered.wait();
+        self.release.wait();
+        Ok(())
+    }
+}
+
+/// A call that starts while truncate is dropping blocks, without the file lock,
+/// waits for it and then sees the new size (LTP dio_truncate: it must not map a
+/// block truncate is freeing); with NOWAIT it returns WouldBlock at once.
+#[test]
+fn calls_starting_during_truncate_wait_for_it_and_see_the_new_size() {
+    bounded(60, || {
+        let dev = Arc::new(MemDevice::new(MemDeviceConfig::new(1 << 20, 512)));
+        let map = Arc::new(StallTruncate {
+            inner: dio::IdentityMap::new(4096, 1 << 20),
+            entered: Barrier::new(2),
+            release: Barrier::new(2),
+        });
+        let file = DirectFile::new(dev, map.clone(), Arc::new(FileState::new(64 << 10))).unwrap();
+        let truncator = {
+            let file = file.clone();
+            thread::spawn(move || file.truncate(4096).unwrap())
+        };
+        map.entered.wait();
+        let mut b = AlignedBuf::new(4096, 4096);
+        assert!(matches!(
+            file.read_at(8192, &mut b, Flags::NOWAIT),
+            Err(dio::Error::WouldBlock)
+        ));
+        let started = Arc::new(Barrier::new(2));
+        let reader = {
+            let (file, started) = (file.clone(), started.clone());
+            thread::spawn(move || {
+                let mut b = AlignedBuf::new(4096, 4096);
+                started.wait();
+                file.read_at(8192, &mut b, Flags::NONE).unwrap()
+            })
+        };
+        started.wait();
+        thread::sleep(Duration::from_millis(50));
+        assert!(!reader.is_finished(), "a read ran during truncate");
+        map.release.wait();
+        truncator.join().unwrap();
+        // Offset 8192 is past the new size: the read sampled i_size after truncate.
+        assert_eq!(reader.join().unwrap(), 0);
+        assert_eq!(file.state().dio_count(), 0);
+    });
+}
