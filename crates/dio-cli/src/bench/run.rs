@@ -4,8 +4,8 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, TryRecvError};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use dio::{AlignedBuf, Completed, CompletionMode, DirectFile, Flags, OwnedBuf, Window};
@@ -149,17 +149,34 @@ pub fn pattern(buf: &mut [u8], seed: u64) {
     }
 }
 
-/// Which blocks have a write in flight (a bitmap: cheaper per I/O than a set).
-struct Busy(Vec<bool>, u64);
+/// Which blocks have a write in flight: one bit per block (a 256 MiB span of 4 KiB
+/// blocks is 8 KiB of bits, which stays in cache; a byte per block did not).
+struct Busy {
+    bits: Vec<u64>,
+    bs: u64,
+}
 
 impl Busy {
+    fn new(blocks: u64, bs: u64) -> Busy {
+        Busy {
+            bits: vec![0; blocks.div_ceil(64) as usize],
+            bs,
+        }
+    }
+    fn slot(&self, off: u64) -> (usize, u64) {
+        let block = off / self.bs;
+        ((block / 64) as usize, 1 << (block % 64))
+    }
     /// Mark the block at `off`; false if it was marked already.
     fn insert(&mut self, off: u64) -> bool {
-        let slot = &mut self.0[(off / self.1) as usize];
-        !std::mem::replace(slot, true)
+        let (word, bit) = self.slot(off);
+        let was = self.bits[word] & bit != 0;
+        self.bits[word] |= bit;
+        !was
     }
     fn remove(&mut self, off: u64) {
-        self.0[(off / self.1) as usize] = false;
+        let (word, bit) = self.slot(off);
+        self.bits[word] &= !bit;
     }
 }
 
@@ -173,6 +190,39 @@ struct Done {
     end: Instant,
 }
 
+/// Completed I/Os on their way from the completion callbacks (on whatever thread
+/// completes) to the bench loop, which takes them all at once: one lock per batch
+/// on its side, no allocation per I/O.
+#[derive(Default)]
+struct Inbox {
+    done: Mutex<Vec<Done>>,
+    ready: Condvar,
+    /// The loop sleeps on `ready` (only in interrupt mode).
+    sleeping: AtomicBool,
+}
+
+impl Inbox {
+    fn push(&self, d: Done) {
+        let mut q = self.done.lock().unwrap_or_else(|e| e.into_inner());
+        q.push(d);
+        if self.sleeping.load(Ordering::Relaxed) {
+            self.ready.notify_one();
+        }
+    }
+
+    /// Swap everything completed into `into` (which must be empty); wait for at
+    /// least one if `block`.
+    fn take(&self, into: &mut Vec<Done>, block: bool) {
+        let mut q = self.done.lock().unwrap_or_else(|e| e.into_inner());
+        while block && q.is_empty() {
+            self.sleeping.store(true, Ordering::Relaxed);
+            q = self.ready.wait(q).unwrap_or_else(|e| e.into_inner());
+            self.sleeping.store(false, Ordering::Relaxed);
+        }
+        std::mem::swap(&mut *q, into);
+    }
+}
+
 /// Run `w` through dio on `file`.
 pub fn direct(file: &DirectFile, w: &Workload) -> Result<Report, Failure> {
     let geo = file.geometry();
@@ -183,14 +233,14 @@ pub fn direct(file: &DirectFile, w: &Workload) -> Result<Report, Failure> {
         )));
     }
     let polled = file.device().completion_mode() == CompletionMode::Polled;
-    let (tx, rx) = mpsc::channel::<Done>();
+    let inbox = Arc::new(Inbox::default());
     let mut offsets = Offsets::new(w, 0x5eed);
     // Two writes to one block must not be in flight at once: the engine would make
     // the second wait (a range lock) in this very thread, which also has to reap
     // the first one's completion when the device is polled. Draw again instead, as
     // often as needed: with no more I/Os in flight than blocks, one is free.
     let qd = u64::from(w.qd).min((w.span / w.bs).max(1));
-    let mut busy = Busy(vec![false; (w.span / w.bs + 1) as usize], w.bs);
+    let mut busy = Busy::new(w.span / w.bs + 1, w.bs);
     let mut next_offset = |busy: &mut Busy| loop {
         let off = offsets.next_offset();
         if !w.rw.is_write() || busy.insert(off) {
@@ -198,11 +248,11 @@ pub fn direct(file: &DirectFile, w: &Workload) -> Result<Report, Failure> {
         }
     };
     let issue = |buf: Window<AlignedBuf>, off: u64, start: Instant| {
-        let tx = tx.clone();
+        let inbox = Arc::clone(&inbox);
         let done = move |mut c: Completed<Window<AlignedBuf>>| {
             let end = Instant::now();
             let buf = c.bufs.pop().expect("one buffer per request");
-            let _ = tx.send(Done {
+            inbox.push(Done {
                 off,
                 buf,
                 result: c.result,
@@ -243,40 +293,39 @@ pub fn direct(file: &DirectFile, w: &Workload) -> Result<Report, Failure> {
         issue(buf, next_offset(&mut busy), Instant::now());
         in_flight += 1;
     }
+    // Completions come from the inbox a batch at a time; the batch vector keeps
+    // its capacity, so the loop allocates nothing.
+    let mut batch: Vec<Done> = Vec::with_capacity(qd as usize);
     while in_flight > 0 {
-        let done = match rx.try_recv() {
-            Ok(d) => d,
-            Err(TryRecvError::Empty) if polled => {
-                if let Err(e) = file.poll(true) {
-                    // Nothing more will complete; report what broke.
-                    return Err(Failure::msg(format!("polling completions: {e}")));
-                }
-                continue;
+        inbox.take(&mut batch, !polled);
+        if batch.is_empty() {
+            if let Err(e) = file.poll(true) {
+                // Nothing more will complete; report what broke.
+                return Err(Failure::msg(format!("polling completions: {e}")));
             }
-            Err(_) => match rx.recv() {
-                Ok(d) => d,
-                Err(_) => break,
-            },
-        };
-        in_flight -= 1;
-        busy.remove(done.off);
-        match done.result {
-            Ok(n) if n as u64 == w.bs => {}
-            Ok(n) => {
-                failure.get_or_insert(Failure::msg(format!(
-                    "short I/O: {n} of {} bytes (is the target smaller than --size?)",
-                    w.bs
-                )));
-            }
-            Err(e) => {
-                failure.get_or_insert(Failure::msg(e.to_string()));
-            }
+            continue;
         }
-        lat.record(done.end.saturating_duration_since(done.start));
-        ios += 1;
-        if failure.is_none() && !interrupted() && done.end < deadline {
-            issue(done.buf, next_offset(&mut busy), Instant::now());
-            in_flight += 1;
+        for done in batch.drain(..) {
+            in_flight -= 1;
+            busy.remove(done.off);
+            match done.result {
+                Ok(n) if n as u64 == w.bs => {}
+                Ok(n) => {
+                    failure.get_or_insert(Failure::msg(format!(
+                        "short I/O: {n} of {} bytes (is the target smaller than --size?)",
+                        w.bs
+                    )));
+                }
+                Err(e) => {
+                    failure.get_or_insert(Failure::msg(e.to_string()));
+                }
+            }
+            lat.record(done.end.saturating_duration_since(done.start));
+            ios += 1;
+            if failure.is_none() && !interrupted() && done.end < deadline {
+                issue(done.buf, next_offset(&mut busy), Instant::now());
+                in_flight += 1;
+            }
         }
     }
     let elapsed = t0.elapsed();
