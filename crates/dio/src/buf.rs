@@ -396,6 +396,18 @@ impl fmt::Debug for Segments {
     }
 }
 
+const _: () = assert!(
+    std::mem::size_of::<MemRef>() == std::mem::size_of::<libc::iovec>()
+        && std::mem::align_of::<MemRef>() == std::mem::align_of::<libc::iovec>()
+);
+
+/// The segments as the `struct iovec` array that readv/writev take, without a copy.
+pub(crate) fn as_iovecs(segs: &[MemRef]) -> &[libc::iovec] {
+    // SAFETY: MemRef is repr(C) with the fields of iovec in iovec's order (base
+    // pointer, then length), and the assertion above checks size and alignment.
+    unsafe { std::slice::from_raw_parts(segs.as_ptr().cast::<libc::iovec>(), segs.len()) }
+}
+
 impl MemRef {
     /// A reference to `len` bytes at `ptr`.
     ///

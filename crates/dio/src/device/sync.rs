@@ -129,28 +129,37 @@ impl Inner {
         } else {
             0
         };
-        let mut iov: Vec<libc::iovec> = Vec::with_capacity(req.segments.len().min(IOV_MAX));
+        let mut iov: Vec<libc::iovec> = Vec::new();
         let mut done = 0u64;
         let mut retries = 0;
         while done < total {
-            // The iovecs for the rest of the request.
-            iov.clear();
-            let mut skip = done as usize;
-            for seg in &req.segments {
-                if skip >= seg.len() {
-                    skip -= seg.len();
-                    continue;
-                }
-                let s = seg.slice(skip, seg.len() - skip);
-                skip = 0;
-                iov.push(libc::iovec {
-                    iov_base: s.as_ptr().cast(),
-                    iov_len: s.len(),
-                });
-                if iov.len() == IOV_MAX {
-                    break;
+            // The iovecs for the rest of the request: the segments themselves at
+            // first, a copy from where a short transfer stopped after that.
+            let whole = done == 0 && req.segments.len() <= IOV_MAX;
+            if !whole {
+                iov.clear();
+                let mut skip = done as usize;
+                for seg in &req.segments {
+                    if skip >= seg.len() {
+                        skip -= seg.len();
+                        continue;
+                    }
+                    let s = seg.slice(skip, seg.len() - skip);
+                    skip = 0;
+                    iov.push(libc::iovec {
+                        iov_base: s.as_ptr().cast(),
+                        iov_len: s.len(),
+                    });
+                    if iov.len() == IOV_MAX {
+                        break;
+                    }
                 }
             }
+            let iov = if whole {
+                crate::buf::as_iovecs(&req.segments)
+            } else {
+                &iov[..]
+            };
             let fd = self.file.as_raw_fd();
             let off = (req.offset + done) as libc::off_t;
             let n = match req.op {

@@ -454,19 +454,26 @@ impl Inner {
                 rw!(types::Fd(self.file.as_raw_fd()))
             }
         } else {
-            slot.iov.clear();
-            for (i, seg) in rest.iter().enumerate() {
-                let seg = if i == 0 {
-                    seg.slice(skip, seg.len() - skip)
-                } else {
-                    *seg
-                };
-                slot.iov.push(libc::iovec {
-                    iov_base: seg.as_ptr().cast(),
-                    iov_len: seg.len(),
-                });
-            }
-            let (iov, n) = (slot.iov.as_ptr(), slot.iov.len() as u32);
+            let iov = if skip == 0 {
+                // The segments are an iovec array already, and they stay in the slot
+                // (on the heap: more than one segment) until the entry is reaped.
+                crate::buf::as_iovecs(rest)
+            } else {
+                slot.iov.clear();
+                for (i, seg) in rest.iter().enumerate() {
+                    let seg = if i == 0 {
+                        seg.slice(skip, seg.len() - skip)
+                    } else {
+                        *seg
+                    };
+                    slot.iov.push(libc::iovec {
+                        iov_base: seg.as_ptr().cast(),
+                        iov_len: seg.len(),
+                    });
+                }
+                &slot.iov[..]
+            };
+            let (iov, n) = (iov.as_ptr(), iov.len() as u32);
             macro_rules! rwv {
                 ($fd:expr) => {
                     match req.op {
