@@ -55,6 +55,14 @@ pub fn open(path: &Path, opts: &OpenOptions) -> Result<RawFile, Failure> {
     if path.is_dir() {
         return Err(Failure::at(path, "is a directory"));
     }
+    if opts.write {
+        if let Some(holder) = dio::raw::in_use(path) {
+            return Err(Failure::msg(format!(
+                "refusing to write: {holder} (writing under a mounted file system corrupts \
+                 it; unmount it first)"
+            )));
+        }
+    }
     let raw = RawFile::open(path, opts).map_err(|e| Failure::msg(e.to_string()))?;
     print_notes(raw.notes());
     Ok(raw)

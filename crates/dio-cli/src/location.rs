@@ -25,7 +25,7 @@ use dio::nbd_file::NbdFile;
 use dio::raw::{OpenOptions, RawFile};
 use dio::{Device, DirectFile};
 
-use crate::fail::{print_notes, Failure};
+use crate::fail::Failure;
 use crate::Engine;
 
 /// Where the bytes of a location live.
@@ -139,10 +139,7 @@ impl Source {
     pub fn open(&self, write: bool, create: bool, engine: Engine) -> Result<Opened, Failure> {
         match self {
             Source::Host(path) => {
-                if path.is_dir() {
-                    return Err(Failure::at(path, "is a directory"));
-                }
-                let raw = RawFile::open(
+                let raw = crate::copy::open(
                     path,
                     &OpenOptions {
                         write,
@@ -150,9 +147,7 @@ impl Source {
                         backend: engine.backend(),
                         ..OpenOptions::default()
                     },
-                )
-                .map_err(|e| Failure::msg(e.to_string()))?;
-                print_notes(raw.notes());
+                )?;
                 Ok(Opened {
                     device: Arc::clone(raw.direct().device()),
                     size: raw.size(),

@@ -446,3 +446,72 @@ fn write_to_host_files_is_byte_granular() {
     );
     assert_eq!(std::fs::read(&fresh).unwrap(), b"\0\0\0xyz");
 }
+
+/// Writing an image (or its loop device) while the kernel has it mounted is refused
+/// with exit 1 and nothing written; after umount the same write goes through.
+#[test]
+fn writes_to_a_mounted_image_are_refused() {
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout == b"0\n")
+        .unwrap_or(false);
+    if !root {
+        eprintln!("skipping: mounting an image needs root");
+        return;
+    }
+    let img = unpack("ext4-1k", "mounted");
+    let before = ok(&dio(&["cat", &format!("{img}:/hello.txt")]), "cat");
+    let mnt = PathBuf::from(format!("{img}.mnt"));
+    std::fs::create_dir_all(&mnt).unwrap();
+    let m = Command::new("mount")
+        .args(["-o", "loop,ro,noload", &img])
+        .arg(&mnt)
+        .output()
+        .unwrap();
+    if !m.status.success() {
+        eprintln!(
+            "skipping: mount failed: {}",
+            String::from_utf8_lossy(&m.stderr)
+        );
+        return;
+    }
+    let loopdev = String::from_utf8(
+        Command::new("losetup")
+            .args(["-j", &img])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let loopdev = loopdev.split(':').next().unwrap().trim().to_string();
+    let target = format!("{img}:/hello.txt");
+    let refused = dio_stdin(&["write", "--offset", "0", &target], Some(b"XY"));
+    let cp_src = scratch().join("mounted-src");
+    std::fs::write(&cp_src, b"XY").unwrap();
+    let refused_cp = dio(&["cp", cp_src.to_str().unwrap(), &target]);
+    let refused_dev = (!loopdev.is_empty())
+        .then(|| dio_stdin(&["write", "--offset", "0", &loopdev], Some(b"XY")));
+    let u = Command::new("umount").arg(&mnt).status().unwrap();
+    assert!(u.success());
+    let e = err(&refused);
+    assert!(e.contains("mounted") && e.contains("unmount"), "{e}");
+    let e = err(&refused_cp);
+    assert!(e.contains("mounted"), "{e}");
+    if let Some(o) = refused_dev {
+        let e = err(&o);
+        assert!(e.contains("mounted"), "{e}");
+    }
+    assert_eq!(
+        ok(&dio(&["cat", &target]), "cat after refusal"),
+        before,
+        "a refused write changed the file"
+    );
+    ok(
+        &dio_stdin(&["write", "--offset", "0", &target], Some(b"XY")),
+        "write after umount",
+    );
+    let after = ok(&dio(&["cat", &target]), "cat after write");
+    assert_eq!(&after[..2], b"XY");
+    assert_eq!(&after[2..], &before[2..]);
+}
