@@ -23,7 +23,10 @@ fn dio_stdin(args: &[&str], input: Option<&[u8]>) -> Output {
         .spawn()
         .unwrap();
     if let Some(i) = input {
-        c.stdin.take().unwrap().write_all(i).unwrap();
+        // dio may refuse before it reads its input: a closed pipe is not an error.
+        if let Err(e) = c.stdin.take().unwrap().write_all(i) {
+            assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe, "{e}");
+        }
     }
     c.wait_with_output().unwrap()
 }
@@ -64,6 +67,54 @@ fn unpack(name: &str, tag: &str) -> String {
     let p = scratch().join(format!("{name}-{tag}.img"));
     std::fs::write(&p, bytes).unwrap();
     p.to_str().unwrap().to_string()
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout == b"0\n")
+        .unwrap_or(false)
+}
+
+/// A mount point, unmounted on drop (also when a test fails while it is mounted).
+struct Mounted(PathBuf);
+
+impl Mounted {
+    fn join(&self, p: impl AsRef<Path>) -> PathBuf {
+        self.0.join(p)
+    }
+    fn unmount(&mut self) {
+        if !self.0.as_os_str().is_empty() {
+            let _ = Command::new("umount").arg(&self.0).status();
+            self.0 = PathBuf::new();
+        }
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        self.unmount();
+    }
+}
+
+/// Mount `img` read-only through a loop device at `IMG.mnt` (root only); the
+/// journal is not replayed, so the image stays as it is.
+fn mount_ro(img: &str) -> Result<Mounted, String> {
+    let mnt = PathBuf::from(format!("{img}.mnt"));
+    std::fs::create_dir_all(&mnt).map_err(|e| e.to_string())?;
+    let m = Command::new("mount")
+        .args(["-o", "loop,ro,noload", img])
+        .arg(&mnt)
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !m.status.success() {
+        return Err(format!(
+            "mount failed: {}",
+            String::from_utf8_lossy(&m.stderr)
+        ));
+    }
+    Ok(Mounted(mnt))
 }
 
 fn have(tool: &str) -> bool {
@@ -269,29 +320,17 @@ fn stat_extents_match_filefrag_on_a_kernel_mount() {
     let text =
         String::from_utf8(ok(&dio(&["stat", &format!("{img}:/frag")]), "stat text")).unwrap();
     assert!(text.contains(" ext:     logical_offset:"), "{text}");
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout == b"0\n")
-        .unwrap_or(false);
-    if !root || !have("filefrag") {
+    if !is_root() || !have("filefrag") {
         eprintln!("skipping filefrag comparison: needs root (mount -o loop) and filefrag");
         return;
     }
-    let mnt = PathBuf::from(format!("{img}.mnt"));
-    std::fs::create_dir_all(&mnt).unwrap();
-    let m = Command::new("mount")
-        .args(["-o", "loop,ro,noload", &img])
-        .arg(&mnt)
-        .output()
-        .unwrap();
-    if !m.status.success() {
-        eprintln!(
-            "skipping filefrag comparison: mount failed: {}",
-            String::from_utf8_lossy(&m.stderr)
-        );
-        return;
-    }
+    let mut mnt = match mount_ro(&img) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("skipping filefrag comparison: {e}");
+            return;
+        }
+    };
     let mut checks = Vec::new();
     for p in ["/data/sparse", "/frag", "/data/pattern", "/data/random"] {
         let ff = Command::new("filefrag")
@@ -336,7 +375,7 @@ fn stat_extents_match_filefrag_on_a_kernel_mount() {
             .collect();
         checks.push((p, ours == theirs, ours.len(), theirs.len()));
     }
-    let _ = Command::new("umount").arg(&mnt).status();
+    mnt.unmount();
     for (p, same, a, b) in checks {
         assert!(same, "{p}: dio lists {a} extents, filefrag {b}");
     }
@@ -451,31 +490,19 @@ fn write_to_host_files_is_byte_granular() {
 /// with exit 1 and nothing written; after umount the same write goes through.
 #[test]
 fn writes_to_a_mounted_image_are_refused() {
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout == b"0\n")
-        .unwrap_or(false);
-    if !root {
+    if !is_root() {
         eprintln!("skipping: mounting an image needs root");
         return;
     }
     let img = unpack("ext4-1k", "mounted");
     let before = ok(&dio(&["cat", &format!("{img}:/hello.txt")]), "cat");
-    let mnt = PathBuf::from(format!("{img}.mnt"));
-    std::fs::create_dir_all(&mnt).unwrap();
-    let m = Command::new("mount")
-        .args(["-o", "loop,ro,noload", &img])
-        .arg(&mnt)
-        .output()
-        .unwrap();
-    if !m.status.success() {
-        eprintln!(
-            "skipping: mount failed: {}",
-            String::from_utf8_lossy(&m.stderr)
-        );
-        return;
-    }
+    let mut mnt = match mount_ro(&img) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("skipping: {e}");
+            return;
+        }
+    };
     let loopdev = String::from_utf8(
         Command::new("losetup")
             .args(["-j", &img])
@@ -492,8 +519,7 @@ fn writes_to_a_mounted_image_are_refused() {
     let refused_cp = dio(&["cp", cp_src.to_str().unwrap(), &target]);
     let refused_dev = (!loopdev.is_empty())
         .then(|| dio_stdin(&["write", "--offset", "0", &loopdev], Some(b"XY")));
-    let u = Command::new("umount").arg(&mnt).status().unwrap();
-    assert!(u.success());
+    mnt.unmount();
     let e = err(&refused);
     assert!(e.contains("mounted") && e.contains("unmount"), "{e}");
     let e = err(&refused_cp);
