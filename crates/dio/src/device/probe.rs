@@ -56,9 +56,12 @@ const BLKGETSIZE64: libc::Ioctl = 0x8008_1272u32 as libc::Ioctl;
 ))]
 const BLKGETSIZE64: libc::Ioctl = 0x4008_1272u32 as libc::Ioctl;
 
-/// Most bytes one request may carry when nothing smaller is known (regular files:
-/// the file system splits requests itself).
+/// Most bytes one request may carry when the device does not say.
 const DEFAULT_MAX_BYTES: u32 = 1 << 20;
+/// Most bytes one request to a regular file carries. The file system splits it for
+/// its disk itself, so this only bounds one system call; it is large enough that
+/// a widened byte-granular request (1 MiB plus a block at each end) stays whole.
+const FILE_MAX_BYTES: u32 = 16 << 20;
 /// Largest request size dio ever asks for, whatever sysfs says.
 const CAP_MAX_BYTES: u64 = 64 << 20;
 /// Most iovecs in one request when nothing smaller is known (`UIO_MAXIOV` is 1024).
@@ -270,7 +273,7 @@ pub fn probe(fd: BorrowedFd<'_>, path: &Path) -> Result<Probed> {
             65536,
             logical,
         )))
-        .with_limits(DEFAULT_MAX_SEGMENTS, DEFAULT_MAX_BYTES.max(logical));
+        .with_limits(DEFAULT_MAX_SEGMENTS, FILE_MAX_BYTES.max(logical));
     Ok(Probed {
         geometry,
         block_device: false,
