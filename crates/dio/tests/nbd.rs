@@ -690,6 +690,8 @@ enum Misdeed {
     /// Not a violation: a write acknowledged before its data is read (the client
     /// is still sending when the reply arrives). Reads are answered honestly.
     EarlyWriteReply,
+    /// The first read is never answered; everything else is, at once.
+    StarveFirstRead,
 }
 
 fn be32(b: &[u8]) -> u32 {
@@ -754,6 +756,7 @@ fn fake_server(mut s: UnixStream, misdeed: Misdeed) {
             _ => reply(&mut s, opt, (1 << 31) + 1, &[]),
         }
     }
+    let mut starved = false;
     loop {
         let mut h = [0u8; 28];
         if s.read_exact(&mut h).is_err() {
@@ -779,7 +782,8 @@ fn fake_server(mut s: UnixStream, misdeed: Misdeed) {
                 }
             }
             2 => return,
-            0 if matches!(misdeed, Misdeed::EarlyWriteReply) => {
+            0 if matches!(misdeed, Misdeed::StarveFirstRead) && !starved => starved = true,
+            0 if matches!(misdeed, Misdeed::EarlyWriteReply | Misdeed::StarveFirstRead) => {
                 let _ = s.write_all(&data_chunk(1, cookie, offset, len));
             }
             0 => {
@@ -807,7 +811,9 @@ fn fake_server(mut s: UnixStream, misdeed: Misdeed) {
                         let _ = s.write_all(&v);
                         return;
                     }
-                    Misdeed::EarlyWriteReply => unreachable!("answered above"),
+                    Misdeed::EarlyWriteReply | Misdeed::StarveFirstRead => {
+                        unreachable!("answered above")
+                    }
                     // Say nothing; the client's hang-up ends the read below.
                     Misdeed::Silence => Vec::new(),
                 };
@@ -886,6 +892,42 @@ fn fake(misdeed: Misdeed) -> (NbdUri, thread::JoinHandle<()>, PathBuf) {
         fake_server(s, misdeed);
     });
     (NbdUri::unix(&sock, ""), server, dir)
+}
+
+/// A server that answers everything but one request: the connection is never
+/// silent, yet the starved request fails within about the timeout (as the kernel's
+/// nbd driver times out each request) instead of waiting forever.
+#[test]
+fn a_request_the_server_starves_fails_within_the_timeout() {
+    let (uri, server, dir) = fake(Misdeed::StarveFirstRead);
+    let (waited, err, dead) = bounded(20, move || {
+        let c = cfg().timeout(Duration::from_millis(500));
+        let f = NbdFile::open(&uri, true, &c).unwrap();
+        let start = std::time::Instant::now();
+        let read = f
+            .direct()
+            .read_future(0, vec![AlignedBuf::new(4096, 4096)], Flags::NONE);
+        // Keep the server busy answering writes, more often than the reader's
+        // idle tick, until the starved read ends (or 10 s pass).
+        while !read.is_done() && start.elapsed() < Duration::from_secs(10) {
+            let _ = f
+                .direct()
+                .write_at(8192, &aligned(&[7u8; 4096]), Flags::NONE);
+            thread::sleep(Duration::from_millis(20));
+        }
+        let done = read.wait();
+        (
+            start.elapsed(),
+            done.result.map_err(|e| e.to_string()),
+            f.device().dead(),
+        )
+    });
+    let e = err.expect_err("the starved read succeeded");
+    assert!(e.contains("unanswered"), "{e}");
+    assert!(dead.is_some(), "connection not marked dead");
+    assert!(waited < Duration::from_secs(3), "took {waited:?}");
+    let _ = server.join();
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -10,8 +10,9 @@
 //! data from holes for sparse copies ([`NbdDevice::allocation`]).
 //!
 //! Nothing the server sends is trusted: a reply with an unknown cookie, a bad magic
-//! number, an impossible length or chunk, a server that closes the socket or stays
-//! silent for [`NbdConfig::timeout`] while requests wait, each ends the connection:
+//! number, an impossible length or chunk, a server that closes the socket, stays
+//! silent for [`NbdConfig::timeout`] while requests wait, or leaves one request
+//! unanswered that long while it answers others, each ends the connection:
 //! every request in flight completes with an error, later ones fail at once. No
 //! reply can make the device panic or hang.
 //!
@@ -45,9 +46,10 @@ pub const MAX_REQUEST: u32 = 32 << 20;
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct NbdConfig {
-    /// How long the server may stay silent while requests wait for it (and how
-    /// long a connect, a handshake step or a blocked send may take) before the
-    /// connection is declared dead and every request in flight fails.
+    /// How long the server may stay silent while requests wait for it, or leave
+    /// any one request unanswered (and how long a connect, a handshake step or a
+    /// blocked send may take) before the connection is declared dead and every
+    /// request in flight fails.
     pub timeout: Duration,
     /// Ask for structured replies (holes in reads, error messages, block status).
     pub structured_replies: bool,
@@ -166,6 +168,9 @@ enum Target {
 /// One command in flight.
 struct Entry {
     command: u16,
+    /// When it was queued: a request the server leaves unanswered for the timeout,
+    /// while it answers others, ends the connection.
+    since: Instant,
     /// Wire offset and length.
     offset: u64,
     len: u32,
@@ -268,8 +273,7 @@ impl NbdDevice {
         .map_err(ctx)?;
         let geometry = geometry(&export, cfg.max_request).map_err(ctx)?;
 
-        // The reader wakes this often to check for stalls and shutdown.
-        let tick = (timeout / 4).clamp(Duration::from_millis(5), Duration::from_millis(500));
+        let tick = tick(timeout);
         let clone = |s: &Stream| s.try_clone().map_err(|e| ctx(Error::os("dup socket", e)));
         let reader_stream = clone(&stream)?;
         let control = clone(&stream)?;
@@ -549,6 +553,7 @@ impl Shared {
                 cookie,
                 Entry {
                     command,
+                    since: Instant::now(),
                     offset,
                     len,
                     target,
@@ -706,6 +711,41 @@ impl Shared {
     }
 }
 
+/// How often the reader checks for stalls and shutdown.
+fn tick(timeout: Duration) -> Duration {
+    (timeout / 4).clamp(Duration::from_millis(5), Duration::from_millis(500))
+}
+
+/// A request waiting longer than the timeout, though the server is not silent
+/// (it answers others): a starved request ends the connection like a stall.
+fn starved(s: &Shared, t: &Table) -> io::Result<()> {
+    let Some(e) = t
+        .entries
+        .values()
+        .filter(|e| !e.sending)
+        .min_by_key(|e| e.since)
+    else {
+        return Ok(());
+    };
+    let waited = e.since.elapsed();
+    if waited < s.timeout {
+        return Ok(());
+    }
+    Err(io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!(
+            "NBD server {} left a {} of {} bytes at offset {} unanswered for {:?} \
+             (timeout {:?}): connection dropped",
+            s.uri,
+            proto::command_name(e.command),
+            e.len,
+            e.offset,
+            waited,
+            s.timeout
+        ),
+    ))
+}
+
 /// The reader's stall watch: between replies a quiet server is fine; with requests
 /// waiting (or a reply half read), `timeout` of silence kills the connection.
 struct Watch<'a> {
@@ -739,7 +779,8 @@ impl Patience for Watch<'_> {
                 ),
             ));
         }
-        Ok(())
+        // Not silent long enough, but one request may still be starved.
+        starved(s, &t)
     }
 }
 
@@ -747,9 +788,19 @@ fn reader_main(shared: &Arc<Shared>, stream: Stream) {
     let mut inc = Incoming::new(stream);
     // A completion callback that panics must not leave the requests behind it
     // waiting forever: the connection ends and they fail.
+    let tick = tick(shared.timeout);
+    let mut checked = Instant::now();
     let run = std::panic::AssertUnwindSafe(|| loop {
         if let Err(d) = read_reply(shared, &mut inc) {
             break d;
+        }
+        // A busy server never leaves the reader idle: look for starved requests
+        // between replies too, once a tick.
+        if checked.elapsed() >= tick {
+            checked = Instant::now();
+            if let Err(e) = starved(shared, &lock(&shared.table)) {
+                break Dead::new(e.kind(), e.to_string());
+            }
         }
     });
     let why = std::panic::catch_unwind(run).unwrap_or_else(|_| {

@@ -73,6 +73,20 @@ pub const CMD_TRIM: u16 = 4;
 pub const CMD_WRITE_ZEROES: u16 = 6;
 pub const CMD_BLOCK_STATUS: u16 = 7;
 
+/// A command's name, for messages.
+pub fn command_name(cmd: u16) -> &'static str {
+    match cmd {
+        CMD_READ => "read",
+        CMD_WRITE => "write",
+        CMD_DISC => "disconnect",
+        CMD_FLUSH => "flush",
+        CMD_TRIM => "trim",
+        CMD_WRITE_ZEROES => "write-zeroes",
+        CMD_BLOCK_STATUS => "block-status",
+        _ => "command",
+    }
+}
+
 /// Command flags.
 pub const CMD_FLAG_FUA: u16 = 1;
 
