@@ -3,7 +3,7 @@
 //! the figures at the end, and exit 1 with the operation log on a divergence.
 
 use std::io::{IsTerminal, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,6 +13,7 @@ use dio::fsx::{self, MemTarget, Options, Report, Target};
 use dio::raw::OpenOptions;
 
 use crate::fail::{say, Failure};
+use crate::location::{Image, Location};
 use crate::size::parse_size;
 use crate::Engine;
 
@@ -21,7 +22,8 @@ use crate::Engine;
 pub struct FsxArgs {
     /// `mem` or `mem:SIZE` (the RAM device, 0xAA-filled, under a test map), a host
     /// file (created, its contents destroyed), a block device (overwritten: needs
-    /// --force), or IMAGE:/PATH (a file in an ext image, overwritten in place).
+    /// --force), or IMAGE:/PATH (a file in an ext image on a host file, block device
+    /// or NBD export, overwritten in place).
     target: String,
     /// Seed of the operations (default: from the clock; printed to repeat the run).
     #[arg(long)]
@@ -169,8 +171,9 @@ fn open_target(a: &FsxArgs, seed: u64, span: &mut u64) -> Result<Target, Failure
         }
         return Target::mem(&cfg).map_err(|e| Failure::msg(e.to_string()));
     }
-    if let Some((image, path)) = ext_location(&a.target) {
-        return open_ext(a, &image, &path);
+    let loc = Location::parse(std::ffi::OsStr::new(&a.target));
+    if loc.inner.is_some() {
+        return open_ext(a, &loc);
     }
     let path = PathBuf::from(&a.target);
     if path.is_dir() {
@@ -195,46 +198,23 @@ fn open_target(a: &FsxArgs, seed: u64, span: &mut u64) -> Result<Target, Failure
     Ok(Target::raw(raw))
 }
 
-/// `IMAGE:/PATH` where IMAGE is an existing file or block device.
-fn ext_location(s: &str) -> Option<(PathBuf, String)> {
-    let (image, path) = s.split_once(":/")?;
-    let image = PathBuf::from(image);
-    image.exists().then(|| (image, format!("/{path}")))
-}
-
-fn open_ext(a: &FsxArgs, image: &Path, path: &str) -> Result<Target, Failure> {
-    use dio::fs::ext::Ext;
-    let opts = OpenOptions {
-        write: true,
-        backend: a.engine.backend(),
-        ..OpenOptions::default()
-    };
-    let raw = crate::copy::open(image, &opts)?;
-    let dev = Arc::clone(raw.direct().device());
-    let fs = Ext::open_writable(dev, raw.size()).map_err(|e| Failure::at(image, e))?;
-    let inode = fs
-        .lookup(path.as_bytes(), true)
-        .map_err(|e| Failure::msg(format!("{}:{path}: {e}", image.display())))?;
-    let file = fs
-        .open_file(&inode)
-        .map_err(|e| Failure::msg(format!("{}:{path}: {e}", image.display())))?;
+/// A file inside an ext image (on a host file, a block device or an NBD export),
+/// overwritten in place.
+fn open_ext(a: &FsxArgs, loc: &Location) -> Result<Target, Failure> {
+    let image = Image::open(loc, true, true, a.engine)?;
+    let file = image.file(loc)?;
     // Overwrites stay inside written blocks: refuse holes and unwritten extents
     // up front rather than report them as divergences.
-    file.check_write(0, file.size())
-        .map_err(|e| Failure::msg(format!("{}:{path}: {e}", image.display())))?;
+    file.check_write(0, file.size()).map_err(|e| loc.fail(e))?;
     let direct = file
         .direct()
         .cloned()
-        .ok_or_else(|| Failure::msg(format!("{}:{path}: inline data", image.display())))?;
-    let name = format!(
-        "ext file {}:{path} ({})",
-        image.display(),
-        raw.backend_name()
-    );
+        .ok_or_else(|| loc.fail("inline data"))?;
+    let name = format!("ext file {} ({})", loc.display(), image.backend_name());
     Ok(Target::file(
         name,
         direct,
         None,
-        Some(Box::new((raw, fs, file))),
+        Some(Box::new((image, file))),
     ))
 }

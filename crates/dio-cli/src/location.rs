@@ -208,6 +208,14 @@ impl Image {
         })
     }
 
+    /// The back end under the image, for messages ("uring", "sync" or "nbd").
+    pub fn backend_name(&self) -> &'static str {
+        self._opened
+            .raw
+            .as_ref()
+            .map_or("nbd", RawFile::backend_name)
+    }
+
     /// Open the inode's data (a regular file, symlinks already followed).
     pub fn file(&self, loc: &Location) -> Result<ExtFile, Failure> {
         match self.inode.file_type() {

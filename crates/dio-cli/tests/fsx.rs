@@ -150,7 +150,8 @@ fn attach_loop(backing: &Path) -> Result<Loop, String> {
 fn ext_image(dir: &Path) -> Result<std::path::PathBuf, String> {
     let src = dir.join("ext-src");
     std::fs::create_dir_all(&src).map_err(|e| e.to_string())?;
-    let data: Vec<u8> = (0..(2u32 << 20))
+    // A size that is not a multiple of any block: the span ends mid-sector.
+    let data: Vec<u8> = (0..(2u32 << 20) + 12345)
         .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
         .collect();
     std::fs::write(src.join("data.bin"), data).map_err(|e| e.to_string())?;

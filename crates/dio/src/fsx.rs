@@ -961,7 +961,8 @@ impl Fsx<'_> {
             while at < self.span {
                 let len = (self.span - at).min(1 << 20) as usize;
                 let mut b = AlignedBuf::new(len, self.mem_align.max(4096));
-                match self.t.file.read_at(at, &mut b, Flags::NONE) {
+                // The span may end anywhere (a file of any size): byte-granular.
+                match self.t.file.read_at(at, &mut b, Flags::UNALIGNED) {
                     Ok(n) if n == len => self.model.set(at, &b),
                     r => {
                         return Err(self.diverge(format!("load read {at}+{len} {}", show(&r)), None))
