@@ -21,7 +21,7 @@ pub struct FileState {
     dio_zero_cv: Condvar,
     /// A truncate is under way: new direct I/O waits at [`FileState::dio_begin`].
     truncating: AtomicBool,
-    gate: Mutex<()>,
+    gate: Mutex<GateState>,
     gate_cv: Condvar,
     ranges: RangeLock,
 }
@@ -37,7 +37,7 @@ impl FileState {
             dio_zero: Mutex::new(()),
             dio_zero_cv: Condvar::new(),
             truncating: AtomicBool::new(false),
-            gate: Mutex::new(()),
+            gate: Mutex::new(GateState::default()),
             gate_cv: Condvar::new(),
             ranges: RangeLock::default(),
         }
@@ -75,34 +75,58 @@ impl FileState {
     }
 
     /// Count a direct I/O in, before it samples i_size or maps a block. While a
-    /// truncate is under way it waits (or, with `nowait`, returns false) instead:
-    /// otherwise it could map a block that the truncate is about to free, and read
-    /// another offset's data once the block is reused (the kernel holds i_rwsem
-    /// against this; LTP dio_truncate).
+    /// truncate is under way this fails ([`Begin::Closed`]) instead, and the caller
+    /// waits for the gate ([`FileState::wait_gate`]) or has its call run when the
+    /// gate opens ([`FileState::defer`]): otherwise the call could map a block that
+    /// the truncate is about to free, and read another offset's data once the block
+    /// is reused (the kernel holds i_rwsem against this; LTP dio_truncate).
     ///
     /// The count goes up before the gate is checked, and truncate closes the gate
     /// before it checks the count (both SeqCst): either truncate waits for this I/O,
     /// or this I/O sees the gate and steps back.
-    pub(crate) fn dio_begin(&self, nowait: bool) -> bool {
-        loop {
-            self.dio_count.fetch_add(1, Ordering::SeqCst);
-            if !self.truncating.load(Ordering::SeqCst) {
-                return true;
-            }
-            self.dio_end();
-            if nowait {
-                return false;
-            }
-            let mut g = lock(&self.gate);
-            while self.truncating.load(Ordering::SeqCst) {
-                g = self.gate_cv.wait(g).unwrap_or_else(|e| e.into_inner());
-            }
+    ///
+    /// The truncating thread itself passes: it reaches here only from a completion
+    /// callback run while truncate drains, and truncate then drains this call too.
+    pub(crate) fn try_dio_begin(&self) -> Begin {
+        self.dio_count.fetch_add(1, Ordering::SeqCst);
+        if !self.truncating.load(Ordering::SeqCst) {
+            return Begin::Counted;
+        }
+        let g = lock(&self.gate);
+        if g.truncator == Some(std::thread::current().id()) {
+            return Begin::Counted;
+        }
+        drop(g);
+        self.dio_end();
+        Begin::Closed
+    }
+
+    /// Block while a truncate is under way.
+    pub(crate) fn wait_gate(&self) {
+        let mut g = lock(&self.gate);
+        while self.truncating.load(Ordering::SeqCst) {
+            g = self.gate_cv.wait(g).unwrap_or_else(|e| e.into_inner());
         }
     }
 
-    /// Hold new direct I/O at [`FileState::dio_begin`] until the guard drops (the
-    /// caller then waits for the I/O in flight to drain).
+    /// Run `job` when the truncate under way is over (by the truncating thread, as
+    /// it opens the gate), or now, on this thread, if it is over already. Async
+    /// calls wait this way: blocking could stall a device thread whose completions
+    /// the truncate is waiting for.
+    pub(crate) fn defer(&self, job: Job) {
+        let mut g = lock(&self.gate);
+        if self.truncating.load(Ordering::SeqCst) {
+            g.deferred.push(job);
+        } else {
+            drop(g);
+            job();
+        }
+    }
+
+    /// Hold new direct I/O at [`FileState::try_dio_begin`] until the guard drops
+    /// (the caller then waits for the I/O in flight to drain).
     pub(crate) fn close_gate(&self) -> Gate<'_> {
+        lock(&self.gate).truncator = Some(std::thread::current().id());
         self.truncating.store(true, Ordering::SeqCst);
         Gate(self)
     }
@@ -140,13 +164,45 @@ pub(crate) struct Gate<'a>(&'a FileState);
 impl Drop for Gate<'_> {
     fn drop(&mut self) {
         let state = self.0;
-        {
+        let deferred = {
             // Under the mutex, so that a waiter between its check and its sleep
-            // cannot miss the wakeup.
-            let _g = lock(&state.gate);
+            // cannot miss the wakeup, and no call is deferred after the list is taken.
+            let mut g = lock(&state.gate);
             state.truncating.store(false, Ordering::SeqCst);
-        }
+            g.truncator = None;
+            std::mem::take(&mut g.deferred)
+        };
         state.gate_cv.notify_all();
+        for job in deferred {
+            job();
+        }
+    }
+}
+
+/// A call deferred until a truncate is over.
+pub(crate) type Job = Box<dyn FnOnce() + Send>;
+
+/// What [`FileState::try_dio_begin`] did.
+pub(crate) enum Begin {
+    /// The call is counted in flight.
+    Counted,
+    /// A truncate is under way: not counted.
+    Closed,
+}
+
+/// The truncate gate's state: who truncates, and the async calls waiting for it.
+#[derive(Default)]
+struct GateState {
+    truncator: Option<std::thread::ThreadId>,
+    deferred: Vec<Job>,
+}
+
+impl std::fmt::Debug for GateState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GateState")
+            .field("truncator", &self.truncator)
+            .field("deferred", &self.deferred.len())
+            .finish()
     }
 }
 

@@ -100,10 +100,12 @@
 //!   `eio_on_a_chosen_request_gives_the_error_or_the_exact_partial_count`;
 //!   `tests/faults.rs` under random EIO injection).
 //! - **Truncate exclusion.** [`DirectFile::truncate`] waits for in-flight direct I/O,
-//!   and calls that start meanwhile wait for it (or get [`Error::WouldBlock`] with
-//!   [`Flags::NOWAIT`]), so none maps a block truncate frees
+//!   and calls that start meanwhile wait for it (sync calls block, async calls start
+//!   when it is over, and [`Flags::NOWAIT`] calls get [`Error::WouldBlock`]), so none
+//!   maps a block truncate frees
 //!   (`truncate_waits_for_in_flight_io`; in `tests/races.rs`,
-//!   `calls_starting_during_truncate_wait_for_it_and_see_the_new_size` and
+//!   `calls_starting_during_truncate_wait_for_it_and_see_the_new_size`,
+//!   `async_calls_started_from_callbacks_during_truncate_neither_hang_nor_fail` and
 //!   `truncates_racing_sync_readers_and_writers_show_only_data_or_zeros`).
 //! - **Sub-block writes never lose each other's bytes** (fstests generic/240):
 //!   `two_sub_block_writes_into_different_halves_of_one_new_block_both_survive_generic_240`,

@@ -620,3 +620,67 @@ fn calls_starting_during_truncate_wait_for_it_and_see_the_new_size() {
         assert_eq!(file.state().dio_count(), 0);
     });
 }
+
+/// Chains of async reads, each started from the previous one's completion callback
+/// on the device's completion thread, while truncate runs again and again: a call
+/// that meets a truncate must not block that thread (the truncate waits for the
+/// thread's other completions), so none hangs and every read completes whole.
+#[test]
+fn async_calls_started_from_callbacks_during_truncate_neither_hang_nor_fail() {
+    bounded(60, || {
+        let r = threaded_rig(9, 100, 0);
+        let file = r.file.clone();
+        let span = 1u64 << 20;
+        file.write_at(0, &aligned(&fixed(0, span as usize)), Flags::NONE)
+            .unwrap();
+        let finished = Arc::new(AtomicU64::new(0));
+        let bad = Arc::new(Mutex::new(Vec::<String>::new()));
+        const CHAINS: u64 = 6;
+        const LINKS: u64 = 150;
+        fn link(
+            file: DirectFile,
+            chain: u64,
+            n: u64,
+            finished: Arc<AtomicU64>,
+            bad: Arc<Mutex<Vec<String>>>,
+        ) {
+            let off = ((chain * 7919 + n * 104729) % 256) * 4096;
+            let f2 = file.clone();
+            file.read_async(
+                off,
+                vec![AlignedBuf::new(4096, 4096)],
+                Flags::NONE,
+                move |c| {
+                    match c.result {
+                        Ok(4096) if c.bufs[0][..] == fixed(off, 4096)[..] => {}
+                        other => bad
+                            .lock()
+                            .unwrap()
+                            .push(format!("chain {chain} link {n} at {off}: {other:?}")),
+                    }
+                    if n + 1 < LINKS {
+                        link(f2, chain, n + 1, finished, bad);
+                    } else {
+                        finished.fetch_add(1, Ordering::SeqCst);
+                    }
+                },
+            );
+        }
+        for chain in 0..CHAINS {
+            link(file.clone(), chain, 0, finished.clone(), bad.clone());
+        }
+        let mut truncates = 0;
+        while finished.load(Ordering::SeqCst) < CHAINS {
+            file.truncate(span).unwrap();
+            truncates += 1;
+            thread::sleep(Duration::from_micros(300));
+        }
+        assert!(
+            truncates > 10,
+            "only {truncates} truncates overlapped the chains"
+        );
+        let bad = bad.lock().unwrap();
+        assert!(bad.is_empty(), "{} bad reads, first: {}", bad.len(), bad[0]);
+        assert_eq!(file.state().dio_count(), 0);
+    });
+}

@@ -431,9 +431,20 @@ impl DirectFile {
             return Err(Error::TooLarge { end: size, max });
         }
         let state = &self.shared.state;
-        let _excl = state.lock_exclusive();
+        let excl = state.lock_exclusive();
         // New calls without the file lock wait too, until the size is set.
-        let _gate = state.close_gate();
+        let gate = state.close_gate();
+        let r = self.truncate_locked(size);
+        // The file lock first: the gate runs the async calls that waited for it,
+        // and those may take the file lock.
+        drop(excl);
+        drop(gate);
+        r
+    }
+
+    /// Truncate's work, under the file lock and the gate.
+    fn truncate_locked(&self, size: u64) -> Result<()> {
+        let state = &self.shared.state;
         let dev = &self.shared.dev;
         if dev.completion_mode() == CompletionMode::Polled {
             // In-flight async calls complete only when someone polls: drive them.

@@ -12,6 +12,7 @@ use super::{Flags, Shared};
 use crate::buf::MemRef;
 use crate::device::{CompletionMode, Op};
 use crate::error::AlignPart;
+use crate::file::Begin;
 use crate::{Error, Result};
 
 /// The unit a validated request walks in.
@@ -170,10 +171,39 @@ pub(crate) fn run(
     // Counted in before i_size is sampled and blocks are mapped, so that a truncate
     // either waits for this call or runs entirely before it.
     let skip_count = flags.contains(Flags::SKIP_DIO_COUNT);
-    if !skip_count && !state.dio_begin(flags.contains(Flags::NOWAIT)) {
+    if !skip_count && matches!(state.try_dio_begin(), Begin::Closed) {
+        // A truncate is under way: this call starts once it is over.
         drop(guard);
-        unlock_range(range_lock);
-        return finish_now(done, Err(Error::WouldBlock));
+        if flags.contains(Flags::NOWAIT) {
+            unlock_range(range_lock);
+            return finish_now(done, Err(Error::WouldBlock));
+        }
+        // The range lock, if taken, stays held for the second start.
+        let extra = Extra {
+            range_locked: range_lock,
+            logical_end: extra.logical_end,
+        };
+        let Some(done) = done else {
+            state.wait_gate();
+            return run(file, op, offset, mem, flags, pin, None, extra);
+        };
+        // An async call must not block here: its caller may be a device thread
+        // whose other completions the truncate waits for. It owns its memory, so
+        // the references stay valid until it runs, and it has nothing to pin.
+        let (file, mem) = (Arc::clone(file), mem.to_vec());
+        state.defer(Box::new(move || {
+            run(
+                &file,
+                op,
+                offset,
+                &mem,
+                flags,
+                &mut |_| true,
+                Some(done),
+                extra,
+            );
+        }));
+        return None;
     }
     let i_size = state.size();
     if op == Op::Read && offset >= i_size {
