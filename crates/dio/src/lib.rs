@@ -75,6 +75,12 @@
 //! so a huge call pins a bounded amount of memory. The `async_reader` example keeps
 //! many calls in flight with and without an executor.
 //!
+//! A completion callback may start new async calls (a chain of reads, say); it must
+//! not make a sync call on a device whose completions a thread of its own delivers
+//! (a reaper thread, the pread pool, NBD's reader), since that thread would then
+//! wait for a completion only it can deliver. During a truncate, async calls that
+//! start are held and started when the truncate is over; they never block.
+//!
 //! # Errors
 //!
 //! Every error is an [`Error`]: misalignment, limits, corrupt or incompatible images,
