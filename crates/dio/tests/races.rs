@@ -12,7 +12,7 @@ use std::sync::{Arc, Barrier, Mutex};
 use std::thread;
 use std::time::Duration;
 
-use common::{rig_with, Rig, STALE};
+use common::{bounded, rig_with, Rig, STALE};
 use dio::device::mem::MemDeviceConfig;
 use dio::fsx::{pattern, Rng};
 use dio::map::Private;
@@ -20,16 +20,6 @@ use dio::{AlignedBuf, BlockMap, DirectFile, Extent, FileState, Flags, MemDevice,
 use dio::{TestMap, TestMapConfig};
 
 const SEEDS: [u64; 4] = [1, 2, 3, 0xD10];
-
-/// Run `f` on its own thread; fail the test if it takes longer than `secs`.
-fn bounded<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = std::sync::mpsc::channel();
-    thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    rx.recv_timeout(Duration::from_secs(secs))
-        .unwrap_or_else(|_| panic!("no result within {secs} s: a race hung"))
-}
 
 /// The bytes of the idempotent pattern at `off`: a function of the offset only.
 fn fixed(off: u64, len: usize) -> Vec<u8> {
