@@ -410,14 +410,13 @@ impl DirectFile {
         // The buffers travel with the completion: their memory (stable across moves,
         // per OwnedBuf) stays alive until every request is done.
         let done = Box::new(move |result| done(Completed { result, bufs }));
-        request::run(
+        request::run_async(
             &self.shared,
             op,
             offset,
             &mem,
             flags,
-            &mut |_| true,
-            Some(done),
+            done,
             request::Extra::default(),
         );
     }

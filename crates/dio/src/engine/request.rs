@@ -116,6 +116,29 @@ pub(crate) fn lock_write_range(file: &Shared, r: (u64, u64), flags: Flags) -> Re
     Ok(())
 }
 
+/// Run one async call on memory the call owns (it travels with `done`, so there is
+/// nothing to pin).
+pub(crate) fn run_async(
+    file: &Arc<Shared>,
+    op: Op,
+    offset: u64,
+    mem: &[MemRef],
+    flags: Flags,
+    done: Done,
+    extra: Extra,
+) {
+    run(
+        file,
+        op,
+        offset,
+        mem,
+        flags,
+        &mut |_| true,
+        Some(done),
+        extra,
+    );
+}
+
 /// Run one call. `done` is None for a sync call (the result is returned) and Some
 /// for an async one (the result goes there, and None is returned).
 #[allow(clippy::too_many_arguments)]
@@ -192,16 +215,7 @@ pub(crate) fn run(
         // the references stay valid until it runs, and it has nothing to pin.
         let (file, mem) = (Arc::clone(file), mem.to_vec());
         state.defer(Box::new(move || {
-            run(
-                &file,
-                op,
-                offset,
-                &mem,
-                flags,
-                &mut |_| true,
-                Some(done),
-                extra,
-            );
+            run_async(&file, op, offset, &mem, flags, done, extra)
         }));
         return None;
     }

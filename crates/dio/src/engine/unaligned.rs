@@ -625,14 +625,13 @@ pub(crate) fn read_async<B: OwnedBuf>(
         });
         (mem, finish)
     };
-    request::run(
+    request::run_async(
         file,
         Op::Read,
         plan.a0,
         &mem,
         flags,
-        &mut |_| true,
-        Some(finish),
+        finish,
         Extra::default(),
     );
 }
@@ -724,16 +723,7 @@ pub(crate) fn write_async<B: OwnedBuf>(
         range_locked: Some(range),
         logical_end: Some(plan.end),
     };
-    request::run(
-        file,
-        Op::Write,
-        plan.a0,
-        &mem,
-        flags,
-        &mut |_| true,
-        Some(finish),
-        extra,
-    );
+    request::run_async(file, Op::Write, plan.a0, &mem, flags, finish, extra);
 }
 
 #[cfg(test)]
