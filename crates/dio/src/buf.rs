@@ -17,17 +17,96 @@ pub struct AlignedBuf {
     ptr: NonNull<u8>,
     len: usize,
     align: usize,
-    /// Bytes of a private mapping at `ptr` (huge-page backed), or 0 for the heap.
-    mapped: usize,
+    backing: Backing,
 }
 
-/// Buffers of at least this many bytes get their own mapping, aligned to and sized
-/// in huge pages with `MADV_HUGEPAGE`. A 1 MiB buffer in small pages is 256
+/// Where an [`AlignedBuf`]'s memory comes from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Backing {
+    Heap,
+    /// A private mapping of this many bytes at the buffer's address (huge pages).
+    Mapped(usize),
+    /// One half of a huge page shared with another buffer (see [`take_half`]).
+    Half,
+}
+
+/// Buffers of at least this many bytes live in huge pages (`MADV_HUGEPAGE`): a
+/// 1 MiB buffer takes half of a 2 MiB page shared with another, larger ones get a
+/// mapping of their own sized in huge pages. A 1 MiB buffer in small pages is 256
 /// scattered pages: more than many devices take in one request (virtio-blk: 254
 /// segments), so the kernel splits every such I/O in two. In a huge page it is one
 /// segment, and a 4 MiB buffer is one request.
 pub const HUGE_MIN: usize = 1 << 20;
 const HUGE_PAGE: usize = 2 << 20;
+
+/// Buffers of up to this size (and at least [`HUGE_MIN`]) take half a huge page.
+const HALF: usize = HUGE_PAGE / 2;
+
+/// A huge page split between two buffers: 1 MiB buffers, the most common large
+/// size, then cost 1 MiB each, not a whole huge page.
+struct HalfPage {
+    base: usize,
+    used: [bool; 2],
+    /// The half held data before (a fresh mapping is zero; a reused half is not).
+    dirty: [bool; 2],
+}
+
+static HALVES: std::sync::Mutex<Vec<HalfPage>> = std::sync::Mutex::new(Vec::new());
+
+fn halves() -> std::sync::MutexGuard<'static, Vec<HalfPage>> {
+    HALVES.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A zeroed, [`HALF`]-aligned half of a huge page; `None` if mapping fails.
+fn take_half() -> Option<NonNull<u8>> {
+    let mut pages = halves();
+    let free = pages.iter_mut().find_map(|p| {
+        let i = p.used.iter().position(|u| !u)?;
+        Some((p, i))
+    });
+    let (addr, dirty) = match free {
+        Some((p, i)) => {
+            p.used[i] = true;
+            (p.base + i * HALF, std::mem::replace(&mut p.dirty[i], true))
+        }
+        None => {
+            let (ptr, _) = map_huge(HUGE_PAGE)?;
+            let base = ptr.as_ptr() as usize;
+            pages.push(HalfPage {
+                base,
+                used: [true, false],
+                dirty: [true, false],
+            });
+            (base, false)
+        }
+    };
+    drop(pages);
+    let ptr = NonNull::new(addr as *mut u8)?;
+    if dirty {
+        // SAFETY: the half was marked used above, so it is ours alone, and it lies in
+        // a live mapping of HUGE_PAGE bytes.
+        unsafe { std::ptr::write_bytes(ptr.as_ptr(), 0, HALF) };
+    }
+    Some(ptr)
+}
+
+/// Give back a half from [`take_half`]; the page is unmapped when both are free.
+fn give_half(ptr: NonNull<u8>) {
+    let addr = ptr.as_ptr() as usize;
+    let base = addr & !(HUGE_PAGE - 1);
+    let mut pages = halves();
+    let Some(at) = pages.iter().position(|p| p.base == base) else {
+        return;
+    };
+    pages[at].used[(addr - base) / HALF] = false;
+    if pages[at].used == [false, false] {
+        pages.swap_remove(at);
+        drop(pages);
+        // SAFETY: both halves were given back, so nothing uses the page, and it was
+        // mapped by `map_huge` with exactly this base and size.
+        unsafe { libc::munmap(base as *mut libc::c_void, HUGE_PAGE) };
+    }
+}
 
 /// A zeroed private anonymous mapping of `len` bytes rounded up to huge pages, at a
 /// huge-page-aligned address, advised to use huge pages. `None` if mapping fails
@@ -91,8 +170,18 @@ impl AlignedBuf {
                 ptr,
                 len,
                 align,
-                mapped: 0,
+                backing: Backing::Heap,
             };
+        }
+        if (HUGE_MIN..=HALF).contains(&len) && align <= HALF {
+            if let Some(ptr) = take_half() {
+                return AlignedBuf {
+                    ptr,
+                    len,
+                    align,
+                    backing: Backing::Half,
+                };
+            }
         }
         if len >= HUGE_MIN && align <= HUGE_PAGE {
             if let Some((ptr, mapped)) = map_huge(len) {
@@ -100,7 +189,7 @@ impl AlignedBuf {
                     ptr,
                     len,
                     align,
-                    mapped,
+                    backing: Backing::Mapped(mapped),
                 };
             }
         }
@@ -112,7 +201,7 @@ impl AlignedBuf {
             ptr,
             len,
             align,
-            mapped: 0,
+            backing: Backing::Heap,
         }
     }
 
@@ -149,11 +238,15 @@ impl Drop for AlignedBuf {
         if self.len == 0 {
             return;
         }
-        if self.mapped > 0 {
-            // SAFETY: [ptr, ptr + mapped) is the mapping made by `map_huge`, owned by
-            // this buffer alone.
-            unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.mapped) };
-            return;
+        match self.backing {
+            Backing::Mapped(size) => {
+                // SAFETY: [ptr, ptr + size) is the mapping made by `map_huge`, owned
+                // by this buffer alone.
+                unsafe { libc::munmap(self.ptr.as_ptr().cast(), size) };
+                return;
+            }
+            Backing::Half => return give_half(self.ptr),
+            Backing::Heap => {}
         }
         let layout = Layout::from_size_align(self.len, self.align).expect("layout was valid");
         // SAFETY: allocated in `new` with this very layout.
@@ -608,8 +701,52 @@ mod tests {
     }
 
     #[test]
+    fn one_mib_buffers_share_huge_pages_and_start_zeroed() {
+        let mut a = AlignedBuf::new(HALF, 4096);
+        let mut b = AlignedBuf::new(HALF, 4096);
+        for x in [&a, &b] {
+            assert_eq!(x.as_ptr() as usize % HALF, 0);
+            assert!(x.iter().all(|&v| v == 0));
+        }
+        a.fill(0xff);
+        b.fill(0xee);
+        assert!(a.iter().all(|&v| v == 0xff), "two buffers overlap");
+        drop(a);
+        // Whichever half it gets (maybe a's), a new buffer starts zeroed.
+        let c = AlignedBuf::new(HALF, 4096);
+        assert!(c.iter().all(|&v| v == 0));
+        assert!(b.iter().all(|&v| v == 0xee));
+    }
+
+    #[test]
+    fn halves_are_never_handed_out_twice() {
+        let threads: Vec<_> = (0..4u8)
+            .map(|t| {
+                std::thread::spawn(move || {
+                    for round in 0..40u8 {
+                        let mut held: Vec<AlignedBuf> =
+                            (0..3).map(|_| AlignedBuf::new(HALF, 512)).collect();
+                        let mark = t.wrapping_mul(64).wrapping_add(round) | 1;
+                        for b in &mut held {
+                            assert!(b.iter().all(|&v| v == 0), "not zeroed");
+                            b.fill(mark);
+                        }
+                        std::thread::yield_now();
+                        for b in &held {
+                            assert!(b.iter().all(|&v| v == mark), "shared with another");
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+    }
+
+    #[test]
     fn large_buffers_sit_in_huge_pages() {
-        for len in [HUGE_MIN, 3 << 20, (4 << 20) + 512] {
+        for len in [HALF + 1, 3 << 20, (4 << 20) + 512] {
             let mut b = AlignedBuf::new(len, 4096);
             assert_eq!(b.as_ptr() as usize % HUGE_PAGE, 0, "len {len}");
             assert!(b.iter().all(|&x| x == 0));
