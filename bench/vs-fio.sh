@@ -11,7 +11,8 @@
 #            device run only with ALLOW_WRITE=1 (they destroy its data).
 # Environment: RUNTIME (seconds per run, 3), PAIRS (3), SIZE (256M), ENGINE (uring),
 #   WORKLOADS ("randread:4k:32 randwrite:4k:32 read:1M:8 write:1M:8"),
-#   DIO (the dio binary; default: target/release/dio, built if missing).
+#   DIO (the dio binary; default: target/release/dio, built if missing),
+#   FIXEDBUFS=1 (registered buffers on both sides: dio --fixed-bufs, fio --fixedbufs).
 # Needs fio, and python3 or jq. Installs nothing.
 set -euo pipefail
 
@@ -21,6 +22,8 @@ PAIRS=${PAIRS:-3}
 SIZE=${SIZE:-256M}
 ENGINE=${ENGINE:-uring}
 WORKLOADS=${WORKLOADS:-"randread:4k:32 randwrite:4k:32 read:1M:8 write:1M:8"}
+DIO_FIXED=(); FIO_FIXED=()
+if [ "${FIXEDBUFS:-0}" = 1 ]; then DIO_FIXED=(--fixed-bufs); FIO_FIXED=(--fixedbufs=1); fi
 TARGET=${1:-$ROOT/target/vs-fio/bench.dat}
 
 die() { echo "vs-fio: $*" >&2; exit 1; }
@@ -98,11 +101,11 @@ for spec in $WORKLOADS; do
   : >"$WORK/ratios"
   for pair in $(seq 1 "$PAIRS"); do
     "$DIO" bench "$TARGET" --rw "$rw" --bs "$bs" --qd "$qd" --size "$SIZE" \
-      --runtime "$RUNTIME" --engine "$ENGINE" --json "${FORCE[@]}" >"$WORK/dio.json" \
+      --runtime "$RUNTIME" --engine "$ENGINE" --json "${FORCE[@]}" "${DIO_FIXED[@]}" >"$WORK/dio.json" \
       || die "dio bench failed ($label)"
     fio --name=vs-fio --filename="$TARGET" --size="$SIZE" --rw="$rw" --bs="$bs" \
       --iodepth="$qd" --runtime="$RUNTIME" --time_based --direct=1 --ioengine=io_uring \
-      --norandommap --randrepeat=0 --output-format=json >"$WORK/fio.json" 2>"$WORK/fio.err" \
+      --norandommap --randrepeat=0 "${FIO_FIXED[@]}" --output-format=json >"$WORK/fio.json" 2>"$WORK/fio.err" \
       || die "fio failed ($label): $(cat "$WORK/fio.err")"
     read -r d_iops d_bw d_cpu < <(dio_numbers "$WORK/dio.json")
     read -r f_iops f_bw f_cpu < <(fio_numbers "$WORK/fio.json")

@@ -353,6 +353,44 @@ fn bench_buffered_json_works_too() {
 }
 
 #[test]
+fn bench_with_fixed_buffers_runs_on_both_back_ends() {
+    let dir = scratch();
+    let target = dir.path().join("bench.dat");
+    for (engine, rw) in [
+        ("auto", "randwrite"),
+        ("auto", "read"),
+        ("sync", "randread"),
+    ] {
+        let o = dio(&[
+            "bench",
+            s(&target),
+            "--rw",
+            rw,
+            "--bs",
+            "4k",
+            "--qd",
+            "4",
+            "--size",
+            "4M",
+            "--runtime",
+            "0.2",
+            "--engine",
+            engine,
+            "--fixed-bufs",
+            "--json",
+        ]);
+        assert_ok(&o, &format!("bench --fixed-bufs {engine} {rw}"));
+        assert!(json(&o)["iops"].as_f64().unwrap() > 0.0);
+        if engine == "sync" {
+            assert!(
+                String::from_utf8_lossy(&o.stderr).contains("needs io_uring"),
+                "no note on the sync back end"
+            );
+        }
+    }
+}
+
+#[test]
 fn default_bench_prints_a_table_and_removes_its_scratch_file() {
     let dir = scratch();
     let o = dio_in(

@@ -269,6 +269,149 @@ impl Clone for AlignedBuf {
     }
 }
 
+/// Equal slots cut from one aligned allocation, lent out as owned buffers
+/// ([`ArenaBuf`]) and taken back when they drop: memory a device registers once
+/// (io_uring fixed buffers, [`crate::device::uring::UringDevice::register_arena`])
+/// and then uses for every request without pinning pages again.
+pub struct BufArena {
+    /// Owns the memory; only reached through `base` after construction.
+    _mem: AlignedBuf,
+    base: NonNull<u8>,
+    slots: usize,
+    slot_len: usize,
+    free: std::sync::Mutex<Vec<usize>>,
+}
+
+// SAFETY: the arena owns its memory; each slot is reachable only through the one
+// ArenaBuf that holds it (the free list hands a slot out once), and the free list
+// is behind a mutex.
+unsafe impl Send for BufArena {}
+// SAFETY: as for Send: shared access never touches slot memory without owning it.
+unsafe impl Sync for BufArena {}
+
+impl BufArena {
+    /// `slots` zeroed buffers of `slot_len` bytes each, every one aligned to
+    /// `align` (`slot_len` is rounded up to a multiple of it).
+    ///
+    /// # Panics
+    /// If `align` is not a power of two or the total size overflows.
+    pub fn new(slots: usize, slot_len: usize, align: usize) -> std::sync::Arc<BufArena> {
+        let align = align.max(1);
+        assert!(
+            align.is_power_of_two(),
+            "alignment {align} is not a power of two"
+        );
+        let slot_len = slot_len.max(1).next_multiple_of(align);
+        let total = slots.checked_mul(slot_len).expect("arena size overflows");
+        let mut mem = AlignedBuf::new(total, align);
+        let base = NonNull::new(mem.as_mut_ptr()).unwrap_or(NonNull::dangling());
+        std::sync::Arc::new(BufArena {
+            _mem: mem,
+            base,
+            slots,
+            slot_len,
+            free: std::sync::Mutex::new((0..slots).rev().collect()),
+        })
+    }
+
+    /// A free slot, or `None` if all are lent out.
+    pub fn take(self: &std::sync::Arc<Self>) -> Option<ArenaBuf> {
+        let index = self.free.lock().unwrap_or_else(|e| e.into_inner()).pop()?;
+        Some(ArenaBuf {
+            arena: std::sync::Arc::clone(self),
+            index,
+        })
+    }
+
+    /// Bytes per slot.
+    pub fn slot_len(&self) -> usize {
+        self.slot_len
+    }
+
+    /// Number of slots.
+    pub fn slots(&self) -> usize {
+        self.slots
+    }
+
+    /// The whole arena, for registering it with a device.
+    pub fn memory(&self) -> MemRef {
+        MemRef {
+            ptr: self.base.as_ptr(),
+            len: self.slots * self.slot_len,
+        }
+    }
+}
+
+impl fmt::Debug for BufArena {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BufArena")
+            .field("slots", &self.slots)
+            .field("slot_len", &self.slot_len)
+            .finish()
+    }
+}
+
+/// One slot of a [`BufArena`], owned until it drops (then the slot is free again).
+pub struct ArenaBuf {
+    arena: std::sync::Arc<BufArena>,
+    index: usize,
+}
+
+impl ArenaBuf {
+    fn ptr(&self) -> *mut u8 {
+        // SAFETY: index < slots, so the offset stays inside the arena's allocation.
+        unsafe {
+            self.arena
+                .base
+                .as_ptr()
+                .add(self.index * self.arena.slot_len)
+        }
+    }
+}
+
+impl std::ops::Deref for ArenaBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: the slot is slot_len bytes of live arena memory (the Arc keeps the
+        // arena alive) that only this ArenaBuf may reach.
+        unsafe { std::slice::from_raw_parts(self.ptr(), self.arena.slot_len) }
+    }
+}
+
+impl std::ops::DerefMut for ArenaBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in deref; &mut self makes this the only access.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr(), self.arena.slot_len) }
+    }
+}
+
+impl Drop for ArenaBuf {
+    fn drop(&mut self) {
+        let mut free = self.arena.free.lock().unwrap_or_else(|e| e.into_inner());
+        free.push(self.index);
+    }
+}
+
+impl fmt::Debug for ArenaBuf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ArenaBuf")
+            .field("index", &self.index)
+            .field("len", &self.arena.slot_len)
+            .finish()
+    }
+}
+
+// SAFETY: the slot's memory belongs to the arena, which the Arc keeps alive and in
+// place however the ArenaBuf moves; no other ArenaBuf holds the same slot.
+unsafe impl OwnedBuf for ArenaBuf {
+    fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.ptr()
+    }
+    fn len(&self) -> usize {
+        self.arena.slot_len
+    }
+}
+
 /// An owned buffer that can be handed to an asynchronous request and returned at
 /// completion.
 ///

@@ -59,7 +59,9 @@
 //! the call fails with [`Error::Misaligned`] (EINVAL), naming the offending part and
 //! the alignment required, and nothing is transferred. Ask with
 //! [`DirectFile::dio_align`] (what statx(STATX_DIOALIGN) reports) and allocate with
-//! [`AlignedBuf::new`] at [`Geometry::buffer_align`]. Requests aligned to the file
+//! [`AlignedBuf::new`] at [`Geometry::buffer_align`]; for async I/O on io_uring, a
+//! [`BufArena`] registered once with the ring ([`raw::RawFile::register_arena`])
+//! lends out [`ArenaBuf`]s whose requests skip page pinning. Requests aligned to the file
 //! system block are walked in fs blocks; finer ones in logical blocks, with partly
 //! written new blocks zeroed. Or set [`Flags::UNALIGNED`] and use any offset, length
 //! and address: dio pads with bounce buffers and read-modify-write, serialised against
@@ -132,7 +134,7 @@ pub mod map;
 pub mod nbd_file;
 pub mod raw;
 
-pub use buf::{AlignedBuf, MemRef, OwnedBuf, Segments, Window};
+pub use buf::{AlignedBuf, ArenaBuf, BufArena, MemRef, OwnedBuf, Segments, Window};
 pub use device::{
     Completion, CompletionMode, Device, Geometry, MemDevice, MemDeviceConfig, Op, Request,
 };

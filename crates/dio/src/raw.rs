@@ -6,7 +6,7 @@
 //! It holds no I/O logic of its own: bytes move through the engine and a device.
 
 use std::fs::File;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -15,7 +15,7 @@ use crate::device::sync::{SyncConfig, SyncDevice};
 use crate::device::uring::{UringConfig, UringDevice};
 use crate::device::{Device, Geometry};
 use crate::map::{BlockMap, Extent};
-use crate::{DirectFile, Error, FileState, IdentityMap, MemRef, Result};
+use crate::{DirectFile, Error, FileState, IdentityMap, Result};
 
 /// Environment variable that makes [`Backend::Auto`] behave as if io_uring were
 /// unavailable (`DIO_DISABLE_URING=1`).
@@ -50,8 +50,6 @@ pub struct OpenOptions {
     pub iopoll: bool,
     /// Let a kernel thread poll the submission queue (`IORING_SETUP_SQPOLL`).
     pub sqpoll: bool,
-    /// Allow [`RawFile::register_buffers`] to register memory with the ring.
-    pub registered_buffers: bool,
     /// Every call on this file comes from the thread that opens it: io_uring then
     /// runs completion work only when that thread reaps (single issuer, deferred task
     /// run), which saves interrupts and wakeups per I/O. Calls from other threads
@@ -69,7 +67,6 @@ impl Default for OpenOptions {
             dsync: false,
             iopoll: false,
             sqpoll: false,
-            registered_buffers: false,
             single_thread: false,
         }
     }
@@ -87,7 +84,6 @@ pub struct RawFile {
     path: PathBuf,
     block_device: bool,
     write: bool,
-    registered_buffers: bool,
     notes: Vec<String>,
 }
 
@@ -197,10 +193,8 @@ impl RawFile {
                 Arc::clone(d) as Arc<dyn Device>
             }
             Dev::Sync(d) => {
-                if opts.iopoll || opts.sqpoll || opts.registered_buffers {
-                    notes.push(
-                        "IOPOLL, SQPOLL and registered buffers need io_uring: ignored".into(),
-                    );
+                if opts.iopoll || opts.sqpoll {
+                    notes.push("IOPOLL and SQPOLL need io_uring: ignored".into());
                 }
                 Arc::clone(d) as Arc<dyn Device>
             }
@@ -223,7 +217,6 @@ impl RawFile {
             path: path.to_path_buf(),
             block_device: probed.block_device,
             write: opts.write,
-            registered_buffers: opts.registered_buffers,
             notes,
         })
     }
@@ -284,16 +277,8 @@ impl RawFile {
                 end: size,
                 max: i64::MAX as u64,
             })?;
-            // SAFETY: ftruncate on a descriptor this RawFile owns.
-            let r = unsafe { libc::ftruncate(self.fd().as_raw_fd(), len) };
-            if r == 0 {
-                Ok(())
-            } else {
-                Err(Error::os(
-                    format!("truncate {} to {size}", self.path.display()),
-                    std::io::Error::last_os_error(),
-                ))
-            }
+            crate::device::ftruncate(self.fd(), len)
+                .map_err(|e| Error::os(format!("truncate {} to {size}", self.path.display()), e))
         };
         if size < self.size() {
             // Shrink: drain direct I/O and stop reads past the new end first.
@@ -305,22 +290,25 @@ impl RawFile {
         }
     }
 
-    /// Register memory with the io_uring ring, so that requests whose memory lies
-    /// in one registered buffer use fixed-buffer I/O. Does nothing unless opened
-    /// with [`OpenOptions::registered_buffers`] on the io_uring back end.
-    ///
-    /// # Safety
-    /// The buffers must stay allocated at their addresses until the file is
-    /// dropped (or registration is replaced): the kernel keeps the pages pinned
-    /// now, and memory freed and reused meanwhile would receive data.
-    pub unsafe fn register_buffers(&self, bufs: &[MemRef]) -> Result<()> {
+    /// Register an arena with the io_uring ring (see
+    /// [`UringDevice::register_arena`]): requests on its slots then use fixed-buffer
+    /// I/O. `Ok(false)` on the pread/pwrite back end, where the arena is plain
+    /// memory; an error if the kernel refuses (e.g. `RLIMIT_MEMLOCK`).
+    pub fn register_arena(&self, arena: &Arc<crate::BufArena>) -> Result<bool> {
         match &self.dev {
-            Dev::Uring(d) if self.registered_buffers => {
-                // SAFETY: forwarded from the caller.
-                unsafe { d.register_buffers(bufs) }
-                    .map_err(|e| Error::os("register buffers with io_uring", e))
-            }
-            _ => Ok(()),
+            Dev::Uring(d) => d
+                .register_arena(arena)
+                .map(|()| true)
+                .map_err(|e| Error::os("register buffers with io_uring", e)),
+            Dev::Sync(_) => Ok(false),
+        }
+    }
+
+    /// The io_uring device under this file, if that is the back end.
+    pub fn uring(&self) -> Option<&Arc<UringDevice>> {
+        match &self.dev {
+            Dev::Uring(d) => Some(d),
+            Dev::Sync(_) => None,
         }
     }
 }

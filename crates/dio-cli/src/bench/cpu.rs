@@ -10,23 +10,21 @@ pub struct CpuTime {
     pub system: Duration,
 }
 
-fn duration(tv: libc::timeval) -> Duration {
-    Duration::from_secs(tv.tv_sec.max(0) as u64) + Duration::from_micros(tv.tv_usec.max(0) as u64)
+fn duration(tv: nix::sys::time::TimeVal) -> Duration {
+    Duration::from_secs(tv.tv_sec().max(0) as u64)
+        + Duration::from_micros(tv.tv_usec().max(0) as u64)
 }
 
 impl CpuTime {
     /// Now.
     pub fn now() -> CpuTime {
-        // SAFETY: an all-zero rusage is a valid value of this plain C struct.
-        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-        // SAFETY: getrusage writes only into `ru`, a valid rusage we own.
-        let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
-        if rc != 0 {
-            return CpuTime::default();
-        }
-        CpuTime {
-            user: duration(ru.ru_utime),
-            system: duration(ru.ru_stime),
+        use nix::sys::resource::{getrusage, UsageWho};
+        match getrusage(UsageWho::RUSAGE_SELF) {
+            Ok(ru) => CpuTime {
+                user: duration(ru.user_time()),
+                system: duration(ru.system_time()),
+            },
+            Err(_) => CpuTime::default(),
         }
     }
 

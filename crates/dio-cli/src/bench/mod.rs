@@ -79,6 +79,10 @@ pub struct BenchArgs {
     /// compare its cost with aligned runs (direct runs only).
     #[arg(long, value_parser = parse_size, default_value_t = 0)]
     pub skew: u64,
+    /// Register the I/O buffers with the io_uring ring once (fixed buffers: no page
+    /// pinning per I/O), as fio's --fixedbufs does.
+    #[arg(long)]
+    pub fixed_bufs: bool,
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -331,9 +335,13 @@ fn single(path: &Path, args: &BenchArgs) -> Result<(), Failure> {
     let bs = args.bs.unwrap_or(bs);
     let qd = args.qd.unwrap_or(qd);
     let nbd;
-    let target;
-    let (direct, size, backend) = match path.to_str().filter(|s| NbdUri::is_nbd_uri(s)) {
-        Some(uri) => {
+    let uri = path.to_str().filter(|s| NbdUri::is_nbd_uri(s));
+    let target = match uri {
+        Some(_) => None,
+        None => Some(prepare(path, args.size, args, rw.is_write(), qd)?),
+    };
+    let (direct, size, backend) = match (uri, &target) {
+        (Some(uri), _) => {
             nbd = open_nbd(uri, args, rw)?;
             let size = match args.size {
                 Some(s) if s > nbd.size() => {
@@ -347,10 +355,8 @@ fn single(path: &Path, args: &BenchArgs) -> Result<(), Failure> {
             };
             (nbd.direct(), size, "nbd")
         }
-        None => {
-            target = prepare(path, args.size, args, rw.is_write(), qd)?;
-            (target.raw.direct(), target.size, target.raw.backend_name())
-        }
+        (None, Some(t)) => (t.raw.direct(), t.size, t.raw.backend_name()),
+        (None, None) => unreachable!("a host target is prepared above"),
     };
     let w = Workload {
         rw,
@@ -364,7 +370,18 @@ fn single(path: &Path, args: &BenchArgs) -> Result<(), Failure> {
         let file = open_buffered(path, rw.is_write())?;
         ("buffered", "pread/pwrite", run::buffered(&file, &w)?)
     } else {
-        ("direct", backend, run::direct(direct, &w)?)
+        let fixed = if args.fixed_bufs {
+            match &target {
+                Some(t) => Some(&t.raw),
+                None => {
+                    say("--fixed-bufs needs io_uring: ignored over NBD");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        ("direct", backend, run::direct(direct, &w, fixed)?)
     };
     stop_if_interrupted()?;
     if args.json {
@@ -477,7 +494,7 @@ fn suite(args: &BenchArgs) -> Result<(), Failure> {
             runtime,
             skew: 0,
         };
-        let d = run::direct(target.raw.direct(), &w)?;
+        let d = run::direct(target.raw.direct(), &w, None)?;
         stop_if_interrupted()?;
         if !args.json {
             print(&row(&w.label(), "direct", &d))?;

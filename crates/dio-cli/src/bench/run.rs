@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use dio::{AlignedBuf, Completed, CompletionMode, DirectFile, Flags, OwnedBuf, Window};
+use dio::raw::RawFile;
+use dio::{ArenaBuf, BufArena, Completed, CompletionMode, DirectFile, Flags, OwnedBuf, Window};
 use rustix::fs::{fadvise, Advice};
 
 use super::cpu::CpuTime;
@@ -182,7 +183,7 @@ impl Busy {
 
 struct Done {
     off: u64,
-    buf: Window<AlignedBuf>,
+    buf: Window<ArenaBuf>,
     result: dio::Result<usize>,
     /// Submission and completion times (the completion time also serves the
     /// deadline check: two clock reads per I/O).
@@ -223,8 +224,9 @@ impl Inbox {
     }
 }
 
-/// Run `w` through dio on `file`.
-pub fn direct(file: &DirectFile, w: &Workload) -> Result<Report, Failure> {
+/// Run `w` through dio on `file`; with `fixed`, the buffers are registered with
+/// that file's io_uring ring first.
+pub fn direct(file: &DirectFile, w: &Workload, fixed: Option<&RawFile>) -> Result<Report, Failure> {
     let geo = file.geometry();
     if w.bs % u64::from(geo.logical_block) != 0 {
         return Err(Failure::msg(format!(
@@ -247,9 +249,9 @@ pub fn direct(file: &DirectFile, w: &Workload) -> Result<Report, Failure> {
             return off;
         }
     };
-    let issue = |buf: Window<AlignedBuf>, off: u64, start: Instant| {
+    let issue = |buf: Window<ArenaBuf>, off: u64, start: Instant| {
         let inbox = Arc::clone(&inbox);
-        let done = move |mut c: Completed<Window<AlignedBuf>>| {
+        let done = move |mut c: Completed<Window<ArenaBuf>>| {
             let end = Instant::now();
             let buf = c.bufs.pop().expect("one buffer per request");
             inbox.push(Done {
@@ -281,12 +283,22 @@ pub fn direct(file: &DirectFile, w: &Workload) -> Result<Report, Failure> {
     let cpu0 = CpuTime::now();
     let t0 = Instant::now();
     let deadline = t0 + w.runtime;
+    // One arena holds every buffer: one registration covers them all.
+    // A skewed run places its data at the offset's phase within a page, so the
+    // aligned middle of each request goes straight from (to) it.
+    let phase = (w.skew % 4096) as usize;
+    let arena = BufArena::new(qd as usize, phase + w.bs as usize, geo.buffer_align());
+    if let Some(raw) = fixed {
+        let registered = raw
+            .register_arena(&arena)
+            .map_err(|e| Failure::msg(format!("--fixed-bufs: {e}")))?;
+        if !registered {
+            crate::fail::say("--fixed-bufs needs io_uring: ignored on this back end");
+        }
+    }
     for i in 0..qd {
-        // A skewed run places its data at the offset's phase within a page, so the
-        // aligned middle of each request goes straight from (to) it.
-        let phase = (w.skew % 4096) as usize;
-        let inner = AlignedBuf::new(phase + w.bs as usize, geo.buffer_align());
-        let mut buf = Window::new(inner, phase, w.bs as usize).expect("the window fits");
+        let slot = arena.take().expect("one slot per queue entry");
+        let mut buf = Window::new(slot, phase, w.bs as usize).expect("the window fits");
         if w.rw.is_write() {
             pattern(buf.as_mut_slice(), i + 1);
         }

@@ -240,6 +240,18 @@ pub(crate) fn fdatasync(file: &std::fs::File) -> io::Result<()> {
     }
 }
 
+/// ftruncate(2) on a descriptor the caller keeps open for the call.
+pub(crate) fn ftruncate(fd: std::os::fd::BorrowedFd<'_>, len: libc::off_t) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: ftruncate on a descriptor that `fd` borrows for the call.
+    let r = unsafe { libc::ftruncate(fd.as_raw_fd(), len) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Check a request against a geometry; back ends call it before doing anything.
 pub fn check_request(geo: &Geometry, req: &Request) -> io::Result<()> {
     let lb = u64::from(geo.logical_block);

@@ -15,7 +15,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use io_uring::{opcode, squeue, types, IoUring};
 
 use super::{check_request, CompletionMode, Device, Geometry, Op, Request};
-use crate::buf::MemRef;
+use crate::buf::{BufArena, MemRef};
 use crate::{Error, Result};
 
 /// `user_data` of the no-op that wakes the reaper thread at shutdown.
@@ -93,6 +93,8 @@ struct State {
     free: Vec<u32>,
     /// Registered buffers: (start address, length), index = buffer index.
     fixed_bufs: Vec<(usize, usize)>,
+    /// The arena whose memory is registered, kept alive as long as that lasts.
+    fixed_owner: Option<Arc<BufArena>>,
 }
 
 // SAFETY: the raw pointers in the iovecs point into request memory whose owner
@@ -110,6 +112,7 @@ struct Inner {
     /// Entries pushed but maybe not yet submitted (a hint that saves a lock).
     pending: AtomicUsize,
     in_flight: AtomicUsize,
+    fixed_requests: AtomicU64,
     /// Pollers asleep in the kernel, waiting for a completion.
     sleepers: AtomicUsize,
     /// Completion work is deferred to GETEVENTS enters by the one issuing thread.
@@ -230,9 +233,11 @@ impl UringDevice {
                     .collect(),
                 free: (0..slots as u32).rev().collect(),
                 fixed_bufs: Vec::new(),
+                fixed_owner: None,
             }),
             pending: AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),
+            fixed_requests: AtomicU64::new(0),
             sleepers: AtomicUsize::new(0),
             iopoll,
             defer,
@@ -298,22 +303,42 @@ impl UringDevice {
     /// or [`UringDevice::unregister_buffers`] is called: the kernel keeps the pages
     /// it pinned now, so memory freed and reused meanwhile would receive the data.
     pub unsafe fn register_buffers(&self, bufs: &[MemRef]) -> io::Result<()> {
-        let iov: Vec<libc::iovec> = bufs
-            .iter()
-            .map(|b| libc::iovec {
-                iov_base: b.as_ptr().cast(),
-                iov_len: b.len(),
-            })
-            .collect();
         let mut st = lock(&self.inner.state);
+        // SAFETY: forwarded from the caller.
+        unsafe { self.register_locked(&mut st, bufs) }?;
+        st.fixed_owner = None;
+        Ok(())
+    }
+
+    /// Register an arena's memory with the ring, safely: the device keeps the
+    /// arena alive as long as the registration lasts. Requests whose memory is one
+    /// segment in it (an [`crate::ArenaBuf`] passed to an async call) then use
+    /// fixed-buffer I/O: no page pinning per request. Replaces an earlier
+    /// registration. Fails with the kernel's error, e.g. `ENOMEM` past
+    /// `RLIMIT_MEMLOCK`, or `EINVAL` for an arena over 1 GiB.
+    pub fn register_arena(&self, arena: &Arc<BufArena>) -> io::Result<()> {
+        let mem = arena.memory();
+        let mut st = lock(&self.inner.state);
+        // SAFETY: the arena's memory stays allocated while the Arc stored below
+        // lives, which is until the registration is replaced or the device drops
+        // (its ring, declared first in Inner, goes before the state).
+        unsafe { self.register_locked(&mut st, &[mem]) }?;
+        st.fixed_owner = Some(Arc::clone(arena));
+        Ok(())
+    }
+
+    /// Replace the registration with `bufs`.
+    ///
+    /// # Safety
+    /// As for [`UringDevice::register_buffers`].
+    unsafe fn register_locked(&self, st: &mut State, bufs: &[MemRef]) -> io::Result<()> {
         if !st.fixed_bufs.is_empty() {
-            // Registered buffers may be in use by requests in flight: the kernel
-            // refuses to unregister then (EBUSY), which is what we want.
             self.inner.ring.submitter().unregister_buffers()?;
             st.fixed_bufs.clear();
         }
+        let iov = crate::buf::as_iovecs(bufs);
         // SAFETY: the caller guarantees the memory outlives the registration.
-        unsafe { self.inner.ring.submitter().register_buffers(&iov)? };
+        unsafe { self.inner.ring.submitter().register_buffers(iov)? };
         st.fixed_bufs = bufs.iter().map(|b| (b.addr(), b.len())).collect();
         Ok(())
     }
@@ -326,7 +351,13 @@ impl UringDevice {
         }
         self.inner.ring.submitter().unregister_buffers()?;
         st.fixed_bufs.clear();
+        st.fixed_owner = None;
         Ok(())
+    }
+
+    /// Requests sent with fixed-buffer opcodes so far.
+    pub fn fixed_requests(&self) -> u64 {
+        self.inner.fixed_requests.load(Ordering::Relaxed)
     }
 
     /// Requests submitted and not yet completed.
@@ -430,6 +461,9 @@ impl Inner {
             let fixed = fixed_bufs
                 .iter()
                 .position(|&(start, n)| seg.addr() >= start && seg.addr() + seg.len() <= start + n);
+            if fixed.is_some() {
+                self.fixed_requests.fetch_add(1, Ordering::Relaxed);
+            }
             macro_rules! rw {
                 ($fd:expr) => {
                     match (req.op, fixed) {
