@@ -83,6 +83,20 @@ pub struct Report {
 }
 
 impl Report {
+    /// What `ios` I/Os of `bs` bytes measured, timed from `t0` and `cpu0` to now.
+    fn since(t0: Instant, cpu0: CpuTime, ios: u64, bs: u64, lat: Histogram) -> Report {
+        let elapsed = t0.elapsed();
+        let (cpu_usr, cpu_sys) = cpu0.percent_until(&CpuTime::now(), elapsed);
+        Report {
+            ios,
+            bytes: ios * bs,
+            elapsed,
+            lat,
+            cpu_usr,
+            cpu_sys,
+        }
+    }
+
     pub fn iops(&self) -> f64 {
         self.ios as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
@@ -340,20 +354,11 @@ pub fn direct(file: &DirectFile, w: &Workload, fixed: Option<&RawFile>) -> Resul
             }
         }
     }
-    let elapsed = t0.elapsed();
-    let cpu1 = CpuTime::now();
-    if let Some(f) = failure {
-        return Err(f);
+    let report = Report::since(t0, cpu0, ios, w.bs, lat);
+    match failure {
+        Some(f) => Err(f),
+        None => Ok(report),
     }
-    let (cpu_usr, cpu_sys) = cpu0.percent_until(&cpu1, elapsed);
-    Ok(Report {
-        ios,
-        bytes: ios * w.bs,
-        elapsed,
-        lat,
-        cpu_usr,
-        cpu_sys,
-    })
 }
 
 /// Flush the file's dirty pages and drop its page cache, so that a buffered read
@@ -416,15 +421,5 @@ pub fn buffered(file: &File, w: &Workload) -> Result<Report, Failure> {
         file.sync_data()
             .map_err(|e| Failure::msg(format!("fdatasync: {e}")))?;
     }
-    let elapsed = t0.elapsed();
-    let cpu1 = CpuTime::now();
-    let (cpu_usr, cpu_sys) = cpu0.percent_until(&cpu1, elapsed);
-    Ok(Report {
-        ios,
-        bytes: ios * w.bs,
-        elapsed,
-        lat,
-        cpu_usr,
-        cpu_sys,
-    })
+    Ok(Report::since(t0, cpu0, ios, w.bs, lat))
 }
