@@ -333,8 +333,9 @@ impl BufArena {
         self.slots
     }
 
-    /// The whole arena, for registering it with a device.
-    pub fn memory(&self) -> MemRef {
+    /// The whole arena, for registering it with a device (registration lends the
+    /// kernel nothing to access by itself; only requests over slots do).
+    pub(crate) fn memory(&self) -> MemRef {
         MemRef {
             ptr: self.base.as_ptr(),
             len: self.slots * self.slot_len,
@@ -507,10 +508,12 @@ unsafe impl<B: OwnedBuf> OwnedBuf for Window<B> {
 /// A reference to memory that a device request reads from (writes) or fills
 /// (reads): the user-space counterpart of a pinned page range in a bio.
 ///
-/// It carries no lifetime: whoever builds one guarantees the memory outlives the
-/// request. Safe code gets them only from an [`IoScope`] (borrowed memory, kept alive
-/// by the scope), from owned buffers held by the engine (the [`OwnedBuf`] contract),
-/// or from the shared zero buffer. Device back ends read and fill them.
+/// It carries no lifetime and proves nothing by itself: a [`crate::Request`] is what
+/// guarantees that its segments are valid while it lives. Safe code cannot make one
+/// ([`MemRef::from_raw`] is `unsafe`), cannot lengthen one, and cannot do anything
+/// with one but look at its address and length; device back ends hand them to the
+/// kernel in `unsafe` code while they hold the request, and safe devices move data
+/// with [`crate::Request::copy_out`] and [`crate::Request::copy_in`].
 ///
 /// Its layout is that of a C `struct iovec` (`repr(C)`, base then length), so a
 /// request's segments can go to readv/writev or io_uring as they are.
@@ -689,11 +692,14 @@ impl MemRef {
     pub fn is_followed_by(&self, next: &MemRef) -> bool {
         self.ptr.wrapping_add(self.len) == next.ptr
     }
-    /// This range grown by `extra` bytes at its end.
-    pub fn grown(&self, extra: usize) -> MemRef {
+    /// This range and `next`, which starts where this one ends, as one range (the
+    /// request builder's merge). Crate-private: a longer range than its creator lent
+    /// is memory nobody vouched for.
+    pub(crate) fn joined(&self, next: &MemRef) -> MemRef {
+        debug_assert!(self.is_followed_by(next));
         MemRef {
             ptr: self.ptr,
-            len: self.len + extra,
+            len: self.len + next.len,
         }
     }
 
@@ -747,28 +753,57 @@ pub(crate) fn zeroes(len: usize) -> MemRef {
     }
 }
 
-/// Keeps borrowed memory valid until the I/O that uses it has drained.
+/// Counts the requests over one scope's borrowed memory that are still alive.
+pub(crate) struct Tracker {
+    live: std::sync::atomic::AtomicUsize,
+    /// The scope's thread, once it waits.
+    waiter: std::sync::OnceLock<std::thread::Thread>,
+}
+
+/// A request's claim on a scope's borrowed memory: the scope does not end while one
+/// lives. Held by the request (and its [`crate::device::Finished`]) until the
+/// completion is done with it.
+pub(crate) struct Ticket(std::sync::Arc<Tracker>);
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering;
+        if self.0.live.fetch_sub(1, Ordering::AcqRel) == 1 {
+            if let Some(t) = self.0.waiter.get() {
+                t.unpark();
+            }
+        }
+    }
+}
+
+/// Lends borrowed memory to device requests and keeps it borrowed until every such
+/// request is gone.
 ///
-/// Obtained only inside [`io_scope`], which waits for the I/O before it returns, even
-/// when the body panics, so a `MemRef` lent from a borrowed slice can never outlive it.
-pub struct IoScope<'a> {
+/// Obtained only inside [`io_scope`], which returns (or unwinds, when its body
+/// panics) only after every request built over the scope's memory has completed and
+/// been dropped, whatever the body did: the wait is on the requests themselves, not
+/// on a promise of the caller. The scope and the memory references it lends are
+/// crate-private: the engine is the only code that builds requests over borrowed
+/// memory.
+pub(crate) struct IoScope<'a> {
+    tracker: std::sync::Arc<Tracker>,
     _borrow: std::marker::PhantomData<&'a mut [u8]>,
 }
 
 impl<'a> IoScope<'a> {
     /// Memory references for a caller's read buffers, kept alive by the scope.
     /// No copy: the slices are viewed in place.
-    pub fn lend_mut(&self, bufs: &'a mut [std::io::IoSliceMut<'_>]) -> &'a [MemRef] {
+    pub(crate) fn lend_mut(&self, bufs: &'a mut [std::io::IoSliceMut<'_>]) -> &'a [MemRef] {
         // SAFETY: IoSliceMut is documented to be ABI compatible with `struct iovec`
         // on Unix, and MemRef is a repr(C) {pointer, length} pair with the same
         // layout; the exclusive borrow for 'a keeps the buffers alive and unaliased
-        // for the scope, which drains all I/O before it ends.
+        // for the scope, which waits for every request over them before it ends.
         unsafe { std::slice::from_raw_parts(bufs.as_ptr().cast::<MemRef>(), bufs.len()) }
     }
 
     /// A memory reference for one buffer (a bounce buffer, say), kept alive by the
     /// scope. Reads fill it; writes read from it.
-    pub fn lend_buf(&self, buf: &'a mut [u8]) -> MemRef {
+    pub(crate) fn lend_buf(&self, buf: &'a mut [u8]) -> MemRef {
         MemRef {
             ptr: buf.as_mut_ptr(),
             len: buf.len(),
@@ -777,42 +812,108 @@ impl<'a> IoScope<'a> {
 
     /// Memory references for a caller's write buffers, kept alive by the scope.
     /// Devices only read from them.
-    pub fn lend(&self, bufs: &'a [std::io::IoSlice<'_>]) -> &'a [MemRef] {
+    pub(crate) fn lend(&self, bufs: &'a [std::io::IoSlice<'_>]) -> &'a [MemRef] {
         // SAFETY: as in lend_mut (IoSlice is iovec-compatible too); devices only
         // read through these references, for writes.
         unsafe { std::slice::from_raw_parts(bufs.as_ptr().cast::<MemRef>(), bufs.len()) }
     }
+
+    /// Who keeps the memory of requests built over this scope's loans: the scope.
+    pub(crate) fn lender(&self) -> Lender<'_> {
+        Lender::Scope(&self.tracker)
+    }
 }
 
-/// Run `body` with a scope that lends borrowed memory to device requests; `drain`
-/// runs after `body` (also if it panics) and must return only once every request
-/// that used the lent memory has completed.
-pub fn io_scope<'a, R>(drain: impl FnOnce(), body: impl FnOnce(&IoScope<'a>) -> R) -> R {
-    struct Drain<F: FnOnce()>(Option<F>);
-    impl<F: FnOnce()> Drop for Drain<F> {
+/// Who keeps the memory of the requests an engine call builds.
+#[derive(Clone, Copy)]
+pub(crate) enum Lender<'s> {
+    /// An [`IoScope`]: each request takes a ticket the scope waits for.
+    Scope(&'s std::sync::Arc<Tracker>),
+    /// The call itself: it owns the buffers and gives them back only after every
+    /// request over them has completed.
+    Owned,
+}
+
+impl Lender<'_> {
+    /// What a new request over this memory carries.
+    pub(crate) fn keep(&self) -> crate::device::Keep {
+        match self {
+            Lender::Scope(t) => {
+                t.live.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                crate::device::Keep::Lent(Ticket(std::sync::Arc::clone(t)))
+            }
+            Lender::Owned => crate::device::Keep::Vouched,
+        }
+    }
+}
+
+/// Run `body` with a scope that lends borrowed memory to device requests. When `body`
+/// returns or panics, wait until every request holding one of the scope's tickets is
+/// gone, calling `progress` between checks (it polls a device whose completions need
+/// polling; it may do nothing). A body that leaks a request never returns: a hang,
+/// never memory handed back while a device may still use it.
+pub(crate) fn io_scope<'a, R>(
+    mut progress: impl FnMut(),
+    body: impl FnOnce(&IoScope<'a>) -> R,
+) -> R {
+    struct Drain<'s, 'a, F: FnMut()> {
+        scope: &'s IoScope<'a>,
+        progress: F,
+    }
+    impl<F: FnMut()> Drop for Drain<'_, '_, F> {
         fn drop(&mut self) {
-            if let Some(f) = self.0.take() {
-                f();
+            use std::sync::atomic::Ordering;
+            let t = &self.scope.tracker;
+            if t.live.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            t.waiter.get_or_init(std::thread::current);
+            let mut spins = 0u32;
+            while t.live.load(Ordering::Acquire) != 0 {
+                (self.progress)();
+                if t.live.load(Ordering::Acquire) == 0 {
+                    break;
+                }
+                // A request's last reference goes a moment after its completion
+                // wakes the engine: spin briefly, then sleep until unparked.
+                if spins < 64 {
+                    spins += 1;
+                    std::thread::yield_now();
+                } else {
+                    std::thread::park_timeout(std::time::Duration::from_millis(10));
+                }
             }
         }
     }
-    let _guard = Drain(Some(drain));
     let scope = IoScope {
+        tracker: std::sync::Arc::new(Tracker {
+            live: std::sync::atomic::AtomicUsize::new(0),
+            waiter: std::sync::OnceLock::new(),
+        }),
         _borrow: std::marker::PhantomData,
     };
-    body(&scope)
+    let drain = Drain {
+        scope: &scope,
+        progress: &mut progress,
+    };
+    let r = body(drain.scope);
+    drop(drain);
+    r
 }
 
 /// Memory references for owned async buffers. The engine holds `bufs` until every
-/// request completes, which the [`OwnedBuf`] contract makes sufficient. One buffer,
-/// the common case, needs no allocation.
+/// request over them has completed, which the [`OwnedBuf`] contract makes
+/// sufficient. One buffer, the common case, needs no allocation.
 pub(crate) fn lend_owned<B: OwnedBuf>(bufs: &mut [B]) -> Segments {
-    bufs.iter_mut()
-        .map(|b| MemRef {
-            ptr: b.as_mut_ptr(),
-            len: b.len(),
-        })
-        .collect()
+    bufs.iter_mut().map(lend_one).collect()
+}
+
+/// The memory reference of one owned buffer.
+pub(crate) fn lend_one<B: OwnedBuf>(buf: &mut B) -> MemRef {
+    MemRef {
+        ptr: buf.as_mut_ptr(),
+        len: buf.len(),
+    }
 }
 
 #[cfg(test)]
@@ -938,6 +1039,6 @@ mod tests {
         let c = m.slice(4096, 4096);
         assert!(a.is_followed_by(&c));
         assert!(!c.is_followed_by(&a));
-        assert_eq!(a.grown(4096), m);
+        assert_eq!(a.joined(&c), m);
     }
 }

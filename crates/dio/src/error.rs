@@ -75,6 +75,12 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// User code called by the engine (a block map, a hook, a pin closure, a
+    /// completion callback) panicked during the call (EIO). Every request of the call
+    /// had completed and its locks were released before this was reported; a sync
+    /// call then resumes the panic.
+    #[error("{0} panicked")]
+    Panicked(&'static str),
     /// Memory could not be used for I/O (EFAULT).
     #[error("bad memory in the caller's buffers at byte {at} of the request")]
     MemoryFault {
@@ -118,6 +124,7 @@ impl Error {
             Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
             Error::MemoryFault { .. } => libc::EFAULT,
             Error::ReadOnly => libc::EBADF,
+            Error::Panicked(_) => libc::EIO,
             Error::WouldBlock => libc::EAGAIN,
             Error::Incompatible(_) => libc::EOPNOTSUPP,
             Error::Os { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
@@ -171,6 +178,7 @@ impl Error {
             },
             Error::MemoryFault { at } => Error::MemoryFault { at: *at },
             Error::ReadOnly => Error::ReadOnly,
+            Error::Panicked(what) => Error::Panicked(what),
             Error::WouldBlock => Error::WouldBlock,
             Error::Corrupt(s) => Error::Corrupt(s.clone()),
             Error::Incompatible(s) => Error::Incompatible(s.clone()),

@@ -25,7 +25,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::device::{
-    Completion, CompletionMode, Device, Geometry, MemDevice, MemDeviceConfig, Request,
+    Completion, Finished, CompletionMode, Device, Geometry, MemDevice, MemDeviceConfig, Request,
 };
 use crate::map::{TestMap, TestMapConfig};
 use crate::raw::RawFile;
@@ -166,12 +166,11 @@ impl FaultyDevice {
 }
 
 /// Reports EIO for a request whose data the inner device moved.
-struct FailAfter(Mutex<Option<Request>>);
+struct FailAfter;
 
 impl Completion for FailAfter {
-    fn complete(self: Arc<Self>, _inner: Request, _result: std::io::Result<()>) {
-        let outer = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(outer) = outer {
+    fn complete(self: Arc<Self>, mut inner: Finished, _result: std::io::Result<()>) {
+        if let Some(outer) = inner.take_parent() {
             outer.complete(Err(std::io::Error::from_raw_os_error(libc::EIO)));
         }
     }
@@ -192,17 +191,9 @@ impl Device for FaultyDevice {
             };
             if fail && land {
                 self.torn.fetch_add(1, Ordering::SeqCst);
-                // The outer request keeps the memory alive until it completes, which
-                // happens only after the inner one did.
-                let inner = Request {
-                    op: req.op,
-                    offset: req.offset,
-                    segments: req.segments.clone(),
-                    fua: req.fua,
-                    tag: req.tag,
-                    completion: Arc::new(FailAfter(Mutex::new(Some(req)))),
-                };
-                return self.inner.submit(inner);
+                // The inner request stands in for the outer one, which completes
+                // (with EIO) only after the inner one moved the data.
+                return self.inner.submit(req.forward(Arc::new(FailAfter)));
             }
             if fail {
                 self.failed.fetch_add(1, Ordering::SeqCst);

@@ -122,8 +122,13 @@
 //!   (`dsync_makes_data_durable_before_completion`, on the RAM device's crash mode).
 
 #![warn(missing_docs)]
+// `unsafe` lives only in the buffer and device layers; the compiler keeps it there.
+#![deny(unsafe_code)]
+#![warn(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
 
+#[allow(unsafe_code)]
 pub mod buf;
+#[allow(unsafe_code)]
 pub mod device;
 pub mod engine;
 pub mod error;
@@ -136,7 +141,8 @@ pub mod raw;
 
 pub use buf::{AlignedBuf, ArenaBuf, BufArena, MemRef, OwnedBuf, Segments, Window};
 pub use device::{
-    Completion, CompletionMode, Device, Geometry, MemDevice, MemDeviceConfig, Op, Request,
+    Completion, CompletionMode, Device, Finished, Geometry, MemDevice, MemDeviceConfig, Op,
+    Request,
 };
 pub use engine::{Completed, DioFuture, DirectFile, Flags, Stats, MAX_IN_FLIGHT, MAX_SEGMENTS};
 pub use error::{AlignPart, Error, Result};

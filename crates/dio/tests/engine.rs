@@ -775,7 +775,7 @@ impl BlockMap for HookMap {
     }
     fn submit_io(&self, dev: &dyn dio::Device, req: dio::Request, _file_offset: u64) {
         self.submitted.fetch_add(1, Ordering::SeqCst);
-        let dev_ok = req.offset < dev.geometry().size;
+        let dev_ok = req.offset() < dev.geometry().size;
         assert!(dev_ok);
         dev.submit(req);
     }

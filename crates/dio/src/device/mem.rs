@@ -3,6 +3,8 @@
 //! what it sees; and simulate a crash that keeps only durable data (flushed or
 //! written with FUA), the way redb's crash-consistency backend does.
 
+#![forbid(unsafe_code)]
+
 use std::collections::VecDeque;
 use std::io;
 use std::ops::Range;
@@ -295,7 +297,7 @@ impl Shared {
     }
 
     /// Move the data of `req` and return its result.
-    fn execute(&self, req: &Request, fail: bool) -> io::Result<()> {
+    fn execute(&self, req: &mut Request, fail: bool) -> io::Result<()> {
         check_request(&self.cfg.geometry, req)?;
         if fail {
             return Err(io::Error::from_raw_os_error(libc::EIO));
@@ -303,29 +305,23 @@ impl Shared {
         if self.cfg.null {
             return Ok(());
         }
+        // Safe code, through the request's own copies: a device needs no `unsafe`.
         let mut st = lock(&self.store);
-        let mut pos = req.offset as usize;
-        for seg in &req.segments {
-            let dev = &mut st.data[pos..pos + seg.len()];
-            match req.op {
-                // SAFETY: the request is live (not yet completed), so its memory is
-                // valid per the MemRef contract.
-                Op::Read => unsafe { seg.copy_from(dev) },
-                // SAFETY: as above.
-                Op::Write => unsafe { seg.copy_to(dev) },
-            }
-            pos += seg.len();
+        let start = req.offset() as usize;
+        let pos = start + req.len() as usize;
+        match req.op() {
+            Op::Read => req.copy_in(0, &st.data[start..pos]),
+            Op::Write => req.copy_out(0, &mut st.data[start..pos]),
         }
-        if self.cfg.crash_mode && req.op == Op::Write && req.fua {
-            let start = req.offset as usize;
+        if self.cfg.crash_mode && req.op() == Op::Write && req.fua() {
             let Store { data, durable } = &mut *st;
             durable[start..pos].copy_from_slice(&data[start..pos]);
         }
         Ok(())
     }
 
-    fn finish(&self, req: Request, fail: bool) {
-        let result = self.execute(&req, fail);
+    fn finish(&self, mut req: Request, fail: bool) {
+        let result = self.execute(&mut req, fail);
         self.in_flight.fetch_sub(1, Ordering::SeqCst);
         req.complete(result);
     }

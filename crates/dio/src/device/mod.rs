@@ -106,28 +106,52 @@ impl Geometry {
 }
 
 /// Receives completed requests. The engine implements it; so do the one-shot waits
-/// behind [`read_at`] and [`write_at`].
+/// behind [`read_at`] and [`write_at`], and device wrappers that intercept their
+/// requests' completions ([`Request::forward`]).
 pub trait Completion: Send + Sync {
-    /// `req` finished with `result`. Called exactly once per submitted request, on
-    /// whatever thread the device completes on.
-    fn complete(self: Arc<Self>, req: Request, result: io::Result<()>);
+    /// A request finished with `result`. Called exactly once per request, on whatever
+    /// thread the device completes on. The request's memory is no longer the device's:
+    /// `req` keeps only what a completion needs (offset, length, tag, and an owned
+    /// buffer or forwarded request to take back), never anything to submit again.
+    ///
+    /// A panic here is caught by [`Request::complete`] (and reported by the panic
+    /// hook), so it never kills the device thread that delivered the completion.
+    fn complete(self: Arc<Self>, req: Finished, result: io::Result<()>);
+}
+
+/// What keeps a request's memory valid while the request lives.
+pub(crate) enum Keep {
+    /// Nothing owned: the creator vouched for the memory (the unsafe constructor), or
+    /// it is static (the shared zero buffer).
+    Vouched,
+    /// Borrowed memory lent by an I/O scope, which waits for this ticket.
+    Lent(#[allow(dead_code, reason = "held for its Drop: the scope waits for it")] crate::buf::Ticket),
+    /// An owned buffer, moved into the request.
+    Owned(Box<dyn std::any::Any + Send>),
+    /// The request this one stands in for (its memory is this one's).
+    Parent(Box<Request>),
 }
 
 /// One device request: a contiguous device range and the memory it moves to or from
 /// (the seed's bio).
+///
+/// A request is a promise that its memory is valid until it completes: the device
+/// may read it (writes) or fill it (reads) from any thread until it calls
+/// [`Request::complete`], which hands a [`Finished`] (no memory) to the completion.
+/// Safe code builds requests only over memory the request owns
+/// ([`Request::with_buf`]), memory of a request it stands in for
+/// ([`Request::forward`]), or through the engine, whose borrowed memory is lent in a
+/// scope that waits for every request; raw memory needs the `unsafe`
+/// [`Request::from_raw_parts`]. A request dropped without completing completes
+/// itself with `ECANCELED`, so every request completes exactly once.
 pub struct Request {
-    /// Direction.
-    pub op: Op,
-    /// Device byte offset (a multiple of the logical block).
-    pub offset: u64,
-    /// Memory segments, in order; their lengths add up to the request's length.
-    pub segments: Segments,
-    /// Force unit access: the data is durable when the request completes.
-    pub fua: bool,
-    /// Who is told when the request completes.
-    pub completion: Arc<dyn Completion>,
-    /// A tag for the completion's own use.
-    pub tag: u64,
+    op: Op,
+    offset: u64,
+    segments: Segments,
+    fua: bool,
+    tag: u64,
+    completion: Option<Arc<dyn Completion>>,
+    keep: Keep,
 }
 
 impl std::fmt::Debug for Request {
@@ -143,6 +167,116 @@ impl std::fmt::Debug for Request {
 }
 
 impl Request {
+    /// A request over raw memory segments.
+    ///
+    /// # Safety
+    /// Every segment must stay valid until the request completes (the completion is
+    /// called) or is dropped: allocated, writable and not accessed through any Rust
+    /// reference for a read request, readable and not written for a write request.
+    pub unsafe fn from_raw_parts(
+        op: Op,
+        offset: u64,
+        segments: Segments,
+        fua: bool,
+        completion: Arc<dyn Completion>,
+        tag: u64,
+    ) -> Request {
+        Request::build(op, offset, segments, fua, completion, tag, Keep::Vouched)
+    }
+
+    /// A request over an owned buffer, which moves into it: the device fills it
+    /// (read) or writes it out (write), and the completion gets it back with
+    /// [`Finished::take_buf`].
+    pub fn with_buf<B: crate::buf::OwnedBuf>(
+        op: Op,
+        offset: u64,
+        mut buf: B,
+        fua: bool,
+        completion: Arc<dyn Completion>,
+        tag: u64,
+    ) -> Request {
+        let seg = crate::buf::lend_one(&mut buf);
+        Request::build(
+            op,
+            offset,
+            seg.into(),
+            fua,
+            completion,
+            tag,
+            Keep::Owned(Box::new(buf)),
+        )
+    }
+
+    pub(crate) fn build(
+        op: Op,
+        offset: u64,
+        segments: Segments,
+        fua: bool,
+        completion: Arc<dyn Completion>,
+        tag: u64,
+        keep: Keep,
+    ) -> Request {
+        Request {
+            op,
+            offset,
+            segments,
+            fua,
+            tag,
+            completion: Some(completion),
+            keep,
+        }
+    }
+
+    /// A request that stands in for this one (same direction, range, memory, FUA and
+    /// tag) and completes to `completion`, which takes this one back with
+    /// [`Finished::take_parent`] and completes it, for device wrappers that act when
+    /// the inner request is done. If the completion drops it instead, it completes
+    /// with `ECANCELED`.
+    pub fn forward(self, completion: Arc<dyn Completion>) -> Request {
+        let (op, offset, fua, tag) = (self.op, self.offset, self.fua, self.tag);
+        let segments = self.segments.clone();
+        Request::build(
+            op,
+            offset,
+            segments,
+            fua,
+            completion,
+            tag,
+            Keep::Parent(Box::new(self)),
+        )
+    }
+
+    /// Direction.
+    pub fn op(&self) -> Op {
+        self.op
+    }
+    /// Device byte offset (a multiple of the logical block).
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+    /// Move the request to another device offset (a remapping layer).
+    pub fn set_offset(&mut self, offset: u64) {
+        self.offset = offset;
+    }
+    /// Force unit access: the data is durable when the request completes.
+    pub fn fua(&self) -> bool {
+        self.fua
+    }
+    /// Set or clear force unit access.
+    pub fn set_fua(&mut self, fua: bool) {
+        self.fua = fua;
+    }
+    /// The tag its creator gave it (the engine: the file offset).
+    pub fn tag(&self) -> u64 {
+        self.tag
+    }
+    /// Memory segments, in order; their lengths add up to the request's length.
+    /// Addresses are for back ends that hand them to the kernel (in `unsafe` code,
+    /// while they hold the request); safe code moves data with
+    /// [`Request::copy_out`] and [`Request::copy_in`].
+    pub fn segments(&self) -> &[MemRef] {
+        &self.segments
+    }
     /// Total bytes moved.
     pub fn len(&self) -> u64 {
         self.segments.iter().map(|s| s.len() as u64).sum()
@@ -151,10 +285,191 @@ impl Request {
     pub fn is_empty(&self) -> bool {
         self.segments.iter().all(|s| s.is_empty())
     }
-    /// Hand the request back to its completion with `result`.
-    pub fn complete(self, result: io::Result<()>) {
-        let c = Arc::clone(&self.completion);
-        c.complete(self, result);
+
+    /// Copy `dst.len()` bytes of the request's memory, from byte `at` of the request
+    /// on, into `dst` (a device serving a write).
+    ///
+    /// # Panics
+    /// If the range does not lie inside the request.
+    pub fn copy_out(&self, at: usize, dst: &mut [u8]) {
+        let mut dst = dst;
+        self.each_piece(at, dst.len(), |seg| {
+            let (head, rest) = std::mem::take(&mut dst).split_at_mut(seg.len());
+            // SAFETY: the request is live, so its memory is valid for reads (the
+            // constructors' contract); `head` is a distinct &mut of the same length.
+            unsafe { seg.copy_to(head) };
+            dst = rest;
+        });
+    }
+
+    /// Copy `src` into the request's memory from byte `at` of the request on (a
+    /// device serving a read).
+    ///
+    /// # Panics
+    /// If the request is a write (its memory may be the caller's shared data), or the
+    /// range does not lie inside the request.
+    pub fn copy_in(&mut self, at: usize, src: &[u8]) {
+        assert_eq!(self.op, Op::Read, "copy_in into a write request's memory");
+        let mut src = src;
+        self.each_piece(at, src.len(), |seg| {
+            let (head, rest) = src.split_at(seg.len());
+            // SAFETY: the request is a live read, so its memory is valid for writes
+            // and no Rust reference reaches it (the constructors' contract).
+            unsafe { seg.copy_from(head) };
+            src = rest;
+        });
+    }
+
+    /// The pieces of the request's memory covering `[at, at + len)`.
+    fn each_piece(&self, at: usize, len: usize, mut f: impl FnMut(MemRef)) {
+        let total = self.len();
+        assert!(
+            at.checked_add(len).is_some_and(|end| end as u64 <= total),
+            "range {at}+{len} outside a request of {total} bytes"
+        );
+        let (mut skip, mut left) = (at, len);
+        for seg in self.segments.iter() {
+            if left == 0 {
+                break;
+            }
+            if skip >= seg.len() {
+                skip -= seg.len();
+                continue;
+            }
+            let n = (seg.len() - skip).min(left);
+            f(seg.slice(skip, n));
+            skip = 0;
+            left -= n;
+        }
+    }
+
+    /// Hand the request back to its completion with `result`. A panic in the
+    /// completion is caught here (the panic hook reports it), so the calling device
+    /// thread goes on completing other requests.
+    pub fn complete(mut self, result: io::Result<()>) {
+        let Some(c) = self.completion.take() else {
+            return;
+        };
+        let done = Finished {
+            op: self.op,
+            offset: self.offset,
+            len: self.len(),
+            fua: self.fua,
+            tag: self.tag,
+            keep: std::mem::replace(&mut self.keep, Keep::Vouched),
+        };
+        drop(self);
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            c.complete(done, result);
+        }));
+        if caught.is_err() {
+            note_callback_panic();
+        }
+    }
+}
+
+impl Drop for Request {
+    fn drop(&mut self) {
+        if self.completion.is_some() {
+            let req = Request {
+                op: self.op,
+                offset: self.offset,
+                segments: std::mem::take(&mut self.segments),
+                fua: self.fua,
+                tag: self.tag,
+                completion: self.completion.take(),
+                keep: std::mem::replace(&mut self.keep, Keep::Vouched),
+            };
+            req.complete(Err(io::Error::from_raw_os_error(libc::ECANCELED)));
+        }
+    }
+}
+
+static CALLBACK_PANICS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn note_callback_panic() {
+    CALLBACK_PANICS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// How many completion callbacks have panicked in this process (each was caught and
+/// reported by the panic hook; the device went on).
+pub fn callback_panics() -> u64 {
+    CALLBACK_PANICS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// A completed request, as its [`Completion`] sees it: what it was, and what it owned,
+/// but no memory to submit again.
+pub struct Finished {
+    op: Op,
+    offset: u64,
+    len: u64,
+    fua: bool,
+    tag: u64,
+    keep: Keep,
+}
+
+impl std::fmt::Debug for Finished {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Finished")
+            .field("op", &self.op)
+            .field("offset", &self.offset)
+            .field("len", &self.len)
+            .field("fua", &self.fua)
+            .field("tag", &self.tag)
+            .finish()
+    }
+}
+
+impl Finished {
+    /// Direction.
+    pub fn op(&self) -> Op {
+        self.op
+    }
+    /// Device byte offset.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+    /// Bytes the request moved (or was to move).
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+    /// Whether it moved nothing.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Whether it was a force-unit-access write.
+    pub fn fua(&self) -> bool {
+        self.fua
+    }
+    /// The creator's tag.
+    pub fn tag(&self) -> u64 {
+        self.tag
+    }
+    /// The owned buffer of a [`Request::with_buf`] request, if it is a `B`.
+    pub fn take_buf<B: 'static>(&mut self) -> Option<B> {
+        match std::mem::replace(&mut self.keep, Keep::Vouched) {
+            Keep::Owned(b) => match b.downcast::<B>() {
+                Ok(b) => Some(*b),
+                Err(b) => {
+                    self.keep = Keep::Owned(b);
+                    None
+                }
+            },
+            other => {
+                self.keep = other;
+                None
+            }
+        }
+    }
+    /// The request a [`Request::forward`] request stood in for, to complete now.
+    pub fn take_parent(&mut self) -> Option<Request> {
+        match std::mem::replace(&mut self.keep, Keep::Vouched) {
+            Keep::Parent(p) => Some(*p),
+            other => {
+                self.keep = other;
+                None
+            }
+        }
     }
 }
 
@@ -274,50 +589,48 @@ pub fn check_request(geo: &Geometry, req: &Request) -> io::Result<()> {
 }
 
 /// A completion that a synchronous caller waits on (one request at a time; used for
-/// metadata reads and by tools).
+/// metadata reads and by tools). It keeps the request's owned buffer for the waiter.
 struct OneShot {
-    done: Mutex<Option<io::Result<()>>>,
+    done: Mutex<Option<(Finished, io::Result<()>)>>,
     cv: Condvar,
 }
 
 impl Completion for OneShot {
-    fn complete(self: Arc<Self>, _req: Request, result: io::Result<()>) {
-        *self.done.lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
+    fn complete(self: Arc<Self>, req: Finished, result: io::Result<()>) {
+        *self.done.lock().unwrap_or_else(|e| e.into_inner()) = Some((req, result));
         self.cv.notify_all();
     }
 }
 
-/// Submit one request built from `op`, `offset`, `segments`, `fua` and wait for it,
-/// polling if the device needs it.
+/// Submit `req` (whose completion is `shot`) and wait for it, polling if the device
+/// needs it. A poll error is not the request's end: the wait goes on until the
+/// request itself completes (its memory is the device's until then), and the poll
+/// error is returned only if the request did not fail by itself.
 fn submit_and_wait(
     dev: &dyn Device,
-    op: Op,
-    offset: u64,
-    segments: Segments,
-    fua: bool,
-) -> io::Result<()> {
-    let shot = Arc::new(OneShot {
-        done: Mutex::new(None),
-        cv: Condvar::new(),
-    });
-    dev.submit(Request {
-        op,
-        offset,
-        segments,
-        fua,
-        completion: shot.clone(),
-        tag: 0,
-    });
+    shot: &OneShot,
+    req: Request,
+) -> (Finished, io::Result<()>) {
+    dev.submit(req);
     dev.unplug();
     let polled = dev.completion_mode() == CompletionMode::Polled;
+    let mut poll_error = None;
     let mut done = shot.done.lock().unwrap_or_else(|e| e.into_inner());
     loop {
-        if let Some(r) = done.take() {
-            return r;
+        if let Some((fin, r)) = done.take() {
+            let r = match (r, poll_error) {
+                (Ok(()), Some(e)) => Err(e),
+                (r, _) => r,
+            };
+            return (fin, r);
         }
         if polled {
             drop(done);
-            dev.poll(true)?;
+            if let Err(e) = dev.poll(true) {
+                // A transient error (EINTR, say): back off a little and poll again.
+                poll_error.get_or_insert(e);
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
             done = shot.done.lock().unwrap_or_else(|e| e.into_inner());
         } else {
             done = shot.cv.wait(done).unwrap_or_else(|e| e.into_inner());
@@ -341,6 +654,9 @@ pub fn write_at(
     transfer_at(dev, Op::Write, offset, buf, fua)
 }
 
+/// The buffer moves into each request (a window of it per chunk) and comes back with
+/// the completion: even if the device or this thread panics, no request ever holds
+/// memory that someone else owns. On a panic the caller's buffer is left empty.
 fn transfer_at(
     dev: &dyn Device,
     op: Op,
@@ -349,16 +665,36 @@ fn transfer_at(
     fua: bool,
 ) -> io::Result<()> {
     let max = dev.geometry().max_bytes as usize;
+    let shot = Arc::new(OneShot {
+        done: Mutex::new(None),
+        cv: Condvar::new(),
+    });
+    let mut owned = std::mem::replace(buf, crate::AlignedBuf::new(0, 1));
+    let total = owned.len();
     let mut done = 0;
-    while done < buf.len() {
-        let n = (buf.len() - done).min(max);
-        let chunk = &mut buf[done..done + n];
-        // SAFETY: `chunk` is exclusively borrowed for this loop iteration, and
-        // submit_and_wait returns only after the request completed, so the memory
-        // outlives the request and nothing else touches it meanwhile.
-        let seg = unsafe { MemRef::from_raw(chunk.as_mut_ptr(), n) };
-        submit_and_wait(dev, op, offset + done as u64, seg.into(), fua)?;
+    let mut result = Ok(());
+    while done < total {
+        let n = (total - done).min(max);
+        let window = crate::buf::Window::new(owned, done, n).expect("chunk inside the buffer");
+        let req = Request::with_buf(
+            op,
+            offset + done as u64,
+            window,
+            fua,
+            shot.clone(),
+            0,
+        );
+        let (mut fin, r) = submit_and_wait(dev, &shot, req);
+        owned = fin
+            .take_buf::<crate::buf::Window<crate::AlignedBuf>>()
+            .expect("the request gives its buffer back")
+            .into_inner();
+        if r.is_err() {
+            result = r;
+            break;
+        }
         done += n;
     }
-    Ok(())
+    *buf = owned;
+    result
 }

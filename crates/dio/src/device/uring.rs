@@ -401,28 +401,41 @@ fn build_ring(depth: u32, sqpoll: bool, iopoll: bool, single_issuer: bool) -> io
 /// fail it (`EOPNOTSUPP`). Bounded to a second.
 fn probe_iopoll(ring: &IoUring, file: &File, geo: &Geometry) -> io::Result<()> {
     let lb = geo.logical_block as usize;
-    let mut buf = crate::AlignedBuf::new(lb, (geo.mem_align as usize).max(lb));
+    // Dropped only once the read completed: on every other way out (an error of
+    // io_uring_enter such as EINTR, the timeout) the read may still be in flight, and
+    // the buffer is leaked so the kernel can never write into freed memory.
+    let mut buf = std::mem::ManuallyDrop::new(crate::AlignedBuf::new(
+        lb,
+        (geo.mem_align as usize).max(lb),
+    ));
     let sqe = opcode::Read::new(types::Fd(file.as_raw_fd()), buf.as_mut_ptr(), lb as u32)
         .offset(0)
         .build()
         .user_data(1);
-    // SAFETY: `buf` lives until the entry completed (we wait below) or, on timeout,
-    // is leaked so the kernel can never write into freed memory.
+    // SAFETY: `buf` is never freed while the entry may be in flight (see above).
     unsafe {
         let mut sq = ring.submission_shared();
         sq.push(&sqe).map_err(|_| errno(libc::EBUSY))?;
     }
     let deadline = Instant::now() + Duration::from_secs(1);
     loop {
-        ring.submitter().submit_and_wait(0)?;
+        let entered = ring.submitter().submit_and_wait(0);
         // SAFETY: nobody else uses this ring yet.
         let cqe = unsafe { ring.completion_shared() }.next();
         if let Some(cqe) = cqe {
+            // SAFETY: the read completed; the kernel no longer uses the buffer, and
+            // it is dropped once, here.
+            unsafe { std::mem::ManuallyDrop::drop(&mut buf) };
             let res = cqe.result();
             return if res < 0 { Err(errno(-res)) } else { Ok(()) };
         }
+        match entered {
+            Err(e) if !matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)) => {
+                return Err(e);
+            }
+            _ => {}
+        }
         if Instant::now() > deadline {
-            std::mem::forget(buf);
             return Err(errno(libc::ETIME));
         }
         thread::yield_now();
@@ -859,6 +872,13 @@ impl Drop for UringDevice {
         while inner.in_flight.load(Ordering::Acquire) > 0 {
             let _ = self.poll(true);
         }
+        // The kernel tears a closed ring down in a worker, a moment later, and until
+        // then the registered file stays open: a file system it lives on is "busy"
+        // for umount right after dio exits. Release the file now, synchronously.
+        if inner.fixed_file {
+            let _ = inner.ring.submitter().unregister_files();
+        }
+        let _ = inner.ring.submitter().unregister_buffers();
     }
 }
 

@@ -12,7 +12,7 @@
 use std::sync::Arc;
 
 use super::complete::Dio;
-use crate::buf::{MemRef, Segments};
+use crate::buf::{Lender, MemRef, Segments};
 use crate::device::{Op, Request};
 
 /// Most requests one call keeps in flight before it waits for some to complete (the
@@ -37,11 +37,17 @@ pub(crate) struct BioBuilder<'a> {
     max_bytes: u64,
     max_segments: usize,
     poll: bool,
+    lender: Lender<'a>,
     cur: Option<Building>,
 }
 
 impl<'a> BioBuilder<'a> {
-    pub(crate) fn new(dio: &'a Arc<Dio>, fua: bool, poll: bool) -> BioBuilder<'a> {
+    pub(crate) fn new(
+        dio: &'a Arc<Dio>,
+        fua: bool,
+        poll: bool,
+        lender: Lender<'a>,
+    ) -> BioBuilder<'a> {
         let geo = dio.file.geometry;
         BioBuilder {
             dio,
@@ -50,6 +56,7 @@ impl<'a> BioBuilder<'a> {
             max_bytes: u64::from(geo.max_bytes),
             max_segments: (geo.max_segments as usize).min(MAX_SEGMENTS),
             poll,
+            lender,
             cur: None,
         }
     }
@@ -84,7 +91,7 @@ impl<'a> BioBuilder<'a> {
                 .is_some_and(|l| l.is_followed_by(&piece));
             if grows {
                 let last = cur.segments.last_mut().expect("checked above");
-                *last = last.grown(take);
+                *last = last.joined(&piece);
             } else if cur.segments.len() == self.max_segments {
                 self.send();
                 continue;
@@ -114,14 +121,15 @@ impl<'a> BioBuilder<'a> {
         // Reap before adding another request in flight.
         dio.wait_in_flight_at_most(MAX_IN_FLIGHT - 1, self.poll);
         dio.get();
-        let req = Request {
-            op: self.op,
-            offset: b.dev_offset,
-            segments: b.segments,
-            fua: self.fua,
-            completion: dio.clone(),
-            tag: b.file_offset,
-        };
+        let req = Request::build(
+            self.op,
+            b.dev_offset,
+            b.segments,
+            self.fua,
+            dio.clone(),
+            b.file_offset,
+            self.lender.keep(),
+        );
         let file = &dio.file;
         file.map.submit_io(&*file.dev, req, b.file_offset);
     }
@@ -129,6 +137,10 @@ impl<'a> BioBuilder<'a> {
 
 impl Drop for BioBuilder<'_> {
     fn drop(&mut self) {
-        self.send();
+        // Unwinding from a panic in user code: send nothing more; the call waits only
+        // for what is already in flight.
+        if !std::thread::panicking() {
+            self.send();
+        }
     }
 }

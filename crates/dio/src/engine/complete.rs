@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::{self, Thread};
 
 use super::Shared;
-use crate::device::{Completion, CompletionMode, Op, Request};
+use crate::device::{Completion, CompletionMode, Finished, Op};
 use crate::map::Private;
 use crate::{Error, Result};
 
@@ -56,6 +56,8 @@ pub(crate) struct Dio {
     /// The waiting thread, registered only once it has to sleep.
     waiter: OnceLock<Thread>,
     sleeping: AtomicBool,
+    /// A panic of the map's end_io in a sync call's finish, for the caller.
+    panic: Mutex<Option<Box<dyn std::any::Any + Send>>>,
 }
 
 #[derive(Default)]
@@ -101,7 +103,13 @@ impl Dio {
             sync,
             waiter: OnceLock::new(),
             sleeping: AtomicBool::new(false),
+            panic: Mutex::new(None),
         }
+    }
+
+    /// The panic payload of a sync call's end_io, if it panicked.
+    pub(crate) fn take_panic(&self) -> Option<Box<dyn std::any::Any + Send>> {
+        lock(&self.panic).take()
     }
 
     /// Whether the call completes through a callback.
@@ -245,10 +253,20 @@ impl Dio {
                 }
             }
         }
-        result = self
-            .file
-            .map
-            .end_io(self.op, self.offset, result, private.as_ref());
+        // The map's end_io is user code: a panic there still releases the call's
+        // locks and counts (below), and reaches a sync caller afterwards.
+        let map = &self.file.map;
+        result = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            map.end_io(self.op, self.offset, result, private.as_ref())
+        })) {
+            Ok(r) => r,
+            Err(payload) => {
+                if self.sync {
+                    *lock(&self.panic) = Some(payload);
+                }
+                Err(Error::Panicked("BlockMap::end_io"))
+            }
+        };
         if let (Op::Write, Ok(n)) = (self.op, &result) {
             let stats = &self.file.stats;
             stats.written.fetch_add(*n as u64, Ordering::Relaxed);
@@ -271,16 +289,16 @@ impl Dio {
 }
 
 impl Completion for Dio {
-    fn complete(self: Arc<Self>, req: Request, result: std::io::Result<()>) {
+    fn complete(self: Arc<Self>, req: Finished, result: std::io::Result<()>) {
         if let Err(e) = result {
             let mut t = lock(&self.tail);
             let slot = &mut t.io_error;
-            let at = req.tag;
+            let at = req.tag();
             if slot.as_ref().is_none_or(|(first, _)| at < *first) {
                 *slot = Some((
                     at,
                     Error::Io {
-                        offset: req.offset,
+                        offset: req.offset(),
                         source: e,
                     },
                 ));
@@ -313,7 +331,9 @@ fn deferred(job: Box<dyn FnOnce() + Send>) {
             .name("dio-complete".into())
             .spawn(move || {
                 while let Ok(job) = rx.recv() {
-                    job();
+                    // A panicking callback must not take the jobs behind it down
+                    // with the worker (the panic hook reports it).
+                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
                 }
             })
             .expect("spawn dio completion worker");

@@ -110,6 +110,17 @@ impl Stats {
     }
 }
 
+/// What an I/O scope does while it waits for the requests over its memory: poll a
+/// device whose completions need it (nothing else delivers them), else nothing.
+pub(crate) fn drain(file: &Shared) -> impl FnMut() + '_ {
+    let polled = file.dev.completion_mode() == CompletionMode::Polled;
+    move || {
+        if polled {
+            let _ = file.dev.poll(true);
+        }
+    }
+}
+
 /// What every call on one file shares.
 pub(crate) struct Shared {
     pub(crate) dev: Arc<dyn Device>,
@@ -244,15 +255,14 @@ impl DirectFile {
         {
             return unaligned::read(file, offset, bufs, flags);
         }
-        buf::io_scope(
-            || {},
-            |scope| {
+        buf::io_scope(drain(file), |scope| {
                 let mem = scope.lend_mut(bufs);
                 request::run(
                     file,
                     Op::Read,
                     offset,
                     mem,
+                    scope.lender(),
                     flags,
                     &mut |_| true,
                     None,
@@ -291,15 +301,14 @@ impl DirectFile {
         {
             return unaligned::write(file, offset, bufs, flags);
         }
-        buf::io_scope(
-            || {},
-            |scope| {
+        buf::io_scope(drain(file), |scope| {
                 let mem = scope.lend(bufs);
                 request::run(
                     file,
                     Op::Write,
                     offset,
                     mem,
+                    scope.lender(),
                     flags,
                     &mut pin,
                     None,

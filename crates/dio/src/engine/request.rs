@@ -9,7 +9,7 @@ use super::bio::BioBuilder;
 use super::complete::{Dio, Done, Stop};
 use super::walk::{walk, Seen, Walk};
 use super::{Flags, Shared};
-use crate::buf::MemRef;
+use crate::buf::{Lender, MemRef};
 use crate::device::{CompletionMode, Op};
 use crate::error::AlignPart;
 use crate::file::Begin;
@@ -132,6 +132,7 @@ pub(crate) fn run_async(
         op,
         offset,
         mem,
+        Lender::Owned,
         flags,
         &mut |_| true,
         Some(done),
@@ -147,6 +148,7 @@ pub(crate) fn run(
     op: Op,
     offset: u64,
     mem: &[MemRef],
+    lender: Lender<'_>,
     flags: Flags,
     pin: &mut dyn FnMut(MemRef) -> bool,
     mut done: Option<Done>,
@@ -208,7 +210,7 @@ pub(crate) fn run(
         };
         let Some(done) = done else {
             state.wait_gate();
-            return run(file, op, offset, mem, flags, pin, None, extra);
+            return run(file, op, offset, mem, lender, flags, pin, None, extra);
         };
         // An async call must not block here: its caller may be a device thread
         // whose other completions the truncate waits for. It owns its memory, so
@@ -260,10 +262,14 @@ pub(crate) fn run(
         mem,
     };
     let mut seen = Seen::default();
-    let (walked, stop, last_private) = {
+    // User code runs in the walk (the block map, the submit_io hook, the pin
+    // closure). If it panics, the call still ends properly: no new request goes out,
+    // the ones in flight are waited for (sync) or finish the call (async), locks and
+    // counts are released, and then the panic goes on to the caller.
+    let walked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         // Durable writes go out with FUA; if metadata changes too (allocation, a
         // new size), a flush at completion covers it.
-        let mut builder = BioBuilder::new(&dio, dsync, poll);
+        let mut builder = BioBuilder::new(&dio, dsync, poll, lender);
         let mut last_private = None;
         let mut defer = false;
         let r = walk(
@@ -278,10 +284,21 @@ pub(crate) fn run(
             &mut seen,
         );
         builder.send();
-        if defer {
-            dio.set_defer();
+        (r.0, r.1, last_private, defer)
+    }));
+    let (walked, stop, last_private, panic) = match walked {
+        Ok((walked, stop, private, defer)) => {
+            if defer {
+                dio.set_defer();
+            }
+            (walked, stop, private, None)
         }
-        (r.0, r.1, last_private)
+        Err(payload) => (
+            0,
+            Stop::Error(Error::Panicked("the block map, its submit_io hook or the pin closure")),
+            None,
+            Some(payload),
+        ),
     };
     // All lookups are done: a locking read drops the lock before waiting.
     drop(guard);
@@ -298,12 +315,19 @@ pub(crate) fn run(
         dio.set_defer();
     }
     dio.set_outcome(walked, stop, last_private);
+    let later = Arc::clone(&dio);
     let r = dio.submitter_done(poll);
-    match (forced_sync, r) {
+    // A panic in end_io during a sync finish goes on to the caller, too.
+    let panic = panic.or_else(|| later.take_panic());
+    let r = match (forced_sync, r) {
         (Some(d), Some(r)) => {
             d(r);
             None
         }
         (_, r) => r,
+    };
+    if let Some(payload) = panic {
+        std::panic::resume_unwind(payload);
     }
+    r
 }

@@ -242,13 +242,15 @@ fn widened<'a>(
 
 fn run_sync(
     file: &Arc<Shared>,
+    scope: &buf::IoScope<'_>,
     op: Op,
     offset: u64,
     mem: &[MemRef],
     flags: Flags,
     extra: Extra,
 ) -> Result<usize> {
-    request::run(file, op, offset, mem, flags, &mut |_| true, None, extra)
+    let lender = scope.lender();
+    request::run(file, op, offset, mem, lender, flags, &mut |_| true, None, extra)
         .expect("a sync call returns its result")
 }
 
@@ -256,10 +258,10 @@ fn run_sync(
 /// what the read returned (EOF, a short read) are zeros.
 fn read_block(file: &Arc<Shared>, pos: u64, block: &mut [u8], flags: Flags) -> Result<()> {
     let n = buf::io_scope(
-        || {},
+        super::drain(file),
         |scope| {
             let m = scope.lend_buf(block);
-            run_sync(file, Op::Read, pos, &[m], flags, Extra::default())
+            run_sync(file, scope, Op::Read, pos, &[m], flags, Extra::default())
         },
     )?;
     block[n..].fill(0);
@@ -337,10 +339,10 @@ pub(crate) fn read(
         let plan = Plan::new(pos, n as u64, lb);
         let widened = &mut bounce[..(plan.a1 - plan.a0) as usize];
         let got = buf::io_scope(
-            || {},
+        super::drain(file),
             |scope| {
                 let m = scope.lend_buf(widened);
-                run_sync(file, Op::Read, plan.a0, &[m], flags, Extra::default())
+                run_sync(file, scope, Op::Read, plan.a0, &[m], flags, Extra::default())
             },
         )?;
         let user = plan.user_count(got);
@@ -421,11 +423,11 @@ fn read_direct(
 ) -> Result<usize> {
     let (mut head, mut tail) = plan.bounce_blocks(file);
     let n = buf::io_scope(
-        || {},
+        super::drain(file),
         |scope| {
             let refs = scope.lend_mut(bufs);
             let mem = widened(scope, plan, refs, head.as_mut(), tail.as_mut());
-            run_sync(file, Op::Read, plan.a0, &mem, flags, Extra::default())
+            run_sync(file, scope, Op::Read, plan.a0, &mem, flags, Extra::default())
         },
     )?;
     plan.deliver_ends(
@@ -479,10 +481,10 @@ pub(crate) fn write(
         let patched = fill_widened(file, &plan, widened, &src, flags);
         let extra = after_patch(file, &plan, range, patched)?;
         let put = buf::io_scope(
-            || {},
+        super::drain(file),
             |scope| {
                 let m = scope.lend_buf(widened);
-                run_sync(file, Op::Write, plan.a0, &[m], flags, extra)
+                run_sync(file, scope, Op::Write, plan.a0, &[m], flags, extra)
             },
         )?;
         Ok(plan.user_count(put))
@@ -527,11 +529,11 @@ fn write_direct(
     );
     let extra = after_patch(file, plan, range, patched)?;
     let n = buf::io_scope(
-        || {},
+        super::drain(file),
         |scope| {
             let refs = scope.lend(bufs);
             let mem = widened(scope, plan, refs, head.as_mut(), tail.as_mut());
-            run_sync(file, Op::Write, plan.a0, &mem, flags, extra)
+            run_sync(file, scope, Op::Write, plan.a0, &mem, flags, extra)
         },
     )?;
     Ok(plan.user_count(n))

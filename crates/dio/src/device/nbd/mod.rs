@@ -1194,7 +1194,13 @@ impl Drop for NbdDevice {
             format!("NBD connection to {} closed", s.uri),
         ));
         if let Some(h) = self.reader.take() {
-            let _ = h.join();
+            // The last handle may go away on the reader thread itself (a completion
+            // callback dropped it): that thread then ends by itself once this
+            // callback returns, completing what is left in the table; joining it
+            // here would wait for itself.
+            if h.thread().id() != std::thread::current().id() {
+                let _ = h.join();
+            }
         }
     }
 }
