@@ -25,7 +25,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::device::{
-    Completion, Finished, CompletionMode, Device, Geometry, MemDevice, MemDeviceConfig, Request,
+    Completion, CompletionMode, Device, Finished, Geometry, MemDevice, MemDeviceConfig, Request,
 };
 use crate::map::{TestMap, TestMapConfig};
 use crate::raw::RawFile;

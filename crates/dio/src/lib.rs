@@ -141,8 +141,7 @@ pub mod raw;
 
 pub use buf::{AlignedBuf, ArenaBuf, BufArena, MemRef, OwnedBuf, Segments, Window};
 pub use device::{
-    Completion, CompletionMode, Device, Finished, Geometry, MemDevice, MemDeviceConfig, Op,
-    Request,
+    Completion, CompletionMode, Device, Finished, Geometry, MemDevice, MemDeviceConfig, Op, Request,
 };
 pub use engine::{Completed, DioFuture, DirectFile, Flags, Stats, MAX_IN_FLIGHT, MAX_SEGMENTS};
 pub use error::{AlignPart, Error, Result};

@@ -125,7 +125,10 @@ pub(crate) enum Keep {
     /// it is static (the shared zero buffer).
     Vouched,
     /// Borrowed memory lent by an I/O scope, which waits for this ticket.
-    Lent(#[allow(dead_code, reason = "held for its Drop: the scope waits for it")] crate::buf::Ticket),
+    Lent(
+        #[allow(dead_code, reason = "held for its Drop: the scope waits for it")]
+        crate::buf::Ticket,
+    ),
     /// An owned buffer, moved into the request.
     Owned(Box<dyn std::any::Any + Send>),
     /// The request this one stands in for (its memory is this one's).
@@ -606,11 +609,7 @@ impl Completion for OneShot {
 /// needs it. A poll error is not the request's end: the wait goes on until the
 /// request itself completes (its memory is the device's until then), and the poll
 /// error is returned only if the request did not fail by itself.
-fn submit_and_wait(
-    dev: &dyn Device,
-    shot: &OneShot,
-    req: Request,
-) -> (Finished, io::Result<()>) {
+fn submit_and_wait(dev: &dyn Device, shot: &OneShot, req: Request) -> (Finished, io::Result<()>) {
     dev.submit(req);
     dev.unplug();
     let polled = dev.completion_mode() == CompletionMode::Polled;
@@ -676,14 +675,7 @@ fn transfer_at(
     while done < total {
         let n = (total - done).min(max);
         let window = crate::buf::Window::new(owned, done, n).expect("chunk inside the buffer");
-        let req = Request::with_buf(
-            op,
-            offset + done as u64,
-            window,
-            fua,
-            shot.clone(),
-            0,
-        );
+        let req = Request::with_buf(op, offset + done as u64, window, fua, shot.clone(), 0);
         let (mut fin, r) = submit_and_wait(dev, &shot, req);
         owned = fin
             .take_buf::<crate::buf::Window<crate::AlignedBuf>>()

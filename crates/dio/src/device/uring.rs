@@ -404,10 +404,8 @@ fn probe_iopoll(ring: &IoUring, file: &File, geo: &Geometry) -> io::Result<()> {
     // Dropped only once the read completed: on every other way out (an error of
     // io_uring_enter such as EINTR, the timeout) the read may still be in flight, and
     // the buffer is leaked so the kernel can never write into freed memory.
-    let mut buf = std::mem::ManuallyDrop::new(crate::AlignedBuf::new(
-        lb,
-        (geo.mem_align as usize).max(lb),
-    ));
+    let mut buf =
+        std::mem::ManuallyDrop::new(crate::AlignedBuf::new(lb, (geo.mem_align as usize).max(lb)));
     let sqe = opcode::Read::new(types::Fd(file.as_raw_fd()), buf.as_mut_ptr(), lb as u32)
         .offset(0)
         .build()
@@ -430,7 +428,12 @@ fn probe_iopoll(ring: &IoUring, file: &File, geo: &Geometry) -> io::Result<()> {
             return if res < 0 { Err(errno(-res)) } else { Ok(()) };
         }
         match entered {
-            Err(e) if !matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)) => {
+            Err(e)
+                if !matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
+                ) =>
+            {
                 return Err(e);
             }
             _ => {}

@@ -256,21 +256,20 @@ impl DirectFile {
             return unaligned::read(file, offset, bufs, flags);
         }
         buf::io_scope(drain(file), |scope| {
-                let mem = scope.lend_mut(bufs);
-                request::run(
-                    file,
-                    Op::Read,
-                    offset,
-                    mem,
-                    scope.lender(),
-                    flags,
-                    &mut |_| true,
-                    None,
-                    request::Extra::default(),
-                )
-                .expect("a sync call returns its result")
-            },
-        )
+            let mem = scope.lend_mut(bufs);
+            request::run(
+                file,
+                Op::Read,
+                offset,
+                mem,
+                scope.lender(),
+                flags,
+                &mut |_| true,
+                None,
+                request::Extra::default(),
+            )
+            .expect("a sync call returns its result")
+        })
     }
 
     /// Write `bufs` at `offset`, synchronously. Returns the bytes written (short if
@@ -302,21 +301,20 @@ impl DirectFile {
             return unaligned::write(file, offset, bufs, flags);
         }
         buf::io_scope(drain(file), |scope| {
-                let mem = scope.lend(bufs);
-                request::run(
-                    file,
-                    Op::Write,
-                    offset,
-                    mem,
-                    scope.lender(),
-                    flags,
-                    &mut pin,
-                    None,
-                    request::Extra::default(),
-                )
-                .expect("a sync call returns its result")
-            },
-        )
+            let mem = scope.lend(bufs);
+            request::run(
+                file,
+                Op::Write,
+                offset,
+                mem,
+                scope.lender(),
+                flags,
+                &mut pin,
+                None,
+                request::Extra::default(),
+            )
+            .expect("a sync call returns its result")
+        })
     }
 
     /// Read into a single buffer.

@@ -295,7 +295,9 @@ pub(crate) fn run(
         }
         Err(payload) => (
             0,
-            Stop::Error(Error::Panicked("the block map, its submit_io hook or the pin closure")),
+            Stop::Error(Error::Panicked(
+                "the block map, its submit_io hook or the pin closure",
+            )),
             None,
             Some(payload),
         ),

@@ -250,20 +250,27 @@ fn run_sync(
     extra: Extra,
 ) -> Result<usize> {
     let lender = scope.lender();
-    request::run(file, op, offset, mem, lender, flags, &mut |_| true, None, extra)
-        .expect("a sync call returns its result")
+    request::run(
+        file,
+        op,
+        offset,
+        mem,
+        lender,
+        flags,
+        &mut |_| true,
+        None,
+        extra,
+    )
+    .expect("a sync call returns its result")
 }
 
 /// Read one logical block at `pos` into `block` for read-modify-write: bytes past
 /// what the read returned (EOF, a short read) are zeros.
 fn read_block(file: &Arc<Shared>, pos: u64, block: &mut [u8], flags: Flags) -> Result<()> {
-    let n = buf::io_scope(
-        super::drain(file),
-        |scope| {
-            let m = scope.lend_buf(block);
-            run_sync(file, scope, Op::Read, pos, &[m], flags, Extra::default())
-        },
-    )?;
+    let n = buf::io_scope(super::drain(file), |scope| {
+        let m = scope.lend_buf(block);
+        run_sync(file, scope, Op::Read, pos, &[m], flags, Extra::default())
+    })?;
     block[n..].fill(0);
     Ok(())
 }
@@ -338,13 +345,18 @@ pub(crate) fn read(
     by_chunks(off, len, |pos, n, done| {
         let plan = Plan::new(pos, n as u64, lb);
         let widened = &mut bounce[..(plan.a1 - plan.a0) as usize];
-        let got = buf::io_scope(
-        super::drain(file),
-            |scope| {
-                let m = scope.lend_buf(widened);
-                run_sync(file, scope, Op::Read, plan.a0, &[m], flags, Extra::default())
-            },
-        )?;
+        let got = buf::io_scope(super::drain(file), |scope| {
+            let m = scope.lend_buf(widened);
+            run_sync(
+                file,
+                scope,
+                Op::Read,
+                plan.a0,
+                &[m],
+                flags,
+                Extra::default(),
+            )
+        })?;
         let user = plan.user_count(got);
         let from = (plan.off - plan.a0) as usize;
         scatter(
@@ -422,14 +434,19 @@ fn read_direct(
     flags: Flags,
 ) -> Result<usize> {
     let (mut head, mut tail) = plan.bounce_blocks(file);
-    let n = buf::io_scope(
-        super::drain(file),
-        |scope| {
-            let refs = scope.lend_mut(bufs);
-            let mem = widened(scope, plan, refs, head.as_mut(), tail.as_mut());
-            run_sync(file, scope, Op::Read, plan.a0, &mem, flags, Extra::default())
-        },
-    )?;
+    let n = buf::io_scope(super::drain(file), |scope| {
+        let refs = scope.lend_mut(bufs);
+        let mem = widened(scope, plan, refs, head.as_mut(), tail.as_mut());
+        run_sync(
+            file,
+            scope,
+            Op::Read,
+            plan.a0,
+            &mem,
+            flags,
+            Extra::default(),
+        )
+    })?;
     plan.deliver_ends(
         n,
         head.as_deref(),
@@ -480,13 +497,10 @@ pub(crate) fn write(
         };
         let patched = fill_widened(file, &plan, widened, &src, flags);
         let extra = after_patch(file, &plan, range, patched)?;
-        let put = buf::io_scope(
-        super::drain(file),
-            |scope| {
-                let m = scope.lend_buf(widened);
-                run_sync(file, scope, Op::Write, plan.a0, &[m], flags, extra)
-            },
-        )?;
+        let put = buf::io_scope(super::drain(file), |scope| {
+            let m = scope.lend_buf(widened);
+            run_sync(file, scope, Op::Write, plan.a0, &[m], flags, extra)
+        })?;
         Ok(plan.user_count(put))
     })
 }
@@ -528,14 +542,11 @@ fn write_direct(
         flags,
     );
     let extra = after_patch(file, plan, range, patched)?;
-    let n = buf::io_scope(
-        super::drain(file),
-        |scope| {
-            let refs = scope.lend(bufs);
-            let mem = widened(scope, plan, refs, head.as_mut(), tail.as_mut());
-            run_sync(file, scope, Op::Write, plan.a0, &mem, flags, extra)
-        },
-    )?;
+    let n = buf::io_scope(super::drain(file), |scope| {
+        let refs = scope.lend(bufs);
+        let mem = widened(scope, plan, refs, head.as_mut(), tail.as_mut());
+        run_sync(file, scope, Op::Write, plan.a0, &mem, flags, extra)
+    })?;
     Ok(plan.user_count(n))
 }
 
