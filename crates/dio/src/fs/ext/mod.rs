@@ -327,7 +327,15 @@ impl Ext {
         }
         let size = size as usize;
         if inode.has_flag(inode_flags::INLINE_DATA) {
-            return self.inline_data(inode);
+            let data = self.inline_data(inode)?;
+            if data.len() != size {
+                return Err(Error::Corrupt(format!(
+                    "symlink inode {}: {} bytes of inline data, i_size {size}",
+                    inode.ino,
+                    data.len()
+                )));
+            }
+            return Ok(data);
         }
         if map::is_fast_symlink(&self.fs, inode) {
             // A fast symlink: the target is in i_block.
@@ -353,22 +361,18 @@ impl Ext {
         }
     }
 
-    /// The whole inline data of an inode (i_block, then `system.data`), cut at
-    /// i_size.
+    /// The inline data of an inode (i_block, then `system.data`), cut at i_size.
+    /// A file may be longer than its inline area (a sparse file made by
+    /// truncate): the bytes past it read as zeros, as the kernel reads them, and
+    /// are not returned here.
     fn inline_data(&self, inode: &Inode) -> Result<Vec<u8>> {
         let mut data = inode.i_block().to_vec();
         if let Some(more) = inode.inline_xattr(7, b"data")? {
             data.extend_from_slice(&more);
         }
-        if inode.size > data.len() as u64 {
-            return Err(Error::Corrupt(format!(
-                "inode {}: {} bytes of inline data, i_size {}",
-                inode.ino,
-                data.len(),
-                inode.size
-            )));
+        if inode.size < data.len() as u64 {
+            data.truncate(inode.size as usize);
         }
-        data.truncate(inode.size as usize);
         Ok(data)
     }
 
@@ -498,14 +502,19 @@ impl ExtFile {
         match &self.data {
             Data::Blocks(d, _) => d.read_at(offset, buf, Flags::UNALIGNED),
             Data::Inline(data) => {
-                let Ok(start) = usize::try_from(offset) else {
+                // Inline bytes, then zeros up to i_size.
+                if offset >= self.size {
                     return Ok(0);
-                };
-                let Some(rest) = data.get(start..) else {
-                    return Ok(0);
-                };
-                let n = rest.len().min(buf.len());
-                buf[..n].copy_from_slice(&rest[..n]);
+                }
+                let n = usize::try_from(self.size - offset)
+                    .unwrap_or(usize::MAX)
+                    .min(buf.len());
+                let out = &mut buf[..n];
+                let from = usize::try_from(offset).unwrap_or(usize::MAX);
+                let head = data.get(from..).unwrap_or(&[]);
+                let k = head.len().min(n);
+                out[..k].copy_from_slice(&head[..k]);
+                out[k..].fill(0);
                 Ok(n)
             }
         }
