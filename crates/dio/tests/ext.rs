@@ -807,6 +807,24 @@ fn journal_needing_recovery_refuses_writes_but_reads() {
     );
     let (_raw, ext) = open(&img, false).unwrap();
     assert_eq!(read_all(&ext, "/hello.txt"), b"hello, ext\n");
+    // The journal is empty (s_start 0): nothing to replay, said in a note.
+    assert_eq!(ext.journal_replay().unwrap().transactions, 0);
+    assert!(
+        ext.notes()[0].contains("nothing to replay"),
+        "{:?}",
+        ext.notes()
+    );
+    drop((_raw, ext));
+    // An external journal (no journal inode) that needs recovery is refused by
+    // name: reading without it would show the image as it was before.
+    run(Command::new("debugfs")
+        .args(["-w", "-R", "ssv journal_inum 0"])
+        .arg(&img));
+    let e = open(&img, false).unwrap_err().to_string();
+    assert!(
+        e.starts_with("incompatible: external journal") && e.contains("needs recovery"),
+        "{e}"
+    );
 }
 
 /// Byte offset of an inode on the image, from `debugfs imap`.

@@ -9,6 +9,11 @@
 //! changes sizes: in-place writes touch only a file's written blocks, its mtime,
 //! ctime and inode checksum.
 //!
+//! An image whose journal needs recovery is read as the kernel reads it after
+//! recovery: the journal's committed transactions are replayed in memory at open
+//! (see [`Ext::journal_replay`] and [`Ext::notes`]), never on the image, and such
+//! an image is refused for writing.
+//!
 //! Every number on disk is hostile input: a bad image gives [`Error::Corrupt`]
 //! ("corrupt: ..."), a feature this reader does not support gives
 //! [`Error::Incompatible`] ("incompatible: FEATURE"), never a panic, a hang, an
