@@ -14,7 +14,15 @@ use dio::map::Mapping;
 use dio::raw::{OpenOptions, RawFile};
 use dio::Error;
 
-const IMAGES: &[&str] = &["ext4-4k", "ext4-1k", "ext4-2k", "ext3-2k", "ext2-1k"];
+const IMAGES: &[&str] = &[
+    "ext4-4k",
+    "ext4-1k",
+    "ext4-2k",
+    "ext3-2k",
+    "ext2-1k",
+    "ext4-bigalloc",
+    "ext4-bigalloc-1k",
+];
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ext")
@@ -231,6 +239,20 @@ fn feature_mix_of_the_fixtures_is_what_the_tests_claim() {
             compat::HAS_JOURNAL | compat::DIR_INDEX,
         ),
         ("ext2-1k", 1024, incompat::FILETYPE, 0, compat::DIR_INDEX),
+        (
+            "ext4-bigalloc",
+            4096,
+            incompat::EXTENTS | incompat::BIT64,
+            ro_compat::BIGALLOC | ro_compat::METADATA_CSUM,
+            compat::HAS_JOURNAL,
+        ),
+        (
+            "ext4-bigalloc-1k",
+            1024,
+            incompat::EXTENTS | incompat::BIT64,
+            ro_compat::BIGALLOC | ro_compat::METADATA_CSUM,
+            compat::HAS_JOURNAL,
+        ),
     ];
     for &(name, bs, inc, ro, com) in expect {
         let img = unpack(name, "features");
@@ -261,6 +283,30 @@ fn feature_mix_of_the_fixtures_is_what_the_tests_claim() {
             "{name}: /many is hashed"
         );
     }
+    // The geometries that were once called corrupt: a group of 131072 blocks
+    // (32768 clusters of 16 KiB), and 1 KiB blocks in 4 KiB clusters whose first
+    // data block is 0 (the descriptors still follow the superblock's block 1).
+    let (_raw, ext) = open(&unpack("ext4-bigalloc", "features"), false).unwrap();
+    let sb = ext.superblock();
+    assert_eq!(
+        (sb.cluster_size, sb.blocks_per_group, sb.clusters_per_group),
+        (16384, 131072, 32768)
+    );
+    let (_raw, ext) = open(&unpack("ext4-bigalloc-1k", "features"), false).unwrap();
+    let sb = ext.superblock();
+    assert_eq!(
+        (sb.cluster_size, sb.first_data_block, sb.clusters_per_group),
+        (4096, 0, 2048)
+    );
+    // A 3 MiB all-hole file kept inline: 60 bytes of inline area, zeros past it.
+    let (_raw, ext) = open(&unpack("ext4-4k", "features"), false).unwrap();
+    let inode = ext.lookup(b"/sparse3m", false).unwrap();
+    assert!(inode.has_flag(dio::fs::ext::inode_flags::INLINE_DATA));
+    assert_eq!(inode.size, 3 << 20);
+    let file = ext.open_file(&inode).unwrap();
+    let mut buf = vec![1u8; 5000];
+    assert_eq!(file.read_at((3 << 20) - 4000, &mut buf).unwrap(), 4000);
+    assert!(buf[..4000].iter().all(|&b| b == 0) && buf[4000] == 1);
 }
 
 fn have(tool: &str) -> bool {
@@ -298,7 +344,7 @@ fn files_match_debugfs_rdump() {
 }
 
 /// Compare the tree under `host` (a dump or a mount) with the image's, file by
-/// file. `debugfs` pads inline-data files to their inline area: compare the prefix.
+/// file. `debugfs` dumps inline-data files as their inline area: compare the prefix.
 fn compare_tree(ext: &Ext, host: &Path, rel: &str, checked: &mut usize, dump: bool) {
     let mut names: Vec<_> = std::fs::read_dir(host)
         .unwrap()
@@ -335,7 +381,14 @@ fn compare_tree(ext: &Ext, host: &Path, rel: &str, checked: &mut usize, dump: bo
             let host_bytes = std::fs::read(&p).unwrap();
             let ours = read_all(ext, &path);
             if dump && inode.has_flag(dio::fs::ext::inode_flags::INLINE_DATA) {
-                assert!(host_bytes.starts_with(&ours), "{path} (inline)");
+                // debugfs dumps the inline area: past the shorter of the two,
+                // only zeros.
+                let n = host_bytes.len().min(ours.len());
+                assert!(host_bytes[..n] == ours[..n], "{path} (inline)");
+                assert!(
+                    host_bytes[n..].iter().chain(&ours[n..]).all(|&b| b == 0),
+                    "{path} (inline tail)"
+                );
             } else {
                 assert!(
                     host_bytes == ours,
@@ -754,6 +807,24 @@ fn journal_needing_recovery_refuses_writes_but_reads() {
     );
     let (_raw, ext) = open(&img, false).unwrap();
     assert_eq!(read_all(&ext, "/hello.txt"), b"hello, ext\n");
+    // The journal is empty (s_start 0): nothing to replay, said in a note.
+    assert_eq!(ext.journal_replay().unwrap().transactions, 0);
+    assert!(
+        ext.notes()[0].contains("nothing to replay"),
+        "{:?}",
+        ext.notes()
+    );
+    drop((_raw, ext));
+    // An external journal (no journal inode) that needs recovery is refused by
+    // name: reading without it would show the image as it was before.
+    run(Command::new("debugfs")
+        .args(["-w", "-R", "ssv journal_inum 0"])
+        .arg(&img));
+    let e = open(&img, false).unwrap_err().to_string();
+    assert!(
+        e.starts_with("incompatible: external journal") && e.contains("needs recovery"),
+        "{e}"
+    );
 }
 
 /// Byte offset of an inode on the image, from `debugfs imap`.
@@ -873,4 +944,336 @@ fn a_truncated_image_is_corrupt_not_a_read_past_its_end() {
     f.set_len(2 << 20).unwrap();
     let e = open(&img, false).unwrap_err().to_string();
     assert!(e.starts_with("corrupt:"), "{e}");
+}
+
+/// Deterministic file contents for the journal tests.
+fn jdata(seed: usize, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|k| (k * 31 + seed * 7 + k / 251) as u8)
+        .collect()
+}
+
+/// Four 1 KiB pieces each starting with the jbd2 magic: in a data=journal
+/// journal, their blocks are logged escaped (the magic stored as zeros).
+fn magic_file() -> Vec<u8> {
+    let mut out = Vec::new();
+    for i in 0..4 {
+        let mut b = jdata(900 + i, 4096);
+        b[..4].copy_from_slice(&[0xC0, 0x3B, 0x39, 0x98]);
+        out.extend_from_slice(&b);
+    }
+    out
+}
+
+fn fsync(p: &Path) {
+    std::fs::File::open(p).unwrap().sync_all().unwrap();
+}
+
+/// An image whose journal needs recovery, made by the kernel: a tree written and
+/// unmounted cleanly, then changed under mount options `opts` (each change
+/// fsync'd, so the journal holds committed transactions that the kernel has not
+/// yet written in place) and copied while still mounted. `None` (with the reason
+/// printed) without root or loop devices.
+fn needs_recovery_image(tag: &str, opts: &str, mkfs: &[&str]) -> Option<PathBuf> {
+    if !is_root() || !have("mke2fs") {
+        eprintln!("skipping: making an image with the kernel needs root and e2fsprogs");
+        return None;
+    }
+    let img = scratch_dir().join(format!("recover-{tag}.img"));
+    let _ = std::fs::remove_file(&img);
+    run(Command::new("mke2fs")
+        .args(["-q", "-F"])
+        .args(mkfs)
+        .arg(&img)
+        .arg("32M"));
+    {
+        let m = kernel_mount(&img, "rw")?;
+        let r = &m.0;
+        for d in ["keep", "gone"] {
+            std::fs::create_dir(r.join(d)).unwrap();
+        }
+        for i in 0..40 {
+            std::fs::write(r.join(format!("keep/k{i}")), jdata(i, 100 + i * 13)).unwrap();
+            std::fs::write(r.join(format!("gone/g{i}")), jdata(i + 50, 300)).unwrap();
+        }
+        std::fs::write(r.join("big"), jdata(1, 300_000)).unwrap();
+        std::fs::write(r.join("edit"), b"before\n").unwrap();
+    }
+    let m = kernel_mount(&img, &format!("rw,{opts}"))?;
+    let r = &m.0;
+    std::fs::remove_dir_all(r.join("gone")).unwrap();
+    std::fs::rename(r.join("keep/k1"), r.join("renamed")).unwrap();
+    std::fs::create_dir(r.join("new")).unwrap();
+    for i in 0..60 {
+        let p = r.join(format!("new/n{i}"));
+        std::fs::write(&p, jdata(i + 100, i * 97 + 1)).unwrap();
+        fsync(&p);
+    }
+    let mut big = std::fs::OpenOptions::new()
+        .append(true)
+        .open(r.join("big"))
+        .unwrap();
+    std::io::Write::write_all(&mut big, &jdata(2, 100_000)).unwrap();
+    big.sync_all().unwrap();
+    drop(big);
+    std::fs::write(r.join("edit"), b"after\n").unwrap();
+    run(Command::new("truncate")
+        .args(["-s", "1000000"])
+        .arg(r.join("edit")));
+    fsync(&r.join("edit"));
+    std::fs::write(r.join("magic"), magic_file()).unwrap();
+    fsync(&r.join("magic"));
+    for d in ["new", "keep", ""] {
+        fsync(&r.join(d));
+    }
+    // Without fsync: an overwrite in place and a new file. With data=journal the
+    // next commit (commit=1) logs their data, which reaches its place only at
+    // writeback; in ordered mode the overwrite stays in the page cache and the
+    // new file's blocks are not even allocated yet.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(r.join("big"))
+            .unwrap();
+        f.write_all_at(&jdata(3, 10_000), 5000).unwrap();
+    }
+    std::fs::write(r.join("late"), jdata(4, 20_000)).unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    // Committed, not yet checkpointed: the kernel writes metadata in place only
+    // after 30 s or when the journal fills.
+    let copy = scratch_dir().join(format!("recover-{tag}-copy.img"));
+    std::fs::copy(&img, &copy).unwrap();
+    drop(m);
+    let raw = std::fs::read(&copy).unwrap();
+    let incompat = u32::from_le_bytes(raw[1024 + 0x60..1024 + 0x64].try_into().unwrap());
+    assert!(
+        incompat & dio::fs::ext::incompat::RECOVER != 0,
+        "{tag}: the copy does not need recovery"
+    );
+    Some(copy)
+}
+
+/// dio reads an image whose journal needs recovery as the kernel does after
+/// replaying it (the oracle: a rw mount of a copy, which replays), without
+/// changing a byte of it (the caller checked that the kernel's `noload` view,
+/// without replay, differs: the journal carried the changes).
+fn check_replay_against_kernel(img: &Path, tag: &str, escaped: bool) {
+    let before = std::fs::read(img).unwrap();
+    let (raw, ext) = open(img, false).unwrap();
+    let r = ext.journal_replay().expect("a replay");
+    assert!(r.transactions > 0 && r.blocks > 0, "{tag}: {r:?}");
+    let notes = ext.notes();
+    assert!(
+        notes[0].contains("needs recovery") && notes[0].contains("replayed in memory"),
+        "{tag}: {notes:?}"
+    );
+    let magic = ext
+        .open_file(&ext.lookup(b"/magic", false).unwrap())
+        .unwrap();
+    assert_eq!(magic.direct().is_none(), escaped, "{tag}: escaped copies");
+    let mut buf = vec![0u8; 16384];
+    assert_eq!(magic.read_at(0, &mut buf).unwrap(), 16384);
+    assert!(buf == magic_file(), "{tag}: /magic");
+    // Odd ranges straddling the restored magic bytes.
+    let mut small = [0u8; 7];
+    assert_eq!(magic.read_at(4096 - 3, &mut small).unwrap(), 7);
+    assert_eq!(small[..], magic_file()[4093..4100], "{tag}: /magic at 4093");
+    drop(magic);
+    // Writing stays refused, naming the reason.
+    let e = open(img, true).unwrap_err().to_string();
+    assert!(
+        e.starts_with("incompatible:") && e.contains("needs_recovery"),
+        "{e}"
+    );
+    // The kernel after replay.
+    let kimg = scratch_dir().join(format!("recover-{tag}-kernel.img"));
+    std::fs::copy(img, &kimg).unwrap();
+    let Some(m) = kernel_mount(&kimg, "rw") else {
+        return;
+    };
+    let mut checked = 0;
+    compare_tree(&ext, &m.0, "", &mut checked, false);
+    assert!(checked > 100, "{tag}: {checked} files");
+    assert_eq!(
+        std::fs::read(m.0.join("edit")).unwrap().len(),
+        1_000_000,
+        "{tag}"
+    );
+    drop(m);
+    drop((ext, raw));
+    assert!(
+        std::fs::read(img).unwrap() == before,
+        "{tag}: dio changed the image"
+    );
+}
+
+/// Whether the changes are only in the journal: the kernel without replay
+/// (`noload`) sees the old tree, and with data=journal the old data of /big. A
+/// `sync` elsewhere on the machine (other tests run it) can write them in place
+/// before the copy is taken; then the image proves nothing.
+fn changes_only_in_journal(img: &Path, tag: &str, data_journal: bool) -> bool {
+    let nimg = scratch_dir().join(format!("recover-{tag}-noload.img"));
+    std::fs::copy(img, &nimg).unwrap();
+    let Some(m) = kernel_mount(&nimg, "ro,noload") else {
+        return false;
+    };
+    let mut new_big = jdata(1, 300_000);
+    new_big.extend_from_slice(&jdata(2, 100_000));
+    new_big[5000..15000].copy_from_slice(&jdata(3, 10_000));
+    !m.0.join("renamed").exists()
+        && m.0.join("gone").exists()
+        && (!data_journal || std::fs::read(m.0.join("big")).unwrap() != new_big)
+}
+
+#[test]
+fn journal_is_replayed_in_memory_like_the_kernel() {
+    for (tag, opts, mkfs) in [
+        // Ordered data, csum v3 journal, 4 KiB blocks.
+        ("ordered-4k", "commit=1", &["-t", "ext4"][..]),
+        // Data in the journal too, 1 KiB blocks: file data reads follow the
+        // journal copies; blocks beginning with the magic are logged escaped.
+        (
+            "journal-1k",
+            "commit=1,data=journal",
+            &["-t", "ext4", "-b", "1024"][..],
+        ),
+        // ext3: indirect blocks, a journal without checksums.
+        ("ext3-ordered", "commit=1", &["-t", "ext3", "-I", "256"][..]),
+    ] {
+        let data_journal = tag == "journal-1k";
+        let mut tries = 0;
+        let img = loop {
+            let Some(img) = needs_recovery_image(tag, opts, mkfs) else {
+                return;
+            };
+            if changes_only_in_journal(&img, tag, data_journal) {
+                break img;
+            }
+            tries += 1;
+            assert!(tries < 4, "{tag}: the changes never stayed in the journal");
+            eprintln!("{tag}: the kernel wrote the changes in place before the copy: again");
+        };
+        check_replay_against_kernel(&img, tag, data_journal);
+    }
+}
+
+/// Big-endian u32 at byte `at` of a file.
+fn be32_at(img: &Path, at: u64) -> u32 {
+    use std::os::unix::fs::FileExt;
+    let mut b = [0u8; 4];
+    std::fs::File::open(img)
+        .unwrap()
+        .read_exact_at(&mut b, at)
+        .unwrap();
+    u32::from_be_bytes(b)
+}
+
+/// Byte offset of journal block `j` (through `debugfs bmap` of the journal inode).
+fn journal_block(img: &Path, j: u64, bs: u64) -> u64 {
+    let o = Command::new("debugfs")
+        .args(["-R", &format!("bmap <8> {j}")])
+        .arg(img)
+        .output()
+        .unwrap();
+    let b: u64 = String::from_utf8_lossy(&o.stdout).trim().parse().unwrap();
+    b * bs
+}
+
+#[test]
+fn corrupt_journals_are_corrupt_errors_not_panics() {
+    let mut tries = 0;
+    let base = loop {
+        let Some(img) = needs_recovery_image("hostile", "commit=1", &["-t", "ext4", "-b", "1024"])
+        else {
+            return;
+        };
+        if changes_only_in_journal(&img, "hostile", false) {
+            break img;
+        }
+        tries += 1;
+        assert!(tries < 4, "the changes never stayed in the journal");
+    };
+    let bs = 1024;
+    let variant = |name: &str| {
+        let p = scratch_dir().join(format!("recover-hostile-v-{name}.img"));
+        std::fs::copy(&base, &p).unwrap();
+        p
+    };
+    let jsb = journal_block(&base, 0, bs);
+    let start = u64::from(be32_at(&base, jsb + 0x1C));
+    assert!(start > 0);
+    let open_err = |p: &Path| match open(p, false) {
+        Ok(_) => "opened".to_string(),
+        Err(e) => e.to_string(),
+    };
+    // The journal superblock, a descriptor and a logged copy: checksums.
+    let img = variant("jsb");
+    patch(&img, jsb + 0x48, b"\x7f");
+    let e = open_err(&img);
+    assert!(
+        e.starts_with("corrupt: journal") && e.contains("superblock checksum"),
+        "{e}"
+    );
+    let kind = |j: u64| be32_at(&base, journal_block(&base, j, bs) + 4);
+    let desc = (start..start + 100).find(|&j| kind(j) == 1).unwrap();
+    let img = variant("desc");
+    patch(&img, journal_block(&base, desc, bs) + 200, b"\x55\xaa");
+    let e = open_err(&img);
+    assert!(
+        e.starts_with("corrupt: journal") && e.contains("descriptor"),
+        "{e}"
+    );
+    let img = variant("revoke");
+    patch(&img, journal_block(&base, start, bs) + 1000, b"\x55\xaa");
+    let e = open_err(&img);
+    assert!(
+        e.starts_with("corrupt: journal") && e.contains("block"),
+        "{e}"
+    );
+    let img = variant("copy");
+    patch(&img, journal_block(&base, desc + 1, bs) + 10, b"\x55\xaa");
+    let e = open_err(&img);
+    assert!(
+        e.starts_with("corrupt: journal") && e.contains("checksum"),
+        "{e}"
+    );
+    // A bad commit block ends the log there (as the kernel does): the first
+    // transaction's commit, so nothing is replayed, with a note.
+    let j = (start..start + 100).find(|&j| kind(j) == 2).unwrap();
+    let img = variant("commit");
+    patch(&img, journal_block(&base, j, bs) + 40, b"\x01");
+    let (_raw, ext) = open(&img, false).unwrap();
+    assert_eq!(ext.journal_replay().unwrap().transactions, 0);
+    assert!(
+        ext.notes().iter().any(|n| n.contains("bad commit block")),
+        "{:?}",
+        ext.notes()
+    );
+    drop((_raw, ext));
+    // Random bytes over the live log: data or an error, never a panic or a hang.
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut rnd = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let img = variant("fuzz");
+    let pristine = std::fs::read(&img).unwrap();
+    let log: Vec<u64> = (start..start + 40)
+        .map(|j| journal_block(&base, j, bs))
+        .collect();
+    for _ in 0..150 {
+        std::fs::write(&img, &pristine).unwrap();
+        for _ in 0..1 + rnd() % 4 {
+            let at = log[(rnd() % log.len() as u64) as usize] + rnd() % 48;
+            patch(&img, at, &[rnd() as u8]);
+        }
+        if let Ok((_raw, ext)) = open(&img, false) {
+            if let Ok(root) = ext.lookup(b"/", false) {
+                let _ = ext.read_dir(&root);
+            }
+        }
+    }
 }

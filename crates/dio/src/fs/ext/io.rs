@@ -8,12 +8,16 @@
 
 use std::sync::Arc;
 
+use super::journal::Replay;
 use crate::device::{self, Device};
 use crate::{AlignedBuf, Error, Result};
 
 /// The device an ext file system lives on, for metadata.
 pub(crate) struct MetaIo {
     dev: Arc<dyn Device>,
+    /// Blocks replayed from the journal in memory, and the fs block size they are
+    /// counted in: reads see them in place of the image's blocks.
+    replay: Option<(Arc<Replay>, u64)>,
     /// Device logical block (power of two).
     lb: u64,
     align: usize,
@@ -27,10 +31,23 @@ impl MetaIo {
         g.validate()?;
         Ok(MetaIo {
             dev,
+            replay: None,
             lb: u64::from(g.logical_block),
             align: g.mem_align.max(1) as usize,
             size: size.min(g.size),
         })
+    }
+
+    /// The same device, with `replay`'s blocks (of `block_size` bytes) patched
+    /// into every read.
+    pub(crate) fn with_replay(&self, replay: Arc<Replay>, block_size: u32) -> MetaIo {
+        MetaIo {
+            dev: Arc::clone(&self.dev),
+            replay: Some((replay, u64::from(block_size))),
+            lb: self.lb,
+            align: self.align,
+            size: self.size,
+        }
     }
 
     pub(crate) fn device(&self) -> &Arc<dyn Device> {
@@ -72,6 +89,32 @@ impl MetaIo {
     /// Read `len` bytes at device byte `offset`; `what` names the structure for
     /// errors.
     pub(crate) fn read(&self, offset: u64, len: usize, what: &str) -> Result<Vec<u8>> {
+        let mut out = self.read_plain(offset, len, what)?;
+        let Some((replay, bs)) = &self.replay else {
+            return Ok(out);
+        };
+        if len == 0 {
+            return Ok(out);
+        }
+        let end = offset + len as u64;
+        let (first, last) = (offset / bs, (end - 1) / bs);
+        for (&block, copy) in replay.blocks.range(first..=last) {
+            let mut data = self.read_plain(copy.at * bs, *bs as usize, "journal block")?;
+            if copy.escaped {
+                Replay::unescape(&mut data);
+            }
+            // The overlap of [offset, end) and this block.
+            let b0 = block * bs;
+            let s = offset.max(b0);
+            let e = end.min(b0 + bs);
+            out[(s - offset) as usize..(e - offset) as usize]
+                .copy_from_slice(&data[(s - b0) as usize..(e - b0) as usize]);
+        }
+        Ok(out)
+    }
+
+    /// Read from the image itself, without the journal's blocks.
+    pub(crate) fn read_plain(&self, offset: u64, len: usize, what: &str) -> Result<Vec<u8>> {
         let (a0, alen) = self.widen(offset, len, what)?;
         let buf = self.read_aligned(a0, alen)?;
         let skip = (offset - a0) as usize;
@@ -81,6 +124,12 @@ impl MetaIo {
     /// Write `data` at device byte `offset`, reading and patching partial logical
     /// blocks first.
     pub(crate) fn write(&self, offset: u64, data: &[u8], what: &str) -> Result<()> {
+        if self.replay.is_some() {
+            // Never reached: images whose journal needs recovery open read-only.
+            return Err(Error::Incompatible(format!(
+                "{what}: the journal was replayed in memory only; writing needs it replayed on disk"
+            )));
+        }
         let (a0, alen) = self.widen(offset, data.len(), what)?;
         let skip = (offset - a0) as usize;
         let mut buf = if skip == 0 && alen == data.len() {

@@ -14,8 +14,9 @@ use std::sync::{Arc, Mutex};
 
 use super::bytes::{crc32c, le16, le32};
 use super::inode::{flags, Inode};
+use super::journal::Replay;
 use super::Fs;
-use crate::map::{BlockMap, Extent};
+use crate::map::{BlockMap, Extent, Mapping};
 use crate::{Error, Result};
 
 const EXTENT_MAGIC: u16 = 0xF30A;
@@ -390,11 +391,34 @@ impl Indirect {
     }
 }
 
-/// The engine's view of one file: its layout, read-only (no allocation).
+/// The engine's view of one file: its layout, read-only (no allocation). Blocks
+/// the journal replay holds (data=journal) map to their journal copy, so the
+/// engine reads the replayed bytes from the device.
 pub(crate) struct ExtMap {
     pub(crate) layout: Layout,
     pub(crate) block_size: u32,
     pub(crate) max_size: u64,
+    pub(crate) replay: Option<Arc<Replay>>,
+}
+
+impl ExtMap {
+    /// The layout's answer, split at blocks the journal replay holds: those map
+    /// one at a time to their journal copy.
+    fn map_replayed(&self, e: Extent) -> Extent {
+        let Some(replay) = &self.replay else {
+            return e;
+        };
+        let Mapping::Mapped(p) = e.mapping else {
+            return e;
+        };
+        if let Some(copy) = replay.get(p) {
+            return Extent::mapped(copy.at, 1);
+        }
+        match replay.first_in(p, p.saturating_add(e.len)) {
+            Some(j) => Extent::mapped(p, j - p),
+            None => e,
+        }
+    }
 }
 
 impl BlockMap for ExtMap {
@@ -405,7 +429,7 @@ impl BlockMap for ExtMap {
     fn map(&self, block: u64, max_blocks: u64, _create: bool) -> Result<Extent> {
         // Never allocates: a write that meets a hole stops there (callers check the
         // whole range before writing anything).
-        self.layout.map(block, max_blocks)
+        Ok(self.map_replayed(self.layout.map(block, max_blocks)?))
     }
 
     fn max_file_size(&self) -> u64 {

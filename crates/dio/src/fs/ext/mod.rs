@@ -9,6 +9,11 @@
 //! changes sizes: in-place writes touch only a file's written blocks, its mtime,
 //! ctime and inode checksum.
 //!
+//! An image whose journal needs recovery is read as the kernel reads it after
+//! recovery: the journal's committed transactions are replayed in memory at open
+//! (see [`Ext::journal_replay`] and [`Ext::notes`]), never on the image, and such
+//! an image is refused for writing.
+//!
 //! Every number on disk is hostile input: a bad image gives [`Error::Corrupt`]
 //! ("corrupt: ..."), a feature this reader does not support gives
 //! [`Error::Incompatible`] ("incompatible: FEATURE"), never a panic, a hang, an
@@ -35,6 +40,7 @@ mod group;
 mod hash;
 mod inode;
 mod io;
+mod journal;
 mod map;
 mod superblock;
 
@@ -62,6 +68,8 @@ pub(crate) struct Fs {
     pub(crate) sb: Superblock,
     groups: Vec<GroupDesc>,
     writable: bool,
+    /// The journal replayed in memory (when it needed recovery).
+    replay: Option<Arc<journal::Replay>>,
 }
 
 impl Fs {
@@ -200,14 +208,36 @@ impl Ext {
                 return Err(e);
             }
         }
-        let bs = u64::from(sb.block_size);
-        let image_blocks = io.size() / bs;
-        if sb.blocks_count > image_blocks {
+        check_size(&io, &sb)?;
+        let groups = group::read_table(&io, &sb)?;
+        let fs = Arc::new(Fs {
+            io,
+            sb,
+            groups,
+            writable,
+            replay: None,
+        });
+        // A journal that needs recovery: replay it in memory (writable opens were
+        // refused above), then read the superblock and descriptors again through
+        // it, as the kernel sees them after recovery.
+        let Some(replay) = journal::replay(&fs, &raw)? else {
+            return Ok(Ext { fs });
+        };
+        let replay = Arc::new(replay);
+        let io = fs.io.with_replay(Arc::clone(&replay), fs.sb.block_size);
+        let raw = io.read(
+            superblock::SUPERBLOCK_OFFSET,
+            superblock::SUPERBLOCK_SIZE,
+            "superblock",
+        )?;
+        let sb = Superblock::parse(&raw)?;
+        if sb.block_size != fs.sb.block_size {
             return Err(Error::Corrupt(format!(
-                "the file system has {} blocks of {bs} bytes, the image holds only {image_blocks}",
-                sb.blocks_count
+                "the journal's copy of the superblock says {}-byte blocks, the image {}",
+                sb.block_size, fs.sb.block_size
             )));
         }
+        check_size(&io, &sb)?;
         let groups = group::read_table(&io, &sb)?;
         Ok(Ext {
             fs: Arc::new(Fs {
@@ -215,7 +245,28 @@ impl Ext {
                 sb,
                 groups,
                 writable,
+                replay: Some(replay),
             }),
+        })
+    }
+
+    /// What the reader noticed that a user should hear of (e.g. that the journal
+    /// needed recovery and was replayed in memory): one line each, for the CLI's
+    /// `dio: note: ...`.
+    pub fn notes(&self) -> Vec<String> {
+        self.fs
+            .replay
+            .as_ref()
+            .map(|r| r.notes.clone())
+            .unwrap_or_default()
+    }
+
+    /// The journal replay done at open, if the journal needed recovery.
+    pub fn journal_replay(&self) -> Option<JournalReplay> {
+        self.fs.replay.as_ref().map(|r| JournalReplay {
+            transactions: r.transactions,
+            blocks: r.blocks.len() as u64,
+            revoked: r.revoked,
         })
     }
 
@@ -327,7 +378,15 @@ impl Ext {
         }
         let size = size as usize;
         if inode.has_flag(inode_flags::INLINE_DATA) {
-            return self.inline_data(inode);
+            let data = self.inline_data(inode)?;
+            if data.len() != size {
+                return Err(Error::Corrupt(format!(
+                    "symlink inode {}: {} bytes of inline data, i_size {size}",
+                    inode.ino,
+                    data.len()
+                )));
+            }
+            return Ok(data);
         }
         if map::is_fast_symlink(&self.fs, inode) {
             // A fast symlink: the target is in i_block.
@@ -353,22 +412,18 @@ impl Ext {
         }
     }
 
-    /// The whole inline data of an inode (i_block, then `system.data`), cut at
-    /// i_size.
+    /// The inline data of an inode (i_block, then `system.data`), cut at i_size.
+    /// A file may be longer than its inline area (a sparse file made by
+    /// truncate): the bytes past it read as zeros, as the kernel reads them, and
+    /// are not returned here.
     fn inline_data(&self, inode: &Inode) -> Result<Vec<u8>> {
         let mut data = inode.i_block().to_vec();
         if let Some(more) = inode.inline_xattr(7, b"data")? {
             data.extend_from_slice(&more);
         }
-        if inode.size > data.len() as u64 {
-            return Err(Error::Corrupt(format!(
-                "inode {}: {} bytes of inline data, i_size {}",
-                inode.ino,
-                data.len(),
-                inode.size
-            )));
+        if inode.size < data.len() as u64 {
+            data.truncate(inode.size as usize);
         }
-        data.truncate(inode.size as usize);
         Ok(data)
     }
 
@@ -388,6 +443,7 @@ impl Ext {
             layout: Layout::of(&self.fs, inode)?,
             block_size: self.fs.sb.block_size,
             max_size: self.fs.max_file_size(inode),
+            replay: self.fs.replay.clone(),
         }))
     }
 
@@ -413,6 +469,7 @@ impl Ext {
                 layout: Layout::of(&self.fs, inode)?,
                 block_size: self.fs.sb.block_size,
                 max_size: self.fs.max_file_size(inode),
+                replay: self.fs.replay.clone(),
             });
             if inode.size > map.max_size {
                 return Err(Error::Corrupt(format!(
@@ -441,6 +498,30 @@ impl Ext {
             data,
         })
     }
+}
+
+/// What an in-memory journal replay did (see [`Ext::journal_replay`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct JournalReplay {
+    /// Committed transactions replayed.
+    pub transactions: u64,
+    /// Distinct fs blocks whose journal copy stands in for the image's.
+    pub blocks: u64,
+    /// Journal copies skipped because a revoke record cancels them.
+    pub revoked: u64,
+}
+
+fn check_size(io: &MetaIo, sb: &Superblock) -> Result<()> {
+    let bs = u64::from(sb.block_size);
+    let image_blocks = io.size() / bs;
+    if sb.blocks_count > image_blocks {
+        return Err(Error::Corrupt(format!(
+            "the file system has {} blocks of {bs} bytes, the image holds only {image_blocks}",
+            sb.blocks_count
+        )));
+    }
+    Ok(())
 }
 
 fn split(path: &[u8]) -> VecDeque<Vec<u8>> {
@@ -485,8 +566,14 @@ impl ExtFile {
 
     /// The file as a [`DirectFile`] over the ext block map (for pipelines of
     /// async reads); `None` for inline data.
+    ///
+    /// Also `None` when the journal replayed in memory holds an escaped copy of
+    /// some block (one that began with the journal's magic number, stored with
+    /// those four bytes zeroed): the engine would read the copy as stored, and
+    /// only [`ExtFile::read_at`] puts the magic back.
     pub fn direct(&self) -> Option<&DirectFile> {
         match &self.data {
+            Data::Blocks(_, _) if self.fs.replay.as_ref().is_some_and(|r| r.escaped > 0) => None,
             Data::Blocks(d, _) => Some(d),
             Data::Inline(_) => None,
         }
@@ -496,19 +583,64 @@ impl ExtFile {
     /// short at EOF.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
         match &self.data {
-            Data::Blocks(d, _) => d.read_at(offset, buf, Flags::UNALIGNED),
+            Data::Blocks(d, map) => {
+                let n = d.read_at(offset, buf, Flags::UNALIGNED)?;
+                self.unescape(map, offset, &mut buf[..n])?;
+                Ok(n)
+            }
             Data::Inline(data) => {
-                let Ok(start) = usize::try_from(offset) else {
+                // Inline bytes, then zeros up to i_size.
+                if offset >= self.size {
                     return Ok(0);
-                };
-                let Some(rest) = data.get(start..) else {
-                    return Ok(0);
-                };
-                let n = rest.len().min(buf.len());
-                buf[..n].copy_from_slice(&rest[..n]);
+                }
+                let n = usize::try_from(self.size - offset)
+                    .unwrap_or(usize::MAX)
+                    .min(buf.len());
+                let out = &mut buf[..n];
+                let from = usize::try_from(offset).unwrap_or(usize::MAX);
+                let head = data.get(from..).unwrap_or(&[]);
+                let k = head.len().min(n);
+                out[..k].copy_from_slice(&head[..k]);
+                out[k..].fill(0);
                 Ok(n)
             }
         }
+    }
+
+    /// Put back the journal magic at the start of every block of `buf` (read at
+    /// `offset`) whose replayed copy the journal keeps escaped.
+    fn unescape(&self, map: &ExtMap, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let Some(replay) = self.fs.replay.as_ref().filter(|r| r.escaped > 0) else {
+            return Ok(());
+        };
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let bs = u64::from(self.fs.sb.block_size);
+        let end = offset + buf.len() as u64;
+        let (mut b, last) = (offset / bs, (end - 1) / bs);
+        let mut magic = [0u8; 4];
+        journal::Replay::unescape(&mut magic);
+        while b <= last {
+            let e = map.layout.map(b, last - b + 1)?;
+            let len = e.len.clamp(1, last - b + 1);
+            if let Mapping::Mapped(p) = e.mapping {
+                for (&jb, copy) in replay.blocks.range(p..p + len) {
+                    if !copy.escaped {
+                        continue;
+                    }
+                    let at = (b + (jb - p)) * bs;
+                    for (i, &m) in magic.iter().enumerate() {
+                        let x = at + i as u64;
+                        if (offset..end).contains(&x) {
+                            buf[(x - offset) as usize] = m;
+                        }
+                    }
+                }
+            }
+            b += len;
+        }
+        Ok(())
     }
 
     /// Check that `len` bytes at `offset` can be overwritten in place: the file

@@ -198,6 +198,11 @@ pub struct Superblock {
     pub block_size: u32,
     /// Blocks per group.
     pub blocks_per_group: u32,
+    /// Cluster size in bytes (the block size unless bigalloc).
+    pub cluster_size: u32,
+    /// Clusters per group (what a group's block bitmap counts; blocks per group
+    /// unless bigalloc).
+    pub clusters_per_group: u32,
     /// Inodes per group.
     pub inodes_per_group: u32,
     /// Revision (0: old fixed inode size).
@@ -308,9 +313,35 @@ impl Superblock {
         let desc_size = if bit64 { le16(b, 0xFE) } else { 32 };
         let bits_per_block = block_size * 8;
         let bad = |m: String| Err(Error::Corrupt(m));
-        if blocks_per_group == 0 || blocks_per_group > bits_per_block {
-            return bad(format!("blocks per group {blocks_per_group} out of range"));
-        }
+        // With bigalloc, bitmaps count clusters: a group holds up to one bitmap
+        // block's bits of clusters, and its blocks per group must be exactly its
+        // clusters per group times the blocks per cluster (the kernel's
+        // ext4_handle_clustersize).
+        let bigalloc = feature_ro_compat & ro_compat::BIGALLOC != 0;
+        let (cluster_size, clusters_per_group) = if bigalloc {
+            let log_cluster = le32(b, 0x1C);
+            if log_cluster < log || log_cluster > 20 {
+                return bad(format!(
+                    "cluster size 2^{log_cluster} KiB is out of range for {block_size}-byte blocks"
+                ));
+            }
+            let cpg = le32(b, 0x24);
+            if cpg == 0 || cpg > bits_per_block {
+                return bad(format!("clusters per group {cpg} out of range"));
+            }
+            let per_cluster = 1u64 << (log_cluster - log);
+            if u64::from(blocks_per_group) != u64::from(cpg) * per_cluster {
+                return bad(format!(
+                    "blocks per group {blocks_per_group} and clusters per group {cpg} disagree ({per_cluster} blocks per cluster)"
+                ));
+            }
+            (1024u32 << log_cluster, cpg)
+        } else {
+            if blocks_per_group == 0 || blocks_per_group > bits_per_block {
+                return bad(format!("blocks per group {blocks_per_group} out of range"));
+            }
+            (block_size, blocks_per_group)
+        };
         if inodes_per_group == 0 || inodes_per_group > bits_per_block {
             return bad(format!("inodes per group {inodes_per_group} out of range"));
         }
@@ -361,6 +392,8 @@ impl Superblock {
             first_data_block,
             block_size,
             blocks_per_group,
+            cluster_size,
+            clusters_per_group,
             inodes_per_group,
             rev_level,
             inode_size,
