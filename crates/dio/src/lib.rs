@@ -120,6 +120,131 @@
 //!   and for byte-granular writes the stress tests in `tests/unaligned.rs`.
 //! - **Durability.** With [`Flags::DSYNC`] a completed write survives a crash
 //!   (`dsync_makes_data_durable_before_completion`, on the RAM device's crash mode).
+//!
+//! # Soundness: what safe code cannot do
+//!
+//! A device reads or fills a request's memory after `submit` returns, so a request
+//! must never outlive its memory. The types make that hold for any program without
+//! `unsafe`:
+//!
+//! - A [`Request`] is built only over memory it owns ([`Request::with_buf`]), over
+//!   the memory of a request it stands in for ([`Request::forward`]), or by the
+//!   engine, whose borrowed memory is lent in a crate-private scope that waits for
+//!   every request over it (also when user code panics). Raw memory needs the
+//!   `unsafe` [`Request::from_raw_parts`], whose `# Safety` section is the whole
+//!   obligation. Its fields are private.
+//! - A completed request reaches its [`Completion`] as a [`Finished`], which has no
+//!   memory and cannot be submitted again.
+//! - A [`MemRef`] is an inert address range: no safe constructor, no way to lengthen
+//!   it, no safe access through it. Safe devices move data with
+//!   [`Request::copy_out`] and [`Request::copy_in`] (the RAM device is written so,
+//!   with `forbid(unsafe_code)`).
+//! - A dropped request completes itself with `ECANCELED`; a panicking completion is
+//!   caught, so device threads go on: every request completes exactly once.
+//!
+//! Each door that used to be open is shut; these do not compile:
+//!
+//! ```compile_fail
+//! // A reference lent by a scope cannot leave it: the scope is not public.
+//! let mut b = dio::AlignedBuf::new(4096, 4096);
+//! let m = dio::buf::io_scope(|| {}, |s| s.lend_buf(&mut b[..]));
+//! ```
+//!
+//! ```compile_fail
+//! // A request from raw memory (a buffer about to be freed) needs `unsafe`.
+//! use std::sync::Arc;
+//! use dio::{AlignedBuf, Completion, Finished, MemRef, Op, Request};
+//! struct Nop;
+//! impl Completion for Nop {
+//!     fn complete(self: Arc<Self>, _: Finished, _: std::io::Result<()>) {}
+//! }
+//! let mut b = AlignedBuf::new(4096, 4096);
+//! let m = MemRef::from_raw(b.as_mut_ptr(), 4096);
+//! ```
+//!
+//! ```compile_fail
+//! use std::sync::Arc;
+//! use dio::{Completion, Finished, Op, Request, Segments};
+//! struct Nop;
+//! impl Completion for Nop {
+//!     fn complete(self: Arc<Self>, _: Finished, _: std::io::Result<()>) {}
+//! }
+//! let req = Request::from_raw_parts(Op::Read, 0, Segments::new(), false, Arc::new(Nop), 0);
+//! ```
+//!
+//! ```compile_fail
+//! // Requests have private fields: no struct literal over someone else's memory.
+//! use std::sync::Arc;
+//! use dio::{Completion, Finished, Op, Request, Segments};
+//! struct Nop;
+//! impl Completion for Nop {
+//!     fn complete(self: Arc<Self>, _: Finished, _: std::io::Result<()>) {}
+//! }
+//! let req = Request { op: Op::Read, offset: 0, segments: Segments::new(), fua: false,
+//!                     completion: Arc::new(Nop), tag: 0 };
+//! ```
+//!
+//! ```compile_fail
+//! // A memory reference cannot be grown past what was lent.
+//! fn grow(m: dio::MemRef) -> dio::MemRef { m.grown(4096) }
+//! ```
+//!
+//! ```compile_fail
+//! // The arena's whole memory, slots lent out as `&mut` included, is not handed out.
+//! let arena = dio::BufArena::new(4, 4096, 4096);
+//! let all = arena.memory();
+//! ```
+//!
+//! ```compile_fail
+//! // A finished request cannot be submitted again.
+//! use std::sync::Arc;
+//! use dio::{Completion, Device, Finished, MemDevice, MemDeviceConfig};
+//! struct Again(Arc<MemDevice>);
+//! impl Completion for Again {
+//!     fn complete(self: Arc<Self>, req: Finished, _: std::io::Result<()>) {
+//!         self.0.submit(req);
+//!     }
+//! }
+//! ```
+//!
+//! What safe code can do, a device of its own included:
+//!
+//! ```
+//! use std::sync::{Arc, Mutex};
+//! use dio::{AlignedBuf, Completion, CompletionMode, Device, Finished, Geometry, Op, Request};
+//!
+//! /// A RAM disk in safe code.
+//! struct Ram(Mutex<Vec<u8>>);
+//! impl Device for Ram {
+//!     fn geometry(&self) -> Geometry { Geometry::new(512, 1 << 20) }
+//!     fn submit(&self, mut req: Request) {
+//!         let (at, end) = (req.offset() as usize, (req.offset() + req.len()) as usize);
+//!         let mut data = self.0.lock().unwrap();
+//!         match req.op() {
+//!             Op::Read => req.copy_in(0, &data[at..end]),
+//!             Op::Write => req.copy_out(0, &mut data[at..end]),
+//!         }
+//!         drop(data);
+//!         req.complete(Ok(()));
+//!     }
+//!     fn flush(&self) -> std::io::Result<()> { Ok(()) }
+//!     fn name(&self) -> &str { "ram" }
+//! }
+//!
+//! /// Gets the buffer back when the request is done.
+//! struct Back(Mutex<Option<AlignedBuf>>);
+//! impl Completion for Back {
+//!     fn complete(self: Arc<Self>, mut req: Finished, r: std::io::Result<()>) {
+//!         r.unwrap();
+//!         *self.0.lock().unwrap() = req.take_buf::<AlignedBuf>();
+//!     }
+//! }
+//!
+//! let ram = Ram(Mutex::new(vec![7; 1 << 20]));
+//! let back = Arc::new(Back(Mutex::new(None)));
+//! ram.submit(Request::with_buf(Op::Read, 4096, AlignedBuf::new(4096, 4096), false, back.clone(), 0));
+//! assert!(back.0.lock().unwrap().take().unwrap().iter().all(|&b| b == 7));
+//! ```
 
 #![warn(missing_docs)]
 // `unsafe` lives only in the buffer and device layers; the compiler keeps it there.

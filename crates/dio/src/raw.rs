@@ -277,7 +277,7 @@ impl RawFile {
                 end: size,
                 max: i64::MAX as u64,
             })?;
-            crate::device::ftruncate(self.fd(), len)
+            crate::device::ftruncate(self.fd(), len as u64)
                 .map_err(|e| Error::os(format!("truncate {} to {size}", self.path.display()), e))
         };
         if size < self.size() {

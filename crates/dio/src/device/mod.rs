@@ -548,26 +548,12 @@ impl<D: Device + ?Sized> Device for Arc<D> {
 /// fdatasync(2) on a file or block device: the flush of the back ends over file
 /// descriptors.
 pub(crate) fn fdatasync(file: &std::fs::File) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: fdatasync on a descriptor that `file` keeps open for the call.
-    let r = unsafe { libc::fdatasync(file.as_raw_fd()) };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    file.sync_data()
 }
 
 /// ftruncate(2) on a descriptor the caller keeps open for the call.
-pub(crate) fn ftruncate(fd: std::os::fd::BorrowedFd<'_>, len: libc::off_t) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: ftruncate on a descriptor that `fd` borrows for the call.
-    let r = unsafe { libc::ftruncate(fd.as_raw_fd(), len) };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+pub(crate) fn ftruncate(fd: std::os::fd::BorrowedFd<'_>, len: u64) -> io::Result<()> {
+    Ok(rustix::fs::ftruncate(fd, len)?)
 }
 
 /// Check a request against a geometry; back ends call it before doing anything.

@@ -7,11 +7,9 @@
 //! It does no I/O and keeps no state: the back ends (`uring`, `sync`) and the raw
 //! client call it once at open.
 
-use std::ffi::CString;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -66,11 +64,6 @@ const FILE_MAX_BYTES: u32 = 16 << 20;
 const CAP_MAX_BYTES: u64 = 64 << 20;
 /// Most iovecs in one request when nothing smaller is known (`UIO_MAXIOV` is 1024).
 const DEFAULT_MAX_SEGMENTS: u32 = 256;
-
-fn c_path(path: &Path) -> io::Result<CString> {
-    CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
-}
 
 /// Open `path` for direct I/O (`O_DIRECT | O_CLOEXEC`), read-only or read-write,
 /// creating a regular file (mode 0644) with `create`.
@@ -160,13 +153,9 @@ pub fn fs_type_name(magic: u64) -> Option<&'static str> {
 /// exist yet): its name, or its magic number in hex when unknown.
 pub fn fs_type_of(path: &Path) -> Option<String> {
     let try_one = |p: &Path| -> Option<u64> {
-        let c = c_path(p).ok()?;
-        // SAFETY: an all-zero statfs is a valid value of a plain C struct.
-        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-        // SAFETY: `c` is a NUL-terminated path and `st` a valid out-pointer.
-        let r = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+        let st = rustix::fs::statfs(p).ok()?;
         #[allow(clippy::unnecessary_cast)]
-        (r == 0).then_some(st.f_type as u64)
+        Some(st.f_type as u64)
     };
     let parent: PathBuf = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -180,26 +169,12 @@ pub fn fs_type_of(path: &Path) -> Option<String> {
 }
 
 /// statx of an open file with the basic fields and the direct-I/O alignment.
-fn statx_fd(fd: BorrowedFd<'_>) -> io::Result<libc::statx> {
-    // SAFETY: an all-zero statx is a valid value of a plain C struct.
-    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
-    let mask = libc::STATX_BASIC_STATS | libc::STATX_DIOALIGN | libc::STATX_DIO_READ_ALIGN;
-    // SAFETY: the empty path with AT_EMPTY_PATH refers to `fd`, which is open for the
-    // duration of the call; `stx` is a valid out-pointer.
-    let r = unsafe {
-        libc::statx(
-            fd.as_raw_fd(),
-            c"".as_ptr(),
-            libc::AT_EMPTY_PATH,
-            mask,
-            &mut stx,
-        )
-    };
-    if r == 0 {
-        Ok(stx)
-    } else {
-        Err(io::Error::last_os_error())
-    }
+fn statx_fd(fd: BorrowedFd<'_>) -> io::Result<rustix::fs::Statx> {
+    use rustix::fs::{AtFlags, StatxFlags};
+    let mask = StatxFlags::BASIC_STATS
+        | StatxFlags::DIOALIGN
+        | StatxFlags::from_bits_retain(libc::STATX_DIO_READ_ALIGN);
+    Ok(rustix::fs::statx(fd, "", AtFlags::EMPTY_PATH, mask)?)
 }
 
 /// Round `v` to a power of two within `[lo, hi]` (down to the largest power of two
@@ -320,7 +295,7 @@ fn sysfs_queue(major: u32, minor: u32, attr: &str) -> Option<u64> {
     None
 }
 
-fn probe_block_device(fd: BorrowedFd<'_>, path: &Path, stx: &libc::statx) -> Result<Probed> {
+fn probe_block_device(fd: BorrowedFd<'_>, path: &Path, stx: &rustix::fs::Statx) -> Result<Probed> {
     let ctx = |what: &str| format!("{what} {}", path.display());
     let logical = ioctl_u32(fd, libc::BLKSSZGET).map_err(|e| Error::os(ctx("BLKSSZGET"), e))?;
     let physical = ioctl_u32(fd, libc::BLKPBSZGET).unwrap_or(logical);
