@@ -4,7 +4,7 @@
 //! partly written fs block. No I/O happens here.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Condvar, Mutex, MutexGuard};
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -14,7 +14,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 #[derive(Debug)]
 pub struct FileState {
     size: AtomicU64,
-    file_lock: RwLock<()>,
+    file_lock: FileLock,
     dio_count: AtomicU64,
     dio_waiters: AtomicU64,
     dio_zero: Mutex<()>,
@@ -31,7 +31,7 @@ impl FileState {
     pub fn new(size: u64) -> FileState {
         FileState {
             size: AtomicU64::new(size),
-            file_lock: RwLock::new(()),
+            file_lock: FileLock::default(),
             dio_count: AtomicU64::new(0),
             dio_waiters: AtomicU64::new(0),
             dio_zero: Mutex::new(()),
@@ -59,14 +59,22 @@ impl FileState {
         self.size.fetch_max(end, Ordering::AcqRel);
     }
 
-    /// Take the file lock shared (what a locking-mode read holds during lookups).
-    pub fn lock_shared(&self) -> RwLockReadGuard<'_, ()> {
-        self.file_lock.read().unwrap_or_else(|e| e.into_inner())
+    /// Take the file lock shared (what a locking-mode read holds during lookups, and
+    /// a locking-mode overwrite of mapped blocks until it completes).
+    pub fn lock_shared(&self) -> FileLockGuard<'_> {
+        self.file_lock.acquire(LockKind::Shared);
+        FileLockGuard(self, LockKind::Shared)
     }
 
-    /// Take the file lock exclusively (what truncate holds).
-    pub fn lock_exclusive(&self) -> RwLockWriteGuard<'_, ()> {
-        self.file_lock.write().unwrap_or_else(|e| e.into_inner())
+    /// Take the file lock exclusively (what truncate holds, and a locking-mode write
+    /// that may allocate until its data is on the device).
+    pub fn lock_exclusive(&self) -> FileLockGuard<'_> {
+        self.file_lock.acquire(LockKind::Exclusive);
+        FileLockGuard(self, LockKind::Exclusive)
+    }
+
+    pub(crate) fn file_lock(&self) -> &FileLock {
+        &self.file_lock
     }
 
     /// Direct I/O requests in flight on this file.
@@ -158,6 +166,126 @@ impl FileState {
     }
 }
 
+/// The file lock held (see [`FileState::lock_shared`]); released on drop.
+#[must_use = "the lock is released when the guard drops"]
+pub struct FileLockGuard<'a>(&'a FileState, LockKind);
+
+impl std::fmt::Debug for FileLockGuard<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "FileLockGuard({:?})", self.1)
+    }
+}
+
+impl Drop for FileLockGuard<'_> {
+    fn drop(&mut self) {
+        self.0.file_lock.release(self.1);
+    }
+}
+
+/// How the file lock is held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LockKind {
+    Shared,
+    Exclusive,
+}
+
+/// The file lock (the seed's i_mutex / i_rwsem under DIO_LOCKING): readers share it,
+/// truncate and allocating writes hold it alone. Sync callers wait for it; an async
+/// call never waits (it may run on a thread that delivers completions): it parks
+/// itself, and is started again when the lock is released.
+#[derive(Default)]
+pub(crate) struct FileLock {
+    st: Mutex<LockState>,
+    cv: Condvar,
+}
+
+#[derive(Default)]
+struct LockState {
+    readers: usize,
+    writer: bool,
+    /// Sync callers asleep waiting.
+    sleepers: usize,
+    parked: Vec<Job>,
+}
+
+impl LockState {
+    fn free_for(&self, kind: LockKind) -> bool {
+        match kind {
+            LockKind::Shared => !self.writer,
+            LockKind::Exclusive => !self.writer && self.readers == 0,
+        }
+    }
+    fn take(&mut self, kind: LockKind) {
+        match kind {
+            LockKind::Shared => self.readers += 1,
+            LockKind::Exclusive => self.writer = true,
+        }
+    }
+}
+
+impl std::fmt::Debug for FileLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let st = lock(&self.st);
+        f.debug_struct("FileLock")
+            .field("readers", &st.readers)
+            .field("writer", &st.writer)
+            .field("parked", &st.parked.len())
+            .finish()
+    }
+}
+
+impl FileLock {
+    /// Take the lock, waiting for it.
+    pub(crate) fn acquire(&self, kind: LockKind) {
+        let mut st = lock(&self.st);
+        while !st.free_for(kind) {
+            st.sleepers += 1;
+            st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+            st.sleepers -= 1;
+        }
+        st.take(kind);
+    }
+
+    /// Take the lock if it is free now.
+    pub(crate) fn try_acquire(&self, kind: LockKind) -> bool {
+        let mut st = lock(&self.st);
+        let free = st.free_for(kind);
+        if free {
+            st.take(kind);
+        }
+        free
+    }
+
+    /// Park `job` until the lock is released, unless it is free now: then the job
+    /// comes back, to be run (retried) by the caller.
+    pub(crate) fn park_unless_free(&self, kind: LockKind, job: Job) -> Option<Job> {
+        let mut st = lock(&self.st);
+        if st.free_for(kind) {
+            return Some(job);
+        }
+        st.parked.push(job);
+        None
+    }
+
+    /// Release the lock; parked calls are started again (on this thread).
+    pub(crate) fn release(&self, kind: LockKind) {
+        let (wake, parked) = {
+            let mut st = lock(&self.st);
+            match kind {
+                LockKind::Shared => st.readers -= 1,
+                LockKind::Exclusive => st.writer = false,
+            }
+            (st.sleepers > 0, std::mem::take(&mut st.parked))
+        };
+        if wake {
+            self.cv.notify_all();
+        }
+        for job in parked {
+            job();
+        }
+    }
+}
+
 /// A closed gate for new direct I/O (see [`FileState::close_gate`]); reopens on drop.
 pub(crate) struct Gate<'a>(&'a FileState);
 
@@ -214,11 +342,23 @@ pub(crate) struct RangeLock {
     released: Condvar,
 }
 
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct Ranges {
     held: Vec<(u64, u64)>,
     /// Threads waiting for a range: only then does a release need a wakeup.
     waiters: usize,
+    /// Async calls waiting for a range, started again at the next release.
+    parked: Vec<Job>,
+}
+
+impl std::fmt::Debug for Ranges {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ranges")
+            .field("held", &self.held)
+            .field("waiters", &self.waiters)
+            .field("parked", &self.parked.len())
+            .finish()
+    }
 }
 
 impl Ranges {
@@ -249,16 +389,33 @@ impl RangeLock {
         true
     }
 
-    /// Release a range taken with `lock`.
+    /// Park `job` until a range is released, unless `[start, end)` is free now: then
+    /// the job comes back, to be run (retried) by the caller. For async calls, which
+    /// never wait.
+    pub(crate) fn park_unless_free(&self, start: u64, end: u64, job: Job) -> Option<Job> {
+        let mut g = lock(&self.held);
+        if !g.overlaps(start, end) {
+            return Some(job);
+        }
+        g.parked.push(job);
+        None
+    }
+
+    /// Release a range taken with `lock`; parked calls are started again (on this
+    /// thread).
     pub(crate) fn unlock(&self, start: u64, end: u64) {
         let mut g = lock(&self.held);
         if let Some(i) = g.held.iter().position(|&r| r == (start, end)) {
             g.held.swap_remove(i);
         }
         let wake = g.waiters > 0;
+        let parked = std::mem::take(&mut g.parked);
         drop(g);
         if wake {
             self.released.notify_all();
+        }
+        for job in parked {
+            job();
         }
     }
 }

@@ -270,5 +270,5 @@ pub use device::{
 };
 pub use engine::{Completed, DioFuture, DirectFile, Flags, Stats, MAX_IN_FLIGHT, MAX_SEGMENTS};
 pub use error::{AlignPart, Error, Result};
-pub use file::FileState;
+pub use file::{FileLockGuard, FileState};
 pub use map::{BlockMap, Extent, IdentityMap, Mapping, Private, TestMap, TestMapConfig};

@@ -200,11 +200,24 @@ impl RawFile {
             }
         };
         let lb = geometry.logical_block;
+        // A writable regular file shrinks inside the engine's truncate (under its
+        // exclusion of every write), not after it: a write that slipped in between
+        // would be cut off by a late ftruncate.
+        let resize = if opts.write && !probed.block_device {
+            let file = match &dev {
+                Dev::Uring(d) => d.file().try_clone(),
+                Dev::Sync(d) => d.file().try_clone(),
+            };
+            Some(file.map_err(|e| Error::os(format!("dup {}", path.display()), e))?)
+        } else {
+            None
+        };
         let map = Arc::new(RawMap {
             identity: IdentityMap::new(lb, geometry.size),
             blocks: geometry.size / u64::from(lb),
             block_size: lb,
             path: path.to_path_buf(),
+            resize,
         });
         let state = Arc::new(FileState::new(probed.size));
         let mut direct = DirectFile::new(device, map, state)?;
@@ -281,9 +294,9 @@ impl RawFile {
                 .map_err(|e| Error::os(format!("truncate {} to {size}", self.path.display()), e))
         };
         if size < self.size() {
-            // Shrink: drain direct I/O and stop reads past the new end first.
-            self.direct.truncate(size)?;
-            ftruncate()
+            // Shrink: the engine drains direct I/O, and its block map (RawMap)
+            // shrinks the file under the same exclusion.
+            self.direct.truncate(size)
         } else {
             ftruncate()?;
             self.direct.truncate(size)
@@ -333,6 +346,8 @@ struct RawMap {
     blocks: u64,
     block_size: u32,
     path: PathBuf,
+    /// The file, to shrink it (regular files open for writing).
+    resize: Option<std::fs::File>,
 }
 
 impl BlockMap for RawMap {
@@ -352,6 +367,14 @@ impl BlockMap for RawMap {
 
     fn max_file_size(&self) -> u64 {
         (i64::MAX as u64) / u64::from(self.block_size) * u64::from(self.block_size)
+    }
+
+    fn truncate(&self, size: u64) -> Result<()> {
+        match &self.resize {
+            Some(f) => crate::device::ftruncate(f.as_fd(), size)
+                .map_err(|e| Error::os(format!("truncate {} to {size}", self.path.display()), e)),
+            None => Ok(()),
+        }
     }
 }
 

@@ -595,8 +595,13 @@ impl Completion for OneShot {
 /// needs it. A poll error is not the request's end: the wait goes on until the
 /// request itself completes (its memory is the device's until then), and the poll
 /// error is returned only if the request did not fail by itself.
-fn submit_and_wait(dev: &dyn Device, shot: &OneShot, req: Request) -> (Finished, io::Result<()>) {
-    dev.submit(req);
+fn submit_and_wait(
+    dev: &dyn Device,
+    submit: &dyn Fn(Request),
+    shot: &OneShot,
+    req: Request,
+) -> (Finished, io::Result<()>) {
+    submit(req);
     dev.unplug();
     let polled = dev.completion_mode() == CompletionMode::Polled;
     let mut poll_error = None;
@@ -626,7 +631,7 @@ fn submit_and_wait(dev: &dyn Device, shot: &OneShot, req: Request) -> (Finished,
 /// Read `buf.len()` bytes at device `offset` into an aligned buffer, splitting at the
 /// device's request limit. For metadata and tools; file data goes through the engine.
 pub fn read_at(dev: &dyn Device, offset: u64, buf: &mut crate::AlignedBuf) -> io::Result<()> {
-    transfer_at(dev, Op::Read, offset, buf, false)
+    transfer_via(dev, &|r| dev.submit(r), Op::Read, offset, buf, false)
 }
 
 /// Write an aligned buffer at device `offset`, splitting at the request limit.
@@ -636,14 +641,19 @@ pub fn write_at(
     buf: &mut crate::AlignedBuf,
     fua: bool,
 ) -> io::Result<()> {
-    transfer_at(dev, Op::Write, offset, buf, fua)
+    transfer_via(dev, &|r| dev.submit(r), Op::Write, offset, buf, fua)
 }
 
+/// Move `buf` to or from device `offset`, a request of at most the device's limit at
+/// a time, each handed to `submit` (the device itself, or a block map's submit_io
+/// hook), waiting for each.
+///
 /// The buffer moves into each request (a window of it per chunk) and comes back with
 /// the completion: even if the device or this thread panics, no request ever holds
 /// memory that someone else owns. On a panic the caller's buffer is left empty.
-fn transfer_at(
+pub(crate) fn transfer_via(
     dev: &dyn Device,
+    submit: &dyn Fn(Request),
     op: Op,
     offset: u64,
     buf: &mut crate::AlignedBuf,
@@ -662,7 +672,7 @@ fn transfer_at(
         let n = (total - done).min(max);
         let window = crate::buf::Window::new(owned, done, n).expect("chunk inside the buffer");
         let req = Request::with_buf(op, offset + done as u64, window, fua, shot.clone(), 0);
-        let (mut fin, r) = submit_and_wait(dev, &shot, req);
+        let (mut fin, r) = submit_and_wait(dev, submit, &shot, req);
         owned = fin
             .take_buf::<crate::buf::Window<crate::AlignedBuf>>()
             .expect("the request gives its buffer back")

@@ -38,7 +38,27 @@ pub(crate) struct BioBuilder<'a> {
     max_segments: usize,
     poll: bool,
     lender: Lender<'a>,
+    /// The device's logical block and memory alignment: where a piece may be cut.
+    lb: usize,
+    mem_align: usize,
     cur: Option<Building>,
+}
+
+/// How much of `mem` fits in `room` bytes of a request: all of it, or the longest
+/// prefix whose end leaves the rest a valid segment start (a multiple of the logical
+/// block long, ending at a memory-aligned address). 0 when no such prefix fits (the
+/// caller sends what it has and cuts again in a fresh request).
+fn cut(mem: MemRef, room: usize, lb: usize, mem_align: usize) -> usize {
+    if mem.len() <= room {
+        return mem.len();
+    }
+    let mut take = room - room % lb;
+    // Step back a logical block at a time until the rest starts aligned (both are
+    // powers of two, so this ends within mem_align / lb steps).
+    while take > 0 && (mem.addr() + take) % mem_align != 0 {
+        take -= lb;
+    }
+    take
 }
 
 impl<'a> BioBuilder<'a> {
@@ -57,6 +77,8 @@ impl<'a> BioBuilder<'a> {
             max_segments: (geo.max_segments as usize).min(MAX_SEGMENTS),
             poll,
             lender,
+            lb: geo.logical_block as usize,
+            mem_align: (geo.mem_align as usize).max(1),
             cur: None,
         }
     }
@@ -83,7 +105,17 @@ impl<'a> BioBuilder<'a> {
                 segments: Segments::new(),
             });
             let room = (self.max_bytes - cur.len) as usize;
-            let take = mem.len().min(room);
+            let mut take = cut(mem, room, self.lb, self.mem_align);
+            if take == 0 && cur.len == 0 {
+                // Even a whole request cannot end where the rest is aligned (memory
+                // alignment above the request limit): cut at the limit.
+                take = room - room % self.lb;
+            }
+            if take == 0 {
+                // No cut here leaves the rest aligned: start a new request.
+                self.send();
+                continue;
+            }
             let piece = mem.slice(0, take);
             let grows = cur
                 .segments
@@ -99,7 +131,7 @@ impl<'a> BioBuilder<'a> {
                 cur.segments.push(piece);
             }
             cur.len += take as u64;
-            let full = cur.len == self.max_bytes;
+            let full = cur.len == self.max_bytes || take < mem.len();
             mem = mem.slice(take, mem.len() - take);
             dev_offset += take as u64;
             file_offset += take as u64;
@@ -118,8 +150,11 @@ impl<'a> BioBuilder<'a> {
             return;
         };
         let dio = self.dio;
-        // Reap before adding another request in flight.
-        dio.wait_in_flight_at_most(MAX_IN_FLIGHT - 1, self.poll);
+        // A sync call reaps before adding another request in flight; an async one
+        // never waits: its requests over the bound queue up (see Dio::send_async).
+        if !dio.is_async() {
+            dio.wait_in_flight_at_most(MAX_IN_FLIGHT - 1, self.poll);
+        }
         dio.get();
         let req = Request::build(
             self.op,
@@ -130,8 +165,12 @@ impl<'a> BioBuilder<'a> {
             b.file_offset,
             self.lender.keep(),
         );
-        let file = &dio.file;
-        file.map.submit_io(&*file.dev, req, b.file_offset);
+        if dio.is_async() {
+            dio.send_async(req, b.file_offset);
+        } else {
+            let file = &dio.file;
+            file.map.submit_io(&*file.dev, req, b.file_offset);
+        }
     }
 }
 

@@ -10,7 +10,11 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::{self, Thread};
 
 use super::Shared;
-use crate::device::{Completion, CompletionMode, Finished, Op};
+use std::collections::VecDeque;
+
+use super::bio::MAX_IN_FLIGHT;
+use crate::device::{Completion, CompletionMode, Finished, Op, Request};
+use crate::file::LockKind;
 use crate::map::Private;
 use crate::{Error, Result};
 
@@ -58,6 +62,14 @@ pub(crate) struct Dio {
     sleeping: AtomicBool,
     /// A panic of the map's end_io in a sync call's finish, for the caller.
     panic: Mutex<Option<Box<dyn std::any::Any + Send>>>,
+    /// The file lock a locking-mode write holds until it completes.
+    file_lock: Mutex<Option<LockKind>>,
+    /// Async calls: requests built but held back while [`MAX_IN_FLIGHT`] are in
+    /// flight, sent as completions arrive (nothing of an async call ever waits).
+    queue: Mutex<VecDeque<(Request, u64)>>,
+    queued: AtomicUsize,
+    /// Async calls: requests submitted and not yet completed.
+    submitted: AtomicUsize,
 }
 
 #[derive(Default)]
@@ -104,6 +116,51 @@ impl Dio {
             waiter: OnceLock::new(),
             sleeping: AtomicBool::new(false),
             panic: Mutex::new(None),
+            file_lock: Mutex::new(None),
+            queue: Mutex::new(VecDeque::new()),
+            queued: AtomicUsize::new(0),
+            submitted: AtomicUsize::new(0),
+        }
+    }
+
+    /// Keep the file lock of kind `k` until the call completes.
+    pub(crate) fn hold_file_lock(&self, k: Option<LockKind>) {
+        *lock(&self.file_lock) = k;
+    }
+
+    /// Send a request of an async call, or queue it while the call has
+    /// [`MAX_IN_FLIGHT`] requests in flight (completions send it later).
+    pub(crate) fn send_async(&self, req: Request, file_offset: u64) {
+        if self.queued.load(Ordering::SeqCst) == 0 {
+            if self.submitted.fetch_add(1, Ordering::SeqCst) < MAX_IN_FLIGHT {
+                let file = &self.file;
+                file.map.submit_io(&*file.dev, req, file_offset);
+                return;
+            }
+            self.submitted.fetch_sub(1, Ordering::SeqCst);
+        }
+        lock(&self.queue).push_back((req, file_offset));
+        self.queued.fetch_add(1, Ordering::SeqCst);
+        self.pump();
+    }
+
+    /// Send queued requests while there is room. Whoever changes the room or the
+    /// queue pumps after the change (both SeqCst), so a queued request is never
+    /// stranded with room free.
+    fn pump(&self) {
+        while self.queued.load(Ordering::SeqCst) > 0 {
+            if self.submitted.fetch_add(1, Ordering::SeqCst) >= MAX_IN_FLIGHT {
+                self.submitted.fetch_sub(1, Ordering::SeqCst);
+                return;
+            }
+            let next = lock(&self.queue).pop_front();
+            let Some((req, file_offset)) = next else {
+                self.submitted.fetch_sub(1, Ordering::SeqCst);
+                return;
+            };
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+            let file = &self.file;
+            file.map.submit_io(&*file.dev, req, file_offset);
         }
     }
 
@@ -132,32 +189,42 @@ impl Dio {
     }
 
     /// Wait until at most `max` requests are in flight (reaping, the seed's
-    /// dio_bio_reap / dio_await_one). The caller is the submitter.
+    /// dio_bio_reap / dio_await_one). Only a sync call's submitter waits: an async
+    /// call queues what exceeds the bound instead.
+    ///
+    /// A device whose completions come by polling is polled. With [`Flags::POLL`]
+    /// (high priority) an interrupt-driven device is polled too, once per round, and
+    /// when that finds nothing the thread sleeps until a completion wakes it, as the
+    /// seed does: it never spins.
+    ///
+    /// [`Flags::POLL`]: super::Flags::POLL
     pub(crate) fn wait_in_flight_at_most(&self, max: usize, poll: bool) {
+        debug_assert!(self.sync, "only sync calls wait");
         if self.in_flight() <= max {
             return;
         }
         let dev = &self.file.dev;
-        let polled = poll || dev.completion_mode() == CompletionMode::Polled;
+        let polled = dev.completion_mode() == CompletionMode::Polled;
         dev.unplug();
         while self.in_flight() > max {
             if polled {
                 if dev.poll(true).is_err() {
-                    std::hint::spin_loop();
+                    // A transient error (EINTR): back off before polling again.
+                    thread::sleep(std::time::Duration::from_micros(50));
                 }
-            } else if self.sync {
-                // Register before announcing sleep; a completion that sees
-                // `sleeping` finds the thread to wake.
-                self.waiter.get_or_init(thread::current);
-                self.sleeping.store(true, Ordering::SeqCst);
-                if self.in_flight() > max {
-                    thread::park();
-                }
-                self.sleeping.store(false, Ordering::SeqCst);
-            } else {
-                // An async submitter has no park handle registered; yield instead.
-                thread::yield_now();
+                continue;
             }
+            if poll && dev.poll(false).is_ok_and(|n| n > 0) {
+                continue;
+            }
+            // Register before announcing sleep; a completion that sees `sleeping`
+            // finds the thread to wake.
+            self.waiter.get_or_init(thread::current);
+            self.sleeping.store(true, Ordering::SeqCst);
+            if self.in_flight() > max {
+                thread::park();
+            }
+            self.sleeping.store(false, Ordering::SeqCst);
         }
     }
 
@@ -278,11 +345,15 @@ impl Dio {
         } else if let (Op::Read, Ok(n)) = (self.op, &result) {
             self.file.stats.read.fetch_add(*n as u64, Ordering::Relaxed);
         }
-        if let Some((s, e)) = self.range_lock {
-            self.file.state.ranges().unlock(s, e);
-        }
         if !self.skip_count {
             self.file.state.dio_end();
+        }
+        // Last: releasing locks may start calls that were parked on them.
+        if let Some(k) = lock(&self.file_lock).take() {
+            self.file.state.file_lock().release(k);
+        }
+        if let Some((s, e)) = self.range_lock {
+            self.file.state.ranges().unlock(s, e);
         }
         result
     }
@@ -305,6 +376,11 @@ impl Completion for Dio {
             }
         }
         drop(req);
+        if !self.sync {
+            // Room for one more: send what waits.
+            self.submitted.fetch_sub(1, Ordering::SeqCst);
+            self.pump();
+        }
         if self.sync {
             // A sync submitter polls or parks; it announces sleep before its last
             // check of the count, so after our decrement one of us sees the other.

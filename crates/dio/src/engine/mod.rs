@@ -86,6 +86,13 @@ impl std::ops::BitOr for Flags {
     }
 }
 
+impl std::ops::BitAnd for Flags {
+    type Output = Flags;
+    fn bitand(self, rhs: Flags) -> Flags {
+        Flags(self.0 & rhs.0)
+    }
+}
+
 impl std::ops::BitOrAssign for Flags {
     fn bitor_assign(&mut self, rhs: Flags) {
         self.0 |= rhs.0;
@@ -437,6 +444,14 @@ impl DirectFile {
             return Err(Error::TooLarge { end: size, max });
         }
         let state = &self.shared.state;
+        // Byte-granular writes read-modify-write their partial blocks under the block
+        // range lock, from their reads to their write: truncate locks the range it
+        // changes (from the block that holds the lower of the old and new ends, to
+        // the end of any file) first, so the two exclude each other and no write
+        // puts back bytes truncate removed.
+        let fs = u64::from(self.shared.fs_block);
+        let from = size.min(state.size()) & !(fs - 1);
+        request::lock_write_range(&self.shared, (from, u64::MAX), Flags::NONE)?;
         let excl = state.lock_exclusive();
         // New calls without the file lock wait too, until the size is set.
         let gate = state.close_gate();
@@ -445,6 +460,7 @@ impl DirectFile {
         // and those may take the file lock.
         drop(excl);
         drop(gate);
+        state.ranges().unlock(from, u64::MAX);
         r
     }
 
@@ -481,21 +497,20 @@ impl DirectFile {
         let Mapping::Mapped(block) = ext.mapping else {
             return Ok(());
         };
-        let dev = &*self.shared.dev;
         let at = block * fs;
         if at + fs > self.shared.geometry.size {
             return Ok(());
         }
+        // Through the map's submit_io hook, like every device access of the file (a
+        // map may remap, encrypt or checksum there).
+        let (dev, map) = (&*self.shared.dev, &self.shared.map);
+        let file_off = size - size % fs;
+        let submit = |req| map.submit_io(dev, req, file_off);
         let mut b = AlignedBuf::new(fs as usize, self.shared.geometry.buffer_align());
-        crate::device::read_at(dev, at, &mut b).map_err(|e| Error::Io {
-            offset: at,
-            source: e,
-        })?;
+        let io = |source| Error::Io { offset: at, source };
+        crate::device::transfer_via(dev, &submit, Op::Read, at, &mut b, false).map_err(io)?;
         b[(size % fs) as usize..].fill(0);
-        crate::device::write_at(dev, at, &mut b, false).map_err(|e| Error::Io {
-            offset: at,
-            source: e,
-        })
+        crate::device::transfer_via(dev, &submit, Op::Write, at, &mut b, false).map_err(io)
     }
 
     /// Reap device completions (for devices whose completions need polling, when

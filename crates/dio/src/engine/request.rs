@@ -12,7 +12,8 @@ use super::{Flags, Shared};
 use crate::buf::{Lender, MemRef};
 use crate::device::{CompletionMode, Op};
 use crate::error::AlignPart;
-use crate::file::Begin;
+use crate::file::{Begin, Job, LockKind};
+use crate::map::Mapping;
 use crate::{Error, Result};
 
 /// The unit a validated request walks in.
@@ -116,6 +117,70 @@ pub(crate) fn lock_write_range(file: &Shared, r: (u64, u64), flags: Flags) -> Re
     Ok(())
 }
 
+/// Why the file lock's kind could not be chosen.
+enum LockWait {
+    Error(Error),
+    Panicked(Box<dyn std::any::Any + Send>),
+}
+
+/// The file lock a locking-mode call needs.
+enum Need {
+    /// This kind, not taken yet.
+    Take(LockKind),
+    /// The shared lock, taken already (by the overwrite check).
+    HeldShared,
+}
+
+/// The kind of file lock a locking-mode call needs: shared for reads and for
+/// overwrites of blocks that are mapped and written already; exclusive for writes
+/// that may allocate. The check looks the range up (without allocating) under the
+/// shared lock, as ext4 decides an overwrite, and keeps that lock when the answer is
+/// shared; a sync caller waits for it, an async one only tries it (and asks for the
+/// exclusive kind when it cannot check).
+fn locking_kind(
+    file: &Shared,
+    op: Op,
+    offset: u64,
+    end: u64,
+    is_async: bool,
+) -> std::result::Result<Need, LockWait> {
+    if op == Op::Read {
+        return Ok(Need::Take(LockKind::Shared));
+    }
+    if end > file.state.size() {
+        return Ok(Need::Take(LockKind::Exclusive));
+    }
+    let lk = file.state.file_lock();
+    if is_async {
+        if !lk.try_acquire(LockKind::Shared) {
+            return Ok(Need::Take(LockKind::Exclusive));
+        }
+    } else {
+        lk.acquire(LockKind::Shared);
+    }
+    let fs = u64::from(file.fs_block);
+    let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let (mut block, last) = (offset / fs, (end - 1) / fs);
+        while block <= last {
+            let e = file.map.map(block, last - block + 1, false)?;
+            if e.len == 0 || e.new || !matches!(e.mapping, Mapping::Mapped(_)) {
+                return Ok(false);
+            }
+            block += e.len;
+        }
+        Ok(true)
+    }));
+    if matches!(checked, Ok(Ok(true))) {
+        return Ok(Need::HeldShared);
+    }
+    lk.release(LockKind::Shared);
+    match checked {
+        Ok(Ok(_)) => Ok(Need::Take(LockKind::Exclusive)),
+        Ok(Err(e)) => Err(LockWait::Error(e)),
+        Err(p) => Err(LockWait::Panicked(p)),
+    }
+}
+
 /// Run one async call on memory the call owns (it travels with `done`, so there is
 /// nothing to pin).
 pub(crate) fn run_async(
@@ -177,6 +242,14 @@ pub(crate) fn run(
     let fs = u64::from(file.fs_block);
     let end = offset + checked.len;
 
+    // An async call never waits (it may run on a thread that delivers completions):
+    // where a sync call would wait for a lock, it parks a retry of itself, started
+    // again when the lock is released. It owns its memory and has nothing to pin.
+    let retry = |done: Done, extra: Extra| -> Job {
+        let (file, mem) = (Arc::clone(file), mem.to_vec());
+        Box::new(move || run_async(&file, op, offset, &mem, flags, done, extra))
+    };
+
     // Writes that share an fs block with another write must not run at once: the
     // zeroing of a fresh block's uncovered part would wipe the other's data
     // (fstests generic/240). Lock the fs-block-rounded range until completion.
@@ -184,23 +257,87 @@ pub(crate) fn run(
         (_, Some(r)) => Some(r),
         (Op::Write, None) => {
             let r = write_lock_range(fs, offset, end);
-            if let Err(e) = lock_write_range(file, r, flags) {
-                return finish_now(done, Err(e));
+            match done {
+                Some(d) if !flags.contains(Flags::NOWAIT) && !state.ranges().try_lock(r.0, r.1) => {
+                    if let Some(job) = state.ranges().park_unless_free(r.0, r.1, retry(d, extra)) {
+                        job();
+                    }
+                    return None;
+                }
+                Some(d) => {
+                    if flags.contains(Flags::NOWAIT) && !state.ranges().try_lock(r.0, r.1) {
+                        return finish_now(Some(d), Err(Error::WouldBlock));
+                    }
+                    done = Some(d);
+                }
+                None => {
+                    if let Err(e) = lock_write_range(file, r, flags) {
+                        return finish_now(None, Err(e));
+                    }
+                }
             }
             Some(r)
         }
         (Op::Read, None) => None,
     };
+    // The range lock we took (not one a caller holds for us) is ours to give back.
+    let own_range = if extra.range_locked.is_none() {
+        range_lock
+    } else {
+        None
+    };
 
-    let guard = flags.contains(Flags::LOCKING).then(|| state.lock_shared());
+    // The file lock of the locking mode: reads share it for their lookups; writes
+    // hold it until their data is on the device, alone when they may allocate
+    // (fill a hole, convert an unwritten extent, extend the file), so that no locking
+    // reader maps a fresh block before its data is there (the seed's i_mutex).
+    let mut held = None;
+    if flags.contains(Flags::LOCKING) {
+        let (kind, have) = match locking_kind(file, op, offset, end, done.is_some()) {
+            Ok(Need::Take(k)) => (k, false),
+            Ok(Need::HeldShared) => (LockKind::Shared, true),
+            Err(LockWait::Panicked(p)) => {
+                unlock_range(own_range);
+                std::panic::resume_unwind(p);
+            }
+            Err(LockWait::Error(e)) => {
+                unlock_range(own_range);
+                return finish_now(done, Err(e));
+            }
+        };
+        let lk = state.file_lock();
+        match done {
+            _ if have => {}
+            None => lk.acquire(kind),
+            Some(d) if !lk.try_acquire(kind) => {
+                if flags.contains(Flags::NOWAIT) {
+                    unlock_range(own_range);
+                    return finish_now(Some(d), Err(Error::WouldBlock));
+                }
+                unlock_range(own_range);
+                if let Some(job) = lk.park_unless_free(kind, retry(d, extra)) {
+                    job();
+                }
+                return None;
+            }
+            Some(d) => done = Some(d),
+        }
+        held = Some(kind);
+    }
+    let release_lock = |held: &mut Option<LockKind>| {
+        if let Some(k) = held.take() {
+            state.file_lock().release(k);
+        }
+    };
+
     // Counted in before i_size is sampled and blocks are mapped, so that a truncate
     // either waits for this call or runs entirely before it.
     let skip_count = flags.contains(Flags::SKIP_DIO_COUNT);
     if !skip_count && matches!(state.try_dio_begin(), Begin::Closed) {
         // A truncate is under way: this call starts once it is over.
-        drop(guard);
+        release_lock(&mut held);
         if flags.contains(Flags::NOWAIT) {
-            unlock_range(range_lock);
+            unlock_range(own_range);
             return finish_now(done, Err(Error::WouldBlock));
         }
         // The range lock, if taken, stays held for the second start.
@@ -212,13 +349,7 @@ pub(crate) fn run(
             state.wait_gate();
             return run(file, op, offset, mem, lender, flags, pin, None, extra);
         };
-        // An async call must not block here: its caller may be a device thread
-        // whose other completions the truncate waits for. It owns its memory, so
-        // the references stay valid until it runs, and it has nothing to pin.
-        let (file, mem) = (Arc::clone(file), mem.to_vec());
-        state.defer(Box::new(move || {
-            run_async(&file, op, offset, &mem, flags, done, extra)
-        }));
+        state.defer(retry(done, extra));
         return None;
     }
     let i_size = state.size();
@@ -226,18 +357,16 @@ pub(crate) fn run(
         if !skip_count {
             state.dio_end();
         }
-        drop(guard);
+        release_lock(&mut held);
         unlock_range(range_lock);
         return finish_now(done, Ok(0));
     }
-    // An extending write is synchronous unless the file system allows async
-    // extension: i_size must not move before the data is on the device.
+    // An extending write completes only once its data is on the device, and then
+    // moves i_size. Unless the file system allows async extension, that finish runs
+    // on the completion worker (where it may block), never in a device's context.
     let logical_end = extra.logical_end.unwrap_or(end).min(end);
     let extend = op == Op::Write && logical_end > i_size;
-    let mut forced_sync = None;
-    if done.is_some() && extend && !flags.contains(Flags::ASYNC_EXTEND) {
-        forced_sync = done.take();
-    }
+    let defer_extend = done.is_some() && extend && !flags.contains(Flags::ASYNC_EXTEND);
     let dsync = op == Op::Write && flags.contains(Flags::DSYNC);
     let dio = Arc::new(Dio::new(
         Arc::clone(file),
@@ -249,6 +378,14 @@ pub(crate) fn run(
         range_lock,
         done,
     ));
+    if defer_extend {
+        dio.set_defer();
+    }
+    // A write keeps the file lock until it completes; a read gives it back after its
+    // lookups (below).
+    if op == Op::Write {
+        dio.hold_file_lock(held.take());
+    }
     let poll = flags.contains(Flags::POLL);
     let walk_in = Walk {
         op,
@@ -303,7 +440,7 @@ pub(crate) fn run(
         ),
     };
     // All lookups are done: a locking read drops the lock before waiting.
-    drop(guard);
+    release_lock(&mut held);
     let stop = match stop {
         // A write that met a hole before writing anything tells the caller so.
         Stop::Clean if op == Op::Write && walked == 0 => Stop::Error(Error::Hole { offset }),
@@ -321,13 +458,6 @@ pub(crate) fn run(
     let r = dio.submitter_done(poll);
     // A panic in end_io during a sync finish goes on to the caller, too.
     let panic = panic.or_else(|| later.take_panic());
-    let r = match (forced_sync, r) {
-        (Some(d), Some(r)) => {
-            d(r);
-            None
-        }
-        (_, r) => r,
-    };
     if let Some(payload) = panic {
         std::panic::resume_unwind(payload);
     }

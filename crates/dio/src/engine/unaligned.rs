@@ -14,11 +14,12 @@
 //! It builds on the request layer and owns no walk or request-building logic.
 
 use std::io::{IoSlice, IoSliceMut};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use super::request::{self, write_lock_range, Extra};
 use super::{Completed, Flags, Shared};
 use crate::buf::{self, AlignedBuf, MemRef, OwnedBuf};
+use crate::file::Job;
 use crate::device::Op;
 use crate::{Error, Result};
 
@@ -656,7 +657,7 @@ pub(crate) fn read_async<B: OwnedBuf>(
 pub(crate) fn write_async<B: OwnedBuf>(
     file: &Arc<Shared>,
     off: u64,
-    mut bufs: Vec<B>,
+    bufs: Vec<B>,
     flags: Flags,
     done: impl FnOnce(Completed<B>) + Send + 'static,
 ) {
@@ -681,44 +682,165 @@ pub(crate) fn write_async<B: OwnedBuf>(
     }
     let lb = u64::from(file.geometry.logical_block);
     let plan = Plan::new(off, len, lb);
-    let direct = middle_is_direct(file, &plan, &owned_pieces(&mut bufs));
-    let range = match lock_range(file, &plan, flags) {
-        Ok(r) => r,
-        Err(e) => {
+    // The block range stays locked from the reads of the partial blocks to the end
+    // of the write. An async call never waits for it: it parks and starts again.
+    let range = write_lock_range(u64::from(file.fs_block), plan.a0, plan.a1);
+    let ranges = file.state.ranges();
+    if !ranges.try_lock(range.0, range.1) {
+        if flags.contains(Flags::NOWAIT) {
             return done(Completed {
+                result: Err(Error::WouldBlock),
+                bufs,
+            });
+        }
+        let again = Arc::clone(file);
+        let job: Job = Box::new(move || write_async(&again, off, bufs, flags, done));
+        if let Some(job) = ranges.park_unless_free(range.0, range.1, job) {
+            job();
+        }
+        return;
+    }
+    // Read the partial end blocks without waiting (this may be a device's
+    // completion thread); patch and write once they are in.
+    let (head, tail) = plan.bounce_blocks(file);
+    let file2 = Arc::clone(file);
+    read_ends_async(file, &plan, head, tail, flags, move |ends| match ends {
+        Err(e) => {
+            file2.state.ranges().unlock(range.0, range.1);
+            done(Completed {
                 result: Err(e),
                 bufs,
-            })
+            });
         }
-    };
-    let mut blocks: Vec<AlignedBuf> = Vec::new();
-    let patched = if direct {
-        let (mut head, mut tail) = plan.bounce_blocks(file);
-        let src: Vec<&[u8]> = bufs.iter_mut().map(|b| &*b.as_mut_slice()).collect();
-        let r = read_modify(
-            file,
-            &plan,
-            head.as_deref_mut(),
-            tail.as_deref_mut(),
-            &src,
-            flags,
-        );
-        blocks.extend(head.into_iter().chain(tail));
-        r
-    } else {
-        // One bounce buffer for the whole widened range.
-        let mut b = AlignedBuf::new((plan.a1 - plan.a0) as usize, file.geometry.buffer_align());
-        let src: Vec<&[u8]> = bufs.iter_mut().map(|x| &*x.as_mut_slice()).collect();
-        let r = fill_widened(file, &plan, &mut b, &src, flags);
-        blocks.push(b);
-        r
-    };
-    if let Err(e) = patched {
-        file.state.ranges().unlock(range.0, range.1);
-        return done(Completed {
-            result: Err(e),
-            bufs,
+        Ok((head, tail)) => write_patched(&file2, plan, head, tail, bufs, flags, range, done),
+    });
+}
+
+/// What [`read_ends_async`] hands on: the head and tail blocks, read.
+type Ends = Result<(Option<AlignedBuf>, Option<AlignedBuf>)>;
+
+/// Read the partial head and tail blocks of a write (those present) with async
+/// calls, then call `then` with them (bytes past what a read returned are zeros),
+/// on whatever thread completes the last read.
+fn read_ends_async(
+    file: &Arc<Shared>,
+    plan: &Plan,
+    head: Option<AlignedBuf>,
+    tail: Option<AlignedBuf>,
+    flags: Flags,
+    then: impl FnOnce(Ends) + Send + 'static,
+) {
+    struct Gather {
+        head: Option<AlignedBuf>,
+        tail: Option<AlignedBuf>,
+        pending: usize,
+        error: Option<Error>,
+        then: Option<Box<dyn FnOnce(Ends) + Send>>,
+    }
+    let reads: Vec<(bool, u64, AlignedBuf)> = head
+        .map(|b| (true, plan.a0, b))
+        .into_iter()
+        .chain(tail.map(|b| (false, plan.tail.expect("a tail block has a start"), b)))
+        .collect();
+    if reads.is_empty() {
+        return then(Ok((None, None)));
+    }
+    let state = Arc::new(Mutex::new(Gather {
+        head: None,
+        tail: None,
+        pending: reads.len(),
+        error: None,
+        then: Some(Box::new(then)),
+    }));
+    // Only the partial blocks' own flags matter to their reads.
+    let read_flags = flags & (Flags::LOCKING | Flags::NOWAIT | Flags::SKIP_DIO_COUNT);
+    for (is_head, pos, block) in reads {
+        let state = Arc::clone(&state);
+        let mut block = vec![block];
+        let mem = buf::lend_owned(&mut block);
+        let done: super::complete::Done = Box::new(move |r: Result<usize>| {
+            let mut block = block.pop().expect("the block comes back");
+            let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+            match r {
+                Ok(n) => {
+                    block[n..].fill(0);
+                    if is_head {
+                        st.head = Some(block);
+                    } else {
+                        st.tail = Some(block);
+                    }
+                }
+                Err(e) => {
+                    st.error.get_or_insert(e);
+                }
+            }
+            st.pending -= 1;
+            if st.pending > 0 {
+                return;
+            }
+            let then = st.then.take().expect("called once");
+            let ends = match st.error.take() {
+                Some(e) => Err(e),
+                None => Ok((st.head.take(), st.tail.take())),
+            };
+            drop(st);
+            then(ends);
         });
+        request::run_async(file, Op::Read, pos, &mem, read_flags, done, Extra::default());
+    }
+}
+
+/// The second half of an async read-modify-write: patch the caller's bytes into the
+/// read end blocks and write the widened range (the middle straight from the
+/// caller's buffers when their memory suits it, else one bounce buffer), the block
+/// range still locked until the write completes.
+#[allow(clippy::too_many_arguments)]
+fn write_patched<B: OwnedBuf>(
+    file: &Arc<Shared>,
+    plan: Plan,
+    mut head: Option<AlignedBuf>,
+    mut tail: Option<AlignedBuf>,
+    mut bufs: Vec<B>,
+    flags: Flags,
+    range: (u64, u64),
+    done: impl FnOnce(Completed<B>) + Send + 'static,
+) {
+    let direct = middle_is_direct(file, &plan, &owned_pieces(&mut bufs));
+    let lb = plan.lb as usize;
+    let mut blocks: Vec<AlignedBuf> = Vec::new();
+    {
+        let src: Vec<&[u8]> = bufs.iter_mut().map(|b| &*b.as_mut_slice()).collect();
+        if let Some(h) = head.as_deref_mut() {
+            let from = (plan.off - plan.a0) as usize;
+            let to = ((plan.end - plan.a0) as usize).min(lb);
+            gather(src.iter().copied(), 0, &mut h[from..to]);
+        }
+        if let (Some(t), Some(t0)) = (tail.as_deref_mut(), plan.tail) {
+            let at = (t0 - plan.off) as usize;
+            gather(src.iter().copied(), at, &mut t[..(plan.end - t0) as usize]);
+        }
+        if direct {
+            blocks.extend(head.take().into_iter().chain(tail.take()));
+        } else {
+            // One bounce buffer for the whole widened range: the patched end blocks
+            // in place, the caller's bytes between them.
+            let mut b =
+                AlignedBuf::new((plan.a1 - plan.a0) as usize, file.geometry.buffer_align());
+            if let Some(h) = &head {
+                b[..lb].copy_from_slice(h);
+            }
+            if let (Some(t), Some(t0)) = (&tail, plan.tail) {
+                let at = (t0 - plan.a0) as usize;
+                b[at..at + lb].copy_from_slice(t);
+            }
+            let from = (plan.off - plan.a0) as usize;
+            gather(
+                src.iter().copied(),
+                0,
+                &mut b[from..from + (plan.end - plan.off) as usize],
+            );
+            blocks.push(b);
+        }
     }
     let mem = if direct {
         widened_owned(&plan, &mut blocks, &mut bufs)
