@@ -215,13 +215,18 @@ fn appends_started_from_callbacks_complete() {
             let next = file.clone();
             let data = AlignedBuf::from_slice(&[n as u8 + 1; 4096], 4096);
             // From a read's callback (a device thread), an appending write.
-            file.read_async(0, vec![AlignedBuf::new(4096, 4096)], Flags::NONE, move |_| {
-                let after = next.clone();
-                next.write_async(n * 4096, vec![data], Flags::NONE, move |c| {
-                    assert_eq!(c.result.unwrap(), 4096);
-                    append(after, n + 1, tx);
-                });
-            });
+            file.read_async(
+                0,
+                vec![AlignedBuf::new(4096, 4096)],
+                Flags::NONE,
+                move |_| {
+                    let after = next.clone();
+                    next.write_async(n * 4096, vec![data], Flags::NONE, move |c| {
+                        assert_eq!(c.result.unwrap(), 4096);
+                        append(after, n + 1, tx);
+                    });
+                },
+            );
         }
         let (tx, rx) = mpsc::channel();
         append(file.clone(), 0, tx);
@@ -305,12 +310,17 @@ fn race_rounds(file: &DirectFile, trunc: Truncate, rounds: usize, mut seed: u64)
 #[test]
 fn truncate_and_read_modify_write_exclude_each_other_on_ram() {
     let size = 1 << 20;
-    let dev = MemDeviceConfig::new(size, 512)
-        .fill(0xAA)
-        .threaded(Some(Duration::from_micros(20)), true, 9);
+    let dev = MemDeviceConfig::new(size, 512).fill(0xAA).threaded(
+        Some(Duration::from_micros(20)),
+        true,
+        9,
+    );
     let file = DirectFile::new(
         Arc::new(MemDevice::new(dev)),
-        Arc::new(dio::TestMap::new(dio::TestMapConfig::new(FS, size / u64::from(FS)))),
+        Arc::new(dio::TestMap::new(dio::TestMapConfig::new(
+            FS,
+            size / u64::from(FS),
+        ))),
         Arc::new(FileState::new(0)),
     )
     .unwrap();
@@ -423,16 +433,25 @@ fn locking_readers_never_see_a_hole_being_filled_before_its_data() {
                 let mut buf = AlignedBuf::new(FS as usize, 4096);
                 let mut reads = 0;
                 while !d.load(Ordering::SeqCst) || reads < 3 {
-                    assert_eq!(r.read_at(at, &mut buf, Flags::LOCKING).unwrap(), FS as usize);
+                    assert_eq!(
+                        r.read_at(at, &mut buf, Flags::LOCKING).unwrap(),
+                        FS as usize
+                    );
                     let x = buf[0];
-                    assert!(x == 0 || x == 0x77, "block {b}: read {x:#x}: stale device data");
+                    assert!(
+                        x == 0 || x == 0x77,
+                        "block {b}: read {x:#x}: stale device data"
+                    );
                     assert!(buf.iter().all(|&y| y == x), "block {b}: mixed");
                     reads += 1;
                 }
             });
             thread::sleep(Duration::from_millis(2));
             let data = AlignedBuf::from_slice(&[0x77; FS as usize], 4096);
-            assert_eq!(file.write_at(at, &data, Flags::LOCKING).unwrap(), FS as usize);
+            assert_eq!(
+                file.write_at(at, &data, Flags::LOCKING).unwrap(),
+                FS as usize
+            );
             done.store(true, Ordering::SeqCst);
             reader.join().unwrap();
         }
@@ -469,9 +488,17 @@ fn cuts_at_the_request_limit_respect_memory_alignment() {
             .collect();
         let slices: Vec<std::io::IoSlice> = bufs.iter().map(|b| std::io::IoSlice::new(b)).collect();
         let what = format!("lb {lb} align {align} segs {segs} max {max} off {off} lens {lens:?}");
-        assert_eq!(file.write(off, &slices, Flags::NONE).unwrap(), total, "{what}");
+        assert_eq!(
+            file.write(off, &slices, Flags::NONE).unwrap(),
+            total,
+            "{what}"
+        );
         let mut back = AlignedBuf::new(total, 4096);
-        assert_eq!(file.read_at(off, &mut back, Flags::NONE).unwrap(), total, "{what}");
+        assert_eq!(
+            file.read_at(off, &mut back, Flags::NONE).unwrap(),
+            total,
+            "{what}"
+        );
         let want: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
         assert!(back[..] == want[..], "{what}: data differs");
     };
@@ -549,7 +576,11 @@ fn truncate_goes_through_the_maps_submit_io_hook() {
     )
     .unwrap();
     let data: Vec<u8> = (0..8192).map(|i| (i % 251) as u8 + 1).collect();
-    assert_eq!(file.write_at(0, &AlignedBuf::from_slice(&data, 4096), Flags::NONE).unwrap(), 8192);
+    assert_eq!(
+        file.write_at(0, &AlignedBuf::from_slice(&data, 4096), Flags::NONE)
+            .unwrap(),
+        8192
+    );
     // On the device, the data is encrypted.
     assert_eq!(mem.read_raw(0, 1)[0], data[0] ^ KEY);
     file.truncate(100).unwrap();

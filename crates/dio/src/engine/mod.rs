@@ -39,7 +39,9 @@ impl Flags {
     pub const LOCKING: Flags = Flags(1);
     /// Never allocate inside i_size: a write that meets a hole stops there.
     pub const SKIP_HOLES: Flags = Flags(1 << 1);
-    /// Let an async write that extends the file stay async.
+    /// Let an async write that extends the file finish in the device's completion
+    /// context (without it, the finish, which moves the size and calls the map's
+    /// `end_io`, runs on dio's completion worker, where it may block).
     pub const ASYNC_EXTEND: Flags = Flags(1 << 2);
     /// Do not count the call in the file's in-flight count (the caller excludes
     /// truncate itself).
@@ -47,7 +49,9 @@ impl Flags {
     /// O_DSYNC: the data is durable when the call completes (FUA writes, plus a
     /// flush when metadata changed).
     pub const DSYNC: Flags = Flags(1 << 4);
-    /// Poll the device for completions instead of sleeping (high priority).
+    /// High priority: a sync call polls the device for completions before it sleeps
+    /// (a device whose completions come by polling is always polled); when a poll
+    /// finds nothing it sleeps until a completion wakes it, so it never spins.
     pub const POLL: Flags = Flags(1 << 5);
     /// Fail with [`Error::WouldBlock`] instead of waiting for another write that
     /// shares a block.
@@ -347,8 +351,8 @@ impl DirectFile {
     }
 
     /// Start an async write from owned buffers; see [`DirectFile::read_async`]. A
-    /// write that extends the file runs synchronously (the callback runs before this
-    /// returns) unless [`Flags::ASYNC_EXTEND`] is set.
+    /// write that extends the file moves the size once its data is on the device,
+    /// and finishes on the completion worker unless [`Flags::ASYNC_EXTEND`] is set.
     pub fn write_async<B: OwnedBuf>(
         &self,
         offset: u64,

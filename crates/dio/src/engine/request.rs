@@ -280,7 +280,9 @@ pub(crate) fn run(
         }
         (Op::Read, None) => None,
     };
-    // The range lock we took (not one a caller holds for us) is ours to give back.
+    // Every way out releases the range (a caller that locked it for us hands it over
+    // with the call), except a parked retry: that keeps a caller's range (the retry
+    // carries it in `extra`) and gives back only the one taken here.
     let own_range = if extra.range_locked.is_none() {
         range_lock
     } else {
@@ -297,11 +299,11 @@ pub(crate) fn run(
             Ok(Need::Take(k)) => (k, false),
             Ok(Need::HeldShared) => (LockKind::Shared, true),
             Err(LockWait::Panicked(p)) => {
-                unlock_range(own_range);
+                unlock_range(range_lock);
                 std::panic::resume_unwind(p);
             }
             Err(LockWait::Error(e)) => {
-                unlock_range(own_range);
+                unlock_range(range_lock);
                 return finish_now(done, Err(e));
             }
         };
@@ -311,7 +313,7 @@ pub(crate) fn run(
             None => lk.acquire(kind),
             Some(d) if !lk.try_acquire(kind) => {
                 if flags.contains(Flags::NOWAIT) {
-                    unlock_range(own_range);
+                    unlock_range(range_lock);
                     return finish_now(Some(d), Err(Error::WouldBlock));
                 }
                 unlock_range(own_range);
@@ -337,7 +339,7 @@ pub(crate) fn run(
         // A truncate is under way: this call starts once it is over.
         release_lock(&mut held);
         if flags.contains(Flags::NOWAIT) {
-            unlock_range(own_range);
+            unlock_range(range_lock);
             return finish_now(done, Err(Error::WouldBlock));
         }
         // The range lock, if taken, stays held for the second start.

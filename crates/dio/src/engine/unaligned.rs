@@ -19,8 +19,8 @@ use std::sync::{Arc, Mutex};
 use super::request::{self, write_lock_range, Extra};
 use super::{Completed, Flags, Shared};
 use crate::buf::{self, AlignedBuf, MemRef, OwnedBuf};
-use crate::file::Job;
 use crate::device::Op;
+use crate::file::Job;
 use crate::{Error, Result};
 
 /// Bytes bounced at a time when the caller's memory is not aligned.
@@ -786,7 +786,15 @@ fn read_ends_async(
             drop(st);
             then(ends);
         });
-        request::run_async(file, Op::Read, pos, &mem, read_flags, done, Extra::default());
+        request::run_async(
+            file,
+            Op::Read,
+            pos,
+            &mem,
+            read_flags,
+            done,
+            Extra::default(),
+        );
     }
 }
 
@@ -824,8 +832,7 @@ fn write_patched<B: OwnedBuf>(
         } else {
             // One bounce buffer for the whole widened range: the patched end blocks
             // in place, the caller's bytes between them.
-            let mut b =
-                AlignedBuf::new((plan.a1 - plan.a0) as usize, file.geometry.buffer_align());
+            let mut b = AlignedBuf::new((plan.a1 - plan.a0) as usize, file.geometry.buffer_align());
             if let Some(h) = &head {
                 b[..lb].copy_from_slice(h);
             }
