@@ -325,6 +325,7 @@ pub fn run(
             stop.check()?;
             // Start reads up to the queue depth.
             while q.len() < job.qd && !exhausted {
+                stop.check()?;
                 let (off, len) = if let Input::Stream(_) = input {
                     (stream_pos, job.bs as usize)
                 } else {
