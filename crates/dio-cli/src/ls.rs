@@ -149,7 +149,7 @@ pub fn run(a: &LsArgs) -> Result<(), Failure> {
             Err(e) => return Err(e),
         };
         if loc.inner.is_none() {
-            return Err(Failure::usage(format!(
+            return Err(Failure::msg(format!(
                 "{}: ls lists directories inside ext images: name one as IMAGE:/DIR (e.g. {}:/)",
                 loc.display(),
                 loc.display()
@@ -172,13 +172,14 @@ pub fn run(a: &LsArgs) -> Result<(), Failure> {
             let line = Line {
                 ino: img.inode.ino,
                 inode: Some(img.inode.clone()),
+                // One operand: its name, as before; several: as given, like ls.
                 name: if a.dirs.len() == 1 {
                     name.rsplit(|&c| c == b'/')
                         .find(|c| !c.is_empty())
                         .unwrap_or(b"/")
                         .to_vec()
                 } else {
-                    name
+                    loc.display().into_bytes()
                 },
             };
             files.push((img, line));
@@ -216,7 +217,7 @@ pub fn run(a: &LsArgs) -> Result<(), Failure> {
             let inode = if a.long {
                 match img.ext.inode(e.inode) {
                     Ok(i) => {
-                        blocks += i.blocks_512;
+                        blocks += crate::stat::kernel_blocks(&i);
                         Some(i)
                     }
                     Err(err) => {

@@ -46,6 +46,17 @@ pub fn date(t: Timestamp, full: bool) -> String {
 /// `EXT4_INLINE_DATA_FL`: the file's data lives in the inode.
 const INLINE_DATA: u32 = 0x1000_0000;
 
+/// `st_blocks` as the kernel reports it: a regular file with inline data counts
+/// at least the sectors its bytes take, so that tools do not take it for sparse
+/// (`ext4_file_getattr`; directories get no such addition).
+pub fn kernel_blocks(inode: &dio::fs::ext::Inode) -> u64 {
+    if inode.has_flag(INLINE_DATA) && inode.file_type() == dio::fs::ext::FileType::Regular {
+        inode.blocks_512 + inode.size.div_ceil(512)
+    } else {
+        inode.blocks_512
+    }
+}
+
 /// The extent table in `filefrag -v`'s layout.
 fn filefrag(extents: &[FileExtent], size_blocks: u64) -> String {
     let mut s = String::from(
@@ -95,13 +106,7 @@ pub fn run(loc: &Location, as_json: bool, engine: Engine) -> Result<(), Failure>
     let extents = img.ext.extents(inode).map_err(|e| loc.fail(e))?;
     let bs = u64::from(img.ext.block_size());
     let inline = inode.has_flag(INLINE_DATA);
-    // The kernel reports at least the sectors an inline file's bytes take, so
-    // that tools do not take it for sparse (ext4_file_getattr).
-    let blocks = if inline {
-        inode.blocks_512 + inode.size.div_ceil(512)
-    } else {
-        inode.blocks_512
-    };
+    let blocks = kernel_blocks(inode);
     let dev = crate::ls::device_numbers(inode);
     let target = if inode.file_type() == dio::fs::ext::FileType::Symlink {
         img.ext.read_link(inode).ok()
