@@ -155,7 +155,11 @@ impl End {
 /// An opened source, holding what its input borrows.
 enum Held {
     Stream(Box<dyn Read>),
-    Image { _img: Box<Image>, file: ExtFile, runs: Vec<(u64, u64)> },
+    Image {
+        _img: Box<Image>,
+        file: ExtFile,
+        runs: Vec<(u64, u64)>,
+    },
     Whole(Opened),
 }
 
@@ -445,13 +449,24 @@ fn destination(src: &End, dst: End) -> Result<End, Failure> {
 enum Dst {
     Stream(Box<dyn Write>),
     /// A host file (`is_file`), block device or export as a whole.
-    Whole { out: Opened, is_file: bool },
+    Whole {
+        out: Opened,
+        is_file: bool,
+    },
     /// A file inside an image, overwritten in place.
-    Image { img: Box<Image>, file: ExtFile },
+    Image {
+        img: Box<Image>,
+        file: ExtFile,
+    },
 }
 
 /// `dio cp SRC DST`.
-pub fn cp(src_arg: &OsStr, dst_arg: &OsStr, sparse: Sparse, args: &PipeArgs) -> Result<(), Failure> {
+pub fn cp(
+    src_arg: &OsStr,
+    dst_arg: &OsStr,
+    sparse: Sparse,
+    args: &PipeArgs,
+) -> Result<(), Failure> {
     args.check()?;
     let src_end = End::parse(src_arg)?;
     let dst_end = destination(&src_end, End::parse(dst_arg)?)?;
@@ -536,12 +551,35 @@ pub fn cp(src_arg: &OsStr, dst_arg: &OsStr, sparse: Sparse, args: &PipeArgs) -> 
     let result = match &mut dst {
         Dst::Stream(w) => {
             let runs = whole(0, n);
-            let job = Job { runs, size, skip_zeros: false, bs: args.bs, qd, align, block: 512 };
-            pipeline::run(held.input(), Output::Stream(w.as_mut()), job, &names, &stop, &bar)
+            let job = Job {
+                runs,
+                size,
+                skip_zeros: false,
+                bs: args.bs,
+                qd,
+                align,
+                block: 512,
+            };
+            pipeline::run(
+                held.input(),
+                Output::Stream(w.as_mut()),
+                job,
+                &names,
+                &stop,
+                &bar,
+            )
         }
         Dst::Image { file, .. } => {
             // Holes of the source land as zeros: the whole range.
-            let job = Job { runs: whole(0, n), size, skip_zeros: false, bs: args.bs, qd, align, block: 512 };
+            let job = Job {
+                runs: whole(0, n),
+                size,
+                skip_zeros: false,
+                bs: args.bs,
+                qd,
+                align,
+                block: 512,
+            };
             let input = match &spooled {
                 Some(b) => Input::Bytes(b),
                 None => held.input(),
@@ -552,7 +590,9 @@ pub fn cp(src_arg: &OsStr, dst_arg: &OsStr, sparse: Sparse, args: &PipeArgs) -> 
             let raw = out.raw.as_ref();
             let block = u64::from(out.direct.geometry().logical_block).max(512);
             let set_len = |len: u64| match raw {
-                Some(r) => r.set_len(len).map_err(|e| Failure::msg(format!("{dst_name}: {e}"))),
+                Some(r) => r
+                    .set_len(len)
+                    .map_err(|e| Failure::msg(format!("{dst_name}: {e}"))),
                 None => Ok(()),
             };
             if *is_file {
@@ -579,12 +619,15 @@ pub fn cp(src_arg: &OsStr, dst_arg: &OsStr, sparse: Sparse, args: &PipeArgs) -> 
             };
             let output = Output::Direct {
                 file: &out.direct,
-                grow: if *is_file && size.is_none() { raw } else { None },
+                grow: if *is_file && size.is_none() {
+                    raw
+                } else {
+                    None
+                },
                 limit: (!*is_file).then_some(out.size),
             };
-            // SAFETY of borrows: held's runs borrow held immutably; input needs it
-            // mutably only for streams, which have no runs.
-            let input = held_input(&mut held);
+            // The runs were collected above, so the source can lend its input.
+            let input = held.input();
             pipeline::run(input, output, job, &names, &stop, &bar)
         }
     };
@@ -604,14 +647,11 @@ pub fn cp(src_arg: &OsStr, dst_arg: &OsStr, sparse: Sparse, args: &PipeArgs) -> 
 fn held_runs(held: &Held, n: u64) -> Result<Runs<'static>, Failure> {
     // The runs are collected so that the source can be borrowed mutably for its
     // input afterwards; SEEK_DATA is asked lazily for host files up to here.
-    let runs: Vec<_> = held.data_runs(n)?.collect::<Result<_, _>>().map_err(|e| {
-        Failure::msg(format!("reading the data map of the source: {e}"))
-    })?;
+    let runs: Vec<_> = held
+        .data_runs(n)?
+        .collect::<Result<_, _>>()
+        .map_err(|e| Failure::msg(format!("reading the data map of the source: {e}")))?;
     Ok(Box::new(runs.into_iter().map(Ok)))
-}
-
-fn held_input(held: &mut Held) -> Input<'_> {
-    held.input()
 }
 
 /// Success: DST at its exact size and durable.
@@ -656,14 +696,19 @@ fn left_behind(dst: &mut Dst, p: &Progress, name: &str) -> String {
                 _ => format!("{name} holds the first {of}"),
             }
         }
-        Dst::Whole { out, is_file: false } => {
+        Dst::Whole {
+            out,
+            is_file: false,
+        } => {
             let _ = out.direct.sync_data();
             format!("{name} holds the first {of}; past that it holds what it held before")
         }
         Dst::Image { img, file } => {
             let _ = file.touch();
             let _ = img.sync();
-            format!("{name}: its first {of} were overwritten; past that it holds what it held before")
+            format!(
+                "{name}: its first {of} were overwritten; past that it holds what it held before"
+            )
         }
     }
 }

@@ -46,7 +46,14 @@ pub struct Location {
 }
 
 /// URI schemes people reach for that are NBD-like but not NBD as dio speaks it.
-const NBD_SCHEMES: [&str; 6] = ["nbd", "nbd+tcp", "nbd+unix", "nbds", "nbds+tcp", "nbds+unix"];
+const NBD_SCHEMES: [&str; 6] = [
+    "nbd",
+    "nbd+tcp",
+    "nbd+unix",
+    "nbds",
+    "nbds+tcp",
+    "nbds+unix",
+];
 
 /// The scheme of `scheme://...` (RFC 3986: a letter, then letters, digits, `+-.`).
 fn uri_scheme(bytes: &[u8]) -> Option<&str> {
@@ -250,7 +257,13 @@ impl Image {
         } else {
             Ext::open(dev, opened.size)
         }
-        .map_err(|e| Failure::msg(format!("{}: {}", loc.source.name(), image_error(e, opened.size))))?;
+        .map_err(|e| {
+            Failure::msg(format!(
+                "{}: {}",
+                loc.source.name(),
+                image_error(e, opened.size)
+            ))
+        })?;
         let inode = ext
             .lookup(inner, follow)
             .map_err(|e| loc.fail(lookup_error(e)))?;
@@ -296,9 +309,7 @@ fn relative_inner_hint(path: &Path) -> Option<String> {
     let img = Path::new(OsStr::from_bytes(img));
     img.is_file().then(|| {
         let (img, rest) = (img.display(), String::from_utf8_lossy(rest));
-        format!(
-            "no such file; paths inside an image start with `/`: did you mean {img}:/{rest}?"
-        )
+        format!("no such file; paths inside an image start with `/`: did you mean {img}:/{rest}?")
     })
 }
 

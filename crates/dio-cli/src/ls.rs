@@ -221,7 +221,11 @@ pub fn run(a: &LsArgs) -> Result<(), Failure> {
                         Some(i)
                     }
                     Err(err) => {
-                        say(format_args!("{}/{}: {err}", loc.display().trim_end_matches('/'), show_name(&e.name)));
+                        say(format_args!(
+                            "{}/{}: {err}",
+                            loc.display().trim_end_matches('/'),
+                            show_name(&e.name)
+                        ));
                         failed = true;
                         continue;
                     }

@@ -397,8 +397,16 @@ pub fn run(
                     let buf = check_done("read", names.src, off, len, fut.wait())?.into_inner();
                     moved += len as u64;
                     if let Some(s) = handle(
-                        &mut output, &mut pool, &mut tracker, names, off, len, buf, skip_zeros,
-                        &mut grown, job.block,
+                        &mut output,
+                        &mut pool,
+                        &mut tracker,
+                        names,
+                        off,
+                        len,
+                        buf,
+                        skip_zeros,
+                        &mut grown,
+                        job.block,
                     )? {
                         q.push_back(Slot { off, len, stage: s });
                     }
@@ -406,8 +414,16 @@ pub fn run(
                 Stage::Data(buf) => {
                     moved += len as u64;
                     if let Some(s) = handle(
-                        &mut output, &mut pool, &mut tracker, names, off, len, buf, skip_zeros,
-                        &mut grown, job.block,
+                        &mut output,
+                        &mut pool,
+                        &mut tracker,
+                        names,
+                        off,
+                        len,
+                        buf,
+                        skip_zeros,
+                        &mut grown,
+                        job.block,
                     )? {
                         q.push_back(Slot { off, len, stage: s });
                     }
@@ -416,7 +432,7 @@ pub fn run(
                     let mut first_err = None;
                     for fut in futs {
                         let done = fut.wait();
-                        let want = done.bufs.first().map_or(0, |b| dio::OwnedBuf::len(b));
+                        let want = done.bufs.first().map_or(0, dio::OwnedBuf::len);
                         match check_done("write", names.dst, off, want, done) {
                             Ok(b) => pool.give(b.into_inner()),
                             Err(e) => {
@@ -445,7 +461,7 @@ pub fn run(
                 let mut ok = true;
                 for f in futs {
                     let done = f.wait();
-                    let want = done.bufs.first().map_or(0, |b| dio::OwnedBuf::len(b));
+                    let want = done.bufs.first().map_or(0, dio::OwnedBuf::len);
                     ok &= matches!(done.result, Ok(n) if n == want);
                 }
                 if ok {

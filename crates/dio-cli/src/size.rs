@@ -25,7 +25,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 /// An offset or length: a size, where a negative number gets a plain message.
 pub fn parse_offset(s: &str) -> Result<u64, String> {
     if s.trim().starts_with('-') {
-        return Err(format!("`{s}` is negative: offsets and lengths count bytes from the start, 0 or more"));
+        return Err(format!(
+            "`{s}` is negative: offsets and lengths count bytes from the start, 0 or more"
+        ));
     }
     parse_size(s)
 }

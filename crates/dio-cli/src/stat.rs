@@ -37,7 +37,10 @@ pub fn date(t: Timestamp, full: bool) -> String {
     let (y, mo, d) = civil(days);
     let (h, mi, s) = (secs / 3600, secs / 60 % 60, secs % 60);
     if full {
-        format!("{y:04}-{mo:02}-{d:02} {h:02}:{mi:02}:{s:02}.{:09} +0000", t.nsecs)
+        format!(
+            "{y:04}-{mo:02}-{d:02} {h:02}:{mi:02}:{s:02}.{:09} +0000",
+            t.nsecs
+        )
     } else {
         format!("{y:04}-{mo:02}-{d:02} {h:02}:{mi:02}")
     }
@@ -195,7 +198,10 @@ mod tests {
     fn dates_are_utc_civil_dates() {
         let t = |secs, nsecs| Timestamp { secs, nsecs };
         assert_eq!(date(t(0, 0), true), "1970-01-01 00:00:00.000000000 +0000");
-        assert_eq!(date(t(951_782_400, 5), true), "2000-02-29 00:00:00.000000005 +0000");
+        assert_eq!(
+            date(t(951_782_400, 5), true),
+            "2000-02-29 00:00:00.000000005 +0000"
+        );
         assert_eq!(date(t(1_700_000_000, 0), false), "2023-11-14 22:13");
         assert_eq!(date(t(-1, 0), false), "1969-12-31 23:59");
     }

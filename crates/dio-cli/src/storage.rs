@@ -38,7 +38,9 @@ struct Keys {
 impl Keys {
     fn overlap(&self, other: &Keys) -> bool {
         let meets = |a: &[Key], b: &[Key]| a.iter().any(|k| b.contains(k));
-        meets(&self.is, &other.is) || meets(&self.is, &other.inside) || meets(&self.inside, &other.is)
+        meets(&self.is, &other.is)
+            || meets(&self.is, &other.inside)
+            || meets(&self.inside, &other.is)
     }
 }
 
@@ -56,7 +58,9 @@ fn sysfs_dirs(rdev: u64) -> (PathBuf, Option<PathBuf>) {
         rustix::fs::minor(rdev)
     ));
     let parent = if dir.join("partition").exists() {
-        fs::canonicalize(&dir).ok().and_then(|d| d.parent().map(Path::to_path_buf))
+        fs::canonicalize(&dir)
+            .ok()
+            .and_then(|d| d.parent().map(Path::to_path_buf))
     } else {
         None
     };
@@ -76,13 +80,20 @@ fn loop_backing(dir: &Path) -> Option<Key> {
 /// inside (a partition: its disk and the disk's backing file).
 fn block_keys(rdev: u64, keys: &mut Keys, inside_only: bool) {
     let (dir, parent) = sysfs_dirs(rdev);
-    let is = if inside_only { &mut keys.inside } else { &mut keys.is };
+    let is = if inside_only {
+        &mut keys.inside
+    } else {
+        &mut keys.is
+    };
     is.push(Key::Block(rdev));
     if let Some(k) = loop_backing(&dir) {
         is.push(k);
     }
     if let Some(p) = parent {
-        if let Some(d) = fs::read_to_string(p.join("dev")).ok().and_then(|s| dev_of(&s)) {
+        if let Some(d) = fs::read_to_string(p.join("dev"))
+            .ok()
+            .and_then(|s| dev_of(&s))
+        {
             keys.inside.push(Key::Block(d));
         }
         if let Some(k) = loop_backing(&p) {

@@ -8,9 +8,9 @@
 //! inode checksum are updated; a refused write changes nothing. A host file grows
 //! as `pwrite` would make it.
 
+use std::ffi::OsStr;
 use std::fs::File;
 use std::io::Read;
-use std::ffi::OsStr;
 use std::path::PathBuf;
 
 use dio::Flags;
@@ -136,8 +136,8 @@ pub fn run(
             }
             Err(e) => {
                 return Err(target.fail(format!(
-                    "write at offset {pos} (of the {n} bytes from {in_name} at --offset {offset}): {e}"
-                )))
+                "write at offset {pos} (of the {n} bytes from {in_name} at --offset {offset}): {e}"
+            )))
             }
         }
         pos += n as u64;

@@ -103,7 +103,9 @@ fn unpack(dir: &Path, name: &str) -> PathBuf {
 
 /// "holds the first N of M bytes" -> (N, M).
 fn held(err: &str) -> (u64, Option<u64>) {
-    let i = err.find("holds the first ").unwrap_or_else(|| panic!("{err}"));
+    let i = err
+        .find("holds the first ")
+        .unwrap_or_else(|| panic!("{err}"));
     let rest = &err[i + "holds the first ".len()..];
     let mut w = rest.split_whitespace();
     let n = w.next().unwrap().parse().unwrap();
@@ -130,7 +132,10 @@ fn cp_refuses_a_source_inside_its_destination_and_touches_nothing() {
         let o = dio(&["cp", src, dst]);
         assert_eq!(o.status.code(), Some(1), "cp {src} {dst}: {}", stderr(&o));
         assert!(stderr(&o).contains(says), "cp {src} {dst}: {}", stderr(&o));
-        assert!(fs::read(&img).unwrap() == before, "cp {src} {dst} changed the image");
+        assert!(
+            fs::read(&img).unwrap() == before,
+            "cp {src} {dst} changed the image"
+        );
     }
     // A hard link is the same inode.
     let a = dir.path().join("a");
@@ -201,7 +206,10 @@ fn cp_refuses_a_loop_device_and_its_backing_file() {
         assert_eq!(o.status.code(), Some(1), "cp {src} {dst}: {}", stderr(&o));
         assert!(stderr(&o).contains("refusing"), "{}", stderr(&o));
         drop(fs::File::open(&img).unwrap().sync_all());
-        assert!(fs::read(&img).unwrap() == before, "cp {src} {dst} changed the image");
+        assert!(
+            fs::read(&img).unwrap() == before,
+            "cp {src} {dst} changed the image"
+        );
     }
 }
 
@@ -227,7 +235,15 @@ fn ctrl_c_mid_copy_leaves_dst_holding_only_the_copied_prefix() {
     let data = bytes(size, 42);
     fs::write(&src, &data).unwrap();
     let mut child = dio_cmd(&[
-        "cp", "--engine", "sync", "--bs", "64k", "--qd", "1", s(&src), s(&dst),
+        "cp",
+        "--engine",
+        "sync",
+        "--bs",
+        "64k",
+        "--qd",
+        "1",
+        s(&src),
+        s(&dst),
     ])
     .stderr(Stdio::piped())
     .spawn()
@@ -255,7 +271,73 @@ fn ctrl_c_mid_copy_leaves_dst_holding_only_the_copied_prefix() {
     assert!(n < size as u64, "{err}");
     let got = fs::read(&dst).unwrap();
     assert_eq!(got.len() as u64, n, "DST's length is the prefix it claims");
-    assert!(got[..] == data[..n as usize], "DST's bytes are the source's");
+    assert!(
+        got[..] == data[..n as usize],
+        "DST's bytes are the source's"
+    );
+}
+
+/// Ctrl-C in the middle of a copy to a block device: it says how far it got, and
+/// those bytes are on the device (read back through the backing file).
+#[test]
+fn ctrl_c_mid_copy_to_a_device_reports_how_far_it_got() {
+    if !is_root() {
+        return skip("not root: no loop devices");
+    }
+    let dir = scratch();
+    let back = dir.path().join("dev");
+    fs::File::create(&back).unwrap().set_len(64 << 20).unwrap();
+    let lo = match attach(&back) {
+        Ok(l) => l,
+        Err(e) => return skip(&format!("losetup: {e}")),
+    };
+    let src = dir.path().join("src");
+    let size = 48usize << 20;
+    let data = bytes(size, 11);
+    fs::write(&src, &data).unwrap();
+    let mut child = dio_cmd(&[
+        "cp",
+        "--engine",
+        "sync",
+        "--bs",
+        "64k",
+        "--qd",
+        "1",
+        s(&src),
+        &lo.0,
+    ])
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    // Wait for the first bytes on the device, then stop it mid-copy.
+    let mut first = vec![0u8; 4096];
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            panic!("dio finished ({st}) before it could be interrupted");
+        }
+        let mut f = fs::File::open(&lo.0).unwrap();
+        f.read_exact(&mut first).unwrap();
+        if first[..] == data[..4096] {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    kill("-STOP", child.id());
+    kill("-INT", child.id());
+    kill("-CONT", child.id());
+    let o = child.wait_with_output().unwrap();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(130), "{err}");
+    let (n, m) = held(&err);
+    assert_eq!(m, Some(size as u64), "{err}");
+    assert!(n > 0 && n < size as u64, "{err}");
+    assert!(err.contains("what it held before"), "{err}");
+    drop(lo);
+    let got = fs::read(&back).unwrap();
+    assert!(
+        got[..n as usize] == data[..n as usize],
+        "the prefix is on the device"
+    );
 }
 
 /// Ctrl-C during a copy from a pipe: the same, with the bytes that arrived.
@@ -345,7 +427,10 @@ fn a_full_file_system_leaves_the_copied_prefix_and_exits_1() {
         assert!(n > 0 && n < size as u64, "{err}");
         let got = fs::read(&dst).unwrap();
         assert_eq!(got.len() as u64, n, "{err}");
-        assert!(got[..] == data[..n as usize], "{engine}: DST's bytes are the source's");
+        assert!(
+            got[..] == data[..n as usize],
+            "{engine}: DST's bytes are the source's"
+        );
         fs::remove_file(&dst).unwrap();
         // Let ext4 hand the freed blocks back before the next run.
         let _ = Command::new("sync").arg("-f").arg(&fsys.mnt).status();
@@ -381,7 +466,11 @@ fn dash_is_stdin_and_stdout_and_streams_use_plain_io() {
     assert!(!stderr(&o).contains("tmpfs"), "{}", stderr(&o));
     // A FIFO as the source.
     let fifo = dir.path().join("fifo");
-    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
     let (fifo2, d2) = (fifo.clone(), data.clone());
     let writer = std::thread::spawn(move || fs::write(&fifo2, &d2).unwrap());
     let h = dir.path().join("h");
@@ -414,15 +503,29 @@ fn zero_blocks_become_holes_unless_sparse_never() {
     let mut data = vec![0u8; 8 << 20];
     data[3 << 20..4 << 20].copy_from_slice(&bytes(1 << 20, 5));
     fs::write(&src, &data).unwrap();
-    assert!(allocated(&src) >= 8 << 20, "the source's zeros are written blocks");
+    assert!(
+        allocated(&src) >= 8 << 20,
+        "the source's zeros are written blocks"
+    );
     let dst = dir.path().join("dst");
     assert_ok(&dio(&["cp", s(&src), s(&dst)]), "cp");
     assert!(fs::read(&dst).unwrap() == data);
-    assert!(allocated(&dst) <= (1 << 20) + (64 << 10), "{} allocated", allocated(&dst));
+    assert!(
+        allocated(&dst) <= (1 << 20) + (64 << 10),
+        "{} allocated",
+        allocated(&dst)
+    );
     let full = dir.path().join("full");
-    assert_ok(&dio(&["cp", "--sparse=never", s(&src), s(&full)]), "cp never");
+    assert_ok(
+        &dio(&["cp", "--sparse=never", s(&src), s(&full)]),
+        "cp never",
+    );
     assert!(fs::read(&full).unwrap() == data);
-    assert!(allocated(&full) >= 8 << 20, "{} allocated", allocated(&full));
+    assert!(
+        allocated(&full) >= 8 << 20,
+        "{} allocated",
+        allocated(&full)
+    );
 }
 
 #[test]
@@ -442,7 +545,11 @@ fn a_mostly_empty_device_copies_to_a_sparse_file() {
     let out = dir.path().join("out");
     assert_ok(&dio(&["cp", &lo.0, s(&out)]), "cp dev file");
     assert!(fs::read(&out).unwrap() == data);
-    assert!(allocated(&out) <= (4 << 20) + (64 << 10), "{}", allocated(&out));
+    assert!(
+        allocated(&out) <= (4 << 20) + (64 << 10),
+        "{}",
+        allocated(&out)
+    );
 }
 
 // ---- 12. progress ----
@@ -456,7 +563,10 @@ fn progress_flags_force_or_silence_the_final_line() {
     let o = dio(&["cp", "--progress", s(&src), s(&dst)]);
     assert_ok(&o, "cp --progress");
     let e = stderr(&o);
-    assert!(e.contains("100000 bytes") && e.contains(" s, ") && e.contains("/s"), "{e}");
+    assert!(
+        e.contains("100000 bytes") && e.contains(" s, ") && e.contains("/s"),
+        "{e}"
+    );
     let o = dio(&["cat", "--progress", s(&src)]);
     assert!(stderr(&o).contains("100000 bytes"), "{}", stderr(&o));
     for args in [vec!["cp", "--no-progress"], vec!["cp"]] {

@@ -566,17 +566,31 @@ fn ls_takes_ls_flags_and_several_operands() {
     let all = String::from_utf8(ok(&dio(&["ls", "-a", &root]), "ls -a")).unwrap();
     assert!(all.starts_with(".\n..\n"), "{all}");
     let plain = String::from_utf8(ok(&dio(&["ls", "-1", &root]), "ls -1")).unwrap();
-    assert!(!plain.contains(".\n") && plain.contains("hello.txt\n"), "{plain}");
+    assert!(
+        !plain.contains(".\n") && plain.contains("hello.txt\n"),
+        "{plain}"
+    );
     // Several operands: files first, then each directory under a header.
-    let o = dio(&["ls", &format!("{img}:/dir"), &format!("{img}:/hello.txt"), &root]);
+    let o = dio(&[
+        "ls",
+        &format!("{img}:/dir"),
+        &format!("{img}:/hello.txt"),
+        &root,
+    ]);
     let out = String::from_utf8(ok(&o, "ls several")).unwrap();
-    assert!(out.starts_with(&format!("{img}:/hello.txt\n\n{img}:/dir:\n")), "{out}");
+    assert!(
+        out.starts_with(&format!("{img}:/hello.txt\n\n{img}:/dir:\n")),
+        "{out}"
+    );
     assert!(out.contains(&format!("\n\n{img}:/:\n")), "{out}");
     // -i: the inode number first, as stat has it.
     let o = dio(&["ls", "-i", &format!("{img}:/hello.txt")]);
     let line = String::from_utf8(ok(&o, "ls -i")).unwrap();
     let st = json_of(&dio(&["stat", "--json", &format!("{img}:/hello.txt")]));
-    assert_eq!(line.split_whitespace().next().unwrap(), st["inode"].to_string());
+    assert_eq!(
+        line.split_whitespace().next().unwrap(),
+        st["inode"].to_string()
+    );
     // --help still works.
     assert_eq!(code(&dio(&["ls", "--help"])), Some(0));
 }
@@ -594,7 +608,12 @@ fn ls_reports_an_unreadable_entry_and_lists_the_rest() {
     let img = unpack("ext4-4k", "lsbad");
     // Break hello.txt's inode checksum (metadata_csum): that entry cannot be read.
     let d = Command::new("debugfs")
-        .args(["-w", "-R", "set_inode_field /hello.txt checksum 0x1234", &img])
+        .args([
+            "-w",
+            "-R",
+            "set_inode_field /hello.txt checksum 0x1234",
+            &img,
+        ])
         .output()
         .unwrap();
     assert!(d.status.success(), "{}", String::from_utf8_lossy(&d.stderr));
@@ -613,27 +632,40 @@ fn stat_shows_inline_data_and_device_numbers() {
     let out = String::from_utf8(ok(&o, "stat inline")).unwrap();
     assert!(out.contains("Blocks: 1 "), "{out}");
     assert!(out.contains("inline"), "{out}");
-    assert!(out.contains("Modify: 20") && out.contains(" +0000"), "{out}");
+    assert!(
+        out.contains("Modify: 20") && out.contains(" +0000"),
+        "{out}"
+    );
     if !is_root() {
         eprintln!("skipped the device part: not root (mknod through a loop mount)");
         return;
     }
     let mnt = PathBuf::from(format!("{img}.mnt"));
     std::fs::create_dir_all(&mnt).unwrap();
-    let m = Command::new("mount").args(["-o", "loop", &img]).arg(&mnt).output().unwrap();
+    let m = Command::new("mount")
+        .args(["-o", "loop", &img])
+        .arg(&mnt)
+        .output()
+        .unwrap();
     if !m.status.success() {
         eprintln!("skipped the device part: {}", text(&m.stderr));
         return;
     }
     let mut mounted = Mounted(mnt);
-    let mk = Command::new("mknod").arg(mounted.join("tty")).args(["c", "4", "65"]).status();
+    let mk = Command::new("mknod")
+        .arg(mounted.join("tty"))
+        .args(["c", "4", "65"])
+        .status();
     mounted.unmount();
     assert!(mk.unwrap().success());
     let o = dio(&["stat", &format!("{img}:/tty")]);
     let out = String::from_utf8(ok(&o, "stat dev")).unwrap();
     assert!(out.contains("Device type: 4,65"), "{out}");
     let j = json_of(&dio(&["stat", "--json", &format!("{img}:/tty")]));
-    assert_eq!((j["device"]["major"].as_u64(), j["device"]["minor"].as_u64()), (Some(4), Some(65)));
+    assert_eq!(
+        (j["device"]["major"].as_u64(), j["device"]["minor"].as_u64()),
+        (Some(4), Some(65))
+    );
     let l = String::from_utf8(ok(&dio(&["ls", "-l", &format!("{img}:/tty")]), "ls dev")).unwrap();
     assert!(l.starts_with("crw") && l.contains(" 4, 65 "), "{l}");
 }
@@ -669,13 +701,21 @@ fn ls_long_and_stat_agree_with_the_kernel() {
                     .enumerate()
                     .map(|(i, w)| {
                         // ls marks ACLs or security contexts after the mode.
-                        if i == 0 { w.trim_end_matches(['.', '+']).to_string() } else { w.to_string() }
+                        if i == 0 {
+                            w.trim_end_matches(['.', '+']).to_string()
+                        } else {
+                            w.to_string()
+                        }
                     })
                     .collect()
             })
             .collect()
     };
-    assert_eq!(fields(&ours), fields(&kernel), "ours:\n{ours}\nkernel:\n{kernel}");
+    assert_eq!(
+        fields(&ours),
+        fields(&kernel),
+        "ours:\n{ours}\nkernel:\n{kernel}"
+    );
     for f in ["inline_small", "hello.txt", "frag"] {
         let k = Command::new("stat")
             .env("TZ", "UTC")
@@ -686,8 +726,14 @@ fn ls_long_and_stat_agree_with_the_kernel() {
         let k = String::from_utf8(k.stdout).unwrap();
         let (blocks, mtime) = k.trim().split_once('|').unwrap();
         let ours = String::from_utf8(ok(&dio(&["stat", &format!("{img}:/{f}")]), "stat")).unwrap();
-        assert!(ours.contains(&format!("Blocks: {blocks} ")), "{f}: kernel {blocks}\n{ours}");
-        assert!(ours.contains(&format!("Modify: {mtime}\n")), "{f}: kernel {mtime}\n{ours}");
+        assert!(
+            ours.contains(&format!("Blocks: {blocks} ")),
+            "{f}: kernel {blocks}\n{ours}"
+        );
+        assert!(
+            ours.contains(&format!("Modify: {mtime}\n")),
+            "{f}: kernel {mtime}\n{ours}"
+        );
     }
 }
 
@@ -713,7 +759,11 @@ fn locations_name_what_is_wrong() {
     let img = unpack("ext4-1k", "rel");
     let o = dio(&["cat", &format!("{img}:hello.txt")]);
     assert_eq!(code(&o), Some(1));
-    assert!(err(&o).contains(&format!("did you mean {img}:/hello.txt")), "{}", err(&o));
+    assert!(
+        err(&o).contains(&format!("did you mean {img}:/hello.txt")),
+        "{}",
+        err(&o)
+    );
 }
 
 #[test]
@@ -732,7 +782,11 @@ fn usage_mistakes_exit_2_with_plain_messages() {
         assert_eq!(code(&o), Some(2), "{args:?}: {}", text(&o.stderr));
     }
     let o = dio(&["cat", "--offset", "-5", &hello]);
-    assert!(text(&o.stderr).contains("is negative"), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("is negative"),
+        "{}",
+        text(&o.stderr)
+    );
 }
 
 #[test]

@@ -162,13 +162,28 @@ fn serve_default() -> Result<Server, String> {
     let tries: [(&str, Vec<String>); 2] = [
         (
             "qemu-nbd",
-            vec!["-f".into(), "raw".into(), "-x".into(), "disk".into(), "-k".into(),
-                 sock_s.to_string(), "--persistent".into(), img_s.to_string()],
+            vec![
+                "-f".into(),
+                "raw".into(),
+                "-x".into(),
+                "disk".into(),
+                "-k".into(),
+                sock_s.to_string(),
+                "--persistent".into(),
+                img_s.to_string(),
+            ],
         ),
         (
             "nbdkit",
-            vec!["-f".into(), "-U".into(), sock_s.to_string(), "-e".into(), "disk".into(),
-                 "file".into(), img_s.to_string()],
+            vec![
+                "-f".into(),
+                "-U".into(),
+                sock_s.to_string(),
+                "-e".into(),
+                "disk".into(),
+                "file".into(),
+                img_s.to_string(),
+            ],
         ),
     ];
     for (tool, args) in tries {
@@ -182,7 +197,11 @@ fn serve_default() -> Result<Server, String> {
         };
         for _ in 0..500 {
             if sock.exists() {
-                eprintln!("nbd_bench: {tool} serves {} at {}", img.display(), server.uri);
+                eprintln!(
+                    "nbd_bench: {tool} serves {} at {}",
+                    img.display(),
+                    server.uri
+                );
                 return Ok(server);
             }
             std::thread::sleep(Duration::from_millis(10));
@@ -190,9 +209,11 @@ fn serve_default() -> Result<Server, String> {
         return Err(format!("{tool} did not create {}", sock.display()));
     }
     let _ = std::fs::remove_dir_all(&dir);
-    Err("no NBD server to run the default on: install qemu-nbd (qemu-utils) or nbdkit, \
+    Err(
+        "no NBD server to run the default on: install qemu-nbd (qemu-utils) or nbdkit, \
          or give a URI (nbd_bench copy URI DST | randread URI [QD] [SECS])"
-        .to_string())
+            .to_string(),
+    )
 }
 
 fn run_default() -> dio::Result<()> {
