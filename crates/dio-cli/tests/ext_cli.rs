@@ -273,7 +273,7 @@ fn ls_lists_names_and_long_details() {
     let out = String::from_utf8(ok(&dio(&["ls", &format!("{img}:/")]), "ls /")).unwrap();
     assert_eq!(
         out,
-        "data\ndir\nempty\nemptydir\nfrag\nhello.txt\ninline_big\ninline_small\nlinks\nlost+found\nmany\n"
+        "data\ndir\nempty\nemptydir\nfrag\nhello.txt\ninline_big\ninline_small\nlinks\nlost+found\nmany\nsparse3m\n"
     );
     let many = ok(&dio(&["ls", &format!("{img}:/many")]), "ls many");
     assert_eq!(
