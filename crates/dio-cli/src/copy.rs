@@ -1,24 +1,46 @@
-//! `dio cat` and `dio cp`: a read pipeline at queue depth over the source's data
-//! chunks, feeding stdout or direct writes to the destination. Memory is bounded:
-//! at most `qd` buffers of `bs` bytes exist at once.
+//! `dio cat` and `dio cp`: what the two ends are, how they open, and what happens
+//! to DST when a copy ends. The bytes move through the one pipeline in
+//! `pipeline.rs`.
+//!
+//! An end is `-` (stdin or stdout), a plain stream (a pipe, FIFO, socket or
+//! character device: plain I/O, no O_DIRECT), or a location: a host file or block
+//! device, an NBD export, or a file inside an ext image on either.
+//!
+//! DST never claims bytes that were not copied: on an error or a signal, a host-file
+//! DST is cut to the copied prefix and made durable, a device, export or image file
+//! reports how far it got; success means durable (fdatasync / flush).
 
-use std::collections::VecDeque;
-use std::io::{IsTerminal, Write};
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io::{self, IsTerminal, Read, Write};
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
-use clap::Args;
+use clap::{Args, ValueEnum};
+use dio::fs::ext::ExtFile;
+use dio::nbd_file::NbdFile;
 use dio::raw::{OpenOptions, RawFile};
-use dio::{AlignedBuf, Completed, DioFuture, DirectFile, Flags};
+use dio::DirectFile;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::fail::{print_notes, Failure};
-use crate::segments::{Chunk, Chunks, DataSegments};
-use crate::size::parse_size;
+use crate::fail::{print_notes, say, Failure};
+use crate::location::{Image, Location, Opened, Source};
+use crate::pipeline::{self, Input, Job, Names, Output, Progress, Runs, Stop};
+use crate::segments::DataSegments;
+use crate::size::{human, parse_size};
 use crate::Engine;
 
 /// Most bytes of buffers a copy may hold (keeps peak RSS far below 64 MiB).
 const MAX_BUFFERED: u64 = 32 << 20;
+
+/// `--bs`: 512 bytes to 16 MiB (a usage error otherwise).
+fn parse_bs(s: &str) -> Result<u64, String> {
+    let v = parse_size(s)?;
+    if !(512..=16 << 20).contains(&v) {
+        return Err(format!("`{s}`: --bs must be between 512 bytes and 16 MiB"));
+    }
+    Ok(v)
+}
 
 /// Pipeline settings shared by `cat` and `cp`.
 #[derive(Args, Debug)]
@@ -29,24 +51,39 @@ pub struct PipeArgs {
     /// Requests in flight.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub qd: u32,
-    /// Bytes per request (K/M suffixes; a multiple of the device's logical block).
-    #[arg(long, default_value = "1M", value_parser = parse_size)]
+    /// Bytes per request (K/M suffixes; 512 bytes to 16 MiB).
+    #[arg(long, default_value = "1M", value_parser = parse_bs)]
     pub bs: u64,
+    /// Show the progress bar even when stderr is not a terminal (then only the final
+    /// line: bytes, time, rate), and keep that final line.
+    #[arg(long, overrides_with = "no_progress")]
+    pub progress: bool,
+    /// Never show progress.
+    #[arg(long)]
+    pub no_progress: bool,
 }
 
 impl PipeArgs {
     fn check(&self) -> Result<(), Failure> {
-        if self.bs == 0 || self.bs > 16 << 20 {
-            return Err(Failure::msg("--bs must be between 512 bytes and 16 MiB"));
-        }
         if self.bs * u64::from(self.qd) > MAX_BUFFERED {
-            return Err(Failure::msg(format!(
+            return Err(Failure::usage(format!(
                 "--bs x --qd must stay within {} MiB of buffers",
                 MAX_BUFFERED >> 20
             )));
         }
         Ok(())
     }
+}
+
+/// `--sparse`, as GNU cp spells it.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sparse {
+    /// Holes of SRC and runs of zero blocks become holes in a file DST.
+    Auto,
+    /// The same as auto.
+    Always,
+    /// Write every byte, zeros too.
+    Never,
 }
 
 /// Open through dio, printing the back end's notes. dio's open errors name the path
@@ -68,184 +105,194 @@ pub fn open(path: &Path, opts: &OpenOptions) -> Result<RawFile, Failure> {
     Ok(raw)
 }
 
-/// Buffers of `bs` bytes, recycled; other lengths (a segment's last chunk) are made
-/// as needed and dropped after use.
-struct Pool {
-    free: Vec<AlignedBuf>,
-    bs: usize,
-    align: usize,
+/// One end of a copy, as the user named it.
+enum End {
+    /// `-`: stdin or stdout.
+    Stdio,
+    /// A pipe, FIFO, socket or character device: plain I/O.
+    Plain(PathBuf),
+    /// A host file or device, an export, or a file inside an image.
+    Loc(Location),
 }
 
-impl Pool {
-    fn new(bs: usize, align: usize) -> Self {
-        Pool {
-            free: Vec::new(),
-            bs,
-            align,
+impl End {
+    fn parse(arg: &OsStr) -> Result<End, Failure> {
+        if arg == "-" {
+            return Ok(End::Stdio);
         }
-    }
-    fn take(&mut self, len: usize) -> AlignedBuf {
-        if len == self.bs {
-            if let Some(b) = self.free.pop() {
-                return b;
-            }
-        }
-        AlignedBuf::new(len, self.align)
-    }
-    fn give(&mut self, buf: AlignedBuf) {
-        if buf.len() == self.bs {
-            self.free.push(buf);
-        }
-    }
-}
-
-enum Stage {
-    Read(DioFuture<AlignedBuf>),
-    Write(DioFuture<AlignedBuf>),
-}
-
-/// Requests in flight, oldest first. Dropping it (an error path) waits for every
-/// one, so nothing is left running when the files close.
-struct InFlight(VecDeque<(Chunk, Stage)>);
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        for (_, stage) in self.0.drain(..) {
-            match stage {
-                Stage::Read(f) | Stage::Write(f) => {
-                    f.wait();
+        let loc = Location::parse(arg)?;
+        if let (Source::Host(p), None) = (&loc.source, &loc.inner) {
+            if let Ok(m) = std::fs::metadata(p) {
+                let t = m.file_type();
+                if t.is_fifo() || t.is_char_device() || t.is_socket() {
+                    let what = if t.is_char_device() {
+                        "a character device"
+                    } else if t.is_fifo() {
+                        "a pipe or FIFO"
+                    } else {
+                        "a socket"
+                    };
+                    say(format_args!(
+                        "note: {} is {what}, which cannot do direct I/O: plain I/O for it",
+                        p.display()
+                    ));
+                    return Ok(End::Plain(p.clone()));
                 }
             }
         }
+        Ok(End::Loc(loc))
     }
-}
 
-/// The buffer of a completed request whose result must be `want` bytes.
-fn finished(
-    path: &Path,
-    what: &str,
-    chunk: &Chunk,
-    want: usize,
-    mut done: Completed<AlignedBuf>,
-) -> Result<AlignedBuf, Failure> {
-    match done.result {
-        Ok(n) if n == want => Ok(done.bufs.pop().expect("one buffer per request")),
-        Ok(n) => Err(Failure::at(
-            path,
-            format!(
-                "short {what} at offset {}: {n} of {want} bytes (did the file change size?)",
-                chunk.off
-            ),
-        )),
-        Err(e) => Err(Failure::at(
-            path,
-            format!("{what} at offset {}: {e}", chunk.off),
-        )),
-    }
-}
-
-fn start_read(file: &DirectFile, pool: &mut Pool, c: &Chunk) -> Stage {
-    Stage::Read(file.read_future(c.off, vec![pool.take(c.len)], Flags::NONE))
-}
-
-fn stdout_failure(e: std::io::Error) -> Failure {
-    if e.kind() == std::io::ErrorKind::BrokenPipe {
-        Failure::BrokenPipe
-    } else {
-        Failure::msg(format!("stdout: {e}"))
-    }
-}
-
-fn open_options(args: &PipeArgs) -> OpenOptions {
-    OpenOptions {
-        backend: args.engine.backend(),
-        // cat and cp submit and reap on this thread only.
-        single_thread: true,
-        ..OpenOptions::default()
-    }
-}
-
-fn block_and_align(files: &[&DirectFile], bs: u64) -> Result<(u64, usize), Failure> {
-    let block = files
-        .iter()
-        .map(|f| u64::from(f.geometry().logical_block))
-        .max()
-        .unwrap_or(512);
-    let align = files
-        .iter()
-        .map(|f| f.geometry().buffer_align())
-        .max()
-        .unwrap_or(512);
-    if bs % block != 0 {
-        return Err(Failure::msg(format!(
-            "--bs {bs} is not a multiple of the device's logical block ({block} bytes)"
-        )));
-    }
-    Ok((block, align))
-}
-
-/// `dio cat PATH`.
-pub fn cat(path: &Path, args: &PipeArgs) -> Result<(), Failure> {
-    args.check()?;
-    let src = open(path, &open_options(args))?;
-    let file = src.direct();
-    let size = src.size();
-    let (block, align) = block_and_align(&[file], args.bs)?;
-    let mut chunks = Chunks::new(DataSegments::whole(size), block, args.bs, size);
-    let mut pool = Pool::new(args.bs as usize, align);
-    let mut inflight = InFlight(VecDeque::new());
-    let mut out = std::io::stdout().lock();
-    loop {
-        while inflight.0.len() < args.qd as usize {
-            let Some(c) = chunks.next() else { break };
-            let c = c.map_err(|e| Failure::at(path, e))?;
-            let stage = start_read(file, &mut pool, &c);
-            inflight.0.push_back((c, stage));
+    fn name(&self, stdio: &str) -> String {
+        match self {
+            End::Stdio => stdio.to_string(),
+            End::Plain(p) => p.display().to_string(),
+            End::Loc(l) => l.display(),
         }
-        let Some((c, Stage::Read(fut))) = inflight.0.pop_front() else {
-            break;
+    }
+}
+
+/// An opened source, holding what its input borrows.
+enum Held {
+    Stream(Box<dyn Read>),
+    Image {
+        _img: Box<Image>,
+        file: ExtFile,
+        runs: Vec<(u64, u64)>,
+    },
+    Whole(Opened),
+}
+
+impl Held {
+    fn open(end: &End, engine: Engine) -> Result<Held, Failure> {
+        match end {
+            End::Stdio => Ok(Held::Stream(Box::new(io::stdin()))),
+            End::Plain(p) => Ok(Held::Stream(Box::new(
+                File::open(p).map_err(|e| Failure::at(p, e))?,
+            ))),
+            End::Loc(loc) if loc.inner.is_some() => {
+                let img = Image::open(loc, false, true, engine)?;
+                let file = img.file(loc)?;
+                let runs = image_runs(&img, &file)?;
+                Ok(Held::Image {
+                    _img: Box::new(img),
+                    file,
+                    runs,
+                })
+            }
+            End::Loc(loc) => Ok(Held::Whole(loc.source.open(false, false, engine)?)),
+        }
+    }
+
+    fn size(&self) -> Option<u64> {
+        match self {
+            Held::Stream(_) => None,
+            Held::Image { file, .. } => Some(file.size()),
+            Held::Whole(o) => Some(o.size),
+        }
+    }
+
+    fn direct(&self) -> Option<&DirectFile> {
+        match self {
+            Held::Stream(_) => None,
+            Held::Image { file, .. } => file.direct(),
+            Held::Whole(o) => Some(&o.direct),
+        }
+    }
+
+    fn input(&mut self) -> Input<'_> {
+        match self {
+            Held::Stream(r) => Input::Stream(r.as_mut()),
+            Held::Image { file, .. } => match file.direct() {
+                Some(d) => Input::Direct(d),
+                None => Input::Memory(file),
+            },
+            Held::Whole(o) => Input::Direct(&o.direct),
+        }
+    }
+
+    /// The data runs within `[0, size)`: SEEK_DATA of a host file, written extents
+    /// of an image file, block status of an export, else everything.
+    fn data_runs(&self, size: u64) -> Result<Runs<'_>, Failure> {
+        Ok(match self {
+            Held::Stream(_) => Box::new(std::iter::empty()),
+            Held::Image { runs, .. } => Box::new(runs.clone().into_iter().map(Ok)),
+            Held::Whole(o) => match (&o.raw, &o.nbd) {
+                (Some(r), _) if !r.is_block_device() => Box::new(DataSegments::of(r.fd(), size)),
+                (_, Some(nbd)) => Box::new(nbd_runs(nbd)?.into_iter().map(Ok)),
+                _ => whole(0, size),
+            },
+        })
+    }
+}
+
+fn whole<'a>(start: u64, end: u64) -> Runs<'a> {
+    Box::new(std::iter::once(Ok((start, end))).filter(|r| matches!(r, Ok((s, e)) if s < e)))
+}
+
+/// Data runs of an image file: its written extents (holes and unwritten extents
+/// are skipped), or the whole file when its data is inline.
+fn image_runs(img: &Image, file: &ExtFile) -> Result<Vec<(u64, u64)>, Failure> {
+    let bs = u64::from(img.ext.block_size());
+    let size = file.size();
+    if file.direct().is_none() {
+        return Ok(vec![(0, size)]);
+    }
+    let extents = img
+        .ext
+        .extents(&img.inode)
+        .map_err(|e| Failure::msg(e.to_string()))?;
+    Ok(extents
+        .iter()
+        .filter(|e| !e.unwritten)
+        .map(|e| (e.logical * bs, ((e.logical + e.len) * bs).min(size)))
+        .filter(|(s, e)| s < e)
+        .collect())
+}
+
+/// Data runs of an NBD export: what its block status (`base:allocation`) does not
+/// report as zeros, as nbdcopy skips them. Without block status, the whole export.
+fn nbd_runs(nbd: &NbdFile) -> Result<Vec<(u64, u64)>, Failure> {
+    print_notes(nbd.notes());
+    let extents = nbd
+        .extents(0, nbd.size())
+        .map_err(|e| Failure::msg(e.to_string()))?;
+    Ok(extents
+        .iter()
+        .filter(|e| !e.zero)
+        .map(|e| (e.offset, e.offset + e.len))
+        .collect())
+}
+
+/// How progress shows.
+#[derive(Clone, Copy)]
+struct Shown {
+    bar: bool,
+    final_line: bool,
+}
+
+fn shown(args: &PipeArgs) -> Shown {
+    let tty = io::stderr().is_terminal();
+    if args.no_progress && !args.progress {
+        return Shown {
+            bar: false,
+            final_line: false,
         };
-        let buf = finished(path, "read", &c, c.want, fut.wait())?;
-        out.write_all(&buf[..c.want]).map_err(stdout_failure)?;
-        pool.give(buf);
     }
-    out.flush().map_err(stdout_failure)
-}
-
-/// Where `dio cp SRC DST` writes: DST itself, or DST/name-of-SRC for a directory.
-fn destination(src: &Path, dst: &Path) -> Result<PathBuf, Failure> {
-    if dst.is_dir() {
-        let name = src
-            .file_name()
-            .ok_or_else(|| Failure::at(src, "has no file name to copy into a directory"))?;
-        Ok(dst.join(name))
-    } else {
-        Ok(dst.to_path_buf())
+    Shown {
+        bar: tty,
+        final_line: args.progress,
     }
 }
 
-fn refuse_same_file(src: &Path, dst: &Path) -> Result<(), Failure> {
-    let (Ok(a), Ok(b)) = (std::fs::metadata(src), std::fs::metadata(dst)) else {
-        return Ok(());
-    };
-    let same_inode = a.dev() == b.dev() && a.ino() == b.ino();
-    let same_device =
-        a.file_type().is_block_device() && b.file_type().is_block_device() && a.rdev() == b.rdev();
-    if same_inode || same_device {
-        return Err(Failure::msg(format!(
-            "{} and {} are the same file",
-            src.display(),
-            dst.display()
-        )));
-    }
-    Ok(())
-}
-
-fn progress_bar(total: u64) -> ProgressBar {
-    if !std::io::stderr().is_terminal() {
+fn progress_bar(total: Option<u64>, show: Shown) -> ProgressBar {
+    if !show.bar {
         return ProgressBar::hidden();
     }
-    let bar = ProgressBar::new(total);
+    let bar = match total {
+        Some(t) => ProgressBar::new(t),
+        None => ProgressBar::no_length(),
+    };
     if let Ok(style) = ProgressStyle::with_template(
         "{bytes:>10}/{total_bytes} [{wide_bar}] {binary_bytes_per_sec} eta {eta}",
     ) {
@@ -254,101 +301,414 @@ fn progress_bar(total: u64) -> ProgressBar {
     bar
 }
 
-/// `dio cp SRC DST`.
-pub fn cp(src_path: &Path, dst_path: &Path, args: &PipeArgs) -> Result<(), Failure> {
-    args.check()?;
-    let dst_path = destination(src_path, dst_path)?;
-    let dst_path = dst_path.as_path();
-    refuse_same_file(src_path, dst_path)?;
-    let src = open(src_path, &open_options(args))?;
-    let dst = open(
-        dst_path,
-        &OpenOptions {
-            write: true,
-            create: true,
-            ..open_options(args)
-        },
-    )?;
-    let (sf, df) = (src.direct(), dst.direct());
-    let size = src.size();
-    let (block, align) = block_and_align(&[sf, df], args.bs)?;
-    let to_device = dst.is_block_device();
-    let set_len = |len: u64| dst.set_len(len).map_err(|e| Failure::at(dst_path, e));
-    let segments = if to_device {
-        if dst.size() < size {
-            return Err(Failure::at(
-                dst_path,
-                format!(
-                    "device holds {} bytes, less than the {size} to copy",
-                    dst.size()
-                ),
-            ));
-        }
-        // A device keeps whatever it had where SRC has holes: write them as zeros.
-        DataSegments::whole(size)
+/// The final line: bytes, time, rate.
+fn final_line(p: &Progress) {
+    let secs = p.started.elapsed().as_secs_f64();
+    let rate = if secs > 0.0 {
+        human((p.moved as f64 / secs) as u64)
     } else {
-        // Empty first, so that DST's old data never shows through SRC's holes; then
-        // the padded size, so that the tail block's write does not extend the file.
-        set_len(0)?;
-        set_len(size.div_ceil(block) * block)?;
-        DataSegments::of(src.fd(), size)
+        "-".to_string()
     };
-    let mut chunks = Chunks::new(segments, block, args.bs, size);
-    let mut pool = Pool::new(args.bs as usize, align);
-    let mut inflight = InFlight(VecDeque::new());
-    let bar = progress_bar(size);
-    loop {
-        while inflight.0.len() < args.qd as usize {
-            let Some(c) = chunks.next() else { break };
-            let c = c.map_err(|e| Failure::at(src_path, e))?;
-            let stage = start_read(sf, &mut pool, &c);
-            inflight.0.push_back((c, stage));
-        }
-        let Some((c, stage)) = inflight.0.pop_front() else {
-            break;
-        };
-        match stage {
-            Stage::Read(fut) => {
-                let mut buf = finished(src_path, "read", &c, c.want, fut.wait())?;
-                if c.want < c.len {
-                    pad_tail(&mut buf, &c, df, to_device, block, align)
-                        .map_err(|e| Failure::at(dst_path, e))?;
-                }
-                let fut = df.write_future(c.off, vec![buf], Flags::NONE);
-                inflight.0.push_back((c, Stage::Write(fut)));
-            }
-            Stage::Write(fut) => {
-                let buf = finished(dst_path, "write", &c, c.len, fut.wait())?;
-                pool.give(buf);
-                bar.set_position(c.off + c.want as u64);
-            }
-        }
-    }
-    if !to_device {
-        set_len(size)?;
-    }
-    bar.finish_and_clear();
-    Ok(())
+    say(format_args!(
+        "{} bytes ({}) in {secs:.3} s, {rate}/s",
+        p.moved,
+        human(p.moved)
+    ));
 }
 
-/// Fill the bytes of the last block past SRC's end: zeros for a file (cut off by the
-/// final `set_len`), the device's own bytes for a device (read, modify, write).
-fn pad_tail(
-    buf: &mut AlignedBuf,
-    c: &Chunk,
-    dst: &DirectFile,
-    to_device: bool,
-    block: u64,
-    align: usize,
-) -> dio::Result<()> {
-    buf[c.want..].fill(0);
-    if to_device {
-        let block = block as usize;
-        let tail = c.want / block * block;
-        let mut old = AlignedBuf::new(block, align);
-        dst.read_at(c.off + tail as u64, &mut old, Flags::NONE)?;
-        let keep = c.want - tail;
-        buf[c.want..tail + block].copy_from_slice(&old[keep..]);
+fn align_of(files: &[Option<&DirectFile>]) -> usize {
+    files
+        .iter()
+        .flatten()
+        .map(|f| f.geometry().buffer_align())
+        .max()
+        .unwrap_or(512)
+        .max(4096)
+}
+
+fn stdout_failure(e: io::Error) -> Failure {
+    if e.kind() == io::ErrorKind::BrokenPipe {
+        Failure::BrokenPipe
+    } else {
+        Failure::msg(format!("stdout: {e}"))
     }
-    Ok(())
+}
+
+/// The byte range `--offset`/`--length` selects in a file of `size` bytes.
+pub fn range(size: u64, offset: Option<u64>, length: Option<u64>) -> (u64, u64) {
+    let start = offset.unwrap_or(0).min(size);
+    let end = match length {
+        Some(l) => start.saturating_add(l).min(size),
+        None => size,
+    };
+    (start, end)
+}
+
+/// `dio cat LOCATION [--offset N] [--length N]`.
+pub fn cat(
+    arg: &OsStr,
+    offset: Option<u64>,
+    length: Option<u64>,
+    args: &PipeArgs,
+) -> Result<(), Failure> {
+    args.check()?;
+    let end = End::parse(arg)?;
+    let src_name = end.name("stdin");
+    let mut held = Held::open(&end, args.engine)?;
+    let stdout = io::stdout();
+    let mut out = stdout.lock();
+    let show = shown(args);
+    let align = align_of(&[held.direct()]);
+    let (runs, size, mut skip_reader);
+    let input = match &mut held {
+        Held::Stream(r) => {
+            // Skip `offset` bytes, then take at most `length`.
+            let r: &mut dyn Read = r.as_mut();
+            if let Some(off) = offset {
+                let got = io::copy(&mut r.take(off), &mut io::sink())
+                    .map_err(|e| Failure::msg(format!("{src_name}: {e}")))?;
+                if got < off {
+                    return Ok(());
+                }
+            }
+            skip_reader = r.take(length.unwrap_or(u64::MAX));
+            runs = whole(0, 0);
+            size = None;
+            Input::Stream(&mut skip_reader)
+        }
+        h => {
+            let total = h.size().unwrap_or(0);
+            let (start, stop) = range(total, offset, length);
+            runs = whole(start, stop);
+            size = Some(stop);
+            h.input()
+        }
+    };
+    let bar = progress_bar(size, show);
+    let job = Job {
+        runs,
+        size,
+        skip_zeros: false,
+        bs: args.bs,
+        qd: args.qd as usize,
+        align,
+        block: 512,
+    };
+    let names = Names {
+        src: &src_name,
+        dst: "stdout",
+    };
+    let result = pipeline::run(
+        input,
+        Output::Stream(&mut out),
+        job,
+        &names,
+        &Stop::never(),
+        &bar,
+    );
+    bar.finish_and_clear();
+    match result {
+        Ok(p) => {
+            out.flush().map_err(stdout_failure)?;
+            if show.final_line {
+                final_line(&p);
+            }
+            Ok(())
+        }
+        Err((f, _)) => Err(f),
+    }
+}
+
+/// Where `cp` writes: DST, or DST/NAME for a directory (NAME: SRC's last
+/// component).
+fn destination(src: &End, dst: End) -> Result<End, Failure> {
+    let End::Loc(mut loc) = dst else {
+        return Ok(dst);
+    };
+    if let (Source::Host(p), None) = (&loc.source, &loc.inner) {
+        if p.is_dir() {
+            let name = match src {
+                End::Stdio => None,
+                End::Plain(p) => p.file_name().map(OsStr::to_os_string),
+                End::Loc(l) => l.file_name(),
+            }
+            .ok_or_else(|| {
+                Failure::msg(format!(
+                    "{}: has no file name to copy into the directory {}",
+                    src.name("stdin"),
+                    p.display()
+                ))
+            })?;
+            loc.source = Source::Host(p.join(name));
+        }
+    }
+    Ok(End::Loc(loc))
+}
+
+/// What DST is, once open; decides what a failure leaves behind.
+enum Dst {
+    Stream(Box<dyn Write>),
+    /// A host file (`is_file`), block device or export as a whole.
+    Whole {
+        out: Opened,
+        is_file: bool,
+    },
+    /// A file inside an image, overwritten in place.
+    Image {
+        img: Box<Image>,
+        file: ExtFile,
+    },
+}
+
+/// `dio cp SRC DST`.
+pub fn cp(
+    src_arg: &OsStr,
+    dst_arg: &OsStr,
+    sparse: Sparse,
+    args: &PipeArgs,
+) -> Result<(), Failure> {
+    args.check()?;
+    let src_end = End::parse(src_arg)?;
+    let dst_end = destination(&src_end, End::parse(dst_arg)?)?;
+    if let (End::Loc(s), End::Loc(d)) = (&src_end, &dst_end) {
+        crate::storage::refuse_shared(s, d, args.engine)?;
+    }
+    let (src_name, dst_name) = (src_end.name("stdin"), dst_end.name("stdout"));
+    let stop = Stop::on_signals();
+    let mut held = Held::open(&src_end, args.engine)?;
+    let mut size = held.size();
+    // A stream into an image file: spool it (at most one byte more than fits),
+    // so the whole range is checked before anything is written.
+    let mut spooled: Option<Vec<u8>> = None;
+
+    let mut dst = match &dst_end {
+        End::Stdio => Dst::Stream(Box::new(io::stdout())),
+        End::Plain(p) => Dst::Stream(Box::new(
+            File::options()
+                .write(true)
+                .open(p)
+                .map_err(|e| Failure::at(p, e))?,
+        )),
+        End::Loc(loc) if loc.inner.is_some() => {
+            let img = Image::open(loc, true, true, args.engine)?;
+            let file = img.file(loc)?;
+            if let Held::Stream(r) = &mut held {
+                let mut data = Vec::new();
+                r.take(file.size().saturating_add(1))
+                    .read_to_end(&mut data)
+                    .map_err(|e| Failure::msg(format!("{src_name}: {e}")))?;
+                size = Some(data.len() as u64);
+                spooled = Some(data);
+            }
+            let n = size.unwrap_or(0);
+            file.check_write(0, n).map_err(|e| loc.fail(e))?;
+            if n < file.size() {
+                say(format_args!(
+                    "note: {src_name} is {n} bytes, {dst_name} is {}: the bytes past {n} are unchanged",
+                    file.size()
+                ));
+            }
+            Dst::Image {
+                img: Box::new(img),
+                file,
+            }
+        }
+        End::Loc(loc) => {
+            let out = loc.source.open(true, true, args.engine)?;
+            let is_file = out.raw.as_ref().is_some_and(|r| !r.is_block_device());
+            if !is_file {
+                if let Some(n) = size {
+                    if out.size < n {
+                        return Err(loc.fail(format!(
+                            "holds {} bytes, less than the {n} to copy",
+                            out.size
+                        )));
+                    }
+                }
+            }
+            Dst::Whole { out, is_file }
+        }
+    };
+
+    let show = shown(args);
+    let bar = progress_bar(size, show);
+    let align = align_of(&[
+        held.direct(),
+        match &dst {
+            Dst::Whole { out, .. } => Some(&out.direct),
+            Dst::Image { file, .. } => file.direct(),
+            Dst::Stream(_) => None,
+        },
+    ]);
+    let names = Names {
+        src: &src_name,
+        dst: &dst_name,
+    };
+    let qd = args.qd as usize;
+    let n = size.unwrap_or(0);
+    let keep_holes = sparse != Sparse::Never;
+
+    let result = match &mut dst {
+        Dst::Stream(w) => {
+            let runs = whole(0, n);
+            let job = Job {
+                runs,
+                size,
+                skip_zeros: false,
+                bs: args.bs,
+                qd,
+                align,
+                block: 512,
+            };
+            pipeline::run(
+                held.input(),
+                Output::Stream(w.as_mut()),
+                job,
+                &names,
+                &stop,
+                &bar,
+            )
+        }
+        Dst::Image { file, .. } => {
+            // Holes of the source land as zeros: the whole range.
+            let job = Job {
+                runs: whole(0, n),
+                size,
+                skip_zeros: false,
+                bs: args.bs,
+                qd,
+                align,
+                block: 512,
+            };
+            let input = match &spooled {
+                Some(b) => Input::Bytes(b),
+                None => held.input(),
+            };
+            pipeline::run(input, Output::Ext(file), job, &names, &stop, &bar)
+        }
+        Dst::Whole { out, is_file } => {
+            let raw = out.raw.as_ref();
+            let block = u64::from(out.direct.geometry().logical_block).max(512);
+            let set_len = |len: u64| match raw {
+                Some(r) => r
+                    .set_len(len)
+                    .map_err(|e| Failure::msg(format!("{dst_name}: {e}"))),
+                None => Ok(()),
+            };
+            if *is_file {
+                // Empty first, so that DST's old data never shows through SRC's
+                // holes; then the padded size, so that no write extends the file.
+                set_len(0)?;
+                if let Some(n) = size {
+                    set_len(n.div_ceil(block) * block)?;
+                }
+            }
+            let runs = if *is_file && keep_holes {
+                held_runs(&held, n)?
+            } else {
+                whole(0, n)
+            };
+            let job = Job {
+                runs,
+                size,
+                skip_zeros: *is_file && keep_holes,
+                bs: args.bs,
+                qd,
+                align,
+                block,
+            };
+            let output = Output::Direct {
+                file: &out.direct,
+                grow: if *is_file && size.is_none() {
+                    raw
+                } else {
+                    None
+                },
+                limit: (!*is_file).then_some(out.size),
+            };
+            // The runs were collected above, so the source can lend its input.
+            let input = held.input();
+            pipeline::run(input, output, job, &names, &stop, &bar)
+        }
+    };
+    bar.finish_and_clear();
+    match result {
+        Ok(p) => {
+            finish(&mut dst, p.total.unwrap_or(0), &dst_name)?;
+            if show.final_line {
+                final_line(&p);
+            }
+            Ok(())
+        }
+        Err((f, p)) => Err(f.with_note(&left_behind(&mut dst, &p, &dst_name))),
+    }
+}
+
+fn held_runs(held: &Held, n: u64) -> Result<Runs<'static>, Failure> {
+    // The runs are collected so that the source can be borrowed mutably for its
+    // input afterwards; SEEK_DATA is asked lazily for host files up to here.
+    let runs: Vec<_> = held
+        .data_runs(n)?
+        .collect::<Result<_, _>>()
+        .map_err(|e| Failure::msg(format!("reading the data map of the source: {e}")))?;
+    Ok(Box::new(runs.into_iter().map(Ok)))
+}
+
+/// Success: DST at its exact size and durable.
+fn finish(dst: &mut Dst, total: u64, name: &str) -> Result<(), Failure> {
+    let fail = |e: dio::Error| Failure::msg(format!("{name}: {e}"));
+    match dst {
+        Dst::Stream(w) => w.flush().map_err(stdout_failure),
+        Dst::Whole { out, is_file } => {
+            if *is_file {
+                if let Some(r) = &out.raw {
+                    r.set_len(total).map_err(fail)?;
+                }
+            }
+            out.direct.sync_data().map_err(fail)
+        }
+        Dst::Image { img, file } => {
+            file.touch().map_err(fail)?;
+            img.sync().map_err(fail)
+        }
+    }
+}
+
+/// After a failure: cut a host-file DST to the copied prefix and make it durable;
+/// say what DST holds.
+fn left_behind(dst: &mut Dst, p: &Progress, name: &str) -> String {
+    let of = match p.total {
+        Some(t) => format!("{} of {t} bytes", p.prefix),
+        None => format!("{} bytes (of a stream that did not end)", p.prefix),
+    };
+    match dst {
+        Dst::Stream(w) => {
+            let _ = w.flush();
+            format!("{name} got the first {of}")
+        }
+        Dst::Whole { out, is_file: true } => {
+            let cut = out.raw.as_ref().map(|r| r.set_len(p.prefix));
+            let synced = out.direct.sync_data();
+            match (cut, synced) {
+                (Some(Err(e)), _) | (_, Err(e)) => {
+                    format!("{name} could not be cut to the {of} copied: {e}")
+                }
+                _ => format!("{name} holds the first {of}"),
+            }
+        }
+        Dst::Whole {
+            out,
+            is_file: false,
+        } => {
+            let _ = out.direct.sync_data();
+            format!("{name} holds the first {of}; past that it holds what it held before")
+        }
+        Dst::Image { img, file } => {
+            let _ = file.touch();
+            let _ = img.sync();
+            format!(
+                "{name}: its first {of} were overwritten; past that it holds what it held before"
+            )
+        }
+    }
 }

@@ -1,5 +1,6 @@
-//! How a command fails: a one-line message for the user (exit 1), a reader that went
-//! away (quiet exit), or Ctrl-C. Also the stderr printing that never panics.
+//! How a command fails: a one-line message for the user (exit 1), a usage mistake
+//! (exit 2), a reader that went away (quiet exit), or a signal (Ctrl-C: 130). Also
+//! the stderr printing that never panics.
 
 use std::fmt::Display;
 use std::io::Write;
@@ -8,12 +9,21 @@ use std::path::Path;
 /// Why a command stopped.
 #[derive(Debug)]
 pub enum Failure {
-    /// An error, printed as `dio: <message>`.
+    /// An error, printed as `dio: <message>`; exit 1.
     Message(String),
+    /// A usage mistake the argument parser could not see (a malformed URI, a
+    /// value out of range), printed as `dio: <message>`; exit 2.
+    Usage(String),
+    /// Errors were reported as they happened (e.g. `ls` went on past them); exit 1
+    /// with nothing more to say.
+    Quiet,
     /// Writing to stdout met EPIPE: the reader is gone; exit quietly.
     BrokenPipe,
     /// The user pressed Ctrl-C; clean-up ran.
     Interrupted,
+    /// A signal stopped the command after clean-up; the message says what is left.
+    /// Exit 128 + the signal number (130 for SIGINT).
+    Signal { signal: i32, message: String },
 }
 
 impl Failure {
@@ -25,6 +35,30 @@ impl Failure {
     /// A plain message.
     pub fn msg(m: impl Into<String>) -> Failure {
         Failure::Message(m.into())
+    }
+
+    /// A usage mistake (exit 2).
+    pub fn usage(m: impl Into<String>) -> Failure {
+        Failure::Usage(m.into())
+    }
+
+    /// The same failure with `more` appended to its message (for what is left of a
+    /// destination); a quiet failure stays quiet.
+    pub fn with_note(self, more: &str) -> Failure {
+        match self {
+            Failure::Message(m) => Failure::Message(format!("{m}; {more}")),
+            Failure::Usage(m) => Failure::Usage(format!("{m}; {more}")),
+            Failure::Interrupted => Failure::Signal {
+                signal: 2,
+                message: format!("interrupted: {more}"),
+            },
+            Failure::Signal { signal, message } => Failure::Signal {
+                signal,
+                message: format!("{message}: {more}"),
+            },
+            Failure::BrokenPipe => Failure::BrokenPipe,
+            Failure::Quiet => Failure::Message(more.to_string()),
+        }
     }
 }
 

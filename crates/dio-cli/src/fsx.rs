@@ -171,7 +171,7 @@ fn open_target(a: &FsxArgs, seed: u64, span: &mut u64) -> Result<Target, Failure
         }
         return Target::mem(&cfg).map_err(|e| Failure::msg(e.to_string()));
     }
-    let loc = Location::parse(std::ffi::OsStr::new(&a.target));
+    let loc = Location::parse(std::ffi::OsStr::new(&a.target))?;
     if loc.inner.is_some() {
         return open_ext(a, &loc);
     }

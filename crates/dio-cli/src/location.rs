@@ -19,7 +19,7 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use dio::device::nbd::NbdConfig;
+use dio::device::nbd::{NbdConfig, NbdUri};
 use dio::fs::ext::{Ext, ExtFile, FileType, Inode};
 use dio::nbd_file::NbdFile;
 use dio::raw::{OpenOptions, RawFile};
@@ -45,43 +45,98 @@ pub struct Location {
     pub inner: Option<Vec<u8>>,
 }
 
+/// URI schemes people reach for that are NBD-like but not NBD as dio speaks it.
+const NBD_SCHEMES: [&str; 6] = [
+    "nbd",
+    "nbd+tcp",
+    "nbd+unix",
+    "nbds",
+    "nbds+tcp",
+    "nbds+unix",
+];
+
+/// The scheme of `scheme://...` (RFC 3986: a letter, then letters, digits, `+-.`).
+fn uri_scheme(bytes: &[u8]) -> Option<&str> {
+    let i = bytes.windows(3).position(|w| w == b"://")?;
+    let scheme = std::str::from_utf8(&bytes[..i]).ok()?;
+    let mut chars = scheme.chars();
+    let first = chars.next()?;
+    (first.is_ascii_alphabetic()
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.')))
+    .then_some(scheme)
+}
+
 impl Location {
-    /// Parse a command-line argument.
-    pub fn parse(arg: &OsStr) -> Location {
+    /// Parse a command-line argument. A URI with a scheme dio does not speak, or an
+    /// NBD URI that is malformed, is a usage error (exit 2), unless a host path of
+    /// that name exists.
+    pub fn parse(arg: &OsStr) -> Result<Location, Failure> {
         let bytes = arg.as_bytes();
-        let is_nbd = bytes.starts_with(b"nbd://") || bytes.starts_with(b"nbd+unix://");
-        if is_nbd {
-            // After the scheme's `://`, the last `:/` starts the inner path.
-            let body = bytes.iter().position(|&c| c == b'/').map_or(0, |i| i + 2);
-            let split = bytes[body..]
-                .windows(2)
-                .rposition(|w| w == b":/")
-                .map(|i| i + body);
-            return match split {
-                Some(i) => Location {
-                    source: Source::Nbd(String::from_utf8_lossy(&bytes[..i]).into_owned()),
-                    inner: Some(bytes[i + 1..].to_vec()),
-                },
-                None => Location {
-                    source: Source::Nbd(String::from_utf8_lossy(bytes).into_owned()),
-                    inner: None,
-                },
-            };
+        let exists = || Path::new(arg).symlink_metadata().is_ok();
+        let shown = String::from_utf8_lossy(bytes);
+        if let Some(scheme) = uri_scheme(bytes) {
+            let lower = scheme.to_ascii_lowercase();
+            if matches!(lower.as_str(), "nbd" | "nbd+tcp" | "nbd+unix") {
+                return Self::parse_nbd(bytes);
+            }
+            if !exists() {
+                let why = if lower.starts_with("nbds") {
+                    format!("{scheme}:// is NBD over TLS, which dio does not speak")
+                } else {
+                    format!("dio does not speak {scheme}://")
+                };
+                return Err(Failure::usage(format!(
+                    "{shown}: {why} (locations: a host path, IMAGE:/PATH, nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH)"
+                )));
+            }
+        } else if let Some(i) = bytes.iter().position(|&c| c == b':') {
+            // `nbd:/h/x`, `nbd:h/x`: an NBD scheme without its `//`.
+            let head = String::from_utf8_lossy(&bytes[..i]).to_ascii_lowercase();
+            if NBD_SCHEMES.contains(&head.as_str()) && !exists() {
+                return Err(Failure::usage(format!(
+                    "{shown}: malformed NBD URI: write nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH"
+                )));
+            }
         }
         let host = Location {
             source: Source::Host(PathBuf::from(arg)),
             inner: None,
         };
         let Some(i) = bytes.windows(2).position(|w| w == b":/") else {
-            return host;
+            return Ok(host);
         };
-        if i == 0 || Path::new(arg).symlink_metadata().is_ok() {
-            return host;
+        if i == 0 || exists() {
+            return Ok(host);
         }
-        Location {
+        Ok(Location {
             source: Source::Host(PathBuf::from(OsString::from_vec(bytes[..i].to_vec()))),
             inner: Some(bytes[i + 1..].to_vec()),
+        })
+    }
+
+    /// An NBD URI, split at its last `:/` after the scheme's `://` (the inner
+    /// path); the URI itself must parse.
+    fn parse_nbd(bytes: &[u8]) -> Result<Location, Failure> {
+        let body = bytes
+            .windows(3)
+            .position(|w| w == b"://")
+            .map_or(0, |i| i + 3);
+        let split = bytes[body..]
+            .windows(2)
+            .rposition(|w| w == b":/")
+            .map(|i| i + body);
+        let (uri, inner) = match split {
+            Some(i) => (&bytes[..i], Some(bytes[i + 1..].to_vec())),
+            None => (bytes, None),
+        };
+        let uri = String::from_utf8_lossy(uri).into_owned();
+        if let Err(e) = NbdUri::parse(&uri) {
+            return Err(Failure::usage(e.to_string()));
         }
+        Ok(Location {
+            source: Source::Nbd(uri),
+            inner,
+        })
     }
 
     /// How to name it in messages.
@@ -139,6 +194,11 @@ impl Source {
     pub fn open(&self, write: bool, create: bool, engine: Engine) -> Result<Opened, Failure> {
         match self {
             Source::Host(path) => {
+                if path.symlink_metadata().is_err() {
+                    if let Some(hint) = relative_inner_hint(path) {
+                        return Err(Failure::at(path, hint));
+                    }
+                }
                 let raw = crate::copy::open(
                     path,
                     &OpenOptions {
@@ -197,7 +257,13 @@ impl Image {
         } else {
             Ext::open(dev, opened.size)
         }
-        .map_err(|e| Failure::msg(format!("{}: {e}", loc.source.name())))?;
+        .map_err(|e| {
+            Failure::msg(format!(
+                "{}: {}",
+                loc.source.name(),
+                image_error(e, opened.size)
+            ))
+        })?;
         let inode = ext
             .lookup(inner, follow)
             .map_err(|e| loc.fail(lookup_error(e)))?;
@@ -216,6 +282,11 @@ impl Image {
             .map_or("nbd", RawFile::backend_name)
     }
 
+    /// Make the image's writes durable (flush its device).
+    pub fn sync(&self) -> dio::Result<()> {
+        self._opened.direct.sync_data()
+    }
+
     /// Open the inode's data (a regular file, symlinks already followed).
     pub fn file(&self, loc: &Location) -> Result<ExtFile, Failure> {
         match self.inode.file_type() {
@@ -224,6 +295,35 @@ impl Image {
             t => return Err(loc.fail(format!("is a {}, not a regular file", t.name()))),
         }
         self.ext.open_file(&self.inode).map_err(|e| loc.fail(e))
+    }
+}
+
+/// `disk.img:etc/passwd` where `disk.img` exists: the user meant `disk.img:/etc/passwd`.
+fn relative_inner_hint(path: &Path) -> Option<String> {
+    let bytes = path.as_os_str().as_bytes();
+    let i = bytes.iter().position(|&c| c == b':')?;
+    let (img, rest) = (&bytes[..i], &bytes[i + 1..]);
+    if img.is_empty() || rest.is_empty() || rest[0] == b'/' {
+        return None;
+    }
+    let img = Path::new(OsStr::from_bytes(img));
+    img.is_file().then(|| {
+        let (img, rest) = (img.display(), String::from_utf8_lossy(rest));
+        format!("no such file; paths inside an image start with `/`: did you mean {img}:/{rest}?")
+    })
+}
+
+/// Why an image did not open, in words for a user: a file too small to hold a
+/// superblock, or without the ext magic, is "not an ext2/3/4 image".
+fn image_error(e: dio::Error, size: u64) -> String {
+    const SUPERBLOCK_END: u64 = 2048;
+    let s = e.to_string();
+    if size < SUPERBLOCK_END {
+        format!("not an ext2/3/4 image ({size} bytes, too small to hold a superblock)")
+    } else if s.contains("no ext2/3/4 superblock") {
+        format!("not an ext2/3/4 image ({s})")
+    } else {
+        s
     }
 }
 
@@ -246,7 +346,22 @@ mod tests {
     use super::*;
 
     fn parse(s: &str) -> Location {
-        Location::parse(OsStr::new(s))
+        Location::parse(OsStr::new(s)).unwrap()
+    }
+
+    fn usage(s: &str) -> String {
+        match Location::parse(OsStr::new(s)) {
+            Err(Failure::Usage(m)) => m,
+            other => panic!("{s}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn other_schemes_and_malformed_nbd_uris_are_usage_errors() {
+        assert!(usage("nbds://h/x").contains("TLS"));
+        assert!(usage("http://h/x").contains("does not speak http://"));
+        assert!(usage("nbd:/h/x").contains("malformed NBD URI"));
+        assert!(usage("nbd://").contains("missing host"));
     }
 
     #[test]

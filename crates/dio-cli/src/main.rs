@@ -10,12 +10,13 @@ mod bench;
 mod copy;
 mod fail;
 mod fsx;
-mod image;
 mod location;
 mod ls;
+mod pipeline;
 mod segments;
 mod size;
 mod stat;
+mod storage;
 mod write;
 
 use std::ffi::OsString;
@@ -25,7 +26,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::fail::Failure;
-use crate::location::{Location, Source};
+use crate::location::Location;
 
 /// Every async I/O allocates a few small objects (its completion record, its
 /// request's segment list) and frees them on completion, up to the queue depth at
@@ -63,6 +64,7 @@ Examples:
   dio cat /dev/loop0 | sha256sum
   dio cat disk.img:/etc/passwd                a file inside an ext2/3/4 image (symlinks followed)
   dio cat disk.img --offset 1024 --length 1024  any byte range
+  some-command | dio cat - --offset 10        `-` is stdin (pipes are read with plain I/O)
 
 A LOCATION is a host file or block device, IMAGE:/PATH for a file inside an ext2/3/4 image,
 or nbd://HOST[:PORT]/EXPORT (nbd+unix:///EXPORT?socket=PATH), optionally followed by :/PATH.")]
@@ -75,11 +77,27 @@ Examples:
   dio cp disk.img:/var/log/syslog ./syslog    out of an ext image
   dio cp new.conf disk.img:/etc/app.conf      overwrite a file in an image in place
 
+`-` is stdin (as SRC) or stdout (as DST). Pipes, FIFOs and character devices (e.g.
+/dev/null) are read or written with plain I/O, the other side still direct. A file
+DST is sparse: SRC's holes and runs of zero blocks become holes (--sparse=never
+writes every byte).
+
 Into an image, the file's bytes are overwritten in place: no allocation, no growth; a
-shorter source leaves the rest of the file as it was.")]
+shorter source leaves the rest of the file as it was.
+
+Refused, with nothing touched: SRC and DST sharing storage (the same file, an image
+and a file inside it, a loop device and its backing file, an export and a file
+inside it).
+
+On success DST is durable (fdatasync or device flush). On an error or a signal
+(Ctrl-C: exit 130), a file DST is cut to the bytes copied so far from its start
+(never removed) and synced, and dio says so: `dio: interrupted: DST holds the first
+N of M bytes`; a device, export or image file DST reports how far it got.")]
     Cp(CpArgs),
     /// List a directory inside an ext2/3/4 image.
-    #[command(after_help = "Examples:\n  dio ls disk.img:/\n  dio ls -l disk.img:/etc")]
+    #[command(
+        after_help = "Examples:\n  dio ls disk.img:/\n  dio ls -lh disk.img:/etc disk.img:/var\n  dio ls -la disk.img:/root\n\nAn entry that cannot be read is reported and the rest still listed (exit 1 at the end)."
+    )]
     Ls(LsArgs),
     /// Show an inode of an ext2/3/4 image: size, mode, links, times, extent map.
     #[command(
@@ -142,14 +160,14 @@ impl Engine {
 
 #[derive(Args, Debug)]
 struct CatArgs {
-    /// File, block device, IMAGE:/PATH or NBD URI to read.
+    /// File, block device, IMAGE:/PATH, NBD URI, or `-` for stdin.
     #[arg(value_name = "LOCATION")]
     path: OsString,
     /// First byte to write out (K/M/G suffixes).
-    #[arg(long, value_parser = size::parse_size)]
+    #[arg(long, value_parser = size::parse_offset, allow_hyphen_values = true)]
     offset: Option<u64>,
     /// Bytes to write out at most (K/M/G suffixes).
-    #[arg(long, value_parser = size::parse_size)]
+    #[arg(long, value_parser = size::parse_offset, allow_hyphen_values = true)]
     length: Option<u64>,
     #[command(flatten)]
     pipe: copy::PipeArgs,
@@ -157,28 +175,48 @@ struct CatArgs {
 
 #[derive(Args, Debug)]
 struct CpArgs {
-    /// Source: file, block device, IMAGE:/PATH or NBD URI.
+    /// Source: file, block device, IMAGE:/PATH, NBD URI, or `-` for stdin.
     #[arg(value_name = "SRC")]
     src: OsString,
     /// Destination file (created or truncated), directory, block device, or
     /// IMAGE:/PATH (overwritten in place).
     #[arg(value_name = "DST")]
     dst: OsString,
+    /// Holes in a file DST: `auto` (and `always`) keeps SRC's holes and turns runs
+    /// of zero blocks into holes; `never` writes every byte.
+    #[arg(long, value_enum, default_value_t = copy::Sparse::Auto, value_name = "WHEN")]
+    sparse: copy::Sparse,
     #[command(flatten)]
     pipe: copy::PipeArgs,
 }
 
 #[derive(Args, Debug)]
-struct LsArgs {
-    /// Long listing: type and mode, size, inode, name.
+#[command(disable_help_flag = true)]
+pub struct LsArgs {
+    /// Long listing: type and mode, links, owner, group, size, mtime, name.
     #[arg(short = 'l')]
-    long: bool,
-    /// IMAGE:/DIR to list.
-    #[arg(value_name = "IMAGE:/DIR")]
-    dir: OsString,
+    pub long: bool,
+    /// With -l, sizes as 1.5K, 20M (powers of 1024).
+    #[arg(short = 'h', long = "human-readable")]
+    pub human: bool,
+    /// Show entries whose names start with `.`, `.` and `..` included.
+    #[arg(short = 'a', long = "all")]
+    pub all: bool,
+    /// One name per line (the default).
+    #[arg(short = '1')]
+    pub one: bool,
+    /// Print each entry's inode number first.
+    #[arg(short = 'i', long = "inode")]
+    pub inode: bool,
+    /// IMAGE:/DIR (or IMAGE:/FILE) to list; several may be given.
+    #[arg(value_name = "IMAGE:/DIR", required = true)]
+    pub dirs: Vec<OsString>,
     /// I/O back end.
     #[arg(long, value_enum, default_value_t = Engine::Auto)]
-    engine: Engine,
+    pub engine: Engine,
+    /// Print help.
+    #[arg(long, action = clap::ArgAction::Help)]
+    help: Option<bool>,
 }
 
 #[derive(Args, Debug)]
@@ -200,9 +238,9 @@ struct WriteArgs {
     #[arg(value_name = "TARGET")]
     target: OsString,
     /// Byte offset to write at (K/M/G suffixes).
-    #[arg(long, value_parser = size::parse_size)]
+    #[arg(long, value_parser = size::parse_offset, allow_hyphen_values = true)]
     offset: u64,
-    /// Read the bytes from this file instead of stdin.
+    /// Read the bytes from this file instead of stdin (`-`: stdin).
     #[arg(long)]
     input: Option<PathBuf>,
     /// I/O back end.
@@ -210,33 +248,13 @@ struct WriteArgs {
     engine: Engine,
 }
 
-/// Whether a location is a whole host file (the plain `cat`/`cp` paths serve it).
-fn host_path(loc: &Location) -> Option<&std::path::Path> {
-    match (&loc.source, &loc.inner) {
-        (Source::Host(p), None) => Some(p),
-        _ => None,
-    }
-}
-
 fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
-        Command::Cat(a) => {
-            let loc = Location::parse(&a.path);
-            match host_path(&loc) {
-                Some(p) if a.offset.is_none() && a.length.is_none() => copy::cat(p, &a.pipe),
-                _ => image::cat(&loc, a.offset, a.length, &a.pipe),
-            }
-        }
-        Command::Cp(a) => {
-            let (src, dst) = (Location::parse(&a.src), Location::parse(&a.dst));
-            match (host_path(&src), host_path(&dst)) {
-                (Some(s), Some(d)) => copy::cp(s, d, &a.pipe),
-                _ => image::cp(&src, &dst, &a.pipe),
-            }
-        }
-        Command::Ls(a) => ls::run(&Location::parse(&a.dir), a.long, a.engine),
-        Command::Stat(a) => stat::run(&Location::parse(&a.path), a.json, a.engine),
-        Command::Write(a) => write::run(&Location::parse(&a.target), a.offset, &a.input, a.engine),
+        Command::Cat(a) => copy::cat(&a.path, a.offset, a.length, &a.pipe),
+        Command::Cp(a) => copy::cp(&a.src, &a.dst, a.sparse, &a.pipe),
+        Command::Ls(a) => ls::run(&a),
+        Command::Stat(a) => stat::run(&Location::parse(&a.path)?, a.json, a.engine),
+        Command::Write(a) => write::run(&a.target, a.offset, &a.input, a.engine),
         Command::Bench(a) => bench::run(&a),
         Command::Fsx(a) => fsx::run(&a),
     }
@@ -256,6 +274,15 @@ fn main() -> ExitCode {
         Err(Failure::Message(m)) => {
             fail::say(m);
             ExitCode::from(1)
+        }
+        Err(Failure::Quiet) => ExitCode::from(1),
+        Err(Failure::Usage(m)) => {
+            fail::say(m);
+            ExitCode::from(2)
+        }
+        Err(Failure::Signal { signal, message }) => {
+            fail::say(message);
+            ExitCode::from(u8::try_from(128 + signal).unwrap_or(1))
         }
     }
 }

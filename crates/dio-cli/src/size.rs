@@ -22,6 +22,16 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("`{s}` is too large"))
 }
 
+/// An offset or length: a size, where a negative number gets a plain message.
+pub fn parse_offset(s: &str) -> Result<u64, String> {
+    if s.trim().starts_with('-') {
+        return Err(format!(
+            "`{s}` is negative: offsets and lengths count bytes from the start, 0 or more"
+        ));
+    }
+    parse_size(s)
+}
+
 /// A byte count for people: `4 KiB`, `1.5 MiB`.
 pub fn human(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];

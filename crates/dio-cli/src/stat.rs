@@ -16,6 +16,50 @@ fn time(t: Timestamp) -> String {
     format!("{}.{:09}", t.secs, t.nsecs)
 }
 
+/// Year, month, day of a day count since 1970-01-01 (proleptic Gregorian; H.
+/// Hinnant's `civil_from_days`).
+fn civil(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+/// A timestamp as a date in UTC: `2024-05-01 12:34:56.123456789 +0000` (GNU
+/// stat's layout) with `full`, else `2024-05-01 12:34` (ls's long-iso).
+pub fn date(t: Timestamp, full: bool) -> String {
+    let (days, secs) = (t.secs.div_euclid(86_400), t.secs.rem_euclid(86_400));
+    let (y, mo, d) = civil(days);
+    let (h, mi, s) = (secs / 3600, secs / 60 % 60, secs % 60);
+    if full {
+        format!(
+            "{y:04}-{mo:02}-{d:02} {h:02}:{mi:02}:{s:02}.{:09} +0000",
+            t.nsecs
+        )
+    } else {
+        format!("{y:04}-{mo:02}-{d:02} {h:02}:{mi:02}")
+    }
+}
+
+/// `EXT4_INLINE_DATA_FL`: the file's data lives in the inode.
+const INLINE_DATA: u32 = 0x1000_0000;
+
+/// `st_blocks` as the kernel reports it: a regular file with inline data counts
+/// at least the sectors its bytes take, so that tools do not take it for sparse
+/// (`ext4_file_getattr`; directories get no such addition).
+pub fn kernel_blocks(inode: &dio::fs::ext::Inode) -> u64 {
+    if inode.has_flag(INLINE_DATA) && inode.file_type() == dio::fs::ext::FileType::Regular {
+        inode.blocks_512 + inode.size.div_ceil(512)
+    } else {
+        inode.blocks_512
+    }
+}
+
 /// The extent table in `filefrag -v`'s layout.
 fn filefrag(extents: &[FileExtent], size_blocks: u64) -> String {
     let mut s = String::from(
@@ -64,6 +108,9 @@ pub fn run(loc: &Location, as_json: bool, engine: Engine) -> Result<(), Failure>
     let inode = &img.inode;
     let extents = img.ext.extents(inode).map_err(|e| loc.fail(e))?;
     let bs = u64::from(img.ext.block_size());
+    let inline = inode.has_flag(INLINE_DATA);
+    let blocks = kernel_blocks(inode);
+    let dev = crate::ls::device_numbers(inode);
     let target = if inode.file_type() == dio::fs::ext::FileType::Symlink {
         img.ext.read_link(inode).ok()
     } else {
@@ -79,12 +126,17 @@ pub fn run(loc: &Location, as_json: bool, engine: Engine) -> Result<(), Failure>
             "links": inode.links,
             "uid": inode.uid,
             "gid": inode.gid,
-            "blocks_512": inode.blocks_512,
+            "blocks_512": blocks,
+            "inline_data": inline,
+            "device": dev.map(|(ma, mi)| json!({"major": ma, "minor": mi})),
             "flags": inode.flags,
             "block_size": bs,
             "atime": time(inode.atime),
             "mtime": time(inode.mtime),
             "ctime": time(inode.ctime),
+            "atime_iso": date(inode.atime, true),
+            "mtime_iso": date(inode.mtime, true),
+            "ctime_iso": date(inode.ctime, true),
             "symlink_target": target.as_ref().map(|t| String::from_utf8_lossy(t).into_owned()),
             "extents": extents.iter().map(|e| json!({
                 "logical": e.logical,
@@ -96,7 +148,7 @@ pub fn run(loc: &Location, as_json: bool, engine: Engine) -> Result<(), Failure>
         format!("{v:#}\n")
     } else {
         let mut s = format!(
-            "  File: {}{}\n  Type: {}  Mode: ({:04o}/{})\n  Size: {}  Blocks: {} (512-byte)  Block size: {bs}  Links: {}\n Inode: {}  Uid: {}  Gid: {}  Flags: {:#x}\nAccess: {}\nModify: {}\nChange: {}\n",
+            "  File: {}{}\n  Type: {}  Mode: ({:04o}/{})\n  Size: {}  Blocks: {} (512-byte)  Block size: {bs}  Links: {}{}\n Inode: {}  Uid: {}  Gid: {}  Flags: {:#x}\nAccess: {}\nModify: {}\nChange: {}\n",
             loc.display(),
             target
                 .map(|t| format!(" -> {}", String::from_utf8_lossy(&t)))
@@ -105,17 +157,26 @@ pub fn run(loc: &Location, as_json: bool, engine: Engine) -> Result<(), Failure>
             inode.permissions(),
             mode_string(inode),
             inode.size,
-            inode.blocks_512,
+            blocks,
             inode.links,
+            dev.map(|(ma, mi)| format!("  Device type: {ma},{mi}"))
+                .unwrap_or_default(),
             inode.ino,
             inode.uid,
             inode.gid,
             inode.flags,
-            time(inode.atime),
-            time(inode.mtime),
-            time(inode.ctime),
+            date(inode.atime, true),
+            date(inode.mtime, true),
+            date(inode.ctime, true),
         );
-        s.push_str(&format!("Extents: {} found\n", extents.len()));
+        if inline {
+            s.push_str(&format!(
+                "Extents: none: the {} bytes of data are inline, in the inode\n",
+                inode.size
+            ));
+        } else {
+            s.push_str(&format!("Extents: {} found\n", extents.len()));
+        }
         if !extents.is_empty() {
             s.push_str(&filefrag(&extents, inode.size.div_ceil(bs)));
         }
@@ -126,5 +187,22 @@ pub fn run(loc: &Location, as_json: bool, engine: Engine) -> Result<(), Failure>
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(Failure::BrokenPipe),
         Err(e) => Err(Failure::msg(format!("stdout: {e}"))),
         Ok(()) => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates_are_utc_civil_dates() {
+        let t = |secs, nsecs| Timestamp { secs, nsecs };
+        assert_eq!(date(t(0, 0), true), "1970-01-01 00:00:00.000000000 +0000");
+        assert_eq!(
+            date(t(951_782_400, 5), true),
+            "2000-02-29 00:00:00.000000005 +0000"
+        );
+        assert_eq!(date(t(1_700_000_000, 0), false), "2023-11-14 22:13");
+        assert_eq!(date(t(-1, 0), false), "1969-12-31 23:59");
     }
 }

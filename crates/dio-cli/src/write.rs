@@ -8,6 +8,7 @@
 //! inode checksum are updated; a refused write changes nothing. A host file grows
 //! as `pwrite` would make it.
 
+use std::ffi::OsStr;
 use std::fs::File;
 use std::io::Read;
 use std::path::PathBuf;
@@ -24,6 +25,7 @@ const CHUNK: usize = 1 << 20;
 fn input(path: &Option<PathBuf>) -> Result<(Box<dyn Read>, Option<u64>), Failure> {
     match path {
         None => Ok((Box::new(std::io::stdin().lock()), None)),
+        Some(p) if p.as_os_str() == "-" => Ok((Box::new(std::io::stdin().lock()), None)),
         Some(p) => {
             let f = File::open(p).map_err(|e| Failure::at(p, e))?;
             let meta = f.metadata().map_err(|e| Failure::at(p, e))?;
@@ -50,13 +52,20 @@ fn fill(r: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
 
 /// `dio write`.
 pub fn run(
-    target: &Location,
+    target: &OsStr,
     offset: u64,
     input_path: &Option<PathBuf>,
     engine: Engine,
 ) -> Result<(), Failure> {
+    if target == "-" {
+        return Err(Failure::usage(
+            "write needs a file, device or IMAGE:/PATH to write into; stdout (`-`) has no offsets (use cat)",
+        ));
+    }
+    let target = &Location::parse(target)?;
     let in_name = input_path
         .as_ref()
+        .filter(|p| p.as_os_str() != "-")
         .map_or("stdin".to_string(), |p| p.display().to_string());
     let (mut reader, known_len) = input(input_path)?;
     let read_fail = |e: std::io::Error| Failure::msg(format!("{in_name}: {e}"));
@@ -64,7 +73,13 @@ pub fn run(
         let img = Image::open(target, true, true, engine)?;
         let file = img.file(target)?;
         let room = file.size().saturating_sub(offset);
-        let fail = |e: dio::Error| target.fail(e);
+        let size = file.size();
+        // Name the offset the user gave and the file's real size.
+        let fail = |e: dio::Error| {
+            target.fail(format!(
+                "writing at offset {offset} (the file holds {size} bytes): {e}"
+            ))
+        };
         match known_len {
             Some(len) => {
                 // Check everything before the first byte moves.
@@ -101,7 +116,8 @@ pub fn run(
                 file.write_at(offset, &data).map_err(fail)?;
             }
         }
-        return file.touch().map_err(|e| target.fail(e));
+        file.touch().map_err(|e| target.fail(e))?;
+        return img.sync().map_err(|e| target.fail(e));
     }
     let out = target.source.open(true, true, engine)?;
     let file = &out.direct;
@@ -118,7 +134,11 @@ pub fn run(
             Ok(k) => {
                 return Err(target.fail(format!("short write at offset {pos}: {k} of {n} bytes")))
             }
-            Err(e) => return Err(target.fail(format!("write at offset {pos}: {e}"))),
+            Err(e) => {
+                return Err(target.fail(format!(
+                "write at offset {pos} (of the {n} bytes from {in_name} at --offset {offset}): {e}"
+            )))
+            }
         }
         pos += n as u64;
     }
@@ -129,5 +149,6 @@ pub fn run(
             raw.set_len(pos).map_err(|e| target.fail(e))?;
         }
     }
-    Ok(())
+    // Exit 0 means durable.
+    file.sync_data().map_err(|e| target.fail(e))
 }

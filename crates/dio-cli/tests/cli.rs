@@ -545,3 +545,24 @@ fn block_devices_copy_to_and_from_a_loop_device() {
     assert_ok(&o, "bench on the loop device");
     assert!(json(&o)["iops"].as_f64().unwrap() > 0.0);
 }
+
+/// Every example of the library is named in the README, with the command that runs
+/// it on its built-in default (no arguments).
+#[test]
+fn readme_names_every_example() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let readme = fs::read_to_string(root.join("README.md")).unwrap();
+    let mut n = 0;
+    for e in fs::read_dir(root.join("crates/dio/examples")).unwrap() {
+        let name = e.unwrap().file_name().to_string_lossy().into_owned();
+        let Some(stem) = name.strip_suffix(".rs") else {
+            continue;
+        };
+        n += 1;
+        assert!(
+            readme.contains(&format!("--example {stem} ")),
+            "README does not name the example {stem}"
+        );
+    }
+    assert!(n >= 5);
+}

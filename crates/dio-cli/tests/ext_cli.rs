@@ -273,7 +273,7 @@ fn ls_lists_names_and_long_details() {
     let out = String::from_utf8(ok(&dio(&["ls", &format!("{img}:/")]), "ls /")).unwrap();
     assert_eq!(
         out,
-        "data\ndir\nempty\nemptydir\nfrag\nhello.txt\ninline_big\ninline_small\nlinks\nlost+found\nmany\n"
+        "data\ndir\nempty\nemptydir\nfrag\nhello.txt\ninline_big\ninline_small\nlinks\nlost+found\nmany\nsparse3m\n"
     );
     let many = ok(&dio(&["ls", &format!("{img}:/many")]), "ls many");
     assert_eq!(
@@ -296,8 +296,8 @@ fn ls_lists_names_and_long_details() {
     .unwrap();
     let f: Vec<&str> = long.split_whitespace().collect();
     assert_eq!(
-        (f[0], f[1], f[3]),
-        ("-rw-r--r--", "11", "hello.txt"),
+        (f[0], f[1], f[4], f[7]),
+        ("-rw-r--r--", "1", "11", "hello.txt"),
         "{long}"
     );
     let e = err(&dio(&["ls", &img]));
@@ -540,4 +540,263 @@ fn writes_to_a_mounted_image_are_refused() {
     let after = ok(&dio(&["cat", &target]), "cat after write");
     assert_eq!(&after[..2], b"XY");
     assert_eq!(&after[2..], &before[2..]);
+}
+
+// ---- issue 15: ls, stat, locations, usage ----
+
+fn code(o: &Output) -> Option<i32> {
+    o.status.code()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn ls_takes_ls_flags_and_several_operands() {
+    let img = unpack("ext4-4k", "lsflags");
+    let root = format!("{img}:/");
+    // -lh lists (it printed help before).
+    let o = dio(&["ls", "-lh", &root]);
+    let out = String::from_utf8(ok(&o, "ls -lh")).unwrap();
+    let frag = out.lines().find(|l| l.ends_with(" frag")).expect(&out);
+    assert_eq!(frag.split_whitespace().nth(4), Some("800K"), "{out}");
+    assert!(out.starts_with("total "), "{out}");
+    // -a shows dot entries, . and .. first.
+    let all = String::from_utf8(ok(&dio(&["ls", "-a", &root]), "ls -a")).unwrap();
+    assert!(all.starts_with(".\n..\n"), "{all}");
+    let plain = String::from_utf8(ok(&dio(&["ls", "-1", &root]), "ls -1")).unwrap();
+    assert!(
+        !plain.contains(".\n") && plain.contains("hello.txt\n"),
+        "{plain}"
+    );
+    // Several operands: files first, then each directory under a header.
+    let o = dio(&[
+        "ls",
+        &format!("{img}:/dir"),
+        &format!("{img}:/hello.txt"),
+        &root,
+    ]);
+    let out = String::from_utf8(ok(&o, "ls several")).unwrap();
+    assert!(
+        out.starts_with(&format!("{img}:/hello.txt\n\n{img}:/dir:\n")),
+        "{out}"
+    );
+    assert!(out.contains(&format!("\n\n{img}:/:\n")), "{out}");
+    // -i: the inode number first, as stat has it.
+    let o = dio(&["ls", "-i", &format!("{img}:/hello.txt")]);
+    let line = String::from_utf8(ok(&o, "ls -i")).unwrap();
+    let st = json_of(&dio(&["stat", "--json", &format!("{img}:/hello.txt")]));
+    assert_eq!(
+        line.split_whitespace().next().unwrap(),
+        st["inode"].to_string()
+    );
+    // --help still works.
+    assert_eq!(code(&dio(&["ls", "--help"])), Some(0));
+}
+
+fn json_of(o: &Output) -> serde_json::Value {
+    serde_json::from_slice(&ok(o, "json")).unwrap()
+}
+
+#[test]
+fn ls_reports_an_unreadable_entry_and_lists_the_rest() {
+    if !have("debugfs") {
+        eprintln!("skipped: no debugfs");
+        return;
+    }
+    let img = unpack("ext4-4k", "lsbad");
+    // Break hello.txt's inode checksum (metadata_csum): that entry cannot be read.
+    let d = Command::new("debugfs")
+        .args([
+            "-w",
+            "-R",
+            "set_inode_field /hello.txt checksum 0x1234",
+            &img,
+        ])
+        .output()
+        .unwrap();
+    assert!(d.status.success(), "{}", String::from_utf8_lossy(&d.stderr));
+    let o = dio(&["ls", "-l", &format!("{img}:/")]);
+    assert_eq!(code(&o), Some(1), "{}", err(&o));
+    assert!(err(&o).contains("hello.txt"), "{}", err(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains(" frag\n") && out.contains(" many\n"), "{out}");
+    assert!(!out.contains("hello.txt"), "{out}");
+}
+
+#[test]
+fn stat_shows_inline_data_and_device_numbers() {
+    let img = unpack("ext4-4k", "statdev");
+    let o = dio(&["stat", &format!("{img}:/inline_small")]);
+    let out = String::from_utf8(ok(&o, "stat inline")).unwrap();
+    assert!(out.contains("Blocks: 1 "), "{out}");
+    assert!(out.contains("inline"), "{out}");
+    assert!(
+        out.contains("Modify: 20") && out.contains(" +0000"),
+        "{out}"
+    );
+    if !is_root() {
+        eprintln!("skipped the device part: not root (mknod through a loop mount)");
+        return;
+    }
+    let mnt = PathBuf::from(format!("{img}.mnt"));
+    std::fs::create_dir_all(&mnt).unwrap();
+    let m = Command::new("mount")
+        .args(["-o", "loop", &img])
+        .arg(&mnt)
+        .output()
+        .unwrap();
+    if !m.status.success() {
+        eprintln!("skipped the device part: {}", text(&m.stderr));
+        return;
+    }
+    let mut mounted = Mounted(mnt);
+    let mk = Command::new("mknod")
+        .arg(mounted.join("tty"))
+        .args(["c", "4", "65"])
+        .status();
+    mounted.unmount();
+    assert!(mk.unwrap().success());
+    let o = dio(&["stat", &format!("{img}:/tty")]);
+    let out = String::from_utf8(ok(&o, "stat dev")).unwrap();
+    assert!(out.contains("Device type: 4,65"), "{out}");
+    let j = json_of(&dio(&["stat", "--json", &format!("{img}:/tty")]));
+    assert_eq!(
+        (j["device"]["major"].as_u64(), j["device"]["minor"].as_u64()),
+        (Some(4), Some(65))
+    );
+    let l = String::from_utf8(ok(&dio(&["ls", "-l", &format!("{img}:/tty")]), "ls dev")).unwrap();
+    assert!(l.starts_with("crw") && l.contains(" 4, 65 "), "{l}");
+}
+
+/// `ls -l` and `stat` against the kernel's view of the same image: `ls -ln
+/// --time-style=long-iso` and `stat` in UTC.
+#[test]
+fn ls_long_and_stat_agree_with_the_kernel() {
+    if !is_root() {
+        eprintln!("skipped: not root (no loop mount)");
+        return;
+    }
+    let img = unpack("ext4-4k", "kernel-ls");
+    let mnt = match mount_ro(&img) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("skipped: {e}");
+            return;
+        }
+    };
+    let k = Command::new("ls")
+        .env("TZ", "UTC")
+        .args(["-ln", "--time-style=long-iso"])
+        .arg(mnt.join(""))
+        .output()
+        .unwrap();
+    let kernel = String::from_utf8(k.stdout).unwrap();
+    let ours = String::from_utf8(ok(&dio(&["ls", "-l", &format!("{img}:/")]), "ls -l")).unwrap();
+    let fields = |s: &str| -> Vec<Vec<String>> {
+        s.lines()
+            .map(|l| {
+                l.split_whitespace()
+                    .enumerate()
+                    .map(|(i, w)| {
+                        // ls marks ACLs or security contexts after the mode.
+                        if i == 0 {
+                            w.trim_end_matches(['.', '+']).to_string()
+                        } else {
+                            w.to_string()
+                        }
+                    })
+                    .collect()
+            })
+            .collect()
+    };
+    assert_eq!(
+        fields(&ours),
+        fields(&kernel),
+        "ours:\n{ours}\nkernel:\n{kernel}"
+    );
+    for f in ["inline_small", "hello.txt", "frag"] {
+        let k = Command::new("stat")
+            .env("TZ", "UTC")
+            .args(["-c", "%b|%y"])
+            .arg(mnt.join(f))
+            .output()
+            .unwrap();
+        let k = String::from_utf8(k.stdout).unwrap();
+        let (blocks, mtime) = k.trim().split_once('|').unwrap();
+        let ours = String::from_utf8(ok(&dio(&["stat", &format!("{img}:/{f}")]), "stat")).unwrap();
+        assert!(
+            ours.contains(&format!("Blocks: {blocks} ")),
+            "{f}: kernel {blocks}\n{ours}"
+        );
+        assert!(
+            ours.contains(&format!("Modify: {mtime}\n")),
+            "{f}: kernel {mtime}\n{ours}"
+        );
+    }
+}
+
+#[test]
+fn locations_name_what_is_wrong() {
+    let dir = scratch();
+    for (arg, says) in [
+        ("nbds://h/x", "TLS"),
+        ("nbd:/h/x", "malformed NBD URI"),
+        ("nbd://", "missing host"),
+        ("http://h/x", "does not speak http://"),
+    ] {
+        let o = dio(&["cat", arg]);
+        let e = text(&o.stderr);
+        assert_eq!(code(&o), Some(2), "{arg}: {e}");
+        assert!(e.contains(says), "{arg}: {e}");
+    }
+    let small = dir.join("small-not-image");
+    std::fs::write(&small, vec![7u8; 1000]).unwrap();
+    let o = dio(&["ls", &format!("{}:/", small.display())]);
+    assert_eq!(code(&o), Some(1));
+    assert!(err(&o).contains("not an ext2/3/4 image"), "{}", err(&o));
+    let img = unpack("ext4-1k", "rel");
+    let o = dio(&["cat", &format!("{img}:hello.txt")]);
+    assert_eq!(code(&o), Some(1));
+    assert!(
+        err(&o).contains(&format!("did you mean {img}:/hello.txt")),
+        "{}",
+        err(&o)
+    );
+}
+
+#[test]
+fn usage_mistakes_exit_2_with_plain_messages() {
+    let img = unpack("ext4-1k", "usage");
+    let hello = format!("{img}:/hello.txt");
+    for args in [
+        vec!["cat", "--bs", "1", hello.as_str()],
+        vec!["cat", "--bs", "64M", hello.as_str()],
+        vec!["cat", "--bs", "16M", "--qd", "16", hello.as_str()],
+        vec!["bench", "x", "--runtime", "0"],
+        vec!["cat", "--offset", "-5", hello.as_str()],
+        vec!["write", hello.as_str(), "--offset", "-1"],
+    ] {
+        let o = dio(&args);
+        assert_eq!(code(&o), Some(2), "{args:?}: {}", text(&o.stderr));
+    }
+    let o = dio(&["cat", "--offset", "-5", &hello]);
+    assert!(
+        text(&o.stderr).contains("is negative"),
+        "{}",
+        text(&o.stderr)
+    );
+}
+
+#[test]
+fn write_errors_name_the_offset_given_and_the_real_size() {
+    let img = unpack("ext4-1k", "writeerr");
+    let o = dio_stdin(
+        &["write", &format!("{img}:/hello.txt"), "--offset", "100"],
+        Some(b"x"),
+    );
+    assert_eq!(code(&o), Some(1));
+    let e = err(&o);
+    assert!(e.contains("offset 100") && e.contains("11 bytes"), "{e}");
 }

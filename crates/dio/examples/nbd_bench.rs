@@ -2,12 +2,18 @@
 //! at a queue depth: the NBD client's speed without the CLI.
 //!
 //! ```sh
+//! cargo run --release --example nbd_bench            # built-in default: see below
 //! cargo run --release --example nbd_bench -- copy nbd://127.0.0.1:10809/disk out.img
 //! cargo run --release --example nbd_bench -- randread nbd://127.0.0.1:10809/disk 32 5
 //! ```
+//!
+//! Without arguments it serves a 64 MiB scratch image (16 MiB of data, the rest a
+//! hole) under `target/nbd_bench/` with qemu-nbd (or nbdkit) on a Unix socket,
+//! copies it and runs 2 s of random reads against it, then cleans up.
 
 use std::collections::VecDeque;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use dio::device::nbd::NbdConfig;
@@ -126,9 +132,107 @@ fn randread(src: &str, qd: usize, secs: u64) -> dio::Result<()> {
     Ok(())
 }
 
+/// A local NBD server on a scratch image, stopped and removed on drop.
+struct Server {
+    child: Child,
+    dir: PathBuf,
+    uri: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn serve_default() -> Result<Server, String> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/nbd_bench");
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let img = dir.join("disk.img");
+    let sock = dir.join("nbd.sock");
+    let _ = std::fs::remove_file(&sock);
+    // 64 MiB: 16 MiB of data at 8 MiB, the rest a hole.
+    let f = std::fs::File::create(&img).map_err(|e| e.to_string())?;
+    f.set_len(64 << 20).map_err(|e| e.to_string())?;
+    let data: Vec<u8> = (0..16u32 << 20).map(|i| (i % 251) as u8).collect();
+    std::os::unix::fs::FileExt::write_all_at(&f, &data, 8 << 20).map_err(|e| e.to_string())?;
+    let (img_s, sock_s) = (img.to_string_lossy(), sock.to_string_lossy());
+    let tries: [(&str, Vec<String>); 2] = [
+        (
+            "qemu-nbd",
+            vec![
+                "-f".into(),
+                "raw".into(),
+                "-x".into(),
+                "disk".into(),
+                "-k".into(),
+                sock_s.to_string(),
+                "--persistent".into(),
+                img_s.to_string(),
+            ],
+        ),
+        (
+            "nbdkit",
+            vec![
+                "-f".into(),
+                "-U".into(),
+                sock_s.to_string(),
+                "-e".into(),
+                "disk".into(),
+                "file".into(),
+                img_s.to_string(),
+            ],
+        ),
+    ];
+    for (tool, args) in tries {
+        let Ok(child) = Command::new(tool).args(&args).stdout(Stdio::null()).spawn() else {
+            continue;
+        };
+        let server = Server {
+            child,
+            dir: dir.clone(),
+            uri: format!("nbd+unix:///disk?socket={sock_s}"),
+        };
+        for _ in 0..500 {
+            if sock.exists() {
+                eprintln!(
+                    "nbd_bench: {tool} serves {} at {}",
+                    img.display(),
+                    server.uri
+                );
+                return Ok(server);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        return Err(format!("{tool} did not create {}", sock.display()));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Err(
+        "no NBD server to run the default on: install qemu-nbd (qemu-utils) or nbdkit, \
+         or give a URI (nbd_bench copy URI DST | randread URI [QD] [SECS])"
+            .to_string(),
+    )
+}
+
+fn run_default() -> dio::Result<()> {
+    let server = match serve_default() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("nbd_bench: {e}");
+            std::process::exit(1);
+        }
+    };
+    let out = server.dir.join("copy.img");
+    copy(&server.uri, &out)?;
+    randread(&server.uri, 32, 2)
+}
+
 fn main() {
     let a: Vec<String> = std::env::args().collect();
     let r = match a.get(1).map(String::as_str) {
+        None => run_default(),
         Some("copy") if a.len() == 4 => copy(&a[2], Path::new(&a[3])),
         Some("randread") if a.len() >= 3 => randread(
             &a[2],

@@ -129,13 +129,13 @@ impl Drop for Scratch {
 pub fn run(args: &BenchArgs) -> Result<(), Failure> {
     if let Some(r) = args.runtime {
         if !(r.is_finite() && r > 0.0 && r <= 86_400.0) {
-            return Err(Failure::msg(
+            return Err(Failure::usage(
                 "--runtime must be a number of seconds above 0",
             ));
         }
     }
     if args.bs == Some(0) || args.size == Some(0) {
-        return Err(Failure::msg("--bs and --size must be above 0"));
+        return Err(Failure::usage("--bs and --size must be above 0"));
     }
     catch_signals();
     match (&args.target, args.rw) {
@@ -275,7 +275,7 @@ fn lay_out(raw: &RawFile, path: &Path, size: u64) -> Result<(), Failure> {
 fn span(size: u64, bs: u64) -> Result<u64, Failure> {
     let span = size / bs * bs;
     if span == 0 {
-        return Err(Failure::msg(format!(
+        return Err(Failure::usage(format!(
             "--size ({size} bytes) is smaller than --bs ({bs} bytes)"
         )));
     }
@@ -311,7 +311,7 @@ fn open_buffered(path: &Path, write: bool) -> Result<File, Failure> {
 /// as on a block device), and there is no page cache to compare with.
 fn open_nbd(uri: &str, args: &BenchArgs, rw: Rw) -> Result<NbdFile, Failure> {
     if args.buffered {
-        return Err(Failure::msg(format!(
+        return Err(Failure::usage(format!(
             "{uri}: --buffered needs a host file, not an NBD export"
         )));
     }
@@ -345,7 +345,7 @@ fn single(path: &Path, args: &BenchArgs) -> Result<(), Failure> {
             nbd = open_nbd(uri, args, rw)?;
             let size = match args.size {
                 Some(s) if s > nbd.size() => {
-                    return Err(Failure::msg(format!(
+                    return Err(Failure::usage(format!(
                         "{uri}: --size {s} is larger than the export ({} bytes)",
                         nbd.size()
                     )))
@@ -461,7 +461,7 @@ fn row(label: &str, mode: &str, r: &Report) -> String {
 /// The built-in suite: each workload through dio, then through the page cache.
 fn suite(args: &BenchArgs) -> Result<(), Failure> {
     if args.bs.is_some() || args.qd.is_some() || args.buffered {
-        return Err(Failure::msg(
+        return Err(Failure::usage(
             "--bs, --qd and --buffered shape one workload: add --rw or a TARGET",
         ));
     }

@@ -243,7 +243,7 @@ impl Inbox {
 pub fn direct(file: &DirectFile, w: &Workload, fixed: Option<&RawFile>) -> Result<Report, Failure> {
     let geo = file.geometry();
     if w.bs % u64::from(geo.logical_block) != 0 {
-        return Err(Failure::msg(format!(
+        return Err(Failure::usage(format!(
             "--bs {} is not a multiple of the device's logical block ({} bytes)",
             w.bs, geo.logical_block
         )));
