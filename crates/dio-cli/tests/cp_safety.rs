@@ -577,3 +577,45 @@ fn progress_flags_force_or_silence_the_final_line() {
         assert_eq!(stderr(&o), "", "{a:?}");
     }
 }
+
+/// Issue 15, item 3: when dio exits, no file stays referenced (io_uring tears its
+/// ring down in a kernel worker a moment after the process closed it; dio releases
+/// its registered file first), so the file system it wrote to unmounts at once.
+#[test]
+fn the_file_system_unmounts_right_after_dio_exits() {
+    if !is_root() {
+        return skip("not root: cannot loop-mount a small ext4");
+    }
+    let dir = scratch();
+    let fsys = match small_fs(dir.path(), 32) {
+        Ok(f) => f,
+        Err(e) => return skip(&format!("no small ext4: {e}")),
+    };
+    let img = dir.path().join("small.ext4");
+    let src = dir.path().join("src");
+    fs::write(&src, bytes(1 << 20, 5)).unwrap();
+    for round in 0..20 {
+        let dst = fsys.mnt.join(format!("x{round}"));
+        let o = dio(&["cp", "--engine", "uring", s(&src), s(&dst)]);
+        if round == 0 && !o.status.success() && stderr(&o).contains("io_uring") {
+            return skip(&format!("no io_uring here: {}", stderr(&o)));
+        }
+        assert!(o.status.success(), "round {round}: {}", stderr(&o));
+        let u = Command::new("umount").arg(&fsys.mnt).output().unwrap();
+        assert!(
+            u.status.success(),
+            "round {round}: umount right after dio exited: {}",
+            String::from_utf8_lossy(&u.stderr)
+        );
+        let m = Command::new("mount")
+            .args(["-o", "loop", s(&img), s(&fsys.mnt)])
+            .output()
+            .unwrap();
+        assert!(m.status.success(), "{}", String::from_utf8_lossy(&m.stderr));
+        assert_eq!(
+            fs::read(&dst).unwrap(),
+            fs::read(&src).unwrap(),
+            "round {round}"
+        );
+    }
+}
