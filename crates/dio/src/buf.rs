@@ -753,28 +753,18 @@ pub(crate) fn zeroes(len: usize) -> MemRef {
     }
 }
 
-/// Counts the requests over one scope's borrowed memory that are still alive.
-pub(crate) struct Tracker {
-    live: std::sync::atomic::AtomicUsize,
-    /// The scope's thread, once it waits.
-    waiter: std::sync::OnceLock<std::thread::Thread>,
-}
+/// One scope's claim counter: every request over the scope's borrowed memory holds a
+/// clone of the scope's `Arc<Tracker>`, so the scope is drained when it holds the
+/// only reference left (one atomic increment and decrement per request, nothing
+/// more).
+pub(crate) struct Tracker;
 
 /// A request's claim on a scope's borrowed memory: the scope does not end while one
 /// lives. Held by the request (and its [`crate::device::Finished`]) until the
 /// completion is done with it.
-pub(crate) struct Ticket(std::sync::Arc<Tracker>);
-
-impl Drop for Ticket {
-    fn drop(&mut self) {
-        use std::sync::atomic::Ordering;
-        if self.0.live.fetch_sub(1, Ordering::AcqRel) == 1 {
-            if let Some(t) = self.0.waiter.get() {
-                t.unpark();
-            }
-        }
-    }
-}
+pub(crate) struct Ticket(
+    #[allow(dead_code, reason = "held for its count")] std::sync::Arc<Tracker>,
+);
 
 /// Lends borrowed memory to device requests and keeps it borrowed until every such
 /// request is gone.
@@ -838,10 +828,7 @@ impl Lender<'_> {
     /// What a new request over this memory carries.
     pub(crate) fn keep(&self) -> crate::device::Keep {
         match self {
-            Lender::Scope(t) => {
-                t.live.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-                crate::device::Keep::Lent(Ticket(std::sync::Arc::clone(t)))
-            }
+            Lender::Scope(t) => crate::device::Keep::Lent(Ticket(std::sync::Arc::clone(t))),
             Lender::Owned => crate::device::Keep::Vouched,
         }
     }
@@ -852,6 +839,11 @@ impl Lender<'_> {
 /// gone, calling `progress` between checks (it polls a device whose completions need
 /// polling; it may do nothing). A body that leaks a request never returns: a hang,
 /// never memory handed back while a device may still use it.
+///
+/// The engine's own wait has normally seen every request complete by then (a
+/// request's ticket goes before its completion wakes the engine), so the check costs
+/// one load; only after a panic does the scope itself wait, briefly spinning, then
+/// sleeping in short steps.
 pub(crate) fn io_scope<'a, R>(
     mut progress: impl FnMut(),
     body: impl FnOnce(&IoScope<'a>) -> R,
@@ -862,34 +854,29 @@ pub(crate) fn io_scope<'a, R>(
     }
     impl<F: FnMut()> Drop for Drain<'_, '_, F> {
         fn drop(&mut self) {
-            use std::sync::atomic::Ordering;
             let t = &self.scope.tracker;
-            if t.live.load(Ordering::Acquire) == 0 {
-                return;
-            }
-            t.waiter.get_or_init(std::thread::current);
             let mut spins = 0u32;
-            while t.live.load(Ordering::Acquire) != 0 {
+            while std::sync::Arc::strong_count(t) > 1 {
                 (self.progress)();
-                if t.live.load(Ordering::Acquire) == 0 {
-                    break;
-                }
-                // A request's last reference goes a moment after its completion
-                // wakes the engine: spin briefly, then sleep until unparked.
                 if spins < 64 {
                     spins += 1;
                     std::thread::yield_now();
                 } else {
-                    std::thread::park_timeout(std::time::Duration::from_millis(10));
+                    std::thread::sleep(std::time::Duration::from_micros(200));
                 }
             }
         }
     }
+    // A drained tracker is reused by the thread's next scope: no allocation per call.
+    thread_local! {
+        static SPARE: std::cell::Cell<Option<std::sync::Arc<Tracker>>> =
+            const { std::cell::Cell::new(None) };
+    }
+    let tracker = SPARE
+        .with(|s| s.take())
+        .unwrap_or_else(|| std::sync::Arc::new(Tracker));
     let scope = IoScope {
-        tracker: std::sync::Arc::new(Tracker {
-            live: std::sync::atomic::AtomicUsize::new(0),
-            waiter: std::sync::OnceLock::new(),
-        }),
+        tracker,
         _borrow: std::marker::PhantomData,
     };
     let drain = Drain {
@@ -898,6 +885,10 @@ pub(crate) fn io_scope<'a, R>(
     };
     let r = body(drain.scope);
     drop(drain);
+    let IoScope { tracker, .. } = scope;
+    if std::sync::Arc::strong_count(&tracker) == 1 {
+        SPARE.with(|s| s.set(Some(tracker)));
+    }
     r
 }
 

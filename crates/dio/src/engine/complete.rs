@@ -62,8 +62,11 @@ pub(crate) struct Dio {
     sleeping: AtomicBool,
     /// A panic of the map's end_io in a sync call's finish, for the caller.
     panic: Mutex<Option<Box<dyn std::any::Any + Send>>>,
-    /// The file lock a locking-mode write holds until it completes.
-    file_lock: Mutex<Option<LockKind>>,
+    /// The file lock a locking-mode write holds until it completes (0 none, 1 shared,
+    /// 2 exclusive).
+    file_lock: std::sync::atomic::AtomicU8,
+    /// Whether `panic` holds a payload (checked without the lock on every finish).
+    panicked: AtomicBool,
     /// Async calls: requests built but held back while [`MAX_IN_FLIGHT`] are in
     /// flight, sent as completions arrive (nothing of an async call ever waits).
     queue: Mutex<VecDeque<(Request, u64)>>,
@@ -116,7 +119,8 @@ impl Dio {
             waiter: OnceLock::new(),
             sleeping: AtomicBool::new(false),
             panic: Mutex::new(None),
-            file_lock: Mutex::new(None),
+            file_lock: std::sync::atomic::AtomicU8::new(0),
+            panicked: AtomicBool::new(false),
             queue: Mutex::new(VecDeque::new()),
             queued: AtomicUsize::new(0),
             submitted: AtomicUsize::new(0),
@@ -125,7 +129,12 @@ impl Dio {
 
     /// Keep the file lock of kind `k` until the call completes.
     pub(crate) fn hold_file_lock(&self, k: Option<LockKind>) {
-        *lock(&self.file_lock) = k;
+        let v = match k {
+            None => 0,
+            Some(LockKind::Shared) => 1,
+            Some(LockKind::Exclusive) => 2,
+        };
+        self.file_lock.store(v, Ordering::Release);
     }
 
     /// Send a request of an async call, or queue it while the call has
@@ -166,6 +175,9 @@ impl Dio {
 
     /// The panic payload of a sync call's end_io, if it panicked.
     pub(crate) fn take_panic(&self) -> Option<Box<dyn std::any::Any + Send>> {
+        if !self.panicked.load(Ordering::Acquire) {
+            return None;
+        }
         lock(&self.panic).take()
     }
 
@@ -330,6 +342,7 @@ impl Dio {
             Err(payload) => {
                 if self.sync {
                     *lock(&self.panic) = Some(payload);
+                    self.panicked.store(true, Ordering::Release);
                 }
                 Err(Error::Panicked("BlockMap::end_io"))
             }
@@ -349,7 +362,12 @@ impl Dio {
             self.file.state.dio_end();
         }
         // Last: releasing locks may start calls that were parked on them.
-        if let Some(k) = lock(&self.file_lock).take() {
+        let held = match self.file_lock.swap(0, Ordering::AcqRel) {
+            1 => Some(LockKind::Shared),
+            2 => Some(LockKind::Exclusive),
+            _ => None,
+        };
+        if let Some(k) = held {
             self.file.state.file_lock().release(k);
         }
         if let Some((s, e)) = self.range_lock {

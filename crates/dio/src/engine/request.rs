@@ -385,7 +385,7 @@ pub(crate) fn run(
     }
     // A write keeps the file lock until it completes; a read gives it back after its
     // lookups (below).
-    if op == Op::Write {
+    if op == Op::Write && held.is_some() {
         dio.hold_file_lock(held.take());
     }
     let poll = flags.contains(Flags::POLL);
