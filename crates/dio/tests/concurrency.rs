@@ -634,3 +634,53 @@ fn poll_flag_does_not_spin_on_an_interrupt_driven_device() {
     let polls = dev.1.load(Ordering::SeqCst);
     assert!(polls < 50, "{polls} polls in 50 ms: the waiter spins");
 }
+
+/// Issue 12: the last handle of an NBD device dropped on its own reader thread (by
+/// a completion), with requests still in flight: the device must not join its own
+/// thread, and every request still completes, exactly once.
+#[test]
+fn nbd_device_dropped_from_its_own_completion_completes_every_request_once() {
+    let Some((_srv, uri)) = nbdkit("16M") else {
+        return;
+    };
+    struct Count {
+        hits: Arc<Mutex<Vec<u64>>>,
+        drop_dev: Mutex<Option<Arc<NbdDevice>>>,
+        tx: Mutex<mpsc::Sender<()>>,
+    }
+    impl Completion for Count {
+        fn complete(self: Arc<Self>, req: Finished, _r: std::io::Result<()>) {
+            self.hits.lock().unwrap().push(req.tag());
+            // The first completion drops the last handle of the device, here, on
+            // the device's reader thread.
+            drop(self.drop_dev.lock().unwrap().take());
+            let _ = self.tx.lock().unwrap().send(());
+        }
+    }
+    let before = dio::device::callback_panics();
+    let mut cfg = NbdConfig::default();
+    cfg = cfg.timeout(Duration::from_secs(10));
+    let dev = Arc::new(NbdDevice::connect(&uri, &cfg).unwrap());
+    let hits = Arc::new(Mutex::new(Vec::new()));
+    let (tx, rx) = mpsc::channel();
+    let c = Arc::new(Count {
+        hits: hits.clone(),
+        drop_dev: Mutex::new(Some(dev.clone())),
+        tx: Mutex::new(tx),
+    });
+    for i in 0..8u64 {
+        let buf = AlignedBuf::new(1 << 20, 4096);
+        dev.submit(Request::with_buf(Op::Read, i << 20, buf, false, c.clone(), i));
+    }
+    // Only the completion holds the device now.
+    drop(dev);
+    for _ in 0..8 {
+        rx.recv_timeout(Duration::from_secs(30))
+            .expect("a request never completed");
+    }
+    thread::sleep(Duration::from_millis(100));
+    let mut got = hits.lock().unwrap().clone();
+    got.sort();
+    assert_eq!(got, (0..8).collect::<Vec<_>>(), "each request exactly once");
+    assert_eq!(dio::device::callback_panics(), before, "a completion panicked");
+}
