@@ -264,6 +264,14 @@ impl Image {
                 image_error(e, opened.size)
             ))
         })?;
+        // A journal that needed recovery was replayed in memory: say so (reads then
+        // see what the kernel would see after its replay; the image is not changed).
+        crate::fail::print_notes(
+            &ext.notes()
+                .into_iter()
+                .map(|n| format!("{}: {n}", loc.source.name()))
+                .collect::<Vec<_>>(),
+        );
         let inode = ext
             .lookup(inner, follow)
             .map_err(|e| loc.fail(lookup_error(e)))?;

@@ -800,3 +800,90 @@ fn write_errors_name_the_offset_given_and_the_real_size() {
     let e = err(&o);
     assert!(e.contains("offset 100") && e.contains("11 bytes"), "{e}");
 }
+
+/// Issue 15, item 5: an image whose journal needs recovery is read through the
+/// journal (replayed in memory, as the kernel would), with a note, and left as it is.
+#[test]
+fn an_image_needing_recovery_is_read_through_its_journal_with_a_note() {
+    if !is_root() || !have("mkfs.ext4") {
+        eprintln!("skipping: needs root and mkfs.ext4 to make an image with a live journal");
+        return;
+    }
+    let dir = scratch().join("recovery");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let img = dir.join("live.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(32 << 20)
+        .unwrap();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    assert!(Command::new("mkfs.ext4")
+        .args(["-q", "-F", &s(&img)])
+        .status()
+        .unwrap()
+        .success());
+    let mnt = dir.join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    // Changes committed to the journal but not yet written in place: copy the image
+    // while it is still mounted, a second after the commit.
+    let copy = dir.join("needs-recovery.img");
+    let mut made = false;
+    for _ in 0..4 {
+        assert!(Command::new("mount")
+            .args(["-o", "loop,commit=1", &s(&img), &s(&mnt)])
+            .status()
+            .unwrap()
+            .success());
+        let m = Mounted(mnt.clone());
+        std::fs::create_dir_all(mnt.join("d")).unwrap();
+        std::fs::write(mnt.join("d/new.txt"), b"journaled\n").unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(2500));
+        std::fs::copy(&img, &copy).unwrap();
+        drop(m);
+        let h = Command::new("dumpe2fs")
+            .arg("-h")
+            .arg(&copy)
+            .output()
+            .unwrap();
+        if String::from_utf8_lossy(&h.stdout).contains("needs_recovery") {
+            made = true;
+            break;
+        }
+    }
+    if !made {
+        eprintln!("skipping: could not catch the journal before its checkpoint");
+        return;
+    }
+    let before = std::fs::read(&copy).unwrap();
+    let o = dio(&["ls", &format!("{}:/d", s(&copy))]);
+    let listing = ok(&o, "ls");
+    let note = String::from_utf8_lossy(&o.stderr);
+    assert!(note.contains("journal needs recovery"), "{note}");
+    // The kernel's view after its own replay (of another copy).
+    let replayed = dir.join("replayed.img");
+    std::fs::copy(&copy, &replayed).unwrap();
+    assert!(Command::new("mount")
+        .args(["-o", "loop", &s(&replayed), &s(&mnt)])
+        .status()
+        .unwrap()
+        .success());
+    let m = Mounted(mnt.clone());
+    let mut names: Vec<String> = std::fs::read_dir(mnt.join("d"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    let kernel_file = std::fs::read(mnt.join("d/new.txt")).ok();
+    drop(m);
+    assert_eq!(text(&listing).lines().collect::<Vec<_>>(), names);
+    if let Some(k) = kernel_file {
+        let o = dio(&["cat", &format!("{}:/d/new.txt", s(&copy))]);
+        assert_eq!(ok(&o, "cat"), k);
+    }
+    assert!(
+        std::fs::read(&copy).unwrap() == before,
+        "dio changed the image"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

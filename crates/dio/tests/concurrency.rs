@@ -670,7 +670,14 @@ fn nbd_device_dropped_from_its_own_completion_completes_every_request_once() {
     });
     for i in 0..8u64 {
         let buf = AlignedBuf::new(1 << 20, 4096);
-        dev.submit(Request::with_buf(Op::Read, i << 20, buf, false, c.clone(), i));
+        dev.submit(Request::with_buf(
+            Op::Read,
+            i << 20,
+            buf,
+            false,
+            c.clone(),
+            i,
+        ));
     }
     // Only the completion holds the device now.
     drop(dev);
@@ -682,5 +689,9 @@ fn nbd_device_dropped_from_its_own_completion_completes_every_request_once() {
     let mut got = hits.lock().unwrap().clone();
     got.sort();
     assert_eq!(got, (0..8).collect::<Vec<_>>(), "each request exactly once");
-    assert_eq!(dio::device::callback_panics(), before, "a completion panicked");
+    assert_eq!(
+        dio::device::callback_panics(),
+        before,
+        "a completion panicked"
+    );
 }
