@@ -333,8 +333,10 @@ fn truncate_and_read_modify_write_exclude_each_other_on_ram() {
 #[test]
 fn truncate_and_read_modify_write_exclude_each_other_on_a_host_file() {
     let path = scratch_file("race", 0);
-    let mut opts = dio::raw::OpenOptions::default();
-    opts.write = true;
+    let opts = dio::raw::OpenOptions {
+        write: true,
+        ..Default::default()
+    };
     let raw = match dio::raw::RawFile::open(&path, &opts) {
         Ok(r) => r,
         Err(e) => {
