@@ -393,25 +393,14 @@ pub fn run(
             };
             let Slot { off, len, stage } = slot;
             match stage {
-                Stage::Read(fut) => {
-                    let buf = check_done("read", names.src, off, len, fut.wait())?.into_inner();
-                    moved += len as u64;
-                    if let Some(s) = handle(
-                        &mut output,
-                        &mut pool,
-                        &mut tracker,
-                        names,
-                        off,
-                        len,
-                        buf,
-                        skip_zeros,
-                        &mut grown,
-                        job.block,
-                    )? {
-                        q.push_back(Slot { off, len, stage: s });
-                    }
-                }
-                Stage::Data(buf) => {
+                Stage::Read(_) | Stage::Data(_) => {
+                    let buf = match stage {
+                        Stage::Read(fut) => {
+                            check_done("read", names.src, off, len, fut.wait())?.into_inner()
+                        }
+                        Stage::Data(buf) => buf,
+                        _ => unreachable!("matched above"),
+                    };
                     moved += len as u64;
                     if let Some(s) = handle(
                         &mut output,
