@@ -206,10 +206,7 @@ fn open_ext(a: &FsxArgs, loc: &Location) -> Result<Target, Failure> {
     // Overwrites stay inside written blocks: refuse holes and unwritten extents
     // up front rather than report them as divergences.
     file.check_write(0, file.size()).map_err(|e| loc.fail(e))?;
-    let direct = file
-        .direct()
-        .cloned()
-        .ok_or_else(|| loc.fail("inline data"))?;
+    let direct = file.overwriter().map_err(|e| loc.fail(e))?;
     let name = format!("ext file {} ({})", loc.display(), image.backend_name());
     Ok(Target::file(
         name,

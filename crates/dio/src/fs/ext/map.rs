@@ -10,12 +10,14 @@
 //! metadata read, so the engine sends what it has first.
 
 use std::collections::{HashMap, HashSet};
+use std::io;
 use std::sync::{Arc, Mutex};
 
 use super::bytes::{crc32c, le16, le32};
 use super::inode::{flags, Inode};
 use super::journal::Replay;
 use super::Fs;
+use crate::device::{Device, Op, Request};
 use crate::map::{BlockMap, Extent, Mapping};
 use crate::{Error, Result};
 
@@ -391,13 +393,37 @@ impl Indirect {
     }
 }
 
-/// The engine's view of one file: its layout, read-only (no allocation). Blocks
-/// the journal replay holds (data=journal) map to their journal copy, so the
-/// engine reads the replayed bytes from the device.
+/// The engine's view of one file: its layout, with the in-place writes the ext
+/// client supports and nothing more. It never allocates, converts or truncates:
+///
+/// - `map` with `create` (a write) refuses holes, unwritten extents and blocks past
+///   i_size with [`Error::Invalid`], before the engine writes anything;
+/// - `submit_io` sends a write request to the device only if it covers written
+///   blocks of this very file (the device offsets the layout gives for the
+///   request's file offset) and leaves every byte past i_size as it is on disk
+///   (a read-modify-write of the last block writes back what it read); anything
+///   else completes with an error and never reaches the device;
+/// - `truncate` is refused ([`Error::Incompatible`]).
+///
+/// Engine files over this map sit on a [`Fence`](super::fence::Fence) device,
+/// which refuses the writes that do not come through `submit_io` (the engine's
+/// zeroing of the EOF block on truncate), so a truncate changes nothing on disk.
+///
+/// Blocks the journal replay holds (data=journal) map to their journal copy, so
+/// the engine reads the replayed bytes from the device (such images are never
+/// writable).
 pub(crate) struct ExtMap {
-    pub(crate) layout: Layout,
+    pub(crate) fs: Arc<Fs>,
+    pub(crate) ino: u32,
+    pub(crate) layout: Arc<Layout>,
     pub(crate) block_size: u32,
+    /// i_size: writes stay inside it.
+    pub(crate) i_size: u64,
+    /// What the engine may address (see [`BlockMap::max_file_size`]).
     pub(crate) max_size: u64,
+    /// Whether in-place writes are allowed at all (a writable file system and a
+    /// file that may be written).
+    pub(crate) writes: bool,
     pub(crate) replay: Option<Arc<Replay>>,
 }
 
@@ -419,6 +445,74 @@ impl ExtMap {
             None => e,
         }
     }
+
+    /// Blocks holding bytes below i_size.
+    fn size_blocks(&self) -> u64 {
+        self.i_size.div_ceil(u64::from(self.block_size))
+    }
+
+    /// Whether a write request of `len` bytes at device byte `dev_off`, for file
+    /// byte `file_off`, is an in-place overwrite of this file's written blocks
+    /// (see the type's doc); `req` gives the bytes it would write.
+    fn check_write_request(&self, req: &Request, file_off: u64) -> Result<()> {
+        let ino = self.ino;
+        if !self.writes {
+            return Err(Error::Invalid(format!(
+                "inode {ino}: this file is not open for in-place writes"
+            )));
+        }
+        if self.replay.is_some() {
+            return Err(Error::Incompatible(format!(
+                "inode {ino}: the journal was replayed in memory only"
+            )));
+        }
+        let (dev_off, len) = (req.offset(), req.len());
+        let bs = u64::from(self.block_size);
+        let end = file_off
+            .checked_add(len)
+            .ok_or_else(|| Error::Invalid(format!("inode {ino}: write request past 2^64")))?;
+        let mut pos = file_off;
+        while pos < end {
+            let b = pos / bs;
+            if b >= self.size_blocks() {
+                return Err(Error::Invalid(format!(
+                    "inode {ino}: a write at offset {pos} lies past i_size ({}): in-place writes do not grow files",
+                    self.i_size
+                )));
+            }
+            let e = self.layout.map(b, (end - 1) / bs - b + 1)?;
+            let Mapping::Mapped(p) = e.mapping else {
+                return Err(Error::Invalid(format!(
+                    "inode {ino}: a write at offset {pos} meets a hole or an unwritten extent: in-place writes do not allocate or convert"
+                )));
+            };
+            let want = p * bs + pos % bs;
+            if want != dev_off + (pos - file_off) {
+                return Err(Error::Invalid(format!(
+                    "inode {ino}: a write for offset {pos} goes to device byte {}, the file's block is at {want}",
+                    dev_off + (pos - file_off)
+                )));
+            }
+            pos = ((b + e.len.max(1)) * bs).min(end);
+        }
+        // Bytes past i_size (the last block's tail) must stay as they are: a
+        // read-modify-write writes back what it read, a write past EOF does not.
+        if end > self.i_size {
+            let from = self.i_size.max(file_off);
+            let n = (end - from) as usize;
+            let mut new = vec![0u8; n];
+            req.copy_out((from - file_off) as usize, &mut new);
+            let at = dev_off + (from - file_off);
+            let old = self.fs.io.read_plain(at, n, "the EOF block's tail")?;
+            if old != new {
+                return Err(Error::Invalid(format!(
+                    "inode {ino}: a write changes bytes past i_size ({}): in-place writes do not grow files",
+                    self.i_size
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl BlockMap for ExtMap {
@@ -426,10 +520,52 @@ impl BlockMap for ExtMap {
         self.block_size
     }
 
-    fn map(&self, block: u64, max_blocks: u64, _create: bool) -> Result<Extent> {
-        // Never allocates: a write that meets a hole stops there (callers check the
-        // whole range before writing anything).
-        Ok(self.map_replayed(self.layout.map(block, max_blocks)?))
+    fn map(&self, block: u64, max_blocks: u64, create: bool) -> Result<Extent> {
+        let e = self.map_replayed(self.layout.map(block, max_blocks)?);
+        if !create {
+            return Ok(e);
+        }
+        // A write: only written blocks inside i_size.
+        let bs = u64::from(self.block_size);
+        let ino = self.ino;
+        if block >= self.size_blocks() {
+            return Err(Error::Invalid(format!(
+                "inode {ino}: writing at offset {} would grow the file past its {} bytes: in-place writes do not allocate",
+                block * bs,
+                self.i_size
+            )));
+        }
+        match e.mapping {
+            Mapping::Mapped(_) => Ok(e),
+            Mapping::Hole => Err(Error::Invalid(format!(
+                "inode {ino}: offset {} is in a hole: in-place writes do not allocate",
+                block * bs
+            ))),
+            Mapping::Unwritten(_) => Err(Error::Invalid(format!(
+                "inode {ino}: offset {} is in an unwritten (preallocated) extent: in-place writes do not convert extents",
+                block * bs
+            ))),
+        }
+    }
+
+    fn submit_io(&self, dev: &dyn Device, req: Request, file_offset: u64) {
+        if req.op() == Op::Write {
+            if let Err(e) = self.check_write_request(&req, file_offset) {
+                req.complete(Err(io::Error::new(io::ErrorKind::Unsupported, e)));
+                return;
+            }
+            // Past the fence: this is the one way a write reaches the device.
+            self.fs.io.device().submit(req);
+            return;
+        }
+        dev.submit(req);
+    }
+
+    fn truncate(&self, size: u64) -> Result<()> {
+        Err(Error::Incompatible(format!(
+            "inode {}: truncate to {size} bytes: the ext client does not change file sizes",
+            self.ino
+        )))
     }
 
     fn max_file_size(&self) -> u64 {

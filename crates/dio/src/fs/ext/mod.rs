@@ -36,6 +36,7 @@
 
 mod bytes;
 mod dir;
+mod fence;
 mod group;
 mod hash;
 mod inode;
@@ -44,8 +45,8 @@ mod journal;
 mod map;
 mod superblock;
 
-use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 pub use dir::DirEntry;
 pub use inode::{flags as inode_flags, FileType, Inode, Timestamp, ROOT_INO};
@@ -55,6 +56,7 @@ pub use superblock::{compat, incompat, ro_compat, Superblock};
 use crate::device::Device;
 use crate::map::Mapping;
 use crate::{DirectFile, Error, FileState, Flags, Result};
+use fence::Fence;
 use group::GroupDesc;
 use io::MetaIo;
 use map::{ExtMap, Layout};
@@ -70,6 +72,17 @@ pub(crate) struct Fs {
     writable: bool,
     /// The journal replayed in memory (when it needed recovery).
     replay: Option<Arc<journal::Replay>>,
+    /// The open inodes: every [`Ext::open_file`] of one inode shares its node
+    /// (range locks, size, the inode as last written).
+    open: Mutex<HashMap<u32, Weak<Node>>>,
+    /// Held around every metadata read-modify-write (an inode-table block is
+    /// shared by many inodes, and a device logical block by several): two updates
+    /// of neighbouring inodes must not write back each other's stale bytes.
+    meta: Mutex<()>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Fs {
@@ -138,12 +151,19 @@ impl Fs {
         )
     }
 
-    fn write_inode(&self, inode: &mut Inode) -> Result<()> {
+    /// Read inode `ino` from disk, let `change` edit it, and write it back with
+    /// its checksum, all under the metadata lock: the one way the ext client
+    /// writes metadata. Returns the inode as written.
+    fn update_inode(&self, ino: u32, change: impl FnOnce(&mut Inode)) -> Result<Inode> {
+        let _meta = lock(&self.meta);
+        let mut inode = self.read_inode(ino)?;
+        change(&mut inode);
         if self.sb.metadata_csum() {
             inode::update_checksum(self.sb.checksum_seed, inode.ino, &mut inode.raw);
         }
         let at = self.inode_offset(inode.ino)?;
-        self.io.write(at, &inode.raw, "inode")
+        self.io.write(at, &inode.raw, "inode")?;
+        Ok(inode)
     }
 
     fn max_file_size(&self, inode: &Inode) -> u64 {
@@ -216,6 +236,8 @@ impl Ext {
             groups,
             writable,
             replay: None,
+            open: Mutex::new(HashMap::new()),
+            meta: Mutex::new(()),
         });
         // A journal that needs recovery: replay it in memory (writable opens were
         // refused above), then read the superblock and descriptors again through
@@ -246,6 +268,8 @@ impl Ext {
                 groups,
                 writable,
                 replay: Some(replay),
+                open: Mutex::new(HashMap::new()),
+                meta: Mutex::new(()),
             }),
         })
     }
@@ -437,19 +461,57 @@ impl Ext {
 
     /// The block map of a file, as the engine sees it (no allocation; ext2/3
     /// mappings that end at the last pointer of an indirect block carry the
-    /// boundary flag).
+    /// boundary flag). It serves reads only: writes through it are refused (the
+    /// ext client writes through [`ExtFile`]), and so is truncate.
     pub fn block_map(&self, inode: &Inode) -> Result<Arc<dyn crate::BlockMap>> {
         Ok(Arc::new(ExtMap {
-            layout: Layout::of(&self.fs, inode)?,
+            fs: Arc::clone(&self.fs),
+            ino: inode.ino,
+            layout: Arc::new(Layout::of(&self.fs, inode)?),
             block_size: self.fs.sb.block_size,
+            i_size: inode.size,
             max_size: self.fs.max_file_size(inode),
+            writes: false,
             replay: self.fs.replay.clone(),
         }))
     }
 
     /// Open a file's data: regular files (and anything else with data blocks) read
     /// through the engine; inline data from the inode.
+    ///
+    /// Every open of one inode on one open file system (this [`Ext`] and its
+    /// clones) shares one state: the inode as read from disk when the first
+    /// handle opened it (only `inode.ino` of the argument is used), its block map,
+    /// the engine's range locks (sub-block writes from two handles to one block
+    /// are serialised) and the size.
     pub fn open_file(&self, inode: &Inode) -> Result<ExtFile> {
+        let node = self.node(inode.ino)?;
+        let view = match &node.data {
+            Data::Blocks { view_map, .. } => {
+                // A handle of its own for `ExtFile::direct`: read-only, on a
+                // state of its own, so nothing done through it reaches the
+                // shared state (see there).
+                let dev: Arc<dyn Device> = Arc::new(Fence::new(Arc::clone(self.fs.io.device())));
+                let map: Arc<dyn crate::BlockMap> = Arc::clone(view_map) as _;
+                Some(DirectFile::new(dev, map, Arc::new(FileState::new(node.size)))?.read_only())
+            }
+            Data::Inline(_) => None,
+        };
+        Ok(ExtFile {
+            fs: Arc::clone(&self.fs),
+            node,
+            view,
+        })
+    }
+
+    /// The shared node of inode `ino`: the open one, or a new one read from disk.
+    fn node(&self, ino: u32) -> Result<Arc<Node>> {
+        let mut open = lock(&self.fs.open);
+        if let Some(node) = open.get(&ino).and_then(Weak::upgrade) {
+            return Ok(node);
+        }
+        open.retain(|_, w| w.strong_count() > 0);
+        let inode = self.fs.read_inode(ino)?;
         if inode.has_flag(inode_flags::ENCRYPT) {
             return Err(Error::Incompatible(format!(
                 "inode {}: encrypted file",
@@ -463,41 +525,101 @@ impl Ext {
             ));
         }
         let data = if inode.has_flag(inode_flags::INLINE_DATA) {
-            Data::Inline(self.inline_data(inode)?)
+            Data::Inline(self.inline_data(&inode)?)
         } else {
-            let map = Arc::new(ExtMap {
-                layout: Layout::of(&self.fs, inode)?,
-                block_size: self.fs.sb.block_size,
-                max_size: self.fs.max_file_size(inode),
-                replay: self.fs.replay.clone(),
-            });
-            if inode.size > map.max_size {
-                return Err(Error::Corrupt(format!(
-                    "inode {}: size {} exceeds the format's limit",
-                    inode.ino, inode.size
-                )));
-            }
-            let dev = Arc::clone(self.fs.io.device());
-            let engine_map: Arc<dyn crate::BlockMap> = Arc::clone(&map) as _;
-            let direct = DirectFile::new(dev, engine_map, Arc::new(FileState::new(inode.size)))
-                .map_err(|e| match e {
-                    Error::Invalid(m) => Error::Incompatible(m),
-                    e => e,
-                })?;
-            let direct = if self.fs.writable {
-                direct
-            } else {
-                direct.read_only()
-            };
-            Data::Blocks(direct, map)
+            self.block_data(&inode)?
         };
-        Ok(ExtFile {
-            fs: Arc::clone(&self.fs),
-            inode: Mutex::new(inode.clone()),
+        let node = Arc::new(Node {
             size: inode.size,
+            inode: Mutex::new(inode),
             data,
+        });
+        open.insert(ino, Arc::downgrade(&node));
+        Ok(node)
+    }
+
+    /// The engine side of a file with data blocks: its maps and the shared
+    /// engine handle.
+    fn block_data(&self, inode: &Inode) -> Result<Data> {
+        let fs = &self.fs;
+        let max_size = fs.max_file_size(inode);
+        if inode.size > max_size {
+            return Err(Error::Corrupt(format!(
+                "inode {}: size {} exceeds the format's limit",
+                inode.ino, inode.size
+            )));
+        }
+        let layout = Arc::new(Layout::of(fs, inode)?);
+        let dev = Arc::clone(fs.io.device());
+        let writes = write_refusal(fs, inode).is_none();
+        // The shared handle writes in place: no call on it may address bytes past
+        // the logical block holding EOF (so it cannot grow the file or its size),
+        // and a read-modify-write of that block stays inside it.
+        let lb = u64::from(dev.geometry().logical_block.max(1));
+        let engine_max = if writes {
+            inode.size.div_ceil(lb).saturating_mul(lb)
+        } else {
+            max_size
+        };
+        let ext_map = |max_size, writes| {
+            Arc::new(ExtMap {
+                fs: Arc::clone(fs),
+                ino: inode.ino,
+                layout: Arc::clone(&layout),
+                block_size: fs.sb.block_size,
+                i_size: inode.size,
+                max_size,
+                writes,
+                replay: fs.replay.clone(),
+            })
+        };
+        let map = ext_map(engine_max, writes);
+        let view_map = ext_map(max_size, false);
+        let fenced: Arc<dyn Device> = Arc::new(Fence::new(dev));
+        let engine_map: Arc<dyn crate::BlockMap> = Arc::clone(&map) as _;
+        let engine = DirectFile::new(fenced, engine_map, Arc::new(FileState::new(inode.size)))
+            .map_err(|e| match e {
+                Error::Invalid(m) => Error::Incompatible(m),
+                e => e,
+            })?;
+        let engine = if writes { engine } else { engine.read_only() };
+        Ok(Data::Blocks {
+            engine,
+            map,
+            view_map,
         })
     }
+}
+
+/// Why in-place writes to `inode` are refused, if they are.
+fn write_refusal(fs: &Fs, inode: &Inode) -> Option<Error> {
+    let ino = inode.ino;
+    if !fs.writable {
+        return Some(Error::ReadOnly);
+    }
+    if inode.file_type() != FileType::Regular {
+        return Some(Error::Invalid(format!(
+            "inode {ino} is a {}, not a regular file",
+            inode.file_type().name()
+        )));
+    }
+    if inode.has_flag(inode_flags::IMMUTABLE) || inode.has_flag(inode_flags::APPEND) {
+        return Some(Error::os(
+            format!("inode {ino} is immutable or append-only"),
+            std::io::Error::from_raw_os_error(libc::EPERM),
+        ));
+    }
+    if inode.has_flag(inode_flags::VERITY) {
+        return Some(Error::Incompatible(format!(
+            "inode {ino} is an fs-verity file: its data cannot change"
+        )));
+    }
+    if inode.has_flag(inode_flags::INLINE_DATA) {
+        return Some(Error::Incompatible(format!(
+            "inode {ino} keeps its data inline: in-place writes need data blocks"
+        )));
+    }
+    None
 }
 
 /// What an in-memory journal replay did (see [`Ext::journal_replay`]).
@@ -531,24 +653,42 @@ fn split(path: &[u8]) -> VecDeque<Vec<u8>> {
         .collect()
 }
 
+/// One open inode, shared by every [`ExtFile`] of it on one open file system.
+struct Node {
+    /// The inode as last read or written.
+    inode: Mutex<Inode>,
+    /// i_size (the ext client never changes it).
+    size: u64,
+    data: Data,
+}
+
 enum Data {
-    Blocks(DirectFile, Arc<ExtMap>),
+    Blocks {
+        /// The shared engine handle: reads, and writes when the file may be
+        /// written (its map then checks every write), on the shared state.
+        engine: DirectFile,
+        /// Its block map.
+        map: Arc<ExtMap>,
+        /// The map of read-only views (writes refused, the format's size limit).
+        view_map: Arc<ExtMap>,
+    },
     Inline(Vec<u8>),
 }
 
-/// One open file of an ext image.
+/// One open file of an ext image. Handles of one inode share their state (see
+/// [`Ext::open_file`]).
 pub struct ExtFile {
     fs: Arc<Fs>,
-    inode: Mutex<Inode>,
-    size: u64,
-    data: Data,
+    node: Arc<Node>,
+    /// What [`ExtFile::direct`] hands out.
+    view: Option<DirectFile>,
 }
 
 impl std::fmt::Debug for ExtFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ExtFile")
-            .field("size", &self.size)
-            .field("inline", &matches!(self.data, Data::Inline(_)))
+            .field("size", &self.node.size)
+            .field("inline", &matches!(self.node.data, Data::Inline(_)))
             .finish()
     }
 }
@@ -556,52 +696,82 @@ impl std::fmt::Debug for ExtFile {
 impl ExtFile {
     /// Size in bytes.
     pub fn size(&self) -> u64 {
-        self.size
+        self.node.size
     }
 
     /// The inode as last read or written.
     pub fn inode(&self) -> Inode {
-        self.inode.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        lock(&self.node.inode).clone()
     }
 
-    /// The file as a [`DirectFile`] over the ext block map (for pipelines of
-    /// async reads); `None` for inline data.
+    /// The file as a read-only [`DirectFile`] over the ext block map (for
+    /// pipelines of async reads); `None` for inline data.
+    ///
+    /// Read-only: writes fail with [`Error::ReadOnly`] (in-place writes go through
+    /// [`ExtFile::write_at`], or [`ExtFile::overwriter`]), and a truncate fails
+    /// without changing a byte on disk. It has a state of its own (its size
+    /// starts at i_size), so nothing done through it reaches the file's shared
+    /// state.
     ///
     /// Also `None` when the journal replayed in memory holds an escaped copy of
     /// some block (one that began with the journal's magic number, stored with
     /// those four bytes zeroed): the engine would read the copy as stored, and
     /// only [`ExtFile::read_at`] puts the magic back.
     pub fn direct(&self) -> Option<&DirectFile> {
-        match &self.data {
-            Data::Blocks(_, _) if self.fs.replay.as_ref().is_some_and(|r| r.escaped > 0) => None,
-            Data::Blocks(d, _) => Some(d),
-            Data::Inline(_) => None,
+        if self.fs.replay.as_ref().is_some_and(|r| r.escaped > 0) {
+            return None;
+        }
+        self.view.as_ref()
+    }
+
+    /// A [`DirectFile`] for in-place overwrites (fsx and other users of the
+    /// engine's full API), on the file's shared state: its calls exclude the
+    /// sub-block writes of every other handle of the inode.
+    ///
+    /// It does what the ext client supports and nothing else: no call may address
+    /// bytes past the logical block holding EOF ([`Error::TooLarge`]); a write
+    /// that meets a hole, an unwritten extent or a byte past i_size fails
+    /// ([`Error::Invalid`], or [`Error::Io`] when the engine found it at
+    /// submission) and those blocks are never written; truncate fails without
+    /// changing a byte on disk. Timestamps are not updated: call
+    /// [`ExtFile::touch`] when done.
+    ///
+    /// Refused as [`ExtFile::check_write`] refuses any write to this file.
+    pub fn overwriter(&self) -> Result<DirectFile> {
+        self.check_write(0, 0)?;
+        match &self.node.data {
+            Data::Blocks { engine, .. } => Ok(engine.clone()),
+            Data::Inline(_) => Err(Error::Incompatible(format!(
+                "inode {} keeps its data inline: in-place writes need data blocks",
+                self.inode().ino
+            ))),
         }
     }
 
     /// Read at any offset into any buffer (byte-granular through the engine);
     /// short at EOF.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
-        match &self.data {
-            Data::Blocks(d, map) => {
-                let n = d.read_at(offset, buf, Flags::UNALIGNED)?;
+        let size = self.node.size;
+        if offset >= size {
+            return Ok(0);
+        }
+        let n = usize::try_from(size - offset)
+            .unwrap_or(usize::MAX)
+            .min(buf.len());
+        let buf = &mut buf[..n];
+        match &self.node.data {
+            Data::Blocks { engine, map, .. } => {
+                let n = engine.read_at(offset, buf, Flags::UNALIGNED)?;
                 self.unescape(map, offset, &mut buf[..n])?;
                 Ok(n)
             }
             Data::Inline(data) => {
                 // Inline bytes, then zeros up to i_size.
-                if offset >= self.size {
-                    return Ok(0);
-                }
-                let n = usize::try_from(self.size - offset)
-                    .unwrap_or(usize::MAX)
-                    .min(buf.len());
-                let out = &mut buf[..n];
                 let from = usize::try_from(offset).unwrap_or(usize::MAX);
                 let head = data.get(from..).unwrap_or(&[]);
                 let k = head.len().min(n);
-                out[..k].copy_from_slice(&head[..k]);
-                out[k..].fill(0);
+                buf[..k].copy_from_slice(&head[..k]);
+                buf[k..].fill(0);
                 Ok(n)
             }
         }
@@ -648,38 +818,20 @@ impl ExtFile {
     /// range is inside i_size and every block under it is written (no hole, no
     /// unwritten extent). Nothing is written.
     pub fn check_write(&self, offset: u64, len: u64) -> Result<()> {
-        let inode = self.inode();
-        let ino = inode.ino;
-        if !self.fs.writable {
-            return Err(Error::ReadOnly);
+        if let Some(e) = write_refusal(&self.fs, &self.inode()) {
+            return Err(e);
         }
-        if inode.file_type() != FileType::Regular {
-            return Err(Error::Invalid(format!(
-                "inode {ino} is a {}, not a regular file",
-                inode.file_type().name()
-            )));
-        }
-        if inode.has_flag(inode_flags::IMMUTABLE) || inode.has_flag(inode_flags::APPEND) {
-            return Err(Error::os(
-                format!("inode {ino} is immutable or append-only"),
-                std::io::Error::from_raw_os_error(libc::EPERM),
-            ));
-        }
-        if inode.has_flag(inode_flags::VERITY) {
-            return Err(Error::Incompatible(format!(
-                "inode {ino} is an fs-verity file: its data cannot change"
-            )));
-        }
+        let size = self.node.size;
         let end = offset.saturating_add(len);
-        if end > self.size {
+        if end > size {
             return Err(Error::Invalid(format!(
-                "writing {len} bytes at offset {offset} would grow the file past its {} bytes: in-place writes do not allocate",
-                self.size
+                "writing {len} bytes at offset {offset} would grow the file past its {size} bytes: in-place writes do not allocate"
             )));
         }
-        let Data::Blocks(_, map) = &self.data else {
+        let Data::Blocks { map, .. } = &self.node.data else {
             return Err(Error::Incompatible(format!(
-                "inode {ino} keeps its data inline: in-place writes need data blocks"
+                "inode {} keeps its data inline: in-place writes need data blocks",
+                self.inode().ino
             )));
         };
         if len == 0 {
@@ -715,10 +867,10 @@ impl ExtFile {
     /// [`ExtFile::overwrite`].
     pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<usize> {
         self.check_write(offset, data.len() as u64)?;
-        let Data::Blocks(direct, _) = &self.data else {
+        let Data::Blocks { engine, .. } = &self.node.data else {
             unreachable!("check_write refuses inline data");
         };
-        let n = direct.write_at(offset, data, Flags::UNALIGNED)?;
+        let n = engine.write_at(offset, data, Flags::UNALIGNED)?;
         if n != data.len() {
             return Err(Error::Corrupt(format!(
                 "short in-place write: {n} of {} bytes",
@@ -728,7 +880,9 @@ impl ExtFile {
         Ok(n)
     }
 
-    /// Set mtime and ctime to now and rewrite the inode (with its checksum).
+    /// Set mtime and ctime to now and rewrite the inode (with its checksum),
+    /// starting from the inode as it is on disk now, under the file system's
+    /// metadata lock.
     pub fn touch(&self) -> Result<()> {
         if !self.fs.writable {
             return Err(Error::ReadOnly);
@@ -740,14 +894,13 @@ impl ExtFile {
             secs: i64::try_from(now.as_secs()).unwrap_or(i64::MAX),
             nsecs: now.subsec_nanos(),
         };
-        let mut guard = self.inode.lock().unwrap_or_else(|e| e.into_inner());
-        // Start from the inode as it is on disk now.
-        let mut fresh = self.fs.read_inode(guard.ino)?;
-        fresh.set_time(inode::OFF_MTIME, inode::OFF_MTIME_EXTRA, t);
-        fresh.set_time(inode::OFF_CTIME, inode::OFF_CTIME_EXTRA, t);
-        fresh.mtime = t;
-        fresh.ctime = t;
-        self.fs.write_inode(&mut fresh)?;
+        let mut guard = lock(&self.node.inode);
+        let fresh = self.fs.update_inode(guard.ino, |i| {
+            i.set_time(inode::OFF_MTIME, inode::OFF_MTIME_EXTRA, t);
+            i.set_time(inode::OFF_CTIME, inode::OFF_CTIME_EXTRA, t);
+            i.mtime = t;
+            i.ctime = t;
+        })?;
         *guard = fresh;
         Ok(())
     }

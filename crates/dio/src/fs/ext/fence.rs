@@ -1,0 +1,62 @@
+//! The device an ext file's engine handles see: the image's device with its
+//! write path fenced off. Reads, polls and flushes pass through; a write request
+//! submitted here completes with an error and never reaches the device.
+//!
+//! The engine sends every data request through its block map's `submit_io` hook,
+//! and the ext map (`ExtMap`) checks a write there and hands it to the real device
+//! itself. What arrives here as a write went around the map: the engine's zeroing
+//! of the EOF block when a handle is truncated, which the ext client does not
+//! support. So a truncate fails before it changes a byte on disk.
+
+use std::io;
+use std::sync::Arc;
+
+use crate::device::{CompletionMode, Device, Geometry, Op, Request};
+
+/// The image's device, writable only through the ext block map.
+pub(crate) struct Fence {
+    inner: Arc<dyn Device>,
+}
+
+impl Fence {
+    pub(crate) fn new(inner: Arc<dyn Device>) -> Fence {
+        Fence { inner }
+    }
+}
+
+impl Device for Fence {
+    fn geometry(&self) -> Geometry {
+        self.inner.geometry()
+    }
+
+    fn submit(&self, req: Request) {
+        if req.op() == Op::Write {
+            req.complete(Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "ext: a write outside the file's block map (truncate is not supported: the ext client never changes file sizes)",
+            )));
+            return;
+        }
+        self.inner.submit(req);
+    }
+
+    fn unplug(&self) {
+        self.inner.unplug();
+    }
+
+    fn poll(&self, wait: bool) -> io::Result<usize> {
+        self.inner.poll(wait)
+    }
+
+    fn completion_mode(&self) -> CompletionMode {
+        self.inner.completion_mode()
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.inner.flush()
+    }
+
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+}
