@@ -149,7 +149,9 @@ fn handles_cannot_truncate_or_write_past_what_ext_supports() {
     };
 
     // The read-only view.
-    let d = f.direct().expect("a file with data blocks has an engine view");
+    let d = f
+        .direct()
+        .expect("a file with data blocks has an engine view");
     assert!(d.truncate(100).is_err(), "direct().truncate(100)");
     assert!(d.truncate(4096).is_err(), "direct().truncate(4096)");
     assert!(d.truncate(0).is_err(), "direct().truncate(0)");
@@ -218,11 +220,17 @@ fn handles_cannot_truncate_or_write_past_what_ext_supports() {
     }
     let mut zeros = vec![1u8; 8192];
     assert_eq!(u.read_at(8192, &mut zeros).unwrap(), 8192);
-    assert!(zeros.iter().all(|&b| b == 0), "unwritten blocks read as zeros");
+    assert!(
+        zeros.iter().all(|&b| b == 0),
+        "unwritten blocks read as zeros"
+    );
     drop((u, h));
     // The file's own checked calls refuse the same.
     refused(f.write_at(8192, &block), "ExtFile::write_at past EOF");
-    refused(g.write_at(4999, &block[..2]), "ExtFile::write_at across EOF");
+    refused(
+        g.write_at(4999, &block[..2]),
+        "ExtFile::write_at across EOF",
+    );
 
     // Nothing changed: not the sizes, not a byte of the image.
     assert_eq!((f.size(), g.size()), (8192, 5000));
@@ -350,7 +358,11 @@ fn concurrent_updates_of_inodes_sharing_a_block_keep_both() {
     let b = Arc::new(open_file(&ext, "/c"));
     let isz = u64::from(ext.superblock().inode_size);
     let sector = |f: &ExtFile| (u64::from(f.inode().ino) - 1) * isz / 512;
-    assert_eq!(sector(&a), sector(&b), "the two inodes share a 512-byte block");
+    assert_eq!(
+        sector(&a),
+        sector(&b),
+        "the two inodes share a 512-byte block"
+    );
     const ROUNDS: usize = 400;
     let barrier = Arc::new(Barrier::new(3));
     let worker = |f: Arc<ExtFile>, seed: u8, barrier: Arc<Barrier>| {

@@ -451,9 +451,9 @@ impl ExtMap {
         self.i_size.div_ceil(u64::from(self.block_size))
     }
 
-    /// Whether a write request of `len` bytes at device byte `dev_off`, for file
-    /// byte `file_off`, is an in-place overwrite of this file's written blocks
-    /// (see the type's doc); `req` gives the bytes it would write.
+    /// Whether write request `req` (its device offset, length and bytes), for
+    /// file byte `file_off`, is an in-place overwrite of this file's written
+    /// blocks inside i_size (see the type's doc).
     fn check_write_request(&self, req: &Request, file_off: u64) -> Result<()> {
         let ino = self.ino;
         if !self.writes {

@@ -9,6 +9,16 @@
 //! changes sizes: in-place writes touch only a file's written blocks, its mtime,
 //! ctime and inode checksum.
 //!
+//! What a handle can do is what the client supports, whichever way it is asked:
+//! the block map refuses writes to holes, unwritten extents and bytes past i_size
+//! (and checks every write request against the file's blocks before it reaches
+//! the device) and refuses truncate; engine handles sit on a device view that lets
+//! writes through only from that map (`fence`), so a truncate changes nothing on
+//! disk. [`ExtFile::direct`] is read-only; [`ExtFile::overwriter`] is the checked
+//! writable handle. Every [`Ext::open_file`] of one inode shares one state (range
+//! locks, size, inode), and every metadata write (an inode's read-modify-write)
+//! runs under one file-system lock: inodes share inode-table blocks.
+//!
 //! An image whose journal needs recovery is read as the kernel reads it after
 //! recovery: the journal's committed transactions are replayed in memory at open
 //! (see [`Ext::journal_replay`] and [`Ext::notes`]), never on the image, and such
