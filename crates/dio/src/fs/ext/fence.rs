@@ -2,11 +2,10 @@
 //! write path fenced off. Reads, polls and flushes pass through; a write request
 //! submitted here completes with an error and never reaches the device.
 //!
-//! The engine sends every data request through its block map's `submit_io` hook,
-//! and the ext map (`ExtMap`) checks a write there and hands it to the real device
-//! itself. What arrives here as a write went around the map: the engine's zeroing
-//! of the EOF block when a handle is truncated, which the ext client does not
-//! support. So a truncate fails before it changes a byte on disk.
+//! The engine sends every device request of a file through its block map's
+//! `submit_io` hook, and the ext map (`ExtMap`) checks a write there and hands it
+//! to the real device itself. So a write arriving here went around the map: it
+//! is refused, whoever sent it.
 
 use std::io;
 use std::sync::Arc;
@@ -33,7 +32,7 @@ impl Device for Fence {
         if req.op() == Op::Write {
             req.complete(Err(io::Error::new(
                 io::ErrorKind::Unsupported,
-                "ext: a write outside the file's block map (truncate is not supported: the ext client never changes file sizes)",
+                "ext: a write that did not come through the file's block map",
             )));
             return;
         }

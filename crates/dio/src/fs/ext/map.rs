@@ -18,6 +18,7 @@ use super::inode::{flags, Inode};
 use super::journal::Replay;
 use super::Fs;
 use crate::device::{Device, Op, Request};
+use crate::file::FileState;
 use crate::map::{BlockMap, Extent, Mapping};
 use crate::{Error, Result};
 
@@ -403,11 +404,12 @@ impl Indirect {
 ///   request's file offset) and leaves every byte past i_size as it is on disk
 ///   (a read-modify-write of the last block writes back what it read); anything
 ///   else completes with an error and never reaches the device;
-/// - `truncate` is refused ([`Error::Incompatible`]).
+/// - `truncate` is refused ([`Error::Incompatible`]), and so is the write of the
+///   engine's truncate that comes first (zeroing the tail of the new EOF block),
+///   so a truncate changes nothing on disk.
 ///
-/// Engine files over this map sit on a [`Fence`](super::fence::Fence) device,
-/// which refuses the writes that do not come through `submit_io` (the engine's
-/// zeroing of the EOF block on truncate), so a truncate changes nothing on disk.
+/// The engine files over this map sit on a [`Fence`](super::fence::Fence)
+/// device, which refuses any write that does not come through `submit_io`.
 ///
 /// Blocks the journal replay holds (data=journal) map to their journal copy, so
 /// the engine reads the replayed bytes from the device (such images are never
@@ -424,6 +426,9 @@ pub(crate) struct ExtMap {
     /// Whether in-place writes are allowed at all (a writable file system and a
     /// file that may be written).
     pub(crate) writes: bool,
+    /// The state of the engine files over this map, when they may write: to
+    /// tell a truncate's write from the others.
+    pub(crate) state: Option<Arc<FileState>>,
     pub(crate) replay: Option<Arc<Replay>>,
 }
 
@@ -465,6 +470,22 @@ impl ExtMap {
             return Err(Error::Incompatible(format!(
                 "inode {ino}: the journal was replayed in memory only"
             )));
+        }
+        // The engine's truncate holds the block range lock from the block of the
+        // new end to u64::MAX while it zeroes that block's tail; calls hold only
+        // ranges of real offsets (below the format's limit). So a range lock
+        // reaching u64::MAX is held exactly while a truncate runs, and a write
+        // then is the truncate's (or one that would race it): refused. The probe
+        // takes nothing: if the range is busy it parks a job that does nothing.
+        if let Some(state) = &self.state {
+            let free = state
+                .ranges()
+                .park_unless_free(u64::MAX - 1, u64::MAX, Box::new(|| {}));
+            if free.is_none() {
+                return Err(Error::Incompatible(format!(
+                    "inode {ino}: a truncate is under way: the ext client never changes file sizes"
+                )));
+            }
         }
         let (dev_off, len) = (req.offset(), req.len());
         let bs = u64::from(self.block_size);

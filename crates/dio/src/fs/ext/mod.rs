@@ -482,6 +482,7 @@ impl Ext {
             i_size: inode.size,
             max_size: self.fs.max_file_size(inode),
             writes: false,
+            state: None,
             replay: self.fs.replay.clone(),
         }))
     }
@@ -571,7 +572,8 @@ impl Ext {
         } else {
             max_size
         };
-        let ext_map = |max_size, writes| {
+        let state = Arc::new(FileState::new(inode.size));
+        let ext_map = |max_size, writes: bool| {
             Arc::new(ExtMap {
                 fs: Arc::clone(fs),
                 ino: inode.ino,
@@ -580,6 +582,7 @@ impl Ext {
                 i_size: inode.size,
                 max_size,
                 writes,
+                state: writes.then(|| Arc::clone(&state)),
                 replay: fs.replay.clone(),
             })
         };
@@ -587,8 +590,8 @@ impl Ext {
         let view_map = ext_map(max_size, false);
         let fenced: Arc<dyn Device> = Arc::new(Fence::new(dev));
         let engine_map: Arc<dyn crate::BlockMap> = Arc::clone(&map) as _;
-        let engine = DirectFile::new(fenced, engine_map, Arc::new(FileState::new(inode.size)))
-            .map_err(|e| match e {
+        let engine =
+            DirectFile::new(fenced, engine_map, Arc::clone(&state)).map_err(|e| match e {
                 Error::Invalid(m) => Error::Incompatible(m),
                 e => e,
             })?;
