@@ -443,10 +443,15 @@ impl DirectFile {
     /// [`Flags::LOCKING`] wait on the file lock), tells the block map, then sets the
     /// size.
     pub fn truncate(&self, size: u64) -> Result<()> {
+        if self.shared.read_only {
+            return Err(Error::ReadOnly);
+        }
         let max = self.shared.map.max_file_size();
         if size > max {
             return Err(Error::TooLarge { end: size, max });
         }
+        // The file system decides first whether the size may change at all.
+        self.shared.map.can_resize(size)?;
         let state = &self.shared.state;
         // Byte-granular writes read-modify-write their partial blocks under the block
         // range lock, from their reads to their write: truncate locks the range it

@@ -146,6 +146,15 @@ pub trait BlockMap: Send + Sync {
         dev.submit(req);
     }
 
+    /// Whether the file may change size to `size` (grow or shrink): asked by
+    /// [`crate::DirectFile::truncate`] before it changes anything (it zeroes the new
+    /// last block's tail, sets the size, and calls [`BlockMap::truncate`] when
+    /// shrinking). A file system that cannot change sizes refuses here.
+    fn can_resize(&self, size: u64) -> Result<()> {
+        let _ = size;
+        Ok(())
+    }
+
     /// The file was truncated to `size`: drop the blocks past it.
     fn truncate(&self, size: u64) -> Result<()> {
         let _ = size;

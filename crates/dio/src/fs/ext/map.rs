@@ -18,7 +18,6 @@ use super::inode::{flags, Inode};
 use super::journal::Replay;
 use super::Fs;
 use crate::device::{Device, Op, Request};
-use crate::file::FileState;
 use crate::map::{BlockMap, Extent, Mapping};
 use crate::{Error, Result};
 
@@ -426,9 +425,6 @@ pub(crate) struct ExtMap {
     /// Whether in-place writes are allowed at all (a writable file system and a
     /// file that may be written).
     pub(crate) writes: bool,
-    /// The state of the engine files over this map, when they may write: to
-    /// tell a truncate's write from the others.
-    pub(crate) state: Option<Arc<FileState>>,
     pub(crate) replay: Option<Arc<Replay>>,
 }
 
@@ -470,22 +466,6 @@ impl ExtMap {
             return Err(Error::Incompatible(format!(
                 "inode {ino}: the journal was replayed in memory only"
             )));
-        }
-        // The engine's truncate holds the block range lock from the block of the
-        // new end to u64::MAX while it zeroes that block's tail; calls hold only
-        // ranges of real offsets (below the format's limit). So a range lock
-        // reaching u64::MAX is held exactly while a truncate runs, and a write
-        // then is the truncate's (or one that would race it): refused. The probe
-        // takes nothing: if the range is busy it parks a job that does nothing.
-        if let Some(state) = &self.state {
-            let free = state
-                .ranges()
-                .park_unless_free(u64::MAX - 1, u64::MAX, Box::new(|| {}));
-            if free.is_none() {
-                return Err(Error::Incompatible(format!(
-                    "inode {ino}: a truncate is under way: the ext client never changes file sizes"
-                )));
-            }
         }
         let (dev_off, len) = (req.offset(), req.len());
         let bs = u64::from(self.block_size);
@@ -580,6 +560,13 @@ impl BlockMap for ExtMap {
             return;
         }
         dev.submit(req);
+    }
+
+    fn can_resize(&self, size: u64) -> Result<()> {
+        Err(Error::Incompatible(format!(
+            "inode {}: resize to {size} bytes: the ext client does not change file sizes",
+            self.ino
+        )))
     }
 
     fn truncate(&self, size: u64) -> Result<()> {

@@ -482,7 +482,6 @@ impl Ext {
             i_size: inode.size,
             max_size: self.fs.max_file_size(inode),
             writes: false,
-            state: None,
             replay: self.fs.replay.clone(),
         }))
     }
@@ -582,7 +581,6 @@ impl Ext {
                 i_size: inode.size,
                 max_size,
                 writes,
-                state: writes.then(|| Arc::clone(&state)),
                 replay: fs.replay.clone(),
             })
         };
