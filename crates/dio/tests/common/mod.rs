@@ -57,6 +57,15 @@ pub fn time_scaled(secs: u64) -> u64 {
     }
 }
 
+/// A proptest case count: `n`, or `PROPTEST_CASES` when set (an explicit `cases`
+/// in a config otherwise hides that variable; `.ci/valgrind --ci` lowers it).
+pub fn cases(n: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(n)
+}
+
 /// Run `f` on a thread and fail if it takes longer than `secs` (stretched under
 /// valgrind).
 pub fn bounded<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) -> T {
