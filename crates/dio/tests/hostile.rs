@@ -156,7 +156,7 @@ fn run(file: &DirectFile, calls: Vec<Call>) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: common::cases(128), ..ProptestConfig::default() })]
 
     #[test]
     fn hostile_calls_on_a_test_map_never_panic(calls in prop::collection::vec(call(), 1..20), lb in prop_oneof![Just(512u32), Just(4096u32)], fs_shift in 0..4u32) {

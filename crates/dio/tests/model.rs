@@ -158,7 +158,7 @@ fn run(steps: Vec<Step>, threaded: bool, seed: u64) -> Result<(), TestCaseError>
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: common::cases(96), ..ProptestConfig::default() })]
 
     #[test]
     fn engine_matches_byte_model_inline(steps in prop::collection::vec(step(), 1..40)) {

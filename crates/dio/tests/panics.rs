@@ -174,6 +174,11 @@ fn scratch(name: &str) -> std::path::PathBuf {
 }
 
 fn uring(reaper: bool) -> Option<Arc<dyn Device>> {
+    if reaper && common::under_valgrind() {
+        // The reaper waits in io_uring_enter, which valgrind runs holding its lock.
+        eprintln!("skipping the io_uring reaper case under valgrind");
+        return None;
+    }
     let path = scratch(if reaper { "reaper" } else { "polled" });
     let mut cfg = UringConfig::default();
     cfg.reaper = reaper;
@@ -387,7 +392,7 @@ fn a_panicking_completion_callback_does_not_stop_the_device_thread() {
         );
         // The last panicking callback drops its sender while it unwinds, a moment
         // before the device counts its panic.
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let deadline = std::time::Instant::now() + Duration::from_secs(common::time_scaled(5));
         while dio::device::callback_panics() < before + n / 4 {
             assert!(
                 std::time::Instant::now() < deadline,

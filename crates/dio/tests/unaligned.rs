@@ -264,7 +264,7 @@ fn ram_file(seed: u64) -> (common::Rig, DirectFile) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: common::cases(64), ..ProptestConfig::default() })]
 
     #[test]
     fn unaligned_io_matches_model_on_ram_device(batches in prop::collection::vec(batch(), 1..12), seed in 1..500u64) {
@@ -291,7 +291,7 @@ fn host_file() -> Option<(tempfile::TempDir, dio::raw::RawFile)> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: common::cases(24), ..ProptestConfig::default() })]
 
     #[test]
     fn unaligned_io_matches_model_on_host_file(batches in prop::collection::vec(batch(), 1..8)) {

@@ -41,9 +41,36 @@ pub fn pattern(len: usize, seed: u8) -> dio::AlignedBuf {
     b
 }
 
-/// Run `f` on a thread and fail if it takes longer than `secs`.
+/// Whether the tests run under valgrind (`DIO_VALGRIND=1`, set by `.ci/valgrind`):
+/// time bounds stretch and cases valgrind cannot run (a thread blocked in
+/// `io_uring_enter` holds valgrind's one lock, so no other thread runs) are skipped.
+pub fn under_valgrind() -> bool {
+    std::env::var_os("DIO_VALGRIND").is_some_and(|v| !v.is_empty() && v != "0")
+}
+
+/// `secs`, stretched 30 times under valgrind (which runs code 20-50 times slower).
+pub fn time_scaled(secs: u64) -> u64 {
+    if under_valgrind() {
+        secs * 30
+    } else {
+        secs
+    }
+}
+
+/// A proptest case count: `n`, or `PROPTEST_CASES` when set (an explicit `cases`
+/// in a config otherwise hides that variable; `.ci/valgrind --ci` lowers it).
+pub fn cases(n: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(n)
+}
+
+/// Run `f` on a thread and fail if it takes longer than `secs` (stretched under
+/// valgrind).
 pub fn bounded<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) -> T {
     use std::sync::mpsc;
+    let secs = time_scaled(secs);
     let (tx, rx) = mpsc::channel();
     let h = std::thread::spawn(move || {
         let _ = tx.send(f());
