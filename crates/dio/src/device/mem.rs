@@ -372,7 +372,10 @@ impl Device for MemDevice {
         s.segments
             .fetch_add(req.segments.len() as u64, Ordering::Relaxed);
         let now_in = s.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
-        s.max_in_flight.fetch_max(now_in, Ordering::SeqCst);
+        // The maximum rarely moves: look before the read-modify-write.
+        if now_in > s.max_in_flight.load(Ordering::SeqCst) {
+            s.max_in_flight.fetch_max(now_in, Ordering::SeqCst);
+        }
         if s.cfg.log {
             lock(&s.log).push(LoggedRequest {
                 op: req.op,

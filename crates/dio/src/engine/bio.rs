@@ -12,6 +12,7 @@
 use std::sync::Arc;
 
 use super::complete::Dio;
+use super::Shared;
 use crate::buf::{Lender, MemRef, Segments};
 use crate::device::{Op, Request};
 
@@ -32,6 +33,7 @@ struct Building {
 
 pub(crate) struct BioBuilder<'a> {
     dio: &'a Arc<Dio>,
+    file: &'a Shared,
     op: Op,
     fua: bool,
     max_bytes: u64,
@@ -64,13 +66,15 @@ fn cut(mem: MemRef, room: usize, lb: usize, mem_align: usize) -> usize {
 impl<'a> BioBuilder<'a> {
     pub(crate) fn new(
         dio: &'a Arc<Dio>,
+        file: &'a Shared,
         fua: bool,
         poll: bool,
         lender: Lender<'a>,
     ) -> BioBuilder<'a> {
-        let geo = dio.file.geometry;
+        let geo = file.geometry;
         BioBuilder {
             dio,
+            file,
             op: dio.op,
             fua,
             max_bytes: u64::from(geo.max_bytes),
@@ -153,7 +157,7 @@ impl<'a> BioBuilder<'a> {
         // A sync call reaps before adding another request in flight; an async one
         // never waits: its requests over the bound queue up (see Dio::send_async).
         if !dio.is_async() {
-            dio.wait_in_flight_at_most(MAX_IN_FLIGHT - 1, self.poll);
+            dio.wait_in_flight_at_most(&*self.file.dev, MAX_IN_FLIGHT - 1, self.poll);
         }
         dio.get();
         let req = Request::build(
@@ -168,7 +172,7 @@ impl<'a> BioBuilder<'a> {
         if dio.is_async() {
             dio.send_async(req, b.file_offset);
         } else {
-            let file = &dio.file;
+            let file = self.file;
             file.map.submit_io(&*file.dev, req, b.file_offset);
         }
     }

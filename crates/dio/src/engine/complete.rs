@@ -13,7 +13,7 @@ use super::Shared;
 use std::collections::VecDeque;
 
 use super::bio::MAX_IN_FLIGHT;
-use crate::device::{Completion, CompletionMode, Finished, Op, Request};
+use crate::device::{Completion, CompletionMode, Device, Finished, Op, Request};
 use crate::file::LockKind;
 use crate::map::Private;
 use crate::{Error, Result};
@@ -35,9 +35,20 @@ pub(crate) enum Stop {
     MemoryFault(u64),
 }
 
+/// A panic payload, carried to the caller.
+pub(crate) type Payload = Box<dyn std::any::Any + Send>;
+
 /// One direct-I/O call in flight (the seed's `struct dio`).
+///
+/// A sync call's `Dio` is reused by the thread's next sync call (see
+/// [`Dio::sync_call`]): it owns nothing of the file, and its submitter passes the
+/// file, the walk's outcome and the result around on its own stack. Only an async
+/// call, which finishes on whatever thread completes it, carries the file and its
+/// outcome inside.
 pub(crate) struct Dio {
-    pub(crate) file: Arc<Shared>,
+    /// The file, for an async call (it finishes on another thread); None for a sync
+    /// call, whose submitter has the file at hand.
+    file: Option<Arc<Shared>>,
     pub(crate) op: Op,
     pub(crate) offset: u64,
     pub(crate) i_size: u64,
@@ -45,6 +56,9 @@ pub(crate) struct Dio {
     refs: AtomicUsize,
     /// Everything completion reads once: one lock for all of it.
     tail: Mutex<Tail>,
+    /// Whether `tail.io_error` holds an error (checked without the lock on every
+    /// finish; set under the lock, before the request's reference goes).
+    io_failed: AtomicBool,
     defer: AtomicBool,
     /// Flush the device before completing (dsync with metadata changes or no FUA).
     pub(crate) flush: AtomicBool,
@@ -54,25 +68,26 @@ pub(crate) struct Dio {
     pub(crate) skip_count: bool,
     /// Block range held in the file's range lock until completion.
     pub(crate) range_lock: Option<(u64, u64)>,
-    /// Sync: the thread waiting. Async: None.
     /// Whether a caller waits for the result (sync) rather than a callback.
     sync: bool,
-    /// The waiting thread, registered only once it has to sleep.
+    /// The waiting thread, registered only once it has to sleep (a reused sync
+    /// `Dio` stays on its thread, so the registration stays right).
     waiter: OnceLock<Thread>,
     sleeping: AtomicBool,
-    /// A panic of the map's end_io in a sync call's finish, for the caller.
-    panic: Mutex<Option<Box<dyn std::any::Any + Send>>>,
     /// The file lock a locking-mode write holds until it completes (0 none, 1 shared,
     /// 2 exclusive).
     file_lock: std::sync::atomic::AtomicU8,
-    /// Whether `panic` holds a payload (checked without the lock on every finish).
-    panicked: AtomicBool,
     /// Async calls: requests built but held back while [`MAX_IN_FLIGHT`] are in
     /// flight, sent as completions arrive (nothing of an async call ever waits).
     queue: Mutex<VecDeque<(Request, u64)>>,
     queued: AtomicUsize,
     /// Async calls: requests submitted and not yet completed.
     submitted: AtomicUsize,
+}
+
+thread_local! {
+    /// The thread's spare sync-call state.
+    static SPARE: std::cell::Cell<Option<Arc<Dio>>> = const { std::cell::Cell::new(None) };
 }
 
 #[derive(Default)]
@@ -88,8 +103,9 @@ struct Tail {
 }
 
 impl Dio {
+    /// A new async call's state: it carries the file, and the caller's completion.
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn new(
+    pub(crate) fn new_async(
         file: Arc<Shared>,
         op: Op,
         offset: u64,
@@ -97,19 +113,31 @@ impl Dio {
         extend: Option<u64>,
         skip_count: bool,
         range_lock: Option<(u64, u64)>,
-        done: Option<Done>,
+        done: Done,
+    ) -> Arc<Dio> {
+        let mut dio = Dio::blank(op, offset, i_size, extend, skip_count, range_lock, false);
+        dio.file = Some(file);
+        dio.tail.get_mut().unwrap_or_else(|e| e.into_inner()).done = Some(done);
+        Arc::new(dio)
+    }
+
+    fn blank(
+        op: Op,
+        offset: u64,
+        i_size: u64,
+        extend: Option<u64>,
+        skip_count: bool,
+        range_lock: Option<(u64, u64)>,
+        sync: bool,
     ) -> Dio {
-        let sync = done.is_none();
         Dio {
-            file,
+            file: None,
             op,
             offset,
             i_size,
             refs: AtomicUsize::new(1),
-            tail: Mutex::new(Tail {
-                done,
-                ..Tail::default()
-            }),
+            tail: Mutex::new(Tail::default()),
+            io_failed: AtomicBool::new(false),
             defer: AtomicBool::new(false),
             flush: AtomicBool::new(false),
             extend,
@@ -118,13 +146,62 @@ impl Dio {
             sync,
             waiter: OnceLock::new(),
             sleeping: AtomicBool::new(false),
-            panic: Mutex::new(None),
             file_lock: std::sync::atomic::AtomicU8::new(0),
-            panicked: AtomicBool::new(false),
             queue: Mutex::new(VecDeque::new()),
             queued: AtomicUsize::new(0),
             submitted: AtomicUsize::new(0),
         }
+    }
+
+    /// A sync call's state: the thread's spare from its last sync call when nothing
+    /// else holds it any more (no allocation per call), else a new one. Give it back
+    /// with [`Dio::recycle`].
+    pub(crate) fn sync_call(
+        op: Op,
+        offset: u64,
+        i_size: u64,
+        extend: Option<u64>,
+        skip_count: bool,
+        range_lock: Option<(u64, u64)>,
+    ) -> Arc<Dio> {
+        if let Some(mut spare) = SPARE.with(|s| s.take()) {
+            if let Some(d) = Arc::get_mut(&mut spare) {
+                // Unique: every request of the last call is gone. Everything a call
+                // changes is reset; the waiter registration is this thread's.
+                d.op = op;
+                d.offset = offset;
+                d.i_size = i_size;
+                d.extend = extend;
+                d.skip_count = skip_count;
+                d.range_lock = range_lock;
+                *d.refs.get_mut() = 1;
+                *d.io_failed.get_mut() = false;
+                *d.defer.get_mut() = false;
+                *d.flush.get_mut() = false;
+                *d.sleeping.get_mut() = false;
+                *d.file_lock.get_mut() = 0;
+                let t = d.tail.get_mut().unwrap_or_else(|e| e.into_inner());
+                *t = Tail::default();
+                debug_assert!(d.sync && d.file.is_none() && *d.queued.get_mut() == 0);
+                return spare;
+            }
+        }
+        Arc::new(Dio::blank(
+            op, offset, i_size, extend, skip_count, range_lock, true,
+        ))
+    }
+
+    /// Keep a finished sync call's state for the thread's next sync call.
+    pub(crate) fn recycle(self: Arc<Self>) {
+        if self.sync && Arc::strong_count(&self) == 1 {
+            SPARE.with(|s| s.set(Some(self)));
+        }
+    }
+
+    fn async_file(&self) -> &Shared {
+        self.file
+            .as_deref()
+            .expect("an async call carries its file")
     }
 
     /// Keep the file lock of kind `k` until the call completes.
@@ -142,7 +219,7 @@ impl Dio {
     pub(crate) fn send_async(&self, req: Request, file_offset: u64) {
         if self.queued.load(Ordering::SeqCst) == 0 {
             if self.submitted.fetch_add(1, Ordering::SeqCst) < MAX_IN_FLIGHT {
-                let file = &self.file;
+                let file = self.async_file();
                 file.map.submit_io(&*file.dev, req, file_offset);
                 return;
             }
@@ -168,17 +245,9 @@ impl Dio {
                 return;
             };
             self.queued.fetch_sub(1, Ordering::SeqCst);
-            let file = &self.file;
+            let file = self.async_file();
             file.map.submit_io(&*file.dev, req, file_offset);
         }
-    }
-
-    /// The panic payload of a sync call's end_io, if it panicked.
-    pub(crate) fn take_panic(&self) -> Option<Box<dyn std::any::Any + Send>> {
-        if !self.panicked.load(Ordering::Acquire) {
-            return None;
-        }
-        lock(&self.panic).take()
     }
 
     /// Whether the call completes through a callback.
@@ -210,12 +279,11 @@ impl Dio {
     /// seed does: it never spins.
     ///
     /// [`Flags::POLL`]: super::Flags::POLL
-    pub(crate) fn wait_in_flight_at_most(&self, max: usize, poll: bool) {
+    pub(crate) fn wait_in_flight_at_most(&self, dev: &dyn Device, max: usize, poll: bool) {
         debug_assert!(self.sync, "only sync calls wait");
         if self.in_flight() <= max {
             return;
         }
-        let dev = &self.file.dev;
         let polled = dev.completion_mode() == CompletionMode::Polled;
         dev.unplug();
         while self.in_flight() > max {
@@ -240,21 +308,31 @@ impl Dio {
         }
     }
 
-    /// The submitter is done walking: record how it ended.
-    pub(crate) fn set_outcome(&self, walked: u64, stop: Stop, private: Option<Private>) {
-        let mut t = lock(&self.tail);
-        t.outcome = Some((walked, stop));
-        t.private = private;
-    }
-
-    /// Drop the submitter's reference. Sync: wait for every request, then finish and
-    /// return the result. Async: the last reference finishes the call.
-    pub(crate) fn submitter_done(self: Arc<Self>, poll: bool) -> Option<Result<usize>> {
-        self.file.dev.unplug();
+    /// The submitter is done walking (`walked` bytes, ended by `stop`, the last
+    /// mapping's private data for end_io). Sync: wait for every request, then finish
+    /// and return the result, with the payload if the map's end_io panicked. Async:
+    /// record the outcome and drop the submitter's reference; the last reference
+    /// finishes the call.
+    pub(crate) fn submitter_done(
+        self: Arc<Self>,
+        file: &Shared,
+        poll: bool,
+        walked: u64,
+        stop: Stop,
+        private: Option<Private>,
+    ) -> Option<(Result<usize>, Option<Payload>)> {
+        file.dev.unplug();
         if self.sync {
-            self.wait_in_flight_at_most(0, poll);
-            Some(self.finish())
+            self.wait_in_flight_at_most(&*file.dev, 0, poll);
+            let r = self.finish(file, walked, stop, private);
+            self.recycle();
+            Some(r)
         } else {
+            {
+                let mut t = lock(&self.tail);
+                t.outcome = Some((walked, stop));
+                t.private = private;
+            }
             self.put();
             None
         }
@@ -268,33 +346,44 @@ impl Dio {
 
     fn finish_async(self: Arc<Self>) {
         if self.defer.load(Ordering::Acquire) {
-            deferred(Box::new(move || {
-                let r = self.finish();
-                self.deliver(r);
-            }));
+            deferred(Box::new(move || self.finish_and_deliver()));
         } else {
-            let r = self.finish();
-            self.deliver(r);
+            self.finish_and_deliver();
         }
     }
 
-    fn deliver(&self, r: Result<usize>) {
-        let done = lock(&self.tail).done.take();
+    /// An async call's finish, from the outcome its submitter recorded.
+    fn finish_and_deliver(&self) {
+        let (outcome, private, done) = {
+            let mut t = lock(&self.tail);
+            (t.outcome.take(), t.private.take(), t.done.take())
+        };
+        let (walked, stop) = outcome.unwrap_or((
+            0,
+            Stop::Error(Error::Invalid("request ended without outcome".into())),
+        ));
+        // An async caller has no one to carry a panic of end_io to: it is the error.
+        let (r, _) = self.finish(self.async_file(), walked, stop, private);
         if let Some(done) = done {
             done(r);
         }
     }
 
     /// The result rules (the seed's dio_complete).
-    fn finish(&self) -> Result<usize> {
-        let (outcome, io_error, private) = {
-            let mut t = lock(&self.tail);
-            (t.outcome.take(), t.io_error.take(), t.private.take())
+    fn finish(
+        &self,
+        file: &Shared,
+        walked: u64,
+        stop: Stop,
+        private: Option<Private>,
+    ) -> (Result<usize>, Option<Payload>) {
+        // Every request is done: its error, if any, was stored before its reference
+        // went, which the finisher has seen drop.
+        let io_error = if self.io_failed.load(Ordering::Acquire) {
+            lock(&self.tail).io_error.take()
+        } else {
+            None
         };
-        let (walked, stop) = outcome.unwrap_or((
-            0,
-            Stop::Error(Error::Invalid("request ended without outcome".into())),
-        ));
         // Bytes that are certainly done: the walk's count, cut at the first failed
         // request (everything before it in the file completed), and for reads at EOF.
         let mut done = walked;
@@ -304,7 +393,7 @@ impl Dio {
                 // A failed request may begin inside an fs block: report only whole
                 // blocks, so the map never converts a half-written fresh block
                 // whose other half still holds the device's old bytes.
-                let fs = u64::from(self.file.fs_block);
+                let fs = u64::from(file.fs_block);
                 good_end = (good_end & !(fs - 1)).max(self.offset);
             }
             done = done.min(good_end - self.offset);
@@ -323,7 +412,7 @@ impl Dio {
         if self.op == Op::Write && self.flush.load(Ordering::Acquire) {
             if let Ok(n) = result {
                 if n > 0 {
-                    if let Err(e) = self.file.dev.flush() {
+                    if let Err(e) = file.dev.flush() {
                         result = Err(Error::Io {
                             offset: self.offset,
                             source: e,
@@ -334,46 +423,45 @@ impl Dio {
         }
         // The map's end_io is user code: a panic there still releases the call's
         // locks and counts (below), and reaches a sync caller afterwards.
-        let map = &self.file.map;
+        let map = &file.map;
+        let mut panic = None;
         result = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             map.end_io(self.op, self.offset, result, private.as_ref())
         })) {
             Ok(r) => r,
             Err(payload) => {
-                if self.sync {
-                    *lock(&self.panic) = Some(payload);
-                    self.panicked.store(true, Ordering::Release);
-                }
+                panic = Some(payload);
                 Err(Error::Panicked("BlockMap::end_io"))
             }
         };
         if let (Op::Write, Ok(n)) = (self.op, &result) {
-            let stats = &self.file.stats;
+            let stats = &file.stats;
             stats.written.fetch_add(*n as u64, Ordering::Relaxed);
             if let Some(limit) = self.extend {
-                self.file
-                    .state
-                    .extend_to((self.offset + *n as u64).min(limit));
+                file.state.extend_to((self.offset + *n as u64).min(limit));
             }
         } else if let (Op::Read, Ok(n)) = (self.op, &result) {
-            self.file.stats.read.fetch_add(*n as u64, Ordering::Relaxed);
+            file.stats.read.fetch_add(*n as u64, Ordering::Relaxed);
         }
         if !self.skip_count {
-            self.file.state.dio_end();
+            file.state.dio_end();
         }
         // Last: releasing locks may start calls that were parked on them.
-        let held = match self.file_lock.swap(0, Ordering::AcqRel) {
-            1 => Some(LockKind::Shared),
-            2 => Some(LockKind::Exclusive),
-            _ => None,
+        let held = match self.file_lock.load(Ordering::Acquire) {
+            0 => None,
+            _ => match self.file_lock.swap(0, Ordering::AcqRel) {
+                1 => Some(LockKind::Shared),
+                2 => Some(LockKind::Exclusive),
+                _ => None,
+            },
         };
         if let Some(k) = held {
-            self.file.state.file_lock().release(k);
+            file.state.file_lock().release(k);
         }
         if let Some((s, e)) = self.range_lock {
-            self.file.state.ranges().unlock(s, e);
+            file.state.ranges().unlock(s, e);
         }
-        result
+        (result, panic)
     }
 }
 
@@ -392,6 +480,7 @@ impl Completion for Dio {
                     },
                 ));
             }
+            self.io_failed.store(true, Ordering::Release);
         }
         drop(req);
         if !self.sync {

@@ -370,16 +370,20 @@ pub(crate) fn run(
     let extend = op == Op::Write && logical_end > i_size;
     let defer_extend = done.is_some() && extend && !flags.contains(Flags::ASYNC_EXTEND);
     let dsync = op == Op::Write && flags.contains(Flags::DSYNC);
-    let dio = Arc::new(Dio::new(
-        Arc::clone(file),
-        op,
-        offset,
-        i_size,
-        extend.then_some(logical_end),
-        skip_count,
-        range_lock,
-        done,
-    ));
+    let extend_to = extend.then_some(logical_end);
+    let dio = match done {
+        None => Dio::sync_call(op, offset, i_size, extend_to, skip_count, range_lock),
+        Some(done) => Dio::new_async(
+            Arc::clone(file),
+            op,
+            offset,
+            i_size,
+            extend_to,
+            skip_count,
+            range_lock,
+            done,
+        ),
+    };
     if defer_extend {
         dio.set_defer();
     }
@@ -408,7 +412,7 @@ pub(crate) fn run(
     let walked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         // Durable writes go out with FUA; if metadata changes too (allocation, a
         // new size), a flush at completion covers it.
-        let mut builder = BioBuilder::new(&dio, dsync, poll, lender);
+        let mut builder = BioBuilder::new(&dio, file, dsync, poll, lender);
         let mut last_private = None;
         let mut defer = false;
         let r = walk(
@@ -455,13 +459,17 @@ pub(crate) fn run(
         // The flush may block: finish in the worker, not the device's context.
         dio.set_defer();
     }
-    dio.set_outcome(walked, stop, last_private);
-    let later = Arc::clone(&dio);
-    let r = dio.submitter_done(poll);
+    let Some((r, end_io_panic)) = dio.submitter_done(file, poll, walked, stop, last_private) else {
+        // Async: the last completion finishes the call (a panic of the walk still
+        // goes on to this caller).
+        if let Some(payload) = panic {
+            std::panic::resume_unwind(payload);
+        }
+        return None;
+    };
     // A panic in end_io during a sync finish goes on to the caller, too.
-    let panic = panic.or_else(|| later.take_panic());
-    if let Some(payload) = panic {
+    if let Some(payload) = panic.or(end_io_panic) {
         std::panic::resume_unwind(payload);
     }
-    r
+    Some(r)
 }
