@@ -318,7 +318,7 @@ impl Dio {
         file: &Shared,
         poll: bool,
         walked: u64,
-        stop: Stop,
+        stop: &mut Stop,
         private: Option<Private>,
     ) -> Option<(Result<usize>, Option<Payload>)> {
         file.dev.unplug();
@@ -330,7 +330,7 @@ impl Dio {
         } else {
             {
                 let mut t = lock(&self.tail);
-                t.outcome = Some((walked, stop));
+                t.outcome = Some((walked, std::mem::replace(stop, Stop::Clean)));
                 t.private = private;
             }
             self.put();
@@ -358,12 +358,12 @@ impl Dio {
             let mut t = lock(&self.tail);
             (t.outcome.take(), t.private.take(), t.done.take())
         };
-        let (walked, stop) = outcome.unwrap_or((
+        let (walked, mut stop) = outcome.unwrap_or((
             0,
             Stop::Error(Error::Invalid("request ended without outcome".into())),
         ));
         // An async caller has no one to carry a panic of end_io to: it is the error.
-        let (r, _) = self.finish(self.async_file(), walked, stop, private);
+        let (r, _) = self.finish(self.async_file(), walked, &mut stop, private);
         if let Some(done) = done {
             done(r);
         }
@@ -374,7 +374,7 @@ impl Dio {
         &self,
         file: &Shared,
         walked: u64,
-        stop: Stop,
+        stop: &mut Stop,
         private: Option<Private>,
     ) -> (Result<usize>, Option<Payload>) {
         // Every request is done: its error, if any, was stored before its reference
@@ -402,8 +402,11 @@ impl Dio {
             done = done.min(self.i_size.saturating_sub(self.offset));
         }
         let mut result: Result<usize> = match stop {
-            Stop::Error(e) => Err(e),
-            Stop::MemoryFault(at) if done == 0 => Err(Error::MemoryFault { at }),
+            Stop::Error(_) => match std::mem::replace(stop, Stop::Clean) {
+                Stop::Error(e) => Err(e),
+                _ => unreachable!("matched above"),
+            },
+            Stop::MemoryFault(at) if done == 0 => Err(Error::MemoryFault { at: *at }),
             _ => match io_error {
                 Some((_, e)) if done == 0 => Err(e),
                 _ => Ok(done as usize),

@@ -405,17 +405,19 @@ pub(crate) fn run(
         mem,
     };
     let mut seen = Seen::default();
+    let mut walked = 0;
+    let mut stop = Stop::Clean;
+    let mut last_private = None;
+    let mut defer = false;
     // User code runs in the walk (the block map, the submit_io hook, the pin
     // closure). If it panics, the call still ends properly: no new request goes out,
     // the ones in flight are waited for (sync) or finish the call (async), locks and
     // counts are released, and then the panic goes on to the caller.
-    let walked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         // Durable writes go out with FUA; if metadata changes too (allocation, a
         // new size), a flush at completion covers it.
         let mut builder = BioBuilder::new(&dio, file, dsync, poll, lender);
-        let mut last_private = None;
-        let mut defer = false;
-        let r = walk(
+        walked = walk(
             &walk_in,
             &mut builder,
             &*file.map,
@@ -425,33 +427,32 @@ pub(crate) fn run(
             },
             pin,
             &mut seen,
+            &mut stop,
         );
         builder.send();
-        (r.0, r.1, last_private, defer)
     }));
-    let (walked, stop, last_private, panic) = match walked {
-        Ok((walked, stop, private, defer)) => {
+    let panic = match caught {
+        Ok(()) => {
             if defer {
                 dio.set_defer();
             }
-            (walked, stop, private, None)
+            None
         }
-        Err(payload) => (
-            0,
-            Stop::Error(Error::Panicked(
+        Err(payload) => {
+            walked = 0;
+            stop = Stop::Error(Error::Panicked(
                 "the block map, its submit_io hook or the pin closure",
-            )),
-            None,
-            Some(payload),
-        ),
+            ));
+            last_private = None;
+            Some(payload)
+        }
     };
     // All lookups are done: a locking read drops the lock before waiting.
     release_lock(&mut held);
-    let stop = match stop {
-        // A write that met a hole before writing anything tells the caller so.
-        Stop::Clean if op == Op::Write && walked == 0 => Stop::Error(Error::Hole { offset }),
-        s => s,
-    };
+    // A write that met a hole before writing anything tells the caller so.
+    if op == Op::Write && walked == 0 && matches!(stop, Stop::Clean) {
+        stop = Stop::Error(Error::Hole { offset });
+    }
     if dsync && (seen.allocated || extend) {
         dio.flush.store(true, std::sync::atomic::Ordering::Release);
     }
@@ -459,7 +460,8 @@ pub(crate) fn run(
         // The flush may block: finish in the worker, not the device's context.
         dio.set_defer();
     }
-    let Some((r, end_io_panic)) = dio.submitter_done(file, poll, walked, stop, last_private) else {
+    let Some((r, end_io_panic)) = dio.submitter_done(file, poll, walked, &mut stop, last_private)
+    else {
         // Async: the last completion finishes the call (a panic of the walk still
         // goes on to this caller).
         if let Some(payload) = panic {

@@ -41,6 +41,16 @@ pub(crate) struct Seen {
     pub allocated: bool,
 }
 
+/// What the walk keeps of the current extent: a few scalars, read field by field
+/// from the map's answer rather than moving the whole `Extent` around.
+#[derive(Clone, Copy)]
+struct Cur {
+    mapping: Mapping,
+    boundary: bool,
+    /// New or unwritten: metadata changes, uncovered parts get zeroed.
+    fresh: bool,
+}
+
 /// The memory cursor over the caller's segments.
 struct Cursor<'a> {
     mem: &'a [MemRef],
@@ -65,9 +75,24 @@ impl Cursor<'_> {
 }
 
 /// Run the walk, feeding `builder`; `pin` is asked for every memory piece before it
-/// is used and may refuse it (a memory fault). Returns bytes walked and how it
-/// stopped.
+/// is used and may refuse it (a memory fault). Returns bytes walked, and stores how
+/// it stopped in `stop` (in place: the caller's slot is written once, not moved).
 pub(crate) fn walk(
+    w: &Walk<'_>,
+    builder: &mut BioBuilder<'_>,
+    map: &dyn crate::BlockMap,
+    on_extent: &mut dyn FnMut(&Extent),
+    pin: &mut dyn FnMut(MemRef) -> bool,
+    seen: &mut Seen,
+    stop: &mut Stop,
+) -> u64 {
+    let (walked, s) = walk_inner(w, builder, map, on_extent, pin, seen);
+    *stop = s;
+    walked
+}
+
+#[inline(always)]
+fn walk_inner(
     w: &Walk<'_>,
     builder: &mut BioBuilder<'_>,
     map: &dyn crate::BlockMap,
@@ -88,7 +113,7 @@ pub(crate) fn walk(
     };
     cur.advance(0);
     // The current extent: bytes left in it from `pos`, and the device byte for `pos`.
-    let mut ext: Option<Extent> = None;
+    let mut ext: Option<Cur> = None;
     let mut left = 0u64;
     let mut dev_pos = 0u64;
     // Reads stop at EOF rounded up to the dio block (a partial last block is read).
@@ -105,9 +130,10 @@ pub(crate) fn walk(
             // the seed's (i_size - 1) underflowed there).
             let inside = w.i_size > 0 && first <= (w.i_size - 1) >> sh;
             let create = w.op == Op::Write && !(w.skip_holes && inside);
-            let e = match map.map(first, count, create) {
+            let r = map.map(first, count, create);
+            let e = match &r {
                 Ok(e) => e,
-                Err(e) => break Stop::Error(e),
+                Err(_) => break Stop::Error(r.err().expect("an error")),
             };
             if e.len == 0 {
                 break Stop::Error(Error::Corrupt(format!(
@@ -126,7 +152,7 @@ pub(crate) fn walk(
                 }
                 dev_pos = b * fs + (pos & mask);
             }
-            on_extent(&e);
+            on_extent(e);
             left = len * fs - (pos & mask);
             let fresh = e.new || matches!(e.mapping, Mapping::Unwritten(_));
             if w.op == Op::Write && fresh {
@@ -142,9 +168,13 @@ pub(crate) fn walk(
                     false,
                 );
             }
-            ext = Some(e);
+            ext = Some(Cur {
+                mapping: e.mapping,
+                boundary: e.boundary,
+                fresh,
+            });
         }
-        let e = ext.as_ref().expect("extent mapped above");
+        let e = ext.expect("extent mapped above");
         let readable_zeros = matches!(e.mapping, Mapping::Hole)
             || (w.op == Op::Read && matches!(e.mapping, Mapping::Unwritten(_)));
         if readable_zeros {
@@ -188,7 +218,7 @@ pub(crate) fn walk(
                     zpos += z;
                     zdev += z;
                 }
-                zero_tail(w, builder, e, zend, zdev);
+                zero_tail(w, builder, &e, zend, zdev);
                 return (fault_at, Stop::MemoryFault(fault_at));
             }
             return (pos - w.offset, Stop::MemoryFault(pos - w.offset));
@@ -200,20 +230,19 @@ pub(crate) fn walk(
         dev_pos += n;
         left -= n;
     };
-    if let Some(e) = &ext {
+    if let Some(e) = ext {
         if matches!(stop, Stop::Clean) && pos == end {
-            zero_tail(w, builder, e, pos, dev_pos);
+            zero_tail(w, builder, &e, pos, dev_pos);
         }
     }
     (pos - w.offset, stop)
 }
 
 /// A write that ends inside a fresh block zeroes the block's tail.
-fn zero_tail(w: &Walk<'_>, builder: &mut BioBuilder<'_>, e: &Extent, pos: u64, dev_pos: u64) {
+fn zero_tail(w: &Walk<'_>, builder: &mut BioBuilder<'_>, e: &Cur, pos: u64, dev_pos: u64) {
     let fs = w.fs_block;
     let mask = fs - 1;
-    let fresh = e.new || matches!(e.mapping, Mapping::Unwritten(_));
-    if w.op == Op::Write && fresh && (pos & mask) != 0 {
+    if w.op == Op::Write && e.fresh && (pos & mask) != 0 {
         let tail = fs - (pos & mask);
         builder.add(buf::zeroes(tail as usize), dev_pos, pos, false);
     }
