@@ -369,6 +369,10 @@ impl BlockMap for RawMap {
         (i64::MAX as u64) / u64::from(self.block_size) * u64::from(self.block_size)
     }
 
+    fn has_end_io(&self) -> bool {
+        false
+    }
+
     fn truncate(&self, size: u64) -> Result<()> {
         match &self.resize {
             Some(f) => crate::device::ftruncate(f.as_fd(), size)

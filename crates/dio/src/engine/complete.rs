@@ -313,6 +313,7 @@ impl Dio {
     /// and return the result, with the payload if the map's end_io panicked. Async:
     /// record the outcome and drop the submitter's reference; the last reference
     /// finishes the call.
+    #[inline]
     pub(crate) fn submitter_done(
         self: Arc<Self>,
         file: &Shared,
@@ -370,6 +371,7 @@ impl Dio {
     }
 
     /// The result rules (the seed's dio_complete).
+    #[inline]
     fn finish(
         &self,
         file: &Shared,
@@ -428,15 +430,17 @@ impl Dio {
         // locks and counts (below), and reaches a sync caller afterwards.
         let map = &file.map;
         let mut panic = None;
-        result = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            map.end_io(self.op, self.offset, result, private.as_ref())
-        })) {
-            Ok(r) => r,
-            Err(payload) => {
-                panic = Some(payload);
-                Err(Error::Panicked("BlockMap::end_io"))
-            }
-        };
+        if file.end_io {
+            result = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                map.end_io(self.op, self.offset, result, private.as_ref())
+            })) {
+                Ok(r) => r,
+                Err(payload) => {
+                    panic = Some(payload);
+                    Err(Error::Panicked("BlockMap::end_io"))
+                }
+            };
+        }
         if let (Op::Write, Ok(n)) = (self.op, &result) {
             let stats = &file.stats;
             stats.written.fetch_add(*n as u64, Ordering::Relaxed);

@@ -140,6 +140,8 @@ pub(crate) struct Shared {
     pub(crate) geometry: Geometry,
     pub(crate) fs_block: u32,
     pub(crate) read_only: bool,
+    /// Whether the map's end_io does anything ([`BlockMap::has_end_io`], asked once).
+    pub(crate) end_io: bool,
     pub(crate) stats: Stats,
 }
 
@@ -190,9 +192,11 @@ impl DirectFile {
                 geometry.logical_block
             )));
         }
+        let end_io = map.has_end_io();
         Ok(DirectFile {
             shared: Arc::new(Shared {
                 dev,
+                end_io,
                 map,
                 state,
                 geometry,
@@ -214,6 +218,7 @@ impl DirectFile {
                 geometry: s.geometry,
                 fs_block: s.fs_block,
                 read_only: true,
+                end_io: s.end_io,
                 stats: Stats::default(),
             }),
         }

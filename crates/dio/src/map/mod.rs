@@ -138,6 +138,14 @@ pub trait BlockMap: Send + Sync {
         result
     }
 
+    /// Whether [`BlockMap::end_io`] does anything. A map that keeps the default
+    /// `end_io` may answer false, and the engine then skips the call (one dynamic
+    /// call and a move of the result less per direct-I/O call). Asked once, when a
+    /// [`crate::DirectFile`] is opened; the default, true, is always correct.
+    fn has_end_io(&self) -> bool {
+        true
+    }
+
     /// Submit one device request (the seed's `submit_io`): the default sends it to
     /// the device. A file system may submit it itself (checksums, RAID mapping), and
     /// must then complete it exactly once with [`Request::complete`].
@@ -199,5 +207,9 @@ impl BlockMap for IdentityMap {
 
     fn max_file_size(&self) -> u64 {
         self.blocks * u64::from(self.block_size)
+    }
+
+    fn has_end_io(&self) -> bool {
+        false
     }
 }

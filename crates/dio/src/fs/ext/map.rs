@@ -579,4 +579,8 @@ impl BlockMap for ExtMap {
     fn max_file_size(&self) -> u64 {
         self.max_size
     }
+
+    fn has_end_io(&self) -> bool {
+        false
+    }
 }
