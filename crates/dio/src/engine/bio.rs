@@ -67,6 +67,7 @@ impl<'a> BioBuilder<'a> {
     pub(crate) fn new(
         dio: &'a Arc<Dio>,
         file: &'a Shared,
+        op: Op,
         fua: bool,
         poll: bool,
         lender: Lender<'a>,
@@ -75,7 +76,7 @@ impl<'a> BioBuilder<'a> {
         BioBuilder {
             dio,
             file,
-            op: dio.op,
+            op,
             fua,
             max_bytes: u64::from(geo.max_bytes),
             max_segments: (geo.max_segments as usize).min(MAX_SEGMENTS),

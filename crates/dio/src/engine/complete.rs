@@ -38,20 +38,37 @@ pub(crate) enum Stop {
 /// A panic payload, carried to the caller.
 pub(crate) type Payload = Box<dyn std::any::Any + Send>;
 
-/// One direct-I/O call in flight (the seed's `struct dio`).
+/// What the finish of a call needs to know of the call itself. A sync call keeps it
+/// on its submitter's stack; an async one hands it over with its outcome.
+#[derive(Clone, Copy)]
+pub(crate) struct Call {
+    pub(crate) op: Op,
+    pub(crate) offset: u64,
+    pub(crate) i_size: u64,
+    /// Extend i_size to the written end, at most to this, at completion.
+    pub(crate) extend: Option<u64>,
+    /// Skip the in-flight count.
+    pub(crate) skip_count: bool,
+    /// Block range held in the file's range lock until completion.
+    pub(crate) range_lock: Option<(u64, u64)>,
+    /// The file lock a locking-mode write holds until it completes.
+    pub(crate) file_lock: Option<LockKind>,
+    /// Flush the device before completing (dsync with metadata changes or no FUA).
+    pub(crate) flush: bool,
+}
+
+/// One direct-I/O call in flight (the seed's `struct dio`): what its requests'
+/// completions share.
 ///
 /// A sync call's `Dio` is reused by the thread's next sync call (see
-/// [`Dio::sync_call`]): it owns nothing of the file, and its submitter passes the
-/// file, the walk's outcome and the result around on its own stack. Only an async
-/// call, which finishes on whatever thread completes it, carries the file and its
-/// outcome inside.
+/// [`Dio::sync_call`]): it owns nothing of the file or the call, and its submitter
+/// passes the file, the [`Call`], the walk's outcome and the result around on its
+/// own stack. Only an async call, which finishes on whatever thread completes it,
+/// carries the file and (once the walk is over) its call and outcome inside.
 pub(crate) struct Dio {
     /// The file, for an async call (it finishes on another thread); None for a sync
     /// call, whose submitter has the file at hand.
     file: Option<Arc<Shared>>,
-    pub(crate) op: Op,
-    pub(crate) offset: u64,
-    pub(crate) i_size: u64,
     /// 1 for the submitter plus one per device request in flight.
     refs: AtomicUsize,
     /// Everything completion reads once: one lock for all of it.
@@ -60,23 +77,12 @@ pub(crate) struct Dio {
     /// finish; set under the lock, before the request's reference goes).
     io_failed: AtomicBool,
     defer: AtomicBool,
-    /// Flush the device before completing (dsync with metadata changes or no FUA).
-    pub(crate) flush: AtomicBool,
-    /// Extend i_size to the written end, at most to this, at completion.
-    pub(crate) extend: Option<u64>,
-    /// Skip the in-flight count.
-    pub(crate) skip_count: bool,
-    /// Block range held in the file's range lock until completion.
-    pub(crate) range_lock: Option<(u64, u64)>,
     /// Whether a caller waits for the result (sync) rather than a callback.
     sync: bool,
     /// The waiting thread, registered only once it has to sleep (a reused sync
     /// `Dio` stays on its thread, so the registration stays right).
     waiter: OnceLock<Thread>,
     sleeping: AtomicBool,
-    /// The file lock a locking-mode write holds until it completes (0 none, 1 shared,
-    /// 2 exclusive).
-    file_lock: std::sync::atomic::AtomicU8,
     /// Async calls: requests built but held back while [`MAX_IN_FLIGHT`] are in
     /// flight, sent as completions arrive (nothing of an async call ever waits).
     queue: Mutex<VecDeque<(Request, u64)>>,
@@ -94,8 +100,9 @@ thread_local! {
 struct Tail {
     /// Lowest file offset of a failed device request, and its error.
     io_error: Option<(u64, Error)>,
-    /// Set once by the submitter: bytes walked, and how the walk stopped.
-    outcome: Option<(u64, Stop)>,
+    /// Set once by an async call's submitter: the call, bytes walked, and how the
+    /// walk stopped.
+    outcome: Option<(Call, u64, Stop)>,
     /// The private data of the last mapping, for end_io.
     private: Option<Private>,
     /// The async caller's completion.
@@ -104,114 +111,60 @@ struct Tail {
 
 impl Dio {
     /// A new async call's state: it carries the file, and the caller's completion.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn new_async(
-        file: Arc<Shared>,
-        op: Op,
-        offset: u64,
-        i_size: u64,
-        extend: Option<u64>,
-        skip_count: bool,
-        range_lock: Option<(u64, u64)>,
-        done: Done,
-    ) -> Arc<Dio> {
-        let mut dio = Dio::blank(op, offset, i_size, extend, skip_count, range_lock, false);
+    pub(crate) fn new_async(file: Arc<Shared>, done: Done) -> Arc<Dio> {
+        let mut dio = Dio::blank(false);
         dio.file = Some(file);
         dio.tail.get_mut().unwrap_or_else(|e| e.into_inner()).done = Some(done);
         Arc::new(dio)
     }
 
-    fn blank(
-        op: Op,
-        offset: u64,
-        i_size: u64,
-        extend: Option<u64>,
-        skip_count: bool,
-        range_lock: Option<(u64, u64)>,
-        sync: bool,
-    ) -> Dio {
+    fn blank(sync: bool) -> Dio {
         Dio {
             file: None,
-            op,
-            offset,
-            i_size,
             refs: AtomicUsize::new(1),
             tail: Mutex::new(Tail::default()),
             io_failed: AtomicBool::new(false),
             defer: AtomicBool::new(false),
-            flush: AtomicBool::new(false),
-            extend,
-            skip_count,
-            range_lock,
             sync,
             waiter: OnceLock::new(),
             sleeping: AtomicBool::new(false),
-            file_lock: std::sync::atomic::AtomicU8::new(0),
             queue: Mutex::new(VecDeque::new()),
             queued: AtomicUsize::new(0),
             submitted: AtomicUsize::new(0),
         }
     }
 
-    /// A sync call's state: the thread's spare from its last sync call when nothing
-    /// else holds it any more (no allocation per call), else a new one. Give it back
-    /// with [`Dio::recycle`].
-    pub(crate) fn sync_call(
-        op: Op,
-        offset: u64,
-        i_size: u64,
-        extend: Option<u64>,
-        skip_count: bool,
-        range_lock: Option<(u64, u64)>,
-    ) -> Arc<Dio> {
-        if let Some(mut spare) = SPARE.with(|s| s.take()) {
-            if let Some(d) = Arc::get_mut(&mut spare) {
-                // Unique: every request of the last call is gone. Everything a call
-                // changes is reset; the waiter registration is this thread's.
-                d.op = op;
-                d.offset = offset;
-                d.i_size = i_size;
-                d.extend = extend;
-                d.skip_count = skip_count;
-                d.range_lock = range_lock;
-                *d.refs.get_mut() = 1;
-                *d.io_failed.get_mut() = false;
-                *d.defer.get_mut() = false;
-                *d.flush.get_mut() = false;
-                *d.sleeping.get_mut() = false;
-                *d.file_lock.get_mut() = 0;
-                let t = d.tail.get_mut().unwrap_or_else(|e| e.into_inner());
-                *t = Tail::default();
-                debug_assert!(d.sync && d.file.is_none() && *d.queued.get_mut() == 0);
-                return spare;
+    /// A sync call's state: the thread's spare from its last sync call, else a new
+    /// one (no allocation per call). Give it back with [`Dio::recycle`].
+    pub(crate) fn sync_call() -> Arc<Dio> {
+        match SPARE.with(|s| s.take()) {
+            Some(spare) => {
+                // The last call on it saw every request complete (its errors taken,
+                // refs back to 1); reset what a call changes. A completion of that
+                // call may still be on its way out, between its decrement of refs and
+                // the drop of its reference: all it does then is look at `sleeping`
+                // and perhaps unpark this thread, which a waiter tolerates (it parks
+                // in a loop on its own condition).
+                spare.refs.store(1, Ordering::Relaxed);
+                spare.io_failed.store(false, Ordering::Relaxed);
+                spare.defer.store(false, Ordering::Relaxed);
+                spare.sleeping.store(false, Ordering::Relaxed);
+                spare
             }
+            None => Arc::new(Dio::blank(true)),
         }
-        Arc::new(Dio::blank(
-            op, offset, i_size, extend, skip_count, range_lock, true,
-        ))
     }
 
     /// Keep a finished sync call's state for the thread's next sync call.
     pub(crate) fn recycle(self: Arc<Self>) {
-        if self.sync && Arc::strong_count(&self) == 1 {
-            SPARE.with(|s| s.set(Some(self)));
-        }
+        debug_assert!(self.sync && self.in_flight() == 0);
+        SPARE.with(|s| s.set(Some(self)));
     }
 
     fn async_file(&self) -> &Shared {
         self.file
             .as_deref()
             .expect("an async call carries its file")
-    }
-
-    /// Keep the file lock of kind `k` until the call completes.
-    pub(crate) fn hold_file_lock(&self, k: Option<LockKind>) {
-        let v = match k {
-            None => 0,
-            Some(LockKind::Shared) => 1,
-            Some(LockKind::Exclusive) => 2,
-        };
-        self.file_lock.store(v, Ordering::Release);
     }
 
     /// Send a request of an async call, or queue it while the call has
@@ -317,6 +270,7 @@ impl Dio {
     pub(crate) fn submitter_done(
         self: Arc<Self>,
         file: &Shared,
+        call: &Call,
         poll: bool,
         walked: u64,
         stop: &mut Stop,
@@ -325,13 +279,13 @@ impl Dio {
         file.dev.unplug();
         if self.sync {
             self.wait_in_flight_at_most(&*file.dev, 0, poll);
-            let r = self.finish(file, walked, stop, private);
+            let r = self.finish(file, call, walked, stop, private);
             self.recycle();
             Some(r)
         } else {
             {
                 let mut t = lock(&self.tail);
-                t.outcome = Some((walked, std::mem::replace(stop, Stop::Clean)));
+                t.outcome = Some((*call, walked, std::mem::replace(stop, Stop::Clean)));
                 t.private = private;
             }
             self.put();
@@ -359,12 +313,11 @@ impl Dio {
             let mut t = lock(&self.tail);
             (t.outcome.take(), t.private.take(), t.done.take())
         };
-        let (walked, mut stop) = outcome.unwrap_or((
-            0,
-            Stop::Error(Error::Invalid("request ended without outcome".into())),
-        ));
+        let Some((call, walked, mut stop)) = outcome else {
+            unreachable!("an async call's submitter records its outcome before its reference goes");
+        };
         // An async caller has no one to carry a panic of end_io to: it is the error.
-        let (r, _) = self.finish(self.async_file(), walked, &mut stop, private);
+        let (r, _) = self.finish(self.async_file(), &call, walked, &mut stop, private);
         if let Some(done) = done {
             done(r);
         }
@@ -375,6 +328,7 @@ impl Dio {
     fn finish(
         &self,
         file: &Shared,
+        call: &Call,
         walked: u64,
         stop: &mut Stop,
         private: Option<Private>,
@@ -390,18 +344,18 @@ impl Dio {
         // request (everything before it in the file completed), and for reads at EOF.
         let mut done = walked;
         if let Some((at, _)) = &io_error {
-            let mut good_end = (*at).max(self.offset);
-            if self.op == Op::Write {
+            let mut good_end = (*at).max(call.offset);
+            if call.op == Op::Write {
                 // A failed request may begin inside an fs block: report only whole
                 // blocks, so the map never converts a half-written fresh block
                 // whose other half still holds the device's old bytes.
                 let fs = u64::from(file.fs_block);
-                good_end = (good_end & !(fs - 1)).max(self.offset);
+                good_end = (good_end & !(fs - 1)).max(call.offset);
             }
-            done = done.min(good_end - self.offset);
+            done = done.min(good_end - call.offset);
         }
-        if self.op == Op::Read {
-            done = done.min(self.i_size.saturating_sub(self.offset));
+        if call.op == Op::Read {
+            done = done.min(call.i_size.saturating_sub(call.offset));
         }
         let mut result: Result<usize> = match stop {
             Stop::Error(_) => match std::mem::replace(stop, Stop::Clean) {
@@ -414,12 +368,12 @@ impl Dio {
                 _ => Ok(done as usize),
             },
         };
-        if self.op == Op::Write && self.flush.load(Ordering::Acquire) {
+        if call.op == Op::Write && call.flush {
             if let Ok(n) = result {
                 if n > 0 {
                     if let Err(e) = file.dev.flush() {
                         result = Err(Error::Io {
-                            offset: self.offset,
+                            offset: call.offset,
                             source: e,
                         });
                     }
@@ -432,7 +386,7 @@ impl Dio {
         let mut panic = None;
         if file.end_io {
             result = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                map.end_io(self.op, self.offset, result, private.as_ref())
+                map.end_io(call.op, call.offset, result, private.as_ref())
             })) {
                 Ok(r) => r,
                 Err(payload) => {
@@ -441,31 +395,23 @@ impl Dio {
                 }
             };
         }
-        if let (Op::Write, Ok(n)) = (self.op, &result) {
+        if let (Op::Write, Ok(n)) = (call.op, &result) {
             let stats = &file.stats;
             stats.written.fetch_add(*n as u64, Ordering::Relaxed);
-            if let Some(limit) = self.extend {
-                file.state.extend_to((self.offset + *n as u64).min(limit));
+            if let Some(limit) = call.extend {
+                file.state.extend_to((call.offset + *n as u64).min(limit));
             }
-        } else if let (Op::Read, Ok(n)) = (self.op, &result) {
+        } else if let (Op::Read, Ok(n)) = (call.op, &result) {
             file.stats.read.fetch_add(*n as u64, Ordering::Relaxed);
         }
-        if !self.skip_count {
+        if !call.skip_count {
             file.state.dio_end();
         }
         // Last: releasing locks may start calls that were parked on them.
-        let held = match self.file_lock.load(Ordering::Acquire) {
-            0 => None,
-            _ => match self.file_lock.swap(0, Ordering::AcqRel) {
-                1 => Some(LockKind::Shared),
-                2 => Some(LockKind::Exclusive),
-                _ => None,
-            },
-        };
-        if let Some(k) = held {
+        if let Some(k) = call.file_lock {
             file.state.file_lock().release(k);
         }
-        if let Some((s, e)) = self.range_lock {
+        if let Some((s, e)) = call.range_lock {
             file.state.ranges().unlock(s, e);
         }
         (result, panic)

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use super::bio::BioBuilder;
-use super::complete::{Dio, Done, Stop};
+use super::complete::{Call, Dio, Done, Stop};
 use super::walk::{walk, Seen, Walk};
 use super::{Flags, Shared};
 use crate::buf::{Lender, MemRef};
@@ -370,27 +370,27 @@ pub(crate) fn run(
     let extend = op == Op::Write && logical_end > i_size;
     let defer_extend = done.is_some() && extend && !flags.contains(Flags::ASYNC_EXTEND);
     let dsync = op == Op::Write && flags.contains(Flags::DSYNC);
-    let extend_to = extend.then_some(logical_end);
+    let mut call = Call {
+        op,
+        offset,
+        i_size,
+        extend: extend.then_some(logical_end),
+        skip_count,
+        range_lock,
+        file_lock: None,
+        flush: false,
+    };
     let dio = match done {
-        None => Dio::sync_call(op, offset, i_size, extend_to, skip_count, range_lock),
-        Some(done) => Dio::new_async(
-            Arc::clone(file),
-            op,
-            offset,
-            i_size,
-            extend_to,
-            skip_count,
-            range_lock,
-            done,
-        ),
+        None => Dio::sync_call(),
+        Some(done) => Dio::new_async(Arc::clone(file), done),
     };
     if defer_extend {
         dio.set_defer();
     }
     // A write keeps the file lock until it completes; a read gives it back after its
     // lookups (below).
-    if op == Op::Write && held.is_some() {
-        dio.hold_file_lock(held.take());
+    if op == Op::Write {
+        call.file_lock = held.take();
     }
     let poll = flags.contains(Flags::POLL);
     let walk_in = Walk {
@@ -416,7 +416,7 @@ pub(crate) fn run(
     let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         // Durable writes go out with FUA; if metadata changes too (allocation, a
         // new size), a flush at completion covers it.
-        let mut builder = BioBuilder::new(&dio, file, dsync, poll, lender);
+        let mut builder = BioBuilder::new(&dio, file, op, dsync, poll, lender);
         walked = walk(
             &walk_in,
             &mut builder,
@@ -454,13 +454,14 @@ pub(crate) fn run(
         stop = Stop::Error(Error::Hole { offset });
     }
     if dsync && (seen.allocated || extend) {
-        dio.flush.store(true, std::sync::atomic::Ordering::Release);
+        call.flush = true;
     }
     if dsync && dio.is_async() {
         // The flush may block: finish in the worker, not the device's context.
         dio.set_defer();
     }
-    let Some((r, end_io_panic)) = dio.submitter_done(file, poll, walked, &mut stop, last_private)
+    let Some((r, end_io_panic)) =
+        dio.submitter_done(file, &call, poll, walked, &mut stop, last_private)
     else {
         // Async: the last completion finishes the call (a panic of the walk still
         // goes on to this caller).
