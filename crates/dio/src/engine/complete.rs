@@ -35,6 +35,11 @@ pub(crate) enum Stop {
     MemoryFault(u64),
 }
 
+/// A call's result inside the engine: the error boxed, so that the result is two
+/// words and travels in registers (an unboxed [`Error`] makes it four, moved
+/// through memory at every return). Unboxed once, at the public API.
+pub(crate) type Res = std::result::Result<usize, Box<Error>>;
+
 /// A panic payload, carried to the caller.
 pub(crate) type Payload = Box<dyn std::any::Any + Send>;
 
@@ -275,11 +280,12 @@ impl Dio {
         walked: u64,
         stop: &mut Stop,
         private: Option<Private>,
-    ) -> Option<(Result<usize>, Option<Payload>)> {
+        panic: &mut Option<Payload>,
+    ) -> Option<Res> {
         file.dev.unplug();
         if self.sync {
             self.wait_in_flight_at_most(&*file.dev, 0, poll);
-            let r = self.finish(file, call, walked, stop, private);
+            let r = self.finish(file, call, walked, stop, private, panic);
             self.recycle();
             Some(r)
         } else {
@@ -317,9 +323,16 @@ impl Dio {
             unreachable!("an async call's submitter records its outcome before its reference goes");
         };
         // An async caller has no one to carry a panic of end_io to: it is the error.
-        let (r, _) = self.finish(self.async_file(), &call, walked, &mut stop, private);
+        let r = self.finish(
+            self.async_file(),
+            &call,
+            walked,
+            &mut stop,
+            private,
+            &mut None,
+        );
         if let Some(done) = done {
-            done(r);
+            done(r.map_err(|e| *e));
         }
     }
 
@@ -332,7 +345,8 @@ impl Dio {
         walked: u64,
         stop: &mut Stop,
         private: Option<Private>,
-    ) -> (Result<usize>, Option<Payload>) {
+        panic: &mut Option<Payload>,
+    ) -> Res {
         // Every request is done: its error, if any, was stored before its reference
         // went, which the finisher has seen drop.
         let io_error = if self.io_failed.load(Ordering::Acquire) {
@@ -357,14 +371,14 @@ impl Dio {
         if call.op == Op::Read {
             done = done.min(call.i_size.saturating_sub(call.offset));
         }
-        let mut result: Result<usize> = match stop {
+        let mut result: Res = match stop {
             Stop::Error(_) => match std::mem::replace(stop, Stop::Clean) {
-                Stop::Error(e) => Err(e),
+                Stop::Error(e) => Err(Box::new(e)),
                 _ => unreachable!("matched above"),
             },
-            Stop::MemoryFault(at) if done == 0 => Err(Error::MemoryFault { at: *at }),
+            Stop::MemoryFault(at) if done == 0 => Err(Box::new(Error::MemoryFault { at: *at })),
             _ => match io_error {
-                Some((_, e)) if done == 0 => Err(e),
+                Some((_, e)) if done == 0 => Err(Box::new(e)),
                 _ => Ok(done as usize),
             },
         };
@@ -372,10 +386,10 @@ impl Dio {
             if let Ok(n) = result {
                 if n > 0 {
                     if let Err(e) = file.dev.flush() {
-                        result = Err(Error::Io {
+                        result = Err(Box::new(Error::Io {
                             offset: call.offset,
                             source: e,
-                        });
+                        }));
                     }
                 }
             }
@@ -383,15 +397,15 @@ impl Dio {
         // The map's end_io is user code: a panic there still releases the call's
         // locks and counts (below), and reaches a sync caller afterwards.
         let map = &file.map;
-        let mut panic = None;
         if file.end_io {
+            let r = result.map_err(|e| *e);
             result = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                map.end_io(call.op, call.offset, result, private.as_ref())
+                map.end_io(call.op, call.offset, r, private.as_ref())
             })) {
-                Ok(r) => r,
+                Ok(r) => r.map_err(Box::new),
                 Err(payload) => {
-                    panic = Some(payload);
-                    Err(Error::Panicked("BlockMap::end_io"))
+                    *panic = Some(payload);
+                    Err(Box::new(Error::Panicked("BlockMap::end_io")))
                 }
             };
         }
@@ -414,7 +428,7 @@ impl Dio {
         if let Some((s, e)) = call.range_lock {
             file.state.ranges().unlock(s, e);
         }
-        (result, panic)
+        result
     }
 }
 

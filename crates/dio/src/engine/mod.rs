@@ -286,6 +286,7 @@ impl DirectFile {
             )
             .expect("a sync call returns its result")
         })
+        .map_err(|e| *e)
     }
 
     /// Write `bufs` at `offset`, synchronously. Returns the bytes written (short if
@@ -331,6 +332,7 @@ impl DirectFile {
             )
             .expect("a sync call returns its result")
         })
+        .map_err(|e| *e)
     }
 
     /// Read into a single buffer.

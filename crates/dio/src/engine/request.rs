@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use super::bio::BioBuilder;
-use super::complete::{Call, Dio, Done, Stop};
+use super::complete::{Call, Dio, Done, Res, Stop};
 use super::walk::{walk, Seen, Walk};
 use super::{Flags, Shared};
 use crate::buf::{Lender, MemRef};
@@ -218,7 +218,7 @@ pub(crate) fn run(
     pin: &mut dyn FnMut(MemRef) -> bool,
     mut done: Option<Done>,
     extra: Extra,
-) -> Option<Result<usize>> {
+) -> Option<Res> {
     let state = &file.state;
     let unlock_range = |r: Option<(u64, u64)>| {
         if let Some((s, e)) = r {
@@ -230,7 +230,7 @@ pub(crate) fn run(
             d(r);
             None
         }
-        None => Some(r),
+        None => Some(r.map_err(Box::new)),
     };
     let checked = match check(file, op, offset, mem) {
         Ok(c) if c.len > 0 => c,
@@ -460,9 +460,16 @@ pub(crate) fn run(
         // The flush may block: finish in the worker, not the device's context.
         dio.set_defer();
     }
-    let Some((r, end_io_panic)) =
-        dio.submitter_done(file, &call, poll, walked, &mut stop, last_private)
-    else {
+    let mut end_io_panic = None;
+    let Some(r) = dio.submitter_done(
+        file,
+        &call,
+        poll,
+        walked,
+        &mut stop,
+        last_private,
+        &mut end_io_panic,
+    ) else {
         // Async: the last completion finishes the call (a panic of the walk still
         // goes on to this caller).
         if let Some(payload) = panic {

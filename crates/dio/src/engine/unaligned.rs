@@ -263,6 +263,7 @@ fn run_sync(
         extra,
     )
     .expect("a sync call returns its result")
+    .map_err(|e| *e)
 }
 
 /// Read one logical block at `pos` into `block` for read-modify-write: bytes past
