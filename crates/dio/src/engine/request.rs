@@ -421,7 +421,7 @@ pub(crate) fn run(
             &walk_in,
             &mut builder,
             &*file.map,
-            &mut |e| {
+            |e: &crate::map::Extent| {
                 last_private = e.private.clone();
                 defer |= e.defer_completion;
             },

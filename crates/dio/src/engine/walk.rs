@@ -81,7 +81,7 @@ pub(crate) fn walk(
     w: &Walk<'_>,
     builder: &mut BioBuilder<'_>,
     map: &dyn crate::BlockMap,
-    on_extent: &mut dyn FnMut(&Extent),
+    on_extent: impl FnMut(&Extent),
     pin: &mut dyn FnMut(MemRef) -> bool,
     seen: &mut Seen,
     stop: &mut Stop,
@@ -96,7 +96,7 @@ fn walk_inner(
     w: &Walk<'_>,
     builder: &mut BioBuilder<'_>,
     map: &dyn crate::BlockMap,
-    on_extent: &mut dyn FnMut(&Extent),
+    mut on_extent: impl FnMut(&Extent),
     pin: &mut dyn FnMut(MemRef) -> bool,
     seen: &mut Seen,
 ) -> (u64, Stop) {
