@@ -124,9 +124,9 @@ impl Stats {
 /// What an I/O scope does while it waits for the requests over its memory: poll a
 /// device whose completions need it (nothing else delivers them), else nothing.
 pub(crate) fn drain(file: &Shared) -> impl FnMut() + '_ {
-    let polled = file.dev.completion_mode() == CompletionMode::Polled;
+    // Asked only when the scope has to wait (after a panic): not on every call.
     move || {
-        if polled {
+        if file.dev.completion_mode() == CompletionMode::Polled {
             let _ = file.dev.poll(true);
         }
     }
@@ -280,7 +280,7 @@ impl DirectFile {
                 mem,
                 scope.lender(),
                 flags,
-                &mut |_| true,
+                None,
                 None,
                 request::Extra::default(),
             )
@@ -292,7 +292,7 @@ impl DirectFile {
     /// Write `bufs` at `offset`, synchronously. Returns the bytes written (short if
     /// a hole needing allocation stopped it, see [`Error::Hole`]).
     pub fn write(&self, offset: u64, bufs: &[IoSlice<'_>], flags: Flags) -> Result<usize> {
-        self.write_pinned(offset, bufs, flags, |_| true)
+        self.write_with(offset, bufs, flags, None)
     }
 
     /// Write with a pin step: `pin` is called on every piece of memory before the
@@ -306,6 +306,17 @@ impl DirectFile {
         bufs: &[IoSlice<'_>],
         flags: Flags,
         mut pin: impl FnMut(MemRef) -> bool,
+    ) -> Result<usize> {
+        self.write_with(offset, bufs, flags, Some(&mut pin))
+    }
+
+    /// A sync write, with a pin step or none.
+    fn write_with(
+        &self,
+        offset: u64,
+        bufs: &[IoSlice<'_>],
+        flags: Flags,
+        pin: Option<&mut dyn FnMut(MemRef) -> bool>,
     ) -> Result<usize> {
         let file = &self.shared;
         if flags.contains(Flags::UNALIGNED)
@@ -326,7 +337,7 @@ impl DirectFile {
                 mem,
                 scope.lender(),
                 flags,
-                &mut pin,
+                pin,
                 None,
                 request::Extra::default(),
             )

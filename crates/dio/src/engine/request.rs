@@ -199,7 +199,7 @@ pub(crate) fn run_async(
         mem,
         Lender::Owned,
         flags,
-        &mut |_| true,
+        None,
         Some(done),
         extra,
     );
@@ -215,7 +215,7 @@ pub(crate) fn run(
     mem: &[MemRef],
     lender: Lender<'_>,
     flags: Flags,
-    pin: &mut dyn FnMut(MemRef) -> bool,
+    pin: Option<&mut dyn FnMut(MemRef) -> bool>,
     mut done: Option<Done>,
     extra: Extra,
 ) -> Option<Res> {

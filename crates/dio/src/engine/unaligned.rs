@@ -251,19 +251,9 @@ fn run_sync(
     extra: Extra,
 ) -> Result<usize> {
     let lender = scope.lender();
-    request::run(
-        file,
-        op,
-        offset,
-        mem,
-        lender,
-        flags,
-        &mut |_| true,
-        None,
-        extra,
-    )
-    .expect("a sync call returns its result")
-    .map_err(|e| *e)
+    request::run(file, op, offset, mem, lender, flags, None, None, extra)
+        .expect("a sync call returns its result")
+        .map_err(|e| *e)
 }
 
 /// Read one logical block at `pos` into `block` for read-modify-write: bytes past

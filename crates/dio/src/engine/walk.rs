@@ -74,7 +74,7 @@ impl Cursor<'_> {
     }
 }
 
-/// Run the walk, feeding `builder`; `pin` is asked for every memory piece before it
+/// Run the walk, feeding `builder`; `pin`, if any, is asked for every memory piece before it
 /// is used and may refuse it (a memory fault). Returns bytes walked, and stores how
 /// it stopped in `stop` (in place: the caller's slot is written once, not moved).
 pub(crate) fn walk(
@@ -82,7 +82,7 @@ pub(crate) fn walk(
     builder: &mut BioBuilder<'_>,
     map: &dyn crate::BlockMap,
     on_extent: impl FnMut(&Extent),
-    pin: &mut dyn FnMut(MemRef) -> bool,
+    pin: Option<&mut dyn FnMut(MemRef) -> bool>,
     seen: &mut Seen,
     stop: &mut Stop,
 ) -> u64 {
@@ -97,9 +97,11 @@ fn walk_inner(
     builder: &mut BioBuilder<'_>,
     map: &dyn crate::BlockMap,
     mut on_extent: impl FnMut(&Extent),
-    pin: &mut dyn FnMut(MemRef) -> bool,
+    mut pin: Option<&mut dyn FnMut(MemRef) -> bool>,
     seen: &mut Seen,
 ) -> (u64, Stop) {
+    // No pin step: every piece is usable.
+    let mut pin = |m: MemRef| pin.as_mut().is_none_or(|p| p(m));
     let fs = w.fs_block;
     // Block sizes are powers of two: shifts and masks, no division on the hot path.
     let sh = fs.trailing_zeros();
