@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::{check_request, Device, Geometry, Op, Request};
+use super::{check_request_len, Device, Geometry, Op, Request};
 
 /// How a [`MemDevice`] behaves.
 #[derive(Debug, Clone)]
@@ -282,10 +282,12 @@ impl MemDevice {
 }
 
 impl Shared {
+    #[inline]
     fn injected_fault(&self, seq: u64, req: &Request, len: u64) -> bool {
-        if !self.armed.load(Ordering::SeqCst) {
-            return false;
-        }
+        self.armed.load(Ordering::SeqCst) && self.armed_fault(seq, req, len)
+    }
+
+    fn armed_fault(&self, seq: u64, req: &Request, len: u64) -> bool {
         let f = lock(&self.faults);
         if f.nth == Some(seq) {
             return true;
@@ -296,9 +298,10 @@ impl Shared {
         })
     }
 
-    /// Move the data of `req` and return its result.
-    fn execute(&self, req: &mut Request, fail: bool) -> io::Result<()> {
-        check_request(&self.cfg.geometry, req)?;
+    /// Move the data of `req` (`len` bytes) and return its result.
+    #[inline]
+    fn execute(&self, req: &mut Request, len: u64, fail: bool) -> io::Result<()> {
+        check_request_len(&self.cfg.geometry, req, len)?;
         if fail {
             return Err(io::Error::from_raw_os_error(libc::EIO));
         }
@@ -308,7 +311,7 @@ impl Shared {
         // Safe code, through the request's own copies: a device needs no `unsafe`.
         let mut st = lock(&self.store);
         let start = req.offset() as usize;
-        let pos = start + req.len() as usize;
+        let pos = start + len as usize;
         match req.op() {
             Op::Read => req.copy_in(0, &st.data[start..pos]),
             Op::Write => req.copy_out(0, &mut st.data[start..pos]),
@@ -320,8 +323,10 @@ impl Shared {
         Ok(())
     }
 
+    #[inline]
     fn finish(&self, mut req: Request, fail: bool) {
-        let result = self.execute(&mut req, fail);
+        let len = req.len();
+        let result = self.execute(&mut req, len, fail);
         self.in_flight.fetch_sub(1, Ordering::SeqCst);
         req.complete(result);
     }

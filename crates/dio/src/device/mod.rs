@@ -558,8 +558,13 @@ pub(crate) fn ftruncate(fd: std::os::fd::BorrowedFd<'_>, len: u64) -> io::Result
 
 /// Check a request against a geometry; back ends call it before doing anything.
 pub fn check_request(geo: &Geometry, req: &Request) -> io::Result<()> {
+    check_request_len(geo, req, req.len())
+}
+
+/// [`check_request`] for a request whose length the caller has computed already.
+#[inline]
+pub(crate) fn check_request_len(geo: &Geometry, req: &Request, len: u64) -> io::Result<()> {
     let lb = u64::from(geo.logical_block);
-    let len = req.len();
     // Geometry sizes are powers of two (Geometry::validate).
     let bad = req.offset & (lb - 1) != 0
         || len & (lb - 1) != 0
