@@ -272,6 +272,7 @@ impl Dio {
     /// record the outcome and drop the submitter's reference; the last reference
     /// finishes the call.
     #[inline]
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn submitter_done(
         self: Arc<Self>,
         file: &Shared,

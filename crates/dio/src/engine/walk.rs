@@ -135,7 +135,7 @@ fn walk_inner(
             let r = map.map(first, count, create);
             let e = match &r {
                 Ok(e) => e,
-                Err(_) => break Stop::Error(r.err().expect("an error")),
+                Err(_) => break Stop::Error(r.expect_err("matched an error")),
             };
             if e.len == 0 {
                 break Stop::Error(Error::Corrupt(format!(
