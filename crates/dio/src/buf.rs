@@ -558,6 +558,7 @@ impl Segments {
     }
 
     /// Append a segment.
+    #[inline]
     pub fn push(&mut self, seg: MemRef) {
         self.0 = match std::mem::take(&mut self.0) {
             SegRepr::Empty => SegRepr::One([seg]),
@@ -826,6 +827,7 @@ pub(crate) enum Lender<'s> {
 
 impl Lender<'_> {
     /// What a new request over this memory carries.
+    #[inline]
     pub(crate) fn keep(&self) -> crate::device::Keep {
         match self {
             Lender::Scope(t) => crate::device::Keep::Lent(Ticket(std::sync::Arc::clone(t))),

@@ -44,6 +44,7 @@ impl FileState {
     }
 
     /// Current size (i_size).
+    #[inline]
     pub fn size(&self) -> u64 {
         self.size.load(Ordering::Acquire)
     }
@@ -95,11 +96,18 @@ impl FileState {
     ///
     /// The truncating thread itself passes: it reaches here only from a completion
     /// callback run while truncate drains, and truncate then drains this call too.
+    #[inline]
     pub(crate) fn try_dio_begin(&self) -> Begin {
         self.dio_count.fetch_add(1, Ordering::SeqCst);
         if !self.truncating.load(Ordering::SeqCst) {
             return Begin::Counted;
         }
+        self.dio_begin_truncating()
+    }
+
+    /// [`FileState::try_dio_begin`] while a truncate is under way.
+    #[cold]
+    fn dio_begin_truncating(&self) -> Begin {
         let g = lock(&self.gate);
         if g.truncator == Some(std::thread::current().id()) {
             return Begin::Counted;
@@ -139,6 +147,7 @@ impl FileState {
         Gate(self)
     }
 
+    #[inline]
     pub(crate) fn dio_end(&self) {
         // A waiter registers before it checks the count, and we check for waiters
         // after the count drops (both SeqCst): one of us sees the other. Taking the
@@ -146,9 +155,14 @@ impl FileState {
         if self.dio_count.fetch_sub(1, Ordering::SeqCst) == 1
             && self.dio_waiters.load(Ordering::SeqCst) > 0
         {
-            let _g = lock(&self.dio_zero);
-            self.dio_zero_cv.notify_all();
+            self.wake_dio_waiters();
         }
+    }
+
+    #[cold]
+    fn wake_dio_waiters(&self) {
+        let _g = lock(&self.dio_zero);
+        self.dio_zero_cv.notify_all();
     }
 
     /// Block until no direct I/O is in flight (inode_dio_wait).

@@ -210,6 +210,7 @@ impl Request {
         )
     }
 
+    #[inline]
     pub(crate) fn build(
         op: Op,
         offset: u64,

@@ -141,6 +141,7 @@ impl Dio {
 
     /// A sync call's state: the thread's spare from its last sync call, else a new
     /// one (no allocation per call). Give it back with [`Dio::recycle`].
+    #[inline]
     pub(crate) fn sync_call() -> Arc<Dio> {
         match SPARE.with(|s| s.take()) {
             Some(spare) => {
@@ -161,6 +162,7 @@ impl Dio {
     }
 
     /// Keep a finished sync call's state for the thread's next sync call.
+    #[inline]
     pub(crate) fn recycle(self: Arc<Self>) {
         debug_assert!(self.sync && self.in_flight() == 0);
         SPARE.with(|s| s.set(Some(self)));
