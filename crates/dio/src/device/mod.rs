@@ -350,6 +350,7 @@ impl Request {
     /// Hand the request back to its completion with `result`. A panic in the
     /// completion is caught here (the panic hook reports it), so the calling device
     /// thread goes on completing other requests.
+    #[inline]
     pub fn complete(mut self, result: io::Result<()>) {
         let Some(c) = self.completion.take() else {
             return;

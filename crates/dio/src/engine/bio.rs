@@ -150,6 +150,7 @@ impl<'a> BioBuilder<'a> {
     }
 
     /// Send the request under assembly, if any.
+    #[inline]
     pub(crate) fn send(&mut self) {
         let Some(b) = self.cur.take() else {
             return;
