@@ -96,6 +96,20 @@ impl Histogram {
         }
     }
 
+    /// The distribution as (latency ns, fraction of I/Os at or below it), one point
+    /// per occupied bucket.
+    pub fn cdf(&self) -> Vec<(u64, f64)> {
+        let mut seen = 0;
+        let mut points = Vec::new();
+        for (i, &c) in self.counts.iter().enumerate() {
+            if c > 0 {
+                seen += c;
+                points.push((value(i).min(self.max), seen as f64 / self.total as f64));
+            }
+        }
+        points
+    }
+
     /// Largest latency in ns.
     pub fn max(&self) -> u64 {
         self.max

@@ -2,9 +2,13 @@
 //! the built-in suite, direct against buffered, on a scratch file in the current
 //! directory that is removed afterwards (also on error and Ctrl-C).
 
+mod cache;
 mod cpu;
+mod fio;
 mod hist;
+mod plot;
 mod run;
+mod suite;
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -32,14 +36,6 @@ use run::{Report, Rw, Workload};
 const SCRATCH: &str = "dio-bench.tmp";
 /// Size of a created target when --size does not say.
 const DEFAULT_SIZE: u64 = 256 << 20;
-/// The suite: pattern, block size, queue depth.
-const SUITE: [(Rw, u64, u32); 4] = [
-    (Rw::Randread, 4096, 32),
-    (Rw::Randwrite, 4096, 32),
-    (Rw::Read, 1 << 20, 8),
-    (Rw::Write, 1 << 20, 8),
-];
-
 /// `dio bench` arguments.
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -83,6 +79,10 @@ pub struct BenchArgs {
     /// pinning per I/O), as fio's --fixedbufs does.
     #[arg(long)]
     pub fixed_bufs: bool,
+    /// Draw the latency distributions (CDFs) into FILE: SVG, or an HTML page if it
+    /// ends in .html [default for the suite without --json: ./dio-bench.svg].
+    #[arg(long, value_name = "FILE")]
+    pub plot: Option<PathBuf>,
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -139,7 +139,7 @@ pub fn run(args: &BenchArgs) -> Result<(), Failure> {
     }
     catch_signals();
     match (&args.target, args.rw) {
-        (None, None) => suite(args),
+        (None, None) => suite::suite(args),
         (Some(target), _) => single(target, args),
         (None, Some(_)) => {
             let scratch = Scratch::here();
@@ -368,7 +368,7 @@ fn single(path: &Path, args: &BenchArgs) -> Result<(), Failure> {
     };
     let (mode, engine, report) = if args.buffered {
         let file = open_buffered(path, rw.is_write())?;
-        ("buffered", "pread/pwrite", run::buffered(&file, &w)?)
+        ("buffered", "pread/pwrite", run::buffered(&file, &w, false)?)
     } else {
         let fixed = if args.fixed_bufs {
             match &target {
@@ -384,11 +384,27 @@ fn single(path: &Path, args: &BenchArgs) -> Result<(), Failure> {
         ("direct", backend, run::direct(direct, &w, fixed)?)
     };
     stop_if_interrupted()?;
+    if let Some(plot_path) = &args.plot {
+        plot::write(
+            plot_path,
+            &format!("dio bench: latency CDF on {}", path.display()),
+            &[plot::Panel {
+                title: w.label(),
+                series: vec![plot::Series {
+                    name: mode.into(),
+                    points: report.lat.cdf(),
+                }],
+            }],
+        )?;
+    }
     if args.json {
         let mut v = report_json(&w, &report);
         v["target"] = json!(path.display().to_string());
         v["mode"] = json!(mode);
         v["engine"] = json!(engine);
+        if let Some(p) = &args.plot {
+            v["plot"] = json!(p.display().to_string());
+        }
         return print(&format!("{v}\n"));
     }
     let r = &report;
@@ -413,7 +429,11 @@ fn single(path: &Path, args: &BenchArgs) -> Result<(), Failure> {
         r.cpu_usr,
         r.cpu_sys,
         cpu_per_io_us(r),
-    ))
+    ))?;
+    if let Some(p) = &args.plot {
+        print(&format!("plot: {}\n", p.display()))?;
+    }
+    Ok(())
 }
 
 /// CPU microseconds spent per I/O.
@@ -442,92 +462,4 @@ fn report_json(w: &Workload, r: &Report) -> Value {
         "cpu_usr": r.cpu_usr,
         "cpu_sys": r.cpu_sys,
     })
-}
-
-fn row(label: &str, mode: &str, r: &Report) -> String {
-    let us = |q: f64| r.lat.quantile(q) as f64 / 1000.0;
-    format!(
-        "{label:<18} {mode:<9} {:>9.0} {:>9.1} {:>8.1} {:>8.1} {:>9.1} {:>6.0} {:>10.2}\n",
-        r.iops(),
-        r.bw_bytes() / f64::from(1 << 20),
-        us(0.5),
-        us(0.99),
-        us(0.999),
-        r.cpu_usr + r.cpu_sys,
-        cpu_per_io_us(r),
-    )
-}
-
-/// The built-in suite: each workload through dio, then through the page cache.
-fn suite(args: &BenchArgs) -> Result<(), Failure> {
-    if args.bs.is_some() || args.qd.is_some() || args.buffered {
-        return Err(Failure::usage(
-            "--bs, --qd and --buffered shape one workload: add --rw or a TARGET",
-        ));
-    }
-    let scratch = Scratch::here();
-    let size = args.size.unwrap_or(DEFAULT_SIZE);
-    // The suite's own file: always laid out afresh.
-    let _ = std::fs::remove_file(&scratch.0);
-    let target = prepare(&scratch.0, Some(size), args, true, 32)?;
-    let buffered_file = open_buffered(&scratch.0, true)?;
-    let runtime = runtime(args, 2.0);
-    let engine = target.raw.backend_name();
-    if !args.json {
-        print(&format!(
-            "dio bench: direct (dio, {engine}) vs buffered (page cache, pread/pwrite) on {}, {}, {:.1} s per run\n\n\
-             {:<18} {:<9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>6} {:>10}\n",
-            scratch.0.display(),
-            human(size),
-            runtime.as_secs_f64(),
-            "workload", "mode", "IOPS", "MiB/s", "p50 us", "p99 us", "p99.9 us", "cpu %", "cpu us/IO",
-        ))?;
-    }
-    let mut results = Vec::new();
-    let mut summary = String::new();
-    for (rw, bs, qd) in SUITE {
-        let w = Workload {
-            rw,
-            bs,
-            qd,
-            span: span(target.size, bs)?,
-            runtime,
-            skew: 0,
-        };
-        let d = run::direct(target.raw.direct(), &w, None)?;
-        stop_if_interrupted()?;
-        if !args.json {
-            print(&row(&w.label(), "direct", &d))?;
-        }
-        let b = run::buffered(&buffered_file, &w)?;
-        stop_if_interrupted()?;
-        if !args.json {
-            print(&row(&w.label(), "buffered", &b))?;
-        }
-        summary.push_str(&format!(
-            "  {:<18} direct/buffered: {:.2}x IOPS, {:.2}x CPU per I/O\n",
-            w.label(),
-            d.iops() / b.iops().max(1e-9),
-            cpu_per_io_us(&d) / cpu_per_io_us(&b).max(1e-9),
-        ));
-        results.push(json!({
-            "workload": w.label(),
-            "direct": report_json(&w, &d),
-            "buffered": report_json(&w, &b),
-        }));
-    }
-    if args.json {
-        let v = json!({
-            "target": scratch.0.display().to_string(),
-            "size": size,
-            "engine": engine,
-            "results": results,
-        });
-        print(&format!("{v}\n"))
-    } else {
-        print(&format!(
-            "\n{summary}\nBuffered reads start with the file's cache dropped; buffered writes are timed up to their fdatasync.\n\
-             A file that fits in RAM is served from the page cache after its first pass: buffered then measures memory.\n"
-        ))
-    }
 }

@@ -4,6 +4,7 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -369,14 +370,66 @@ pub fn drop_cache(file: &File) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Run `w` through the page cache: `qd` threads doing pread/pwrite on `file`. Reads
-/// start with the file's cache dropped; writes are timed up to their fdatasync.
-pub fn buffered(file: &File, w: &Workload) -> Result<Report, Failure> {
-    if !w.rw.is_write() {
+/// A bijection of `[0, blocks)` that scatters consecutive indices (odd multipliers
+/// and xor-shifts on the next power of two, cycle-walked back into range): the
+/// buffered random reads visit every block once per pass, in random order.
+struct Permutation {
+    blocks: u64,
+    mask: u64,
+    shift: u32,
+}
+
+impl Permutation {
+    fn new(blocks: u64) -> Permutation {
+        let bits = 64 - blocks.max(1).saturating_sub(1).leading_zeros();
+        Permutation {
+            blocks: blocks.max(1),
+            mask: if bits >= 64 {
+                u64::MAX
+            } else {
+                (1 << bits) - 1
+            },
+            shift: bits / 2 + 1,
+        }
+    }
+    fn mix(&self, mut x: u64) -> u64 {
+        x = x.wrapping_mul(0x9E37_79B9_7F4A_7C15) & self.mask;
+        x ^= x >> self.shift;
+        x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9) & self.mask;
+        x ^ (x >> self.shift)
+    }
+    fn at(&self, i: u64) -> u64 {
+        let mut x = i;
+        loop {
+            x = self.mix(x);
+            if x < self.blocks {
+                return x;
+            }
+        }
+    }
+}
+
+/// Run `w` through the page cache: `qd` threads doing pread/pwrite on `file`.
+/// Reads start with the file's cache dropped; writes are timed up to their
+/// fdatasync. With `cold_passes` the run compares like with like, every I/O going
+/// to the disk as a direct one does: I/Os go over the span in passes (random ones
+/// visit each block once a pass, in random order, with read-ahead off:
+/// POSIX_FADV_RANDOM), and at the start of every pass the file's pages are
+/// written back (fdatasync) and dropped (posix_fadvise DONTNEED).
+pub fn buffered(file: &File, w: &Workload, cold_passes: bool) -> Result<Report, Failure> {
+    let read = !w.rw.is_write();
+    let advise = |advice| {
+        fadvise(file, 0, None, advice).map_err(|e| Failure::msg(format!("posix_fadvise: {e}")))
+    };
+    if read {
         drop_cache(file).map_err(|e| Failure::msg(format!("dropping the page cache: {e}")))?;
+    }
+    if cold_passes && w.rw.is_random() {
+        advise(Advice::Random)?;
     }
     let cursor = AtomicU64::new(0);
     let blocks = (w.span / w.bs).max(1);
+    let perm = Permutation::new(blocks);
     let cpu0 = CpuTime::now();
     let t0 = Instant::now();
     let deadline = t0 + w.runtime;
@@ -387,7 +440,23 @@ pub fn buffered(file: &File, w: &Workload) -> Result<Report, Failure> {
         let mut lat = Histogram::default();
         let mut ios = 0;
         while !interrupted() && Instant::now() < deadline {
-            let off = if w.rw.is_random() {
+            let off = if cold_passes {
+                let i = cursor.fetch_add(1, Ordering::Relaxed);
+                let block = i % blocks;
+                if block == 0 && i > 0 {
+                    // A new pass: what the last one wrote goes to the disk, and
+                    // what it cached goes.
+                    if !read {
+                        file.sync_data()?;
+                    }
+                    fadvise(file, 0, None, Advice::DontNeed)?;
+                }
+                if w.rw.is_random() {
+                    perm.at(block) * w.bs
+                } else {
+                    block * w.bs
+                }
+            } else if w.rw.is_random() {
                 offsets.next_offset()
             } else {
                 cursor.fetch_add(1, Ordering::Relaxed) % blocks * w.bs
@@ -408,6 +477,9 @@ pub fn buffered(file: &File, w: &Workload) -> Result<Report, Failure> {
         let handles: Vec<_> = (0..w.qd).map(|id| s.spawn(move || worker(id))).collect();
         handles.into_iter().map(|h| h.join()).collect()
     });
+    if cold_passes && w.rw.is_random() {
+        advise(Advice::Normal)?;
+    }
     let mut lat = Histogram::default();
     let mut ios = 0;
     for r in results {
@@ -422,4 +494,51 @@ pub fn buffered(file: &File, w: &Workload) -> Result<Report, Failure> {
             .map_err(|e| Failure::msg(format!("fdatasync: {e}")))?;
     }
     Ok(Report::since(t0, cpu0, ios, w.bs, lat))
+}
+
+/// A buffered writer loading the machine while a read run is measured: 1 MiB
+/// writes through the page cache to `path`, wrapping at `size`, with an fdatasync
+/// every 64 MiB (a log or a checkpoint), until `stop`. Returns the bytes written.
+pub fn pressure_writer(path: &Path, size: u64, stop: &AtomicBool) -> std::io::Result<u64> {
+    const CHUNK: u64 = 1 << 20;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)?;
+    let mut buf = vec![0u8; CHUNK as usize];
+    pattern(&mut buf, 0xfeed);
+    let mut written = 0u64;
+    while !stop.load(Ordering::Relaxed) && !interrupted() {
+        file.write_all_at(&buf, written % size.max(CHUNK))?;
+        written += CHUNK;
+        if written % (64 * CHUNK) == 0 {
+            file.sync_data()?;
+        }
+    }
+    Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Permutation;
+
+    #[test]
+    fn permutation_visits_every_block_once() {
+        for blocks in [1u64, 2, 3, 7, 64, 1000, 4097] {
+            let p = Permutation::new(blocks);
+            let mut seen = vec![false; blocks as usize];
+            for i in 0..blocks {
+                let b = p.at(i) as usize;
+                assert!(!seen[b], "blocks={blocks} i={i}");
+                seen[b] = true;
+            }
+        }
+        // Neighbours do not stay neighbours (read-ahead gets nothing).
+        let p = Permutation::new(65536);
+        let near = (0..1000)
+            .filter(|&i| p.at(i).abs_diff(p.at(i + 1)) < 32)
+            .count();
+        assert!(near < 20, "{near}");
+    }
 }

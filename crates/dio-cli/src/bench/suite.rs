@@ -1,0 +1,420 @@
+//! The built-in suite, `dio bench` without a target: what direct I/O costs and what
+//! it saves. Each workload runs through dio, through the page cache (buffered reads
+//! with the file's cache dropped before every pass, so both sides read the disk)
+//! and through fio where it is installed; then random reads again while a buffered
+//! writer loads the machine; then a summary of the ratios and a plot of the
+//! latency distributions.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use serde_json::{json, Value};
+
+use super::cache::Probe;
+use super::fio::{self, FioReport};
+use super::plot::{self, Panel, Series};
+use super::run::{self, Report, Rw, Workload};
+use super::{
+    cpu_per_io_us, open_buffered, prepare, print, report_json, runtime, span, stop_if_interrupted,
+    BenchArgs, Scratch, DEFAULT_SIZE, SCRATCH,
+};
+use crate::fail::{say, Failure};
+use crate::size::human;
+
+/// The suite: pattern, block size, queue depth.
+const SUITE: [(Rw, u64, u32); 4] = [
+    (Rw::Randread, 4096, 32),
+    (Rw::Randwrite, 4096, 32),
+    (Rw::Read, 1 << 20, 8),
+    (Rw::Write, 1 << 20, 8),
+];
+/// The plot of a default run, next to the scratch file.
+const PLOT: &str = "dio-bench.svg";
+/// The file the concurrent buffered writer fills, next to the scratch file.
+const WRITER: &str = "dio-bench-writer.tmp";
+const DROP: &str = "posix_fadvise(DONTNEED)";
+
+/// CPU milliseconds per GiB moved.
+fn cpu_ms_per_gib(cpu_percent: f64, secs: f64, bytes: f64) -> f64 {
+    cpu_percent / 100.0 * secs * 1000.0 / (bytes / f64::from(1 << 30)).max(1e-12)
+}
+
+fn report_cpu_ms_per_gib(r: &Report) -> f64 {
+    cpu_ms_per_gib(
+        r.cpu_usr + r.cpu_sys,
+        r.elapsed.as_secs_f64(),
+        r.bytes as f64,
+    )
+}
+
+fn fio_cpu_ms_per_gib(f: &FioReport) -> f64 {
+    cpu_ms_per_gib(f.cpu, f.runtime_s, f.bw_bytes * f.runtime_s)
+}
+
+fn mib(bytes: Option<u64>) -> String {
+    bytes.map_or("-".into(), |b| {
+        format!("{:.1}", b as f64 / f64::from(1 << 20))
+    })
+}
+
+const HEADER: &str = "workload          mode         IOPS    MiB/s   p50 us   p99 us  p99.9 us  cpu us/IO  cpu ms/GiB  cache MiB\n";
+
+#[allow(clippy::too_many_arguments)]
+fn row_text(
+    label: &str,
+    mode: &str,
+    iops: f64,
+    bw: f64,
+    lat: [u64; 3],
+    cpu: Option<(f64, f64)>,
+    cache: Option<u64>,
+) -> String {
+    let us = |ns: u64| ns as f64 / 1000.0;
+    let (cpu_io, cpu_gib) = cpu.map_or(("-".into(), "-".into()), |(io, gib)| {
+        (format!("{io:.2}"), format!("{gib:.0}"))
+    });
+    format!(
+        "{label:<17} {mode:<9} {iops:>8.0} {:>8.1} {:>8.1} {:>8.1} {:>9.1} {cpu_io:>10} {cpu_gib:>11} {:>10}\n",
+        bw / f64::from(1 << 20),
+        us(lat[0]),
+        us(lat[1]),
+        us(lat[2]),
+        mib(cache),
+    )
+}
+
+fn row(label: &str, mode: &str, r: &Report, cache: Option<u64>) -> String {
+    row_text(
+        label,
+        mode,
+        r.iops(),
+        r.bw_bytes(),
+        [0.5, 0.99, 0.999].map(|q| r.lat.quantile(q)),
+        Some((cpu_per_io_us(r), report_cpu_ms_per_gib(r))),
+        cache,
+    )
+}
+
+/// A row measured beside the writer thread: the process's CPU time includes the
+/// writer's, so it is not shown.
+fn pressure_row(label: &str, mode: &str, r: &Report) -> String {
+    row_text(
+        label,
+        mode,
+        r.iops(),
+        r.bw_bytes(),
+        [0.5, 0.99, 0.999].map(|q| r.lat.quantile(q)),
+        None,
+        None,
+    )
+}
+
+fn fio_row(label: &str, f: &FioReport, cache: Option<u64>) -> String {
+    row_text(
+        label,
+        "fio",
+        f.iops,
+        f.bw_bytes,
+        [0.5, 0.99, 0.999].map(|q| f.quantile(q)),
+        Some((f.cpu_per_io_us(), fio_cpu_ms_per_gib(f))),
+        cache,
+    )
+}
+
+fn fio_json(f: &FioReport) -> Value {
+    json!({
+        "iops": f.iops,
+        "bw_bytes": f.bw_bytes,
+        "ios": f.ios,
+        "runtime_s": f.runtime_s,
+        "cpu": f.cpu,
+        "cpu_us_per_io": f.cpu_per_io_us(),
+        "cpu_ms_per_gib": fio_cpu_ms_per_gib(f),
+        "lat_ns": {
+            "p50": f.quantile(0.5),
+            "p99": f.quantile(0.99),
+            "p999": f.quantile(0.999),
+        },
+    })
+}
+
+fn run_json(w: &Workload, r: &Report, cache: Option<u64>) -> Value {
+    let mut v = report_json(w, r);
+    v["cpu_us_per_io"] = json!(cpu_per_io_us(r));
+    v["cpu_ms_per_gib"] = json!(report_cpu_ms_per_gib(r));
+    v["cache_left_bytes"] = json!(cache);
+    v
+}
+
+/// `a / b` as `1.23x`, or `-` when either side measured nothing.
+fn ratio(a: f64, b: f64) -> String {
+    if a > 0.0 && b > 0.0 && (a / b).is_finite() {
+        format!("{:.2}x", a / b)
+    } else {
+        "-".into()
+    }
+}
+
+/// Drop the scratch file's page cache before a run, so each one starts cold and
+/// what it leaves behind is its own.
+fn cold(file: &std::fs::File) -> Result<(), Failure> {
+    run::drop_cache(file).map_err(|e| Failure::msg(format!("dropping the page cache: {e}")))
+}
+
+/// `f` while a buffered writer fills `path`; returns its result and the bytes the
+/// writer wrote.
+fn under_writer<T>(
+    path: &Path,
+    size: u64,
+    f: impl FnOnce() -> Result<T, Failure>,
+) -> Result<(T, u64), Failure> {
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let writer = s.spawn(|| run::pressure_writer(path, size, &stop));
+        let result = f();
+        stop.store(true, Ordering::Relaxed);
+        let written = writer
+            .join()
+            .map_err(|_| Failure::msg("the buffered writer thread panicked"))?
+            .map_err(|e| Failure::at(path, e))?;
+        Ok((result?, written))
+    })
+}
+
+/// `dio bench` without a target.
+pub fn suite(args: &BenchArgs) -> Result<(), Failure> {
+    if args.bs.is_some() || args.qd.is_some() || args.buffered {
+        return Err(Failure::usage(
+            "--bs, --qd and --buffered shape one workload: add --rw or a TARGET",
+        ));
+    }
+    let scratch = Scratch::here();
+    let size = args.size.unwrap_or(DEFAULT_SIZE);
+    let plot_path: Option<PathBuf> = match &args.plot {
+        Some(p) => Some(p.clone()),
+        None if !args.json => Some(Path::new(".").join(PLOT)),
+        None => None,
+    };
+    // The suite's own file: always laid out afresh.
+    let _ = std::fs::remove_file(&scratch.0);
+    let target = prepare(&scratch.0, Some(size), args, true, 32)?;
+    let buffered_file = open_buffered(&scratch.0, true)?;
+    let runtime = runtime(args, 2.0);
+    let engine = target.raw.backend_name();
+    let probe = Probe::pick(&scratch.0);
+    let fio = fio::find();
+    let fio_version = fio.as_deref().map(fio::version);
+    if !args.json {
+        let vs_fio = match &fio_version {
+            Some(v) => format!(" and fio ({v}, io_uring, direct)"),
+            None => String::new(),
+        };
+        print(&format!(
+            "dio bench: direct (dio, {engine}) vs buffered (page cache, pread/pwrite){vs_fio}\n\
+             on {}, {}, {:.1} s per run. Buffered reads hit the disk too: the file's cache is\n\
+             dropped with {DROP} before every pass (random reads: each block once a pass).\n\n{HEADER}",
+            scratch.0.display(),
+            human(size),
+            runtime.as_secs_f64(),
+        ))?;
+        if fio.is_none() {
+            say("fio is not on PATH: the dio-vs-fio rows are skipped (apt-get install fio)");
+        }
+    }
+    let mut results = Vec::new();
+    let mut panels = Vec::new();
+    let mut summary = String::new();
+    let mut quiet_randread = None;
+    for (rw, bs, qd) in SUITE {
+        let w = Workload {
+            rw,
+            bs,
+            qd,
+            span: span(target.size, bs)?,
+            runtime,
+            skew: 0,
+        };
+        let label = w.label();
+        cold(&buffered_file)?;
+        let before = probe.before();
+        let d = run::direct(target.raw.direct(), &w, None)?;
+        let d_cache = probe.left(&scratch.0, before);
+        stop_if_interrupted()?;
+        if !args.json {
+            print(&row(&label, "direct", &d, d_cache))?;
+        }
+        cold(&buffered_file)?;
+        let before = probe.before();
+        let b = run::buffered(&buffered_file, &w, true)?;
+        let b_cache = probe.left(&scratch.0, before);
+        stop_if_interrupted()?;
+        if !args.json {
+            print(&row(&label, "buffered", &b, b_cache))?;
+        }
+        let mut f = None;
+        let mut f_cache = None;
+        if let Some(fio) = &fio {
+            cold(&buffered_file)?;
+            let before = probe.before();
+            let r = fio::run(fio, &scratch.0, &w)?;
+            f_cache = probe.left(&scratch.0, before);
+            if !args.json {
+                print(&fio_row(&label, &r, f_cache))?;
+            }
+            f = Some(r);
+        }
+        let mut series = vec![
+            Series {
+                name: "direct".into(),
+                points: d.lat.cdf(),
+            },
+            Series {
+                name: "buffered".into(),
+                points: b.lat.cdf(),
+            },
+        ];
+        if let Some(f) = &f {
+            series.push(Series {
+                name: "fio".into(),
+                points: f.lat.clone(),
+            });
+        }
+        panels.push(Panel {
+            title: label.clone(),
+            series,
+        });
+        let vs_fio = f.as_ref().map_or(String::new(), |f| {
+            format!(
+                "{:>12} {:>7}",
+                ratio(d.iops(), f.iops),
+                ratio(cpu_per_io_us(&d), f.cpu_per_io_us())
+            )
+        });
+        summary.push_str(&format!(
+            "{label:<17} {:>7} {:>9} {:>9} / {:<9} | {vs_fio}\n",
+            ratio(d.iops(), b.iops()),
+            ratio(report_cpu_ms_per_gib(&d), report_cpu_ms_per_gib(&b)),
+            mib(d_cache),
+            mib(b_cache),
+        ));
+        results.push(json!({
+            "workload": label,
+            "direct": run_json(&w, &d, d_cache),
+            "buffered": run_json(&w, &b, b_cache),
+            "fio": f.as_ref().map(|f| {
+                let mut v = fio_json(f);
+                v["cache_left_bytes"] = json!(f_cache);
+                v
+            }),
+        }));
+        if rw == Rw::Randread {
+            quiet_randread = Some((w, d, b));
+        }
+    }
+
+    // Random reads again, while a buffered writer fills the page cache and the disk.
+    let (w, quiet_d, quiet_b) = quiet_randread.expect("the suite has a randread");
+    let writer = Scratch(scratch.0.with_file_name(WRITER));
+    let writer_size = (4 * size).clamp(64 << 20, 1 << 30);
+    if !args.json {
+        print(&format!(
+            "\nwhile a buffered writer fills {} (1 MiB writes, fdatasync every 64 MiB; no CPU: shared with it):\n",
+            writer.0.display()
+        ))?;
+    }
+    cold(&buffered_file)?;
+    let (pd, d_written) = under_writer(&writer.0, writer_size, || {
+        run::direct(target.raw.direct(), &w, None)
+    })?;
+    stop_if_interrupted()?;
+    let label = w.label();
+    if !args.json {
+        print(&pressure_row(&label, "direct", &pd))?;
+    }
+    let _ = std::fs::remove_file(&writer.0);
+    cold(&buffered_file)?;
+    let (pb, b_written) = under_writer(&writer.0, writer_size, || {
+        run::buffered(&buffered_file, &w, true)
+    })?;
+    stop_if_interrupted()?;
+    drop(writer);
+    if !args.json {
+        print(&pressure_row(&label, "buffered", &pb))?;
+    }
+    panels.push(Panel {
+        title: format!("{label}, with a buffered writer"),
+        series: vec![
+            Series {
+                name: "direct".into(),
+                points: pd.lat.cdf(),
+            },
+            Series {
+                name: "buffered".into(),
+                points: pb.lat.cdf(),
+            },
+        ],
+    });
+    if let Some(path) = &plot_path {
+        plot::write(
+            path,
+            &format!(
+                "dio bench: latency CDFs on {} ({}, {:.1} s per run)",
+                SCRATCH,
+                human(size),
+                runtime.as_secs_f64()
+            ),
+            &panels,
+        )?;
+    }
+    let ms = |ns: u64| ns as f64 / 1e6;
+    if args.json {
+        let pressure = |r: &Report, quiet: &Report, written: u64| {
+            let mut v = report_json(&w, r);
+            v["writer_bytes"] = json!(written);
+            v["quiet_lat_ns"] = json!({
+                "p99": quiet.lat.quantile(0.99),
+                "p999": quiet.lat.quantile(0.999),
+            });
+            v
+        };
+        let v = json!({
+            "target": scratch.0.display().to_string(),
+            "size": size,
+            "engine": engine,
+            "buffered_reads": format!("page cache of the file dropped with {DROP} before every pass"),
+            "cache_probe": probe.name(),
+            "fio": fio_version,
+            "results": results,
+            "under_writer": {
+                "workload": label,
+                "writer": "buffered 1 MiB writes, fdatasync every 64 MiB, in a separate file",
+                "direct": pressure(&pd, &quiet_d, d_written),
+                "buffered": pressure(&pb, &quiet_b, b_written),
+            },
+            "plot": plot_path.as_ref().map(|p| p.display().to_string()),
+        });
+        return print(&format!("{v}\n"));
+    }
+    let fio_head = if fio.is_some() {
+        "dio/fio IOPS  CPU/IO"
+    } else {
+        "dio/fio: skipped, no fio"
+    };
+    print(&format!(
+        "\n{:<17} {:>7} {:>9} {:>21} | {fio_head}\n\
+         {summary}\
+         with the writer, {label} p99.9: direct {:.2} ms (quiet {:.2}), buffered {:.2} ms (quiet {:.2})\n\
+         CPU per byte and page cache left are what direct I/O saves; cache counted by {}.\n\
+         plot: {}\n",
+        "direct/buffered",
+        "IOPS",
+        "CPU/byte",
+        "cache left MiB d / b",
+        ms(pd.lat.quantile(0.999)),
+        ms(quiet_d.lat.quantile(0.999)),
+        ms(pb.lat.quantile(0.999)),
+        ms(quiet_b.lat.quantile(0.999)),
+        probe.name(),
+        plot_path.map_or("-".into(), |p| p.display().to_string()),
+    ))
+}
