@@ -405,8 +405,13 @@ fn default_bench_prints_a_table_and_removes_its_scratch_file() {
         "read 1M qd8",
         "write 1M qd8",
     ] {
-        let rows = out.lines().filter(|l| l.starts_with(w)).count();
-        assert_eq!(rows, 2, "direct and buffered rows for {w}:\n{out}");
+        for mode in ["direct", "buffered"] {
+            let rows = out
+                .lines()
+                .filter(|l| l.starts_with(w) && l.split_whitespace().any(|m| m == mode))
+                .count();
+            assert!(rows >= 1, "a {mode} row for {w}:\n{out}");
+        }
     }
     assert!(
         !dir.path().join("dio-bench.tmp").exists(),

@@ -137,6 +137,16 @@ pub fn run(args: &BenchArgs) -> Result<(), Failure> {
     if args.bs == Some(0) || args.size == Some(0) {
         return Err(Failure::usage("--bs and --size must be above 0"));
     }
+    if let Some(p) = &args.plot {
+        // Before the runs, not after them.
+        let dir = p.parent().filter(|d| !d.as_os_str().is_empty());
+        if dir.is_some_and(|d| !d.is_dir()) || p.is_dir() {
+            return Err(Failure::at(
+                p,
+                "--plot needs a file in an existing directory",
+            ));
+        }
+    }
     catch_signals();
     match (&args.target, args.rw) {
         (None, None) => suite::suite(args),
