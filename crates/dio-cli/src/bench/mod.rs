@@ -1,6 +1,8 @@
 //! `dio bench`: one workload on a target (human or JSON output), or without a target
-//! the built-in suite, direct against buffered, on a scratch file in the current
-//! directory that is removed afterwards (also on error and Ctrl-C).
+//! the built-in suite (`suite.rs`): direct against buffered with both on the disk,
+//! against fio where installed, under a buffered writer, with a plot, on a scratch
+//! file in the current directory that is removed afterwards (also on error and
+//! Ctrl-C).
 
 mod cache;
 mod cpu;
@@ -55,7 +57,7 @@ pub struct BenchArgs {
     /// Bytes of the target to use [default: the file's size, else 256M].
     #[arg(long, value_parser = parse_size)]
     pub size: Option<u64>,
-    /// Seconds per run [default: 5; 2 per run in the suite].
+    /// Seconds per run [default: 5; 1.5 per run in the suite].
     #[arg(long)]
     pub runtime: Option<f64>,
     /// I/O back end of the direct runs.

@@ -199,7 +199,7 @@ pub fn suite(args: &BenchArgs) -> Result<(), Failure> {
     let _ = std::fs::remove_file(&scratch.0);
     let target = prepare(&scratch.0, Some(size), args, true, 32)?;
     let buffered_file = open_buffered(&scratch.0, true)?;
-    let runtime = runtime(args, 2.0);
+    let runtime = runtime(args, 1.5);
     let engine = target.raw.backend_name();
     let probe = Probe::pick(&scratch.0);
     let fio = fio::find();
