@@ -18,8 +18,17 @@ fn duration(tv: nix::sys::time::TimeVal) -> Duration {
 impl CpuTime {
     /// Now.
     pub fn now() -> CpuTime {
-        use nix::sys::resource::{getrusage, UsageWho};
-        match getrusage(UsageWho::RUSAGE_SELF) {
+        Self::of(nix::sys::resource::UsageWho::RUSAGE_SELF)
+    }
+
+    /// The calling thread's CPU time so far.
+    pub fn thread() -> CpuTime {
+        Self::of(nix::sys::resource::UsageWho::RUSAGE_THREAD)
+    }
+
+    fn of(who: nix::sys::resource::UsageWho) -> CpuTime {
+        use nix::sys::resource::getrusage;
+        match getrusage(who) {
             Ok(ru) => CpuTime {
                 user: duration(ru.user_time()),
                 system: duration(ru.system_time()),

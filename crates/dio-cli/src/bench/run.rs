@@ -498,8 +498,14 @@ pub fn buffered(file: &File, w: &Workload, cold_passes: bool) -> Result<Report, 
 
 /// A buffered writer loading the machine while a read run is measured: 1 MiB
 /// writes through the page cache to `path`, wrapping at `size`, with an fdatasync
-/// every 64 MiB (a log or a checkpoint), until `stop`. Returns the bytes written.
-pub fn pressure_writer(path: &Path, size: u64, stop: &AtomicBool) -> std::io::Result<u64> {
+/// every 64 MiB (a log or a checkpoint), until `stop`. Returns the bytes written
+/// and the CPU time the writer thread used.
+pub fn pressure_writer(
+    path: &Path,
+    size: u64,
+    stop: &AtomicBool,
+) -> std::io::Result<(u64, CpuTime)> {
+    let cpu0 = CpuTime::thread();
     const CHUNK: u64 = 1 << 20;
     let file = std::fs::OpenOptions::new()
         .write(true)
@@ -516,7 +522,14 @@ pub fn pressure_writer(path: &Path, size: u64, stop: &AtomicBool) -> std::io::Re
             file.sync_data()?;
         }
     }
-    Ok(written)
+    let cpu = CpuTime::thread();
+    Ok((
+        written,
+        CpuTime {
+            user: cpu.user.saturating_sub(cpu0.user),
+            system: cpu.system.saturating_sub(cpu0.system),
+        },
+    ))
 }
 
 #[cfg(test)]
