@@ -108,8 +108,10 @@ fn draw_panel(s: &mut String, panel: &Panel, x0: f64, y0: f64) {
     if dhi <= dlo {
         dhi = dlo + 1.0;
     }
-    let x = |us: f64| px + (us.max(0.1).log10() - dlo) / (dhi - dlo) * pw;
-    let y = |v: f64| py + ph - v / Y_MAX * ph;
+    // Coordinates to a tenth of a pixel: shorter files, same picture.
+    let tenth = |v: f64| (v * 10.0).round() / 10.0;
+    let x = |us: f64| tenth(px + (us.max(0.1).log10() - dlo) / (dhi - dlo) * pw);
+    let y = |v: f64| tenth(py + ph - v / Y_MAX * ph);
     let _ = writeln!(
         s,
         r#"<g class="panel" data-workload="{}">"#,
