@@ -124,7 +124,7 @@ fn default_bench_compares_like_with_like_and_plots_every_run() {
         "says how the cache is dropped:\n{out}"
     );
     assert!(out.contains("buffered writer"), "{out}");
-    assert!(out.contains("cache left"), "{out}");
+    assert!(out.contains("cache MiB peak/left"), "{out}");
     let last = out.lines().last().unwrap_or_default();
     assert_eq!(
         last, "plot: ./dio-bench.svg",
@@ -200,7 +200,9 @@ fn bench_json_keeps_its_fields_and_adds_what_direct_io_saves() {
             for q in ["p50", "p99", "p999"] {
                 assert!(m["lat_ns"][q].is_u64(), "{mode}.lat_ns.{q}");
             }
-            assert!(m["cache_left_bytes"].is_u64() || m["cache_left_bytes"].is_null());
+            for key in ["cache_peak_bytes", "cache_left_bytes"] {
+                assert!(m[key].is_u64() || m[key].is_null(), "{mode}.{key} in {r}");
+            }
         }
         // Direct I/O leaves none of the file in the page cache.
         if v["cache_probe"]
@@ -209,6 +211,7 @@ fn bench_json_keeps_its_fields_and_adds_what_direct_io_saves() {
             .starts_with("fincore")
         {
             assert_eq!(r["direct"]["cache_left_bytes"], 0, "{r}");
+            assert_eq!(r["direct"]["cache_peak_bytes"], 0, "{r}");
         }
         assert_eq!(r["fio"].is_object(), have_fio(), "{r}");
     }

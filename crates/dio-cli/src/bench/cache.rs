@@ -4,6 +4,16 @@
 
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+/// Page cache a run filled: the most seen while it ran (sampled every 50 ms) and
+/// what it left behind.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Cache {
+    pub peak: Option<u64>,
+    pub left: Option<u64>,
+}
 
 /// How page cache is counted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -27,6 +37,34 @@ impl Probe {
             Probe::Fincore => "fincore (mincore) of the file",
             Probe::Meminfo => "/proc/meminfo Cached before and after (machine-wide)",
         }
+    }
+
+    /// Run `f`, sampling the page cache it fills meanwhile, and what it leaves.
+    pub fn measure<T>(self, file: &Path, f: impl FnOnce() -> T) -> (T, Cache) {
+        let before = self.before();
+        let stop = AtomicBool::new(false);
+        let (out, peak) = std::thread::scope(|s| {
+            let sampler = s.spawn(|| {
+                let mut peak: Option<u64> = None;
+                while !stop.load(Ordering::Relaxed) {
+                    if let Some(v) = self.left(file, before) {
+                        peak = Some(peak.unwrap_or(0).max(v));
+                    }
+                    std::thread::park_timeout(Duration::from_millis(50));
+                }
+                peak
+            });
+            let out = f();
+            stop.store(true, Ordering::Relaxed);
+            sampler.thread().unpark();
+            (out, sampler.join().unwrap_or(None))
+        });
+        let left = self.left(file, before);
+        let peak = match (peak, left) {
+            (Some(p), Some(l)) => Some(p.max(l)),
+            (p, l) => p.or(l),
+        };
+        (out, Cache { peak, left })
     }
 
     /// A reading before a run.

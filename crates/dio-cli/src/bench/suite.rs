@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde_json::{json, Value};
 
-use super::cache::Probe;
+use super::cache::{Cache, Probe};
 use super::fio::{self, FioReport};
 use super::plot::{self, Panel, Series};
 use super::run::{self, Report, Rw, Workload};
@@ -53,11 +53,16 @@ fn fio_cpu_ms_per_gib(f: &FioReport) -> f64 {
 
 fn mib(bytes: Option<u64>) -> String {
     bytes.map_or("-".into(), |b| {
-        format!("{:.1}", b as f64 / f64::from(1 << 20))
+        format!("{:.0}", b as f64 / f64::from(1 << 20))
     })
 }
 
-const HEADER: &str = "workload          mode         IOPS    MiB/s   p50 us   p99 us  p99.9 us  cpu us/IO  cpu ms/GiB  cache MiB\n";
+/// The page cache cell: most filled while running / left after, MiB.
+fn cache_cell(c: Option<Cache>) -> String {
+    c.map_or("-".into(), |c| format!("{}/{}", mib(c.peak), mib(c.left)))
+}
+
+const HEADER: &str = "workload          mode         IOPS    MiB/s   p50 us   p99 us  p99.9 us  cpu us/IO  cpu ms/GiB  cache MiB peak/left\n";
 
 #[allow(clippy::too_many_arguments)]
 fn row_text(
@@ -67,23 +72,23 @@ fn row_text(
     bw: f64,
     lat: [u64; 3],
     cpu: Option<(f64, f64)>,
-    cache: Option<u64>,
+    cache: Option<Cache>,
 ) -> String {
     let us = |ns: u64| ns as f64 / 1000.0;
     let (cpu_io, cpu_gib) = cpu.map_or(("-".into(), "-".into()), |(io, gib)| {
         (format!("{io:.2}"), format!("{gib:.0}"))
     });
     format!(
-        "{label:<17} {mode:<9} {iops:>8.0} {:>8.1} {:>8.1} {:>8.1} {:>9.1} {cpu_io:>10} {cpu_gib:>11} {:>10}\n",
+        "{label:<17} {mode:<9} {iops:>8.0} {:>8.1} {:>8.1} {:>8.1} {:>9.1} {cpu_io:>10} {cpu_gib:>11} {:>20}\n",
         bw / f64::from(1 << 20),
         us(lat[0]),
         us(lat[1]),
         us(lat[2]),
-        mib(cache),
+        cache_cell(cache),
     )
 }
 
-fn row(label: &str, mode: &str, r: &Report, cache: Option<u64>) -> String {
+fn row(label: &str, mode: &str, r: &Report, cache: Option<Cache>) -> String {
     row_text(
         label,
         mode,
@@ -95,7 +100,7 @@ fn row(label: &str, mode: &str, r: &Report, cache: Option<u64>) -> String {
     )
 }
 
-fn fio_row(label: &str, f: &FioReport, cache: Option<u64>) -> String {
+fn fio_row(label: &str, f: &FioReport, cache: Option<Cache>) -> String {
     row_text(
         label,
         "fio",
@@ -124,12 +129,17 @@ fn fio_json(f: &FioReport) -> Value {
     })
 }
 
-fn run_json(w: &Workload, r: &Report, cache: Option<u64>) -> Value {
+fn run_json(w: &Workload, r: &Report, cache: Cache) -> Value {
     let mut v = report_json(w, r);
     v["cpu_us_per_io"] = json!(cpu_per_io_us(r));
     v["cpu_ms_per_gib"] = json!(report_cpu_ms_per_gib(r));
-    v["cache_left_bytes"] = json!(cache);
+    add_cache(&mut v, cache);
     v
+}
+
+fn add_cache(v: &mut Value, cache: Cache) {
+    v["cache_peak_bytes"] = json!(cache.peak);
+    v["cache_left_bytes"] = json!(cache.left);
 }
 
 /// `a / b` as `1.23x`, or `-` when either side measured nothing.
@@ -202,8 +212,9 @@ pub fn suite(args: &BenchArgs) -> Result<(), Failure> {
         };
         print(&format!(
             "dio bench: direct (dio, {engine}) vs buffered (page cache, pread/pwrite){vs_fio}\n\
-             on {}, {}, {:.1} s per run. Buffered reads hit the disk too: the file's cache is\n\
-             dropped with {DROP} before every pass (random reads: each block once a pass).\n\n{HEADER}",
+             on {}, {}, {:.1} s per run. Buffered runs hit the disk too: before every pass over\n\
+             the file its pages are written back and dropped with {DROP} (random I/O: each\n\
+             block once a pass, read-ahead off). Each run starts with the file's cache dropped.\n\n{HEADER}",
             scratch.0.display(),
             human(size),
             runtime.as_secs_f64(),
@@ -227,30 +238,28 @@ pub fn suite(args: &BenchArgs) -> Result<(), Failure> {
         };
         let label = w.label();
         cold(&buffered_file)?;
-        let before = probe.before();
-        let d = run::direct(target.raw.direct(), &w, None)?;
-        let d_cache = probe.left(&scratch.0, before);
+        let (d, d_cache) = probe.measure(&scratch.0, || run::direct(target.raw.direct(), &w, None));
+        let d = d?;
         stop_if_interrupted()?;
         if !args.json {
-            print(&row(&label, "direct", &d, d_cache))?;
+            print(&row(&label, "direct", &d, Some(d_cache)))?;
         }
         cold(&buffered_file)?;
-        let before = probe.before();
-        let b = run::buffered(&buffered_file, &w, true)?;
-        let b_cache = probe.left(&scratch.0, before);
+        let (b, b_cache) = probe.measure(&scratch.0, || run::buffered(&buffered_file, &w, true));
+        let b = b?;
         stop_if_interrupted()?;
         if !args.json {
-            print(&row(&label, "buffered", &b, b_cache))?;
+            print(&row(&label, "buffered", &b, Some(b_cache)))?;
         }
         let mut f = None;
-        let mut f_cache = None;
+        let mut f_cache = Cache::default();
         if let Some(fio) = &fio {
             cold(&buffered_file)?;
-            let before = probe.before();
-            let r = fio::run(fio, &scratch.0, &w)?;
-            f_cache = probe.left(&scratch.0, before);
+            let (r, c) = probe.measure(&scratch.0, || fio::run(fio, &scratch.0, &w));
+            let r = r?;
+            f_cache = c;
             if !args.json {
-                print(&fio_row(&label, &r, f_cache))?;
+                print(&fio_row(&label, &r, Some(f_cache)))?;
             }
             f = Some(r);
         }
@@ -285,8 +294,8 @@ pub fn suite(args: &BenchArgs) -> Result<(), Failure> {
             "{label:<17} {:>7} {:>9} {:>9} / {:<9} | {vs_fio}\n",
             ratio(d.iops(), b.iops()),
             ratio(report_cpu_ms_per_gib(&d), report_cpu_ms_per_gib(&b)),
-            mib(d_cache),
-            mib(b_cache),
+            mib(d_cache.peak),
+            mib(b_cache.peak),
         ));
         results.push(json!({
             "workload": label,
@@ -294,7 +303,7 @@ pub fn suite(args: &BenchArgs) -> Result<(), Failure> {
             "buffered": run_json(&w, &b, b_cache),
             "fio": f.as_ref().map(|f| {
                 let mut v = fio_json(f);
-                v["cache_left_bytes"] = json!(f_cache);
+                add_cache(&mut v, f_cache);
                 v
             }),
         }));
@@ -392,15 +401,16 @@ pub fn suite(args: &BenchArgs) -> Result<(), Failure> {
         "dio/fio: skipped, no fio"
     };
     print(&format!(
-        "\n{:<17} {:>7} {:>9} {:>21} | {fio_head}\n\
+        "\n{:<17} {:>7} {:>9} {:>9} / {:<9} | {fio_head}\n\
          {summary}\
          with the writer, {label} p99.9: direct {:.2} ms (quiet {:.2}), buffered {:.2} ms (quiet {:.2})\n\
-         CPU per byte and page cache left are what direct I/O saves; cache counted by {}.\n\
+         CPU per byte and page cache are what direct I/O saves (cache: most a run filled, by {}).\n\
          plot: {}\n",
         "direct/buffered",
         "IOPS",
         "CPU/byte",
-        "cache left MiB d / b",
+        "cache d",
+        "b MiB",
         ms(pd.lat.quantile(0.999)),
         ms(quiet_d.lat.quantile(0.999)),
         ms(pb.lat.quantile(0.999)),
