@@ -35,7 +35,7 @@ impl Probe {
     pub fn name(self) -> &'static str {
         match self {
             Probe::Fincore => "fincore (mincore) of the file",
-            Probe::Meminfo => "/proc/meminfo Cached before and after (machine-wide)",
+            Probe::Meminfo => "/proc/meminfo Cached deltas, machine-wide",
         }
     }
 

@@ -205,6 +205,9 @@ pub fn suite(args: &BenchArgs) -> Result<(), Failure> {
     let probe = Probe::pick(&scratch.0);
     let fio = fio::find();
     let fio_version = fio.as_deref().map(fio::version);
+    if fio.is_none() {
+        say("fio is not on PATH: the dio-vs-fio rows are skipped (apt-get install fio)");
+    }
     if !args.json {
         let vs_fio = match &fio_version {
             Some(v) => format!(" and fio ({v}, io_uring, direct)"),
@@ -219,9 +222,6 @@ pub fn suite(args: &BenchArgs) -> Result<(), Failure> {
             human(size),
             runtime.as_secs_f64(),
         ))?;
-        if fio.is_none() {
-            say("fio is not on PATH: the dio-vs-fio rows are skipped (apt-get install fio)");
-        }
     }
     let mut results = Vec::new();
     let mut panels = Vec::new();
@@ -290,13 +290,15 @@ pub fn suite(args: &BenchArgs) -> Result<(), Failure> {
                 ratio(cpu_per_io_us(&d), f.cpu_per_io_us())
             )
         });
-        summary.push_str(&format!(
-            "{label:<17} {:>7} {:>9} {:>9} / {:<9} | {vs_fio}\n",
+        let line = format!(
+            "{label:<17} {:>7} {:>9} {:>9} / {:<9} | {vs_fio}",
             ratio(d.iops(), b.iops()),
             ratio(report_cpu_ms_per_gib(&d), report_cpu_ms_per_gib(&b)),
             mib(d_cache.peak),
             mib(b_cache.peak),
-        ));
+        );
+        summary.push_str(line.trim_end_matches([' ', '|']));
+        summary.push('\n');
         results.push(json!({
             "workload": label,
             "direct": run_json(&w, &d, d_cache),
