@@ -497,12 +497,13 @@ pub fn buffered(file: &File, w: &Workload, cold_passes: bool) -> Result<Report, 
 }
 
 /// A buffered writer loading the machine while a read run is measured: 1 MiB
-/// writes through the page cache to `path`, wrapping at `size`, with an fdatasync
-/// every 64 MiB (a log or a checkpoint), until `stop`. Returns the bytes written
+/// writes through the page cache to `path` at up to `rate` bytes/s, wrapping at
+/// `size`, with an fdatasync every 64 MiB (a log or a checkpoint), until `stop`. Returns the bytes written
 /// and the CPU time the writer thread used.
 pub fn pressure_writer(
     path: &Path,
     size: u64,
+    rate: u64,
     stop: &AtomicBool,
 ) -> std::io::Result<(u64, CpuTime)> {
     let cpu0 = CpuTime::thread();
@@ -515,7 +516,13 @@ pub fn pressure_writer(
     let mut buf = vec![0u8; CHUNK as usize];
     pattern(&mut buf, 0xfeed);
     let mut written = 0u64;
+    let t0 = Instant::now();
     while !stop.load(Ordering::Relaxed) && !interrupted() {
+        // Paced, so that it loads the page cache and the disk, not the CPU.
+        let due = t0 + Duration::from_secs_f64(written as f64 / rate as f64);
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
         file.write_all_at(&buf, written % size.max(CHUNK))?;
         written += CHUNK;
         if written % (64 * CHUNK) == 0 {

@@ -32,6 +32,8 @@ const SUITE: [(Rw, u64, u32); 4] = [
 const PLOT: &str = "dio-bench.svg";
 /// The file the concurrent buffered writer fills, next to the scratch file.
 const WRITER: &str = "dio-bench-writer.tmp";
+/// Its pace, bytes/s: a load on the page cache and the disk, not a CPU hog.
+const WRITER_RATE: u64 = 256 << 20;
 const DROP: &str = "posix_fadvise(DONTNEED)";
 
 /// CPU milliseconds per GiB moved.
@@ -166,7 +168,7 @@ fn under_writer(
 ) -> Result<(Report, u64), Failure> {
     let stop = AtomicBool::new(false);
     std::thread::scope(|s| {
-        let writer = s.spawn(|| run::pressure_writer(path, size, &stop));
+        let writer = s.spawn(|| run::pressure_writer(path, size, WRITER_RATE, &stop));
         let result = f();
         stop.store(true, Ordering::Relaxed);
         let (written, cpu) = writer
@@ -320,8 +322,9 @@ pub fn suite(args: &BenchArgs) -> Result<(), Failure> {
     let writer_size = (4 * size).clamp(64 << 20, 1 << 30);
     if !args.json {
         print(&format!(
-            "\nwhile a buffered writer fills {} (1 MiB writes, fdatasync every 64 MiB; its CPU not counted):\n",
-            writer.0.display()
+            "\nwhile a buffered writer fills {} (1 MiB writes, {} MiB/s, fdatasync every 64 MiB;\nits CPU not counted):\n",
+            writer.0.display(),
+            WRITER_RATE >> 20
         ))?;
     }
     cold(&buffered_file)?;
@@ -389,7 +392,10 @@ pub fn suite(args: &BenchArgs) -> Result<(), Failure> {
             "results": results,
             "under_writer": {
                 "workload": label,
-                "writer": "buffered 1 MiB writes, fdatasync every 64 MiB, in a separate file",
+                "writer": format!(
+                    "buffered 1 MiB writes at {} MiB/s, fdatasync every 64 MiB, in a separate file",
+                    WRITER_RATE >> 20
+                ),
                 "direct": pressure(&pd, &quiet_d, d_written),
                 "buffered": pressure(&pb, &quiet_b, b_written),
             },
