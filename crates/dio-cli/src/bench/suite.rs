@@ -322,7 +322,7 @@ pub fn suite(args: &BenchArgs) -> Result<(), Failure> {
     let writer_size = (4 * size).clamp(64 << 20, 1 << 30);
     if !args.json {
         print(&format!(
-            "\nwhile a buffered writer fills {} (1 MiB writes, {} MiB/s, fdatasync every 64 MiB;\nits CPU not counted):\n",
+            "\nwith a buffered writer filling {} (1 MiB writes at {} MiB/s, fdatasync every 64 MiB):\n",
             writer.0.display(),
             WRITER_RATE >> 20
         ))?;
@@ -371,7 +371,17 @@ pub fn suite(args: &BenchArgs) -> Result<(), Failure> {
             &panels,
         )?;
     }
-    let ms = |ns: u64| ns as f64 / 1e6;
+    // "p99 / p99.9 (quiet: p99 / p99.9)" in ms.
+    let tails = |r: &Report, quiet: &Report| {
+        let ms = |r: &Report, q: f64| r.lat.quantile(q) as f64 / 1e6;
+        format!(
+            "{:.2} / {:.2} (quiet {:.2} / {:.2})",
+            ms(r, 0.99),
+            ms(r, 0.999),
+            ms(quiet, 0.99),
+            ms(quiet, 0.999)
+        )
+    };
     if args.json {
         let pressure = |r: &Report, quiet: &Report, written: u64| {
             let mut v = report_json(&w, r);
@@ -411,18 +421,16 @@ pub fn suite(args: &BenchArgs) -> Result<(), Failure> {
     print(&format!(
         "\n{:<17} {:>7} {:>9} {:>9} / {:<9} | {fio_head}\n\
          {summary}\
-         with the writer, {label} p99.9: direct {:.2} ms (quiet {:.2}), buffered {:.2} ms (quiet {:.2})\n\
-         CPU per byte and page cache are what direct I/O saves (cache: most a run filled, by {}).\n\
+         {label} p99 / p99.9 with the writer: direct {}, buffered {} ms\n\
+         cache: the most a run filled, counted by {}.\n\
          plot: {}\n",
         "direct/buffered",
         "IOPS",
         "CPU/byte",
         "cache d",
         "b MiB",
-        ms(pd.lat.quantile(0.999)),
-        ms(quiet_d.lat.quantile(0.999)),
-        ms(pb.lat.quantile(0.999)),
-        ms(quiet_b.lat.quantile(0.999)),
+        tails(&pd, &quiet_d),
+        tails(&pb, &quiet_b),
         probe.name(),
         plot_path.map_or("-".into(), |p| p.display().to_string()),
     ))
