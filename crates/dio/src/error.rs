@@ -2,6 +2,7 @@
 //! on it, and the errno a C caller would have seen.
 
 use std::io;
+use std::sync::Arc;
 
 /// Which part of a request broke the alignment rule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,8 +25,189 @@ impl std::fmt::Display for AlignPart {
     }
 }
 
-/// Everything that can go wrong in dio.
-#[derive(Debug, thiserror::Error)]
+/// Which on-disk structure of an image was found corrupt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum CorruptKind {
+    /// The superblock (magic, geometry, counts).
+    Superblock,
+    /// A block group descriptor.
+    GroupDescriptor,
+    /// A block or inode bitmap.
+    Bitmap,
+    /// An inode (its fields, size or checksum).
+    Inode,
+    /// An extent tree node.
+    ExtentTree,
+    /// An indirect block of an ext2/ext3 block map.
+    IndirectBlock,
+    /// A directory block or entry.
+    Directory,
+    /// An htree (hashed directory) index.
+    HtreeIndex,
+    /// A symbolic link.
+    Symlink,
+    /// Inline data or the extended attribute that holds it.
+    InlineData,
+    /// The jbd2 journal.
+    Journal,
+    /// A block map returned something impossible (outside the file system, or a
+    /// mapping that does not cover what was asked).
+    BlockMap,
+    /// Metadata that lies past the end of the image.
+    OutOfImage,
+}
+
+impl std::fmt::Display for CorruptKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CorruptKind::Superblock => "superblock",
+            CorruptKind::GroupDescriptor => "group descriptor",
+            CorruptKind::Bitmap => "bitmap",
+            CorruptKind::Inode => "inode",
+            CorruptKind::ExtentTree => "extent tree",
+            CorruptKind::IndirectBlock => "indirect block",
+            CorruptKind::Directory => "directory",
+            CorruptKind::HtreeIndex => "htree index",
+            CorruptKind::Symlink => "symlink",
+            CorruptKind::InlineData => "inline data",
+            CorruptKind::Journal => "journal",
+            CorruptKind::BlockMap => "block map",
+            CorruptKind::OutOfImage => "metadata past the end of the image",
+        })
+    }
+}
+
+/// A corrupt image: which structure, and what exactly is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Corrupt {
+    /// The structure that is corrupt; match on this.
+    pub kind: CorruptKind,
+    /// What is wrong, for people (inode and block numbers, the bad value).
+    pub detail: String,
+}
+
+impl std::fmt::Display for Corrupt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.detail)
+    }
+}
+
+/// A feature of an image, a device or a server that dio does not support (or not for
+/// the operation asked).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Feature {
+    /// Feature flags unknown to dio (incompat, ro_compat or journal flags).
+    UnknownFlags,
+    /// A journal on a separate device.
+    ExternalJournal,
+    /// jbd2 fast commits.
+    FastCommit,
+    /// The journal needs recovery before this operation.
+    JournalRecovery,
+    /// Multiple-mount protection.
+    Mmp,
+    /// Encrypted files or directories.
+    Encryption,
+    /// Case-folded directories.
+    Casefold,
+    /// fs-verity files.
+    Verity,
+    /// Data kept inline in the inode.
+    InlineData,
+    /// Data or attributes kept in an EA inode.
+    EaInode,
+    /// An htree hash version dio does not know.
+    HtreeHash,
+    /// A metadata checksum algorithm dio does not know.
+    ChecksumType,
+    /// Changing a file's size where the file system client cannot.
+    Resize,
+    /// A block size or logical block size dio does not support.
+    BlockSize,
+    /// Something an NBD server refused or lacks.
+    Nbd,
+    /// TLS, or a TLS mode.
+    Tls,
+}
+
+/// What is not supported, and the details.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Incompatible {
+    /// The feature; match on this.
+    pub feature: Feature,
+    /// What exactly, for people.
+    pub detail: String,
+}
+
+impl std::fmt::Display for Incompatible {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.detail)
+    }
+}
+
+/// Why a path inside an image could not be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum PathErrorKind {
+    /// No such file or directory (ENOENT).
+    NotFound,
+    /// A component that must be a directory is not one (ENOTDIR).
+    NotADirectory,
+    /// Too many symbolic links met while resolving (ELOOP).
+    TooManySymlinks,
+    /// The name exists already (EEXIST).
+    AlreadyExists,
+    /// The directory is not empty (ENOTEMPTY).
+    NotEmpty,
+    /// The path names a directory where a file was needed (EISDIR).
+    IsADirectory,
+    /// A name longer than the file system allows (ENAMETOOLONG).
+    NameTooLong,
+    /// A name the file system cannot hold (empty, `.`, `..`, or with `/` or NUL).
+    BadName,
+}
+
+impl PathErrorKind {
+    /// The errno of this kind.
+    pub fn errno(self) -> i32 {
+        match self {
+            PathErrorKind::NotFound => libc::ENOENT,
+            PathErrorKind::NotADirectory => libc::ENOTDIR,
+            PathErrorKind::TooManySymlinks => libc::ELOOP,
+            PathErrorKind::AlreadyExists => libc::EEXIST,
+            PathErrorKind::NotEmpty => libc::ENOTEMPTY,
+            PathErrorKind::IsADirectory => libc::EISDIR,
+            PathErrorKind::NameTooLong => libc::ENAMETOOLONG,
+            PathErrorKind::BadName => libc::EINVAL,
+        }
+    }
+}
+
+/// A path that could not be resolved or used, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathError {
+    /// Why; match on this.
+    pub kind: PathErrorKind,
+    /// The path (or `inode N`), lossily decoded.
+    pub path: String,
+}
+
+impl std::fmt::Display for PathError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: {}",
+            self.path,
+            io::Error::from_raw_os_error(self.kind.errno())
+        )
+    }
+}
+
+/// Everything that can go wrong in dio. `Clone`, so one error can complete many
+/// waiters; match on the variants and their kinds, never on the message text.
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// The request is not aligned to the device's logical block (EINVAL); nothing was
@@ -73,7 +255,7 @@ pub enum Error {
         offset: u64,
         /// The device's error.
         #[source]
-        source: io::Error,
+        source: Arc<io::Error>,
     },
     /// User code called by the engine (a block map, a hook, a pin closure, a
     /// completion callback) panicked during the call (EIO). Every request of the call
@@ -93,12 +275,21 @@ pub enum Error {
     /// The request would block and the caller asked it not to (EAGAIN).
     #[error("operation would block")]
     WouldBlock,
-    /// The image or metadata is corrupt.
+    /// The image or metadata is corrupt (EUCLEAN); [`Corrupt::kind`] says which
+    /// structure.
     #[error("corrupt: {0}")]
-    Corrupt(String),
-    /// The image uses a feature dio does not support.
+    Corrupt(Corrupt),
+    /// The image, device or server uses a feature dio does not support
+    /// (EOPNOTSUPP); [`Incompatible::feature`] says which.
     #[error("incompatible: {0}")]
-    Incompatible(String),
+    Incompatible(Incompatible),
+    /// A path inside an image cannot be resolved or used (ENOENT, ENOTDIR, ELOOP,
+    /// EEXIST, ...); [`PathError::kind`] says why.
+    #[error("{0}")]
+    Path(PathError),
+    /// The file system has no free block or inode left (ENOSPC).
+    #[error("no space left on device: {0}")]
+    NoSpace(String),
     /// Any other OS error, with what dio was doing.
     #[error("{context}: {source}")]
     Os {
@@ -106,7 +297,7 @@ pub enum Error {
         context: String,
         /// The OS error.
         #[source]
-        source: io::Error,
+        source: Arc<io::Error>,
     },
     /// An invalid argument that is not an alignment problem.
     #[error("invalid argument: {0}")]
@@ -127,6 +318,8 @@ impl Error {
             Error::Panicked(_) => libc::EIO,
             Error::WouldBlock => libc::EAGAIN,
             Error::Incompatible(_) => libc::EOPNOTSUPP,
+            Error::Path(p) => p.kind.errno(),
+            Error::NoSpace(_) => libc::ENOSPC,
             Error::Os { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
         }
     }
@@ -135,58 +328,55 @@ impl Error {
     pub fn os(context: impl Into<String>, source: io::Error) -> Self {
         Error::Os {
             context: context.into(),
-            source,
+            source: Arc::new(source),
         }
     }
 
-    /// Duplicate the error (io::Error is not Clone; its kind, errno and message are
-    /// kept).
-    pub fn duplicate(&self) -> Error {
-        fn dup(e: &io::Error) -> io::Error {
-            match e.raw_os_error() {
-                Some(code) => io::Error::from_raw_os_error(code),
-                None => io::Error::new(e.kind(), e.to_string()),
-            }
+    /// A device I/O error at device byte `offset`.
+    pub fn io(offset: u64, source: io::Error) -> Self {
+        Error::Io {
+            offset,
+            source: Arc::new(source),
         }
+    }
+
+    /// A corrupt `kind` of structure, described by `detail`.
+    pub fn corrupt(kind: CorruptKind, detail: impl Into<String>) -> Self {
+        Error::Corrupt(Corrupt {
+            kind,
+            detail: detail.into(),
+        })
+    }
+
+    /// An unsupported `feature`, described by `detail`.
+    pub fn incompatible(feature: Feature, detail: impl Into<String>) -> Self {
+        Error::Incompatible(Incompatible {
+            feature,
+            detail: detail.into(),
+        })
+    }
+
+    /// A path error of `kind` on `path` (bytes, decoded lossily).
+    pub fn path(kind: PathErrorKind, path: impl AsRef<[u8]>) -> Self {
+        Error::Path(PathError {
+            kind,
+            path: String::from_utf8_lossy(path.as_ref()).into_owned(),
+        })
+    }
+
+    /// The corrupt structure, if this is a corrupt-image error.
+    pub fn corrupt_kind(&self) -> Option<CorruptKind> {
         match self {
-            Error::Misaligned {
-                part,
-                value,
-                required,
-            } => Error::Misaligned {
-                part: *part,
-                value: *value,
-                required: *required,
-            },
-            Error::TooLarge { end, max } => Error::TooLarge {
-                end: *end,
-                max: *max,
-            },
-            Error::BeyondDevice {
-                block,
-                len,
-                device_blocks,
-            } => Error::BeyondDevice {
-                block: *block,
-                len: *len,
-                device_blocks: *device_blocks,
-            },
-            Error::Hole { offset } => Error::Hole { offset: *offset },
-            Error::Io { offset, source } => Error::Io {
-                offset: *offset,
-                source: dup(source),
-            },
-            Error::MemoryFault { at } => Error::MemoryFault { at: *at },
-            Error::ReadOnly => Error::ReadOnly,
-            Error::Panicked(what) => Error::Panicked(what),
-            Error::WouldBlock => Error::WouldBlock,
-            Error::Corrupt(s) => Error::Corrupt(s.clone()),
-            Error::Incompatible(s) => Error::Incompatible(s.clone()),
-            Error::Os { context, source } => Error::Os {
-                context: context.clone(),
-                source: dup(source),
-            },
-            Error::Invalid(s) => Error::Invalid(s.clone()),
+            Error::Corrupt(c) => Some(c.kind),
+            _ => None,
+        }
+    }
+
+    /// The path error kind, if this is a path error.
+    pub fn path_kind(&self) -> Option<PathErrorKind> {
+        match self {
+            Error::Path(p) => Some(p.kind),
+            _ => None,
         }
     }
 }

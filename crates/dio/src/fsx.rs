@@ -1441,7 +1441,7 @@ impl Fsx<'_> {
         self.note(format!(
             "{:>6} truncate {size} -> {new} {}",
             self.op,
-            show(&r.as_ref().map(|_| 0).map_err(|e| e.duplicate()))
+            show(&r.as_ref().map(|_| 0).map_err(|e| e.clone()))
         ));
         if let Err(e) = r {
             return Err(self.diverge(format!("truncate to {new}: {e}"), None));

@@ -292,6 +292,8 @@ pub use device::{
     Completion, CompletionMode, Device, Finished, Geometry, MemDevice, MemDeviceConfig, Op, Request,
 };
 pub use engine::{Completed, DioFuture, DirectFile, Flags, Stats, MAX_IN_FLIGHT, MAX_SEGMENTS};
-pub use error::{AlignPart, Error, Result};
+pub use error::{
+    AlignPart, Corrupt, CorruptKind, Error, Feature, Incompatible, PathError, PathErrorKind, Result,
+};
 pub use file::{FileLockGuard, FileState};
 pub use map::{BlockMap, Extent, IdentityMap, Mapping, Private, TestMap, TestMapConfig};

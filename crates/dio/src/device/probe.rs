@@ -7,6 +7,7 @@
 //! It does no I/O and keeps no state: the back ends (`uring`, `sync`) and the raw
 //! client call it once at open.
 
+use crate::error::Feature;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -301,10 +302,13 @@ fn probe_block_device(fd: BorrowedFd<'_>, path: &Path, stx: &rustix::fs::Statx) 
     let physical = ioctl_u32(fd, libc::BLKPBSZGET).unwrap_or(logical);
     let size = ioctl_u64(fd, BLKGETSIZE64).map_err(|e| Error::os(ctx("BLKGETSIZE64"), e))?;
     if !logical.is_power_of_two() || logical < 512 {
-        return Err(Error::Incompatible(format!(
-            "{}: logical block size {logical} is not supported",
-            path.display()
-        )));
+        return Err(Error::incompatible(
+            Feature::BlockSize,
+            format!(
+                "{}: logical block size {logical} is not supported",
+                path.display()
+            ),
+        ));
     }
     let (maj, min) = (stx.stx_rdev_major, stx.stx_rdev_minor);
     // Memory alignment: statx knows it on newer kernels (6.11+ for block devices),

@@ -391,7 +391,7 @@ impl Dio {
                     if let Err(e) = file.dev.flush() {
                         result = Err(Box::new(Error::Io {
                             offset: call.offset,
-                            source: e,
+                            source: std::sync::Arc::new(e),
                         }));
                     }
                 }
@@ -446,7 +446,7 @@ impl Completion for Dio {
                     at,
                     Error::Io {
                         offset: req.offset(),
-                        source: e,
+                        source: std::sync::Arc::new(e),
                     },
                 ));
             }

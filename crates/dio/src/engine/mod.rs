@@ -534,7 +534,7 @@ impl DirectFile {
         let file_off = size - size % fs;
         let submit = |req| map.submit_io(dev, req, file_off);
         let mut b = AlignedBuf::new(fs as usize, self.shared.geometry.buffer_align());
-        let io = |source| Error::Io { offset: at, source };
+        let io = |source| Error::io(at, source);
         crate::device::transfer_via(dev, &submit, Op::Read, at, &mut b, false).map_err(io)?;
         b[(size % fs) as usize..].fill(0);
         crate::device::transfer_via(dev, &submit, Op::Write, at, &mut b, false).map_err(io)

@@ -11,6 +11,7 @@ use super::bio::BioBuilder;
 use super::complete::Stop;
 use crate::buf::{self, MemRef};
 use crate::device::Op;
+use crate::error::CorruptKind;
 use crate::map::{Extent, Mapping};
 use crate::Error;
 
@@ -138,9 +139,10 @@ fn walk_inner(
                 Err(_) => break Stop::Error(r.expect_err("matched an error")),
             };
             if e.len == 0 {
-                break Stop::Error(Error::Corrupt(format!(
-                    "block map returned an empty extent at file block {first}"
-                )));
+                break Stop::Error(Error::corrupt(
+                    CorruptKind::BlockMap,
+                    format!("block map returned an empty extent at file block {first}"),
+                ));
             }
             let len = e.len.min(count);
             if let Some(b) = e.device_block() {

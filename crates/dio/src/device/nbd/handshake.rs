@@ -5,6 +5,7 @@
 //! Everything the server sends here is checked before use: magic numbers, option
 //! echoes, payload lengths (bounded), and the export's size and block sizes.
 
+use crate::error::Feature;
 use std::io::{self, Read, Write};
 
 use super::conn::Stream;
@@ -42,7 +43,7 @@ fn wire(e: io::Error) -> Error {
 }
 
 fn corrupt(what: impl std::fmt::Display) -> Error {
-    Error::Incompatible(format!("NBD handshake: {what}"))
+    Error::incompatible(Feature::Nbd, format!("NBD handshake: {what}"))
 }
 
 fn read_array<const N: usize>(s: &mut Stream) -> Result<[u8; N]> {
@@ -232,7 +233,7 @@ pub fn negotiate(s: &mut Stream, wants: &Wants<'_>) -> Result<Export> {
                 let what = format!("NBD export {:?}", wants.export);
                 return Err(match t {
                     REP_ERR_UNKNOWN | REP_ERR_INVALID => Error::Invalid(refusal(&what, t, &data)),
-                    _ => Error::Incompatible(refusal(&what, t, &data)),
+                    _ => Error::incompatible(Feature::Nbd, refusal(&what, t, &data)),
                 });
             }
             _ => {}

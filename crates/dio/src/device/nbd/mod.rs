@@ -23,6 +23,7 @@ mod handshake;
 mod proto;
 mod uri;
 
+use crate::error::Feature;
 use std::collections::HashMap;
 use std::io::{self, IoSlice};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -251,8 +252,13 @@ impl NbdDevice {
         let timeout = cfg.timeout.max(Duration::from_millis(1));
         let name = uri.to_string();
         let ctx = |e: Error| match e {
-            Error::Os { context, source } => Error::os(format!("{name}: {context}"), source),
-            Error::Incompatible(m) => Error::Incompatible(format!("{name}: {m}")),
+            Error::Os { context, source } => Error::Os {
+                context: format!("{name}: {context}"),
+                source,
+            },
+            Error::Incompatible(m) => {
+                Error::incompatible(m.feature, format!("{name}: {}", m.detail))
+            }
             Error::Invalid(m) => Error::Invalid(format!("{name}: {m}")),
             e => e,
         };
@@ -511,9 +517,10 @@ fn geometry(export: &Export, max_request: u32) -> Result<Geometry> {
     let (min, preferred, max) = export.block_sizes.unwrap_or((1, 4096, MAX_REQUEST));
     let lb = min.max(512).next_power_of_two();
     if lb > 64 * 1024 {
-        return Err(Error::Incompatible(format!(
-            "minimum block size {min} is above 64 KiB"
-        )));
+        return Err(Error::incompatible(
+            Feature::Nbd,
+            format!("minimum block size {min} is above 64 KiB"),
+        ));
     }
     let max_bytes = (max.min(max_request).min(MAX_REQUEST) / lb * lb).max(lb);
     let size = export.size.div_ceil(u64::from(lb)) * u64::from(lb);

@@ -2,6 +2,7 @@
 //! `nbd+unix:///EXPORT?socket=PATH` for a Unix socket. TLS schemes (`nbds`) are
 //! recognised and refused.
 
+use crate::error::Feature;
 use std::fmt;
 use std::path::PathBuf;
 
@@ -78,9 +79,10 @@ impl NbdUri {
             "nbd" | "nbd+tcp" => false,
             "nbd+unix" => true,
             "nbds" | "nbds+tcp" | "nbds+unix" => {
-                return Err(Error::Incompatible(format!(
-                    "{s}: NBD over TLS ({scheme}) is not supported"
-                )))
+                return Err(Error::incompatible(
+                    Feature::Tls,
+                    format!("{s}: NBD over TLS ({scheme}) is not supported"),
+                ))
             }
             _ => return Err(bad("the scheme must be nbd, nbd+tcp or nbd+unix")),
         };
@@ -257,7 +259,10 @@ mod tests {
         }
         assert!(matches!(
             NbdUri::parse("nbds://h/x"),
-            Err(Error::Incompatible(_))
+            Err(Error::Incompatible(crate::Incompatible {
+                feature: Feature::Tls,
+                ..
+            }))
         ));
         assert!(NbdUri::is_nbd_uri("nbd://h/x"));
         assert!(NbdUri::is_nbd_uri("NBD+UNIX:///x?socket=/s"));

@@ -8,6 +8,7 @@ use super::inode::{flags, Inode};
 use super::map::Layout;
 use super::superblock::{compat, incompat};
 use super::Fs;
+use crate::error::{CorruptKind, Feature};
 use crate::map::Mapping;
 use crate::{Error, Result};
 
@@ -54,10 +55,13 @@ pub(crate) struct Dir<'a> {
 impl<'a> Dir<'a> {
     pub(crate) fn new(fs: &'a std::sync::Arc<Fs>, inode: &'a Inode) -> Result<Dir<'a>> {
         if inode.has_flag(flags::ENCRYPT) || inode.has_flag(flags::CASEFOLD) {
-            return Err(Error::Incompatible(format!(
-                "directory inode {}: encrypted or case-folded directories",
-                inode.ino
-            )));
+            return Err(Error::incompatible(
+                Feature::Encryption,
+                format!(
+                    "directory inode {}: encrypted or case-folded directories",
+                    inode.ino
+                ),
+            ));
         }
         Ok(Dir {
             fs,
@@ -99,7 +103,10 @@ impl<'a> Dir<'a> {
     }
 
     fn bad(&self, b: u64, m: impl std::fmt::Display) -> Error {
-        Error::Corrupt(format!("directory inode {} block {b}: {m}", self.inode.ino))
+        Error::corrupt(
+            CorruptKind::Directory,
+            format!("directory inode {} block {b}: {m}", self.inode.ino),
+        )
     }
 
     /// Check a leaf block's checksum tail; returns where its entries end.
@@ -351,10 +358,13 @@ impl<'a> Dir<'a> {
             return Err(self.bad(0, format!("htree has {} levels", levels + 1)));
         }
         if version > hash::TEA {
-            return Err(Error::Incompatible(format!(
-                "directory inode {}: htree hash version {version}",
-                self.inode.ino
-            )));
+            return Err(Error::incompatible(
+                Feature::HtreeHash,
+                format!(
+                    "directory inode {}: htree hash version {version}",
+                    self.inode.ino
+                ),
+            ));
         }
         let target = hash::dirhash(
             name,

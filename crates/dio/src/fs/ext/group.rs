@@ -6,6 +6,7 @@
 use super::bytes::{crc16, crc32c, le16, le32};
 use super::io::MetaIo;
 use super::superblock::{incompat, ro_compat, Superblock};
+use crate::error::CorruptKind;
 use crate::{Error, Result};
 
 /// What dio keeps of one group descriptor.
@@ -52,7 +53,7 @@ fn check(sb: &Superblock, g: u32, d: &[u8]) -> Result<()> {
         return Ok(());
     };
     if stored != computed {
-        return Err(Error::Corrupt(format!(
+        return Err(Error::corrupt(CorruptKind::GroupDescriptor, format!(
             "group {g} descriptor checksum {stored:#06x} does not match its contents ({computed:#06x})"
         )));
     }
@@ -69,10 +70,13 @@ pub(crate) fn read_table(io: &MetaIo, sb: &Superblock) -> Result<Vec<GroupDesc>>
     for nr in 0..blocks {
         let block = descriptor_block(sb, nr, per_block);
         if block >= sb.blocks_count {
-            return Err(Error::Corrupt(format!(
-                "group descriptor block {block} is past the file system's {} blocks",
-                sb.blocks_count
-            )));
+            return Err(Error::corrupt(
+                CorruptKind::GroupDescriptor,
+                format!(
+                    "group descriptor block {block} is past the file system's {} blocks",
+                    sb.blocks_count
+                ),
+            ));
         }
         let raw = io.read(block * bs as u64, bs, "group descriptor block")?;
         for i in 0..per_block {
@@ -95,9 +99,12 @@ pub(crate) fn read_table(io: &MetaIo, sb: &Superblock) -> Result<Vec<GroupDesc>>
                     .checked_add(itable_blocks)
                     .is_none_or(|end| end > sb.blocks_count)
             {
-                return Err(Error::Corrupt(format!(
-                    "group {g} inode table at block {inode_table} lies outside the file system"
-                )));
+                return Err(Error::corrupt(
+                    CorruptKind::GroupDescriptor,
+                    format!(
+                        "group {g} inode table at block {inode_table} lies outside the file system"
+                    ),
+                ));
             }
             out.push(GroupDesc { inode_table });
         }

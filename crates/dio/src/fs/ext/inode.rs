@@ -3,6 +3,7 @@
 //! continues (`system.data`).
 
 use super::bytes::{crc32c, le16, le32, put16, put32, u8at};
+use crate::error::{CorruptKind, Feature};
 use crate::{Error, Result};
 
 /// Inode flags dio looks at.
@@ -234,7 +235,12 @@ impl Inode {
         let first = start + 4;
         let end = raw.len();
         let mut pos = first;
-        let bad = |m: &str| Error::Corrupt(format!("inode {}: in-inode xattrs: {m}", self.ino));
+        let bad = |m: &str| {
+            Error::corrupt(
+                CorruptKind::Inode,
+                format!("inode {}: in-inode xattrs: {m}", self.ino),
+            )
+        };
         while pos + 4 <= end && le32(raw, pos) != 0 {
             if pos + 16 > end {
                 return Err(bad("entry runs past the inode"));
@@ -251,10 +257,10 @@ impl Inode {
             let ename = &raw[pos + 16..pos + 16 + name_len];
             if name_index == index && ename == name {
                 if value_inum != 0 {
-                    return Err(Error::Incompatible(format!(
-                        "inode {}: inline data kept in an EA inode",
-                        self.ino
-                    )));
+                    return Err(Error::incompatible(
+                        Feature::EaInode,
+                        format!("inode {}: inline data kept in an EA inode", self.ino),
+                    ));
                 }
                 let v0 = first + value_offs;
                 let v1 = v0.checked_add(value_size).filter(|&e| e <= end);
@@ -285,9 +291,10 @@ fn extra_isize(raw: &[u8], ino: u32) -> Result<usize> {
     }
     let extra = usize::from(le16(raw, OFF_EXTRA_ISIZE));
     if extra % 4 != 0 || GOOD_OLD_SIZE + extra > raw.len() {
-        return Err(Error::Corrupt(format!(
-            "inode {ino}: extra inode size {extra} does not fit"
-        )));
+        return Err(Error::corrupt(
+            CorruptKind::Inode,
+            format!("inode {ino}: extra inode size {extra} does not fit"),
+        ));
     }
     Ok(extra)
 }
@@ -325,9 +332,12 @@ pub(crate) fn verify(seed: u32, ino: u32, raw: &[u8]) -> Result<()> {
         (lo, c & 0xFFFF)
     };
     if stored != computed {
-        return Err(Error::Corrupt(format!(
+        return Err(Error::corrupt(
+            CorruptKind::Inode,
+            format!(
             "inode {ino} checksum {stored:#010x} does not match its contents ({computed:#010x})"
-        )));
+        ),
+        ));
     }
     Ok(())
 }

@@ -6,6 +6,7 @@
 //! Every range is checked against the device size first, so a hostile block number
 //! becomes a "corrupt" error, never a read outside the image.
 
+use crate::error::{CorruptKind, Feature};
 use std::sync::Arc;
 
 use super::journal::Replay;
@@ -64,10 +65,13 @@ impl MetaIo {
             .checked_add(len as u64)
             .filter(|&e| e <= self.size)
             .ok_or_else(|| {
-                Error::Corrupt(format!(
+                Error::corrupt(
+                    CorruptKind::OutOfImage,
+                    format!(
                     "{what} at byte {offset} (+{len}) lies past the end of the image ({} bytes)",
                     self.size
-                ))
+                ),
+                )
             })?;
         let a0 = offset & !(self.lb - 1);
         let a1 = end.div_ceil(self.lb) * self.lb;
@@ -81,7 +85,7 @@ impl MetaIo {
         let mut buf = AlignedBuf::new(alen, self.align);
         device::read_at(&*self.dev, a0, &mut buf).map_err(|e| Error::Io {
             offset: a0,
-            source: e,
+            source: std::sync::Arc::new(e),
         })?;
         Ok(buf)
     }
@@ -126,9 +130,12 @@ impl MetaIo {
     pub(crate) fn write(&self, offset: u64, data: &[u8], what: &str) -> Result<()> {
         if self.replay.is_some() {
             // Never reached: images whose journal needs recovery open read-only.
-            return Err(Error::Incompatible(format!(
+            return Err(Error::incompatible(
+                Feature::JournalRecovery,
+                format!(
                 "{what}: the journal was replayed in memory only; writing needs it replayed on disk"
-            )));
+            ),
+            ));
         }
         let (a0, alen) = self.widen(offset, data.len(), what)?;
         let skip = (offset - a0) as usize;
@@ -140,7 +147,7 @@ impl MetaIo {
         buf[skip..skip + data.len()].copy_from_slice(data);
         device::write_at(&*self.dev, a0, &mut buf, false).map_err(|e| Error::Io {
             offset: a0,
-            source: e,
+            source: std::sync::Arc::new(e),
         })
     }
 }

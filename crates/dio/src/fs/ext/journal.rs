@@ -22,6 +22,7 @@
 //! checksum (compat `checksum`, crc32 of the transaction) is not verified.
 //! Fast-commit journals that need recovery are refused ("incompatible").
 
+use crate::error::{CorruptKind, Feature};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -74,7 +75,10 @@ fn be16(b: &[u8], off: usize) -> u16 {
 }
 
 fn corrupt<T>(m: String) -> Result<T> {
-    Err(Error::Corrupt(format!("journal: {m}")))
+    Err(Error::corrupt(
+        CorruptKind::Journal,
+        format!("journal: {m}"),
+    ))
 }
 
 /// Where the replayed contents of one fs block are.
@@ -238,7 +242,7 @@ pub(crate) fn replay(fs: &Arc<Fs>, raw_sb: &[u8]) -> Result<Option<Replay>> {
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect();
-        return Err(Error::Incompatible(format!(
+        return Err(Error::incompatible(Feature::ExternalJournal, format!(
             "external journal (device {:#x}, journal UUID {uuid}) needs recovery: dio reads only internal journals; mount the image with its journal device or run e2fsck -fy first",
             dev
         )));
@@ -265,8 +269,8 @@ pub(crate) fn replay(fs: &Arc<Fs>, raw_sb: &[u8]) -> Result<Option<Replay>> {
         }));
     }
     if jsb.incompat & INCOMPAT_FAST_COMMIT != 0 {
-        return Err(Error::Incompatible(
-            "the journal needs recovery and has fast commits (fast_commit), which dio does not replay: mount the image once or run e2fsck -fy first".into(),
+        return Err(Error::incompatible(Feature::FastCommit,
+            "the journal needs recovery and has fast commits (fast_commit), which dio does not replay: mount the image once or run e2fsck -fy first",
         ));
     }
     let (txns, mut notes) = scan(&log, &jsb)?;
@@ -325,9 +329,10 @@ fn parse_sb(b: &[u8], block_size: u32, journal_blocks: u64) -> Result<JournalSb>
     };
     let unknown = incompat & !INCOMPAT_KNOWN;
     if unknown != 0 {
-        return Err(Error::Incompatible(format!(
-            "journal features {unknown:#x} (unknown to dio)"
-        )));
+        return Err(Error::incompatible(
+            Feature::UnknownFlags,
+            format!("journal features {unknown:#x} (unknown to dio)"),
+        ));
     }
     if incompat & INCOMPAT_CSUM_V2 != 0 && incompat & INCOMPAT_CSUM_V3 != 0 {
         return corrupt("both checksum v2 and v3 are set".into());

@@ -9,6 +9,7 @@
 //! of its indirect block carries the `boundary` flag: the next block needs another
 //! metadata read, so the engine sends what it has first.
 
+use crate::error::{CorruptKind, Feature};
 use std::collections::{HashMap, HashSet};
 use std::io;
 use std::sync::{Arc, Mutex};
@@ -170,7 +171,12 @@ struct Node<'a> {
 }
 
 fn parse_node<'a>(area: &'a [u8], ino: u32, where_: &str) -> Result<Node<'a>> {
-    let bad = |m: String| Error::Corrupt(format!("inode {ino}: extent {where_}: {m}"));
+    let bad = |m: String| {
+        Error::corrupt(
+            CorruptKind::ExtentTree,
+            format!("inode {ino}: extent {where_}: {m}"),
+        )
+    };
     if le16(area, 0) != EXTENT_MAGIC {
         return Err(bad(format!("bad magic {:#06x}", le16(area, 0))));
     }
@@ -224,7 +230,12 @@ fn walk_node(
     visited: &mut HashSet<u64>,
     out: &mut Vec<FileExtent>,
 ) -> Result<()> {
-    let bad = |m: String| Error::Corrupt(format!("inode {ino}: extent tree: {m}"));
+    let bad = |m: String| {
+        Error::corrupt(
+            CorruptKind::ExtentTree,
+            format!("inode {ino}: extent tree: {m}"),
+        )
+    };
     let mut prev_start: Option<u64> = None;
     for i in 0..node.entries {
         let e = &node.area[12 + i * 12..24 + i * 12];
@@ -294,7 +305,7 @@ fn walk_node(
                 let want = le32(&block, tail);
                 let got = crc32c(seed, &block[..tail]);
                 if want != got {
-                    return Err(Error::Corrupt(format!(
+                    return Err(Error::corrupt(CorruptKind::ExtentTree, format!(
                         "inode {ino}: extent tree block {child} checksum {want:#010x} does not match its contents ({got:#010x})"
                     )));
                 }
@@ -463,9 +474,10 @@ impl ExtMap {
             )));
         }
         if self.replay.is_some() {
-            return Err(Error::Incompatible(format!(
-                "inode {ino}: the journal was replayed in memory only"
-            )));
+            return Err(Error::incompatible(
+                Feature::JournalRecovery,
+                format!("inode {ino}: the journal was replayed in memory only"),
+            ));
         }
         let (dev_off, len) = (req.offset(), req.len());
         let bs = u64::from(self.block_size);
@@ -563,17 +575,23 @@ impl BlockMap for ExtMap {
     }
 
     fn can_resize(&self, size: u64) -> Result<()> {
-        Err(Error::Incompatible(format!(
-            "inode {}: resize to {size} bytes: the ext client does not change file sizes",
-            self.ino
-        )))
+        Err(Error::incompatible(
+            Feature::Resize,
+            format!(
+                "inode {}: resize to {size} bytes: the ext client does not change file sizes",
+                self.ino
+            ),
+        ))
     }
 
     fn truncate(&self, size: u64) -> Result<()> {
-        Err(Error::Incompatible(format!(
-            "inode {}: truncate to {size} bytes: the ext client does not change file sizes",
-            self.ino
-        )))
+        Err(Error::incompatible(
+            Feature::Resize,
+            format!(
+                "inode {}: truncate to {size} bytes: the ext client does not change file sizes",
+                self.ino
+            ),
+        ))
     }
 
     fn max_file_size(&self) -> u64 {

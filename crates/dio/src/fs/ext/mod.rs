@@ -55,6 +55,7 @@ mod journal;
 mod map;
 mod superblock;
 
+use crate::error::{CorruptKind, Feature, PathErrorKind};
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
@@ -105,20 +106,26 @@ impl Fs {
         if ok {
             Ok(())
         } else {
-            Err(Error::Corrupt(format!(
-                "inode {ino}: blocks {start}+{len} lie outside the file system's {} blocks",
-                self.sb.blocks_count
-            )))
+            Err(Error::corrupt(
+                CorruptKind::Inode,
+                format!(
+                    "inode {ino}: blocks {start}+{len} lie outside the file system's {} blocks",
+                    self.sb.blocks_count
+                ),
+            ))
         }
     }
 
     /// Read fs block `block` (a metadata block).
     pub(crate) fn read_block(&self, block: u64, what: &str) -> Result<Vec<u8>> {
         if block >= self.sb.blocks_count {
-            return Err(Error::Corrupt(format!(
-                "{what} {block} is past the file system's {} blocks",
-                self.sb.blocks_count
-            )));
+            return Err(Error::corrupt(
+                CorruptKind::BlockMap,
+                format!(
+                    "{what} {block} is past the file system's {} blocks",
+                    self.sb.blocks_count
+                ),
+            ));
         }
         let bs = u64::from(self.sb.block_size);
         self.io.read(block * bs, bs as usize, what)
@@ -131,10 +138,13 @@ impl Fs {
 
     fn inode_offset(&self, ino: u32) -> Result<u64> {
         if ino == 0 || ino > self.sb.inodes_count {
-            return Err(Error::Corrupt(format!(
-                "inode number {ino} is out of range (1..={})",
-                self.sb.inodes_count
-            )));
+            return Err(Error::corrupt(
+                CorruptKind::Inode,
+                format!(
+                    "inode number {ino} is out of range (1..={})",
+                    self.sb.inodes_count
+                ),
+            ));
         }
         let ipg = self.sb.inodes_per_group;
         let g = (ino - 1) / ipg;
@@ -142,7 +152,12 @@ impl Fs {
         let table = self
             .groups
             .get(g as usize)
-            .ok_or_else(|| Error::Corrupt(format!("inode {ino} is in missing group {g}")))?
+            .ok_or_else(|| {
+                Error::corrupt(
+                    CorruptKind::Inode,
+                    format!("inode {ino} is in missing group {g}"),
+                )
+            })?
             .inode_table;
         Ok(table * u64::from(self.sb.block_size) + idx * u64::from(self.sb.inode_size))
     }
@@ -204,11 +219,8 @@ impl std::fmt::Debug for Ext {
     }
 }
 
-fn not_found(path: &[u8], errno: i32) -> Error {
-    Error::os(
-        String::from_utf8_lossy(path).into_owned(),
-        std::io::Error::from_raw_os_error(errno),
-    )
+fn not_found(path: &[u8], kind: PathErrorKind) -> Error {
+    Error::path(kind, path)
 }
 
 impl Ext {
@@ -264,10 +276,13 @@ impl Ext {
         )?;
         let sb = Superblock::parse(&raw)?;
         if sb.block_size != fs.sb.block_size {
-            return Err(Error::Corrupt(format!(
-                "the journal's copy of the superblock says {}-byte blocks, the image {}",
-                sb.block_size, fs.sb.block_size
-            )));
+            return Err(Error::corrupt(
+                CorruptKind::Journal,
+                format!(
+                    "the journal's copy of the superblock says {}-byte blocks, the image {}",
+                    sb.block_size, fs.sb.block_size
+                ),
+            ));
         }
         check_size(&io, &sb)?;
         let groups = group::read_table(&io, &sb)?;
@@ -326,29 +341,32 @@ impl Ext {
 
     /// Resolve an absolute `path` (relative paths start at the root too) to its
     /// inode. Symlinks in the middle are always followed; the last component's
-    /// only with `follow`. Errors: ENOENT, ENOTDIR and ELOOP as [`Error::Os`] naming
-    /// the path.
+    /// only with `follow`. Errors: [`Error::Path`] naming the path, of kind
+    /// `NotFound`, `NotADirectory` or `TooManySymlinks`.
     pub fn lookup(&self, path: &[u8], follow: bool) -> Result<Inode> {
         let root = self.fs.read_inode(ROOT_INO)?;
         if root.file_type() != FileType::Directory {
-            return Err(Error::Corrupt("the root inode is not a directory".into()));
+            return Err(Error::corrupt(
+                CorruptKind::Inode,
+                "the root inode is not a directory",
+            ));
         }
         let mut parts: VecDeque<Vec<u8>> = split(path);
         let mut cur = root.clone();
         let mut links = 0;
         while let Some(name) = parts.pop_front() {
             if cur.file_type() != FileType::Directory {
-                return Err(not_found(path, libc::ENOTDIR));
+                return Err(not_found(path, PathErrorKind::NotADirectory));
             }
             let entry = dir::Dir::new(&self.fs, &cur)?.lookup(&name)?;
             let Some(entry) = entry else {
-                return Err(not_found(path, libc::ENOENT));
+                return Err(not_found(path, PathErrorKind::NotFound));
             };
             let next = self.fs.read_inode(entry.inode)?;
             if next.file_type() == FileType::Symlink && (follow || !parts.is_empty()) {
                 links += 1;
                 if links > MAX_SYMLINKS {
-                    return Err(not_found(path, libc::ELOOP));
+                    return Err(not_found(path, PathErrorKind::TooManySymlinks));
                 }
                 let target = self.read_link(&next)?;
                 let mut t = split(&target);
@@ -370,7 +388,7 @@ impl Ext {
         if dir.file_type() != FileType::Directory {
             return Err(not_found(
                 format!("inode {}", dir.ino).as_bytes(),
-                libc::ENOTDIR,
+                PathErrorKind::NotADirectory,
             ));
         }
         let mut out = Vec::new();
@@ -380,10 +398,13 @@ impl Ext {
         dir::Dir::new(&self.fs, dir)?.for_each(&mut |e| {
             bytes += 8 + e.name.len() as u64;
             if bytes > limit {
-                err = Some(Error::Corrupt(format!(
-                    "directory inode {} lists more than the image holds",
-                    dir.ino
-                )));
+                err = Some(Error::corrupt(
+                    CorruptKind::Directory,
+                    format!(
+                        "directory inode {} lists more than the image holds",
+                        dir.ino
+                    ),
+                ));
                 return true;
             }
             out.push(e);
@@ -405,30 +426,33 @@ impl Ext {
         }
         let size = inode.size;
         if size > u64::from(self.fs.sb.block_size).min(4096) {
-            return Err(Error::Corrupt(format!(
-                "symlink inode {} is {size} bytes long",
-                inode.ino
-            )));
+            return Err(Error::corrupt(
+                CorruptKind::Symlink,
+                format!("symlink inode {} is {size} bytes long", inode.ino),
+            ));
         }
         let size = size as usize;
         if inode.has_flag(inode_flags::INLINE_DATA) {
             let data = self.inline_data(inode)?;
             if data.len() != size {
-                return Err(Error::Corrupt(format!(
-                    "symlink inode {}: {} bytes of inline data, i_size {size}",
-                    inode.ino,
-                    data.len()
-                )));
+                return Err(Error::corrupt(
+                    CorruptKind::Symlink,
+                    format!(
+                        "symlink inode {}: {} bytes of inline data, i_size {size}",
+                        inode.ino,
+                        data.len()
+                    ),
+                ));
             }
             return Ok(data);
         }
         if map::is_fast_symlink(&self.fs, inode) {
             // A fast symlink: the target is in i_block.
             if size > 60 {
-                return Err(Error::Corrupt(format!(
-                    "fast symlink inode {} is {size} bytes long",
-                    inode.ino
-                )));
+                return Err(Error::corrupt(
+                    CorruptKind::Symlink,
+                    format!("fast symlink inode {} is {size} bytes long", inode.ino),
+                ));
             }
             return Ok(inode.i_block()[..size].to_vec());
         }
@@ -439,10 +463,10 @@ impl Ext {
                 Ok(block[..size].to_vec())
             }
             _ if size == 0 => Ok(Vec::new()),
-            _ => Err(Error::Corrupt(format!(
-                "symlink inode {} has no block for its target",
-                inode.ino
-            ))),
+            _ => Err(Error::corrupt(
+                CorruptKind::Symlink,
+                format!("symlink inode {} has no block for its target", inode.ino),
+            )),
         }
     }
 
@@ -523,15 +547,15 @@ impl Ext {
         open.retain(|_, w| w.strong_count() > 0);
         let inode = self.fs.read_inode(ino)?;
         if inode.has_flag(inode_flags::ENCRYPT) {
-            return Err(Error::Incompatible(format!(
-                "inode {}: encrypted file",
-                inode.ino
-            )));
+            return Err(Error::incompatible(
+                Feature::Encryption,
+                format!("inode {}: encrypted file", inode.ino),
+            ));
         }
         if inode.file_type() == FileType::Directory {
             return Err(not_found(
                 format!("inode {}", inode.ino).as_bytes(),
-                libc::EISDIR,
+                PathErrorKind::IsADirectory,
             ));
         }
         let data = if inode.has_flag(inode_flags::INLINE_DATA) {
@@ -554,10 +578,13 @@ impl Ext {
         let fs = &self.fs;
         let max_size = fs.max_file_size(inode);
         if inode.size > max_size {
-            return Err(Error::Corrupt(format!(
-                "inode {}: size {} exceeds the format's limit",
-                inode.ino, inode.size
-            )));
+            return Err(Error::corrupt(
+                CorruptKind::Inode,
+                format!(
+                    "inode {}: size {} exceeds the format's limit",
+                    inode.ino, inode.size
+                ),
+            ));
         }
         let layout = Arc::new(Layout::of(fs, inode)?);
         let dev = Arc::clone(fs.io.device());
@@ -590,7 +617,7 @@ impl Ext {
         let engine_map: Arc<dyn crate::BlockMap> = Arc::clone(&map) as _;
         let engine =
             DirectFile::new(fenced, engine_map, Arc::clone(&state)).map_err(|e| match e {
-                Error::Invalid(m) => Error::Incompatible(m),
+                Error::Invalid(m) => Error::incompatible(Feature::BlockSize, m),
                 e => e,
             })?;
         let engine = if writes { engine } else { engine.read_only() };
@@ -621,14 +648,16 @@ fn write_refusal(fs: &Fs, inode: &Inode) -> Option<Error> {
         ));
     }
     if inode.has_flag(inode_flags::VERITY) {
-        return Some(Error::Incompatible(format!(
-            "inode {ino} is an fs-verity file: its data cannot change"
-        )));
+        return Some(Error::incompatible(
+            Feature::Verity,
+            format!("inode {ino} is an fs-verity file: its data cannot change"),
+        ));
     }
     if inode.has_flag(inode_flags::INLINE_DATA) {
-        return Some(Error::Incompatible(format!(
-            "inode {ino} keeps its data inline: in-place writes need data blocks"
-        )));
+        return Some(Error::incompatible(
+            Feature::InlineData,
+            format!("inode {ino} keeps its data inline: in-place writes need data blocks"),
+        ));
     }
     None
 }
@@ -649,10 +678,13 @@ fn check_size(io: &MetaIo, sb: &Superblock) -> Result<()> {
     let bs = u64::from(sb.block_size);
     let image_blocks = io.size() / bs;
     if sb.blocks_count > image_blocks {
-        return Err(Error::Corrupt(format!(
-            "the file system has {} blocks of {bs} bytes, the image holds only {image_blocks}",
-            sb.blocks_count
-        )));
+        return Err(Error::corrupt(
+            CorruptKind::Superblock,
+            format!(
+                "the file system has {} blocks of {bs} bytes, the image holds only {image_blocks}",
+                sb.blocks_count
+            ),
+        ));
     }
     Ok(())
 }
@@ -752,10 +784,13 @@ impl ExtFile {
         self.check_write(0, 0)?;
         match &self.node.data {
             Data::Blocks { engine, .. } => Ok(engine.clone()),
-            Data::Inline(_) => Err(Error::Incompatible(format!(
-                "inode {} keeps its data inline: in-place writes need data blocks",
-                self.inode().ino
-            ))),
+            Data::Inline(_) => Err(Error::incompatible(
+                Feature::InlineData,
+                format!(
+                    "inode {} keeps its data inline: in-place writes need data blocks",
+                    self.inode().ino
+                ),
+            )),
         }
     }
 
@@ -840,10 +875,13 @@ impl ExtFile {
             )));
         }
         let Data::Blocks { map, .. } = &self.node.data else {
-            return Err(Error::Incompatible(format!(
-                "inode {} keeps its data inline: in-place writes need data blocks",
-                self.inode().ino
-            )));
+            return Err(Error::incompatible(
+                Feature::InlineData,
+                format!(
+                    "inode {} keeps its data inline: in-place writes need data blocks",
+                    self.inode().ino
+                ),
+            ));
         };
         if len == 0 {
             return Ok(());
@@ -883,10 +921,10 @@ impl ExtFile {
         };
         let n = engine.write_at(offset, data, Flags::UNALIGNED)?;
         if n != data.len() {
-            return Err(Error::Corrupt(format!(
-                "short in-place write: {n} of {} bytes",
-                data.len()
-            )));
+            return Err(Error::corrupt(
+                CorruptKind::BlockMap,
+                format!("short in-place write: {n} of {} bytes", data.len()),
+            ));
         }
         Ok(n)
     }

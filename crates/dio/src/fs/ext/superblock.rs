@@ -7,6 +7,7 @@
 //! read-write mount.
 
 use super::bytes::{crc32c, le16, le32, u8at};
+use crate::error::{CorruptKind, Feature};
 use crate::{Error, Result};
 
 /// Byte offset of the primary superblock.
@@ -250,13 +251,19 @@ impl Superblock {
     /// Parse and check the superblock bytes (1024 of them).
     pub fn parse(b: &[u8]) -> Result<Superblock> {
         if b.len() < SUPERBLOCK_SIZE {
-            return Err(Error::Corrupt("superblock is short".into()));
+            return Err(Error::corrupt(
+                CorruptKind::Superblock,
+                "superblock is short",
+            ));
         }
         if le16(b, 0x38) != MAGIC {
-            return Err(Error::Corrupt(format!(
-                "no ext2/3/4 superblock (magic {:#06x}, want {MAGIC:#06x})",
-                le16(b, 0x38)
-            )));
+            return Err(Error::corrupt(
+                CorruptKind::Superblock,
+                format!(
+                    "no ext2/3/4 superblock (magic {:#06x}, want {MAGIC:#06x})",
+                    le16(b, 0x38)
+                ),
+            ));
         }
         let feature_compat = le32(b, 0x5C);
         let feature_incompat = le32(b, 0x60);
@@ -269,29 +276,38 @@ impl Superblock {
         };
         let unknown = feature_incompat & !INCOMPAT_READ;
         if unknown != 0 {
-            return Err(Error::Incompatible(names(unknown, INCOMPAT_NAMES)));
+            return Err(Error::incompatible(
+                Feature::UnknownFlags,
+                names(unknown, INCOMPAT_NAMES),
+            ));
         }
         if feature_ro_compat & ro_compat::METADATA_CSUM != 0 {
             if u8at(b, 0x175) != 1 {
-                return Err(Error::Incompatible(format!(
-                    "metadata checksum type {} (only crc32c is known)",
-                    u8at(b, 0x175)
-                )));
+                return Err(Error::incompatible(
+                    Feature::ChecksumType,
+                    format!(
+                        "metadata checksum type {} (only crc32c is known)",
+                        u8at(b, 0x175)
+                    ),
+                ));
             }
             let want = le32(b, 0x3FC);
             let got = crc32c(!0, &b[..0x3FC]);
             if want != got {
-                return Err(Error::Corrupt(format!(
+                return Err(Error::corrupt(
+                    CorruptKind::Superblock,
+                    format!(
                     "superblock checksum {want:#010x} does not match its contents ({got:#010x})"
-                )));
+                ),
+                ));
             }
         }
         let log = le32(b, 0x18);
         if log > 6 {
-            return Err(Error::Corrupt(format!(
-                "block size 2^{} KiB is out of range",
-                log
-            )));
+            return Err(Error::corrupt(
+                CorruptKind::Superblock,
+                format!("block size 2^{} KiB is out of range", log),
+            ));
         }
         let block_size = 1024u32 << log;
         let bit64 = feature_incompat & incompat::BIT64 != 0;
@@ -312,7 +328,7 @@ impl Superblock {
         };
         let desc_size = if bit64 { le16(b, 0xFE) } else { 32 };
         let bits_per_block = block_size * 8;
-        let bad = |m: String| Err(Error::Corrupt(m));
+        let bad = |m: String| Err(Error::corrupt(CorruptKind::Superblock, m));
         // With bigalloc, bitmaps count clusters: a group holds up to one bitmap
         // block's bits of clusters, and its blocks per group must be exactly its
         // clusters per group times the blocks per cluster (the kernel's
@@ -361,8 +377,12 @@ impl Superblock {
         }
         let groups64 =
             (blocks_count - u64::from(first_data_block)).div_ceil(u64::from(blocks_per_group));
-        let groups = u32::try_from(groups64)
-            .map_err(|_| Error::Corrupt(format!("{groups64} block groups is too many")))?;
+        let groups = u32::try_from(groups64).map_err(|_| {
+            Error::corrupt(
+                CorruptKind::Superblock,
+                format!("{groups64} block groups is too many"),
+            )
+        })?;
         if u64::from(inodes_count) > u64::from(groups) * u64::from(inodes_per_group)
             || inodes_count < 2
         {
@@ -440,21 +460,22 @@ impl Superblock {
     /// Why in-place writes are refused on this file system, if they are.
     pub fn write_refusal(&self) -> Option<Error> {
         if self.has_incompat(incompat::RECOVER) {
-            return Some(Error::Incompatible(
-                "the journal needs recovery (needs_recovery): mount the image once or run e2fsck, then write".into(),
+            return Some(Error::incompatible(Feature::JournalRecovery,
+                "the journal needs recovery (needs_recovery): mount the image once or run e2fsck, then write",
             ));
         }
         if self.has_incompat(incompat::MMP) {
-            return Some(Error::Incompatible(
-                "mmp: multiple-mount protection is not implemented for writing".into(),
+            return Some(Error::incompatible(
+                Feature::Mmp,
+                "mmp: multiple-mount protection is not implemented for writing",
             ));
         }
         let unknown = self.feature_ro_compat & !RO_COMPAT_WRITE;
         if unknown != 0 {
-            return Some(Error::Incompatible(format!(
-                "{} (read-only for dio)",
-                names(unknown, RO_COMPAT_NAMES)
-            )));
+            return Some(Error::incompatible(
+                Feature::UnknownFlags,
+                format!("{} (read-only for dio)", names(unknown, RO_COMPAT_NAMES)),
+            ));
         }
         None
     }
