@@ -12,7 +12,7 @@
 use std::io::Read;
 use std::sync::{Arc, OnceLock};
 
-use dio::fs::ext::{Ext, FileType, Inode};
+use dio::ext::{Ext, FileType, Inode};
 use dio::{Device, MemDevice, MemDeviceConfig};
 
 const SEEDS: &[&[u8]] = &[

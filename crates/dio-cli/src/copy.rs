@@ -17,10 +17,10 @@ use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
 use clap::{Args, ValueEnum};
-use dio::fs::ext::ExtFile;
-use dio::nbd_file::NbdFile;
-use dio::raw::{OpenOptions, RawFile};
+use dio::ext::ExtFile;
+use dio::nbd::NbdFile;
 use dio::DirectFile;
+use dio::{RawFile, RawOptions};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::fail::{print_notes, say, Failure};
@@ -88,12 +88,12 @@ pub enum Sparse {
 
 /// Open through dio, printing the back end's notes. dio's open errors name the path
 /// already.
-pub fn open(path: &Path, opts: &OpenOptions) -> Result<RawFile, Failure> {
+pub fn open(path: &Path, opts: &RawOptions) -> Result<RawFile, Failure> {
     if path.is_dir() {
         return Err(Failure::at(path, "is a directory"));
     }
     if opts.write {
-        if let Some(holder) = dio::raw::in_use(path) {
+        if let Some(holder) = dio::probe::in_use(path) {
             return Err(Failure::msg(format!(
                 "refusing to write: {holder} (writing under a mounted file system corrupts \
                  it; unmount it first)"

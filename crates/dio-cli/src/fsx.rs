@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use clap::Args;
 use dio::fsx::{self, MemTarget, Options, Report, Target};
-use dio::raw::OpenOptions;
+use dio::RawOptions;
 
 use crate::fail::{say, Failure};
 use crate::location::{Image, Location};
@@ -188,11 +188,11 @@ fn open_target(a: &FsxArgs, seed: u64, span: &mut u64) -> Result<Target, Failure
             "is a block device: fsx overwrites it (add --force)",
         ));
     }
-    let opts = OpenOptions {
+    let opts = RawOptions {
         write: true,
         create: !block_device,
         backend: a.engine.backend(),
-        ..OpenOptions::default()
+        ..RawOptions::default()
     };
     let raw = crate::copy::open(&path, &opts)?;
     Ok(Target::raw(raw))

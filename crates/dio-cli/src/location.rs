@@ -19,11 +19,11 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use dio::device::nbd::{NbdConfig, NbdUri};
-use dio::fs::ext::{Ext, ExtFile, FileType, Inode};
-use dio::nbd_file::NbdFile;
-use dio::raw::{OpenOptions, RawFile};
+use dio::ext::{Ext, ExtFile, FileType, Inode};
+use dio::nbd::NbdFile;
+use dio::nbd::{NbdConfig, NbdUri};
 use dio::{Device, DirectFile};
+use dio::{RawFile, RawOptions};
 
 use crate::fail::Failure;
 use crate::Engine;
@@ -201,11 +201,11 @@ impl Source {
                 }
                 let raw = crate::copy::open(
                     path,
-                    &OpenOptions {
+                    &RawOptions {
                         write,
                         create,
                         backend: engine.backend(),
-                        ..OpenOptions::default()
+                        ..RawOptions::default()
                     },
                 )?;
                 Ok(Opened {

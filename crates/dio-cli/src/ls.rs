@@ -8,7 +8,7 @@
 
 use std::io::Write;
 
-use dio::fs::ext::{DirEntry, Ext, FileType, Inode};
+use dio::ext::{DirEntry, Ext, FileType, Inode};
 
 use crate::fail::{say, Failure};
 use crate::location::{Image, Location};

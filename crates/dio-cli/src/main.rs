@@ -3,7 +3,7 @@
 //! direct-I/O engine.
 //!
 //! This crate owns argument parsing, progress bars, output formats and exit codes.
-//! It holds no engine logic: every byte moves through `dio::raw::RawFile` and its
+//! It holds no engine logic: every byte moves through `dio::RawFile` and its
 //! `DirectFile`.
 
 mod bench;
@@ -137,7 +137,8 @@ Exit status 1 on a divergence, with the operation log and the first wrong byte."
     Fsx(fsx::FsxArgs),
 }
 
-/// Which I/O back end `RawFile` uses.
+/// Which I/O back end `RawFile` uses (`auto` falls back to pread/pwrite where io_uring
+/// is unavailable, or when `DIO_DISABLE_URING=1` is set).
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Engine {
     /// io_uring where the kernel allows it, else pread/pwrite.
@@ -148,12 +149,20 @@ pub enum Engine {
     Sync,
 }
 
+/// Whether `DIO_DISABLE_URING` (non-empty, not `0`) asks the CLI to use pread/pwrite.
+fn uring_disabled_by_env() -> bool {
+    std::env::var_os("DIO_DISABLE_URING").is_some_and(|v| !v.is_empty() && v != "0")
+}
+
 impl Engine {
-    pub fn backend(self) -> dio::raw::Backend {
+    /// The library back end; `auto` honours `DIO_DISABLE_URING=1` (the library
+    /// itself reads no environment), which asks for pread/pwrite.
+    pub fn backend(self) -> dio::Backend {
         match self {
-            Engine::Auto => dio::raw::Backend::Auto,
-            Engine::Uring => dio::raw::Backend::Uring,
-            Engine::Sync => dio::raw::Backend::Sync,
+            Engine::Auto if uring_disabled_by_env() => dio::Backend::Sync,
+            Engine::Auto => dio::Backend::Auto,
+            Engine::Uring => dio::Backend::Uring,
+            Engine::Sync => dio::Backend::Sync,
         }
     }
 }

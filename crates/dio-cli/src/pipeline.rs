@@ -19,9 +19,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use dio::buf::Window;
-use dio::fs::ext::ExtFile;
-use dio::raw::RawFile;
+use dio::ext::ExtFile;
+use dio::RawFile;
+use dio::Window;
 use dio::{AlignedBuf, Completed, DioFuture, DirectFile, Flags};
 use indicatif::ProgressBar;
 

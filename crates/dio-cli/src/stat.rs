@@ -4,7 +4,7 @@
 
 use std::io::Write;
 
-use dio::fs::ext::{FileExtent, Timestamp};
+use dio::ext::{FileExtent, Timestamp};
 use serde_json::json;
 
 use crate::fail::Failure;
@@ -52,8 +52,8 @@ const INLINE_DATA: u32 = 0x1000_0000;
 /// `st_blocks` as the kernel reports it: a regular file with inline data counts
 /// at least the sectors its bytes take, so that tools do not take it for sparse
 /// (`ext4_file_getattr`; directories get no such addition).
-pub fn kernel_blocks(inode: &dio::fs::ext::Inode) -> u64 {
-    if inode.has_flag(INLINE_DATA) && inode.file_type() == dio::fs::ext::FileType::Regular {
+pub fn kernel_blocks(inode: &dio::ext::Inode) -> u64 {
+    if inode.has_flag(INLINE_DATA) && inode.file_type() == dio::ext::FileType::Regular {
         inode.blocks_512 + inode.size.div_ceil(512)
     } else {
         inode.blocks_512
@@ -111,7 +111,7 @@ pub fn run(loc: &Location, as_json: bool, engine: Engine) -> Result<(), Failure>
     let inline = inode.has_flag(INLINE_DATA);
     let blocks = kernel_blocks(inode);
     let dev = crate::ls::device_numbers(inode);
-    let target = if inode.file_type() == dio::fs::ext::FileType::Symlink {
+    let target = if inode.file_type() == dio::ext::FileType::Symlink {
         img.ext.read_link(inode).ok()
     } else {
         None

@@ -13,7 +13,7 @@ use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use dio::device::nbd::NbdUri;
+use dio::nbd::NbdUri;
 
 use crate::fail::Failure;
 use crate::location::{Image, Location, Source};

@@ -97,8 +97,8 @@ fn unaligned(c: &mut Criterion) {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let path = dir.path().join("unaligned.bin");
     std::fs::write(&path, vec![7u8; size as usize]).unwrap();
-    let opts = dio::raw::OpenOptions::default();
-    if let Ok(raw) = dio::raw::RawFile::open(&path, &opts) {
+    let opts = dio::RawOptions::default();
+    if let Ok(raw) = dio::RawFile::open(&path, &opts) {
         let f = raw.direct().clone();
         g.bench_function("file_read_1m_aligned", |b| {
             b.iter(|| {

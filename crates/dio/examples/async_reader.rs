@@ -60,9 +60,9 @@ async fn read_all(file: &DirectFile) -> Result<u64> {
     Ok(total)
 }
 
-fn open() -> Result<(DirectFile, Option<dio::raw::RawFile>)> {
+fn open() -> Result<(DirectFile, Option<dio::RawFile>)> {
     if let Some(path) = std::env::args().nth(1) {
-        let raw = dio::raw::RawFile::open(path.as_ref(), &dio::raw::OpenOptions::default())?;
+        let raw = dio::RawFile::open(path, &dio::RawOptions::default())?;
         return Ok((raw.direct().clone(), Some(raw)));
     }
     let size = 64 << 20;

@@ -13,9 +13,9 @@ use std::io::Read;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use dio::fs::ext::Ext;
-use dio::raw::{OpenOptions, RawFile};
+use dio::ext::Ext;
 use dio::Result;
+use dio::{RawFile, RawOptions};
 
 fn default_image() -> PathBuf {
     let gz = concat!(
@@ -43,7 +43,7 @@ fn main() -> Result<()> {
     let path = args.next().unwrap_or_else(|| "/data/pattern".into());
 
     // The image as a device.
-    let raw = RawFile::open(&image, &OpenOptions::default())?;
+    let raw = RawFile::open(&image, &RawOptions::default())?;
     let dev = Arc::clone(raw.direct().device());
     let fs = Ext::open(dev, raw.size())?;
     println!("{}: ext, {}-byte blocks", image.display(), fs.block_size());

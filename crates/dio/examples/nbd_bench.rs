@@ -16,10 +16,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use dio::device::nbd::NbdConfig;
-use dio::nbd_file::NbdFile;
-use dio::raw::{OpenOptions, RawFile};
+use dio::nbd::NbdConfig;
+use dio::nbd::NbdFile;
 use dio::{AlignedBuf, Flags};
+use dio::{RawFile, RawOptions};
 
 const CHUNK: usize = 1 << 20;
 const QD: usize = 8;
@@ -30,10 +30,10 @@ fn copy(src: &str, dst: &Path) -> dio::Result<()> {
     let size = src.size();
     let out = RawFile::open(
         dst,
-        &OpenOptions {
+        &RawOptions {
             write: true,
             create: true,
-            ..OpenOptions::default()
+            ..RawOptions::default()
         },
     )?;
     out.set_len(0)?;

@@ -9,7 +9,7 @@
 //!
 //! A [`Target`] is what the operations go to: the RAM device under a test map (with
 //! EIO injected on random requests, and the device pre-filled with 0xAA so stale data
-//! shows), a host file or block device through [`crate::raw`], or any other
+//! shows), a host file or block device through [`crate::RawFile`], or any other
 //! [`DirectFile`] (a file inside an image, overwrites only).
 //!
 //! With faults, the model knows what a call may do: an error or a short count is
@@ -24,11 +24,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::client::RawFile;
 use crate::device::{
     Completion, CompletionMode, Device, Finished, Geometry, MemDevice, MemDeviceConfig, Request,
 };
 use crate::map::{TestMap, TestMapConfig};
-use crate::raw::RawFile;
 use crate::{AlignedBuf, DirectFile, Error, FileState, Flags, Result};
 
 /// The byte the RAM target's device is filled with: a read that shows it returned

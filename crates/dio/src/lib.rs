@@ -38,7 +38,7 @@
 //!   max_blocks, create)` answers with an [`Extent`]: a hole, mapped or unwritten
 //!   blocks, how many, and flags (`new`, `boundary`, `defer_completion`, private data
 //!   for the [`BlockMap::end_io`] hook). [`IdentityMap`] serves raw files and block
-//!   devices; `dio::fs::ext` maps files inside ext2/3/4 images; [`TestMap`] is a small
+//!   devices; `dio::ext` maps files inside ext2/3/4 images; [`TestMap`] is a small
 //!   allocating file system for tests. The `custom_map` example writes one.
 //! - [`Device`]: where bytes go. `submit` a [`Request`] (one contiguous device range,
 //!   many memory segments, an FUA flag) and get exactly one completion; `poll`,
@@ -170,7 +170,7 @@
 //! ```compile_fail
 //! // A reference lent by a scope cannot leave it: the scope is not public.
 //! let mut b = dio::AlignedBuf::new(4096, 4096);
-//! let m = dio::buf::io_scope(|| {}, |s| s.lend_buf(&mut b[..]));
+//! let m = dio::io_scope(|| {}, |s| s.lend_buf(&mut b[..]));
 //! ```
 //!
 //! ```compile_fail
@@ -275,25 +275,30 @@
 #![warn(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
 
 #[allow(unsafe_code)]
-pub mod buf;
+mod buf;
+mod client;
 #[allow(unsafe_code)]
-pub mod device;
-pub mod engine;
-pub mod error;
-pub mod file;
-pub mod fs;
+mod device;
+mod engine;
+mod error;
 pub mod fsx;
-pub mod map;
-pub mod nbd_file;
-pub mod raw;
+mod map;
 
-pub use buf::{AlignedBuf, ArenaBuf, BufArena, MemRef, OwnedBuf, Segments, Window};
+pub use buf::{AlignedBuf, ArenaBuf, BufArena, MemRef, OwnedBuf, Segments, Window, HUGE_MIN};
+pub use client::ext;
+pub use client::nbd;
+pub use client::{Backend, RawFile, RawOptions};
+pub use device::probe;
 pub use device::{
-    Completion, CompletionMode, Device, Finished, Geometry, MemDevice, MemDeviceConfig, Op, Request,
+    callback_panics, check_request, read_device, write_device, Completion, CompletionMode, Device,
+    Finished, Geometry, LoggedRequest, MemDevice, MemDeviceConfig, MemStats, Op, Request,
+    SyncConfig, SyncDevice, UringConfig, UringDevice,
 };
-pub use engine::{Completed, DioFuture, DirectFile, Flags, Stats, MAX_IN_FLIGHT, MAX_SEGMENTS};
+pub use engine::{
+    Completed, DioFuture, DirectFile, FileLockGuard, FileState, Flags, Stats, MAX_IN_FLIGHT,
+    MAX_SEGMENTS,
+};
 pub use error::{
     AlignPart, Corrupt, CorruptKind, Error, Feature, Incompatible, PathError, PathErrorKind, Result,
 };
-pub use file::{FileLockGuard, FileState};
 pub use map::{BlockMap, Extent, IdentityMap, Mapping, Private, TestMap, TestMapConfig};

@@ -13,12 +13,12 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::bounded;
-use dio::device::nbd::{NbdConfig, NbdDevice, NbdUri};
-use dio::device::{SyncConfig, SyncDevice, UringConfig, UringDevice};
+use dio::nbd::{NbdConfig, NbdDevice, NbdUri};
 use dio::{
     AlignedBuf, BlockMap, Completion, CompletionMode, Device, DirectFile, Extent, FileState,
     Finished, Flags, Geometry, IdentityMap, MemDevice, MemDeviceConfig, Op, Request, Result,
 };
+use dio::{SyncConfig, SyncDevice, UringConfig, UringDevice};
 
 const FS: u32 = 4096;
 
@@ -338,11 +338,11 @@ fn truncate_and_read_modify_write_exclude_each_other_on_ram() {
 #[test]
 fn truncate_and_read_modify_write_exclude_each_other_on_a_host_file() {
     let path = scratch_file("race", 0);
-    let opts = dio::raw::OpenOptions {
+    let opts = dio::RawOptions {
         write: true,
         ..Default::default()
     };
-    let raw = match dio::raw::RawFile::open(&path, &opts) {
+    let raw = match dio::RawFile::open(&path, &opts) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("skipping: {e}");
@@ -664,7 +664,7 @@ fn nbd_device_dropped_from_its_own_completion_completes_every_request_once() {
             let _ = self.tx.lock().unwrap().send(());
         }
     }
-    let before = dio::device::callback_panics();
+    let before = dio::callback_panics();
     let mut cfg = NbdConfig::default();
     cfg = cfg.timeout(Duration::from_secs(10));
     let dev = Arc::new(NbdDevice::connect(&uri, &cfg).unwrap());
@@ -696,9 +696,5 @@ fn nbd_device_dropped_from_its_own_completion_completes_every_request_once() {
     let mut got = hits.lock().unwrap().clone();
     got.sort();
     assert_eq!(got, (0..8).collect::<Vec<_>>(), "each request exactly once");
-    assert_eq!(
-        dio::device::callback_panics(),
-        before,
-        "a completion panicked"
-    );
+    assert_eq!(dio::callback_panics(), before, "a completion panicked");
 }

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use dio::device::mem::MemDeviceConfig;
 use dio::fsx::{pattern, Rng};
+use dio::MemDeviceConfig;
 use dio::{AlignedBuf, DirectFile, FileState, Flags, MemDevice, TestMap, TestMapConfig};
 
 const SPAN: u64 = 1 << 20;

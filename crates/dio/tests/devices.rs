@@ -15,9 +15,9 @@ use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::Duration;
 
-use dio::device::{probe, SyncConfig, SyncDevice, UringConfig, UringDevice};
-use dio::raw::{Backend, OpenOptions, RawFile};
+use dio::{probe, SyncConfig, SyncDevice, UringConfig, UringDevice};
 use dio::{AlignedBuf, CompletionMode, Device, DirectFile, Error, FileState, Flags, IdentityMap};
+use dio::{Backend, RawFile, RawOptions};
 
 const KIB: usize = 1024;
 
@@ -31,11 +31,11 @@ fn file_with(dir: &Path, name: &str, data: &[u8]) -> PathBuf {
     p
 }
 
-fn opts(backend: Backend, write: bool) -> OpenOptions {
-    OpenOptions {
+fn opts(backend: Backend, write: bool) -> RawOptions {
+    RawOptions {
         write,
         backend,
-        ..OpenOptions::default()
+        ..RawOptions::default()
     }
 }
 
@@ -176,7 +176,7 @@ fn device_zero_fills_the_part_of_a_read_past_eof() {
         for dev in devs {
             let mut b = AlignedBuf::new(lb, 4096);
             b.fill(0xee);
-            dio::device::read_at(&*dev, 0, &mut b).unwrap();
+            dio::read_device(&*dev, 0, &mut b).unwrap();
             assert_eq!(&b[..300], &data[..], "{}", dev.name());
             assert!(
                 b[300..].iter().all(|&x| x == 0),
@@ -185,7 +185,7 @@ fn device_zero_fills_the_part_of_a_read_past_eof() {
             );
             // Past the device end: EINVAL from check_request.
             let mut b = AlignedBuf::new(lb, 4096);
-            let e = dio::device::read_at(&*dev, p.geometry.size, &mut b).unwrap_err();
+            let e = dio::read_device(&*dev, p.geometry.size, &mut b).unwrap_err();
             assert_eq!(e.raw_os_error(), Some(libc::EINVAL));
         }
     });
@@ -374,7 +374,7 @@ fn regular_file_geometry_comes_from_statx() {
         p.read_offset_align
     );
     // The dio alignment the engine reports matches.
-    let raw = RawFile::open(&path, &OpenOptions::default()).unwrap();
+    let raw = RawFile::open(&path, &RawOptions::default()).unwrap();
     assert_eq!(raw.direct().dio_align(), (g.mem_align, g.logical_block));
 }
 
@@ -419,7 +419,7 @@ fn create_makes_a_new_file_that_writes_extend() {
         assert_eq!(raw.size(), 12288);
         assert_eq!(std::fs::read(&path).unwrap(), data);
         let missing =
-            RawFile::open(&dir.path().join("missing"), &OpenOptions::default()).unwrap_err();
+            RawFile::open(dir.path().join("missing"), &RawOptions::default()).unwrap_err();
         assert!(missing.to_string().contains("missing"), "{missing}");
     });
 }
@@ -427,25 +427,23 @@ fn create_makes_a_new_file_that_writes_extend() {
 // ---- Fallbacks ----
 
 #[test]
-fn auto_falls_back_to_pread_when_uring_is_disabled() {
+fn sync_backend_serves_async_calls_and_auto_prefers_uring() {
     bounded(30, || {
         let dir = tmpdir();
         let data = pattern(256 * KIB, 31);
         let path = file_with(dir.path(), "f", &data);
-        // Only this test uses Backend::Auto, so the variable affects no other test.
-        std::env::set_var("DIO_DISABLE_URING", "1");
-        let raw = RawFile::open(&path, &OpenOptions::default());
-        std::env::remove_var("DIO_DISABLE_URING");
-        let raw = raw.unwrap();
+        let raw = RawFile::open(
+            &path,
+            &RawOptions {
+                backend: Backend::Sync,
+                ..RawOptions::default()
+            },
+        )
+        .unwrap();
         assert_eq!(raw.backend_name(), "sync");
-        assert_eq!(raw.notes().len(), 1, "{:?}", raw.notes());
-        assert!(
-            raw.notes()[0].contains("DIO_DISABLE_URING"),
-            "{:?}",
-            raw.notes()
-        );
+        assert!(raw.notes().is_empty(), "{:?}", raw.notes());
         many_async_reads(raw.direct(), &data);
-        let auto = RawFile::open(&path, &OpenOptions::default()).unwrap();
+        let auto = RawFile::open(&path, &RawOptions::default()).unwrap();
         assert_eq!(auto.backend_name(), "uring");
         assert!(auto.notes().is_empty(), "{:?}", auto.notes());
         let forced = RawFile::open(&path, &opts(Backend::Sync, false)).unwrap();
@@ -524,7 +522,7 @@ fn misaligned_requests_fail_cleanly() {
             // The device itself refuses a misaligned request with EINVAL.
             let dev = raw.direct().device();
             let mut small = AlignedBuf::new(100, 4096);
-            let e = dio::device::read_at(&**dev, 0, &mut small).unwrap_err();
+            let e = dio::read_device(&**dev, 0, &mut small).unwrap_err();
             assert_eq!(e.raw_os_error(), Some(libc::EINVAL));
         }
     });
@@ -574,7 +572,7 @@ fn direct_io_refusal_names_the_path_and_file_system() {
     }
     let _guard = Unmount(mnt.clone());
     let path = file_with(&mnt, "x", b"hello");
-    let e = RawFile::open(&path, &OpenOptions::default()).unwrap_err();
+    let e = RawFile::open(&path, &RawOptions::default()).unwrap_err();
     let want = format!(
         "{}: this file system (ramfs) does not support O_DIRECT",
         path.display()
@@ -755,7 +753,7 @@ fn single_thread_ring_reads_writes_and_polls_on_its_own_thread() {
         let dir = tmpdir();
         let data = pattern(256 * KIB, 21);
         let path = file_with(dir.path(), "f", &data);
-        let o = OpenOptions {
+        let o = RawOptions {
             single_thread: true,
             ..opts(Backend::Uring, true)
         };

@@ -9,7 +9,7 @@ use std::thread;
 use std::time::Duration;
 
 use common::{pattern, rig, rig_with, STALE};
-use dio::device::mem::MemDeviceConfig;
+use dio::MemDeviceConfig;
 use dio::{
     AlignPart, AlignedBuf, BlockMap, Device, DirectFile, Error, Extent, FileState, Flags, Geometry,
     IdentityMap, MemDevice, Op, TestMap, TestMapConfig, MAX_IN_FLIGHT,

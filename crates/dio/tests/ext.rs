@@ -9,10 +9,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
-use dio::fs::ext::{Ext, FileType};
-use dio::map::Mapping;
-use dio::raw::{OpenOptions, RawFile};
+use dio::ext::{Ext, FileType};
 use dio::Error;
+use dio::Mapping;
+use dio::{RawFile, RawOptions};
 
 const IMAGES: &[&str] = &[
     "ext4-4k",
@@ -49,9 +49,9 @@ fn unpack(name: &str, tag: &str) -> PathBuf {
 fn open(path: &Path, write: bool) -> dio::Result<(RawFile, Ext)> {
     let raw = RawFile::open(
         path,
-        &OpenOptions {
+        &RawOptions {
             write,
-            ..OpenOptions::default()
+            ..RawOptions::default()
         },
     )?;
     let dev = Arc::clone(raw.direct().device());
@@ -94,7 +94,7 @@ fn pattern(nblocks: usize, tag: &str) -> Vec<u8> {
 fn frag_expected(ext: &Ext) -> Vec<u8> {
     let mut data = pattern(800, "frag");
     let inode = ext.lookup(b"/frag", true).unwrap();
-    if inode.has_flag(dio::fs::ext::inode_flags::EXTENTS) {
+    if inode.has_flag(dio::ext::inode_flags::EXTENTS) {
         let bs = ext.block_size() as usize;
         let blocks = 800 * 1024 / bs;
         let mut b = 10;
@@ -207,7 +207,7 @@ fn every_fixture_matches_the_tree_it_was_made_from() {
 
 #[test]
 fn feature_mix_of_the_fixtures_is_what_the_tests_claim() {
-    use dio::fs::ext::{compat, incompat, ro_compat};
+    use dio::ext::{compat, incompat, ro_compat};
     let expect: &[(&str, u32, u32, u32, u32)] = &[
         // name, block size, incompat, ro_compat, compat bits that must be set
         (
@@ -279,7 +279,7 @@ fn feature_mix_of_the_fixtures_is_what_the_tests_claim() {
         );
         let many = ext.lookup(b"/many", false).unwrap();
         assert!(
-            many.has_flag(dio::fs::ext::inode_flags::INDEX),
+            many.has_flag(dio::ext::inode_flags::INDEX),
             "{name}: /many is hashed"
         );
     }
@@ -301,7 +301,7 @@ fn feature_mix_of_the_fixtures_is_what_the_tests_claim() {
     // A 3 MiB all-hole file kept inline: 60 bytes of inline area, zeros past it.
     let (_raw, ext) = open(&unpack("ext4-4k", "features"), false).unwrap();
     let inode = ext.lookup(b"/sparse3m", false).unwrap();
-    assert!(inode.has_flag(dio::fs::ext::inode_flags::INLINE_DATA));
+    assert!(inode.has_flag(dio::ext::inode_flags::INLINE_DATA));
     assert_eq!(inode.size, 3 << 20);
     let file = ext.open_file(&inode).unwrap();
     let mut buf = vec![1u8; 5000];
@@ -380,7 +380,7 @@ fn compare_tree(ext: &Ext, host: &Path, rel: &str, checked: &mut usize, dump: bo
         } else {
             let host_bytes = std::fs::read(&p).unwrap();
             let ours = read_all(ext, &path);
-            if dump && inode.has_flag(dio::fs::ext::inode_flags::INLINE_DATA) {
+            if dump && inode.has_flag(dio::ext::inode_flags::INLINE_DATA) {
                 // debugfs dumps the inline area: past the shorter of the two,
                 // only zeros.
                 let n = host_bytes.len().min(ours.len());
@@ -1048,7 +1048,7 @@ fn needs_recovery_image(tag: &str, opts: &str, mkfs: &[&str]) -> Option<PathBuf>
     let raw = std::fs::read(&copy).unwrap();
     let incompat = u32::from_le_bytes(raw[1024 + 0x60..1024 + 0x64].try_into().unwrap());
     assert!(
-        incompat & dio::fs::ext::incompat::RECOVER != 0,
+        incompat & dio::ext::incompat::RECOVER != 0,
         "{tag}: the copy does not need recovery"
     );
     Some(copy)

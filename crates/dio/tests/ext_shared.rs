@@ -9,9 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Barrier};
 
-use dio::fs::ext::{Ext, ExtFile, Timestamp};
-use dio::raw::{OpenOptions, RawFile};
+use dio::ext::{Ext, ExtFile, Timestamp};
 use dio::{Error, Flags};
+use dio::{RawFile, RawOptions};
 
 fn have(tool: &str) -> bool {
     Command::new(tool).arg("-V").output().is_ok()
@@ -102,9 +102,9 @@ fn e2fsck_clean(img: &Path) {
 fn open(path: &Path) -> (RawFile, Ext) {
     let raw = RawFile::open(
         path,
-        &OpenOptions {
+        &RawOptions {
             write: true,
-            ..OpenOptions::default()
+            ..RawOptions::default()
         },
     )
     .unwrap();

@@ -62,7 +62,7 @@ fn eio_on_random_requests_gives_errors_or_exact_counts_and_no_stale_data() {
 /// it: `dio fsx mem:2M --faults 0.02 --seed 203`.
 #[test]
 fn failed_request_inside_a_fresh_block_exposes_no_stale_data() {
-    use dio::device::mem::MemDeviceConfig;
+    use dio::MemDeviceConfig;
     use dio::{AlignedBuf, DirectFile, FileState, Flags, Geometry, MemDevice};
     use dio::{TestMap, TestMapConfig};
     use std::sync::Arc;

@@ -8,7 +8,7 @@ use std::io::{IoSlice, IoSliceMut};
 use std::sync::Arc;
 
 use common::STALE;
-use dio::device::mem::MemDeviceConfig;
+use dio::MemDeviceConfig;
 use dio::{
     AlignedBuf, DirectFile, FileState, Flags, Geometry, IdentityMap, MemDevice, TestMap,
     TestMapConfig,

@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::{pattern, rig_with, STALE};
-use dio::device::mem::MemDeviceConfig;
+use dio::MemDeviceConfig;
 use dio::{AlignedBuf, Flags, TestMapConfig};
 use proptest::prelude::*;
 

@@ -20,8 +20,8 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use dio::device::nbd::{NbdConfig, NbdDevice, NbdUri};
-use dio::nbd_file::NbdFile;
+use dio::nbd::NbdFile;
+use dio::nbd::{NbdConfig, NbdDevice, NbdUri};
 use dio::{AlignedBuf, CompletionMode, Device, Error, Flags};
 
 const MIB: usize = 1 << 20;
@@ -98,8 +98,8 @@ impl Server {
             let up = match &srv.uri.address {
                 // The socket file appears once the server listens (a probe
                 // connection would only make the server log a broken handshake).
-                dio::device::nbd::Address::Unix(p) => p.exists(),
-                dio::device::nbd::Address::Tcp { host, port } => {
+                dio::nbd::Address::Unix(p) => p.exists(),
+                dio::nbd::Address::Tcp { host, port } => {
                     TcpStream::connect((host.as_str(), *port)).is_ok()
                 }
             };

@@ -13,12 +13,12 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use common::bounded;
-use dio::device::{SyncConfig, SyncDevice, UringConfig, UringDevice};
-use dio::map::Private;
+use dio::Private;
 use dio::{
     AlignedBuf, BlockMap, Completion, CompletionMode, Device, DirectFile, Extent, FileState,
     Finished, Flags, Geometry, IdentityMap, MemDevice, MemDeviceConfig, Op, Request, Result,
 };
+use dio::{SyncConfig, SyncDevice, UringConfig, UringDevice};
 
 const FS: u32 = 4096;
 const SIZE: u64 = 1 << 20;
@@ -351,7 +351,7 @@ fn a_panicking_completion_callback_does_not_stop_the_device_thread() {
             Arc::new(FileState::new(SIZE)),
         )
         .unwrap();
-        let before = dio::device::callback_panics();
+        let before = dio::callback_panics();
         let (tx, rx) = mpsc::channel();
         let n = 40;
         for i in 0..n {
@@ -393,7 +393,7 @@ fn a_panicking_completion_callback_does_not_stop_the_device_thread() {
         // The last panicking callback drops its sender while it unwinds, a moment
         // before the device counts its panic.
         let deadline = std::time::Instant::now() + Duration::from_secs(common::time_scaled(5));
-        while dio::device::callback_panics() < before + n / 4 {
+        while dio::callback_panics() < before + n / 4 {
             assert!(
                 std::time::Instant::now() < deadline,
                 "{name}: panics not counted"
@@ -458,7 +458,7 @@ fn a_poll_error_does_not_end_the_wait_for_a_request_in_flight() {
     });
     // The metadata helpers: the buffer comes back filled, with the poll error.
     let mut buf = AlignedBuf::new(8192, 4096);
-    let r = dio::device::read_at(&*dev, 4096, &mut buf);
+    let r = dio::read_device(&*dev, 4096, &mut buf);
     assert_eq!(buf.len(), 8192);
     assert!(buf
         .iter()

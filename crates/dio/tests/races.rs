@@ -13,9 +13,9 @@ use std::thread;
 use std::time::Duration;
 
 use common::{bounded, rig_with, Rig, STALE};
-use dio::device::mem::MemDeviceConfig;
 use dio::fsx::{pattern, Rng};
-use dio::map::Private;
+use dio::MemDeviceConfig;
+use dio::Private;
 use dio::{AlignedBuf, BlockMap, DirectFile, Extent, FileState, Flags, MemDevice, Op};
 use dio::{TestMap, TestMapConfig};
 

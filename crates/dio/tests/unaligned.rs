@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{rig_with, STALE};
-use dio::device::mem::MemDeviceConfig;
+use dio::MemDeviceConfig;
 use dio::{AlignedBuf, DirectFile, Flags, OwnedBuf, TestMapConfig, Window};
 use proptest::prelude::*;
 
@@ -273,15 +273,15 @@ proptest! {
     }
 }
 
-fn host_file() -> Option<(tempfile::TempDir, dio::raw::RawFile)> {
+fn host_file() -> Option<(tempfile::TempDir, dio::RawFile)> {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).ok()?;
     let path = dir.path().join("unaligned.img");
     std::fs::File::create(&path).ok()?.set_len(0).ok()?;
-    let opts = dio::raw::OpenOptions {
+    let opts = dio::RawOptions {
         write: true,
         ..Default::default()
     };
-    match dio::raw::RawFile::open(&path, &opts) {
+    match dio::RawFile::open(&path, &opts) {
         Ok(f) => Some((dir, f)),
         Err(e) => {
             eprintln!("skipping: cannot open a host file for direct I/O: {e}");

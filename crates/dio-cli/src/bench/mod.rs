@@ -21,10 +21,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use clap::Args;
-use dio::device::nbd::{NbdConfig, NbdUri};
-use dio::nbd_file::NbdFile;
-use dio::raw::{OpenOptions, RawFile};
+use dio::nbd::NbdFile;
+use dio::nbd::{NbdConfig, NbdUri};
 use dio::{AlignedBuf, DioFuture, Flags};
+use dio::{RawFile, RawOptions};
 use serde_json::{json, Value};
 
 use crate::copy::open;
@@ -197,14 +197,14 @@ fn prepare(
     let lay_out_needed = !is_device && existing < file_size;
     let raw = open(
         path,
-        &OpenOptions {
+        &RawOptions {
             write: write || lay_out_needed,
             create: lay_out_needed,
             backend: args.engine.backend(),
             queue_depth: ring_depth(qd),
             // The bench submits and reaps on this thread only.
             single_thread: true,
-            ..OpenOptions::default()
+            ..RawOptions::default()
         },
     )?;
     let size = if is_device {

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use dio::raw::RawFile;
+use dio::RawFile;
 use dio::{ArenaBuf, BufArena, Completed, CompletionMode, DirectFile, Flags, OwnedBuf, Window};
 use rustix::fs::{fadvise, Advice};
 

@@ -9,13 +9,13 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use crate::buf::{MemRef, Segments};
 
-pub mod mem;
-pub mod nbd;
+mod mem;
+pub(crate) mod nbd;
 pub mod probe;
-pub mod sync;
-pub mod uring;
+pub(crate) mod sync;
+pub(crate) mod uring;
 
-pub use mem::{MemDevice, MemDeviceConfig};
+pub use mem::{LoggedRequest, MemDevice, MemDeviceConfig, MemStats};
 pub use sync::{SyncConfig, SyncDevice};
 pub use uring::{UringConfig, UringDevice};
 
@@ -637,12 +637,12 @@ fn submit_and_wait(
 
 /// Read `buf.len()` bytes at device `offset` into an aligned buffer, splitting at the
 /// device's request limit. For metadata and tools; file data goes through the engine.
-pub fn read_at(dev: &dyn Device, offset: u64, buf: &mut crate::AlignedBuf) -> io::Result<()> {
+pub fn read_device(dev: &dyn Device, offset: u64, buf: &mut crate::AlignedBuf) -> io::Result<()> {
     transfer_via(dev, &|r| dev.submit(r), Op::Read, offset, buf, false)
 }
 
 /// Write an aligned buffer at device `offset`, splitting at the request limit.
-pub fn write_at(
+pub fn write_device(
     dev: &dyn Device,
     offset: u64,
     buf: &mut crate::AlignedBuf,

@@ -347,3 +347,55 @@ pub fn is_block_device(file: &File) -> bool {
     file.metadata()
         .is_ok_and(|m| m.file_type().is_block_device())
 }
+
+/// Whether `path` (an image file or a block device) is in use by a mounted file
+/// system, so that writing it behind the kernel's back would corrupt it: `Some`
+/// names the holder. A block device counts as in use when the kernel refuses an
+/// exclusive open (`EBUSY`, as mount holds it); a regular file when a loop device
+/// backed by it is (checked through `/sys/block/loop*/loop/backing_file`).
+///
+/// A file attached to a loop device that nothing mounted is not in use. Errors
+/// reading sysfs count as "not in use": this is a guard, not a lock.
+pub fn in_use(path: &std::path::Path) -> Option<String> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+    let busy = |dev: &Path| {
+        matches!(
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_EXCL)
+                .open(dev),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY)
+        )
+    };
+    let meta = std::fs::metadata(path).ok()?;
+    if meta.file_type().is_block_device() {
+        return busy(path)
+            .then(|| format!("{} is mounted or held open exclusively", path.display()));
+    }
+    if !meta.is_file() {
+        return None;
+    }
+    for entry in std::fs::read_dir("/sys/block").ok()?.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str().filter(|n| n.starts_with("loop")) else {
+            continue;
+        };
+        let Ok(backing) = std::fs::read_to_string(entry.path().join("loop/backing_file")) else {
+            continue;
+        };
+        let Ok(b) = std::fs::metadata(backing.trim_end()) else {
+            continue;
+        };
+        let dev = std::path::PathBuf::from("/dev").join(name);
+        if b.dev() == meta.dev() && b.ino() == meta.ino() && busy(&dev) {
+            return Some(format!(
+                "{} is attached to {} and mounted",
+                path.display(),
+                dev.display()
+            ));
+        }
+    }
+    None
+}
+
+pub use super::uring::available as uring_available;

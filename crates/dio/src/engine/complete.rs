@@ -14,7 +14,7 @@ use std::collections::VecDeque;
 
 use super::bio::MAX_IN_FLIGHT;
 use crate::device::{Completion, CompletionMode, Device, Finished, Op, Request};
-use crate::file::LockKind;
+use crate::engine::LockKind;
 use crate::map::Private;
 use crate::{Error, Result};
 

@@ -9,6 +9,7 @@
 mod bio;
 mod complete;
 mod request;
+mod state;
 mod unaligned;
 mod walk;
 
@@ -21,12 +22,13 @@ use std::task::{Context, Poll, Waker};
 
 use crate::buf::{self, MemRef, OwnedBuf};
 use crate::device::{CompletionMode, Device, Geometry, Op};
-use crate::file::FileState;
 use crate::map::{BlockMap, Mapping};
 use crate::AlignedBuf;
 use crate::{Error, Result};
 
 pub use bio::{MAX_IN_FLIGHT, MAX_SEGMENTS};
+pub(crate) use state::{Begin, Job, LockKind};
+pub use state::{FileLockGuard, FileState};
 
 /// Per-request flags (the seed's DIO_* flags and iocb flags).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]

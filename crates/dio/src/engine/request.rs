@@ -11,8 +11,8 @@ use super::walk::{walk, Seen, Walk};
 use super::{Flags, Shared};
 use crate::buf::{Lender, MemRef};
 use crate::device::{CompletionMode, Op};
+use crate::engine::{Begin, Job, LockKind};
 use crate::error::AlignPart;
-use crate::file::{Begin, Job, LockKind};
 use crate::map::Mapping;
 use crate::{Error, Result};
 

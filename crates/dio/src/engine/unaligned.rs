@@ -20,7 +20,7 @@ use super::request::{self, write_lock_range, Extra};
 use super::{Completed, Flags, Shared};
 use crate::buf::{self, AlignedBuf, MemRef, OwnedBuf};
 use crate::device::Op;
-use crate::file::Job;
+use crate::engine::Job;
 use crate::{Error, Result};
 
 /// Bytes bounced at a time when the caller's memory is not aligned.

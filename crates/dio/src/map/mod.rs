@@ -9,8 +9,10 @@ use std::sync::Arc;
 use crate::device::{Device, Op, Request};
 use crate::Result;
 
+mod raw;
 mod test_map;
 
+pub(crate) use raw::RawMap;
 pub use test_map::{TestMap, TestMapConfig};
 
 /// Opaque data a block map attaches to a mapping, handed back to its

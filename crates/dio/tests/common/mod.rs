@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use dio::device::mem::MemDeviceConfig;
+use dio::MemDeviceConfig;
 use dio::{DirectFile, FileState, MemDevice, TestMap, TestMapConfig};
 
 pub struct Rig {

@@ -16,7 +16,7 @@
 //! every request in flight completes with an error, later ones fail at once. No
 //! reply can make the device panic or hang.
 //!
-//! It knows nothing of files or block maps; [`crate::nbd_file`] puts a file on it.
+//! It knows nothing of files or block maps; [`crate::nbd::NbdFile`] puts a file on it.
 
 mod conn;
 mod handshake;

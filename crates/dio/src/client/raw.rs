@@ -14,17 +14,13 @@ use crate::device::probe::{self, Probed};
 use crate::device::sync::{SyncConfig, SyncDevice};
 use crate::device::uring::{UringConfig, UringDevice};
 use crate::device::{Device, Geometry};
-use crate::map::{BlockMap, Extent};
-use crate::{DirectFile, Error, FileState, IdentityMap, Result};
-
-/// Environment variable that makes [`Backend::Auto`] behave as if io_uring were
-/// unavailable (`DIO_DISABLE_URING=1`).
-pub const DISABLE_URING_ENV: &str = "DIO_DISABLE_URING";
+use crate::map::RawMap;
+use crate::{DirectFile, Error, FileState, Flags, IdentityMap, Result};
 
 /// Which device back end a [`RawFile`] uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
-    /// io_uring if available, else pread/pwrite (with a note).
+    /// io_uring if available, else pread/pwrite (with a note saying why).
     Auto,
     /// io_uring, or fail.
     Uring,
@@ -34,7 +30,7 @@ pub enum Backend {
 
 /// How to open a [`RawFile`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OpenOptions {
+pub struct RawOptions {
     /// Open read-write (else read-only; writes fail with EBADF).
     pub write: bool,
     /// Create the file if missing (needs `write`).
@@ -57,9 +53,9 @@ pub struct OpenOptions {
     pub single_thread: bool,
 }
 
-impl Default for OpenOptions {
+impl Default for RawOptions {
     fn default() -> Self {
-        OpenOptions {
+        RawOptions {
             write: false,
             create: false,
             backend: Backend::Auto,
@@ -110,9 +106,51 @@ fn uring_unavailable_reason(e: &Error) -> String {
     }
 }
 
-/// Whether `DIO_DISABLE_URING` asks to pretend io_uring is missing.
-fn uring_disabled_by_env() -> bool {
-    std::env::var_os(DISABLE_URING_ENV).is_some_and(|v| !v.is_empty() && v != "0")
+/// Build the device for `file`: io_uring where `opts.backend` allows and the kernel
+/// agrees, else pread/pwrite, with a note saying why io_uring was not used.
+fn choose_device(
+    file: File,
+    path: &Path,
+    geometry: Geometry,
+    opts: &RawOptions,
+    notes: &mut Vec<String>,
+) -> Result<Dev> {
+    let sync = |file: File| -> Result<Dev> {
+        Ok(Dev::Sync(Arc::new(SyncDevice::new(
+            file,
+            geometry,
+            &SyncConfig::default(),
+        )?)))
+    };
+    if opts.backend == Backend::Sync {
+        return sync(file);
+    }
+    let cfg = UringConfig {
+        queue_depth: opts.queue_depth.max(1),
+        iopoll: opts.iopoll,
+        sqpoll: opts.sqpoll,
+        single_issuer: opts.single_thread,
+        ..UringConfig::default()
+    };
+    let dup = file
+        .try_clone()
+        .map_err(|e| Error::os(format!("dup {}", path.display()), e))?;
+    match UringDevice::new(dup, geometry, &cfg) {
+        Ok(d) => Ok(Dev::Uring(Arc::new(d))),
+        // Only an OS refusal (no io_uring, seccomp, memlock) falls back.
+        Err(e @ Error::Os { .. }) => {
+            let why = uring_unavailable_reason(&e);
+            if opts.backend == Backend::Uring {
+                return Err(Error::os(
+                    format!("{}: io_uring unavailable ({why})", path.display()),
+                    std::io::Error::from_raw_os_error(e.errno()),
+                ));
+            }
+            notes.push(format!("io_uring unavailable ({why}): using pread/pwrite"));
+            sync(file)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 impl RawFile {
@@ -121,72 +159,15 @@ impl RawFile {
     /// Errors name the path: a missing file, a file system that refuses `O_DIRECT`
     /// ("this file system (tmpfs) does not support O_DIRECT"), io_uring unavailable
     /// with [`Backend::Uring`].
-    pub fn open(path: &Path, opts: &OpenOptions) -> Result<RawFile> {
+    pub fn open(path: impl AsRef<Path>, opts: &RawOptions) -> Result<RawFile> {
+        let path = path.as_ref();
         let extra = if opts.dsync { libc::O_DSYNC } else { 0 };
         let file = probe::open_direct_with(path, opts.write, opts.create, extra)?;
         let probed = probe::probe(file.as_fd(), path)?;
         let geometry = device_geometry(&probed, opts.write);
         let mut notes = Vec::new();
 
-        let uring_cfg = UringConfig {
-            queue_depth: opts.queue_depth.max(1),
-            iopoll: opts.iopoll,
-            sqpoll: opts.sqpoll,
-            single_issuer: opts.single_thread,
-            ..UringConfig::default()
-        };
-        let try_uring = |file: &File| -> Result<UringDevice> {
-            let dup = file
-                .try_clone()
-                .map_err(|e| Error::os(format!("dup {}", path.display()), e))?;
-            UringDevice::new(dup, geometry, &uring_cfg)
-        };
-        let dev = match opts.backend {
-            Backend::Uring => {
-                let d = try_uring(&file).map_err(|e| match e {
-                    Error::Os { .. } => Error::os(
-                        format!(
-                            "{}: io_uring unavailable ({})",
-                            path.display(),
-                            uring_unavailable_reason(&e)
-                        ),
-                        std::io::Error::from_raw_os_error(e.errno()),
-                    ),
-                    e => e,
-                })?;
-                Dev::Uring(Arc::new(d))
-            }
-            Backend::Auto if uring_disabled_by_env() => {
-                notes.push(format!(
-                    "io_uring disabled by {DISABLE_URING_ENV}: using pread/pwrite"
-                ));
-                Dev::Sync(Arc::new(SyncDevice::new(
-                    file,
-                    geometry,
-                    &SyncConfig::default(),
-                )?))
-            }
-            Backend::Auto => match try_uring(&file) {
-                Ok(d) => Dev::Uring(Arc::new(d)),
-                Err(e @ Error::Os { .. }) => {
-                    notes.push(format!(
-                        "io_uring unavailable ({}): using pread/pwrite",
-                        uring_unavailable_reason(&e)
-                    ));
-                    Dev::Sync(Arc::new(SyncDevice::new(
-                        file,
-                        geometry,
-                        &SyncConfig::default(),
-                    )?))
-                }
-                Err(e) => return Err(e),
-            },
-            Backend::Sync => Dev::Sync(Arc::new(SyncDevice::new(
-                file,
-                geometry,
-                &SyncConfig::default(),
-            )?)),
-        };
+        let dev = choose_device(file, path, geometry, opts, &mut notes)?;
         let device: Arc<dyn Device> = match &dev {
             Dev::Uring(d) => {
                 notes.extend(d.notes().iter().cloned());
@@ -232,6 +213,21 @@ impl RawFile {
             write: opts.write,
             notes,
         })
+    }
+
+    /// Read up to `buf.len()` bytes at any `offset` into any memory: the engine
+    /// bounces what is not aligned (the way `pread` on a file without `O_DIRECT`
+    /// would accept it). Short at the end of the file; 0 at or past it. Use
+    /// [`RawFile::direct`] for the strict zero-copy calls.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        self.direct.read_at(offset, buf, Flags::UNALIGNED)
+    }
+
+    /// Write `data` at any `offset` from any memory (a regular file grows; a block
+    /// device refuses past its end). Unaligned heads and tails are
+    /// read-modify-written under the engine's range lock.
+    pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<usize> {
+        self.direct.write_at(offset, data, Flags::UNALIGNED)
     }
 
     /// The file as a [`DirectFile`]: identity map over the device, fs block = the
@@ -336,98 +332,4 @@ fn device_geometry(p: &Probed, write: bool) -> Geometry {
         g.size = (i64::MAX as u64) / lb * lb;
     }
     g
-}
-
-/// The identity map of a raw file or device, with the file semantics at its end:
-/// reads past the end are short (not an error), and a write past the end of a block
-/// device fails with `ENOSPC`.
-struct RawMap {
-    identity: IdentityMap,
-    blocks: u64,
-    block_size: u32,
-    path: PathBuf,
-    /// The file, to shrink it (regular files open for writing).
-    resize: Option<std::fs::File>,
-}
-
-impl BlockMap for RawMap {
-    fn block_size(&self) -> u32 {
-        self.block_size
-    }
-
-    fn map(&self, block: u64, max_blocks: u64, create: bool) -> Result<Extent> {
-        if create && block >= self.blocks {
-            return Err(Error::os(
-                format!("write past the end of {}", self.path.display()),
-                std::io::Error::from_raw_os_error(libc::ENOSPC),
-            ));
-        }
-        self.identity.map(block, max_blocks, create)
-    }
-
-    fn max_file_size(&self) -> u64 {
-        (i64::MAX as u64) / u64::from(self.block_size) * u64::from(self.block_size)
-    }
-
-    fn has_end_io(&self) -> bool {
-        false
-    }
-
-    fn truncate(&self, size: u64) -> Result<()> {
-        match &self.resize {
-            Some(f) => crate::device::ftruncate(f.as_fd(), size)
-                .map_err(|e| Error::os(format!("truncate {} to {size}", self.path.display()), e)),
-            None => Ok(()),
-        }
-    }
-}
-
-/// Whether `path` (an image file or a block device) is in use by a mounted file
-/// system, so that writing it behind the kernel's back would corrupt it: `Some`
-/// names the holder. A block device counts as in use when the kernel refuses an
-/// exclusive open (`EBUSY`, as mount holds it); a regular file when a loop device
-/// backed by it is (checked through `/sys/block/loop*/loop/backing_file`).
-///
-/// A file attached to a loop device that nothing mounted is not in use. Errors
-/// reading sysfs count as "not in use": this is a guard, not a lock.
-pub fn in_use(path: &Path) -> Option<String> {
-    use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
-    let busy = |dev: &Path| {
-        matches!(
-            std::fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_EXCL)
-                .open(dev),
-            Err(e) if e.raw_os_error() == Some(libc::EBUSY)
-        )
-    };
-    let meta = std::fs::metadata(path).ok()?;
-    if meta.file_type().is_block_device() {
-        return busy(path)
-            .then(|| format!("{} is mounted or held open exclusively", path.display()));
-    }
-    if !meta.is_file() {
-        return None;
-    }
-    for entry in std::fs::read_dir("/sys/block").ok()?.flatten() {
-        let name = entry.file_name();
-        let Some(name) = name.to_str().filter(|n| n.starts_with("loop")) else {
-            continue;
-        };
-        let Ok(backing) = std::fs::read_to_string(entry.path().join("loop/backing_file")) else {
-            continue;
-        };
-        let Ok(b) = std::fs::metadata(backing.trim_end()) else {
-            continue;
-        };
-        let dev = PathBuf::from("/dev").join(name);
-        if b.dev() == meta.dev() && b.ino() == meta.ino() && busy(&dev) {
-            return Some(format!(
-                "{} is attached to {} and mounted",
-                path.display(),
-                dev.display()
-            ));
-        }
-    }
-    None
 }

@@ -31,10 +31,10 @@
 //!
 //! ```no_run
 //! use std::sync::Arc;
-//! use dio::fs::ext::Ext;
-//! use dio::raw::{OpenOptions, RawFile};
+//! use dio::ext::Ext;
+//! use dio::{RawOptions, RawFile};
 //!
-//! let raw = RawFile::open("disk.img".as_ref(), &OpenOptions::default()).unwrap();
+//! let raw = RawFile::open("disk.img".as_ref(), &RawOptions::default()).unwrap();
 //! let ext = Ext::open(Arc::clone(raw.direct().device()), raw.size()).unwrap();
 //! let inode = ext.lookup(b"/etc/passwd", true).unwrap();
 //! let file = ext.open_file(&inode).unwrap();

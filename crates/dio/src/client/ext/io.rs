@@ -83,7 +83,7 @@ impl MetaIo {
 
     fn read_aligned(&self, a0: u64, alen: usize) -> Result<AlignedBuf> {
         let mut buf = AlignedBuf::new(alen, self.align);
-        device::read_at(&*self.dev, a0, &mut buf).map_err(|e| Error::Io {
+        device::read_device(&*self.dev, a0, &mut buf).map_err(|e| Error::Io {
             offset: a0,
             source: std::sync::Arc::new(e),
         })?;
@@ -145,7 +145,7 @@ impl MetaIo {
             self.read_aligned(a0, alen)?
         };
         buf[skip..skip + data.len()].copy_from_slice(data);
-        device::write_at(&*self.dev, a0, &mut buf, false).map_err(|e| Error::Io {
+        device::write_device(&*self.dev, a0, &mut buf, false).map_err(|e| Error::Io {
             offset: a0,
             source: std::sync::Arc::new(e),
         })

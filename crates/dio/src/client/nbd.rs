@@ -1,13 +1,15 @@
 //! The NBD client: an export on an NBD server as a [`DirectFile`] over the identity
-//! map, like [`crate::raw::RawFile`] for host files. Its size is the export's; it
+//! map, like [`crate::client::RawFile`] for host files. Its size is the export's; it
 //! cannot grow. [`NbdFile::extents`] lists data and holes (`base:allocation`) so a
 //! copy can skip what reads as zeros, as nbdcopy does.
 //!
 //! It holds no I/O logic of its own: bytes move through the engine and the device.
 
+pub use crate::device::nbd::{
+    Address, Allocation, NbdConfig, NbdDevice, NbdUri, DEFAULT_PORT, MAX_REQUEST,
+};
 use std::sync::Arc;
 
-use crate::device::nbd::{Allocation, NbdConfig, NbdDevice, NbdUri};
 use crate::device::Device;
 use crate::{DirectFile, Error, FileState, IdentityMap, Result};
 
