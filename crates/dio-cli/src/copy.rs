@@ -18,7 +18,6 @@ use std::path::{Path, PathBuf};
 
 use clap::{Args, ValueEnum};
 use dio::ext::ExtFile;
-use dio::nbd::NbdFile;
 use dio::DirectFile;
 use dio::{RawFile, RawOptions};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -26,7 +25,6 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::fail::{print_notes, say, Failure};
 use crate::location::{Image, Location, Opened, Source};
 use crate::pipeline::{self, Input, Job, Names, Output, Progress, Runs, Stop};
-use crate::segments::DataSegments;
 use crate::size::{human, parse_size};
 use crate::Engine;
 
@@ -188,7 +186,7 @@ impl Held {
         match self {
             Held::Stream(_) => None,
             Held::Image { file, .. } => Some(file.size()),
-            Held::Whole(o) => Some(o.size),
+            Held::Whole(o) => Some(o.size()),
         }
     }
 
@@ -196,7 +194,7 @@ impl Held {
         match self {
             Held::Stream(_) => None,
             Held::Image { file, .. } => file.direct(),
-            Held::Whole(o) => Some(&o.direct),
+            Held::Whole(o) => Some(o.direct()),
         }
     }
 
@@ -207,7 +205,7 @@ impl Held {
                 Some(d) => Input::Direct(d),
                 None => Input::Memory(file),
             },
-            Held::Whole(o) => Input::Direct(&o.direct),
+            Held::Whole(o) => Input::Direct(o.direct()),
         }
     }
 
@@ -217,11 +215,10 @@ impl Held {
         Ok(match self {
             Held::Stream(_) => Box::new(std::iter::empty()),
             Held::Image { runs, .. } => Box::new(runs.clone().into_iter().map(Ok)),
-            Held::Whole(o) => match (&o.raw, &o.nbd) {
-                (Some(r), _) if !r.is_block_device() => Box::new(DataSegments::of(r.fd(), size)),
-                (_, Some(nbd)) => Box::new(nbd_runs(nbd)?.into_iter().map(Ok)),
-                _ => whole(0, size),
-            },
+            Held::Whole(o) => {
+                print_notes(o.notes());
+                Box::new(o.data_runs(size).map(|r| r.map_err(io::Error::from)))
+            }
         })
     }
 }
@@ -247,20 +244,6 @@ fn image_runs(img: &Image, file: &ExtFile) -> Result<Vec<(u64, u64)>, Failure> {
         .filter(|e| !e.unwritten)
         .map(|e| (e.logical * bs, ((e.logical + e.len) * bs).min(size)))
         .filter(|(s, e)| s < e)
-        .collect())
-}
-
-/// Data runs of an NBD export: what its block status (`base:allocation`) does not
-/// report as zeros, as nbdcopy skips them. Without block status, the whole export.
-fn nbd_runs(nbd: &NbdFile) -> Result<Vec<(u64, u64)>, Failure> {
-    print_notes(nbd.notes());
-    let extents = nbd
-        .extents(0, nbd.size())
-        .map_err(|e| Failure::msg(e.to_string()))?;
-    Ok(extents
-        .iter()
-        .filter(|e| !e.zero)
-        .map(|e| (e.offset, e.offset + e.len))
         .collect())
 }
 
@@ -515,13 +498,13 @@ pub fn cp(
         }
         End::Loc(loc) => {
             let out = loc.source.open(true, true, args.engine)?;
-            let is_file = out.raw.as_ref().is_some_and(|r| !r.is_block_device());
+            let is_file = out.resizable();
             if !is_file {
                 if let Some(n) = size {
-                    if out.size < n {
+                    if out.size() < n {
                         return Err(loc.fail(format!(
                             "holds {} bytes, less than the {n} to copy",
-                            out.size
+                            out.size()
                         )));
                     }
                 }
@@ -535,7 +518,7 @@ pub fn cp(
     let align = align_of(&[
         held.direct(),
         match &dst {
-            Dst::Whole { out, .. } => Some(&out.direct),
+            Dst::Whole { out, .. } => Some(out.direct()),
             Dst::Image { file, .. } => file.direct(),
             Dst::Stream(_) => None,
         },
@@ -587,13 +570,10 @@ pub fn cp(
             pipeline::run(input, Output::Ext(file), job, &names, &stop, &bar)
         }
         Dst::Whole { out, is_file } => {
-            let raw = out.raw.as_ref();
-            let block = u64::from(out.direct.geometry().logical_block).max(512);
-            let set_len = |len: u64| match raw {
-                Some(r) => r
-                    .set_len(len)
-                    .map_err(|e| Failure::msg(format!("{dst_name}: {e}"))),
-                None => Ok(()),
+            let block = u64::from(out.direct().geometry().logical_block).max(512);
+            let set_len = |len: u64| {
+                out.set_len(len)
+                    .map_err(|e| Failure::msg(format!("{dst_name}: {e}")))
             };
             if *is_file {
                 // Empty first, so that DST's old data never shows through SRC's
@@ -618,13 +598,13 @@ pub fn cp(
                 block,
             };
             let output = Output::Direct {
-                file: &out.direct,
+                file: out.direct(),
                 grow: if *is_file && size.is_none() {
-                    raw
+                    Some(&**out)
                 } else {
                     None
                 },
-                limit: (!*is_file).then_some(out.size),
+                limit: (!*is_file).then_some(out.size()),
             };
             // The runs were collected above, so the source can lend its input.
             let input = held.input();
@@ -661,11 +641,9 @@ fn finish(dst: &mut Dst, total: u64, name: &str) -> Result<(), Failure> {
         Dst::Stream(w) => w.flush().map_err(stdout_failure),
         Dst::Whole { out, is_file } => {
             if *is_file {
-                if let Some(r) = &out.raw {
-                    r.set_len(total).map_err(fail)?;
-                }
+                out.set_len(total).map_err(fail)?;
             }
-            out.direct.sync_data().map_err(fail)
+            out.direct().sync_data().map_err(fail)
         }
         Dst::Image { img, file } => {
             file.touch().map_err(fail)?;
@@ -687,10 +665,10 @@ fn left_behind(dst: &mut Dst, p: &Progress, name: &str) -> String {
             format!("{name} got the first {of}")
         }
         Dst::Whole { out, is_file: true } => {
-            let cut = out.raw.as_ref().map(|r| r.set_len(p.prefix));
-            let synced = out.direct.sync_data();
+            let cut = out.set_len(p.prefix);
+            let synced = out.direct().sync_data();
             match (cut, synced) {
-                (Some(Err(e)), _) | (_, Err(e)) => {
+                (Err(e), _) | (_, Err(e)) => {
                     format!("{name} could not be cut to the {of} copied: {e}")
                 }
                 _ => format!("{name} holds the first {of}"),
@@ -700,7 +678,7 @@ fn left_behind(dst: &mut Dst, p: &Progress, name: &str) -> String {
             out,
             is_file: false,
         } => {
-            let _ = out.direct.sync_data();
+            let _ = out.direct().sync_data();
             format!("{name} holds the first {of}; past that it holds what it held before")
         }
         Dst::Image { img, file } => {

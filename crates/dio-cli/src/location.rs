@@ -22,8 +22,7 @@ use std::sync::Arc;
 use dio::ext::{Ext, ExtFile, FileType, Inode};
 use dio::nbd::NbdFile;
 use dio::nbd::{NbdConfig, NbdUri};
-use dio::{Device, DirectFile};
-use dio::{RawFile, RawOptions};
+use dio::RawOptions;
 
 use crate::fail::Failure;
 use crate::Engine;
@@ -169,17 +168,8 @@ impl Location {
     }
 }
 
-/// An opened source: the device and how many bytes it holds, plus the host file
-/// when there is one (for its descriptor and size changes).
-pub struct Opened {
-    pub device: Arc<dyn Device>,
-    pub size: u64,
-    pub raw: Option<RawFile>,
-    /// The whole source as a file (identity map).
-    pub direct: DirectFile,
-    /// The NBD export, when the source is one (for its block status).
-    pub nbd: Option<NbdFile>,
-}
+/// An opened source: a host file, block device or NBD export, one shape.
+pub type Opened = Box<dyn dio::Source>;
 
 impl Source {
     fn name(&self) -> String {
@@ -208,25 +198,13 @@ impl Source {
                         ..RawOptions::default()
                     },
                 )?;
-                Ok(Opened {
-                    device: Arc::clone(raw.direct().device()),
-                    size: raw.size(),
-                    direct: raw.direct().clone(),
-                    raw: Some(raw),
-                    nbd: None,
-                })
+                Ok(Box::new(raw))
             }
             Source::Nbd(uri) => {
                 // NbdFile's errors name the URI already.
                 let f = NbdFile::open_uri(uri, write, &NbdConfig::default())
                     .map_err(|e| Failure::msg(e.to_string()))?;
-                Ok(Opened {
-                    device: Arc::clone(f.direct().device()),
-                    size: f.size(),
-                    raw: None,
-                    direct: f.direct().clone(),
-                    nbd: Some(f),
-                })
+                Ok(Box::new(f))
             }
         }
     }
@@ -251,19 +229,14 @@ impl Image {
     ) -> Result<Image, Failure> {
         let inner = loc.inner.as_deref().expect("an image location");
         let opened = loc.source.open(write, false, engine)?;
-        let dev = Arc::clone(&opened.device);
+        let dev = Arc::clone(opened.device());
+        let size = opened.size();
         let ext = if write {
-            Ext::open_writable(dev, opened.size)
+            Ext::open_writable(dev, size)
         } else {
-            Ext::open(dev, opened.size)
+            Ext::open(dev, size)
         }
-        .map_err(|e| {
-            Failure::msg(format!(
-                "{}: {}",
-                loc.source.name(),
-                image_error(e, opened.size)
-            ))
-        })?;
+        .map_err(|e| Failure::msg(format!("{}: {}", loc.source.name(), image_error(e, size))))?;
         // A journal that needed recovery was replayed in memory: say so (reads then
         // see what the kernel would see after its replay; the image is not changed).
         crate::fail::print_notes(
@@ -284,15 +257,12 @@ impl Image {
 
     /// The back end under the image, for messages ("uring", "sync" or "nbd").
     pub fn backend_name(&self) -> &'static str {
-        self._opened
-            .raw
-            .as_ref()
-            .map_or("nbd", RawFile::backend_name)
+        self._opened.backend_name()
     }
 
     /// Make the image's writes durable (flush its device).
     pub fn sync(&self) -> dio::Result<()> {
-        self._opened.direct.sync_data()
+        self._opened.direct().sync_data()
     }
 
     /// Open the inode's data (a regular file, symlinks already followed).
@@ -328,7 +298,7 @@ fn image_error(e: dio::Error, size: u64) -> String {
     let s = e.to_string();
     if size < SUPERBLOCK_END {
         format!("not an ext2/3/4 image ({size} bytes, too small to hold a superblock)")
-    } else if s.contains("no ext2/3/4 superblock") {
+    } else if e.corrupt_kind() == Some(dio::CorruptKind::NoSuperblock) {
         format!("not an ext2/3/4 image ({s})")
     } else {
         s
@@ -338,8 +308,8 @@ fn image_error(e: dio::Error, size: u64) -> String {
 /// A lookup error without the path the error repeats (the location names it).
 fn lookup_error(e: dio::Error) -> String {
     match e {
-        dio::Error::Os { source, .. } => {
-            let s = source.to_string();
+        dio::Error::Path(p) => {
+            let s = std::io::Error::from_raw_os_error(p.kind.errno()).to_string();
             match s.find(" (os error") {
                 Some(i) => s[..i].to_string(),
                 None => s,

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use dio::ext::ExtFile;
-use dio::RawFile;
+
 use dio::Window;
 use dio::{AlignedBuf, Completed, DioFuture, DirectFile, Flags};
 use indicatif::ProgressBar;
@@ -55,7 +55,7 @@ pub enum Output<'a> {
     /// `limit`: the most bytes it may take (a device's or export's size).
     Direct {
         file: &'a DirectFile,
-        grow: Option<&'a RawFile>,
+        grow: Option<&'a dyn dio::Source>,
         limit: Option<u64>,
     },
     /// A file inside an image, overwritten in place (checked by the caller).

@@ -1,79 +1,32 @@
-//! Which parts of a file to move: its data segments (SEEK_DATA / SEEK_HOLE, so holes
-//! are skipped) and their cutting into aligned chunks for the request pipeline.
+//! The cutting of a file's range into aligned chunks for the benchmark's request
+//! loop.
 
 use std::io;
-use std::os::fd::BorrowedFd;
 
-use rustix::fs::{seek, SeekFrom};
-use rustix::io::Errno;
-
-/// The data segments `[start, end)` of a file of `size` bytes, in order, asked of the
-/// kernel lazily (a huge sparse file costs no memory). Where the file system or the
-/// device does not know SEEK_DATA, the whole file is one segment.
-pub struct DataSegments<'fd> {
-    fd: Option<BorrowedFd<'fd>>,
+/// The data segments `[start, end)` to cut: `[0, size)` whole. (A host file's
+/// SEEK_DATA runs come from the library's `dio::DataRuns`.)
+pub struct DataSegments {
     pos: u64,
     size: u64,
 }
 
-impl<'fd> DataSegments<'fd> {
-    /// The data segments of the file behind `fd`.
-    pub fn of(fd: BorrowedFd<'fd>, size: u64) -> Self {
-        DataSegments {
-            fd: Some(fd),
-            pos: 0,
-            size,
-        }
-    }
-
+impl DataSegments {
     /// `[0, size)` as one segment, holes or not.
     pub fn whole(size: u64) -> Self {
-        DataSegments {
-            fd: None,
-            pos: 0,
-            size,
-        }
+        DataSegments { pos: 0, size }
     }
 }
 
-impl Iterator for DataSegments<'_> {
+impl Iterator for DataSegments {
     type Item = io::Result<(u64, u64)>;
 
     fn next(&mut self) -> Option<Self::Item> {
         if self.pos >= self.size {
             return None;
         }
-        let Some(fd) = self.fd else {
-            let seg = (self.pos, self.size);
-            self.pos = self.size;
-            return Some(Ok(seg));
-        };
-        let start = match seek(fd, SeekFrom::Data(self.pos)) {
-            Ok(d) => d,
-            // No data after pos: the rest is a hole.
-            Err(Errno::NXIO) => {
-                self.pos = self.size;
-                return None;
-            }
-            // SEEK_DATA unknown here: everything is data.
-            Err(Errno::INVAL | Errno::OPNOTSUPP) => {
-                self.fd = None;
-                return self.next();
-            }
-            Err(e) => return Some(Err(e.into())),
-        };
-        if start >= self.size {
-            self.pos = self.size;
-            return None;
-        }
-        let end = match seek(fd, SeekFrom::Hole(start)) {
-            Ok(h) => h.min(self.size),
-            Err(e) => return Some(Err(e.into())),
-        };
-        // A hole reported at `start` itself would loop forever; take one byte as data.
-        let end = end.max(start + 1);
-        self.pos = end;
-        Some(Ok((start, end)))
+        let seg = (self.pos, self.size);
+        self.pos = self.size;
+        Some(Ok(seg))
     }
 }
 
@@ -87,8 +40,8 @@ pub struct Chunk {
 }
 
 /// Data segments rounded out to `block` and cut into chunks of at most `max` bytes.
-pub struct Chunks<'fd> {
-    segments: DataSegments<'fd>,
+pub struct Chunks {
+    segments: DataSegments,
     block: u64,
     max: u64,
     size: u64,
@@ -97,9 +50,9 @@ pub struct Chunks<'fd> {
     end: u64,
 }
 
-impl<'fd> Chunks<'fd> {
+impl Chunks {
     /// Chunks of a file of `size` bytes; `max` must be a multiple of `block`.
-    pub fn new(segments: DataSegments<'fd>, block: u64, max: u64, size: u64) -> Self {
+    pub fn new(segments: DataSegments, block: u64, max: u64, size: u64) -> Self {
         debug_assert!(block > 0 && max >= block && max % block == 0);
         Chunks {
             segments,
@@ -112,7 +65,7 @@ impl<'fd> Chunks<'fd> {
     }
 }
 
-impl Iterator for Chunks<'_> {
+impl Iterator for Chunks {
     type Item = io::Result<Chunk>;
 
     fn next(&mut self) -> Option<Self::Item> {

@@ -120,8 +120,8 @@ pub fn run(
         return img.sync().map_err(|e| target.fail(e));
     }
     let out = target.source.open(true, true, engine)?;
-    let file = &out.direct;
-    let start_size = out.size;
+    let file = out.direct();
+    let start_size = out.size();
     let mut buf = vec![0u8; CHUNK];
     let mut pos = offset;
     loop {
@@ -144,10 +144,8 @@ pub fn run(
     }
     // A partial last block was written whole: cut a grown host file back to
     // where the bytes end.
-    if let Some(raw) = &out.raw {
-        if !raw.is_block_device() && pos > start_size {
-            raw.set_len(pos).map_err(|e| target.fail(e))?;
-        }
+    if out.resizable() && pos > start_size {
+        out.set_len(pos).map_err(|e| target.fail(e))?;
     }
     // Exit 0 means durable.
     file.sync_data().map_err(|e| target.fail(e))

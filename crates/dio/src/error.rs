@@ -29,7 +29,10 @@ impl std::fmt::Display for AlignPart {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum CorruptKind {
-    /// The superblock (magic, geometry, counts).
+    /// No ext2/3/4 superblock where one must be (wrong magic): not an image of
+    /// this format at all.
+    NoSuperblock,
+    /// The superblock (geometry, counts).
     Superblock,
     /// A block group descriptor.
     GroupDescriptor,
@@ -61,6 +64,7 @@ pub enum CorruptKind {
 impl std::fmt::Display for CorruptKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
+            CorruptKind::NoSuperblock => "missing superblock",
             CorruptKind::Superblock => "superblock",
             CorruptKind::GroupDescriptor => "group descriptor",
             CorruptKind::Bitmap => "bitmap",
@@ -196,12 +200,9 @@ pub struct PathError {
 
 impl std::fmt::Display for PathError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{}: {}",
-            self.path,
-            io::Error::from_raw_os_error(self.kind.errno())
-        )
+        let why = io::Error::from_raw_os_error(self.kind.errno()).to_string();
+        let why = why.find(" (os error").map_or(&why[..], |i| &why[..i]);
+        write!(f, "{}: {why}", self.path)
     }
 }
 

@@ -287,7 +287,7 @@ mod map;
 pub use buf::{AlignedBuf, ArenaBuf, BufArena, MemRef, OwnedBuf, Segments, Window, HUGE_MIN};
 pub use client::ext;
 pub use client::nbd;
-pub use client::{Backend, RawFile, RawOptions};
+pub use client::{open_source, Backend, DataRuns, RawFile, RawOptions, Run, Source};
 pub use device::probe;
 pub use device::{
     callback_panics, check_request, read_device, write_device, Completion, CompletionMode, Device,

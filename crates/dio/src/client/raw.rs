@@ -247,6 +247,11 @@ impl RawFile {
         self.block_device
     }
 
+    /// Whether it was opened for writing.
+    pub fn is_writable(&self) -> bool {
+        self.write
+    }
+
     /// The back end in use: "uring" or "sync".
     pub fn backend_name(&self) -> &'static str {
         match self.dev {
@@ -332,4 +337,68 @@ fn device_geometry(p: &Probed, write: bool) -> Geometry {
         g.size = (i64::MAX as u64) / lb * lb;
     }
     g
+}
+
+/// The data runs `[start, end)` of a file up to `end`, in order, asked of the kernel
+/// lazily with `SEEK_DATA`/`SEEK_HOLE` (a huge sparse file costs no memory). Where
+/// the file system does not know `SEEK_DATA`, the rest is one run.
+pub struct DataRuns<'fd> {
+    fd: Option<BorrowedFd<'fd>>,
+    pos: u64,
+    end: u64,
+}
+
+impl<'fd> DataRuns<'fd> {
+    /// The data runs of the file behind `fd`, up to `end`.
+    pub fn of(fd: BorrowedFd<'fd>, end: u64) -> Self {
+        DataRuns {
+            fd: Some(fd),
+            pos: 0,
+            end,
+        }
+    }
+}
+
+impl Iterator for DataRuns<'_> {
+    type Item = Result<(u64, u64)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        use rustix::fs::{seek, SeekFrom};
+        use rustix::io::Errno;
+        if self.pos >= self.end {
+            return None;
+        }
+        let Some(fd) = self.fd else {
+            let run = (self.pos, self.end);
+            self.pos = self.end;
+            return Some(Ok(run));
+        };
+        let fail = |e: Errno| Error::os("SEEK_DATA/SEEK_HOLE", e.into());
+        let start = match seek(fd, SeekFrom::Data(self.pos)) {
+            Ok(d) => d,
+            // No data after pos: the rest is a hole.
+            Err(Errno::NXIO) => {
+                self.pos = self.end;
+                return None;
+            }
+            // SEEK_DATA unknown here: everything is data.
+            Err(Errno::INVAL | Errno::OPNOTSUPP) => {
+                self.fd = None;
+                return self.next();
+            }
+            Err(e) => return Some(Err(fail(e))),
+        };
+        if start >= self.end {
+            self.pos = self.end;
+            return None;
+        }
+        let stop = match seek(fd, SeekFrom::Hole(start)) {
+            Ok(h) => h.min(self.end),
+            Err(e) => return Some(Err(fail(e))),
+        };
+        // A hole reported at `start` itself would loop forever; take one byte.
+        let stop = stop.max(start + 1);
+        self.pos = stop;
+        Some(Ok((start, stop)))
+    }
 }

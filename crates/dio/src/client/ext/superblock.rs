@@ -258,7 +258,7 @@ impl Superblock {
         }
         if le16(b, 0x38) != MAGIC {
             return Err(Error::corrupt(
-                CorruptKind::Superblock,
+                CorruptKind::NoSuperblock,
                 format!(
                     "no ext2/3/4 superblock (magic {:#06x}, want {MAGIC:#06x})",
                     le16(b, 0x38)
