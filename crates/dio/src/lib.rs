@@ -17,6 +17,22 @@
 //! exact rules for alignment, holes, end of file, freshly allocated blocks, errors and
 //! truncate races.
 //!
+//! Open a host file (or block device) and read at any offset into any memory; dio
+//! picks io_uring where the kernel allows it and pads what is not aligned:
+//!
+//! ```no_run
+//! use dio::{RawFile, RawOptions};
+//!
+//! let file = RawFile::open("disk.img", &RawOptions::default())?;
+//! let mut buf = [0u8; 100];
+//! let n = file.read_at(12_345, &mut buf)?; // unaligned: bounced by the engine
+//! println!("{n} bytes, backend {}", file.backend_name());
+//! # Ok::<(), dio::Error>(())
+//! ```
+//!
+//! Underneath is the plumbing, yours to combine: a [`Device`], a [`BlockMap`] and the
+//! engine, [`DirectFile`], whose strict calls move aligned buffers without a copy:
+//!
 //! ```
 //! use std::sync::Arc;
 //! use dio::{AlignedBuf, DirectFile, FileState, Flags, IdentityMap, MemDevice, MemDeviceConfig};
@@ -38,19 +54,36 @@
 //!   max_blocks, create)` answers with an [`Extent`]: a hole, mapped or unwritten
 //!   blocks, how many, and flags (`new`, `boundary`, `defer_completion`, private data
 //!   for the [`BlockMap::end_io`] hook). [`IdentityMap`] serves raw files and block
-//!   devices; `dio::ext` maps files inside ext2/3/4 images; [`TestMap`] is a small
+//!   devices; [`ext`] maps files inside ext2/3/4 images; [`TestMap`] is a small
 //!   allocating file system for tests. The `custom_map` example writes one.
 //! - [`Device`]: where bytes go. `submit` a [`Request`] (one contiguous device range,
 //!   many memory segments, an FUA flag) and get exactly one completion; `poll`,
 //!   `flush`, and [`Geometry`] with the limits. Back ends: io_uring and pread/pwrite
-//!   on O_DIRECT files and block devices ([`device::uring`], [`device::sync`]), RAM
+//!   on O_DIRECT files and block devices ([`UringDevice`], [`SyncDevice`]), RAM
 //!   with fault injection and crash simulation ([`MemDevice`]), and NBD exports
-//!   ([`device::nbd`]). [`raw::RawFile`] opens a host file or block device with the
-//!   best back end.
+//!   ([`nbd::NbdDevice`]).
 //! - [`DirectFile`]: the engine over one file: sync calls borrow your buffers
 //!   ([`DirectFile::read`], [`DirectFile::write`]); async calls own them and complete
 //!   through a callback ([`DirectFile::read_async`]) or a [`DioFuture`] that needs no
 //!   particular executor ([`DirectFile::read_future`], [`DioFuture::wait`]).
+//! - Clients, what users open: [`RawFile`] (a host file or block device, with the
+//!   best back end), [`nbd::NbdFile`] (an NBD export), both [`Source`]s, opened from
+//!   one string by [`open_source`]; and [`ext::ExtFile`] (a file inside an ext2/3/4
+//!   image, through [`ext::Ext`]).
+//!
+//! # Layout
+//!
+//! One public path per item: the modules are private and re-exported flat here,
+//! except three namespaces that carry meaning: [`ext`], [`nbd`] and [`probe`].
+//!
+//! | folder (`src/`) | owns |
+//! | --- | --- |
+//! | `engine/` | [`DirectFile`]: the walk of buffers against the map, bios, completion, unaligned I/O; `state.rs`: a file's [`FileState`] (size, in-flight count, range lock, truncate gate) |
+//! | `map/` | [`BlockMap`] and its simple maps: [`IdentityMap`], the raw file's map, [`TestMap`] |
+//! | `device/` | [`Device`], [`Request`], and the back ends: RAM, pread/pwrite, io_uring, NBD; the probe of host files ([`probe`]). With `buf.rs`, the only place `unsafe` is allowed |
+//! | `client/` | what users open: [`RawFile`], [`nbd::NbdFile`], [`ext`]; the [`Source`] trait |
+//! | `buf.rs` | aligned buffers, arenas, the memory a request may touch |
+//! | `error.rs` | [`Error`] and its kinds |
 //!
 //! # Alignment
 //!
@@ -60,7 +93,7 @@
 //! the alignment required, and nothing is transferred. Ask with
 //! [`DirectFile::dio_align`] (what statx(STATX_DIOALIGN) reports) and allocate with
 //! [`AlignedBuf::new`] at [`Geometry::buffer_align`]; for async I/O on io_uring, a
-//! [`BufArena`] registered once with the ring ([`raw::RawFile::register_arena`])
+//! [`BufArena`] registered once with the ring ([`RawFile::register_arena`])
 //! lends out [`ArenaBuf`]s whose requests skip page pinning. Requests aligned to the file
 //! system block are walked in fs blocks; finer ones in logical blocks, with partly
 //! written new blocks zeroed. Or set [`Flags::UNALIGNED`] and use any offset, length

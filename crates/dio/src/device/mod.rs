@@ -106,7 +106,7 @@ impl Geometry {
 }
 
 /// Receives completed requests. The engine implements it; so do the one-shot waits
-/// behind [`read_at`] and [`write_at`], and device wrappers that intercept their
+/// behind [`read_device`] and [`write_device`], and device wrappers that intercept their
 /// requests' completions ([`Request::forward`]).
 pub trait Completion: Send + Sync {
     /// A request finished with `result`. Called exactly once per request, on whatever

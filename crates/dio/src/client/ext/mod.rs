@@ -34,7 +34,7 @@
 //! use dio::ext::Ext;
 //! use dio::{RawOptions, RawFile};
 //!
-//! let raw = RawFile::open("disk.img".as_ref(), &RawOptions::default()).unwrap();
+//! let raw = RawFile::open("disk.img", &RawOptions::default()).unwrap();
 //! let ext = Ext::open(Arc::clone(raw.direct().device()), raw.size()).unwrap();
 //! let inode = ext.lookup(b"/etc/passwd", true).unwrap();
 //! let file = ext.open_file(&inode).unwrap();
