@@ -112,7 +112,10 @@ Examples:
 
 Inside an image the write is in place: it is refused, with nothing written, if it would
 need allocation (a hole, an unwritten extent) or grow the file; mtime, ctime and the inode
-checksum are updated. Images whose journal needs recovery are refused.")]
+checksum are updated. Images whose journal needs recovery are refused.
+
+Exit status 0 means the bytes are durable: the file's data (fdatasync), the device or the
+image (a device flush after the inode update) were flushed before dio exits.")]
     Write(WriteArgs),
     /// Measure IOPS, bandwidth, latency and CPU; without TARGET: direct vs buffered.
     #[command(after_help = "\
