@@ -1,6 +1,7 @@
-//! `dio fsx TARGET`: the exerciser of `dio::fsx` on the RAM device, a host file, a
-//! block device or a file inside an ext image, with a progress line on a terminal,
-//! the figures at the end, and exit 1 with the operation log on a divergence.
+//! `dio fsx TARGET`: the exerciser of the `dio-fsx` crate on the RAM device, a host
+//! file, a block device or a file inside an ext image, with a progress line on a
+//! terminal, the figures at the end, and exit 1 with the operation log on a
+//! divergence.
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -9,8 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
-use dio::fsx::{self, MemTarget, Options, Report, Target};
 use dio::RawOptions;
+use dio_fsx::{MemTarget, Options, Report, Target};
 
 use crate::fail::{say, Failure};
 use crate::location::{Image, Location};
@@ -114,7 +115,7 @@ pub fn run(a: &FsxArgs) -> Result<(), Failure> {
             );
         }
     };
-    let result = fsx::run(&target, &opts, &mut progress);
+    let result = dio_fsx::run(&target, &opts, &mut progress);
     if tty {
         let _ = write!(std::io::stderr().lock(), "\r{:60}\r", "");
     }

@@ -314,7 +314,6 @@ mod client;
 mod device;
 mod engine;
 mod error;
-pub mod fsx;
 mod map;
 
 pub use buf::{AlignedBuf, ArenaBuf, BufArena, MemRef, OwnedBuf, Segments, Window, HUGE_MIN};
@@ -324,8 +323,8 @@ pub use client::{open_source, Backend, DataRuns, RawFile, RawOptions, Run, Sourc
 pub use device::probe;
 pub use device::{
     callback_panics, check_request, read_device, write_device, Completion, CompletionMode, Device,
-    Finished, Geometry, LoggedRequest, MemDevice, MemDeviceConfig, MemStats, Op, Request,
-    SyncConfig, SyncDevice, UringConfig, UringDevice,
+    FaultConfig, FaultDevice, FaultStats, Finished, Geometry, LoggedRequest, MemDevice,
+    MemDeviceConfig, MemStats, Op, Request, SyncConfig, SyncDevice, UringConfig, UringDevice,
 };
 pub use engine::{
     Completed, DioFuture, DirectFile, FileLockGuard, FileState, Flags, Stats, MAX_IN_FLIGHT,

@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use dio::fsx::{pattern, Rng};
 use dio::MemDeviceConfig;
 use dio::{AlignedBuf, DirectFile, FileState, Flags, MemDevice, TestMap, TestMapConfig};
+use dio_testkit::{pattern, Rng};
 
 const SPAN: u64 = 1 << 20;
 

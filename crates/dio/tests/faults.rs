@@ -2,9 +2,9 @@
 //! (pre-filled with 0xAA). Every call returns an error or an exact partial count, a
 //! reported success means the data is there, and no read shows bytes never written.
 
-use dio::fsx::{self, MemTarget, Options, Target};
+use dio_fsx::{MemTarget, Options, Report, Target};
 
-fn fsx_with_faults(seed: u64, rate: f64, ops: u64, fs: u32, threaded: bool) -> fsx::Report {
+fn fsx_with_faults(seed: u64, rate: f64, ops: u64, fs: u32, threaded: bool) -> Report {
     // Random request limits, some cutting inside fs blocks.
     let t = Target::mem(
         &MemTarget::new(2 << 20, seed)
@@ -14,7 +14,7 @@ fn fsx_with_faults(seed: u64, rate: f64, ops: u64, fs: u32, threaded: bool) -> f
     )
     .unwrap();
     let o = Options::new(seed).ops(ops).span(2 << 20);
-    match fsx::run(&t, &o, &mut |_| {}) {
+    match dio_fsx::run(&t, &o, &mut |_| {}) {
         Ok(r) => r,
         Err(d) => panic!("{d}"),
     }
@@ -22,7 +22,7 @@ fn fsx_with_faults(seed: u64, rate: f64, ops: u64, fs: u32, threaded: bool) -> f
 
 #[test]
 fn eio_on_random_requests_gives_errors_or_exact_counts_and_no_stale_data() {
-    let mut total = fsx::Report::default();
+    let mut total = Report::default();
     let seeds: Vec<u64> = std::env::var("FSX_SEEDS")
         .ok()
         .map(|s| s.split(',').map(|x| x.parse().unwrap()).collect())

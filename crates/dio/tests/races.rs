@@ -13,11 +13,11 @@ use std::thread;
 use std::time::Duration;
 
 use common::{bounded, rig_with, Rig, STALE};
-use dio::fsx::{pattern, Rng};
 use dio::MemDeviceConfig;
 use dio::Private;
 use dio::{AlignedBuf, BlockMap, DirectFile, Extent, FileState, Flags, MemDevice, Op};
 use dio::{TestMap, TestMapConfig};
+use dio_testkit::{pattern, Rng};
 
 const SEEDS: [u64; 4] = [1, 2, 3, 0xD10];
 

@@ -9,12 +9,14 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use crate::buf::{MemRef, Segments};
 
+mod fault;
 mod mem;
 pub(crate) mod nbd;
 pub mod probe;
 pub(crate) mod sync;
 pub(crate) mod uring;
 
+pub use fault::{FaultConfig, FaultDevice, FaultStats};
 pub use mem::{LoggedRequest, MemDevice, MemDeviceConfig, MemStats};
 pub use sync::{SyncConfig, SyncDevice};
 pub use uring::{UringConfig, UringDevice};

@@ -1,7 +1,10 @@
-//! Shared set-up for the engine tests: a RAM device, a test map and a file over them.
-#![allow(dead_code)]
+//! Shared set-up for the engine tests: a RAM device, a test map and a file over them,
+//! and what a test needs (root, io_uring, tools) with a printed reason when it skips.
+//! The generator, the data pattern and the probes come from `dio-testkit`, the one
+//! copy the whole workspace's tests share.
+#![allow(dead_code, unused_imports)]
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use dio::MemDeviceConfig;
 use dio::{DirectFile, FileState, MemDevice, TestMap, TestMapConfig};
@@ -12,7 +15,7 @@ pub struct Rig {
     pub file: DirectFile,
 }
 
-pub const STALE: u8 = 0xAA;
+pub use dio_testkit::{have, is_root, require_root, require_tools, skip, Rng, STALE};
 
 /// A 0xAA-filled device of `dev_size` bytes with `lb`-byte sectors, a test map with
 /// `fs`-byte blocks, and a file of `size` bytes.
@@ -31,14 +34,34 @@ pub fn rig(fs: u32, lb: u32, dev_size: u64, size: u64) -> Rig {
     )
 }
 
-/// A buffer aligned to 4096 holding `len` bytes of a pattern that never contains
-/// the stale byte.
+/// A buffer aligned to 4096 holding `len` bytes of [`dio_testkit::pattern`] for
+/// `seed`: never 0, never the stale byte, different for every seed.
 pub fn pattern(len: usize, seed: u8) -> dio::AlignedBuf {
     let mut b = dio::AlignedBuf::new(len, 4096);
-    for (i, x) in b.iter_mut().enumerate() {
-        *x = (((i / 7) as u8).wrapping_add(seed) % 0xA0) + 1;
-    }
+    dio_testkit::pattern(&mut b, u64::from(seed), 0);
     b
+}
+
+/// Whether io_uring can be set up here, probed once per test binary; `Err` says why
+/// not (the setup errno).
+pub fn uring() -> Result<(), String> {
+    static PROBE: OnceLock<Result<(), String>> = OnceLock::new();
+    PROBE
+        .get_or_init(|| dio::probe::uring_available().map_err(|e| e.to_string()))
+        .clone()
+}
+
+/// [`uring`], or [`skip`] saying `what` needs io_uring and why it is missing.
+pub fn require_uring(what: &str) -> bool {
+    match uring() {
+        Ok(()) => true,
+        Err(why) => {
+            skip(format_args!(
+                "{what} needs io_uring, which is unavailable: {why}"
+            ));
+            false
+        }
+    }
 }
 
 /// Whether the tests run under valgrind (`DIO_VALGRIND=1`, set by `.ci/valgrind`):
@@ -89,17 +112,11 @@ pub fn bounded<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'sta
     }
 }
 
-/// `len` pseudo-random bytes from `seed`.
+/// `len` pseudo-random bytes from `seed` (any value, 0 and the stale byte included).
 pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    let mut v = vec![0; len];
+    Rng::new(seed).fill(&mut v);
+    v
 }
 
 /// `data` in a page-aligned buffer.
