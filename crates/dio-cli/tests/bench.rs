@@ -9,6 +9,7 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
+use dio_testkit::have;
 use serde_json::Value;
 use tempfile::TempDir;
 
@@ -39,11 +40,6 @@ fn assert_ok(o: &Output, what: &str) {
         o.status.code()
     );
     assert!(!err.contains("panicked"), "{what}: {err}");
-}
-
-fn have_fio() -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("fio").is_file()))
 }
 
 /// The element names of `xml` in document order, checked for nesting: every tag
@@ -106,7 +102,7 @@ fn default_bench_compares_like_with_like_and_plots_every_run() {
     let o = dio_in(dir.path(), &["bench", "--runtime", "0.1", "--size", "16M"]);
     assert_ok(&o, "dio bench");
     let out = String::from_utf8_lossy(&o.stdout);
-    let modes: &[&str] = if have_fio() {
+    let modes: &[&str] = if have("fio") {
         &["direct", "buffered", "fio"]
     } else {
         &["direct", "buffered"]
@@ -130,7 +126,7 @@ fn default_bench_compares_like_with_like_and_plots_every_run() {
         last, "plot: ./dio-bench.svg",
         "the last line names the plot:\n{out}"
     );
-    if !have_fio() {
+    if !have("fio") {
         assert!(String::from_utf8_lossy(&o.stderr).contains("fio is not on PATH"));
     }
 
@@ -213,7 +209,7 @@ fn bench_json_keeps_its_fields_and_adds_what_direct_io_saves() {
             assert_eq!(r["direct"]["cache_left_bytes"], 0, "{r}");
             assert_eq!(r["direct"]["cache_peak_bytes"], 0, "{r}");
         }
-        assert_eq!(r["fio"].is_object(), have_fio(), "{r}");
+        assert_eq!(r["fio"].is_object(), have("fio"), "{r}");
     }
     assert!(v["buffered_reads"]
         .as_str()

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use dio_testkit::{bytes, is_root};
 use tempfile::TempDir;
 
 const SIZES: [usize; 5] = [0, 1, 511, 4097, (1 << 20) + 1];
@@ -49,19 +50,6 @@ fn assert_ok(o: &Output, what: &str) {
         stderr(o)
     );
     assert!(!stderr(o).contains("panicked"), "{what}: {}", stderr(o));
-}
-
-/// Deterministic bytes that are not all alike.
-fn bytes(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
 }
 
 fn same_bytes(a: &[u8], b: &[u8], what: &str) {
@@ -476,13 +464,6 @@ impl Drop for LoopDevice {
     fn drop(&mut self) {
         let _ = Command::new("losetup").args(["-d", s(&self.path)]).status();
     }
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
 #[test]

@@ -13,6 +13,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
+use dio_testkit::{bytes, is_root, skip};
 use tempfile::TempDir;
 
 fn scratch() -> TempDir {
@@ -61,31 +62,6 @@ fn assert_ok(o: &Output, what: &str) {
         o.status.code(),
         stderr(o)
     );
-}
-
-fn bytes(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut v = Vec::with_capacity(len);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(len);
-    v
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout == b"0\n")
-        .unwrap_or(false)
-}
-
-fn skip(why: &str) {
-    eprintln!("skipped: {why}");
 }
 
 fn unpack(dir: &Path, name: &str) -> PathBuf {

@@ -2,6 +2,7 @@
 //! ranges, against the fixture images of the dio crate, debugfs, `filefrag -v` on a
 //! kernel mount (as root) and `e2fsck -fn` after every write.
 
+use dio_testkit::{have, is_root};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -69,14 +70,6 @@ fn unpack(name: &str, tag: &str) -> String {
     p.to_str().unwrap().to_string()
 }
 
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout == b"0\n")
-        .unwrap_or(false)
-}
-
 /// A mount point, unmounted on drop (also when a test fails while it is mounted).
 struct Mounted(PathBuf);
 
@@ -115,10 +108,6 @@ fn mount_ro(img: &str) -> Result<Mounted, String> {
         ));
     }
     Ok(Mounted(mnt))
-}
-
-fn have(tool: &str) -> bool {
-    Command::new(tool).arg("-V").output().is_ok()
 }
 
 fn debugfs_cat(img: &str, path: &str) -> Vec<u8> {

@@ -4,6 +4,7 @@
 //! qemu-nbd is missing; every server is killed by a guard; every dio run is killed
 //! after a deadline.
 
+use dio_testkit::have;
 use std::io::Read;
 use std::net::{Ipv4Addr, TcpListener};
 use std::os::unix::fs::MetadataExt;
@@ -60,15 +61,6 @@ fn ok(o: &Output, what: &str) -> Vec<u8> {
         String::from_utf8_lossy(&o.stderr)
     );
     o.stdout.clone()
-}
-
-fn have(tool: &str) -> bool {
-    Command::new(tool)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
 }
 
 fn scratch(name: &str) -> PathBuf {

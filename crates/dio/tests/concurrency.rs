@@ -12,7 +12,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::bounded;
+use common::{bounded, Rng};
 use dio::nbd::{NbdConfig, NbdDevice, NbdUri};
 use dio::{
     AlignedBuf, BlockMap, Completion, CompletionMode, Device, DirectFile, Extent, FileState,
@@ -293,21 +293,15 @@ fn truncate_vs_rmw_round(
     );
 }
 
-fn rng(seed: &mut u64) -> u64 {
-    *seed ^= *seed << 13;
-    *seed ^= *seed >> 7;
-    *seed ^= *seed << 17;
-    *seed
-}
-
-fn race_rounds(file: &DirectFile, trunc: Truncate, rounds: usize, mut seed: u64) {
+fn race_rounds(file: &DirectFile, trunc: Truncate, rounds: usize, seed: u64) {
+    let mut rng = Rng::new(seed);
     // The case first: 8 KiB of 0x11, truncate to 0, 3 bytes at 100.
     truncate_vs_rmw_round(file, &trunc, 8192, 0, 100, 3, 1);
     for r in 0..rounds {
-        let old = 1 + rng(&mut seed) % 12288;
-        let to = rng(&mut seed) % (old + 1);
-        let at = rng(&mut seed) % 12288;
-        let len = 1 + (rng(&mut seed) % 700) as usize;
+        let old = 1 + rng.next_u64() % 12288;
+        let to = rng.next_u64() % (old + 1);
+        let at = rng.next_u64() % 12288;
+        let len = 1 + (rng.next_u64() % 700) as usize;
         truncate_vs_rmw_round(file, &trunc, old, to, at, len, r as u8);
     }
 }
@@ -511,17 +505,17 @@ fn cuts_at_the_request_limit_respect_memory_alignment() {
     };
     check(512, 4096, 256, 8192, 512, &[15872]);
     // A seeded property run over random geometries and well-formed requests.
-    let mut seed = 0x9e37_79b9u64;
+    let mut rng = Rng::new(0x9e37_79b9);
     for _ in 0..400 {
-        let lb = 512u32 << (rng(&mut seed) % 4); // 512..4096
-        let align = 512u32 << (rng(&mut seed) % 4);
-        let segs = 1 + (rng(&mut seed) % 8) as u32;
-        let max_blocks = (align / lb).max(1) * (1 + (rng(&mut seed) % 8) as u32);
+        let lb = 512u32 << (rng.next_u64() % 4); // 512..4096
+        let align = 512u32 << (rng.next_u64() % 4);
+        let segs = 1 + (rng.next_u64() % 8) as u32;
+        let max_blocks = (align / lb).max(1) * (1 + (rng.next_u64() % 8) as u32);
         let max = lb * max_blocks;
-        let off = u64::from(lb) * (rng(&mut seed) % 64);
-        let n = 1 + rng(&mut seed) % 4;
+        let off = u64::from(lb) * (rng.next_u64() % 64);
+        let n = 1 + rng.next_u64() % 4;
         let lens: Vec<usize> = (0..n)
-            .map(|_| lb as usize * (1 + (rng(&mut seed) % 40) as usize))
+            .map(|_| lb as usize * (1 + (rng.next_u64() % 40) as usize))
             .collect();
         check(lb, align, segs, max, off, &lens);
     }

@@ -74,7 +74,6 @@ fn misaligned_offset_buffer_or_length_is_einval_and_transfers_nothing() {
         "{e}"
     );
     assert_eq!(e.errno(), libc::EINVAL);
-    assert!(e.to_string().contains("offset") && e.to_string().contains("512"));
     // Length.
     let e = r.file.read_at(0, &mut b[..1000], Flags::NONE).unwrap_err();
     assert!(
@@ -99,7 +98,6 @@ fn misaligned_offset_buffer_or_length_is_einval_and_transfers_nothing() {
         ),
         "{e}"
     );
-    assert!(e.to_string().contains("buffer address"));
     assert_eq!(r.dev.stats().requests, 0, "nothing may reach the device");
     assert_eq!(r.dev.read_raw(0, 8192), vec![STALE; 8192]);
 }
@@ -713,7 +711,8 @@ fn map_errors_pass_through() {
     r.map.map_written(0..16).unwrap();
     r.map.fail_blocks(4..5);
     let e = read_all(&r.file, 0, 65536).0.unwrap_err();
-    assert!(e.to_string().contains("injected failure"), "{e}");
+    // The map's own error (an OS error, EIO), not one the engine made up.
+    assert!(matches!(e, Error::Os { .. }), "{e}");
     assert_eq!(e.errno(), libc::EIO);
 }
 
@@ -922,7 +921,8 @@ fn bad_geometry_or_block_size_is_refused() {
         Arc::new(FileState::new(MIB)),
     )
     .unwrap_err();
-    assert!(e.to_string().contains("fs block size 512"), "{e}");
+    assert!(matches!(e, Error::Invalid(_)), "{e}");
+    assert_eq!(e.errno(), libc::EINVAL);
 }
 
 /// An identity map whose lookups take a while, recording when they end.

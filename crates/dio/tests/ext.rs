@@ -13,6 +13,7 @@ use dio::ext::{Ext, FileType};
 use dio::Error;
 use dio::Mapping;
 use dio::{RawFile, RawOptions};
+use dio_testkit::{have, is_root};
 
 const IMAGES: &[&str] = &[
     "ext4-4k",
@@ -309,10 +310,6 @@ fn feature_mix_of_the_fixtures_is_what_the_tests_claim() {
     assert!(buf[..4000].iter().all(|&b| b == 0) && buf[4000] == 1);
 }
 
-fn have(tool: &str) -> bool {
-    Command::new(tool).arg("-V").output().is_ok()
-}
-
 /// Every file `debugfs -R rdump` writes out reads the same through dio.
 #[test]
 fn files_match_debugfs_rdump() {
@@ -400,15 +397,6 @@ fn compare_tree(ext: &Ext, host: &Path, rel: &str, checked: &mut usize, dump: bo
             *checked += 1;
         }
     }
-}
-
-fn is_root() -> bool {
-    // SAFETY-free: geteuid through the id command keeps this test file safe code.
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout == b"0\n")
-        .unwrap_or(false)
 }
 
 /// A kernel mount of an image, read-only unless asked, unmounted on drop.

@@ -12,10 +12,7 @@ use std::sync::{Arc, Barrier};
 use dio::ext::{Ext, ExtFile, Timestamp};
 use dio::{Error, Flags};
 use dio::{RawFile, RawOptions};
-
-fn have(tool: &str) -> bool {
-    Command::new(tool).arg("-V").output().is_ok()
-}
+use dio_testkit::{bytes, have, Rng};
 
 /// Whether e2fsprogs is there; says why a test skips when it is not.
 fn require_e2fsprogs() -> bool {
@@ -46,13 +43,6 @@ fn scratch_dir(tag: &str) -> PathBuf {
     d
 }
 
-/// Bytes that differ from block to block and from byte to byte.
-fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[3] ^ seed)
-        .collect()
-}
-
 /// A 16 MiB ext4 image (4 KiB blocks, 256-byte inodes, metadata_csum) with
 /// `/f`: 8192 bytes (two written blocks) and an unwritten (preallocated) extent
 /// of blocks 2..=5 past its size; `/g`: 5000 bytes; `/a`, `/b`, `/c`: 5000 bytes
@@ -70,8 +60,8 @@ fn make_image(tag: &str) -> (PathBuf, Vec<u8>, Vec<u8>) {
         .args(["-q", "-F", "-t", "ext4", "-b", "4096", "-I", "256"])
         .args(["-O", "metadata_csum,extent"])
         .arg(&img));
-    let f = pattern(8192, 0x11);
-    let g = pattern(5000, 0x22);
+    let f = bytes(8192, 0x11);
+    let g = bytes(5000, 0x22);
     std::fs::write(dir.join("f"), &f).unwrap();
     std::fs::write(dir.join("g"), &g).unwrap();
     let cmds = "write f f\nfallocate /f 2 5\nsif /f size 8192\nwrite g g\nwrite g a\nwrite g b\nwrite g c\nwrite f u\nfallocate /u 2 3\nsif /u size 16384\nwrite f h\nsif /h size 16384\n";
@@ -270,12 +260,10 @@ fn two_handles_sub_block_writes_to_one_block_lose_nothing() {
     let writer = |h: Arc<ExtFile>, parity: usize, barrier: Arc<Barrier>| {
         std::thread::spawn(move || {
             let mut model = vec![None::<u8>; SLOTS * SLOT];
-            let mut x = 0x9E37_79B9u32.wrapping_mul(parity as u32 + 1);
+            let mut rng = Rng::new(parity as u64 + 1);
             barrier.wait();
             for n in 0..WRITES {
-                x ^= x << 13;
-                x ^= x >> 17;
-                x ^= x << 5;
+                let x = rng.next_u64();
                 let slot = (x as usize % (SLOTS / 2)) * 2 + parity;
                 let from = (x >> 8) as usize % SLOT;
                 let len = 1 + (x >> 16) as usize % (SLOT - from);
