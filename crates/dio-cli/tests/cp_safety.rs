@@ -168,7 +168,7 @@ fn cp_refuses_a_loop_device_and_its_backing_file() {
     let before = fs::read(&img).unwrap();
     let lo = match attach(&img) {
         Ok(l) => l,
-        Err(e) => return skip(&format!("losetup: {e}")),
+        Err(e) => return skip(format!("losetup: {e}")),
     };
     let dev_inner = format!("{}:/hello.txt", lo.0);
     let img_inner = format!("{}:/hello.txt", s(&img));
@@ -265,7 +265,7 @@ fn ctrl_c_mid_copy_to_a_device_reports_how_far_it_got() {
     fs::File::create(&back).unwrap().set_len(64 << 20).unwrap();
     let lo = match attach(&back) {
         Ok(l) => l,
-        Err(e) => return skip(&format!("losetup: {e}")),
+        Err(e) => return skip(format!("losetup: {e}")),
     };
     let src = dir.path().join("src");
     let size = 48usize << 20;
@@ -386,7 +386,7 @@ fn a_full_file_system_leaves_the_copied_prefix_and_exits_1() {
     let dir = scratch();
     let fsys = match small_fs(dir.path(), 16) {
         Ok(f) => f,
-        Err(e) => return skip(&format!("no small ext4: {e}")),
+        Err(e) => return skip(format!("no small ext4: {e}")),
     };
     let src = dir.path().join("src");
     let size = 64usize << 20;
@@ -516,7 +516,7 @@ fn a_mostly_empty_device_copies_to_a_sparse_file() {
     fs::write(&back, &data).unwrap();
     let lo = match attach(&back) {
         Ok(l) => l,
-        Err(e) => return skip(&format!("losetup: {e}")),
+        Err(e) => return skip(format!("losetup: {e}")),
     };
     let out = dir.path().join("out");
     assert_ok(&dio(&["cp", &lo.0, s(&out)]), "cp dev file");
@@ -565,7 +565,7 @@ fn the_file_system_unmounts_right_after_dio_exits() {
     let dir = scratch();
     let fsys = match small_fs(dir.path(), 32) {
         Ok(f) => f,
-        Err(e) => return skip(&format!("no small ext4: {e}")),
+        Err(e) => return skip(format!("no small ext4: {e}")),
     };
     let img = dir.path().join("small.ext4");
     let src = dir.path().join("src");
@@ -574,7 +574,7 @@ fn the_file_system_unmounts_right_after_dio_exits() {
         let dst = fsys.mnt.join(format!("x{round}"));
         let o = dio(&["cp", "--engine", "uring", s(&src), s(&dst)]);
         if round == 0 && !o.status.success() && stderr(&o).contains("io_uring") {
-            return skip(&format!("no io_uring here: {}", stderr(&o)));
+            return skip(format!("no io_uring here: {}", stderr(&o)));
         }
         assert!(o.status.success(), "round {round}: {}", stderr(&o));
         let u = Command::new("umount").arg(&fsys.mnt).output().unwrap();
