@@ -128,28 +128,6 @@ pub fn skip(reason: impl fmt::Display) {
     eprintln!("skipped: {reason}");
 }
 
-/// [`is_root`], or [`skip`] naming `what` needs root.
-pub fn require_root(what: &str) -> bool {
-    let root = is_root();
-    if !root {
-        skip(format_args!("{what} needs root"));
-    }
-    root
-}
-
-/// Whether every tool of `tools` is on `PATH`; [`skip`]s naming the missing ones
-/// otherwise.
-pub fn require_tools(what: &str, tools: &[&str]) -> bool {
-    let missing: Vec<&str> = tools.iter().copied().filter(|t| !have(t)).collect();
-    if !missing.is_empty() {
-        skip(format_args!(
-            "{what} needs {} (not on PATH)",
-            missing.join(", ")
-        ));
-    }
-    missing.is_empty()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,7 +15,7 @@ pub struct Rig {
     pub file: DirectFile,
 }
 
-pub use dio_testkit::{have, is_root, require_root, require_tools, skip, Rng, STALE};
+pub use dio_testkit::{have, is_root, skip, Rng, STALE};
 
 /// A 0xAA-filled device of `dev_size` bytes with `lb`-byte sectors, a test map with
 /// `fs`-byte blocks, and a file of `size` bytes.
