@@ -10,6 +10,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use dio_testkit::is_root;
 use tempfile::TempDir;
 
 fn scratch() -> TempDir {
@@ -123,13 +124,6 @@ fn usage_errors_are_refused() {
     assert_eq!(o.status.code(), Some(2));
 }
 
-fn root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| o.stdout == b"0\n")
-}
-
 struct Loop(String);
 
 impl Drop for Loop {
@@ -212,7 +206,7 @@ fn short_soak_on_every_target() {
     std::fs::File::create(&backing)
         .and_then(|f| f.set_len(16 << 20))
         .expect("loop backing file");
-    if !root() {
+    if !is_root() {
         eprintln!("skip loop device: not root");
     } else {
         match attach_loop(&backing) {
