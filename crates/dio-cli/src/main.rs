@@ -8,6 +8,7 @@
 
 mod bench;
 mod copy;
+mod crash;
 mod fail;
 mod fsx;
 mod location;
@@ -138,6 +139,14 @@ Examples:
 
 Exit status 1 on a divergence, with the operation log and the first wrong byte.")]
     Fsx(fsx::FsxArgs),
+    /// Record a workload's writes and flushes, then check every crash state it allows.
+    #[command(after_help = "\
+Examples:
+  cp disk.img base.img
+  dio crash record run.log disk.img write:4096:new.bin flush dfill:8k:4k:0xab
+  dio crash replay run.log --base base.img --check model --check e2fsck
+  dio crash state run.log --base base.img --at 17:1:12 --out state.img")]
+    Crash(crash::CrashArgs),
 }
 
 /// Which I/O back end `RawFile` uses (`auto` falls back to pread/pwrite where io_uring
@@ -269,6 +278,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Write(a) => write::run(&a.target, a.offset, &a.input, a.engine),
         Command::Bench(a) => bench::run(&a),
         Command::Fsx(a) => fsx::run(&a),
+        Command::Crash(a) => crash::run(&a),
     }
 }
 
