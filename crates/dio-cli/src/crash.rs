@@ -330,7 +330,7 @@ fn record(a: &RecordArgs) -> Result<(), Failure> {
                         }
                         let mut flags = Flags::UNALIGNED;
                         if *dsync {
-                            flags = flags | Flags::DSYNC;
+                            flags |= Flags::DSYNC;
                         }
                         let n = direct
                             .write_at(*offset, data, flags)

@@ -192,7 +192,7 @@ pub fn raw_workload<D: Device>(
         let dsync = rng.below(3) == 0;
         let mut flags = Flags::UNALIGNED;
         if dsync {
-            flags = flags | Flags::DSYNC;
+            flags |= Flags::DSYNC;
         }
         assert_eq!(file.write_at(off, &data, flags).unwrap(), len as usize);
         model[off as usize..(off + len) as usize].copy_from_slice(&data);
