@@ -511,7 +511,7 @@ fn replay(a: &ReplayArgs) -> Result<(), Failure> {
     let mut owned: Vec<Box<dyn Checker>> = Vec::new();
     for c in &a.checks {
         owned.push(match c.as_str() {
-            "model" => Box::new(ModelChecker),
+            "model" => Box::new(ModelChecker::new()),
             "e2fsck" => Box::new(E2fsckChecker),
             "mount" | "files" if files.is_empty() => {
                 return Err(Failure::usage(format!(

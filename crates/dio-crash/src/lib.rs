@@ -35,7 +35,8 @@
 //! file.write_at(9000, b"volatile", Flags::UNALIGNED).unwrap();
 //!
 //! let log = Arc::new(Log::open(dir.join("log")).unwrap());
-//! let checkers: Vec<&dyn Checker> = vec![&ModelChecker];
+//! let model = ModelChecker::new();
+//! let checkers: Vec<&dyn Checker> = vec![&model];
 //! let sum = run(&log, Base::Zeros, &checkers, &ReplayOptions::default(), &dir).unwrap();
 //! assert!(sum.states > 1);
 //! assert_eq!(sum.failed, 0);

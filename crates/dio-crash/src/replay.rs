@@ -40,6 +40,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::log::{Log, Record, WriteRec};
@@ -212,6 +213,8 @@ pub struct Analysis {
     barriers: Vec<u64>,
     /// Record indices of writes.
     writes: Vec<u64>,
+    /// Sector -> the claims (record indices) covering it.
+    claims_by_sector: HashMap<u64, Vec<u64>>,
 }
 
 impl Analysis {
@@ -223,8 +226,14 @@ impl Analysis {
         let mut writes = Vec::new();
         // (covers, index) of every flush, for "the first flush covering write i".
         let mut flushes: Vec<(u64, u64)> = Vec::new();
+        let mut claims_by_sector: HashMap<u64, Vec<u64>> = HashMap::new();
         for (i, r) in recs.iter().enumerate() {
             match r {
+                Record::Claim { offset, len, .. } => {
+                    for s in *offset / SECTOR..(offset + len).div_ceil(SECTOR) {
+                        claims_by_sector.entry(s).or_default().push(i as u64);
+                    }
+                }
                 Record::Write(w) => {
                     writes.push(i as u64);
                     if w.fua && !w.failed {
@@ -260,12 +269,20 @@ impl Analysis {
             durable_at,
             barriers,
             writes,
+            claims_by_sector,
         }
     }
 
     /// Whether record `i` is a write that is durable at crash position `at`.
     pub fn durable(&self, i: u64, at: u64) -> bool {
         self.durable_at[i as usize] < at
+    }
+
+    /// The claims (record indices) covering a sector.
+    pub fn claims_at(&self, sector: u64) -> &[u64] {
+        self.claims_by_sector
+            .get(&sector)
+            .map_or(&[], |v| v.as_slice())
     }
 
     /// The barrier records.
@@ -440,6 +457,9 @@ fn key(log: &Log, i: u64, sector: u64, seed: u64) -> (u64, u64) {
     (w.submitted.min(i) + h % span, i)
 }
 
+/// Source of [`StateView::durable_generation`] numbers, unique in the process.
+static GENERATION: AtomicU64 = AtomicU64::new(1);
+
 /// Builds states in turn (cheapest in increasing crash position).
 pub struct Replayer {
     log: Arc<Log>,
@@ -455,6 +475,7 @@ pub struct Replayer {
     durable: Arc<HashMap<u64, u64>>,
     scratch: PathBuf,
     made: u64,
+    generation: u64,
 }
 
 impl std::fmt::Debug for Replayer {
@@ -495,6 +516,7 @@ impl Replayer {
             durable: Arc::new(HashMap::new()),
             scratch: scratch.as_ref().to_path_buf(),
             made: 0,
+            generation: GENERATION.fetch_add(1, Ordering::Relaxed),
         })
     }
 
@@ -524,6 +546,7 @@ impl Replayer {
             self.upto = 0;
             self.next = 0;
             self.durable = Arc::new(HashMap::new());
+            self.generation = GENERATION.fetch_add(1, Ordering::Relaxed);
         }
         // Apply the writes that became durable since.
         let durable = Arc::make_mut(&mut self.durable);
@@ -532,6 +555,7 @@ impl Replayer {
                 break;
             }
             self.next += 1;
+            self.generation = GENERATION.fetch_add(1, Ordering::Relaxed);
             let w = write_rec(&log, i);
             for s in sectors_of(w) {
                 let better = match durable.get(&s) {
@@ -602,6 +626,7 @@ impl Replayer {
                 spec: spec.clone(),
                 scratch: self.scratch.clone(),
                 serial: self.made,
+                generation: self.generation,
             }),
         })
     }
@@ -622,6 +647,7 @@ struct ViewInner {
     spec: StateSpec,
     scratch: PathBuf,
     serial: u64,
+    generation: u64,
 }
 
 /// One crash state, as an overlay over the base image (cheap to clone).
@@ -664,6 +690,13 @@ impl StateView {
             .get(&sector)
             .or_else(|| v.durable.get(&sector))
             .copied()
+    }
+
+    /// A number that changes (process-wide) whenever the durable part of the
+    /// states changes: two views with the same number differ only in their
+    /// volatile sectors and crash position (checkers may cache by it).
+    pub fn durable_generation(&self) -> u64 {
+        self.inner.generation
     }
 
     /// The durable write that holds a sector, if any (whatever a volatile write

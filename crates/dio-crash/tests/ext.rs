@@ -267,7 +267,7 @@ fn dio_in_place_overwrite_then_flush_passes_e2fsck_and_the_model() {
         rec: Arc::try_unwrap(rec).unwrap(),
     };
     let e2fsck = E2fsckChecker;
-    let sum = replay(&r, &[&ModelChecker, &e2fsck]);
+    let sum = replay(&r, &[&ModelChecker::new(), &e2fsck]);
     assert!(sum.states >= 8);
     assert_eq!(sum.failed, 0, "{:#?}", sum.failures);
 }

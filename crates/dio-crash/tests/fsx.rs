@@ -55,7 +55,8 @@ fn fsx_on_ram_under_the_recorder_then_every_state_replays_clean() {
         seed: 2,
         ..ReplayOptions::default()
     };
-    let checkers: Vec<&dyn Checker> = vec![&ModelChecker];
+    let model = ModelChecker::new();
+    let checkers: Vec<&dyn Checker> = vec![&model];
     let sum = run(&log, Base::Zeros, &checkers, &opts, &dir.join("states")).unwrap();
     eprintln!(
         "fsx: {} ops, {} records ({} writes with other records completing while they were in flight), {} states, {} failed, {:.0} states/s",

@@ -25,7 +25,8 @@ fn opts(seed: u64) -> ReplayOptions {
 
 fn replay_model(log_path: &std::path::Path, base: Base, seed: u64) -> Summary {
     let log = Arc::new(Log::open(log_path).unwrap());
-    let checkers: Vec<&dyn Checker> = vec![&ModelChecker];
+    let model = ModelChecker::new();
+    let checkers: Vec<&dyn Checker> = vec![&model];
     let dir = log_path.parent().unwrap().join("states");
     let sum = run(&log, base, &checkers, &opts(seed), &dir).unwrap();
     eprintln!(
