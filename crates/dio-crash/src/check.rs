@@ -9,7 +9,7 @@
 //! - [`FilesChecker`]: the same expectations read through dio's own ext reader.
 //! - [`CommandChecker`]: any command, given the state's image path.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -43,10 +43,10 @@ pub trait Checker {
 
 /// The model checker: claims and durable writes (see the module docs).
 ///
-/// A claim whose range no volatile sector of a state touches reads the same in
-/// every state of one durable generation, and the writes that may replace it only
-/// grow with the crash position: once it passed, it is not read again until the
-/// durable part changes.
+/// A claim whose range no volatile sector of a state touches reads what the
+/// durable writes under it (and the base) say, and the writes that may replace it
+/// only grow with the crash position: once it passed, it is not read again while
+/// the durable writes over its sectors stay the same.
 #[derive(Debug, Default)]
 pub struct ModelChecker {
     cache: Mutex<ClaimCache>,
@@ -54,8 +54,22 @@ pub struct ModelChecker {
 
 #[derive(Debug, Default)]
 struct ClaimCache {
+    /// The log the claims are of (path, records).
+    log: Option<(PathBuf, usize)>,
     generation: u64,
-    passed: HashSet<u64>,
+    /// Claim -> (crash position it passed at, fingerprint of the durable writes
+    /// over its sectors then).
+    passed: HashMap<u64, (u64, u64)>,
+}
+
+/// A hash of which durable write holds each sector of `[offset, offset + len)`.
+fn fingerprint(state: &StateView, offset: u64, len: u64) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for s in offset / SECTOR..(offset + len).div_ceil(SECTOR) {
+        let w = state.durable_winner(s).map_or(u64::MAX, |r| r);
+        h = (h ^ w).wrapping_mul(0x0000_0100_0000_01B3).rotate_left(17);
+    }
+    h
 }
 
 impl ModelChecker {
@@ -92,21 +106,34 @@ impl Checker for ModelChecker {
             touched.extend(state.analysis().claims_at(sec).iter().copied());
         }
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        if cache.generation != state.durable_generation() {
-            cache.generation = state.durable_generation();
+        let this_log = (log.path().to_path_buf(), log.records().len());
+        if cache.log.as_ref() != Some(&this_log) {
+            cache.log = Some(this_log);
             cache.passed.clear();
         }
-        for (c, rec) in log.records()[..at as usize].iter().enumerate() {
+        if cache.generation != state.durable_generation() {
+            cache.generation = state.durable_generation();
+            // Keep the passes whose sectors the durable writes did not change.
+            cache
+                .passed
+                .retain(|&c, (_, fp)| match &log.records()[c as usize] {
+                    Record::Claim { offset, len, .. } => fingerprint(state, *offset, *len) == *fp,
+                    _ => false,
+                });
+        }
+        let claims = state.analysis().claims();
+        let upto = claims.partition_point(|&c| c < at);
+        for &c in &claims[..upto] {
             let Record::Claim {
                 offset,
                 len,
                 data_at,
-            } = rec
+            } = &log.records()[c as usize]
             else {
                 continue;
             };
-            let clean = !touched.contains(&(c as u64));
-            if clean && cache.passed.contains(&(c as u64)) {
+            let clean = !touched.contains(&c);
+            if clean && cache.passed.get(&c).is_some_and(|&(a, _)| a <= at) {
                 continue;
             }
             let mut want = vec![0u8; *len as usize];
@@ -115,7 +142,9 @@ impl Checker for ModelChecker {
             state.read_at(*offset, &mut have)?;
             if want == have {
                 if clean {
-                    cache.passed.insert(c as u64);
+                    cache
+                        .passed
+                        .insert(c, (at, fingerprint(state, *offset, *len)));
                 }
                 continue;
             }
@@ -126,12 +155,10 @@ impl Checker for ModelChecker {
                 let at_b = offset + pos;
                 let n = (SECTOR - at_b % SECTOR).min(len - pos);
                 let (a, b) = (pos as usize, (pos + n) as usize);
-                if want[a..b] != have[a..b]
-                    && !later_write_matches(state, c as u64, at_b, &have[a..b])?
-                {
+                if want[a..b] != have[a..b] && !later_write_matches(state, c, at_b, &have[a..b])? {
                     let first = (a..b).find(|&k| want[k] != have[k]).unwrap_or(a);
                     let mark = log
-                        .mark_before(c as u64)
+                        .mark_before(c)
                         .map(|(i, m)| format!(" (after mark {m:?} at record {i})"))
                         .unwrap_or_default();
                     return Ok(Verdict::Fail(format!(
@@ -145,7 +172,9 @@ impl Checker for ModelChecker {
                 pos += n;
             }
             if clean {
-                cache.passed.insert(c as u64);
+                cache
+                    .passed
+                    .insert(c, (at, fingerprint(state, *offset, *len)));
             }
         }
         Ok(Verdict::Pass)

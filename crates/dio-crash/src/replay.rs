@@ -46,6 +46,29 @@ use std::sync::Arc;
 use crate::log::{Log, Record, WriteRec};
 use crate::{CrashError, Result};
 
+/// A hasher for sector numbers (a multiply and a shift; std's SipHash costs
+/// most of a state's build time otherwise).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SectorHasher(u64);
+
+impl std::hash::Hasher for SectorHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u64(&mut self, x: u64) {
+        let h = (self.0 ^ x).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        self.0 = h ^ (h >> 29);
+    }
+}
+
+/// A map keyed by sector.
+pub type SectorMap<V> = HashMap<u64, V, std::hash::BuildHasherDefault<SectorHasher>>;
+
 /// The unit of tearing and of the overlay.
 pub const SECTOR: u64 = 512;
 
@@ -214,7 +237,9 @@ pub struct Analysis {
     /// Record indices of writes.
     writes: Vec<u64>,
     /// Sector -> the claims (record indices) covering it.
-    claims_by_sector: HashMap<u64, Vec<u64>>,
+    claims_by_sector: SectorMap<Vec<u64>>,
+    /// Record indices of claims.
+    claims: Vec<u64>,
 }
 
 impl Analysis {
@@ -226,10 +251,12 @@ impl Analysis {
         let mut writes = Vec::new();
         // (covers, index) of every flush, for "the first flush covering write i".
         let mut flushes: Vec<(u64, u64)> = Vec::new();
-        let mut claims_by_sector: HashMap<u64, Vec<u64>> = HashMap::new();
+        let mut claims_by_sector: SectorMap<Vec<u64>> = SectorMap::default();
+        let mut claims = Vec::new();
         for (i, r) in recs.iter().enumerate() {
             match r {
                 Record::Claim { offset, len, .. } => {
+                    claims.push(i as u64);
                     for s in *offset / SECTOR..(offset + len).div_ceil(SECTOR) {
                         claims_by_sector.entry(s).or_default().push(i as u64);
                     }
@@ -270,12 +297,18 @@ impl Analysis {
             barriers,
             writes,
             claims_by_sector,
+            claims,
         }
     }
 
     /// Whether record `i` is a write that is durable at crash position `at`.
     pub fn durable(&self, i: u64, at: u64) -> bool {
         self.durable_at[i as usize] < at
+    }
+
+    /// The claims' record indices, ascending.
+    pub fn claims(&self) -> &[u64] {
+        &self.claims
     }
 
     /// The claims (record indices) covering a sector.
@@ -472,7 +505,7 @@ pub struct Replayer {
     order: Vec<u64>,
     next: usize,
     /// Sector -> record of the durable write that holds it.
-    durable: Arc<HashMap<u64, u64>>,
+    durable: Arc<SectorMap<u64>>,
     scratch: PathBuf,
     made: u64,
     generation: u64,
@@ -513,7 +546,7 @@ impl Replayer {
             upto: 0,
             order,
             next: 0,
-            durable: Arc::new(HashMap::new()),
+            durable: Arc::new(SectorMap::default()),
             scratch: scratch.as_ref().to_path_buf(),
             made: 0,
             generation: GENERATION.fetch_add(1, Ordering::Relaxed),
@@ -545,7 +578,7 @@ impl Replayer {
             self.seed = spec.seed;
             self.upto = 0;
             self.next = 0;
-            self.durable = Arc::new(HashMap::new());
+            self.durable = Arc::new(SectorMap::default());
             self.generation = GENERATION.fetch_add(1, Ordering::Relaxed);
         }
         // Apply the writes that became durable since.
@@ -569,7 +602,7 @@ impl Replayer {
         }
         self.upto = spec.at;
         // The kept volatile writes, over the durable ones.
-        let mut extra: HashMap<u64, u64> = HashMap::new();
+        let mut extra: SectorMap<u64> = SectorMap::default();
         let mut last = None;
         for k in &spec.kept {
             if last.is_some_and(|l| k.record <= l) {
@@ -642,8 +675,8 @@ struct ViewInner {
     log: Arc<Log>,
     an: Arc<Analysis>,
     base: Arc<BaseSrc>,
-    durable: Arc<HashMap<u64, u64>>,
-    extra: HashMap<u64, u64>,
+    durable: Arc<SectorMap<u64>>,
+    extra: SectorMap<u64>,
     spec: StateSpec,
     scratch: PathBuf,
     serial: u64,
