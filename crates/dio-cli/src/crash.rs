@@ -26,6 +26,18 @@ use crate::fail::Failure;
 use crate::location::{Location, Source};
 use crate::size;
 
+/// Print a line on stdout; a reader that went away ends the command quietly.
+macro_rules! say {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        match writeln!(std::io::stdout().lock(), $($t)*) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Err(Failure::BrokenPipe),
+            Err(e) => return Err(Failure::msg(format!("writing to stdout: {e}"))),
+        }
+    }};
+}
+
 /// `dio crash` arguments.
 #[derive(Args, Debug)]
 pub struct CrashArgs {
@@ -404,7 +416,7 @@ fn record(a: &RecordArgs) -> Result<(), Failure> {
         }
     }
     rec.sync_log().map_err(log_fail)?;
-    println!(
+    say!(
         "{}: {} records ({} operations on {})",
         a.log.display(),
         rec.position(),
@@ -542,7 +554,7 @@ fn replay(a: &ReplayArgs) -> Result<(), Failure> {
         let _ = std::fs::remove_dir_all(&scratch);
     }
     let sum = result.map_err(crash_fail)?;
-    println!(
+    say!(
         "log: {} ({} records{})",
         a.log.display(),
         sum.records,
@@ -552,7 +564,7 @@ fn replay(a: &ReplayArgs) -> Result<(), Failure> {
             String::new()
         }
     );
-    println!(
+    say!(
         "states checked: {}, failed: {} ({:.1} states/s, {:.1} s)",
         sum.states,
         sum.failed,
@@ -560,7 +572,7 @@ fn replay(a: &ReplayArgs) -> Result<(), Failure> {
         sum.elapsed.as_secs_f64()
     );
     for (c, why) in &sum.skipped {
-        println!("skipped: {c}: {why}");
+        say!("skipped: {c}: {why}");
     }
     let Some(first) = sum.failures.first() else {
         return Ok(());
@@ -570,11 +582,12 @@ fn replay(a: &ReplayArgs) -> Result<(), Failure> {
         .as_ref()
         .map(|(i, m)| format!(" (after mark {m:?} at record {i})"))
         .unwrap_or_default();
-    println!(
+    say!(
         "first failing state: position {}{mark}, state {}",
-        first.spec.at, first.spec
+        first.spec.at,
+        first.spec
     );
-    println!(
+    say!(
         "  {}: {}",
         first.checker,
         first.message.replace('\n', "\n    ")
@@ -584,7 +597,7 @@ fn replay(a: &ReplayArgs) -> Result<(), Failure> {
         .as_ref()
         .map(|b| format!(" --base {}", shell_quote(&b.to_string_lossy())))
         .unwrap_or_default();
-    println!(
+    say!(
         "rebuild it: dio crash state {}{base_arg} --at {} --out state.img",
         shell_quote(&a.log.to_string_lossy()),
         first.spec
@@ -608,14 +621,14 @@ fn state(a: &StateArgs) -> Result<(), Failure> {
     let mut rep = dio_crash::Replayer::new(log, base_of(&a.base)?, scratch).map_err(crash_fail)?;
     let view = rep.state(&spec).map_err(crash_fail)?;
     view.write_image(&a.out).map_err(crash_fail)?;
-    println!("{}: state {spec} ({} bytes)", a.out.display(), view.size());
+    say!("{}: state {spec} ({} bytes)", a.out.display(), view.size());
     Ok(())
 }
 
 fn list(a: &LogArgs) -> Result<(), Failure> {
     let log = Log::open(&a.log).map_err(crash_fail)?;
     let h = log.header();
-    println!(
+    say!(
         "device: {} bytes, {}-byte logical blocks; {} records",
         h.device_size,
         h.logical_block,
@@ -642,10 +655,10 @@ fn list(a: &LogArgs) -> Result<(), Failure> {
             Record::Mark(m) => format!("mark {m:?}"),
             Record::Claim { offset, len, .. } => format!("claim {len} bytes at {offset} durable"),
         };
-        println!("{i:>6}  {line}");
+        say!("{i:>6}  {line}");
     }
     if log.ignored_tail() > 0 {
-        println!("(a torn tail of {} bytes ignored)", log.ignored_tail());
+        say!("(a torn tail of {} bytes ignored)", log.ignored_tail());
     }
     Ok(())
 }
