@@ -479,15 +479,17 @@ fn tear(rng: &mut Rng, n: u32) -> Vec<(u32, u32)> {
     }
 }
 
-/// The landing-order key of write `i` at `sector`: a seeded point in
-/// `[submitted, i]` (then the index): if `a` completed before `b` was submitted,
-/// `a`'s key is below `b`'s; writes in flight together compare at random, the same
-/// way for the same seed.
-fn key(log: &Log, i: u64, sector: u64, seed: u64) -> (u64, u64) {
+/// The landing-order key of write `i` at `sector`: a seeded point in the interval
+/// `[submitted, i + 1)` (in 1/2^32 steps), then the index. If `a` completed before
+/// `b` was submitted (`a < b.submitted`), `a`'s interval ends where `b`'s begins,
+/// so `a`'s key is below `b`'s; writes in flight together have overlapping
+/// intervals and compare either way, the same way for the same seed.
+fn key(log: &Log, i: u64, sector: u64, seed: u64) -> (u128, u64) {
     let w = write_rec(log, i);
-    let span = i - w.submitted.min(i) + 1;
-    let h = mix(seed ^ mix(i ^ mix(sector)));
-    (w.submitted.min(i) + h % span, i)
+    let sub = w.submitted.min(i);
+    let span = u128::from(i + 1 - sub) << 32;
+    let h = u128::from(mix(seed ^ mix(i ^ mix(sector))));
+    ((u128::from(sub) << 32) + h % span, i)
 }
 
 /// Source of [`StateView::durable_generation`] numbers, unique in the process.
