@@ -20,9 +20,8 @@ const BS: u64 = 4096;
 
 fn tools() -> bool {
     for t in ["mkfs.ext4", "debugfs", "e2fsck"] {
-        let ok = Command::new(t).arg("-V").output().is_ok();
-        if !ok {
-            eprintln!("skipped: {t} is not installed");
+        if !dio_testkit::have(t) {
+            dio_testkit::skip(format!("{t} is not installed"));
             return false;
         }
     }
@@ -191,8 +190,8 @@ fn mutation_inode_pointing_at_data_not_yet_written_is_caught() {
     assert!(sum.failed > 0, "stale bytes went unnoticed");
     assert!(sum.failures[0].message.contains("/f"));
     // The kernel's view agrees: the first failing state, mounted, shows them too.
-    if !dio_crash::check::is_root() {
-        eprintln!("skipped: the loop-mount half needs root");
+    if !dio_testkit::is_root() {
+        dio_testkit::skip("the loop-mount half needs root");
         return;
     }
     let first = sum.failures[0].spec.clone();

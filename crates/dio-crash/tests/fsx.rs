@@ -7,9 +7,9 @@ mod common;
 
 use std::sync::Arc;
 
-use dio::fsx::{Options, Target};
 use dio::{Device, DirectFile, FileState, Flags, IdentityMap, MemDevice, MemDeviceConfig};
 use dio_crash::{run, Base, Checker, Log, ModelChecker, Recorder, ReplayOptions};
+use dio_fsx::{Options, Target};
 
 #[test]
 fn fsx_on_ram_under_the_recorder_then_every_state_replays_clean() {
@@ -31,7 +31,7 @@ fn fsx_on_ram_under_the_recorder_then_every_state_replays_clean() {
     let target = Target::file("ram under the crash recorder", file, None, None);
     let ops = if common::long() { 20_000 } else { 1500 };
     let opts = Options::new(17).ops(ops).span(size);
-    let report = dio::fsx::run(&target, &opts, &mut |_| {}).unwrap_or_else(|d| panic!("{d}"));
+    let report = dio_fsx::run(&target, &opts, &mut |_| {}).unwrap_or_else(|d| panic!("{d}"));
     assert!(report.ops >= ops);
     // As a command would end: flush, then the whole file is promised.
     let f = target.direct();
@@ -85,8 +85,8 @@ fn fsx_on_a_host_file_under_the_recorder_then_every_state_replays_clean() {
     let dir = common::scratch("fsx-host");
     let size = 1u64 << 20;
     let img = dir.join("file.bin");
-    let mut rng = common::Rng(3);
-    let base: Vec<u8> = (0..size).map(|_| rng.next() as u8).collect();
+    let mut rng = common::Rng::new(3);
+    let base: Vec<u8> = (0..size).map(|_| rng.next_u64() as u8).collect();
     std::fs::write(&img, &base).unwrap();
     std::fs::write(dir.join("base.bin"), &base).unwrap();
     let (f, geo) = dio::probe::open_probed(&img, true).unwrap();
@@ -101,7 +101,7 @@ fn fsx_on_a_host_file_under_the_recorder_then_every_state_replays_clean() {
     .unwrap();
     let target = Target::file("host file under the crash recorder", file, None, None);
     let opts = Options::new(5).ops(fsx_ops()).span(size);
-    dio::fsx::run(&target, &opts, &mut |_| {}).unwrap_or_else(|d| panic!("{d}"));
+    dio_fsx::run(&target, &opts, &mut |_| {}).unwrap_or_else(|d| panic!("{d}"));
     let f = target.direct();
     f.sync_data().unwrap();
     let mut now = vec![0u8; size as usize];
@@ -140,8 +140,8 @@ fn fsx_on_a_host_file_under_the_recorder_then_every_state_replays_clean() {
 #[test]
 fn fsx_on_a_file_inside_ext4_under_the_recorder_passes_e2fsck_and_the_model() {
     use std::process::Command;
-    if Command::new("mkfs.ext4").arg("-V").output().is_err() {
-        eprintln!("skipped: mkfs.ext4 is not installed");
+    if !dio_testkit::have("mkfs.ext4") {
+        dio_testkit::skip("mkfs.ext4 is not installed");
         return;
     }
     let dir = common::scratch("fsx-ext");
@@ -173,7 +173,7 @@ fn fsx_on_a_file_inside_ext4_under_the_recorder_passes_e2fsck_and_the_model() {
         None,
     );
     let opts = Options::new(6).ops(fsx_ops()).span(1 << 20);
-    dio::fsx::run(&target, &opts, &mut |_| {}).unwrap_or_else(|d| panic!("{d}"));
+    dio_fsx::run(&target, &opts, &mut |_| {}).unwrap_or_else(|d| panic!("{d}"));
     file.touch().unwrap();
     rec.flush().unwrap();
     // The file as fsx left it, claimed where its blocks are.

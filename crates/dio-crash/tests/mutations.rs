@@ -72,8 +72,8 @@ fn clean_dsync_and_fsync_workload_on_ram_passes_every_state() {
 fn clean_workload_on_a_host_file_passes_every_state() {
     let dir = scratch("clean-host");
     let img = dir.join("disk.img");
-    let mut rng = Rng(9);
-    let base: Vec<u8> = (0..SIZE).map(|_| rng.next() as u8).collect();
+    let mut rng = Rng::new(9);
+    let base: Vec<u8> = (0..SIZE).map(|_| rng.next_u64() as u8).collect();
     std::fs::write(&img, &base).unwrap();
     let base_copy = dir.join("base.img");
     std::fs::copy(&img, &base_copy).unwrap();
@@ -151,7 +151,7 @@ fn mutation_write_acknowledged_before_it_is_written_is_caught() {
     let rec = Arc::new(Recorder::create(Arc::clone(&mem), &log_path).unwrap());
     let early = Arc::new(EarlyAck::new(rec.clone()));
     let file = identity_file(early.clone(), 4096);
-    let mut rng = Rng(4);
+    let mut rng = Rng::new(4);
     for k in 0..40u64 {
         rec.mark(&format!("write {k}")).unwrap();
         let off = rng.below(SIZE / 4096) * 4096;

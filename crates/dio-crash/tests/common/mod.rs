@@ -44,20 +44,7 @@ pub fn long() -> bool {
     std::env::var_os("DIO_CRASH_LONG").is_some_and(|v| v != "0" && !v.is_empty())
 }
 
-/// A small splitmix generator for workloads.
-pub struct Rng(pub u64);
-impl Rng {
-    pub fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
+pub use dio_testkit::Rng;
 
 /// Passes everything through but clears FUA: a device without FUA (the block
 /// layer then relies on flushes).
@@ -186,7 +173,7 @@ pub fn raw_workload<D: Device>(
     ops: usize,
     mut model: Vec<u8>,
 ) -> Vec<u8> {
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let size = model.len() as u64;
     // Ranges written since the last sync and not yet claimed.
     let mut pending: Vec<(u64, u64)> = Vec::new();
