@@ -385,18 +385,6 @@ impl Dio {
                 _ => Ok(done as usize),
             },
         };
-        if call.op == Op::Write && call.flush {
-            if let Ok(n) = result {
-                if n > 0 {
-                    if let Err(e) = file.dev.flush() {
-                        result = Err(Box::new(Error::Io {
-                            offset: call.offset,
-                            source: std::sync::Arc::new(e),
-                        }));
-                    }
-                }
-            }
-        }
         // The map's end_io is user code: a panic there still releases the call's
         // locks and counts (below), and reaches a sync caller afterwards.
         let map = &file.map;
@@ -411,6 +399,20 @@ impl Dio {
                     Err(Box::new(Error::Panicked("BlockMap::end_io")))
                 }
             };
+        }
+        // A dsync write is durable with what the map's end_io wrote for it (an
+        // unwritten extent converted, an allocation recorded): the flush comes
+        // after end_io, as generic_write_sync follows the kernel's end_io. (Before
+        // it, metadata written in end_io stayed in the device's volatile cache: the
+        // shape of the 2025 iomap bug; dio-crash's end_io_order test replays it.)
+        if call.op == Op::Write && call.flush {
+            if let Ok(n) = result {
+                if n > 0 {
+                    if let Err(e) = file.dev.flush() {
+                        result = Err(Box::new(Error::io(call.offset, e)));
+                    }
+                }
+            }
         }
         if let (Op::Write, Ok(n)) = (call.op, &result) {
             let stats = &file.stats;
