@@ -1,6 +1,8 @@
-//! The fixed-newstyle handshake: structured replies, the `base:allocation`
-//! metadata context, then `NBD_OPT_GO` with block-size information (or
-//! `NBD_OPT_EXPORT_NAME` for servers without `NBD_OPT_GO`).
+//! The fixed-newstyle handshake, one function per phase: the greeting
+//! ([`greet`]), structured replies ([`structured_replies`]), the `base:allocation`
+//! metadata context ([`meta_context`]), then `NBD_OPT_GO` with block-size
+//! information, or `NBD_OPT_EXPORT_NAME` for servers without `NBD_OPT_GO` ([`go`]),
+//! and the checks of what the server announced ([`check`]).
 //!
 //! Everything the server sends here is checked before use: magic numbers, option
 //! echoes, payload lengths (bounded), and the export's size and block sizes.
@@ -8,13 +10,16 @@
 use crate::error::Feature;
 use std::io::{self, Read, Write};
 
-use super::conn::Stream;
 use super::proto::*;
 use crate::{Error, Result};
 
 /// Option reply payloads larger than this are refused (a sane server sends a few
 /// dozen bytes).
 const MAX_OPTION_REPLY: u32 = 1 << 20;
+
+/// Replies to one option beyond this many are refused: a server cannot keep the
+/// client in one option forever.
+const MAX_REPLIES: usize = 1024;
 
 /// What negotiation settled.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,12 +29,15 @@ pub struct Export {
     /// Transmission flags (`NBD_FLAG_*`).
     pub flags: u16,
     /// Block sizes the server announced (minimum, preferred, maximum), if any.
-    pub block_sizes: Option<(u32, u32, u32)>,
+    pub block_sizes: Option<BlockSizes>,
     /// Structured replies were negotiated.
     pub structured: bool,
     /// Context id of `base:allocation`, if negotiated.
     pub allocation_context: Option<u32>,
 }
+
+/// Block sizes a server announces: minimum, preferred, maximum.
+pub type BlockSizes = (u32, u32, u32);
 
 /// What to ask for.
 pub struct Wants<'a> {
@@ -46,13 +54,13 @@ fn corrupt(what: impl std::fmt::Display) -> Error {
     Error::incompatible(Feature::Nbd, format!("NBD handshake: {what}"))
 }
 
-fn read_array<const N: usize>(s: &mut Stream) -> Result<[u8; N]> {
+fn read_array<const N: usize>(s: &mut impl Read) -> Result<[u8; N]> {
     let mut b = [0u8; N];
     s.read_exact(&mut b).map_err(wire)?;
     Ok(b)
 }
 
-fn send_option(s: &mut Stream, option: u32, data: &[u8]) -> Result<()> {
+fn send_option(s: &mut impl Write, option: u32, data: &[u8]) -> Result<()> {
     let len = u32::try_from(data.len()).map_err(|_| corrupt("option too long"))?;
     let mut msg = Vec::with_capacity(16 + data.len());
     msg.extend_from_slice(&OPT_MAGIC.to_be_bytes());
@@ -63,7 +71,7 @@ fn send_option(s: &mut Stream, option: u32, data: &[u8]) -> Result<()> {
 }
 
 /// One option reply: its type and payload.
-fn read_reply(s: &mut Stream, option: u32) -> Result<(u32, Vec<u8>)> {
+fn read_reply(s: &mut impl Read, option: u32) -> Result<(u32, Vec<u8>)> {
     let h: [u8; 20] = read_array(s)?;
     if be64(&h, 0) != OPT_REPLY_MAGIC {
         return Err(corrupt(format!(
@@ -111,7 +119,21 @@ fn name_field(export: &str) -> Result<Vec<u8>> {
 }
 
 /// Run the handshake on a fresh connection.
-pub fn negotiate(s: &mut Stream, wants: &Wants<'_>) -> Result<Export> {
+pub fn negotiate<S: Read + Write>(s: &mut S, wants: &Wants<'_>) -> Result<Export> {
+    let greeting = greet(s)?;
+    options(s, wants, greeting)
+}
+
+/// What the server's greeting settled.
+#[derive(Debug, Clone, Copy)]
+pub struct Greeting {
+    /// The server skips the 124 zero bytes after `NBD_OPT_EXPORT_NAME`.
+    pub no_zeroes: bool,
+}
+
+/// Phase 1: the server's greeting (magic numbers, handshake flags) and the
+/// client's flags.
+pub fn greet<S: Read + Write>(s: &mut S) -> Result<Greeting> {
     let h: [u8; 18] = read_array(s)?;
     if be64(&h, 0) != INIT_MAGIC {
         return Err(corrupt("not an NBD server (no NBDMAGIC)"));
@@ -131,64 +153,103 @@ pub fn negotiate(s: &mut Stream, wants: &Wants<'_>) -> Result<Export> {
         client_flags |= CLIENT_NO_ZEROES;
     }
     s.write_all(&client_flags.to_be_bytes()).map_err(wire)?;
+    Ok(Greeting { no_zeroes })
+}
 
-    let mut structured = false;
-    if wants.structured {
-        send_option(s, OPT_STRUCTURED_REPLY, &[])?;
-        loop {
-            let (ty, _) = read_reply(s, OPT_STRUCTURED_REPLY)?;
-            match ty {
-                REP_ACK => {
-                    structured = true;
-                    break;
-                }
-                t if t & REP_ERR_BIT != 0 => break,
-                _ => {}
-            }
+/// Phases 2 to 4, after the greeting (and after TLS, when it is used): the options
+/// asked for, then the export.
+pub fn options<S: Read + Write>(
+    s: &mut S,
+    wants: &Wants<'_>,
+    greeting: Greeting,
+) -> Result<Export> {
+    let structured = wants.structured && structured_replies(s)?;
+    let allocation_context = if structured && wants.block_status {
+        meta_context(s, wants.export)?
+    } else {
+        None
+    };
+    let (size, flags, block_sizes) = go(s, wants.export, greeting)?;
+    check(Export {
+        size,
+        flags,
+        block_sizes,
+        structured,
+        allocation_context,
+    })
+}
+
+/// Phase 2: `NBD_OPT_STRUCTURED_REPLY`. Whether the server agreed.
+pub fn structured_replies<S: Read + Write>(s: &mut S) -> Result<bool> {
+    send_option(s, OPT_STRUCTURED_REPLY, &[])?;
+    for _ in 0..MAX_REPLIES {
+        let (ty, _) = read_reply(s, OPT_STRUCTURED_REPLY)?;
+        match ty {
+            REP_ACK => return Ok(true),
+            t if t & REP_ERR_BIT != 0 => return Ok(false),
+            _ => {}
         }
     }
+    Err(too_many(OPT_STRUCTURED_REPLY))
+}
 
+fn too_many(option: u32) -> Error {
+    corrupt(format!(
+        "more than {MAX_REPLIES} replies to option {option}"
+    ))
+}
+
+/// Phase 3: `NBD_OPT_SET_META_CONTEXT` for `base:allocation`. Its context id, if
+/// the server has it.
+pub fn meta_context<S: Read + Write>(s: &mut S, export: &str) -> Result<Option<u32>> {
+    let mut d = name_field(export)?;
+    d.extend_from_slice(&1u32.to_be_bytes());
+    d.extend_from_slice(&(META_BASE_ALLOCATION.len() as u32).to_be_bytes());
+    d.extend_from_slice(META_BASE_ALLOCATION.as_bytes());
+    send_option(s, OPT_SET_META_CONTEXT, &d)?;
     let mut allocation_context = None;
-    if structured && wants.block_status {
-        let mut d = name_field(wants.export)?;
-        d.extend_from_slice(&1u32.to_be_bytes());
-        d.extend_from_slice(&(META_BASE_ALLOCATION.len() as u32).to_be_bytes());
-        d.extend_from_slice(META_BASE_ALLOCATION.as_bytes());
-        send_option(s, OPT_SET_META_CONTEXT, &d)?;
-        loop {
-            let (ty, data) = read_reply(s, OPT_SET_META_CONTEXT)?;
-            match ty {
-                REP_META_CONTEXT => {
-                    if data.len() < 4 {
-                        return Err(corrupt("short meta context reply"));
-                    }
-                    if &data[4..] == META_BASE_ALLOCATION.as_bytes() {
-                        allocation_context = Some(be32(&data, 0));
-                    }
+    for _ in 0..MAX_REPLIES {
+        let (ty, data) = read_reply(s, OPT_SET_META_CONTEXT)?;
+        match ty {
+            REP_META_CONTEXT => {
+                if data.len() < 4 {
+                    return Err(corrupt("short meta context reply"));
                 }
-                REP_ACK => break,
-                t if t & REP_ERR_BIT != 0 => {
-                    if t == REP_ERR_UNKNOWN {
-                        return Err(Error::Invalid(refusal(
-                            &format!("NBD export {:?}", wants.export),
-                            t,
-                            &data,
-                        )));
-                    }
-                    break;
+                if &data[4..] == META_BASE_ALLOCATION.as_bytes() {
+                    allocation_context = Some(be32(&data, 0));
                 }
-                _ => {}
             }
+            REP_ACK => return Ok(allocation_context),
+            t if t & REP_ERR_BIT != 0 => {
+                if t == REP_ERR_UNKNOWN {
+                    return Err(Error::Invalid(refusal(
+                        &format!("NBD export {export:?}"),
+                        t,
+                        &data,
+                    )));
+                }
+                return Ok(None);
+            }
+            _ => {}
         }
     }
+    Err(too_many(OPT_SET_META_CONTEXT))
+}
 
-    let mut go = name_field(wants.export)?;
+/// Phase 4: `NBD_OPT_GO` (or `NBD_OPT_EXPORT_NAME` for a server without it): the
+/// export's size, transmission flags and block sizes.
+pub fn go<S: Read + Write>(
+    s: &mut S,
+    export: &str,
+    greeting: Greeting,
+) -> Result<(u64, u16, Option<BlockSizes>)> {
+    let mut go = name_field(export)?;
     go.extend_from_slice(&1u16.to_be_bytes());
     go.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
     send_option(s, OPT_GO, &go)?;
     let mut export_info = None;
     let mut block_sizes = None;
-    loop {
+    for _ in 0..MAX_REPLIES {
         let (ty, data) = read_reply(s, OPT_GO)?;
         match ty {
             REP_INFO => {
@@ -212,25 +273,17 @@ pub fn negotiate(s: &mut Stream, wants: &Wants<'_>) -> Result<Export> {
                     _ => {}
                 }
             }
-            REP_ACK => break,
+            REP_ACK => {
+                let (size, flags) =
+                    export_info.ok_or_else(|| corrupt("no export size in NBD_OPT_GO"))?;
+                return Ok((size, flags, block_sizes));
+            }
             REP_ERR_UNSUP => {
-                // A server from before NBD_OPT_GO: the old way in, which cannot fail
-                // politely (an unknown export just closes the connection).
-                send_option(s, OPT_EXPORT_NAME, wants.export.as_bytes())?;
-                let b: [u8; 10] = read_array(s).map_err(|_| {
-                    Error::Invalid(format!(
-                        "NBD export {:?}: server closed the connection (no such export?)",
-                        wants.export
-                    ))
-                })?;
-                if !no_zeroes {
-                    let _: [u8; 124] = read_array(s)?;
-                }
-                export_info = Some((be64(&b, 0), be16(&b, 8)));
-                break;
+                let (size, flags) = export_name(s, export, greeting)?;
+                return Ok((size, flags, block_sizes));
             }
             t if t & REP_ERR_BIT != 0 => {
-                let what = format!("NBD export {:?}", wants.export);
+                let what = format!("NBD export {export:?}");
                 return Err(match t {
                     REP_ERR_UNKNOWN | REP_ERR_INVALID => Error::Invalid(refusal(&what, t, &data)),
                     _ => Error::incompatible(Feature::Nbd, refusal(&what, t, &data)),
@@ -239,7 +292,32 @@ pub fn negotiate(s: &mut Stream, wants: &Wants<'_>) -> Result<Export> {
             _ => {}
         }
     }
-    let (size, flags) = export_info.ok_or_else(|| corrupt("no export size in NBD_OPT_GO"))?;
+    Err(too_many(OPT_GO))
+}
+
+/// A server from before `NBD_OPT_GO`: the old way in, which cannot fail politely
+/// (an unknown export just closes the connection).
+fn export_name<S: Read + Write>(s: &mut S, export: &str, greeting: Greeting) -> Result<(u64, u16)> {
+    send_option(s, OPT_EXPORT_NAME, export.as_bytes())?;
+    let b: [u8; 10] = read_array(s).map_err(|_| {
+        Error::Invalid(format!(
+            "NBD export {export:?}: server closed the connection (no such export?)"
+        ))
+    })?;
+    if !greeting.no_zeroes {
+        let _: [u8; 124] = read_array(s)?;
+    }
+    Ok((be64(&b, 0), be16(&b, 8)))
+}
+
+/// The checks of what the server announced: flags, size and block sizes.
+pub fn check(export: Export) -> Result<Export> {
+    let Export {
+        size,
+        flags,
+        block_sizes,
+        ..
+    } = export;
     if flags & TFLAG_HAS_FLAGS == 0 {
         return Err(corrupt("transmission flags without NBD_FLAG_HAS_FLAGS"));
     }
@@ -259,11 +337,5 @@ pub fn negotiate(s: &mut Stream, wants: &Wants<'_>) -> Result<Export> {
             )));
         }
     }
-    Ok(Export {
-        size,
-        flags,
-        block_sizes,
-        structured,
-        allocation_context,
-    })
+    Ok(export)
 }

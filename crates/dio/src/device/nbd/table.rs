@@ -1,0 +1,338 @@
+//! The request table of an NBD connection: every command in flight, keyed by its
+//! cookie, with who hears of its end; how commands are sent (under the writer
+//! lock) and finished, and how the connection dies (every command in flight
+//! fails with the reason).
+
+use std::collections::HashMap;
+use std::io::{self, IoSlice};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use super::conn::Stream;
+use super::handshake::Export;
+use super::proto::*;
+use crate::buf::MemRef;
+use crate::device::{Geometry, Request};
+
+/// Why the connection died; every request that meets it gets this error.
+#[derive(Debug, Clone)]
+pub(super) struct Dead {
+    pub(super) kind: io::ErrorKind,
+    pub(super) msg: String,
+}
+
+impl Dead {
+    pub(super) fn new(kind: io::ErrorKind, msg: impl Into<String>) -> Dead {
+        Dead {
+            kind,
+            msg: msg.into(),
+        }
+    }
+    pub(super) fn protocol(msg: impl std::fmt::Display) -> Dead {
+        Dead::new(
+            io::ErrorKind::InvalidData,
+            format!("NBD protocol violation: {msg}"),
+        )
+    }
+    pub(super) fn error(&self) -> io::Error {
+        io::Error::new(self.kind, self.msg.clone())
+    }
+}
+
+/// A finished synchronous command (flush, trim, write zeroes, block status).
+pub(super) type Outcome = io::Result<Vec<(u32, u32)>>;
+
+#[derive(Default)]
+pub(super) struct Waiter {
+    pub(super) done: Mutex<Option<Outcome>>,
+    pub(super) cv: Condvar,
+}
+
+impl Waiter {
+    pub(super) fn set(&self, r: Outcome) {
+        *self.done.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+        self.cv.notify_all();
+    }
+    pub(super) fn wait(&self) -> Outcome {
+        let mut d = self.done.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(r) = d.take() {
+                return r;
+            }
+            d = self.cv.wait(d).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+/// Who hears of a finished command.
+pub(super) enum Target {
+    /// A device request; with `flush_after`, a write that wanted FUA from a server
+    /// without it is flushed before it completes.
+    Request { req: Request, flush_after: bool },
+    /// A synchronous caller.
+    Waiter(Arc<Waiter>),
+}
+
+/// One command in flight.
+pub(super) struct Entry {
+    pub(super) command: u16,
+    /// When it was queued: a request the server leaves unanswered for the timeout,
+    /// while it answers others, ends the connection.
+    pub(super) since: Instant,
+    /// Wire offset and length.
+    pub(super) offset: u64,
+    pub(super) len: u32,
+    pub(super) target: Target,
+    /// The sender still uses the request's memory: a reply that arrives meanwhile
+    /// (only a broken server sends one) is parked in `early` and the sender
+    /// completes the request once its send is over.
+    pub(super) sending: bool,
+    pub(super) early: Option<io::Result<()>>,
+    /// First error chunk of a structured reply.
+    pub(super) error: Option<io::Error>,
+    /// Ranges (relative to `offset`) a structured read reply covered so far.
+    pub(super) covered: Vec<(u64, u64)>,
+    /// Block status descriptors (length, flags).
+    pub(super) extents: Vec<(u32, u32)>,
+}
+
+pub(super) struct Table {
+    pub(super) next_cookie: u64,
+    pub(super) entries: HashMap<u64, Entry>,
+    pub(super) dead: Option<Dead>,
+    /// When the table last went from empty to busy: the stall clock starts there
+    /// if the server was quiet before.
+    pub(super) busy_since: Instant,
+}
+
+pub(super) struct Shared {
+    /// Where the server is, for messages.
+    pub(super) uri: String,
+    pub(super) export: Export,
+    pub(super) geometry: Geometry,
+    pub(super) timeout: Duration,
+    pub(super) writer: Mutex<Stream>,
+    /// A handle to shut the socket down with (wakes reader and writer).
+    pub(super) control: Stream,
+    pub(super) table: Mutex<Table>,
+    pub(super) closing: AtomicBool,
+}
+
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub(super) fn errno(code: i32) -> io::Error {
+    io::Error::from_raw_os_error(code)
+}
+
+/// The pieces of `segs` (as if concatenated) that cover `[start, start + len)`.
+pub(super) fn pieces(segs: &[MemRef], mut start: u64, mut len: u64, mut f: impl FnMut(MemRef)) {
+    for s in segs {
+        if len == 0 {
+            break;
+        }
+        let sl = s.len() as u64;
+        if start >= sl {
+            start -= sl;
+            continue;
+        }
+        let n = (sl - start).min(len);
+        f(s.slice(start as usize, n as usize));
+        start = 0;
+        len -= n;
+    }
+}
+
+impl Shared {
+    /// Register a command and send it (with `payload` for writes). The reply, or the
+    /// connection's death, completes `target` exactly once.
+    pub(super) fn start(
+        self: &Arc<Self>,
+        command: u16,
+        flags: u16,
+        offset: u64,
+        len: u32,
+        target: Target,
+        payload: &[MemRef],
+    ) {
+        let cookie = {
+            let mut t = lock(&self.table);
+            if let Some(d) = &t.dead {
+                let e = d.error();
+                drop(t);
+                return self.finish(target, Err(e), Vec::new());
+            }
+            let cookie = t.next_cookie;
+            t.next_cookie = t.next_cookie.wrapping_add(1);
+            if t.entries.is_empty() {
+                t.busy_since = Instant::now();
+            }
+            t.entries.insert(
+                cookie,
+                Entry {
+                    command,
+                    since: Instant::now(),
+                    offset,
+                    len,
+                    target,
+                    sending: true,
+                    early: None,
+                    error: None,
+                    covered: Vec::new(),
+                    extents: Vec::new(),
+                },
+            );
+            cookie
+        };
+        let header = RequestHeader {
+            flags,
+            command,
+            cookie,
+            offset,
+            len,
+        }
+        .encode();
+        let sent = {
+            let mut iov = Vec::with_capacity(1 + payload.len());
+            iov.push(IoSlice::new(&header));
+            pieces(payload, 0, u64::from(len), |p| {
+                // SAFETY: the request that owns this memory is in the table with
+                // `sending` set, so nothing completes it (and hands the memory back)
+                // until this send is over; writes only read the memory.
+                iov.push(IoSlice::new(unsafe {
+                    std::slice::from_raw_parts(p.as_ptr(), p.len())
+                }));
+            });
+            let mut w = lock(&self.writer);
+            w.write_all_vectored(&mut iov)
+        };
+        let early = {
+            let mut t = lock(&self.table);
+            let early = match t.entries.get_mut(&cookie) {
+                Some(e) => {
+                    e.sending = false;
+                    e.early.is_some()
+                }
+                None => false,
+            };
+            if early {
+                t.entries.remove(&cookie)
+            } else {
+                None
+            }
+        };
+        if let Err(e) = sent {
+            let kind = e.kind();
+            let msg = if matches!(kind, io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) {
+                format!(
+                    "NBD server {} took no data for {:?}: connection dropped",
+                    self.uri, self.timeout
+                )
+            } else {
+                format!("send to NBD server {}: {e}", self.uri)
+            };
+            self.kill(Dead::new(kind, msg));
+        }
+        if let Some(mut e) = early {
+            let r = e.early.take().unwrap_or(Ok(()));
+            self.finish(e.target, r, e.extents);
+        }
+    }
+
+    /// Mark the connection dead and shut the socket: the reader wakes, fails every
+    /// request in flight and exits.
+    pub(super) fn kill(&self, why: Dead) {
+        {
+            let mut t = lock(&self.table);
+            if t.dead.is_none() {
+                t.dead = Some(why);
+            }
+        }
+        self.control.shutdown();
+    }
+
+    /// Hand a finished command to whoever waits for it.
+    pub(super) fn finish(
+        self: &Arc<Self>,
+        target: Target,
+        r: io::Result<()>,
+        extents: Vec<(u32, u32)>,
+    ) {
+        match target {
+            Target::Request { req, flush_after } if flush_after && r.is_ok() => {
+                // The server has no FUA: the write is durable after a flush, which
+                // must be sent after this reply and waited for, off the reader.
+                let s = Arc::clone(self);
+                let slot = Arc::new(Mutex::new(Some(req)));
+                let theirs = Arc::clone(&slot);
+                let spawned = thread::Builder::new()
+                    .name("dio-nbd-fua".into())
+                    .spawn(move || {
+                        let w = Arc::new(Waiter::default());
+                        s.start(CMD_FLUSH, 0, 0, 0, Target::Waiter(Arc::clone(&w)), &[]);
+                        let r = w.wait().map(drop);
+                        if let Some(req) = lock(&theirs).take() {
+                            req.complete(r);
+                        }
+                    });
+                if let Err(e) = spawned {
+                    if let Some(req) = lock(&slot).take() {
+                        req.complete(Err(e));
+                    }
+                }
+            }
+            Target::Request { req, .. } => req.complete(r),
+            Target::Waiter(w) => w.set(r.map(|()| extents)),
+        }
+    }
+
+    /// The reply for `cookie` is complete with `r`: complete its command, or park
+    /// the result if the sender is still busy with its memory.
+    pub(super) fn settle(self: &Arc<Self>, cookie: u64, r: io::Result<()>) {
+        let done = {
+            let mut t = lock(&self.table);
+            match t.entries.get_mut(&cookie) {
+                Some(e) if e.sending => {
+                    e.early = Some(r);
+                    return;
+                }
+                Some(_) => t.entries.remove(&cookie).map(|e| (e, r)),
+                None => None,
+            }
+        };
+        if let Some((e, r)) = done {
+            self.finish(e.target, r, e.extents);
+        }
+    }
+
+    /// The connection is over: record why, and fail every command in flight.
+    pub(super) fn drain(self: &Arc<Self>, why: Dead) {
+        let (dead, gone) = {
+            let mut t = lock(&self.table);
+            if t.dead.is_none() {
+                t.dead = Some(why);
+            }
+            let dead = t.dead.clone().expect("set above");
+            let mut gone = Vec::new();
+            let cookies: Vec<u64> = t.entries.keys().copied().collect();
+            for c in cookies {
+                let sending = t.entries.get(&c).is_some_and(|e| e.sending);
+                if sending {
+                    if let Some(e) = t.entries.get_mut(&c) {
+                        e.early = Some(Err(dead.error()));
+                    }
+                } else if let Some(e) = t.entries.remove(&c) {
+                    gone.push(e);
+                }
+            }
+            (dead, gone)
+        };
+        self.control.shutdown();
+        for e in gone {
+            self.finish(e.target, Err(dead.error()), Vec::new());
+        }
+    }
+}
