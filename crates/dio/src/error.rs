@@ -151,6 +151,57 @@ impl std::fmt::Display for Incompatible {
     }
 }
 
+/// Why a TLS connection (NBD over TLS) was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum TlsErrorKind {
+    /// The server's certificate is not signed by a trusted certificate authority.
+    UnknownIssuer,
+    /// The server's certificate has expired.
+    Expired,
+    /// The server's certificate is not valid yet.
+    NotYetValid,
+    /// The server's certificate is not for the host name dio connected to.
+    WrongName,
+    /// The server's certificate is unusable for another reason (revoked, bad
+    /// signature, bad encoding, unsupported algorithm).
+    BadCertificate,
+    /// The server refused the handshake (it sent an alert: for example it wants a
+    /// client certificate, or does not trust ours).
+    PeerRejected,
+    /// The handshake failed otherwise (no common cipher, protocol violation).
+    Handshake,
+}
+
+impl std::fmt::Display for TlsErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TlsErrorKind::UnknownIssuer => "certificate signed by an unknown authority",
+            TlsErrorKind::Expired => "certificate expired",
+            TlsErrorKind::NotYetValid => "certificate not valid yet",
+            TlsErrorKind::WrongName => "certificate not valid for the host name",
+            TlsErrorKind::BadCertificate => "bad certificate",
+            TlsErrorKind::PeerRejected => "the server refused the TLS handshake",
+            TlsErrorKind::Handshake => "TLS handshake failed",
+        })
+    }
+}
+
+/// A refused TLS connection: why, and the details.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsError {
+    /// Why; match on this.
+    pub kind: TlsErrorKind,
+    /// What exactly, for people.
+    pub detail: String,
+}
+
+impl std::fmt::Display for TlsError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.detail)
+    }
+}
+
 /// Why a path inside an image could not be used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
@@ -303,6 +354,10 @@ pub enum Error {
     /// An invalid argument that is not an alignment problem.
     #[error("invalid argument: {0}")]
     Invalid(String),
+    /// A TLS connection was refused (EACCES; EPROTO for a failed handshake);
+    /// [`TlsError::kind`] says why.
+    #[error("TLS: {0}")]
+    Tls(TlsError),
 }
 
 impl Error {
@@ -322,6 +377,8 @@ impl Error {
             Error::Path(p) => p.kind.errno(),
             Error::NoSpace(_) => libc::ENOSPC,
             Error::Os { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            Error::Tls(t) if t.kind == TlsErrorKind::Handshake => libc::EPROTO,
+            Error::Tls(_) => libc::EACCES,
         }
     }
 
@@ -355,6 +412,22 @@ impl Error {
             feature,
             detail: detail.into(),
         })
+    }
+
+    /// A refused TLS connection of `kind`, described by `detail`.
+    pub fn tls(kind: TlsErrorKind, detail: impl Into<String>) -> Self {
+        Error::Tls(TlsError {
+            kind,
+            detail: detail.into(),
+        })
+    }
+
+    /// The TLS error kind, if this is a refused TLS connection.
+    pub fn tls_kind(&self) -> Option<TlsErrorKind> {
+        match self {
+            Error::Tls(t) => Some(t.kind),
+            _ => None,
+        }
     }
 
     /// A path error of `kind` on `path` (bytes, decoded lossily).

@@ -333,4 +333,5 @@ pub use engine::{
 pub use error::{
     AlignPart, Corrupt, CorruptKind, Error, Feature, Incompatible, PathError, PathErrorKind, Result,
 };
+pub use error::{TlsError, TlsErrorKind};
 pub use map::{BlockMap, Extent, IdentityMap, Mapping, Private, TestMap, TestMapConfig};

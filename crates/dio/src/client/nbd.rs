@@ -6,7 +6,7 @@
 //! It holds no I/O logic of its own: bytes move through the engine and the device.
 
 pub use crate::device::nbd::{
-    Address, Allocation, NbdConfig, NbdDevice, NbdUri, DEFAULT_PORT, MAX_REQUEST,
+    Address, Allocation, NbdConfig, NbdDevice, NbdUri, TlsOptions, DEFAULT_PORT, MAX_REQUEST,
 };
 use std::sync::Arc;
 

@@ -1,12 +1,14 @@
 //! The byte stream under an NBD connection: a TCP or Unix-domain socket, with
-//! timeouts, and the reader's buffered side that can resume a read across timeouts
-//! (so a quiet but healthy server is told apart from a stalled one).
+//! timeouts; the link over it, plain or TLS; and the reader's buffered side that
+//! can resume a read across timeouts (so a quiet but healthy server is told apart
+//! from a stalled one).
 
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
+use super::tls::TlsLink;
 use super::uri::{Address, NbdUri};
 use crate::{Error, Result};
 
@@ -120,6 +122,85 @@ impl Write for Stream {
     }
 }
 
+/// The connection after the handshake's greeting: the socket itself, or TLS over it.
+pub enum Link {
+    Plain(Stream),
+    Tls(Box<TlsLink>),
+}
+
+impl Link {
+    /// The socket under the link (timeouts, shutdown).
+    pub fn socket(&self) -> &Stream {
+        match self {
+            Link::Plain(s) => s,
+            Link::Tls(t) => t.socket(),
+        }
+    }
+
+    /// Split into the end that reads (this one, with whatever it has buffered)
+    /// and an end that sends.
+    pub fn split(self) -> io::Result<(Link, Link)> {
+        let sender = match &self {
+            Link::Plain(s) => Link::Plain(s.try_clone()?),
+            Link::Tls(t) => Link::Tls(Box::new(t.sender()?)),
+        };
+        Ok((self, sender))
+    }
+
+    /// Write every byte of `bufs`, in order.
+    pub fn write_all_vectored(&mut self, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
+        match self {
+            Link::Plain(s) => s.write_all_vectored(bufs),
+            Link::Tls(t) => {
+                IoSlice::advance_slices(&mut bufs, 0);
+                while !bufs.is_empty() {
+                    match t.write_vectored(bufs) {
+                        Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                        Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// End the TLS session politely (nothing to do in plaintext).
+    pub fn close_notify(&mut self) -> io::Result<()> {
+        match self {
+            Link::Plain(_) => Ok(()),
+            Link::Tls(t) => t.close_notify(),
+        }
+    }
+}
+
+impl Read for Link {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Link::Plain(s) => s.read(buf),
+            Link::Tls(t) => t.read(buf),
+        }
+    }
+}
+
+impl Write for Link {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Link::Plain(s) => s.write(buf),
+            Link::Tls(t) => t.write(buf),
+        }
+    }
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Link::Plain(s) => s.write_vectored(bufs),
+            Link::Tls(t) => t.write_vectored(bufs),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 /// What a read that timed out should do: keep waiting, or give up with an error.
 pub trait Patience {
     /// Called after `idle` without a byte; `mid_message` says whether a reply is
@@ -131,7 +212,7 @@ pub trait Patience {
 /// into request memory for payloads, and progress tracking across the socket's
 /// receive timeout ticks.
 pub struct Incoming {
-    stream: Stream,
+    stream: Link,
     buf: Box<[u8]>,
     start: usize,
     end: usize,
@@ -142,7 +223,7 @@ pub struct Incoming {
 const DIRECT_MIN: usize = 16 * 1024;
 
 impl Incoming {
-    pub fn new(stream: Stream) -> Incoming {
+    pub fn new(stream: Link) -> Incoming {
         Incoming {
             stream,
             buf: vec![0u8; 64 * 1024].into_boxed_slice(),

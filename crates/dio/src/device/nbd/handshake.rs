@@ -47,7 +47,12 @@ pub struct Wants<'a> {
 }
 
 fn wire(e: io::Error) -> Error {
-    Error::os("NBD handshake", e)
+    // Over TLS, a refusal (a certificate the server will not take) shows up as
+    // the first read after the TLS handshake.
+    match super::tls::inner(&e) {
+        Some(t) => super::tls::error(t),
+        None => Error::os("NBD handshake", e),
+    }
 }
 
 fn corrupt(what: impl std::fmt::Display) -> Error {
@@ -118,12 +123,6 @@ fn name_field(export: &str) -> Result<Vec<u8>> {
     Ok(d)
 }
 
-/// Run the handshake on a fresh connection.
-pub fn negotiate<S: Read + Write>(s: &mut S, wants: &Wants<'_>) -> Result<Export> {
-    let greeting = greet(s)?;
-    options(s, wants, greeting)
-}
-
 /// What the server's greeting settled.
 #[derive(Debug, Clone, Copy)]
 pub struct Greeting {
@@ -154,6 +153,28 @@ pub fn greet<S: Read + Write>(s: &mut S) -> Result<Greeting> {
     }
     s.write_all(&client_flags.to_be_bytes()).map_err(wire)?;
     Ok(Greeting { no_zeroes })
+}
+
+/// Phase 1b, for TLS: `NBD_OPT_STARTTLS`. The server must agree; a refusal is an
+/// error (an `nbds` URI never falls back to plaintext). The TLS handshake follows
+/// on the same socket.
+pub fn starttls<S: Read + Write>(s: &mut S) -> Result<()> {
+    send_option(s, OPT_STARTTLS, &[])?;
+    let (ty, data) = read_reply(s, OPT_STARTTLS)?;
+    match ty {
+        REP_ACK if data.is_empty() => Ok(()),
+        REP_ACK => Err(corrupt("NBD_OPT_STARTTLS acknowledged with a payload")),
+        t if t & REP_ERR_BIT != 0 => Err(Error::incompatible(
+            Feature::Tls,
+            refusal(
+                "the server does not offer TLS (NBD_OPT_STARTTLS refused); an nbds URI \
+                 never falls back to plaintext",
+                t,
+                &data,
+            ),
+        )),
+        t => Err(corrupt(format!("reply type {t} to NBD_OPT_STARTTLS"))),
+    }
 }
 
 /// Phases 2 to 4, after the greeting (and after TLS, when it is used): the options
@@ -286,6 +307,10 @@ pub fn go<S: Read + Write>(
                 let what = format!("NBD export {export:?}");
                 return Err(match t {
                     REP_ERR_UNKNOWN | REP_ERR_INVALID => Error::Invalid(refusal(&what, t, &data)),
+                    REP_ERR_TLS_REQD => Error::incompatible(
+                        Feature::Tls,
+                        refusal(&format!("{what} needs TLS (use nbds://)"), t, &data),
+                    ),
                     _ => Error::incompatible(Feature::Nbd, refusal(&what, t, &data)),
                 });
             }

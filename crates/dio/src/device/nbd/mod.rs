@@ -23,6 +23,7 @@ mod handshake;
 mod proto;
 mod reader;
 mod table;
+mod tls;
 mod uri;
 
 use crate::error::Feature;
@@ -33,7 +34,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use self::conn::Stream;
+use self::conn::{Link, Stream};
 use self::handshake::Export;
 use self::proto::*;
 use self::reader::{reader_main, tick};
@@ -42,7 +43,7 @@ use super::{check_request, CompletionMode, Device, Geometry, Op, Request};
 use crate::buf::Segments;
 use crate::{Error, Result};
 
-pub use uri::{Address, NbdUri, DEFAULT_PORT};
+pub use uri::{Address, NbdUri, TlsOptions, DEFAULT_PORT};
 
 /// Largest request dio sends, whatever the server allows (qemu's limit too).
 pub const MAX_REQUEST: u32 = 32 << 20;
@@ -120,8 +121,14 @@ pub struct NbdDevice {
 impl NbdDevice {
     /// Connect to the export named by `uri`, negotiate, and start the reader.
     ///
+    /// With TLS settings in `uri` (`nbds://`), the connection is upgraded with
+    /// `NBD_OPT_STARTTLS` right after the greeting and everything else goes over
+    /// TLS; a server that refuses TLS fails the connect.
+    ///
     /// Errors: the server unreachable ([`Error::Os`]), no such export
-    /// ([`Error::Invalid`]), a server dio cannot talk to ([`Error::Incompatible`]).
+    /// ([`Error::Invalid`]), a server dio cannot talk to ([`Error::Incompatible`];
+    /// [`Feature::Tls`] for a server without TLS, or one that requires it from an
+    /// `nbd://` URI), a TLS connection refused ([`Error::Tls`]: its kind says why).
     pub fn connect(uri: &NbdUri, cfg: &NbdConfig) -> Result<NbdDevice> {
         let timeout = cfg.timeout.max(Duration::from_millis(1));
         let name = uri.to_string();
@@ -134,7 +141,14 @@ impl NbdDevice {
                 Error::incompatible(m.feature, format!("{name}: {}", m.detail))
             }
             Error::Invalid(m) => Error::Invalid(format!("{name}: {m}")),
+            Error::Tls(t) => Error::tls(t.kind, format!("{name}: {}", t.detail)),
             e => e,
+        };
+        // Certificates are read (and unsupported TLS modes refused) before any
+        // byte goes to the server.
+        let tls = match &uri.tls {
+            Some(opts) => Some(tls::client(uri, opts).map_err(ctx)?),
+            None => None,
         };
         let mut stream = Stream::connect(uri, timeout).map_err(ctx)?;
         let setup = |s: &Stream| -> io::Result<()> {
@@ -142,22 +156,36 @@ impl NbdDevice {
             s.set_write_timeout(Some(timeout))
         };
         setup(&stream).map_err(|e| ctx(Error::os("socket timeouts", e)))?;
-        let export = handshake::negotiate(
-            &mut stream,
+        let greeting = handshake::greet(&mut stream).map_err(ctx)?;
+        let mut link = match tls {
+            None => Link::Plain(stream),
+            Some(client) => {
+                // TLS required: a server that refuses it is an error, never a
+                // plaintext connection.
+                handshake::starttls(&mut stream).map_err(ctx)?;
+                Link::Tls(Box::new(tls::handshake(stream, client).map_err(ctx)?))
+            }
+        };
+        let export = handshake::options(
+            &mut link,
             &handshake::Wants {
                 export: &uri.export,
                 structured: cfg.structured_replies,
                 block_status: cfg.block_status,
             },
+            greeting,
         )
         .map_err(ctx)?;
         let geometry = geometry(&export, cfg.max_request).map_err(ctx)?;
 
         let tick = tick(timeout);
-        let clone = |s: &Stream| s.try_clone().map_err(|e| ctx(Error::os("dup socket", e)));
-        let reader_stream = clone(&stream)?;
-        let control = clone(&stream)?;
-        reader_stream
+        let control = link
+            .socket()
+            .try_clone()
+            .map_err(|e| ctx(Error::os("dup socket", e)))?;
+        let (reader_link, writer) = link.split().map_err(|e| ctx(Error::os("dup socket", e)))?;
+        reader_link
+            .socket()
             .set_read_timeout(Some(tick))
             .map_err(|e| ctx(Error::os("socket timeouts", e)))?;
         let shared = Arc::new(Shared {
@@ -165,7 +193,7 @@ impl NbdDevice {
             export,
             geometry,
             timeout,
-            writer: Mutex::new(stream),
+            writer: Mutex::new(writer),
             control,
             table: Mutex::new(Table {
                 next_cookie: 1,
@@ -178,7 +206,7 @@ impl NbdDevice {
         let s = Arc::clone(&shared);
         let reader = thread::Builder::new()
             .name("dio-nbd-reader".into())
-            .spawn(move || reader_main(&s, reader_stream))
+            .spawn(move || reader_main(&s, reader_link))
             .map_err(|e| Error::os("spawn NBD reader", e))?;
         Ok(NbdDevice {
             shared,
@@ -498,7 +526,10 @@ impl Drop for NbdDevice {
                 len: 0,
             }
             .encode();
-            let _ = lock(&s.writer).write_all_vectored(&mut [IoSlice::new(&disc)]);
+            let mut w = lock(&s.writer);
+            if w.write_all_vectored(&mut [IoSlice::new(&disc)]).is_ok() {
+                let _ = w.close_notify();
+            }
         }
         s.kill(Dead::new(
             io::ErrorKind::ConnectionAborted,

@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::conn::{Incoming, Patience, Stream};
+use super::conn::{Incoming, Link, Patience};
 use super::proto::{self, *};
 use super::table::{errno, lock, pieces, Dead, Entry, Shared, Table, Target};
 use crate::buf::{MemRef, Segments};
@@ -89,7 +89,7 @@ impl Patience for Watch<'_> {
     }
 }
 
-pub(super) fn reader_main(shared: &Arc<Shared>, stream: Stream) {
+pub(super) fn reader_main(shared: &Arc<Shared>, stream: Link) {
     let mut inc = Incoming::new(stream);
     // A completion callback that panics must not leave the requests behind it
     // waiting forever: the connection ends and they fail.

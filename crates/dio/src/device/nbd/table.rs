@@ -10,7 +10,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::conn::Stream;
+use super::conn::{Link, Stream};
 use super::handshake::Export;
 use super::proto::*;
 use crate::buf::MemRef;
@@ -113,7 +113,7 @@ pub(super) struct Shared {
     pub(super) export: Export,
     pub(super) geometry: Geometry,
     pub(super) timeout: Duration,
-    pub(super) writer: Mutex<Stream>,
+    pub(super) writer: Mutex<Link>,
     /// A handle to shut the socket down with (wakes reader and writer).
     pub(super) control: Stream,
     pub(super) table: Mutex<Table>,

@@ -1,8 +1,9 @@
-//! NBD URIs, as libnbd and qemu write them: `nbd://HOST[:PORT]/EXPORT` for TCP and
-//! `nbd+unix:///EXPORT?socket=PATH` for a Unix socket. TLS schemes (`nbds`) are
-//! recognised and refused.
+//! NBD URIs, as libnbd and qemu write them (the NBD URI standard): `nbd://HOST[:PORT]/EXPORT`
+//! for TCP and `nbd+unix:///EXPORT?socket=PATH` for a Unix socket; `nbds://` and
+//! `nbds+unix://` for the same over TLS, with the TLS query parameters
+//! `tls-certificates=DIR`, `tls-psk-file=FILE` (the URI's user is the PSK identity),
+//! `tls-hostname=NAME`, `tls-verify-peer=0|1` and `tls-type=x509|psk|anon`.
 
-use crate::error::Feature;
 use std::fmt;
 use std::path::PathBuf;
 
@@ -25,13 +26,72 @@ pub enum Address {
     Unix(PathBuf),
 }
 
-/// A parsed NBD URI: the server address and the export name.
+/// A parsed NBD URI: the server address, the export name, and TLS settings.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct NbdUri {
     /// Where the server listens.
     pub address: Address,
     /// The export name (percent-decoded; empty for the default export).
     pub export: String,
+    /// TLS is required (`nbds` schemes), with these settings; `None` for plaintext.
+    pub tls: Option<TlsOptions>,
+}
+
+/// How to authenticate a TLS connection (`nbds://`): TLS is then required, and a
+/// server without it is refused, never used in plaintext.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub struct TlsOptions {
+    /// `tls-certificates=DIR`: `ca-cert.pem` (the authority the server's certificate
+    /// must chain to) and, when both exist, `client-cert.pem` and `client-key.pem`
+    /// (the client's certificate), the layout nbdkit and qemu use. Without it the
+    /// system's trusted authorities are used.
+    pub certificates: Option<PathBuf>,
+    /// `tls-psk-file=FILE`: a pre-shared key file (`identity:hexkey` lines).
+    pub psk_file: Option<PathBuf>,
+    /// The URI's user: the PSK identity.
+    pub username: Option<String>,
+    /// `tls-hostname=NAME`: the name the server's certificate must carry, instead
+    /// of the URI's host (the only way to check a name over a Unix socket).
+    pub hostname: Option<String>,
+    /// `tls-verify-peer` (default on): check the server's certificate. Off, any
+    /// certificate is taken: the link is encrypted but the server unauthenticated.
+    pub verify_peer: bool,
+    /// `tls-type=x509|psk|anon`, if given.
+    pub kind: Option<String>,
+}
+
+impl Default for TlsOptions {
+    fn default() -> Self {
+        TlsOptions {
+            certificates: None,
+            psk_file: None,
+            username: None,
+            hostname: None,
+            verify_peer: true,
+            kind: None,
+        }
+    }
+}
+
+impl TlsOptions {
+    /// X.509 with the certificates in `dir` (see [`TlsOptions::certificates`]).
+    pub fn certificates(dir: impl Into<PathBuf>) -> TlsOptions {
+        TlsOptions {
+            certificates: Some(dir.into()),
+            ..TlsOptions::default()
+        }
+    }
+    /// Check the server's certificate or not.
+    pub fn verify_peer(mut self, on: bool) -> TlsOptions {
+        self.verify_peer = on;
+        self
+    }
+    /// The name the server's certificate must carry.
+    pub fn hostname(mut self, name: impl Into<String>) -> TlsOptions {
+        self.hostname = Some(name.into());
+        self
+    }
 }
 
 impl NbdUri {
@@ -43,6 +103,7 @@ impl NbdUri {
                 port,
             },
             export: export.into(),
+            tls: None,
         }
     }
 
@@ -51,7 +112,14 @@ impl NbdUri {
         NbdUri {
             address: Address::Unix(socket.into()),
             export: export.into(),
+            tls: None,
         }
+    }
+
+    /// The same export over TLS with `tls` settings.
+    pub fn with_tls(mut self, tls: TlsOptions) -> NbdUri {
+        self.tls = Some(tls);
+        self
     }
 
     /// Whether `s` looks like an NBD URI (starts with an `nbd` scheme), so that
@@ -66,8 +134,9 @@ impl NbdUri {
         )
     }
 
-    /// Parse `nbd://HOST[:PORT]/EXPORT`, `nbd+tcp://...` or
-    /// `nbd+unix:///EXPORT?socket=PATH`. The export name is the percent-decoded
+    /// Parse `nbd://HOST[:PORT]/EXPORT`, `nbd+tcp://...`,
+    /// `nbd+unix:///EXPORT?socket=PATH`, or the same with an `nbds` scheme and TLS
+    /// parameters (see the module docs). The export name is the percent-decoded
     /// path without its leading `/`; IPv6 hosts are written in brackets.
     pub fn parse(s: &str) -> Result<NbdUri> {
         let bad = |why: &str| Error::Invalid(format!("bad NBD URI {s:?}: {why}"));
@@ -75,16 +144,12 @@ impl NbdUri {
             .split_once("://")
             .ok_or_else(|| bad("expected nbd://HOST[:PORT]/EXPORT"))?;
         let scheme = scheme.to_ascii_lowercase();
-        let unix = match scheme.as_str() {
-            "nbd" | "nbd+tcp" => false,
-            "nbd+unix" => true,
-            "nbds" | "nbds+tcp" | "nbds+unix" => {
-                return Err(Error::incompatible(
-                    Feature::Tls,
-                    format!("{s}: NBD over TLS ({scheme}) is not supported"),
-                ))
-            }
-            _ => return Err(bad("the scheme must be nbd, nbd+tcp or nbd+unix")),
+        let (unix, tls) = match scheme.as_str() {
+            "nbd" | "nbd+tcp" => (false, false),
+            "nbd+unix" => (true, false),
+            "nbds" | "nbds+tcp" => (false, true),
+            "nbds+unix" => (true, true),
+            _ => return Err(bad("the scheme must be nbd, nbds, nbd+unix or nbds+unix")),
         };
         let (rest, query) = match rest.split_once('?') {
             Some((r, q)) => (r, Some(q)),
@@ -97,17 +162,59 @@ impl NbdUri {
         };
         let export = percent_decode(path).ok_or_else(|| bad("bad percent escape in export"))?;
         let mut socket = None;
+        let mut opts = TlsOptions::default();
+        let mut tls_params = false;
         for pair in query.into_iter().flat_map(|q| q.split('&')) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            if k == "socket" {
-                let v = percent_decode(v).ok_or_else(|| bad("bad percent escape in socket"))?;
-                socket = Some(PathBuf::from(v));
+            let v = percent_decode(v).ok_or_else(|| bad(&format!("bad percent escape in {k}")))?;
+            if k.starts_with("tls-") {
+                tls_params = true;
+            }
+            match k {
+                "socket" => socket = Some(PathBuf::from(v)),
+                "tls-certificates" => opts.certificates = Some(PathBuf::from(v)),
+                "tls-psk-file" => opts.psk_file = Some(PathBuf::from(v)),
+                "tls-hostname" => opts.hostname = Some(v),
+                "tls-type" => match v.as_str() {
+                    "x509" | "psk" | "anon" => opts.kind = Some(v),
+                    _ => return Err(bad("tls-type must be x509, psk or anon")),
+                },
+                "tls-verify-peer" => {
+                    opts.verify_peer = match v.to_ascii_lowercase().as_str() {
+                        "1" | "true" | "yes" | "on" => true,
+                        "0" | "false" | "no" | "off" => false,
+                        _ => return Err(bad("tls-verify-peer must be 0 or 1")),
+                    }
+                }
+                k if k.starts_with("tls-") => {
+                    return Err(bad(&format!("unknown TLS parameter {k}")));
+                }
+                _ => {}
+            }
+        }
+        if tls_params && !tls {
+            return Err(bad(
+                "TLS parameters need a TLS scheme (nbds:// or nbds+unix://)",
+            ));
+        }
+        if opts.certificates.is_some() && opts.psk_file.is_some() {
+            return Err(bad("tls-certificates and tls-psk-file exclude each other"));
+        }
+        let (userinfo, hostport) = match authority.rsplit_once('@') {
+            Some((u, h)) => (Some(u), h),
+            None => (None, authority),
+        };
+        if let Some(u) = userinfo {
+            if tls {
+                let u = u.split_once(':').map_or(u, |(name, _)| name);
+                opts.username =
+                    Some(percent_decode(u).ok_or_else(|| bad("bad percent escape in user"))?);
             }
         }
         let address = if unix {
             if !authority.is_empty() {
                 return Err(bad(
-                    "nbd+unix takes no host (nbd+unix:///EXPORT?socket=PATH)",
+                    "a Unix-socket scheme takes no host (nbd+unix:///EXPORT?socket=PATH)",
                 ));
             }
             Address::Unix(socket.ok_or_else(|| bad("nbd+unix needs ?socket=PATH"))?)
@@ -115,8 +222,7 @@ impl NbdUri {
             if socket.is_some() {
                 return Err(bad("?socket= needs the nbd+unix scheme"));
             }
-            // Drop any user info; NBD has no authentication in the URI.
-            let hostport = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+            // Without TLS the user info means nothing to NBD and is dropped.
             let (host, port) = split_host_port(hostport).ok_or_else(|| bad("bad host or port"))?;
             if host.is_empty() {
                 return Err(bad("missing host"));
@@ -126,7 +232,11 @@ impl NbdUri {
                 port: port.unwrap_or(DEFAULT_PORT),
             }
         };
-        Ok(NbdUri { address, export })
+        Ok(NbdUri {
+            address,
+            export,
+            tls: tls.then_some(opts),
+        })
     }
 }
 
@@ -140,6 +250,8 @@ impl std::str::FromStr for NbdUri {
 impl fmt::Display for NbdUri {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let export = percent_encode(&self.export, false);
+        let s = if self.tls.is_some() { "s" } else { "" };
+        let mut query = Vec::new();
         match &self.address {
             Address::Tcp { host, port } => {
                 let host = if host.contains(':') {
@@ -147,18 +259,46 @@ impl fmt::Display for NbdUri {
                 } else {
                     host.clone()
                 };
+                let user = match self.tls.as_ref().and_then(|t| t.username.as_deref()) {
+                    Some(u) => format!("{}@", encode_strict(u)),
+                    None => String::new(),
+                };
                 if *port == DEFAULT_PORT {
-                    write!(f, "nbd://{host}/{export}")
+                    write!(f, "nbd{s}://{user}{host}/{export}")?;
                 } else {
-                    write!(f, "nbd://{host}:{port}/{export}")
+                    write!(f, "nbd{s}://{user}{host}:{port}/{export}")?;
                 }
             }
-            Address::Unix(p) => write!(
-                f,
-                "nbd+unix:///{export}?socket={}",
-                percent_encode(&p.to_string_lossy(), true)
-            ),
+            Address::Unix(p) => {
+                write!(f, "nbd{s}+unix:///{export}")?;
+                query.push(format!(
+                    "socket={}",
+                    percent_encode(&p.to_string_lossy(), true)
+                ));
+            }
         }
+        if let Some(t) = &self.tls {
+            let path = |p: &PathBuf| percent_encode(&p.to_string_lossy(), true);
+            if let Some(d) = &t.certificates {
+                query.push(format!("tls-certificates={}", path(d)));
+            }
+            if let Some(p) = &t.psk_file {
+                query.push(format!("tls-psk-file={}", path(p)));
+            }
+            if let Some(h) = &t.hostname {
+                query.push(format!("tls-hostname={}", percent_encode(h, true)));
+            }
+            if let Some(k) = &t.kind {
+                query.push(format!("tls-type={k}"));
+            }
+            if !t.verify_peer {
+                query.push("tls-verify-peer=0".into());
+            }
+        }
+        if !query.is_empty() {
+            write!(f, "?{}", query.join("&"))?;
+        }
+        Ok(())
     }
 }
 
@@ -201,6 +341,19 @@ fn percent_decode(s: &str) -> Option<String> {
         }
     }
     String::from_utf8(out).ok()
+}
+
+/// Everything but unreserved characters escaped (for the user part).
+fn encode_strict(s: &str) -> String {
+    s.bytes()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || b"-._~".contains(&c) {
+                (c as char).to_string()
+            } else {
+                format!("%{c:02X}")
+            }
+        })
+        .collect()
 }
 
 fn percent_encode(s: &str, slash: bool) -> String {
@@ -246,6 +399,43 @@ mod tests {
     }
 
     #[test]
+    fn tls_uris_parse_and_print_back() {
+        let u = NbdUri::parse("nbds://localhost:10810/disk?tls-certificates=/etc/pki/nbd").unwrap();
+        assert_eq!(
+            u,
+            NbdUri::tcp("localhost", 10810, "disk")
+                .with_tls(TlsOptions::certificates("/etc/pki/nbd"))
+        );
+        assert_eq!(
+            u.to_string(),
+            "nbds://localhost:10810/disk?tls-certificates=%2Fetc%2Fpki%2Fnbd"
+        );
+        assert_eq!(NbdUri::parse(&u.to_string()).unwrap(), u);
+
+        let u = NbdUri::parse("nbds://alice@h/x?tls-psk-file=/k.psk").unwrap();
+        let t = u.tls.clone().unwrap();
+        assert_eq!(t.username.as_deref(), Some("alice"));
+        assert_eq!(t.psk_file.as_deref(), Some(std::path::Path::new("/k.psk")));
+        assert!(t.verify_peer);
+        assert_eq!(NbdUri::parse(&u.to_string()).unwrap(), u);
+
+        let u = NbdUri::parse(
+            "nbds+unix:///x?socket=/run/s&tls-certificates=/d&tls-verify-peer=false&tls-hostname=srv",
+        )
+        .unwrap();
+        assert_eq!(u.address, Address::Unix("/run/s".into()));
+        let t = u.tls.clone().unwrap();
+        assert!(!t.verify_peer);
+        assert_eq!(t.hostname.as_deref(), Some("srv"));
+        assert_eq!(NbdUri::parse(&u.to_string()).unwrap(), u);
+
+        // Plain URIs stay plain, and drop a user.
+        let u = NbdUri::parse("nbd://bob@h/x").unwrap();
+        assert_eq!(u, NbdUri::tcp("h", DEFAULT_PORT, "x"));
+        assert_eq!(u.to_string(), "nbd://h/x");
+    }
+
+    #[test]
     fn bad_uris_are_refused() {
         for s in [
             "disk.img",
@@ -257,13 +447,16 @@ mod tests {
         ] {
             assert!(NbdUri::parse(s).is_err(), "{s}");
         }
-        assert!(matches!(
-            NbdUri::parse("nbds://h/x"),
-            Err(Error::Incompatible(crate::Incompatible {
-                feature: Feature::Tls,
-                ..
-            }))
-        ));
+        for s in [
+            "nbd://h/x?tls-certificates=/d",
+            "nbds://h/x?tls-verify-peer=maybe",
+            "nbds://h/x?tls-colour=blue",
+            "nbds://h/x?tls-certificates=/d&tls-psk-file=/k",
+            "nbds://h/x?tls-type=kerberos",
+            "nbds+unix:///x",
+        ] {
+            assert!(matches!(NbdUri::parse(s), Err(Error::Invalid(_))), "{s}");
+        }
         assert!(NbdUri::is_nbd_uri("nbd://h/x"));
         assert!(NbdUri::is_nbd_uri("NBD+UNIX:///x?socket=/s"));
         assert!(!NbdUri::is_nbd_uri("disk.img:/etc/hostname"));
