@@ -49,8 +49,8 @@ pub struct Wants<'a> {
 fn wire(e: io::Error) -> Error {
     // Over TLS, a refusal (a certificate the server will not take) shows up as
     // the first read after the TLS handshake.
-    match super::tls::inner(&e) {
-        Some(t) => super::tls::error(t),
+    match super::tls::refusal(&e) {
+        Some(t) => t,
         None => Error::os("NBD handshake", e),
     }
 }

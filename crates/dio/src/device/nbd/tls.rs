@@ -314,6 +314,53 @@ pub fn inner(e: &io::Error) -> Option<&rustls::Error> {
     e.get_ref()?.downcast_ref::<rustls::Error>()
 }
 
+/// A server that drops the connection right after the TLS handshake, before it
+/// sent a byte of data: with TLS 1.3 the server checks the client's certificate
+/// after the client considers the handshake done, and a server that refuses it
+/// (GnuTLS does so for a missing one) just closes the socket.
+#[derive(Debug)]
+struct DroppedAfterHandshake(io::Error);
+
+impl std::fmt::Display for DroppedAfterHandshake {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the server closed the connection right after the TLS handshake ({}): it \
+             refused this client (does it want a client certificate? give \
+             tls-certificates=DIR with client-cert.pem and client-key.pem)",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for DroppedAfterHandshake {}
+
+/// The TLS refusal an I/O error of the NBD handshake stands for, if any.
+pub fn refusal(e: &io::Error) -> Option<Error> {
+    if let Some(t) = inner(e) {
+        return Some(error(t));
+    }
+    let d = e.get_ref()?.downcast_ref::<DroppedAfterHandshake>()?;
+    Some(Error::tls(TlsErrorKind::PeerRejected, d.to_string()))
+}
+
+/// `e` met before any data came over TLS: a dropped connection is the server's
+/// refusal.
+fn early(e: io::Error, received: bool) -> io::Error {
+    let dropped = matches!(
+        e.kind(),
+        io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
+    );
+    if dropped && !received {
+        io::Error::new(e.kind(), DroppedAfterHandshake(e))
+    } else {
+        e
+    }
+}
+
 fn lock(m: &Mutex<ClientConnection>) -> MutexGuard<'_, ClientConnection> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -339,6 +386,7 @@ pub fn handshake(mut sock: Stream, client: Client) -> Result<TlsLink> {
         start: 0,
         end: 0,
         eof: false,
+        received: false,
         out: Vec::new(),
     })
 }
@@ -352,6 +400,8 @@ pub struct TlsLink {
     start: usize,
     end: usize,
     eof: bool,
+    /// Data came from the server since the TLS handshake.
+    received: bool,
     /// Ciphertext of one send.
     out: Vec<u8>,
 }
@@ -371,6 +421,7 @@ impl TlsLink {
             start: 0,
             end: 0,
             eof: false,
+            received: true,
             out: Vec::new(),
         })
     }
@@ -397,6 +448,18 @@ fn drain(c: &mut ClientConnection, out: &mut Vec<u8>) -> io::Result<()> {
 
 impl Read for TlsLink {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self.decrypt(buf) {
+            Ok(n) => {
+                self.received |= n > 0;
+                Ok(n)
+            }
+            Err(e) => Err(early(e, self.received)),
+        }
+    }
+}
+
+impl TlsLink {
+    fn decrypt(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if buf.is_empty() {
             return Ok(0);
         }
@@ -462,7 +525,9 @@ impl Write for TlsLink {
             }
             drain(&mut c, &mut self.out)?;
         }
-        self.sock.write_all(&self.out)?;
+        if let Err(e) = self.sock.write_all(&self.out) {
+            return Err(early(e, self.received));
+        }
         Ok(taken)
     }
 
