@@ -14,8 +14,8 @@ use super::proto::*;
 use crate::{Error, Result};
 
 /// Option reply payloads larger than this are refused (a sane server sends a few
-/// dozen bytes).
-const MAX_OPTION_REPLY: u32 = 1 << 20;
+/// dozen bytes; the spec caps its strings at 4096).
+const MAX_OPTION_REPLY: u32 = 64 * 1024;
 
 /// Replies to one option beyond this many are refused: a server cannot keep the
 /// client in one option forever.

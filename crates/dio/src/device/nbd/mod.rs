@@ -132,25 +132,39 @@ impl NbdDevice {
     pub fn connect(uri: &NbdUri, cfg: &NbdConfig) -> Result<NbdDevice> {
         let timeout = cfg.timeout.max(Duration::from_millis(1));
         let name = uri.to_string();
-        let ctx = |e: Error| match e {
-            Error::Os { context, source } => Error::Os {
-                context: format!("{name}: {context}"),
-                source,
-            },
-            Error::Incompatible(m) => {
-                Error::incompatible(m.feature, format!("{name}: {}", m.detail))
-            }
-            Error::Invalid(m) => Error::Invalid(format!("{name}: {m}")),
-            Error::Tls(t) => Error::tls(t.kind, format!("{name}: {}", t.detail)),
-            e => e,
-        };
+        let ctx = |e: Error| context(&name, e);
         // Certificates are read (and unsupported TLS modes refused) before any
         // byte goes to the server.
         let tls = match &uri.tls {
             Some(opts) => Some(tls::client(uri, opts).map_err(ctx)?),
             None => None,
         };
-        let mut stream = Stream::connect(uri, timeout).map_err(ctx)?;
+        let stream = Stream::connect(uri, timeout).map_err(ctx)?;
+        NbdDevice::start(stream, tls, &uri.export, name, cfg)
+    }
+
+    /// Run NBD over a socket already connected to a server (a socketpair, an
+    /// inherited descriptor), in plaintext, for `export`.
+    pub fn connect_socket(
+        socket: std::os::unix::net::UnixStream,
+        export: &str,
+        cfg: &NbdConfig,
+    ) -> Result<NbdDevice> {
+        let name = format!("NBD socket (export {export:?})");
+        NbdDevice::start(Stream::Unix(socket), None, export, name, cfg)
+    }
+
+    /// Negotiate on a connected `stream` (with TLS when `tls` is given) and start
+    /// the reader; `name` names the server in messages.
+    fn start(
+        mut stream: Stream,
+        tls: Option<tls::Client>,
+        export: &str,
+        name: String,
+        cfg: &NbdConfig,
+    ) -> Result<NbdDevice> {
+        let timeout = cfg.timeout.max(Duration::from_millis(1));
+        let ctx = |e: Error| context(&name, e);
         let setup = |s: &Stream| -> io::Result<()> {
             s.set_read_timeout(Some(timeout))?;
             s.set_write_timeout(Some(timeout))
@@ -169,7 +183,7 @@ impl NbdDevice {
         let export = handshake::options(
             &mut link,
             &handshake::Wants {
-                export: &uri.export,
+                export,
                 structured: cfg.structured_replies,
                 block_status: cfg.block_status,
             },
@@ -409,6 +423,20 @@ impl NbdDevice {
             &[],
         );
         w.wait()
+    }
+}
+
+/// `e` with the server's name in front.
+fn context(name: &str, e: Error) -> Error {
+    match e {
+        Error::Os { context, source } => Error::Os {
+            context: format!("{name}: {context}"),
+            source,
+        },
+        Error::Incompatible(m) => Error::incompatible(m.feature, format!("{name}: {}", m.detail)),
+        Error::Invalid(m) => Error::Invalid(format!("{name}: {m}")),
+        Error::Tls(t) => Error::tls(t.kind, format!("{name}: {}", t.detail)),
+        e => e,
     }
 }
 

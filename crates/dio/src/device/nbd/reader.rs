@@ -326,24 +326,36 @@ pub(super) fn read_chunk(
             if length < 12 || (length - 4) % 8 != 0 || length > (16 << 20) {
                 return Err(bad("block status chunk of impossible length").into());
             }
-            let mut b = vec![0u8; length as usize];
-            inc.read_exact(&mut b, false, watch)?;
-            if Some(be32(&b, 0)) != shared.export.allocation_context {
+            // Read piecewise: nothing is allocated by the length field, and at most
+            // MAX_EXTENTS descriptors are kept (block status may answer a prefix).
+            let mut id = [0u8; 4];
+            inc.read_exact(&mut id, false, watch)?;
+            let mut left = (length - 4) as usize;
+            if Some(be32(&id, 0)) != shared.export.allocation_context {
                 // Some other context: not ours to read.
+                skip(inc, watch, left)?;
                 return Ok(());
             }
-            let mut list = Vec::with_capacity((b.len() - 4) / 8);
+            let mut list = Vec::new();
             let mut sum = 0u64;
-            for d in b[4..].chunks_exact(8) {
-                let n = be32(d, 0);
-                if n == 0 {
-                    return Err(bad("block status descriptor of length 0").into());
+            let mut b = [0u8; 4096];
+            while left > 0 {
+                let n = left.min(b.len());
+                inc.read_exact(&mut b[..n], false, watch)?;
+                left -= n;
+                for d in b[..n].chunks_exact(8) {
+                    let n = be32(d, 0);
+                    if n == 0 {
+                        return Err(bad("block status descriptor of length 0").into());
+                    }
+                    sum += u64::from(n);
+                    if sum > end {
+                        return Err(bad("block status past the requested range").into());
+                    }
+                    if list.len() < MAX_EXTENTS {
+                        list.push((n, be32(d, 4)));
+                    }
                 }
-                sum += u64::from(n);
-                list.push((n, be32(d, 4)));
-            }
-            if sum > end {
-                return Err(bad("block status past the requested range").into());
             }
             let mut t = lock(&shared.table);
             let e = entry(&mut t, cookie)?;
@@ -356,13 +368,15 @@ pub(super) fn read_chunk(
             if !(6..=6 + 0xffff + 8).contains(&length) {
                 return Err(bad("error chunk of impossible length").into());
             }
-            let mut b = vec![0u8; length as usize];
+            let mut b = [0u8; 6];
             inc.read_exact(&mut b, false, watch)?;
             let msg_len = usize::from(be16(&b, 4));
             let tail = if t == REPLY_TYPE_ERROR_OFFSET { 8 } else { 0 };
-            if 6 + msg_len + tail > b.len() {
+            if 6 + msg_len + tail > length as usize {
                 return Err(bad("error message longer than its chunk").into());
             }
+            // The message (and offset) are for people; the errno is what counts.
+            skip(inc, watch, length as usize - 6)?;
             let error = be32(&b, 0);
             let mut t = lock(&shared.table);
             let e = entry(&mut t, cookie)?;
@@ -377,6 +391,21 @@ pub(super) fn read_chunk(
             }
         }
         _ => return Err(bad("unknown structured reply chunk").into()),
+    }
+    Ok(())
+}
+
+/// Block status descriptors kept of one reply; the rest is read and checked, and
+/// the caller asks again from where the kept ones end.
+const MAX_EXTENTS: usize = 1 << 16;
+
+/// Read and drop `n` bytes.
+fn skip(inc: &mut Incoming, watch: &mut Watch<'_>, mut n: usize) -> io::Result<()> {
+    let mut b = [0u8; 4096];
+    while n > 0 {
+        let k = n.min(b.len());
+        inc.read_exact(&mut b[..k], false, watch)?;
+        n -= k;
     }
     Ok(())
 }

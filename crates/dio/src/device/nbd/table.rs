@@ -321,8 +321,10 @@ impl Shared {
             for c in cookies {
                 let sending = t.entries.get(&c).is_some_and(|e| e.sending);
                 if sending {
+                    // A reply already parked for the sender stands: the server
+                    // answered before the connection died.
                     if let Some(e) = t.entries.get_mut(&c) {
-                        e.early = Some(Err(dead.error()));
+                        e.early.get_or_insert_with(|| Err(dead.error()));
                     }
                 } else if let Some(e) = t.entries.remove(&c) {
                     gone.push(e);
