@@ -5,7 +5,8 @@
 //!
 //! - `disk.img`, `/dev/sdb1`: the host file or device itself;
 //! - `disk.img:/etc/passwd`: a file inside the ext image `disk.img`;
-//! - `nbd://HOST[:PORT]/EXPORT`, `nbd+unix:///EXPORT?socket=PATH`: an NBD export;
+//! - `nbd://HOST[:PORT]/EXPORT`, `nbd+unix:///EXPORT?socket=PATH`: an NBD export
+//!   (`nbds://...?tls-certificates=DIR`, `nbds+unix://...`: over TLS);
 //! - `nbd://HOST/EXPORT:/etc/passwd`: a file inside the ext image on that export.
 //!
 //! A host argument is split at its first `:/` only when the whole argument is not
@@ -75,15 +76,11 @@ impl Location {
         let shown = String::from_utf8_lossy(bytes);
         if let Some(scheme) = uri_scheme(bytes) {
             let lower = scheme.to_ascii_lowercase();
-            if matches!(lower.as_str(), "nbd" | "nbd+tcp" | "nbd+unix") {
+            if NBD_SCHEMES.contains(&lower.as_str()) {
                 return Self::parse_nbd(bytes);
             }
             if !exists() {
-                let why = if lower.starts_with("nbds") {
-                    format!("{scheme}:// is NBD over TLS, which dio does not speak")
-                } else {
-                    format!("dio does not speak {scheme}://")
-                };
+                let why = format!("dio does not speak {scheme}://");
                 return Err(Failure::usage(format!(
                     "{shown}: {why} (locations: a host path, IMAGE:/PATH, nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH)"
                 )));
@@ -336,7 +333,8 @@ mod tests {
 
     #[test]
     fn other_schemes_and_malformed_nbd_uris_are_usage_errors() {
-        assert!(usage("nbds://h/x").contains("TLS"));
+        assert_eq!(parse("nbds://h/x").source, Source::Nbd("nbds://h/x".into()));
+        assert!(usage("nbds://h/x?tls-verify-peer=maybe").contains("tls-verify-peer"));
         assert!(usage("http://h/x").contains("does not speak http://"));
         assert!(usage("nbd:/h/x").contains("malformed NBD URI"));
         assert!(usage("nbd://").contains("missing host"));

@@ -730,7 +730,7 @@ fn ls_long_and_stat_agree_with_the_kernel() {
 fn locations_name_what_is_wrong() {
     let dir = scratch();
     for (arg, says) in [
-        ("nbds://h/x", "TLS"),
+        ("nbds://h/x?tls-verify-peer=maybe", "tls-verify-peer"),
         ("nbd:/h/x", "malformed NBD URI"),
         ("nbd://", "missing host"),
         ("http://h/x", "does not speak http://"),

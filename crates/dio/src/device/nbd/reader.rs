@@ -223,9 +223,7 @@ pub(super) fn read_reply(
                     let e = entry(&mut t, cookie)?;
                     if let Some(err) = e.error.take() {
                         Err(err)
-                    } else if e.command == CMD_READ
-                        && e.covered.iter().map(|(a, b)| b - a).sum::<u64>() != u64::from(e.len)
-                    {
+                    } else if e.command == CMD_READ && e.covered.bytes() != u64::from(e.len) {
                         Err(io::Error::new(
                             io::ErrorKind::InvalidData,
                             "NBD read reply did not cover the whole request",
@@ -308,10 +306,9 @@ pub(super) fn read_chunk(
             {
                 let mut t = lock(&shared.table);
                 let e = entry(&mut t, cookie)?;
-                if e.covered.iter().any(|&(a, b)| start < b && a < start + n) {
-                    return Err(bad("overlapping content chunks").into());
+                if let Err(why) = e.covered.add(start, start + n) {
+                    return Err(bad(why).into());
                 }
-                e.covered.push((start, start + n));
             }
             if hole {
                 pieces(&p.segments, start, n, |m| m.zero());

@@ -93,7 +93,7 @@ pub(super) struct Entry {
     /// First error chunk of a structured reply.
     pub(super) error: Option<io::Error>,
     /// Ranges (relative to `offset`) a structured read reply covered so far.
-    pub(super) covered: Vec<(u64, u64)>,
+    pub(super) covered: Covered,
     /// Block status descriptors (length, flags).
     pub(super) extents: Vec<(u32, u32)>,
 }
@@ -118,6 +118,53 @@ pub(super) struct Shared {
     pub(super) control: Stream,
     pub(super) table: Mutex<Table>,
     pub(super) closing: AtomicBool,
+}
+
+/// The ranges of a read that content chunks covered: disjoint, adjacent ones
+/// merged, found in logarithmic time, and at most [`Covered::MAX_RANGES`] of them
+/// (a server cannot make the client keep or search a list it grows at will).
+#[derive(Default)]
+pub(super) struct Covered {
+    /// Start to end of each range.
+    ranges: std::collections::BTreeMap<u64, u64>,
+    bytes: u64,
+}
+
+impl Covered {
+    /// Separate ranges one reply may leave (qemu sends one chunk per data or hole
+    /// extent: 65536 for a 32 MiB read in 512-byte extents).
+    pub(super) const MAX_RANGES: usize = 1 << 17;
+
+    /// Add `[start, end)`; `Err` says why it cannot be: it overlaps, or too many.
+    pub(super) fn add(&mut self, start: u64, end: u64) -> std::result::Result<(), &'static str> {
+        if let Some((_, &e)) = self.ranges.range(..end).next_back() {
+            if e > start {
+                return Err("overlapping content chunks");
+            }
+        }
+        let mut start2 = start;
+        let mut end2 = end;
+        if let Some((&s, &e)) = self.ranges.range(..=start).next_back() {
+            if e == start {
+                start2 = s;
+                self.ranges.remove(&s);
+            }
+        }
+        if let Some(e) = self.ranges.remove(&end) {
+            end2 = e;
+        }
+        if self.ranges.len() >= Covered::MAX_RANGES {
+            return Err("too many separate content chunks in one reply");
+        }
+        self.ranges.insert(start2, end2);
+        self.bytes += end - start;
+        Ok(())
+    }
+
+    /// Bytes covered.
+    pub(super) fn bytes(&self) -> u64 {
+        self.bytes
+    }
 }
 
 pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -181,7 +228,7 @@ impl Shared {
                     sending: true,
                     early: None,
                     error: None,
-                    covered: Vec::new(),
+                    covered: Covered::default(),
                     extents: Vec::new(),
                 },
             );
@@ -335,6 +382,43 @@ impl Shared {
         self.control.shutdown();
         for e in gone {
             self.finish(e.target, Err(dead.error()), Vec::new());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Covered;
+
+    #[test]
+    fn covered_ranges_match_a_bitmap_model() {
+        let mut x = 0x1234_5678_9abc_def1u64;
+        let mut rnd = |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        for _ in 0..200 {
+            let mut c = Covered::default();
+            let mut model = [false; 256];
+            for _ in 0..64 {
+                let start = rnd(256);
+                let end = (start + 1 + rnd(16)).min(256);
+                let overlaps = model[start as usize..end as usize].iter().any(|&b| b);
+                assert_eq!(c.add(start, end).is_err(), overlaps, "[{start}, {end})");
+                if !overlaps {
+                    model[start as usize..end as usize].fill(true);
+                }
+                assert_eq!(c.bytes(), model.iter().filter(|&&b| b).count() as u64);
+                // Adjacent ranges are merged: as many ranges as runs in the model.
+                let runs = model
+                    .iter()
+                    .enumerate()
+                    .filter(|&(i, &b)| b && (i == 0 || !model[i - 1]))
+                    .count();
+                assert_eq!(c.ranges.len(), runs);
+            }
         }
     }
 }
