@@ -114,6 +114,9 @@ fn handshake(s: &mut UnixStream, sc: &mut Script<'_>, mode: u8) -> Option<u32> {
     };
     out.extend_from_slice(&flags.to_be_bytes());
     s.write_all(&out).ok()?;
+    // The client answers at once or not at all (a reply the script left short
+    // keeps it waiting for the rest): a quiet client means hang up.
+    s.set_read_timeout(Some(Duration::from_millis(50))).ok()?;
     let mut cf = [0u8; 4];
     s.read_exact(&mut cf).ok()?;
     loop {
@@ -152,6 +155,7 @@ fn handshake(s: &mut UnixStream, sc: &mut Script<'_>, mode: u8) -> Option<u32> {
                     }
                     opt_reply(&mut out, option, REP_ACK, &[]);
                     s.write_all(&out).ok()?;
+                    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
                     return Some(context);
                 }
                 OPT_EXPORT_NAME => {
@@ -161,6 +165,7 @@ fn handshake(s: &mut UnixStream, sc: &mut Script<'_>, mode: u8) -> Option<u32> {
                         out.extend_from_slice(&[0u8; 124]);
                     }
                     s.write_all(&out).ok()?;
+                    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
                     return Some(context);
                 }
                 _ => opt_reply(&mut out, option, REP_ERRORS[0], &[]),
