@@ -95,7 +95,10 @@ impl Pki {
     }
 
     fn make() -> Pki {
-        let root = scratch("pki");
+        // One directory, made anew by each run (not one per process left behind).
+        let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("nbd-tls-pki");
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
         let w = |name: &str, text: &str| std::fs::write(root.join(name), text).unwrap();
         let key = |name: &str| {
             run(

@@ -17,7 +17,8 @@ use crate::{DirectFile, Error, FileState, IdentityMap, Result};
 pub struct NbdFile {
     direct: DirectFile,
     dev: Arc<NbdDevice>,
-    uri: NbdUri,
+    // Boxed: TLS settings make a URI large, and files move by value.
+    uri: Box<NbdUri>,
     notes: Vec<String>,
 }
 
@@ -62,7 +63,7 @@ impl NbdFile {
         Ok(NbdFile {
             direct,
             dev,
-            uri: uri.clone(),
+            uri: Box::new(uri.clone()),
             notes,
         })
     }
