@@ -631,3 +631,75 @@ fn psk_and_anonymous_tls_are_refused_before_connecting() {
         assert!(is_incompatible_tls(&e), "{s}: {e:?}");
     }
 }
+
+#[test]
+fn many_requests_from_many_threads_share_one_tls_connection() {
+    need!("nbdkit", "openssl");
+    let pki = Pki::get();
+    let srv = Server::nbdkit("threads", false, &tls_args(&pki.dir("srv"), &[]));
+    let f = std::sync::Arc::new(
+        NbdFile::open(
+            &srv.unix_uri(TlsOptions::certificates(pki.dir("ca-only"))),
+            true,
+            &cfg(),
+        )
+        .unwrap(),
+    );
+    let before = std::fs::read(&srv.backing).unwrap();
+    // Four writers, each in its own 2 MiB quarter, with reads in flight meanwhile:
+    // TLS records of every thread interleave on one socket in both directions.
+    let writers: Vec<_> = (0..4usize)
+        .map(|t| {
+            let f = std::sync::Arc::clone(&f);
+            thread::spawn(move || {
+                let base = t * 2 * MIB;
+                let mut model = vec![0u8; 2 * MIB];
+                let mut written = vec![false; 2 * MIB];
+                for i in 0..64usize {
+                    let len = 4096 * (1 + (i * 7 + t) % 16);
+                    let off = (i * 24_576 + t * 4096) % (2 * MIB - len) / 4096 * 4096;
+                    let mut buf = AlignedBuf::new(len, 4096);
+                    buf.iter_mut()
+                        .enumerate()
+                        .for_each(|(j, b)| *b = (j + i + t * 31) as u8);
+                    model[off..off + len].copy_from_slice(&buf);
+                    written[off..off + len].fill(true);
+                    let futs: Vec<_> = (0..4u64)
+                        .map(|k| {
+                            f.direct().read_future(
+                                (k * 2 * MIB as u64 + 65536 * (i as u64 % 8)) % (8 * MIB as u64),
+                                vec![AlignedBuf::new(65536, 4096)],
+                                Flags::NONE,
+                            )
+                        })
+                        .collect();
+                    let n = f
+                        .direct()
+                        .write_at((base + off) as u64, &buf, Flags::NONE)
+                        .unwrap();
+                    assert_eq!(n, len);
+                    for fut in futs {
+                        assert_eq!(fut.wait().result.unwrap(), 65536);
+                    }
+                }
+                (base, model, written)
+            })
+        })
+        .collect();
+    // What the export must hold: the old bytes, with each writer's last writes.
+    let mut expect = before;
+    for w in writers {
+        let (base, model, written) = w.join().unwrap();
+        for j in (0..model.len()).filter(|&j| written[j]) {
+            expect[base + j] = model[j];
+        }
+    }
+    f.direct().sync_data().unwrap();
+    let got = read_all(&f);
+    drop(f);
+    assert!(got == expect, "read back over TLS");
+    assert!(
+        std::fs::read(&srv.backing).unwrap() == expect,
+        "the backing file"
+    );
+}
