@@ -140,8 +140,8 @@ pub fn cp_r(
     let started = Instant::now();
     let stop = Stop::on_signals();
     let bar = bar(args);
-    let top_path = tree.src.inner.clone().unwrap_or_default();
-    tree.dirs_seen.insert(img.inode.ino, top_path.clone());
+    let top_path = tree.shown(&[], None);
+    tree.dirs_seen.insert(img.inode.ino, top_path);
     tree.fixups.push((Arc::new(Vec::new()), img.inode.clone()));
     let root_fd = Arc::clone(&tree.root);
     match img.ext.read_dir(&img.inode) {
@@ -297,7 +297,7 @@ struct Tree {
     sparse: bool,
     stack: Vec<Dir>,
     /// Directory inodes copied, and where (a second path to one is reported).
-    dirs_seen: HashMap<u32, Vec<u8>>,
+    dirs_seen: HashMap<u32, String>,
     /// Inodes with several links already created: where their first name is.
     links: HashMap<u32, (Arc<Vec<Vec<u8>>>, Vec<u8>)>,
     /// Directories whose mode (and with -p owner and times) is set at the end,
@@ -466,20 +466,14 @@ impl Tree {
         inode: Inode,
         shown: &str,
     ) -> io::Result<()> {
-        let mut path = self.src.inner.clone().unwrap_or_default();
-        for c in rel.iter().chain(std::iter::once(&name)) {
-            path.push(b'/');
-            path.extend_from_slice(c);
-        }
-        if let Some(first) = self.dirs_seen.get(&inode.ino) {
-            let first = String::from_utf8_lossy(first).into_owned();
+        if let Some(first) = self.dirs_seen.get(&inode.ino).cloned() {
             self.error(format!(
                 "{shown}: directory inode {} is reached again (already copied from {first}): a corrupt image links a directory twice; not copied again",
                 inode.ino
             ));
             return Ok(());
         }
-        self.dirs_seen.insert(inode.ino, path);
+        self.dirs_seen.insert(inode.ino, shown.to_string());
         // Owner-writable while the copy fills it; the mode is set at the end.
         let mode = Mode::from_raw_mode(u32::from(inode.permissions() & 0o777) | 0o700);
         match rustix::fs::mkdirat(parent, name.as_slice(), mode) {

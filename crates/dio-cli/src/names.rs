@@ -64,11 +64,17 @@ fn plain(name: &[u8]) -> bool {
 /// (`$'a\nb'`, `$'\xff'`, `$'../evil'`) as GNU ls prints names it must escape;
 /// the empty name as `''`.
 pub fn show(name: &[u8]) -> String {
-    if name.is_empty() {
-        return "''".to_string();
-    }
     if plain(name) {
         return String::from_utf8_lossy(name).into_owned();
+    }
+    quoted(name)
+}
+
+/// `name` always in ANSI-C quotes (for a name flagged as corrupt, so that a
+/// bogus `..` does not pass for the real one).
+pub fn quoted(name: &[u8]) -> String {
+    if name.is_empty() {
+        return "''".to_string();
     }
     let mut out = String::from("$'");
     for chunk in name.utf8_chunks() {
@@ -98,7 +104,8 @@ pub fn show(name: &[u8]) -> String {
 }
 
 /// An image path (`/a/b`) as it is safe to print: each component through
-/// [`show`], so a component holding `/` stays one visible component.
+/// [`show`] (a component no name may be, such as `..`, through [`quoted`]),
+/// so a component holding `/` stays one visible component.
 pub fn show_path(parts: &[&[u8]]) -> String {
     if parts.is_empty() {
         return "/".to_string();
@@ -106,7 +113,10 @@ pub fn show_path(parts: &[&[u8]]) -> String {
     let mut s = String::new();
     for p in parts {
         s.push('/');
-        s.push_str(&show(p));
+        match check(p, usize::MAX) {
+            Ok(_) => s.push_str(&show(p)),
+            Err(_) => s.push_str(&quoted(p)),
+        }
     }
     s
 }
@@ -129,7 +139,9 @@ mod tests {
         assert_eq!(show(b"../evil"), "$'../evil'");
         assert_eq!(show(b"it's\x01"), "$'it\\'s\\x01'");
         assert_eq!(show(b""), "''");
+        assert_eq!(quoted(b".."), "$'..'");
         assert_eq!(show_path(&[b"a", b"b/c"]), "/a/$'b/c'");
+        assert_eq!(show_path(&[b"a", b".."]), "/a/$'..'");
     }
 
     #[test]
