@@ -17,12 +17,16 @@
 //! HOSTDIR, or one the copy made itself, is never followed. A directory that a
 //! corrupt image links twice (or into itself) is copied once and reported.
 //!
-//! Data moves through the engine: many files' reads are in flight at once
-//! (`--qd` chunks of at most `--bs` bytes, across files), written to the host
-//! with plain `pwrite` (page cache) as they complete. Metadata (directories,
-//! inodes) is read synchronously between issues.
+//! How it moves: one thread walks the directories (creating host directories as
+//! it goes) and hands every other entry to `--qd` workers. A worker reads the
+//! entry's inode, creates it, and copies a file's data through the engine
+//! (several chunks of at most `--bs` bytes in flight per file), writing to the
+//! host with plain `pwrite` (page cache, as cp does). Workers rather than one
+//! queue of async reads because the ext client reads metadata (inodes, extent
+//! trees) synchronously: with one thread, every file's metadata reads would wait
+//! on the device one after another, and small files are mostly metadata.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io;
@@ -30,22 +34,24 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use dio::ext::{inode_flags, DirEntry, Ext, FileType, Inode, Timestamp};
-use dio::{AlignedBuf, DioFuture, DirectFile, Flags, Window};
+use dio::ext::{inode_flags, DirEntry, Ext, ExtFile, FileType, Inode, Timestamp};
+use dio::{AlignedBuf, Flags, Window};
 use indicatif::{ProgressBar, ProgressStyle};
 use rustix::fs::{AtFlags, Mode, OFlags};
 
 use crate::copy::{PipeArgs, Sparse};
 use crate::fail::{say, Failure};
-use crate::location::{Image, Location};
+use crate::location::{Image, Location, Source};
 use crate::names::{self, show};
 use crate::pipeline::Stop;
 use crate::size::human;
 
-type Buf = Window<AlignedBuf>;
+/// Most bytes of read buffers a copy holds at once (as `cp`'s pipeline).
+const MAX_BUFFERED: usize = 32 << 20;
 
 /// What one copy did, for the summary and the exit status.
 #[derive(Default)]
@@ -74,27 +80,16 @@ struct Dir {
     seen: HashSet<Vec<u8>>,
 }
 
-/// A regular file whose data is being copied.
-struct Out {
-    host: File,
-    /// The engine handle (None: inline data, copied at once).
-    direct: DirectFile,
-    inode: Inode,
-    runs: Vec<(u64, u64)>,
-    run: usize,
-    pos: u64,
-    /// Reads issued and not yet written.
-    pending: usize,
-    failed: bool,
-    shown: String,
+/// An entry handed to a worker.
+struct Task {
+    dir: Arc<OwnedFd>,
+    rel: Arc<Vec<Vec<u8>>>,
+    name: Vec<u8>,
+    ino: u32,
 }
 
-/// One chunk read in flight.
-struct Chunk {
-    id: u64,
-    off: u64,
-    len: usize,
-    fut: DioFuture<Buf>,
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// `dio cp -r SRC DST`: SRC must be a directory inside an image (a file falls
@@ -124,41 +119,61 @@ pub fn cp_r(
         .map(|n| n.as_bytes().to_vec())
         .filter(|n| matches!(names::check(n, usize::MAX), Ok(true)));
     let root = destination(Path::new(dst), top.as_deref())?;
-    let mut tree = Tree {
+    let workers = args.qd.max(1) as usize;
+    let bs = args.bs as usize;
+    let shared = Arc::new(Shared {
         ext: img.ext.clone(),
         src: loc,
         root: Arc::new(root),
         preserve,
         umask: umask(),
         sparse: sparse != Sparse::Never,
+        links: Mutex::new(HashMap::new()),
+        tally: Mutex::new(Tally::default()),
+        bar: bar(args),
+        stop: Stop::on_signals(),
+        bs,
+        per_file: (MAX_BUFFERED / bs.max(1) / workers).clamp(1, 8),
+    });
+    let started = Instant::now();
+    let mut walk = Walk {
+        shared: Arc::clone(&shared),
         stack: Vec::new(),
         dirs_seen: HashMap::new(),
-        links: HashMap::new(),
         fixups: Vec::new(),
-        tally: Tally::default(),
     };
-    let started = Instant::now();
-    let stop = Stop::on_signals();
-    let bar = bar(args);
-    let top_path = tree.shown(&[], None);
-    tree.dirs_seen.insert(img.inode.ino, top_path);
-    tree.fixups.push((Arc::new(Vec::new()), img.inode.clone()));
-    let root_fd = Arc::clone(&tree.root);
+    walk.dirs_seen
+        .insert(img.inode.ino, shared.shown(&[], None));
+    walk.fixups.push((Arc::new(Vec::new()), img.inode.clone()));
     match img.ext.read_dir(&img.inode) {
-        Ok(entries) => tree.stack.push(Dir {
-            fd: root_fd,
+        Ok(entries) => walk.stack.push(Dir {
+            fd: Arc::clone(&shared.root),
             rel: Arc::new(Vec::new()),
             entries,
             next: 0,
             seen: HashSet::new(),
         }),
-        Err(e) => tree.error(format!("{}: {e}", tree.src.display())),
+        Err(e) => shared.error(format!("{}: {e}", shared.src.display())),
     }
-    let qd = args.qd as usize;
-    let result = copy_all(&mut tree, qd, args.bs as usize, &stop, &bar);
-    bar.finish_and_clear();
-    tree.finish_dirs();
-    let t = &tree.tally;
+    // A bounded queue: the walk stays a little ahead of the workers.
+    let (tx, rx) = sync_channel::<Task>(workers * 4);
+    let rx = Arc::new(Mutex::new(rx));
+    let handles: Vec<_> = (0..workers)
+        .map(|_| {
+            let (shared, rx) = (Arc::clone(&shared), Arc::clone(&rx));
+            std::thread::spawn(move || work(&shared, &rx))
+        })
+        .collect();
+    walk.run(&tx);
+    drop(tx);
+    for h in handles {
+        if h.join().is_err() {
+            shared.error("a worker thread panicked");
+        }
+    }
+    shared.bar.finish_and_clear();
+    walk.finish_dirs();
+    let t = lock(&shared.tally);
     if !args.no_progress || args.progress {
         say(format_args!(
             "{} files ({}), {} directories, {} symlinks, {} hard links, {} special; {} skipped, {} errors; {:.3} s",
@@ -173,11 +188,33 @@ pub fn cp_r(
             started.elapsed().as_secs_f64()
         ));
     }
-    result?;
+    if let Some(signal) = shared.stop.fired() {
+        return Err(Failure::Signal {
+            signal,
+            message: format!(
+                "interrupted: {} files copied; files being copied were left incomplete",
+                t.files
+            ),
+        });
+    }
     if t.errors > 0 {
         return Err(Failure::Quiet);
     }
     Ok(())
+}
+
+/// A worker: entries from the queue until it closes.
+fn work(shared: &Shared, rx: &Mutex<Receiver<Task>>) {
+    // Read buffers of `bs` bytes, reused from file to file.
+    let mut pool = Vec::new();
+    loop {
+        let task = lock(rx).recv();
+        let Ok(task) = task else { return };
+        if shared.stop.fired().is_some() {
+            continue;
+        }
+        shared.entry(task, &mut pool);
+    }
 }
 
 fn bar(args: &PipeArgs) -> ProgressBar {
@@ -288,104 +325,90 @@ fn denied(e: rustix::io::Errno) -> bool {
     matches!(e, rustix::io::Errno::PERM | rustix::io::Errno::ACCESS)
 }
 
-struct Tree {
+/// Run `make` to create `name` in `dir`; if something is in the way that is
+/// not a directory, remove it (the link itself, never what a symlink points
+/// to) and try once more, as `cp --remove-destination` does.
+fn create<T>(
+    dir: &OwnedFd,
+    name: &[u8],
+    mut make: impl FnMut() -> rustix::io::Result<T>,
+) -> io::Result<T> {
+    match make() {
+        Err(rustix::io::Errno::EXIST) => {
+            let st = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)?;
+            if rustix::fs::FileType::from_raw_mode(st.st_mode)
+                == rustix::fs::FileType::Directory
+            {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    "a directory of that name is in the way",
+                ));
+            }
+            rustix::fs::unlinkat(dir, name, AtFlags::empty())?;
+            Ok(make()?)
+        }
+        r => Ok(r?),
+    }
+}
+
+/// What the walker and the workers share.
+struct Shared {
     ext: Ext,
     src: Location,
     root: Arc<OwnedFd>,
     preserve: bool,
     umask: u32,
     sparse: bool,
+    /// Inodes with several links already created: where their first name is.
+    /// Held while such an inode's first name is created, so that a second name
+    /// never links to a name not made yet.
+    links: Mutex<HashMap<u32, (Arc<Vec<Vec<u8>>>, Vec<u8>)>>,
+    tally: Mutex<Tally>,
+    bar: ProgressBar,
+    stop: Stop,
+    bs: usize,
+    /// Chunk reads in flight per file.
+    per_file: usize,
+}
+
+/// The walk over the image's directories (one thread).
+struct Walk {
+    shared: Arc<Shared>,
     stack: Vec<Dir>,
     /// Directory inodes copied, and where (a second path to one is reported).
     dirs_seen: HashMap<u32, String>,
-    /// Inodes with several links already created: where their first name is.
-    links: HashMap<u32, (Arc<Vec<Vec<u8>>>, Vec<u8>)>,
     /// Directories whose mode (and with -p owner and times) is set at the end,
     /// once nothing more is created in them.
     fixups: Vec<(Arc<Vec<Vec<u8>>>, Inode)>,
-    tally: Tally,
 }
 
-/// What the walk hands the copier: a created host file and its source.
-struct FileJob {
-    host: OwnedFd,
-    inode: Inode,
-    shown: String,
+/// The file type an entry's record claims (its `file_type` byte), when it
+/// claims one.
+fn claimed(e: &DirEntry) -> Option<FileType> {
+    match e.file_type {
+        1 => Some(FileType::Regular),
+        2 => Some(FileType::Directory),
+        3 => Some(FileType::CharDevice),
+        4 => Some(FileType::BlockDevice),
+        5 => Some(FileType::Fifo),
+        6 => Some(FileType::Socket),
+        7 => Some(FileType::Symlink),
+        _ => None,
+    }
 }
 
-impl Tree {
-    fn error(&mut self, m: impl std::fmt::Display) {
-        say(m);
-        self.tally.errors += 1;
-    }
-
-    /// How to name an entry of the image in messages: `IMAGE:/a/b` with each
-    /// component escaped.
-    fn shown(&self, rel: &[Vec<u8>], name: Option<&[u8]>) -> String {
-        let base = self.src.inner.clone().unwrap_or_default();
-        let base = String::from_utf8_lossy(&base);
-        let base = base.trim_end_matches('/');
-        let mut parts: Vec<&[u8]> = rel.iter().map(Vec::as_slice).collect();
-        if let Some(n) = name {
-            parts.push(n);
-        }
-        let tail = if parts.is_empty() {
-            String::new()
-        } else {
-            names::show_path(&parts)
-        };
-        let src = match &self.src.source {
-            crate::location::Source::Host(p) => p.display().to_string(),
-            crate::location::Source::Nbd(u) => u.clone(),
-        };
-        let path = format!("{base}{tail}");
-        format!("{src}:{}", if path.is_empty() { "/" } else { &path })
-    }
-
-    /// Open the directory `rel` beneath the root, one component at a time,
-    /// never following a symlink.
-    fn beneath(&self, rel: &[Vec<u8>]) -> io::Result<OwnedFd> {
-        let mut fd = rustix::fs::openat(&*self.root, ".", dir_flags(), Mode::empty())?;
-        for c in rel {
-            fd = rustix::fs::openat(&fd, c.as_slice(), dir_flags(), Mode::empty())?;
-        }
-        Ok(fd)
-    }
-
-    /// Run `make` to create `name` in `dir`; if something is in the way that is
-    /// not a directory, remove it (the link itself, never what a symlink points
-    /// to) and try once more, as `cp --remove-destination` does.
-    fn create<T>(
-        dir: &OwnedFd,
-        name: &[u8],
-        mut make: impl FnMut() -> rustix::io::Result<T>,
-    ) -> io::Result<T> {
-        match make() {
-            Err(rustix::io::Errno::EXIST) => {
-                let st = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)?;
-                if rustix::fs::FileType::from_raw_mode(st.st_mode)
-                    == rustix::fs::FileType::Directory
-                {
-                    return Err(io::Error::new(
-                        io::ErrorKind::AlreadyExists,
-                        "a directory of that name is in the way",
-                    ));
-                }
-                rustix::fs::unlinkat(dir, name, AtFlags::empty())?;
-                Ok(make()?)
-            }
-            r => Ok(r?),
-        }
-    }
-
-    /// Walk on until the next regular file is created (directories, symlinks,
-    /// hard links and special files are made on the way); `None` at the end.
-    fn next_file(&mut self, stop: &Stop) -> Option<FileJob> {
+impl Walk {
+    /// Walk every directory, creating it on the host, handing other entries to
+    /// the workers.
+    fn run(&mut self, tx: &std::sync::mpsc::SyncSender<Task>) {
+        let shared = Arc::clone(&self.shared);
         loop {
-            if stop.fired().is_some() {
-                return None;
+            if shared.stop.fired().is_some() {
+                return;
             }
-            let top = self.stack.last_mut()?;
+            let Some(top) = self.stack.last_mut() else {
+                return;
+            };
             if top.next >= top.entries.len() {
                 self.stack.pop();
                 continue;
@@ -405,55 +428,59 @@ impl Tree {
                 Ok(false) => continue,
                 Ok(true) => {}
                 Err(bad) => {
-                    let m = format!(
+                    shared.error(format!(
                         "{} (inode {}): {}: not copied",
-                        self.shown(&rel, Some(&entry.name)),
+                        shared.shown(&rel, Some(&entry.name)),
                         entry.inode,
                         bad.why()
-                    );
-                    self.error(m);
+                    ));
                     continue;
                 }
             }
-            let top = self.stack.last_mut().expect("the directory walked");
             if !top.seen.insert(entry.name.clone()) {
-                let m = format!(
+                shared.error(format!(
                     "{} (inode {}): a second entry of the same name (corrupt directory): not copied",
-                    self.shown(&rel, Some(&entry.name)),
+                    shared.shown(&rel, Some(&entry.name)),
                     entry.inode
-                );
-                self.error(m);
+                ));
                 continue;
             }
-            let shown = self.shown(&rel, Some(&entry.name));
-            let inode = match self.ext.inode(entry.inode) {
+            // Directories are the walk's; the rest goes to the workers (which
+            // read the inode and check that it is no directory after all).
+            if matches!(claimed(&entry), Some(t) if t != FileType::Directory) {
+                let task = Task {
+                    dir: fd,
+                    rel,
+                    name: entry.name,
+                    ino: entry.inode,
+                };
+                if tx.send(task).is_err() {
+                    return;
+                }
+                continue;
+            }
+            let shown = shared.shown(&rel, Some(&entry.name));
+            let inode = match shared.ext.inode(entry.inode) {
                 Ok(i) => i,
                 Err(e) => {
-                    self.error(format!("{shown} (inode {}): {e}", entry.inode));
+                    shared.error(format!("{shown} (inode {}): {e}", entry.inode));
                     continue;
                 }
             };
-            let name = entry.name;
-            let r = match inode.file_type() {
-                FileType::Directory => self.enter(&fd, &rel, name, inode, &shown),
-                FileType::Regular => match self.regular(&fd, &rel, name, inode, &shown) {
-                    Ok(Some(job)) => return Some(job),
-                    Ok(None) => Ok(()),
-                    Err(e) => Err(e),
-                },
-                FileType::Symlink => self.symlink(&fd, &rel, name, &inode),
-                FileType::Unknown => {
-                    say(format_args!(
-                        "{shown} (inode {}): mode {:#o} is no file type (corrupt inode): not copied",
-                        inode.ino, inode.mode
-                    ));
-                    self.tally.errors += 1;
-                    Ok(())
+            if inode.file_type() != FileType::Directory {
+                let task = Task {
+                    dir: fd,
+                    rel,
+                    name: entry.name,
+                    ino: entry.inode,
+                };
+                if tx.send(task).is_err() {
+                    return;
                 }
-                _ => self.special(&fd, &rel, name, &inode, &shown),
-            };
-            if let Err(e) = r {
-                self.error(format!("{shown}: {e}"));
+                continue;
+            }
+            if let Err(e) = self.enter(&fd, &rel, entry.name, inode, &shown) {
+                shared.error(format!("{shown}: {e}"));
             }
         }
     }
@@ -466,8 +493,9 @@ impl Tree {
         inode: Inode,
         shown: &str,
     ) -> io::Result<()> {
-        if let Some(first) = self.dirs_seen.get(&inode.ino).cloned() {
-            self.error(format!(
+        let shared = Arc::clone(&self.shared);
+        if let Some(first) = self.dirs_seen.get(&inode.ino) {
+            shared.error(format!(
                 "{shown}: directory inode {} is reached again (already copied from {first}): a corrupt image links a directory twice; not copied again",
                 inode.ino
             ));
@@ -482,14 +510,14 @@ impl Tree {
         }
         let fd = rustix::fs::openat(parent, name.as_slice(), dir_flags(), Mode::empty())
             .map_err(|e| io::Error::other(not_followed(e.into())))?;
-        self.tally.dirs += 1;
+        lock(&shared.tally).dirs += 1;
         let mut child = (**rel).clone();
         child.push(name);
         let child = Arc::new(child);
-        let entries = match self.ext.read_dir(&inode) {
+        let entries = match shared.ext.read_dir(&inode) {
             Ok(e) => e,
             Err(e) => {
-                self.error(format!("{shown}: {e}"));
+                shared.error(format!("{shown}: {e}"));
                 Vec::new()
             }
         };
@@ -504,65 +532,282 @@ impl Tree {
         Ok(())
     }
 
-    /// Link `name` to the inode's first name when it has one already.
-    fn hard_link(
-        &mut self,
+    /// Directory modes (and with -p owners and times), deepest first, once
+    /// nothing more is created in them.
+    fn finish_dirs(&mut self) {
+        let shared = &self.shared;
+        for (rel, inode) in std::mem::take(&mut self.fixups).iter().rev() {
+            let perm = u32::from(inode.permissions() & 0o777);
+            // Without -p, only directories created owner-writable against their
+            // mode need a change (cp: the source's mode less the umask).
+            let final_mode = (!shared.preserve && perm & 0o700 != 0o700 && !rel.is_empty())
+                .then_some(perm & !shared.umask);
+            if !shared.preserve && final_mode.is_none() {
+                continue;
+            }
+            let r = shared
+                .beneath(rel)
+                .and_then(|fd| shared.attrs_fd(&fd, inode, final_mode));
+            if let Err(e) = r {
+                shared.error(format!("{}: setting its attributes: {e}", shared.shown(rel, None)));
+            }
+        }
+    }
+}
+
+impl Shared {
+    fn error(&self, m: impl std::fmt::Display) {
+        say(m);
+        lock(&self.tally).errors += 1;
+    }
+
+    /// How to name an entry of the image in messages: `IMAGE:/a/b` with each
+    /// component escaped.
+    fn shown(&self, rel: &[Vec<u8>], name: Option<&[u8]>) -> String {
+        let base = self.src.inner.clone().unwrap_or_default();
+        let base = String::from_utf8_lossy(&base);
+        let base = base.trim_end_matches('/');
+        let mut parts: Vec<&[u8]> = rel.iter().map(Vec::as_slice).collect();
+        if let Some(n) = name {
+            parts.push(n);
+        }
+        let tail = if parts.is_empty() {
+            String::new()
+        } else {
+            names::show_path(&parts)
+        };
+        let src = match &self.src.source {
+            Source::Host(p) => p.display().to_string(),
+            Source::Nbd(u) => u.clone(),
+        };
+        let path = format!("{base}{tail}");
+        format!("{src}:{}", if path.is_empty() { "/" } else { &path })
+    }
+
+    /// Open the directory `rel` beneath the root, one component at a time,
+    /// never following a symlink.
+    fn beneath(&self, rel: &[Vec<u8>]) -> io::Result<OwnedFd> {
+        let mut fd = rustix::fs::openat(&*self.root, ".", dir_flags(), Mode::empty())?;
+        for c in rel {
+            fd = rustix::fs::openat(&fd, c.as_slice(), dir_flags(), Mode::empty())?;
+        }
+        Ok(fd)
+    }
+
+    /// One entry that is not a directory.
+    fn entry(&self, task: Task, pool: &mut Vec<AlignedBuf>) {
+        let Task {
+            dir,
+            rel,
+            name,
+            ino,
+        } = task;
+        let shown = self.shown(&rel, Some(&name));
+        let inode = match self.ext.inode(ino) {
+            Ok(i) => i,
+            Err(e) => return self.error(format!("{shown} (inode {ino}): {e}")),
+        };
+        let r = match inode.file_type() {
+            FileType::Regular => self.regular(&dir, &rel, &name, &inode, &shown, pool),
+            FileType::Symlink => self.symlink(&dir, &rel, &name, &inode),
+            FileType::Directory => Err(io::Error::other(format!(
+                "inode {ino} is a directory, its entry says otherwise (corrupt directory entry): not copied"
+            ))),
+            FileType::Unknown => Err(io::Error::other(format!(
+                "inode {ino}: mode {:#o} is no file type (corrupt inode): not copied",
+                inode.mode
+            ))),
+            _ => self.special(&dir, &rel, &name, &inode, &shown),
+        };
+        if let Err(e) = r {
+            self.error(format!("{shown}: {e}"));
+        }
+    }
+
+    /// Create `name` in `dir` (with `make`), or link it to the inode's first
+    /// name when it has one already. `Ok(None)`: linked; `Ok(Some(x))`: made.
+    fn make_or_link<T>(
+        &self,
         dir: &OwnedFd,
         rel: &Arc<Vec<Vec<u8>>>,
         name: &[u8],
         inode: &Inode,
-    ) -> io::Result<bool> {
+        make: impl FnMut() -> rustix::io::Result<T>,
+    ) -> io::Result<Option<T>> {
         if inode.links < 2 {
-            return Ok(false);
+            return create(dir, name, make).map(Some);
         }
-        let Some((first_rel, first_name)) = self.links.get(&inode.ino).cloned() else {
-            self.links
-                .insert(inode.ino, (Arc::clone(rel), name.to_vec()));
-            return Ok(false);
-        };
-        let from = self.beneath(&first_rel)?;
-        Tree::create(dir, name, || {
-            rustix::fs::linkat(&from, first_name.as_slice(), dir, name, AtFlags::empty())
-        })?;
-        self.tally.hard_links += 1;
-        Ok(true)
+        let mut links = lock(&self.links);
+        if let Some((first_rel, first_name)) = links.get(&inode.ino).cloned() {
+            drop(links);
+            let from = self.beneath(&first_rel)?;
+            create(dir, name, || {
+                rustix::fs::linkat(&from, first_name.as_slice(), dir, name, AtFlags::empty())
+            })?;
+            lock(&self.tally).hard_links += 1;
+            return Ok(None);
+        }
+        let made = create(dir, name, make)?;
+        links.insert(inode.ino, (Arc::clone(rel), name.to_vec()));
+        Ok(Some(made))
     }
 
     fn regular(
-        &mut self,
+        &self,
         dir: &OwnedFd,
         rel: &Arc<Vec<Vec<u8>>>,
-        name: Vec<u8>,
-        inode: Inode,
+        name: &[u8],
+        inode: &Inode,
         shown: &str,
-    ) -> io::Result<Option<FileJob>> {
-        if self.hard_link(dir, rel, &name, &inode)? {
-            return Ok(None);
-        }
+        pool: &mut Vec<AlignedBuf>,
+    ) -> io::Result<()> {
         // Created with the source's permission bits (the kernel applies the
         // umask); -p sets the exact mode once the data is in.
         let mode = Mode::from_raw_mode(u32::from(inode.permissions() & 0o777));
-        let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-        let host = Tree::create(dir, &name, || {
-            rustix::fs::openat(dir, name.as_slice(), flags, mode)
-        })?;
-        Ok(Some(FileJob {
-            host,
-            inode,
-            shown: shown.to_string(),
-        }))
+        let flags =
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let Some(host) = self.make_or_link(dir, rel, name, inode, || {
+            rustix::fs::openat(dir, name, flags, mode)
+        })?
+        else {
+            return Ok(());
+        };
+        let host = File::from(host);
+        if let Err(m) = self.data(&host, inode, pool) {
+            // A copy that claims no byte it did not get.
+            let _ = host.set_len(0);
+            return Err(io::Error::other(format!("{m}; its copy is left empty")));
+        }
+        if let Err(e) = self.attrs_fd(&host, inode, None) {
+            self.error(format!("{shown}: setting its attributes: {e}"));
+        }
+        let mut t = lock(&self.tally);
+        t.files += 1;
+        t.bytes += inode.size;
+        if t.files % 64 == 0 {
+            self.bar.set_message(format!("{} files", t.files));
+        }
+        Ok(())
+    }
+
+    /// Copy a file's data: its written runs, several chunks in flight.
+    fn data(&self, host: &File, inode: &Inode, pool: &mut Vec<AlignedBuf>) -> Result<(), String> {
+        if inode.size == 0 {
+            return Ok(());
+        }
+        let file = self.ext.open_file(inode).map_err(|e| e.to_string())?;
+        host.set_len(inode.size)
+            .map_err(|e| format!("sizing the copy: {e}"))?;
+        let runs = self.runs(inode).map_err(|e| e.to_string())?;
+        let bs = self.bs as u64;
+        let chunks = runs.iter().flat_map(|&(s, e)| {
+            let mut pos = s;
+            std::iter::from_fn(move || {
+                (pos < e).then(|| {
+                    let end = ((pos / bs + 1) * bs).min(e);
+                    let c = (pos, (end - pos) as usize);
+                    pos = end;
+                    c
+                })
+            })
+        });
+        let Some(direct) = file.direct() else {
+            return self.data_inline(host, &file, chunks);
+        };
+        let align = direct.geometry().buffer_align().max(4096);
+        let mut flight = std::collections::VecDeque::new();
+        let mut chunks = chunks.peekable();
+        let mut result = Ok(());
+        while chunks.peek().is_some() || !flight.is_empty() {
+            while flight.len() < self.per_file && result.is_ok() {
+                let Some((off, len)) = chunks.next() else { break };
+                let buf = pool
+                    .pop()
+                    .filter(|b| b.len() == self.bs)
+                    .unwrap_or_else(|| AlignedBuf::new(self.bs, align));
+                let buf = Window::new(buf, 0, len).expect("a chunk fits its buffer");
+                flight.push_back((off, len, direct.read_future(off, vec![buf], Flags::UNALIGNED)));
+            }
+            let Some((off, len, fut)) = flight.pop_front() else {
+                break;
+            };
+            // Every read in flight is waited for, also after a failure.
+            let mut done = fut.wait();
+            let buf = done.bufs.pop().expect("one buffer per read").into_inner();
+            if result.is_err() {
+                pool.push(buf);
+                continue;
+            }
+            result = match done.result {
+                Ok(n) if n == len => {
+                    self.bar.inc(len as u64);
+                    host.write_all_at(&buf[..len], off)
+                        .map_err(|e| format!("writing at offset {off}: {e}"))
+                }
+                Ok(n) => Err(format!("short read at offset {off}: {n} of {len} bytes")),
+                Err(e) => Err(format!("read at offset {off}: {e}")),
+            };
+            pool.push(buf);
+            if result.is_err() {
+                // Nothing more is started; the rest in flight is drained.
+                chunks.by_ref().for_each(drop);
+            }
+        }
+        result
+    }
+
+    /// Inline data (or a journal copy only `read_at` un-escapes): read in
+    /// memory, zero blocks skipped so that a sparse tail stays a hole.
+    fn data_inline(
+        &self,
+        host: &File,
+        file: &ExtFile,
+        chunks: impl Iterator<Item = (u64, usize)>,
+    ) -> Result<(), String> {
+        let mut buf = vec![0u8; self.bs];
+        for (off, n) in chunks {
+            let got = file.read_at(off, &mut buf[..n]).map_err(|e| e.to_string())?;
+            if got != n {
+                return Err(format!("short read at offset {off}: {got} of {n} bytes"));
+            }
+            if buf[..n].iter().any(|&b| b != 0) {
+                host.write_all_at(&buf[..n], off)
+                    .map_err(|e| format!("writing at offset {off}: {e}"))?;
+            }
+            self.bar.inc(n as u64);
+        }
+        Ok(())
+    }
+
+    /// A file's data runs: written extents, clipped to i_size (holes and
+    /// unwritten extents are left out: the host file reads zeros there).
+    fn runs(&self, inode: &Inode) -> dio::Result<Vec<(u64, u64)>> {
+        let size = inode.size;
+        if !self.sparse || inode.has_flag(inode_flags::INLINE_DATA) {
+            return Ok(vec![(0, size)]);
+        }
+        let b = u64::from(self.ext.block_size());
+        Ok(self
+            .ext
+            .extents(inode)?
+            .iter()
+            .filter(|e| !e.unwritten)
+            .map(|e| {
+                let s = e.logical.saturating_mul(b);
+                let end = e.logical.saturating_add(e.len).saturating_mul(b).min(size);
+                (s, end)
+            })
+            .filter(|(s, e)| s < e)
+            .collect())
     }
 
     fn symlink(
-        &mut self,
+        &self,
         dir: &OwnedFd,
         rel: &Arc<Vec<Vec<u8>>>,
-        name: Vec<u8>,
+        name: &[u8],
         inode: &Inode,
     ) -> io::Result<()> {
-        if self.hard_link(dir, rel, &name, inode)? {
-            return Ok(());
-        }
         let target = self
             .ext
             .read_link(inode)
@@ -571,24 +816,29 @@ impl Tree {
             return Err(io::Error::other(format!(
                 "symlink inode {}: its target {} cannot be a host symlink's (corrupt symlink): not copied",
                 inode.ino,
-                show(&target)
+                names::show_target(&target)
             )));
         }
-        Tree::create(dir, &name, || {
-            rustix::fs::symlinkat(target.as_slice(), dir, name.as_slice())
-        })?;
-        self.tally.symlinks += 1;
+        if self
+            .make_or_link(dir, rel, name, inode, || {
+                rustix::fs::symlinkat(target.as_slice(), dir, name)
+            })?
+            .is_none()
+        {
+            return Ok(());
+        }
+        lock(&self.tally).symlinks += 1;
         if self.preserve {
-            self.attrs_at(dir, &name, inode, false)?;
+            self.attrs_at(dir, name, inode, false)?;
         }
         Ok(())
     }
 
     fn special(
-        &mut self,
+        &self,
         dir: &OwnedFd,
         rel: &Arc<Vec<Vec<u8>>>,
-        name: Vec<u8>,
+        name: &[u8],
         inode: &Inode,
         shown: &str,
     ) -> io::Result<()> {
@@ -596,43 +846,39 @@ impl Tree {
         let (kind, dev) = match inode.file_type() {
             FileType::Fifo => (Ft::Fifo, 0),
             FileType::Socket => (Ft::Socket, 0),
-            FileType::CharDevice | FileType::BlockDevice => {
+            t => {
                 let (ma, mi) = crate::ls::device_numbers(inode).unwrap_or((0, 0));
-                let k = if inode.file_type() == FileType::CharDevice {
+                let k = if t == FileType::CharDevice {
                     Ft::CharacterDevice
                 } else {
                     Ft::BlockDevice
                 };
                 (k, rustix::fs::makedev(ma, mi))
             }
-            _ => unreachable!("only special files come here"),
         };
-        if self.hard_link(dir, rel, &name, inode)? {
-            return Ok(());
-        }
         let mode = Mode::from_raw_mode(u32::from(inode.permissions() & 0o777));
-        match Tree::create(dir, &name, || {
-            rustix::fs::mknodat(dir, name.as_slice(), kind, mode, dev)
+        match self.make_or_link(dir, rel, name, inode, || {
+            rustix::fs::mknodat(dir, name, kind, mode, dev)
         }) {
             Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
                 say(format_args!(
                     "note: {shown}: a {} is made only by root: skipped",
                     inode.file_type().name()
                 ));
-                self.tally.skipped += 1;
+                lock(&self.tally).skipped += 1;
                 // Not there: a later name of it must not link to it.
-                self.links.remove(&inode.ino);
+                lock(&self.links).remove(&inode.ino);
                 return Ok(());
             }
+            Ok(None) => return Ok(()),
             r => r?,
-        }
-        self.tally.special += 1;
+        };
+        lock(&self.tally).special += 1;
         if self.preserve {
-            self.attrs_at(dir, &name, inode, true)?;
+            self.attrs_at(dir, name, inode, true)?;
         }
         Ok(())
     }
-
     /// -p on an entry that cannot be opened for it (symlinks, special files):
     /// owner (where allowed), mode (`chmod`: not for symlinks) and times, none
     /// of them following a symlink.
@@ -679,264 +925,4 @@ impl Tree {
         Ok(())
     }
 
-    /// Directory modes (and with -p owners and times), deepest first, once
-    /// nothing more is created in them.
-    fn finish_dirs(&mut self) {
-        let fixups = std::mem::take(&mut self.fixups);
-        for (rel, inode) in fixups.iter().rev() {
-            let perm = u32::from(inode.permissions() & 0o777);
-            // Without -p, only directories created owner-writable against their
-            // mode need a change (cp: the source's mode less the umask).
-            let final_mode = (!self.preserve && perm & 0o700 != 0o700 && !rel.is_empty())
-                .then_some(perm & !self.umask);
-            if !self.preserve && final_mode.is_none() {
-                continue;
-            }
-            let r = self
-                .beneath(rel)
-                .and_then(|fd| self.attrs_fd(&fd, inode, final_mode));
-            if let Err(e) = r {
-                let m = format!("{}: setting its attributes: {e}", self.shown(rel, None));
-                self.error(m);
-            }
-        }
-    }
-
-    /// A file's data runs: written extents, clipped to i_size (holes and
-    /// unwritten extents are left out: the host file reads zeros there).
-    fn runs(&self, inode: &Inode, bs: u64) -> dio::Result<Vec<(u64, u64)>> {
-        let size = inode.size;
-        if !self.sparse || inode.has_flag(inode_flags::INLINE_DATA) {
-            return Ok(if size > 0 { vec![(0, size)] } else { Vec::new() });
-        }
-        let mut runs = Vec::new();
-        let b = u64::from(self.ext.block_size());
-        for e in self.ext.extents(inode)? {
-            if e.unwritten {
-                continue;
-            }
-            let s = e.logical.saturating_mul(b);
-            let end = e.logical.saturating_add(e.len).saturating_mul(b).min(size);
-            if s < end {
-                runs.push((s, end));
-            }
-        }
-        let _ = bs;
-        Ok(runs)
-    }
-}
-
-/// Copy data until the walk is done: up to `qd` chunk reads in flight across
-/// files, each written out as it completes (in issue order).
-fn copy_all(
-    tree: &mut Tree,
-    qd: usize,
-    bs: usize,
-    stop: &Stop,
-    bar: &ProgressBar,
-) -> Result<(), Failure> {
-    let mut outs: HashMap<u64, Out> = HashMap::new();
-    let mut issuing: VecDeque<u64> = VecDeque::new();
-    let mut flight: VecDeque<Chunk> = VecDeque::new();
-    let mut pool: Vec<AlignedBuf> = Vec::new();
-    let mut next_id = 0u64;
-    let mut walked = false;
-    loop {
-        if stop.fired().is_some() {
-            break;
-        }
-        // Issue reads up to the queue depth, walking on for more files.
-        while flight.len() < qd {
-            if let Some(&id) = issuing.front() {
-                let out = outs.get_mut(&id).expect("an open file");
-                match next_chunk(out, bs as u64) {
-                    Some((off, len)) => {
-                        let buf = pool
-                            .pop()
-                            .unwrap_or_else(|| AlignedBuf::new(bs, out.direct.geometry().buffer_align().max(4096)));
-                        let w = Window::new(buf, 0, len).expect("a chunk fits its buffer");
-                        let fut = out.direct.read_future(off, vec![w], Flags::UNALIGNED);
-                        out.pending += 1;
-                        flight.push_back(Chunk { id, off, len, fut });
-                    }
-                    None => {
-                        issuing.pop_front();
-                        if out.pending == 0 {
-                            let out = outs.remove(&id).expect("an open file");
-                            done(tree, &out.host, &out.inode, &out.shown, out.failed, bar);
-                        }
-                    }
-                }
-                continue;
-            }
-            if walked {
-                break;
-            }
-            let Some(job) = tree.next_file(stop) else {
-                walked = true;
-                break;
-            };
-            if let Some(out) = start(tree, job, bs) {
-                let id = next_id;
-                next_id += 1;
-                outs.insert(id, out);
-                issuing.push_back(id);
-            }
-        }
-        let Some(chunk) = flight.pop_front() else {
-            if walked && issuing.is_empty() {
-                break;
-            }
-            continue;
-        };
-        let Chunk { id, off, len, fut } = chunk;
-        let mut c = fut.wait();
-        let out = outs.get_mut(&id).expect("an open file");
-        out.pending -= 1;
-        let buf = c.bufs.pop().expect("one buffer per read").into_inner();
-        if !out.failed {
-            let r = match c.result {
-                Ok(n) if n == len => out
-                    .host
-                    .write_all_at(&buf[..len], off)
-                    .map_err(|e| format!("writing at offset {off}: {e}")),
-                Ok(n) => Err(format!(
-                    "short read at offset {off}: {n} of {len} bytes"
-                )),
-                Err(e) => Err(format!("read at offset {off}: {e}")),
-            };
-            match r {
-                Ok(()) => bar.inc(len as u64),
-                Err(m) => {
-                    out.failed = true;
-                    tree.error(format!("{}: {m}; its copy is left empty", out.shown));
-                }
-            }
-        }
-        if buf.len() == bs {
-            pool.push(buf);
-        }
-        let finished = out.pending == 0 && !issuing.contains(&id);
-        if finished {
-            let out = outs.remove(&id).expect("an open file");
-            done(tree, &out.host, &out.inode, &out.shown, out.failed, bar);
-        }
-    }
-    // Stopped by a signal: let every read in flight finish before its buffer goes.
-    for c in flight.drain(..) {
-        c.fut.wait();
-    }
-    if let Some(signal) = stop.fired() {
-        return Err(Failure::Signal {
-            signal,
-            message: format!(
-                "interrupted: {} files copied; files being copied were left incomplete",
-                tree.tally.files
-            ),
-        });
-    }
-    Ok(())
-}
-
-/// The next chunk of a file: within a run, ending at a multiple of `bs`.
-fn next_chunk(out: &mut Out, bs: u64) -> Option<(u64, usize)> {
-    loop {
-        let &(s, e) = out.runs.get(out.run)?;
-        let pos = out.pos.max(s);
-        if pos >= e {
-            out.run += 1;
-            continue;
-        }
-        let end = ((pos / bs + 1) * bs).min(e);
-        out.pos = end;
-        if out.failed {
-            // Nothing more is read for a file whose copy failed.
-            return None;
-        }
-        return Some((pos, (end - pos) as usize));
-    }
-}
-
-/// Size the new host file and work out what to read; files without an engine
-/// handle (inline data) are copied here at once. `None`: finished (or failed).
-fn start(tree: &mut Tree, job: FileJob, bs: usize) -> Option<Out> {
-    let FileJob { host, inode, shown } = job;
-    let host = File::from(host);
-    let size = inode.size;
-    let opened = tree.ext.open_file(&inode);
-    let fail = |tree: &mut Tree, m: String| {
-        tree.error(format!("{shown}: {m}"));
-        None
-    };
-    let file = match opened {
-        Ok(f) => f,
-        Err(e) => return fail(tree, format!("{e}; its copy is left empty")),
-    };
-    if let Err(e) = host.set_len(size) {
-        return fail(tree, format!("sizing the copy: {e}"));
-    }
-    let runs = match tree.runs(&inode, bs as u64) {
-        Ok(r) => r,
-        Err(e) => {
-            let _ = host.set_len(0);
-            return fail(tree, format!("{e}; its copy is left empty"));
-        }
-    };
-    let Some(direct) = file.direct().cloned() else {
-        // Inline data (or a journal copy that only read_at un-escapes): read
-        // here, skipping zero blocks so that a sparse tail stays a hole.
-        let mut buf = vec![0u8; bs];
-        for (s, e) in runs {
-            let mut off = s;
-            while off < e {
-                let n = ((e - off) as usize).min(bs);
-                let r = file
-                    .read_at(off, &mut buf[..n])
-                    .map_err(|e| e.to_string())
-                    .and_then(|got| {
-                        if got != n {
-                            return Err(format!("short read at offset {off}"));
-                        }
-                        if buf[..n].iter().any(|&b| b != 0) {
-                            host.write_all_at(&buf[..n], off).map_err(|e| e.to_string())
-                        } else {
-                            Ok(())
-                        }
-                    });
-                if let Err(m) = r {
-                    let _ = host.set_len(0);
-                    return fail(tree, format!("{m}; its copy is left empty"));
-                }
-                off += n as u64;
-            }
-        }
-        done(tree, &host, &inode, &shown, false, &ProgressBar::hidden());
-        return None;
-    };
-    Some(Out {
-        host,
-        direct,
-        inode,
-        runs,
-        run: 0,
-        pos: 0,
-        pending: 0,
-        failed: false,
-        shown,
-    })
-}
-
-/// A file whose reads are all written: set its attributes, count it (a failed
-/// one is cut to nothing, so it claims no bytes that were not copied).
-fn done(tree: &mut Tree, host: &File, inode: &Inode, shown: &str, failed: bool, bar: &ProgressBar) {
-    if failed {
-        let _ = host.set_len(0);
-        return;
-    }
-    if let Err(e) = tree.attrs_fd(host, inode, None) {
-        tree.error(format!("{shown}: setting its attributes: {e}"));
-    }
-    tree.tally.files += 1;
-    tree.tally.bytes += inode.size;
-    bar.set_message(format!("{} files", tree.tally.files));
 }

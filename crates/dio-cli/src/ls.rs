@@ -137,7 +137,7 @@ fn render(ext: &Ext, line: &Line, a: &LsArgs, out: &mut Vec<u8>) {
         if inode.file_type() == FileType::Symlink {
             if let Ok(t) = ext.read_link(inode) {
                 out.extend_from_slice(b" -> ");
-                out.extend_from_slice(crate::names::show(&t).as_bytes());
+                out.extend_from_slice(crate::names::show_target(&t).as_bytes());
             }
         }
     }

@@ -70,6 +70,15 @@ pub fn show(name: &[u8]) -> String {
     quoted(name)
 }
 
+/// A symlink's target (a path: `/` is expected there) as it is safe to print:
+/// itself unless it holds control characters or invalid UTF-8.
+pub fn show_target(target: &[u8]) -> String {
+    match std::str::from_utf8(target) {
+        Ok(s) if !s.is_empty() && !s.chars().any(char::is_control) => s.to_string(),
+        _ => quoted(target),
+    }
+}
+
 /// `name` always in ANSI-C quotes (for a name flagged as corrupt, so that a
 /// bogus `..` does not pass for the real one).
 pub fn quoted(name: &[u8]) -> String {
@@ -140,6 +149,8 @@ mod tests {
         assert_eq!(show(b"it's\x01"), "$'it\\'s\\x01'");
         assert_eq!(show(b""), "''");
         assert_eq!(quoted(b".."), "$'..'");
+        assert_eq!(show_target(b"../a/b"), "../a/b");
+        assert_eq!(show_target(b"/x\n"), "$'/x\\n'");
         assert_eq!(show_path(&[b"a", b"b/c"]), "/a/$'b/c'");
         assert_eq!(show_path(&[b"a", b".."]), "/a/$'..'");
     }
