@@ -257,9 +257,12 @@ fn destination(dst: &Path, top: Option<&[u8]>) -> Result<OwnedFd, Failure> {
     match std::fs::metadata(dst) {
         Ok(m) if m.is_dir() => {
             // The user's own path is opened as given (symlinks in it are theirs).
-            let parent =
-                rustix::fs::open(dst, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
-                    .map_err(|e| fail(e.into()))?;
+            let parent = rustix::fs::open(
+                dst,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| fail(e.into()))?;
             let Some(name) = top else {
                 return Ok(parent);
             };
@@ -292,7 +295,8 @@ fn destination(dst: &Path, top: Option<&[u8]>) -> Result<OwnedFd, Failure> {
 fn not_followed(e: io::Error) -> String {
     match e.raw_os_error() {
         Some(libc::ELOOP) | Some(libc::ENOTDIR) => {
-            "exists and is not a directory (a symlink is never followed): not copied into".to_string()
+            "exists and is not a directory (a symlink is never followed): not copied into"
+                .to_string()
         }
         _ => e.to_string(),
     }
@@ -336,9 +340,7 @@ fn create<T>(
     match make() {
         Err(rustix::io::Errno::EXIST) => {
             let st = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)?;
-            if rustix::fs::FileType::from_raw_mode(st.st_mode)
-                == rustix::fs::FileType::Directory
-            {
+            if rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory {
                 return Err(io::Error::new(
                     io::ErrorKind::AlreadyExists,
                     "a directory of that name is in the way",
@@ -549,7 +551,10 @@ impl Walk {
                 .beneath(rel)
                 .and_then(|fd| shared.attrs_fd(&fd, inode, final_mode));
             if let Err(e) = r {
-                shared.error(format!("{}: setting its attributes: {e}", shared.shown(rel, None)));
+                shared.error(format!(
+                    "{}: setting its attributes: {e}",
+                    shared.shown(rel, None)
+                ));
             }
         }
     }
@@ -720,13 +725,19 @@ impl Shared {
         let mut result = Ok(());
         while chunks.peek().is_some() || !flight.is_empty() {
             while flight.len() < self.per_file && result.is_ok() {
-                let Some((off, len)) = chunks.next() else { break };
+                let Some((off, len)) = chunks.next() else {
+                    break;
+                };
                 let buf = pool
                     .pop()
                     .filter(|b| b.len() == self.bs)
                     .unwrap_or_else(|| AlignedBuf::new(self.bs, align));
                 let buf = Window::new(buf, 0, len).expect("a chunk fits its buffer");
-                flight.push_back((off, len, direct.read_future(off, vec![buf], Flags::UNALIGNED)));
+                flight.push_back((
+                    off,
+                    len,
+                    direct.read_future(off, vec![buf], Flags::UNALIGNED),
+                ));
             }
             let Some((off, len, fut)) = flight.pop_front() else {
                 break;
@@ -766,7 +777,9 @@ impl Shared {
     ) -> Result<(), String> {
         let mut buf = vec![0u8; self.bs];
         for (off, n) in chunks {
-            let got = file.read_at(off, &mut buf[..n]).map_err(|e| e.to_string())?;
+            let got = file
+                .read_at(off, &mut buf[..n])
+                .map_err(|e| e.to_string())?;
             if got != n {
                 return Err(format!("short read at offset {off}: {got} of {n} bytes"));
             }
@@ -924,5 +937,4 @@ impl Shared {
         rustix::fs::futimens(fd, &times(inode))?;
         Ok(())
     }
-
 }

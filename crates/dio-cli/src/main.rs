@@ -291,7 +291,9 @@ struct WriteArgs {
 fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Cat(a) => copy::cat(&a.path, a.offset, a.length, &a.pipe),
-        Command::Cp(a) if a.recursive => extract::cp_r(&a.src, &a.dst, a.preserve, a.sparse, &a.pipe),
+        Command::Cp(a) if a.recursive => {
+            extract::cp_r(&a.src, &a.dst, a.preserve, a.sparse, &a.pipe)
+        }
         Command::Cp(a) => copy::cp(&a.src, &a.dst, a.sparse, &a.pipe),
         Command::Ls(a) => ls::run(&a),
         Command::Stat(a) => stat::run(&Location::parse(&a.path)?, a.json, a.engine),

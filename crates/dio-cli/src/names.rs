@@ -24,7 +24,9 @@ impl BadName {
     pub fn why(self) -> &'static str {
         match self {
             BadName::Empty => "an empty name (corrupt directory entry)",
-            BadName::Dots => "a `.` or `..` entry that is not the directory's own (corrupt directory entry)",
+            BadName::Dots => {
+                "a `.` or `..` entry that is not the directory's own (corrupt directory entry)"
+            }
             BadName::Slash => "a name holding `/` (corrupt directory entry)",
             BadName::Nul => "a name holding a NUL byte (corrupt directory entry)",
         }

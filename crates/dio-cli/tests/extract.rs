@@ -138,7 +138,9 @@ fn make_tree(root: &Path) {
     let fifo = root.join("fifo");
     run(Command::new("mkfifo").arg(&fifo));
     if is_root() {
-        run(Command::new("mknod").arg(root.join("null-dev")).args(["c", "1", "3"]));
+        run(Command::new("mknod")
+            .arg(root.join("null-dev"))
+            .args(["c", "1", "3"]));
         std::os::unix::fs::chown(root.join("small"), Some(1234), Some(5678)).unwrap();
         std::os::unix::fs::lchown(root.join("rel-link"), Some(42), Some(43)).unwrap();
     }
@@ -181,7 +183,13 @@ fn walk(root: &Path) -> BTreeMap<Vec<u8>, Entry> {
             let meta = std::fs::symlink_metadata(&p).unwrap();
             let t = meta.file_type();
             let kind = if t.is_symlink() {
-                Kind::Link(std::fs::read_link(&p).unwrap().as_os_str().as_bytes().to_vec())
+                Kind::Link(
+                    std::fs::read_link(&p)
+                        .unwrap()
+                        .as_os_str()
+                        .as_bytes()
+                        .to_vec(),
+                )
             } else if t.is_dir() {
                 todo.push(r.clone());
                 Kind::Dir
@@ -236,7 +244,11 @@ fn same_tree(want: &BTreeMap<Vec<u8>, Entry>, got: &BTreeMap<Vec<u8>, Entry>) {
     assert_eq!(names(got), names(want));
     for (p, w) in want {
         let g = &got[p];
-        assert!(g.kind == w.kind, "{}: kind or bytes differ", String::from_utf8_lossy(p));
+        assert!(
+            g.kind == w.kind,
+            "{}: kind or bytes differ",
+            String::from_utf8_lossy(p)
+        );
         assert_eq!(g.meta.len(), w.meta.len(), "{}", String::from_utf8_lossy(p));
     }
     assert_eq!(link_groups(got), link_groups(want));
@@ -390,15 +402,13 @@ fn preserve_matches_the_kernel_and_cp_a() {
     let out = dir.join("out");
     let mut arg = img.as_os_str().to_owned();
     arg.push(":/");
-    let o = dio(&[
-        OsStr::new("cp"),
-        OsStr::new("-rp"),
-        &arg,
-        out.as_os_str(),
-    ]);
+    let o = dio(&[OsStr::new("cp"), OsStr::new("-rp"), &arg, out.as_os_str()]);
     assert!(o.status.success(), "{}", stderr(&o));
     let oracle = dir.join("oracle");
-    run(Command::new("cp").arg("-a").arg(format!("{}/.", mnt.0.display())).arg(&oracle));
+    run(Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", mnt.0.display()))
+        .arg(&oracle));
     let kernel = walk(&mnt.0);
     let got = walk(&out);
     let by_cp = walk(&oracle);
@@ -410,7 +420,11 @@ fn preserve_matches_the_kernel_and_cp_a() {
         let name = String::from_utf8_lossy(p);
         assert!(g.kind == k.kind, "{name}");
         assert_eq!(g.meta.mode(), k.meta.mode(), "{name}: mode");
-        assert_eq!((g.meta.uid(), g.meta.gid()), (k.meta.uid(), k.meta.gid()), "{name}: owner");
+        assert_eq!(
+            (g.meta.uid(), g.meta.gid()),
+            (k.meta.uid(), k.meta.gid()),
+            "{name}: owner"
+        );
         assert_eq!(
             (g.meta.mtime(), g.meta.mtime_nsec()),
             (k.meta.mtime(), k.meta.mtime_nsec()),
@@ -428,7 +442,11 @@ fn preserve_matches_the_kernel_and_cp_a() {
             (c.meta.mtime(), c.meta.mtime_nsec()),
             "{name}: mtime vs cp -a"
         );
-        assert_eq!(g.meta.blocks() <= c.meta.blocks().max(8), true, "{name}: blocks");
+        assert_eq!(
+            g.meta.blocks() <= c.meta.blocks().max(8),
+            true,
+            "{name}: blocks"
+        );
     }
     assert_eq!(link_groups(&got), link_groups(&by_cp));
     assert_eq!(got[&b"small".to_vec()].meta.mtime_nsec(), 0x1d4c2b0c >> 2);
@@ -445,7 +463,13 @@ fn patch(img: &Path, from: &[u8], to: &[u8]) {
         .filter(|(_, w)| *w == from)
         .map(|(i, _)| i)
         .collect();
-    assert_eq!(hits.len(), 1, "{} found {} times", String::from_utf8_lossy(from), hits.len());
+    assert_eq!(
+        hits.len(),
+        1,
+        "{} found {} times",
+        String::from_utf8_lossy(from),
+        hits.len()
+    );
     d[hits[0]..hits[0] + to.len()].copy_from_slice(to);
     std::fs::write(img, d).unwrap();
 }
@@ -591,12 +615,19 @@ fn symlinks_waiting_in_the_destination_are_never_followed() {
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("never followed"), "{err}");
     // Nothing written through either link.
-    assert_eq!(std::fs::read(outside.join("precious")).unwrap(), b"keep me\n");
+    assert_eq!(
+        std::fs::read(outside.join("precious")).unwrap(),
+        b"keep me\n"
+    );
     assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 1);
     // The file link was replaced by the file itself.
-    assert!(!std::fs::symlink_metadata(out.join("victim")).unwrap().is_symlink());
+    assert!(!std::fs::symlink_metadata(out.join("victim"))
+        .unwrap()
+        .is_symlink());
     assert_eq!(std::fs::read(out.join("victim")).unwrap(), b"replaced\n");
-    assert!(std::fs::symlink_metadata(out.join("sub")).unwrap().is_symlink());
+    assert!(std::fs::symlink_metadata(out.join("sub"))
+        .unwrap()
+        .is_symlink());
 }
 
 #[test]
@@ -612,6 +643,72 @@ fn a_host_source_or_a_missing_path_is_refused_clearly() {
     ]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("IMAGE:/DIR"), "{}", stderr(&o));
-    let o = dio(&[OsStr::new("cp"), OsStr::new("-p"), host.as_os_str(), dir.join("x").as_os_str()]);
+    let o = dio(&[
+        OsStr::new("cp"),
+        OsStr::new("-p"),
+        host.as_os_str(),
+        dir.join("x").as_os_str(),
+    ]);
     assert_eq!(o.status.code(), Some(2), "-p needs -r");
+}
+
+/// qemu-nbd serving an image on a Unix socket, killed on drop.
+struct QemuNbd(std::process::Child);
+
+impl Drop for QemuNbd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_tree_comes_out_of_an_image_over_nbd() {
+    if !have("mke2fs") || Command::new("qemu-nbd").arg("--version").output().is_err() {
+        eprintln!("skipped: mke2fs or qemu-nbd missing");
+        return;
+    }
+    let dir = scratch("nbd");
+    let src = dir.join("src");
+    make_tree(&src);
+    let img = dir.join("img");
+    mkfs(&src, &img, 32, &[]);
+    let sock = dir.join("sock");
+    let child = Command::new("qemu-nbd")
+        .args([
+            "--persistent",
+            "--shared=8",
+            "-x",
+            "disk",
+            "-f",
+            "raw",
+            "-k",
+        ])
+        .arg(&sock)
+        .arg(&img)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut srv = QemuNbd(child);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !sock.exists() {
+        assert!(srv.0.try_wait().unwrap().is_none(), "qemu-nbd exited");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "qemu-nbd did not come up"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = dir.join("out");
+    let uri = format!("nbd+unix:///disk?socket={}:/", sock.display());
+    let o = dio(&[
+        OsStr::new("cp"),
+        OsStr::new("-r"),
+        OsStr::new(&uri),
+        out.as_os_str(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    drop(srv);
+    same_tree(&walk(&src), &walk(&out));
 }
