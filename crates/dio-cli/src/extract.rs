@@ -80,6 +80,13 @@ struct Dir {
     seen: HashSet<Vec<u8>>,
 }
 
+/// Components of a host directory beneath the destination root.
+type Rel = Arc<Vec<Vec<u8>>>;
+
+/// Where an inode with several links got its first host name: its directory
+/// (beneath the root) and the name.
+type FirstName = (Rel, Vec<u8>);
+
 /// An entry handed to a worker.
 struct Task {
     dir: Arc<OwnedFd>,
@@ -364,7 +371,7 @@ struct Shared {
     /// Inodes with several links already created: where their first name is.
     /// Held while such an inode's first name is created, so that a second name
     /// never links to a name not made yet.
-    links: Mutex<HashMap<u32, (Arc<Vec<Vec<u8>>>, Vec<u8>)>>,
+    links: Mutex<HashMap<u32, FirstName>>,
     tally: Mutex<Tally>,
     bar: ProgressBar,
     stop: Stop,
