@@ -125,7 +125,8 @@ pub fn cp_r(
         .file_name()
         .map(|n| n.as_bytes().to_vec())
         .filter(|n| matches!(names::check(n, usize::MAX), Ok(true)));
-    let root = destination(Path::new(dst), top.as_deref())?;
+    let perm = u32::from(img.inode.permissions());
+    let (root, root_made) = destination(Path::new(dst), top.as_deref(), perm)?;
     let workers = args.qd.max(1) as usize;
     let bs = args.bs as usize;
     let shared = Arc::new(Shared {
@@ -148,6 +149,7 @@ pub fn cp_r(
         stack: Vec::new(),
         dirs_seen: HashMap::new(),
         fixups: Vec::new(),
+        root_made,
     };
     walk.dirs_seen
         .insert(img.inode.ino, shared.shown(&[], None));
@@ -198,10 +200,7 @@ pub fn cp_r(
     if let Some(signal) = shared.stop.fired() {
         return Err(Failure::Signal {
             signal,
-            message: format!(
-                "interrupted: {} files copied; files being copied were left incomplete",
-                t.files
-            ),
+            message: format!("interrupted: {} files copied; the rest were not", t.files),
         });
     }
     if t.errors > 0 {
@@ -259,7 +258,11 @@ fn dir_flags() -> OFlags {
 /// The host directory the tree's entries go into: DST/NAME when DST is an
 /// existing directory and SRC has a NAME (as `cp -r` does), else DST itself
 /// (created when missing).
-fn destination(dst: &Path, top: Option<&[u8]>) -> Result<OwnedFd, Failure> {
+/// `perm`: the source directory's permission bits (a directory made here gets
+/// them, owner-writable while the copy fills it; the kernel applies the umask).
+/// Also says whether the directory was made here.
+fn destination(dst: &Path, top: Option<&[u8]>, perm: u32) -> Result<(OwnedFd, bool), Failure> {
+    let mode = Mode::from_raw_mode((perm & 0o777) | 0o700);
     let fail = |e: io::Error| Failure::at(dst, e);
     match std::fs::metadata(dst) {
         Ok(m) if m.is_dir() => {
@@ -271,28 +274,33 @@ fn destination(dst: &Path, top: Option<&[u8]>) -> Result<OwnedFd, Failure> {
             )
             .map_err(|e| fail(e.into()))?;
             let Some(name) = top else {
-                return Ok(parent);
+                return Ok((parent, false));
             };
-            match rustix::fs::mkdirat(&parent, name, Mode::RWXU) {
-                Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+            let made = match rustix::fs::mkdirat(&parent, name, mode) {
+                Ok(()) => true,
+                Err(rustix::io::Errno::EXIST) => false,
                 Err(e) => return Err(fail(e.into())),
-            }
-            rustix::fs::openat(&parent, name, dir_flags(), Mode::empty()).map_err(|e| {
-                Failure::msg(format!(
-                    "{}/{}: {}",
-                    dst.display(),
-                    show(name),
-                    not_followed(e.into())
-                ))
-            })
+            };
+            let fd =
+                rustix::fs::openat(&parent, name, dir_flags(), Mode::empty()).map_err(|e| {
+                    Failure::msg(format!(
+                        "{}/{}: {}",
+                        dst.display(),
+                        show(name),
+                        not_followed(e.into())
+                    ))
+                })?;
+            Ok((fd, made))
         }
         Ok(_) => Err(Failure::at(
             dst,
             "exists and is not a directory (cp -r copies a directory into a directory)",
         )),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            std::fs::create_dir(dst).map_err(fail)?;
-            rustix::fs::open(dst, dir_flags(), Mode::empty()).map_err(|e| fail(e.into()))
+            rustix::fs::mkdir(dst, mode).map_err(|e| fail(e.into()))?;
+            let fd =
+                rustix::fs::open(dst, dir_flags(), Mode::empty()).map_err(|e| fail(e.into()))?;
+            Ok((fd, true))
         }
         Err(e) => Err(fail(e)),
     }
@@ -389,6 +397,9 @@ struct Walk {
     /// Directories whose mode (and with -p owner and times) is set at the end,
     /// once nothing more is created in them.
     fixups: Vec<(Arc<Vec<Vec<u8>>>, Inode)>,
+    /// The destination directory was made by this copy (its mode is then the
+    /// source's, as its subdirectories').
+    root_made: bool,
 }
 
 /// The file type an entry's record claims (its `file_type` byte), when it
@@ -549,8 +560,9 @@ impl Walk {
             let perm = u32::from(inode.permissions() & 0o777);
             // Without -p, only directories created owner-writable against their
             // mode need a change (cp: the source's mode less the umask).
-            let final_mode = (!shared.preserve && perm & 0o700 != 0o700 && !rel.is_empty())
-                .then_some(perm & !shared.umask);
+            let made = !rel.is_empty() || self.root_made;
+            let final_mode =
+                (!shared.preserve && perm & 0o700 != 0o700 && made).then_some(perm & !shared.umask);
             if !shared.preserve && final_mode.is_none() {
                 continue;
             }

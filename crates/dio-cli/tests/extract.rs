@@ -490,20 +490,22 @@ fn everything(dir: &Path) -> Vec<PathBuf> {
     v
 }
 
-/// An image whose directory `d` holds entries patched to `../evil`, `ab/cd`
-/// and `..`, next to good ones; no metadata_csum, so the patched blocks read.
+/// An image whose directory `d` holds entries patched to `../evil`, `ab/cd`,
+/// `NU\0L` and `..`, next to good ones; no metadata_csum, so the patched blocks read.
 fn hostile_image(dir: &Path) -> PathBuf {
     let src = dir.join("src");
     std::fs::create_dir_all(src.join("d/sub")).unwrap();
     std::fs::write(src.join("d/EVIL_0X"), b"escaped?\n").unwrap();
     std::fs::write(src.join("d/ab_cd"), b"slash\n").unwrap();
     std::fs::write(src.join("d/zz"), b"dotdot\n").unwrap();
+    std::fs::write(src.join("d/NU_L"), b"nul\n").unwrap();
     std::fs::write(src.join("d/fine"), b"fine\n").unwrap();
     std::fs::write(src.join("d/sub/deep"), b"deep\n").unwrap();
     let img = dir.join("img");
     mkfs(&src, &img, 8, &["-O", "^metadata_csum"]);
     patch(&img, b"EVIL_0X", b"../evil");
     patch(&img, b"ab_cd", b"ab/cd");
+    patch(&img, b"NU_L", b"NU\0L");
     // A 2-byte name: its record's name_len (2) and file type (1) come first.
     patch(&img, b"\x02\x01zz", b"\x02\x01..");
     img
@@ -528,6 +530,7 @@ fn hostile_names_are_reported_and_nothing_escapes() {
     assert!(err.contains("$'../evil' (inode "), "{err}");
     assert!(err.contains("$'ab/cd' (inode "), "{err}");
     assert!(err.contains("/d/$'..' (inode "), "{err}");
+    assert!(err.contains("/d/$'NU\\x00L' (inode "), "{err}");
     // Nothing beside the destination, nothing named evil anywhere.
     let all = everything(&dir);
     assert!(
@@ -559,7 +562,7 @@ fn hostile_names_are_reported_and_nothing_escapes() {
     assert!(out.contains("$'..'\n"), "{out}");
     assert!(!out.contains(" ../evil"), "{out}");
     let err = stderr(&o);
-    assert_eq!(err.matches("corrupt directory entry").count(), 3, "{err}");
+    assert_eq!(err.matches("corrupt directory entry").count(), 4, "{err}");
 }
 
 #[test]
