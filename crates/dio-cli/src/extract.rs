@@ -131,6 +131,14 @@ pub fn cp_r(
     let bs = args.bs as usize;
     let shared = Arc::new(Shared {
         ext: img.ext.clone(),
+        // Files read through their block maps straight off the device, when
+        // nothing stands between the image's blocks and a file's bytes (no
+        // journal replayed in memory).
+        device: img
+            .ext
+            .journal_replay()
+            .is_none()
+            .then(|| Arc::clone(img.device())),
         src: loc,
         root: Arc::new(root),
         preserve,
@@ -371,6 +379,7 @@ fn create<T>(
 /// What the walker and the workers share.
 struct Shared {
     ext: Ext,
+    device: Option<Arc<dyn dio::Device>>,
     src: Location,
     root: Arc<OwnedFd>,
     preserve: bool,
@@ -719,7 +728,6 @@ impl Shared {
         if inode.size == 0 {
             return Ok(());
         }
-        let file = self.ext.open_file(inode).map_err(|e| e.to_string())?;
         host.set_len(inode.size)
             .map_err(|e| format!("sizing the copy: {e}"))?;
         let runs = self.runs(inode).map_err(|e| e.to_string())?;
@@ -735,8 +743,34 @@ impl Shared {
                 })
             })
         });
-        let Some(direct) = file.direct() else {
-            return self.data_inline(host, &file, chunks);
+        // A file with data blocks is read through its block map on a handle of
+        // its own (the inode as read once by the worker); inline data,
+        // encrypted files and images with a replayed journal through the ext
+        // client's file handles.
+        let plain =
+            !inode.has_flag(inode_flags::INLINE_DATA) && !inode.has_flag(inode_flags::ENCRYPT);
+        let own = match (&self.device, plain) {
+            (Some(dev), true) => {
+                let map = self.ext.block_map(inode).map_err(|e| e.to_string())?;
+                let state = Arc::new(dio::FileState::new(inode.size));
+                Some(
+                    dio::DirectFile::new(Arc::clone(dev), map, state)
+                        .map_err(|e| e.to_string())?
+                        .read_only(),
+                )
+            }
+            _ => None,
+        };
+        let file;
+        let direct = match &own {
+            Some(d) => d,
+            None => {
+                file = self.ext.open_file(inode).map_err(|e| e.to_string())?;
+                match file.direct() {
+                    Some(d) => d,
+                    None => return self.data_inline(host, &file, chunks),
+                }
+            }
         };
         let align = direct.geometry().buffer_align().max(4096);
         let mut flight = std::collections::VecDeque::new();
