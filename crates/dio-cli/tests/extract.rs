@@ -717,3 +717,59 @@ fn a_tree_comes_out_of_an_image_over_nbd() {
     drop(srv);
     same_tree(&walk(&src), &walk(&out));
 }
+
+#[test]
+fn unwritten_extents_become_holes() {
+    if !have("mke2fs") || !have("fallocate") {
+        eprintln!("skipped: mke2fs or fallocate missing");
+        return;
+    }
+    if !is_root() {
+        eprintln!("skipped: needs root (a loop mount makes the unwritten extent)");
+        return;
+    }
+    let dir = scratch("unwritten");
+    let src = dir.join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let img = dir.join("img");
+    mkfs(&src, &img, 16, &[]);
+    // Mounted read-write: 4 MiB preallocated (unwritten), 4 KiB written at 1 MiB.
+    let mnt = img.with_extension("rw");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let o = Command::new("mount")
+        .args(["-o", "loop"])
+        .arg(&img)
+        .arg(&mnt)
+        .output()
+        .unwrap();
+    if !o.status.success() {
+        eprintln!("skipped: mount failed: {}", stderr(&o));
+        return;
+    }
+    let m = Mounted(mnt.clone());
+    let f = mnt.join("prealloc");
+    run(Command::new("fallocate").args(["-l", "4M"]).arg(&f));
+    let data = vec![0xabu8; 4096];
+    {
+        use std::os::unix::fs::FileExt;
+        let fh = std::fs::OpenOptions::new().write(true).open(&f).unwrap();
+        fh.write_all_at(&data, 1 << 20).unwrap();
+        fh.sync_all().unwrap();
+    }
+    drop(m);
+    let out = dir.join("out");
+    let mut arg = img.as_os_str().to_owned();
+    arg.push(":/");
+    let o = dio(&[OsStr::new("cp"), OsStr::new("-r"), &arg, out.as_os_str()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let copy = out.join("prealloc");
+    let bytes = std::fs::read(&copy).unwrap();
+    assert_eq!(bytes.len(), 4 << 20);
+    assert!(bytes[..1 << 20].iter().all(|&b| b == 0));
+    assert_eq!(&bytes[1 << 20..(1 << 20) + 4096], &data[..]);
+    assert!(bytes[(1 << 20) + 4096..].iter().all(|&b| b == 0));
+    // Only the written block holds data.
+    assert_eq!(first_data(&copy), 1 << 20);
+    let blocks = std::fs::metadata(&copy).unwrap().blocks();
+    assert!(blocks * 512 <= 64 << 10, "{blocks} blocks allocated");
+}
