@@ -101,7 +101,8 @@ hard links; device nodes need root (else skipped with a note). Names the host ca
 take (`..`, containing `/`, ...) and directories a corrupt image links twice are
 reported and skipped: nothing is created outside DST, and the exit status is 1. A
 summary line ends the copy. The tree is written through the page cache, like cp (not
-synced: run `sync` for durability).
+synced: run `sync` for durability). With -r, --qd files are copied at once, and only
+the image's holes and unwritten extents become holes (--sparse=never: none).
 
 On success DST is durable (fdatasync or device flush). On an error or a signal
 (Ctrl-C: exit 130), a file DST is cut to the bytes copied so far from its start
