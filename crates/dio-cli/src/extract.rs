@@ -508,8 +508,9 @@ impl Walk {
                 }
                 continue;
             }
+            let ino = inode.ino;
             if let Err(e) = self.enter(&fd, &rel, entry.name, inode, &shown) {
-                shared.error(format!("{shown}: {e}"));
+                shared.error(format!("{shown} (inode {ino}): {e}"));
             }
         }
     }
@@ -653,7 +654,7 @@ impl Shared {
             _ => self.special(&dir, &rel, &name, &inode, &shown),
         };
         if let Err(e) = r {
-            self.error(format!("{shown}: {e}"));
+            self.error(format!("{shown} (inode {ino}): {e}"));
         }
     }
 
