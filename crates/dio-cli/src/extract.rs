@@ -75,6 +75,8 @@ struct Dir {
     /// Components beneath the destination root.
     rel: Arc<Vec<Vec<u8>>>,
     entries: Vec<DirEntry>,
+    /// The entries' inodes, read a batch at a time ahead of `next`.
+    inodes: Vec<Option<dio::Result<Inode>>>,
     next: usize,
     /// Names already seen here (a corrupt directory may repeat one).
     seen: HashSet<Vec<u8>>,
@@ -92,7 +94,40 @@ struct Task {
     dir: Arc<OwnedFd>,
     rel: Arc<Vec<Vec<u8>>>,
     name: Vec<u8>,
-    ino: u32,
+    inode: Inode,
+}
+
+/// Inodes read at once for a directory's entries (one read per run of inode
+/// table: entries made together have neighbouring inodes).
+const INODE_BATCH: usize = 512;
+
+impl Dir {
+    fn new(fd: Arc<OwnedFd>, rel: Arc<Vec<Vec<u8>>>, entries: Vec<DirEntry>) -> Dir {
+        Dir {
+            fd,
+            rel,
+            inodes: Vec::new(),
+            entries,
+            next: 0,
+            seen: HashSet::new(),
+        }
+    }
+
+    /// The inode `ino` of entry `index` (taken out of `entries` already),
+    /// reading the next batch when needed.
+    fn inode(&mut self, ext: &Ext, index: usize, ino: u32) -> dio::Result<Inode> {
+        if index >= self.inodes.len() {
+            let end = (index + INODE_BATCH).min(self.entries.len());
+            let inos: Vec<u32> = std::iter::once(ino)
+                .chain(self.entries[index + 1..end].iter().map(|e| e.inode))
+                .collect();
+            self.inodes.resize_with(index, || None);
+            self.inodes.extend(ext.inodes(&inos).into_iter().map(Some));
+        }
+        self.inodes[index]
+            .take()
+            .unwrap_or_else(|| Err(dio::Error::Invalid("inode read twice".into())))
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -163,13 +198,11 @@ pub fn cp_r(
         .insert(img.inode.ino, shared.shown(&[], None));
     walk.fixups.push((Arc::new(Vec::new()), img.inode.clone()));
     match img.ext.read_dir(&img.inode) {
-        Ok(entries) => walk.stack.push(Dir {
-            fd: Arc::clone(&shared.root),
-            rel: Arc::new(Vec::new()),
+        Ok(entries) => walk.stack.push(Dir::new(
+            Arc::clone(&shared.root),
+            Arc::new(Vec::new()),
             entries,
-            next: 0,
-            seen: HashSet::new(),
-        }),
+        )),
         Err(e) => shared.error(format!("{}: {e}", shared.src.display())),
     }
     // A bounded queue: the walk stays a little ahead of the workers.
@@ -411,21 +444,6 @@ struct Walk {
     root_made: bool,
 }
 
-/// The file type an entry's record claims (its `file_type` byte), when it
-/// claims one.
-fn claimed(e: &DirEntry) -> Option<FileType> {
-    match e.file_type {
-        1 => Some(FileType::Regular),
-        2 => Some(FileType::Directory),
-        3 => Some(FileType::CharDevice),
-        4 => Some(FileType::BlockDevice),
-        5 => Some(FileType::Fifo),
-        6 => Some(FileType::Socket),
-        7 => Some(FileType::Symlink),
-        _ => None,
-    }
-}
-
 impl Walk {
     /// Walk every directory, creating it on the host, handing other entries to
     /// the workers.
@@ -474,34 +492,21 @@ impl Walk {
                 ));
                 continue;
             }
-            // Directories are the walk's; the rest goes to the workers (which
-            // read the inode and check that it is no directory after all).
-            if matches!(claimed(&entry), Some(t) if t != FileType::Directory) {
-                let task = Task {
-                    dir: fd,
-                    rel,
-                    name: entry.name,
-                    ino: entry.inode,
-                };
-                if tx.send(task).is_err() {
-                    return;
-                }
-                continue;
-            }
             let shown = shared.shown(&rel, Some(&entry.name));
-            let inode = match shared.ext.inode(entry.inode) {
+            let inode = match top.inode(&shared.ext, index, entry.inode) {
                 Ok(i) => i,
                 Err(e) => {
                     shared.error(format!("{shown} (inode {}): {e}", entry.inode));
                     continue;
                 }
             };
+            // Directories are the walk's; the rest goes to the workers.
             if inode.file_type() != FileType::Directory {
                 let task = Task {
                     dir: fd,
                     rel,
                     name: entry.name,
-                    ino: entry.inode,
+                    inode,
                 };
                 if tx.send(task).is_err() {
                     return;
@@ -552,13 +557,7 @@ impl Walk {
             }
         };
         self.fixups.push((Arc::clone(&child), inode));
-        self.stack.push(Dir {
-            fd: Arc::new(fd),
-            rel: child,
-            entries,
-            next: 0,
-            seen: HashSet::new(),
-        });
+        self.stack.push(Dir::new(Arc::new(fd), child, entries));
         Ok(())
     }
 
@@ -634,21 +633,16 @@ impl Shared {
             dir,
             rel,
             name,
-            ino,
+            inode,
         } = task;
+        let ino = inode.ino;
         let shown = self.shown(&rel, Some(&name));
-        let inode = match self.ext.inode(ino) {
-            Ok(i) => i,
-            Err(e) => return self.error(format!("{shown} (inode {ino}): {e}")),
-        };
         let r = match inode.file_type() {
             FileType::Regular => self.regular(&dir, &rel, &name, &inode, &shown, pool),
             FileType::Symlink => self.symlink(&dir, &rel, &name, &inode),
-            FileType::Directory => Err(io::Error::other(format!(
-                "inode {ino} is a directory, its entry says otherwise (corrupt directory entry): not copied"
-            ))),
-            FileType::Unknown => Err(io::Error::other(format!(
-                "inode {ino}: mode {:#o} is no file type (corrupt inode): not copied",
+            // Directories stay with the walk.
+            FileType::Directory | FileType::Unknown => Err(io::Error::other(format!(
+                "mode {:#o} is no file type (corrupt inode): not copied",
                 inode.mode
             ))),
             _ => self.special(&dir, &rel, &name, &inode, &shown),
