@@ -17,14 +17,16 @@
 //! HOSTDIR, or one the copy made itself, is never followed. A directory that a
 //! corrupt image links twice (or into itself) is copied once and reported.
 //!
-//! How it moves: one thread walks the directories (creating host directories as
-//! it goes) and hands every other entry to `--qd` workers. A worker reads the
-//! entry's inode, creates it, and copies a file's data through the engine
-//! (several chunks of at most `--bs` bytes in flight per file), writing to the
-//! host with plain `pwrite` (page cache, as cp does). Workers rather than one
-//! queue of async reads because the ext client reads metadata (inodes, extent
-//! trees) synchronously: with one thread, every file's metadata reads would wait
-//! on the device one after another, and small files are mostly metadata.
+//! How it moves: one thread walks the directories, reading each directory's
+//! inodes in batches (`Ext::inodes`: one device read per run of inode table)
+//! and creating host directories as it goes, and hands every other entry to
+//! `--qd` workers. A worker creates the entry and copies a file's data through
+//! the engine (its block map on the image's device, several chunks of at most
+//! `--bs` bytes in flight per file), writing to the host with plain `pwrite`
+//! (page cache, as cp does). Workers rather than one queue of async reads
+//! because the ext client's metadata reads (extent trees, inline data) are
+//! synchronous, and because host file creation is a system call per file:
+//! with one thread, each file would wait on the device and the host in turn.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
