@@ -305,6 +305,13 @@ fn tree_equals_its_source_without_preserve() {
         );
         assert_eq!(g.meta.uid(), me);
     }
+    // ls escapes the odd but legal names, as GNU ls does, and flags none.
+    let o = dio(&[OsStr::new("ls"), &arg]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let listing = String::from_utf8(o.stdout).unwrap();
+    assert!(listing.contains("\n$'new\\nline'\n"), "{listing}");
+    assert!(listing.contains("\n$'bad-utf8-\\xff\\xfe'\n"), "{listing}");
+    assert!(listing.contains("\nwith space\n"), "{listing}");
     // Copied again into the same place: existing files are replaced.
     let o = dio(&[OsStr::new("cp"), OsStr::new("-r"), &arg, out.as_os_str()]);
     assert!(o.status.success(), "{}", stderr(&o));
