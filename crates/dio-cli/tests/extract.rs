@@ -312,6 +312,16 @@ fn tree_equals_its_source_without_preserve() {
     assert!(listing.contains("\n$'new\\nline'\n"), "{listing}");
     assert!(listing.contains("\n$'bad-utf8-\\xff\\xfe'\n"), "{listing}");
     assert!(listing.contains("\nwith space\n"), "{listing}");
+    // A file as SRC: -r copies it as cp does.
+    let mut file = img.as_os_str().to_owned();
+    file.push(":/d1/big");
+    let one = dir.join("one");
+    let o = dio(&[OsStr::new("cp"), OsStr::new("-r"), &file, one.as_os_str()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read(&one).unwrap(),
+        std::fs::read(src.join("d1/big")).unwrap()
+    );
     // Copied again into the same place: existing files are replaced.
     let o = dio(&[OsStr::new("cp"), OsStr::new("-r"), &arg, out.as_os_str()]);
     assert!(o.status.success(), "{}", stderr(&o));
