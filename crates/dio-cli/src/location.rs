@@ -252,6 +252,11 @@ impl Image {
         })
     }
 
+    /// The device the image is on (for reads through block maps of its files).
+    pub fn device(&self) -> &Arc<dyn dio::Device> {
+        self._opened.device()
+    }
+
     /// The back end under the image, for messages ("uring", "sync" or "nbd").
     pub fn backend_name(&self) -> &'static str {
         self._opened.backend_name()

@@ -94,6 +94,11 @@ pub fn device_numbers(inode: &Inode) -> Option<(u32, u32)> {
 
 struct Line {
     name: Vec<u8>,
+    /// The name is an operand as the user gave it (a path: `/` is no sign of
+    /// corruption there), not a directory entry's.
+    operand: bool,
+    /// A name no file can have (flagged on stderr): always quoted.
+    bad: bool,
     inode: Option<Inode>,
     ino: u32,
 }
@@ -121,12 +126,18 @@ fn render(ext: &Ext, line: &Line, a: &LsArgs, out: &mut Vec<u8>) {
             .into_bytes(),
         );
     }
-    out.extend_from_slice(&line.name);
+    if line.operand {
+        out.extend_from_slice(&line.name);
+    } else if line.bad {
+        out.extend_from_slice(crate::names::quoted(&line.name).as_bytes());
+    } else {
+        out.extend_from_slice(crate::names::show(&line.name).as_bytes());
+    }
     if let (true, Some(inode)) = (a.long, &line.inode) {
         if inode.file_type() == FileType::Symlink {
             if let Ok(t) = ext.read_link(inode) {
                 out.extend_from_slice(b" -> ");
-                out.extend_from_slice(&t);
+                out.extend_from_slice(crate::names::show_target(&t).as_bytes());
             }
         }
     }
@@ -134,7 +145,7 @@ fn render(ext: &Ext, line: &Line, a: &LsArgs, out: &mut Vec<u8>) {
 }
 
 fn show_name(name: &[u8]) -> String {
-    String::from_utf8_lossy(name).into_owned()
+    crate::names::show(name)
 }
 
 /// `dio ls`.
@@ -172,6 +183,8 @@ pub fn run(a: &LsArgs) -> Result<(), Failure> {
             let line = Line {
                 ino: img.inode.ino,
                 inode: Some(img.inode.clone()),
+                operand: true,
+                bad: false,
                 // One operand: its name, as before; several: as given, like ls.
                 name: if a.dirs.len() == 1 {
                     name.rsplit(|&c| c == b'/')
@@ -206,14 +219,33 @@ pub fn run(a: &LsArgs) -> Result<(), Failure> {
                 continue;
             }
         };
-        let mut entries: Vec<DirEntry> = entries
+        // A name no file can have (`../evil`, `a/b`, a second `..`) is listed,
+        // escaped, and flagged: the image is corrupt or hostile.
+        for (i, e) in entries.iter().enumerate() {
+            if let Err(bad) = crate::names::check(&e.name, i) {
+                say(format_args!(
+                    "{}/{} (inode {}): {}",
+                    loc.display().trim_end_matches('/'),
+                    crate::names::quoted(&e.name),
+                    e.inode,
+                    bad.why()
+                ));
+                failed = true;
+            }
+        }
+        let mut entries: Vec<(DirEntry, bool)> = entries
             .into_iter()
-            .filter(|e| a.all || !e.name.starts_with(b"."))
+            .enumerate()
+            .map(|(i, e)| {
+                let bad = crate::names::check(&e.name, i).is_err();
+                (e, bad)
+            })
+            .filter(|(e, bad)| a.all || *bad || !e.name.starts_with(b"."))
             .collect();
-        entries.sort_by(|x, y| x.name.cmp(&y.name));
+        entries.sort_by(|x, y| x.0.name.cmp(&y.0.name));
         let mut lines = Vec::new();
         let mut blocks = 0u64;
-        for e in entries {
+        for (e, bad) in entries {
             let inode = if a.long {
                 match img.ext.inode(e.inode) {
                     Ok(i) => {
@@ -236,6 +268,8 @@ pub fn run(a: &LsArgs) -> Result<(), Failure> {
             lines.push(Line {
                 ino: e.inode,
                 inode,
+                operand: false,
+                bad,
                 name: e.name,
             });
         }

@@ -9,10 +9,12 @@
 mod bench;
 mod copy;
 mod crash;
+mod extract;
 mod fail;
 mod fsx;
 mod location;
 mod ls;
+mod names;
 mod pipeline;
 mod segments;
 mod size;
@@ -77,6 +79,8 @@ Examples:
   dio cp disk.img /dev/loop0
   dio cp disk.img:/var/log/syslog ./syslog    out of an ext image
   dio cp new.conf disk.img:/etc/app.conf      overwrite a file in an image in place
+  dio cp -r disk.img:/etc ./out               a directory tree out of an image (into ./out/etc)
+  dio cp -rp disk.img:/ ./root                the whole image, keeping modes, owners, times
 
 `-` is stdin (as SRC) or stdout (as DST). Pipes, FIFOs and character devices (e.g.
 /dev/null) are read or written with plain I/O, the other side still direct. A file
@@ -89,6 +93,16 @@ shorter source leaves the rest of the file as it was.
 Refused, with nothing touched: SRC and DST sharing storage (the same file, an image
 and a file inside it, a loop device and its backing file, an export and a file
 inside it).
+
+With -r, SRC is a directory inside an image (on a host file or an NBD export): the
+tree is copied into DST (DST/NAME when DST is an existing directory and SRC is not the
+image's root). Holes stay holes, symlinks stay symlinks (never followed), hard links stay
+hard links; device nodes need root (else skipped with a note). Names the host cannot
+take (`..`, containing `/`, ...) and directories a corrupt image links twice are
+reported and skipped: nothing is created outside DST, and the exit status is 1. A
+summary line ends the copy. The tree is written through the page cache, like cp (not
+synced: run `sync` for durability). With -r, --qd files are copied at once, and only
+the image's holes and unwritten extents become holes (--sparse=never: none).
 
 On success DST is durable (fdatasync or device flush). On an error or a signal
 (Ctrl-C: exit 130), a file DST is cut to the bytes copied so far from its start
@@ -207,6 +221,12 @@ struct CpArgs {
     /// of zero blocks into holes; `never` writes every byte.
     #[arg(long, value_enum, default_value_t = copy::Sparse::Auto, value_name = "WHEN")]
     sparse: copy::Sparse,
+    /// Copy a directory tree out of an image (SRC: IMAGE:/DIR, IMAGE:/ for all).
+    #[arg(short = 'r', visible_short_alias = 'R', long = "recursive")]
+    recursive: bool,
+    /// With -r: keep mode, owner and group (where allowed), atime and mtime.
+    #[arg(short = 'p', long = "preserve", requires = "recursive")]
+    preserve: bool,
     #[command(flatten)]
     pipe: copy::PipeArgs,
 }
@@ -272,6 +292,9 @@ struct WriteArgs {
 fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Cat(a) => copy::cat(&a.path, a.offset, a.length, &a.pipe),
+        Command::Cp(a) if a.recursive => {
+            extract::cp_r(&a.src, &a.dst, a.preserve, a.sparse, &a.pipe)
+        }
         Command::Cp(a) => copy::cp(&a.src, &a.dst, a.sparse, &a.pipe),
         Command::Ls(a) => ls::run(&a),
         Command::Stat(a) => stat::run(&Location::parse(&a.path)?, a.json, a.engine),
