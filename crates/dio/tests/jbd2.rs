@@ -60,7 +60,11 @@ fn run(cmd: &mut Command) -> Output {
 fn debugfs(img: &Path, cmds: &[&str]) -> String {
     let script = PathBuf::from(format!("{}.debugfs", img.display()));
     std::fs::write(&script, cmds.join("\n") + "\n").unwrap();
-    let o = run(Command::new("debugfs").arg("-w").arg("-f").arg(&script).arg(img));
+    let o = run(Command::new("debugfs")
+        .arg("-w")
+        .arg("-f")
+        .arg(&script)
+        .arg(img));
     String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)
 }
 
@@ -398,7 +402,8 @@ const EXT4_V2: Flavour = Flavour {
 
 /// Deterministic contents of one block, different for each (block, salt).
 fn pattern(block: u64, salt: u64, bs: usize) -> Vec<u8> {
-    let mut x = block.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ salt.wrapping_mul(0xD6E8_FEB8_6659_FD93);
+    let mut x =
+        block.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ salt.wrapping_mul(0xD6E8_FEB8_6659_FD93);
     (0..bs)
         .map(|_| {
             x ^= x << 13;
@@ -440,7 +445,10 @@ fn check_replays(img: &Path, want: &[(u64, Vec<u8>)], what: &str) {
     if let Some(m) = Mount::new(&kimg, "rw") {
         drop(m);
         for (b, data) in want {
-            assert!(block_of(&kimg, *b, bs) == *data, "{what}: kernel: block {b}");
+            assert!(
+                block_of(&kimg, *b, bs) == *data,
+                "{what}: kernel: block {b}"
+            );
         }
     }
 }
@@ -536,7 +544,11 @@ fn wrap_around(flavour: Flavour) {
     write(&txn(5, 10), false);
     drop((_raw, ext));
     for &b in &x {
-        assert!(block_of(&img, b, bs) == pattern(b, 3, bs), "{}", flavour.name);
+        assert!(
+            block_of(&img, b, bs) == pattern(b, 3, bs),
+            "{}",
+            flavour.name
+        );
     }
     let o = run(Command::new("debugfs").args(["-R", "logdump"]).arg(&img));
     let dump = String::from_utf8_lossy(&o.stdout);
@@ -654,7 +666,10 @@ fn kernel_journal_is_replayed_on_disk_like_e2fsck() {
         {
             let (_raw, ext) = open(&dio, true);
             let r = ext.journal_replay().unwrap();
-            assert!(r.on_disk && r.transactions > 0 && r.blocks > 0, "{tag}: {r:?}");
+            assert!(
+                r.on_disk && r.transactions > 0 && r.blocks > 0,
+                "{tag}: {r:?}"
+            );
             eprintln!("{tag}: dio replayed {r:?}");
             // Ordered mode revokes the removed directory's blocks (data=journal
             // never revokes).

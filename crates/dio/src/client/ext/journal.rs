@@ -25,7 +25,6 @@
 //! checksum (compat `checksum`, crc32 of the transaction) is not verified.
 //! Fast-commit journals that need recovery are refused ("incompatible").
 
-
 use crate::error::{CorruptKind, Feature};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;

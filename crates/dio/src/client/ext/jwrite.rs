@@ -74,9 +74,7 @@ impl Writer {
     /// needed it) for writing. `raw_sb` is the superblock's bytes.
     pub(crate) fn open(fs: &Arc<Fs>, raw_sb: &[u8]) -> Result<Writer> {
         let mut journal = Journal::open(fs, raw_sb)?;
-        if journal.sb.incompat & INCOMPAT_FAST_COMMIT != 0
-            || fs.sb.has_compat(COMPAT_FAST_COMMIT)
-        {
+        if journal.sb.incompat & INCOMPAT_FAST_COMMIT != 0 || fs.sb.has_compat(COMPAT_FAST_COMMIT) {
             return Err(Error::incompatible(
                 Feature::FastCommit,
                 "the journal has fast commits (fast_commit): dio does not write such journals",
@@ -212,7 +210,12 @@ impl Writer {
             at.push(self.journal.log.locate(fs, pos)?);
             pos = self.journal.sb.next(pos);
         }
-        write_runs(fs, log.iter().map(|l| l.bytes.as_slice()).zip(at.iter().copied()))?;
+        write_runs(
+            fs,
+            log.iter()
+                .map(|l| l.bytes.as_slice())
+                .zip(at.iter().copied()),
+        )?;
         flush(fs)?;
 
         // 3. The commit block, flushed.
@@ -277,7 +280,9 @@ impl Writer {
             let mut data = match fresh.get(&b) {
                 Some(d) => d.to_vec(),
                 None => {
-                    let mut d = fs.io.read_plain(copy.at * bs, bs as usize, "journal block")?;
+                    let mut d = fs
+                        .io
+                        .read_plain(copy.at * bs, bs as usize, "journal block")?;
                     if copy.escaped {
                         Replay::unescape(&mut d);
                     }
