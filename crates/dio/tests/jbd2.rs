@@ -680,3 +680,160 @@ fn kernel_journal_is_replayed_on_disk_like_e2fsck() {
         assert_clean(&dio);
     }
 }
+
+/// The cost of a commit, for the report (set DIO_JBD2_BENCH=1): transactions of
+/// 1, 16 and 256 blocks, checkpointed, on a 4 KiB-block ext4 image with a 32 MiB
+/// journal; blocks per second and commits per second.
+#[test]
+fn commit_cost() {
+    if std::env::var_os("DIO_JBD2_BENCH").is_none() {
+        eprintln!("skipped: set DIO_JBD2_BENCH=1 to measure the commit cost");
+        return;
+    }
+    if !need_e2fsprogs() {
+        return;
+    }
+    let img = scratch("bench.img");
+    let _ = std::fs::remove_file(&img);
+    run(Command::new("mke2fs")
+        .args(["-q", "-F", "-t", "ext4", "-b", "4096", "-J", "size=32"])
+        .arg(&img)
+        .arg("256M"));
+    debugfs(&img, &["jo -c", "jc"]);
+    let x = free_blocks(&img, 256, 20000);
+    let (_raw, ext) = open(&img, true);
+    let bs = ext.block_size() as usize;
+    for n in [1usize, 16, 256] {
+        for checkpoint in [true, false] {
+            let blocks: Vec<(u64, Vec<u8>)> =
+                x[..n].iter().map(|&b| (b, pattern(b, 7, bs))).collect();
+            let refs: Vec<(u64, &[u8])> = blocks.iter().map(|(b, d)| (*b, d.as_slice())).collect();
+            let rounds = (4096 / n).clamp(20, 400);
+            let t = std::time::Instant::now();
+            for _ in 0..rounds {
+                ext.journal_write(&refs, &[], checkpoint).unwrap();
+            }
+            let s = t.elapsed().as_secs_f64();
+            eprintln!(
+                "commit of {n:>3} blocks (checkpoint {checkpoint:>5}): {:>8.0} blocks/s, {:>6.0} commits/s",
+                (n * rounds) as f64 / s,
+                rounds as f64 / s
+            );
+        }
+    }
+    ext.journal_write(&[], &[], true).unwrap();
+}
+
+/// What a writable open refuses, before changing a byte: an external journal
+/// device (no journal inode to write transactions into) and fast-commit
+/// journals. Without a journal (ext2) metadata is written in place.
+#[test]
+fn writable_opens_refuse_journals_dio_cannot_write() {
+    if !need_e2fsprogs() {
+        return;
+    }
+    let img = make_image(EXT4, "external");
+    debugfs(&img, &["ssv journal_inum 0"]);
+    let before = std::fs::read(&img).unwrap();
+    let raw = RawFile::open(
+        &img,
+        &RawOptions {
+            write: true,
+            ..RawOptions::default()
+        },
+    )
+    .unwrap();
+    let e = Ext::open_writable(Arc::clone(raw.direct().device()), raw.size()).unwrap_err();
+    assert!(
+        matches!(&e, dio::Error::Incompatible(i) if i.feature == dio::Feature::ExternalJournal),
+        "{e}"
+    );
+    drop(raw);
+    assert!(std::fs::read(&img).unwrap() == before);
+
+    let img = make_image(EXT4, "fast-commit");
+    run(Command::new("tune2fs")
+        .args(["-O", "fast_commit"])
+        .arg(&img));
+    let raw = RawFile::open(
+        &img,
+        &RawOptions {
+            write: true,
+            ..RawOptions::default()
+        },
+    )
+    .unwrap();
+    let e = Ext::open_writable(Arc::clone(raw.direct().device()), raw.size()).unwrap_err();
+    assert!(
+        matches!(&e, dio::Error::Incompatible(i) if i.feature == dio::Feature::FastCommit),
+        "{e}"
+    );
+
+    let ext2 = scratch("ext2.img");
+    run(Command::new("mke2fs")
+        .args(["-q", "-F", "-t", "ext2"])
+        .arg("-d")
+        .arg(scratch("ext4-external.tree"))
+        .arg(&ext2)
+        .arg("8M"));
+    let (_raw, ext) = open(&ext2, true);
+    assert!(!ext.is_journaled());
+    ext.open_file(&ext.lookup(b"/f", false).unwrap())
+        .unwrap()
+        .touch()
+        .unwrap();
+    drop((_raw, ext));
+    assert_clean(&ext2);
+}
+
+/// Transactions dio cannot write are refused with nothing written: a block
+/// past the file system, given twice, of the wrong length, one of the
+/// journal's own, more than the journal holds; and on a read-only open.
+#[test]
+fn bad_transactions_are_refused_and_change_nothing() {
+    if !need_e2fsprogs() {
+        return;
+    }
+    let img = make_image(EXT3, "refused");
+    let before = std::fs::read(&img).unwrap();
+    {
+        let (_raw, ext) = open(&img, false);
+        let b = vec![0u8; ext.block_size() as usize];
+        assert!(matches!(
+            ext.journal_write(&[(3000, &b)], &[], true),
+            Err(dio::Error::ReadOnly)
+        ));
+    }
+    let (_raw, ext) = open(&img, true);
+    let bs = ext.block_size() as usize;
+    let blocks = ext.superblock().blocks_count;
+    let b = vec![1u8; bs];
+    let invalid = |r: dio::Result<()>| matches!(r, Err(dio::Error::Invalid(_)));
+    assert!(invalid(ext.journal_write(&[(blocks, &b)], &[], true)));
+    assert!(invalid(ext.journal_write(
+        &[(3000, &b), (3000, &b)],
+        &[],
+        true
+    )));
+    assert!(invalid(ext.journal_write(&[(3000, &b[1..])], &[], true)));
+    assert!(invalid(ext.journal_write(&[], &[blocks + 5], true)));
+    let journal_block = {
+        let o = run(Command::new("debugfs").args(["-R", "bmap <8> 5"]).arg(&img));
+        String::from_utf8_lossy(&o.stdout)
+            .trim()
+            .parse::<u64>()
+            .unwrap()
+    };
+    assert!(invalid(ext.journal_write(
+        &[(journal_block, &b)],
+        &[],
+        true
+    )));
+    let many: Vec<(u64, &[u8])> = (2000..4000).map(|x| (x, b.as_slice())).collect();
+    assert!(matches!(
+        ext.journal_write(&many, &[], true),
+        Err(dio::Error::NoSpace(_))
+    ));
+    drop((_raw, ext));
+    assert!(std::fs::read(&img).unwrap() == before);
+}

@@ -261,6 +261,13 @@ impl Log {
         }
     }
 
+    /// Whether fs block `p` is one of the journal's.
+    pub(super) fn holds(&self, p: u64) -> bool {
+        self.runs
+            .iter()
+            .any(|e| (e.physical..e.physical.saturating_add(e.len)).contains(&p))
+    }
+
     pub(super) fn read(&self, fs: &Fs, j: u64) -> Result<Vec<u8>> {
         let p = self.locate(fs, j)?;
         fs.read_block(p, "journal block")
