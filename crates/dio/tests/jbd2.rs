@@ -837,3 +837,45 @@ fn bad_transactions_are_refused_and_change_nothing() {
     drop((_raw, ext));
     assert!(std::fs::read(&img).unwrap() == before);
 }
+
+/// A journal holding transactions although the superblock does not say it
+/// needs recovery is discarded at a writable open, as the kernel's mount
+/// discards it (jbd2_journal_wipe), and the next transaction's id is past
+/// every stale one: e2fsck then replays the new transaction and only it.
+#[test]
+fn a_log_without_needs_recovery_is_discarded_and_new_ids_pass_it() {
+    if !need_e2fsprogs() {
+        return;
+    }
+    let img = make_image(EXT4, "wipe");
+    let (_raw, ext) = open(&img, false);
+    let bs = ext.block_size() as usize;
+    drop((_raw, ext));
+    let x = free_blocks(&img, 11, 3000);
+    {
+        // Transactions of one block each, at log blocks 1-3 (checkpointed),
+        // 4-6, 7-9 and 10-12 (ids 2 to 5).
+        let (_raw, ext) = open(&img, true);
+        for (i, &b) in x[..4].iter().enumerate() {
+            let d = pattern(b, 1, bs);
+            ext.journal_write(&[(b, &d)], &[], i == 0).unwrap();
+        }
+    }
+    debugfs(&img, &["feature -needs_recovery"]);
+    let (_raw, ext) = open(&img, true);
+    assert!(ext.journal_replay().is_none());
+    // Seven blocks: log blocks 1-9, so recovery next looks at block 10, which
+    // holds a stale transaction whose id follows the journal superblock's
+    // sequence + 1: a writer that took that id would have it replayed.
+    let new: Vec<(u64, Vec<u8>)> = [x[0]]
+        .iter()
+        .chain(&x[4..10])
+        .map(|&b| (b, pattern(b, 2, bs)))
+        .collect();
+    let refs: Vec<(u64, &[u8])> = new.iter().map(|(b, d)| (*b, d.as_slice())).collect();
+    ext.journal_write(&refs, &[], false).unwrap();
+    drop((_raw, ext));
+    let mut want = new;
+    want.extend(x[1..4].iter().map(|&b| (b, vec![0u8; bs])));
+    check_replays(&img, &want, "wiped");
+}

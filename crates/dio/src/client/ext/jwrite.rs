@@ -69,9 +69,6 @@ pub(crate) struct Writer {
     /// Whether metadata writes of the file system ([`Fs::write_meta`]) checkpoint
     /// after each commit (tests turn it off to leave a journal needing recovery).
     pub(crate) checkpoint: bool,
-    /// Transactions committed and blocks logged since open (for figures).
-    pub(crate) committed: u64,
-    pub(crate) logged: u64,
 }
 
 impl Writer {
@@ -104,8 +101,6 @@ impl Writer {
             tid,
             pending: BTreeMap::new(),
             checkpoint: true,
-            committed: 0,
-            logged: 0,
         })
     }
 
@@ -243,8 +238,6 @@ impl Writer {
         fs.io.set_logged(fs.sb.block_size, &self.pending);
         self.head = self.journal.sb.next(pos);
         self.tid = self.tid.wrapping_add(1);
-        self.committed += 1;
-        self.logged += blocks.len() as u64;
 
         // 4. Checkpoint.
         if checkpoint {
