@@ -526,6 +526,39 @@ impl Fs {
         lock(&self.journal).is_some()
     }
 
+    /// Make metadata changes durable, the one call for every file system: with a
+    /// journal, `blocks` and `revoked` are one transaction ([`Writer::commit`]),
+    /// checkpointed unless the writer's knob says otherwise; without, `blocks`
+    /// are written in place and flushed (`revoked` means nothing there). On
+    /// return the change survives a crash. Data blocks the change points at
+    /// must have been written before the call (the flush covers them). The
+    /// caller holds the metadata lock.
+    pub(crate) fn commit_metadata(&self, blocks: &[(u64, &[u8])], revoked: &[u64]) -> Result<()> {
+        let mut journal = lock(&self.journal);
+        match journal.as_mut() {
+            Some(w) => {
+                let checkpoint = w.checkpoint;
+                w.commit(self, blocks, revoked, checkpoint)
+            }
+            None => {
+                let bs = self.sb.block_size as usize;
+                for &(b, data) in blocks {
+                    if data.len() != bs || b >= self.sb.blocks_count {
+                        return Err(Error::Invalid(format!(
+                            "metadata block {b}: {} bytes, or past the file system's {} blocks",
+                            data.len(),
+                            self.sb.blocks_count
+                        )));
+                    }
+                }
+                let mut sorted = blocks.to_vec();
+                sorted.sort_unstable_by_key(|&(b, _)| b);
+                write_runs(self, sorted.iter().map(|&(b, d)| (d, b)))?;
+                flush(self)
+            }
+        }
+    }
+
     /// Commit a transaction through the journal (see [`Writer::commit`]).
     pub(crate) fn journal_commit(
         &self,
@@ -546,10 +579,9 @@ impl Fs {
     /// the writer's knob says otherwise); without, in place. The caller holds the
     /// metadata lock.
     pub(crate) fn write_meta(&self, offset: u64, data: &[u8], what: &str) -> Result<()> {
-        let mut journal = lock(&self.journal);
-        let Some(w) = journal.as_mut() else {
+        if !self.journaled() {
             return self.io.write(offset, data, what);
-        };
+        }
         if data.is_empty() {
             return Ok(());
         }
@@ -566,8 +598,7 @@ impl Fs {
             blocks.push((b, block));
         }
         let refs: Vec<(u64, &[u8])> = blocks.iter().map(|(b, d)| (*b, d.as_slice())).collect();
-        let checkpoint = w.checkpoint;
-        w.commit(self, &refs, &[], checkpoint)
+        self.commit_metadata(&refs, &[])
     }
 }
 
@@ -579,6 +610,45 @@ pub(crate) fn wants_journal(fs: &Fs) -> bool {
 #[cfg(test)]
 mod tests {
     use super::crc32_be;
+    use crate::device::Device;
+    use crate::ext::Ext;
+    use crate::{MemDevice, MemDeviceConfig};
+    use std::io::Read;
+    use std::sync::Arc;
+
+    fn fixture(name: &str) -> (Arc<MemDevice>, u64) {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join(format!("tests/fixtures/ext/{name}.img.gz"));
+        let mut img = Vec::new();
+        flate2::read::GzDecoder::new(std::fs::File::open(path).unwrap())
+            .read_to_end(&mut img)
+            .unwrap();
+        let dev = Arc::new(MemDevice::new(MemDeviceConfig::new(img.len() as u64, 512)));
+        dev.write_raw(0, &img);
+        (dev, img.len() as u64)
+    }
+
+    /// `commit_metadata` lands the blocks in place and durably, with or without a
+    /// journal, and leaves a journal clean.
+    #[test]
+    fn commit_metadata_lands_blocks_durably_with_or_without_a_journal() {
+        for (name, journaled) in [("ext2-1k", false), ("ext3-2k", true)] {
+            let (dev, size) = fixture(name);
+            let ext = Ext::open_writable(Arc::clone(&dev) as Arc<dyn Device>, size).unwrap();
+            let fs = &ext.fs;
+            assert_eq!(fs.journaled(), journaled);
+            let bs = fs.sb.block_size as usize;
+            let b = fs.sb.blocks_count - 1;
+            let data = vec![0x5A; bs];
+            let flushes = dev.stats().flushes;
+            fs.commit_metadata(&[(b, &data)], &[]).unwrap();
+            assert!(dev.stats().flushes > flushes, "{name}");
+            assert_eq!(dev.read_raw(b * bs as u64, bs), data, "{name}");
+            assert!(fs.commit_metadata(&[(b, &data[1..])], &[]).is_err());
+            let sb = dev.read_raw(1024, 1024);
+            assert_eq!(super::super::bytes::le32(&sb, 0x60) & 0x4, 0, "{name}");
+        }
+    }
 
     #[test]
     fn crc32_be_matches_the_kernel_convention() {
