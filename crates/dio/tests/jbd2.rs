@@ -1046,3 +1046,69 @@ fn every_crash_state_of_a_journaled_update_replays_to_old_or_new() {
         crash_states(f);
     }
 }
+
+/// The volume label of `img`, from dumpe2fs.
+fn label(img: &Path) -> String {
+    let o = run(Command::new("dumpe2fs").arg("-h").arg(img));
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    text.lines()
+        .find_map(|l| l.strip_prefix("Filesystem volume name:"))
+        .unwrap_or_else(|| panic!("{text}"))
+        .trim()
+        .to_string()
+}
+
+/// The fs block holding the superblock, with volume label `name` (and the
+/// superblock checksum where the file system has metadata_csum).
+fn labelled_sb_block(img: &Path, bs: usize, name: &str) -> (u64, Vec<u8>) {
+    let b = 1024 / bs as u64;
+    let mut block = block_of(img, b, bs);
+    let o = 1024 % bs;
+    let sb = &mut block[o..o + 1024];
+    sb[0x78..0x88].fill(0);
+    sb[0x78..0x78 + name.len()].copy_from_slice(name.as_bytes());
+    if u32::from_le_bytes(sb[0x64..0x68].try_into().unwrap()) & 0x400 != 0 {
+        // The kernel's crc32c(~0, ...): the standard CRC-32C, inverted.
+        let c = !crc32c::crc32c(&sb[..0x3FC]);
+        sb[0x3FC..0x400].copy_from_slice(&c.to_le_bytes());
+    }
+    (b, block)
+}
+
+/// The superblock itself through the journal: checkpointed, it lands with
+/// needs_recovery clear; left in the journal, every replayer restores it.
+#[test]
+fn superblock_changes_go_through_the_journal() {
+    if !need_e2fsprogs() {
+        return;
+    }
+    for flavour in [EXT4, EXT3] {
+        let img = make_image(flavour, "label");
+        let bs = open(&img, false).1.block_size() as usize;
+        let (b, block) = labelled_sb_block(&img, bs, "checkpointed");
+        {
+            let (_raw, ext) = open(&img, true);
+            ext.journal_write(&[(b, &block)], &[], true).unwrap();
+        }
+        assert!(!needs_recovery(&img));
+        assert_eq!(label(&img), "checkpointed");
+        assert_clean(&img);
+        let (b, block) = labelled_sb_block(&img, bs, "replayed");
+        {
+            let (_raw, ext) = open(&img, true);
+            ext.journal_write(&[(b, &block)], &[], false).unwrap();
+        }
+        assert!(needs_recovery(&img));
+        assert_eq!(label(&img), "checkpointed", "{}", flavour.name);
+        let fsck = copy(&img, "fsck");
+        let (code, out) = e2fsck(&fsck, &["-fy"]);
+        assert!(code <= 1, "{out}");
+        assert_eq!(label(&fsck), "replayed", "{}", flavour.name);
+        assert_clean(&fsck);
+        let kimg = copy(&img, "kernel");
+        if let Some(m) = Mount::new(&kimg, "rw") {
+            drop(m);
+            assert_eq!(label(&kimg), "replayed", "{}", flavour.name);
+        }
+    }
+}
