@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use dio::ext::{incompat, Ext};
 use dio::{RawFile, RawOptions};
+use dio_testkit::{have, is_root, skip};
 
 const JBD2_MAGIC: [u8; 4] = [0xC0, 0x3B, 0x39, 0x98];
 
@@ -25,24 +26,12 @@ fn scratch(name: &str) -> PathBuf {
     d.join(name)
 }
 
-fn have(tool: &str) -> bool {
-    Command::new(tool).arg("-V").output().is_ok()
-}
-
 fn need_e2fsprogs() -> bool {
     let ok = have("mke2fs") && have("e2fsck") && have("debugfs");
     if !ok {
-        eprintln!("skipped: e2fsprogs (mke2fs, e2fsck, debugfs) is not installed");
+        skip("e2fsprogs (mke2fs, e2fsck, debugfs) is not installed");
     }
     ok
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout == b"0\n")
-        .unwrap_or(false)
 }
 
 fn run(cmd: &mut Command) -> Output {
@@ -202,7 +191,7 @@ struct Mount(PathBuf);
 impl Mount {
     fn new(img: &Path, opts: &str) -> Option<Mount> {
         if !is_root() {
-            eprintln!("skipped (kernel part): the loop mount needs root");
+            skip("(the kernel part) the loop mount needs root");
             return None;
         }
         let dir = PathBuf::from(format!("{}.mnt", img.display()));
@@ -214,10 +203,10 @@ impl Mount {
             .output()
             .unwrap();
         if !o.status.success() {
-            eprintln!(
-                "skipped (kernel part): mount -o loop failed: {}",
+            skip(format!(
+                "(the kernel part) mount -o loop failed: {}",
                 String::from_utf8_lossy(&o.stderr)
-            );
+            ));
             return None;
         }
         Some(Mount(dir))
@@ -635,7 +624,7 @@ fn kernel_left_needing_recovery(tag: &str, mkfs: &[&str], opts: &str) -> Option<
     std::fs::copy(&img, &copy).unwrap();
     drop(m);
     if !needs_recovery(&copy) {
-        eprintln!("skipped ({tag}): the copy does not need recovery");
+        skip(format!("({tag}) the copy does not need recovery"));
         return None;
     }
     Some(copy)
@@ -687,7 +676,7 @@ fn kernel_journal_is_replayed_on_disk_like_e2fsck() {
 #[test]
 fn commit_cost() {
     if std::env::var_os("DIO_JBD2_BENCH").is_none() {
-        eprintln!("skipped: set DIO_JBD2_BENCH=1 to measure the commit cost");
+        skip("set DIO_JBD2_BENCH=1 to measure the commit cost");
         return;
     }
     if !need_e2fsprogs() {
