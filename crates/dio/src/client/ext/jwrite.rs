@@ -69,6 +69,8 @@ pub(crate) struct Writer {
     /// Whether metadata writes of the file system ([`Fs::write_meta`]) checkpoint
     /// after each commit (tests turn it off to leave a journal needing recovery).
     pub(crate) checkpoint: bool,
+    /// The error that stopped the writer part way through a commit.
+    failed: Option<Error>,
 }
 
 impl Writer {
@@ -101,6 +103,7 @@ impl Writer {
             tid,
             pending: BTreeMap::new(),
             checkpoint: true,
+            failed: None,
         })
     }
 
@@ -127,7 +130,34 @@ impl Writer {
     ///
     /// A block both written and revoked is written (its revoke dropped, as jbd2
     /// cancels the revoke of a block it logs again).
+    ///
+    /// A failure part way (an I/O error) stops the writer: every later commit
+    /// returns that error, since the journal may hold a transaction it does not
+    /// know the fate of; reopening the image replays whatever was committed.
     pub(crate) fn commit(
+        &mut self,
+        fs: &Fs,
+        blocks: &[(u64, &[u8])],
+        revoked: &[u64],
+        checkpoint: bool,
+    ) -> Result<()> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
+        let r = self.try_commit(fs, blocks, revoked, checkpoint);
+        if let Err(e) = &r {
+            // Refusals come before any write; anything else may be part way.
+            if !matches!(
+                e,
+                Error::Invalid(_) | Error::NoSpace(_) | Error::Incompatible(_)
+            ) {
+                self.failed = Some(e.clone());
+            }
+        }
+        r
+    }
+
+    fn try_commit(
         &mut self,
         fs: &Fs,
         blocks: &[(u64, &[u8])],
@@ -648,6 +678,30 @@ mod tests {
             let sb = dev.read_raw(1024, 1024);
             assert_eq!(super::super::bytes::le32(&sb, 0x60) & 0x4, 0, "{name}");
         }
+    }
+
+    /// A write that fails part way through a commit stops the writer: later
+    /// commits fail too, even once the device works again.
+    #[test]
+    fn an_io_error_part_way_stops_the_writer() {
+        let (dev, size) = fixture("ext3-2k");
+        let ext = Ext::open_writable(Arc::clone(&dev) as Arc<dyn Device>, size).unwrap();
+        let fs = &ext.fs;
+        let bs = fs.sb.block_size as usize;
+        let b = fs.sb.blocks_count - 1;
+        let data = vec![0x5A; bs];
+        dev.fail_range(0..size, Some(crate::Op::Write));
+        let e = fs.commit_metadata(&[(b, &data)], &[]).unwrap_err();
+        assert!(matches!(e, crate::Error::Io { .. }), "{e}");
+        dev.clear_faults();
+        let again = fs.commit_metadata(&[(b, &data)], &[]).unwrap_err();
+        assert!(matches!(again, crate::Error::Io { .. }), "{again}");
+        // A refusal does not stop a writer.
+        let (dev, size) = fixture("ext3-2k");
+        let ext = Ext::open_writable(Arc::clone(&dev) as Arc<dyn Device>, size).unwrap();
+        let fs = &ext.fs;
+        assert!(fs.commit_metadata(&[(b, &data[1..])], &[]).is_err());
+        fs.commit_metadata(&[(b, &data)], &[]).unwrap();
     }
 
     #[test]
