@@ -300,7 +300,7 @@ impl Writer {
     /// Write every block whose latest contents are only in the journal in place
     /// (`fresh` has the contents of some of them at hand; the rest are read from
     /// their journal copies), flush, then mark the journal empty and clear
-    /// `needs_recovery`, flushed.
+    /// `needs_recovery` (see the module doc for why that needs no flush).
     fn checkpoint(&mut self, fs: &Fs, fresh: &[(u64, &[u8])]) -> Result<()> {
         if self.tail == 0 {
             return Ok(());
