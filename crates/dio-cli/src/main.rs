@@ -127,7 +127,8 @@ Examples:
 
 Inside an image the write is in place: it is refused, with nothing written, if it would
 need allocation (a hole, an unwritten extent) or grow the file; mtime, ctime and the inode
-checksum are updated. Images whose journal needs recovery are refused.
+checksum are updated (through the journal on ext3/ext4: committed, then written in place).
+An image whose journal needs recovery is recovered first, as e2fsck would.
 
 Exit status 0 means the bytes are durable: the file's data (fdatasync), the device or the
 image (a device flush after the inode update) were flushed before dio exits.")]

@@ -110,6 +110,9 @@ pub enum Feature {
     FastCommit,
     /// The journal needs recovery before this operation.
     JournalRecovery,
+    /// A journal format or journal feature dio does not write (a v1 journal
+    /// superblock's revokes, 32-bit tags for a block past 2^32).
+    JournalFormat,
     /// Multiple-mount protection.
     Mmp,
     /// Encrypted files or directories.

@@ -7,9 +7,10 @@
 //! becomes a "corrupt" error, never a read outside the image.
 
 use crate::error::{CorruptKind, Feature};
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 
-use super::journal::Replay;
+use super::journal::{Copy, Replay};
 use crate::device::{self, Device};
 use crate::{AlignedBuf, Error, Result};
 
@@ -19,6 +20,10 @@ pub(crate) struct MetaIo {
     /// Blocks replayed from the journal in memory, and the fs block size they are
     /// counted in: reads see them in place of the image's blocks.
     replay: Option<(Arc<Replay>, u64)>,
+    /// Blocks whose latest contents are only in the journal (committed, not yet
+    /// checkpointed: see [`super::jwrite`]), and the fs block size: reads see
+    /// their journal copies.
+    logged: Mutex<(u64, BTreeMap<u64, Copy>)>,
     /// Device logical block (power of two).
     lb: u64,
     align: usize,
@@ -33,6 +38,7 @@ impl MetaIo {
         Ok(MetaIo {
             dev,
             replay: None,
+            logged: Mutex::default(),
             lb: u64::from(g.logical_block),
             align: g.mem_align.max(1) as usize,
             size: size.min(g.size),
@@ -45,6 +51,7 @@ impl MetaIo {
         MetaIo {
             dev: Arc::clone(&self.dev),
             replay: Some((replay, u64::from(block_size))),
+            logged: Mutex::default(),
             lb: self.lb,
             align: self.align,
             size: self.size,
@@ -94,16 +101,32 @@ impl MetaIo {
     /// errors.
     pub(crate) fn read(&self, offset: u64, len: usize, what: &str) -> Result<Vec<u8>> {
         let mut out = self.read_plain(offset, len, what)?;
-        let Some((replay, bs)) = &self.replay else {
-            return Ok(out);
-        };
-        if len == 0 {
-            return Ok(out);
+        if let Some((replay, bs)) = &self.replay {
+            self.patch(&replay.blocks, *bs, offset, &mut out)?;
         }
-        let end = offset + len as u64;
+        let logged = self.logged.lock().unwrap_or_else(|e| e.into_inner());
+        if !logged.1.is_empty() {
+            self.patch(&logged.1, logged.0, offset, &mut out)?;
+        }
+        Ok(out)
+    }
+
+    /// Replace the bytes of `out` (read at `offset`) that fall in `blocks` (of
+    /// `bs` bytes) with their journal copies.
+    fn patch(
+        &self,
+        blocks: &BTreeMap<u64, Copy>,
+        bs: u64,
+        offset: u64,
+        out: &mut [u8],
+    ) -> Result<()> {
+        if out.is_empty() {
+            return Ok(());
+        }
+        let end = offset + out.len() as u64;
         let (first, last) = (offset / bs, (end - 1) / bs);
-        for (&block, copy) in replay.blocks.range(first..=last) {
-            let mut data = self.read_plain(copy.at * bs, *bs as usize, "journal block")?;
+        for (&block, copy) in blocks.range(first..=last) {
+            let mut data = self.read_plain(copy.at * bs, bs as usize, "journal block")?;
             if copy.escaped {
                 Replay::unescape(&mut data);
             }
@@ -114,7 +137,13 @@ impl MetaIo {
             out[(s - offset) as usize..(e - offset) as usize]
                 .copy_from_slice(&data[(s - b0) as usize..(e - b0) as usize]);
         }
-        Ok(out)
+        Ok(())
+    }
+
+    /// Set the blocks whose latest contents are only in the journal.
+    pub(crate) fn set_logged(&self, block_size: u32, blocks: &BTreeMap<u64, Copy>) {
+        let mut logged = self.logged.lock().unwrap_or_else(|e| e.into_inner());
+        *logged = (u64::from(block_size), blocks.clone());
     }
 
     /// Read from the image itself, without the journal's blocks.

@@ -20,9 +20,11 @@
 //! runs under one file-system lock: inodes share inode-table blocks.
 //!
 //! An image whose journal needs recovery is read as the kernel reads it after
-//! recovery: the journal's committed transactions are replayed in memory at open
-//! (see [`Ext::journal_replay`] and [`Ext::notes`]), never on the image, and such
-//! an image is refused for writing.
+//! recovery: opened read-only, the journal's committed transactions are replayed
+//! in memory (see [`Ext::journal_replay`] and [`Ext::notes`]), never on the
+//! image; opened for writing, they are replayed on disk first, as e2fsck does.
+//! With a journal (ext3, ext4), every metadata write goes through it: a jbd2
+//! transaction committed, then checkpointed (see `jwrite`).
 //!
 //! Every number on disk is hostile input: a bad image gives [`Error::Corrupt`]
 //! ("corrupt: ..."), a feature this reader does not support gives
@@ -52,6 +54,7 @@ mod hash;
 mod inode;
 mod io;
 mod journal;
+mod jwrite;
 mod map;
 mod superblock;
 
@@ -83,6 +86,11 @@ pub(crate) struct Fs {
     writable: bool,
     /// The journal replayed in memory (when it needed recovery).
     replay: Option<Arc<journal::Replay>>,
+    /// The journal replayed on disk at a writable open (when it needed recovery).
+    recovered: Option<Arc<journal::Replay>>,
+    /// The journal writer of a writable file system with a journal: every
+    /// metadata write goes through it.
+    journal: Mutex<Option<jwrite::Writer>>,
     /// The open inodes: every [`Ext::open_file`] of one inode shares its node
     /// (range locks, size, the inode as last written).
     open: Mutex<HashMap<u32, Weak<Node>>>,
@@ -187,8 +195,28 @@ impl Fs {
             inode::update_checksum(self.sb.checksum_seed, inode.ino, &mut inode.raw);
         }
         let at = self.inode_offset(inode.ino)?;
-        self.io.write(at, &inode.raw, "inode")?;
+        self.write_meta(at, &inode.raw, "inode")?;
         Ok(inode)
+    }
+
+    fn new(
+        io: MetaIo,
+        sb: Superblock,
+        groups: Vec<GroupDesc>,
+        writable: bool,
+        replay: Option<Arc<journal::Replay>>,
+    ) -> Fs {
+        Fs {
+            io,
+            sb,
+            groups,
+            writable,
+            replay,
+            recovered: None,
+            journal: Mutex::new(None),
+            open: Mutex::new(HashMap::new()),
+            meta: Mutex::new(()),
+        }
     }
 
     fn max_file_size(&self, inode: &Inode) -> u64 {
@@ -230,9 +258,11 @@ impl Ext {
         Ext::open_inner(dev, size, false)
     }
 
-    /// Open for reading and in-place writes. Refused ("incompatible: ...") when
-    /// the journal needs recovery, with multiple-mount protection, or with a
-    /// ro_compat feature that in-place writes are not known to be safe with.
+    /// Open for reading and in-place writes. A journal that needs recovery is
+    /// replayed on disk first (as e2fsck does; see [`Ext::notes`]). Refused
+    /// ("incompatible: ...") with multiple-mount protection, a ro_compat
+    /// feature that in-place writes are not known to be safe with, an external
+    /// journal device or a fast-commit journal.
     pub fn open_writable(dev: Arc<dyn Device>, size: u64) -> Result<Ext> {
         Ext::open_inner(dev, size, true)
     }
@@ -244,26 +274,44 @@ impl Ext {
             superblock::SUPERBLOCK_SIZE,
             "superblock",
         )?;
-        let sb = Superblock::parse(&raw)?;
+        let mut sb = Superblock::parse(&raw)?;
+        let mut raw = raw;
+        let mut recovered = None;
         if writable {
+            if let Some(e) = sb.feature_refusal() {
+                return Err(e);
+            }
+            if sb.has_incompat(incompat::RECOVER) {
+                // Replay the journal on disk, then read the superblock again.
+                check_size(&io, &sb)?;
+                let groups = group::read_table(&io, &sb)?;
+                let plain = MetaIo::new(Arc::clone(io.device()), io.size())?;
+                let fs = Arc::new(Fs::new(plain, sb, groups, writable, None));
+                recovered = journal::recover_on_disk(&fs, &raw)?.map(Arc::new);
+                drop(fs);
+                raw = io.read(
+                    superblock::SUPERBLOCK_OFFSET,
+                    superblock::SUPERBLOCK_SIZE,
+                    "superblock",
+                )?;
+                sb = Superblock::parse(&raw)?;
+            }
             if let Some(e) = sb.write_refusal() {
                 return Err(e);
             }
         }
         check_size(&io, &sb)?;
         let groups = group::read_table(&io, &sb)?;
-        let fs = Arc::new(Fs {
-            io,
-            sb,
-            groups,
-            writable,
-            replay: None,
-            open: Mutex::new(HashMap::new()),
-            meta: Mutex::new(()),
-        });
-        // A journal that needs recovery: replay it in memory (writable opens were
-        // refused above), then read the superblock and descriptors again through
-        // it, as the kernel sees them after recovery.
+        let mut fs = Fs::new(io, sb, groups, writable, None);
+        fs.recovered = recovered;
+        let fs = Arc::new(fs);
+        if writable && jwrite::wants_journal(&fs) {
+            let w = jwrite::Writer::open(&fs, &raw)?;
+            *lock(&fs.journal) = Some(w);
+        }
+        // A journal that needs recovery: replay it in memory (writable opens
+        // replayed it on disk above), then read the superblock and descriptors
+        // again through it, as the kernel sees them after recovery.
         let Some(replay) = journal::replay(&fs, &raw)? else {
             return Ok(Ext { fs });
         };
@@ -287,15 +335,7 @@ impl Ext {
         check_size(&io, &sb)?;
         let groups = group::read_table(&io, &sb)?;
         Ok(Ext {
-            fs: Arc::new(Fs {
-                io,
-                sb,
-                groups,
-                writable,
-                replay: Some(replay),
-                open: Mutex::new(HashMap::new()),
-                meta: Mutex::new(()),
-            }),
+            fs: Arc::new(Fs::new(io, sb, groups, writable, Some(replay))),
         })
     }
 
@@ -306,17 +346,65 @@ impl Ext {
         self.fs
             .replay
             .as_ref()
+            .or(self.fs.recovered.as_ref())
             .map(|r| r.notes.clone())
             .unwrap_or_default()
     }
 
-    /// The journal replay done at open, if the journal needed recovery.
+    /// The journal replay done at open, if the journal needed recovery: in
+    /// memory for a read-only open, on disk for a writable one.
     pub fn journal_replay(&self) -> Option<JournalReplay> {
-        self.fs.replay.as_ref().map(|r| JournalReplay {
+        let (r, on_disk) = match (&self.fs.replay, &self.fs.recovered) {
+            (Some(r), _) => (r, false),
+            (None, Some(r)) => (r, true),
+            (None, None) => return None,
+        };
+        Some(JournalReplay {
             transactions: r.transactions,
             blocks: r.blocks.len() as u64,
             revoked: r.revoked,
+            on_disk,
         })
+    }
+
+    /// Write whole fs blocks through the journal as one transaction, with revoke
+    /// records for the fs blocks in `revoked` (whose earlier journal copies must
+    /// not be replayed), like debugfs's `journal_write`: a low-level tool for
+    /// metadata changes made elsewhere and for crash tests. Each of `blocks` is
+    /// (fs block, its new contents, one block long). With `checkpoint` false the
+    /// transaction stays committed in the journal, the image needing recovery, as
+    /// a crash right after the commit would leave it.
+    ///
+    /// Errors: [`Error::ReadOnly`]; [`Error::Invalid`] without a journal, for a
+    /// block past the file system or given twice; [`Error::NoSpace`] when the
+    /// transaction does not fit the journal.
+    pub fn journal_write(
+        &self,
+        blocks: &[(u64, &[u8])],
+        revoked: &[u64],
+        checkpoint: bool,
+    ) -> Result<()> {
+        if !self.fs.writable {
+            return Err(Error::ReadOnly);
+        }
+        let _meta = lock(&self.fs.meta);
+        self.fs.journal_commit(blocks, revoked, checkpoint)
+    }
+
+    /// Whether metadata writes (e.g. [`ExtFile::touch`]) checkpoint each
+    /// transaction they commit (the default). Off, every later transaction stays
+    /// committed in the journal and the image needs recovery: for crash tests.
+    /// No effect without a journal.
+    pub fn set_journal_checkpoint(&self, on: bool) {
+        if let Some(w) = lock(&self.fs.journal).as_mut() {
+            w.checkpoint = on;
+        }
+    }
+
+    /// Whether metadata writes go through a journal (a writable file system with
+    /// has_journal).
+    pub fn is_journaled(&self) -> bool {
+        self.fs.journaled()
     }
 
     /// The superblock.
@@ -662,16 +750,19 @@ fn write_refusal(fs: &Fs, inode: &Inode) -> Option<Error> {
     None
 }
 
-/// What an in-memory journal replay did (see [`Ext::journal_replay`]).
+/// What a journal replay did (see [`Ext::journal_replay`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct JournalReplay {
     /// Committed transactions replayed.
     pub transactions: u64,
-    /// Distinct fs blocks whose journal copy stands in for the image's.
+    /// Distinct fs blocks whose journal copy stands in for the image's (in
+    /// memory) or was written in place (on disk).
     pub blocks: u64,
     /// Journal copies skipped because a revoke record cancels them.
     pub revoked: u64,
+    /// Replayed on disk (a writable open), not in memory.
+    pub on_disk: bool,
 }
 
 fn check_size(io: &MetaIo, sb: &Superblock) -> Result<()> {
@@ -931,7 +1022,9 @@ impl ExtFile {
 
     /// Set mtime and ctime to now and rewrite the inode (with its checksum),
     /// starting from the inode as it is on disk now, under the file system's
-    /// metadata lock.
+    /// metadata lock. With a journal (ext3, ext4) the inode's block is committed
+    /// as a jbd2 transaction (after a flush, so data written before is durable
+    /// first) and then written in place: on return it survives a crash.
     pub fn touch(&self) -> Result<()> {
         if !self.fs.writable {
             return Err(Error::ReadOnly);

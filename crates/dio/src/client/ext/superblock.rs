@@ -464,6 +464,12 @@ impl Superblock {
                 "the journal needs recovery (needs_recovery): mount the image once or run e2fsck, then write",
             ));
         }
+        self.feature_refusal()
+    }
+
+    /// Why in-place writes are refused on this file system whatever the state of
+    /// its journal, if they are.
+    pub(crate) fn feature_refusal(&self) -> Option<Error> {
         if self.has_incompat(incompat::MMP) {
             return Some(Error::incompatible(
                 Feature::Mmp,
