@@ -7,7 +7,10 @@
 //! - `threads/null_4k_xN`: N threads each doing sync 4 KiB reads of one file on the
 //!   null device; the time is per read of each thread (so with no shared hot spot
 //!   and N free cores, N threads take as long per read as one). Throughput is
-//!   reads per second over all threads.
+//!   reads per second over all threads. With `DIO_BENCH_THREAD_CPU=1` the time is
+//!   each thread's CPU time instead (getrusage RUSAGE_THREAD): on a loaded machine
+//!   that still shows a shared hot spot (the cost per read grows with threads)
+//!   without counting the time other processes took the cores.
 //! - `read_64m_copy` vs `memcpy_64m`: a 64 MiB sequential read through the RAM device
 //!   (the device copies) against a plain memcpy of the same size.
 
@@ -74,6 +77,7 @@ fn threaded(c: &mut Criterion) {
     let f = file(MemDeviceConfig::new(size, 512).null().without_stats(), size);
     let mut g = c.benchmark_group("threads");
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cpu_time = std::env::var_os("DIO_BENCH_THREAD_CPU").is_some_and(|v| v == "1");
     for n in [1usize, 2, 4] {
         g.throughput(Throughput::Elements(n as u64));
         g.bench_function(format!("null_4k_x{n}"), |b| {
@@ -87,12 +91,16 @@ fn threaded(c: &mut Criterion) {
                                 let mut buf = AlignedBuf::new(4096, 4096);
                                 let mut off = t as u64 * (size / n as u64);
                                 start.wait();
-                                let t0 = std::time::Instant::now();
+                                let (t0, c0) = (std::time::Instant::now(), thread_cpu());
                                 for _ in 0..iters {
                                     off = (off + 4096) % size;
                                     f.read_at(off, &mut buf, Flags::NONE).unwrap();
                                 }
-                                t0.elapsed()
+                                if cpu_time {
+                                    thread_cpu() - c0
+                                } else {
+                                    t0.elapsed()
+                                }
                             })
                         })
                         .collect();
@@ -106,6 +114,12 @@ fn threaded(c: &mut Criterion) {
         }
     }
     g.finish();
+}
+
+/// The calling thread's CPU time (user + system).
+fn thread_cpu() -> std::time::Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    std::time::Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
 }
 
 criterion_group!(benches, null_requests, threaded, copy_bandwidth, unaligned);

@@ -3,42 +3,11 @@
 //! (i_dio_count), and the block-range lock that serialises writes which share a
 //! partly written fs block. No I/O happens here.
 
-use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Shards of the in-flight count: each thread counts in on its own (cache line), so
-/// threads doing I/O on one file do not all write one line. A power of two.
-const DIO_SHARDS: usize = 8;
-
-/// One shard of the in-flight count, alone on its cache lines (128 bytes: the
-/// adjacent-line prefetcher pairs 64-byte lines). It wraps: a call may end on
-/// another thread (shard) than it began; only the sum means anything.
-#[derive(Debug, Default)]
-#[repr(align(128))]
-struct DioShard(AtomicU64);
-
-/// The shard of the calling thread (threads take shards round robin).
-#[inline]
-fn dio_shard() -> usize {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    thread_local! {
-        static SHARD: Cell<usize> = const { Cell::new(usize::MAX) };
-    }
-    SHARD
-        .try_with(|s| {
-            let mut i = s.get();
-            if i == usize::MAX {
-                i = NEXT.fetch_add(1, Ordering::Relaxed) % DIO_SHARDS;
-                s.set(i);
-            }
-            i
-        })
-        .unwrap_or(0)
 }
 
 /// State of one open file.
@@ -46,9 +15,7 @@ fn dio_shard() -> usize {
 pub struct FileState {
     size: AtomicU64,
     file_lock: FileLock,
-    /// Direct I/O in flight (i_dio_count), sharded: see [`FileState::try_dio_begin`]
-    /// and [`FileState::dio_count`].
-    dio_count: [DioShard; DIO_SHARDS],
+    dio_count: AtomicU64,
     dio_waiters: AtomicU64,
     dio_zero: Mutex<()>,
     dio_zero_cv: Condvar,
@@ -65,7 +32,7 @@ impl FileState {
         FileState {
             size: AtomicU64::new(size),
             file_lock: FileLock::default(),
-            dio_count: Default::default(),
+            dio_count: AtomicU64::new(0),
             dio_waiters: AtomicU64::new(0),
             dio_zero: Mutex::new(()),
             dio_zero_cv: Condvar::new(),
@@ -111,20 +78,9 @@ impl FileState {
         &self.file_lock
     }
 
-    /// Direct I/O requests in flight on this file: the sum of the shards.
-    ///
-    /// The shards are read one after another, not at one instant, yet with the gate
-    /// closed ([`FileState::close_gate`]) a zero sum read by the truncating thread
-    /// means nothing is in flight: every call counted before the gate closed is
-    /// still +1 in the sum until it ends (its -1 may show on another shard, never
-    /// before its +1 does); a call that begins after the gate closed steps back on
-    /// the shard it counted in (+1 and -1 on one shard, in order, sum to 0 or +1,
-    /// never -1), and the only call that passes the closed gate is the truncating
-    /// thread's own, which cannot begin while that thread is busy summing.
+    /// Direct I/O requests in flight on this file.
     pub fn dio_count(&self) -> u64 {
-        self.dio_count
-            .iter()
-            .fold(0u64, |n, s| n.wrapping_add(s.0.load(Ordering::SeqCst)))
+        self.dio_count.load(Ordering::Acquire)
     }
 
     /// Count a direct I/O in, before it samples i_size or maps a block. While a
@@ -136,17 +92,13 @@ impl FileState {
     ///
     /// The count goes up before the gate is checked, and truncate closes the gate
     /// before it checks the count (both SeqCst): either truncate waits for this I/O,
-    /// or this I/O sees the gate and steps back. The count is the calling thread's
-    /// shard, and the gate flag is read-mostly: threads doing I/O on one file share
-    /// no line they write.
+    /// or this I/O sees the gate and steps back.
     ///
     /// The truncating thread itself passes: it reaches here only from a completion
     /// callback run while truncate drains, and truncate then drains this call too.
     #[inline]
     pub(crate) fn try_dio_begin(&self) -> Begin {
-        self.dio_count[dio_shard()]
-            .0
-            .fetch_add(1, Ordering::SeqCst);
+        self.dio_count.fetch_add(1, Ordering::SeqCst);
         if !self.truncating.load(Ordering::SeqCst) {
             return Begin::Counted;
         }
@@ -197,15 +149,12 @@ impl FileState {
 
     #[inline]
     pub(crate) fn dio_end(&self) {
-        // A waiter registers before it sums the count, and we check for waiters
-        // after our shard drops (both SeqCst): one of us sees the other. Taking the
-        // mutex orders the wakeup after the waiter went to sleep. With shards, no
-        // one shard tells that the sum reached zero: any end wakes a waiter, which
-        // sums again (waiters are rare: truncate, on interrupt-driven devices).
-        self.dio_count[dio_shard()]
-            .0
-            .fetch_sub(1, Ordering::SeqCst);
-        if self.dio_waiters.load(Ordering::SeqCst) > 0 {
+        // A waiter registers before it checks the count, and we check for waiters
+        // after the count drops (both SeqCst): one of us sees the other. Taking the
+        // mutex orders the wakeup after the waiter went to sleep.
+        if self.dio_count.fetch_sub(1, Ordering::SeqCst) == 1
+            && self.dio_waiters.load(Ordering::SeqCst) > 0
+        {
             self.wake_dio_waiters();
         }
     }
@@ -220,7 +169,7 @@ impl FileState {
     pub fn wait_dio_zero(&self) {
         let mut g = lock(&self.dio_zero);
         self.dio_waiters.fetch_add(1, Ordering::SeqCst);
-        while self.dio_count() != 0 {
+        while self.dio_count.load(Ordering::SeqCst) != 0 {
             g = self.dio_zero_cv.wait(g).unwrap_or_else(|e| e.into_inner());
         }
         self.dio_waiters.fetch_sub(1, Ordering::SeqCst);
