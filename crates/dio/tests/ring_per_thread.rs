@@ -86,10 +86,12 @@ fn threads_read_and_write_one_file_each_on_its_own_ring() {
     let file = raw.direct().clone();
     let all_done = Arc::new(Barrier::new(THREADS as usize + 1));
     let checked = Arc::new(Barrier::new(THREADS as usize + 1));
+    let counted = Arc::new(Barrier::new(THREADS as usize + 1));
     let handles: Vec<_> = (0..THREADS)
         .map(|t| {
             let file = file.clone();
             let (all_done, checked) = (Arc::clone(&all_done), Arc::clone(&checked));
+            let counted = Arc::clone(&counted);
             thread::spawn(move || {
                 // Each thread owns the blocks b with b % THREADS == t; it rewrites
                 // them over several rounds, reading each back at once, in an order
@@ -119,6 +121,8 @@ fn threads_read_and_write_one_file_each_on_its_own_ring() {
                     );
                 }
                 checked.wait();
+                // Alive (ring held) until the rings are counted.
+                counted.wait();
             })
         })
         .collect();
@@ -126,6 +130,7 @@ fn threads_read_and_write_one_file_each_on_its_own_ring() {
     checked.wait();
     // The opener's ring and one per worker.
     assert_eq!(dev.rings(), THREADS as usize + 1);
+    counted.wait();
     for h in handles {
         h.join().unwrap();
     }
