@@ -3,7 +3,6 @@
 //! (i_dio_count), and the block-range lock that serialises writes which share a
 //! partly written fs block. No I/O happens here.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 
@@ -355,8 +354,9 @@ impl std::fmt::Debug for GateState {
 /// Every write takes one (the fs-block-rounded range of the write), so with many
 /// writes in flight the held set is large: it is kept ordered by start, and as held
 /// ranges never overlap (and are never empty), the only held range that can
-/// overlap `[start, end)` is the one with the greatest start below `end`. A lock or
-/// unlock costs O(log n) under the mutex, not a scan of every range in flight.
+/// overlap `[start, end)` is the one with the greatest start below `end`: a binary
+/// search under the mutex, not a scan of every range in flight. (A sorted vector,
+/// not a tree: it keeps its capacity, so a lock allocates nothing.)
 #[derive(Debug, Default)]
 pub(crate) struct RangeLock {
     held: Mutex<Ranges>,
@@ -365,8 +365,8 @@ pub(crate) struct RangeLock {
 
 #[derive(Default)]
 struct Ranges {
-    /// Held ranges: start -> end.
-    held: BTreeMap<u64, u64>,
+    /// Held ranges (start, end), ordered by start.
+    held: Vec<(u64, u64)>,
     /// Threads waiting for a range: only then does a release need a wakeup.
     waiters: usize,
     /// Async calls waiting for a range, started again at the next release.
@@ -393,10 +393,14 @@ fn nonempty(start: u64, end: u64) -> (u64, u64) {
 impl Ranges {
     #[inline]
     fn overlaps(&self, start: u64, end: u64) -> bool {
-        self.held
-            .range(..end)
-            .next_back()
-            .is_some_and(|(_, &e)| e > start)
+        let below = self.held.partition_point(|&(s, _)| s < end);
+        below > 0 && self.held[below - 1].1 > start
+    }
+
+    #[inline]
+    fn insert(&mut self, start: u64, end: u64) {
+        let at = self.held.partition_point(|&(s, _)| s < start);
+        self.held.insert(at, (start, end));
     }
 }
 
@@ -410,7 +414,7 @@ impl RangeLock {
             g = self.released.wait(g).unwrap_or_else(|e| e.into_inner());
             g.waiters -= 1;
         }
-        g.held.insert(start, end);
+        g.insert(start, end);
     }
 
     /// Lock `[start, end)` if no overlapping range is held.
@@ -420,7 +424,7 @@ impl RangeLock {
         if g.overlaps(start, end) {
             return false;
         }
-        g.held.insert(start, end);
+        g.insert(start, end);
         true
     }
 
@@ -442,8 +446,9 @@ impl RangeLock {
     pub(crate) fn unlock(&self, start: u64, end: u64) {
         let (start, end) = nonempty(start, end);
         let mut g = lock(&self.held);
-        if g.held.get(&start) == Some(&end) {
-            g.held.remove(&start);
+        let at = g.held.partition_point(|&(s, _)| s < start);
+        if g.held.get(at) == Some(&(start, end)) {
+            g.held.remove(at);
         }
         let wake = g.waiters > 0;
         let parked = std::mem::take(&mut g.parked);
