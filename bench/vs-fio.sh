@@ -5,11 +5,16 @@
 # workload it prints the median of the pairwise ratios dio/fio for IOPS, bandwidth
 # and CPU per I/O (above 1 means dio does more I/O, or spends more CPU per I/O).
 #
+# With JOBS=N both run N jobs at once: dio bench --jobs N (a thread and a ring per
+# job) against fio --numjobs=N --group_reporting; CPU per I/O then compares the
+# whole process's CPU (dio) with the sum over fio's jobs.
+#
 # Usage: bench/vs-fio.sh [TARGET]
 #   TARGET   file or block device (default: target/vs-fio/bench.dat in this repo,
 #            created and laid out by the first dio run). Write workloads on a block
 #            device run only with ALLOW_WRITE=1 (they destroy its data).
 # Environment: RUNTIME (seconds per run, 3), PAIRS (3), SIZE (256M), ENGINE (uring),
+#   JOBS (1),
 #   WORKLOADS ("randread:4k:32 randwrite:4k:32 read:1M:8 write:1M:8"),
 #   DIO (the dio binary; default: target/release/dio, built if missing),
 #   FIXEDBUFS=1 (registered buffers on both sides: dio --fixed-bufs, fio --fixedbufs).
@@ -21,6 +26,7 @@ RUNTIME=${RUNTIME:-3}
 PAIRS=${PAIRS:-3}
 SIZE=${SIZE:-256M}
 ENGINE=${ENGINE:-uring}
+JOBS=${JOBS:-1}
 WORKLOADS=${WORKLOADS:-"randread:4k:32 randwrite:4k:32 read:1M:8 write:1M:8"}
 DIO_FIXED=(); FIO_FIXED=()
 if [ "${FIXEDBUFS:-0}" = 1 ]; then DIO_FIXED=(--fixed-bufs); FIO_FIXED=(--fixedbufs=1); fi
@@ -67,7 +73,9 @@ dio_numbers() {
   fi
 }
 
-# The same for fio's --output-format=json (one job; reads and writes added).
+# The same for fio's --output-format=json (one job, or the group of --numjobs with
+# --group_reporting; reads and writes added). fio's CPU of a group is the mean per
+# job: times the jobs, it is the process's, in percent of one core, as dio's is.
 fio_numbers() {
   if [ "$PARSER" = python3 ]; then
     python3 -c '
@@ -77,15 +85,15 @@ j = json.loads(text[text.index("{"):])  # fio may print notes before the JSON
 job = j["jobs"][0]
 iops = job["read"]["iops"] + job["write"]["iops"]
 bw = job["read"]["bw_bytes"] + job["write"]["bw_bytes"]
-print(iops, bw, job["usr_cpu"] + job["sys_cpu"])' "$1"
+print(iops, bw, (job["usr_cpu"] + job["sys_cpu"]) * int(sys.argv[2]))' "$1" "$JOBS"
   else
-    sed -n '/^{/,$p' "$1" | jq -r '.jobs[0] | "\(.read.iops + .write.iops) \(.read.bw_bytes + .write.bw_bytes) \(.usr_cpu + .sys_cpu)"'
+    sed -n '/^{/,$p' "$1" | jq -r --argjson n "$JOBS" '.jobs[0] | "\(.read.iops + .write.iops) \(.read.bw_bytes + .write.bw_bytes) \((.usr_cpu + .sys_cpu) * $n)"'
   fi
 }
 
 median() { sort -g | awk '{v[NR]=$1} END {if (NR==0) print "nan"; else if (NR%2) print v[(NR+1)/2]; else print (v[NR/2]+v[NR/2+1])/2}'; }
 
-echo "vs-fio: $TARGET, $SIZE, $RUNTIME s per run, $PAIRS pairs per workload, dio engine $ENGINE, fio io_uring" >&2
+echo "vs-fio: $TARGET, $SIZE, $RUNTIME s per run, $PAIRS pairs per workload, $JOBS job(s), dio engine $ENGINE, fio io_uring" >&2
 printf '%-18s %12s %12s %12s %14s %14s\n' workload "IOPS dio/fio" "BW dio/fio" "CPU/IO d/f" "dio IOPS" "fio IOPS" >"$WORK/table"
 
 for spec in $WORKLOADS; do
@@ -98,14 +106,15 @@ for spec in $WORKLOADS; do
       fi ;;
   esac
   label="$rw $bs qd$qd"
+  [ "$JOBS" = 1 ] || label="$label x$JOBS"
   : >"$WORK/ratios"
   for pair in $(seq 1 "$PAIRS"); do
     "$DIO" bench "$TARGET" --rw "$rw" --bs "$bs" --qd "$qd" --size "$SIZE" \
-      --runtime "$RUNTIME" --engine "$ENGINE" --json "${FORCE[@]}" "${DIO_FIXED[@]}" >"$WORK/dio.json" \
+      --runtime "$RUNTIME" --engine "$ENGINE" --jobs "$JOBS" --json "${FORCE[@]}" "${DIO_FIXED[@]}" >"$WORK/dio.json" \
       || die "dio bench failed ($label)"
     fio --name=vs-fio --filename="$TARGET" --size="$SIZE" --rw="$rw" --bs="$bs" \
       --iodepth="$qd" --runtime="$RUNTIME" --time_based --direct=1 --ioengine=io_uring \
-      --norandommap --randrepeat=0 "${FIO_FIXED[@]}" --output-format=json >"$WORK/fio.json" 2>"$WORK/fio.err" \
+      --norandommap --randrepeat=0 --numjobs="$JOBS" --group_reporting "${FIO_FIXED[@]}" --output-format=json >"$WORK/fio.json" 2>"$WORK/fio.err" \
       || die "fio failed ($label): $(cat "$WORK/fio.err")"
     read -r d_iops d_bw d_cpu < <(dio_numbers "$WORK/dio.json")
     read -r f_iops f_bw f_cpu < <(fio_numbers "$WORK/fio.json")

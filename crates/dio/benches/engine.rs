@@ -4,6 +4,13 @@
 //! - `null_4k` / `null_1m`: one aligned read through the engine to a null device
 //!   (no storage, no copy, no counters, completes inline): the engine's own cost per
 //!   request.
+//! - `threads/null_4k_xN`: N threads each doing sync 4 KiB reads of one file on the
+//!   null device; the time is per read of each thread (so with no shared hot spot
+//!   and N free cores, N threads take as long per read as one). Throughput is
+//!   reads per second over all threads. With `DIO_BENCH_THREAD_CPU=1` the time is
+//!   each thread's CPU time instead (getrusage RUSAGE_THREAD): on a loaded machine
+//!   that still shows a shared hot spot (the cost per read grows with threads)
+//!   without counting the time other processes took the cores.
 //! - `read_64m_copy` vs `memcpy_64m`: a 64 MiB sequential read through the RAM device
 //!   (the device copies) against a plain memcpy of the same size.
 
@@ -64,7 +71,58 @@ fn copy_bandwidth(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, null_requests, copy_bandwidth, unaligned);
+/// Sync 4 KiB reads from N threads at once on one file over the null device.
+fn threaded(c: &mut Criterion) {
+    let size = 1 << 30;
+    let f = file(MemDeviceConfig::new(size, 512).null().without_stats(), size);
+    let mut g = c.benchmark_group("threads");
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cpu_time = std::env::var_os("DIO_BENCH_THREAD_CPU").is_some_and(|v| v == "1");
+    for n in [1usize, 2, 4] {
+        g.throughput(Throughput::Elements(n as u64));
+        g.bench_function(format!("null_4k_x{n}"), |b| {
+            b.iter_custom(|iters| {
+                let start = std::sync::Barrier::new(n);
+                let times: Vec<_> = std::thread::scope(|s| {
+                    let hs: Vec<_> = (0..n)
+                        .map(|t| {
+                            let (f, start) = (&f, &start);
+                            s.spawn(move || {
+                                let mut buf = AlignedBuf::new(4096, 4096);
+                                let mut off = t as u64 * (size / n as u64);
+                                start.wait();
+                                let (t0, c0) = (std::time::Instant::now(), thread_cpu());
+                                for _ in 0..iters {
+                                    off = (off + 4096) % size;
+                                    f.read_at(off, &mut buf, Flags::NONE).unwrap();
+                                }
+                                if cpu_time {
+                                    thread_cpu() - c0
+                                } else {
+                                    t0.elapsed()
+                                }
+                            })
+                        })
+                        .collect();
+                    hs.into_iter().map(|h| h.join().unwrap()).collect()
+                });
+                times.into_iter().max().unwrap()
+            })
+        });
+        if n >= cores {
+            break;
+        }
+    }
+    g.finish();
+}
+
+/// The calling thread's CPU time (user + system).
+fn thread_cpu() -> std::time::Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    std::time::Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
+}
+
+criterion_group!(benches, null_requests, threaded, copy_bandwidth, unaligned);
 criterion_main!(benches);
 
 /// Byte-granular cost: a 1 MiB read at offset 100 (head and tail bounced, the

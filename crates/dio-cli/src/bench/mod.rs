@@ -23,7 +23,7 @@ use std::time::Duration;
 use clap::Args;
 use dio::nbd::NbdFile;
 use dio::nbd::{NbdConfig, NbdUri};
-use dio::{AlignedBuf, DioFuture, Flags};
+use dio::{AlignedBuf, DioFuture, DirectFile, Flags};
 use dio::{RawFile, RawOptions};
 use serde_json::{json, Value};
 
@@ -54,6 +54,12 @@ pub struct BenchArgs {
     /// I/Os kept in flight [default: 32 for rand*, 8 for read/write].
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub qd: Option<u32>,
+    /// Jobs (threads) running the workload at once, each with --qd in flight and,
+    /// on io_uring, a ring of its own (fio's --numjobs with --group_reporting): one
+    /// combined report, per-job figures in --json. CPU is the whole process's, in
+    /// percent of one core. With --buffered: --qd threads per job.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub jobs: u32,
     /// Bytes of the target to use [default: the file's size, else 256M].
     #[arg(long, value_parser = parse_size)]
     pub size: Option<u64>,
@@ -64,7 +70,7 @@ pub struct BenchArgs {
     #[arg(long, value_enum, default_value_t = Engine::Auto)]
     pub engine: Engine,
     /// Print one JSON object (iops, bw_bytes, lat_ns {p50, p99, p999}, cpu_usr,
-    /// cpu_sys) instead of text.
+    /// cpu_sys, and with --jobs a "jobs" array of the same per job) instead of text.
     #[arg(long)]
     pub json: bool,
     /// Measure the page cache instead (pread/pwrite, one thread per queue slot).
@@ -149,6 +155,11 @@ pub fn run(args: &BenchArgs) -> Result<(), Failure> {
             ));
         }
     }
+    if args.jobs > 1 && args.target.is_none() && args.rw.is_none() {
+        return Err(Failure::usage(
+            "--jobs runs one workload: give a target or --rw (the suite runs one job)",
+        ));
+    }
     catch_signals();
     match (&args.target, args.rw) {
         (None, None) => suite::suite(args),
@@ -202,8 +213,10 @@ fn prepare(
             create: lay_out_needed,
             backend: args.engine.backend(),
             queue_depth: ring_depth(qd),
-            // The bench submits and reaps on this thread only.
-            single_thread: true,
+            // One job submits and reaps on this thread only; several get a ring
+            // each, on their own threads.
+            single_thread: args.jobs <= 1,
+            ring_per_thread: args.jobs > 1,
             ..RawOptions::default()
         },
     )?;
@@ -378,9 +391,34 @@ fn single(path: &Path, args: &BenchArgs) -> Result<(), Failure> {
         runtime: runtime(args, 5.0),
         skew: args.skew,
     };
+    let mut jobs = Vec::new();
     let (mode, engine, report) = if args.buffered {
         let file = open_buffered(path, rw.is_write())?;
+        let w = Workload {
+            qd: w.qd.saturating_mul(args.jobs),
+            ..w
+        };
         ("buffered", "pread/pwrite", run::buffered(&file, &w, false)?)
+    } else if args.jobs > 1 {
+        let fixed = if args.fixed_bufs {
+            match &target {
+                Some(t) => Some(&t.raw),
+                None => {
+                    say("--fixed-bufs needs io_uring: ignored over NBD");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        run::check_bs(direct, &w)?;
+        let arena = run::arena_for(direct, &w, args.jobs);
+        run::register_fixed(fixed, &arena)?;
+        jobs = run_jobs(direct, &w, &arena, args.jobs)?;
+        let cpu = jobs.iter().map(|(_, cpu0)| *cpu0).next();
+        let reports: Vec<Report> = jobs.iter().map(|(r, _)| r.clone()).collect();
+        let combined = Report::combine(&reports, cpu.unwrap_or_default());
+        ("direct", backend, combined)
     } else {
         let fixed = if args.fixed_bufs {
             match &target {
@@ -411,6 +449,19 @@ fn single(path: &Path, args: &BenchArgs) -> Result<(), Failure> {
     }
     if args.json {
         let mut v = report_json(&w, &report);
+        v["numjobs"] = json!(args.jobs);
+        if !jobs.is_empty() {
+            v["jobs"] = Value::Array(
+                jobs.iter()
+                    .enumerate()
+                    .map(|(i, (r, _))| {
+                        let mut j = report_json(&w, r);
+                        j["job"] = json!(i);
+                        j
+                    })
+                    .collect(),
+            );
+        }
         v["target"] = json!(path.display().to_string());
         v["mode"] = json!(mode);
         v["engine"] = json!(engine);
@@ -442,10 +493,60 @@ fn single(path: &Path, args: &BenchArgs) -> Result<(), Failure> {
         r.cpu_sys,
         cpu_per_io_us(r),
     ))?;
+    if !jobs.is_empty() {
+        let per_job: Vec<String> = jobs
+            .iter()
+            .map(|(r, _)| {
+                format!(
+                    "{:.0} IOPS, p99 {:.1} us, cpu {:.0}%",
+                    r.iops(),
+                    us(r.lat.quantile(0.99)),
+                    r.cpu_usr + r.cpu_sys
+                )
+            })
+            .collect();
+        print(&format!(
+            "  jobs       {} x qd{}: {}\n",
+            args.jobs,
+            w.qd,
+            per_job.join("; ")
+        ))?;
+    }
     if let Some(p) = &args.plot {
         print(&format!("plot: {}\n", p.display()))?;
     }
     Ok(())
+}
+
+/// Run `w` in `n` jobs at once, each on its own thread (and ring), started together;
+/// each job's report with the process CPU time taken just before the start.
+fn run_jobs(
+    file: &DirectFile,
+    w: &Workload,
+    arena: &std::sync::Arc<dio::BufArena>,
+    n: u32,
+) -> Result<Vec<(Report, cpu::CpuTime)>, Failure> {
+    let start = std::sync::Barrier::new(n as usize + 1);
+    let results: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..n)
+            .map(|j| {
+                let start = &start;
+                s.spawn(move || {
+                    start.wait();
+                    run::direct_job(file, w, arena, 0x5eed + u64::from(j) * 0x1000_0001, true)
+                })
+            })
+            .collect();
+        let cpu0 = cpu::CpuTime::now();
+        start.wait();
+        handles.into_iter().map(|h| (h.join(), cpu0)).collect()
+    });
+    let mut out = Vec::new();
+    for (r, cpu0) in results {
+        let r = r.map_err(|_| Failure::msg("a bench job panicked"))??;
+        out.push((r, cpu0));
+    }
+    Ok(out)
 }
 
 /// CPU microseconds spent per I/O.

@@ -86,11 +86,44 @@ pub struct Report {
 impl Report {
     /// What `ios` I/Os of `bs` bytes measured, timed from `t0` and `cpu0` to now.
     fn since(t0: Instant, cpu0: CpuTime, ios: u64, bs: u64, lat: Histogram) -> Report {
+        Report::between(t0, cpu0, CpuTime::now(), ios, bs, lat)
+    }
+
+    /// The same, with the CPU time at the end given (a thread's, or the process's).
+    fn between(
+        t0: Instant,
+        cpu0: CpuTime,
+        cpu1: CpuTime,
+        ios: u64,
+        bs: u64,
+        lat: Histogram,
+    ) -> Report {
         let elapsed = t0.elapsed();
-        let (cpu_usr, cpu_sys) = cpu0.percent_until(&CpuTime::now(), elapsed);
+        let (cpu_usr, cpu_sys) = cpu0.percent_until(&cpu1, elapsed);
         Report {
             ios,
             bytes: ios * bs,
+            elapsed,
+            lat,
+            cpu_usr,
+            cpu_sys,
+        }
+    }
+
+    /// The jobs' reports as one (fio's group reporting): I/Os and bytes added,
+    /// latencies merged, over the longest job's time; CPU of the whole process
+    /// from `cpu0` to now (percent of one core: above 100 with several busy).
+    pub fn combine(jobs: &[Report], cpu0: CpuTime) -> Report {
+        let cpu1 = CpuTime::now();
+        let elapsed = jobs.iter().map(|r| r.elapsed).max().unwrap_or_default();
+        let mut lat = Histogram::default();
+        for r in jobs {
+            lat.merge(&r.lat);
+        }
+        let (cpu_usr, cpu_sys) = cpu0.percent_until(&cpu1, elapsed);
+        Report {
+            ios: jobs.iter().map(|r| r.ios).sum(),
+            bytes: jobs.iter().map(|r| r.bytes).sum(),
             elapsed,
             lat,
             cpu_usr,
@@ -242,6 +275,14 @@ impl Inbox {
 /// Run `w` through dio on `file`; with `fixed`, the buffers are registered with
 /// that file's io_uring ring first.
 pub fn direct(file: &DirectFile, w: &Workload, fixed: Option<&RawFile>) -> Result<Report, Failure> {
+    check_bs(file, w)?;
+    let arena = arena_for(file, w, 1);
+    register_fixed(fixed, &arena)?;
+    direct_job(file, w, &arena, 0x5eed, false)
+}
+
+/// The block size must be a multiple of the device's logical block.
+pub fn check_bs(file: &DirectFile, w: &Workload) -> Result<(), Failure> {
     let geo = file.geometry();
     if w.bs % u64::from(geo.logical_block) != 0 {
         return Err(Failure::usage(format!(
@@ -249,14 +290,54 @@ pub fn direct(file: &DirectFile, w: &Workload, fixed: Option<&RawFile>) -> Resul
             w.bs, geo.logical_block
         )));
     }
+    Ok(())
+}
+
+/// I/Os one job keeps in flight: the queue depth, but no more than there are blocks.
+fn job_depth(w: &Workload) -> u64 {
+    u64::from(w.qd).min((w.span / w.bs).max(1))
+}
+
+/// One arena for the buffers of `jobs` jobs (one registration covers them all).
+/// A skewed run places its data at the offset's phase within a page, so the
+/// aligned middle of each request goes straight from (to) it.
+pub fn arena_for(file: &DirectFile, w: &Workload, jobs: u32) -> Arc<BufArena> {
+    let phase = (w.skew % 4096) as usize;
+    let slots = job_depth(w) as usize * jobs.max(1) as usize;
+    BufArena::new(slots, phase + w.bs as usize, file.geometry().buffer_align())
+}
+
+/// Register `arena` with the io_uring ring(s) of `fixed`, if given.
+pub fn register_fixed(fixed: Option<&RawFile>, arena: &Arc<BufArena>) -> Result<(), Failure> {
+    if let Some(raw) = fixed {
+        let registered = raw
+            .register_arena(arena)
+            .map_err(|e| Failure::msg(format!("--fixed-bufs: {e}")))?;
+        if !registered {
+            crate::fail::say("--fixed-bufs needs io_uring: ignored on this back end");
+        }
+    }
+    Ok(())
+}
+
+/// One job: `w` through dio on `file`, buffers from `arena` (`w.qd` of its slots),
+/// offsets from `seed`; CPU of this thread only with `thread_cpu` (a job among
+/// several), else of the process.
+pub fn direct_job(
+    file: &DirectFile,
+    w: &Workload,
+    arena: &Arc<BufArena>,
+    seed: u64,
+    thread_cpu: bool,
+) -> Result<Report, Failure> {
     let polled = file.device().completion_mode() == CompletionMode::Polled;
     let inbox = Arc::new(Inbox::default());
-    let mut offsets = Offsets::new(w, 0x5eed);
+    let mut offsets = Offsets::new(w, seed);
     // Two writes to one block must not be in flight at once: the engine would make
     // the second wait (a range lock) in this very thread, which also has to reap
     // the first one's completion when the device is polled. Draw again instead, as
     // often as needed: with no more I/Os in flight than blocks, one is free.
-    let qd = u64::from(w.qd).min((w.span / w.bs).max(1));
+    let qd = job_depth(w);
     let mut busy = Busy::new(w.span / w.bs + 1, w.bs);
     let mut next_offset = |busy: &mut Busy| loop {
         let off = offsets.next_offset();
@@ -295,24 +376,16 @@ pub fn direct(file: &DirectFile, w: &Workload, fixed: Option<&RawFile>) -> Resul
     let mut failure: Option<Failure> = None;
     let mut in_flight = 0u32;
     let mut ios = 0u64;
-    let cpu0 = CpuTime::now();
+    let phase = (w.skew % 4096) as usize;
+    let cpu0 = if thread_cpu {
+        CpuTime::thread()
+    } else {
+        CpuTime::now()
+    };
     let t0 = Instant::now();
     let deadline = t0 + w.runtime;
-    // One arena holds every buffer: one registration covers them all.
-    // A skewed run places its data at the offset's phase within a page, so the
-    // aligned middle of each request goes straight from (to) it.
-    let phase = (w.skew % 4096) as usize;
-    let arena = BufArena::new(qd as usize, phase + w.bs as usize, geo.buffer_align());
-    if let Some(raw) = fixed {
-        let registered = raw
-            .register_arena(&arena)
-            .map_err(|e| Failure::msg(format!("--fixed-bufs: {e}")))?;
-        if !registered {
-            crate::fail::say("--fixed-bufs needs io_uring: ignored on this back end");
-        }
-    }
     for i in 0..qd {
-        let slot = arena.take().expect("one slot per queue entry");
+        let slot = arena.take().expect("one arena slot per queue entry");
         let mut buf = Window::new(slot, phase, w.bs as usize).expect("the window fits");
         if w.rw.is_write() {
             pattern(buf.as_mut_slice(), i + 1);
@@ -355,7 +428,12 @@ pub fn direct(file: &DirectFile, w: &Workload, fixed: Option<&RawFile>) -> Resul
             }
         }
     }
-    let report = Report::since(t0, cpu0, ios, w.bs, lat);
+    let cpu1 = if thread_cpu {
+        CpuTime::thread()
+    } else {
+        CpuTime::now()
+    };
+    let report = Report::between(t0, cpu0, cpu1, ios, w.bs, lat);
     match failure {
         Some(f) => Err(f),
         None => Ok(report),

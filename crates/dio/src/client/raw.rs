@@ -51,6 +51,11 @@ pub struct RawOptions {
     /// run), which saves interrupts and wakeups per I/O. Calls from other threads
     /// fail (EEXIST).
     pub single_thread: bool,
+    /// A ring per submitting thread (io_uring back end): N threads doing I/O on
+    /// this file share no ring and no lock, each reaping its own completions (see
+    /// [`UringConfig::ring_per_thread`]). A thread waits only for its own calls.
+    /// Overrides `single_thread`.
+    pub ring_per_thread: bool,
 }
 
 impl Default for RawOptions {
@@ -64,6 +69,7 @@ impl Default for RawOptions {
             iopoll: false,
             sqpoll: false,
             single_thread: false,
+            ring_per_thread: false,
         }
     }
 }
@@ -130,6 +136,7 @@ fn choose_device(
         iopoll: opts.iopoll,
         sqpoll: opts.sqpoll,
         single_issuer: opts.single_thread,
+        ring_per_thread: opts.ring_per_thread,
         ..UringConfig::default()
     };
     let dup = file

@@ -9,14 +9,23 @@
 //! with the iovec array the kernel reads; the slab and both queues sit behind one
 //! mutex that is never held across a blocking wait or a completion callback.
 //!
+//! With [`UringConfig::ring_per_thread`] every thread that submits gets a ring of its
+//! own (single issuer, deferred task run, the file registered with it), made at its
+//! first request and kept in a thread-local table keyed by the device: the submit and
+//! reap paths take no lock another thread takes (each ring's mutex is its thread's
+//! alone), and a thread reaps, and runs the callbacks of, only the requests it
+//! submitted. A thread that exits drains and releases its rings; a ring is never
+//! dropped with requests in flight (they own memory the kernel writes).
+//!
 //! It knows nothing of files, block maps or the engine: it moves device ranges.
 
+use std::cell::RefCell;
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -60,6 +69,12 @@ pub struct UringConfig {
     /// the interrupts and wakeups of the default mode. Only for a device used from
     /// the thread that opened it; ignored with a reaper thread or SQPOLL.
     pub single_issuer: bool,
+    /// A ring per submitting thread (see the module docs): N threads doing I/O on
+    /// one file share no lock and no ring. Each thread reaps only what it submitted,
+    /// so a thread must not wait for another thread's I/O (the engine's waits poll
+    /// the waiting thread's own ring). Completions are polled; a reaper thread,
+    /// SQPOLL and IOPOLL are ignored with a note.
+    pub ring_per_thread: bool,
 }
 
 impl Default for UringConfig {
@@ -71,6 +86,7 @@ impl Default for UringConfig {
             iopoll: false,
             registered_file: true,
             single_issuer: false,
+            ring_per_thread: false,
         }
     }
 }
@@ -95,6 +111,8 @@ struct State {
     fixed_bufs: Vec<(usize, usize)>,
     /// The arena whose memory is registered, kept alive as long as that lasts.
     fixed_owner: Option<Arc<BufArena>>,
+    /// Per-thread rings: the generation of the device's registration applied here.
+    fixed_gen: u64,
 }
 
 // SAFETY: the raw pointers in the iovecs point into request memory whose owner
@@ -105,7 +123,7 @@ unsafe impl Send for State {}
 struct Inner {
     ring: IoUring,
     /// Keeps the descriptor open as long as the ring may use it.
-    file: File,
+    file: Arc<File>,
     fixed_file: bool,
     geometry: Geometry,
     state: Mutex<State>,
@@ -122,6 +140,9 @@ struct Inner {
     iopoll: bool,
     ext_arg: bool,
     stop: AtomicBool,
+    /// Per-thread rings: the device's buffer registration, which each ring's thread
+    /// applies to its ring itself (only the issuer may register).
+    fixed_set: Option<Arc<FixedSet>>,
 }
 
 /// A completed request and its result, delivered after the lock is dropped.
@@ -129,13 +150,213 @@ type Batch = Vec<(Request, io::Result<()>)>;
 
 /// An `O_DIRECT` file or block device driven through io_uring. See the module docs.
 pub struct UringDevice {
-    inner: Arc<Inner>,
+    rings: Rings,
     mode: CompletionMode,
     reaper: Option<thread::JoinHandle<()>>,
     notes: Vec<String>,
 }
 
+/// One ring for every thread, or one ring per thread.
+enum Rings {
+    Shared(Arc<Inner>),
+    PerThread(Arc<PerThread>),
+}
+
+/// A device's buffer registration in per-thread mode: each ring's thread applies it
+/// to its own ring at its next request (generation `gen`).
+#[derive(Default)]
+struct FixedSet {
+    gen: AtomicU64,
+    bufs: Mutex<FixedBufs>,
+    /// Fixed-buffer requests of rings already released.
+    retired: AtomicU64,
+}
+
+#[derive(Default, Clone)]
+struct FixedBufs {
+    /// (start address, length) of each buffer.
+    ranges: Vec<(usize, usize)>,
+    /// The arena whose memory it is, kept alive while registered.
+    owner: Option<Arc<BufArena>>,
+}
+
+/// The per-thread mode's device: what its rings share (read-mostly) and the list of
+/// rings, which is locked only when a thread adds a ring and by whole-device queries.
+struct PerThread {
+    id: u64,
+    file: Arc<File>,
+    geometry: Geometry,
+    depth: u32,
+    /// Rings are single-issuer with deferred task run (the kernel accepted it).
+    defer: bool,
+    registered_file: bool,
+    fixed: Arc<FixedSet>,
+    /// Set when the device drops: other threads' idle rings of it are released at
+    /// their thread's next ring setup or exit.
+    gone: Arc<AtomicBool>,
+    rings: Mutex<Vec<Weak<Inner>>>,
+}
+
+/// Device ids for the thread-local ring tables (never reused).
+static NEXT_DEVICE: AtomicU64 = AtomicU64::new(1);
+
+/// One thread's ring for one device, in that thread's table.
+struct LocalRing {
+    device: u64,
+    gone: Arc<AtomicBool>,
+    ring: Arc<Inner>,
+}
+
+impl Drop for LocalRing {
+    fn drop(&mut self) {
+        // Requests in flight own memory the kernel may still write: complete them
+        // first (this thread is the ring's issuer, the only one that can reap it).
+        if !self.ring.drain() {
+            // The ring keeps failing: leak it, with what it holds, rather than free
+            // memory the kernel may write.
+            std::mem::forget(Arc::clone(&self.ring));
+            return;
+        }
+        self.ring.release();
+        if let Some(set) = &self.ring.fixed_set {
+            set.retired.fetch_add(
+                self.ring.fixed_requests.load(Ordering::Relaxed),
+                Ordering::Relaxed,
+            );
+        }
+    }
+}
+
+thread_local! {
+    /// This thread's rings, one per per-thread device it has used. Dropped (each
+    /// ring drained, then closed) when the thread exits.
+    static RINGS: RefCell<Vec<LocalRing>> = const { RefCell::new(Vec::new()) };
+}
+
+impl PerThread {
+    /// This thread's ring, made at its first request. `ESHUTDOWN` while the thread
+    /// is exiting (its table is being torn down).
+    #[inline]
+    fn local(self: &Arc<Self>) -> io::Result<Arc<Inner>> {
+        let found = RINGS.try_with(|t| {
+            t.borrow()
+                .iter()
+                .find(|l| l.device == self.id)
+                .map(|l| Arc::clone(&l.ring))
+        });
+        match found {
+            Ok(Some(ring)) => Ok(ring),
+            Ok(None) => self.add_ring(),
+            Err(_) => Err(errno(libc::ESHUTDOWN)),
+        }
+    }
+
+    /// This thread's ring if it has one (no setup).
+    fn existing(&self) -> Option<Arc<Inner>> {
+        RINGS
+            .try_with(|t| {
+                t.borrow()
+                    .iter()
+                    .find(|l| l.device == self.id)
+                    .map(|l| Arc::clone(&l.ring))
+            })
+            .ok()
+            .flatten()
+    }
+
+    #[cold]
+    fn add_ring(self: &Arc<Self>) -> io::Result<Arc<Inner>> {
+        let ring = build_ring(self.depth, false, false, self.defer)?;
+        let fixed_file = self.registered_file
+            && ring
+                .submitter()
+                .register_files(&[self.file.as_raw_fd()])
+                .is_ok();
+        let inner = Arc::new(Inner::from_ring(
+            ring,
+            Arc::clone(&self.file),
+            self.geometry,
+            self.defer,
+            false,
+            fixed_file,
+            Some(Arc::clone(&self.fixed)),
+        ));
+        self.adopt(Arc::clone(&inner))?;
+        Ok(inner)
+    }
+
+    /// Put `ring` (made on this thread) in this thread's table and the device's list;
+    /// release this thread's rings of dropped devices on the way.
+    fn adopt(&self, ring: Arc<Inner>) -> io::Result<()> {
+        {
+            let mut list = lock_any(&self.rings);
+            list.retain(|w| w.strong_count() > 0);
+            list.push(Arc::downgrade(&ring));
+        }
+        let stale = RINGS
+            .try_with(|t| {
+                let mut t = t.borrow_mut();
+                t.push(LocalRing {
+                    device: self.id,
+                    gone: Arc::clone(&self.gone),
+                    ring,
+                });
+                let (stale, keep): (Vec<_>, Vec<_>) =
+                    t.drain(..).partition(|l| l.gone.load(Ordering::Acquire));
+                *t = keep;
+                stale
+            })
+            .map_err(|_| errno(libc::ESHUTDOWN))?;
+        // Drained and closed outside the borrow: their callbacks may submit.
+        drop(stale);
+        Ok(())
+    }
+
+    fn rings(&self) -> Vec<Arc<Inner>> {
+        lock_any(&self.rings)
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect()
+    }
+
+    /// Replace the registration; the calling thread's ring applies it at once (so
+    /// that the kernel's refusal comes back here), the others at their next request.
+    fn set_fixed(self: &Arc<Self>, bufs: FixedBufs) -> io::Result<()> {
+        {
+            let mut b = lock_any(&self.fixed.bufs);
+            *b = bufs;
+            self.fixed.gen.fetch_add(1, Ordering::AcqRel);
+        }
+        if bufs_empty(&self.fixed) {
+            if let Some(ring) = self.existing() {
+                let mut st = lock(&ring.state);
+                ring.sync_fixed(&mut st)?;
+            }
+            return Ok(());
+        }
+        let ring = self.local()?;
+        let r = {
+            let mut st = lock(&ring.state);
+            ring.sync_fixed(&mut st)
+        };
+        if r.is_err() {
+            // Refused here: no other ring tries it either.
+            *lock_any(&self.fixed.bufs) = FixedBufs::default();
+            self.fixed.gen.fetch_add(1, Ordering::AcqRel);
+        }
+        r
+    }
+}
+
+fn bufs_empty(set: &FixedSet) -> bool {
+    lock_any(&set.bufs).ranges.is_empty()
+}
+
 fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn lock_any<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -164,6 +385,9 @@ impl UringDevice {
     /// one, with a note (see [`UringDevice::notes`]).
     pub fn new(file: File, geometry: Geometry, cfg: &UringConfig) -> Result<UringDevice> {
         geometry.validate()?;
+        if cfg.ring_per_thread {
+            return UringDevice::per_thread(file, geometry, cfg);
+        }
         let depth = cfg.queue_depth.clamp(1, 32768);
         let mut notes = Vec::new();
         let mut ring = None;
@@ -215,37 +439,15 @@ impl UringDevice {
                 )),
             }
         }
-        let slots = ring.params().cq_entries().max(depth) as usize;
-        let ext_arg = ring.params().is_feature_ext_arg();
-        let inner = Arc::new(Inner {
-            ext_arg,
-            fixed_file,
-            geometry,
-            state: Mutex::new(State {
-                slots: (0..slots)
-                    .map(|_| Slot {
-                        req: None,
-                        len: 0,
-                        done: 0,
-                        retries: 0,
-                        iov: Vec::new(),
-                    })
-                    .collect(),
-                free: (0..slots as u32).rev().collect(),
-                fixed_bufs: Vec::new(),
-                fixed_owner: None,
-            }),
-            pending: AtomicUsize::new(0),
-            in_flight: AtomicUsize::new(0),
-            fixed_requests: AtomicU64::new(0),
-            sleepers: AtomicUsize::new(0),
-            iopoll,
-            defer,
-            owner: thread::current().id(),
-            stop: AtomicBool::new(false),
+        let inner = Arc::new(Inner::from_ring(
             ring,
-            file,
-        });
+            Arc::new(file),
+            geometry,
+            defer,
+            iopoll,
+            fixed_file,
+            None,
+        ));
         // A reaper thread would spin on an IOPOLL ring; busy polling is the caller's.
         let reaper = if cfg.reaper && !iopoll {
             let i = Arc::clone(&inner);
@@ -271,9 +473,74 @@ impl UringDevice {
             CompletionMode::Polled
         };
         Ok(UringDevice {
-            inner,
+            rings: Rings::Shared(inner),
             mode,
             reaper,
+            notes,
+        })
+    }
+
+    /// The per-thread mode: this thread's ring is made now (so that a kernel without
+    /// io_uring, or refusing single-issuer rings, is found at open), the others at
+    /// each thread's first request.
+    fn per_thread(file: File, geometry: Geometry, cfg: &UringConfig) -> Result<UringDevice> {
+        let depth = cfg.queue_depth.clamp(1, 32768);
+        let mut notes = Vec::new();
+        if cfg.reaper || cfg.sqpoll || cfg.iopoll {
+            notes.push(
+                "a ring per thread is polled by its own thread: reaper thread, SQPOLL and IOPOLL ignored"
+                    .into(),
+            );
+        }
+        let (ring, defer) = match build_ring(depth, false, false, true) {
+            Ok(r) => (r, true),
+            Err(e) => {
+                notes.push(format!(
+                    "single-issuer io_uring refused ({}): per-thread rings without deferred task run",
+                    describe(&e)
+                ));
+                let r = build_ring(depth, false, false, false)
+                    .map_err(|e| Error::os("io_uring setup", e))?;
+                (r, false)
+            }
+        };
+        let mut fixed_file = false;
+        if cfg.registered_file {
+            match ring.submitter().register_files(&[file.as_raw_fd()]) {
+                Ok(()) => fixed_file = true,
+                Err(e) => notes.push(format!(
+                    "io_uring file registration failed ({}): using the plain descriptor",
+                    describe(&e)
+                )),
+            }
+        }
+        let file = Arc::new(file);
+        let pt = Arc::new(PerThread {
+            id: NEXT_DEVICE.fetch_add(1, Ordering::Relaxed),
+            file: Arc::clone(&file),
+            geometry,
+            depth,
+            defer,
+            registered_file: fixed_file,
+            fixed: Arc::new(FixedSet::default()),
+            gone: Arc::new(AtomicBool::new(false)),
+            rings: Mutex::new(Vec::new()),
+        });
+        let inner = Arc::new(Inner::from_ring(
+            ring,
+            file,
+            geometry,
+            defer,
+            false,
+            fixed_file,
+            Some(Arc::clone(&pt.fixed)),
+        ));
+        pt.adopt(inner)
+            .map_err(|e| Error::os("io_uring setup (thread exiting)", e))?;
+        Ok(UringDevice {
+            rings: Rings::PerThread(pt),
+            mode: CompletionMode::Polled,
+            reaper: None,
             notes,
         })
     }
@@ -286,28 +553,58 @@ impl UringDevice {
 
     /// Whether the ring busy-polls for completions (IOPOLL accepted).
     pub fn is_iopoll(&self) -> bool {
-        self.inner.iopoll
+        match &self.rings {
+            Rings::Shared(i) => i.iopoll,
+            Rings::PerThread(_) => false,
+        }
+    }
+
+    /// Whether each submitting thread has a ring of its own
+    /// ([`UringConfig::ring_per_thread`]).
+    pub fn is_ring_per_thread(&self) -> bool {
+        matches!(self.rings, Rings::PerThread(_))
+    }
+
+    /// How many threads hold a ring of this device now (per-thread mode; 1 for the
+    /// shared ring).
+    pub fn rings(&self) -> usize {
+        match &self.rings {
+            Rings::Shared(_) => 1,
+            Rings::PerThread(pt) => pt.rings().len(),
+        }
     }
 
     /// The file or block device.
     pub fn file(&self) -> &File {
-        &self.inner.file
+        match &self.rings {
+            Rings::Shared(i) => &i.file,
+            Rings::PerThread(pt) => &pt.file,
+        }
     }
 
     /// Register memory with the ring: requests whose memory is one segment inside a
     /// registered buffer use the fixed-buffer opcodes (no page pinning per request).
-    /// Replaces an earlier registration.
+    /// Replaces an earlier registration. With a ring per thread, each thread's ring
+    /// registers it at the thread's next request.
     ///
     /// # Safety
     /// Every buffer must stay allocated, at its address, until the device is dropped
     /// or [`UringDevice::unregister_buffers`] is called: the kernel keeps the pages
     /// it pinned now, so memory freed and reused meanwhile would receive the data.
     pub unsafe fn register_buffers(&self, bufs: &[MemRef]) -> io::Result<()> {
-        let mut st = lock(&self.inner.state);
-        // SAFETY: forwarded from the caller.
-        unsafe { self.register_locked(&mut st, bufs) }?;
-        st.fixed_owner = None;
-        Ok(())
+        match &self.rings {
+            Rings::Shared(inner) => {
+                let mut st = lock(&inner.state);
+                // SAFETY: forwarded from the caller.
+                unsafe { inner.register_locked(&mut st, bufs) }?;
+                st.fixed_owner = None;
+                Ok(())
+            }
+            Rings::PerThread(pt) => pt.set_fixed(FixedBufs {
+                ranges: bufs.iter().map(|b| (b.addr(), b.len())).collect(),
+                owner: None,
+            }),
+        }
     }
 
     /// Register an arena's memory with the ring, safely: the device keeps the
@@ -315,54 +612,70 @@ impl UringDevice {
     /// segment in it (an [`crate::ArenaBuf`] passed to an async call) then use
     /// fixed-buffer I/O: no page pinning per request. Replaces an earlier
     /// registration. Fails with the kernel's error, e.g. `ENOMEM` past
-    /// `RLIMIT_MEMLOCK`, or `EINVAL` for an arena over 1 GiB.
+    /// `RLIMIT_MEMLOCK`, or `EINVAL` for an arena over 1 GiB. With a ring per
+    /// thread, the calling thread's ring registers it now, the others at their
+    /// thread's next request (a refusal there means plain I/O on that ring).
     pub fn register_arena(&self, arena: &Arc<BufArena>) -> io::Result<()> {
         let mem = arena.memory();
-        let mut st = lock(&self.inner.state);
-        // SAFETY: the arena's memory stays allocated while the Arc stored below
-        // lives, which is until the registration is replaced or the device drops
-        // (its ring, declared first in Inner, goes before the state).
-        unsafe { self.register_locked(&mut st, &[mem]) }?;
-        st.fixed_owner = Some(Arc::clone(arena));
-        Ok(())
-    }
-
-    /// Replace the registration with `bufs`.
-    ///
-    /// # Safety
-    /// As for [`UringDevice::register_buffers`].
-    unsafe fn register_locked(&self, st: &mut State, bufs: &[MemRef]) -> io::Result<()> {
-        if !st.fixed_bufs.is_empty() {
-            self.inner.ring.submitter().unregister_buffers()?;
-            st.fixed_bufs.clear();
+        match &self.rings {
+            Rings::Shared(inner) => {
+                let mut st = lock(&inner.state);
+                // SAFETY: the arena's memory stays allocated while the Arc stored
+                // below lives, which is until the registration is replaced or the
+                // device drops (its ring, declared first in Inner, goes before the
+                // state).
+                unsafe { inner.register_locked(&mut st, &[mem]) }?;
+                st.fixed_owner = Some(Arc::clone(arena));
+                Ok(())
+            }
+            Rings::PerThread(pt) => pt.set_fixed(FixedBufs {
+                ranges: vec![(mem.addr(), mem.len())],
+                owner: Some(Arc::clone(arena)),
+            }),
         }
-        let iov = crate::buf::as_iovecs(bufs);
-        // SAFETY: the caller guarantees the memory outlives the registration.
-        unsafe { self.inner.ring.submitter().register_buffers(iov)? };
-        st.fixed_bufs = bufs.iter().map(|b| (b.addr(), b.len())).collect();
-        Ok(())
     }
 
     /// Drop the buffer registration.
     pub fn unregister_buffers(&self) -> io::Result<()> {
-        let mut st = lock(&self.inner.state);
-        if st.fixed_bufs.is_empty() {
-            return Ok(());
+        match &self.rings {
+            Rings::Shared(inner) => {
+                let mut st = lock(&inner.state);
+                if st.fixed_bufs.is_empty() {
+                    return Ok(());
+                }
+                inner.ring.submitter().unregister_buffers()?;
+                st.fixed_bufs.clear();
+                st.fixed_owner = None;
+                Ok(())
+            }
+            Rings::PerThread(pt) => pt.set_fixed(FixedBufs::default()),
         }
-        self.inner.ring.submitter().unregister_buffers()?;
-        st.fixed_bufs.clear();
-        st.fixed_owner = None;
-        Ok(())
     }
 
     /// Requests sent with fixed-buffer opcodes so far.
     pub fn fixed_requests(&self) -> u64 {
-        self.inner.fixed_requests.load(Ordering::Relaxed)
+        match &self.rings {
+            Rings::Shared(i) => i.fixed_requests.load(Ordering::Relaxed),
+            Rings::PerThread(pt) => {
+                pt.fixed.retired.load(Ordering::Relaxed)
+                    + pt.rings()
+                        .iter()
+                        .map(|r| r.fixed_requests.load(Ordering::Relaxed))
+                        .sum::<u64>()
+            }
+        }
     }
 
-    /// Requests submitted and not yet completed.
+    /// Requests submitted and not yet completed (on every thread's ring).
     pub fn in_flight(&self) -> usize {
-        self.inner.in_flight.load(Ordering::Acquire)
+        match &self.rings {
+            Rings::Shared(i) => i.in_flight.load(Ordering::Acquire),
+            Rings::PerThread(pt) => pt
+                .rings()
+                .iter()
+                .map(|r| r.in_flight.load(Ordering::Acquire))
+                .sum(),
+        }
     }
 }
 
@@ -446,6 +759,230 @@ fn probe_iopoll(ring: &IoUring, file: &File, geo: &Geometry) -> io::Result<()> {
 }
 
 impl Inner {
+    fn from_ring(
+        ring: IoUring,
+        file: Arc<File>,
+        geometry: Geometry,
+        defer: bool,
+        iopoll: bool,
+        fixed_file: bool,
+        fixed_set: Option<Arc<FixedSet>>,
+    ) -> Inner {
+        let slots = ring.params().cq_entries().max(ring.params().sq_entries()) as usize;
+        let ext_arg = ring.params().is_feature_ext_arg();
+        Inner {
+            ext_arg,
+            fixed_file,
+            geometry,
+            state: Mutex::new(State {
+                slots: (0..slots)
+                    .map(|_| Slot {
+                        req: None,
+                        len: 0,
+                        done: 0,
+                        retries: 0,
+                        iov: Vec::new(),
+                    })
+                    .collect(),
+                free: (0..slots as u32).rev().collect(),
+                fixed_bufs: Vec::new(),
+                fixed_owner: None,
+                fixed_gen: 0,
+            }),
+            pending: AtomicUsize::new(0),
+            in_flight: AtomicUsize::new(0),
+            fixed_requests: AtomicU64::new(0),
+            sleepers: AtomicUsize::new(0),
+            iopoll,
+            defer,
+            owner: thread::current().id(),
+            stop: AtomicBool::new(false),
+            fixed_set,
+            ring,
+            file,
+        }
+    }
+
+    /// Per-thread rings: apply the device's buffer registration if it changed since
+    /// this ring last did (caller holds the state mutex, on the ring's thread).
+    #[inline]
+    fn sync_fixed(&self, st: &mut State) -> io::Result<()> {
+        let Some(set) = &self.fixed_set else {
+            return Ok(());
+        };
+        let gen = set.gen.load(Ordering::Acquire);
+        if gen == st.fixed_gen {
+            return Ok(());
+        }
+        self.sync_fixed_slow(st, set, gen)
+    }
+
+    #[cold]
+    fn sync_fixed_slow(&self, st: &mut State, set: &FixedSet, gen: u64) -> io::Result<()> {
+        let bufs = lock_any(&set.bufs).clone();
+        st.fixed_gen = gen;
+        if !st.fixed_bufs.is_empty() {
+            self.ring.submitter().unregister_buffers()?;
+            st.fixed_bufs.clear();
+            st.fixed_owner = None;
+        }
+        if bufs.ranges.is_empty() {
+            return Ok(());
+        }
+        let iov: Vec<libc::iovec> = bufs
+            .ranges
+            .iter()
+            .map(|&(addr, len)| libc::iovec {
+                iov_base: addr as *mut libc::c_void,
+                iov_len: len,
+            })
+            .collect();
+        // SAFETY: the memory is an arena kept alive by `fixed_owner` (stored below,
+        // dropped only after the registration goes), or raw memory whose registrant
+        // promised it stays allocated until it unregisters or the device drops
+        // (`UringDevice::register_buffers`); the pinned pages stay the kernel's.
+        unsafe { self.ring.submitter().register_buffers(&iov)? };
+        st.fixed_bufs = bufs.ranges;
+        st.fixed_owner = bufs.owner;
+        Ok(())
+    }
+
+    /// Replace the registration with `bufs` (shared ring).
+    ///
+    /// # Safety
+    /// As for [`UringDevice::register_buffers`].
+    unsafe fn register_locked(&self, st: &mut State, bufs: &[MemRef]) -> io::Result<()> {
+        if !st.fixed_bufs.is_empty() {
+            self.ring.submitter().unregister_buffers()?;
+            st.fixed_bufs.clear();
+        }
+        let iov = crate::buf::as_iovecs(bufs);
+        // SAFETY: the caller guarantees the memory outlives the registration.
+        unsafe { self.ring.submitter().register_buffers(iov)? };
+        st.fixed_bufs = bufs.iter().map(|b| (b.addr(), b.len())).collect();
+        Ok(())
+    }
+
+    /// Queue `req` on this ring (entered at unplug, poll, or when the queue is full).
+    fn submit(&self, req: Request) {
+        if let Err(e) = check_request(&self.geometry, &req) {
+            req.complete(Err(e));
+            return;
+        }
+        let len = req.len();
+        if len == 0 {
+            req.complete(Ok(()));
+            return;
+        }
+        let mut batch = Batch::new();
+        let failed = {
+            let mut st = lock(&self.state);
+            // A registration the kernel refuses on this ring means plain I/O here.
+            let _ = self.sync_fixed(&mut st);
+            // Every slot in flight: reap (waiting in the kernel) until one frees up.
+            let mut failure = None;
+            while st.free.is_empty() {
+                let r = self.ring.submitter().submit_and_wait(1);
+                self.pending.store(0, Ordering::Release);
+                if let Err(e) = r {
+                    if !matches!(
+                        e.raw_os_error(),
+                        Some(libc::EINTR | libc::EAGAIN | libc::EBUSY | libc::ETIME)
+                    ) {
+                        failure = Some(e);
+                        break;
+                    }
+                }
+                self.reap_locked(&mut st, &mut batch);
+            }
+            match failure {
+                Some(e) => Some((req, e)),
+                None => {
+                    let idx = st.free.pop().expect("a free slot");
+                    let slot = &mut st.slots[idx as usize];
+                    slot.req = Some(req);
+                    slot.len = len;
+                    slot.done = 0;
+                    slot.retries = 0;
+                    self.in_flight.fetch_add(1, Ordering::AcqRel);
+                    match self.push_locked(&mut st, idx) {
+                        Ok(()) => None,
+                        Err(e) => {
+                            let req = st.slots[idx as usize].req.take().expect("just stored");
+                            st.free.push(idx);
+                            self.in_flight.fetch_sub(1, Ordering::AcqRel);
+                            Some((req, e))
+                        }
+                    }
+                }
+            }
+        };
+        if let Some((req, e)) = failed {
+            batch.push((req, Err(e)));
+        }
+        complete_all(batch);
+    }
+
+    fn unplug(&self) {
+        if self.pending.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let st = lock(&self.state);
+        // Errors here resurface at the next enter (poll or submit), which reaps.
+        let _ = self.submit_locked();
+        drop(st);
+    }
+
+    fn poll(&self, wait: bool) -> io::Result<usize> {
+        if self.defer && !wait {
+            // Deferred completion work runs only in an enter with GETEVENTS, which
+            // a plain submit carries when the kernel flags pending work.
+            let _st = lock(&self.state);
+            self.submit_locked()?;
+        }
+        self.unplug();
+        let n = self.reap_and_complete();
+        if n > 0 || !wait {
+            return Ok(n);
+        }
+        if self.in_flight.load(Ordering::Acquire) == 0 {
+            // Nothing of ours in the kernel: a completion may be on its way to a
+            // waiter through another thread's batch.
+            thread::yield_now();
+            return Ok(0);
+        }
+        self.wait_unlocked(POLL_WAIT, true);
+        Ok(self.reap_and_complete())
+    }
+
+    /// Complete every request in flight (polling). False if the ring keeps failing
+    /// (its requests may still be in the kernel).
+    fn drain(&self) -> bool {
+        let mut errors = 0;
+        while self.in_flight.load(Ordering::Acquire) > 0 {
+            match self.poll(true) {
+                Ok(_) => errors = 0,
+                Err(_) => {
+                    errors += 1;
+                    if errors > 1000 {
+                        return false;
+                    }
+                    thread::sleep(Duration::from_millis(1));
+                }
+            }
+        }
+        true
+    }
+
+    /// The kernel tears a closed ring down in a worker, a moment later, and until
+    /// then the registered file stays open: a file system it lives on is "busy" for
+    /// umount right after dio exits. Release the file now, synchronously.
+    fn release(&self) {
+        if self.fixed_file {
+            let _ = self.ring.submitter().unregister_files();
+        }
+        let _ = self.ring.submitter().unregister_buffers();
+    }
     fn fd(&self) -> types::Fixed {
         types::Fixed(0)
     }
@@ -737,99 +1274,49 @@ fn zero_from(req: &Request, from: u64) {
 
 impl Device for UringDevice {
     fn geometry(&self) -> Geometry {
-        self.inner.geometry
+        match &self.rings {
+            Rings::Shared(i) => i.geometry,
+            Rings::PerThread(pt) => pt.geometry,
+        }
     }
 
+    #[inline]
     fn submit(&self, req: Request) {
-        let inner = &*self.inner;
-        if let Err(e) = check_request(&inner.geometry, &req) {
-            req.complete(Err(e));
-            return;
+        match &self.rings {
+            Rings::Shared(inner) => inner.submit(req),
+            Rings::PerThread(pt) => match pt.local() {
+                Ok(ring) => ring.submit(req),
+                Err(e) => req.complete(Err(e)),
+            },
         }
-        let len = req.len();
-        if len == 0 {
-            req.complete(Ok(()));
-            return;
-        }
-        let mut batch = Batch::new();
-        let failed = {
-            let mut st = lock(&inner.state);
-            // Every slot in flight: reap (waiting in the kernel) until one frees up.
-            let mut failure = None;
-            while st.free.is_empty() {
-                let r = inner.ring.submitter().submit_and_wait(1);
-                inner.pending.store(0, Ordering::Release);
-                if let Err(e) = r {
-                    if !matches!(
-                        e.raw_os_error(),
-                        Some(libc::EINTR | libc::EAGAIN | libc::EBUSY | libc::ETIME)
-                    ) {
-                        failure = Some(e);
-                        break;
-                    }
-                }
-                inner.reap_locked(&mut st, &mut batch);
-            }
-            match failure {
-                Some(e) => Some((req, e)),
-                None => {
-                    let idx = st.free.pop().expect("a free slot");
-                    let slot = &mut st.slots[idx as usize];
-                    slot.req = Some(req);
-                    slot.len = len;
-                    slot.done = 0;
-                    slot.retries = 0;
-                    inner.in_flight.fetch_add(1, Ordering::AcqRel);
-                    match inner.push_locked(&mut st, idx) {
-                        Ok(()) => None,
-                        Err(e) => {
-                            let req = st.slots[idx as usize].req.take().expect("just stored");
-                            st.free.push(idx);
-                            inner.in_flight.fetch_sub(1, Ordering::AcqRel);
-                            Some((req, e))
-                        }
-                    }
-                }
-            }
-        };
-        if let Some((req, e)) = failed {
-            batch.push((req, Err(e)));
-        }
-        complete_all(batch);
     }
 
     fn unplug(&self) {
-        let inner = &*self.inner;
-        if inner.pending.load(Ordering::Acquire) == 0 {
-            return;
+        match &self.rings {
+            Rings::Shared(inner) => inner.unplug(),
+            Rings::PerThread(pt) => {
+                if let Some(ring) = pt.existing() {
+                    ring.unplug();
+                }
+            }
         }
-        let st = lock(&inner.state);
-        // Errors here resurface at the next enter (poll or submit), which reaps.
-        let _ = inner.submit_locked();
-        drop(st);
     }
 
     fn poll(&self, wait: bool) -> io::Result<usize> {
-        let inner = &*self.inner;
-        if inner.defer && !wait {
-            // Deferred completion work runs only in an enter with GETEVENTS, which
-            // a plain submit carries when the kernel flags pending work.
-            let _st = lock(&inner.state);
-            inner.submit_locked()?;
+        match &self.rings {
+            Rings::Shared(inner) => inner.poll(wait),
+            // A thread reaps its own ring only: its requests are there, and only
+            // it may enter a single-issuer ring.
+            Rings::PerThread(pt) => match pt.existing() {
+                Some(ring) => ring.poll(wait),
+                None => {
+                    if wait {
+                        thread::yield_now();
+                    }
+                    Ok(0)
+                }
+            },
         }
-        self.unplug();
-        let n = inner.reap_and_complete();
-        if n > 0 || !wait {
-            return Ok(n);
-        }
-        if inner.in_flight.load(Ordering::Acquire) == 0 {
-            // Nothing of ours in the kernel: a completion may be on its way to a
-            // waiter through another thread's batch.
-            thread::yield_now();
-            return Ok(0);
-        }
-        inner.wait_unlocked(POLL_WAIT, true);
-        Ok(inner.reap_and_complete())
     }
 
     fn completion_mode(&self) -> CompletionMode {
@@ -837,7 +1324,7 @@ impl Device for UringDevice {
     }
 
     fn flush(&self) -> io::Result<()> {
-        super::fdatasync(&self.inner.file)
+        super::fdatasync(self.file())
     }
 
     fn name(&self) -> &str {
@@ -847,7 +1334,25 @@ impl Device for UringDevice {
 
 impl Drop for UringDevice {
     fn drop(&mut self) {
-        let inner = &*self.inner;
+        let inner = match &self.rings {
+            Rings::Shared(inner) => inner,
+            Rings::PerThread(pt) => {
+                pt.gone.store(true, Ordering::Release);
+                // This thread's ring goes now (drained first); other threads' rings
+                // go when those threads exit or next set up a ring: only a ring's own
+                // thread may reap it, and its requests own memory until reaped.
+                let mine = RINGS
+                    .try_with(|t| {
+                        let mut t = t.borrow_mut();
+                        let at = t.iter().position(|l| l.device == pt.id);
+                        at.map(|i| t.swap_remove(i))
+                    })
+                    .ok()
+                    .flatten();
+                drop(mine);
+                return;
+            }
+        };
         if let Some(handle) = self.reaper.take() {
             inner.stop.store(true, Ordering::Release);
             {
@@ -868,29 +1373,25 @@ impl Drop for UringDevice {
             // Only the owner may reap a single-issuer ring. Leak the ring and what
             // it holds rather than free memory the kernel may still write.
             if inner.in_flight.load(Ordering::Acquire) > 0 {
-                std::mem::forget(Arc::clone(&self.inner));
+                std::mem::forget(Arc::clone(inner));
             }
             return;
         }
-        while inner.in_flight.load(Ordering::Acquire) > 0 {
-            let _ = self.poll(true);
+        if !inner.drain() {
+            std::mem::forget(Arc::clone(inner));
+            return;
         }
-        // The kernel tears a closed ring down in a worker, a moment later, and until
-        // then the registered file stays open: a file system it lives on is "busy"
-        // for umount right after dio exits. Release the file now, synchronously.
-        if inner.fixed_file {
-            let _ = inner.ring.submitter().unregister_files();
-        }
-        let _ = inner.ring.submitter().unregister_buffers();
+        inner.release();
     }
 }
 
 impl std::fmt::Debug for UringDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("UringDevice")
-            .field("geometry", &self.inner.geometry)
+            .field("geometry", &self.geometry())
             .field("mode", &self.mode)
-            .field("iopoll", &self.inner.iopoll)
+            .field("iopoll", &self.is_iopoll())
+            .field("ring_per_thread", &self.is_ring_per_thread())
             .field("notes", &self.notes)
             .finish()
     }
