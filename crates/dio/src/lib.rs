@@ -315,6 +315,7 @@ mod device;
 mod engine;
 mod error;
 mod map;
+pub mod stream;
 
 pub use buf::{AlignedBuf, ArenaBuf, BufArena, MemRef, OwnedBuf, Segments, Window, HUGE_MIN};
 pub use client::ext;
