@@ -316,6 +316,10 @@ mod engine;
 mod error;
 mod map;
 pub mod stream;
+#[cfg(feature = "tokio")]
+mod tokio_io;
+#[cfg(feature = "redb")]
+mod redb_backend;
 
 pub use buf::{AlignedBuf, ArenaBuf, BufArena, MemRef, OwnedBuf, Segments, Window, HUGE_MIN};
 pub use client::ext;
@@ -335,4 +339,6 @@ pub use error::{
     AlignPart, Corrupt, CorruptKind, Error, Feature, Incompatible, PathError, PathErrorKind, Result,
 };
 pub use error::{TlsError, TlsErrorKind};
+#[cfg(feature = "redb")]
+pub use redb_backend::RedbBackend;
 pub use map::{BlockMap, Extent, IdentityMap, Mapping, Private, TestMap, TestMapConfig};

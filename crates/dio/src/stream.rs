@@ -375,6 +375,7 @@ impl DioReader {
         }
     }
 
+    #[cfg(feature = "tokio")]
     pub(crate) fn buffered(&self) -> &[u8] {
         self.available()
     }
@@ -666,8 +667,14 @@ impl<F: StreamFile> DioWriter<F> {
         Ok(())
     }
 
+    #[cfg(feature = "tokio")]
     pub(crate) fn wants_sync(&self) -> bool {
         self.sync
+    }
+
+    #[cfg(feature = "tokio")]
+    pub(crate) fn is_finished(&self) -> bool {
+        self.finished
     }
 
     /// Write the tail, wait for every write, set the final size, flush the device

@@ -1,0 +1,313 @@
+//! The streams as tokio I/O (feature `tokio`): results equal to the bytes on a
+//! multi-thread runtime, futures dropped mid-flight lose or duplicate nothing, and
+//! no runtime thread waits for the device (a one-thread runtime whose device
+//! completes requests only when another task of that runtime says so).
+#![cfg(feature = "tokio")]
+
+use std::future::Future;
+use std::io::SeekFrom;
+use std::pin::pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use dio::stream::{DioReader, DioWriter, StreamOptions};
+use dio::{
+    Device, DirectFile, FileState, Flags, Geometry, IdentityMap, MemDevice, MemDeviceConfig, Op,
+    Request,
+};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+
+const DEV: u64 = 16 << 20;
+
+fn bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// A file over a threaded RAM device whose completions arrive late and out of
+/// order, on the device's own threads.
+fn slow_file(size: u64, seed: u64) -> (Arc<MemDevice>, DirectFile) {
+    let cfg =
+        MemDeviceConfig::new(DEV, 512).threaded(Some(Duration::from_micros(200)), true, seed);
+    let dev = Arc::new(MemDevice::new(cfg));
+    let file = DirectFile::new(
+        dev.clone(),
+        Arc::new(IdentityMap::new(4096, DEV)),
+        Arc::new(FileState::new(size)),
+    )
+    .unwrap();
+    (dev, file)
+}
+
+fn opts(buffers: usize, buffer_size: usize) -> StreamOptions {
+    StreamOptions {
+        buffers,
+        buffer_size,
+        ..StreamOptions::default()
+    }
+}
+
+fn file_bytes(file: &DirectFile) -> Vec<u8> {
+    let mut out = vec![0u8; file.size() as usize];
+    assert_eq!(
+        file.read_at(0, &mut out, Flags::UNALIGNED).unwrap(),
+        out.len()
+    );
+    out
+}
+
+#[test]
+fn async_streams_give_the_bytes_on_a_multi_thread_runtime() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut tasks = Vec::new();
+        for t in 0..6u64 {
+            tasks.push(tokio::spawn(async move {
+                let (_dev, file) = slow_file(0, t);
+                let data = bytes(1_500_000 + t as usize * 977, t);
+                let mut w = DioWriter::with_options(file.clone(), &opts(3, 64 << 10));
+                // Pieces of many sizes, some crossing buffers.
+                let mut at = 0;
+                let mut k = 1usize;
+                while at < data.len() {
+                    let n = (k * 7919 % 150_000).min(data.len() - at);
+                    w.write_all(&data[at..at + n]).await.unwrap();
+                    at += n;
+                    k += 1;
+                }
+                w.shutdown().await.unwrap();
+                assert_eq!(file.size(), data.len() as u64);
+                assert!(file_bytes(&file) == data);
+
+                let mut r = DioReader::with_options(&file, &opts(4, 128 << 10));
+                let mut back = Vec::new();
+                r.read_to_end(&mut back).await.unwrap();
+                assert!(back == data, "task {t}: read_to_end differs");
+
+                // Seek and read exact pieces; lines through AsyncBufRead.
+                for &(off, len) in &[(1_000_001u64, 70_000usize), (3, 5), (900_000, 300_000)] {
+                    assert_eq!(r.seek(SeekFrom::Start(off)).await.unwrap(), off);
+                    let mut b = vec![0u8; len];
+                    r.read_exact(&mut b).await.unwrap();
+                    assert!(b[..] == data[off as usize..off as usize + len]);
+                }
+                r.seek(SeekFrom::Start(17)).await.unwrap();
+                let mut line = Vec::new();
+                r.read_until(b'\n', &mut line).await.unwrap();
+                let rest = &data[17..];
+                let end = rest.iter().position(|&b| b == b'\n').map_or(rest.len(), |i| i + 1);
+                assert!(line[..] == rest[..end]);
+
+                // An async seek of the writer waits for the writes before it.
+                let mut w = DioWriter::with_options(file.clone(), &opts(2, 8192));
+                w.write_all(b"start").await.unwrap();
+                assert_eq!(w.seek(SeekFrom::End(-4)).await.unwrap(), data.len() as u64 - 4);
+                w.write_all(b"END!").await.unwrap();
+                w.shutdown().await.unwrap();
+                let got = file_bytes(&file);
+                assert_eq!(&got[..5], b"start");
+                assert_eq!(&got[got.len() - 4..], b"END!");
+                assert!(got[5..got.len() - 4] == data[5..data.len() - 4]);
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+    });
+}
+
+/// Poll a future once with a waker that does nothing, then drop it: a future
+/// abandoned after its first poll, as `select!` or a timeout abandons one.
+fn poll_once<F: Future>(f: F) -> Poll<F::Output> {
+    let mut f = pin!(f);
+    f.as_mut().poll(&mut Context::from_waker(Waker::noop()))
+}
+
+#[test]
+fn futures_dropped_mid_flight_lose_and_duplicate_nothing() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let data = bytes(2_000_000, 5);
+        let (dev, file) = slow_file(0, 9);
+
+        // Writes: each piece first polled once and dropped; what a Ready poll took
+        // counts, a Pending one took nothing; then the rest is written properly.
+        let mut w = DioWriter::with_options(file.clone(), &opts(2, 32 << 10));
+        let (mut at, mut dropped) = (0usize, 0u32);
+        while at < data.len() {
+            let n = (40_000).min(data.len() - at);
+            match poll_once(w.write(&data[at..at + n])) {
+                Poll::Ready(r) => at += r.unwrap(),
+                Poll::Pending => {
+                    dropped += 1;
+                    let k = w.write(&data[at..at + n]).await.unwrap();
+                    at += k;
+                }
+            }
+        }
+        // A shutdown dropped mid-way, then done again.
+        if poll_once(w.shutdown()).is_pending() {
+            dropped += 1;
+        }
+        w.shutdown().await.unwrap();
+        assert!(file_bytes(&file) == data, "dropped write futures changed the file");
+
+        // Reads: the same with read futures.
+        let mut r = DioReader::with_options(&file, &opts(3, 64 << 10));
+        let mut back = Vec::new();
+        let mut buf = vec![0u8; 50_000];
+        loop {
+            let n = match poll_once(r.read(&mut buf)) {
+                Poll::Ready(n) => n.unwrap(),
+                Poll::Pending => {
+                    dropped += 1;
+                    r.read(&mut buf).await.unwrap()
+                }
+            };
+            if n == 0 {
+                break;
+            }
+            back.extend_from_slice(&buf[..n]);
+        }
+        assert!(back == data, "dropped read futures changed the stream");
+        eprintln!("{dropped} futures dropped while pending");
+
+        // Whole streams dropped with requests in flight (tasks aborted): their
+        // buffers go with the requests; the device drains and the file stays usable.
+        for i in 0..10u64 {
+            let f = file.clone();
+            let reader = tokio::spawn(async move {
+                let mut r = DioReader::with_options(&f, &opts(8, 64 << 10));
+                let mut sink = Vec::new();
+                r.read_to_end(&mut sink).await.unwrap();
+            });
+            let f = file.clone();
+            let writer = tokio::spawn(async move {
+                let mut w = DioWriter::with_options(f, &opts(8, 64 << 10));
+                w.seek(SeekFrom::Start(i * 100_000)).await.unwrap();
+                w.write_all(&bytes(500_000, i)).await.unwrap();
+                w.shutdown().await.unwrap();
+            });
+            tokio::task::yield_now().await;
+            reader.abort();
+            writer.abort();
+            let _ = reader.await;
+            let _ = writer.await;
+        }
+        while dev.in_flight() != 0 {
+            tokio::task::yield_now().await;
+        }
+        let mut w = DioWriter::new(file.clone());
+        w.write_all(&data).await.unwrap();
+        w.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        DioReader::new(&file).read_to_end(&mut back).await.unwrap();
+        assert!(back[..data.len()] == data[..]);
+    });
+}
+
+/// A RAM device that holds every request until `release` is called.
+struct Gate {
+    data: Mutex<Vec<u8>>,
+    held: Mutex<Vec<Request>>,
+}
+
+impl Gate {
+    fn release(&self) -> usize {
+        let held = std::mem::take(&mut *self.held.lock().unwrap());
+        let n = held.len();
+        for mut req in held {
+            let (at, end) = (req.offset() as usize, (req.offset() + req.len()) as usize);
+            let mut data = self.data.lock().unwrap();
+            match req.op() {
+                Op::Read => req.copy_in(0, &data[at..end]),
+                Op::Write => req.copy_out(0, &mut data[at..end]),
+            }
+            drop(data);
+            req.complete(Ok(()));
+        }
+        n
+    }
+}
+
+impl Device for Gate {
+    fn geometry(&self) -> Geometry {
+        Geometry::new(512, DEV)
+    }
+    fn submit(&self, req: Request) {
+        self.held.lock().unwrap().push(req);
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn name(&self) -> &str {
+        "gate"
+    }
+}
+
+#[test]
+fn no_runtime_thread_waits_for_the_device() {
+    // One runtime thread; the device completes requests only when the releasing
+    // task (on that same thread) runs. A stream that blocked the thread while
+    // waiting for the device would hang here; the watchdog turns a hang into a
+    // failure.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let gate = Arc::new(Gate {
+            data: Mutex::new(vec![0; DEV as usize]),
+            held: Mutex::new(Vec::new()),
+        });
+        let file = DirectFile::new(
+            gate.clone(),
+            Arc::new(IdentityMap::new(4096, DEV)),
+            Arc::new(FileState::new(0)),
+        )
+        .unwrap();
+        let data = bytes(1_000_000, 77);
+        let released = rt.block_on(async {
+            let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let (d2, g2) = (done.clone(), gate.clone());
+            let releaser = tokio::spawn(async move {
+                let mut n = 0;
+                while !d2.load(std::sync::atomic::Ordering::Acquire) {
+                    n += g2.release();
+                    tokio::task::yield_now().await;
+                }
+                n
+            });
+            let mut w = DioWriter::with_options(file.clone(), &opts(4, 64 << 10));
+            w.write_all(&data).await.unwrap();
+            w.shutdown().await.unwrap();
+            let mut back = Vec::new();
+            DioReader::with_options(&file, &opts(4, 64 << 10))
+                .read_to_end(&mut back)
+                .await
+                .unwrap();
+            assert!(back == data);
+            done.store(true, std::sync::atomic::Ordering::Release);
+            releaser.await.unwrap()
+        });
+        tx.send(released).unwrap();
+    });
+    let released = rx
+        .recv_timeout(Duration::from_secs(120))
+        .expect("the streams blocked the runtime's only thread (or panicked)");
+    assert!(released >= 2 * 16, "requests went through the gate: {released}");
+}
