@@ -335,6 +335,7 @@ impl BufArena {
 
     /// The whole arena, for registering it with a device (registration lends the
     /// kernel nothing to access by itself; only requests over slots do).
+    #[cfg_attr(not(feature = "io-uring"), allow(dead_code))]
     pub(crate) fn memory(&self) -> MemRef {
         MemRef {
             ptr: self.base.as_ptr(),

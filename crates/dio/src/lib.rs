@@ -315,22 +315,26 @@ mod device;
 mod engine;
 mod error;
 mod map;
+#[cfg(feature = "redb")]
+mod redb_backend;
 pub mod stream;
 #[cfg(feature = "tokio")]
 mod tokio_io;
-#[cfg(feature = "redb")]
-mod redb_backend;
 
 pub use buf::{AlignedBuf, ArenaBuf, BufArena, MemRef, OwnedBuf, Segments, Window, HUGE_MIN};
+#[cfg(feature = "ext")]
 pub use client::ext;
+#[cfg(feature = "nbd")]
 pub use client::nbd;
 pub use client::{open_source, Backend, DataRuns, RawFile, RawOptions, Run, Source};
 pub use device::probe;
 pub use device::{
     callback_panics, check_request, read_device, write_device, Completion, CompletionMode, Device,
     FaultConfig, FaultDevice, FaultStats, Finished, Geometry, LoggedRequest, MemDevice,
-    MemDeviceConfig, MemStats, Op, Request, SyncConfig, SyncDevice, UringConfig, UringDevice,
+    MemDeviceConfig, MemStats, Op, Request, SyncConfig, SyncDevice,
 };
+#[cfg(feature = "io-uring")]
+pub use device::{UringConfig, UringDevice};
 pub use engine::{
     Completed, DioFuture, DirectFile, FileLockGuard, FileState, Flags, Stats, MAX_IN_FLIGHT,
     MAX_SEGMENTS,
@@ -339,6 +343,6 @@ pub use error::{
     AlignPart, Corrupt, CorruptKind, Error, Feature, Incompatible, PathError, PathErrorKind, Result,
 };
 pub use error::{TlsError, TlsErrorKind};
+pub use map::{BlockMap, Extent, IdentityMap, Mapping, Private, TestMap, TestMapConfig};
 #[cfg(feature = "redb")]
 pub use redb_backend::RedbBackend;
-pub use map::{BlockMap, Extent, IdentityMap, Mapping, Private, TestMap, TestMapConfig};

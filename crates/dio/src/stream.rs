@@ -283,10 +283,9 @@ impl DioReader {
     fn read_ahead(&mut self) {
         let size = self.file.size();
         while self.ahead.len() < self.depth && self.next < size {
-            let buf = self
-                .spare
-                .pop()
-                .unwrap_or_else(|| AlignedBuf::new(self.chunk, self.file.geometry().buffer_align()));
+            let buf = self.spare.pop().unwrap_or_else(|| {
+                AlignedBuf::new(self.chunk, self.file.geometry().buffer_align())
+            });
             let fut = self.file.read_future(self.next, vec![buf], self.flags);
             self.ahead.push_back((self.next, fut));
             self.next += self.chunk as u64;
@@ -604,9 +603,7 @@ impl<F: StreamFile> DioWriter<F> {
             let at = (pos - base) as usize;
             WriteChunk {
                 base,
-                buf: spare
-                    .pop()
-                    .unwrap_or_else(|| AlignedBuf::new(chunk, align)),
+                buf: spare.pop().unwrap_or_else(|| AlignedBuf::new(chunk, align)),
                 lo: at,
                 hi: at,
             }
@@ -623,7 +620,10 @@ impl<F: StreamFile> DioWriter<F> {
     }
 
     /// Send the partial chunk and wait for (or poll) every write behind.
-    pub(crate) fn poll_flush_all(&mut self, mut cx: Option<&mut Context<'_>>) -> Poll<io::Result<()>> {
+    pub(crate) fn poll_flush_all(
+        &mut self,
+        mut cx: Option<&mut Context<'_>>,
+    ) -> Poll<io::Result<()>> {
         if self.cur.is_some() {
             if self.reap_to(self.depth - 1, cx.as_deref_mut()).is_pending() {
                 return Poll::Pending;
@@ -687,7 +687,10 @@ impl<F: StreamFile> DioWriter<F> {
     fn finish_inner(&mut self) -> Result<u64> {
         if let Poll::Ready(Err(e)) = self.poll_flush_all(None) {
             self.finished = true;
-            return Err(self.error.clone().unwrap_or_else(|| Error::os("stream flush", e)));
+            return Err(self
+                .error
+                .clone()
+                .unwrap_or_else(|| Error::os("stream flush", e)));
         }
         self.settle()?;
         if self.sync {
@@ -700,7 +703,10 @@ impl<F: StreamFile> DioWriter<F> {
     /// durable. The stream goes on.
     pub fn sync(&mut self) -> Result<()> {
         if let Poll::Ready(Err(e)) = self.poll_flush_all(None) {
-            return Err(self.error.clone().unwrap_or_else(|| Error::os("stream flush", e)));
+            return Err(self
+                .error
+                .clone()
+                .unwrap_or_else(|| Error::os("stream flush", e)));
         }
         self.file.sync_data()
     }

@@ -2,7 +2,6 @@
 //! deletes, savepoints restored, compaction, reopen) gives the same transcript on
 //! redb's own file backend, on a dio host file and on a dio RAM file, and the
 //! final contents equal a `BTreeMap` model.
-#![cfg(feature = "redb")]
 
 use std::collections::BTreeMap;
 use std::path::Path;

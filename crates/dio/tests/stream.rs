@@ -7,8 +7,7 @@ use std::sync::Arc;
 
 use dio::stream::{DioReader, DioWriter, StreamOptions};
 use dio::{
-    DirectFile, FileState, Flags, IdentityMap, MemDevice, MemDeviceConfig, Op, RawFile,
-    RawOptions,
+    DirectFile, FileState, Flags, IdentityMap, MemDevice, MemDeviceConfig, Op, RawFile, RawOptions,
 };
 use proptest::prelude::*;
 use sha2::{Digest, Sha256};
@@ -232,7 +231,10 @@ fn copy_and_hash_through_streams_on_the_ram_device() {
     let mut r = DioReader::with_options(&file, &opts(4, 128 << 10));
     let mut back = Vec::new();
     std::io::copy(&mut r, &mut back).unwrap();
-    assert!(back == data, "io::copy through the streams changed the bytes");
+    assert!(
+        back == data,
+        "io::copy through the streams changed the bytes"
+    );
 
     let mut r = DioReader::new(&file);
     let mut h = Sha256::new();
@@ -255,7 +257,10 @@ fn a_failed_write_behind_is_reported_by_the_next_call_and_by_finish() {
         }
     }
     let (i, e) = failed.expect("the failed write behind was reported");
-    assert!(i >= 16, "reported before the failing chunk was written: {i}");
+    assert!(
+        i >= 16,
+        "reported before the failing chunk was written: {i}"
+    );
     assert_eq!(errno(&e), libc::EIO);
     assert!(w.write_all(b"more").is_err());
     assert!(w.flush().is_err());
@@ -275,13 +280,18 @@ fn finish_reports_an_error_of_the_tail() {
 #[test]
 fn a_read_error_is_returned_and_the_reader_recovers() {
     let (dev, file) = ram_file(1 << 20, 4096, false);
-    file.write_at(0, &bytes(1 << 20, 1), Flags::UNALIGNED).unwrap();
+    file.write_at(0, &bytes(1 << 20, 1), Flags::UNALIGNED)
+        .unwrap();
     dev.fail_range(300_000..300_512, Some(Op::Read));
     let mut r = DioReader::with_options(&file, &opts(2, 64 << 10));
     let mut out = Vec::new();
     let e = r.read_to_end(&mut out).unwrap_err();
     assert_eq!(errno(&e), libc::EIO);
-    assert_eq!(out.len(), 4 * (64 << 10), "bytes before the failed chunk came");
+    assert_eq!(
+        out.len(),
+        4 * (64 << 10),
+        "bytes before the failed chunk came"
+    );
     dev.clear_faults();
     r.read_to_end(&mut out).unwrap();
     assert!(out == bytes(1 << 20, 1));

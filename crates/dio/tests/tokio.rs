@@ -2,7 +2,6 @@
 //! multi-thread runtime, futures dropped mid-flight lose or duplicate nothing, and
 //! no runtime thread waits for the device (a one-thread runtime whose device
 //! completes requests only when another task of that runtime says so).
-#![cfg(feature = "tokio")]
 
 use std::future::Future;
 use std::io::SeekFrom;
@@ -35,8 +34,7 @@ fn bytes(len: usize, seed: u64) -> Vec<u8> {
 /// A file over a threaded RAM device whose completions arrive late and out of
 /// order, on the device's own threads.
 fn slow_file(size: u64, seed: u64) -> (Arc<MemDevice>, DirectFile) {
-    let cfg =
-        MemDeviceConfig::new(DEV, 512).threaded(Some(Duration::from_micros(200)), true, seed);
+    let cfg = MemDeviceConfig::new(DEV, 512).threaded(Some(Duration::from_micros(200)), true, seed);
     let dev = Arc::new(MemDevice::new(cfg));
     let file = DirectFile::new(
         dev.clone(),
@@ -106,13 +104,19 @@ fn async_streams_give_the_bytes_on_a_multi_thread_runtime() {
                 let mut line = Vec::new();
                 r.read_until(b'\n', &mut line).await.unwrap();
                 let rest = &data[17..];
-                let end = rest.iter().position(|&b| b == b'\n').map_or(rest.len(), |i| i + 1);
+                let end = rest
+                    .iter()
+                    .position(|&b| b == b'\n')
+                    .map_or(rest.len(), |i| i + 1);
                 assert!(line[..] == rest[..end]);
 
                 // An async seek of the writer waits for the writes before it.
                 let mut w = DioWriter::with_options(file.clone(), &opts(2, 8192));
                 w.write_all(b"start").await.unwrap();
-                assert_eq!(w.seek(SeekFrom::End(-4)).await.unwrap(), data.len() as u64 - 4);
+                assert_eq!(
+                    w.seek(SeekFrom::End(-4)).await.unwrap(),
+                    data.len() as u64 - 4
+                );
                 w.write_all(b"END!").await.unwrap();
                 w.shutdown().await.unwrap();
                 let got = file_bytes(&file);
@@ -164,7 +168,10 @@ fn futures_dropped_mid_flight_lose_and_duplicate_nothing() {
             dropped += 1;
         }
         w.shutdown().await.unwrap();
-        assert!(file_bytes(&file) == data, "dropped write futures changed the file");
+        assert!(
+            file_bytes(&file) == data,
+            "dropped write futures changed the file"
+        );
 
         // Reads: the same with read futures.
         let mut r = DioReader::with_options(&file, &opts(3, 64 << 10));
@@ -309,5 +316,8 @@ fn no_runtime_thread_waits_for_the_device() {
     let released = rx
         .recv_timeout(Duration::from_secs(120))
         .expect("the streams blocked the runtime's only thread (or panicked)");
-    assert!(released >= 2 * 16, "requests went through the gate: {released}");
+    assert!(
+        released >= 2 * 16,
+        "requests went through the gate: {released}"
+    );
 }

@@ -11,7 +11,9 @@ use std::sync::Arc;
 
 use crate::{Device, DirectFile, Result};
 
+#[cfg(feature = "ext")]
 pub mod ext;
+#[cfg(feature = "nbd")]
 pub mod nbd;
 mod raw;
 

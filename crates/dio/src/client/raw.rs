@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use crate::device::probe::{self, Probed};
 use crate::device::sync::{SyncConfig, SyncDevice};
+#[cfg(feature = "io-uring")]
 use crate::device::uring::{UringConfig, UringDevice};
 use crate::device::{Device, Geometry};
 use crate::map::RawMap;
@@ -75,6 +76,7 @@ impl Default for RawOptions {
 }
 
 enum Dev {
+    #[cfg(feature = "io-uring")]
     Uring(Arc<UringDevice>),
     Sync(Arc<SyncDevice>),
 }
@@ -101,6 +103,7 @@ impl std::fmt::Debug for RawFile {
 }
 
 /// Why io_uring cannot be used, as a short phrase for notes and errors.
+#[cfg(feature = "io-uring")]
 fn uring_unavailable_reason(e: &Error) -> String {
     match e.errno() {
         libc::ENOSYS => "ENOSYS: the kernel has no io_uring".into(),
@@ -131,6 +134,19 @@ fn choose_device(
     if opts.backend == Backend::Sync {
         return sync(file);
     }
+    #[cfg(not(feature = "io-uring"))]
+    {
+        let _ = notes;
+        if opts.backend == Backend::Uring {
+            let why = "dio was built without its io-uring feature";
+            return Err(Error::os(
+                format!("{}: io_uring unavailable ({why})", path.display()),
+                std::io::Error::from_raw_os_error(libc::ENOSYS),
+            ));
+        }
+        return sync(file);
+    }
+    #[cfg(feature = "io-uring")]
     let cfg = UringConfig {
         queue_depth: opts.queue_depth.max(1),
         iopoll: opts.iopoll,
@@ -139,9 +155,11 @@ fn choose_device(
         ring_per_thread: opts.ring_per_thread,
         ..UringConfig::default()
     };
+    #[cfg(feature = "io-uring")]
     let dup = file
         .try_clone()
         .map_err(|e| Error::os(format!("dup {}", path.display()), e))?;
+    #[cfg(feature = "io-uring")]
     match UringDevice::new(dup, geometry, &cfg) {
         Ok(d) => Ok(Dev::Uring(Arc::new(d))),
         // Only an OS refusal (no io_uring, seccomp, memlock) falls back.
@@ -176,6 +194,7 @@ impl RawFile {
 
         let dev = choose_device(file, path, geometry, opts, &mut notes)?;
         let device: Arc<dyn Device> = match &dev {
+            #[cfg(feature = "io-uring")]
             Dev::Uring(d) => {
                 notes.extend(d.notes().iter().cloned());
                 Arc::clone(d) as Arc<dyn Device>
@@ -193,6 +212,7 @@ impl RawFile {
         // would be cut off by a late ftruncate.
         let resize = if opts.write && !probed.block_device {
             let file = match &dev {
+                #[cfg(feature = "io-uring")]
                 Dev::Uring(d) => d.file().try_clone(),
                 Dev::Sync(d) => d.file().try_clone(),
             };
@@ -262,6 +282,7 @@ impl RawFile {
     /// The back end in use: "uring" or "sync".
     pub fn backend_name(&self) -> &'static str {
         match self.dev {
+            #[cfg(feature = "io-uring")]
             Dev::Uring(_) => "uring",
             Dev::Sync(_) => "sync",
         }
@@ -276,6 +297,7 @@ impl RawFile {
     /// the file size through it; use [`RawFile::set_len`].
     pub fn fd(&self) -> BorrowedFd<'_> {
         match &self.dev {
+            #[cfg(feature = "io-uring")]
             Dev::Uring(d) => d.file().as_fd(),
             Dev::Sync(d) => d.file().as_fd(),
         }
@@ -316,7 +338,10 @@ impl RawFile {
     /// I/O. `Ok(false)` on the pread/pwrite back end, where the arena is plain
     /// memory; an error if the kernel refuses (e.g. `RLIMIT_MEMLOCK`).
     pub fn register_arena(&self, arena: &Arc<crate::BufArena>) -> Result<bool> {
+        #[cfg(not(feature = "io-uring"))]
+        let _ = arena;
         match &self.dev {
+            #[cfg(feature = "io-uring")]
             Dev::Uring(d) => d
                 .register_arena(arena)
                 .map(|()| true)
@@ -326,6 +351,7 @@ impl RawFile {
     }
 
     /// The io_uring device under this file, if that is the back end.
+    #[cfg(feature = "io-uring")]
     pub fn uring(&self) -> Option<&Arc<UringDevice>> {
         match &self.dev {
             Dev::Uring(d) => Some(d),

@@ -11,14 +11,17 @@ use crate::buf::{MemRef, Segments};
 
 mod fault;
 mod mem;
+#[cfg(feature = "nbd")]
 pub(crate) mod nbd;
 pub mod probe;
 pub(crate) mod sync;
+#[cfg(feature = "io-uring")]
 pub(crate) mod uring;
 
 pub use fault::{FaultConfig, FaultDevice, FaultStats};
 pub use mem::{LoggedRequest, MemDevice, MemDeviceConfig, MemStats};
 pub use sync::{SyncConfig, SyncDevice};
+#[cfg(feature = "io-uring")]
 pub use uring::{UringConfig, UringDevice};
 
 /// Direction of a device request.

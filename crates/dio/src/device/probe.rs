@@ -398,4 +398,5 @@ pub fn in_use(path: &std::path::Path) -> Option<String> {
     None
 }
 
+#[cfg(feature = "io-uring")]
 pub use super::uring::available as uring_available;
