@@ -52,6 +52,27 @@
 //! never leaves a device reading or writing freed memory: the requests finish on
 //! their own, and their buffers are freed when they complete. A dropped reader
 //! simply stops waiting for its readahead.
+//!
+//! # With tokio (feature `tokio`)
+//!
+//! [`DioReader`] is also `tokio::io::AsyncRead + AsyncBufRead + AsyncSeek`, and
+//! [`DioWriter`] `AsyncWrite + AsyncSeek`. tokio's own `File` cannot do direct I/O
+//! (it runs buffered reads on its blocking pool); these run on the engine's async
+//! calls: each read ahead or write behind is submitted to the device and its
+//! completion wakes the task ([`DioFuture`]), so no runtime thread waits for the
+//! device. The one exception is the device flush of
+//! [`StreamOptions::sync_on_finish`] in `shutdown`, an `fdatasync`, which runs on
+//! tokio's blocking pool.
+//!
+//! Every method is cancel-safe: a `read` or `write` future dropped before it
+//! completes has moved no bytes (`poll_write` takes bytes only when it returns
+//! `Ready`, `poll_read` hands them out only then), and the requests in flight stay
+//! with the stream, which picks them up on the next call. Dropping the stream
+//! itself (an aborted task, a `select!` branch that loses) is memory-safe as said
+//! above, without any `unsafe`: the buffers belong to the requests. Dropping a
+//! [`DioWriter`] that was not shut down blocks the thread until its writes are done
+//! (see its Drop notes): in async code, `shutdown().await` it, which also returns
+//! any error.
 
 use std::collections::VecDeque;
 use std::io::{self, BufRead, Read, Seek, SeekFrom, Write};

@@ -1,27 +1,7 @@
 //! tokio's I/O traits on the streams (feature `tokio`): [`DioReader`] is
 //! `AsyncRead + AsyncBufRead + AsyncSeek`, [`DioWriter`] is `AsyncWrite + AsyncSeek`.
 //!
-//! tokio's own `File` cannot do direct I/O (it runs buffered reads on a blocking
-//! thread pool). These run on the engine's async calls: a read ahead or a write
-//! behind is submitted to the device and its completion wakes the task, so no
-//! runtime thread waits for the device. The one exception is the device flush of
-//! [`StreamOptions::sync_on_finish`](crate::stream::StreamOptions::sync_on_finish)
-//! in `shutdown`, an `fdatasync` that runs on tokio's blocking pool.
-//!
-//! # Cancellation
-//!
-//! Every method is cancel-safe: a `read` or `write` future dropped before it
-//! completes has moved no bytes (`poll_write` takes bytes only when it returns
-//! `Ready`, `poll_read` gives bytes only then), and the reads and writes in flight
-//! stay with the stream, which picks them up on the next call. Dropping the stream
-//! itself (an aborted task, a `select!` branch that loses) while requests are in
-//! flight is memory-safe too: each request owns its buffer, which moved into the
-//! engine's async call and is freed only when the device completes the request, so
-//! a device never writes into freed memory and no `unsafe` is involved.
-//!
-//! Dropping a [`DioWriter`] that was not shut down waits (blocking the thread) for
-//! its writes behind; call `shutdown` (tokio's `AsyncWriteExt::shutdown`) first in
-//! async code, which also returns any error.
+//! See the `stream` module docs for what runs where and for cancellation.
 //!
 //! ```
 //! # use std::sync::Arc;

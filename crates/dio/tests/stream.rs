@@ -363,3 +363,235 @@ fn streams_over_a_host_file_match_std_fs() {
     let _ = w.write_all(b"x");
     assert_eq!(w.finish().unwrap_err().errno(), libc::EBADF);
 }
+
+/// Throughput, not a check: with `DIO_STREAM_BENCH=1`, a cold 1 GiB host file read
+/// through a `DioReader` (4 x 1 MiB, the caller reading 64 KiB at a time), through
+/// `std::fs::File` (page cache and kernel readahead, 64 KiB reads) and through dio's
+/// plain sync 1 MiB reads; then 1 GiB written through a `DioWriter` plus a device
+/// flush against `std::fs::File` writes plus `fdatasync`. The page cache is dropped
+/// before each run; three rounds alternate the contenders; prints the medians of
+/// the per-round ratios. Needs root (drop_caches).
+#[test]
+fn stream_speed_against_std_fs() {
+    if std::env::var_os("DIO_STREAM_BENCH").is_none() {
+        eprintln!("skipped: set DIO_STREAM_BENCH=1 to measure stream throughput");
+        return;
+    }
+    use std::time::Instant;
+    const SIZE: usize = 1 << 30;
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let path = dir.path().join("bench.bin");
+    {
+        let mut f = std::fs::File::create(&path).unwrap();
+        let block = bytes(1 << 20, 1);
+        for _ in 0..SIZE >> 20 {
+            f.write_all(&block).unwrap();
+        }
+        f.sync_all().unwrap();
+    }
+    let drop_caches = || {
+        std::process::Command::new("sync").status().unwrap();
+        if std::fs::write("/proc/sys/vm/drop_caches", "3").is_err() {
+            panic!("cannot drop the page cache (needs root)");
+        }
+    };
+    let gib_s = |secs: f64| SIZE as f64 / secs / (1u64 << 30) as f64;
+    let time = |f: &mut dyn FnMut() -> u64| {
+        drop_caches();
+        let t = Instant::now();
+        let n = f();
+        assert_eq!(n, SIZE as u64);
+        t.elapsed().as_secs_f64()
+    };
+    let stream = || {
+        let raw = RawFile::open(&path, &RawOptions::default()).unwrap();
+        let env = |k: &str, d: usize| {
+            std::env::var(k)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(d)
+        };
+        let mut r = DioReader::with_options(
+            &raw,
+            &opts(env("DIO_BENCH_N", 4), env("DIO_BENCH_B", 1 << 20)),
+        );
+        let mut buf = vec![0u8; 64 << 10];
+        let mut n = 0u64;
+        if std::env::var_os("DIO_BENCH_NOCOPY").is_some() {
+            loop {
+                let k = r.fill_buf().unwrap().len();
+                if k == 0 {
+                    return n;
+                }
+                r.consume(k);
+                n += k as u64;
+            }
+        }
+        loop {
+            let k = r.read(&mut buf).unwrap();
+            if k == 0 {
+                break n;
+            }
+            n += k as u64;
+        }
+    };
+    let std_read = || {
+        let mut f = std::fs::File::open(&path).unwrap();
+        let mut buf = vec![0u8; 64 << 10];
+        let mut n = 0u64;
+        loop {
+            let k = f.read(&mut buf).unwrap();
+            if k == 0 {
+                break n;
+            }
+            n += k as u64;
+        }
+    };
+    let dio_sync = || {
+        let raw = RawFile::open(&path, &RawOptions::default()).unwrap();
+        let file = raw.direct();
+        let mut buf = dio::AlignedBuf::new(1 << 20, file.geometry().buffer_align());
+        let mut n = 0u64;
+        loop {
+            let k = file.read_at(n, &mut buf, Flags::NONE).unwrap();
+            if k == 0 {
+                break n;
+            }
+            n += k as u64;
+        }
+    };
+    let wpath = dir.path().join("written.bin");
+    let block = bytes(64 << 10, 2);
+    let stream_write = || {
+        let _ = std::fs::remove_file(&wpath);
+        let raw = RawFile::open(
+            &wpath,
+            &RawOptions {
+                write: true,
+                create: true,
+                ..RawOptions::default()
+            },
+        )
+        .unwrap();
+        let mut w = DioWriter::with_options(
+            &raw,
+            &StreamOptions {
+                sync_on_finish: true,
+                ..opts(4, 1 << 20)
+            },
+        );
+        for _ in 0..SIZE / block.len() {
+            w.write_all(&block).unwrap();
+        }
+        w.finish().unwrap()
+    };
+    let std_write = || {
+        let _ = std::fs::remove_file(&wpath);
+        let mut f = std::fs::File::create(&wpath).unwrap();
+        for _ in 0..SIZE / block.len() {
+            f.write_all(&block).unwrap();
+        }
+        f.sync_data().unwrap();
+        f.metadata().unwrap().len()
+    };
+    let (mut vs_std, mut vs_sync, mut w_vs_std) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..3 {
+        let s = time(&mut { stream });
+        let f = time(&mut { std_read });
+        let d = time(&mut { dio_sync });
+        let sw = time(&mut { stream_write });
+        let fw = time(&mut { std_write });
+        eprintln!(
+            "round {round}: read GiB/s stream {:.2}, std::fs {:.2}, dio sync 1 MiB {:.2}; \
+             write+sync GiB/s stream {:.2}, std::fs {:.2}",
+            gib_s(s),
+            gib_s(f),
+            gib_s(d),
+            gib_s(sw),
+            gib_s(fw)
+        );
+        vs_std.push(f / s);
+        vs_sync.push(d / s);
+        w_vs_std.push(fw / sw);
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v[v.len() / 2]
+    };
+    eprintln!(
+        "median speed ratios: stream/std::fs read {:.2}x, stream/dio sync read {:.2}x, \
+         stream/std::fs write+sync {:.2}x",
+        median(vs_std),
+        median(vs_sync),
+        median(w_vs_std)
+    );
+}
+
+/// Files inside ext2/ext4 images (fragmented, sparse, odd sizes) read through a
+/// `DioReader` over the ext client's `DirectFile`: the CRC-32 of the stream equals
+/// the fixture manifest's (made from the kernel's own mount when the images were
+/// built).
+#[cfg(feature = "ext")]
+#[test]
+fn reader_over_ext_files_matches_the_fixture_manifest() {
+    use dio::ext::Ext;
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ext");
+    let manifest = std::fs::read_to_string(fixtures.join("manifest.txt")).unwrap();
+    let want: Vec<(&str, u64, u32)> = manifest
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split('\t').collect();
+            (f.len() == 4 && f[0] == "f").then(|| {
+                (
+                    f[1],
+                    f[2].parse().unwrap(),
+                    u32::from_str_radix(f[3], 16).unwrap(),
+                )
+            })
+        })
+        .filter(|(p, _, _)| {
+            // (/frag's bytes depend on the block size: the manifest has no CRC of them)
+            [
+                "/sparse3m",
+                "/data/pattern",
+                "/data/random",
+                "/data/sparse",
+                "/data/far",
+            ]
+            .contains(p)
+        })
+        .collect();
+    assert_eq!(want.len(), 5, "the manifest lists the files");
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let mut streamed = 0;
+    for name in ["ext4-4k", "ext2-1k"] {
+        let gz = std::fs::File::open(fixtures.join(format!("{name}.img.gz"))).unwrap();
+        let mut img = Vec::new();
+        flate2::read::GzDecoder::new(gz)
+            .read_to_end(&mut img)
+            .unwrap();
+        let path = dir.path().join(format!("{name}.img"));
+        std::fs::write(&path, img).unwrap();
+        let raw = RawFile::open(&path, &RawOptions::default()).unwrap();
+        let ext = Ext::open(Arc::clone(raw.direct().device()), raw.size()).unwrap();
+        for &(p, size, crc) in &want {
+            let file = ext
+                .open_file(&ext.lookup(p.as_bytes(), true).unwrap())
+                .unwrap();
+            let Some(direct) = file.direct() else {
+                // Inline data: no blocks for the engine (ExtFile::direct says so).
+                eprintln!("{name}:{p}: no DirectFile, skipped");
+                continue;
+            };
+            streamed += 1;
+            let mut r = DioReader::with_options(direct, &opts(3, 48 << 10));
+            let mut data = Vec::new();
+            r.read_to_end(&mut data).unwrap();
+            assert_eq!(data.len() as u64, size, "{name}:{p}");
+            let mut c = flate2::Crc::new();
+            c.update(&data);
+            assert_eq!(c.sum(), crc, "{name}:{p}");
+        }
+    }
+    assert!(streamed >= 8, "only {streamed} files had a DirectFile");
+}
