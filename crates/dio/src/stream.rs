@@ -325,7 +325,7 @@ impl DioReader {
 
     /// Make the chunk holding the position current, waiting for it (`cx` = `None`)
     /// or polling it. Ready with nothing available means the end of the file.
-    pub(crate) fn fill(&mut self, mut cx: Option<&mut Context<'_>>) -> Poll<io::Result<()>> {
+    pub(crate) fn fill(&mut self, cx: Option<&mut Context<'_>>) -> Poll<io::Result<()>> {
         if !self.available().is_empty() {
             return Poll::Ready(Ok(()));
         }
@@ -345,7 +345,7 @@ impl DioReader {
             self.next = self.pos - self.pos % chunk;
         }
         self.read_ahead();
-        let (off, done) = match front_ready(&mut self.ahead, cx.as_deref_mut()) {
+        let (off, done) = match front_ready(&mut self.ahead, cx) {
             Poll::Ready(r) => r,
             Poll::Pending => return Poll::Pending,
         };
@@ -436,6 +436,9 @@ impl Seek for DioReader {
     }
 }
 
+/// A write behind's file offset and length.
+type Span = (u64, usize);
+
 /// The chunk a writer is filling: file bytes `[base + lo, base + hi)` are in
 /// `buf[lo..hi]`; `base` is a multiple of the chunk size.
 struct WriteChunk {
@@ -476,7 +479,7 @@ pub struct DioWriter<F: StreamFile = DirectFile> {
     pos: u64,
     cur: Option<WriteChunk>,
     /// Writes in flight, oldest first, with (file offset, length).
-    behind: VecDeque<((u64, usize), DioFuture<Window<AlignedBuf>>)>,
+    behind: VecDeque<(Span, DioFuture<Window<AlignedBuf>>)>,
     spare: Vec<AlignedBuf>,
     /// The first failure of a write behind (sticky).
     error: Option<Error>,
@@ -598,7 +601,7 @@ impl<F: StreamFile> DioWriter<F> {
     /// full and every slot is taken.
     pub(crate) fn poll_write_from(
         &mut self,
-        mut cx: Option<&mut Context<'_>>,
+        cx: Option<&mut Context<'_>>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         self.check()?;
@@ -609,7 +612,7 @@ impl<F: StreamFile> DioWriter<F> {
             return Poll::Ready(Ok(0));
         }
         if matches!(&self.cur, Some(c) if c.hi == self.chunk) {
-            if self.reap_to(self.depth - 1, cx.as_deref_mut()).is_pending() {
+            if self.reap_to(self.depth - 1, cx).is_pending() {
                 return Poll::Pending;
             }
             self.check()?;
