@@ -137,6 +137,9 @@ pub enum Feature {
     Nbd,
     /// TLS, or a TLS mode.
     Tls,
+    /// Untorn (atomic, `RWF_ATOMIC`) writes: the file or device reports no atomic
+    /// write units, or not the size asked.
+    AtomicWrite,
 }
 
 /// What is not supported, and the details.

@@ -400,3 +400,82 @@ pub fn in_use(path: &std::path::Path) -> Option<String> {
 
 #[cfg(feature = "io-uring")]
 pub use super::uring::available as uring_available;
+
+/// What untorn (atomic) writes a file or block device supports, as statx
+/// (`STATX_WRITE_ATOMIC`, Linux 6.11+) reports it: a write of a power-of-two size
+/// from `unit_min` to `unit_max` bytes, aligned to its size, lands whole or not at
+/// all. All zero where the kernel, the file system or the device reports none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AtomicWriteLimits {
+    /// Smallest atomic write, in bytes (0: none).
+    pub unit_min: u32,
+    /// Largest atomic write, in bytes (0: none).
+    pub unit_max: u32,
+    /// Most memory segments in one atomic write.
+    pub segments_max: u32,
+}
+
+impl AtomicWriteLimits {
+    /// Whether any atomic write is supported.
+    pub fn supported(&self) -> bool {
+        self.unit_min > 0 && self.unit_max >= self.unit_min
+    }
+
+    /// Whether a write of `len` bytes can be atomic.
+    pub fn allows(&self, len: u64) -> bool {
+        self.supported()
+            && len.is_power_of_two()
+            && (u64::from(self.unit_min)..=u64::from(self.unit_max)).contains(&len)
+    }
+}
+
+/// The atomic write limits of an open file or block device (all zero where statx
+/// reports none, e.g. on kernels before 6.11).
+pub fn atomic_write_limits(fd: BorrowedFd<'_>) -> io::Result<AtomicWriteLimits> {
+    use rustix::fs::{AtFlags, StatxFlags};
+    const STATX_WRITE_ATOMIC: u32 = 0x0001_0000;
+    let stx = rustix::fs::statx(
+        fd,
+        "",
+        AtFlags::EMPTY_PATH,
+        StatxFlags::from_bits_retain(STATX_WRITE_ATOMIC),
+    )?;
+    if stx.stx_mask & STATX_WRITE_ATOMIC == 0 {
+        return Ok(AtomicWriteLimits::default());
+    }
+    Ok(AtomicWriteLimits {
+        unit_min: stx.stx_atomic_write_unit_min,
+        unit_max: stx.stx_atomic_write_unit_max,
+        segments_max: stx.stx_atomic_write_segments_max,
+    })
+}
+
+/// The atomic write limits of `fd` (the file at `path`) if they allow untorn writes
+/// of `unit` bytes; else [`Error::Incompatible`] with [`Feature::AtomicWrite`],
+/// naming the sizes supported or their absence.
+pub fn require_atomic_writes(
+    fd: BorrowedFd<'_>,
+    path: &Path,
+    unit: u64,
+) -> Result<AtomicWriteLimits> {
+    let limits =
+        atomic_write_limits(fd).map_err(|e| Error::os(format!("statx {}", path.display()), e))?;
+    if limits.allows(unit) {
+        return Ok(limits);
+    }
+    let why = if limits.supported() {
+        format!(
+            "atomic writes of {unit} bytes: {} takes powers of two from {} to {} bytes",
+            path.display(),
+            limits.unit_min,
+            limits.unit_max
+        )
+    } else {
+        format!(
+            "atomic writes: {} reports no atomic write units (statx STATX_WRITE_ATOMIC; \
+             needs Linux 6.11+ and a file system and device that support them)",
+            path.display()
+        )
+    };
+    Err(Error::incompatible(Feature::AtomicWrite, why))
+}
