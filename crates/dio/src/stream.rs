@@ -17,8 +17,8 @@
 //! implement tokio's `AsyncRead`, `AsyncBufRead`, `AsyncWrite` and `AsyncSeek`.
 //!
 //! They work over any [`StreamFile`]: a [`DirectFile`] (the files of every client,
-//! e.g. the one from `dio::ext::ExtFile::direct`), a [`RawFile`], an NBD file, or a
-//! reference, `Arc` or `Box` of one.
+//! e.g. the one from `dio::ext::ExtFile::direct`), any [`Source`] (a [`RawFile`],
+//! an NBD file, a `Box<dyn Source>`), or a reference, `Arc` or `Box` of one.
 //!
 //! ```
 //! use std::io::{Read, Seek, SeekFrom, Write};
@@ -81,7 +81,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use crate::buf::Window;
-use crate::{AlignedBuf, Completed, DioFuture, DirectFile, Error, Flags, RawFile, Result};
+use crate::RawFile;
+use crate::{AlignedBuf, Completed, DioFuture, DirectFile, Error, Flags, Result, Source};
 
 /// A file a stream can run over: anything that has a [`DirectFile`].
 pub trait StreamFile {
@@ -105,24 +106,29 @@ impl StreamFile for DirectFile {
     }
 }
 
-impl StreamFile for RawFile {
-    fn direct_file(&self) -> &DirectFile {
-        self.direct()
-    }
-    fn settle_len(&self, size: u64) -> Result<()> {
-        if self.is_block_device() {
-            return Ok(());
+/// The whole-device clients ([`Source`]): a resizable one (a regular host file
+/// open for writing) gets the exact size at the end, since its device writes whole
+/// blocks.
+macro_rules! source_stream_file {
+    ($t:ty) => {
+        impl StreamFile for $t {
+            fn direct_file(&self) -> &DirectFile {
+                Source::direct(self)
+            }
+            fn settle_len(&self, size: u64) -> Result<()> {
+                if self.resizable() {
+                    Source::set_len(self, size)?;
+                }
+                Ok(())
+            }
         }
-        self.set_len(size)
-    }
+    };
 }
 
+source_stream_file!(RawFile);
+source_stream_file!(dyn Source);
 #[cfg(feature = "nbd")]
-impl StreamFile for crate::nbd::NbdFile {
-    fn direct_file(&self) -> &DirectFile {
-        self.direct()
-    }
-}
+source_stream_file!(crate::nbd::NbdFile);
 
 impl<T: StreamFile + ?Sized> StreamFile for &T {
     fn direct_file(&self) -> &DirectFile {

@@ -63,12 +63,22 @@ pub trait Source: fmt::Debug + Send + Sync {
 /// [`nbd::NbdFile::open_uri`], anything else as a host path through
 /// [`RawFile::open`] with `opts` (whose `write` applies to both).
 pub fn open_source(spec: &str, opts: &RawOptions) -> Result<Box<dyn Source>> {
+    #[cfg(not(feature = "nbd"))]
+    if spec
+        .split_once("://")
+        .is_some_and(|(scheme, _)| scheme.starts_with("nbd"))
+    {
+        return Err(crate::Error::incompatible(
+            crate::Feature::Nbd,
+            format!("{spec}: dio was built without its nbd feature"),
+        ));
+    }
+    #[cfg(feature = "nbd")]
     if nbd::NbdUri::is_nbd_uri(spec) {
         let f = nbd::NbdFile::open_uri(spec, opts.write, &nbd::NbdConfig::default())?;
-        Ok(Box::new(f))
-    } else {
-        Ok(Box::new(RawFile::open(spec, opts)?))
+        return Ok(Box::new(f));
     }
+    Ok(Box::new(RawFile::open(spec, opts)?))
 }
 
 impl Source for RawFile {
@@ -100,6 +110,7 @@ impl Source for RawFile {
     }
 }
 
+#[cfg(feature = "nbd")]
 impl Source for nbd::NbdFile {
     fn direct(&self) -> &DirectFile {
         nbd::NbdFile::direct(self)
