@@ -6,16 +6,19 @@
 //! calls, [`Flags::UNALIGNED`], as redb's offsets and buffers are not aligned for
 //! direct I/O), and memory goes to redb's cache alone.
 //!
+//! Over a host file: `RedbBackend::raw(RawFile::open(path, &RawOptions { write: true,
+//! create: true, ..RawOptions::default() })?)`. Here over the RAM device:
+//!
 //! ```
-//! use dio::{RawFile, RawOptions, RedbBackend};
-//! use redb::{Database, TableDefinition};
+//! use std::sync::Arc;
+//! use dio::{DirectFile, FileState, IdentityMap, MemDevice, MemDeviceConfig, RedbBackend};
+//! use redb::{Database, ReadableDatabase, TableDefinition};
 //!
 //! const TABLE: TableDefinition<u64, &str> = TableDefinition::new("t");
-//! # let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-//! let path = dir.path().join("db.redb");
-//! let opts = RawOptions { write: true, create: true, ..RawOptions::default() };
-//! let backend = RedbBackend::raw(RawFile::open(&path, &opts).unwrap());
-//! let db = Database::builder().create_with_backend(backend).unwrap();
+//! let dev = Arc::new(MemDevice::new(MemDeviceConfig::new(64 << 20, 512)));
+//! let map = Arc::new(IdentityMap::new(4096, 64 << 20));
+//! let file = DirectFile::new(dev, map, Arc::new(FileState::new(0))).unwrap();
+//! let db = Database::builder().create_with_backend(RedbBackend::new(file)).unwrap();
 //! let tx = db.begin_write().unwrap();
 //! tx.open_table(TABLE).unwrap().insert(1, "one").unwrap();
 //! tx.commit().unwrap();
