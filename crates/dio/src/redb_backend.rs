@@ -1,34 +1,4 @@
-//! redb on direct I/O (feature `redb`): [`RedbBackend`], a `redb::StorageBackend`
-//! over a dio file.
-//!
-//! redb keeps its own page cache, so the kernel's is a second copy of every page;
-//! over dio the database's reads and writes go straight to the device (byte-granular
-//! calls, [`Flags::UNALIGNED`], as redb's offsets and buffers are not aligned for
-//! direct I/O), and memory goes to redb's cache alone.
-//!
-//! Over a host file: `RedbBackend::raw(RawFile::open(path, &RawOptions { write: true,
-//! create: true, ..RawOptions::default() })?)`. Here over the RAM device:
-//!
-//! ```
-//! use std::sync::Arc;
-//! use dio::{DirectFile, FileState, IdentityMap, MemDevice, MemDeviceConfig, RedbBackend};
-//! use redb::{Database, ReadableDatabase, TableDefinition};
-//!
-//! const TABLE: TableDefinition<u64, &str> = TableDefinition::new("t");
-//! let dev = Arc::new(MemDevice::new(MemDeviceConfig::new(64 << 20, 512)));
-//! let map = Arc::new(IdentityMap::new(4096, 64 << 20));
-//! let file = DirectFile::new(dev, map, Arc::new(FileState::new(0))).unwrap();
-//! let db = Database::builder().create_with_backend(RedbBackend::new(file)).unwrap();
-//! let tx = db.begin_write().unwrap();
-//! tx.open_table(TABLE).unwrap().insert(1, "one").unwrap();
-//! tx.commit().unwrap();
-//! let rx = db.begin_read().unwrap();
-//! assert_eq!(rx.open_table(TABLE).unwrap().get(1).unwrap().unwrap().value(), "one");
-//! ```
-//!
-//! Locking: the backend implements none of redb's range locks, so redb runs in its
-//! default `ExclusiveWriter` concurrency mode and does not itself stop a second
-//! process from opening the same storage; open each database from one process.
+//! redb on direct I/O (feature `redb`): [`RedbBackend`].
 
 use std::io;
 
@@ -44,7 +14,36 @@ enum Target {
 
 /// A `redb::StorageBackend` over a dio file: a [`RawFile`] (a host file or block
 /// device, via [`RedbBackend::raw`]) or any [`DirectFile`] (RAM, NBD, an ext
-/// overwriter, via [`RedbBackend::new`]). See the [module docs](self).
+/// overwriter, via [`RedbBackend::new`]).
+///
+/// redb keeps its own page cache, so the kernel's is a second copy of every page;
+/// over dio the database's reads and writes go straight to the device (byte-granular
+/// calls, [`Flags::UNALIGNED`], as redb's offsets and buffers are not aligned for
+/// direct I/O), and memory goes to redb's cache alone.
+///
+/// Over a host file: `RedbBackend::raw(RawFile::open(path, &RawOptions { write: true,
+/// create: true, ..RawOptions::default() })?)`. Here over the RAM device:
+///
+/// ```
+/// use std::sync::Arc;
+/// use dio::{DirectFile, FileState, IdentityMap, MemDevice, MemDeviceConfig, RedbBackend};
+/// use redb::{Database, ReadableDatabase, TableDefinition};
+///
+/// const TABLE: TableDefinition<u64, &str> = TableDefinition::new("t");
+/// let dev = Arc::new(MemDevice::new(MemDeviceConfig::new(64 << 20, 512)));
+/// let map = Arc::new(IdentityMap::new(4096, 64 << 20));
+/// let file = DirectFile::new(dev, map, Arc::new(FileState::new(0))).unwrap();
+/// let db = Database::builder().create_with_backend(RedbBackend::new(file)).unwrap();
+/// let tx = db.begin_write().unwrap();
+/// tx.open_table(TABLE).unwrap().insert(1, "one").unwrap();
+/// tx.commit().unwrap();
+/// let rx = db.begin_read().unwrap();
+/// assert_eq!(rx.open_table(TABLE).unwrap().get(1).unwrap().unwrap().value(), "one");
+/// ```
+///
+/// Locking: the backend implements none of redb's range locks, so redb runs in its
+/// default `ExclusiveWriter` concurrency mode and does not itself stop a second
+/// process from opening the same storage; open each database from one process.
 pub struct RedbBackend {
     target: Target,
 }
