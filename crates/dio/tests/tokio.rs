@@ -321,3 +321,80 @@ fn no_runtime_thread_waits_for_the_device() {
         "requests went through the gate: {released}"
     );
 }
+
+/// Throughput, not a check: with `DIO_STREAM_BENCH=1`, a cold 1 GiB host file read
+/// in 64 KiB calls through the tokio adapter (multi-thread runtime) and through the
+/// sync stream, both 4 x 1 MiB, three alternated pairs; prints the median ratio.
+/// Needs root (drop_caches).
+#[test]
+fn tokio_stream_speed_against_the_sync_stream() {
+    if std::env::var_os("DIO_STREAM_BENCH").is_none() {
+        eprintln!("skipped: set DIO_STREAM_BENCH=1 to measure stream throughput");
+        return;
+    }
+    use std::io::{Read, Write};
+    use std::time::Instant;
+    const SIZE: usize = 1 << 30;
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let path = dir.path().join("bench.bin");
+    {
+        let mut f = std::fs::File::create(&path).unwrap();
+        let block = bytes(1 << 20, 1);
+        for _ in 0..SIZE >> 20 {
+            f.write_all(&block).unwrap();
+        }
+        f.sync_all().unwrap();
+    }
+    let cold = || {
+        std::process::Command::new("sync").status().unwrap();
+        std::fs::write("/proc/sys/vm/drop_caches", "3").expect("drop the page cache (root)");
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .build()
+        .unwrap();
+    let mut ratios = Vec::new();
+    for round in 0..3 {
+        cold();
+        let t = Instant::now();
+        let raw = dio::RawFile::open(&path, &dio::RawOptions::default()).unwrap();
+        let mut r = DioReader::with_options(&raw, &opts(4, 1 << 20));
+        let mut buf = vec![0u8; 64 << 10];
+        let mut n = 0;
+        loop {
+            let k = Read::read(&mut r, &mut buf).unwrap();
+            if k == 0 {
+                break;
+            }
+            n += k;
+        }
+        assert_eq!(n, SIZE);
+        let sync = t.elapsed().as_secs_f64();
+        cold();
+        let t = Instant::now();
+        let n = rt.block_on(async {
+            let raw = dio::RawFile::open(&path, &dio::RawOptions::default()).unwrap();
+            let mut r = DioReader::with_options(&raw, &opts(4, 1 << 20));
+            let mut buf = vec![0u8; 64 << 10];
+            let mut n = 0;
+            loop {
+                let k = AsyncReadExt::read(&mut r, &mut buf).await.unwrap();
+                if k == 0 {
+                    break n;
+                }
+                n += k;
+            }
+        });
+        assert_eq!(n, SIZE);
+        let asy = t.elapsed().as_secs_f64();
+        let g = |s: f64| SIZE as f64 / s / (1u64 << 30) as f64;
+        eprintln!(
+            "round {round}: sync stream {:.2} GiB/s, tokio stream {:.2} GiB/s",
+            g(sync),
+            g(asy)
+        );
+        ratios.push(sync / asy);
+    }
+    ratios.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    eprintln!("median speed ratio tokio/sync stream: {:.2}x", ratios[1]);
+}
