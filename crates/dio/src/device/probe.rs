@@ -401,6 +401,16 @@ pub fn in_use(path: &std::path::Path) -> Option<String> {
 #[cfg(feature = "io-uring")]
 pub use super::uring::available as uring_available;
 
+/// Whether io_uring can be set up here: never, in a dio built without its
+/// `io-uring` feature (an `Unsupported` error saying so).
+#[cfg(not(feature = "io-uring"))]
+pub fn uring_available() -> io::Result<()> {
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "dio was built without its io-uring feature",
+    ))
+}
+
 /// What untorn (atomic) writes a file or block device supports, as statx
 /// (`STATX_WRITE_ATOMIC`, Linux 6.11+) reports it: a write of a power-of-two size
 /// from `unit_min` to `unit_max` bytes, aligned to its size, lands whole or not at
