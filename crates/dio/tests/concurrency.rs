@@ -181,6 +181,7 @@ fn wait_polling<T>(file: &DirectFile, rx: &mpsc::Receiver<T>, secs: u64) -> T {
 fn async_calls_chained_from_callbacks_never_hang_on_any_back_end() {
     let size = 64 << 20;
     for (name, dev, _srv) in backends(size) {
+        eprintln!("chain backend {name}");
         let file = DirectFile::new(
             dev,
             Arc::new(OneBlockAtATime(IdentityMap::new(FS, size))),

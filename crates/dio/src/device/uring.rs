@@ -1251,10 +1251,64 @@ impl Inner {
     }
 }
 
+/// How deep completions may nest on one thread before they are deferred. A
+/// callback that submits can land in `submit` with every slot busy, which reaps and
+/// completes others inline, whose callbacks submit again: without a bound, a long
+/// chain of calls started from callbacks grows the stack without end.
+const MAX_NESTED_COMPLETIONS: u32 = 4;
+
+thread_local! {
+    /// Completion batches running on this thread, one inside another.
+    static NESTED: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+    /// Completions reaped too deep to run at once: the outermost batch on this
+    /// thread runs them, or the next poll here (a waiter never waits on them).
+    static DEFERRED: std::cell::RefCell<std::collections::VecDeque<(Request, io::Result<()>)>> =
+        const { std::cell::RefCell::new(std::collections::VecDeque::new()) };
+}
+
+/// Leaves one nesting level, also when a completion unwinds.
+struct Nest;
+
+impl Nest {
+    fn enter() -> Nest {
+        NESTED.with(|n| n.set(n.get() + 1));
+        Nest
+    }
+}
+
+impl Drop for Nest {
+    fn drop(&mut self) {
+        NESTED.with(|n| n.set(n.get() - 1));
+    }
+}
+
+/// Run the completions this thread deferred; how many ran.
+fn drain_deferred() -> usize {
+    let mut n = 0;
+    while let Some((req, result)) = DEFERRED.with(|d| d.borrow_mut().pop_front()) {
+        let _nest = Nest::enter();
+        req.complete(result);
+        n += 1;
+    }
+    n
+}
+
+/// Complete a reaped batch: inline, unless completions already nest deep on this
+/// thread, in which case they queue for the outermost batch (or the next poll).
 fn complete_all(batch: Batch) -> usize {
     let n = batch.len();
-    for (req, result) in batch {
-        req.complete(result);
+    if NESTED.with(|d| d.get()) >= MAX_NESTED_COMPLETIONS {
+        DEFERRED.with(|d| d.borrow_mut().extend(batch));
+        return n;
+    }
+    {
+        let _nest = Nest::enter();
+        for (req, result) in batch {
+            req.complete(result);
+        }
+    }
+    if NESTED.with(|d| d.get()) == 0 {
+        drain_deferred();
     }
     n
 }
@@ -1303,6 +1357,12 @@ impl Device for UringDevice {
     }
 
     fn poll(&self, wait: bool) -> io::Result<usize> {
+        // Completions deferred on this thread first: a sync call made deep in a
+        // chain of callbacks may be waiting on one of them.
+        let deferred = drain_deferred();
+        if deferred > 0 {
+            return Ok(deferred);
+        }
         match &self.rings {
             Rings::Shared(inner) => inner.poll(wait),
             // A thread reaps its own ring only: its requests are there, and only
