@@ -157,6 +157,12 @@ struct ReplayArgs {
     /// Never tear a write.
     #[arg(long)]
     no_torn: bool,
+    /// Bytes the device writes atomically: a torn write loses or keeps whole
+    /// aligned units of this size. 512 assumes the least; 4096 is a disk with
+    /// 4 KiB physical sectors (ext4 counts on its 1 KiB superblock being written
+    /// whole: with 512, a torn superblock write fails its checksum).
+    #[arg(long, value_name = "BYTES", default_value_t = 512, value_parser = parse_unit)]
+    atomic_unit: u64,
     /// Directory for temporary state images (default: next to the log).
     #[arg(long, value_name = "DIR")]
     scratch: Option<PathBuf>,
@@ -548,6 +554,7 @@ fn replay(a: &ReplayArgs) -> Result<(), Failure> {
         max_states: a.max_states,
         seed: a.seed,
         torn: !a.no_torn,
+        atomic_unit: a.atomic_unit,
     };
     let result = dio_crash::run(&log, base, &checkers, &opts, &scratch);
     if a.scratch.is_none() {
@@ -661,4 +668,15 @@ fn list(a: &LogArgs) -> Result<(), Failure> {
         say!("(a torn tail of {} bytes ignored)", log.ignored_tail());
     }
     Ok(())
+}
+
+/// An atomic unit: a power of two from 512 bytes to 1 MiB.
+fn parse_unit(s: &str) -> Result<u64, String> {
+    let n: u64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of bytes"))?;
+    if !n.is_power_of_two() || !(512..=1 << 20).contains(&n) {
+        return Err(format!("{n} is not a power of two from 512 to 1048576"));
+    }
+    Ok(n)
 }

@@ -151,8 +151,19 @@ fn record_in_place_writes_inside_an_ext4_image_and_replay_with_e2fsck() {
     assert!(o.status.success(), "{}", text(&o));
     let o = dio(
         &[
-            "crash", "replay", "e.log", "--base", "base.img", "--check", "model", "--check",
+            // The journal sets and clears needs_recovery in the 1 KiB superblock,
+            // which ext4 counts on being written whole (4 KiB physical sectors).
+            "crash",
+            "replay",
+            "e.log",
+            "--base",
+            "base.img",
+            "--check",
+            "model",
+            "--check",
             "e2fsck",
+            "--atomic-unit",
+            "4096",
         ],
         &d,
     );

@@ -107,6 +107,12 @@ pub struct ReplayOptions {
     pub seed: u64,
     /// Tear some multi-sector volatile writes.
     pub torn: bool,
+    /// The bytes the device writes atomically (a power of two, at least 512): a
+    /// torn write loses or keeps whole aligned units of this size. 512, the
+    /// default, assumes the least; 4096 is what a disk with 4 KiB physical sectors
+    /// writes whole (and what ext4 counts on for its 1 KiB superblock at byte 1024:
+    /// with 512-byte units a torn superblock write fails its checksum).
+    pub atomic_unit: u64,
 }
 
 impl Default for ReplayOptions {
@@ -116,6 +122,7 @@ impl Default for ReplayOptions {
             max_states: None,
             seed: 1,
             torn: true,
+            atomic_unit: SECTOR,
         }
     }
 }
@@ -422,11 +429,26 @@ pub fn plan(log: &Log, an: &Analysis, opts: &ReplayOptions) -> Vec<StateSpec> {
                 if rng.below(100) >= p {
                     continue;
                 }
-                let sectors = write_rec(log, i).len.div_ceil(SECTOR);
-                let torn = opts.torn && sectors > 1 && rng.below(4) == 0;
+                let w = write_rec(log, i);
+                let unit = opts.atomic_unit.max(SECTOR);
+                let (first, end) = (w.offset / unit, (w.offset + w.len).div_ceil(unit));
+                let units = end.saturating_sub(first);
+                let torn = opts.torn && units > 1 && rng.below(4) == 0;
                 kept.push(Kept {
                     record: i,
-                    sectors: torn.then(|| tear(&mut rng, sectors as u32)),
+                    sectors: torn.then(|| {
+                        // Whole atomic units land or not; as sector ranges of the
+                        // write.
+                        tear(&mut rng, units as u32)
+                            .into_iter()
+                            .map(|(a, b)| {
+                                let lo = ((first + u64::from(a)) * unit).max(w.offset) - w.offset;
+                                let hi = ((first + u64::from(b)) * unit).min(w.offset + w.len)
+                                    - w.offset;
+                                ((lo / SECTOR) as u32, hi.div_ceil(SECTOR) as u32)
+                            })
+                            .collect()
+                    }),
                 });
             }
             let before = out.len();
