@@ -81,6 +81,7 @@
 //! | `engine/` | [`DirectFile`]: the walk of buffers against the map, bios, completion, unaligned I/O; `state.rs`: a file's [`FileState`] (size, in-flight count, range lock, truncate gate) |
 //! | `map/` | [`BlockMap`] and its simple maps: [`IdentityMap`], the raw file's map, [`TestMap`] |
 //! | `device/` | [`Device`], [`Request`], and the back ends: RAM, pread/pwrite, io_uring, NBD; the probe of host files ([`probe`]). With `buf.rs`, the only place `unsafe` is allowed |
+//! | `stream/` | adapters to the Rust ecosystem: [`stream::DioReader`] and [`stream::DioWriter`] (readahead, write-behind; `std::io` and, with `tokio`, tokio's I/O traits), and with `redb` the `RedbBackend` |
 //! | `client/` | what users open: [`RawFile`], [`nbd::NbdFile`], [`ext`]; the [`Source`] trait |
 //! | `buf.rs` | aligned buffers, arenas, the memory a request may touch |
 //! | `error.rs` | [`Error`] and its kinds |
@@ -315,11 +316,7 @@ mod device;
 mod engine;
 mod error;
 mod map;
-#[cfg(feature = "redb")]
-mod redb_backend;
 pub mod stream;
-#[cfg(feature = "tokio")]
-mod tokio_io;
 
 pub use buf::{AlignedBuf, ArenaBuf, BufArena, MemRef, OwnedBuf, Segments, Window, HUGE_MIN};
 #[cfg(feature = "ext")]
@@ -345,4 +342,4 @@ pub use error::{
 pub use error::{TlsError, TlsErrorKind};
 pub use map::{BlockMap, Extent, IdentityMap, Mapping, Private, TestMap, TestMapConfig};
 #[cfg(feature = "redb")]
-pub use redb_backend::RedbBackend;
+pub use stream::redb::RedbBackend;

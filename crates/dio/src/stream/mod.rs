@@ -74,6 +74,11 @@
 //! (see its Drop notes): in async code, `shutdown().await` it, which also returns
 //! any error.
 
+#[cfg(feature = "redb")]
+pub(crate) mod redb;
+#[cfg(feature = "tokio")]
+mod tokio_io;
+
 use std::collections::VecDeque;
 use std::io::{self, BufRead, Read, Seek, SeekFrom, Write};
 use std::pin::Pin;
