@@ -1266,26 +1266,33 @@ thread_local! {
         const { std::cell::RefCell::new(std::collections::VecDeque::new()) };
 }
 
-/// Leaves one nesting level, also when a completion unwinds.
+/// Leaves one nesting level, also when a completion unwinds. (The thread-locals
+/// are reached with `try_with`: a ring released at thread exit completes its
+/// requests while this thread's locals may already be gone; then completions run
+/// inline.)
 struct Nest;
 
 impl Nest {
     fn enter() -> Nest {
-        NESTED.with(|n| n.set(n.get() + 1));
+        let _ = NESTED.try_with(|n| n.set(n.get() + 1));
         Nest
     }
 }
 
 impl Drop for Nest {
     fn drop(&mut self) {
-        NESTED.with(|n| n.set(n.get() - 1));
+        let _ = NESTED.try_with(|n| n.set(n.get().saturating_sub(1)));
     }
 }
 
 /// Run the completions this thread deferred; how many ran.
 fn drain_deferred() -> usize {
     let mut n = 0;
-    while let Some((req, result)) = DEFERRED.with(|d| d.borrow_mut().pop_front()) {
+    while let Some((req, result)) = DEFERRED
+        .try_with(|d| d.borrow_mut().pop_front())
+        .ok()
+        .flatten()
+    {
         let _nest = Nest::enter();
         req.complete(result);
         n += 1;
@@ -1297,17 +1304,25 @@ fn drain_deferred() -> usize {
 /// thread, in which case they queue for the outermost batch (or the next poll).
 fn complete_all(batch: Batch) -> usize {
     let n = batch.len();
-    if NESTED.with(|d| d.get()) >= MAX_NESTED_COMPLETIONS {
-        DEFERRED.with(|d| d.borrow_mut().extend(batch));
-        return n;
+    let depth = NESTED.try_with(|d| d.get()).unwrap_or(0);
+    let mut batch = Some(batch);
+    if depth >= MAX_NESTED_COMPLETIONS {
+        let queued = DEFERRED.try_with(|d| {
+            if let Some(b) = batch.take() {
+                d.borrow_mut().extend(b);
+            }
+        });
+        if queued.is_ok() {
+            return n;
+        }
     }
-    {
+    if let Some(batch) = batch {
         let _nest = Nest::enter();
         for (req, result) in batch {
             req.complete(result);
         }
     }
-    if NESTED.with(|d| d.get()) == 0 {
+    if NESTED.try_with(|d| d.get()).unwrap_or(0) == 0 {
         drain_deferred();
     }
     n
