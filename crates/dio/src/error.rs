@@ -140,6 +140,15 @@ pub enum Feature {
     /// Untorn (atomic, `RWF_ATOMIC`) writes: the file or device reports no atomic
     /// write units, or not the size asked.
     AtomicWrite,
+    /// Allocating writes (new files, growth, directories) on an image with a
+    /// journal: they need the journal writer.
+    JournalWrite,
+    /// Allocating writes on a bigalloc (clustered) image.
+    Bigalloc,
+    /// Adding entries to a hashed (htree) directory.
+    HtreeInsert,
+    /// Allocating writes to files mapped by ext2/3 indirect blocks.
+    IndirectAlloc,
 }
 
 /// What is not supported, and the details.

@@ -46,6 +46,7 @@
 
 #![forbid(unsafe_code)]
 
+mod alloc;
 mod bytes;
 mod dir;
 mod fence;
@@ -56,15 +57,21 @@ mod io;
 mod journal;
 mod jwrite;
 mod map;
+mod ops;
 mod superblock;
+mod tree;
+mod tx;
+mod wmap;
 
 use crate::error::{CorruptKind, Feature, PathErrorKind};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 pub use dir::DirEntry;
 pub use inode::{flags as inode_flags, FileType, Inode, Timestamp, ROOT_INO};
 pub use map::FileExtent;
+pub use ops::Attrs;
+pub use wmap::ExtWriter;
 pub use superblock::{compat, incompat, ro_compat, Superblock};
 
 use crate::device::Device;
@@ -98,6 +105,22 @@ pub(crate) struct Fs {
     /// shared by many inodes, and a device logical block by several): two updates
     /// of neighbouring inodes must not write back each other's stale bytes.
     meta: Mutex<()>,
+    /// The block and inode allocator of allocating operations (taken before
+    /// `meta`; `None` until first used, and again after a failed operation).
+    alloc: Mutex<Option<alloc::Alloc>>,
+    /// Inodes with an open [`ExtWriter`].
+    writers: Mutex<HashSet<u32>>,
+}
+
+/// Now, as an inode timestamp.
+pub(crate) fn now() -> Timestamp {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    Timestamp {
+        secs: i64::try_from(now.as_secs()).unwrap_or(i64::MAX),
+        nsecs: now.subsec_nanos(),
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -170,7 +193,14 @@ impl Fs {
         Ok(table * u64::from(self.sb.block_size) + idx * u64::from(self.sb.inode_size))
     }
 
-    fn read_inode(&self, ino: u32) -> Result<Inode> {
+    /// The fs block holding inode `ino` and the inode's byte offset in it.
+    pub(crate) fn inode_place(&self, ino: u32) -> Result<(u64, usize)> {
+        let at = self.inode_offset(ino)?;
+        let bs = u64::from(self.sb.block_size);
+        Ok((at / bs, (at % bs) as usize))
+    }
+
+    pub(crate) fn read_inode(&self, ino: u32) -> Result<Inode> {
         let at = self.inode_offset(ino)?;
         let raw = self.io.read(at, usize::from(self.sb.inode_size), "inode")?;
         if self.sb.metadata_csum() {
@@ -216,6 +246,8 @@ impl Fs {
             journal: Mutex::new(None),
             open: Mutex::new(HashMap::new()),
             meta: Mutex::new(()),
+            alloc: Mutex::new(None),
+            writers: Mutex::new(HashSet::new()),
         }
     }
 

