@@ -16,6 +16,7 @@ mod location;
 mod ls;
 mod names;
 mod pipeline;
+mod put;
 mod segments;
 mod size;
 mod stat;
@@ -45,7 +46,9 @@ Examples:
   dio cp disk.img /dev/loop0                 copy a file to a block device (and back)
   dio cat disk.img:/etc/passwd               a file inside an ext2/3/4 image
   dio ls -l disk.img:/var/log                list a directory inside an image
-  dio write disk.img:/data --offset 100 < x  overwrite bytes in place
+  dio write disk.img:/data --offset 100 < x  write bytes at an offset (grows images without a journal)
+  dio cp file disk.img:/dir/                 create or replace a file in an image
+  dio mkdir -p disk.img:/a/b                 make directories (also rm -r, ln -s, truncate -s)
   dio bench                                  direct vs buffered on a scratch file here
   dio bench data.bin --rw randread --bs 4k --qd 32 --runtime 5 --json
 
@@ -163,6 +166,37 @@ Examples:
   dio crash replay run.log --base base.img --check model --check e2fsck
   dio crash state run.log --base base.img --at 17:1:12 --out state.img")]
     Crash(crash::CrashArgs),
+    /// Make directories inside an ext2/3/4 image (without a journal).
+    #[command(after_help = "\
+Examples:
+  dio mkdir disk.img:/srv
+  dio mkdir -p --mode 700 --owner 1000:1000 disk.img:/home/me/.ssh
+
+Images with a journal are refused (creating names there needs the journal writer).")]
+    Mkdir(put::MkdirArgs),
+    /// Remove files, symlinks and (with -r) directories inside an ext2/3/4 image.
+    #[command(after_help = "\
+Examples:
+  dio rm disk.img:/tmp/old.log
+  dio rm -r disk.img:/var/cache/app
+
+Blocks and inodes are freed. Images with a journal are refused.")]
+    Rm(put::RmArgs),
+    /// Make a symbolic link inside an ext2/3/4 image.
+    #[command(after_help = "\
+Examples:
+  dio ln -s /usr/bin/python3 disk.img:/usr/local/bin/python
+
+Targets shorter than 60 bytes live in the inode, longer ones in a block.")]
+    Ln(put::LnArgs),
+    /// Set the size of a file inside an ext2/3/4 image (created if missing).
+    #[command(after_help = "\
+Examples:
+  dio truncate -s 0 disk.img:/var/log/big.log
+  dio truncate -s 1G disk.img:/sparse          a hole up to 1 GiB
+
+Shrinking frees the blocks past the new size; growing leaves a hole.")]
+    Truncate(put::TruncateArgs),
 }
 
 /// Which I/O back end `RawFile` uses (`auto` falls back to pread/pwrite where io_uring
@@ -231,6 +265,8 @@ struct CpArgs {
     preserve: bool,
     #[command(flatten)]
     pipe: copy::PipeArgs,
+    #[command(flatten)]
+    put: put::PutArgs,
 }
 
 #[derive(Args, Debug)]
@@ -297,14 +333,29 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Cp(a) if a.recursive => {
             extract::cp_r(&a.src, &a.dst, a.preserve, a.sparse, &a.pipe)
         }
-        Command::Cp(a) => copy::cp(&a.src, &a.dst, a.sparse, &a.pipe),
+        Command::Cp(a) => into_image(&a.dst)
+            .then(|| put::cp(&a.src, &a.dst, &a.put, a.pipe.engine))
+            .flatten()
+            .unwrap_or_else(|| copy::cp(&a.src, &a.dst, a.sparse, &a.pipe)),
         Command::Ls(a) => ls::run(&a),
         Command::Stat(a) => stat::run(&Location::parse(&a.path)?, a.json, a.engine),
-        Command::Write(a) => write::run(&a.target, a.offset, &a.input, a.engine),
+        Command::Write(a) => into_image(&a.target)
+            .then(|| put::write(&a.target, a.offset, &a.input, a.engine))
+            .flatten()
+            .unwrap_or_else(|| write::run(&a.target, a.offset, &a.input, a.engine)),
+        Command::Mkdir(a) => put::mkdir(&a),
+        Command::Rm(a) => put::rm(&a),
+        Command::Ln(a) => put::ln(&a),
+        Command::Truncate(a) => put::truncate(&a),
         Command::Bench(a) => bench::run(&a),
         Command::Fsx(a) => fsx::run(&a),
         Command::Crash(a) => crash::run(&a),
     }
+}
+
+/// Whether a destination names a path inside an image (IMAGE:/PATH).
+fn into_image(arg: &std::ffi::OsStr) -> bool {
+    arg != "-" && Location::parse(arg).is_ok_and(|l| l.inner.is_some())
 }
 
 fn main() -> ExitCode {

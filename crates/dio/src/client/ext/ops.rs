@@ -395,6 +395,28 @@ fn dir_remove(op: &mut Op<'_>, d: &DirW, name: &[u8]) -> Result<Option<u32>> {
     Ok(None)
 }
 
+/// Point the entry `name` of `d` at inode `ino` (type byte `t`).
+fn dir_retarget(op: &mut Op<'_>, d: &DirW, name: &[u8], ino: u32, t: u8) -> Result<bool> {
+    let fs = op.fs;
+    let bs = u64::from(fs.sb.block_size);
+    for b in 0..d.nblocks(bs) {
+        let Some(p) = d.block_at(fs, b)? else { continue };
+        let mut block = op.read(p, "directory block")?;
+        for e in entries_of(fs, d.inode.ino, b, &block)? {
+            if e.ino != 0 && e.name == name {
+                put32(&mut block, e.pos, ino);
+                if fs.sb.has_incompat(incompat::FILETYPE) {
+                    block[e.pos + 7] = t;
+                }
+                seal_leaf(fs, &d.inode, &mut block);
+                op.tx.put(p, block);
+                return Ok(true);
+            }
+        }
+    }
+    Ok(false)
+}
+
 /// Whether directory `d` has only `.` and `..`.
 fn dir_is_empty(op: &Op<'_>, d: &DirW) -> Result<bool> {
     let fs = op.fs;
@@ -720,6 +742,116 @@ impl Ext {
             stamp(&mut target, false);
         }
         op.put_inode_at(UNLINK, &mut target)?;
+        op.commit()
+    }
+
+    /// Write a new regular file and name it `path` once its bytes are written:
+    /// `fill` gets a writer on a new inode that no directory names yet; when it
+    /// returns Ok, the size is synced and the inode takes the name `path`,
+    /// replacing a file or symlink of that name (whose inode and blocks are then
+    /// freed). When `fill` or anything else fails (ENOSPC), the new inode and its
+    /// blocks are freed and `path` is as it was: nothing half-written shows.
+    pub fn put_file(
+        &self,
+        path: &[u8],
+        attrs: &Attrs,
+        fill: impl FnOnce(&ExtWriter) -> Result<()>,
+    ) -> Result<Inode> {
+        let fs = &self.fs;
+        let (parent, name) = self.parent_of(path)?;
+        if let Some(old) = self.exists_in(&parent, &name)? {
+            if fs.read_inode(old)?.file_type() == FileType::Directory {
+                return Err(Error::path(PathErrorKind::IsADirectory, path));
+            }
+        }
+        if indexed(fs, &parent) && self.exists_in(&parent, &name)?.is_none() {
+            return Err(Error::incompatible(
+                Feature::HtreeInsert,
+                format!(
+                    "directory inode {}: adding names to hashed (htree) directories is not implemented",
+                    parent.ino
+                ),
+            ));
+        }
+        // The new inode, named nowhere yet (a crash leaves it for e2fsck's
+        // lost+found).
+        let inode = {
+            let mut op = Op::begin(fs)?;
+            let pg = (parent.ino - 1) / fs.sb.inodes_per_group;
+            let ino = op.alloc()?.alloc_inode(fs, pg, false)?;
+            let extents = fs.sb.has_incompat(incompat::EXTENTS);
+            let mut inode = new_inode(fs, ino, S_IFREG | 0o644, attrs, extents)?;
+            op.put_inode_at(FRESH, &mut inode)?;
+            op.commit()?;
+            inode
+        };
+        let written = (|| {
+            let w = self.writer(&inode)?;
+            fill(&w)?;
+            w.sync()?;
+            if attrs.mtime.is_some() || attrs.atime.is_some() {
+                w.set_attrs(attrs)?;
+            }
+            Ok(w.inode())
+        })();
+        let linked = written.and_then(|inode| {
+            self.link_in(path, inode.ino, FileType::Regular)?;
+            Ok(inode)
+        });
+        if linked.is_err() {
+            let _ = self.discard(inode.ino);
+        }
+        linked
+    }
+
+    /// Name `path` inode `ino` (of type `t`), replacing a non-directory of that
+    /// name (freed when that was its last name).
+    fn link_in(&self, path: &[u8], ino: u32, t: FileType) -> Result<()> {
+        let fs = &self.fs;
+        let (parent, name) = self.parent_of(path)?;
+        let mut op = Op::begin(fs)?;
+        let parent = op.inode(parent.ino)?;
+        let mut d = DirW::load(fs, parent)?;
+        match self.exists_in(&d.inode, &name)? {
+            Some(old) => {
+                let mut old_inode = op.inode(old)?;
+                if old_inode.file_type() == FileType::Directory {
+                    return Err(Error::path(PathErrorKind::IsADirectory, path));
+                }
+                if super::lock(&fs.writers).contains(&old) {
+                    return Err(Error::Invalid(format!(
+                        "{}: the file is open for writing",
+                        String::from_utf8_lossy(path)
+                    )));
+                }
+                if !dir_retarget(&mut op, &d, &name, ino, type_byte(t))? {
+                    return Err(Error::path(PathErrorKind::NotFound, path));
+                }
+                if old_inode.links <= 1 {
+                    release(&mut op, &mut old_inode)?;
+                    op.tx.freed_inodes.push((old, false));
+                } else {
+                    old_inode.links -= 1;
+                    put16(&mut old_inode.raw, 0x1A, old_inode.links);
+                    stamp(&mut old_inode, false);
+                }
+                op.put_inode_at(UNLINK, &mut old_inode)?;
+            }
+            None => dir_add(&mut op, &mut d, &name, ino, type_byte(t))?,
+        }
+        stamp(&mut d.inode, true);
+        op.put_inode(&mut d.inode)?;
+        op.commit()
+    }
+
+    /// Free an inode no directory names (and its blocks).
+    fn discard(&self, ino: u32) -> Result<()> {
+        let fs = &self.fs;
+        let mut op = Op::begin(fs)?;
+        let mut inode = op.inode(ino)?;
+        release(&mut op, &mut inode)?;
+        op.tx.freed_inodes.push((ino, false));
+        op.put_inode_at(UNLINK, &mut inode)?;
         op.commit()
     }
 
