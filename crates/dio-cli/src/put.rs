@@ -244,7 +244,10 @@ fn cp_into(src: &OsStr, t: &Target, put: &PutArgs, engine: Engine) -> Result<(),
             if n == 0 {
                 break;
             }
-            w.direct().write_at(pos, &buf[..n], Flags::UNALIGNED)?;
+            let k = w.direct().write_at(pos, &buf[..n], Flags::UNALIGNED)?;
+            if k < n {
+                return Err(Error::NoSpace(format!("only {} of {} bytes fit", pos + k as u64, size.unwrap_or(pos + n as u64))));
+            }
             pos += n as u64;
         }
         // A source shorter than it said (a file that shrank): keep what was read.
@@ -305,10 +308,17 @@ pub fn write(
             if n == 0 {
                 break;
             }
-            w.direct()
+            let k = w
+                .direct()
                 .write_at(pos, &buf[..n], Flags::UNALIGNED)
                 .map_err(|e| t.fail(format!("writing at offset {pos}: {e}")))?;
-            pos += n as u64;
+            pos += k as u64;
+            if k < n {
+                w.sync().map_err(|e| t.fail(e))?;
+                return Err(t.fail(format!(
+                    "no space left on device: the file holds the bytes up to offset {pos}"
+                )));
+            }
         }
         w.sync().map_err(|e| t.fail(e))?;
         t.sync()

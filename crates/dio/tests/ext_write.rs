@@ -463,3 +463,113 @@ fn extent_tree_reaches_depth_2_and_the_kernel_reads_it() {
     check_dio(&img, &m);
     check_kernel(&img, &m);
 }
+
+/// Free blocks and inodes as e2fsck counts them... as the superblock says.
+fn free_counts(img: &Path) -> (u64, u32) {
+    let (_raw, ext) = open(img);
+    ext.free_counts()
+}
+
+#[test]
+fn enospc_leaves_nothing_half_written() {
+    if !have("mke2fs") || !have("e2fsck") {
+        eprintln!("skipped: needs mke2fs and e2fsck");
+        return;
+    }
+    let img = mkfs("enospc", &["-t", "ext4", "-b", "4096", "-O", NOJ], 8);
+    {
+        let (_raw, ext) = open(&img);
+        let inode = ext.create(b"/keep", &Attrs::new()).unwrap();
+        let w = ext.writer(&inode).unwrap();
+        w.write_at(0, b"precious").unwrap();
+        w.sync().unwrap();
+    }
+    let before = free_counts(&img);
+    let big = vec![0x42u8; 16 << 20];
+    {
+        let (_raw, ext) = open(&img);
+        // A new file and a replacement of an existing one: both refused whole.
+        for path in [&b"/new"[..], b"/keep"] {
+            let r = ext.put_file(path, &Attrs::new(), |w| {
+                w.allocate(0, big.len() as u64)?;
+                w.write_at(0, &big).map(|_| ())
+            });
+            match r {
+                Err(Error::NoSpace(_)) => {}
+                other => panic!("expected ENOSPC, got {other:?}"),
+            }
+        }
+        // Without preallocation the engine meets ENOSPC mid-write: still nothing.
+        // (write_at returns a short count there, as write(2) does.)
+        let r = ext.put_file(b"/new2", &Attrs::new(), |w| {
+            let n = w.write_at(0, &big)?;
+            assert!(n < big.len());
+            Err(Error::NoSpace(format!("wrote {n} bytes")))
+        });
+        assert!(matches!(r, Err(Error::NoSpace(_))), "{r:?}");
+        assert!(ext.lookup(b"/new", false).is_err());
+        assert!(ext.lookup(b"/new2", false).is_err());
+    }
+    assert_eq!(free_counts(&img), before, "blocks or inodes leaked");
+    fsck(&img);
+    let mut m = Model::new();
+    m.insert("/keep".into(), Node::File(b"precious".to_vec()));
+    check_dio(&img, &m);
+    check_kernel(&img, &m);
+}
+
+#[test]
+fn journal_images_refuse_allocating_changes() {
+    if !have("mke2fs") {
+        eprintln!("skipped: needs mke2fs");
+        return;
+    }
+    let img = mkfs("journal", &["-t", "ext4", "-b", "4096"], 16);
+    let (_raw, ext) = open(&img);
+    for r in [
+        ext.create(b"/f", &Attrs::new()).map(|_| ()),
+        ext.mkdir(b"/d", &Attrs::new()).map(|_| ()),
+        ext.symlink(b"x", b"/l", &Attrs::new()).map(|_| ()),
+        ext.remove(b"/lost+found", true),
+    ] {
+        match r {
+            Err(Error::Incompatible(i)) => assert_eq!(i.feature, dio::Feature::JournalWrite),
+            other => panic!("expected a journal refusal, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn htree_directories_refuse_new_names_and_allow_removal() {
+    if !have("mke2fs") || !have("e2fsck") || !is_root() {
+        eprintln!("skipped: needs mke2fs, e2fsck and root (the kernel builds the htree)");
+        return;
+    }
+    let img = mkfs("htree", &["-t", "ext4", "-b", "1024", "-O", NOJ], 16);
+    {
+        let dir = img.with_extension("mnt");
+        std::fs::create_dir_all(&dir).unwrap();
+        assert!(Command::new("mount").args(["-o", "loop"]).arg(&img).arg(&dir).status().unwrap().success());
+        let m = Mount { dir: dir.clone() };
+        std::fs::create_dir(dir.join("big")).unwrap();
+        for i in 0..300 {
+            std::fs::write(dir.join(format!("big/file-with-a-long-name-{i}")), b"x").unwrap();
+        }
+        drop(m);
+    }
+    let (_raw, ext) = open(&img);
+    let big = ext.lookup(b"/big", false).unwrap();
+    assert!(big.has_flag(dio::ext::inode_flags::INDEX), "the kernel made no htree");
+    match ext.create(b"/big/new", &Attrs::new()) {
+        Err(Error::Incompatible(i)) => assert_eq!(i.feature, dio::Feature::HtreeInsert),
+        other => panic!("expected an htree refusal, got {other:?}"),
+    }
+    for i in (0..300).step_by(3) {
+        ext.remove(format!("/big/file-with-a-long-name-{i}").as_bytes(), false).unwrap();
+    }
+    drop(ext);
+    fsck(&img);
+    let (_raw, ext) = open(&img);
+    assert!(ext.lookup(b"/big/file-with-a-long-name-0", false).is_err());
+    assert!(ext.lookup(b"/big/file-with-a-long-name-1", false).is_ok());
+}

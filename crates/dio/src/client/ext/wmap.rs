@@ -8,11 +8,15 @@
 //!   bitmaps and descriptors first, a flush, then the tree and the inode) and
 //!   returns them as new: the engine zeroes what the write does not cover and
 //!   writes the data. Unwritten extents met by a write are returned as new too.
-//! - `end_io` of a write that wrote `n` bytes flushes the device (the data is
-//!   durable) and converts exactly the blocks written to written extents,
-//!   splitting and merging extents; a failed or short write leaves the rest
-//!   unwritten (they read as zeros, and `e2fsck` accepts unwritten blocks past
-//!   i_size).
+//! - `end_io` of a write that wrote `n` bytes converts exactly the blocks written
+//!   to written extents in the map's tree (splitting and merging extents), so
+//!   this handle reads them back at once; a failed or short write leaves the
+//!   rest unwritten (they read as zeros, and `e2fsck` accepts unwritten blocks
+//!   past i_size). The converted tree goes to disk with the next change of the
+//!   file's metadata ([`ExtWriter::commit_size`], [`ExtWriter::sync`], the next
+//!   allocation, a truncate), always after a device flush: a crash before that
+//!   leaves the blocks unwritten (zeros), never stale bytes. So a large copy
+//!   costs one flush and one tree write at its end, not one per request.
 //! - i_size moves on disk only after that, when [`ExtWriter::write_at`] returns
 //!   (or [`ExtWriter::commit_size`] after async writes through
 //!   [`ExtWriter::direct`]).
@@ -37,6 +41,9 @@ use crate::{DirectFile, Error, FileState, Flags, Result};
 pub(crate) struct FileW {
     pub(crate) inode: Inode,
     pub(crate) tree: ExtTree,
+    /// The tree in memory has conversions whose data has not been flushed yet:
+    /// the next store flushes the device first.
+    pub(crate) converted: bool,
 }
 
 /// The allocating block map of one extent file.
@@ -87,15 +94,26 @@ impl AllocMap {
         let backup_tree = st.tree.clone();
         let backup_inode = st.inode.clone();
         let r = (|| {
+            if st.converted {
+                // Written extents reach the disk only after their data.
+                self.fs
+                    .io
+                    .device()
+                    .flush()
+                    .map_err(|e| Error::os("flush the image", e))?;
+            }
             let mut op = Op::begin(&self.fs)?;
             let t = change(&mut op, st)?;
             Self::store(&mut op, st, goal)?;
             op.commit()?;
             Ok(t)
         })();
-        if r.is_err() {
-            st.tree = backup_tree;
-            st.inode = backup_inode;
+        match &r {
+            Ok(_) => st.converted = false,
+            Err(_) => {
+                st.tree = backup_tree;
+                st.inode = backup_inode;
+            }
         }
         r
     }
@@ -150,24 +168,14 @@ impl BlockMap for AllocMap {
             (IoOp::Write, Ok(n)) if *n > 0 => *n as u64,
             _ => return result,
         };
-        // The data first: durable before any extent says it is there.
-        self.fs
-            .io
-            .device()
-            .flush()
-            .map_err(|e| Error::os("flush the image", e))?;
+        // Converted in memory now (this handle maps the blocks as written from
+        // here on); on disk at the next store, after a flush of the data.
         let bs = u64::from(self.bs);
         let (b0, b1) = (offset / bs, (offset + n).div_ceil(bs));
         let mut st = lock(&self.st);
-        let mut probe = st.tree.clone();
-        if !probe.convert(b0, b1) {
-            return result;
+        if st.tree.convert(b0, b1) {
+            st.converted = true;
         }
-        let goal = Self::goal(&self.fs, &st, b0);
-        self.change(&mut st, goal, |_, st| {
-            st.tree.convert(b0, b1);
-            Ok(())
-        })?;
         result
     }
 
@@ -251,6 +259,7 @@ impl ExtWriter {
             st: Mutex::new(FileW {
                 inode,
                 tree: ExtTree::new(exts, blocks),
+                converted: false,
             }),
             bs: fs.sb.block_size,
         });
@@ -290,7 +299,9 @@ impl ExtWriter {
     }
 
     /// Write `data` at `offset` (any offset and length): fills holes, grows the
-    /// file, then records the new size.
+    /// file, then records the new size. Like write(2), a file system that fills up
+    /// mid-way gives a short count (the bytes before it are written and
+    /// recorded); ENOSPC before the first byte is [`Error::NoSpace`].
     pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<usize> {
         let n = self.file.write_at(offset, data, Flags::UNALIGNED)?;
         self.commit_size()?;
