@@ -573,3 +573,14 @@ fn htree_directories_refuse_new_names_and_allow_removal() {
     assert!(ext.lookup(b"/big/file-with-a-long-name-0", false).is_err());
     assert!(ext.lookup(b"/big/file-with-a-long-name-1", false).is_ok());
 }
+
+#[test]
+fn workload_ext2_1k_indirect_blocks() {
+    // 1 KiB blocks: files past 268 KiB reach the double-indirect block.
+    workload("w-ext2-1k", &["-t", "ext2", "-b", "1024"], 250, 4, 400_000);
+}
+
+#[test]
+fn workload_ext3_4k_without_journal() {
+    workload("w-ext3-4k", &["-t", "ext3", "-b", "4096", "-O", NOJ], 250, 5, 200_000);
+}

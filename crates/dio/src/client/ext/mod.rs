@@ -52,6 +52,7 @@ mod dir;
 mod fence;
 mod group;
 mod hash;
+mod imap;
 mod inode;
 mod io;
 mod journal;

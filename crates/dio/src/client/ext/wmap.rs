@@ -28,6 +28,7 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::inode::{flags, Inode};
+use super::imap::IndW;
 use super::map::{map_extents, FileExtent};
 use super::tree::{self, ExtTree, MAX_UNWRITTEN};
 use super::tx::Op;
@@ -41,6 +42,8 @@ use crate::{DirectFile, Error, FileState, Flags, Result};
 pub(crate) struct FileW {
     pub(crate) inode: Inode,
     pub(crate) tree: ExtTree,
+    /// The indirect-block map, for files without extents.
+    pub(crate) ind: Option<IndW>,
     /// The tree in memory has conversions whose data has not been flushed yet:
     /// the next store flushes the device first.
     pub(crate) converted: bool,
@@ -75,6 +78,12 @@ impl AllocMap {
     /// Write the tree, i_blocks and the inode through `op`; the caller commits.
     pub(crate) fn store(op: &mut Op<'_>, st: &mut FileW, goal: u64) -> Result<()> {
         let mut inode = st.inode.clone();
+        if let Some(ind) = &mut st.ind {
+            ind.store(op, &mut inode);
+            op.put_inode(&mut inode)?;
+            st.inode = inode;
+            return Ok(());
+        }
         st.tree.write(op, &mut inode, goal)?;
         let ib = st.tree.i_blocks(&inode, op.fs.sb.block_size);
         tree::set_i_blocks(&mut inode, ib);
@@ -127,6 +136,9 @@ impl BlockMap for AllocMap {
     fn map(&self, block: u64, max_blocks: u64, create: bool) -> Result<Extent> {
         let max = max_blocks.max(1);
         let mut st = lock(&self.st);
+        if st.ind.is_some() {
+            return self.map_indirect(&mut st, block, max, create);
+        }
         let e = map_extents(&st.tree.exts, block, max);
         if !create {
             return Ok(e);
@@ -173,7 +185,12 @@ impl BlockMap for AllocMap {
         let bs = u64::from(self.bs);
         let (b0, b1) = (offset / bs, (offset + n).div_ceil(bs));
         let mut st = lock(&self.st);
-        if st.tree.convert(b0, b1) {
+        let ino = st.inode.ino;
+        let changed = match &mut st.ind {
+            Some(ind) => ind.written(&self.fs, ino, b0, b1)?,
+            None => st.tree.convert(b0, b1),
+        };
+        if changed {
             st.converted = true;
         }
         result
@@ -194,7 +211,13 @@ impl BlockMap for AllocMap {
         let mut st = lock(&self.st);
         let from = size.div_ceil(bs);
         let goal = Self::group_goal(&self.fs, st.inode.ino);
+        let fs = &self.fs;
         self.change(&mut st, goal, |op, st| {
+            let ino = st.inode.ino;
+            if let Some(ind) = &mut st.ind {
+                let n = ind.cut(fs, ino, from, op)?;
+                ind.owned -= n;
+            }
             let freed = st.tree.cut(from);
             op.tx.freed.extend(freed);
             tree::set_size(&mut st.inode, size);
@@ -204,7 +227,50 @@ impl BlockMap for AllocMap {
     }
 
     fn max_file_size(&self) -> u64 {
-        ((1u64 << 32) * u64::from(self.bs)).min(i64::MAX as u64)
+        let bs = u64::from(self.bs);
+        let blocks = if lock(&self.st).ind.is_some() {
+            let p = bs / 4;
+            12 + p + p * p + p * p * p
+        } else {
+            1u64 << 32
+        };
+        blocks.saturating_mul(bs).min(i64::MAX as u64)
+    }
+}
+
+impl AllocMap {
+    fn map_indirect(&self, st: &mut FileW, block: u64, max: u64, create: bool) -> Result<Extent> {
+        let fs = &self.fs;
+        let ino = st.inode.ino;
+        let ind = st.ind.as_mut().expect("an indirect file");
+        let e = ind.map(fs, ino, block, max)?;
+        if !create || e.mapping != Mapping::Hole {
+            return Ok(e);
+        }
+        if block.saturating_mul(u64::from(self.bs)) >= self.max_file_size_of(st) {
+            return Err(Error::TooLarge {
+                end: block * u64::from(self.bs),
+                max: self.max_file_size_of(st),
+            });
+        }
+        let goal = Self::group_goal(fs, ino);
+        self.change(st, goal, |op, st| {
+            let ind = st.ind.as_mut().expect("an indirect file");
+            let (e, taken) = ind.allocate(op, ino, block, e.len.min(max), goal)?;
+            ind.owned += taken;
+            Ok(e)
+        })
+    }
+
+    fn max_file_size_of(&self, st: &FileW) -> u64 {
+        let bs = u64::from(self.bs);
+        let blocks = if st.ind.is_some() {
+            let p = bs / 4;
+            12 + p + p * p + p * p * p
+        } else {
+            1u64 << 32
+        };
+        blocks.saturating_mul(bs).min(i64::MAX as u64)
     }
 }
 
@@ -242,16 +308,12 @@ impl ExtWriter {
         if let Some(e) = super::tx::alloc_refusal(fs) {
             return Err(e);
         }
-        if !inode.has_flag(flags::EXTENTS) {
-            return Err(Error::incompatible(
-                Feature::IndirectAlloc,
-                format!(
-                    "inode {}: allocating writes to files mapped by indirect blocks (ext2/ext3) are not implemented",
-                    inode.ino
-                ),
-            ));
-        }
-        let (exts, blocks) = super::map::read_extent_tree_blocks(fs, &inode)?;
+        let (exts, blocks, ind) = if inode.has_flag(flags::EXTENTS) {
+            let (e, b) = super::map::read_extent_tree_blocks(fs, &inode)?;
+            (e, b, None)
+        } else {
+            (Vec::new(), Vec::new(), Some(IndW::load(fs, &inode)))
+        };
         let ino = inode.ino;
         let size = inode.size;
         let map = Arc::new(AllocMap {
@@ -259,6 +321,7 @@ impl ExtWriter {
             st: Mutex::new(FileW {
                 inode,
                 tree: ExtTree::new(exts, blocks),
+                ind,
                 converted: false,
             }),
             bs: fs.sb.block_size,
@@ -308,12 +371,21 @@ impl ExtWriter {
         Ok(n)
     }
 
-    /// Record the engine's size (after extending writes) and mtime on disk.
+    /// Record the engine's size (after extending writes) and mtime on disk. Call
+    /// it with no write in flight: on files mapped by indirect blocks it frees
+    /// the blocks of writes that failed.
     pub fn commit_size(&self) -> Result<()> {
         let size = self.file.size();
         let mut st = lock(&self.map.st);
         let goal = AllocMap::group_goal(&self.fs, self.ino);
-        self.map.change(&mut st, goal, |_, st| {
+        let fs = &self.fs;
+        self.map.change(&mut st, goal, |op, st| {
+            let ino = st.inode.ino;
+            if let Some(ind) = &mut st.ind {
+                // Blocks a failed write allocated and never wrote.
+                let n = ind.drop_pending(fs, ino, op)?;
+                ind.owned -= n;
+            }
             if st.inode.size < size {
                 tree::set_size(&mut st.inode, size);
             }
