@@ -112,10 +112,7 @@ impl Target {
     }
 
     fn sync(&self) -> Result<(), Failure> {
-        self._opened
-            .direct
-            .sync_data()
-            .map_err(|e| self.fail(e))
+        self._opened.direct.sync_data().map_err(|e| self.fail(e))
     }
 }
 
@@ -151,12 +148,22 @@ impl Input {
             let img = crate::location::Image::open(&loc, false, true, engine)?;
             let f = img.file(&loc)?;
             let n = f.size();
-            return Ok((Input::Image { _img: Box::new(img), file: f }, Some(n), name));
+            return Ok((
+                Input::Image {
+                    _img: Box::new(img),
+                    file: f,
+                },
+                Some(n),
+                name,
+            ));
         }
         if let Source::Host(p) = &loc.source {
             let meta = std::fs::metadata(p).map_err(|e| Failure::at(p, e))?;
             if meta.is_dir() {
-                return Err(Failure::at(p, "is a directory (cp -r is not supported into images)"));
+                return Err(Failure::at(
+                    p,
+                    "is a directory (cp -r is not supported into images)",
+                ));
             }
             if !meta.is_file() {
                 let f = std::fs::File::open(p).map_err(|e| Failure::at(p, e))?;
@@ -246,7 +253,11 @@ fn cp_into(src: &OsStr, t: &Target, put: &PutArgs, engine: Engine) -> Result<(),
             }
             let k = w.direct().write_at(pos, &buf[..n], Flags::UNALIGNED)?;
             if k < n {
-                return Err(Error::NoSpace(format!("only {} of {} bytes fit", pos + k as u64, size.unwrap_or(pos + n as u64))));
+                return Err(Error::NoSpace(format!(
+                    "only {} of {} bytes fit",
+                    pos + k as u64,
+                    size.unwrap_or(pos + n as u64)
+                )));
             }
             pos += n as u64;
         }
@@ -257,10 +268,20 @@ fn cp_into(src: &OsStr, t: &Target, put: &PutArgs, engine: Engine) -> Result<(),
         Ok(())
     });
     if let Some(m) = read_err {
-        return Err(Failure::msg(format!("{m} (nothing was written to {})", t.loc.display())));
+        return Err(Failure::msg(format!(
+            "{m} (nothing was written to {})",
+            t.loc.display()
+        )));
     }
     r.map_err(|e| {
-        t.fail(format!("{e}{}", if matches!(e, Error::NoSpace(_)) { " (nothing was written)" } else { "" }))
+        t.fail(format!(
+            "{e}{}",
+            if matches!(e, Error::NoSpace(_)) {
+                " (nothing was written)"
+            } else {
+                ""
+            }
+        ))
     })?;
     t.sync()
 }
@@ -283,7 +304,10 @@ pub fn write(
     Some((|| {
         let inode = t.ext.lookup(t.path(), true).map_err(|e| t.fail(e))?;
         if inode.file_type() != FileType::Regular {
-            return Err(t.fail(format!("is a {}, not a regular file", inode.file_type().name())));
+            return Err(t.fail(format!(
+                "is a {}, not a regular file",
+                inode.file_type().name()
+            )));
         }
         let w = t.ext.writer(&inode).map_err(|e| t.fail(e))?;
         let (mut r, name): (Box<dyn Read>, String) = match input {

@@ -10,7 +10,11 @@ fn dio(args: &[&str], input: Option<&[u8]>) -> Output {
     use std::io::Write;
     let mut c = Command::new(env!("CARGO_BIN_EXE_dio"))
         .args(args)
-        .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -22,11 +26,20 @@ fn dio(args: &[&str], input: Option<&[u8]>) -> Output {
 }
 
 fn ok(o: &Output, what: &str) {
-    assert!(o.status.success(), "{what}: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 fn failed(o: &Output, what: &str) {
-    assert_eq!(o.status.code(), Some(1), "{what}: {}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{what}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 fn have(tool: &str) -> bool {
@@ -119,34 +132,79 @@ fn cli_builds_a_tree_the_kernel_sees() {
         return;
     }
     for (tag, bs) in [("4k", "4096"), ("1k", "1024")] {
-        let img = mkfs(&format!("tree-{tag}"), &["-t", "ext4", "-b", bs, "-O", "^has_journal"], 32);
+        let img = mkfs(
+            &format!("tree-{tag}"),
+            &["-t", "ext4", "-b", bs, "-O", "^has_journal"],
+            32,
+        );
         let at = |p: &str| format!("{img}:{p}");
         let src = scratch().join(format!("src-{tag}"));
         let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
         std::fs::write(&src, &data).unwrap();
         let s = src.to_str().unwrap();
-        ok(&dio(&["mkdir", "-p", "--mode", "750", "--owner", "1000:100", &at("/a/b/c")], None), "mkdir -p");
+        ok(
+            &dio(
+                &[
+                    "mkdir",
+                    "-p",
+                    "--mode",
+                    "750",
+                    "--owner",
+                    "1000:100",
+                    &at("/a/b/c"),
+                ],
+                None,
+            ),
+            "mkdir -p",
+        );
         ok(&dio(&["mkdir", &at("/d")], None), "mkdir");
         failed(&dio(&["mkdir", &at("/d")], None), "mkdir exists");
         failed(&dio(&["mkdir", &at("/no/such")], None), "mkdir no parent");
         ok(&dio(&["cp", s, &at("/a/b/")], None), "cp into dir");
         ok(&dio(&["cp", s, &at("/a/f")], None), "cp create");
         // Replace with something shorter.
-        ok(&dio(&["cp", "-", &at("/a/f")], Some(b"replaced")), "cp replace from stdin");
+        ok(
+            &dio(&["cp", "-", &at("/a/f")], Some(b"replaced")),
+            "cp replace from stdin",
+        );
         // write: extend past EOF (a hole between) and fill.
-        ok(&dio(&["write", &at("/a/f"), "--offset", "100000"], Some(b"tail")), "write extends");
-        ok(&dio(&["write", &at("/a/f"), "--offset", "3"], Some(b"XY")), "write in place");
-        ok(&dio(&["truncate", "-s", "1M", &at("/sparse")], None), "truncate creates");
-        ok(&dio(&["truncate", "-s", "1000", &at(&format!("/a/b/src-{tag}"))], None), "truncate down");
-        ok(&dio(&["ln", "-s", "b/c", &at("/a/fast")], None), "ln -s fast");
+        ok(
+            &dio(&["write", &at("/a/f"), "--offset", "100000"], Some(b"tail")),
+            "write extends",
+        );
+        ok(
+            &dio(&["write", &at("/a/f"), "--offset", "3"], Some(b"XY")),
+            "write in place",
+        );
+        ok(
+            &dio(&["truncate", "-s", "1M", &at("/sparse")], None),
+            "truncate creates",
+        );
+        ok(
+            &dio(
+                &["truncate", "-s", "1000", &at(&format!("/a/b/src-{tag}"))],
+                None,
+            ),
+            "truncate down",
+        );
+        ok(
+            &dio(&["ln", "-s", "b/c", &at("/a/fast")], None),
+            "ln -s fast",
+        );
         let long = "x/".repeat(100);
-        ok(&dio(&["ln", "-s", &long, &at("/a/slow")], None), "ln -s slow");
+        ok(
+            &dio(&["ln", "-s", &long, &at("/a/slow")], None),
+            "ln -s slow",
+        );
         ok(&dio(&["cp", s, &at("/d/gone")], None), "cp");
         ok(&dio(&["mkdir", &at("/d/sub")], None), "mkdir");
         failed(&dio(&["rm", &at("/d")], None), "rm dir without -r");
         ok(&dio(&["rm", "-r", &at("/d")], None), "rm -r");
         ok(&dio(&["rm", &at("/a/fast")], None), "rm symlink");
-        ok(&dio(&["ln", "-s", "b/c", &at("/a/fast")], None), "ln -s again");
+        ok(
+            &dio(&["ln", "-s", "b/c", &at("/a/fast")], None),
+            "ln -s again",
+        );
         fsck(&img);
         let mut f = b"repXYced".to_vec();
         f.resize(100_000, 0);
@@ -155,8 +213,14 @@ fn cli_builds_a_tree_the_kernel_sees() {
             assert!(std::fs::read(m.join("a/f")).unwrap() == f);
             assert!(std::fs::read(m.join(format!("a/b/src-{tag}"))).unwrap() == data[..1000]);
             assert_eq!(std::fs::read(m.join("sparse")).unwrap(), vec![0u8; 1 << 20]);
-            assert_eq!(std::fs::read_link(m.join("a/fast")).unwrap(), Path::new("b/c"));
-            assert_eq!(std::fs::read_link(m.join("a/slow")).unwrap(), Path::new(&long));
+            assert_eq!(
+                std::fs::read_link(m.join("a/fast")).unwrap(),
+                Path::new("b/c")
+            );
+            assert_eq!(
+                std::fs::read_link(m.join("a/slow")).unwrap(),
+                Path::new(&long)
+            );
             assert!(!m.join("d").exists());
             use std::os::unix::fs::{MetadataExt, PermissionsExt};
             let md = std::fs::metadata(m.join("a/b/c")).unwrap();
@@ -178,22 +242,50 @@ fn cp_enospc_leaves_nothing_half_written() {
         eprintln!("skipped: needs e2fsprogs");
         return;
     }
-    let img = mkfs("full", &["-t", "ext4", "-b", "4096", "-O", "^has_journal"], 8);
+    let img = mkfs(
+        "full",
+        &["-t", "ext4", "-b", "4096", "-O", "^has_journal"],
+        8,
+    );
     let keep = scratch().join("keep");
     std::fs::write(&keep, b"keep me").unwrap();
-    ok(&dio(&["cp", keep.to_str().unwrap(), &format!("{img}:/keep")], None), "cp");
+    ok(
+        &dio(
+            &["cp", keep.to_str().unwrap(), &format!("{img}:/keep")],
+            None,
+        ),
+        "cp",
+    );
     let before = free_blocks(&img);
     let big = scratch().join("big");
     std::fs::write(&big, vec![1u8; 16 << 20]).unwrap();
-    failed(&dio(&["cp", big.to_str().unwrap(), &format!("{img}:/big")], None), "cp too big");
-    failed(&dio(&["cp", big.to_str().unwrap(), &format!("{img}:/keep")], None), "replace too big");
-    failed(&dio(&["cp", "-", &format!("{img}:/pipe")], Some(&vec![2u8; 16 << 20])), "stdin too big");
+    failed(
+        &dio(&["cp", big.to_str().unwrap(), &format!("{img}:/big")], None),
+        "cp too big",
+    );
+    failed(
+        &dio(
+            &["cp", big.to_str().unwrap(), &format!("{img}:/keep")],
+            None,
+        ),
+        "replace too big",
+    );
+    failed(
+        &dio(
+            &["cp", "-", &format!("{img}:/pipe")],
+            Some(&vec![2u8; 16 << 20]),
+        ),
+        "stdin too big",
+    );
     assert_eq!(free_blocks(&img), before, "blocks or inodes leaked");
     fsck(&img);
     let o = dio(&["cat", &format!("{img}:/keep")], None);
     ok(&o, "cat");
     assert_eq!(o.stdout, b"keep me");
-    failed(&dio(&["cat", &format!("{img}:/big")], None), "big is absent");
+    failed(
+        &dio(&["cat", &format!("{img}:/big")], None),
+        "big is absent",
+    );
 }
 
 #[test]
@@ -204,8 +296,14 @@ fn journal_images_refuse_new_names() {
     }
     let img = mkfs("journal", &["-t", "ext4", "-b", "4096"], 32);
     failed(&dio(&["mkdir", &format!("{img}:/x")], None), "mkdir");
-    failed(&dio(&["truncate", "-s", "10", &format!("{img}:/x")], None), "truncate");
+    failed(
+        &dio(&["truncate", "-s", "10", &format!("{img}:/x")], None),
+        "truncate",
+    );
     failed(&dio(&["ln", "-s", "t", &format!("{img}:/l")], None), "ln");
-    failed(&dio(&["rm", "-r", &format!("{img}:/lost+found")], None), "rm");
+    failed(
+        &dio(&["rm", "-r", &format!("{img}:/lost+found")], None),
+        "rm",
+    );
     fsck(&img);
 }

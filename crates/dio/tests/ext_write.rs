@@ -215,7 +215,11 @@ fn step(ext: &Ext, m: &mut Model, rng: &mut Rng, counter: &mut u64, max_file: u6
             let ds = dirs(m);
             let d = &ds[rng.below(ds.len() as u64) as usize];
             let p = format!("{d}/{}", fresh_name(counter, rng));
-            let tlen = if rng.below(2) == 0 { 1 + rng.below(50) } else { 60 + rng.below(300) };
+            let tlen = if rng.below(2) == 0 {
+                1 + rng.below(50)
+            } else {
+                60 + rng.below(300)
+            };
             let target: Vec<u8> = (0..tlen).map(|i| b'a' + (i % 26) as u8).collect();
             ext.symlink(&target, p.as_bytes(), &Attrs::new()).unwrap();
             m.insert(p, Node::Link(target));
@@ -339,7 +343,10 @@ fn check_kernel(img: &Path, m: &Model) {
     drop(mnt);
     assert_eq!(seen.len(), m.len(), "the kernel sees another tree");
     for (p, n) in m {
-        assert!(seen.get(p) == Some(n), "{p}: the kernel sees it differently");
+        assert!(
+            seen.get(p) == Some(n),
+            "{p}: the kernel sees it differently"
+        );
     }
 }
 
@@ -386,14 +393,27 @@ const NOJ: &str = "^has_journal";
 
 #[test]
 fn workload_ext4_4k_metadata_csum_64bit_flex_bg() {
-    workload("w-4k-csum", &["-t", "ext4", "-b", "4096", "-O", NOJ], 300, 1, 200_000);
+    workload(
+        "w-4k-csum",
+        &["-t", "ext4", "-b", "4096", "-O", NOJ],
+        300,
+        1,
+        200_000,
+    );
 }
 
 #[test]
 fn workload_ext4_1k_gdt_csum() {
     workload(
         "w-1k-gdt",
-        &["-t", "ext4", "-b", "1024", "-O", &format!("{NOJ},^metadata_csum,uninit_bg")],
+        &[
+            "-t",
+            "ext4",
+            "-b",
+            "1024",
+            "-O",
+            &format!("{NOJ},^metadata_csum,uninit_bg"),
+        ],
         300,
         2,
         100_000,
@@ -404,7 +424,14 @@ fn workload_ext4_1k_gdt_csum() {
 fn workload_ext4_2k_no_64bit_no_flex_bg() {
     workload(
         "w-2k-plain",
-        &["-t", "ext4", "-b", "2048", "-O", &format!("{NOJ},^64bit,^flex_bg,^metadata_csum")],
+        &[
+            "-t",
+            "ext4",
+            "-b",
+            "2048",
+            "-O",
+            &format!("{NOJ},^64bit,^flex_bg,^metadata_csum"),
+        ],
         300,
         3,
         100_000,
@@ -549,7 +576,13 @@ fn htree_directories_refuse_new_names_and_allow_removal() {
     {
         let dir = img.with_extension("mnt");
         std::fs::create_dir_all(&dir).unwrap();
-        assert!(Command::new("mount").args(["-o", "loop"]).arg(&img).arg(&dir).status().unwrap().success());
+        assert!(Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&img)
+            .arg(&dir)
+            .status()
+            .unwrap()
+            .success());
         let m = Mount { dir: dir.clone() };
         std::fs::create_dir(dir.join("big")).unwrap();
         for i in 0..300 {
@@ -559,13 +592,17 @@ fn htree_directories_refuse_new_names_and_allow_removal() {
     }
     let (_raw, ext) = open(&img);
     let big = ext.lookup(b"/big", false).unwrap();
-    assert!(big.has_flag(dio::ext::inode_flags::INDEX), "the kernel made no htree");
+    assert!(
+        big.has_flag(dio::ext::inode_flags::INDEX),
+        "the kernel made no htree"
+    );
     match ext.create(b"/big/new", &Attrs::new()) {
         Err(Error::Incompatible(i)) => assert_eq!(i.feature, dio::Feature::HtreeInsert),
         other => panic!("expected an htree refusal, got {other:?}"),
     }
     for i in (0..300).step_by(3) {
-        ext.remove(format!("/big/file-with-a-long-name-{i}").as_bytes(), false).unwrap();
+        ext.remove(format!("/big/file-with-a-long-name-{i}").as_bytes(), false)
+            .unwrap();
     }
     drop(ext);
     fsck(&img);
@@ -582,5 +619,11 @@ fn workload_ext2_1k_indirect_blocks() {
 
 #[test]
 fn workload_ext3_4k_without_journal() {
-    workload("w-ext3-4k", &["-t", "ext3", "-b", "4096", "-O", NOJ], 250, 5, 200_000);
+    workload(
+        "w-ext3-4k",
+        &["-t", "ext3", "-b", "4096", "-O", NOJ],
+        250,
+        5,
+        200_000,
+    );
 }

@@ -32,11 +32,21 @@ const INODE_UNINIT: u16 = 0x1;
 const BLOCK_UNINIT: u16 = 0x2;
 
 fn le16_hi(d: &[u8], lo: usize, hi: usize, wide: bool) -> u64 {
-    u64::from(le16(d, lo)) | if wide { u64::from(le16(d, hi)) << 16 } else { 0 }
+    u64::from(le16(d, lo))
+        | if wide {
+            u64::from(le16(d, hi)) << 16
+        } else {
+            0
+        }
 }
 
 fn le32_hi(d: &[u8], lo: usize, hi: usize, wide: bool) -> u64 {
-    u64::from(le32(d, lo)) | if wide { u64::from(le32(d, hi)) << 32 } else { 0 }
+    u64::from(le32(d, lo))
+        | if wide {
+            u64::from(le32(d, hi)) << 32
+        } else {
+            0
+        }
 }
 
 /// The allocator's state (see the module docs).
@@ -437,7 +447,9 @@ impl Alloc {
         let csum = sb.metadata_csum();
         let bb = std::mem::take(&mut self.dirty_bb);
         for g in bb {
-            let Some(bm) = self.bbitmap.get(&g) else { continue };
+            let Some(bm) = self.bbitmap.get(&g) else {
+                continue;
+            };
             tx.put_fresh(self.block_bitmap_at(g), bm.clone());
             if csum {
                 let n = (sb.clusters_per_group / 8) as usize;
@@ -454,7 +466,9 @@ impl Alloc {
         }
         let ib = std::mem::take(&mut self.dirty_ib);
         for g in ib {
-            let Some(bm) = self.ibitmap.get(&g) else { continue };
+            let Some(bm) = self.ibitmap.get(&g) else {
+                continue;
+            };
             tx.put_fresh(self.inode_bitmap_at(g), bm.clone());
             if csum {
                 let n = (sb.inodes_per_group / 8) as usize;
@@ -531,7 +545,8 @@ pub(crate) fn desc_checksum(sb: &Superblock, g: u32, d: &[u8]) -> Option<u16> {
 }
 
 fn get_bit(bm: &[u8], i: u64) -> bool {
-    bm.get((i / 8) as usize).is_some_and(|b| b & (1 << (i % 8)) != 0)
+    bm.get((i / 8) as usize)
+        .is_some_and(|b| b & (1 << (i % 8)) != 0)
 }
 fn set_bit(bm: &mut [u8], i: u64) {
     if let Some(b) = bm.get_mut((i / 8) as usize) {

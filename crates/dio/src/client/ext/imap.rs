@@ -58,13 +58,15 @@ impl IndW {
     }
 
     fn table(&mut self, fs: &Fs, ino: u32, b: u64) -> Result<&mut Vec<u32>> {
-        if !self.tables.contains_key(&b) {
-            fs.check_blocks(b, 1, ino)?;
-            let raw = fs.read_block(b, "indirect block")?;
-            let t = (0..raw.len() / 4).map(|i| le32(&raw, i * 4)).collect();
-            self.tables.insert(b, t);
+        use std::collections::hash_map::Entry;
+        match self.tables.entry(b) {
+            Entry::Occupied(e) => Ok(e.into_mut()),
+            Entry::Vacant(v) => {
+                fs.check_blocks(b, 1, ino)?;
+                let raw = fs.read_block(b, "indirect block")?;
+                Ok(v.insert((0..raw.len() / 4).map(|i| le32(&raw, i * 4)).collect()))
+            }
         }
-        Ok(self.tables.get_mut(&b).expect("inserted"))
     }
 
     fn get(&mut self, fs: &Fs, ino: u32, s: Slot) -> Result<u32> {
@@ -284,7 +286,8 @@ impl IndW {
         if level > 0 {
             let sub = self.per.pow(level - 1);
             for i in 0..self.per as usize {
-                freed += self.cut_slot(fs, ino, (b, i), base + i as u64 * sub, level - 1, from, op)?;
+                freed +=
+                    self.cut_slot(fs, ino, (b, i), base + i as u64 * sub, level - 1, from, op)?;
             }
         }
         if base >= from {
@@ -310,10 +313,16 @@ impl IndW {
         super::tree::set_i_blocks(inode, counted * (bs as u64 / 512));
         let dirty = std::mem::take(&mut self.dirty);
         for t in dirty {
-            let Some(ptrs) = self.tables.get(&t) else { continue };
+            let Some(ptrs) = self.tables.get(&t) else {
+                continue;
+            };
             let mut data = vec![0u8; bs];
             for (i, &p) in ptrs.iter().enumerate() {
-                let v = if self.pending.contains_key(&(t, i)) { 0 } else { p };
+                let v = if self.pending.contains_key(&(t, i)) {
+                    0
+                } else {
+                    p
+                };
                 put32(&mut data, i * 4, v);
             }
             op.tx.put(t, data);
@@ -324,7 +333,11 @@ impl IndW {
             self.dirty.insert(t);
         }
         for (i, &p) in self.ptrs.iter().enumerate() {
-            let v = if self.pending.contains_key(&(0, i)) { 0 } else { p };
+            let v = if self.pending.contains_key(&(0, i)) {
+                0
+            } else {
+                p
+            };
             put32(&mut inode.raw, 0x28 + i * 4, v);
         }
         self.inode_dirty = false;

@@ -72,8 +72,8 @@ pub use dir::DirEntry;
 pub use inode::{flags as inode_flags, FileType, Inode, Timestamp, ROOT_INO};
 pub use map::FileExtent;
 pub use ops::Attrs;
-pub use wmap::ExtWriter;
 pub use superblock::{compat, incompat, ro_compat, Superblock};
+pub use wmap::ExtWriter;
 
 use crate::device::Device;
 use crate::map::Mapping;

@@ -139,7 +139,11 @@ fn parent_and_name(path: &[u8]) -> Result<(Vec<u8>, Vec<u8>)> {
         None => (&b""[..], trimmed),
     };
     check_name(path, name)?;
-    let parent = if parent.is_empty() { b"/".to_vec() } else { parent.to_vec() };
+    let parent = if parent.is_empty() {
+        b"/".to_vec()
+    } else {
+        parent.to_vec()
+    };
     Ok((parent, name.to_vec()))
 }
 
@@ -259,7 +263,11 @@ fn entries_of(fs: &Fs, ino: u32, b: u64, block: &[u8]) -> Result<Vec<Ent>> {
     let mut pos = 0;
     while pos < bs {
         let rec = usize::from(le16(block, pos + 4));
-        let rec = if rec == 0 || rec == 65535 { 65536.min(bs) } else { rec };
+        let rec = if rec == 0 || rec == 65535 {
+            65536.min(bs)
+        } else {
+            rec
+        };
         let name_len = if filetype {
             usize::from(u8at(block, pos + 6))
         } else {
@@ -304,11 +312,17 @@ fn dir_add(op: &mut Op<'_>, d: &mut DirW, name: &[u8], ino: u32, t: u8) -> Resul
     let need = rec_size(name.len());
     let tail = if fs.sb.metadata_csum() { 12 } else { 0 };
     for b in 0..d.nblocks(bs) {
-        let Some(p) = d.block_at(fs, b)? else { continue };
+        let Some(p) = d.block_at(fs, b)? else {
+            continue;
+        };
         let mut block = op.read(p, "directory block")?;
         let limit = block.len() - tail;
         for e in entries_of(fs, d.inode.ino, b, &block[..limit])? {
-            let used = if e.ino == 0 { 0 } else { rec_size(e.name.len()) };
+            let used = if e.ino == 0 {
+                0
+            } else {
+                rec_size(e.name.len())
+            };
             if e.rec >= used + need {
                 if e.ino == 0 {
                     write_entry(fs, &mut block, e.pos, ino, name, t, e.rec);
@@ -326,7 +340,9 @@ fn dir_add(op: &mut Op<'_>, d: &mut DirW, name: &[u8], ino: u32, t: u8) -> Resul
     let b = d.nblocks(bs);
     let goal = match b.checked_sub(1).map(|x| d.block_at(fs, x)) {
         Some(Ok(Some(p))) => p + 1,
-        _ => fs.sb.group_first_block((d.inode.ino - 1) / fs.sb.inodes_per_group),
+        _ => fs
+            .sb
+            .group_first_block((d.inode.ino - 1) / fs.sb.inodes_per_group),
     };
     let (p, _) = op.alloc()?.alloc_blocks(fs, goal, 1)?;
     let block = new_leaf(fs, &d.inode, &[(ino, name, t)]);
@@ -376,7 +392,9 @@ fn dir_remove(op: &mut Op<'_>, d: &DirW, name: &[u8]) -> Result<Option<u32>> {
     let fs = op.fs;
     let bs = u64::from(fs.sb.block_size);
     for b in 0..d.nblocks(bs) {
-        let Some(p) = d.block_at(fs, b)? else { continue };
+        let Some(p) = d.block_at(fs, b)? else {
+            continue;
+        };
         let mut block = op.read(p, "directory block")?;
         let ents = entries_of(fs, d.inode.ino, b, &block)?;
         for (i, e) in ents.iter().enumerate() {
@@ -400,7 +418,9 @@ fn dir_retarget(op: &mut Op<'_>, d: &DirW, name: &[u8], ino: u32, t: u8) -> Resu
     let fs = op.fs;
     let bs = u64::from(fs.sb.block_size);
     for b in 0..d.nblocks(bs) {
-        let Some(p) = d.block_at(fs, b)? else { continue };
+        let Some(p) = d.block_at(fs, b)? else {
+            continue;
+        };
         let mut block = op.read(p, "directory block")?;
         for e in entries_of(fs, d.inode.ino, b, &block)? {
             if e.ino != 0 && e.name == name {
@@ -422,7 +442,9 @@ fn dir_is_empty(op: &Op<'_>, d: &DirW) -> Result<bool> {
     let fs = op.fs;
     let bs = u64::from(fs.sb.block_size);
     for b in 0..d.nblocks(bs) {
-        let Some(p) = d.block_at(fs, b)? else { continue };
+        let Some(p) = d.block_at(fs, b)? else {
+            continue;
+        };
         let block = op.read(p, "directory block")?;
         for e in entries_of(fs, d.inode.ino, b, &block)? {
             if e.ino != 0 && e.name != b"." && e.name != b".." {
@@ -472,7 +494,14 @@ fn indirect_blocks(fs: &Arc<Fs>, inode: &Inode) -> Result<Vec<(u64, u64)>> {
     let mut budget = fs.sb.blocks_count;
     for i in 0..15usize {
         let level = i.saturating_sub(11) as u32;
-        walk(fs, inode.ino, u64::from(le32(ib, i * 4)), level, &mut push, &mut budget)?;
+        walk(
+            fs,
+            inode.ino,
+            u64::from(le32(ib, i * 4)),
+            level,
+            &mut push,
+            &mut budget,
+        )?;
     }
     Ok(out)
 }
@@ -637,16 +666,16 @@ impl Ext {
         let fs = Arc::clone(&self.fs);
         self.make(path, S_IFDIR, attrs, &move |op, inode, parent| {
             let g = (inode.ino - 1) / fs.sb.inodes_per_group;
-            let (p, _) = op.alloc()?.alloc_blocks(&fs, fs.sb.group_first_block(g), 1)?;
+            let (p, _) = op
+                .alloc()?
+                .alloc_blocks(&fs, fs.sb.group_first_block(g), 1)?;
             let block = new_leaf(&fs, inode, &[(inode.ino, b".", 2), (parent.ino, b"..", 2)]);
             op.tx.put_fresh(p, block);
             inode.links = 2;
             put16(&mut inode.raw, 0x1A, 2);
             let mut d = DirW {
                 inode: inode.clone(),
-                tree: inode
-                    .has_flag(flags::EXTENTS)
-                    .then(ExtTree::default),
+                tree: inode.has_flag(flags::EXTENTS).then(ExtTree::default),
             };
             link_block(op, &mut d, 0, p)?;
             tree::set_size(&mut d.inode, u64::from(fs.sb.block_size));
@@ -673,7 +702,9 @@ impl Ext {
                 ib[..target.len()].copy_from_slice(&target);
             } else {
                 let g = (inode.ino - 1) / fs.sb.inodes_per_group;
-                let (p, _) = op.alloc()?.alloc_blocks(&fs, fs.sb.group_first_block(g), 1)?;
+                let (p, _) = op
+                    .alloc()?
+                    .alloc_blocks(&fs, fs.sb.group_first_block(g), 1)?;
                 let mut block = vec![0u8; bs];
                 block[..target.len()].copy_from_slice(&target);
                 op.tx.put_fresh(p, block);

@@ -167,7 +167,8 @@ impl ExtTree {
         // Levels of nodes, leaves first: each node its first logical block and
         // its entries.
         let mut levels: Vec<Vec<(u64, Vec<[u8; 12]>)>> = Vec::new();
-        let mut cur: Vec<(u64, [u8; 12])> = self.exts.iter().map(|e| (e.logical, entry(e))).collect();
+        let mut cur: Vec<(u64, [u8; 12])> =
+            self.exts.iter().map(|e| (e.logical, entry(e))).collect();
         while cur.len() > 4 {
             let nodes: Vec<(u64, Vec<[u8; 12]>)> = cur
                 .chunks(per)

@@ -27,8 +27,8 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::inode::{flags, Inode};
 use super::imap::IndW;
+use super::inode::{flags, Inode};
 use super::map::{map_extents, FileExtent};
 use super::tree::{self, ExtTree, MAX_UNWRITTEN};
 use super::tx::Op;
@@ -70,7 +70,8 @@ impl AllocMap {
     fn goal(fs: &Fs, st: &FileW, block: u64) -> u64 {
         let i = st.tree.exts.partition_point(|e| e.logical <= block);
         match i.checked_sub(1).map(|j| &st.tree.exts[j]) {
-            Some(e) => (e.physical + e.len + (block - (e.logical + e.len).min(block))).min(fs.sb.blocks_count - 1),
+            Some(e) => (e.physical + e.len + (block - (e.logical + e.len).min(block)))
+                .min(fs.sb.blocks_count - 1),
             None => Self::group_goal(fs, st.inode.ino),
         }
     }
