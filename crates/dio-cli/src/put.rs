@@ -125,7 +125,7 @@ fn source_name(s: &Source) -> String {
 
 /// What `cp` reads from.
 enum Input {
-    Stream(Box<dyn Read>),
+    Stream(Box<dyn Read + Send>),
     Image {
         _img: Box<crate::location::Image>,
         file: dio::ext::ExtFile,
@@ -137,7 +137,7 @@ impl Input {
     fn open(src: &OsStr, engine: Engine) -> Result<(Input, Option<u64>, String), Failure> {
         if src == "-" {
             return Ok((
-                Input::Stream(Box::new(std::io::stdin().lock())),
+                Input::Stream(Box::new(std::io::stdin())),
                 None,
                 "stdin".into(),
             ));
@@ -238,34 +238,59 @@ fn cp_into(src: &OsStr, t: &Target, put: &PutArgs, engine: Engine) -> Result<(),
         if let Some(n) = size {
             w.allocate(0, n)?;
         }
-        let mut buf = dio::AlignedBuf::new(CHUNK, 4096);
-        let mut pos = 0u64;
-        loop {
-            let n = match input.read_at(pos, &mut buf) {
-                Ok(n) => n,
-                Err(e) => {
+        // A reader thread fills buffers while this one writes the previous.
+        let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<(dio::AlignedBuf, usize)>(2);
+        let (empty_tx, empty_rx) = std::sync::mpsc::channel::<dio::AlignedBuf>();
+        for _ in 0..3 {
+            let _ = empty_tx.send(dio::AlignedBuf::new(CHUNK, 4096));
+        }
+        std::thread::scope(|scope| {
+            let input = &mut input;
+            let reader = scope.spawn(move || -> Result<(), String> {
+                let mut pos = 0u64;
+                while let Ok(mut buf) = empty_rx.recv() {
+                    let n = input.read_at(pos, &mut buf).map_err(|e| e.to_string())?;
+                    if n == 0 || full_tx.send((buf, n)).is_err() {
+                        break;
+                    }
+                    pos += n as u64;
+                }
+                Ok(())
+            });
+            let mut pos = 0u64;
+            let written = (|| {
+                while let Ok((buf, n)) = full_rx.recv() {
+                    let k = w.direct().write_at(pos, &buf[..n], Flags::UNALIGNED)?;
+                    if k < n {
+                        return Err(Error::NoSpace(format!(
+                            "only {} of {} bytes fit",
+                            pos + k as u64,
+                            size.unwrap_or(pos + n as u64)
+                        )));
+                    }
+                    pos += n as u64;
+                    let _ = empty_tx.send(buf);
+                }
+                Ok(())
+            })();
+            // Stop the reader (it ends when its channels close).
+            drop(full_rx);
+            drop(empty_tx);
+            match reader.join() {
+                Ok(Err(e)) => {
                     read_err = Some(format!("{in_name}: {e}"));
                     return Err(Error::Invalid("the source could not be read".into()));
                 }
-            };
-            if n == 0 {
-                break;
+                Err(_) => return Err(Error::Invalid("the reader thread panicked".into())),
+                Ok(Ok(())) => {}
             }
-            let k = w.direct().write_at(pos, &buf[..n], Flags::UNALIGNED)?;
-            if k < n {
-                return Err(Error::NoSpace(format!(
-                    "only {} of {} bytes fit",
-                    pos + k as u64,
-                    size.unwrap_or(pos + n as u64)
-                )));
+            written?;
+            // A source shorter than it said (a file that shrank): keep what was read.
+            if w.size() < pos || size.is_some_and(|s| s != pos) {
+                w.set_len(pos)?;
             }
-            pos += n as u64;
-        }
-        // A source shorter than it said (a file that shrank): keep what was read.
-        if w.size() < pos || size.is_some_and(|s| s != pos) {
-            w.set_len(pos)?;
-        }
-        Ok(())
+            Ok(())
+        })
     });
     if let Some(m) = read_err {
         return Err(Failure::msg(format!(
