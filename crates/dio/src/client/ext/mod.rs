@@ -1,13 +1,25 @@
 //! ext2, ext3 and ext4 images: read any file, list directories, overwrite files in
-//! place, through the engine.
+//! place, through the engine; on images without a journal, also create, grow,
+//! fill, truncate and remove files, directories and symlinks.
 //!
 //! This module owns the on-disk format: the superblock and its features, group
 //! descriptors, inodes, extent trees and indirect blocks (the block map the engine
 //! uses as its `get_block`), directories (linear, inline and htree) and symlinks.
 //! Metadata is read through the [`Device`] in whole logical blocks; file data moves
-//! through a [`DirectFile`] over the same device. It never allocates blocks or
-//! changes sizes: in-place writes touch only a file's written blocks, its mtime,
-//! ctime and inode checksum.
+//! through a [`DirectFile`] over the same device.
+//!
+//! Two write paths. [`ExtFile`] writes in place: it never allocates blocks or
+//! changes sizes, and touches only a file's written blocks, its mtime, ctime and
+//! inode checksum (any image, journal or not). Allocating changes
+//! ([`Ext::create`], [`Ext::mkdir`], [`Ext::symlink`], [`Ext::remove`],
+//! [`Ext::put_file`], and [`ExtWriter`] from [`Ext::writer`], whose block map
+//! allocates as the kernel's ext4 direct I/O does: unwritten extents converted
+//! at completion) go through one transaction type and its commit (`tx`), ordered
+//! for crashes (data, then pointers, then sizes; allocations before links, frees
+//! last); they are refused with [`Feature::JournalWrite`] on images with a
+//! journal (the journal writer will take the commit over), with
+//! [`Feature::Bigalloc`] on bigalloc images, and adding names to htree or
+//! inline-data directories is refused too.
 //!
 //! What a handle can do is what the client supports, whichever way it is asked:
 //! the block map refuses writes to holes, unwritten extents and bytes past i_size

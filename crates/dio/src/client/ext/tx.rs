@@ -1,25 +1,30 @@
 //! Transactions: the whole fs blocks one operation changes, and the one place they
 //! are written ([`Op::commit`]).
 //!
-//! An operation (create a file, allocate blocks for a write, convert written
+//! An operation (create a file, allocate blocks for a write, store converted
 //! extents, truncate, remove a name) runs as one [`Op`]: it holds the allocator and
-//! the metadata lock, reads through its own changes ([`Op::read`]), and collects
-//! what it changes in a [`Tx`]:
+//! the metadata lock, reads through its own changes ([`Op::read`], [`Op::inode`]),
+//! and collects what it changes in a [`Tx`], each whole fs block at a write stage:
 //!
-//! - `fresh`: blocks nothing points to yet, or that only record allocations
-//!   (bitmaps, descriptors, the superblock, new extent-tree, directory and symlink
-//!   blocks);
-//! - `linked`: blocks that point at others (inodes, existing tree and directory
-//!   blocks, which may now name the fresh ones);
-//! - `freed`: blocks and inodes to give back once nothing points to them.
+//! - [`FRESH`]: blocks nothing points to yet, or that only record allocations
+//!   (bitmaps, descriptors, the superblock, new extent-tree, indirect, directory
+//!   and symlink blocks, a new inode);
+//! - [`LINK`]: blocks that point at others (inodes, existing tree, indirect and
+//!   directory blocks, which may now name the fresh ones);
+//! - [`UNLINK`]: what a removed name pointed to (the inode cleared, dtime set),
+//!   after the name is gone;
+//! - `freed`, `freed_inodes`: blocks and inodes to give back once nothing points
+//!   to them.
 //!
-//! Without a journal the commit orders them for crashes: fresh blocks, a device
-//! flush, linked blocks, then (only when something is freed) a flush and the
-//! bitmaps that free. A crash at any point leaves at worst blocks or inodes marked
-//! used that nothing points to (`e2fsck -fy` reclaims them), never a block owned
-//! twice. File data is written by the engine before the operation that links it
-//! (see the write path in `wmap`), and the caller flushes before that operation.
-//! With a journal, this commit is where the journal writer takes over.
+//! Without a journal the commit ([`Op::commit`]) writes the stages in order with a
+//! device flush between two non-empty ones, then (only when something is freed) a
+//! flush and the bitmaps, descriptors and superblock that free. A crash at any
+//! point leaves at worst blocks or inodes marked used that nothing points to
+//! (`e2fsck -fy` reclaims them), never a block owned twice or a name pointing at
+//! a cleared inode. File data is written by the engine before the operation
+//! that links it (see `wmap`: unwritten extents, and a flush before written
+//! extents or indirect pointers are stored). With a journal, `commit` is where
+//! the journal writer takes over: the stages become one transaction.
 //!
 //! An [`Op`] dropped without a commit (an error, ENOSPC) drops the allocator's
 //! in-memory state, so the next operation reads the unchanged disk again.
