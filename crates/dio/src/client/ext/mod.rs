@@ -678,6 +678,11 @@ impl Ext {
             return Ok(node);
         }
         open.retain(|_, w| w.strong_count() > 0);
+        if lock(&self.fs.writers).contains(&ino) {
+            return Err(Error::Invalid(format!(
+                "inode {ino} is open for writing through Ext::writer"
+            )));
+        }
         let inode = self.fs.read_inode(ino)?;
         if inode.has_flag(inode_flags::ENCRYPT) {
             return Err(Error::incompatible(

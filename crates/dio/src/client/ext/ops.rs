@@ -886,14 +886,24 @@ impl Ext {
         op.commit()
     }
 
-    /// Open regular extent file `inode` for allocating writes (grow, fill holes,
-    /// truncate). One writer per inode at a time; files read through
-    /// [`Ext::open_file`] meanwhile do not see its changes.
+    /// Open regular file `inode` (extents or indirect blocks) for allocating
+    /// writes (grow, fill holes,
+    /// truncate). One writer per inode at a time, and not while handles from
+    /// [`Ext::open_file`] of it are open (nor can those open while it is).
     pub fn writer(&self, inode: &Inode) -> Result<ExtWriter> {
         let fs = &self.fs;
         let inode = fs.read_inode(inode.ino)?;
         if let Some(e) = super::write_refusal(fs, &inode) {
             return Err(e);
+        }
+        let open = super::lock(&fs.open)
+            .get(&inode.ino)
+            .is_some_and(|w| w.strong_count() > 0);
+        if open {
+            return Err(Error::Invalid(format!(
+                "inode {} is open through Ext::open_file: close those handles before writing with Ext::writer",
+                inode.ino
+            )));
         }
         if !super::lock(&fs.writers).insert(inode.ino) {
             return Err(Error::Invalid(format!(
