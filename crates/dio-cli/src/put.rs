@@ -88,7 +88,7 @@ impl Target {
             )));
         }
         let opened = loc.source.open(true, false, engine)?;
-        let ext = Ext::open_writable(Arc::clone(&opened.device), opened.size)
+        let ext = Ext::open_writable(Arc::clone(opened.device()), opened.size())
             .map_err(|e| Failure::msg(format!("{}: {e}", source_name(&loc.source))))?;
         Ok(Target {
             _opened: opened,
@@ -112,7 +112,7 @@ impl Target {
     }
 
     fn sync(&self) -> Result<(), Failure> {
-        self._opened.direct.sync_data().map_err(|e| self.fail(e))
+        self._opened.direct().sync_data().map_err(|e| self.fail(e))
     }
 }
 
@@ -171,7 +171,7 @@ impl Input {
             }
         }
         let opened = loc.source.open(false, false, engine)?;
-        let n = opened.size;
+        let n = opened.size();
         Ok((Input::Direct(opened), Some(n), name))
     }
 
@@ -191,8 +191,8 @@ impl Input {
             }
             Input::Image { file, .. } => file.read_at(pos, buf).map_err(std::io::Error::other),
             Input::Direct(o) => {
-                let n = buf.len().min(o.size.saturating_sub(pos) as usize);
-                o.direct
+                let n = buf.len().min(o.size().saturating_sub(pos) as usize);
+                o.direct()
                     .read_at(pos, &mut buf[..n], Flags::UNALIGNED)
                     .map_err(std::io::Error::other)
             }

@@ -787,7 +787,7 @@ fn an_eio_mid_write_leaves_size_and_extents_describing_only_what_was_written() {
         Ok(n) => n as u64,
         Err(_) => 0,
     };
-    assert!(n >= 32 * 4096 && n <= 40 * 4096, "wrote {n}");
+    assert!((32 * 4096..=40 * 4096).contains(&n), "wrote {n}");
     w.sync().unwrap();
     assert_eq!(w.size(), n);
     let ex = ext.extents(&w.inode()).unwrap();
