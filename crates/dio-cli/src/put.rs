@@ -203,6 +203,16 @@ impl Input {
 /// `dio cp SRC IMG:/PATH` on an image without a journal: create or replace.
 /// `None`: the image has a journal; the caller overwrites in place instead.
 pub fn cp(src: &OsStr, dst: &OsStr, put: &PutArgs, engine: Engine) -> Option<Result<(), Failure>> {
+    // Sources sharing storage with DST are refused before anything is opened.
+    if src != "-" {
+        let shared = Location::parse(src).and_then(|s| {
+            let d = Location::parse(dst)?;
+            crate::storage::refuse_shared(&s, &d, engine)
+        });
+        if let Err(e) = shared {
+            return Some(Err(e));
+        }
+    }
     let t = match Target::open(dst, engine) {
         Ok(t) => t,
         Err(e) => return Some(Err(e)),
@@ -214,10 +224,6 @@ pub fn cp(src: &OsStr, dst: &OsStr, put: &PutArgs, engine: Engine) -> Option<Res
 }
 
 fn cp_into(src: &OsStr, t: &Target, put: &PutArgs, engine: Engine) -> Result<(), Failure> {
-    if src != "-" {
-        let s = Location::parse(src)?;
-        crate::storage::refuse_shared(&s, &t.loc, engine)?;
-    }
     let (mut input, size, in_name) = Input::open(src, engine)?;
     // cp into an existing directory: DIR/NAME.
     let mut path = t.path().to_vec();

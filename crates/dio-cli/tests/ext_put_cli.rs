@@ -131,10 +131,14 @@ fn cli_builds_a_tree_the_kernel_sees() {
         eprintln!("skipped: needs e2fsprogs");
         return;
     }
-    for (tag, bs) in [("4k", "4096"), ("1k", "1024")] {
+    for (tag, fs, bs, opts) in [
+        ("4k", "ext4", "4096", "^has_journal"),
+        ("1k", "ext4", "1024", "^has_journal,^metadata_csum"),
+        ("ext2", "ext2", "1024", "^dir_index"),
+    ] {
         let img = mkfs(
             &format!("tree-{tag}"),
-            &["-t", "ext4", "-b", bs, "-O", "^has_journal"],
+            &["-t", fs, "-b", bs, "-O", opts],
             32,
         );
         let at = |p: &str| format!("{img}:{p}");
