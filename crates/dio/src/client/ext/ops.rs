@@ -4,10 +4,12 @@
 //! Each is one [`Op`]: a new inode and its blocks are written first (fresh), a
 //! flush, then the directory entry and the parent's inode (linked); a removal
 //! drops the name first, then clears the inode (dtime set, no blocks), and frees
-//! its blocks and inode last. Adding a name to a hashed (htree) directory or an
-//! inline-data directory is refused ("incompatible"), before anything is written;
-//! removing a name works in any of them but inline ones (a leaf entry is merged
-//! into the one before it, as the kernel does, which keeps the hash index valid).
+//! its blocks and inode last. A name goes into a hashed (htree) directory's leaf
+//! that the index picks for its hash, when that leaf has room; a full leaf would
+//! need a split, which is refused ("incompatible"), as is any change to an
+//! inline-data directory, with nothing written. Removing a name works in linear
+//! and htree directories (a leaf entry is merged into the one before it, as the
+//! kernel does, which keeps the hash index valid).
 
 use std::sync::Arc;
 
@@ -299,19 +301,16 @@ fn indexed(fs: &Fs, dir: &Inode) -> bool {
 /// by the caller).
 fn dir_add(op: &mut Op<'_>, d: &mut DirW, name: &[u8], ino: u32, t: u8) -> Result<()> {
     let fs = op.fs;
-    if indexed(fs, &d.inode) {
-        return Err(Error::incompatible(
-            Feature::HtreeInsert,
-            format!(
-                "directory inode {}: adding names to hashed (htree) directories is not implemented",
-                d.inode.ino
-            ),
-        ));
-    }
     let bs = u64::from(fs.sb.block_size);
     let need = rec_size(name.len());
     let tail = if fs.sb.metadata_csum() { 12 } else { 0 };
-    for b in 0..d.nblocks(bs) {
+    let blocks: Vec<u64> = if indexed(fs, &d.inode) {
+        // The one leaf the hash index sends this name to.
+        vec![dx_leaf(op, d, name)?]
+    } else {
+        (0..d.nblocks(bs)).collect()
+    };
+    for b in blocks.iter().copied() {
         let Some(p) = d.block_at(fs, b)? else {
             continue;
         };
@@ -336,6 +335,15 @@ fn dir_add(op: &mut Op<'_>, d: &mut DirW, name: &[u8], ino: u32, t: u8) -> Resul
             }
         }
     }
+    if indexed(fs, &d.inode) {
+        return Err(Error::incompatible(
+            Feature::HtreeInsert,
+            format!(
+                "directory inode {}: the hashed (htree) leaf for this name is full, and splitting htree leaves is not implemented",
+                d.inode.ino
+            ),
+        ));
+    }
     // A new block at the end.
     let b = d.nblocks(bs);
     let goal = match b.checked_sub(1).map(|x| d.block_at(fs, x)) {
@@ -350,6 +358,63 @@ fn dir_add(op: &mut Op<'_>, d: &mut DirW, name: &[u8], ino: u32, t: u8) -> Resul
     link_block(op, d, b, p)?;
     tree::set_size(&mut d.inode, (b + 1) * bs);
     Ok(())
+}
+
+/// The leaf block (logical) of htree directory `d` that holds names hashing
+/// like `name`: down the index from the root, the last entry whose hash is at
+/// most the name's at each level (the kernel's `dx_probe`).
+fn dx_leaf(op: &Op<'_>, d: &DirW, name: &[u8]) -> Result<u64> {
+    let fs = op.fs;
+    let bad = |m: &str| {
+        Error::corrupt(
+            CorruptKind::HtreeIndex,
+            format!("directory inode {}: {m}", d.inode.ino),
+        )
+    };
+    let nblocks = d.nblocks(u64::from(fs.sb.block_size));
+    let read = |b: u64| -> Result<Vec<u8>> {
+        let p = d.block_at(fs, b)?.ok_or_else(|| bad("htree block is a hole"))?;
+        op.read(p, "htree block")
+    };
+    let root = read(0)?;
+    let version = u8at(&root, 0x1C);
+    let info_len = usize::from(u8at(&root, 0x1D));
+    let levels = u8at(&root, 0x1E);
+    if levels > 2 || info_len != 8 {
+        return Err(bad("htree root info is damaged"));
+    }
+    let Some(target) = super::hash::dirhash(name, version, &fs.sb.hash_seed, fs.sb.unsigned_hash())
+    else {
+        return Err(Error::incompatible(
+            Feature::HtreeHash,
+            format!("directory inode {}: htree hash version {version}", d.inode.ino),
+        ));
+    };
+    let pick = |block: &[u8], at: usize| -> Result<u64> {
+        let count = usize::from(le16(block, at + 2));
+        let limit = usize::from(le16(block, at));
+        if count == 0 || count > limit || at + count * 8 > block.len() {
+            return Err(bad("htree index counts are damaged"));
+        }
+        let mut chosen = le32(block, at + 4);
+        for i in 1..count {
+            if le32(block, at + i * 8) > target {
+                break;
+            }
+            chosen = le32(block, at + i * 8 + 4);
+        }
+        let c = u64::from(chosen & 0x0FFF_FFFF);
+        if c == 0 || c >= nblocks {
+            return Err(bad("htree points outside the directory"));
+        }
+        Ok(c)
+    };
+    let mut b = pick(&root, 0x18 + info_len)?;
+    for _ in 0..levels {
+        let node = read(b)?;
+        b = pick(&node, 8)?;
+    }
+    Ok(b)
 }
 
 /// Map logical block `b` of `d` to new device block `p` (written).
@@ -620,16 +685,6 @@ impl Ext {
             return Err(Error::path(PathErrorKind::AlreadyExists, path));
         }
         let mut d = DirW::load(fs, parent)?;
-        if indexed(fs, &d.inode) {
-            // Refuse before allocating anything.
-            return Err(Error::incompatible(
-                Feature::HtreeInsert,
-                format!(
-                    "directory inode {}: adding names to hashed (htree) directories is not implemented",
-                    d.inode.ino
-                ),
-            ));
-        }
         let is_dir = kind == S_IFDIR;
         let pg = (d.inode.ino - 1) / fs.sb.inodes_per_group;
         let ino = op.alloc()?.alloc_inode(fs, pg, is_dir)?;
@@ -795,15 +850,7 @@ impl Ext {
                 return Err(Error::path(PathErrorKind::IsADirectory, path));
             }
         }
-        if indexed(fs, &parent) && self.exists_in(&parent, &name)?.is_none() {
-            return Err(Error::incompatible(
-                Feature::HtreeInsert,
-                format!(
-                    "directory inode {}: adding names to hashed (htree) directories is not implemented",
-                    parent.ino
-                ),
-            ));
-        }
+
         // The new inode, named nowhere yet (a crash leaves it for e2fsck's
         // lost+found).
         let inode = {
