@@ -145,7 +145,8 @@ pub enum Feature {
     JournalWrite,
     /// Allocating writes on a bigalloc (clustered) image.
     Bigalloc,
-    /// Adding entries to a hashed (htree) directory.
+    /// Adding entries to a hashed (htree) directory whose index would have to
+    /// grow (an index-block split or a new level).
     HtreeInsert,
     /// Allocating writes to files mapped by ext2/3 indirect blocks.
     IndirectAlloc,

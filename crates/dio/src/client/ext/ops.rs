@@ -4,10 +4,13 @@
 //! Each is one [`Op`]: a new inode and its blocks are written first (fresh), a
 //! flush, then the directory entry and the parent's inode (linked); a removal
 //! drops the name first, then clears the inode (dtime set, no blocks), and frees
-//! its blocks and inode last. A name goes into a hashed (htree) directory's leaf
-//! that the index picks for its hash, when that leaf has room; a full leaf would
-//! need a split, which is refused ("incompatible"), as is any change to an
-//! inline-data directory, with nothing written. Removing a name works in linear
+//! its blocks and inode last. A name goes into the leaf of a hashed (htree)
+//! directory that the index picks for its hash; a full leaf is split (entries
+//! sorted by hash, the upper half to a new block, its index entry added, with
+//! the collision bit when the halves share a hash, as the kernel's `do_split`);
+//! a full index block would need an index split or a new level, which is
+//! refused ("incompatible"), as is any change to an inline-data directory, with
+//! nothing written. Removing a name works in linear
 //! and htree directories (a leaf entry is merged into the one before it, as the
 //! kernel does, which keeps the hash index valid).
 
@@ -300,6 +303,17 @@ fn indexed(fs: &Fs, dir: &Inode) -> bool {
 /// Add the entry `name` -> `ino` to directory `d` through `op` (its inode is put
 /// by the caller).
 fn dir_add(op: &mut Op<'_>, d: &mut DirW, name: &[u8], ino: u32, t: u8) -> Result<()> {
+    dir_add_in(op, d, name, ino, t, false)
+}
+
+fn dir_add_in(
+    op: &mut Op<'_>,
+    d: &mut DirW,
+    name: &[u8],
+    ino: u32,
+    t: u8,
+    split_done: bool,
+) -> Result<()> {
     let fs = op.fs;
     let bs = u64::from(fs.sb.block_size);
     let need = rec_size(name.len());
@@ -336,13 +350,17 @@ fn dir_add(op: &mut Op<'_>, d: &mut DirW, name: &[u8], ino: u32, t: u8) -> Resul
         }
     }
     if indexed(fs, &d.inode) {
-        return Err(Error::incompatible(
-            Feature::HtreeInsert,
-            format!(
-                "directory inode {}: the hashed (htree) leaf for this name is full, and splitting htree leaves is not implemented",
-                d.inode.ino
-            ),
-        ));
+        if split_done {
+            return Err(Error::incompatible(
+                Feature::HtreeInsert,
+                format!(
+                    "directory inode {}: no room for the name in its htree leaf after a split",
+                    d.inode.ino
+                ),
+            ));
+        }
+        dx_split(op, d, name)?;
+        return dir_add_in(op, d, name, ino, t, true);
     }
     // A new block at the end.
     let b = d.nblocks(bs);
@@ -364,6 +382,21 @@ fn dir_add(op: &mut Op<'_>, d: &mut DirW, name: &[u8], ino: u32, t: u8) -> Resul
 /// like `name`: down the index from the root, the last entry whose hash is at
 /// most the name's at each level (the kernel's `dx_probe`).
 fn dx_leaf(op: &Op<'_>, d: &DirW, name: &[u8]) -> Result<u64> {
+    dx_path(op, d, name).map(|p| p.leaf)
+}
+
+/// Where a name's leaf hangs in an htree: the leaf, the index block holding
+/// its entry (logical), where that block's count/limit sit, the entry's
+/// position, and the name's hash.
+struct DxPath {
+    leaf: u64,
+    parent: u64,
+    at: usize,
+    pos: usize,
+    hash: u32,
+}
+
+fn dx_path(op: &Op<'_>, d: &DirW, name: &[u8]) -> Result<DxPath> {
     let fs = op.fs;
     let bad = |m: &str| {
         Error::corrupt(
@@ -373,7 +406,9 @@ fn dx_leaf(op: &Op<'_>, d: &DirW, name: &[u8]) -> Result<u64> {
     };
     let nblocks = d.nblocks(u64::from(fs.sb.block_size));
     let read = |b: u64| -> Result<Vec<u8>> {
-        let p = d.block_at(fs, b)?.ok_or_else(|| bad("htree block is a hole"))?;
+        let p = d
+            .block_at(fs, b)?
+            .ok_or_else(|| bad("htree block is a hole"))?;
         op.read(p, "htree block")
     };
     let root = read(0)?;
@@ -387,34 +422,160 @@ fn dx_leaf(op: &Op<'_>, d: &DirW, name: &[u8]) -> Result<u64> {
     else {
         return Err(Error::incompatible(
             Feature::HtreeHash,
-            format!("directory inode {}: htree hash version {version}", d.inode.ino),
+            format!(
+                "directory inode {}: htree hash version {version}",
+                d.inode.ino
+            ),
         ));
     };
-    let pick = |block: &[u8], at: usize| -> Result<u64> {
+    let pick = |block: &[u8], at: usize| -> Result<(u64, usize)> {
         let count = usize::from(le16(block, at + 2));
         let limit = usize::from(le16(block, at));
-        if count == 0 || count > limit || at + count * 8 > block.len() {
+        if count == 0 || count > limit || at + limit * 8 > block.len() {
             return Err(bad("htree index counts are damaged"));
         }
-        let mut chosen = le32(block, at + 4);
+        let mut pos = 0;
         for i in 1..count {
             if le32(block, at + i * 8) > target {
                 break;
             }
-            chosen = le32(block, at + i * 8 + 4);
+            pos = i;
         }
-        let c = u64::from(chosen & 0x0FFF_FFFF);
+        let c = u64::from(le32(block, at + pos * 8 + 4) & 0x0FFF_FFFF);
         if c == 0 || c >= nblocks {
             return Err(bad("htree points outside the directory"));
         }
-        Ok(c)
+        Ok((c, pos))
     };
-    let mut b = pick(&root, 0x18 + info_len)?;
+    let at0 = 0x18 + info_len;
+    let (mut b, mut pos) = pick(&root, at0)?;
+    let (mut parent, mut at) = (0u64, at0);
     for _ in 0..levels {
         let node = read(b)?;
-        b = pick(&node, 8)?;
+        parent = b;
+        at = 8;
+        (b, pos) = pick(&node, 8)?;
     }
-    Ok(b)
+    Ok(DxPath {
+        leaf: b,
+        parent,
+        at,
+        pos,
+        hash: target,
+    })
+}
+
+/// Split the full htree leaf on `name`'s path in two (entries sorted by hash,
+/// the upper half to a new block at the end of the directory), and add the new
+/// leaf to its index block. Refused when that index block is full.
+fn dx_split(op: &mut Op<'_>, d: &mut DirW, name: &[u8]) -> Result<()> {
+    let fs = op.fs;
+    let bs = u64::from(fs.sb.block_size);
+    let path = dx_path(op, d, name)?;
+    let root = {
+        let p = d
+            .block_at(fs, 0)?
+            .ok_or_else(|| Error::corrupt(CorruptKind::HtreeIndex, "htree root is a hole"))?;
+        op.read(p, "htree root")?
+    };
+    let version = u8at(&root, 0x1C);
+    let pp = d
+        .block_at(fs, path.parent)?
+        .ok_or_else(|| Error::corrupt(CorruptKind::HtreeIndex, "htree index block is a hole"))?;
+    let mut index = op.read(pp, "htree index block")?;
+    let (limit, count) = (
+        usize::from(le16(&index, path.at)),
+        usize::from(le16(&index, path.at + 2)),
+    );
+    if count >= limit {
+        return Err(Error::incompatible(
+            Feature::HtreeInsert,
+            format!(
+                "directory inode {}: the htree index block is full, and splitting htree index blocks is not implemented",
+                d.inode.ino
+            ),
+        ));
+    }
+    let lp = d
+        .block_at(fs, path.leaf)?
+        .ok_or_else(|| Error::corrupt(CorruptKind::HtreeIndex, "htree leaf is a hole"))?;
+    let leaf = op.read(lp, "htree leaf")?;
+    let tail = if fs.sb.metadata_csum() { 12 } else { 0 };
+    let mut ents: Vec<(u32, u32, Vec<u8>, u8)> = Vec::new();
+    for e in entries_of(fs, d.inode.ino, path.leaf, &leaf[..leaf.len() - tail])? {
+        if e.ino == 0 {
+            continue;
+        }
+        let h = super::hash::dirhash(&e.name, version, &fs.sb.hash_seed, fs.sb.unsigned_hash())
+            .unwrap_or(0);
+        let t = if fs.sb.has_incompat(incompat::FILETYPE) {
+            leaf[e.pos + 7]
+        } else {
+            0
+        };
+        ents.push((h, e.ino, e.name, t));
+    }
+    if ents.len() < 2 {
+        return Err(Error::incompatible(
+            Feature::HtreeInsert,
+            format!(
+                "directory inode {}: an htree leaf too full to split",
+                d.inode.ino
+            ),
+        ));
+    }
+    ents.sort_by_key(|e| e.0);
+    let mid = ents.len() / 2;
+    let split_hash = ents[mid].0;
+    let continued = ents[mid - 1].0 == split_hash;
+    let to_list = |v: &[(u32, u32, Vec<u8>, u8)]| -> Vec<(u32, Vec<u8>, u8)> {
+        v.iter().map(|(_, i, n, t)| (*i, n.clone(), *t)).collect()
+    };
+    let (lo, hi) = (to_list(&ents[..mid]), to_list(&ents[mid..]));
+    let refs = |v: &Vec<(u32, Vec<u8>, u8)>| -> Vec<(u32, Vec<u8>, u8)> { v.clone() };
+    let lo_b = new_leaf(
+        fs,
+        &d.inode,
+        &refs(&lo)
+            .iter()
+            .map(|(i, n, t)| (*i, &n[..], *t))
+            .collect::<Vec<_>>(),
+    );
+    let hi_b = new_leaf(
+        fs,
+        &d.inode,
+        &refs(&hi)
+            .iter()
+            .map(|(i, n, t)| (*i, &n[..], *t))
+            .collect::<Vec<_>>(),
+    );
+    // The new leaf: a fresh block at the end of the directory.
+    let nb = d.nblocks(bs);
+    let (p, _) = op.alloc()?.alloc_blocks(fs, lp, 1)?;
+    op.tx.put_fresh(p, hi_b);
+    link_block(op, d, nb, p)?;
+    tree::set_size(&mut d.inode, (nb + 1) * bs);
+    op.tx.put(lp, lo_b);
+    // Its index entry, after the old leaf's.
+    let at = path.at;
+    let e0 = at + (path.pos + 1) * 8;
+    index.copy_within(e0..at + count * 8, e0 + 8);
+    put32(&mut index, e0, split_hash | u32::from(continued));
+    put32(&mut index, e0 + 4, nb as u32);
+    put16(&mut index, at + 2, (count + 1) as u16);
+    if fs.sb.metadata_csum() {
+        let t = at + limit * 8;
+        if t + 8 <= index.len() {
+            let seed = fs.inode_seed(&d.inode);
+            let mut c = crc32c(seed, &index[..at + (count + 1) * 8]);
+            c = crc32c(c, &index[t..t + 4]);
+            c = crc32c(c, &[0; 4]);
+            put32(&mut index, t + 4, c);
+        }
+    }
+    op.tx.put(pp, index);
+    let _ = path.hash;
+    Ok(())
 }
 
 /// Map logical block `b` of `d` to new device block `p` (written).
