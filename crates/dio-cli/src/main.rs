@@ -81,7 +81,8 @@ Examples:
   dio cp disk.img copy.img
   dio cp disk.img /dev/loop0
   dio cp disk.img:/var/log/syslog ./syslog    out of an ext image
-  dio cp new.conf disk.img:/etc/app.conf      overwrite a file in an image in place
+  dio cp new.conf disk.img:/etc/app.conf      create or replace a file in an image
+  dio cp --mode 600 --owner 1000:1000 key disk.img:/home/me/.ssh/
   dio cp -r disk.img:/etc ./out               a directory tree out of an image (into ./out/etc)
   dio cp -rp disk.img:/ ./root                the whole image, keeping modes, owners, times
 
@@ -90,8 +91,13 @@ Examples:
 DST is sparse: SRC's holes and runs of zero blocks become holes (--sparse=never
 writes every byte).
 
-Into an image, the file's bytes are overwritten in place: no allocation, no growth; a
-shorter source leaves the rest of the file as it was.
+Into an image without a journal, DST is created or replaced (a directory DST gets
+SRC's name in it): the bytes go to a new inode, which takes the name only once they
+are all written, so a failure (no space left, a read error) leaves DST as it was.
+--mode and --owner set the new file's permissions and owner. Into an image with a
+journal (creating files there needs the journal writer), an existing DST's bytes are
+overwritten in place: no allocation, no growth; a shorter source leaves the rest of
+the file as it was.
 
 Refused, with nothing touched: SRC and DST sharing storage (the same file, an image
 and a file inside it, a loop device and its backing file, an export and a file
@@ -128,10 +134,12 @@ Examples:
   printf 'new' | dio write disk.img:/etc/motd --offset 7
   dio write /dev/loop0 --offset 512 --input sector.bin
 
-Inside an image the write is in place: it is refused, with nothing written, if it would
-need allocation (a hole, an unwritten extent) or grow the file; mtime, ctime and the inode
-checksum are updated (through the journal on ext3/ext4: committed, then written in place).
-An image whose journal needs recovery is recovered first, as e2fsck would.
+Inside an image without a journal the write may grow the file and fill holes (blocks are
+allocated; the size moves once the data is on the image). Inside an image with a journal
+the write is in place: it is refused, with nothing written, if it would need allocation (a
+hole, an unwritten extent) or grow the file; mtime, ctime and the inode checksum are
+updated (through the journal: committed, then written in place). An image whose journal
+needs recovery is recovered first, as e2fsck would.
 
 Exit status 0 means the bytes are durable: the file's data (fdatasync), the device or the
 image (a device flush after the inode update) were flushed before dio exits.")]
@@ -250,7 +258,8 @@ struct CpArgs {
     #[arg(value_name = "SRC")]
     src: OsString,
     /// Destination file (created or truncated), directory, block device, or
-    /// IMAGE:/PATH (overwritten in place).
+    /// IMAGE:/PATH (created or replaced; overwritten in place on images with a
+    /// journal).
     #[arg(value_name = "DST")]
     dst: OsString,
     /// Holes in a file DST: `auto` (and `always`) keeps SRC's holes and turns runs
