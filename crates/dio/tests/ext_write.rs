@@ -845,3 +845,74 @@ fn an_eio_mid_write_leaves_size_and_extents_describing_only_what_was_written() {
     m.insert("/other".into(), Node::File(b"between".to_vec()));
     check_dio(&img, &m);
 }
+
+#[test]
+fn htree_index_grows_a_level_and_splits_index_nodes() {
+    if !have("mke2fs") || !have("e2fsck") || !is_root() {
+        eprintln!("skipped: needs mke2fs, e2fsck and root (the kernel builds the htree)");
+        return;
+    }
+    let img = mkfs("htree-levels", &["-t", "ext4", "-b", "1024", "-O", NOJ], 32);
+    {
+        let dir = img.with_extension("mnt");
+        std::fs::create_dir_all(&dir).unwrap();
+        assert!(Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&img)
+            .arg(&dir)
+            .status()
+            .unwrap()
+            .success());
+        let m = Mount { dir: dir.clone() };
+        std::fs::create_dir(dir.join("big")).unwrap();
+        for i in 0..200 {
+            std::fs::write(dir.join("big").join(format!("k{i}")), b"").unwrap();
+        }
+        drop(m);
+    }
+    let (_raw, ext) = open(&img);
+    let mut names = Vec::new();
+    // 240-byte names: 4 to a 1 KiB leaf, so the 123-entry root fills up.
+    for i in 0..700 {
+        let n = format!("{i:05}-{}", "z".repeat(234));
+        ext.create(format!("/big/{n}").as_bytes(), &Attrs::new())
+            .unwrap_or_else(|e| panic!("name {i}: {e}"));
+        names.push(n);
+    }
+    let big = ext.lookup(b"/big", false).unwrap();
+    let f = ext.extents(&big).unwrap();
+    drop(ext);
+    fsck(&img);
+    if have("debugfs") {
+        // The index grew a level, and its nodes split (the root has several).
+        let o = Command::new("debugfs")
+            .arg("-R")
+            .arg("htree /big")
+            .arg(&img)
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(out.contains("Indirect levels: 1"), "{out}");
+        let root_count: usize = out
+            .lines()
+            .find_map(|l| l.strip_prefix("Number of entries (count): "))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap();
+        assert!(root_count >= 2, "{out}");
+    }
+    let (_raw, ext) = open(&img);
+    let big_blocks: u64 = f.iter().map(|e| e.len).sum();
+    assert!(big_blocks > 200, "{big_blocks} directory blocks");
+    for n in &names {
+        ext.lookup(format!("/big/{n}").as_bytes(), false).unwrap();
+    }
+    drop(ext);
+    let Some(mnt) = mount(&img) else { return };
+    for n in &names {
+        assert!(
+            mnt.dir.join("big").join(n).symlink_metadata().is_ok(),
+            "{n}"
+        );
+    }
+    assert_eq!(std::fs::read_dir(mnt.dir.join("big")).unwrap().count(), 900);
+}

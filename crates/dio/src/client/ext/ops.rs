@@ -303,7 +303,7 @@ fn indexed(fs: &Fs, dir: &Inode) -> bool {
 /// Add the entry `name` -> `ino` to directory `d` through `op` (its inode is put
 /// by the caller).
 fn dir_add(op: &mut Op<'_>, d: &mut DirW, name: &[u8], ino: u32, t: u8) -> Result<()> {
-    dir_add_in(op, d, name, ino, t, false)
+    dir_add_in(op, d, name, ino, t, 0)
 }
 
 fn dir_add_in(
@@ -312,7 +312,7 @@ fn dir_add_in(
     name: &[u8],
     ino: u32,
     t: u8,
-    split_done: bool,
+    split_done: u32,
 ) -> Result<()> {
     let fs = op.fs;
     let bs = u64::from(fs.sb.block_size);
@@ -350,17 +350,17 @@ fn dir_add_in(
         }
     }
     if indexed(fs, &d.inode) {
-        if split_done {
+        if split_done >= 3 {
             return Err(Error::incompatible(
                 Feature::HtreeInsert,
                 format!(
-                    "directory inode {}: no room for the name in its htree leaf after a split",
+                    "directory inode {}: no room for the name in its htree leaf after splits",
                     d.inode.ino
                 ),
             ));
         }
         dx_split(op, d, name)?;
-        return dir_add_in(op, d, name, ino, t, true);
+        return dir_add_in(op, d, name, ino, t, split_done + 1);
     }
     // A new block at the end.
     let b = d.nblocks(bs);
@@ -393,7 +393,9 @@ struct DxPath {
     parent: u64,
     at: usize,
     pos: usize,
-    hash: u32,
+    /// The position taken in the root, and the tree's levels below it.
+    root_pos: usize,
+    levels: u8,
 }
 
 fn dx_path(op: &Op<'_>, d: &DirW, name: &[u8]) -> Result<DxPath> {
@@ -449,6 +451,7 @@ fn dx_path(op: &Op<'_>, d: &DirW, name: &[u8]) -> Result<DxPath> {
     };
     let at0 = 0x18 + info_len;
     let (mut b, mut pos) = pick(&root, at0)?;
+    let root_pos = pos;
     let (mut parent, mut at) = (0u64, at0);
     for _ in 0..levels {
         let node = read(b)?;
@@ -461,7 +464,8 @@ fn dx_path(op: &Op<'_>, d: &DirW, name: &[u8]) -> Result<DxPath> {
         parent,
         at,
         pos,
-        hash: target,
+        root_pos,
+        levels,
     })
 }
 
@@ -488,13 +492,9 @@ fn dx_split(op: &mut Op<'_>, d: &mut DirW, name: &[u8]) -> Result<()> {
         usize::from(le16(&index, path.at + 2)),
     );
     if count >= limit {
-        return Err(Error::incompatible(
-            Feature::HtreeInsert,
-            format!(
-                "directory inode {}: the htree index block is full, and splitting htree index blocks is not implemented",
-                d.inode.ino
-            ),
-        ));
+        // Make room in the index first, then start again from the root.
+        dx_grow_index(op, d, &path)?;
+        return dx_split(op, d, name);
     }
     let lp = d
         .block_at(fs, path.leaf)?
@@ -525,7 +525,18 @@ fn dx_split(op: &mut Op<'_>, d: &mut DirW, name: &[u8]) -> Result<()> {
         ));
     }
     ents.sort_by_key(|e| e.0);
-    let mid = ents.len() / 2;
+    // Split by bytes, not count (the kernel's dx_make_map/do_split): half the
+    // space in each leaf.
+    let total: usize = ents.iter().map(|e| rec_size(e.2.len())).sum();
+    let mut acc = 0;
+    let mut mid = ents.len() / 2;
+    for (i, e) in ents.iter().enumerate() {
+        acc += rec_size(e.2.len());
+        if acc * 2 >= total {
+            mid = (i + 1).clamp(1, ents.len() - 1);
+            break;
+        }
+    }
     let split_hash = ents[mid].0;
     let continued = ents[mid - 1].0 == split_hash;
     let to_list = |v: &[(u32, u32, Vec<u8>, u8)]| -> Vec<(u32, Vec<u8>, u8)> {
@@ -563,18 +574,110 @@ fn dx_split(op: &mut Op<'_>, d: &mut DirW, name: &[u8]) -> Result<()> {
     put32(&mut index, e0, split_hash | u32::from(continued));
     put32(&mut index, e0 + 4, nb as u32);
     put16(&mut index, at + 2, (count + 1) as u16);
-    if fs.sb.metadata_csum() {
-        let t = at + limit * 8;
-        if t + 8 <= index.len() {
-            let seed = fs.inode_seed(&d.inode);
-            let mut c = crc32c(seed, &index[..at + (count + 1) * 8]);
-            c = crc32c(c, &index[t..t + 4]);
-            c = crc32c(c, &[0; 4]);
-            put32(&mut index, t + 4, c);
-        }
-    }
+    seal_dx(fs, &d.inode, &mut index, at);
     op.tx.put(pp, index);
-    let _ = path.hash;
+    Ok(())
+}
+
+/// Recompute an index block's checksum tail (metadata_csum); `at` is where its
+/// limit and count sit.
+fn seal_dx(fs: &Fs, dir: &Inode, block: &mut [u8], at: usize) {
+    if !fs.sb.metadata_csum() {
+        return;
+    }
+    let limit = usize::from(le16(block, at));
+    let count = usize::from(le16(block, at + 2));
+    let t = at + limit * 8;
+    if t + 8 <= block.len() {
+        let mut c = crc32c(fs.inode_seed(dir), &block[..at + count * 8]);
+        c = crc32c(c, &block[t..t + 4]);
+        c = crc32c(c, &[0; 4]);
+        put32(block, t + 4, c);
+    }
+}
+
+/// Room in a full index block on `path`: a full root gets a level below it (its
+/// entries move to a new index node); a full node under a root with room is
+/// split in two. Deeper trees (large_dir) are refused.
+fn dx_grow_index(op: &mut Op<'_>, d: &mut DirW, path: &DxPath) -> Result<()> {
+    let fs = op.fs;
+    let bs = u64::from(fs.sb.block_size);
+    let tail = if fs.sb.metadata_csum() { 8 } else { 0 };
+    let node_limit = (fs.sb.block_size as usize - 8 - tail) / 8;
+    let full = || {
+        Error::incompatible(
+            Feature::HtreeInsert,
+            format!(
+                "directory inode {}: the htree index is full (a third level needs large_dir)",
+                d.inode.ino
+            ),
+        )
+    };
+    let rp = d
+        .block_at(fs, 0)?
+        .ok_or_else(|| Error::corrupt(CorruptKind::HtreeIndex, "htree root is a hole"))?;
+    let mut root = op.read(rp, "htree root")?;
+    let rat = 0x18 + usize::from(u8at(&root, 0x1D));
+    let rcount = usize::from(le16(&root, rat + 2));
+    let rlimit = usize::from(le16(&root, rat));
+    let new_node = |entries: &[u8], count: usize| {
+        let mut n = vec![0u8; bs as usize];
+        put16(&mut n, 4, bs.min(65535) as u16);
+        n[8..8 + entries.len()].copy_from_slice(entries);
+        put16(&mut n, 8, node_limit as u16);
+        put16(&mut n, 10, count as u16);
+        n
+    };
+    let nb = d.nblocks(bs);
+    if path.parent == 0 {
+        if path.levels > 0 {
+            return Err(full());
+        }
+        // A new level: the root's entries move to one node.
+        let mut node = new_node(&root[rat..rat + rcount * 8], rcount);
+        seal_dx(fs, &d.inode, &mut node, 8);
+        let (p, _) = op.alloc()?.alloc_blocks(fs, rp, 1)?;
+        op.tx.put_fresh(p, node);
+        link_block(op, d, nb, p)?;
+        tree::set_size(&mut d.inode, (nb + 1) * bs);
+        put16(&mut root, rat + 2, 1);
+        put32(&mut root, rat + 4, nb as u32);
+        root[0x1E] = 1;
+        seal_dx(fs, &d.inode, &mut root, rat);
+        op.tx.put(rp, root);
+        return Ok(());
+    }
+    // Split the full node under the root.
+    if rcount >= rlimit || path.levels != 1 {
+        return Err(full());
+    }
+    let pp = d
+        .block_at(fs, path.parent)?
+        .ok_or_else(|| Error::corrupt(CorruptKind::HtreeIndex, "htree node is a hole"))?;
+    let mut node = op.read(pp, "htree node")?;
+    let count = usize::from(le16(&node, 10));
+    let mid = count / 2;
+    let moved = node[8 + mid * 8..8 + count * 8].to_vec();
+    let split_hash = le32(&moved, 0);
+    let mut upper = new_node(&moved, count - mid);
+    // The first entry's hash field holds limit and count.
+    put16(&mut upper, 8, node_limit as u16);
+    put16(&mut upper, 10, (count - mid) as u16);
+    seal_dx(fs, &d.inode, &mut upper, 8);
+    put16(&mut node, 10, mid as u16);
+    seal_dx(fs, &d.inode, &mut node, 8);
+    let (p, _) = op.alloc()?.alloc_blocks(fs, pp, 1)?;
+    op.tx.put_fresh(p, upper);
+    link_block(op, d, nb, p)?;
+    tree::set_size(&mut d.inode, (nb + 1) * bs);
+    op.tx.put(pp, node);
+    let e0 = rat + (path.root_pos + 1) * 8;
+    root.copy_within(e0..rat + rcount * 8, e0 + 8);
+    put32(&mut root, e0, split_hash);
+    put32(&mut root, e0 + 4, nb as u32);
+    put16(&mut root, rat + 2, (rcount + 1) as u16);
+    seal_dx(fs, &d.inode, &mut root, rat);
+    op.tx.put(rp, root);
     Ok(())
 }
 
