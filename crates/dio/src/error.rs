@@ -145,8 +145,8 @@ pub enum Feature {
     JournalWrite,
     /// Allocating writes on a bigalloc (clustered) image.
     Bigalloc,
-    /// Adding entries to a hashed (htree) directory whose index would have to
-    /// grow (an index-block split or a new level).
+    /// Adding entries to a hashed (htree) directory whose two-level index is
+    /// full (a third level needs `large_dir`).
     HtreeInsert,
     /// Allocating writes to files mapped by ext2/3 indirect blocks.
     IndirectAlloc,

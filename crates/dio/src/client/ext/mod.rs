@@ -19,7 +19,7 @@
 //! last); they are refused with [`Feature::JournalWrite`] on images with a
 //! journal (the journal writer will take the commit over), with
 //! [`Feature::Bigalloc`] on bigalloc images; inline-data directories, and htree
-//! directories whose index block is full, refuse new names.
+//! directories whose two-level index is full, refuse new names.
 //!
 //! What a handle can do is what the client supports, whichever way it is asked:
 //! the block map refuses writes to holes, unwritten extents and bytes past i_size

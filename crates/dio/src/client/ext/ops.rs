@@ -8,9 +8,10 @@
 //! directory that the index picks for its hash; a full leaf is split (entries
 //! sorted by hash, the upper half to a new block, its index entry added, with
 //! the collision bit when the halves share a hash, as the kernel's `do_split`);
-//! a full index block would need an index split or a new level, which is
-//! refused ("incompatible"), as is any change to an inline-data directory, with
-//! nothing written. Removing a name works in linear
+//! a full root gets a level of index nodes below it, a full node under it is
+//! split. Only a full two-level index (a third level needs `large_dir`) refuses
+//! a name ("incompatible"), as does any change to an inline-data directory,
+//! with nothing written. Removing a name works in linear
 //! and htree directories (a leaf entry is merged into the one before it, as the
 //! kernel does, which keeps the hash index valid).
 
