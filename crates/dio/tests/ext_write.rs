@@ -916,3 +916,58 @@ fn htree_index_grows_a_level_and_splits_index_nodes() {
     }
     assert_eq!(std::fs::read_dir(mnt.dir.join("big")).unwrap().count(), 900);
 }
+
+#[test]
+fn removing_files_with_an_xattr_block_frees_or_unshares_it() {
+    if !have("mke2fs") || !have("e2fsck") || !have("python3") || !is_root() {
+        eprintln!("skipped: needs mke2fs, e2fsck, python3 and root (the kernel writes the xattrs)");
+        return;
+    }
+    let img = mkfs("xattr", &["-t", "ext4", "-b", "4096", "-O", NOJ], 16);
+    {
+        let dir = img.with_extension("mnt");
+        std::fs::create_dir_all(&dir).unwrap();
+        assert!(Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&img)
+            .arg(&dir)
+            .status()
+            .unwrap()
+            .success());
+        let m = Mount { dir: dir.clone() };
+        for f in ["a", "b", "c"] {
+            std::fs::write(dir.join(f), b"data").unwrap();
+        }
+        // The same large value on a and b (the kernel shares one block), another
+        // on c: too big for the inode, so each lives in an xattr block.
+        let script = format!(
+            "import os\nfor f, v in (('a', b'x'), ('b', b'x'), ('c', b'y')):\n    os.setxattr('{0}/' + f, 'user.big', v * 1500)\n",
+            dir.display()
+        );
+        let st = Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        drop(m);
+    }
+    let (_raw, ext) = open(&img);
+    for f in ["a", "b", "c"] {
+        assert_ne!(
+            ext.lookup(format!("/{f}").as_bytes(), false)
+                .unwrap()
+                .file_acl,
+            0,
+            "{f}"
+        );
+    }
+    ext.remove(b"/a", false).unwrap();
+    drop(ext);
+    fsck(&img);
+    let (_raw, ext) = open(&img);
+    ext.remove(b"/b", false).unwrap();
+    ext.remove(b"/c", false).unwrap();
+    drop(ext);
+    fsck(&img);
+}

@@ -859,13 +859,37 @@ fn release(op: &mut Op<'_>, inode: &mut Inode) -> Result<()> {
         }
     }
     if inode.file_acl != 0 {
-        return Err(Error::incompatible(
-            Feature::UnknownFlags,
-            format!(
-                "inode {}: removing files with an extended-attribute block is not implemented",
-                inode.ino
-            ),
-        ));
+        // The extended-attribute block: freed with its last user, else one
+        // reference less (and its checksum again).
+        let b = inode.file_acl;
+        fs.check_blocks(b, 1, inode.ino)?;
+        let mut x = op.read(b, "extended-attribute block")?;
+        if le32(&x, 0) != 0xEA02_0000 {
+            return Err(Error::corrupt(
+                CorruptKind::Inode,
+                format!(
+                    "inode {}: extended-attribute block {b} has no magic",
+                    inode.ino
+                ),
+            ));
+        }
+        let refs = le32(&x, 4);
+        if refs <= 1 {
+            op.tx.freed.push((b, 1));
+        } else {
+            put32(&mut x, 4, refs - 1);
+            if fs.sb.metadata_csum() {
+                let mut c = crc32c(fs.sb.checksum_seed, &b.to_le_bytes());
+                c = crc32c(c, &x[..0x10]);
+                c = crc32c(c, &[0; 4]);
+                c = crc32c(c, &x[0x14..]);
+                put32(&mut x, 0x10, c);
+            }
+            op.tx.put_at(UNLINK, b, x);
+        }
+        inode.file_acl = 0;
+        put32(&mut inode.raw, 0x68, 0);
+        put16(&mut inode.raw, 0x76, 0);
     }
     tree::set_i_blocks(inode, 0);
     tree::set_size(inode, 0);
