@@ -95,9 +95,8 @@ Into an image without a journal, DST is created or replaced (a directory DST get
 SRC's name in it): the bytes go to a new inode, which takes the name only once they
 are all written, so a failure (no space left, a read error) leaves DST as it was.
 --mode and --owner set the new file's permissions and owner. Into an image with a
-journal (creating files there needs the journal writer), an existing DST's bytes are
-overwritten in place: no allocation, no growth; a shorter source leaves the rest of
-the file as it was.
+journal, an existing DST's bytes are overwritten in place: no allocation, no growth; a
+shorter source leaves the rest of the file as it was.
 
 Refused, with nothing touched: SRC and DST sharing storage (the same file, an image
 and a file inside it, a loop device and its backing file, an export and a file
@@ -180,7 +179,7 @@ Examples:
   dio mkdir disk.img:/srv
   dio mkdir -p --mode 700 --owner 1000:1000 disk.img:/home/me/.ssh
 
-Images with a journal are refused (creating names there needs the journal writer).")]
+On images with a journal each change is one journal transaction.")]
     Mkdir(put::MkdirArgs),
     /// Remove files, symlinks and (with -r) directories inside an ext2/3/4 image.
     #[command(after_help = "\
@@ -188,7 +187,7 @@ Examples:
   dio rm disk.img:/tmp/old.log
   dio rm -r disk.img:/var/cache/app
 
-Blocks and inodes are freed. Images with a journal are refused.")]
+Blocks and inodes are freed (through the journal on images with one).")]
     Rm(put::RmArgs),
     /// Make a symbolic link inside an ext2/3/4 image.
     #[command(after_help = "\

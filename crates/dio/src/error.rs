@@ -140,8 +140,8 @@ pub enum Feature {
     /// Untorn (atomic, `RWF_ATOMIC`) writes: the file or device reports no atomic
     /// write units, or not the size asked.
     AtomicWrite,
-    /// Allocating writes (new files, growth, directories) on an image with a
-    /// journal: they need the journal writer.
+    /// Allocating writes (new files, growth, directories) on an image whose
+    /// journal is not open for writing.
     JournalWrite,
     /// Allocating writes on a bigalloc (clustered) image.
     Bigalloc,

@@ -546,24 +546,26 @@ fn enospc_leaves_nothing_half_written() {
 }
 
 #[test]
-fn journal_images_refuse_allocating_changes() {
-    if !have("mke2fs") {
-        eprintln!("skipped: needs mke2fs");
-        return;
-    }
-    let img = mkfs("journal", &["-t", "ext4", "-b", "4096"], 16);
-    let (_raw, ext) = open(&img);
-    for r in [
-        ext.create(b"/f", &Attrs::new()).map(|_| ()),
-        ext.mkdir(b"/d", &Attrs::new()).map(|_| ()),
-        ext.symlink(b"x", b"/l", &Attrs::new()).map(|_| ()),
-        ext.remove(b"/lost+found", true),
-    ] {
-        match r {
-            Err(Error::Incompatible(i)) => assert_eq!(i.feature, dio::Feature::JournalWrite),
-            other => panic!("expected a journal refusal, got {other:?}"),
-        }
-    }
+fn workload_ext4_4k_with_journal() {
+    // Every operation is one jbd2 transaction (the journal writer), checkpointed.
+    workload(
+        "w-4k-journal",
+        &["-t", "ext4", "-b", "4096"],
+        200,
+        7,
+        150_000,
+    );
+}
+
+#[test]
+fn workload_ext3_1k_with_journal() {
+    workload(
+        "w-ext3-journal",
+        &["-t", "ext3", "-b", "1024"],
+        150,
+        8,
+        150_000,
+    );
 }
 
 #[test]

@@ -16,8 +16,9 @@
 //! allocates as the kernel's ext4 direct I/O does: unwritten extents converted
 //! at completion) go through one transaction type and its commit (`tx`), ordered
 //! for crashes (data, then pointers, then sizes; allocations before links, frees
-//! last); they are refused with [`Feature::JournalWrite`] on images with a
-//! journal (the journal writer will take the commit over), with
+//! last; on images with a journal each operation is one jbd2 transaction
+//! through the journal writer); they are refused with [`Feature::JournalWrite`]
+//! when a journal is there but not open for writing, with
 //! [`Feature::Bigalloc`] on bigalloc images; inline-data directories, and htree
 //! directories whose two-level index is full, refuse new names.
 //!

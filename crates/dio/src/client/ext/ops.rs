@@ -1253,6 +1253,16 @@ impl Ext {
         })
     }
 
+    /// Whether allocating changes (create, grow, remove) work on this file
+    /// system: `Err` says why not ([`Error::ReadOnly`], or
+    /// [`Feature::JournalWrite`] for a journal the writer cannot use).
+    pub fn can_allocate(&self) -> Result<()> {
+        match super::tx::alloc_refusal(&self.fs) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
     /// Free blocks and inodes, as the superblock counts them.
     pub fn free_counts(&self) -> (u64, u32) {
         let raw = self

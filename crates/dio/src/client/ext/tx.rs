@@ -23,8 +23,10 @@
 //! (`e2fsck -fy` reclaims them), never a block owned twice or a name pointing at
 //! a cleared inode. File data is written by the engine before the operation
 //! that links it (see `wmap`: unwritten extents, and a flush before written
-//! extents or indirect pointers are stored). With a journal, `commit` is where
-//! the journal writer takes over: the stages become one transaction.
+//! extents or indirect pointers are stored). With a journal the frees are
+//! applied first and every block of the operation goes into one jbd2
+//! transaction (`Fs::commit_metadata`), with revoke records for the freed
+//! single blocks.
 //!
 //! An [`Op`] dropped without a commit (an error, ENOSPC) drops the allocator's
 //! in-memory state, so the next operation reads the unchanged disk again.
@@ -197,6 +199,9 @@ impl<'a> Op<'a> {
         if self.tx.is_empty() {
             return Ok(());
         }
+        if fs.journaled() {
+            return self.commit_journaled();
+        }
         let flush = || {
             fs.io
                 .device()
@@ -241,6 +246,33 @@ impl<'a> Op<'a> {
     }
 }
 
+impl Op<'_> {
+    /// With a journal: the frees applied first, then every block of the
+    /// operation (its latest bytes) in one journal transaction, with revoke
+    /// records for the freed single blocks (tree, indirect and directory blocks:
+    /// earlier journal copies of them must not be replayed over their next use).
+    fn commit_journaled(&mut self) -> Result<()> {
+        let fs = self.fs;
+        let freed = std::mem::take(&mut self.tx.freed);
+        let freed_inodes = std::mem::take(&mut self.tx.freed_inodes);
+        let mut tx = std::mem::take(&mut self.tx);
+        {
+            let alloc = self.alloc()?;
+            for &(s, n) in &freed {
+                alloc.free_blocks_run(fs, s, n)?;
+            }
+            for &(ino, dir) in &freed_inodes {
+                alloc.free_inode(fs, ino, dir)?;
+            }
+            alloc.flush_into(fs, &mut tx);
+        }
+        let mut blocks: Vec<(u64, &[u8])> = tx.latest.iter().map(|(b, d)| (*b, &d[..])).collect();
+        blocks.sort_unstable_by_key(|b| b.0);
+        let revoked: Vec<u64> = freed.iter().filter(|r| r.1 == 1).map(|r| r.0).collect();
+        fs.commit_metadata(&blocks, &revoked)
+    }
+}
+
 impl Drop for Op<'_> {
     fn drop(&mut self) {
         if !self.done {
@@ -251,12 +283,13 @@ impl Drop for Op<'_> {
     }
 }
 
-/// Why allocating operations are refused on this file system, if they are.
+/// Why allocating operations are refused on this file system, if they are (a
+/// journal refuses them only when the journal writer is not open).
 pub(crate) fn alloc_refusal(fs: &Fs) -> Option<Error> {
     if !fs.writable {
         return Some(Error::ReadOnly);
     }
-    if fs.sb.has_compat(compat::HAS_JOURNAL) {
+    if fs.sb.has_compat(compat::HAS_JOURNAL) && !fs.journaled() {
         return Some(Error::incompatible(
             Feature::JournalWrite,
             "has_journal: creating, growing and removing files on an image with a journal needs the journal writer (in-place overwrites work)",
