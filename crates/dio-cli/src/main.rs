@@ -16,6 +16,7 @@ mod location;
 mod ls;
 mod names;
 mod pipeline;
+mod put;
 mod segments;
 mod size;
 mod stat;
@@ -45,7 +46,9 @@ Examples:
   dio cp disk.img /dev/loop0                 copy a file to a block device (and back)
   dio cat disk.img:/etc/passwd               a file inside an ext2/3/4 image
   dio ls -l disk.img:/var/log                list a directory inside an image
-  dio write disk.img:/data --offset 100 < x  overwrite bytes in place
+  dio write disk.img:/data --offset 100 < x  write bytes at an offset (grows images without a journal)
+  dio cp file disk.img:/dir/                 create or replace a file in an image
+  dio mkdir -p disk.img:/a/b                 make directories (also rm -r, ln -s, truncate -s)
   dio bench                                  direct vs buffered on a scratch file here
   dio bench data.bin --rw randread --bs 4k --qd 32 --runtime 5 --json
 
@@ -78,7 +81,8 @@ Examples:
   dio cp disk.img copy.img
   dio cp disk.img /dev/loop0
   dio cp disk.img:/var/log/syslog ./syslog    out of an ext image
-  dio cp new.conf disk.img:/etc/app.conf      overwrite a file in an image in place
+  dio cp new.conf disk.img:/etc/app.conf      create or replace a file in an image
+  dio cp --mode 600 --owner 1000:1000 key disk.img:/home/me/.ssh/
   dio cp -r disk.img:/etc ./out               a directory tree out of an image (into ./out/etc)
   dio cp -rp disk.img:/ ./root                the whole image, keeping modes, owners, times
 
@@ -87,7 +91,11 @@ Examples:
 DST is sparse: SRC's holes and runs of zero blocks become holes (--sparse=never
 writes every byte).
 
-Into an image, the file's bytes are overwritten in place: no allocation, no growth; a
+Into an image without a journal, DST is created or replaced (a directory DST gets
+SRC's name in it): the bytes go to a new inode, which takes the name only once they
+are all written, so a failure (no space left, a read error) leaves DST as it was.
+--mode and --owner set the new file's permissions and owner. Into an image with a
+journal, an existing DST's bytes are overwritten in place: no allocation, no growth; a
 shorter source leaves the rest of the file as it was.
 
 Refused, with nothing touched: SRC and DST sharing storage (the same file, an image
@@ -125,10 +133,12 @@ Examples:
   printf 'new' | dio write disk.img:/etc/motd --offset 7
   dio write /dev/loop0 --offset 512 --input sector.bin
 
-Inside an image the write is in place: it is refused, with nothing written, if it would
-need allocation (a hole, an unwritten extent) or grow the file; mtime, ctime and the inode
-checksum are updated (through the journal on ext3/ext4: committed, then written in place).
-An image whose journal needs recovery is recovered first, as e2fsck would.
+Inside an image without a journal the write may grow the file and fill holes (blocks are
+allocated; the size moves once the data is on the image). Inside an image with a journal
+the write is in place: it is refused, with nothing written, if it would need allocation (a
+hole, an unwritten extent) or grow the file; mtime, ctime and the inode checksum are
+updated (through the journal: committed, then written in place). An image whose journal
+needs recovery is recovered first, as e2fsck would.
 
 Exit status 0 means the bytes are durable: the file's data (fdatasync), the device or the
 image (a device flush after the inode update) were flushed before dio exits.")]
@@ -163,6 +173,37 @@ Examples:
   dio crash replay run.log --base base.img --check model --check e2fsck
   dio crash state run.log --base base.img --at 17:1:12 --out state.img")]
     Crash(crash::CrashArgs),
+    /// Make directories inside an ext2/3/4 image (without a journal).
+    #[command(after_help = "\
+Examples:
+  dio mkdir disk.img:/srv
+  dio mkdir -p --mode 700 --owner 1000:1000 disk.img:/home/me/.ssh
+
+On images with a journal each change is one journal transaction.")]
+    Mkdir(put::MkdirArgs),
+    /// Remove files, symlinks and (with -r) directories inside an ext2/3/4 image.
+    #[command(after_help = "\
+Examples:
+  dio rm disk.img:/tmp/old.log
+  dio rm -r disk.img:/var/cache/app
+
+Blocks and inodes are freed (through the journal on images with one).")]
+    Rm(put::RmArgs),
+    /// Make a symbolic link inside an ext2/3/4 image.
+    #[command(after_help = "\
+Examples:
+  dio ln -s /usr/bin/python3 disk.img:/usr/local/bin/python
+
+Targets shorter than 60 bytes live in the inode, longer ones in a block.")]
+    Ln(put::LnArgs),
+    /// Set the size of a file inside an ext2/3/4 image (created if missing).
+    #[command(after_help = "\
+Examples:
+  dio truncate -s 0 disk.img:/var/log/big.log
+  dio truncate -s 1G disk.img:/sparse          a hole up to 1 GiB
+
+Shrinking frees the blocks past the new size; growing leaves a hole.")]
+    Truncate(put::TruncateArgs),
 }
 
 /// Which I/O back end `RawFile` uses (`auto` falls back to pread/pwrite where io_uring
@@ -216,7 +257,8 @@ struct CpArgs {
     #[arg(value_name = "SRC")]
     src: OsString,
     /// Destination file (created or truncated), directory, block device, or
-    /// IMAGE:/PATH (overwritten in place).
+    /// IMAGE:/PATH (created or replaced; overwritten in place on images with a
+    /// journal).
     #[arg(value_name = "DST")]
     dst: OsString,
     /// Holes in a file DST: `auto` (and `always`) keeps SRC's holes and turns runs
@@ -231,6 +273,8 @@ struct CpArgs {
     preserve: bool,
     #[command(flatten)]
     pipe: copy::PipeArgs,
+    #[command(flatten)]
+    put: put::PutArgs,
 }
 
 #[derive(Args, Debug)]
@@ -297,14 +341,29 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Cp(a) if a.recursive => {
             extract::cp_r(&a.src, &a.dst, a.preserve, a.sparse, &a.pipe)
         }
-        Command::Cp(a) => copy::cp(&a.src, &a.dst, a.sparse, &a.pipe),
+        Command::Cp(a) => into_image(&a.dst)
+            .then(|| put::cp(&a.src, &a.dst, &a.put, a.pipe.engine))
+            .flatten()
+            .unwrap_or_else(|| copy::cp(&a.src, &a.dst, a.sparse, &a.pipe)),
         Command::Ls(a) => ls::run(&a),
         Command::Stat(a) => stat::run(&Location::parse(&a.path)?, a.json, a.engine),
-        Command::Write(a) => write::run(&a.target, a.offset, &a.input, a.engine),
+        Command::Write(a) => into_image(&a.target)
+            .then(|| put::write(&a.target, a.offset, &a.input, a.engine))
+            .flatten()
+            .unwrap_or_else(|| write::run(&a.target, a.offset, &a.input, a.engine)),
+        Command::Mkdir(a) => put::mkdir(&a),
+        Command::Rm(a) => put::rm(&a),
+        Command::Ln(a) => put::ln(&a),
+        Command::Truncate(a) => put::truncate(&a),
         Command::Bench(a) => bench::run(&a),
         Command::Fsx(a) => fsx::run(&a),
         Command::Crash(a) => crash::run(&a),
     }
+}
+
+/// Whether a destination names a path inside an image (IMAGE:/PATH).
+fn into_image(arg: &std::ffi::OsStr) -> bool {
+    arg != "-" && Location::parse(arg).is_ok_and(|l| l.inner.is_some())
 }
 
 fn main() -> ExitCode {

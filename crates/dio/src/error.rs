@@ -140,6 +140,16 @@ pub enum Feature {
     /// Untorn (atomic, `RWF_ATOMIC`) writes: the file or device reports no atomic
     /// write units, or not the size asked.
     AtomicWrite,
+    /// Allocating writes (new files, growth, directories) on an image whose
+    /// journal is not open for writing.
+    JournalWrite,
+    /// Allocating writes on a bigalloc (clustered) image.
+    Bigalloc,
+    /// Adding entries to a hashed (htree) directory whose two-level index is
+    /// full (a third level needs `large_dir`).
+    HtreeInsert,
+    /// Allocating writes to files mapped by ext2/3 indirect blocks.
+    IndirectAlloc,
 }
 
 /// What is not supported, and the details.

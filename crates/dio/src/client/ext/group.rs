@@ -18,7 +18,7 @@ pub(crate) struct GroupDesc {
 /// The device block holding descriptor block `nr` of the table (the kernel's
 /// `descriptor_loc`). The table follows the fs block that holds the superblock:
 /// block 1 with 1 KiB blocks, also when the first data block is 0 (bigalloc).
-fn descriptor_block(sb: &Superblock, nr: u32, per_block: u32) -> u64 {
+pub(crate) fn descriptor_block(sb: &Superblock, nr: u32, per_block: u32) -> u64 {
     let sb_block = super::superblock::SUPERBLOCK_OFFSET / u64::from(sb.block_size);
     if !sb.has_incompat(incompat::META_BG) || nr < sb.first_meta_bg {
         return sb_block + u64::from(nr) + 1;

@@ -145,7 +145,7 @@ pub(crate) fn is_fast_symlink(fs: &Fs, inode: &Inode) -> bool {
     inode.blocks_512.saturating_sub(ea_blocks) == 0
 }
 
-fn map_extents(list: &[FileExtent], block: u64, max: u64) -> Extent {
+pub(crate) fn map_extents(list: &[FileExtent], block: u64, max: u64) -> Extent {
     // The first extent ending after `block`.
     let i = list.partition_point(|e| e.logical + e.len <= block);
     match list.get(i) {
@@ -200,6 +200,14 @@ fn parse_node<'a>(area: &'a [u8], ino: u32, where_: &str) -> Result<Node<'a>> {
 }
 
 fn read_extent_tree(fs: &Arc<Fs>, inode: &Inode) -> Result<Vec<FileExtent>> {
+    read_extent_tree_blocks(fs, inode).map(|(e, _)| e)
+}
+
+/// The leaf extents of `inode`, and the tree blocks holding them (in no order).
+pub(crate) fn read_extent_tree_blocks(
+    fs: &Arc<Fs>,
+    inode: &Inode,
+) -> Result<(Vec<FileExtent>, Vec<u64>)> {
     let ino = inode.ino;
     let root = parse_node(inode.i_block(), ino, "root")?;
     let mut out = Vec::new();
@@ -215,7 +223,7 @@ fn read_extent_tree(fs: &Arc<Fs>, inode: &Inode) -> Result<Vec<FileExtent>> {
         &mut visited,
         &mut out,
     )?;
-    Ok(out)
+    Ok((out, visited.into_iter().collect()))
 }
 
 /// Walk `node`, whose entries must cover logical blocks within `[lo, hi)`.

@@ -1,13 +1,26 @@
 //! ext2, ext3 and ext4 images: read any file, list directories, overwrite files in
-//! place, through the engine.
+//! place, through the engine; on images without a journal, also create, grow,
+//! fill, truncate and remove files, directories and symlinks.
 //!
 //! This module owns the on-disk format: the superblock and its features, group
 //! descriptors, inodes, extent trees and indirect blocks (the block map the engine
 //! uses as its `get_block`), directories (linear, inline and htree) and symlinks.
 //! Metadata is read through the [`Device`] in whole logical blocks; file data moves
-//! through a [`DirectFile`] over the same device. It never allocates blocks or
-//! changes sizes: in-place writes touch only a file's written blocks, its mtime,
-//! ctime and inode checksum.
+//! through a [`DirectFile`] over the same device.
+//!
+//! Two write paths. [`ExtFile`] writes in place: it never allocates blocks or
+//! changes sizes, and touches only a file's written blocks, its mtime, ctime and
+//! inode checksum (any image, journal or not). Allocating changes
+//! ([`Ext::create`], [`Ext::mkdir`], [`Ext::symlink`], [`Ext::remove`],
+//! [`Ext::put_file`], and [`ExtWriter`] from [`Ext::writer`], whose block map
+//! allocates as the kernel's ext4 direct I/O does: unwritten extents converted
+//! at completion) go through one transaction type and its commit (`tx`), ordered
+//! for crashes (data, then pointers, then sizes; allocations before links, frees
+//! last; on images with a journal each operation is one jbd2 transaction
+//! through the journal writer); they are refused with [`Feature::JournalWrite`]
+//! when a journal is there but not open for writing, with
+//! [`Feature::Bigalloc`] on bigalloc images; inline-data directories, and htree
+//! directories whose two-level index is full, refuse new names.
 //!
 //! What a handle can do is what the client supports, whichever way it is asked:
 //! the block map refuses writes to holes, unwritten extents and bytes past i_size
@@ -46,26 +59,34 @@
 
 #![forbid(unsafe_code)]
 
+mod alloc;
 mod bytes;
 mod dir;
 mod fence;
 mod group;
 mod hash;
+mod imap;
 mod inode;
 mod io;
 mod journal;
 mod jwrite;
 mod map;
+mod ops;
 mod superblock;
+mod tree;
+mod tx;
+mod wmap;
 
 use crate::error::{CorruptKind, Feature, PathErrorKind};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 pub use dir::DirEntry;
 pub use inode::{flags as inode_flags, FileType, Inode, Timestamp, ROOT_INO};
 pub use map::FileExtent;
+pub use ops::Attrs;
 pub use superblock::{compat, incompat, ro_compat, Superblock};
+pub use wmap::ExtWriter;
 
 use crate::device::Device;
 use crate::map::Mapping;
@@ -98,6 +119,22 @@ pub(crate) struct Fs {
     /// shared by many inodes, and a device logical block by several): two updates
     /// of neighbouring inodes must not write back each other's stale bytes.
     meta: Mutex<()>,
+    /// The block and inode allocator of allocating operations (taken before
+    /// `meta`; `None` until first used, and again after a failed operation).
+    alloc: Mutex<Option<alloc::Alloc>>,
+    /// Inodes with an open [`ExtWriter`].
+    writers: Mutex<HashSet<u32>>,
+}
+
+/// Now, as an inode timestamp.
+pub(crate) fn now() -> Timestamp {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    Timestamp {
+        secs: i64::try_from(now.as_secs()).unwrap_or(i64::MAX),
+        nsecs: now.subsec_nanos(),
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -170,7 +207,14 @@ impl Fs {
         Ok(table * u64::from(self.sb.block_size) + idx * u64::from(self.sb.inode_size))
     }
 
-    fn read_inode(&self, ino: u32) -> Result<Inode> {
+    /// The fs block holding inode `ino` and the inode's byte offset in it.
+    pub(crate) fn inode_place(&self, ino: u32) -> Result<(u64, usize)> {
+        let at = self.inode_offset(ino)?;
+        let bs = u64::from(self.sb.block_size);
+        Ok((at / bs, (at % bs) as usize))
+    }
+
+    pub(crate) fn read_inode(&self, ino: u32) -> Result<Inode> {
         let at = self.inode_offset(ino)?;
         let raw = self.io.read(at, usize::from(self.sb.inode_size), "inode")?;
         if self.sb.metadata_csum() {
@@ -216,6 +260,8 @@ impl Fs {
             journal: Mutex::new(None),
             open: Mutex::new(HashMap::new()),
             meta: Mutex::new(()),
+            alloc: Mutex::new(None),
+            writers: Mutex::new(HashSet::new()),
         }
     }
 
@@ -633,6 +679,11 @@ impl Ext {
             return Ok(node);
         }
         open.retain(|_, w| w.strong_count() > 0);
+        if lock(&self.fs.writers).contains(&ino) {
+            return Err(Error::Invalid(format!(
+                "inode {ino} is open for writing through Ext::writer"
+            )));
+        }
         let inode = self.fs.read_inode(ino)?;
         if inode.has_flag(inode_flags::ENCRYPT) {
             return Err(Error::incompatible(

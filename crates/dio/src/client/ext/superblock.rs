@@ -452,6 +452,11 @@ impl Superblock {
     pub fn metadata_csum(&self) -> bool {
         self.has_ro_compat(ro_compat::METADATA_CSUM)
     }
+    /// Whether group descriptors carry checksums and uninitialised-group flags
+    /// (`metadata_csum` or `uninit_bg`).
+    pub fn csum_groups(&self) -> bool {
+        self.metadata_csum() || self.has_ro_compat(ro_compat::GDT_CSUM)
+    }
     /// Whether directory hashes treat name bytes as unsigned.
     pub fn unsigned_hash(&self) -> bool {
         self.flags & FLAGS_UNSIGNED_HASH != 0
