@@ -173,7 +173,7 @@ Examples:
   dio crash replay run.log --base base.img --check model --check e2fsck
   dio crash state run.log --base base.img --at 17:1:12 --out state.img")]
     Crash(crash::CrashArgs),
-    /// Make directories inside an ext2/3/4 image (without a journal).
+    /// Make directories inside an ext2/3/4 image.
     #[command(after_help = "\
 Examples:
   dio mkdir disk.img:/srv
