@@ -3,6 +3,7 @@
 //! leaves nothing half-written; images with a journal refuse (or, for cp/write
 //! of existing files, overwrite in place as before).
 
+use dio_testkit::{have, is_root};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
@@ -40,25 +41,6 @@ fn failed(o: &Output, what: &str) {
         "{what}: {}",
         String::from_utf8_lossy(&o.stderr)
     );
-}
-
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {tool}"))
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
-        })
-        .unwrap_or(false)
 }
 
 fn scratch() -> PathBuf {

@@ -6,6 +6,7 @@
 //! name with `/`, a directory linked twice, symlinks waiting in the destination)
 //! must be reported, exit 1, and leave nothing outside the destination.
 
+use dio_testkit::{have, is_root};
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -33,14 +34,6 @@ fn scratch(tag: &str) -> PathBuf {
     }
     std::fs::create_dir_all(&d).unwrap();
     d
-}
-
-fn have(tool: &str) -> bool {
-    Command::new(tool).arg("-V").output().is_ok()
-}
-
-fn is_root() -> bool {
-    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
 }
 
 fn run(cmd: &mut Command) {

@@ -6,6 +6,7 @@
 //!
 //! `DIO_EXT_SOAK_SECS=N` runs the workload for N seconds per configuration.
 
+use dio_testkit::{have, is_root};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -18,26 +19,6 @@ fn scratch() -> PathBuf {
     let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join("ext-write");
     std::fs::create_dir_all(&d).unwrap();
     d
-}
-
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {tool}"))
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
-fn is_root() -> bool {
-    // SAFETY-free: read the effective uid from /proc.
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
-        })
-        .unwrap_or(false)
 }
 
 fn mkfs(name: &str, args: &[&str], size_mib: u64) -> PathBuf {
