@@ -8,11 +8,11 @@
 use std::fs;
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use dio_testkit::{bytes, is_root};
+use dio_testkit::{bytes, LoopDev};
 use tempfile::TempDir;
 
 const SIZES: [usize; 5] = [0, 1, 511, 4097, (1 << 20) + 1];
@@ -437,42 +437,13 @@ fn ctrl_c_stops_the_default_bench_and_removes_its_scratch_file() {
     );
 }
 
-/// A loop device over a file, detached when dropped.
-struct LoopDevice {
-    path: PathBuf,
-}
-
-impl LoopDevice {
-    fn attach(backing: &Path) -> Result<LoopDevice, String> {
-        if is_root() {
-            let o = Command::new("losetup")
-                .args(["--find", "--show", "--sector-size", "4096", s(backing)])
-                .output()
-                .map_err(|e| format!("losetup: {e}"))?;
-            if !o.status.success() {
-                return Err(format!("losetup failed: {}", stderr(&o).trim()));
-            }
-            let path = PathBuf::from(String::from_utf8_lossy(&o.stdout).trim());
-            Ok(LoopDevice { path })
-        } else {
-            Err("not root".into())
-        }
-    }
-}
-
-impl Drop for LoopDevice {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").args(["-d", s(&self.path)]).status();
-    }
-}
-
 #[test]
 fn block_devices_copy_to_and_from_a_loop_device() {
     let dir = scratch();
     let backing = dir.path().join("backing");
     let dev_len = 8usize << 20;
     fs::write(&backing, vec![0xAB; dev_len]).unwrap();
-    let dev = match LoopDevice::attach(&backing) {
+    let dev = match LoopDev::attach(&backing, 4096) {
         Ok(d) => d,
         Err(why) => {
             println!("skipped: no loop device ({why})");
@@ -484,8 +455,8 @@ fn block_devices_copy_to_and_from_a_loop_device() {
     let src = dir.path().join("src");
     let data = bytes((3 << 20) + 1234, 8);
     fs::write(&src, &data).unwrap();
-    assert_ok(&dio(&["cp", s(&src), s(&dev.path)]), "cp file -> loop");
-    let o = dio(&["cat", s(&dev.path)]);
+    assert_ok(&dio(&["cp", s(&src), s(dev.path())]), "cp file -> loop");
+    let o = dio(&["cat", s(dev.path())]);
     assert_ok(&o, "cat loop");
     assert_eq!(o.stdout.len(), dev_len);
     same_bytes(&o.stdout[..data.len()], &data, "device prefix");
@@ -497,7 +468,7 @@ fn block_devices_copy_to_and_from_a_loop_device() {
     // Device to file: the whole device.
     let back = dir.path().join("back");
     assert_ok(
-        &dio(&["cp", "--engine", "sync", s(&dev.path), s(&back)]),
+        &dio(&["cp", "--engine", "sync", s(dev.path()), s(&back)]),
         "cp loop -> file",
     );
     same_bytes(&fs::read(&back).unwrap(), &o.stdout, "device copied back");
@@ -509,19 +480,22 @@ fn block_devices_copy_to_and_from_a_loop_device() {
     std::os::unix::fs::FileExt::write_all_at(&f, &data[..5000], 300_000).unwrap();
     let mut image = vec![0u8; 1 << 20];
     image[300_000..305_000].copy_from_slice(&data[..5000]);
-    assert_ok(&dio(&["cp", s(&sparse), s(&dev.path)]), "cp sparse -> loop");
-    let o = dio(&["cat", s(&dev.path)]);
+    assert_ok(
+        &dio(&["cp", s(&sparse), s(dev.path())]),
+        "cp sparse -> loop",
+    );
+    let o = dio(&["cat", s(dev.path())]);
     same_bytes(&o.stdout[..1 << 20], &image, "sparse source on the device");
 
     // Too small a device, and a write bench without --force, are refused.
     let huge = dir.path().join("huge");
     fs::File::create(&huge).unwrap().set_len(16 << 20).unwrap();
-    assert_eq!(dio(&["cp", s(&huge), s(&dev.path)]).status.code(), Some(1));
-    let o = dio(&["bench", s(&dev.path), "--rw", "write", "--runtime", "0.1"]);
+    assert_eq!(dio(&["cp", s(&huge), s(dev.path())]).status.code(), Some(1));
+    let o = dio(&["bench", s(dev.path()), "--rw", "write", "--runtime", "0.1"]);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     let o = dio(&[
         "bench",
-        s(&dev.path),
+        s(dev.path()),
         "--rw",
         "randread",
         "--runtime",

@@ -6,7 +6,7 @@
 //! name with `/`, a directory linked twice, symlinks waiting in the destination)
 //! must be reported, exit 1, and leave nothing outside the destination.
 
-use dio_testkit::{have, is_root};
+use dio_testkit::{debugfs_w, have, is_root, kernel_mount, sh, Mount};
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -36,14 +36,9 @@ fn scratch(tag: &str) -> PathBuf {
     d
 }
 
-fn run(cmd: &mut Command) {
-    let o = cmd.output().unwrap();
-    assert!(o.status.success(), "{cmd:?}: {}", stderr(&o));
-}
-
 /// `mke2fs -d SRC` into a new image of `mib` MiB.
 fn mkfs(src: &Path, img: &Path, mib: u64, opts: &[&str]) {
-    run(Command::new("mke2fs")
+    sh(Command::new("mke2fs")
         .args(["-q", "-F", "-t", "ext4", "-b", "4096"])
         .args(opts)
         .arg("-d")
@@ -52,34 +47,9 @@ fn mkfs(src: &Path, img: &Path, mib: u64, opts: &[&str]) {
         .arg(format!("{mib}M")));
 }
 
-fn debugfs_w(img: &Path, req: &str) {
-    run(Command::new("debugfs").args(["-w", "-R", req]).arg(img));
-}
-
-/// A mount point, unmounted on drop (also when a test fails while it is mounted).
-struct Mounted(PathBuf);
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-    }
-}
-
 /// Mount `img` read-only (loop, no journal replay, no atime updates), as root.
-fn mount_ro(img: &Path) -> Option<Mounted> {
-    let mnt = img.with_extension("mnt");
-    std::fs::create_dir_all(&mnt).unwrap();
-    let o = Command::new("mount")
-        .args(["-o", "loop,ro,noload,noatime"])
-        .arg(img)
-        .arg(&mnt)
-        .output()
-        .unwrap();
-    if !o.status.success() {
-        eprintln!("skipped: mount failed: {}", stderr(&o));
-        return None;
-    }
-    Some(Mounted(mnt))
+fn mount_ro(img: &Path) -> Option<Mount> {
+    kernel_mount(img, "ro,noload,noatime")
 }
 
 /// A host tree with every kind of file and some odd but legal names.
@@ -129,9 +99,9 @@ fn make_tree(root: &Path) {
     std::fs::write(root.join(OsStr::from_bytes(b"bad-utf8-\xff\xfe")), b"b").unwrap();
     w("\u{e9}t\u{e9}", b"u");
     let fifo = root.join("fifo");
-    run(Command::new("mkfifo").arg(&fifo));
+    sh(Command::new("mkfifo").arg(&fifo));
     if is_root() {
-        run(Command::new("mknod")
+        sh(Command::new("mknod")
             .arg(root.join("null-dev"))
             .args(["c", "1", "3"]));
         std::os::unix::fs::chown(root.join("small"), Some(1234), Some(5678)).unwrap();
@@ -415,11 +385,11 @@ fn preserve_matches_the_kernel_and_cp_a() {
     let o = dio(&[OsStr::new("cp"), OsStr::new("-rp"), &arg, out.as_os_str()]);
     assert!(o.status.success(), "{}", stderr(&o));
     let oracle = dir.join("oracle");
-    run(Command::new("cp")
+    sh(Command::new("cp")
         .arg("-a")
-        .arg(format!("{}/.", mnt.0.display()))
+        .arg(format!("{}/.", mnt.path().display()))
         .arg(&oracle));
-    let kernel = walk(&mnt.0);
+    let kernel = walk(mnt.path());
     let got = walk(&out);
     let by_cp = walk(&oracle);
     drop(mnt);
@@ -744,21 +714,12 @@ fn unwritten_extents_become_holes() {
     let img = dir.join("img");
     mkfs(&src, &img, 16, &[]);
     // Mounted read-write: 4 MiB preallocated (unwritten), 4 KiB written at 1 MiB.
-    let mnt = img.with_extension("rw");
-    std::fs::create_dir_all(&mnt).unwrap();
-    let o = Command::new("mount")
-        .args(["-o", "loop"])
-        .arg(&img)
-        .arg(&mnt)
-        .output()
-        .unwrap();
-    if !o.status.success() {
-        eprintln!("skipped: mount failed: {}", stderr(&o));
+    let Some(m) = kernel_mount(&img, "rw") else {
         return;
-    }
-    let m = Mounted(mnt.clone());
+    };
+    let mnt = m.path().to_path_buf();
     let f = mnt.join("prealloc");
-    run(Command::new("fallocate").args(["-l", "4M"]).arg(&f));
+    sh(Command::new("fallocate").args(["-l", "4M"]).arg(&f));
     let data = vec![0xabu8; 4096];
     {
         use std::os::unix::fs::FileExt;

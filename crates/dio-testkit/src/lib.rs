@@ -9,6 +9,9 @@
 //!   the same as a `Vec`.
 //! - What a test needs: [`is_root`], [`have`] (a tool on `PATH`); a test that lacks
 //!   one calls [`skip`] with the reason and returns.
+//! - The outside judges ([`tools`], re-exported here): [`sh`], [`mke2fs`], [`e2fsck`],
+//!   [`assert_fsck_clean`], [`debugfs`], [`inode_location`], kernel loop mounts
+//!   ([`Mount`], [`kernel_mount`]) and loop devices ([`LoopDev`]), undone on drop.
 //!
 //! The crate does not depend on dio, so the library's own unit tests could use it too
 //! without a dependency cycle.
@@ -18,6 +21,12 @@
 
 use std::fmt;
 use std::path::Path;
+
+pub mod tools;
+pub use tools::{
+    assert_fsck_clean, debugfs, debugfs_w, e2fsck, inode_location, kernel_mount, mke2fs, sh,
+    status_of, LoopDev, Mount,
+};
 
 /// The byte test devices are filled with: a read that shows it returned data the
 /// file never wrote. [`pattern`] never produces it.

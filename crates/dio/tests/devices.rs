@@ -18,6 +18,7 @@ use std::time::Duration;
 use dio::{probe, SyncConfig, SyncDevice, UringConfig, UringDevice};
 use dio::{AlignedBuf, CompletionMode, Device, DirectFile, Error, FileState, Flags, IdentityMap};
 use dio::{Backend, RawFile, RawOptions};
+use dio_testkit::LoopDev;
 
 const KIB: usize = 1024;
 
@@ -606,45 +607,6 @@ fn direct_io_refusal_names_the_path_and_file_system() {
 
 // ---- Loop devices (root) ----
 
-/// A loop device over a file, detached on drop.
-struct Loop {
-    dev: PathBuf,
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
-    }
-}
-
-fn attach_loop(backing: &Path, sector: u32) -> Result<Loop, String> {
-    if !is_root() {
-        return Err("not root".into());
-    }
-    let out = Command::new("losetup")
-        .args([
-            "--find",
-            "--show",
-            "--sector-size",
-            &sector.to_string(),
-            "--",
-        ])
-        .arg(backing)
-        .output()
-        .map_err(|e| format!("losetup: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "losetup failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    if dev.is_empty() {
-        return Err("losetup printed no device".into());
-    }
-    Ok(Loop { dev: dev.into() })
-}
-
 #[test]
 fn loop_devices_with_512_and_4096_byte_sectors() {
     bounded(120, || {
@@ -653,7 +615,7 @@ fn loop_devices_with_512_and_4096_byte_sectors() {
             let size = 8usize << 20;
             let orig = pattern(size, u64::from(sector));
             let backing = file_with(dir.path(), "backing", &orig);
-            let lo = match attach_loop(&backing, sector) {
+            let lo = match LoopDev::attach(&backing, sector) {
                 Ok(l) => l,
                 Err(why) => {
                     eprintln!("skipping loop device test ({sector}-byte sectors): {why}");
@@ -661,11 +623,11 @@ fn loop_devices_with_512_and_4096_byte_sectors() {
                 }
             };
             for backend in backends("loop_devices_with_512_and_4096_byte_sectors") {
-                let raw = RawFile::open(&lo.dev, &opts(backend, true)).unwrap();
+                let raw = RawFile::open(lo.path(), &opts(backend, true)).unwrap();
                 assert!(raw.is_block_device());
                 assert_eq!(raw.size(), size as u64);
                 let g = raw.direct().geometry();
-                assert_eq!(g.logical_block, sector, "{}", lo.dev.display());
+                assert_eq!(g.logical_block, sector, "{}", lo.path().display());
                 assert_eq!(g.size, size as u64);
                 assert!(g.physical_block >= sector);
                 assert!(raw.set_len(4096).is_err(), "block devices keep their size");

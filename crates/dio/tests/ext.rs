@@ -13,7 +13,7 @@ use dio::ext::{Ext, FileType};
 use dio::Mapping;
 use dio::{CorruptKind, Error, Feature};
 use dio::{RawFile, RawOptions};
-use dio_testkit::{have, is_root, Rng};
+use dio_testkit::{assert_fsck_clean, have, inode_location, is_root, kernel_mount, sh, Rng};
 
 const IMAGES: &[&str] = &[
     "ext4-4k",
@@ -399,46 +399,6 @@ fn compare_tree(ext: &Ext, host: &Path, rel: &str, checked: &mut usize, dump: bo
     }
 }
 
-/// A kernel mount of an image, read-only unless asked, unmounted on drop.
-struct Mount(PathBuf);
-
-impl Mount {
-    fn new(img: &Path, opts: &str) -> Result<Mount, String> {
-        let dir = PathBuf::from(format!("{}.mnt", img.display()));
-        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-        let o = Command::new("mount")
-            .args(["-o", &format!("loop,{opts}")])
-            .arg(img)
-            .arg(&dir)
-            .output()
-            .map_err(|e| e.to_string())?;
-        if !o.status.success() {
-            return Err(String::from_utf8_lossy(&o.stderr).into_owned());
-        }
-        Ok(Mount(dir))
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-    }
-}
-
-fn kernel_mount(img: &Path, opts: &str) -> Option<Mount> {
-    if !is_root() {
-        eprintln!("skipping: kernel comparison needs root (mount -o loop)");
-        return None;
-    }
-    match Mount::new(img, opts) {
-        Ok(m) => Some(m),
-        Err(e) => {
-            eprintln!("skipping: mount -o loop failed: {e}");
-            None
-        }
-    }
-}
-
 #[test]
 fn fixtures_match_the_kernel_mount() {
     for name in IMAGES {
@@ -448,19 +408,9 @@ fn fixtures_match_the_kernel_mount() {
         };
         let (_raw, ext) = open(&img, false).unwrap();
         let mut checked = 0;
-        compare_tree(&ext, &m.0, "", &mut checked, false);
+        compare_tree(&ext, m.path(), "", &mut checked, false);
         assert!(checked > 400, "{name}");
     }
-}
-
-fn run(cmd: &mut Command) {
-    let o = cmd.output().unwrap();
-    assert!(
-        o.status.success(),
-        "{cmd:?}: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
 }
 
 /// An image the kernel wrote: files copied in, unwritten extents by fallocate, a
@@ -474,7 +424,7 @@ fn kernel_made_image_reads_like_the_kernel_mount() {
     for (tag, bs) in [("4k", "4096"), ("1k", "1024")] {
         let img = scratch_dir().join(format!("kernel-{tag}.img"));
         let _ = std::fs::remove_file(&img);
-        run(Command::new("mke2fs")
+        sh(Command::new("mke2fs")
             .args([
                 "-q",
                 "-F",
@@ -491,7 +441,7 @@ fn kernel_made_image_reads_like_the_kernel_mount() {
             let Some(m) = kernel_mount(&img, "rw") else {
                 return;
             };
-            let root = &m.0;
+            let root = m.path();
             let step: usize = bs.parse().unwrap();
             let data: Vec<u8> = (0..1_200_000u32)
                 .map(|i| (i * 7 + i / 4096) as u8)
@@ -507,20 +457,20 @@ fn kernel_made_image_reads_like_the_kernel_mount() {
                 }
             }
             std::fs::write(root.join("punched"), &holey).unwrap();
-            run(&mut Command::new("sync"));
-            run(Command::new("fallocate")
+            sh(&mut Command::new("sync"));
+            sh(Command::new("fallocate")
                 .arg("--dig-holes")
                 .arg(root.join("punched")));
             std::fs::write(root.join("tiny"), b"tiny inline file\n").unwrap();
-            run(Command::new("fallocate")
+            sh(Command::new("fallocate")
                 .args(["-l", "1M"])
                 .arg(root.join("prealloc")));
             // Written head, unwritten tail beyond it, inside i_size.
             std::fs::write(root.join("mixed"), &data[..20000]).unwrap();
-            run(Command::new("fallocate")
+            sh(Command::new("fallocate")
                 .args(["-o", "20480", "-l", "200000"])
                 .arg(root.join("mixed")));
-            run(Command::new("truncate")
+            sh(Command::new("truncate")
                 .args(["-s", "300000"])
                 .arg(root.join("mixed")));
             std::fs::create_dir(root.join("bigdir")).unwrap();
@@ -550,14 +500,14 @@ fn kernel_made_image_reads_like_the_kernel_mount() {
             return;
         };
         let mut checked = 0;
-        compare_tree(&ext, &m.0, "", &mut checked, false);
+        compare_tree(&ext, m.path(), "", &mut checked, false);
         assert!(checked > 300);
         drop(m);
         if have("debugfs") {
             let out = scratch_dir().join(format!("kernel-{tag}-rdump"));
             let _ = std::fs::remove_dir_all(&out);
             std::fs::create_dir_all(&out).unwrap();
-            run(Command::new("debugfs")
+            sh(Command::new("debugfs")
                 .arg("-R")
                 .arg(format!("rdump / {}", out.display()))
                 .arg(&img));
@@ -673,19 +623,6 @@ fn sha(path: &Path) -> u32 {
     crc(&std::fs::read(path).unwrap())
 }
 
-fn e2fsck_clean(img: &Path) {
-    if !have("e2fsck") {
-        eprintln!("skipping e2fsck check: e2fsprogs is not installed");
-        return;
-    }
-    let o = Command::new("e2fsck").arg("-fn").arg(img).output().unwrap();
-    assert!(
-        o.status.success(),
-        "e2fsck -fn: {}",
-        String::from_utf8_lossy(&o.stdout)
-    );
-}
-
 #[test]
 fn in_place_writes_land_and_keep_the_image_clean() {
     for name in IMAGES {
@@ -724,7 +661,7 @@ fn in_place_writes_land_and_keep_the_image_clean() {
             read_all(&ext, "/data/pattern") == expect,
             "{name}: read back"
         );
-        e2fsck_clean(&img);
+        assert_fsck_clean(&img);
         if have("debugfs") {
             let o = Command::new("debugfs")
                 .args(["-R", "cat /data/pattern"])
@@ -735,7 +672,7 @@ fn in_place_writes_land_and_keep_the_image_clean() {
         }
         if let Some(m) = kernel_mount(&img, "ro,noload") {
             assert!(
-                std::fs::read(m.0.join("data/pattern")).unwrap() == expect,
+                std::fs::read(m.path().join("data/pattern")).unwrap() == expect,
                 "{name}: kernel sees the new bytes"
             );
         }
@@ -785,7 +722,7 @@ fn journal_needing_recovery_reads_in_memory_and_recovers_for_writing() {
         return;
     }
     let img = unpack("ext3-2k", "recover");
-    run(Command::new("debugfs")
+    sh(Command::new("debugfs")
         .args(["-w", "-R", "feature needs_recovery"])
         .arg(&img));
     // A writable open recovers on disk (here: nothing to replay, the flag
@@ -798,7 +735,7 @@ fn journal_needing_recovery_reads_in_memory_and_recovers_for_writing() {
         assert!(r.on_disk && r.transactions == 0, "{r:?}");
     }
     assert!(open(&wimg, false).unwrap().1.journal_replay().is_none());
-    e2fsck_clean(&wimg);
+    assert_fsck_clean(&wimg);
     let (_raw, ext) = open(&img, false).unwrap();
     assert_eq!(read_all(&ext, "/hello.txt"), b"hello, ext\n");
     // The journal is empty (s_start 0): nothing to replay, said in a note.
@@ -811,7 +748,7 @@ fn journal_needing_recovery_reads_in_memory_and_recovers_for_writing() {
     drop((_raw, ext));
     // An external journal (no journal inode) that needs recovery is refused by
     // name: reading without it would show the image as it was before.
-    run(Command::new("debugfs")
+    sh(Command::new("debugfs")
         .args(["-w", "-R", "ssv journal_inum 0"])
         .arg(&img));
     let e = open(&img, false).unwrap_err();
@@ -820,32 +757,9 @@ fn journal_needing_recovery_reads_in_memory_and_recovers_for_writing() {
 
 /// Byte offset of an inode on the image, from `debugfs imap`.
 fn inode_offset(img: &Path, path: &str) -> u64 {
-    let o = Command::new("debugfs")
-        .args(["-R", &format!("imap {path}")])
-        .arg(img)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&o.stdout);
-    let line = text
-        .lines()
-        .find(|l| l.contains("located at block"))
-        .unwrap();
-    let block: u64 = line
-        .split("block ")
-        .nth(1)
-        .unwrap()
-        .split(',')
-        .next()
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    let off = u64::from_str_radix(line.split("offset 0x").nth(1).unwrap().trim(), 16).unwrap();
-    let bs = {
-        let (_raw, ext) = open(img, false).unwrap();
-        u64::from(ext.block_size())
-    };
-    block * bs + off
+    let (block, off) = inode_location(img, path);
+    let (_raw, ext) = open(img, false).unwrap();
+    block * u64::from(ext.block_size()) + off
 }
 
 fn patch(img: &Path, at: u64, bytes: &[u8]) {
@@ -966,14 +880,14 @@ fn needs_recovery_image(tag: &str, opts: &str, mkfs: &[&str]) -> Option<PathBuf>
     }
     let img = scratch_dir().join(format!("recover-{tag}.img"));
     let _ = std::fs::remove_file(&img);
-    run(Command::new("mke2fs")
+    sh(Command::new("mke2fs")
         .args(["-q", "-F"])
         .args(mkfs)
         .arg(&img)
         .arg("32M"));
     {
         let m = kernel_mount(&img, "rw")?;
-        let r = &m.0;
+        let r = m.path();
         for d in ["keep", "gone"] {
             std::fs::create_dir(r.join(d)).unwrap();
         }
@@ -985,7 +899,7 @@ fn needs_recovery_image(tag: &str, opts: &str, mkfs: &[&str]) -> Option<PathBuf>
         std::fs::write(r.join("edit"), b"before\n").unwrap();
     }
     let m = kernel_mount(&img, &format!("rw,{opts}"))?;
-    let r = &m.0;
+    let r = m.path();
     std::fs::remove_dir_all(r.join("gone")).unwrap();
     std::fs::rename(r.join("keep/k1"), r.join("renamed")).unwrap();
     std::fs::create_dir(r.join("new")).unwrap();
@@ -1002,7 +916,7 @@ fn needs_recovery_image(tag: &str, opts: &str, mkfs: &[&str]) -> Option<PathBuf>
     big.sync_all().unwrap();
     drop(big);
     std::fs::write(r.join("edit"), b"after\n").unwrap();
-    run(Command::new("truncate")
+    sh(Command::new("truncate")
         .args(["-s", "1000000"])
         .arg(r.join("edit")));
     fsync(&r.join("edit"));
@@ -1072,10 +986,10 @@ fn check_replay_against_kernel(img: &Path, tag: &str, escaped: bool) {
         return;
     };
     let mut checked = 0;
-    compare_tree(&ext, &m.0, "", &mut checked, false);
+    compare_tree(&ext, m.path(), "", &mut checked, false);
     assert!(checked > 100, "{tag}: {checked} files");
     assert_eq!(
-        std::fs::read(m.0.join("edit")).unwrap().len(),
+        std::fs::read(m.path().join("edit")).unwrap().len(),
         1_000_000,
         "{tag}"
     );
@@ -1100,9 +1014,9 @@ fn changes_only_in_journal(img: &Path, tag: &str, data_journal: bool) -> bool {
     let mut new_big = jdata(1, 300_000);
     new_big.extend_from_slice(&jdata(2, 100_000));
     new_big[5000..15000].copy_from_slice(&jdata(3, 10_000));
-    !m.0.join("renamed").exists()
-        && m.0.join("gone").exists()
-        && (!data_journal || std::fs::read(m.0.join("big")).unwrap() != new_big)
+    !m.path().join("renamed").exists()
+        && m.path().join("gone").exists()
+        && (!data_journal || std::fs::read(m.path().join("big")).unwrap() != new_big)
 }
 
 #[test]

@@ -12,7 +12,7 @@ use std::sync::{Arc, Barrier};
 use dio::ext::{Ext, ExtFile, Timestamp};
 use dio::{Error, Flags};
 use dio::{RawFile, RawOptions};
-use dio_testkit::{bytes, have, Rng};
+use dio_testkit::{assert_fsck_clean, bytes, have, sh, Rng};
 
 /// Whether e2fsprogs is there; says why a test skips when it is not.
 fn require_e2fsprogs() -> bool {
@@ -21,17 +21,6 @@ fn require_e2fsprogs() -> bool {
         eprintln!("skipping: e2fsprogs (mke2fs, debugfs, e2fsck) is not installed");
     }
     ok
-}
-
-fn run(cmd: &mut Command) -> String {
-    let o = cmd.output().unwrap();
-    assert!(
-        o.status.success(),
-        "{cmd:?}: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
 fn scratch_dir(tag: &str) -> PathBuf {
@@ -56,7 +45,7 @@ fn make_image(tag: &str) -> (PathBuf, Vec<u8>, Vec<u8>) {
         .unwrap()
         .set_len(16 << 20)
         .unwrap();
-    run(Command::new("mke2fs")
+    sh(Command::new("mke2fs")
         .args(["-q", "-F", "-t", "ext4", "-b", "4096", "-I", "256"])
         .args(["-O", "metadata_csum,extent"])
         .arg(&img));
@@ -66,27 +55,17 @@ fn make_image(tag: &str) -> (PathBuf, Vec<u8>, Vec<u8>) {
     std::fs::write(dir.join("g"), &g).unwrap();
     let cmds = "write f f\nfallocate /f 2 5\nsif /f size 8192\nwrite g g\nwrite g a\nwrite g b\nwrite g c\nwrite f u\nfallocate /u 2 3\nsif /u size 16384\nwrite f h\nsif /h size 16384\n";
     std::fs::write(dir.join("cmds"), cmds).unwrap();
-    run(Command::new("debugfs")
+    sh(Command::new("debugfs")
         .current_dir(&dir)
         .args(["-w", "-f", "cmds"])
         .arg(&img));
-    e2fsck_clean(&img);
-    let extents = run(Command::new("debugfs").args(["-R", "ex /f"]).arg(&img));
+    assert_fsck_clean(&img);
+    let extents = sh(Command::new("debugfs").args(["-R", "ex /f"]).arg(&img));
     assert!(
         extents.lines().any(|l| l.contains("Uninit")),
         "no unwritten extent in /f: {extents}"
     );
     (img, f, g)
-}
-
-fn e2fsck_clean(img: &Path) {
-    let o = Command::new("e2fsck").arg("-fn").arg(img).output().unwrap();
-    assert!(
-        o.status.success(),
-        "e2fsck -fn: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
 }
 
 fn open(path: &Path) -> (RawFile, Ext) {
@@ -232,8 +211,8 @@ fn handles_cannot_truncate_or_write_past_what_ext_supports() {
     if let Some(i) = (0..before.len()).find(|&i| before[i] != after[i]) {
         panic!("the image changed at byte {i}");
     }
-    e2fsck_clean(&img);
-    let stat = run(Command::new("debugfs").args(["-R", "stat /f"]).arg(&img));
+    assert_fsck_clean(&img);
+    let stat = sh(Command::new("debugfs").args(["-R", "stat /f"]).arg(&img));
     assert!(stat.contains("Size: 8192"), "{stat}");
 }
 
@@ -298,7 +277,7 @@ fn two_handles_sub_block_writes_to_one_block_lose_nothing() {
         }
     }
     drop((h1, h2, ext, raw));
-    e2fsck_clean(&img);
+    assert_fsck_clean(&img);
     let cat = Command::new("debugfs")
         .args(["-R", "cat /g"])
         .arg(&img)
@@ -309,7 +288,7 @@ fn two_handles_sub_block_writes_to_one_block_lose_nothing() {
 
 /// mtime and ctime as `debugfs -R 'stat PATH'` prints them: (seconds, nanoseconds).
 fn debugfs_times(img: &Path, path: &str) -> [(u32, u32); 2] {
-    let out = run(Command::new("debugfs")
+    let out = sh(Command::new("debugfs")
         .args(["-R", &format!("stat {path}")])
         .arg(img));
     let field = |name: &str| {
@@ -392,7 +371,7 @@ fn concurrent_updates_of_inodes_sharing_a_block_keep_both() {
     );
     let want = [a.inode(), b.inode()].map(|i| [times(i.mtime), times(i.ctime)]);
     drop((a, b, ext, raw));
-    e2fsck_clean(&img);
+    assert_fsck_clean(&img);
     assert_eq!(debugfs_times(&img, "/b"), want[0], "debugfs stat /b");
     assert_eq!(debugfs_times(&img, "/c"), want[1], "debugfs stat /c");
 }
