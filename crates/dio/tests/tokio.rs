@@ -5,7 +5,7 @@
 
 use std::future::Future;
 use std::io::SeekFrom;
-use std::pin::pin;
+use std::pin::{pin, Pin};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -320,6 +320,214 @@ fn no_runtime_thread_waits_for_the_device() {
         released >= 2 * 16,
         "requests went through the gate: {released}"
     );
+}
+
+/// A host file of `len` bytes under the target dir, for io_uring.
+fn host_file(name: &str, data: &[u8]) -> std::path::PathBuf {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let path = dir.join(format!("tokio-{name}-{}.bin", std::process::id()));
+    std::fs::write(&path, data).unwrap();
+    path
+}
+
+/// Removes a scratch file, also when the test fails.
+struct Scratch(std::path::PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn uring_or_skip() -> bool {
+    match dio::probe::uring_available() {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!("skipped: io_uring unavailable here ({e})");
+            false
+        }
+    }
+}
+
+/// A file on io_uring with the default polled completions (no reaper thread).
+fn uring_file(path: &std::path::Path) -> dio::RawFile {
+    let raw = dio::RawFile::open(
+        path,
+        &dio::RawOptions {
+            backend: dio::Backend::Uring,
+            ..dio::RawOptions::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(raw.backend_name(), "uring");
+    assert_eq!(
+        raw.direct().device().completion_mode(),
+        dio::CompletionMode::Polled
+    );
+    raw
+}
+
+/// A waker that records wakeups and unparks the executor's thread.
+struct Flag {
+    woken: std::sync::atomic::AtomicBool,
+    thread: std::thread::Thread,
+}
+
+impl std::task::Wake for Flag {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.thread.unpark();
+    }
+}
+
+/// Run `f` on this thread, polling it only after a wakeup; returns its output
+/// and how many times it was polled.
+fn block_on_counting<F: Future>(f: F) -> (F::Output, u32) {
+    let flag = Arc::new(Flag {
+        woken: std::sync::atomic::AtomicBool::new(false),
+        thread: std::thread::current(),
+    });
+    let waker = Waker::from(Arc::clone(&flag));
+    let mut cx = Context::from_waker(&waker);
+    let mut f = pin!(f);
+    let mut polls = 0;
+    loop {
+        polls += 1;
+        if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return (v, polls);
+        }
+        let start = std::time::Instant::now();
+        while !flag.woken.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            std::thread::park_timeout(Duration::from_secs(1));
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "a pending future was never woken"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_pending_future_on_io_uring_is_woken_by_its_completion() {
+    // io_uring's default completions need polling. A future that re-polled itself
+    // while pending (waking its own task) would be polled thousands of times while
+    // a 4 MiB direct read is in flight; woken by its completion it is polled twice.
+    if !uring_or_skip() {
+        return;
+    }
+    const PIECE: usize = 4 << 20;
+    let data = bytes(8 * PIECE, 31);
+    let scratch = Scratch(host_file("woken", &data));
+    let raw = uring_file(&scratch.0);
+    let file = raw.direct();
+    let align = file.geometry().buffer_align();
+    let mut pending = 0;
+    for i in 0..8 {
+        let fut = file.read_future(
+            (i * PIECE) as u64,
+            vec![dio::AlignedBuf::new(PIECE, align)],
+            Flags::NONE,
+        );
+        let (done, polls) = block_on_counting(fut);
+        assert_eq!(done.result.unwrap(), PIECE);
+        assert!(done.bufs[0][..] == data[i * PIECE..(i + 1) * PIECE]);
+        assert!(polls <= 3, "read {i}: polled {polls} times while pending");
+        if polls > 1 {
+            pending += 1;
+        }
+    }
+    eprintln!("{pending} of 8 reads were pending at their first poll");
+    // Eight 4 MiB direct reads that all completed before their first poll would
+    // prove nothing: the device is never that fast.
+    assert!(pending > 0, "no read was pending at its first poll");
+
+    // The stream through tokio on a one-thread runtime: the runtime's thread
+    // sleeps while reads are in flight, and each wakeup comes from a completion
+    // (a few polls per 1 MiB buffer, not one per trip around the runtime).
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let polls = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let back = rt.block_on(async {
+        let mut r = DioReader::with_options(&raw, &opts(4, 1 << 20));
+        let mut back = Vec::new();
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let read = std::future::poll_fn(|cx| {
+                polls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let mut rb = tokio::io::ReadBuf::new(&mut buf);
+                match tokio::io::AsyncRead::poll_read(Pin::new(&mut r), cx, &mut rb) {
+                    Poll::Ready(r) => Poll::Ready(r.map(|()| rb.filled().len())),
+                    Poll::Pending => Poll::Pending,
+                }
+            });
+            let n = read.await.unwrap();
+            if n == 0 {
+                break back;
+            }
+            back.extend_from_slice(&buf[..n]);
+        }
+    });
+    assert!(back == data, "the stream's bytes differ from the file's");
+    let calls = data.len() / (64 << 10);
+    let polls = polls.load(std::sync::atomic::Ordering::Relaxed) as usize;
+    eprintln!("{polls} polls for {calls} reads of 64 KiB");
+    // One poll per read, plus at most two per 1 MiB buffer waited for.
+    assert!(
+        polls <= calls + 1 + 2 * (data.len() >> 20),
+        "{polls} polls for {calls} reads: the reads re-polled while pending"
+    );
+}
+
+#[test]
+fn tokio_streams_on_io_uring_are_cancel_safe() {
+    // Readers over io_uring (polled completions, reaped by the device's watcher
+    // while a task waits) aborted with reads in flight, futures polled once and
+    // dropped: the bytes read afterwards are the file's, and every request ends.
+    if !uring_or_skip() {
+        return;
+    }
+    let data = bytes(6 << 20, 41);
+    let scratch = Scratch(host_file("cancel", &data));
+    let raw = Arc::new(uring_file(&scratch.0));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        for _ in 0..10 {
+            let f = Arc::clone(&raw);
+            let reader = tokio::spawn(async move {
+                let mut r = DioReader::with_options(&*f, &opts(8, 256 << 10));
+                let mut sink = Vec::new();
+                r.read_to_end(&mut sink).await.unwrap();
+            });
+            tokio::task::yield_now().await;
+            reader.abort();
+            let _ = reader.await;
+        }
+        let mut r = DioReader::with_options(&*raw, &opts(3, 128 << 10));
+        let mut back = Vec::new();
+        let mut buf = vec![0u8; 100_000];
+        loop {
+            let n = match poll_once(r.read(&mut buf)) {
+                Poll::Ready(n) => n.unwrap(),
+                Poll::Pending => r.read(&mut buf).await.unwrap(),
+            };
+            if n == 0 {
+                break;
+            }
+            back.extend_from_slice(&buf[..n]);
+        }
+        assert!(back == data, "dropped futures changed the stream");
+    });
+    // The readers' requests still in flight end when the device drops (it drains
+    // them): their buffers were theirs all along.
+    drop(rt);
+    drop(raw);
 }
 
 /// Throughput, not a check: with `DIO_STREAM_BENCH=1`, a cold 1 GiB host file read

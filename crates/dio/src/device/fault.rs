@@ -193,6 +193,14 @@ impl Device for FaultDevice {
         self.inner.completion_mode()
     }
 
+    fn watch(&self) -> bool {
+        self.inner.watch()
+    }
+
+    fn unwatch(&self) {
+        self.inner.unwatch()
+    }
+
     fn flush(&self) -> io::Result<()> {
         self.inner.flush()
     }

@@ -521,6 +521,20 @@ pub trait Device: Send + Sync {
         CompletionMode::Interrupt
     }
 
+    /// For a waiter that cannot poll ([`crate::DioFuture`] in an async task, whose
+    /// thread belongs to the executor): ask a [`CompletionMode::Polled`] device to
+    /// reap and complete its requests by itself (on a thread of its own, asleep in
+    /// the kernel until a completion arrives) until the matching
+    /// [`Device::unwatch`]. Returns whether it will; `false` (the default) leaves
+    /// the completions to [`Device::poll`]. Watches nest: the device reaps while
+    /// any is held.
+    fn watch(&self) -> bool {
+        false
+    }
+
+    /// End one [`Device::watch`] that returned `true`.
+    fn unwatch(&self) {}
+
     /// Make every completed write durable (a cache flush).
     fn flush(&self) -> io::Result<()>;
 
@@ -543,6 +557,12 @@ impl<D: Device + ?Sized> Device for Arc<D> {
     }
     fn completion_mode(&self) -> CompletionMode {
         (**self).completion_mode()
+    }
+    fn watch(&self) -> bool {
+        (**self).watch()
+    }
+    fn unwatch(&self) {
+        (**self).unwatch()
     }
     fn flush(&self) -> io::Result<()> {
         (**self).flush()

@@ -25,7 +25,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -43,6 +43,8 @@ const WAKE: u64 = u64::MAX;
 const POLL_WAIT: Duration = Duration::from_millis(10);
 /// How long the reaper thread waits before it checks for shutdown.
 const REAPER_WAIT: Duration = Duration::from_millis(100);
+/// How long the watcher thread sleeps in the kernel before it re-checks its watches.
+const WATCH_WAIT: Duration = Duration::from_millis(100);
 /// How often a request is resubmitted after `EAGAIN`/`EINTR` before it fails.
 const MAX_RETRIES: u8 = 16;
 
@@ -154,6 +156,9 @@ pub struct UringDevice {
     mode: CompletionMode,
     reaper: Option<thread::JoinHandle<()>>,
     notes: Vec<String>,
+    /// Completions for waiters that cannot poll ([`Device::watch`]); only on a
+    /// shared ring that any thread may reap and that can wait with a timeout.
+    watcher: Option<Arc<Watcher>>,
 }
 
 /// One ring for every thread, or one ring per thread.
@@ -472,11 +477,14 @@ impl UringDevice {
         } else {
             CompletionMode::Polled
         };
+        let watcher = (mode == CompletionMode::Polled && !iopoll && !defer && inner.ext_arg)
+            .then(|| Arc::new(Watcher::default()));
         Ok(UringDevice {
             rings: Rings::Shared(inner),
             mode,
             reaper,
             notes,
+            watcher,
         })
     }
 
@@ -542,6 +550,8 @@ impl UringDevice {
             mode: CompletionMode::Polled,
             reaper: None,
             notes,
+            // Each ring is reaped by its own thread only.
+            watcher: None,
         })
     }
 
@@ -1398,6 +1408,23 @@ impl Device for UringDevice {
         self.mode
     }
 
+    /// A shared polled ring (not single-issuer, not IOPOLL): a watcher thread,
+    /// started at the first watch, reaps while watches are held. Per-thread,
+    /// single-issuer and IOPOLL rings refuse (only their own thread may reap, or
+    /// reaping means busy polling).
+    fn watch(&self) -> bool {
+        match (&self.watcher, &self.rings) {
+            (Some(w), Rings::Shared(inner)) => w.watch(inner),
+            _ => false,
+        }
+    }
+
+    fn unwatch(&self) {
+        if let Some(w) = &self.watcher {
+            w.unwatch();
+        }
+    }
+
     fn flush(&self) -> io::Result<()> {
         super::fdatasync(self.file())
     }
@@ -1428,6 +1455,9 @@ impl Drop for UringDevice {
                 return;
             }
         };
+        if let Some(w) = &self.watcher {
+            w.stop(inner);
+        }
         if let Some(handle) = self.reaper.take() {
             inner.stop.store(true, Ordering::Release);
             {
@@ -1457,6 +1487,119 @@ impl Drop for UringDevice {
             return;
         }
         inner.release();
+    }
+}
+
+/// The watcher of a shared polled ring ([`Device::watch`]): a thread that, while
+/// any watch is held, sleeps in the kernel until a completion arrives, reaps it and
+/// runs its callbacks (which wake the async tasks waiting for it). With no watch
+/// held it sleeps on a condition variable: it never spins, and a ring nobody
+/// watches is reaped by its pollers only, as before.
+#[derive(Default)]
+struct Watcher {
+    state: Mutex<WatchState>,
+    cv: Condvar,
+}
+
+#[derive(Default)]
+struct WatchState {
+    watches: usize,
+    stop: bool,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Watcher {
+    fn watch(self: &Arc<Self>, inner: &Arc<Inner>) -> bool {
+        let mut st = lock_any(&self.state);
+        if st.stop {
+            return false;
+        }
+        if st.thread.is_none() {
+            let (w, i) = (Arc::clone(self), Arc::clone(inner));
+            match thread::Builder::new()
+                .name("dio-uring-watch".into())
+                .spawn(move || w.run(&i))
+            {
+                Ok(h) => st.thread = Some(h),
+                // No thread: the waiter polls.
+                Err(_) => return false,
+            }
+        }
+        st.watches += 1;
+        if st.watches == 1 {
+            self.cv.notify_all();
+        }
+        true
+    }
+
+    fn unwatch(&self) {
+        let mut st = lock_any(&self.state);
+        st.watches = st.watches.saturating_sub(1);
+    }
+
+    fn run(&self, inner: &Inner) {
+        loop {
+            {
+                let mut st = lock_any(&self.state);
+                while st.watches == 0 && !st.stop {
+                    st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+                }
+                if st.stop {
+                    return;
+                }
+            }
+            // What is there already, then sleep until the next completion (or
+            // WATCH_WAIT: the watches are checked again).
+            if inner.reap_and_complete() > 0 {
+                continue;
+            }
+            let ts = types::Timespec::new()
+                .sec(WATCH_WAIT.as_secs())
+                .nsec(WATCH_WAIT.subsec_nanos());
+            let args = types::SubmitArgs::new().timespec(&ts);
+            let waited = Instant::now();
+            match inner.ring.submitter().submit_with_args(1, &args) {
+                Err(e)
+                    if !matches!(
+                        e.raw_os_error(),
+                        Some(libc::ETIME | libc::EINTR | libc::EBUSY | libc::EAGAIN)
+                    ) =>
+                {
+                    // A ring that refuses to wait: back off rather than spin.
+                    thread::sleep(Duration::from_millis(1));
+                }
+                Err(_) if waited.elapsed() < Duration::from_micros(100) => {
+                    // Interrupted or busy at once: a short back-off, never a spin.
+                    thread::sleep(Duration::from_micros(50));
+                }
+                _ => {}
+            }
+            inner.reap_and_complete();
+        }
+    }
+
+    /// Stop the thread (the device is going away): it leaves its kernel wait on a
+    /// no-op completion.
+    fn stop(&self, inner: &Inner) {
+        let handle = {
+            let mut st = lock_any(&self.state);
+            st.stop = true;
+            self.cv.notify_all();
+            st.thread.take()
+        };
+        let Some(handle) = handle else { return };
+        {
+            let _st = lock(&inner.state);
+            let nop = opcode::Nop::new().build().user_data(WAKE);
+            // SAFETY: we hold the state mutex; a no-op references no memory.
+            let _ = unsafe { inner.ring.submission_shared().push(&nop) };
+            let _ = inner.submit_locked();
+        }
+        // Dropped on the watcher itself (a completion held the last handle): it
+        // stops by itself; it cannot join itself.
+        if handle.thread().id() != thread::current().id() {
+            let _ = handle.join();
+        }
     }
 }
 

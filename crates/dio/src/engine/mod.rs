@@ -586,9 +586,22 @@ impl<B> Filler<B> {
 
 /// A direct-I/O call in flight, as a `Future`. Needs no particular executor: any
 /// executor polls it, and [`DioFuture::wait`] blocks without one.
+///
+/// A pending future is woken by its completion, never by polling itself again:
+/// on a device whose completions come by themselves the completion calls the
+/// waker; on one whose completions need polling (io_uring's default) the future
+/// asks the device to reap them on a thread of its own while it waits
+/// ([`Device::watch`]). Only a device that cannot (a single-issuer or per-thread
+/// ring, IOPOLL: only the submitting thread may reap, or reaping is busy polling)
+/// leaves the future to poll it, each time the executor polls.
+///
+/// Dropping a pending future does not cancel the call: its buffers stay with the
+/// request until the device is done with them.
 pub struct DioFuture<B> {
     slot: Arc<FutureSlot<B>>,
     dev: Arc<dyn Device>,
+    /// A watch of the polled device is held ([`Device::watch`]).
+    watching: bool,
 }
 
 impl<B> DioFuture<B> {
@@ -604,6 +617,7 @@ impl<B> DioFuture<B> {
             DioFuture {
                 slot: Arc::clone(&slot),
                 dev,
+                watching: false,
             },
             Filler(slot),
         )
@@ -639,25 +653,52 @@ impl<B> DioFuture<B> {
     }
 }
 
+impl<B> DioFuture<B> {
+    fn unwatch(&mut self) {
+        if std::mem::take(&mut self.watching) {
+            self.dev.unwatch();
+        }
+    }
+}
+
+impl<B> Drop for DioFuture<B> {
+    fn drop(&mut self) {
+        self.unwatch();
+    }
+}
+
 impl<B> Future for DioFuture<B> {
     type Output = Completed<B>;
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Completed<B>> {
-        // A device whose completions need polling gets reaped here; the task then
-        // asks to be polled again rather than sleeping on a wakeup nobody sends.
-        let polled = self.dev.completion_mode() == CompletionMode::Polled;
-        if polled {
-            let _ = self.dev.poll(false);
+        let this = self.get_mut();
+        let polled = this.dev.completion_mode() == CompletionMode::Polled;
+        // A device whose completions need polling is reaped here, unless its
+        // watcher does it (then a wakeup means the result is in).
+        if polled && !this.watching {
+            let _ = this.dev.poll(false);
         }
-        let mut st = self.slot.state.lock().unwrap_or_else(|e| e.into_inner());
-        match st.result.take() {
-            Some(c) => Poll::Ready(c),
-            None => {
-                st.waker = Some(cx.waker().clone());
-                if polled {
-                    cx.waker().wake_by_ref();
-                }
-                Poll::Pending
+        {
+            let mut st = this.slot.state.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(c) = st.result.take() {
+                drop(st);
+                this.unwatch();
+                return Poll::Ready(c);
+            }
+            // Stored before the device is watched: a completion reaped from now
+            // on finds the waker.
+            match &st.waker {
+                Some(w) if w.will_wake(cx.waker()) => {}
+                _ => st.waker = Some(cx.waker().clone()),
             }
         }
+        if polled && !this.watching {
+            this.watching = this.dev.watch();
+            if !this.watching {
+                // Nobody else reaps this device: the task polls it again (the
+                // executor runs other tasks in between).
+                cx.waker().wake_by_ref();
+            }
+        }
+        Poll::Pending
     }
 }

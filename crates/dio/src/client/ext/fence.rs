@@ -51,6 +51,14 @@ impl Device for Fence {
         self.inner.completion_mode()
     }
 
+    fn watch(&self) -> bool {
+        self.inner.watch()
+    }
+
+    fn unwatch(&self) {
+        self.inner.unwatch()
+    }
+
     fn flush(&self) -> io::Result<()> {
         self.inner.flush()
     }
