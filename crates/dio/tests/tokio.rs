@@ -532,9 +532,10 @@ fn tokio_streams_on_io_uring_are_cancel_safe() {
 
 /// Throughput, not a check: with `DIO_STREAM_BENCH=1`, a cold 1 GiB host file read
 /// in 64 KiB calls through the tokio adapter (multi-thread runtime) and through the
-/// sync stream, both 4 x 1 MiB, three alternated pairs per back end (io_uring with
-/// its default polled completions, where a pending future re-polls itself, and the
-/// pread pool, whose completions wake the task); prints the median ratios.
+/// sync stream, both with `StreamOptions::default()`, three alternated pairs per
+/// back end (io_uring with its default polled completions, reaped by the device's
+/// watcher thread while a task waits, and the pread pool, whose completions wake
+/// the task); prints the median ratios.
 /// Needs root (drop_caches).
 #[test]
 fn tokio_stream_speed_against_the_sync_stream() {
@@ -573,7 +574,7 @@ fn tokio_stream_speed_against_the_sync_stream() {
             cold();
             let t = Instant::now();
             let raw = dio::RawFile::open(&path, &ropts).unwrap();
-            let mut r = DioReader::with_options(&raw, &opts(4, 1 << 20));
+            let mut r = DioReader::new(&raw);
             let mut buf = vec![0u8; 64 << 10];
             let mut n = 0;
             loop {
@@ -589,7 +590,7 @@ fn tokio_stream_speed_against_the_sync_stream() {
             let t = Instant::now();
             let n = rt.block_on(async {
                 let raw = dio::RawFile::open(&path, &ropts).unwrap();
-                let mut r = DioReader::with_options(&raw, &opts(4, 1 << 20));
+                let mut r = DioReader::new(&raw);
                 let mut buf = vec![0u8; 64 << 10];
                 let mut n = 0;
                 loop {

@@ -168,7 +168,9 @@ pub struct StreamOptions {
     /// Buffers in flight: reads ahead of the reader, writes behind the writer
     /// (at least 1).
     pub buffers: usize,
-    /// Bytes per buffer; rounded up to a multiple of the file's block size.
+    /// Bytes per buffer; rounded up to a multiple of the file's block size. The
+    /// reader's reads grow to this size (see [`DioReader`]); the writer's writes
+    /// are this size.
     pub buffer_size: usize,
     /// Flags for every engine call (e.g. [`Flags::DSYNC`] for the writer).
     pub flags: Flags,
@@ -178,11 +180,14 @@ pub struct StreamOptions {
 }
 
 impl Default for StreamOptions {
-    /// Four buffers of 1 MiB, no flags, no sync at finish.
+    /// Four buffers of 4 MiB, no flags, no sync at finish. Large requests are what
+    /// devices stream fastest (a virtio disk here read a cold file at about 0.85x
+    /// the speed with 1 MiB requests at the same depth); the reader starts small
+    /// and grows its reads to this size only while reading goes on sequentially.
     fn default() -> Self {
         StreamOptions {
             buffers: 4,
-            buffer_size: 1 << 20,
+            buffer_size: 4 << 20,
             flags: Flags::NONE,
             sync_on_finish: false,
         }
@@ -248,23 +253,34 @@ struct ReadChunk {
 
 /// A sequential reader with readahead. See the [module docs](self).
 ///
-/// Reads ahead from where the caller reads, in chunks of `buffer_size` aligned to
-/// multiples of it, keeping `buffers` of them in flight. A seek inside the chunks
-/// already in flight keeps them; a seek elsewhere drops them (their buffers are
-/// freed when the device is done with them) and starts again at the new position.
-/// The end of the file is its size when a read is issued: a file that grows is read
-/// further by the next call.
+/// Reads ahead from where the caller reads, keeping `buffers` reads in flight.
+/// As the kernel's readahead does, the reads start small where reading starts
+/// (1/16 of `buffer_size`, at least a block) and double each time the caller
+/// moves on to the next one, up to `buffer_size`: a reader that takes a few bytes
+/// after a seek costs `buffers` small reads, a long sequential one gets large
+/// reads (few requests per byte, which is what a device streams fastest). A seek inside
+/// the reads already in flight keeps them; a seek elsewhere drops them (their
+/// buffers are freed when the device is done with them) and starts again, small,
+/// at the new position. The end of the file is its size when a read is issued: a
+/// file that grows is read further by the next call.
 pub struct DioReader {
     file: DirectFile,
+    /// The largest read (bytes per buffer).
     chunk: usize,
+    /// The first read after a (re)start.
+    first: usize,
+    block: u64,
     depth: usize,
     flags: Flags,
     pos: u64,
     cur: Option<ReadChunk>,
-    /// Reads in flight, oldest first, with their file offsets (consecutive chunks).
-    ahead: VecDeque<(u64, DioFuture<AlignedBuf>)>,
-    /// The offset of the next chunk to read ahead.
+    /// Reads in flight, oldest first, with their file offsets and lengths
+    /// (consecutive ranges).
+    ahead: VecDeque<(Span, DioFuture<Window<AlignedBuf>>)>,
+    /// The offset of the next read ahead.
     next: u64,
+    /// The length of the next read ahead.
+    next_len: usize,
     spare: Vec<AlignedBuf>,
 }
 
@@ -288,8 +304,13 @@ impl DioReader {
     /// A reader of `file` from offset 0.
     pub fn with_options(file: &(impl StreamFile + ?Sized), opts: &StreamOptions) -> DioReader {
         let file = file.direct_file().clone();
+        let chunk = opts.chunk_for(&file);
+        let block = file.block_size() as usize;
+        let first = (chunk / 16).div_ceil(block).max(1) * block;
         DioReader {
-            chunk: opts.chunk_for(&file),
+            chunk,
+            first,
+            block: block as u64,
             depth: opts.buffers.max(1),
             flags: opts.flags,
             file,
@@ -297,6 +318,7 @@ impl DioReader {
             cur: None,
             ahead: VecDeque::new(),
             next: 0,
+            next_len: first,
             spare: Vec::new(),
         }
     }
@@ -318,9 +340,13 @@ impl DioReader {
             let buf = self.spare.pop().unwrap_or_else(|| {
                 AlignedBuf::new(self.chunk, self.file.geometry().buffer_align())
             });
-            let fut = self.file.read_future(self.next, vec![buf], self.flags);
-            self.ahead.push_back((self.next, fut));
-            self.next += self.chunk as u64;
+            // Not past the block that holds the end of the file.
+            let end = size.div_ceil(self.block) * self.block;
+            let len = (self.next_len as u64).min(end - self.next) as usize;
+            let win = Window::new(buf, 0, len).expect("a read fits its buffer");
+            let fut = self.file.read_future(self.next, vec![win], self.flags);
+            self.ahead.push_back(((self.next, len), fut));
+            self.next += len as u64;
         }
     }
 
@@ -346,24 +372,32 @@ impl DioReader {
         if self.pos >= self.file.size() {
             return Poll::Ready(Ok(()));
         }
-        let chunk = self.chunk as u64;
-        // Reads ahead of chunks the caller skipped are of no use.
-        while matches!(self.ahead.front(), Some(&(off, _)) if off + chunk <= self.pos) {
+        // Reads ahead of bytes the caller skipped are of no use.
+        while matches!(self.ahead.front(), Some(&((off, len), _)) if off + len as u64 <= self.pos) {
             self.ahead.pop_front();
         }
-        if !matches!(self.ahead.front(), Some(&(off, _)) if off <= self.pos) {
+        if !matches!(self.ahead.front(), Some(&((off, _), _)) if off <= self.pos) {
+            // Start again, small, at the block that holds the position.
             self.ahead.clear();
-            self.next = self.pos - self.pos % chunk;
+            self.next = self.pos - self.pos % self.block;
+            self.next_len = self.first;
         }
         self.read_ahead();
-        let (off, done) = match front_ready(&mut self.ahead, cx) {
+        let ((off, _), done) = match front_ready(&mut self.ahead, cx) {
             Poll::Ready(r) => r,
             Poll::Pending => return Poll::Pending,
         };
-        let buf = done.bufs.into_iter().next().expect("one buffer per read");
+        let buf = done
+            .bufs
+            .into_iter()
+            .next()
+            .expect("one buffer per read")
+            .into_inner();
         match done.result {
             Ok(len) => {
                 self.cur = Some(ReadChunk { off, buf, len });
+                // The caller is reading on: the next reads grow.
+                self.next_len = (self.next_len * 2).min(self.chunk);
                 self.read_ahead();
                 Poll::Ready(Ok(()))
             }
@@ -447,7 +481,7 @@ impl Seek for DioReader {
     }
 }
 
-/// A write behind's file offset and length.
+/// A read's or a write behind's file offset and length.
 type Span = (u64, usize);
 
 /// The chunk a writer is filling: file bytes `[base + lo, base + hi)` are in
