@@ -238,6 +238,8 @@ pub enum PathErrorKind {
     NameTooLong,
     /// A name the file system cannot hold (empty, `.`, `..`, or with `/` or NUL).
     BadName,
+    /// A directory has as many subdirectories as its link count can hold (EMLINK).
+    TooManyLinks,
 }
 
 impl PathErrorKind {
@@ -252,6 +254,7 @@ impl PathErrorKind {
             PathErrorKind::IsADirectory => libc::EISDIR,
             PathErrorKind::NameTooLong => libc::ENAMETOOLONG,
             PathErrorKind::BadName => libc::EINVAL,
+            PathErrorKind::TooManyLinks => libc::EMLINK,
         }
     }
 }

@@ -954,3 +954,181 @@ fn removing_files_with_an_xattr_block_frees_or_unshares_it() {
     drop(ext);
     fsck(&img);
 }
+
+/// A RAM device holding `img`'s bytes (no crash mode: flushes are free), and
+/// an `Ext` on it.
+fn ram_ext(img: &Path) -> (Arc<dio::MemDevice>, u64, Ext) {
+    let bytes = std::fs::read(img).unwrap();
+    let size = bytes.len() as u64;
+    let dev = Arc::new(dio::MemDevice::new(dio::MemDeviceConfig::new(size, 512)));
+    dev.write_raw(0, &bytes);
+    let ext = Ext::open_writable(Arc::clone(&dev) as Arc<dyn dio::Device>, size).unwrap();
+    (dev, size, ext)
+}
+
+/// `debugfs -R "htree PATH"`'s "Indirect levels" line, if debugfs is here.
+fn htree_levels(img: &Path, path: &str) -> Option<u32> {
+    if !have("debugfs") {
+        return None;
+    }
+    let o = Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("htree {path}"))
+        .arg(img)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    out.lines()
+        .find_map(|l| l.trim().strip_prefix("Indirect levels: "))
+        .and_then(|n| n.trim().parse().ok())
+}
+
+/// The `i`th name of the big-directory tests: `len` bytes.
+fn big_name(i: usize, len: usize) -> String {
+    let mut n = format!("{i:06}-");
+    while n.len() < len {
+        n.push((b'a' + ((i * 7 + n.len()) % 26) as u8) as char);
+    }
+    n
+}
+
+/// Fill `/big` of a fresh 1 KiB-block image with `count` names of `len` bytes
+/// made by dio (a linear directory that dio turns into an htree and grows),
+/// remove every `rm_every`th, and return the image and the names left. The
+/// image is built on a RAM device and written out once.
+fn big_dir(
+    tag: &str,
+    features: &str,
+    count: usize,
+    len: usize,
+    rm_every: usize,
+) -> (PathBuf, Vec<String>, Option<Error>) {
+    let img = mkfs(
+        tag,
+        &["-t", "ext4", "-b", "1024", "-N", "56000", "-O", features],
+        80,
+    );
+    let (dev, size, ext) = ram_ext(&img);
+    ext.mkdir(b"/big", &Attrs::new()).unwrap();
+    let t0 = std::time::Instant::now();
+    let mut names = Vec::new();
+    let mut refused = None;
+    for i in 0..count {
+        let n = big_name(i, len);
+        match ext.create(format!("/big/{n}").as_bytes(), &Attrs::new()) {
+            Ok(_) => names.push(n),
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+        }
+    }
+    let made = t0.elapsed();
+    let mut kept = Vec::new();
+    for (i, n) in names.into_iter().enumerate() {
+        if i % rm_every == rm_every - 1 {
+            ext.remove(format!("/big/{n}").as_bytes(), false).unwrap();
+        } else {
+            kept.push(n);
+        }
+    }
+    eprintln!(
+        "{tag}: {} names made in {:.2} s, {} removed in {:.2} s",
+        kept.len() + kept.len() / (rm_every - 1).max(1),
+        made.as_secs_f64(),
+        kept.len() / (rm_every - 1).max(1),
+        t0.elapsed().as_secs_f64() - made.as_secs_f64()
+    );
+    let big = ext.lookup(b"/big", false).unwrap();
+    assert!(big.has_flag(dio::ext::inode_flags::INDEX), "no htree");
+    drop(ext);
+    std::fs::write(&img, dev.read_raw(0, size as usize)).unwrap();
+    (img, kept, refused)
+}
+
+/// Check `/big` of `img` holds exactly `names`: e2fsck (which checks the
+/// htree), dio's lookups, and the kernel (every name through readdir, a sample
+/// through its hash index).
+fn check_big(img: &Path, names: &[String]) {
+    let t0 = std::time::Instant::now();
+    fsck(img);
+    eprintln!("e2fsck -fn: {:.2} s", t0.elapsed().as_secs_f64());
+    let (_raw, ext) = open(img);
+    let big = ext.lookup(b"/big", false).unwrap();
+    let listed = ext.read_dir(&big).unwrap();
+    assert_eq!(listed.len(), names.len() + 2, "dio's readdir");
+    for n in names.iter().step_by(61) {
+        ext.lookup(format!("/big/{n}").as_bytes(), false).unwrap();
+    }
+    drop(ext);
+    eprintln!("dio: {:.2} s", t0.elapsed().as_secs_f64());
+    let Some(mnt) = mount(img) else { return };
+    let seen: std::collections::BTreeSet<String> = std::fs::read_dir(mnt.dir.join("big"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(seen.len(), names.len(), "the kernel's ls count");
+    for n in names.iter().step_by(97) {
+        assert!(seen.contains(n), "{n} not listed");
+        assert!(
+            mnt.dir.join("big").join(n).symlink_metadata().is_ok(),
+            "{n}: the kernel's lookup"
+        );
+    }
+    let missing = big_name(999_999, names[0].len());
+    assert!(mnt
+        .dir
+        .join("big")
+        .join(missing)
+        .symlink_metadata()
+        .is_err());
+    drop(mnt);
+    eprintln!("kernel: {:.2} s", t0.elapsed().as_secs_f64());
+}
+
+#[test]
+fn htree_of_50000_names_grows_a_third_level_with_large_dir() {
+    if !have("mke2fs") || !have("e2fsck") {
+        eprintln!("skipped: needs mke2fs and e2fsck");
+        return;
+    }
+    // 250-byte names: at most 3 to a 1 KiB leaf, so a third index level is
+    // needed past 15,498 leaves (123 root entries x 126 node entries), about
+    // 21,500 names. CI makes 26,000; the full 50,000 with DIO_EXT_BIG=1.
+    let count = if std::env::var_os("DIO_EXT_BIG").is_some() {
+        50_000
+    } else {
+        26_000
+    };
+    let (img, names, refused) = big_dir(
+        "htree-largedir",
+        &format!("{NOJ},large_dir"),
+        count,
+        250,
+        10,
+    );
+    assert!(refused.is_none(), "{refused:?}");
+    if let Some(l) = htree_levels(&img, "/big") {
+        assert_eq!(l, 2, "three index levels");
+    }
+    check_big(&img, &names);
+    let _ = std::fs::remove_file(&img);
+}
+
+#[test]
+fn htree_full_at_two_levels_without_large_dir_is_enospc() {
+    if !have("mke2fs") || !have("e2fsck") {
+        eprintln!("skipped: needs mke2fs and e2fsck");
+        return;
+    }
+    let (img, names, refused) = big_dir("htree-full", NOJ, 60_000, 250, 50);
+    match refused {
+        Some(Error::NoSpace(m)) => eprintln!("refused after {} names: {m}", names.len()),
+        other => panic!("expected ENOSPC (directory index full), got {other:?}"),
+    }
+    if let Some(l) = htree_levels(&img, "/big") {
+        assert_eq!(l, 1, "two index levels");
+    }
+    check_big(&img, &names);
+    let _ = std::fs::remove_file(&img);
+}

@@ -1,25 +1,38 @@
 //! Names: create regular files, directories and symlinks (fast and slow), unlink
-//! files and symlinks, remove empty directories, on linear directories.
+//! files and symlinks, remove empty directories.
 //!
 //! Each is one [`Op`]: a new inode and its blocks are written first (fresh), a
 //! flush, then the directory entry and the parent's inode (linked); a removal
 //! drops the name first, then clears the inode (dtime set, no blocks), and frees
-//! its blocks and inode last. A name goes into the leaf of a hashed (htree)
-//! directory that the index picks for its hash; a full leaf is split (entries
-//! sorted by hash, the upper half to a new block, its index entry added, with
-//! the collision bit when the halves share a hash, as the kernel's `do_split`);
-//! a full root gets a level of index nodes below it, a full node under it is
-//! split. Only a full two-level index (a third level needs `large_dir`) refuses
-//! a name ("incompatible"), as does any change to an inline-data directory,
-//! with nothing written. Removing a name works in linear
-//! and htree directories (a leaf entry is merged into the one before it, as the
-//! kernel does, which keeps the hash index valid).
+//! its blocks and inode last.
+//!
+//! Directories, as the kernel keeps them:
+//! - **Linear**: entries in blocks mapped by extents or by direct and indirect
+//!   blocks (ext2/3, past 12 blocks through new indirect blocks). When the one
+//!   block of a linear directory is full and the file system has dir_index, it
+//!   becomes an htree (`make_indexed_dir`).
+//! - **Hashed (htree)**: a name goes into the leaf the index picks for its hash;
+//!   a full leaf is split (entries sorted by hash, half the bytes to a new
+//!   block, its index entry added, with the collision bit when the halves share
+//!   a hash, as `do_split`). A full index block is split when its parent has
+//!   room; a full root gets a level below it, up to two index levels, three with
+//!   `large_dir`; past that the name is refused with ENOSPC ("directory index
+//!   full", as the kernel). Link counts follow `dir_nlink` (1 past 65,000).
+//! - **Inline** (`inline_data`): new directories are made inline when the
+//!   inode has room for the `system.data` xattr, as the kernel does; entries go
+//!   into i_block and the xattr's value; a name that fits in neither turns the
+//!   directory into a one-block directory (`ext4_convert_inline_dir`; the
+//!   kernel would first grow the xattr value).
+//!
+//! Removing a name merges its entry into the one before it, else marks it
+//! unused (the kernel's `ext4_generic_delete_entry`), which keeps a hash index
+//! valid.
 
 use std::sync::Arc;
 
 use super::bytes::{crc32c, le16, le32, put16, put32, u8at};
 use super::inode::{flags, FileType, Inode, Timestamp};
-use super::map::{read_extent_tree_blocks, FileExtent, Layout};
+use super::map::{read_extent_tree_blocks, FileExtent};
 use super::superblock::{compat, incompat};
 use super::tree::{self, ExtTree};
 use super::tx::{Op, FRESH, UNLINK};
@@ -161,22 +174,13 @@ struct DirW {
 
 impl DirW {
     fn load(fs: &Arc<Fs>, inode: Inode) -> Result<DirW> {
-        if inode.has_flag(flags::INLINE_DATA) {
-            return Err(Error::incompatible(
-                Feature::InlineData,
-                format!(
-                    "directory inode {}: changing inline-data directories is not implemented",
-                    inode.ino
-                ),
-            ));
-        }
         if inode.has_flag(flags::ENCRYPT) || inode.has_flag(flags::CASEFOLD) {
             return Err(Error::incompatible(
                 Feature::Encryption,
                 format!("directory inode {}: encrypted or case-folded", inode.ino),
             ));
         }
-        let tree = if inode.has_flag(flags::EXTENTS) {
+        let tree = if inode.has_flag(flags::EXTENTS) && !inode.has_flag(flags::INLINE_DATA) {
             let (e, b) = read_extent_tree_blocks(fs, &inode)?;
             Some(ExtTree::new(e, b))
         } else {
@@ -185,16 +189,18 @@ impl DirW {
         Ok(DirW { inode, tree })
     }
 
-    /// The device block of directory block `b`.
-    fn block_at(&self, fs: &Arc<Fs>, b: u64) -> Result<Option<u64>> {
-        let e = match &self.tree {
-            Some(t) => super::map::map_extents(&t.exts, b, 1),
-            None => Layout::of(fs, &self.inode)?.map(b, 1)?,
-        };
-        Ok(match e.mapping {
-            Mapping::Mapped(p) => Some(p),
-            _ => None,
-        })
+    /// The device block of directory block `b`, as `op` sees the tables.
+    fn block_at(&self, op: &Op<'_>, b: u64) -> Result<Option<u64>> {
+        if self.inode.has_flag(flags::INLINE_DATA) {
+            return Ok(None);
+        }
+        match &self.tree {
+            Some(t) => Ok(match super::map::map_extents(&t.exts, b, 1).mapping {
+                Mapping::Mapped(p) => Some(p),
+                _ => None,
+            }),
+            None => ind_map(op, &self.inode, b),
+        }
     }
 
     fn nblocks(&self, bs: u64) -> u64 {
@@ -302,124 +308,270 @@ fn indexed(fs: &Fs, dir: &Inode) -> bool {
 }
 
 /// Add the entry `name` -> `ino` to directory `d` through `op` (its inode is put
-/// by the caller).
+/// by the caller). An inline directory takes it in the inode while there is
+/// room, else becomes a block directory first; a linear directory whose one
+/// block is full becomes an htree (dir_index), as the kernel's
+/// `make_indexed_dir`; a full htree leaf is split.
 fn dir_add(op: &mut Op<'_>, d: &mut DirW, name: &[u8], ino: u32, t: u8) -> Result<()> {
-    dir_add_in(op, d, name, ino, t, 0)
-}
-
-fn dir_add_in(
-    op: &mut Op<'_>,
-    d: &mut DirW,
-    name: &[u8],
-    ino: u32,
-    t: u8,
-    split_done: u32,
-) -> Result<()> {
+    if d.inode.has_flag(flags::INLINE_DATA) {
+        if inline_add(op, d, name, ino, t)? {
+            return Ok(());
+        }
+        inline_to_block(op, d)?;
+    }
     let fs = op.fs;
     let bs = u64::from(fs.sb.block_size);
     let need = rec_size(name.len());
     let tail = if fs.sb.metadata_csum() { 12 } else { 0 };
-    let blocks: Vec<u64> = if indexed(fs, &d.inode) {
-        // The one leaf the hash index sends this name to.
-        vec![dx_leaf(op, d, name)?]
-    } else {
-        (0..d.nblocks(bs)).collect()
-    };
-    for b in blocks.iter().copied() {
-        let Some(p) = d.block_at(fs, b)? else {
-            continue;
+    for round in 0.. {
+        let blocks: Vec<u64> = if indexed(fs, &d.inode) {
+            // The one leaf the hash index sends this name to.
+            vec![dx_path(op, d, name)?.leaf]
+        } else {
+            (0..d.nblocks(bs)).collect()
         };
-        let mut block = op.read(p, "directory block")?;
-        let limit = block.len() - tail;
-        for e in entries_of(fs, d.inode.ino, b, &block[..limit])? {
-            let used = if e.ino == 0 {
-                0
-            } else {
-                rec_size(e.name.len())
+        for b in blocks.iter().copied() {
+            let Some(p) = d.block_at(op, b)? else {
+                continue;
             };
-            if e.rec >= used + need {
-                if e.ino == 0 {
-                    write_entry(fs, &mut block, e.pos, ino, name, t, e.rec);
-                } else {
-                    put16(&mut block, e.pos + 4, used as u16);
-                    write_entry(fs, &mut block, e.pos + used, ino, name, t, e.rec - used);
-                }
+            let mut block = op.read(p, "directory block")?;
+            let limit = block.len() - tail;
+            if insert_in_area(fs, d.inode.ino, b, &mut block[..limit], name, ino, t, need)? {
                 seal_leaf(fs, &d.inode, &mut block);
                 op.tx.put(p, block);
                 return Ok(());
             }
         }
-    }
-    if indexed(fs, &d.inode) {
-        if split_done >= 3 {
-            return Err(Error::incompatible(
-                Feature::HtreeInsert,
-                format!(
-                    "directory inode {}: no room for the name in its htree leaf after splits",
-                    d.inode.ino
-                ),
-            ));
+        if indexed(fs, &d.inode) {
+            if round >= 3 {
+                return Err(Error::incompatible(
+                    Feature::HtreeInsert,
+                    format!(
+                        "directory inode {}: no room for the name in its htree leaf after splits",
+                        d.inode.ino
+                    ),
+                ));
+            }
+            dx_split(op, d, name)?;
+            continue;
         }
-        dx_split(op, d, name)?;
-        return dir_add_in(op, d, name, ino, t, split_done + 1);
+        if d.nblocks(bs) == 1 && make_indexed(op, d)? {
+            continue;
+        }
+        // A new block at the end.
+        let b = d.nblocks(bs);
+        let goal = dir_goal(op, d)?;
+        let (p, _) = op.alloc()?.alloc_blocks(fs, goal, 1)?;
+        let block = new_leaf(fs, &d.inode, &[(ino, name, t)]);
+        op.tx.put_fresh(p, block);
+        link_block(op, d, b, p)?;
+        tree::set_size(&mut d.inode, (b + 1) * bs);
+        return Ok(());
     }
-    // A new block at the end.
-    let b = d.nblocks(bs);
-    let goal = match b.checked_sub(1).map(|x| d.block_at(fs, x)) {
-        Some(Ok(Some(p))) => p + 1,
-        _ => fs
-            .sb
-            .group_first_block((d.inode.ino - 1) / fs.sb.inodes_per_group),
-    };
-    let (p, _) = op.alloc()?.alloc_blocks(fs, goal, 1)?;
-    let block = new_leaf(fs, &d.inode, &[(ino, name, t)]);
-    op.tx.put_fresh(p, block);
-    link_block(op, d, b, p)?;
-    tree::set_size(&mut d.inode, (b + 1) * bs);
-    Ok(())
+    unreachable!("the loop returns")
 }
 
-/// The leaf block (logical) of htree directory `d` that holds names hashing
-/// like `name`: down the index from the root, the last entry whose hash is at
-/// most the name's at each level (the kernel's `dx_probe`).
-fn dx_leaf(op: &Op<'_>, d: &DirW, name: &[u8]) -> Result<u64> {
-    dx_path(op, d, name).map(|p| p.leaf)
+/// Put the entry into the first entry of `area` with room for it (a free
+/// entry, or the slack behind a live one). Returns false when none has room.
+#[allow(clippy::too_many_arguments)]
+fn insert_in_area(
+    fs: &Fs,
+    dino: u32,
+    b: u64,
+    area: &mut [u8],
+    name: &[u8],
+    ino: u32,
+    t: u8,
+    need: usize,
+) -> Result<bool> {
+    for e in entries_of(fs, dino, b, area)? {
+        let used = if e.ino == 0 {
+            0
+        } else {
+            rec_size(e.name.len())
+        };
+        if e.rec >= used + need {
+            if e.ino == 0 {
+                write_entry(fs, area, e.pos, ino, name, t, e.rec);
+            } else {
+                put16(area, e.pos + 4, used as u16);
+                write_entry(fs, area, e.pos + used, ino, name, t, e.rec - used);
+            }
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
-/// Where a name's leaf hangs in an htree: the leaf, the index block holding
-/// its entry (logical), where that block's count/limit sit, the entry's
-/// position, and the name's hash.
-struct DxPath {
-    leaf: u64,
-    parent: u64,
+/// Where a new block of `d` goes: after its last block (the kernel's goal for
+/// `ext4_append`), else at the start of its inode's group.
+fn dir_goal(op: &Op<'_>, d: &DirW) -> Result<u64> {
+    let fs = op.fs;
+    let n = d.nblocks(u64::from(fs.sb.block_size));
+    if let Some(last) = n.checked_sub(1) {
+        if let Some(p) = d.block_at(op, last)? {
+            return Ok(p + 1);
+        }
+    }
+    Ok(fs
+        .sb
+        .group_first_block((d.inode.ino - 1) / fs.sb.inodes_per_group))
+}
+
+/// The type byte of the entry at `pos` of a block.
+fn entry_type(fs: &Fs, block: &[u8], pos: usize) -> u8 {
+    if fs.sb.has_incompat(incompat::FILETYPE) {
+        block[pos + 7]
+    } else {
+        0
+    }
+}
+
+/// The highest htree index level (below the root) the file system allows:
+/// 2 with large_dir, else 1 (the kernel's `ext4_dir_htree_level` - 1).
+fn max_indirect_levels(fs: &Fs) -> u8 {
+    if fs.sb.has_incompat(incompat::LARGEDIR) {
+        2
+    } else {
+        1
+    }
+}
+
+/// Turn the full one-block linear directory `d` into an htree, as the
+/// kernel's `make_indexed_dir`: block 0 becomes the dx root (`.`, `..`
+/// spanning the rest, the root info and one index entry), its other entries
+/// move to a new leaf, block 1. The caller then splits that leaf as needed.
+/// Returns false (the directory stays linear) without dir_index, or with a
+/// default hash the kernel does not index with.
+fn make_indexed(op: &mut Op<'_>, d: &mut DirW) -> Result<bool> {
+    let fs = op.fs;
+    if !fs.sb.has_compat(compat::DIR_INDEX) || fs.sb.def_hash_version > super::hash::TEA {
+        return Ok(false);
+    }
+    let bs = fs.sb.block_size as usize;
+    let tail = if fs.sb.metadata_csum() { 12 } else { 0 };
+    let p0 = d.block_at(op, 0)?.ok_or_else(|| {
+        Error::corrupt(
+            CorruptKind::Directory,
+            format!("directory inode {}: block 0 is a hole", d.inode.ino),
+        )
+    })?;
+    let block = op.read(p0, "directory block")?;
+    let ents = entries_of(fs, d.inode.ino, 0, &block[..bs - tail])?;
+    if ents.len() < 2 || ents[0].name != b"." || ents[1].name != b".." {
+        return Err(Error::corrupt(
+            CorruptKind::Directory,
+            format!(
+                "directory inode {}: block 0 does not start with . and ..",
+                d.inode.ino
+            ),
+        ));
+    }
+    let rest: Vec<(u32, Vec<u8>, u8)> = ents[2..]
+        .iter()
+        .filter(|e| e.ino != 0)
+        .map(|e| (e.ino, e.name.clone(), entry_type(fs, &block, e.pos)))
+        .collect();
+    let leaf = new_leaf(
+        fs,
+        &d.inode,
+        &rest
+            .iter()
+            .map(|(i, n, t)| (*i, &n[..], *t))
+            .collect::<Vec<_>>(),
+    );
+    let mut root = vec![0u8; bs];
+    write_entry(
+        fs,
+        &mut root,
+        0,
+        ents[0].ino,
+        b".",
+        entry_type(fs, &block, 0),
+        12,
+    );
+    write_entry(
+        fs,
+        &mut root,
+        12,
+        ents[1].ino,
+        b"..",
+        entry_type(fs, &block, ents[1].pos),
+        bs - 12,
+    );
+    if bs >= 65536 {
+        put16(&mut root, 16, 65535);
+    }
+    root[0x1C] = fs.sb.def_hash_version;
+    root[0x1D] = 8;
+    let csum_tail = if fs.sb.metadata_csum() { 8 } else { 0 };
+    put16(&mut root, 0x20, ((bs - 0x20 - csum_tail) / 8) as u16);
+    put16(&mut root, 0x22, 1);
+    put32(&mut root, 0x24, 1);
+    d.inode.flags |= flags::INDEX;
+    put32(&mut d.inode.raw, 0x20, d.inode.flags);
+    seal_dx(fs, &d.inode, &mut root, 0x20);
+    let goal = dir_goal(op, d)?;
+    let (p1, _) = op.alloc()?.alloc_blocks(fs, goal, 1)?;
+    op.tx.put_fresh(p1, leaf);
+    link_block(op, d, 1, p1)?;
+    tree::set_size(&mut d.inode, 2 * bs as u64);
+    op.tx.put(p0, root);
+    Ok(true)
+}
+
+/// One index block on a name's path through an htree: its logical block,
+/// where its limit and count sit, the entry taken, its count and limit.
+struct DxLevel {
+    b: u64,
     at: usize,
     pos: usize,
-    /// The position taken in the root, and the tree's levels below it.
-    root_pos: usize,
-    levels: u8,
+    count: usize,
+    limit: usize,
 }
 
+/// A name's path through an htree: the index blocks from the root down, and
+/// the leaf (logical).
+struct DxPath {
+    levels: Vec<DxLevel>,
+    leaf: u64,
+}
+
+fn dx_bad(d: &DirW, m: &str) -> Error {
+    Error::corrupt(
+        CorruptKind::HtreeIndex,
+        format!("directory inode {}: {m}", d.inode.ino),
+    )
+}
+
+/// Read index or leaf block `b` of htree `d`: its device block and bytes.
+fn dx_read(op: &Op<'_>, d: &DirW, b: u64) -> Result<(u64, Vec<u8>)> {
+    let p = d
+        .block_at(op, b)?
+        .ok_or_else(|| dx_bad(d, "htree block is a hole"))?;
+    Ok((p, op.read(p, "htree block")?))
+}
+
+/// The path of `name` down the htree of `d`: at each level the last entry
+/// whose hash is at most the name's (the kernel's `dx_probe`).
 fn dx_path(op: &Op<'_>, d: &DirW, name: &[u8]) -> Result<DxPath> {
     let fs = op.fs;
-    let bad = |m: &str| {
-        Error::corrupt(
-            CorruptKind::HtreeIndex,
-            format!("directory inode {}: {m}", d.inode.ino),
-        )
-    };
     let nblocks = d.nblocks(u64::from(fs.sb.block_size));
-    let read = |b: u64| -> Result<Vec<u8>> {
-        let p = d
-            .block_at(fs, b)?
-            .ok_or_else(|| bad("htree block is a hole"))?;
-        op.read(p, "htree block")
-    };
-    let root = read(0)?;
+    let (_, root) = dx_read(op, d, 0)?;
     let version = u8at(&root, 0x1C);
     let info_len = usize::from(u8at(&root, 0x1D));
-    let levels = u8at(&root, 0x1E);
-    if levels > 2 || info_len != 8 {
-        return Err(bad("htree root info is damaged"));
+    let indirect = u8at(&root, 0x1E);
+    if info_len != 8 || le32(&root, 0x18) != 0 {
+        return Err(dx_bad(d, "htree root info is damaged"));
+    }
+    if indirect > max_indirect_levels(fs) {
+        return Err(dx_bad(
+            d,
+            &format!(
+                "htree has {} index levels, more than the file system allows",
+                indirect + 1
+            ),
+        ));
     }
     let Some(target) = super::hash::dirhash(name, version, &fs.sb.hash_seed, fs.sb.unsigned_hash())
     else {
@@ -431,11 +583,11 @@ fn dx_path(op: &Op<'_>, d: &DirW, name: &[u8]) -> Result<DxPath> {
             ),
         ));
     };
-    let pick = |block: &[u8], at: usize| -> Result<(u64, usize)> {
-        let count = usize::from(le16(block, at + 2));
+    let pick = |b: u64, block: &[u8], at: usize| -> Result<(DxLevel, u64)> {
         let limit = usize::from(le16(block, at));
+        let count = usize::from(le16(block, at + 2));
         if count == 0 || count > limit || at + limit * 8 > block.len() {
-            return Err(bad("htree index counts are damaged"));
+            return Err(dx_bad(d, "htree index counts are damaged"));
         }
         let mut pos = 0;
         for i in 1..count {
@@ -446,138 +598,131 @@ fn dx_path(op: &Op<'_>, d: &DirW, name: &[u8]) -> Result<DxPath> {
         }
         let c = u64::from(le32(block, at + pos * 8 + 4) & 0x0FFF_FFFF);
         if c == 0 || c >= nblocks {
-            return Err(bad("htree points outside the directory"));
+            return Err(dx_bad(d, "htree points outside the directory"));
         }
-        Ok((c, pos))
+        Ok((
+            DxLevel {
+                b,
+                at,
+                pos,
+                count,
+                limit,
+            },
+            c,
+        ))
     };
-    let at0 = 0x18 + info_len;
-    let (mut b, mut pos) = pick(&root, at0)?;
-    let root_pos = pos;
-    let (mut parent, mut at) = (0u64, at0);
-    for _ in 0..levels {
-        let node = read(b)?;
-        parent = b;
-        at = 8;
-        (b, pos) = pick(&node, 8)?;
+    let mut levels = Vec::new();
+    let (lvl, mut child) = pick(0, &root, 0x18 + info_len)?;
+    levels.push(lvl);
+    for _ in 0..indirect {
+        let (_, node) = dx_read(op, d, child)?;
+        if le32(&node, 0) != 0 {
+            return Err(dx_bad(d, "htree node is not an index block"));
+        }
+        let (lvl, c) = pick(child, &node, 8)?;
+        levels.push(lvl);
+        child = c;
     }
     Ok(DxPath {
-        leaf: b,
-        parent,
-        at,
-        pos,
-        root_pos,
         levels,
+        leaf: child,
     })
 }
 
+/// Put the index entry (`hash`, `child`) into index block `block` after
+/// position `pos` (the caller checked there is room).
+fn dx_insert(block: &mut [u8], at: usize, pos: usize, hash: u32, child: u64) {
+    let count = usize::from(le16(block, at + 2));
+    let e0 = at + (pos + 1) * 8;
+    block.copy_within(e0..at + count * 8, e0 + 8);
+    put32(block, e0, hash);
+    put32(block, e0 + 4, child as u32);
+    put16(block, at + 2, (count + 1) as u16);
+}
+
 /// Split the full htree leaf on `name`'s path in two (entries sorted by hash,
-/// the upper half to a new block at the end of the directory), and add the new
-/// leaf to its index block. Refused when that index block is full.
+/// the upper half by bytes to a new block at the end of the directory, with
+/// the collision bit when the halves share a hash, as the kernel's
+/// `do_split`), and add the new leaf to its index block, making room in the
+/// index first when that block is full.
 fn dx_split(op: &mut Op<'_>, d: &mut DirW, name: &[u8]) -> Result<()> {
     let fs = op.fs;
     let bs = u64::from(fs.sb.block_size);
-    let path = dx_path(op, d, name)?;
-    let root = {
-        let p = d
-            .block_at(fs, 0)?
-            .ok_or_else(|| Error::corrupt(CorruptKind::HtreeIndex, "htree root is a hole"))?;
-        op.read(p, "htree root")?
-    };
-    let version = u8at(&root, 0x1C);
-    let pp = d
-        .block_at(fs, path.parent)?
-        .ok_or_else(|| Error::corrupt(CorruptKind::HtreeIndex, "htree index block is a hole"))?;
-    let mut index = op.read(pp, "htree index block")?;
-    let (limit, count) = (
-        usize::from(le16(&index, path.at)),
-        usize::from(le16(&index, path.at + 2)),
-    );
-    if count >= limit {
-        // Make room in the index first, then start again from the root.
-        dx_grow_index(op, d, &path)?;
-        return dx_split(op, d, name);
-    }
-    let lp = d
-        .block_at(fs, path.leaf)?
-        .ok_or_else(|| Error::corrupt(CorruptKind::HtreeIndex, "htree leaf is a hole"))?;
-    let leaf = op.read(lp, "htree leaf")?;
-    let tail = if fs.sb.metadata_csum() { 12 } else { 0 };
-    let mut ents: Vec<(u32, u32, Vec<u8>, u8)> = Vec::new();
-    for e in entries_of(fs, d.inode.ino, path.leaf, &leaf[..leaf.len() - tail])? {
-        if e.ino == 0 {
+    // Each round either splits the leaf or makes room one level up; a tree
+    // has at most three index levels.
+    for _ in 0..8 {
+        let path = dx_path(op, d, name)?;
+        let bottom = path.levels.last().expect("the root is a level");
+        if bottom.count >= bottom.limit {
+            dx_make_room(op, d, &path)?;
             continue;
         }
-        let h = super::hash::dirhash(&e.name, version, &fs.sb.hash_seed, fs.sb.unsigned_hash())
-            .unwrap_or(0);
-        let t = if fs.sb.has_incompat(incompat::FILETYPE) {
-            leaf[e.pos + 7]
-        } else {
-            0
-        };
-        ents.push((h, e.ino, e.name, t));
-    }
-    if ents.len() < 2 {
-        return Err(Error::incompatible(
-            Feature::HtreeInsert,
-            format!(
-                "directory inode {}: an htree leaf too full to split",
-                d.inode.ino
-            ),
-        ));
-    }
-    ents.sort_by_key(|e| e.0);
-    // Split by bytes, not count (the kernel's dx_make_map/do_split): half the
-    // space in each leaf.
-    let total: usize = ents.iter().map(|e| rec_size(e.2.len())).sum();
-    let mut acc = 0;
-    let mut mid = ents.len() / 2;
-    for (i, e) in ents.iter().enumerate() {
-        acc += rec_size(e.2.len());
-        if acc * 2 >= total {
-            mid = (i + 1).clamp(1, ents.len() - 1);
-            break;
+        let (_, root) = dx_read(op, d, 0)?;
+        let version = u8at(&root, 0x1C);
+        let (pp, mut index) = dx_read(op, d, bottom.b)?;
+        let (lp, leaf) = dx_read(op, d, path.leaf)?;
+        let tail = if fs.sb.metadata_csum() { 12 } else { 0 };
+        let mut ents: Vec<(u32, u32, Vec<u8>, u8)> = Vec::new();
+        for e in entries_of(fs, d.inode.ino, path.leaf, &leaf[..leaf.len() - tail])? {
+            if e.ino == 0 {
+                continue;
+            }
+            let h = super::hash::dirhash(&e.name, version, &fs.sb.hash_seed, fs.sb.unsigned_hash())
+                .unwrap_or(0);
+            let t = entry_type(fs, &leaf, e.pos);
+            ents.push((h, e.ino, e.name, t));
         }
+        if ents.len() < 2 {
+            return Err(Error::incompatible(
+                Feature::HtreeInsert,
+                format!(
+                    "directory inode {}: an htree leaf too full to split",
+                    d.inode.ino
+                ),
+            ));
+        }
+        ents.sort_by_key(|e| e.0);
+        // Split by bytes, not count (the kernel's dx_make_map/do_split): half
+        // the space in each leaf.
+        let total: usize = ents.iter().map(|e| rec_size(e.2.len())).sum();
+        let mut acc = 0;
+        let mut mid = ents.len() / 2;
+        for (i, e) in ents.iter().enumerate() {
+            acc += rec_size(e.2.len());
+            if acc * 2 >= total {
+                mid = (i + 1).clamp(1, ents.len() - 1);
+                break;
+            }
+        }
+        let split_hash = ents[mid].0;
+        let continued = ents[mid - 1].0 == split_hash;
+        let leaf_of = |v: &[(u32, u32, Vec<u8>, u8)]| {
+            let list: Vec<(u32, &[u8], u8)> =
+                v.iter().map(|(_, i, n, t)| (*i, &n[..], *t)).collect();
+            new_leaf(fs, &d.inode, &list)
+        };
+        let (lo_b, hi_b) = (leaf_of(&ents[..mid]), leaf_of(&ents[mid..]));
+        // The new leaf: a fresh block at the end of the directory.
+        let nb = d.nblocks(bs);
+        let goal = dir_goal(op, d)?;
+        let (p, _) = op.alloc()?.alloc_blocks(fs, goal, 1)?;
+        op.tx.put_fresh(p, hi_b);
+        link_block(op, d, nb, p)?;
+        tree::set_size(&mut d.inode, (nb + 1) * bs);
+        op.tx.put(lp, lo_b);
+        // Its index entry, after the old leaf's.
+        dx_insert(
+            &mut index,
+            bottom.at,
+            bottom.pos,
+            split_hash | u32::from(continued),
+            nb,
+        );
+        seal_dx(fs, &d.inode, &mut index, bottom.at);
+        op.tx.put(pp, index);
+        return Ok(());
     }
-    let split_hash = ents[mid].0;
-    let continued = ents[mid - 1].0 == split_hash;
-    let to_list = |v: &[(u32, u32, Vec<u8>, u8)]| -> Vec<(u32, Vec<u8>, u8)> {
-        v.iter().map(|(_, i, n, t)| (*i, n.clone(), *t)).collect()
-    };
-    let (lo, hi) = (to_list(&ents[..mid]), to_list(&ents[mid..]));
-    let refs = |v: &Vec<(u32, Vec<u8>, u8)>| -> Vec<(u32, Vec<u8>, u8)> { v.clone() };
-    let lo_b = new_leaf(
-        fs,
-        &d.inode,
-        &refs(&lo)
-            .iter()
-            .map(|(i, n, t)| (*i, &n[..], *t))
-            .collect::<Vec<_>>(),
-    );
-    let hi_b = new_leaf(
-        fs,
-        &d.inode,
-        &refs(&hi)
-            .iter()
-            .map(|(i, n, t)| (*i, &n[..], *t))
-            .collect::<Vec<_>>(),
-    );
-    // The new leaf: a fresh block at the end of the directory.
-    let nb = d.nblocks(bs);
-    let (p, _) = op.alloc()?.alloc_blocks(fs, lp, 1)?;
-    op.tx.put_fresh(p, hi_b);
-    link_block(op, d, nb, p)?;
-    tree::set_size(&mut d.inode, (nb + 1) * bs);
-    op.tx.put(lp, lo_b);
-    // Its index entry, after the old leaf's.
-    let at = path.at;
-    let e0 = at + (path.pos + 1) * 8;
-    index.copy_within(e0..at + count * 8, e0 + 8);
-    put32(&mut index, e0, split_hash | u32::from(continued));
-    put32(&mut index, e0 + 4, nb as u32);
-    put16(&mut index, at + 2, (count + 1) as u16);
-    seal_dx(fs, &d.inode, &mut index, at);
-    op.tx.put(pp, index);
-    Ok(())
+    Err(dx_bad(d, "htree index keeps needing room"))
 }
 
 /// Recompute an index block's checksum tail (metadata_csum); `at` is where its
@@ -597,92 +742,92 @@ fn seal_dx(fs: &Fs, dir: &Inode, block: &mut [u8], at: usize) {
     }
 }
 
-/// Room in a full index block on `path`: a full root gets a level below it (its
-/// entries move to a new index node); a full node under a root with room is
-/// split in two. Deeper trees (large_dir) are refused.
-fn dx_grow_index(op: &mut Op<'_>, d: &mut DirW, path: &DxPath) -> Result<()> {
+/// Room in the full bottom index block on `path`, as the kernel's
+/// `ext4_dx_add_entry`: the deepest full index node whose parent has room is
+/// split in two (the upper half of its entries to a new node, added to the
+/// parent); when every level up to the root is full, the root's entries move
+/// to a new node below it (one more level), unless the tree has as many
+/// levels as the file system allows (two, or three with large_dir): then
+/// ENOSPC, "directory index full", as the kernel says.
+fn dx_make_room(op: &mut Op<'_>, d: &mut DirW, path: &DxPath) -> Result<()> {
     let fs = op.fs;
     let bs = u64::from(fs.sb.block_size);
-    let tail = if fs.sb.metadata_csum() { 8 } else { 0 };
-    let node_limit = (fs.sb.block_size as usize - 8 - tail) / 8;
-    let full = || {
-        Error::incompatible(
-            Feature::HtreeInsert,
-            format!(
-                "directory inode {}: the htree index is full (a third level needs large_dir)",
-                d.inode.ino
-            ),
-        )
-    };
-    let rp = d
-        .block_at(fs, 0)?
-        .ok_or_else(|| Error::corrupt(CorruptKind::HtreeIndex, "htree root is a hole"))?;
-    let mut root = op.read(rp, "htree root")?;
-    let rat = 0x18 + usize::from(u8at(&root, 0x1D));
-    let rcount = usize::from(le16(&root, rat + 2));
-    let rlimit = usize::from(le16(&root, rat));
+    let csum_tail = if fs.sb.metadata_csum() { 8 } else { 0 };
+    let node_limit = (fs.sb.block_size as usize - 8 - csum_tail) / 8;
     let new_node = |entries: &[u8], count: usize| {
         let mut n = vec![0u8; bs as usize];
         put16(&mut n, 4, bs.min(65535) as u16);
         n[8..8 + entries.len()].copy_from_slice(entries);
+        // The first entry's hash field holds limit and count.
         put16(&mut n, 8, node_limit as u16);
         put16(&mut n, 10, count as u16);
         n
     };
+    let full = |l: &DxLevel| l.count >= l.limit;
+    let mut k = path.levels.len() - 1;
+    while k > 0 && full(&path.levels[k]) {
+        k -= 1;
+    }
     let nb = d.nblocks(bs);
-    if path.parent == 0 {
-        if path.levels > 0 {
-            return Err(full());
+    if full(&path.levels[k]) {
+        // Every level is full, the root too: one more level, if allowed.
+        let indirect = path.levels.len() - 1;
+        if indirect >= usize::from(max_indirect_levels(fs)) {
+            return Err(Error::NoSpace(format!(
+                "directory inode {}: directory index full ({} htree levels{})",
+                d.inode.ino,
+                indirect + 1,
+                if fs.sb.has_incompat(incompat::LARGEDIR) {
+                    ""
+                } else {
+                    "; a third needs large_dir"
+                }
+            )));
         }
-        // A new level: the root's entries move to one node.
-        let mut node = new_node(&root[rat..rat + rcount * 8], rcount);
+        let root_l = &path.levels[0];
+        let (rp, mut root) = dx_read(op, d, 0)?;
+        let mut node = new_node(&root[root_l.at..root_l.at + root_l.count * 8], root_l.count);
         seal_dx(fs, &d.inode, &mut node, 8);
-        let (p, _) = op.alloc()?.alloc_blocks(fs, rp, 1)?;
+        let goal = dir_goal(op, d)?;
+        let (p, _) = op.alloc()?.alloc_blocks(fs, goal, 1)?;
         op.tx.put_fresh(p, node);
         link_block(op, d, nb, p)?;
         tree::set_size(&mut d.inode, (nb + 1) * bs);
-        put16(&mut root, rat + 2, 1);
-        put32(&mut root, rat + 4, nb as u32);
-        root[0x1E] = 1;
-        seal_dx(fs, &d.inode, &mut root, rat);
+        put16(&mut root, root_l.at + 2, 1);
+        put32(&mut root, root_l.at + 4, nb as u32);
+        root[0x1E] = (indirect + 1) as u8;
+        seal_dx(fs, &d.inode, &mut root, root_l.at);
         op.tx.put(rp, root);
         return Ok(());
     }
-    // Split the full node under the root.
-    if rcount >= rlimit || path.levels != 1 {
-        return Err(full());
-    }
-    let pp = d
-        .block_at(fs, path.parent)?
-        .ok_or_else(|| Error::corrupt(CorruptKind::HtreeIndex, "htree node is a hole"))?;
-    let mut node = op.read(pp, "htree node")?;
-    let count = usize::from(le16(&node, 10));
+    // Level k has room and the node below it on the path is full: split it.
+    let parent = &path.levels[k];
+    let child = &path.levels[k + 1];
+    let (cp, mut node) = dx_read(op, d, child.b)?;
+    let count = child.count;
     let mid = count / 2;
     let moved = node[8 + mid * 8..8 + count * 8].to_vec();
     let split_hash = le32(&moved, 0);
     let mut upper = new_node(&moved, count - mid);
-    // The first entry's hash field holds limit and count.
-    put16(&mut upper, 8, node_limit as u16);
-    put16(&mut upper, 10, (count - mid) as u16);
     seal_dx(fs, &d.inode, &mut upper, 8);
     put16(&mut node, 10, mid as u16);
     seal_dx(fs, &d.inode, &mut node, 8);
-    let (p, _) = op.alloc()?.alloc_blocks(fs, pp, 1)?;
+    let goal = dir_goal(op, d)?;
+    let (p, _) = op.alloc()?.alloc_blocks(fs, goal, 1)?;
     op.tx.put_fresh(p, upper);
     link_block(op, d, nb, p)?;
     tree::set_size(&mut d.inode, (nb + 1) * bs);
-    op.tx.put(pp, node);
-    let e0 = rat + (path.root_pos + 1) * 8;
-    root.copy_within(e0..rat + rcount * 8, e0 + 8);
-    put32(&mut root, e0, split_hash);
-    put32(&mut root, e0 + 4, nb as u32);
-    put16(&mut root, rat + 2, (rcount + 1) as u16);
-    seal_dx(fs, &d.inode, &mut root, rat);
-    op.tx.put(rp, root);
+    op.tx.put(cp, node);
+    let (pp, mut pblock) = dx_read(op, d, parent.b)?;
+    dx_insert(&mut pblock, parent.at, parent.pos, split_hash, nb);
+    seal_dx(fs, &d.inode, &mut pblock, parent.at);
+    op.tx.put(pp, pblock);
     Ok(())
 }
 
-/// Map logical block `b` of `d` to new device block `p` (written).
+/// Map logical block `b` of `d` to new device block `p` (written): an extent,
+/// or a pointer in the inode or an indirect block (new indirect blocks are
+/// allocated near `p`, zeroed but for the pointer).
 fn link_block(op: &mut Op<'_>, d: &mut DirW, b: u64, p: u64) -> Result<()> {
     let fs = op.fs;
     match &mut d.tree {
@@ -700,89 +845,449 @@ fn link_block(op: &mut Op<'_>, d: &mut DirW, b: u64, p: u64) -> Result<()> {
             d.inode = inode;
         }
         None => {
-            if b >= 12 {
-                return Err(Error::incompatible(
-                    Feature::IndirectAlloc,
-                    format!(
-                        "inode {}: growing past 12 blocks through indirect blocks is not implemented",
-                        d.inode.ino
-                    ),
-                ));
-            }
-            put32(&mut d.inode.raw, 0x28 + 4 * b as usize, p as u32);
-            let ib = d.inode.blocks_512 + u64::from(fs.sb.block_size / 512);
+            let new_tables = ind_link(op, &mut d.inode, b, p)?;
+            let ib = d.inode.blocks_512 + (1 + new_tables) * u64::from(fs.sb.block_size / 512);
             tree::set_i_blocks(&mut d.inode, ib);
         }
     }
     Ok(())
 }
 
-/// Find `name` in `d` and drop it; returns its inode.
-fn dir_remove(op: &mut Op<'_>, d: &DirW, name: &[u8]) -> Result<Option<u32>> {
+/// The i_block slot and the table indices below it of file block `b` of an
+/// indirect-mapped inode (`per` pointers a table).
+fn ind_path(b: u64, per: u64) -> Option<(usize, Vec<usize>)> {
+    if b < 12 {
+        return Some((b as usize, vec![]));
+    }
+    let r = b - 12;
+    if r < per {
+        return Some((12, vec![r as usize]));
+    }
+    let r = r - per;
+    if r < per * per {
+        return Some((13, vec![(r / per) as usize, (r % per) as usize]));
+    }
+    let r = r - per * per;
+    if r < per * per * per {
+        return Some((
+            14,
+            vec![
+                (r / (per * per)) as usize,
+                ((r / per) % per) as usize,
+                (r % per) as usize,
+            ],
+        ));
+    }
+    None
+}
+
+/// The device block of file block `b` of an indirect-mapped inode, as `op`
+/// sees the tables.
+fn ind_map(op: &Op<'_>, inode: &Inode, b: u64) -> Result<Option<u64>> {
     let fs = op.fs;
+    let per = u64::from(fs.sb.block_size / 4);
+    let Some((slot, idx)) = ind_path(b, per) else {
+        return Ok(None);
+    };
+    let mut ptr = u64::from(le32(inode.i_block(), slot * 4));
+    for i in idx {
+        if ptr == 0 {
+            return Ok(None);
+        }
+        fs.check_blocks(ptr, 1, inode.ino)?;
+        let t = op.read(ptr, "indirect block")?;
+        ptr = u64::from(le32(&t, i * 4));
+    }
+    if ptr == 0 {
+        return Ok(None);
+    }
+    fs.check_blocks(ptr, 1, inode.ino)?;
+    Ok(Some(ptr))
+}
+
+/// Point file block `b` of indirect-mapped `inode` at `p`, allocating the
+/// missing indirect blocks (fresh). Returns how many were allocated.
+fn ind_link(op: &mut Op<'_>, inode: &mut Inode, b: u64, p: u64) -> Result<u64> {
+    let fs = op.fs;
+    let per = u64::from(fs.sb.block_size / 4);
+    let Some((slot, idx)) = ind_path(b, per) else {
+        return Err(Error::NoSpace(format!(
+            "directory inode {}: block {b} is past what indirect blocks map",
+            inode.ino
+        )));
+    };
+    // The tables on the path: (device block, bytes, new).
+    let mut tables: Vec<(u64, Vec<u8>, bool)> = Vec::new();
+    let mut ptr = u64::from(le32(inode.i_block(), slot * 4));
+    let mut new = 0;
+    let bs = fs.sb.block_size as usize;
+    for (level, &i) in idx.iter().enumerate() {
+        if ptr == 0 {
+            let (t, _) = op.alloc()?.alloc_blocks(fs, p, 1)?;
+            new += 1;
+            match level {
+                0 => put32(&mut inode.raw, 0x28 + slot * 4, t as u32),
+                _ => {
+                    let up = tables.last_mut().expect("a level above");
+                    put32(&mut up.1, idx[level - 1] * 4, t as u32);
+                }
+            }
+            tables.push((t, vec![0u8; bs], true));
+        } else {
+            fs.check_blocks(ptr, 1, inode.ino)?;
+            let t = op.read(ptr, "indirect block")?;
+            tables.push((ptr, t, false));
+        }
+        let cur = tables.last().expect("pushed");
+        ptr = u64::from(le32(&cur.1, i * 4));
+    }
+    match tables.last_mut() {
+        Some(t) => put32(&mut t.1, idx[idx.len() - 1] * 4, p as u32),
+        None => put32(&mut inode.raw, 0x28 + slot * 4, p as u32),
+    }
+    for (t, bytes, fresh) in tables {
+        if fresh {
+            op.tx.put_fresh(t, bytes);
+        } else {
+            op.tx.put(t, bytes);
+        }
+    }
+    Ok(new)
+}
+
+/// Where a directory's entries sit: a leaf block (device block), or a range of
+/// the inode's raw bytes (inline data: the rest of i_block, or the
+/// `system.data` value).
+enum Area {
+    Block(u64),
+    Inline(usize, usize),
+}
+
+/// The raw byte range of the `system.data` value of inline inode `inode`
+/// (empty when it has none), and where its xattr entry sits.
+fn inline_value(inode: &Inode) -> Result<Option<(usize, usize)>> {
+    let start = 128 + inode.extra_isize();
+    let raw = &inode.raw;
+    if start + 4 > raw.len() || le32(raw, start) != 0xEA02_0000 {
+        return Ok(None);
+    }
+    let first = start + 4;
+    let mut pos = first;
+    let bad = || {
+        Error::corrupt(
+            CorruptKind::Inode,
+            format!("inode {}: in-inode xattrs are damaged", inode.ino),
+        )
+    };
+    while pos + 4 <= raw.len() && le32(raw, pos) != 0 {
+        if pos + 16 > raw.len() {
+            return Err(bad());
+        }
+        let name_len = usize::from(u8at(raw, pos));
+        let entry_len = (16 + name_len + 3) & !3;
+        if pos + entry_len > raw.len() {
+            return Err(bad());
+        }
+        if u8at(raw, pos + 1) == 7 && &raw[pos + 16..pos + 16 + name_len] == b"data" {
+            if le32(raw, pos + 4) != 0 {
+                return Err(Error::incompatible(
+                    Feature::EaInode,
+                    format!("inode {}: inline data kept in an EA inode", inode.ino),
+                ));
+            }
+            let v0 = first + usize::from(le16(raw, pos + 2));
+            let size = le32(raw, pos + 8) as usize;
+            if size == 0 {
+                return Ok(Some((v0, 0)));
+            }
+            if v0 + size > raw.len() || v0 < pos + entry_len {
+                return Err(bad());
+            }
+            return Ok(Some((v0, size)));
+        }
+        pos += entry_len;
+    }
+    Ok(None)
+}
+
+/// The entry areas of `d`, with their bytes, in the order a name is looked
+/// for: for an htree, `name`'s leaf first (then every block, for names that
+/// spilled over a hash collision).
+fn areas(op: &Op<'_>, d: &DirW, name: Option<&[u8]>) -> Result<Vec<Area>> {
+    let fs = op.fs;
+    if d.inode.has_flag(flags::INLINE_DATA) {
+        let mut v = vec![Area::Inline(0x2C, 56)];
+        if let Some((off, len)) = inline_value(&d.inode)? {
+            if len > 0 {
+                v.push(Area::Inline(off, len));
+            }
+        }
+        return Ok(v);
+    }
     let bs = u64::from(fs.sb.block_size);
+    let mut out = Vec::new();
+    let mut first = None;
+    if let (Some(name), true) = (name, indexed(fs, &d.inode)) {
+        let leaf = dx_path(op, d, name)?.leaf;
+        if let Some(p) = d.block_at(op, leaf)? {
+            out.push(Area::Block(p));
+            first = Some(p);
+        }
+    }
     for b in 0..d.nblocks(bs) {
-        let Some(p) = d.block_at(fs, b)? else {
-            continue;
-        };
-        let mut block = op.read(p, "directory block")?;
-        let ents = entries_of(fs, d.inode.ino, b, &block)?;
-        for (i, e) in ents.iter().enumerate() {
-            if e.ino == 0 || e.name != name {
-                continue;
+        if let Some(p) = d.block_at(op, b)? {
+            if Some(p) != first {
+                out.push(Area::Block(p));
             }
-            match i.checked_sub(1).map(|j| &ents[j]) {
-                Some(prev) => put16(&mut block, prev.pos + 4, (prev.rec + e.rec) as u16),
-                None => put32(&mut block, e.pos, 0),
-            }
-            seal_leaf(fs, &d.inode, &mut block);
-            op.tx.put(p, block);
-            return Ok(Some(e.ino));
+        }
+    }
+    Ok(out)
+}
+
+/// The bytes of an area as `op` sees them.
+fn area_bytes(op: &Op<'_>, d: &DirW, a: &Area) -> Result<Vec<u8>> {
+    match *a {
+        Area::Block(p) => op.read(p, "directory block"),
+        Area::Inline(off, len) => Ok(d.inode.raw[off..off + len].to_vec()),
+    }
+}
+
+/// Store the changed bytes of an area (an inline area into the inode, which
+/// the caller puts).
+fn area_store(op: &mut Op<'_>, d: &mut DirW, a: &Area, mut bytes: Vec<u8>) {
+    match *a {
+        Area::Block(p) => {
+            seal_leaf(op.fs, &d.inode, &mut bytes);
+            op.tx.put(p, bytes);
+        }
+        Area::Inline(off, len) => d.inode.raw[off..off + len].copy_from_slice(&bytes),
+    }
+}
+
+/// Find the live entry `name` of `d`: its area, bytes, entries and index.
+fn find_entry(
+    op: &Op<'_>,
+    d: &DirW,
+    name: &[u8],
+) -> Result<Option<(Area, Vec<u8>, Vec<Ent>, usize)>> {
+    for a in areas(op, d, Some(name))? {
+        let bytes = area_bytes(op, d, &a)?;
+        let ents = entries_of(op.fs, d.inode.ino, 0, &bytes)?;
+        if let Some(i) = ents.iter().position(|e| e.ino != 0 && e.name == name) {
+            return Ok(Some((a, bytes, ents, i)));
         }
     }
     Ok(None)
 }
 
-/// Point the entry `name` of `d` at inode `ino` (type byte `t`).
-fn dir_retarget(op: &mut Op<'_>, d: &DirW, name: &[u8], ino: u32, t: u8) -> Result<bool> {
-    let fs = op.fs;
-    let bs = u64::from(fs.sb.block_size);
-    for b in 0..d.nblocks(bs) {
-        let Some(p) = d.block_at(fs, b)? else {
-            continue;
-        };
-        let mut block = op.read(p, "directory block")?;
-        for e in entries_of(fs, d.inode.ino, b, &block)? {
-            if e.ino != 0 && e.name == name {
-                put32(&mut block, e.pos, ino);
-                if fs.sb.has_incompat(incompat::FILETYPE) {
-                    block[e.pos + 7] = t;
-                }
-                seal_leaf(fs, &d.inode, &mut block);
-                op.tx.put(p, block);
-                return Ok(true);
-            }
-        }
+/// Find `name` in `d` and drop it (merged into the entry before it, else
+/// marked unused, as the kernel's `ext4_generic_delete_entry`); returns its
+/// inode.
+fn dir_remove(op: &mut Op<'_>, d: &mut DirW, name: &[u8]) -> Result<Option<u32>> {
+    let Some((a, mut bytes, ents, i)) = find_entry(op, d, name)? else {
+        return Ok(None);
+    };
+    let e = &ents[i];
+    match i.checked_sub(1).map(|j| &ents[j]) {
+        Some(prev) => put16(&mut bytes, prev.pos + 4, (prev.rec + e.rec) as u16),
+        None => put32(&mut bytes, e.pos, 0),
     }
-    Ok(false)
+    let ino = e.ino;
+    area_store(op, d, &a, bytes);
+    Ok(Some(ino))
+}
+
+/// Point the entry `name` of `d` at inode `ino` (type byte `t`).
+fn dir_retarget(op: &mut Op<'_>, d: &mut DirW, name: &[u8], ino: u32, t: u8) -> Result<bool> {
+    let Some((a, mut bytes, ents, i)) = find_entry(op, d, name)? else {
+        return Ok(false);
+    };
+    let pos = ents[i].pos;
+    put32(&mut bytes, pos, ino);
+    if op.fs.sb.has_incompat(incompat::FILETYPE) {
+        bytes[pos + 7] = t;
+    }
+    area_store(op, d, &a, bytes);
+    Ok(true)
 }
 
 /// Whether directory `d` has only `.` and `..`.
 fn dir_is_empty(op: &Op<'_>, d: &DirW) -> Result<bool> {
-    let fs = op.fs;
-    let bs = u64::from(fs.sb.block_size);
-    for b in 0..d.nblocks(bs) {
-        let Some(p) = d.block_at(fs, b)? else {
-            continue;
-        };
-        let block = op.read(p, "directory block")?;
-        for e in entries_of(fs, d.inode.ino, b, &block)? {
+    for a in areas(op, d, None)? {
+        let bytes = area_bytes(op, d, &a)?;
+        for e in entries_of(op.fs, d.inode.ino, 0, &bytes)? {
             if e.ino != 0 && e.name != b"." && e.name != b".." {
                 return Ok(false);
             }
         }
     }
     Ok(true)
+}
+
+/// Add the entry to inline directory `d` where one of its areas has room
+/// (the inode's i_block, then the `system.data` value). Returns false when
+/// neither has: the directory must become a block directory. The value is
+/// not grown (the kernel grows it first; here the directory goes to a block
+/// at once).
+fn inline_add(op: &mut Op<'_>, d: &mut DirW, name: &[u8], ino: u32, t: u8) -> Result<bool> {
+    let fs = op.fs;
+    let need = rec_size(name.len());
+    for a in areas(op, d, None)? {
+        let mut bytes = area_bytes(op, d, &a)?;
+        if insert_in_area(fs, d.inode.ino, 0, &mut bytes, name, ino, t, need)? {
+            area_store(op, d, &a, bytes);
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Rebuild the in-inode xattr area of `inode` without the entry `system.data`
+/// (entries packed after the header, values packed at the end of the inode,
+/// each entry keeping its hash), as the kernel's
+/// `ext4_destroy_inline_data_nolock` removes it.
+fn drop_inline_xattr(inode: &mut Inode) -> Result<()> {
+    let start = 128 + inode.extra_isize();
+    let end = inode.raw.len();
+    if start + 4 > end || le32(&inode.raw, start) != 0xEA02_0000 {
+        return Ok(());
+    }
+    let first = start + 4;
+    // (entry header and name bytes, value bytes)
+    let mut keep: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+    let mut pos = first;
+    while pos + 4 <= end && le32(&inode.raw, pos) != 0 {
+        let raw = &inode.raw;
+        let name_len = usize::from(u8at(raw, pos));
+        let entry_len = (16 + name_len + 3) & !3;
+        if pos + entry_len > end {
+            return Err(Error::corrupt(
+                CorruptKind::Inode,
+                format!("inode {}: in-inode xattrs are damaged", inode.ino),
+            ));
+        }
+        let is_data = u8at(raw, pos + 1) == 7 && &raw[pos + 16..pos + 16 + name_len] == b"data";
+        if !is_data {
+            let size = le32(raw, pos + 8) as usize;
+            let value = if le32(raw, pos + 4) == 0 && size > 0 {
+                let v0 = first + usize::from(le16(raw, pos + 2));
+                raw.get(v0..v0 + size)
+                    .ok_or_else(|| {
+                        Error::corrupt(
+                            CorruptKind::Inode,
+                            format!("inode {}: an in-inode xattr value runs past it", inode.ino),
+                        )
+                    })?
+                    .to_vec()
+            } else {
+                Vec::new()
+            };
+            keep.push((raw[pos..pos + entry_len].to_vec(), value));
+        }
+        pos += entry_len;
+    }
+    inode.raw[first..end].fill(0);
+    let mut epos = first;
+    let mut vend = end;
+    for (mut entry, value) in keep {
+        if !value.is_empty() {
+            vend -= (value.len() + 3) & !3;
+            inode.raw[vend..vend + value.len()].copy_from_slice(&value);
+            put16(&mut entry, 2, (vend - first) as u16);
+        }
+        inode.raw[epos..epos + entry.len()].copy_from_slice(&entry);
+        epos += entry.len();
+    }
+    Ok(())
+}
+
+/// Turn full inline directory `d` into a block directory, as the kernel's
+/// `ext4_convert_inline_dir`: one new leaf holds `.`, `..` (the parent kept
+/// in i_block) and every inline entry; the inline-data flag and the
+/// `system.data` xattr go, and the inode maps the block (an extent where the
+/// file system has them).
+fn inline_to_block(op: &mut Op<'_>, d: &mut DirW) -> Result<()> {
+    let fs = op.fs;
+    let bs = fs.sb.block_size as usize;
+    let parent = le32(&d.inode.raw, 0x28);
+    let mut list: Vec<(u32, Vec<u8>, u8)> =
+        vec![(d.inode.ino, b".".to_vec(), 2), (parent, b"..".to_vec(), 2)];
+    for a in areas(op, d, None)? {
+        let bytes = area_bytes(op, d, &a)?;
+        for e in entries_of(fs, d.inode.ino, 0, &bytes)? {
+            if e.ino != 0 {
+                list.push((e.ino, e.name, entry_type(fs, &bytes, e.pos)));
+            }
+        }
+    }
+    let tail = if fs.sb.metadata_csum() { 12 } else { 0 };
+    let used: usize = list.iter().map(|(_, n, _)| rec_size(n.len())).sum();
+    if used > bs - tail {
+        return Err(Error::incompatible(
+            Feature::InlineData,
+            format!(
+                "directory inode {}: its inline entries do not fit one block",
+                d.inode.ino
+            ),
+        ));
+    }
+    let leaf = new_leaf(
+        fs,
+        &d.inode,
+        &list
+            .iter()
+            .map(|(i, n, t)| (*i, &n[..], *t))
+            .collect::<Vec<_>>(),
+    );
+    drop_inline_xattr(&mut d.inode)?;
+    d.inode.raw[0x28..0x28 + 60].fill(0);
+    d.inode.flags &= !flags::INLINE_DATA;
+    if fs.sb.has_incompat(incompat::EXTENTS) {
+        d.inode.flags |= flags::EXTENTS;
+        put16(&mut d.inode.raw, 0x28, 0xF30A);
+        put16(&mut d.inode.raw, 0x2C, 4);
+        d.tree = Some(ExtTree::default());
+    } else {
+        d.inode.flags &= !flags::EXTENTS;
+        d.tree = None;
+    }
+    put32(&mut d.inode.raw, 0x20, d.inode.flags);
+    tree::set_size(&mut d.inode, 0);
+    let goal = fs
+        .sb
+        .group_first_block((d.inode.ino - 1) / fs.sb.inodes_per_group);
+    let (p, _) = op.alloc()?.alloc_blocks(fs, goal, 1)?;
+    op.tx.put_fresh(p, leaf);
+    link_block(op, d, 0, p)?;
+    tree::set_size(&mut d.inode, bs as u64);
+    Ok(())
+}
+
+/// Make new directory `inode` (child of `parent`) inline, as the kernel's
+/// `ext4_try_create_inline_dir`: the parent in i_block, one unused entry over
+/// the other 56 bytes, an empty `system.data` xattr in the inode, i_size 60.
+/// Returns false (nothing changed) when the inode has no room for the xattr.
+fn make_inline_dir(inode: &mut Inode, parent: u32) -> bool {
+    let start = 128 + inode.extra_isize();
+    // Header, the entry (16 + "data"), the terminating zero word.
+    if inode.raw.len() <= 128 || start + 4 + 20 + 4 > inode.raw.len() {
+        return false;
+    }
+    let raw = &mut inode.raw;
+    raw[0x28..0x28 + 60].fill(0);
+    put32(raw, 0x28, parent);
+    put16(raw, 0x2C + 4, 56);
+    raw[start..].fill(0);
+    put32(raw, start, 0xEA02_0000);
+    let e = start + 4;
+    raw[e] = 4;
+    raw[e + 1] = 7;
+    raw[e + 16..e + 20].copy_from_slice(b"data");
+    inode.flags = (inode.flags & !flags::EXTENTS) | flags::INLINE_DATA;
+    put32(&mut inode.raw, 0x20, inode.flags);
+    tree::set_size(inode, 60);
+    tree::set_i_blocks(inode, 0);
+    true
 }
 
 /// Every block an indirect-mapped inode owns: data and indirect blocks.
@@ -901,6 +1406,32 @@ fn release(op: &mut Op<'_>, inode: &mut Inode) -> Result<()> {
     Ok(())
 }
 
+/// The kernel's link-count limit of a directory (`EXT4_LINK_MAX`).
+const LINK_MAX: u16 = 65000;
+
+/// Refuse a new subdirectory of `d` with EMLINK where the kernel does
+/// (`EXT4_DIR_LINK_MAX`): at 65,000 links, unless the file system has
+/// dir_nlink and `d` is hashed (then its count goes to 1, "many").
+fn check_dir_links(fs: &Fs, d: &DirW, path: &[u8]) -> Result<()> {
+    let nlink_ok = fs.sb.has_ro_compat(super::superblock::ro_compat::DIR_NLINK);
+    if d.inode.links >= LINK_MAX && !(nlink_ok && indexed(fs, &d.inode)) {
+        return Err(Error::path(PathErrorKind::TooManyLinks, path));
+    }
+    Ok(())
+}
+
+/// One more subdirectory in `dir`, as the kernel's `ext4_inc_count`: a hashed
+/// directory past 65,000 links (or at 1 already) counts 1.
+fn inc_dir_links(fs: &Fs, dir: &mut Inode) {
+    let mut n = u32::from(dir.links) + 1;
+    if indexed(fs, dir) && (n > u32::from(LINK_MAX) || n == 2) {
+        n = 1;
+    }
+    let n = n.min(u32::from(u16::MAX)) as u16;
+    dir.links = n;
+    put16(&mut dir.raw, 0x1A, n);
+}
+
 /// A new inode's bytes.
 fn new_inode(fs: &Fs, ino: u32, mode: u16, attrs: &Attrs, extents: bool) -> Result<Inode> {
     let isz = usize::from(fs.sb.inode_size);
@@ -986,13 +1517,12 @@ impl Ext {
         let mut inode = new_inode(fs, ino, kind | default_mode, attrs, extents)?;
         fill(&mut op, &mut inode, &d.inode)?;
         op.put_inode_at(FRESH, &mut inode)?;
+        if is_dir {
+            check_dir_links(fs, &d, path)?;
+        }
         dir_add(&mut op, &mut d, &name, ino, type_byte(inode.file_type()))?;
         if is_dir {
-            let links = d.inode.links;
-            if links < 65000 {
-                d.inode.links = links + 1;
-                put16(&mut d.inode.raw, 0x1A, links + 1);
-            }
+            inc_dir_links(fs, &mut d.inode);
         }
         stamp(&mut d.inode, true);
         op.put_inode(&mut d.inode)?;
@@ -1009,6 +1539,11 @@ impl Ext {
     pub fn mkdir(&self, path: &[u8], attrs: &Attrs) -> Result<Inode> {
         let fs = Arc::clone(&self.fs);
         self.make(path, S_IFDIR, attrs, &move |op, inode, parent| {
+            if fs.sb.has_incompat(incompat::INLINE_DATA) && make_inline_dir(inode, parent.ino) {
+                inode.links = 2;
+                put16(&mut inode.raw, 0x1A, 2);
+                return Ok(());
+            }
             let g = (inode.ino - 1) / fs.sb.inodes_per_group;
             let (p, _) = op
                 .alloc()?
@@ -1095,12 +1630,13 @@ impl Ext {
                 return Err(Error::path(PathErrorKind::NotEmpty, path));
             }
         }
-        if dir_remove(&mut op, &d, &name)?.is_none() {
+        if dir_remove(&mut op, &mut d, &name)?.is_none() {
             return Err(Error::path(PathErrorKind::NotFound, path));
         }
         if is_dir {
+            // As the kernel's ext4_dec_count: a count of 1 (dir_nlink) stays.
             let links = d.inode.links;
-            if links > 2 && links < 65000 {
+            if links > 2 {
                 d.inode.links = links - 1;
                 put16(&mut d.inode.raw, 0x1A, links - 1);
             }
@@ -1191,7 +1727,7 @@ impl Ext {
                         String::from_utf8_lossy(path)
                     )));
                 }
-                if !dir_retarget(&mut op, &d, &name, ino, type_byte(t))? {
+                if !dir_retarget(&mut op, &mut d, &name, ino, type_byte(t))? {
                     return Err(Error::path(PathErrorKind::NotFound, path));
                 }
                 if old_inode.links <= 1 {
