@@ -124,24 +124,60 @@ fn write_model(buf: &mut Vec<u8>, off: usize, data: &[u8]) {
     buf[off..off + data.len()].copy_from_slice(data);
 }
 
+/// How a workload names things.
+#[derive(Clone, Copy, Default)]
+struct Shape {
+    /// Names of 100 to 255 bytes (directories grow many blocks).
+    long_names: bool,
+    /// Most new names in the root directory (one directory grows large).
+    flat: bool,
+}
+
 /// One random step on `ext` and the model.
 fn step(ext: &Ext, m: &mut Model, rng: &mut Rng, counter: &mut u64, max_file: u64) {
+    step_shaped(ext, m, rng, counter, max_file, Shape::default())
+}
+
+fn step_shaped(
+    ext: &Ext,
+    m: &mut Model,
+    rng: &mut Rng,
+    counter: &mut u64,
+    max_file: u64,
+    shape: Shape,
+) {
     let choice = rng.below(100);
     let fresh_name = |counter: &mut u64, rng: &mut Rng| {
         *counter += 1;
-        let len = 1 + rng.below(40) as usize;
+        let len = if shape.long_names {
+            100 + rng.below(156) as usize
+        } else {
+            1 + rng.below(40) as usize
+        };
         let mut n = format!("n{counter}-");
         while n.len() < len {
             n.push((b'a' + rng.below(26) as u8) as char);
         }
         n
     };
+    let pick_dir = |m: &Model, rng: &mut Rng| {
+        let ds = dirs(m);
+        if shape.flat && rng.below(4) != 0 {
+            return String::new();
+        }
+        ds[rng.below(ds.len() as u64) as usize].clone()
+    };
     let all_files = files(m);
+    // A flat workload grows: half of its removals are creates instead.
+    let choice = if shape.flat && choice >= 75 && rng.below(2) == 0 {
+        0
+    } else {
+        choice
+    };
     match choice {
         0..=14 => {
             // create (maybe with data)
-            let ds = dirs(m);
-            let d = &ds[rng.below(ds.len() as u64) as usize];
+            let d = &pick_dir(m, rng);
             let p = format!("{d}/{}", fresh_name(counter, rng));
             let inode = ext.create(p.as_bytes(), &Attrs::new()).unwrap();
             let n = rng.below(max_file / 2) as usize;
@@ -186,15 +222,13 @@ fn step(ext: &Ext, m: &mut Model, rng: &mut Rng, counter: &mut u64, max_file: u6
             buf.resize(size, 0);
         }
         55..=64 => {
-            let ds = dirs(m);
-            let d = &ds[rng.below(ds.len() as u64) as usize];
+            let d = &pick_dir(m, rng);
             let p = format!("{d}/{}", fresh_name(counter, rng));
             ext.mkdir(p.as_bytes(), &Attrs::new()).unwrap();
             m.insert(p, Node::Dir);
         }
         65..=74 => {
-            let ds = dirs(m);
-            let d = &ds[rng.below(ds.len() as u64) as usize];
+            let d = &pick_dir(m, rng);
             let p = format!("{d}/{}", fresh_name(counter, rng));
             let tlen = if rng.below(2) == 0 {
                 1 + rng.below(50)
@@ -332,9 +366,24 @@ fn check_kernel(img: &Path, m: &Model) {
 }
 
 fn workload(name: &str, args: &[&str], ops: u64, seed: u64, max_file: u64) {
+    workload_shaped(name, args, ops, 1, seed, max_file, Shape::default());
+}
+
+/// The workload in `rounds` rounds of `ops` operations (more while a soak
+/// lasts), each round checked by e2fsck, dio and (with `rounds` > 1) the
+/// kernel; the image is left for more checks (None when skipped).
+fn workload_shaped(
+    name: &str,
+    args: &[&str],
+    ops: u64,
+    rounds_min: u64,
+    seed: u64,
+    max_file: u64,
+    shape: Shape,
+) -> Option<PathBuf> {
     if !have("mke2fs") || !have("e2fsck") {
         eprintln!("skipped: needs mke2fs and e2fsck");
-        return;
+        return None;
     }
     let img = mkfs(name, args, 48);
     let mut m = Model::new();
@@ -351,23 +400,29 @@ fn workload(name: &str, args: &[&str], ops: u64, seed: u64, max_file: u64) {
         {
             let (_raw, ext) = open(&img);
             for _ in 0..ops {
-                step(&ext, &mut m, &mut rng, &mut counter, max_file);
+                step_shaped(&ext, &mut m, &mut rng, &mut counter, max_file, shape);
                 done += 1;
             }
         }
         fsck(&img);
         check_dio(&img, &m);
         rounds += 1;
-        if t0.elapsed().as_secs() >= soak {
+        if rounds_min > 1 {
+            check_kernel(&img, &m);
+        }
+        if rounds >= rounds_min && t0.elapsed().as_secs() >= soak {
             break;
         }
     }
-    check_kernel(&img, &m);
+    if rounds_min <= 1 {
+        check_kernel(&img, &m);
+    }
     eprintln!(
         "{name}: {done} operations in {rounds} round(s), {} names, {:.1} s",
         m.len(),
         t0.elapsed().as_secs_f64()
     );
+    Some(img)
 }
 
 const NOJ: &str = "^has_journal";
@@ -653,10 +708,40 @@ fn workload_ext3_4k_without_journal() {
     );
 }
 
+/// Directories of `img` (a fresh dio open) by how they are kept: (inline,
+/// htree, linear past 12 blocks).
+fn dir_kinds(img: &Path) -> (usize, usize, usize) {
+    let (_raw, ext) = open(img);
+    let mut todo = vec![b"/".to_vec()];
+    let (mut inline, mut htree, mut big) = (0, 0, 0);
+    while let Some(p) = todo.pop() {
+        let d = ext.lookup(&p, false).unwrap();
+        if d.has_flag(dio::ext::inode_flags::INLINE_DATA) {
+            inline += 1;
+        } else if d.has_flag(dio::ext::inode_flags::INDEX) {
+            htree += 1;
+        } else if d.size > 12 * 1024 {
+            big += 1;
+        }
+        for e in ext.read_dir(&d).unwrap() {
+            if e.file_type == 2 && e.name != b"." && e.name != b".." {
+                let mut c = p.clone();
+                if c.len() > 1 {
+                    c.push(b'/');
+                }
+                c.extend_from_slice(&e.name);
+                todo.push(c);
+            }
+        }
+    }
+    (inline, htree, big)
+}
+
 #[test]
 fn workload_ext4_4k_inline_data_image() {
-    // New files are made with blocks; the feature only has to be left intact.
-    workload(
+    // New directories are inline; names fill them and turn them into block
+    // directories; removals from both. Checked by the kernel every round.
+    let Some(img) = workload_shaped(
         "w-4k-inline",
         &[
             "-t",
@@ -666,10 +751,88 @@ fn workload_ext4_4k_inline_data_image() {
             "-O",
             &format!("{NOJ},inline_data"),
         ],
-        150,
+        60,
+        4,
         6,
         100_000,
-    );
+        Shape::default(),
+    ) else {
+        return;
+    };
+    let (inline, _, _) = dir_kinds(&img);
+    assert!(inline > 0, "no inline directory left");
+}
+
+#[test]
+fn workload_ext2_1k_directories_past_12_blocks() {
+    // No dir_index: the root grows past its 12 direct blocks through
+    // indirect blocks.
+    let Some(img) = workload_shaped(
+        "w-ext2-1k-wide",
+        &["-t", "ext2", "-b", "1024", "-O", "^dir_index"],
+        100,
+        4,
+        11,
+        20_000,
+        Shape {
+            long_names: true,
+            flat: true,
+        },
+    ) else {
+        return;
+    };
+    let (_, htree, big) = dir_kinds(&img);
+    assert!(big > 0 && htree == 0, "big {big} htree {htree}");
+}
+
+#[test]
+fn workload_ext2_1k_htree_on_indirect_blocks() {
+    // dir_index: the root becomes an htree mapped by indirect blocks.
+    let Some(img) = workload_shaped(
+        "w-ext2-1k-htree",
+        &["-t", "ext2", "-b", "1024"],
+        100,
+        4,
+        12,
+        20_000,
+        Shape {
+            long_names: true,
+            flat: true,
+        },
+    ) else {
+        return;
+    };
+    let (_raw, ext) = open(&img);
+    let root = ext.lookup(b"/", false).unwrap();
+    assert!(root.has_flag(dio::ext::inode_flags::INDEX));
+    assert!(root.size > 12 * 1024, "root of {} bytes", root.size);
+}
+
+#[test]
+fn workload_ext4_1k_large_dir() {
+    let Some(img) = workload_shaped(
+        "w-1k-largedir",
+        &[
+            "-t",
+            "ext4",
+            "-b",
+            "1024",
+            "-O",
+            &format!("{NOJ},large_dir"),
+        ],
+        100,
+        3,
+        13,
+        20_000,
+        Shape {
+            long_names: true,
+            flat: true,
+        },
+    ) else {
+        return;
+    };
+    let (_, htree, _) = dir_kinds(&img);
+    assert!(htree > 0);
 }
 
 #[test]
