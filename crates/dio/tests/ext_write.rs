@@ -1155,58 +1155,51 @@ fn big_name(i: usize, len: usize) -> String {
     n
 }
 
-/// Fill `/big` of a fresh 1 KiB-block image with `count` names of `len` bytes
-/// made by dio (a linear directory that dio turns into an htree and grows),
-/// remove every `rm_every`th, and return the image and the names left. The
-/// image is built on a RAM device and written out once.
-fn big_dir(
-    tag: &str,
-    features: &str,
-    count: usize,
-    len: usize,
-    rm_every: usize,
-) -> (PathBuf, Vec<String>, Option<Error>) {
-    let img = mkfs(
-        tag,
-        &["-t", "ext4", "-b", "1024", "-N", "56000", "-O", features],
-        80,
-    );
-    let (dev, size, ext) = ram_ext(&img);
-    ext.mkdir(b"/big", &Attrs::new()).unwrap();
+/// Add names `from..to` (`len` bytes) to `/big` of the image on `ext`; stops
+/// at the first refusal, returned with the names made.
+fn fill_big(ext: &Ext, from: usize, to: usize, len: usize) -> (Vec<String>, Option<Error>) {
     let t0 = std::time::Instant::now();
     let mut names = Vec::new();
-    let mut refused = None;
-    for i in 0..count {
+    for i in from..to {
         let n = big_name(i, len);
         match ext.create(format!("/big/{n}").as_bytes(), &Attrs::new()) {
             Ok(_) => names.push(n),
             Err(e) => {
-                refused = Some(e);
-                break;
+                eprintln!(
+                    "{} names made in {:.2} s",
+                    names.len(),
+                    t0.elapsed().as_secs_f64()
+                );
+                return (names, Some(e));
             }
         }
     }
-    let made = t0.elapsed();
+    eprintln!(
+        "{} names made in {:.2} s",
+        names.len(),
+        t0.elapsed().as_secs_f64()
+    );
+    (names, None)
+}
+
+/// Remove every `every`th of `names` from `/big`; returns those left.
+fn thin_big(ext: &Ext, names: Vec<String>, every: usize) -> Vec<String> {
+    let t0 = std::time::Instant::now();
     let mut kept = Vec::new();
+    let mut removed = 0;
     for (i, n) in names.into_iter().enumerate() {
-        if i % rm_every == rm_every - 1 {
+        if i % every == every - 1 {
             ext.remove(format!("/big/{n}").as_bytes(), false).unwrap();
+            removed += 1;
         } else {
             kept.push(n);
         }
     }
     eprintln!(
-        "{tag}: {} names made in {:.2} s, {} removed in {:.2} s",
-        kept.len() + kept.len() / (rm_every - 1).max(1),
-        made.as_secs_f64(),
-        kept.len() / (rm_every - 1).max(1),
-        t0.elapsed().as_secs_f64() - made.as_secs_f64()
+        "{removed} names removed in {:.2} s",
+        t0.elapsed().as_secs_f64()
     );
-    let big = ext.lookup(b"/big", false).unwrap();
-    assert!(big.has_flag(dio::ext::inode_flags::INDEX), "no htree");
-    drop(ext);
-    std::fs::write(&img, dev.read_raw(0, size as usize)).unwrap();
-    (img, kept, refused)
+    kept
 }
 
 /// Check `/big` of `img` holds exactly `names`: e2fsck (which checks the
@@ -1250,27 +1243,61 @@ fn check_big(img: &Path, names: &[String]) {
 }
 
 #[test]
-fn htree_of_50000_names_grows_a_third_level_with_large_dir() {
-    if !have("mke2fs") || !have("e2fsck") {
-        eprintln!("skipped: needs mke2fs and e2fsck");
+fn htree_full_at_two_levels_is_enospc_and_grows_a_third_with_large_dir() {
+    if !have("mke2fs") || !have("e2fsck") || !have("tune2fs") {
+        eprintln!("skipped: needs mke2fs, e2fsck and tune2fs");
         return;
     }
-    // 250-byte names: at most 3 to a 1 KiB leaf, so a third index level is
-    // needed past 15,498 leaves (123 root entries x 126 node entries), about
-    // 21,500 names. CI makes 26,000; the full 50,000 with DIO_EXT_BIG=1.
-    let count = if std::env::var_os("DIO_EXT_BIG").is_some() {
+    // 250-byte names: at most 3 to a 1 KiB leaf, so two index levels hold
+    // 15,498 leaves (123 root entries x 126 node entries), about 21,500
+    // names. Without large_dir the next name is refused with ENOSPC,
+    // "directory index full"; with it (tune2fs -O large_dir) the tree grows a
+    // third level. CI goes to 26,000 names; DIO_EXT_BIG=1 to 50,000.
+    let total = if std::env::var_os("DIO_EXT_BIG").is_some() {
         50_000
     } else {
         26_000
     };
-    let (img, names, refused) = big_dir(
-        "htree-largedir",
-        &format!("{NOJ},large_dir"),
-        count,
-        250,
-        10,
+    let len = 250;
+    let img = mkfs(
+        "htree-big",
+        &["-t", "ext4", "-b", "1024", "-N", "56000", "-O", NOJ],
+        80,
     );
+    let (dev, size, ext) = ram_ext(&img);
+    ext.mkdir(b"/big", &Attrs::new()).unwrap();
+    let (mut names, refused) = fill_big(&ext, 0, total, len);
+    let before = ext.free_counts();
+    match refused {
+        Some(Error::NoSpace(m)) => eprintln!("refused after {} names: {m}", names.len()),
+        other => panic!("expected ENOSPC (directory index full), got {other:?}"),
+    }
+    // Refused again, with nothing written.
+    let refused_name = format!("/big/{}", big_name(names.len(), len));
+    let again = ext.create(refused_name.as_bytes(), &Attrs::new());
+    assert!(matches!(again, Err(Error::NoSpace(_))), "{again:?}");
+    assert_eq!(ext.free_counts(), before);
+    drop(ext);
+    std::fs::write(&img, dev.read_raw(0, size as usize)).unwrap();
+    if let Some(l) = htree_levels(&img, "/big") {
+        assert_eq!(l, 1, "two index levels");
+    }
+    check_big(&img, &names);
+
+    let o = Command::new("tune2fs")
+        .args(["-O", "large_dir"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (dev, size, ext) = ram_ext(&img);
+    let start = names.len() + 1;
+    let (more, refused) = fill_big(&ext, start, start + total - names.len(), len);
     assert!(refused.is_none(), "{refused:?}");
+    names.extend(more);
+    let names = thin_big(&ext, names, 10);
+    drop(ext);
+    std::fs::write(&img, dev.read_raw(0, size as usize)).unwrap();
     if let Some(l) = htree_levels(&img, "/big") {
         assert_eq!(l, 2, "three index levels");
     }
@@ -1278,20 +1305,237 @@ fn htree_of_50000_names_grows_a_third_level_with_large_dir() {
     let _ = std::fs::remove_file(&img);
 }
 
+/// Make `n` subdirectories of `/p` on `ext`.
+fn subdirs(ext: &Ext, from: usize, to: usize) -> Result<(), Error> {
+    for i in from..to {
+        ext.mkdir(format!("/p/s{i}").as_bytes(), &Attrs::new())?;
+    }
+    Ok(())
+}
+
 #[test]
-fn htree_full_at_two_levels_without_large_dir_is_enospc() {
+fn dir_nlink_counts_1_past_65000_subdirectories() {
     if !have("mke2fs") || !have("e2fsck") {
         eprintln!("skipped: needs mke2fs and e2fsck");
         return;
     }
-    let (img, names, refused) = big_dir("htree-full", NOJ, 60_000, 250, 50);
-    match refused {
-        Some(Error::NoSpace(m)) => eprintln!("refused after {} names: {m}", names.len()),
-        other => panic!("expected ENOSPC (directory index full), got {other:?}"),
+    // The real thing is 65,001 directories (DIO_EXT_BIG=1); CI starts /p at a
+    // link count of 64,998 set by debugfs (e2fsck would count 2: not checked).
+    let big = std::env::var_os("DIO_EXT_BIG").is_some();
+    if !big && !have("debugfs") {
+        eprintln!("skipped: needs debugfs");
+        return;
     }
-    if let Some(l) = htree_levels(&img, "/big") {
-        assert_eq!(l, 1, "two index levels");
+    let opts = format!("{NOJ},inline_data");
+    let img = if big {
+        mkfs(
+            "nlink",
+            &["-t", "ext4", "-b", "1024", "-N", "70000", "-O", &opts],
+            64,
+        )
+    } else {
+        mkfs("nlink", &["-t", "ext4", "-b", "1024", "-O", &opts], 8)
+    };
+    {
+        let (_raw, ext) = open(&img);
+        ext.mkdir(b"/p", &Attrs::new()).unwrap();
+        ext.mkdir(b"/q", &Attrs::new()).unwrap();
     }
-    check_big(&img, &names);
+    let start = if big {
+        0
+    } else {
+        for (d, links) in [("/p", 64_998), ("/q", 64_999)] {
+            let o = Command::new("debugfs")
+                .args(["-w", "-R"])
+                .arg(format!("sif {d} links_count {links}"))
+                .arg(&img)
+                .output()
+                .unwrap();
+            assert!(o.status.success());
+        }
+        // /p is hashed (many long names), /q is not.
+        let (_raw, ext) = open(&img);
+        for i in 0..40 {
+            ext.create(format!("/p/{}", big_name(i, 200)).as_bytes(), &Attrs::new())
+                .unwrap();
+        }
+        assert!(ext
+            .lookup(b"/p", false)
+            .unwrap()
+            .has_flag(dio::ext::inode_flags::INDEX));
+        64_996
+    };
+    let (dev, size, ext) = ram_ext(&img);
+    let t0 = std::time::Instant::now();
+    subdirs(&ext, start, 64_998).unwrap();
+    assert_eq!(ext.lookup(b"/p", false).unwrap().links, 65_000);
+    if !big {
+        // An unhashed directory at 65,000 takes no more (EMLINK), as the kernel.
+        ext.mkdir(b"/q/a", &Attrs::new()).unwrap();
+        match ext.mkdir(b"/q/b", &Attrs::new()) {
+            Err(Error::Path(e)) => {
+                assert_eq!(e.kind, dio::PathErrorKind::TooManyLinks);
+                assert_eq!(e.kind.errno(), 31, "EMLINK");
+            }
+            other => panic!("expected EMLINK, got {other:?}"),
+        }
+        ext.remove(b"/q/a", true).unwrap();
+    }
+    // The hashed one goes to 1 and stays there.
+    subdirs(&ext, 64_998, 65_001).unwrap();
+    assert_eq!(ext.lookup(b"/p", false).unwrap().links, 1);
+    ext.remove(b"/p/s65000", true).unwrap();
+    assert_eq!(ext.lookup(b"/p", false).unwrap().links, 1);
+    eprintln!("subdirectories made in {:.2} s", t0.elapsed().as_secs_f64());
+    drop(ext);
+    std::fs::write(&img, dev.read_raw(0, size as usize)).unwrap();
+    if big {
+        fsck(&img);
+    }
+    if let Some(mnt) = mount(&img) {
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(std::fs::metadata(mnt.dir.join("p")).unwrap().nlink(), 1);
+        assert!(mnt.dir.join("p/s64999").is_dir());
+        if big {
+            let n = std::fs::read_dir(mnt.dir.join("p")).unwrap().count();
+            assert_eq!(n, 65_000);
+            let sample = std::fs::read_dir(mnt.dir.join("p/s12345")).unwrap().count();
+            assert_eq!(sample, 0);
+        }
+    }
     let _ = std::fs::remove_file(&img);
+}
+
+/// `/d`'s inode in a fresh open of `img`.
+fn inode_of(img: &Path, p: &str) -> dio::ext::Inode {
+    let (_raw, ext) = open(img);
+    ext.lookup(p.as_bytes(), false).unwrap()
+}
+
+#[test]
+fn inline_directories_take_names_convert_to_a_block_and_lose_names() {
+    if !have("mke2fs") || !have("e2fsck") || !is_root() {
+        eprintln!("skipped: needs mke2fs, e2fsck and root (the kernel makes inline directories)");
+        return;
+    }
+    use dio::ext::inode_flags::{EXTENTS, INLINE_DATA};
+    for (tag, opts) in [
+        ("csum", format!("{NOJ},inline_data")),
+        ("plain", format!("{NOJ},inline_data,^metadata_csum")),
+    ] {
+        let img = mkfs(
+            &format!("inline-{tag}"),
+            &["-t", "ext4", "-b", "1024", "-I", "256", "-O", &opts],
+            16,
+        );
+        // The kernel's inline directories: /k with names spilling into the
+        // system.data xattr, /e empty.
+        let mut k_names: Vec<String> = (0..5).map(|i| format!("k{i}")).collect();
+        {
+            let dir = img.with_extension("mnt");
+            std::fs::create_dir_all(&dir).unwrap();
+            assert!(Command::new("mount")
+                .args(["-o", "loop"])
+                .arg(&img)
+                .arg(&dir)
+                .status()
+                .unwrap()
+                .success());
+            let m = Mount { dir: dir.clone() };
+            std::fs::create_dir(dir.join("k")).unwrap();
+            std::fs::create_dir(dir.join("e")).unwrap();
+            for n in &k_names {
+                std::fs::write(dir.join("k").join(n), b"").unwrap();
+            }
+            drop(m);
+        }
+        assert!(
+            inode_of(&img, "/k").has_flag(INLINE_DATA),
+            "the kernel made no inline dir"
+        );
+        // dio's own inline directory, filled name by name until it becomes a
+        // block directory; every step checked by e2fsck and dio.
+        let mut d_names = Vec::new();
+        {
+            let (_raw, ext) = open(&img);
+            ext.mkdir(b"/d", &Attrs::new()).unwrap();
+        }
+        let d = inode_of(&img, "/d");
+        assert!(d.has_flag(INLINE_DATA) && !d.has_flag(EXTENTS));
+        assert_eq!(d.size, 60);
+        fsck(&img);
+        let mut converted_at = None;
+        for i in 0..12 {
+            let n = format!("name-{i}");
+            {
+                let (_raw, ext) = open(&img);
+                if i % 3 == 2 {
+                    ext.mkdir(format!("/d/{n}").as_bytes(), &Attrs::new())
+                        .unwrap();
+                } else {
+                    ext.create(format!("/d/{n}").as_bytes(), &Attrs::new())
+                        .unwrap();
+                }
+            }
+            d_names.push(n);
+            fsck(&img);
+            let d = inode_of(&img, "/d");
+            if !d.has_flag(INLINE_DATA) && converted_at.is_none() {
+                converted_at = Some(i);
+                assert!(d.has_flag(EXTENTS));
+                assert_eq!(d.size, 1024);
+            }
+        }
+        let at = converted_at.expect("the inline directory never became a block one");
+        assert!(at >= 2, "converted after {at} names");
+        // Names into the kernel's inline directory (its xattr area first),
+        // then removals from an inline directory.
+        {
+            let (_raw, ext) = open(&img);
+            for i in 0..6 {
+                let n = format!("x{i}");
+                ext.create(format!("/k/{n}").as_bytes(), &Attrs::new())
+                    .unwrap();
+                k_names.push(n);
+            }
+            ext.mkdir(b"/e/sub", &Attrs::new()).unwrap();
+            ext.create(b"/e/f", &Attrs::new()).unwrap();
+            ext.remove(b"/e/sub", true).unwrap();
+        }
+        fsck(&img);
+        {
+            let (_raw, ext) = open(&img);
+            for n in ["k0", "k3", "x1"] {
+                ext.remove(format!("/k/{n}").as_bytes(), false).unwrap();
+                k_names.retain(|x| x != n);
+            }
+            // An inline subdirectory of /d: made, filled a little, removed.
+            ext.mkdir(b"/d/sub", &Attrs::new()).unwrap();
+            ext.create(b"/d/sub/a", &Attrs::new()).unwrap();
+            ext.remove(b"/d/sub/a", false).unwrap();
+            ext.remove(b"/d/sub", true).unwrap();
+            assert!(matches!(ext.remove(b"/d/name-2", true), Ok(())));
+            d_names.retain(|x| x != "name-2");
+        }
+        fsck(&img);
+        assert!(inode_of(&img, "/e").has_flag(INLINE_DATA));
+        let Some(mnt) = mount(&img) else { continue };
+        let ls = |p: &str| -> std::collections::BTreeSet<String> {
+            std::fs::read_dir(mnt.dir.join(p))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect()
+        };
+        assert_eq!(ls("d"), d_names.iter().cloned().collect());
+        assert_eq!(ls("k"), k_names.iter().cloned().collect());
+        assert_eq!(ls("e"), ["f".to_string()].into_iter().collect());
+        for n in &k_names {
+            assert!(mnt.dir.join("k").join(n).symlink_metadata().is_ok(), "{n}");
+        }
+        assert!(mnt.dir.join("d/name-5").is_dir());
+        let dir_links = std::fs::metadata(mnt.dir.join("d")).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        // `.`, its name in /, and name-5, name-8, name-11.
+        assert_eq!(dir_links.nlink(), 5);
+    }
 }
