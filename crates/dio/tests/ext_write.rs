@@ -1539,3 +1539,87 @@ fn inline_directories_take_names_convert_to_a_block_and_lose_names() {
         assert_eq!(dir_links.nlink(), 5);
     }
 }
+
+#[test]
+fn dio_made_htrees_hash_with_every_version_and_signedness() {
+    if !have("mke2fs") || !have("e2fsck") || !have("tune2fs") || !have("debugfs") {
+        eprintln!("skipped: needs mke2fs, e2fsck, tune2fs and debugfs");
+        return;
+    }
+    // Names with bytes past 0x7F: signed and unsigned hashes differ on them.
+    // e2fsck checks every name's hash against its leaf's index range; the
+    // kernel finds each one through its own hash.
+    for alg in ["legacy", "half_md4", "tea"] {
+        for (signedness, flags) in [("signed", 1), ("unsigned", 2)] {
+            let tag = format!("hash-{alg}-{signedness}");
+            let img = mkfs(&tag, &["-t", "ext4", "-b", "1024", "-O", NOJ], 8);
+            let o = Command::new("tune2fs")
+                .arg("-E")
+                .arg(format!("hash_alg={alg}"))
+                .arg(&img)
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            let o = Command::new("debugfs")
+                .args(["-w", "-R"])
+                .arg(format!("ssv flags {flags}"))
+                .arg(&img)
+                .output()
+                .unwrap();
+            assert!(o.status.success());
+            let mut names = Vec::new();
+            {
+                let (dev, size, ext) = ram_ext(&img);
+                ext.mkdir(b"/h", &Attrs::new()).unwrap();
+                for i in 0..150 {
+                    let n = format!("ñame-é{i}-{}", "ü".repeat(i % 17));
+                    ext.create(format!("/h/{n}").as_bytes(), &Attrs::new())
+                        .unwrap();
+                    names.push(n);
+                }
+                for n in names.iter().step_by(5) {
+                    ext.remove(format!("/h/{n}").as_bytes(), false).unwrap();
+                }
+                let h = ext.lookup(b"/h", false).unwrap();
+                assert!(h.has_flag(dio::ext::inode_flags::INDEX), "{tag}: no htree");
+                drop(ext);
+                std::fs::write(&img, dev.read_raw(0, size as usize)).unwrap();
+            }
+            let names: Vec<String> = names
+                .into_iter()
+                .enumerate()
+                .filter(|(i, _)| i % 5 != 0)
+                .map(|(_, n)| n)
+                .collect();
+            fsck(&img);
+            let o = Command::new("debugfs")
+                .arg("-R")
+                .arg("htree /h")
+                .arg(&img)
+                .output()
+                .unwrap();
+            let out = String::from_utf8_lossy(&o.stdout);
+            let want = match alg {
+                "legacy" => 0,
+                "half_md4" => 1,
+                _ => 2,
+            };
+            assert!(
+                out.contains(&format!("Hash Version: {want}")),
+                "{tag}: {}",
+                out.lines().take(3).collect::<Vec<_>>().join(" / ")
+            );
+            if let Some(mnt) = mount(&img) {
+                for n in &names {
+                    assert!(
+                        mnt.dir.join("h").join(n).symlink_metadata().is_ok(),
+                        "{tag}: the kernel does not find {n}"
+                    );
+                }
+                let count = std::fs::read_dir(mnt.dir.join("h")).unwrap().count();
+                assert_eq!(count, names.len(), "{tag}");
+            }
+            let _ = std::fs::remove_file(&img);
+        }
+    }
+}
