@@ -1064,12 +1064,11 @@ fn area_store(op: &mut Op<'_>, d: &mut DirW, a: &Area, mut bytes: Vec<u8>) {
     }
 }
 
-/// Find the live entry `name` of `d`: its area, bytes, entries and index.
-fn find_entry(
-    op: &Op<'_>,
-    d: &DirW,
-    name: &[u8],
-) -> Result<Option<(Area, Vec<u8>, Vec<Ent>, usize)>> {
+/// A live entry found: its area, the area's bytes and entries, and which one.
+type Found = (Area, Vec<u8>, Vec<Ent>, usize);
+
+/// Find the live entry `name` of `d`.
+fn find_entry(op: &Op<'_>, d: &DirW, name: &[u8]) -> Result<Option<Found>> {
     for a in areas(op, d, Some(name))? {
         let bytes = area_bytes(op, d, &a)?;
         let ents = entries_of(op.fs, d.inode.ino, 0, &bytes)?;
