@@ -1069,6 +1069,18 @@ type Found = (Area, Vec<u8>, Vec<Ent>, usize);
 
 /// Find the live entry `name` of `d`.
 fn find_entry(op: &Op<'_>, d: &DirW, name: &[u8]) -> Result<Option<Found>> {
+    // The leaf the index picks holds the name but after a hash collision
+    // spilled over: look there before reading every block.
+    if indexed(op.fs, &d.inode) && !d.inode.has_flag(flags::INLINE_DATA) {
+        if let Some(p) = d.block_at(op, dx_path(op, d, name)?.leaf)? {
+            let a = Area::Block(p);
+            let bytes = area_bytes(op, d, &a)?;
+            let ents = entries_of(op.fs, d.inode.ino, 0, &bytes)?;
+            if let Some(i) = ents.iter().position(|e| e.ino != 0 && e.name == name) {
+                return Ok(Some((a, bytes, ents, i)));
+            }
+        }
+    }
     for a in areas(op, d, Some(name))? {
         let bytes = area_bytes(op, d, &a)?;
         let ents = entries_of(op.fs, d.inode.ino, 0, &bytes)?;
