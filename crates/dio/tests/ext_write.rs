@@ -2,9 +2,17 @@
 //! at random offsets, truncate down and up, mkdir, rm, rmdir, symlinks) against a
 //! model, checked by `e2fsck -fn` and by the kernel's loop mount (as root), over a
 //! feature matrix; an extent tree of depth 2 checked by the kernel; ENOSPC with
-//! nothing half-written; refusals (journal, htree, inline data).
+//! nothing half-written; refusals (bigalloc).
 //!
-//! `DIO_EXT_SOAK_SECS=N` runs the workload for N seconds per configuration.
+//! Directories: inline-data directories (made, filled, turned into blocks,
+//! emptied; the kernel's own too), ext2 directories past 12 blocks (linear and
+//! htree, through indirect blocks), dio-made htrees with every hash version and
+//! signedness, a full two-level htree refused with ENOSPC then a third level
+//! with large_dir, dir_nlink past 65,000 subdirectories.
+//!
+//! `DIO_EXT_SOAK_SECS=N` runs the workload for N seconds per configuration;
+//! `DIO_EXT_BIG=1` makes the big-directory tests full size (50,000 names,
+//! 65,001 subdirectories).
 
 use dio_testkit::{have, is_root};
 use std::collections::BTreeMap;
