@@ -1546,7 +1546,12 @@ impl Ext {
         self.make(path, S_IFREG, attrs, &|_, _, _| Ok(()))
     }
 
-    /// Make directory `path` (its parent must exist).
+    /// Make directory `path` (its parent must exist). On an `inline_data` file
+    /// system it is made inline (its entries in the inode) when the inode has
+    /// room for the `system.data` xattr, as the kernel does; it becomes a
+    /// block directory when a name no longer fits. A parent at 65,000 links
+    /// refuses it ([`PathErrorKind::TooManyLinks`], EMLINK) unless the file
+    /// system has `dir_nlink` and the parent is hashed (its count becomes 1).
     pub fn mkdir(&self, path: &[u8], attrs: &Attrs) -> Result<Inode> {
         let fs = Arc::clone(&self.fs);
         self.make(path, S_IFDIR, attrs, &move |op, inode, parent| {
