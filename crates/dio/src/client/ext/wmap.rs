@@ -25,6 +25,7 @@
 //!
 //! Every metadata change goes through one [`Op`] and its commit.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::imap::IndW;
@@ -197,6 +198,49 @@ impl BlockMap for AllocMap {
         result
     }
 
+    fn end_io_dsync(
+        &self,
+        dev: &dyn Device,
+        offset: u64,
+        result: Result<usize>,
+        private: Option<&Private>,
+        size: Option<u64>,
+        flush: bool,
+    ) -> Result<usize> {
+        let n = match self.end_io(IoOp::Write, offset, result, private) {
+            Ok(n) if n > 0 => n,
+            r => return r,
+        };
+        let flush_dev = || dev.flush().map_err(|e| Error::io(offset, e));
+        let mut st = lock(&self.st);
+        let grows = size.is_some_and(|s| s > st.inode.size);
+        if !st.converted && !grows {
+            // No metadata of this file waits in memory: the data alone.
+            if flush {
+                flush_dev()?;
+            }
+            return Ok(n);
+        }
+        // The converted extents (or pointers) and the size, after the data (the
+        // change flushes first), in one operation: a journal transaction that is
+        // committed when it returns, or ordered stages that the flush below
+        // makes durable.
+        let goal = Self::group_goal(&self.fs, st.inode.ino);
+        self.change(&mut st, goal, |_, st| {
+            if let Some(s) = size {
+                if st.inode.size < s {
+                    tree::set_size(&mut st.inode, s);
+                }
+            }
+            stamp(&mut st.inode, true);
+            Ok(())
+        })?;
+        if !self.fs.journaled() {
+            flush_dev()?;
+        }
+        Ok(n)
+    }
+
     fn can_resize(&self, size: u64) -> Result<()> {
         if size > self.max_file_size() {
             return Err(Error::TooLarge {
@@ -293,7 +337,12 @@ pub struct ExtWriter {
     map: Arc<AllocMap>,
     file: DirectFile,
     ino: u32,
+    /// Every [`ExtWriter::write_at`] is a dsync write.
+    dsync: AtomicBool,
 }
+
+/// The inode flag of `chattr +S` (synchronous updates).
+const SYNC_FL: u32 = 0x8;
 
 impl std::fmt::Debug for ExtWriter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -317,6 +366,7 @@ impl ExtWriter {
         };
         let ino = inode.ino;
         let size = inode.size;
+        let dsync = inode.has_flag(SYNC_FL);
         let map = Arc::new(AllocMap {
             fs: Arc::clone(fs),
             st: Mutex::new(FileW {
@@ -342,7 +392,23 @@ impl ExtWriter {
             map,
             file,
             ino,
+            dsync: AtomicBool::new(dsync),
         })
+    }
+
+    /// Make every [`ExtWriter::write_at`] a dsync write (`O_DSYNC`): when it
+    /// returns, its data, the blocks allocated or converted for it and the
+    /// size it reached are on stable storage (without a journal: ordered
+    /// writes and flushes; with one: its transaction committed). On by default
+    /// for an inode with the sync flag (`chattr +S`). Writes through
+    /// [`ExtWriter::direct`] get the same with [`Flags::DSYNC`].
+    pub fn set_dsync(&self, on: bool) {
+        self.dsync.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether writes are dsync writes (see [`ExtWriter::set_dsync`]).
+    pub fn is_dsync(&self) -> bool {
+        self.dsync.load(Ordering::Relaxed)
     }
 
     /// The file's size.
@@ -367,8 +433,15 @@ impl ExtWriter {
     /// mid-way gives a short count (the bytes before it are written and
     /// recorded); ENOSPC before the first byte is [`Error::NoSpace`].
     pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<usize> {
-        let n = self.file.write_at(offset, data, Flags::UNALIGNED)?;
-        self.commit_size()?;
+        let mut flags = Flags::UNALIGNED;
+        if self.is_dsync() {
+            flags |= Flags::DSYNC;
+        }
+        let n = self.file.write_at(offset, data, flags)?;
+        // A dsync write stored its size in its completion.
+        if !self.is_dsync() || lock(&self.map.st).inode.size < self.file.size() {
+            self.commit_size()?;
+        }
         Ok(n)
     }
 
