@@ -485,23 +485,66 @@ impl ExtWriter {
 
     /// Allocate `[offset, offset + len)` as unwritten extents (fallocate with
     /// KEEP_SIZE): a later write there only converts. Blocks already mapped stay.
+    /// The whole range is one operation (one set of bitmap, tree and inode
+    /// writes), in runs as long as the free space allows: ENOSPC allocates
+    /// nothing.
     pub fn allocate(&self, offset: u64, len: u64) -> Result<()> {
         if len == 0 {
             return Ok(());
         }
         let bs = u64::from(self.fs.sb.block_size);
-        let (mut b, end) = (offset / bs, (offset + len).div_ceil(bs));
-        while b < end {
-            let e = self.map.map(b, end - b, false)?;
-            let n = e.len.max(1).min(end - b);
-            if e.mapping == Mapping::Hole {
-                let got = self.map.map(b, n, true)?;
-                b += got.len.max(1);
-            } else {
-                b += n;
+        let (b0, end) = (offset / bs, (offset + len).div_ceil(bs));
+        let mut st = lock(&self.map.st);
+        if st.ind.is_some() {
+            // Indirect files: blocks pending until written, a run per table.
+            drop(st);
+            let mut b = b0;
+            while b < end {
+                let e = self.map.map(b, end - b, false)?;
+                let n = e.len.max(1).min(end - b);
+                if e.mapping == Mapping::Hole {
+                    b += self.map.map(b, n, true)?.len.max(1);
+                } else {
+                    b += n;
+                }
             }
+            return Ok(());
         }
-        Ok(())
+        if end > 1 << 32 {
+            return Err(Error::TooLarge {
+                end: offset + len,
+                max: self.map.max_file_size_of(&st),
+            });
+        }
+        let fs = &self.fs;
+        let goal = AllocMap::goal(fs, &st, b0);
+        self.map.change(&mut st, goal, |op, st| {
+            let mut b = b0;
+            while b < end {
+                let e = map_extents(&st.tree.exts, b, end - b);
+                let n = e.len.max(1).min(end - b);
+                if e.mapping != Mapping::Hole {
+                    b += n;
+                    continue;
+                }
+                let mut left = n;
+                while left > 0 {
+                    let goal = AllocMap::goal(fs, st, b);
+                    let (p, got) = op
+                        .alloc()?
+                        .alloc_blocks(fs, goal, left.min(MAX_UNWRITTEN))?;
+                    st.tree.insert(FileExtent {
+                        logical: b,
+                        physical: p,
+                        len: got,
+                        unwritten: true,
+                    });
+                    b += got;
+                    left -= got;
+                }
+            }
+            Ok(())
+        })
     }
 
     /// Record the size and flush: everything written is durable.
