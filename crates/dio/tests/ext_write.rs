@@ -332,11 +332,15 @@ fn check_kernel(img: &Path, m: &Model) {
 }
 
 fn workload(name: &str, args: &[&str], ops: u64, seed: u64, max_file: u64) {
+    workload_sized(name, args, ops, seed, max_file, 48)
+}
+
+fn workload_sized(name: &str, args: &[&str], ops: u64, seed: u64, max_file: u64, mib: u64) {
     if !have("mke2fs") || !have("e2fsck") {
         eprintln!("skipped: needs mke2fs and e2fsck");
         return;
     }
-    let img = mkfs(name, args, 48);
+    let img = mkfs(name, args, mib);
     let mut m = Model::new();
     let mut rng = Rng(seed);
     let mut counter = 0;
@@ -672,33 +676,49 @@ fn workload_ext4_4k_inline_data_image() {
     );
 }
 
+/// bigalloc: bitmaps of clusters, a cluster shared by neighbouring logical
+/// blocks of one file, i_blocks in whole clusters, free counts in clusters
+/// (descriptors) and blocks (superblock); e2fsck and the kernel judge.
 #[test]
-fn bigalloc_images_refuse_allocating_changes() {
-    if !have("mke2fs") {
-        eprintln!("skipped: needs mke2fs");
-        return;
-    }
-    let img = mkfs(
-        "bigalloc",
+fn workload_ext4_4k_bigalloc_16k_clusters() {
+    workload_sized(
+        "w-bigalloc-16k",
         &[
             "-t",
             "ext4",
             "-b",
-            "1024",
+            "4096",
             "-C",
             "16384",
             "-O",
             &format!("{NOJ},bigalloc"),
         ],
-        32,
+        300,
+        11,
+        200_000,
+        96,
     );
-    let (_raw, ext) = open(&img);
-    match ext.mkdir(b"/d", &Attrs::new()) {
-        Err(Error::Incompatible(i)) => assert_eq!(i.feature, dio::Feature::Bigalloc),
-        other => panic!("expected a bigalloc refusal, got {other:?}"),
-    }
-    drop(ext);
-    fsck(&img);
+}
+
+#[test]
+fn workload_ext4_4k_bigalloc_64k_clusters() {
+    workload_sized(
+        "w-bigalloc-64k",
+        &[
+            "-t",
+            "ext4",
+            "-b",
+            "4096",
+            "-C",
+            "65536",
+            "-O",
+            &format!("{NOJ},bigalloc"),
+        ],
+        300,
+        12,
+        200_000,
+        192,
+    );
 }
 
 /// An image's bytes on a RAM device (crash mode: unflushed writes can be lost).

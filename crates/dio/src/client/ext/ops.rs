@@ -371,7 +371,7 @@ fn dir_add_in(
             .sb
             .group_first_block((d.inode.ino - 1) / fs.sb.inodes_per_group),
     };
-    let (p, _) = op.alloc()?.alloc_blocks(fs, goal, 1)?;
+    let p = tree::block_for(op, d.tree.as_ref(), b, goal)?;
     let block = new_leaf(fs, &d.inode, &[(ino, name, t)]);
     op.tx.put_fresh(p, block);
     link_block(op, d, b, p)?;
@@ -563,7 +563,7 @@ fn dx_split(op: &mut Op<'_>, d: &mut DirW, name: &[u8]) -> Result<()> {
     );
     // The new leaf: a fresh block at the end of the directory.
     let nb = d.nblocks(bs);
-    let (p, _) = op.alloc()?.alloc_blocks(fs, lp, 1)?;
+    let p = tree::block_for(op, d.tree.as_ref(), nb, lp)?;
     op.tx.put_fresh(p, hi_b);
     link_block(op, d, nb, p)?;
     tree::set_size(&mut d.inode, (nb + 1) * bs);
@@ -637,7 +637,7 @@ fn dx_grow_index(op: &mut Op<'_>, d: &mut DirW, path: &DxPath) -> Result<()> {
         // A new level: the root's entries move to one node.
         let mut node = new_node(&root[rat..rat + rcount * 8], rcount);
         seal_dx(fs, &d.inode, &mut node, 8);
-        let (p, _) = op.alloc()?.alloc_blocks(fs, rp, 1)?;
+        let p = tree::block_for(op, d.tree.as_ref(), nb, rp)?;
         op.tx.put_fresh(p, node);
         link_block(op, d, nb, p)?;
         tree::set_size(&mut d.inode, (nb + 1) * bs);
@@ -667,7 +667,7 @@ fn dx_grow_index(op: &mut Op<'_>, d: &mut DirW, path: &DxPath) -> Result<()> {
     seal_dx(fs, &d.inode, &mut upper, 8);
     put16(&mut node, 10, mid as u16);
     seal_dx(fs, &d.inode, &mut node, 8);
-    let (p, _) = op.alloc()?.alloc_blocks(fs, pp, 1)?;
+    let p = tree::block_for(op, d.tree.as_ref(), nb, pp)?;
     op.tx.put_fresh(p, upper);
     link_block(op, d, nb, p)?;
     tree::set_size(&mut d.inode, (nb + 1) * bs);
@@ -695,7 +695,7 @@ fn link_block(op: &mut Op<'_>, d: &mut DirW, b: u64, p: u64) -> Result<()> {
             });
             let mut inode = d.inode.clone();
             t.write(op, &mut inode, p)?;
-            let ib = t.i_blocks(&inode, fs.sb.block_size);
+            let ib = t.i_blocks(&inode, &fs.sb);
             tree::set_i_blocks(&mut inode, ib);
             d.inode = inode;
         }

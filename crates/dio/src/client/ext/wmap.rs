@@ -28,6 +28,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use super::alloc::cluster_ratio;
 use super::imap::IndW;
 use super::inode::{flags, Inode};
 use super::map::{map_extents, FileExtent};
@@ -77,6 +78,33 @@ impl AllocMap {
         }
     }
 
+    /// Blocks for the hole at file block `block`, up to `want` of them (not past
+    /// the hole): near the goal; with bigalloc, in the physical cluster the
+    /// block's logical cluster already has, else in new clusters at the
+    /// block's offset in its cluster (the kernel's rule: a file's blocks share
+    /// clusters only with their logical neighbours, at the same offsets).
+    fn alloc_run(op: &mut Op<'_>, st: &FileW, block: u64, want: u64) -> Result<(u64, u64)> {
+        let fs = op.fs;
+        let r = cluster_ratio(&fs.sb);
+        let goal = Self::goal(fs, st, block);
+        if r == 1 {
+            return op.alloc()?.alloc_blocks(fs, goal, want);
+        }
+        let off = block % r;
+        if let Some(p) = st.tree.cluster_slot(block, r) {
+            return Ok((p, want.min(r - off)));
+        }
+        // A hole that ends inside a logical cluster the file has stops before it.
+        let end = block + want;
+        let want = if end % r != 0 && st.tree.cluster_slot(end - 1, r).is_some() {
+            end - end % r - block
+        } else {
+            want
+        };
+        let (c, got) = op.alloc()?.alloc_blocks(fs, goal, off + want)?;
+        Ok((c + off, (got - off).min(want)))
+    }
+
     /// Write the tree, i_blocks and the inode through `op`; the caller commits.
     pub(crate) fn store(op: &mut Op<'_>, st: &mut FileW, goal: u64) -> Result<()> {
         let mut inode = st.inode.clone();
@@ -87,7 +115,7 @@ impl AllocMap {
             return Ok(());
         }
         st.tree.write(op, &mut inode, goal)?;
-        let ib = st.tree.i_blocks(&inode, op.fs.sb.block_size);
+        let ib = st.tree.i_blocks(&inode, &op.fs.sb);
         tree::set_i_blocks(&mut inode, ib);
         op.put_inode(&mut inode)?;
         st.inode = inode;
@@ -159,7 +187,7 @@ impl BlockMap for AllocMap {
         let want = e.len.min(MAX_UNWRITTEN).min((1 << 32) - block);
         let goal = Self::goal(&self.fs, &st, block);
         let got = self.change(&mut st, goal, |op, st| {
-            let (p, n) = op.alloc()?.alloc_blocks(&self.fs, goal, want)?;
+            let (p, n) = Self::alloc_run(op, st, block, want)?;
             st.tree.insert(FileExtent {
                 logical: block,
                 physical: p,
@@ -263,7 +291,12 @@ impl BlockMap for AllocMap {
                 let n = ind.cut(fs, ino, from, op)?;
                 ind.owned -= n;
             }
-            let freed = st.tree.cut(from);
+            let mut freed = st.tree.cut(from);
+            let r = cluster_ratio(&fs.sb);
+            if let Some(p) = st.tree.cluster_slot(from.saturating_sub(1), r) {
+                // The cluster of the new last block stays the file's.
+                freed = keep_cluster(freed, p / r, r);
+            }
             op.tx.freed.extend(freed);
             tree::set_size(&mut st.inode, size);
             stamp(&mut st.inode, true);
@@ -317,6 +350,26 @@ impl AllocMap {
         };
         blocks.saturating_mul(bs).min(i64::MAX as u64)
     }
+}
+
+/// `runs` without the blocks of cluster `keep` (of `r` blocks).
+fn keep_cluster(runs: Vec<(u64, u64)>, keep: u64, r: u64) -> Vec<(u64, u64)> {
+    let (k0, k1) = (keep * r, keep * r + r);
+    let mut out = Vec::with_capacity(runs.len() + 1);
+    for (s, n) in runs {
+        let e = s + n;
+        if e <= k0 || s >= k1 {
+            out.push((s, n));
+            continue;
+        }
+        if s < k0 {
+            out.push((s, k0 - s));
+        }
+        if e > k1 {
+            out.push((k1, e - k1));
+        }
+    }
+    out
 }
 
 /// Set mtime and ctime (and, with `both` false, only ctime) to now.
@@ -529,10 +582,7 @@ impl ExtWriter {
                 }
                 let mut left = n;
                 while left > 0 {
-                    let goal = AllocMap::goal(fs, st, b);
-                    let (p, got) = op
-                        .alloc()?
-                        .alloc_blocks(fs, goal, left.min(MAX_UNWRITTEN))?;
+                    let (p, got) = AllocMap::alloc_run(op, st, b, left.min(MAX_UNWRITTEN))?;
                     st.tree.insert(FileExtent {
                         logical: b,
                         physical: p,
