@@ -721,6 +721,77 @@ fn workload_ext4_4k_bigalloc_64k_clusters() {
     );
 }
 
+/// bigalloc by hand: blocks 5 and 2 of a file share the physical cluster of
+/// their logical cluster (at their offsets), i_blocks counts whole clusters, a
+/// truncate that keeps a block of a cluster keeps the cluster, and unlink gives
+/// every cluster back (free counts as before); e2fsck and the kernel agree.
+#[test]
+fn bigalloc_blocks_of_one_logical_cluster_share_its_physical_cluster() {
+    if !have("mke2fs") || !have("e2fsck") {
+        eprintln!("skipped: needs mke2fs and e2fsck");
+        return;
+    }
+    let img = mkfs(
+        "bigalloc-share",
+        &[
+            "-t",
+            "ext4",
+            "-b",
+            "4096",
+            "-C",
+            "65536",
+            "-O",
+            &format!("{NOJ},bigalloc"),
+        ],
+        64,
+    );
+    let before = free_counts(&img);
+    let (_raw, ext) = open(&img);
+    let inode = ext.create(b"/f", &Attrs::new()).unwrap();
+    let w = ext.writer(&inode).unwrap();
+    w.write_at(5 * 4096, &[0x55; 4096]).unwrap();
+    w.write_at(2 * 4096, &[0x22; 4096]).unwrap();
+    // Past the first cluster: block 17 (second logical cluster).
+    w.write_at(17 * 4096, &[0x77; 100]).unwrap();
+    w.sync().unwrap();
+    let ex = ext.extents(&w.inode()).unwrap();
+    let phys = |l: u64| {
+        let e = ex
+            .iter()
+            .find(|e| e.logical <= l && l < e.logical + e.len)
+            .unwrap();
+        e.physical + (l - e.logical)
+    };
+    assert_eq!(phys(5) - phys(2), 3, "{ex:?}");
+    assert_eq!(phys(2) % 16, 2, "{ex:?}");
+    assert_eq!(phys(17) % 16, 1, "{ex:?}");
+    assert_ne!(phys(17) / 16, phys(2) / 16, "{ex:?}");
+    // Two clusters of 64 KiB.
+    assert_eq!(w.inode().blocks_512, 2 * 128);
+    // Cut inside the second logical cluster's block: both clusters stay.
+    w.set_len(17 * 4096 + 50).unwrap();
+    w.sync().unwrap();
+    assert_eq!(w.inode().blocks_512, 2 * 128);
+    // Cut to block 3: the second cluster goes, the first stays (block 2).
+    w.set_len(3 * 4096).unwrap();
+    w.sync().unwrap();
+    assert_eq!(w.inode().blocks_512, 128);
+    drop(w);
+    drop(ext);
+    fsck(&img);
+    let mut m = Model::new();
+    let mut data = vec![0u8; 3 * 4096];
+    data[2 * 4096..].fill(0x22);
+    m.insert("/f".into(), Node::File(data));
+    check_dio(&img, &m);
+    check_kernel(&img, &m);
+    let (_raw, ext) = open(&img);
+    ext.remove(b"/f", false).unwrap();
+    drop(ext);
+    fsck(&img);
+    assert_eq!(free_counts(&img), before);
+}
+
 /// An image's bytes on a RAM device (crash mode: unflushed writes can be lost).
 fn ram(img: &Path) -> (Arc<dio::MemDevice>, u64) {
     let bytes = std::fs::read(img).unwrap();
