@@ -372,6 +372,8 @@ fn workload_sized(name: &str, args: &[&str], ops: u64, seed: u64, max_file: u64,
         m.len(),
         t0.elapsed().as_secs_f64()
     );
+    // Passed: the image is not needed (a failure keeps it for a look).
+    let _ = std::fs::remove_file(&img);
 }
 
 const NOJ: &str = "^has_journal";
@@ -790,6 +792,7 @@ fn bigalloc_blocks_of_one_logical_cluster_share_its_physical_cluster() {
     drop(ext);
     fsck(&img);
     assert_eq!(free_counts(&img), before);
+    let _ = std::fs::remove_file(&img);
 }
 
 /// An image's bytes on a RAM device (crash mode: unflushed writes can be lost).
@@ -951,6 +954,7 @@ fn an_eio_mid_write_on_indirect_and_bigalloc_files_leaves_only_what_was_written(
     for (name, args) in configs {
         let base = mkfs(name, args, 32);
         let (dev, size) = ram(&base);
+        std::fs::remove_file(&base).unwrap();
         let ext = Ext::open_writable(Arc::clone(&dev) as Arc<dyn dio::Device>, size).unwrap();
         let bs = u64::from(ext.superblock().block_size);
         let inode = ext.create(b"/f", &Attrs::new()).unwrap();
