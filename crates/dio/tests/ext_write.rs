@@ -139,6 +139,8 @@ struct Shape {
     long_names: bool,
     /// Most new names in the root directory (one directory grows large).
     flat: bool,
+    /// The image's size in MiB (0: 48).
+    mib: u64,
 }
 
 /// One random step on `ext` and the model.
@@ -374,7 +376,19 @@ fn check_kernel(img: &Path, m: &Model) {
 }
 
 fn workload(name: &str, args: &[&str], ops: u64, seed: u64, max_file: u64) {
-    workload_shaped(name, args, ops, 1, seed, max_file, Shape::default());
+    workload_sized(name, args, ops, seed, max_file, 48);
+}
+
+/// The workload on an image of `mib` MiB; a passing run deletes the image (a
+/// failing one keeps it for a look).
+fn workload_sized(name: &str, args: &[&str], ops: u64, seed: u64, max_file: u64, mib: u64) {
+    let shape = Shape {
+        mib,
+        ..Shape::default()
+    };
+    if let Some(img) = workload_shaped(name, args, ops, 1, seed, max_file, shape) {
+        let _ = std::fs::remove_file(&img);
+    }
 }
 
 /// The workload in `rounds` rounds of `ops` operations (more while a soak
@@ -393,7 +407,7 @@ fn workload_shaped(
         eprintln!("skipped: needs mke2fs and e2fsck");
         return None;
     }
-    let img = mkfs(name, args, 48);
+    let img = mkfs(name, args, if shape.mib == 0 { 48 } else { shape.mib });
     let mut m = Model::new();
     let mut rng = Rng(seed);
     let mut counter = 0;
@@ -785,6 +799,7 @@ fn workload_ext2_1k_directories_past_12_blocks() {
         Shape {
             long_names: true,
             flat: true,
+            mib: 0,
         },
     ) else {
         return;
@@ -806,6 +821,7 @@ fn workload_ext2_1k_htree_on_indirect_blocks() {
         Shape {
             long_names: true,
             flat: true,
+            mib: 0,
         },
     ) else {
         return;
@@ -835,6 +851,7 @@ fn workload_ext4_1k_large_dir() {
         Shape {
             long_names: true,
             flat: true,
+            mib: 0,
         },
     ) else {
         return;
@@ -843,33 +860,121 @@ fn workload_ext4_1k_large_dir() {
     assert!(htree > 0);
 }
 
+/// bigalloc: bitmaps of clusters, a cluster shared by neighbouring logical
+/// blocks of one file, i_blocks in whole clusters, free counts in clusters
+/// (descriptors) and blocks (superblock); e2fsck and the kernel judge.
 #[test]
-fn bigalloc_images_refuse_allocating_changes() {
-    if !have("mke2fs") {
-        eprintln!("skipped: needs mke2fs");
-        return;
-    }
-    let img = mkfs(
-        "bigalloc",
+fn workload_ext4_4k_bigalloc_16k_clusters() {
+    workload_sized(
+        "w-bigalloc-16k",
         &[
             "-t",
             "ext4",
             "-b",
-            "1024",
+            "4096",
             "-C",
             "16384",
             "-O",
             &format!("{NOJ},bigalloc"),
         ],
-        32,
+        300,
+        11,
+        200_000,
+        96,
     );
-    let (_raw, ext) = open(&img);
-    match ext.mkdir(b"/d", &Attrs::new()) {
-        Err(Error::Incompatible(i)) => assert_eq!(i.feature, dio::Feature::Bigalloc),
-        other => panic!("expected a bigalloc refusal, got {other:?}"),
+}
+
+#[test]
+fn workload_ext4_4k_bigalloc_64k_clusters() {
+    workload_sized(
+        "w-bigalloc-64k",
+        &[
+            "-t",
+            "ext4",
+            "-b",
+            "4096",
+            "-C",
+            "65536",
+            "-O",
+            &format!("{NOJ},bigalloc"),
+        ],
+        300,
+        12,
+        200_000,
+        192,
+    );
+}
+
+/// bigalloc by hand: blocks 5 and 2 of a file share the physical cluster of
+/// their logical cluster (at their offsets), i_blocks counts whole clusters, a
+/// truncate that keeps a block of a cluster keeps the cluster, and unlink gives
+/// every cluster back (free counts as before); e2fsck and the kernel agree.
+#[test]
+fn bigalloc_blocks_of_one_logical_cluster_share_its_physical_cluster() {
+    if !have("mke2fs") || !have("e2fsck") {
+        eprintln!("skipped: needs mke2fs and e2fsck");
+        return;
     }
+    let img = mkfs(
+        "bigalloc-share",
+        &[
+            "-t",
+            "ext4",
+            "-b",
+            "4096",
+            "-C",
+            "65536",
+            "-O",
+            &format!("{NOJ},bigalloc"),
+        ],
+        64,
+    );
+    let before = free_counts(&img);
+    let (_raw, ext) = open(&img);
+    let inode = ext.create(b"/f", &Attrs::new()).unwrap();
+    let w = ext.writer(&inode).unwrap();
+    w.write_at(5 * 4096, &[0x55; 4096]).unwrap();
+    w.write_at(2 * 4096, &[0x22; 4096]).unwrap();
+    // Past the first cluster: block 17 (second logical cluster).
+    w.write_at(17 * 4096, &[0x77; 100]).unwrap();
+    w.sync().unwrap();
+    let ex = ext.extents(&w.inode()).unwrap();
+    let phys = |l: u64| {
+        let e = ex
+            .iter()
+            .find(|e| e.logical <= l && l < e.logical + e.len)
+            .unwrap();
+        e.physical + (l - e.logical)
+    };
+    assert_eq!(phys(5) - phys(2), 3, "{ex:?}");
+    assert_eq!(phys(2) % 16, 2, "{ex:?}");
+    assert_eq!(phys(17) % 16, 1, "{ex:?}");
+    assert_ne!(phys(17) / 16, phys(2) / 16, "{ex:?}");
+    // Two clusters of 64 KiB.
+    assert_eq!(w.inode().blocks_512, 2 * 128);
+    // Cut inside the second logical cluster's block: both clusters stay.
+    w.set_len(17 * 4096 + 50).unwrap();
+    w.sync().unwrap();
+    assert_eq!(w.inode().blocks_512, 2 * 128);
+    // Cut to block 3: the second cluster goes, the first stays (block 2).
+    w.set_len(3 * 4096).unwrap();
+    w.sync().unwrap();
+    assert_eq!(w.inode().blocks_512, 128);
+    drop(w);
     drop(ext);
     fsck(&img);
+    let mut m = Model::new();
+    let mut data = vec![0u8; 3 * 4096];
+    data[2 * 4096..].fill(0x22);
+    m.insert("/f".into(), Node::File(data));
+    check_dio(&img, &m);
+    check_kernel(&img, &m);
+    let (_raw, ext) = open(&img);
+    ext.remove(b"/f", false).unwrap();
+    drop(ext);
+    fsck(&img);
+    assert_eq!(free_counts(&img), before);
+    let _ = std::fs::remove_file(&img);
 }
 
 /// An image's bytes on a RAM device (crash mode: unflushed writes can be lost).
@@ -998,6 +1103,82 @@ fn an_eio_mid_write_leaves_size_and_extents_describing_only_what_was_written() {
     m.insert("/f".into(), Node::File(vec![0x77u8; n as usize]));
     m.insert("/other".into(), Node::File(b"between".to_vec()));
     check_dio(&img, &m);
+}
+
+/// The same rule on files mapped by indirect blocks (ext2: new blocks stay
+/// out of the pointers until written, and the failed ones are freed) and on
+/// bigalloc (clusters shared by the written and the failed blocks). The file is
+/// written whole once, cut to 0 and written again: the allocator hands out the
+/// same blocks, so the block that fails is known.
+#[test]
+fn an_eio_mid_write_on_indirect_and_bigalloc_files_leaves_only_what_was_written() {
+    if !have("mke2fs") || !have("e2fsck") {
+        eprintln!("skipped: needs mke2fs and e2fsck");
+        return;
+    }
+    let configs: [(&str, &[&str]); 3] = [
+        ("eio-ext2-4k", &["-t", "ext2", "-b", "4096"]),
+        ("eio-ext2-1k", &["-t", "ext2", "-b", "1024"]),
+        (
+            "eio-bigalloc",
+            &[
+                "-t",
+                "ext4",
+                "-b",
+                "4096",
+                "-C",
+                "16384",
+                "-O",
+                "^has_journal,bigalloc",
+            ],
+        ),
+    ];
+    for (name, args) in configs {
+        let base = mkfs(name, args, 32);
+        let (dev, size) = ram(&base);
+        std::fs::remove_file(&base).unwrap();
+        let ext = Ext::open_writable(Arc::clone(&dev) as Arc<dyn dio::Device>, size).unwrap();
+        let bs = u64::from(ext.superblock().block_size);
+        let inode = ext.create(b"/f", &Attrs::new()).unwrap();
+        let w = ext.writer(&inode).unwrap();
+        let blocks = 64u64;
+        w.write_at(0, &vec![0x11u8; (blocks * bs) as usize])
+            .unwrap();
+        w.sync().unwrap();
+        let ex = ext.extents(&w.inode()).unwrap();
+        let e = ex
+            .iter()
+            .find(|e| e.logical <= 40 && 40 < e.logical + e.len)
+            .unwrap();
+        let p = e.physical + (40 - e.logical);
+        w.set_len(0).unwrap();
+        w.sync().unwrap();
+        // Block 40 of the file fails to write.
+        dev.fail_range(p * bs..(p + 1) * bs, Some(dio::Op::Write));
+        let r = w.write_at(0, &vec![0x77u8; (blocks * bs) as usize]);
+        dev.clear_faults();
+        let n = match r {
+            Ok(n) => n as u64,
+            Err(_) => 0,
+        };
+        assert!(n <= 40 * bs, "{name}: wrote {n}");
+        eprintln!("{name}: {n} of {} bytes written", blocks * bs);
+        w.sync().unwrap();
+        assert_eq!(w.size(), n, "{name}");
+        let ex = ext.extents(&w.inode()).unwrap();
+        let written: u64 = ex.iter().filter(|e| !e.unwritten).map(|e| e.len).sum();
+        assert_eq!(written, n.div_ceil(bs), "{name}: {ex:?}");
+        drop(w);
+        drop(ext);
+        let img = scratch().join(format!("{name}-after.img"));
+        std::fs::write(&img, dev.read_raw(0, size as usize)).unwrap();
+        // e2fsck finds no block owned by nobody or twice, and i_blocks right.
+        fsck(&img);
+        let mut m = Model::new();
+        m.insert("/f".into(), Node::File(vec![0x77u8; n as usize]));
+        check_dio(&img, &m);
+        std::fs::remove_file(&img).unwrap();
+    }
 }
 
 #[test]

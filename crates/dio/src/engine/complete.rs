@@ -60,6 +60,9 @@ pub(crate) struct Call {
     pub(crate) file_lock: Option<LockKind>,
     /// Flush the device before completing (dsync with metadata changes or no FUA).
     pub(crate) flush: bool,
+    /// A write with `Flags::DSYNC`: completion goes through the map's
+    /// `end_io_dsync`, which makes it durable.
+    pub(crate) dsync: bool,
 }
 
 /// One direct-I/O call in flight (the seed's `struct dio`): what its requests'
@@ -388,6 +391,34 @@ impl Dio {
         // The map's end_io is user code: a panic there still releases the call's
         // locks and counts (below), and reaches a sync caller afterwards.
         let map = &file.map;
+        if call.op == Op::Write && call.dsync && file.end_io {
+            // The map makes the write durable (its metadata, and the flush).
+            let r = result.map_err(|e| *e);
+            let size = match (&r, call.extend) {
+                (Ok(n), Some(limit)) => Some((call.offset + *n as u64).min(limit)),
+                _ => None,
+            };
+            return self.finish_tail(
+                file,
+                call,
+                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    map.end_io_dsync(
+                        &*file.dev,
+                        call.offset,
+                        r,
+                        private.as_ref(),
+                        size,
+                        call.flush,
+                    )
+                })) {
+                    Ok(r) => r.map_err(Box::new),
+                    Err(payload) => {
+                        *panic = Some(payload);
+                        Err(Box::new(Error::Panicked("BlockMap::end_io_dsync")))
+                    }
+                },
+            );
+        }
         if file.end_io {
             let r = result.map_err(|e| *e);
             result = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -414,6 +445,13 @@ impl Dio {
                 }
             }
         }
+        self.finish_tail(file, call, result)
+    }
+
+    /// The end of a call's finish, after end_io and the dsync flush: the counts,
+    /// the new size, and the locks released.
+    #[inline]
+    fn finish_tail(&self, file: &Shared, call: &Call, result: Res) -> Res {
         if let (Op::Write, Ok(n)) = (call.op, &result) {
             let stats = &file.stats;
             stats.written.fetch_add(*n as u64, Ordering::Relaxed);

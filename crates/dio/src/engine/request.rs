@@ -379,6 +379,7 @@ pub(crate) fn run(
         range_lock,
         file_lock: None,
         flush: false,
+        dsync,
     };
     let dio = match done {
         None => Dio::sync_call(),

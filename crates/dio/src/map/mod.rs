@@ -140,6 +140,38 @@ pub trait BlockMap: Send + Sync {
         result
     }
 
+    /// The [`BlockMap::end_io`] of a write made with [`crate::Flags::DSYNC`]:
+    /// the write completes (returns, or has its completion delivered) only once
+    /// this returns, and must then be durable. `size` is the file size the
+    /// write reaches when it extends the file (the engine records it after this
+    /// hook); `flush` says whether durability needs a device flush (the write
+    /// allocated blocks, extended the file, or its data went without FUA).
+    ///
+    /// The default calls `end_io` and then, when `flush` and the write wrote
+    /// bytes, flushes `dev`. A file system that keeps metadata changes in memory
+    /// until a later commit (converted extents, the size) overrides it to put
+    /// them on stable storage here, flushing `dev` itself as its ordering needs:
+    /// the engine sends no flush of its own after this hook.
+    fn end_io_dsync(
+        &self,
+        dev: &dyn Device,
+        offset: u64,
+        result: Result<usize>,
+        private: Option<&Private>,
+        size: Option<u64>,
+        flush: bool,
+    ) -> Result<usize> {
+        let _ = size;
+        let r = self.end_io(Op::Write, offset, result, private);
+        match r {
+            Ok(n) if n > 0 && flush => match dev.flush() {
+                Ok(()) => Ok(n),
+                Err(e) => Err(crate::Error::io(offset, e)),
+            },
+            r => r,
+        }
+    }
+
     /// Whether [`BlockMap::end_io`] does anything. A map that keeps the default
     /// `end_io` may answer false, and the engine then skips the call (one dynamic
     /// call and a move of the result less per direct-I/O call). Asked once, when a

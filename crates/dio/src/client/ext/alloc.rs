@@ -25,7 +25,7 @@ use super::group::descriptor_block;
 use super::superblock::{incompat, ro_compat, Superblock, SUPERBLOCK_OFFSET};
 use super::tx::Tx;
 use super::Fs;
-use crate::error::{CorruptKind, Feature};
+use crate::error::CorruptKind;
 use crate::{Error, Result};
 
 const INODE_UNINIT: u16 = 0x1;
@@ -68,18 +68,17 @@ pub(crate) struct Alloc {
     wide: bool,
     ds: usize,
     per_block: u32,
+    /// Blocks per cluster (1 unless bigalloc).
+    ratio: u64,
+    /// Clusters freed by the operation being committed (bigalloc: blocks of one
+    /// file share clusters, so two freed runs may name the same one).
+    freed_clusters: std::collections::HashSet<u64>,
 }
 
 impl Alloc {
     /// Read the descriptor table and the superblock block.
     pub(crate) fn load(fs: &Fs) -> Result<Alloc> {
         let sb = &fs.sb;
-        if sb.has_ro_compat(ro_compat::BIGALLOC) {
-            return Err(Error::incompatible(
-                Feature::Bigalloc,
-                "bigalloc: allocating writes on clustered images are not implemented",
-            ));
-        }
         let bs = sb.block_size as usize;
         let ds = usize::from(sb.desc_size);
         let per_block = (bs / ds) as u32;
@@ -105,6 +104,8 @@ impl Alloc {
             wide: ds >= 64,
             ds,
             per_block,
+            ratio: cluster_ratio(sb),
+            freed_clusters: std::collections::HashSet::new(),
         })
     }
 
@@ -219,16 +220,17 @@ impl Alloc {
                 let mut bm = vec![0u8; bs];
                 let first = sb.group_first_block(g);
                 let in_group = self.blocks_in_group(sb, g);
+                let r = self.ratio;
                 let base = Self::base_meta_blocks(sb, g, self.per_block);
                 for i in 0..base.min(in_group) {
-                    set_bit(&mut bm, i);
+                    set_bit(&mut bm, i / r);
                 }
                 let itable = itable_blocks(sb);
                 for h in 0..sb.groups {
                     let mut mark = |b: u64, n: u64| {
                         for x in b..b + n {
                             if x >= first && x < first + in_group {
-                                set_bit(&mut bm, x - first);
+                                set_bit(&mut bm, (x - first) / r);
                             }
                         }
                     };
@@ -236,7 +238,7 @@ impl Alloc {
                     mark(self.inode_bitmap_at(h), 1);
                     mark(self.inode_table_at(h), itable);
                 }
-                for i in in_group..(bs as u64 * 8) {
+                for i in in_group.div_ceil(r)..(bs as u64 * 8) {
                     set_bit(&mut bm, i);
                 }
                 let f = self.flags(g) & !BLOCK_UNINIT;
@@ -290,9 +292,12 @@ impl Alloc {
 
     /// Allocate up to `want` contiguous blocks, the first free one at or after
     /// `goal` (wrapping around the file system). ENOSPC when none is free.
+    /// With bigalloc, whole clusters: the run starts on a cluster and its
+    /// length is a multiple of the cluster (`want` rounded up).
     pub(crate) fn alloc_blocks(&mut self, fs: &Fs, goal: u64, want: u64) -> Result<(u64, u64)> {
         let sb = &fs.sb;
-        let want = want.max(1);
+        let r = self.ratio;
+        let want = want.max(1).div_ceil(r);
         let fdb = u64::from(sb.first_data_block);
         let goal = if goal < fdb || goal >= sb.blocks_count {
             fdb
@@ -306,8 +311,8 @@ impl Alloc {
             if self.free_blocks_in(g) == 0 {
                 continue;
             }
-            let start_bit = if k == 0 { (goal - fdb) % bpg } else { 0 };
-            let n = self.blocks_in_group(sb, g);
+            let start_bit = if k == 0 { (goal - fdb) % bpg / r } else { 0 };
+            let n = self.blocks_in_group(sb, g).div_ceil(r);
             let bm = self.bb(fs, g)?;
             let Some(first) = (start_bit..n).find(|&i| !get_bit(bm, i)) else {
                 continue;
@@ -320,26 +325,32 @@ impl Alloc {
                 set_bit(bm, i);
             }
             self.take_blocks(sb, g, len as i64);
-            return Ok((sb.group_first_block(g) + first, len));
+            return Ok((sb.group_first_block(g) + first * r, len * r));
         }
         Err(Error::NoSpace(format!(
             "no free block left for {want} more block(s)"
         )))
     }
 
-    /// Count `n` blocks taken (negative: given back) in group `g`.
+    /// Count `n` clusters (blocks unless bigalloc) taken (negative: given back)
+    /// in group `g`: the descriptor counts clusters, the superblock blocks.
     fn take_blocks(&mut self, sb: &Superblock, g: u32, n: i64) {
         let free = self.free_blocks_in(g) as i64 - n;
         self.set16(g, 0xC, 0x2C, free.max(0) as u64);
         if !self.dirty_bb.contains(&g) {
             self.dirty_bb.push(g);
         }
-        let total = self.sb_get_free_blocks(sb) as i64 - n;
+        let total = self.sb_get_free_blocks(sb) as i64 - n * self.ratio as i64;
         self.sb_set_free_blocks(sb, total.max(0) as u64);
     }
 
     /// Give back `len` blocks from `start`. A block already free is corruption.
+    /// With bigalloc, the clusters the run touches (each once per operation:
+    /// the caller frees only clusters the file no longer uses).
     pub(crate) fn free_blocks_run(&mut self, fs: &Fs, start: u64, len: u64) -> Result<()> {
+        if self.ratio > 1 {
+            return self.free_clusters_run(fs, start, len);
+        }
         let sb = &fs.sb;
         let fdb = u64::from(sb.first_data_block);
         let bpg = u64::from(sb.blocks_per_group);
@@ -362,6 +373,36 @@ impl Alloc {
             }
             self.take_blocks(sb, g, -((stop - b) as i64));
             b = stop;
+        }
+        Ok(())
+    }
+
+    fn free_clusters_run(&mut self, fs: &Fs, start: u64, len: u64) -> Result<()> {
+        let sb = &fs.sb;
+        let r = self.ratio;
+        let fdb = u64::from(sb.first_data_block);
+        let cpg = u64::from(sb.clusters_per_group);
+        fs.check_blocks(start, len, 0)?;
+        if len == 0 {
+            return Ok(());
+        }
+        for c in (start - fdb) / r..=(start + len - 1 - fdb) / r {
+            if !self.freed_clusters.insert(c) {
+                continue;
+            }
+            let g = (c / cpg) as u32;
+            let bm = self.bb(fs, g)?;
+            if !get_bit(bm, c % cpg) {
+                return Err(Error::corrupt(
+                    CorruptKind::Bitmap,
+                    format!(
+                        "cluster {c} (block {}) is freed but its bitmap bit is already clear",
+                        c * r + fdb
+                    ),
+                ));
+            }
+            clear_bit(bm, c % cpg);
+            self.take_blocks(sb, g, -1);
         }
         Ok(())
     }
@@ -443,6 +484,7 @@ impl Alloc {
     /// Put every changed bitmap, descriptor block and the superblock block into
     /// `tx` (bitmaps first), with their checksums.
     pub(crate) fn flush_into(&mut self, fs: &Fs, tx: &mut Tx) {
+        self.freed_clusters.clear();
         let sb = &fs.sb;
         let csum = sb.metadata_csum();
         let bb = std::mem::take(&mut self.dirty_bb);
@@ -514,6 +556,11 @@ impl Alloc {
 
 fn bad_desc(g: u32, m: &str) -> Error {
     Error::corrupt(CorruptKind::GroupDescriptor, format!("group {g}: {m}"))
+}
+
+/// Blocks per cluster (1 unless bigalloc).
+pub(crate) fn cluster_ratio(sb: &Superblock) -> u64 {
+    u64::from(sb.cluster_size / sb.block_size).max(1)
 }
 
 /// Inode-table blocks per group.

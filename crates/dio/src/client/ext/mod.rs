@@ -18,9 +18,9 @@
 //! for crashes (data, then pointers, then sizes; allocations before links, frees
 //! last; on images with a journal each operation is one jbd2 transaction
 //! through the journal writer); they are refused with [`Feature::JournalWrite`]
-//! when a journal is there but not open for writing, with
-//! [`Feature::Bigalloc`] on bigalloc images; inline-data directories, and htree
-//! directories whose two-level index is full, refuse new names.
+//! when a journal is there but not open for writing (bigalloc images allocate
+//! whole clusters); inline-data directories, and htree directories whose
+//! two-level index is full, refuse new names.
 //!
 //! What a handle can do is what the client supports, whichever way it is asked:
 //! the block map refuses writes to holes, unwritten extents and bytes past i_size

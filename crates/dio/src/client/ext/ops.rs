@@ -361,7 +361,7 @@ fn dir_add(op: &mut Op<'_>, d: &mut DirW, name: &[u8], ino: u32, t: u8) -> Resul
         // A new block at the end.
         let b = d.nblocks(bs);
         let goal = dir_goal(op, d)?;
-        let (p, _) = op.alloc()?.alloc_blocks(fs, goal, 1)?;
+        let p = tree::block_for(op, d.tree.as_ref(), b, goal)?;
         let block = new_leaf(fs, &d.inode, &[(ino, name, t)]);
         op.tx.put_fresh(p, block);
         link_block(op, d, b, p)?;
@@ -512,7 +512,7 @@ fn make_indexed(op: &mut Op<'_>, d: &mut DirW) -> Result<bool> {
     put32(&mut d.inode.raw, 0x20, d.inode.flags);
     seal_dx(fs, &d.inode, &mut root, 0x20);
     let goal = dir_goal(op, d)?;
-    let (p1, _) = op.alloc()?.alloc_blocks(fs, goal, 1)?;
+    let p1 = tree::block_for(op, d.tree.as_ref(), 1, goal)?;
     op.tx.put_fresh(p1, leaf);
     link_block(op, d, 1, p1)?;
     tree::set_size(&mut d.inode, 2 * bs as u64);
@@ -705,7 +705,7 @@ fn dx_split(op: &mut Op<'_>, d: &mut DirW, name: &[u8]) -> Result<()> {
         // The new leaf: a fresh block at the end of the directory.
         let nb = d.nblocks(bs);
         let goal = dir_goal(op, d)?;
-        let (p, _) = op.alloc()?.alloc_blocks(fs, goal, 1)?;
+        let p = tree::block_for(op, d.tree.as_ref(), nb, goal)?;
         op.tx.put_fresh(p, hi_b);
         link_block(op, d, nb, p)?;
         tree::set_size(&mut d.inode, (nb + 1) * bs);
@@ -789,7 +789,7 @@ fn dx_make_room(op: &mut Op<'_>, d: &mut DirW, path: &DxPath) -> Result<()> {
         let mut node = new_node(&root[root_l.at..root_l.at + root_l.count * 8], root_l.count);
         seal_dx(fs, &d.inode, &mut node, 8);
         let goal = dir_goal(op, d)?;
-        let (p, _) = op.alloc()?.alloc_blocks(fs, goal, 1)?;
+        let p = tree::block_for(op, d.tree.as_ref(), nb, goal)?;
         op.tx.put_fresh(p, node);
         link_block(op, d, nb, p)?;
         tree::set_size(&mut d.inode, (nb + 1) * bs);
@@ -813,7 +813,7 @@ fn dx_make_room(op: &mut Op<'_>, d: &mut DirW, path: &DxPath) -> Result<()> {
     put16(&mut node, 10, mid as u16);
     seal_dx(fs, &d.inode, &mut node, 8);
     let goal = dir_goal(op, d)?;
-    let (p, _) = op.alloc()?.alloc_blocks(fs, goal, 1)?;
+    let p = tree::block_for(op, d.tree.as_ref(), nb, goal)?;
     op.tx.put_fresh(p, upper);
     link_block(op, d, nb, p)?;
     tree::set_size(&mut d.inode, (nb + 1) * bs);
@@ -840,7 +840,7 @@ fn link_block(op: &mut Op<'_>, d: &mut DirW, b: u64, p: u64) -> Result<()> {
             });
             let mut inode = d.inode.clone();
             t.write(op, &mut inode, p)?;
-            let ib = t.i_blocks(&inode, fs.sb.block_size);
+            let ib = t.i_blocks(&inode, &fs.sb);
             tree::set_i_blocks(&mut inode, ib);
             d.inode = inode;
         }

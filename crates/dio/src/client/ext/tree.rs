@@ -10,9 +10,11 @@
 
 use std::collections::HashMap;
 
+use super::alloc::cluster_ratio;
 use super::bytes::{crc32c, put16, put32};
 use super::inode::Inode;
 use super::map::FileExtent;
+use super::superblock::Superblock;
 use super::tx::Op;
 use crate::error::CorruptKind;
 use crate::{Error, Result};
@@ -272,11 +274,76 @@ impl ExtTree {
     }
 
     /// i_blocks (512-byte units) for these extents and tree blocks, plus the
-    /// inode's extended-attribute block.
-    pub(crate) fn i_blocks(&self, inode: &Inode, bs: u32) -> u64 {
+    /// inode's extended-attribute block. With bigalloc, whole clusters: the
+    /// distinct clusters the data touches, one per tree block and one for the
+    /// attribute block.
+    pub(crate) fn i_blocks(&self, inode: &Inode, sb: &Superblock) -> u64 {
         let acl = u64::from(inode.file_acl != 0);
-        (self.data_blocks() + self.blocks.len() as u64 + acl) * u64::from(bs / 512)
+        let r = cluster_ratio(sb);
+        let units = if r == 1 {
+            self.data_blocks() + self.blocks.len() as u64 + acl
+        } else {
+            self.data_clusters(r) + self.blocks.len() as u64 + acl
+        };
+        units * (u64::from(sb.block_size) / 512) * r
     }
+
+    /// Distinct clusters of `r` blocks the data touches.
+    fn data_clusters(&self, r: u64) -> u64 {
+        let mut runs: Vec<(u64, u64)> = self
+            .exts
+            .iter()
+            .map(|e| (e.physical / r, (e.physical + e.len - 1) / r))
+            .collect();
+        runs.sort_unstable();
+        let mut n = 0;
+        let mut last: Option<u64> = None;
+        for (a, b) in runs {
+            let a = match last {
+                Some(l) if a <= l => l + 1,
+                _ => a,
+            };
+            if a <= b {
+                n += b - a + 1;
+            }
+            last = Some(last.map_or(b, |l| l.max(b)));
+        }
+        n
+    }
+
+    /// With bigalloc: the device block for file block `logical` when its logical
+    /// cluster already has a physical cluster (blocks of one logical cluster
+    /// share one physical cluster, at the same offsets).
+    pub(crate) fn cluster_slot(&self, logical: u64, r: u64) -> Option<u64> {
+        if r == 1 {
+            return None;
+        }
+        let (lo, hi) = (logical - logical % r, logical - logical % r + r);
+        let i = self.exts.partition_point(|e| e.logical + e.len <= lo);
+        let e = self.exts.get(i).filter(|e| e.logical < hi)?;
+        let l = e.logical.max(lo);
+        let p = e.physical + (l - e.logical);
+        Some(p - p % r + logical % r)
+    }
+}
+
+/// A new block for file block `logical` of a file mapped by `tree` (None:
+/// indirect blocks), near `goal`: with bigalloc, in the physical cluster of the
+/// block's logical cluster if the file has it, else at the block's offset in a
+/// new cluster.
+pub(crate) fn block_for(
+    op: &mut Op<'_>,
+    tree: Option<&ExtTree>,
+    logical: u64,
+    goal: u64,
+) -> Result<u64> {
+    let fs = op.fs;
+    let r = cluster_ratio(&fs.sb);
+    if let Some(p) = tree.and_then(|t| t.cluster_slot(logical, r)) {
+        return Ok(p);
+    }
+    let (c, _) = op.alloc()?.alloc_blocks(fs, goal, 1)?;
+    Ok(c + logical % r)
 }
 
 /// Set i_blocks in the raw inode (512-byte units; the huge_file flag is kept off,

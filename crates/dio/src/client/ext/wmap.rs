@@ -25,8 +25,10 @@
 //!
 //! Every metadata change goes through one [`Op`] and its commit.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use super::alloc::cluster_ratio;
 use super::imap::IndW;
 use super::inode::{flags, Inode};
 use super::map::{map_extents, FileExtent};
@@ -76,6 +78,33 @@ impl AllocMap {
         }
     }
 
+    /// Blocks for the hole at file block `block`, up to `want` of them (not past
+    /// the hole): near the goal; with bigalloc, in the physical cluster the
+    /// block's logical cluster already has, else in new clusters at the
+    /// block's offset in its cluster (the kernel's rule: a file's blocks share
+    /// clusters only with their logical neighbours, at the same offsets).
+    fn alloc_run(op: &mut Op<'_>, st: &FileW, block: u64, want: u64) -> Result<(u64, u64)> {
+        let fs = op.fs;
+        let r = cluster_ratio(&fs.sb);
+        let goal = Self::goal(fs, st, block);
+        if r == 1 {
+            return op.alloc()?.alloc_blocks(fs, goal, want);
+        }
+        let off = block % r;
+        if let Some(p) = st.tree.cluster_slot(block, r) {
+            return Ok((p, want.min(r - off)));
+        }
+        // A hole that ends inside a logical cluster the file has stops before it.
+        let end = block + want;
+        let want = if end % r != 0 && st.tree.cluster_slot(end - 1, r).is_some() {
+            end - end % r - block
+        } else {
+            want
+        };
+        let (c, got) = op.alloc()?.alloc_blocks(fs, goal, off + want)?;
+        Ok((c + off, (got - off).min(want)))
+    }
+
     /// Write the tree, i_blocks and the inode through `op`; the caller commits.
     pub(crate) fn store(op: &mut Op<'_>, st: &mut FileW, goal: u64) -> Result<()> {
         let mut inode = st.inode.clone();
@@ -86,7 +115,7 @@ impl AllocMap {
             return Ok(());
         }
         st.tree.write(op, &mut inode, goal)?;
-        let ib = st.tree.i_blocks(&inode, op.fs.sb.block_size);
+        let ib = st.tree.i_blocks(&inode, &op.fs.sb);
         tree::set_i_blocks(&mut inode, ib);
         op.put_inode(&mut inode)?;
         st.inode = inode;
@@ -158,7 +187,7 @@ impl BlockMap for AllocMap {
         let want = e.len.min(MAX_UNWRITTEN).min((1 << 32) - block);
         let goal = Self::goal(&self.fs, &st, block);
         let got = self.change(&mut st, goal, |op, st| {
-            let (p, n) = op.alloc()?.alloc_blocks(&self.fs, goal, want)?;
+            let (p, n) = Self::alloc_run(op, st, block, want)?;
             st.tree.insert(FileExtent {
                 logical: block,
                 physical: p,
@@ -197,6 +226,49 @@ impl BlockMap for AllocMap {
         result
     }
 
+    fn end_io_dsync(
+        &self,
+        dev: &dyn Device,
+        offset: u64,
+        result: Result<usize>,
+        private: Option<&Private>,
+        size: Option<u64>,
+        flush: bool,
+    ) -> Result<usize> {
+        let n = match self.end_io(IoOp::Write, offset, result, private) {
+            Ok(n) if n > 0 => n,
+            r => return r,
+        };
+        let flush_dev = || dev.flush().map_err(|e| Error::io(offset, e));
+        let mut st = lock(&self.st);
+        let grows = size.is_some_and(|s| s > st.inode.size);
+        if !st.converted && !grows {
+            // No metadata of this file waits in memory: the data alone.
+            if flush {
+                flush_dev()?;
+            }
+            return Ok(n);
+        }
+        // The converted extents (or pointers) and the size, after the data (the
+        // change flushes first), in one operation: a journal transaction that is
+        // committed when it returns, or ordered stages that the flush below
+        // makes durable.
+        let goal = Self::group_goal(&self.fs, st.inode.ino);
+        self.change(&mut st, goal, |_, st| {
+            if let Some(s) = size {
+                if st.inode.size < s {
+                    tree::set_size(&mut st.inode, s);
+                }
+            }
+            stamp(&mut st.inode, true);
+            Ok(())
+        })?;
+        if !self.fs.journaled() {
+            flush_dev()?;
+        }
+        Ok(n)
+    }
+
     fn can_resize(&self, size: u64) -> Result<()> {
         if size > self.max_file_size() {
             return Err(Error::TooLarge {
@@ -219,7 +291,12 @@ impl BlockMap for AllocMap {
                 let n = ind.cut(fs, ino, from, op)?;
                 ind.owned -= n;
             }
-            let freed = st.tree.cut(from);
+            let mut freed = st.tree.cut(from);
+            let r = cluster_ratio(&fs.sb);
+            if let Some(p) = st.tree.cluster_slot(from.saturating_sub(1), r) {
+                // The cluster of the new last block stays the file's.
+                freed = keep_cluster(freed, p / r, r);
+            }
             op.tx.freed.extend(freed);
             tree::set_size(&mut st.inode, size);
             stamp(&mut st.inode, true);
@@ -275,6 +352,26 @@ impl AllocMap {
     }
 }
 
+/// `runs` without the blocks of cluster `keep` (of `r` blocks).
+fn keep_cluster(runs: Vec<(u64, u64)>, keep: u64, r: u64) -> Vec<(u64, u64)> {
+    let (k0, k1) = (keep * r, keep * r + r);
+    let mut out = Vec::with_capacity(runs.len() + 1);
+    for (s, n) in runs {
+        let e = s + n;
+        if e <= k0 || s >= k1 {
+            out.push((s, n));
+            continue;
+        }
+        if s < k0 {
+            out.push((s, k0 - s));
+        }
+        if e > k1 {
+            out.push((k1, e - k1));
+        }
+    }
+    out
+}
+
 /// Set mtime and ctime (and, with `both` false, only ctime) to now.
 pub(crate) fn stamp(inode: &mut Inode, mtime: bool) {
     let t = super::now();
@@ -293,7 +390,12 @@ pub struct ExtWriter {
     map: Arc<AllocMap>,
     file: DirectFile,
     ino: u32,
+    /// Every [`ExtWriter::write_at`] is a dsync write.
+    dsync: AtomicBool,
 }
+
+/// The inode flag of `chattr +S` (synchronous updates).
+const SYNC_FL: u32 = 0x8;
 
 impl std::fmt::Debug for ExtWriter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -317,6 +419,7 @@ impl ExtWriter {
         };
         let ino = inode.ino;
         let size = inode.size;
+        let dsync = inode.has_flag(SYNC_FL);
         let map = Arc::new(AllocMap {
             fs: Arc::clone(fs),
             st: Mutex::new(FileW {
@@ -342,7 +445,23 @@ impl ExtWriter {
             map,
             file,
             ino,
+            dsync: AtomicBool::new(dsync),
         })
+    }
+
+    /// Make every [`ExtWriter::write_at`] a dsync write (`O_DSYNC`): when it
+    /// returns, its data, the blocks allocated or converted for it and the
+    /// size it reached are on stable storage (without a journal: ordered
+    /// writes and flushes; with one: its transaction committed). On by default
+    /// for an inode with the sync flag (`chattr +S`). Writes through
+    /// [`ExtWriter::direct`] get the same with [`Flags::DSYNC`].
+    pub fn set_dsync(&self, on: bool) {
+        self.dsync.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether writes are dsync writes (see [`ExtWriter::set_dsync`]).
+    pub fn is_dsync(&self) -> bool {
+        self.dsync.load(Ordering::Relaxed)
     }
 
     /// The file's size.
@@ -367,8 +486,15 @@ impl ExtWriter {
     /// mid-way gives a short count (the bytes before it are written and
     /// recorded); ENOSPC before the first byte is [`Error::NoSpace`].
     pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<usize> {
-        let n = self.file.write_at(offset, data, Flags::UNALIGNED)?;
-        self.commit_size()?;
+        let mut flags = Flags::UNALIGNED;
+        if self.is_dsync() {
+            flags |= Flags::DSYNC;
+        }
+        let n = self.file.write_at(offset, data, flags)?;
+        // A dsync write stored its size in its completion.
+        if !self.is_dsync() || lock(&self.map.st).inode.size < self.file.size() {
+            self.commit_size()?;
+        }
         Ok(n)
     }
 
@@ -412,23 +538,63 @@ impl ExtWriter {
 
     /// Allocate `[offset, offset + len)` as unwritten extents (fallocate with
     /// KEEP_SIZE): a later write there only converts. Blocks already mapped stay.
+    /// The whole range is one operation (one set of bitmap, tree and inode
+    /// writes), in runs as long as the free space allows: ENOSPC allocates
+    /// nothing.
     pub fn allocate(&self, offset: u64, len: u64) -> Result<()> {
         if len == 0 {
             return Ok(());
         }
         let bs = u64::from(self.fs.sb.block_size);
-        let (mut b, end) = (offset / bs, (offset + len).div_ceil(bs));
-        while b < end {
-            let e = self.map.map(b, end - b, false)?;
-            let n = e.len.max(1).min(end - b);
-            if e.mapping == Mapping::Hole {
-                let got = self.map.map(b, n, true)?;
-                b += got.len.max(1);
-            } else {
-                b += n;
+        let (b0, end) = (offset / bs, (offset + len).div_ceil(bs));
+        let mut st = lock(&self.map.st);
+        if st.ind.is_some() {
+            // Indirect files: blocks pending until written, a run per table.
+            drop(st);
+            let mut b = b0;
+            while b < end {
+                let e = self.map.map(b, end - b, false)?;
+                let n = e.len.max(1).min(end - b);
+                if e.mapping == Mapping::Hole {
+                    b += self.map.map(b, n, true)?.len.max(1);
+                } else {
+                    b += n;
+                }
             }
+            return Ok(());
         }
-        Ok(())
+        if end > 1 << 32 {
+            return Err(Error::TooLarge {
+                end: offset + len,
+                max: self.map.max_file_size_of(&st),
+            });
+        }
+        let fs = &self.fs;
+        let goal = AllocMap::goal(fs, &st, b0);
+        self.map.change(&mut st, goal, |op, st| {
+            let mut b = b0;
+            while b < end {
+                let e = map_extents(&st.tree.exts, b, end - b);
+                let n = e.len.max(1).min(end - b);
+                if e.mapping != Mapping::Hole {
+                    b += n;
+                    continue;
+                }
+                let mut left = n;
+                while left > 0 {
+                    let (p, got) = AllocMap::alloc_run(op, st, b, left.min(MAX_UNWRITTEN))?;
+                    st.tree.insert(FileExtent {
+                        logical: b,
+                        physical: p,
+                        len: got,
+                        unwritten: true,
+                    });
+                    b += got;
+                    left -= got;
+                }
+            }
+            Ok(())
+        })
     }
 
     /// Record the size and flush: everything written is durable.
