@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
 # dio against fio on the same workloads: the same file, block size, queue depth and
-# runtime, fio with --direct=1 --ioengine=io_uring. Runs alternate dio, fio, dio, fio
-# (PAIRS pairs per workload) so that drift of the machine hits both alike; for each
-# workload it prints the median of the pairwise ratios dio/fio for IOPS, bandwidth
-# and CPU per I/O (above 1 means dio does more I/O, or spends more CPU per I/O).
+# runtime, fio with --direct=1 --ioengine=io_uring. Runs alternate (PAIRS pairs per
+# workload, dio first in odd pairs and fio first in even ones) so that drift of the
+# machine hits both alike; for each workload it prints the median of the pairwise
+# ratios dio/fio for IOPS, bandwidth and CPU per I/O (above 1 means dio does more
+# I/O, or spends more CPU per I/O).
+#
+# CPU per I/O is measured the same way for both: the user and system time of the
+# whole command (every process and thread it ran, from the shell's `times`) over
+# the I/Os it reports. fio's own usr/sys figures leave out its parent process (the
+# clock and status thread: about 15% of its CPU at 4k random I/O); they are shown
+# per pair as well, next to dio's own figure.
 #
 # With JOBS=N both run N jobs at once: dio bench --jobs N (a thread and a ring per
-# job) against fio --numjobs=N --group_reporting; CPU per I/O then compares the
-# whole process's CPU (dio) with the sum over fio's jobs.
+# job) against fio --numjobs=N --group_reporting. The issue-20 target:
+#   JOBS=2 PAIRS=5 WORKLOADS="randread:4k:64 randwrite:4k:64" bench/vs-fio.sh
 #
 # Usage: bench/vs-fio.sh [TARGET]
 #   TARGET   file or block device (default: target/vs-fio/bench.dat in this repo,
@@ -64,12 +71,12 @@ fi
 WORK=$(mktemp -d "$ROOT/target/vs-fio.XXXXXX" 2>/dev/null || mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 
-# Print "iops bw_bytes cpu_percent" of a dio bench --json result.
+# Print "iops bw_bytes cpu_percent ios" of a dio bench --json result.
 dio_numbers() {
   if [ "$PARSER" = python3 ]; then
-    python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(d["iops"], d["bw_bytes"], d["cpu_usr"]+d["cpu_sys"])' "$1"
+    python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(d["iops"], d["bw_bytes"], d["cpu_usr"]+d["cpu_sys"], d["ios"])' "$1"
   else
-    jq -r '"\(.iops) \(.bw_bytes) \(.cpu_usr + .cpu_sys)"' "$1"
+    jq -r '"\(.iops) \(.bw_bytes) \(.cpu_usr + .cpu_sys) \(.ios)"' "$1"
   fi
 }
 
@@ -85,10 +92,34 @@ j = json.loads(text[text.index("{"):])  # fio may print notes before the JSON
 job = j["jobs"][0]
 iops = job["read"]["iops"] + job["write"]["iops"]
 bw = job["read"]["bw_bytes"] + job["write"]["bw_bytes"]
-print(iops, bw, (job["usr_cpu"] + job["sys_cpu"]) * int(sys.argv[2]))' "$1" "$JOBS"
+ios = job["read"]["total_ios"] + job["write"]["total_ios"]
+print(iops, bw, (job["usr_cpu"] + job["sys_cpu"]) * int(sys.argv[2]), ios)' "$1" "$JOBS"
   else
-    sed -n '/^{/,$p' "$1" | jq -r --argjson n "$JOBS" '.jobs[0] | "\(.read.iops + .write.iops) \(.read.bw_bytes + .write.bw_bytes) \((.usr_cpu + .sys_cpu) * $n)"'
+    sed -n '/^{/,$p' "$1" | jq -r --argjson n "$JOBS" '.jobs[0] | "\(.read.iops + .write.iops) \(.read.bw_bytes + .write.bw_bytes) \((.usr_cpu + .sys_cpu) * $n) \(.read.total_ios + .write.total_ios)"'
   fi
+}
+
+# CPU seconds (user + system) this shell's finished children used so far. `times`
+# runs in this shell (a command substitution would report a subshell's children).
+children_cpu() {
+  times >"$WORK/times"
+  tail -n 1 "$WORK/times" | awk '{
+    t = 0
+    for (i = 1; i <= 2; i++) { split($i, p, "m"); sub("s", "", p[2]); t += p[1] * 60 + p[2] }
+    printf "%.3f\n", t }'
+}
+
+# Run a command, its stdout into file $1, its whole CPU time into $CPU_SPENT.
+timed() {
+  local out=$1 before after status=0
+  shift
+  children_cpu >"$WORK/cpu0"
+  "$@" >"$out" || status=$?
+  children_cpu >"$WORK/cpu1"
+  read -r before <"$WORK/cpu0"
+  read -r after <"$WORK/cpu1"
+  CPU_SPENT=$(awk -v a="$after" -v b="$before" 'BEGIN { printf "%.3f", a - b }')
+  return $status
 }
 
 median() { sort -g | awk '{v[NR]=$1} END {if (NR==0) print "nan"; else if (NR%2) print v[(NR+1)/2]; else print (v[NR/2]+v[NR/2+1])/2}'; }
@@ -108,21 +139,29 @@ for spec in $WORKLOADS; do
   label="$rw $bs qd$qd"
   [ "$JOBS" = 1 ] || label="$label x$JOBS"
   : >"$WORK/ratios"
-  for pair in $(seq 1 "$PAIRS"); do
-    "$DIO" bench "$TARGET" --rw "$rw" --bs "$bs" --qd "$qd" --size "$SIZE" \
-      --runtime "$RUNTIME" --engine "$ENGINE" --jobs "$JOBS" --json "${FORCE[@]}" "${DIO_FIXED[@]}" >"$WORK/dio.json" \
+  run_dio() {
+    timed "$WORK/dio.json" "$DIO" bench "$TARGET" --rw "$rw" --bs "$bs" --qd "$qd" --size "$SIZE" \
+      --runtime "$RUNTIME" --engine "$ENGINE" --jobs "$JOBS" --json "${FORCE[@]}" "${DIO_FIXED[@]}" \
       || die "dio bench failed ($label)"
-    fio --name=vs-fio --filename="$TARGET" --size="$SIZE" --rw="$rw" --bs="$bs" \
+    D_SPENT=$CPU_SPENT
+  }
+  run_fio() {
+    timed "$WORK/fio.json" fio --name=vs-fio --filename="$TARGET" --size="$SIZE" --rw="$rw" --bs="$bs" \
       --iodepth="$qd" --runtime="$RUNTIME" --time_based --direct=1 --ioengine=io_uring \
-      --norandommap --randrepeat=0 --numjobs="$JOBS" --group_reporting "${FIO_FIXED[@]}" --output-format=json >"$WORK/fio.json" 2>"$WORK/fio.err" \
+      --norandommap --randrepeat=0 --numjobs="$JOBS" --group_reporting "${FIO_FIXED[@]}" --output-format=json 2>"$WORK/fio.err" \
       || die "fio failed ($label): $(cat "$WORK/fio.err")"
-    read -r d_iops d_bw d_cpu < <(dio_numbers "$WORK/dio.json")
-    read -r f_iops f_bw f_cpu < <(fio_numbers "$WORK/fio.json")
-    printf 'vs-fio: %s pair %s: dio %.0f IOPS %.1f%% cpu, fio %.0f IOPS %.1f%% cpu\n' \
-      "$label" "$pair" "$d_iops" "$d_cpu" "$f_iops" "$f_cpu" >&2
-    awk -v di="$d_iops" -v db="$d_bw" -v dc="$d_cpu" -v fi="$f_iops" -v fb="$f_bw" -v fc="$f_cpu" 'BEGIN {
+    F_SPENT=$CPU_SPENT
+  }
+  for pair in $(seq 1 "$PAIRS"); do
+    if [ $((pair % 2)) = 1 ]; then run_dio; run_fio; else run_fio; run_dio; fi
+    read -r d_iops d_bw d_cpu d_ios < <(dio_numbers "$WORK/dio.json")
+    read -r f_iops f_bw f_cpu f_ios < <(fio_numbers "$WORK/fio.json")
+    printf 'vs-fio: %s pair %s: dio %.0f IOPS %.2f us CPU/IO (own figure %.1f%% cpu), fio %.0f IOPS %.2f us CPU/IO (own figure %.1f%% cpu)\n' \
+      "$label" "$pair" "$d_iops" "$(awk -v c="$D_SPENT" -v n="$d_ios" 'BEGIN { print (n > 0) ? c * 1e6 / n : 0 }')" "$d_cpu" \
+      "$f_iops" "$(awk -v c="$F_SPENT" -v n="$f_ios" 'BEGIN { print (n > 0) ? c * 1e6 / n : 0 }')" "$f_cpu" >&2
+    awk -v di="$d_iops" -v db="$d_bw" -v dc="$D_SPENT" -v dn="$d_ios" -v fi="$f_iops" -v fb="$f_bw" -v fc="$F_SPENT" -v fn="$f_ios" 'BEGIN {
       iops = (fi > 0) ? di / fi : "nan"; bw = (fb > 0) ? db / fb : "nan";
-      cpu = (di > 0 && fi > 0 && fc > 0) ? (dc / di) / (fc / fi) : "nan";
+      cpu = (dn > 0 && fn > 0 && fc > 0) ? (dc / dn) / (fc / fn) : "nan";
       print iops, bw, cpu, di, fi }' >>"$WORK/ratios"
   done
   r_iops=$(cut -d' ' -f1 "$WORK/ratios" | median)
@@ -134,5 +173,5 @@ for spec in $WORKLOADS; do
 done
 
 echo
-echo "Median of $PAIRS pairwise ratios (dio/fio); CPU/IO above 1 means dio spends more CPU per I/O."
+echo "Median of $PAIRS pairwise ratios (dio/fio); CPU/IO (whole process) above 1 means dio spends more CPU per I/O."
 cat "$WORK/table"

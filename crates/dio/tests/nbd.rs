@@ -1026,3 +1026,210 @@ fn hostile_server_fuzz_corpus_replays_without_panics_or_hangs() {
     });
     eprintln!("replayed {n} inputs in {:?}", t.elapsed());
 }
+
+// ---- several connections (multi-conn) ----
+
+/// The connections (nbdkit's ids) that carried reads or writes, from nbdkit's log
+/// filter output; and how many connections were made at all.
+fn logged_connections(log: &Path) -> (std::collections::BTreeSet<u32>, usize) {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let mut busy = std::collections::BTreeSet::new();
+    let mut connects = 0;
+    for line in text.lines() {
+        let Some(rest) = line.split("connection=").nth(1) else {
+            continue;
+        };
+        let mut words = rest.split_whitespace();
+        let id: u32 = words.next().and_then(|w| w.parse().ok()).unwrap_or(0);
+        match words.next() {
+            Some("Connect") => connects += 1,
+            Some("Read" | "Write") => {
+                busy.insert(id);
+            }
+            _ => {}
+        }
+    }
+    (busy, connects)
+}
+
+/// `threads` threads each write their own 1 MiB region (32 KiB at a time, read
+/// back at once), then every thread reads every other thread's region: what one
+/// connection wrote, another reads back.
+fn threads_write_and_cross_read(f: &Arc<NbdFile>, threads: u64) {
+    let region = |t: u64| t * MIB as u64;
+    let data = |t: u64, i: u64| pattern(32768, 0xc0 + t * 1000 + i);
+    let hs: Vec<_> = (0..threads)
+        .map(|t| {
+            let f = Arc::clone(f);
+            thread::spawn(move || {
+                for i in 0..32u64 {
+                    let off = region(t) + i * 32768;
+                    let d = data(t, i);
+                    f.direct().write_at(off, &aligned(&d), Flags::NONE).unwrap();
+                    let mut back = AlignedBuf::new(32768, 4096);
+                    f.direct().read_at(off, &mut back, Flags::NONE).unwrap();
+                    assert!(back[..] == d[..], "thread {t} block {i}");
+                }
+            })
+        })
+        .collect();
+    for h in hs {
+        h.join().unwrap();
+    }
+    let hs: Vec<_> = (0..threads)
+        .map(|t| {
+            let f = Arc::clone(f);
+            thread::spawn(move || {
+                for other in (0..threads).filter(|&o| o != t) {
+                    for i in 0..32u64 {
+                        let mut back = AlignedBuf::new(32768, 4096);
+                        let off = region(other) + i * 32768;
+                        f.direct().read_at(off, &mut back, Flags::NONE).unwrap();
+                        assert!(
+                            back[..] == data(other, i)[..],
+                            "thread {t} reading {other}/{i}"
+                        );
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in hs {
+        h.join().unwrap();
+    }
+    f.direct().sync_data().unwrap();
+}
+
+#[test]
+fn nbdkit_multi_conn_spreads_threads_over_connections() {
+    need!("nbdkit");
+    let dir = scratch("mconn");
+    let log = dir.join("log");
+    let srv = Server::nbdkit(
+        dir,
+        &["log"],
+        "8M",
+        &[&format!("logfile={}", log.display())],
+    );
+    let uri = srv.uri.clone();
+    let log2 = log.clone();
+    bounded(60, move || {
+        let f = Arc::new(NbdFile::open(&uri, true, &cfg().connections(4)).unwrap());
+        assert!(f.device().can_multi_conn());
+        assert_eq!(f.device().connections(), 4);
+        assert!(f.notes().is_empty(), "{:?}", f.notes());
+        threads_write_and_cross_read(&f, 4);
+        assert!(f.device().dead().is_none());
+        drop(f);
+        // Counted by the server: four connections, and each of the four threads
+        // (a connection each, round robin) sent on its own.
+        let (busy, connects) = logged_connections(&log2);
+        assert_eq!(connects, 4, "connections the server saw");
+        assert_eq!(busy.len(), 4, "connections that carried I/O: {busy:?}");
+    });
+    drop(srv);
+}
+
+#[test]
+fn a_server_without_multi_conn_gets_one_connection() {
+    need!("nbdkit");
+    let dir = scratch("mconn1");
+    let log = dir.join("log");
+    // The log filter outermost, so it sees what the client does.
+    let srv = Server::nbdkit(
+        dir,
+        &["log", "multi-conn"],
+        "8M",
+        &[
+            &format!("logfile={}", log.display()),
+            "multi-conn-mode=disable",
+        ],
+    );
+    let uri = srv.uri.clone();
+    let log2 = log.clone();
+    bounded(60, move || {
+        let f = Arc::new(NbdFile::open(&uri, true, &cfg().connections(4)).unwrap());
+        assert!(!f.device().can_multi_conn());
+        assert_eq!(f.device().connections(), 1);
+        assert_eq!(f.notes().len(), 1, "{:?}", f.notes());
+        threads_write_and_cross_read(&f, 4);
+        drop(f);
+        let (busy, connects) = logged_connections(&log2);
+        assert_eq!((busy.len(), connects), (1, 1));
+    });
+    drop(srv);
+}
+
+/// Sockets a process holds open (its listening socket and its connections).
+fn open_sockets(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .filter(|l| l.to_string_lossy().starts_with("socket:"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn qemu_nbd_shared_export_takes_several_connections() {
+    need!("qemu-nbd");
+    let dir = scratch("mconnq");
+    let img = dir.join("disk.raw");
+    std::fs::write(&img, vec![0u8; 8 * MIB]).unwrap();
+    // --shared=8: qemu-nbd advertises multi-conn.
+    let srv = Server::qemu(dir, &img, "raw", false);
+    let pid = srv.child.as_ref().unwrap().id();
+    let uri = srv.uri.clone();
+    bounded(60, move || {
+        let idle = open_sockets(pid);
+        let f = Arc::new(NbdFile::open(&uri, true, &cfg().connections(4)).unwrap());
+        assert!(f.device().can_multi_conn());
+        assert_eq!(f.device().connections(), 4);
+        // Counted on the server's side: four more sockets.
+        assert_eq!(open_sockets(pid), idle + 4);
+        threads_write_and_cross_read(&f, 4);
+        drop(f);
+    });
+    // What the four connections wrote is in the image, read without NBD.
+    let on_disk = std::fs::read(&img).unwrap();
+    for t in 0..4u64 {
+        for i in [0u64, 31] {
+            let at = (t * MIB as u64 + i * 32768) as usize;
+            assert!(on_disk[at..at + 32768] == pattern(32768, 0xc0 + t * 1000 + i)[..]);
+        }
+    }
+    drop(srv);
+}
+
+#[test]
+fn qemu_nbd_capped_below_the_connections_asked_opens_what_it_takes() {
+    need!("qemu-nbd");
+    let dir = scratch("mconncap");
+    let img = dir.join("disk.raw");
+    std::fs::write(&img, vec![0u8; 4 * MIB]).unwrap();
+    let sock = dir.join("s");
+    let mut cmd = Command::new("qemu-nbd");
+    cmd.args([
+        "--persistent",
+        "--shared=2",
+        "-x",
+        "disk",
+        "-f",
+        "raw",
+        "-k",
+    ])
+    .arg(&sock)
+    .arg(&img);
+    let srv = Server::start(cmd, NbdUri::unix(sock, "disk"), dir);
+    let uri = srv.uri.clone();
+    bounded(60, move || {
+        // The third connection waits in the server's backlog, unanswered: opening
+        // gives up on it after a short handshake limit, not the I/O timeout.
+        let f = Arc::new(NbdFile::open(&uri, true, &cfg().connections(4)).unwrap());
+        assert_eq!(f.device().connections(), 2);
+        assert_eq!(f.notes().len(), 1, "{:?}", f.notes());
+        threads_write_and_cross_read(&f, 2);
+    });
+    drop(srv);
+}

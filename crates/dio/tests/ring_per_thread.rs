@@ -374,3 +374,93 @@ fn registered_arena_serves_every_threads_ring() {
     drop((dev, raw));
     std::fs::remove_file(&path).unwrap();
 }
+
+/// The pread/pwrite pool with a worker set per thread: four threads write and read
+/// back their own blocks (sync calls) and run async chains whose next read starts
+/// from the completion callback, on a worker; then the file is checked as the
+/// kernel reads it through the page cache. Each thread got a set of its own, and
+/// the workers' own submissions made none; without `per_thread`, one set serves all.
+#[test]
+fn pread_pool_gives_each_submitting_thread_its_worker_set() {
+    use dio::{Device, DirectFile, FileState, IdentityMap, SyncConfig, SyncDevice};
+    const THREADS: u64 = 4;
+    const BLOCKS: u64 = 128;
+    const CHAIN: u64 = 50;
+    for per_thread in [false, true] {
+        let path = scratch("pread", BLOCKS * BLOCK as u64);
+        let mut cfg = SyncConfig::default();
+        cfg.workers = 2;
+        cfg.per_thread = per_thread;
+        let dev = Arc::new(SyncDevice::open(&path, true, &cfg).unwrap());
+        let geo = dev.geometry();
+        let file = DirectFile::new(
+            Arc::clone(&dev) as Arc<dyn Device>,
+            Arc::new(IdentityMap::new(geo.logical_block, geo.size)),
+            Arc::new(FileState::new(BLOCKS * BLOCK as u64)),
+        )
+        .unwrap();
+        let handles: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let file = file.clone();
+                thread::spawn(move || {
+                    for k in 0..BLOCKS / THREADS {
+                        let b = k * THREADS + t;
+                        let data = block_bytes(t, b, 1);
+                        let off = b * BLOCK as u64;
+                        assert_eq!(file.write_at(off, &data, Flags::NONE).unwrap(), BLOCK);
+                        let mut back = AlignedBuf::new(BLOCK, BLOCK);
+                        assert_eq!(file.read_at(off, &mut back, Flags::NONE).unwrap(), BLOCK);
+                        assert!(back[..] == data[..], "thread {t} block {b}");
+                    }
+                    // A chain of reads of this thread's blocks, each started by the
+                    // previous one's callback (on a worker).
+                    let (tx, rx) = mpsc::channel();
+                    fn step(
+                        file: DirectFile,
+                        t: u64,
+                        i: u64,
+                        tx: mpsc::Sender<Result<(), String>>,
+                    ) {
+                        let b = i % (BLOCKS / THREADS) * THREADS + t;
+                        let f2 = file.clone();
+                        file.read_async(
+                            b * BLOCK as u64,
+                            vec![AlignedBuf::new(BLOCK, BLOCK)],
+                            Flags::NONE,
+                            move |c| {
+                                let ok = matches!(c.result, Ok(n) if n == BLOCK)
+                                    && c.bufs[0][..] == block_bytes(t, b, 1)[..];
+                                if !ok {
+                                    let _ = tx.send(Err(format!("thread {t} chain read {i}")));
+                                } else if i + 1 < CHAIN {
+                                    step(f2, t, i + 1, tx);
+                                } else {
+                                    let _ = tx.send(Ok(()));
+                                }
+                            },
+                        );
+                    }
+                    step(file.clone(), t, 0, tx);
+                    rx.recv_timeout(Duration::from_secs(60))
+                        .expect("chain stalled")
+                        .unwrap();
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+        let want_sets = if per_thread { THREADS as usize } else { 1 };
+        assert_eq!(dev.worker_sets(), want_sets, "per_thread {per_thread}");
+        drop(file);
+        drop(dev);
+        // The kernel's view, independent of dio.
+        let disk = std::fs::read(&path).unwrap();
+        for b in 0..BLOCKS {
+            let want = block_bytes(b % THREADS, b, 1);
+            let at = b as usize * BLOCK;
+            assert!(disk[at..at + BLOCK] == want[..], "file block {b}");
+        }
+        std::fs::remove_file(&path).unwrap();
+    }
+}

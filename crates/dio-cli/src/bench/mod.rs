@@ -60,6 +60,10 @@ pub struct BenchArgs {
     /// percent of one core. With --buffered: --qd threads per job.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub jobs: u32,
+    /// NBD targets: connections to open where the server allows several
+    /// (multi-conn), each job keeping to one [default: --jobs].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub connections: Option<u32>,
     /// Bytes of the target to use [default: the file's size, else 256M].
     #[arg(long, value_parser = parse_size)]
     pub size: Option<u64>,
@@ -345,8 +349,13 @@ fn open_nbd(uri: &str, args: &BenchArgs, rw: Rw) -> Result<NbdFile, Failure> {
             "{uri}: this workload writes to the export, destroying its data; add --force to do it anyway"
         )));
     }
-    NbdFile::open_uri(uri, rw.is_write(), &NbdConfig::default())
-        .map_err(|e| Failure::msg(e.to_string()))
+    let conns = args.connections.unwrap_or(args.jobs) as usize;
+    let file = NbdFile::open_uri(uri, rw.is_write(), &NbdConfig::default().connections(conns))
+        .map_err(|e| Failure::msg(e.to_string()))?;
+    for note in file.notes() {
+        say(note);
+    }
+    Ok(file)
 }
 
 /// One workload on `path`.

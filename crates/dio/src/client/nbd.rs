@@ -52,6 +52,17 @@ impl NbdFile {
                 "{uri}: the server has no base:allocation block status: every block is copied"
             ));
         }
+        if cfg.connections > 1 && dev.connections() < cfg.connections {
+            notes.push(if dev.can_multi_conn() {
+                format!(
+                    "{uri}: {} of {} connections opened (the server took no more)",
+                    dev.connections(),
+                    cfg.connections
+                )
+            } else {
+                format!("{uri}: the server does not allow multi-conn: one connection")
+            });
+        }
         let geometry = dev.geometry();
         let size = dev.export_size();
         let map = Arc::new(IdentityMap::new(geometry.logical_block, geometry.size));

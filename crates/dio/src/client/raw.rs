@@ -55,7 +55,8 @@ pub struct RawOptions {
     /// A ring per submitting thread (io_uring back end): N threads doing I/O on
     /// this file share no ring and no lock, each reaping its own completions (see
     /// [`UringConfig::ring_per_thread`]). A thread waits only for its own calls.
-    /// Overrides `single_thread`.
+    /// Overrides `single_thread`. On the pread/pwrite back end: a worker set per
+    /// submitting thread ([`SyncConfig::per_thread`]).
     pub ring_per_thread: bool,
 }
 
@@ -128,7 +129,10 @@ fn choose_device(
         Ok(Dev::Sync(Arc::new(SyncDevice::new(
             file,
             geometry,
-            &SyncConfig::default(),
+            &SyncConfig {
+                per_thread: opts.ring_per_thread,
+                ..SyncConfig::default()
+            },
         )?)))
     };
     if opts.backend == Backend::Sync {

@@ -3,13 +3,22 @@
 //! small thread pool that completes it ([`CompletionMode::Interrupt`]); without,
 //! `submit` does the I/O and completes inline (for synchronous use).
 //!
+//! With [`SyncConfig::per_thread`], every thread that submits gets a worker set of
+//! its own (its queue, its lock, [`SyncConfig::workers`] threads), made at its first
+//! request, up to [`MAX_SETS`] sets; threads past that share them. N threads doing
+//! I/O at once then take no lock in common and each has `workers` requests in
+//! flight, as each has its own ring with io_uring's ring per thread. A worker's
+//! own submissions (from completion callbacks) go to its set.
+//!
 //! The fallback where io_uring is unavailable; it knows nothing of files or maps.
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
 
@@ -19,39 +28,114 @@ use crate::{Error, Result};
 /// Most iovecs passed to one `preadv2`/`pwritev2` (the kernel's `UIO_MAXIOV`).
 const IOV_MAX: usize = 1024;
 
+/// Most worker sets of a per-thread device; later threads share them.
+pub(crate) const MAX_SETS: usize = 8;
+
 /// How a [`SyncDevice`] runs requests.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct SyncConfig {
-    /// Worker threads; 0 completes every request inline in `submit`.
+    /// Worker threads (per set with `per_thread`); 0 completes every request
+    /// inline in `submit`.
     pub workers: usize,
+    /// A worker set per submitting thread: each thread that submits gets a queue
+    /// and `workers` threads of its own at its first request (up to 8 sets; later
+    /// threads share them), so threads doing I/O at once share no lock and each
+    /// has `workers` requests in flight. Requests submitted from a worker (by a
+    /// completion callback) go to its own set.
+    pub per_thread: bool,
 }
 
 impl Default for SyncConfig {
     fn default() -> Self {
-        SyncConfig { workers: 4 }
+        SyncConfig {
+            workers: 4,
+            per_thread: false,
+        }
     }
 }
 
 struct Queue {
     jobs: VecDeque<Request>,
     stop: bool,
+    /// Workers asleep on `ready`: a submit wakes one only if there is one (a
+    /// condvar notify is a system call even with nobody waiting).
+    idle: usize,
+}
+
+/// A queue and the workers that serve it.
+struct Set {
+    queue: Mutex<Queue>,
+    ready: Condvar,
+}
+
+impl Set {
+    fn new() -> Set {
+        Set {
+            queue: Mutex::new(Queue {
+                jobs: VecDeque::new(),
+                stop: false,
+                idle: 0,
+            }),
+            ready: Condvar::new(),
+        }
+    }
+
+    fn push(&self, req: Request) {
+        let mut q = lock(&self.queue);
+        q.jobs.push_back(req);
+        let wake = q.idle > 0;
+        drop(q);
+        if wake {
+            self.ready.notify_one();
+        }
+    }
+
+    fn stop(&self) {
+        lock(&self.queue).stop = true;
+        self.ready.notify_all();
+    }
 }
 
 struct Inner {
     file: File,
     geometry: Geometry,
-    queue: Mutex<Queue>,
-    ready: Condvar,
+}
+
+/// The sets of a device and their workers; locked to add a set and at drop.
+struct Pool {
+    sets: Vec<Arc<Set>>,
+    workers: Vec<thread::JoinHandle<()>>,
 }
 
 /// An `O_DIRECT` file or block device driven by positioned reads and writes.
 pub struct SyncDevice {
     inner: Arc<Inner>,
-    workers: Vec<thread::JoinHandle<()>>,
+    /// Worker threads per set (0: inline).
+    per_set: usize,
+    per_thread: bool,
+    /// Names the device in the threads' tables (never reused).
+    id: u64,
+    /// The first set: every thread's without `per_thread`.
+    first: Option<Arc<Set>>,
+    pool: Mutex<Pool>,
+    /// Threads given a set so far (the next one gets set number `assigned`).
+    assigned: AtomicUsize,
 }
 
-fn lock(m: &Mutex<Queue>) -> MutexGuard<'_, Queue> {
+/// Device ids for the threads' tables.
+static NEXT_DEVICE: AtomicU64 = AtomicU64::new(1);
+
+/// How many devices a thread remembers its set of.
+const REMEMBERED: usize = 8;
+
+thread_local! {
+    /// This thread's worker set on the per-thread devices it used last (device
+    /// id, set), the most recent first. A worker finds its own set here.
+    static SETS: RefCell<Vec<(u64, Arc<Set>)>> = const { RefCell::new(Vec::new()) };
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -65,43 +149,118 @@ impl SyncDevice {
     /// A device over an already opened `O_DIRECT` file with the given geometry.
     pub fn new(file: File, geometry: Geometry, cfg: &SyncConfig) -> Result<SyncDevice> {
         geometry.validate()?;
-        let inner = Arc::new(Inner {
-            file,
-            geometry,
-            queue: Mutex::new(Queue {
-                jobs: VecDeque::new(),
-                stop: false,
+        let mut dev = SyncDevice {
+            inner: Arc::new(Inner { file, geometry }),
+            per_set: cfg.workers,
+            per_thread: cfg.per_thread && cfg.workers > 0,
+            id: NEXT_DEVICE.fetch_add(1, Ordering::Relaxed),
+            first: None,
+            pool: Mutex::new(Pool {
+                sets: Vec::new(),
+                workers: Vec::new(),
             }),
-            ready: Condvar::new(),
-        });
-        let mut workers = Vec::with_capacity(cfg.workers);
-        for n in 0..cfg.workers {
-            let i = Arc::clone(&inner);
-            let spawned = thread::Builder::new()
-                .name(format!("dio-sync-{n}"))
-                .spawn(move || worker(&i));
-            match spawned {
-                Ok(h) => workers.push(h),
-                Err(e) => {
-                    let dev = SyncDevice { inner, workers };
-                    drop(dev);
-                    return Err(Error::os("spawn pread/pwrite worker", e));
-                }
-            }
+            assigned: AtomicUsize::new(0),
+        };
+        if cfg.workers > 0 {
+            // The first set now, so that a failure to spawn shows at open.
+            let set = {
+                let mut pool = lock(&dev.pool);
+                dev.add_set(&mut pool)
+                    .map_err(|e| Error::os("spawn pread/pwrite worker", e))?
+            };
+            dev.first = Some(set);
         }
-        Ok(SyncDevice { inner, workers })
+        Ok(dev)
     }
 
     /// The file or block device.
     pub fn file(&self) -> &File {
         &self.inner.file
     }
+
+    /// How many worker sets the device runs (1 without `per_thread`, 0 inline).
+    pub fn worker_sets(&self) -> usize {
+        lock(&self.pool).sets.len()
+    }
+
+    /// Start a set of `per_set` workers. On a failed spawn the set's workers that
+    /// started are stopped (they end by themselves) and the error returned.
+    fn add_set(&self, pool: &mut Pool) -> io::Result<Arc<Set>> {
+        let set = Arc::new(Set::new());
+        let mut started = Vec::with_capacity(self.per_set);
+        for n in 0..self.per_set {
+            let (inner, s) = (Arc::clone(&self.inner), Arc::clone(&set));
+            let (id, per_thread) = (self.id, self.per_thread);
+            let spawned = thread::Builder::new()
+                .name(format!("dio-sync-{}-{n}", pool.sets.len()))
+                .spawn(move || {
+                    if per_thread {
+                        // What this worker submits (from completions) stays here.
+                        let _ = SETS.try_with(|t| t.borrow_mut().push((id, Arc::clone(&s))));
+                    }
+                    worker(&inner, &s)
+                });
+            match spawned {
+                Ok(h) => started.push(h),
+                Err(e) => {
+                    set.stop();
+                    pool.workers.extend(started);
+                    return Err(e);
+                }
+            }
+        }
+        pool.workers.extend(started);
+        pool.sets.push(Arc::clone(&set));
+        Ok(set)
+    }
+
+    /// The calling thread's set (per-thread mode): found in its table, or given
+    /// now: a new set while there are fewer than [`MAX_SETS`], else a shared one.
+    fn my_set(&self) -> Arc<Set> {
+        let found = SETS.try_with(|t| {
+            let mut t = t.borrow_mut();
+            let at = t.iter().position(|(d, _)| *d == self.id)?;
+            t[..=at].rotate_right(1);
+            Some(Arc::clone(&t[0].1))
+        });
+        match found {
+            Ok(Some(set)) => set,
+            Ok(None) => self.assign(),
+            // The thread is exiting: the first set serves it.
+            Err(_) => Arc::clone(self.first.as_ref().expect("workers")),
+        }
+    }
+
+    #[cold]
+    fn assign(&self) -> Arc<Set> {
+        let n = self.assigned.fetch_add(1, Ordering::Relaxed);
+        let set = {
+            let mut pool = lock(&self.pool);
+            if n < pool.sets.len() {
+                Arc::clone(&pool.sets[n])
+            } else if pool.sets.len() < MAX_SETS {
+                match self.add_set(&mut pool) {
+                    Ok(s) => s,
+                    // No thread to spare: share a set that runs.
+                    Err(_) => Arc::clone(&pool.sets[n % pool.sets.len()]),
+                }
+            } else {
+                Arc::clone(&pool.sets[n % pool.sets.len()])
+            }
+        };
+        let _ = SETS.try_with(|t| {
+            let mut t = t.borrow_mut();
+            t.insert(0, (self.id, Arc::clone(&set)));
+            t.truncate(REMEMBERED);
+        });
+        set
+    }
 }
 
-fn worker(inner: &Inner) {
+fn worker(inner: &Inner, set: &Set) {
     loop {
         let req = {
-            let mut q = lock(&inner.queue);
+            let mut q = lock(&set.queue);
             loop {
                 if let Some(r) = q.jobs.pop_front() {
                     break r;
@@ -109,7 +268,9 @@ fn worker(inner: &Inner) {
                 if q.stop {
                     return;
                 }
-                q = inner.ready.wait(q).unwrap_or_else(|e| e.into_inner());
+                q.idle += 1;
+                q = set.ready.wait(q).unwrap_or_else(|e| e.into_inner());
+                q.idle -= 1;
             }
         };
         let r = inner.execute(&req);
@@ -216,17 +377,20 @@ impl Device for SyncDevice {
     }
 
     fn submit(&self, req: Request) {
-        if self.workers.is_empty() {
+        let Some(first) = &self.first else {
             let r = self.inner.execute(&req);
             req.complete(r);
             return;
-        }
+        };
         if let Err(e) = check_request(&self.inner.geometry, &req) {
             req.complete(Err(e));
             return;
         }
-        lock(&self.inner.queue).jobs.push_back(req);
-        self.inner.ready.notify_one();
+        if self.per_thread {
+            self.my_set().push(req);
+        } else {
+            first.push(req);
+        }
     }
 
     fn completion_mode(&self) -> CompletionMode {
@@ -245,13 +409,21 @@ impl Device for SyncDevice {
 impl Drop for SyncDevice {
     fn drop(&mut self) {
         // Workers finish what is queued (it owns caller memory until completed).
-        lock(&self.inner.queue).stop = true;
-        self.inner.ready.notify_all();
+        let (sets, workers) = {
+            let mut pool = lock(&self.pool);
+            (
+                std::mem::take(&mut pool.sets),
+                std::mem::take(&mut pool.workers),
+            )
+        };
+        for s in &sets {
+            s.stop();
+        }
         // The last reference may go away on a worker itself (a completion dropped
         // the last handle to the file): that worker ends by itself once the queue
         // is drained; joining it from itself would fail.
         let me = std::thread::current().id();
-        for h in self.workers.drain(..) {
+        for h in workers {
             if h.thread().id() != me {
                 let _ = h.join();
             }
@@ -263,7 +435,9 @@ impl std::fmt::Debug for SyncDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SyncDevice")
             .field("geometry", &self.inner.geometry)
-            .field("workers", &self.workers.len())
+            .field("workers", &self.per_set)
+            .field("per_thread", &self.per_thread)
+            .field("sets", &self.worker_sets())
             .finish()
     }
 }

@@ -16,6 +16,13 @@
 //! every request in flight completes with an error, later ones fail at once. No
 //! reply can make the device panic or hang.
 //!
+//! With [`NbdConfig::connections`] above one and a server that allows it
+//! (`NBD_FLAG_CAN_MULTI_CONN`), the device opens several connections to the export,
+//! each with its own writer lock and reader thread, and every submitting thread
+//! keeps to one of them: threads doing I/O at once share no lock and no socket. A
+//! server without multi-conn gets one connection. A connection that dies fails
+//! what it had in flight; later requests go to the connections still up.
+//!
 //! It knows nothing of files or block maps; [`crate::nbd::NbdFile`] puts a file on it.
 
 mod conn;
@@ -29,7 +36,7 @@ mod uri;
 use crate::error::Feature;
 use std::collections::HashMap;
 use std::io::{self, IoSlice};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -63,6 +70,11 @@ pub struct NbdConfig {
     pub block_status: bool,
     /// Cap on request size in bytes (also capped by the server and [`MAX_REQUEST`]).
     pub max_request: u32,
+    /// Connections to open to the export when the server allows several
+    /// (`NBD_FLAG_CAN_MULTI_CONN`); each submitting thread uses one of them. One
+    /// (the default) without multi-conn, or if the extra connections fail (see
+    /// [`NbdDevice::connections`]).
+    pub connections: usize,
 }
 
 impl Default for NbdConfig {
@@ -72,6 +84,7 @@ impl Default for NbdConfig {
             structured_replies: true,
             block_status: true,
             max_request: MAX_REQUEST,
+            connections: 1,
         }
     }
 }
@@ -97,7 +110,17 @@ impl NbdConfig {
         self.max_request = bytes;
         self
     }
+    /// Open up to `n` connections where the server allows several.
+    pub fn connections(mut self, n: usize) -> Self {
+        self.connections = n;
+        self
+    }
 }
+
+/// How long an extra connection's handshake may take: a server that advertises
+/// multi-conn but caps its clients (qemu-nbd's `--shared=N`) leaves the surplus ones
+/// unanswered in its listen backlog, and opening must not wait the full timeout.
+const EXTRA_HANDSHAKE: Duration = Duration::from_secs(2);
 
 /// A run of the export and its allocation state (`base:allocation`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,8 +137,32 @@ pub struct Allocation {
 
 /// A block device on an NBD server. See the module docs.
 pub struct NbdDevice {
+    /// One or more connections to the export; the first one answered the
+    /// device's questions (export, flags, geometry) and the others agreed.
+    conns: Vec<Conn>,
+    /// Names the device in the threads' connection choices (never reused).
+    id: u64,
+    /// The connection the next new thread gets (round robin).
+    next: AtomicUsize,
+}
+
+/// One connection: its shared state and its reader thread.
+struct Conn {
     shared: Arc<Shared>,
     reader: Option<thread::JoinHandle<()>>,
+}
+
+/// Device ids (for the threads' choices of connection).
+static NEXT_DEVICE: AtomicU64 = AtomicU64::new(1);
+
+/// How many devices a thread remembers its connection of.
+const CHOICES: usize = 8;
+
+thread_local! {
+    /// This thread's connection on the devices with several it used last: (device
+    /// id, connection index), the most recent first. A device forgotten here
+    /// gives the thread the next connection in its round robin again.
+    static CHOSEN: std::cell::RefCell<Vec<(u64, usize)>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 impl NbdDevice {
@@ -129,8 +176,43 @@ impl NbdDevice {
     /// ([`Error::Invalid`]), a server dio cannot talk to ([`Error::Incompatible`];
     /// [`Feature::Tls`] for a server without TLS, or one that requires it from an
     /// `nbd://` URI), a TLS connection refused ([`Error::Tls`]: its kind says why).
+    ///
+    /// With [`NbdConfig::connections`] above one and a server that allows
+    /// multi-conn, more connections are opened the same way; one that fails, or
+    /// whose export differs, ends the opening of more (the device works with those
+    /// it has: [`NbdDevice::connections`]).
     pub fn connect(uri: &NbdUri, cfg: &NbdConfig) -> Result<NbdDevice> {
         let timeout = cfg.timeout.max(Duration::from_millis(1));
+        let first = NbdDevice::open_conn(uri, cfg, timeout)?;
+        let mut conns = vec![first];
+        let primary = &conns[0].shared.export;
+        if cfg.connections > 1 && primary.flags & TFLAG_CAN_MULTI_CONN != 0 {
+            let (size, flags) = (primary.size, primary.flags);
+            let handshake = timeout.min(EXTRA_HANDSHAKE);
+            for _ in 1..cfg.connections.min(64) {
+                match NbdDevice::open_conn(uri, cfg, handshake) {
+                    Ok(c) if c.shared.export.size == size && c.shared.export.flags == flags => {
+                        conns.push(c)
+                    }
+                    // Dropped (disconnected) right away.
+                    Ok(_) | Err(_) => break,
+                }
+            }
+        }
+        Ok(NbdDevice::with(conns))
+    }
+
+    fn with(conns: Vec<Conn>) -> NbdDevice {
+        NbdDevice {
+            conns,
+            id: NEXT_DEVICE.fetch_add(1, Ordering::Relaxed),
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// One connection to `uri`: connect, negotiate (each step within `handshake`),
+    /// start its reader.
+    fn open_conn(uri: &NbdUri, cfg: &NbdConfig, handshake: Duration) -> Result<Conn> {
         let name = uri.to_string();
         let ctx = |e: Error| context(&name, e);
         // Certificates are read (and unsupported TLS modes refused) before any
@@ -139,8 +221,8 @@ impl NbdDevice {
             Some(opts) => Some(tls::client(uri, opts).map_err(ctx)?),
             None => None,
         };
-        let stream = Stream::connect(uri, timeout).map_err(ctx)?;
-        NbdDevice::start(stream, tls, &uri.export, name, cfg)
+        let stream = Stream::connect(uri, handshake).map_err(ctx)?;
+        NbdDevice::start(stream, tls, &uri.export, name, cfg, handshake)
     }
 
     /// Run NBD over a socket already connected to a server (a socketpair, an
@@ -151,25 +233,29 @@ impl NbdDevice {
         cfg: &NbdConfig,
     ) -> Result<NbdDevice> {
         let name = format!("NBD socket (export {export:?})");
-        NbdDevice::start(Stream::Unix(socket), None, export, name, cfg)
+        let timeout = cfg.timeout.max(Duration::from_millis(1));
+        let conn = NbdDevice::start(Stream::Unix(socket), None, export, name, cfg, timeout)?;
+        Ok(NbdDevice::with(vec![conn]))
     }
 
-    /// Negotiate on a connected `stream` (with TLS when `tls` is given) and start
-    /// the reader; `name` names the server in messages.
+    /// Negotiate on a connected `stream` (with TLS when `tls` is given, each step
+    /// within `handshake`) and start the reader; `name` names the server in
+    /// messages.
     fn start(
         mut stream: Stream,
         tls: Option<tls::Client>,
         export: &str,
         name: String,
         cfg: &NbdConfig,
-    ) -> Result<NbdDevice> {
+        handshake: Duration,
+    ) -> Result<Conn> {
         let timeout = cfg.timeout.max(Duration::from_millis(1));
         let ctx = |e: Error| context(&name, e);
-        let setup = |s: &Stream| -> io::Result<()> {
-            s.set_read_timeout(Some(timeout))?;
-            s.set_write_timeout(Some(timeout))
+        let setup = |s: &Stream, t: Duration| -> io::Result<()> {
+            s.set_read_timeout(Some(t))?;
+            s.set_write_timeout(Some(t))
         };
-        setup(&stream).map_err(|e| ctx(Error::os("socket timeouts", e)))?;
+        setup(&stream, handshake).map_err(|e| ctx(Error::os("socket timeouts", e)))?;
         let greeting = handshake::greet(&mut stream).map_err(ctx)?;
         let mut link = match tls {
             None => Link::Plain(stream),
@@ -198,6 +284,8 @@ impl NbdDevice {
             .try_clone()
             .map_err(|e| ctx(Error::os("dup socket", e)))?;
         let (reader_link, writer) = link.split().map_err(|e| ctx(Error::os("dup socket", e)))?;
+        // The handshake's limit was its own; sends get the I/O timeout.
+        setup(writer.socket(), timeout).map_err(|e| ctx(Error::os("socket timeouts", e)))?;
         reader_link
             .socket()
             .set_read_timeout(Some(tick))
@@ -216,31 +304,77 @@ impl NbdDevice {
                 busy_since: Instant::now(),
             }),
             closing: AtomicBool::new(false),
+            down: AtomicBool::new(false),
         });
         let s = Arc::clone(&shared);
         let reader = thread::Builder::new()
             .name("dio-nbd-reader".into())
             .spawn(move || reader_main(&s, reader_link))
             .map_err(|e| Error::os("spawn NBD reader", e))?;
-        Ok(NbdDevice {
+        Ok(Conn {
             shared,
             reader: Some(reader),
         })
     }
 
+    /// The first connection: its export and geometry are the device's.
+    fn shared(&self) -> &Arc<Shared> {
+        &self.conns[0].shared
+    }
+
+    /// The connection of the calling thread (one that is still up, if any is).
+    #[inline]
+    fn pick(&self) -> &Arc<Shared> {
+        let n = self.conns.len();
+        if n == 1 {
+            return &self.conns[0].shared;
+        }
+        let slot = self.slot();
+        (0..n)
+            .map(|i| &self.conns[(slot + i) % n].shared)
+            .find(|s| !s.down.load(Ordering::Acquire))
+            .unwrap_or(&self.conns[slot % n].shared)
+    }
+
+    /// The calling thread's connection index (not reduced modulo the count):
+    /// given at its first request, each new thread the next one.
+    fn slot(&self) -> usize {
+        let found = CHOSEN.try_with(|c| {
+            let mut c = c.borrow_mut();
+            if let Some(at) = c.iter().position(|&(d, _)| d == self.id) {
+                let hit = c[at];
+                // Most recent first: a thread on one device finds it at once.
+                c[..=at].rotate_right(1);
+                return hit.1;
+            }
+            let slot = self.next.fetch_add(1, Ordering::Relaxed);
+            c.insert(0, (self.id, slot));
+            c.truncate(CHOICES);
+            slot
+        });
+        // A thread being torn down: any connection will do.
+        found.unwrap_or(0)
+    }
+
+    /// How many connections the device has to the export (see
+    /// [`NbdConfig::connections`]), counting any that died since.
+    pub fn connections(&self) -> usize {
+        self.conns.len()
+    }
+
     /// The export size in bytes (the device size is rounded up to a whole block;
     /// the tail past the export reads as zeros and writes there are dropped).
     pub fn export_size(&self) -> u64 {
-        self.shared.export.size
+        self.shared().export.size
     }
 
     /// The block sizes the server announced: minimum, preferred, maximum.
     pub fn block_sizes(&self) -> Option<(u32, u32, u32)> {
-        self.shared.export.block_sizes
+        self.shared().export.block_sizes
     }
 
     fn has(&self, flag: u16) -> bool {
-        self.shared.export.flags & flag != 0
+        self.shared().export.flags & flag != 0
     }
 
     /// Whether the export refuses writes.
@@ -269,19 +403,28 @@ impl NbdDevice {
     }
     /// Whether structured replies were negotiated.
     pub fn structured_replies(&self) -> bool {
-        self.shared.export.structured
+        self.shared().export.structured
     }
     /// Whether `base:allocation` block status was negotiated.
     pub fn can_block_status(&self) -> bool {
-        self.shared.export.allocation_context.is_some()
+        self.shared().export.allocation_context.is_some()
     }
 
     /// Why the connection died, if it did (every later request fails with it).
+    /// With several connections: why the first one died, once all of them have
+    /// (until then, requests go to those still up).
     pub fn dead(&self) -> Option<String> {
-        lock(&self.shared.table)
-            .dead
-            .as_ref()
-            .map(|d| d.msg.clone())
+        let mut first = None;
+        for c in &self.conns {
+            let why = lock(&c.shared.table).dead.as_ref().map(|d| d.msg.clone());
+            match why {
+                Some(w) => {
+                    first.get_or_insert(w);
+                }
+                None => return None,
+            }
+        }
+        first
     }
 
     /// Discard `[offset, offset + len)` (`NBD_CMD_TRIM`); the range may read back
@@ -320,8 +463,8 @@ impl NbdDevice {
             return Err(errno(libc::EROFS));
         }
         let end = (offset + len).min(self.export_size());
-        let step = u64::from(u32::MAX) / u64::from(self.shared.geometry.logical_block)
-            * u64::from(self.shared.geometry.logical_block);
+        let step = u64::from(u32::MAX) / u64::from(self.shared().geometry.logical_block)
+            * u64::from(self.shared().geometry.logical_block);
         let mut at = offset;
         while at < end {
             let n = (end - at).min(step) as u32;
@@ -332,12 +475,12 @@ impl NbdDevice {
     }
 
     fn check_range(&self, offset: u64, len: u64) -> io::Result<()> {
-        let lb = u64::from(self.shared.geometry.logical_block);
+        let lb = u64::from(self.shared().geometry.logical_block);
         let ok = offset % lb == 0
             && len % lb == 0
             && offset
                 .checked_add(len)
-                .is_some_and(|e| e <= self.shared.geometry.size);
+                .is_some_and(|e| e <= self.shared().geometry.size);
         if ok {
             Ok(())
         } else {
@@ -354,7 +497,7 @@ impl NbdDevice {
             return Ok(Vec::new());
         }
         let len = len.min(size - offset);
-        if self.shared.export.allocation_context.is_none() {
+        if self.shared().export.allocation_context.is_none() {
             return Ok(vec![Allocation {
                 offset,
                 len,
@@ -414,7 +557,9 @@ impl NbdDevice {
     /// Send a command and wait for its reply.
     fn command(&self, command: u16, flags: u16, offset: u64, len: u32) -> Outcome {
         let w = Arc::new(Waiter::default());
-        self.shared.start(
+        // A flush on any one connection covers the writes completed on all of
+        // them: that is what multi-conn promises.
+        self.pick().start(
             command,
             flags,
             offset,
@@ -464,11 +609,11 @@ fn geometry(export: &Export, max_request: u32) -> Result<Geometry> {
 
 impl Device for NbdDevice {
     fn geometry(&self) -> Geometry {
-        self.shared.geometry
+        self.shared().geometry
     }
 
     fn submit(&self, req: Request) {
-        let geo = &self.shared.geometry;
+        let geo = &self.shared().geometry;
         if let Err(e) = check_request(geo, &req) {
             req.complete(Err(e));
             return;
@@ -512,7 +657,7 @@ impl Device for NbdDevice {
         } else {
             Segments::new()
         };
-        self.shared.start(
+        self.pick().start(
             command,
             flags,
             offset,
@@ -539,7 +684,7 @@ impl Device for NbdDevice {
     }
 }
 
-impl Drop for NbdDevice {
+impl Drop for Conn {
     fn drop(&mut self) {
         let s = &self.shared;
         s.closing.store(true, Ordering::Release);
@@ -578,9 +723,10 @@ impl Drop for NbdDevice {
 impl std::fmt::Debug for NbdDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NbdDevice")
-            .field("uri", &self.shared.uri)
-            .field("export", &self.shared.export)
-            .field("geometry", &self.shared.geometry)
+            .field("uri", &self.shared().uri)
+            .field("export", &self.shared().export)
+            .field("geometry", &self.shared().geometry)
+            .field("connections", &self.conns.len())
             .finish()
     }
 }

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::io::{self, IoSlice};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -118,6 +118,9 @@ pub(super) struct Shared {
     pub(super) control: Stream,
     pub(super) table: Mutex<Table>,
     pub(super) closing: AtomicBool,
+    /// The connection is dead (`table.dead` is set): a hint, read without the
+    /// table lock, that steers new requests to another connection of the device.
+    pub(super) down: AtomicBool,
 }
 
 /// The ranges of a read that content chunks covered: disjoint, adjacent ones
@@ -298,6 +301,7 @@ impl Shared {
                 t.dead = Some(why);
             }
         }
+        self.down.store(true, Ordering::Release);
         self.control.shutdown();
     }
 
@@ -363,6 +367,7 @@ impl Shared {
                 t.dead = Some(why);
             }
             let dead = t.dead.clone().expect("set above");
+            self.down.store(true, Ordering::Release);
             let mut gone = Vec::new();
             let cookies: Vec<u64> = t.entries.keys().copied().collect();
             for c in cookies {
