@@ -68,3 +68,250 @@ fn atomic_writes_are_granted_only_where_statx_reports_units() {
         _ => eprintln!("skipped the xfs_io comparison: xfs_io not installed"),
     }
 }
+
+// ---- The engine's untorn writes (Flags::ATOMIC) on the RAM device ----
+
+use std::io::IoSlice;
+use std::sync::Arc;
+
+use dio::{
+    AlignedBuf, Device, DirectFile, FileState, Flags, Geometry, IdentityMap, MemDevice,
+    MemDeviceConfig, Op, TestMap, TestMapConfig,
+};
+
+const MIB: u64 = 1 << 20;
+
+fn ram(cfg: MemDeviceConfig) -> (Arc<MemDevice>, DirectFile) {
+    let size = cfg.geometry.size;
+    let dev = Arc::new(MemDevice::new(cfg));
+    let map = Arc::new(IdentityMap::new(4096, size));
+    let file = DirectFile::new(dev.clone(), map, Arc::new(FileState::new(size))).unwrap();
+    (dev, file)
+}
+
+fn filled(len: usize, byte: u8) -> AlignedBuf {
+    let mut b = AlignedBuf::new(len, 4096);
+    b.fill(byte);
+    b
+}
+
+fn assert_atomic_refusal(e: &Error) {
+    assert_eq!(feature(e), Some(Feature::AtomicWrite), "{e}");
+    assert_eq!(e.errno(), libc::EOPNOTSUPP, "{e}");
+}
+
+#[test]
+fn an_untorn_write_goes_out_as_exactly_one_flagged_request() {
+    let cfg = MemDeviceConfig::new(MIB, 512)
+        .geometry(Geometry::new(512, MIB).with_limits(256, 64 << 10))
+        .atomic_write(4096, 64 << 10)
+        .log();
+    let (dev, file) = ram(cfg);
+    assert_eq!(file.atomic_write_units(), Some((4096, 64 << 10)));
+    // 64 KiB from sixteen separate 4 KiB buffers: one request of 64 KiB.
+    let bufs: Vec<AlignedBuf> = (0..16).map(|i| filled(4096, i as u8 + 1)).collect();
+    let slices: Vec<IoSlice<'_>> = bufs.iter().map(|b| IoSlice::new(b)).collect();
+    assert_eq!(
+        file.write(128 << 10, &slices, Flags::ATOMIC).unwrap(),
+        64 << 10
+    );
+    let log = dev.log();
+    assert_eq!(log.len(), 1, "{log:?}");
+    assert_eq!(
+        (log[0].op, log[0].offset, log[0].len),
+        (Op::Write, 128 << 10, 64 << 10)
+    );
+    assert!(log[0].atomic);
+    let back = dev.read_raw(128 << 10, 64 << 10);
+    for (i, chunk) in back.chunks(4096).enumerate() {
+        assert!(chunk.iter().all(|&b| b == i as u8 + 1));
+    }
+    // A plain write of the same shape is not flagged; an async untorn one is.
+    dev.reset_stats();
+    file.write(128 << 10, &slices, Flags::NONE).unwrap();
+    let done = file
+        .write_future(0, vec![filled(8192, 9)], Flags::ATOMIC | Flags::DSYNC)
+        .wait();
+    assert_eq!(done.result.unwrap(), 8192);
+    let log = dev.log();
+    assert!(!log[..log.len() - 1].iter().any(|r| r.atomic), "{log:?}");
+    let last = log.last().unwrap();
+    assert!(last.atomic && last.fua && last.len == 8192, "{last:?}");
+}
+
+#[test]
+fn writes_that_cannot_be_untorn_are_refused_before_a_byte_moves() {
+    let (dev, file) = ram(MemDeviceConfig::new(MIB, 512)
+        .atomic_write(4096, 64 << 10)
+        .log());
+    let cases: [(u64, usize, &str); 5] = [
+        (0, 12288, "not a power of two"),
+        (0, 128 << 10, "above unit_max"),
+        (0, 2048, "below unit_min"),
+        (4096, 16384, "not aligned to its length"),
+        (
+            MIB - 4096,
+            8192,
+            "past the end (the map has no blocks there)",
+        ),
+    ];
+    for (at, len, why) in cases {
+        let r = file.write_at(at, &filled(len, 5), Flags::ATOMIC);
+        let e = r.expect_err(why);
+        assert!(
+            matches!(e, Error::Incompatible(_) | Error::TooLarge { .. }),
+            "{why}: {e}"
+        );
+        if let Error::Incompatible(_) = e {
+            assert_atomic_refusal(&e);
+        }
+    }
+    // Padding would be needed: refused, not read-modify-written.
+    let e = file
+        .write_at(1000, &[1u8; 4096], Flags::ATOMIC | Flags::UNALIGNED)
+        .unwrap_err();
+    assert_atomic_refusal(&e);
+    let c = file
+        .write_future(100, vec![vec![1u8; 4096]], Flags::ATOMIC | Flags::UNALIGNED)
+        .wait();
+    assert_atomic_refusal(&c.result.unwrap_err());
+    // Reads are never untorn.
+    let mut b = AlignedBuf::new(4096, 4096);
+    assert_atomic_refusal(&file.read_at(0, &mut b, Flags::ATOMIC).unwrap_err());
+    assert!(
+        dev.log().is_empty(),
+        "refused calls sent requests: {:?}",
+        dev.log()
+    );
+    assert!(dev.read_raw(0, MIB as usize).iter().all(|&b| b == 0));
+
+    // A device without atomic units: refused, and the message says it has none.
+    let (dev, file) = ram(MemDeviceConfig::new(MIB, 512).log());
+    assert_eq!(file.atomic_write_units(), None);
+    let e = file
+        .write_at(0, &filled(4096, 1), Flags::ATOMIC)
+        .unwrap_err();
+    assert_atomic_refusal(&e);
+    assert!(dev.log().is_empty());
+}
+
+#[test]
+fn untorn_writes_need_one_run_of_written_blocks() {
+    let dev = Arc::new(MemDevice::new(
+        MemDeviceConfig::new(4 * MIB, 512)
+            .atomic_write(4096, 64 << 10)
+            .log(),
+    ));
+    // Extents of at most two blocks: a 16 KiB write spans two of them.
+    let map = Arc::new(TestMap::new(TestMapConfig::new(4096, 1024).max_extent(2)));
+    let file = DirectFile::new(dev.clone(), map.clone(), Arc::new(FileState::new(0))).unwrap();
+    // A hole (the write would allocate): refused.
+    let e = file
+        .write_at(0, &filled(8192, 1), Flags::ATOMIC)
+        .unwrap_err();
+    assert_atomic_refusal(&e);
+    // Unwritten (preallocated) blocks: refused.
+    map.preallocate(4..6).unwrap();
+    let e = file
+        .write_at(16384, &filled(8192, 1), Flags::ATOMIC)
+        .unwrap_err();
+    assert_atomic_refusal(&e);
+    assert!(dev.log().is_empty());
+    // Written blocks in one extent: accepted; across two extents: refused.
+    file.write_at(0, &filled(32768, 2), Flags::NONE).unwrap();
+    dev.reset_stats();
+    assert_eq!(
+        file.write_at(0, &filled(8192, 3), Flags::ATOMIC).unwrap(),
+        8192
+    );
+    assert_eq!(dev.log().len(), 1);
+    let e = file
+        .write_at(16384, &filled(16384, 3), Flags::ATOMIC)
+        .unwrap_err();
+    assert_atomic_refusal(&e);
+    assert_eq!(dev.log().len(), 1);
+}
+
+/// One round of writes for the torn-crash checks: untorn writes of several sizes
+/// and plain writes, none flushed. Returns the untorn and the plain regions.
+fn torn_round(file: &DirectFile, byte: u8) -> (Vec<(u64, usize)>, Vec<(u64, usize)>) {
+    let atomic = [
+        (0u64, 4096usize),
+        (8192, 8192),
+        (16384, 16384),
+        (65536, 65536),
+    ];
+    let plain = [(131072u64, 16384usize), (196608, 65536)];
+    for &(at, len) in &atomic {
+        assert_eq!(
+            file.write_at(at, &filled(len, byte), Flags::ATOMIC)
+                .unwrap(),
+            len
+        );
+    }
+    for &(at, len) in &plain {
+        assert_eq!(
+            file.write_at(at, &filled(len, byte), Flags::NONE).unwrap(),
+            len
+        );
+    }
+    (atomic.to_vec(), plain.to_vec())
+}
+
+/// Regions that hold neither all old (zero) nor all new bytes.
+fn torn(dev: &MemDevice, regions: &[(u64, usize)], byte: u8) -> usize {
+    regions
+        .iter()
+        .filter(|&&(at, len)| {
+            let b = dev.read_raw(at, len);
+            !(b.iter().all(|&x| x == 0) || b.iter().all(|&x| x == byte))
+        })
+        .count()
+}
+
+/// Over many torn crashes: untorn writes survive whole or not at all, while plain
+/// writes do tear (so the crash mode is not vacuous); and a device that tears
+/// untorn writes too is caught by the same check (the mutation).
+#[test]
+fn torn_crashes_never_tear_an_untorn_write_and_the_check_catches_one_that_does() {
+    let (dev, file) = ram(MemDeviceConfig::new(MIB, 512)
+        .atomic_write(4096, 64 << 10)
+        .torn_crash());
+    let zeros = vec![0u8; MIB as usize];
+    let (mut torn_plain, mut torn_atomic_mutant) = (0, 0);
+    for seed in 0..64u64 {
+        for honour in [true, false] {
+            dev.write_raw(0, &zeros);
+            dev.flush().unwrap();
+            let byte = (seed as u8) | 1;
+            let (atomic, plain) = torn_round(&file, byte);
+            if honour {
+                dev.crash_torn(seed);
+                assert_eq!(
+                    torn(&dev, &atomic, byte),
+                    0,
+                    "seed {seed}: an untorn write tore"
+                );
+                torn_plain += torn(&dev, &plain, byte);
+            } else {
+                dev.crash_torn_all(seed);
+                torn_atomic_mutant += torn(&dev, &atomic, byte);
+            }
+        }
+    }
+    assert!(
+        torn_plain > 0,
+        "no plain write ever tore: the crash mode tears nothing"
+    );
+    assert!(
+        torn_atomic_mutant > 0,
+        "the check missed untorn writes that tore"
+    );
+    // What was flushed survives every crash whole.
+    dev.write_raw(0, &zeros);
+    dev.flush().unwrap();
+    torn_round(&file, 7);
+    dev.flush().unwrap();
+    dev.crash_torn_all(3);
+    assert!(dev.read_raw(0, 4096).iter().all(|&b| b == 7));
+}

@@ -40,6 +40,9 @@ pub(crate) struct BioBuilder<'a> {
     max_segments: usize,
     poll: bool,
     lender: Lender<'a>,
+    /// An untorn write: its one request goes out flagged atomic (the checks of
+    /// `atomic.rs` made sure the walk builds exactly one).
+    pub(crate) atomic: bool,
     /// The device's logical block and memory alignment: where a piece may be cut.
     lb: usize,
     mem_align: usize,
@@ -82,6 +85,7 @@ impl<'a> BioBuilder<'a> {
             max_segments: (geo.max_segments as usize).min(MAX_SEGMENTS),
             poll,
             lender,
+            atomic: false,
             lb: geo.logical_block as usize,
             mem_align: (geo.mem_align as usize).max(1),
             cur: None,
@@ -162,7 +166,7 @@ impl<'a> BioBuilder<'a> {
             dio.wait_in_flight_at_most(&*self.file.dev, MAX_IN_FLIGHT - 1, self.poll);
         }
         dio.get();
-        let req = Request::build(
+        let mut req = Request::build(
             self.op,
             b.dev_offset,
             b.segments,
@@ -171,6 +175,9 @@ impl<'a> BioBuilder<'a> {
             b.file_offset,
             self.lender.keep(),
         );
+        if self.atomic {
+            req.set_atomic(true);
+        }
         if dio.is_async() {
             dio.send_async(req, b.file_offset);
         } else {

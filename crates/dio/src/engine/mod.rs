@@ -6,6 +6,7 @@
 //! block map), `bio` (pieces into device requests), `complete` (counting, waiting,
 //! result rules).
 
+mod atomic;
 mod bio;
 mod complete;
 mod request;
@@ -78,6 +79,32 @@ impl Flags {
     /// through bounce buffers, and writes read-modify-write them under the block
     /// range lock. Without it, misaligned requests fail with EINVAL.
     pub const UNALIGNED: Flags = Flags(1 << 7);
+    /// Untorn write (the kernel's `RWF_ATOMIC`): the write lands whole or not at
+    /// all, even across a power loss. The engine sends it as exactly one device
+    /// request flagged [`Request::atomic`](crate::Request::atomic) (passed to the
+    /// kernel as `RWF_ATOMIC` by the io_uring and pread back ends), and refuses,
+    /// before a byte moves, with [`Error::Incompatible`] for
+    /// [`Feature::AtomicWrite`](crate::Feature::AtomicWrite) naming the rule and the
+    /// sizes the device takes, any write that cannot be untorn: on a device without
+    /// atomic write units ([`DirectFile::atomic_write_units`]), of a length that is
+    /// not a power of two within them, at an offset (file or device) that is not a
+    /// multiple of its length, over a range the block map does not map as one run
+    /// of written blocks, or one that would need [`Flags::UNALIGNED`]'s padding.
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use dio::{AlignedBuf, DirectFile, FileState, Flags, Geometry, IdentityMap, MemDevice, MemDeviceConfig};
+    /// let geo = Geometry::new(512, 1 << 20).with_atomic_write(4096, 65536, 0);
+    /// let dev = Arc::new(MemDevice::new(MemDeviceConfig::new(1 << 20, 512).geometry(geo)));
+    /// let file = DirectFile::new(dev, Arc::new(IdentityMap::new(4096, 1 << 20)), Arc::new(FileState::new(1 << 20))).unwrap();
+    /// assert_eq!(file.atomic_write_units(), Some((4096, 65536)));
+    /// let buf = AlignedBuf::new(16384, 4096);
+    /// assert_eq!(file.write_at(16384, &buf, Flags::ATOMIC).unwrap(), 16384);
+    /// // 16 KiB at 4 KiB is not aligned to its length: refused, nothing written.
+    /// let e = file.write_at(4096, &buf, Flags::ATOMIC).unwrap_err();
+    /// assert!(matches!(e, dio::Error::Incompatible(ref i) if i.feature == dio::Feature::AtomicWrite));
+    /// ```
+    pub const ATOMIC: Flags = Flags(1 << 8);
 
     /// Whether every flag of `other` is set.
     pub fn contains(self, other: Flags) -> bool {
@@ -251,6 +278,14 @@ impl DirectFile {
         &self.shared.stats
     }
 
+    /// The sizes of untorn writes ([`Flags::ATOMIC`]) the device offers,
+    /// `(unit_min, unit_max)` in bytes (powers of two; a write must also be aligned
+    /// to its length), or `None` where it offers none. For a host file or block
+    /// device these are what statx (`STATX_WRITE_ATOMIC`) reports for it.
+    pub fn atomic_write_units(&self) -> Option<(u32, u32)> {
+        self.shared.geometry.atomic_write_units()
+    }
+
     /// The alignment a caller needs, as statx(STATX_DIOALIGN) reports it: memory
     /// address alignment and file offset/length alignment.
     pub fn dio_align(&self) -> (u32, u32) {
@@ -271,6 +306,10 @@ impl DirectFile {
                 bufs.iter().map(|b| (b.as_ptr() as usize, b.len())),
             )
         {
+            if flags.contains(Flags::ATOMIC) {
+                let len = bufs.iter().map(|b| b.len() as u64).sum();
+                return Err(atomic::refuse_unaligned(file, Op::Read, offset, len));
+            }
             return unaligned::read(file, offset, bufs, flags);
         }
         buf::io_scope(drain(file), |scope| {
@@ -328,6 +367,10 @@ impl DirectFile {
                 bufs.iter().map(|b| (b.as_ptr() as usize, b.len())),
             )
         {
+            if flags.contains(Flags::ATOMIC) {
+                let len = bufs.iter().map(|b| b.len() as u64).sum();
+                return Err(atomic::refuse_unaligned(file, Op::Write, offset, len));
+            }
             return unaligned::write(file, offset, bufs, flags);
         }
         buf::io_scope(drain(file), |scope| {
@@ -437,6 +480,11 @@ impl DirectFile {
                 offset,
                 bufs.iter_mut().map(|b| (b.as_mut_ptr() as usize, b.len())),
             );
+            if !aligned && flags.contains(Flags::ATOMIC) {
+                let len = bufs.iter().map(|b| b.len() as u64).sum();
+                let result = Err(atomic::refuse_unaligned(file, op, offset, len));
+                return done(Completed { result, bufs });
+            }
             if !aligned {
                 return match op {
                     Op::Read => unaligned::read_async(file, offset, bufs, flags, done),
