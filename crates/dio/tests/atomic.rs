@@ -315,3 +315,194 @@ fn torn_crashes_never_tear_an_untorn_write_and_the_check_catches_one_that_does()
     dev.crash_torn_all(3);
     assert!(dev.read_raw(0, 4096).iter().all(|&b| b == 7));
 }
+
+// ---- The kernel path: RWF_ATOMIC on a file system that offers untorn writes ----
+
+/// An XFS image on a loop device, mounted; unmounted and detached on drop.
+struct XfsMount {
+    dir: tempfile::TempDir,
+    loopdev: String,
+}
+
+impl XfsMount {
+    fn new() -> Result<XfsMount, String> {
+        use std::process::Command;
+        let run = |cmd: &mut Command| -> Result<String, String> {
+            let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
+            if !out.status.success() {
+                return Err(format!("{cmd:?}: {}", String::from_utf8_lossy(&out.stderr)));
+            }
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        };
+        let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).map_err(|e| e.to_string())?;
+        let img = dir.path().join("xfs.img");
+        std::fs::File::create(&img)
+            .and_then(|f| f.set_len(320 << 20))
+            .map_err(|e| e.to_string())?;
+        run(Command::new("mkfs.xfs").args(["-q", "-f"]).arg(&img))?;
+        let loopdev = run(Command::new("losetup").args(["-f", "--show"]).arg(&img))?;
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).map_err(|e| e.to_string())?;
+        if let Err(e) = run(Command::new("mount").arg(&loopdev).arg(&mnt)) {
+            let _ = Command::new("losetup").args(["-d", &loopdev]).status();
+            return Err(e);
+        }
+        Ok(XfsMount { dir, loopdev })
+    }
+    fn path(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join("mnt").join(name)
+    }
+}
+
+impl Drop for XfsMount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.dir.path().join("mnt"))
+            .status();
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &self.loopdev])
+            .status();
+    }
+}
+
+/// Untorn writes through both back ends where the kernel offers them (XFS with
+/// reflink does, in software, on Linux 6.16+), and the proof that the flag reaches
+/// the kernel: a write the kernel's atomic rules refuse (EINVAL) goes through
+/// without the flag. On this machine's own disk (above) the engine refuses.
+#[test]
+fn untorn_writes_pass_rwf_atomic_to_the_kernel_where_it_offers_them() {
+    use dio::{Backend, SyncConfig, SyncDevice};
+    use std::os::unix::fs::OpenOptionsExt;
+    // Here, first: the target dir's file system.
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let here = dir.path().join("here.bin");
+    std::fs::File::create(&here).unwrap().set_len(MIB).unwrap();
+    let opts = RawOptions {
+        write: true,
+        ..RawOptions::default()
+    };
+    let raw = RawFile::open(&here, &opts).unwrap();
+    match raw.direct().atomic_write_units() {
+        None => {
+            let e = raw
+                .direct()
+                .write_at(0, &filled(4096, 1), Flags::ATOMIC)
+                .unwrap_err();
+            assert_atomic_refusal(&e);
+            eprintln!("the target dir's file system offers no untorn writes: refused ({e})");
+        }
+        Some(u) => eprintln!("the target dir's file system offers untorn writes {u:?}"),
+    }
+    if !dio_testkit::is_root() || !dio_testkit::have("mkfs.xfs") || !dio_testkit::have("losetup") {
+        return dio_testkit::skip("the kernel path needs root, mkfs.xfs and losetup");
+    }
+    let mount = match XfsMount::new() {
+        Ok(m) => m,
+        Err(e) => return dio_testkit::skip(format!("no XFS loop mount: {e}")),
+    };
+    let path = mount.path("db");
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(4 * MIB)
+        .unwrap();
+    let limits = atomic_write_limits(RawFile::open(&path, &opts).unwrap().fd()).unwrap();
+    eprintln!("XFS atomic write limits: {limits:?}");
+    for backend in [Backend::Uring, Backend::Sync] {
+        if backend == Backend::Uring && dio::probe::uring_available().is_err() {
+            dio_testkit::skip("io_uring unavailable: the uring half");
+            continue;
+        }
+        let opts = RawOptions {
+            write: true,
+            backend,
+            ..RawOptions::default()
+        };
+        let raw = RawFile::open(&path, &opts).unwrap();
+        let Some((min, max)) = raw.direct().atomic_write_units() else {
+            let e = raw
+                .direct()
+                .write_at(0, &filled(4096, 1), Flags::ATOMIC)
+                .unwrap_err();
+            assert_atomic_refusal(&e);
+            return dio_testkit::skip(format!(
+                "XFS here reports no atomic write units ({limits:?}): refused ({e})"
+            ));
+        };
+        let (min, max) = (min as usize, max as usize);
+        let n = raw
+            .direct()
+            .write_at(min as u64, &filled(min, 0x5A), Flags::ATOMIC)
+            .unwrap();
+        assert_eq!(n, min, "{backend:?}");
+        let n = raw
+            .direct()
+            .write_at(0, &filled(max, 0x5B), Flags::ATOMIC | Flags::DSYNC)
+            .unwrap();
+        assert_eq!(n, max, "{backend:?}");
+        let mut back = AlignedBuf::new(max, 4096);
+        raw.direct().read_at(0, &mut back, Flags::NONE).unwrap();
+        assert!(back.iter().all(|&b| b == 0x5B), "{backend:?}");
+        let e = raw
+            .direct()
+            .write_at(0, &filled(max * 2, 1), Flags::ATOMIC)
+            .unwrap_err();
+        assert_atomic_refusal(&e);
+    }
+    // The kernel's own check: a device whose geometry claims more than the file
+    // offers passes an untorn write twice the real maximum to pwritev2; the kernel
+    // refuses it with EINVAL, and takes the same write without the flag.
+    let max = limits.unit_max;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&path)
+        .unwrap();
+    let geo = Geometry::new(4096, 4 * MIB)
+        .with_limits(256, 4 << 20)
+        .with_atomic_write(limits.unit_min, (max * 2).min(4 << 20), 0);
+    let len = (max as usize * 2).min(4 << 20);
+    assert!(
+        len > max as usize,
+        "unit_max {max} leaves no room to overstep"
+    );
+    let mut cfg = SyncConfig::default();
+    cfg.workers = 0;
+    let sync = SyncDevice::new(file.try_clone().unwrap(), geo, &cfg).unwrap();
+    let mut devs: Vec<Box<dyn Device>> = vec![Box::new(sync)];
+    if dio::probe::uring_available().is_ok() {
+        let uring = dio::UringDevice::new(file, geo, &dio::UringConfig::default()).unwrap();
+        devs.push(Box::new(uring));
+    }
+    for dev in devs {
+        // Plain requests of that size are fine.
+        dio::write_device(&*dev, 0, &mut filled(len, 3), false).unwrap();
+        let e = atomic_request(&*dev, 0, len).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EINVAL), "{}: {e}", dev.name());
+        // And one within the real limits is taken.
+        atomic_request(&*dev, 0, max as usize).unwrap();
+    }
+}
+
+/// Submit one untorn write of `len` bytes at `at` and wait for it.
+fn atomic_request(dev: &dyn Device, at: u64, len: usize) -> std::io::Result<()> {
+    use std::sync::Mutex;
+    struct Wait(Mutex<Option<std::io::Result<()>>>);
+    impl dio::Completion for Wait {
+        fn complete(self: Arc<Self>, _: dio::Finished, r: std::io::Result<()>) {
+            *self.0.lock().unwrap() = Some(r);
+        }
+    }
+    let w = Arc::new(Wait(Mutex::new(None)));
+    let mut req = dio::Request::with_buf(Op::Write, at, filled(len, 4), false, w.clone(), 0);
+    req.set_atomic(true);
+    dev.submit(req);
+    loop {
+        if let Some(r) = w.0.lock().unwrap().take() {
+            return r;
+        }
+        if dev.poll(true).unwrap() == 0 {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+}
