@@ -330,6 +330,7 @@ pub use device::{
     FaultConfig, FaultDevice, FaultStats, Finished, Geometry, LoggedRequest, MemDevice,
     MemDeviceConfig, MemStats, Op, Request, SyncConfig, SyncDevice,
 };
+pub use device::{IoStats, LatencyHistogram, StatsDevice, LATENCY_BUCKETS};
 #[cfg(feature = "io-uring")]
 pub use device::{UringConfig, UringDevice};
 pub use engine::{

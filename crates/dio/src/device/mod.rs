@@ -14,12 +14,14 @@ mod mem;
 #[cfg(feature = "nbd")]
 pub(crate) mod nbd;
 pub mod probe;
+mod stats;
 pub(crate) mod sync;
 #[cfg(feature = "io-uring")]
 pub(crate) mod uring;
 
 pub use fault::{FaultConfig, FaultDevice, FaultStats};
 pub use mem::{LoggedRequest, MemDevice, MemDeviceConfig, MemStats};
+pub use stats::{IoStats, LatencyHistogram, StatsDevice, LATENCY_BUCKETS};
 pub use sync::{SyncConfig, SyncDevice};
 #[cfg(feature = "io-uring")]
 pub use uring::{UringConfig, UringDevice};

@@ -43,6 +43,10 @@ pub(crate) struct BioBuilder<'a> {
     /// An untorn write: its one request goes out flagged atomic (the checks of
     /// `atomic.rs` made sure the walk builds exactly one).
     pub(crate) atomic: bool,
+    /// This call's merges and splits, published to the file's stats once, when the
+    /// builder goes (no shared counter touched per piece).
+    merges: u64,
+    splits: u64,
     /// The device's logical block and memory alignment: where a piece may be cut.
     lb: usize,
     mem_align: usize,
@@ -86,6 +90,8 @@ impl<'a> BioBuilder<'a> {
             poll,
             lender,
             atomic: false,
+            merges: 0,
+            splits: 0,
             lb: geo.logical_block as usize,
             mem_align: (geo.mem_align as usize).max(1),
             cur: None,
@@ -106,6 +112,7 @@ impl<'a> BioBuilder<'a> {
                 self.send();
             }
         }
+        let mut parts = 0u64;
         while !mem.is_empty() {
             let cur = self.cur.get_or_insert_with(|| Building {
                 dev_offset,
@@ -139,6 +146,10 @@ impl<'a> BioBuilder<'a> {
             } else {
                 cur.segments.push(piece);
             }
+            if cur.len > 0 {
+                self.merges += 1;
+            }
+            parts += 1;
             cur.len += take as u64;
             let full = cur.len == self.max_bytes || take < mem.len();
             mem = mem.slice(take, mem.len() - take);
@@ -148,6 +159,7 @@ impl<'a> BioBuilder<'a> {
                 self.send();
             }
         }
+        self.splits += parts.saturating_sub(1);
         if boundary {
             self.send();
         }
@@ -194,5 +206,6 @@ impl Drop for BioBuilder<'_> {
         if !std::thread::panicking() {
             self.send();
         }
+        self.file.stats.add_cuts(self.merges, self.splits);
     }
 }

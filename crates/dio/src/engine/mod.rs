@@ -132,11 +132,16 @@ impl std::ops::BitOrAssign for Flags {
     }
 }
 
-/// Bytes moved through one [`DirectFile`] (the seed's per-task I/O accounting).
+/// Bytes moved through one [`DirectFile`] (the seed's per-task I/O accounting),
+/// and how its calls were cut into device requests. For counts per device request
+/// (requests, in flight, latency), wrap the device in a
+/// [`StatsDevice`](crate::StatsDevice).
 #[derive(Debug, Default)]
 pub struct Stats {
     read: AtomicU64,
     written: AtomicU64,
+    merges: AtomicU64,
+    splits: AtomicU64,
 }
 
 impl Stats {
@@ -147,6 +152,26 @@ impl Stats {
     /// Bytes written by completed calls.
     pub fn bytes_written(&self) -> u64 {
         self.written.load(Ordering::Relaxed)
+    }
+    /// Merges: pieces of calls (a buffer, or the part of one in a block-map
+    /// extent) that joined a device request already under way rather than starting
+    /// one (the block layer's back merges).
+    pub fn merges(&self) -> u64 {
+        self.merges.load(Ordering::Relaxed)
+    }
+    /// Splits: extra device requests a piece needed because it did not fit in one
+    /// (the device's byte or segment limit, or an alignment cut).
+    pub fn splits(&self) -> u64 {
+        self.splits.load(Ordering::Relaxed)
+    }
+    /// Add one call's merges and splits (counted locally, published once).
+    pub(crate) fn add_cuts(&self, merges: u64, splits: u64) {
+        if merges != 0 {
+            self.merges.fetch_add(merges, Ordering::Relaxed);
+        }
+        if splits != 0 {
+            self.splits.fetch_add(splits, Ordering::Relaxed);
+        }
     }
 }
 
@@ -253,6 +278,45 @@ impl DirectFile {
         }
     }
 
+    /// The same file (block map, state, read-only or not) over `dev`, a wrapper of
+    /// this file's device such as a [`StatsDevice`](crate::StatsDevice). Both
+    /// handles may be used at once; their [`Stats`] are separate. Fails with
+    /// [`Error::Invalid`] unless `dev` has this device's geometry.
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use dio::{DirectFile, FileState, Flags, IdentityMap, MemDevice, MemDeviceConfig, StatsDevice};
+    /// # let dev = Arc::new(MemDevice::new(MemDeviceConfig::new(1 << 20, 512)));
+    /// # let file = DirectFile::new(dev, Arc::new(IdentityMap::new(4096, 1 << 20)), Arc::new(FileState::new(1 << 20))).unwrap();
+    /// let counted = Arc::new(StatsDevice::new(file.device().clone()));
+    /// let observed = file.with_device(counted.clone()).unwrap();
+    /// observed.write_at(0, &[0u8; 4096], Flags::UNALIGNED).unwrap();
+    /// assert_eq!(counted.stats().writes, 1);
+    /// ```
+    pub fn with_device(&self, dev: Arc<dyn Device>) -> Result<DirectFile> {
+        let s = &self.shared;
+        if dev.geometry() != s.geometry {
+            return Err(Error::Invalid(format!(
+                "with_device: device \"{}\" has geometry {:?}, the file's device {:?}",
+                dev.name(),
+                dev.geometry(),
+                s.geometry
+            )));
+        }
+        Ok(DirectFile {
+            shared: Arc::new(Shared {
+                dev,
+                map: Arc::clone(&s.map),
+                state: Arc::clone(&s.state),
+                geometry: s.geometry,
+                fs_block: s.fs_block,
+                read_only: s.read_only,
+                end_io: s.end_io,
+                stats: Stats::default(),
+            }),
+        })
+    }
+
     /// The file's state (size, locks, in-flight count).
     pub fn state(&self) -> &Arc<FileState> {
         &self.shared.state
@@ -273,7 +337,7 @@ impl DirectFile {
     pub fn size(&self) -> u64 {
         self.shared.state.size()
     }
-    /// Bytes moved so far.
+    /// Bytes moved so far, merges and splits.
     pub fn stats(&self) -> &Stats {
         &self.shared.stats
     }
