@@ -317,6 +317,8 @@ mod engine;
 mod error;
 mod map;
 pub mod stream;
+#[cfg_attr(not(feature = "tracing"), allow(unused_macros, unused_imports))]
+pub mod trace;
 
 pub use buf::{AlignedBuf, ArenaBuf, BufArena, MemRef, OwnedBuf, Segments, Window, HUGE_MIN};
 #[cfg(feature = "ext")]

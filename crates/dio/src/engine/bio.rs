@@ -190,6 +190,7 @@ impl<'a> BioBuilder<'a> {
         if self.atomic {
             req.set_atomic(true);
         }
+        crate::trace::request_submitted!(req, b.file_offset);
         if dio.is_async() {
             dio.send_async(req, b.file_offset);
         } else {

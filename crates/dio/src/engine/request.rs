@@ -219,6 +219,12 @@ pub(crate) fn run(
     mut done: Option<Done>,
     extra: Extra,
 ) -> Option<Res> {
+    let _span = crate::trace::call_span!(
+        op,
+        offset,
+        mem.iter().map(|m| m.len() as u64).sum::<u64>(),
+        file
+    );
     let state = &file.state;
     let unlock_range = |r: Option<(u64, u64)>| {
         if let Some((s, e)) = r {
