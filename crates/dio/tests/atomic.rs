@@ -234,7 +234,10 @@ fn untorn_writes_need_one_run_of_written_blocks() {
 
 /// One round of writes for the torn-crash checks: untorn writes of several sizes
 /// and plain writes, none flushed. Returns the untorn and the plain regions.
-fn torn_round(file: &DirectFile, byte: u8) -> (Vec<(u64, usize)>, Vec<(u64, usize)>) {
+/// Device byte ranges: (offset, length).
+type Regions = Vec<(u64, usize)>;
+
+fn torn_round(file: &DirectFile, byte: u8) -> (Regions, Regions) {
     let atomic = [
         (0u64, 4096usize),
         (8192, 8192),
