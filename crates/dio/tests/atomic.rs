@@ -472,11 +472,15 @@ fn untorn_writes_pass_rwf_atomic_to_the_kernel_where_it_offers_them() {
     let mut cfg = SyncConfig::default();
     cfg.workers = 0;
     let sync = SyncDevice::new(file.try_clone().unwrap(), geo, &cfg).unwrap();
+    #[cfg_attr(not(feature = "io-uring"), allow(unused_mut))]
     let mut devs: Vec<Box<dyn Device>> = vec![Box::new(sync)];
+    #[cfg(feature = "io-uring")]
     if dio::probe::uring_available().is_ok() {
         let uring = dio::UringDevice::new(file, geo, &dio::UringConfig::default()).unwrap();
         devs.push(Box::new(uring));
     }
+    #[cfg(not(feature = "io-uring"))]
+    drop(file);
     for dev in devs {
         // Plain requests of that size are fine.
         dio::write_device(&*dev, 0, &mut filled(len, 3), false).unwrap();
