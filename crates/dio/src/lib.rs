@@ -317,6 +317,8 @@ mod engine;
 mod error;
 mod map;
 pub mod stream;
+#[cfg_attr(not(feature = "tracing"), allow(unused_macros, unused_imports))]
+pub mod trace;
 
 pub use buf::{AlignedBuf, ArenaBuf, BufArena, MemRef, OwnedBuf, Segments, Window, HUGE_MIN};
 #[cfg(feature = "ext")]
@@ -330,6 +332,7 @@ pub use device::{
     FaultConfig, FaultDevice, FaultStats, Finished, Geometry, LoggedRequest, MemDevice,
     MemDeviceConfig, MemStats, Op, Request, SyncConfig, SyncDevice,
 };
+pub use device::{IoStats, LatencyHistogram, StatsDevice, LATENCY_BUCKETS};
 #[cfg(feature = "io-uring")]
 pub use device::{UringConfig, UringDevice};
 pub use engine::{

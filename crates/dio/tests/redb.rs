@@ -175,3 +175,197 @@ fn a_workload_gives_the_same_results_on_dio_and_on_redbs_file_backend() {
     assert_eq!(got, want, "the transcripts differ (dio RAM file)");
     assert!(got_all == want_all);
 }
+
+// ---- Speed: redb on dio against redb on its file backend ----
+
+/// Which backend a speed run uses.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Side {
+    File,
+    Dio,
+}
+
+const BENCH_TABLE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("bench");
+
+/// redb's own benchmark shape (`benches/lmdb_benchmark.rs`): 24-byte random keys,
+/// 150-byte random values.
+fn bench_pairs(n: usize) -> Vec<([u8; 24], [u8; 150])> {
+    let mut rng = Rng(0x5EED_1234_ABCD_0001);
+    (0..n)
+        .map(|_| {
+            let mut k = [0u8; 24];
+            let mut v = [0u8; 150];
+            for c in k.chunks_mut(8).chain(v.chunks_mut(8)) {
+                let r = rng.next().to_le_bytes();
+                c.copy_from_slice(&r[..c.len()]);
+            }
+            (k, v)
+        })
+        .collect()
+}
+
+/// Drop `path`'s pages from the page cache (clean after the close's fsync).
+fn evict(path: &Path) {
+    let f = std::fs::File::open(path).unwrap();
+    f.sync_all().unwrap();
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
+    // SAFETY: posix_fadvise reads no memory; `fd` is open for the call.
+    let r = unsafe { libc::posix_fadvise(fd, 0, 0, libc::POSIX_FADV_DONTNEED) };
+    assert_eq!(r, 0, "posix_fadvise DONTNEED");
+}
+
+/// Bytes of `path` in the page cache (util-linux `fincore`), 0 if unknown.
+fn cached(path: &Path) -> u64 {
+    std::process::Command::new("fincore")
+        .args(["--bytes", "--noheadings", "--output", "RES"])
+        .arg(path)
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn open_bench(side: Side, path: &Path, cache: usize, create: bool) -> Database {
+    let mut b = Database::builder();
+    b.set_cache_size(cache);
+    match (side, create) {
+        (Side::File, true) => b.create(path).unwrap(),
+        (Side::File, false) => b.open(path).unwrap(),
+        (Side::Dio, _) => b.create_with_backend(RedbBackend::raw(raw(path))).unwrap(),
+    }
+}
+
+/// One run of the workloads on one side: seconds per phase, and the most page
+/// cache the file held (the file backend's second cache).
+fn bench_run(
+    side: Side,
+    dir: &Path,
+    pairs: &[([u8; 24], [u8; 150])],
+    cache: usize,
+) -> ([f64; 4], u64) {
+    use std::time::Instant;
+    let path = dir.join(format!("{side:?}.redb"));
+    let _ = std::fs::remove_file(&path);
+    let mut page_cache = 0u64;
+    let mut times = [0.0; 4];
+    // Bulk load: every pair in one transaction.
+    let t = Instant::now();
+    let db = open_bench(side, &path, cache, true);
+    let tx = db.begin_write().unwrap();
+    {
+        let mut table = tx.open_table(BENCH_TABLE).unwrap();
+        for (k, v) in pairs {
+            table.insert(&k[..], &v[..]).unwrap();
+        }
+    }
+    tx.commit().unwrap();
+    drop(db);
+    times[0] = t.elapsed().as_secs_f64();
+    // Random reads, cold: every key once, in a shuffled order.
+    let mut order: Vec<usize> = (0..pairs.len()).collect();
+    let mut rng = Rng(99);
+    for i in (1..order.len()).rev() {
+        order.swap(i, rng.below(i as u64 + 1) as usize);
+    }
+    evict(&path);
+    let t = Instant::now();
+    let db = open_bench(side, &path, cache, false);
+    {
+        let rx = db.begin_read().unwrap();
+        let table = rx.open_table(BENCH_TABLE).unwrap();
+        for &i in &order {
+            let got = table.get(&pairs[i].0[..]).unwrap().unwrap();
+            assert_eq!(got.value(), &pairs[i].1[..]);
+        }
+    }
+    times[1] = t.elapsed().as_secs_f64();
+    page_cache = page_cache.max(cached(&path));
+    drop(db);
+    // Random range reads, cold: a tenth as many ranges of ten entries.
+    evict(&path);
+    let t = Instant::now();
+    let db = open_bench(side, &path, cache, false);
+    {
+        let rx = db.begin_read().unwrap();
+        let table = rx.open_table(BENCH_TABLE).unwrap();
+        for &i in order.iter().take(pairs.len() / 10) {
+            let n = table.range(&pairs[i].0[..]..).unwrap().take(10).count();
+            assert!(n >= 1);
+        }
+    }
+    times[2] = t.elapsed().as_secs_f64();
+    page_cache = page_cache.max(cached(&path));
+    drop(db);
+    // Removals, cold: half the keys in one transaction.
+    evict(&path);
+    let t = Instant::now();
+    let db = open_bench(side, &path, cache, false);
+    let tx = db.begin_write().unwrap();
+    {
+        let mut table = tx.open_table(BENCH_TABLE).unwrap();
+        for &i in order.iter().take(pairs.len() / 2) {
+            assert!(table.remove(&pairs[i].0[..]).unwrap().is_some());
+        }
+    }
+    tx.commit().unwrap();
+    drop(db);
+    times[3] = t.elapsed().as_secs_f64();
+    page_cache = page_cache.max(cached(&path));
+    std::fs::remove_file(&path).unwrap();
+    (times, page_cache)
+}
+
+/// redb's benchmark workloads (bulk load, random reads, range reads, removals),
+/// each read phase from a cold page cache, on redb's file backend and on dio, in
+/// alternating pairs; dio's redb cache gets the file backend's cache plus the page
+/// cache the file backend used (equal memory). Prints every ratio (file time over
+/// dio time: above 1 means dio is faster). Env-gated:
+/// `DIO_REDB_BENCH=1 cargo test --release -p dio --features redb --test redb -- --nocapture redb_speed`
+/// (`DIO_REDB_ELEMENTS`, default 200000; `DIO_REDB_PAIRS`, default 3;
+/// `DIO_REDB_CACHE_MIB`, the file backend's redb cache, default 16).
+#[test]
+fn redb_speed() {
+    if std::env::var_os("DIO_REDB_BENCH").is_none() {
+        return dio_testkit::skip("redb speed comparison: set DIO_REDB_BENCH=1");
+    }
+    let env = |k: &str, d: usize| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let n = env("DIO_REDB_ELEMENTS", 200_000);
+    let rounds = env("DIO_REDB_PAIRS", 3);
+    let cache = env("DIO_REDB_CACHE_MIB", 16) << 20;
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let pairs = bench_pairs(n);
+    let names = [
+        "bulk load",
+        "random reads",
+        "random range reads",
+        "removals",
+    ];
+    let mut ratios: Vec<[f64; 4]> = Vec::new();
+    for round in 0..rounds {
+        let (file, page_cache) = bench_run(Side::File, dir.path(), &pairs, cache);
+        let budget = cache + page_cache as usize;
+        let (dio, _) = bench_run(Side::Dio, dir.path(), &pairs, budget);
+        eprintln!(
+            "pair {round}: file {file:.3?} s (redb cache {} MiB + page cache {} MiB), \
+             dio {dio:.3?} s (redb cache {} MiB)",
+            cache >> 20,
+            page_cache >> 20,
+            budget >> 20
+        );
+        ratios.push(std::array::from_fn(|i| file[i] / dio[i]));
+    }
+    for (i, name) in names.iter().enumerate() {
+        let mut r: Vec<f64> = ratios.iter().map(|x| x[i]).collect();
+        r.sort_by(f64::total_cmp);
+        eprintln!(
+            "{name}: dio speed / file backend speed = {:.2}x (median of {} pairs; {r:.2?})",
+            r[r.len() / 2],
+            r.len()
+        );
+    }
+}

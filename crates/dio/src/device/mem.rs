@@ -36,6 +36,9 @@ pub struct MemDeviceConfig {
     pub null: bool,
     /// Track durable data for [`MemDevice::crash`].
     pub crash_mode: bool,
+    /// Also keep every write since the last flush, for [`MemDevice::crash_torn`]
+    /// (implies `crash_mode`).
+    pub torn_crash: bool,
     /// Keep a log of every request (see [`MemDevice::log`]).
     pub log: bool,
     /// Count requests, bytes, segments and requests in flight ([`MemDevice::stats`],
@@ -59,6 +62,7 @@ impl MemDeviceConfig {
             seed: 1,
             null: false,
             crash_mode: false,
+            torn_crash: false,
             log: false,
             stats: true,
         }
@@ -96,6 +100,27 @@ impl MemDeviceConfig {
         self.crash_mode = true;
         self
     }
+    /// Track durability and keep the writes since the last flush, so that
+    /// [`MemDevice::crash_torn`] can simulate a power loss that tears them.
+    pub fn torn_crash(mut self) -> Self {
+        self.crash_mode = true;
+        self.torn_crash = true;
+        self
+    }
+    /// Offer untorn writes ([`crate::Flags::ATOMIC`]) of powers of two from
+    /// `unit_min` to `unit_max` bytes ([`Geometry::with_atomic_write`], any number of
+    /// segments). The device writes each whole, and [`MemDevice::crash_torn`] never
+    /// tears one.
+    ///
+    /// ```
+    /// use dio::{MemDevice, MemDeviceConfig, Device};
+    /// let dev = MemDevice::new(MemDeviceConfig::new(1 << 20, 512).atomic_write(4096, 65536));
+    /// assert_eq!(dev.geometry().atomic_write_units(), Some((4096, 65536)));
+    /// ```
+    pub fn atomic_write(mut self, unit_min: u32, unit_max: u32) -> Self {
+        self.geometry = self.geometry.with_atomic_write(unit_min, unit_max, 0);
+        self
+    }
     /// Log every request.
     pub fn log(mut self) -> Self {
         self.log = true;
@@ -131,6 +156,8 @@ pub struct LoggedRequest {
     pub segments: usize,
     /// FUA flag.
     pub fua: bool,
+    /// Untorn-write flag ([`Request::atomic`]).
+    pub atomic: bool,
 }
 
 #[derive(Default)]
@@ -145,7 +172,24 @@ struct Store {
     data: Vec<u8>,
     /// Durable image (crash mode): what survives a crash.
     durable: Vec<u8>,
+    /// Torn-crash mode: the writes since the last flush, in the order they were
+    /// done, each with how it may land.
+    pending: Vec<(u64, Vec<u8>, Landing)>,
 }
+
+/// How a write done since the last flush survives a torn crash.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Landing {
+    /// Durable already (FUA): always.
+    Durable,
+    /// Untorn: whole or not at all.
+    Whole,
+    /// Any subset of its sectors.
+    Sectors,
+}
+
+/// The unit a non-atomic write tears at in [`MemDevice::crash_torn`].
+const TEAR_SECTOR: usize = 512;
 
 struct Shared {
     cfg: MemDeviceConfig,
@@ -190,7 +234,11 @@ impl MemDevice {
             Vec::new()
         };
         let shared = Arc::new(Shared {
-            store: Mutex::new(Store { data, durable }),
+            store: Mutex::new(Store {
+                data,
+                durable,
+                pending: Vec::new(),
+            }),
             faults: Mutex::new(Faults::default()),
             armed: std::sync::atomic::AtomicBool::new(false),
             log: Mutex::new(Vec::new()),
@@ -277,6 +325,9 @@ impl MemDevice {
         if self.shared.cfg.crash_mode {
             st.durable[o..o + bytes.len()].copy_from_slice(bytes);
         }
+        if self.shared.cfg.torn_crash {
+            st.pending.push((offset, bytes.to_vec(), Landing::Durable));
+        }
     }
 
     /// Simulate a power loss: everything not flushed and not written with FUA is
@@ -285,6 +336,81 @@ impl MemDevice {
         assert!(self.shared.cfg.crash_mode, "crash() needs crash_mode");
         let mut st = lock(&self.shared.store);
         st.data = st.durable.clone();
+        st.pending.clear();
+    }
+
+    /// Simulate a power loss that tears writes, as a disk with a volatile write
+    /// cache may: every write completed since the last flush (FUA writes excepted,
+    /// they are durable) survives in any subset of its 512-byte sectors, except an
+    /// untorn write ([`crate::Flags::ATOMIC`], [`Request::atomic`]), which survives
+    /// whole or not at all. `seed` picks the subset; each sector (or untorn write)
+    /// survives with probability one half. Needs [`MemDeviceConfig::torn_crash`].
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use dio::{AlignedBuf, DirectFile, FileState, Flags, IdentityMap, MemDevice, MemDeviceConfig};
+    /// let dev = Arc::new(MemDevice::new(
+    ///     MemDeviceConfig::new(1 << 20, 512).atomic_write(4096, 65536).torn_crash(),
+    /// ));
+    /// let map = Arc::new(IdentityMap::new(4096, 1 << 20));
+    /// let file = DirectFile::new(dev.clone(), map, Arc::new(FileState::new(1 << 20))).unwrap();
+    /// let mut buf = AlignedBuf::new(16384, 4096);
+    /// buf.fill(1);
+    /// file.write_at(0, &buf, Flags::ATOMIC).unwrap();
+    /// dev.crash_torn(7);
+    /// let after = dev.read_raw(0, 16384);
+    /// assert!(after.iter().all(|&b| b == 1) || after.iter().all(|&b| b == 0));
+    /// ```
+    pub fn crash_torn(&self, seed: u64) {
+        self.tear(seed, true);
+    }
+
+    /// [`MemDevice::crash_torn`] on a device that breaks its promise: untorn writes
+    /// tear like any other. For testing the tests: a check of the untorn guarantee
+    /// must catch the damage this does.
+    pub fn crash_torn_all(&self, seed: u64) {
+        self.tear(seed, false);
+    }
+
+    fn tear(&self, seed: u64, honour_atomic: bool) {
+        assert!(
+            self.shared.cfg.torn_crash,
+            "crash_torn() needs MemDeviceConfig::torn_crash"
+        );
+        let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut coin = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng & 1 == 1
+        };
+        let mut st = lock(&self.shared.store);
+        let Store {
+            data,
+            durable,
+            pending,
+        } = &mut *st;
+        for (at, bytes, landing) in pending.drain(..) {
+            let at = at as usize;
+            match landing {
+                // Durable already, but put back over any older write kept above.
+                Landing::Durable => durable[at..at + bytes.len()].copy_from_slice(&bytes),
+                Landing::Whole if honour_atomic => {
+                    if coin() {
+                        durable[at..at + bytes.len()].copy_from_slice(&bytes);
+                    }
+                }
+                Landing::Whole | Landing::Sectors => {
+                    for (i, sector) in bytes.chunks(TEAR_SECTOR).enumerate() {
+                        if coin() {
+                            let o = at + i * TEAR_SECTOR;
+                            durable[o..o + sector.len()].copy_from_slice(sector);
+                        }
+                    }
+                }
+            }
+        }
+        data.copy_from_slice(durable);
     }
 
     /// Requests currently in flight.
@@ -329,8 +455,19 @@ impl Shared {
             Op::Write => req.copy_out(0, &mut st.data[start..pos]),
         }
         if self.cfg.crash_mode && req.op() == Op::Write && req.fua() {
-            let Store { data, durable } = &mut *st;
+            let Store { data, durable, .. } = &mut *st;
             durable[start..pos].copy_from_slice(&data[start..pos]);
+        }
+        if self.cfg.torn_crash && req.op() == Op::Write {
+            let landing = if req.fua() {
+                Landing::Durable
+            } else if req.atomic() {
+                Landing::Whole
+            } else {
+                Landing::Sectors
+            };
+            let bytes = st.data[start..pos].to_vec();
+            st.pending.push((req.offset(), bytes, landing));
         }
         Ok(())
     }
@@ -409,6 +546,7 @@ impl Device for MemDevice {
                 len,
                 segments: req.segments.len(),
                 fua: req.fua,
+                atomic: req.atomic,
             });
         }
         let fail = s.injected_fault(seq, &req, len);
@@ -429,8 +567,13 @@ impl Device for MemDevice {
         if s.cfg.crash_mode {
             // Every write completed so far becomes durable.
             let mut st = lock(&s.store);
-            let Store { data, durable } = &mut *st;
+            let Store {
+                data,
+                durable,
+                pending,
+            } = &mut *st;
             durable.copy_from_slice(data);
+            pending.clear();
         }
         Ok(())
     }

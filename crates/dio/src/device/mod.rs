@@ -14,12 +14,14 @@ mod mem;
 #[cfg(feature = "nbd")]
 pub(crate) mod nbd;
 pub mod probe;
+mod stats;
 pub(crate) mod sync;
 #[cfg(feature = "io-uring")]
 pub(crate) mod uring;
 
 pub use fault::{FaultConfig, FaultDevice, FaultStats};
 pub use mem::{LoggedRequest, MemDevice, MemDeviceConfig, MemStats};
+pub use stats::{IoStats, LatencyHistogram, StatsDevice, LATENCY_BUCKETS};
 pub use sync::{SyncConfig, SyncDevice};
 #[cfg(feature = "io-uring")]
 pub use uring::{UringConfig, UringDevice};
@@ -50,6 +52,13 @@ pub struct Geometry {
     pub max_bytes: u32,
     /// Device size in bytes.
     pub size: u64,
+    /// Smallest untorn (atomic) write in bytes, 0 if the device offers none (see
+    /// [`Geometry::atomic_write_units`]).
+    pub atomic_unit_min: u32,
+    /// Largest untorn (atomic) write in bytes, 0 if the device offers none.
+    pub atomic_unit_max: u32,
+    /// Most memory segments in one atomic write (0: no limit beyond `max_segments`).
+    pub atomic_segments_max: u32,
 }
 
 impl Geometry {
@@ -63,7 +72,53 @@ impl Geometry {
             max_segments: 256,
             max_bytes: 1 << 20,
             size,
+            atomic_unit_min: 0,
+            atomic_unit_max: 0,
+            atomic_segments_max: 0,
         }
+    }
+
+    /// Declare untorn (atomic) writes: a write request flagged atomic
+    /// ([`Request::set_atomic`]) whose length is a power of two from `unit_min` to
+    /// `unit_max` bytes, at an offset that is a multiple of its length, in at most
+    /// `segments_max` memory segments (0: any number the request allows), lands
+    /// whole or not at all, even across a power loss. `(0, 0, 0)` declares none.
+    ///
+    /// ```
+    /// let g = dio::Geometry::new(512, 1 << 20).with_atomic_write(4096, 65536, 1);
+    /// assert_eq!(g.atomic_write_units(), Some((4096, 65536)));
+    /// assert!(g.allows_atomic_write(8192, 8192));
+    /// assert!(!g.allows_atomic_write(4096, 8192)); // not aligned to its length
+    /// assert!(!g.allows_atomic_write(0, 12288)); // not a power of two
+    /// ```
+    pub fn with_atomic_write(
+        mut self,
+        unit_min: u32,
+        unit_max: u32,
+        segments_max: u32,
+    ) -> Geometry {
+        self.atomic_unit_min = unit_min;
+        self.atomic_unit_max = unit_max;
+        self.atomic_segments_max = segments_max;
+        self
+    }
+
+    /// The sizes of untorn writes the device offers, `(unit_min, unit_max)` in
+    /// bytes, or `None` where it offers none.
+    pub fn atomic_write_units(&self) -> Option<(u32, u32)> {
+        (self.atomic_unit_min > 0 && self.atomic_unit_max >= self.atomic_unit_min)
+            .then_some((self.atomic_unit_min, self.atomic_unit_max))
+    }
+
+    /// Whether a write of `len` bytes at device (or, through an identity map, file)
+    /// byte `offset` can be untorn: a power of two within the units, aligned to its
+    /// length.
+    pub fn allows_atomic_write(&self, offset: u64, len: u64) -> bool {
+        self.atomic_write_units().is_some_and(|(min, max)| {
+            len.is_power_of_two()
+                && (u64::from(min)..=u64::from(max)).contains(&len)
+                && offset & (len - 1) == 0
+        })
     }
 
     /// Set the memory alignment.
@@ -99,7 +154,13 @@ impl Geometry {
             && self.mem_align.is_power_of_two()
             && self.max_segments >= 1
             && self.max_bytes >= self.logical_block
-            && self.max_bytes % self.logical_block == 0;
+            && self.max_bytes % self.logical_block == 0
+            && self.atomic_write_units().is_none_or(|(min, max)| {
+                min.is_power_of_two()
+                    && max.is_power_of_two()
+                    && min >= self.logical_block
+                    && max <= self.max_bytes
+            });
         if ok {
             Ok(())
         } else {
@@ -157,6 +218,7 @@ pub struct Request {
     offset: u64,
     segments: Segments,
     fua: bool,
+    atomic: bool,
     tag: u64,
     completion: Option<Arc<dyn Completion>>,
     keep: Keep,
@@ -170,6 +232,7 @@ impl std::fmt::Debug for Request {
             .field("len", &self.len())
             .field("segments", &self.segments.len())
             .field("fua", &self.fua)
+            .field("atomic", &self.atomic)
             .finish()
     }
 }
@@ -230,6 +293,7 @@ impl Request {
             offset,
             segments,
             fua,
+            atomic: false,
             tag,
             completion: Some(completion),
             keep,
@@ -243,8 +307,9 @@ impl Request {
     /// with `ECANCELED`.
     pub fn forward(self, completion: Arc<dyn Completion>) -> Request {
         let (op, offset, fua, tag) = (self.op, self.offset, self.fua, self.tag);
+        let atomic = self.atomic;
         let segments = self.segments.clone();
-        Request::build(
+        let mut req = Request::build(
             op,
             offset,
             segments,
@@ -252,7 +317,9 @@ impl Request {
             completion,
             tag,
             Keep::Parent(Box::new(self)),
-        )
+        );
+        req.atomic = atomic;
+        req
     }
 
     /// Direction.
@@ -274,6 +341,17 @@ impl Request {
     /// Set or clear force unit access.
     pub fn set_fua(&mut self, fua: bool) {
         self.fua = fua;
+    }
+    /// Untorn write (`RWF_ATOMIC`): the device writes the whole request or none of
+    /// it, even across a power loss. Only for writes the geometry allows
+    /// ([`Geometry::allows_atomic_write`]); [`check_request`] refuses others with
+    /// `EINVAL`, so a device that offers no atomic writes never sees one.
+    pub fn atomic(&self) -> bool {
+        self.atomic
+    }
+    /// Set or clear the untorn-write flag (see [`Request::atomic`]).
+    pub fn set_atomic(&mut self, atomic: bool) {
+        self.atomic = atomic;
     }
     /// The tag its creator gave it (the engine: the file offset).
     pub fn tag(&self) -> u64 {
@@ -386,6 +464,7 @@ impl Drop for Request {
                 offset: self.offset,
                 segments: std::mem::take(&mut self.segments),
                 fua: self.fua,
+                atomic: self.atomic,
                 tag: self.tag,
                 completion: self.completion.take(),
                 keep: std::mem::replace(&mut self.keep, Keep::Vouched),
@@ -602,7 +681,12 @@ pub(crate) fn check_request_len(geo: &Geometry, req: &Request, len: u64) -> io::
             .segments
             .iter()
             .any(|s| s.addr() & (geo.mem_align as usize - 1) != 0);
-    if bad {
+    let bad_atomic = req.atomic
+        && (req.op != Op::Write
+            || !geo.allows_atomic_write(req.offset, len)
+            || (geo.atomic_segments_max != 0
+                && req.segments.len() > geo.atomic_segments_max as usize));
+    if bad || bad_atomic {
         Err(io::Error::from_raw_os_error(libc::EINVAL))
     } else {
         Ok(())

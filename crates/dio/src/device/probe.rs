@@ -200,6 +200,31 @@ pub fn open_probed(path: &Path, write: bool) -> Result<(File, Geometry)> {
 /// Find out the geometry of an open file or block device. `path` is only used in
 /// error messages.
 pub fn probe(fd: BorrowedFd<'_>, path: &Path) -> Result<Probed> {
+    let mut probed = probe_layout(fd, path)?;
+    probed.geometry = with_atomic_limits(fd, probed.geometry);
+    Ok(probed)
+}
+
+/// The geometry with the untorn-write units statx reports for `fd`, clamped to the
+/// geometry's request limit (none where statx reports none or they do not fit).
+fn with_atomic_limits(fd: BorrowedFd<'_>, geometry: Geometry) -> Geometry {
+    let Ok(limits) = atomic_write_limits(fd) else {
+        return geometry;
+    };
+    let max = limits.unit_max.min(geometry.max_bytes);
+    let max = if max == 0 { 0 } else { 1 << max.ilog2() };
+    let usable = limits.supported()
+        && limits.unit_min.is_power_of_two()
+        && limits.unit_min >= geometry.logical_block
+        && limits.unit_min <= max;
+    if !usable {
+        return geometry;
+    }
+    geometry.with_atomic_write(limits.unit_min, max, limits.segments_max)
+}
+
+/// The geometry of a file or block device, without the atomic-write units.
+fn probe_layout(fd: BorrowedFd<'_>, path: &Path) -> Result<Probed> {
     let stx = statx_fd(fd).map_err(|e| Error::os(format!("statx {}", path.display()), e))?;
     let mode = u32::from(stx.stx_mode) & libc::S_IFMT;
     if mode == libc::S_IFBLK {

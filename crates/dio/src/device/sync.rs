@@ -285,11 +285,16 @@ impl Inner {
         check_request(&self.geometry, req)?;
         let total = req.len();
         let lb = u64::from(self.geometry.logical_block);
-        let flags = if req.op == Op::Write && req.fua {
+        let mut flags = if req.op == Op::Write && req.fua {
             libc::RWF_DSYNC
         } else {
             0
         };
+        if req.atomic {
+            // Untorn: the kernel writes it whole or fails it (check_request has
+            // held it to the geometry's atomic units).
+            flags |= libc::RWF_ATOMIC;
+        }
         let mut iov: Vec<libc::iovec> = Vec::new();
         let mut done = 0u64;
         let mut retries = 0;
@@ -362,7 +367,8 @@ impl Inner {
                 }
                 break;
             }
-            if n == 0 || at % lb != 0 {
+            if n == 0 || at % lb != 0 || req.atomic {
+                // An untorn write is never resumed piecewise either.
                 // Never report bytes not written as written.
                 return Err(io::Error::from_raw_os_error(libc::EIO));
             }

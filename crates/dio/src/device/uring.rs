@@ -1005,11 +1005,15 @@ impl Inner {
         let slot = &mut slots[idx as usize];
         let req = slot.req.as_ref().expect("slot in use");
         let offset = req.offset + slot.done;
-        let rw_flags = if req.op == Op::Write && req.fua {
+        let mut rw_flags = if req.op == Op::Write && req.fua {
             libc::RWF_DSYNC
         } else {
             0
         };
+        if req.atomic {
+            // Untorn write (check_request held it to the geometry's atomic units).
+            rw_flags |= libc::RWF_ATOMIC;
+        }
         // Skip the bytes already moved.
         let mut skip = slot.done as usize;
         let mut first = 0;
@@ -1163,9 +1167,9 @@ impl Inner {
                     // End of file: the rest of the request reads as zeros.
                     zero_from(req, slot.done);
                     Some(Ok(()))
-                } else if res == 0 || at % lb != 0 {
-                    // A write that moved nothing (or an unaligned part): never
-                    // report bytes not written as written.
+                } else if res == 0 || at % lb != 0 || req.atomic {
+                    // A write that moved nothing (or an unaligned part, or part of
+                    // an untorn write): never report bytes not written as written.
                     Some(Err(errno(libc::EIO)))
                 } else {
                     None

@@ -40,6 +40,13 @@ pub(crate) struct BioBuilder<'a> {
     max_segments: usize,
     poll: bool,
     lender: Lender<'a>,
+    /// An untorn write: its one request goes out flagged atomic (the checks of
+    /// `atomic.rs` made sure the walk builds exactly one).
+    pub(crate) atomic: bool,
+    /// This call's merges and splits, published to the file's stats once, when the
+    /// builder goes (no shared counter touched per piece).
+    merges: u64,
+    splits: u64,
     /// The device's logical block and memory alignment: where a piece may be cut.
     lb: usize,
     mem_align: usize,
@@ -82,6 +89,9 @@ impl<'a> BioBuilder<'a> {
             max_segments: (geo.max_segments as usize).min(MAX_SEGMENTS),
             poll,
             lender,
+            atomic: false,
+            merges: 0,
+            splits: 0,
             lb: geo.logical_block as usize,
             mem_align: (geo.mem_align as usize).max(1),
             cur: None,
@@ -102,6 +112,7 @@ impl<'a> BioBuilder<'a> {
                 self.send();
             }
         }
+        let mut parts = 0u64;
         while !mem.is_empty() {
             let cur = self.cur.get_or_insert_with(|| Building {
                 dev_offset,
@@ -135,6 +146,10 @@ impl<'a> BioBuilder<'a> {
             } else {
                 cur.segments.push(piece);
             }
+            if cur.len > 0 {
+                self.merges += 1;
+            }
+            parts += 1;
             cur.len += take as u64;
             let full = cur.len == self.max_bytes || take < mem.len();
             mem = mem.slice(take, mem.len() - take);
@@ -144,6 +159,7 @@ impl<'a> BioBuilder<'a> {
                 self.send();
             }
         }
+        self.splits += parts.saturating_sub(1);
         if boundary {
             self.send();
         }
@@ -162,7 +178,7 @@ impl<'a> BioBuilder<'a> {
             dio.wait_in_flight_at_most(&*self.file.dev, MAX_IN_FLIGHT - 1, self.poll);
         }
         dio.get();
-        let req = Request::build(
+        let mut req = Request::build(
             self.op,
             b.dev_offset,
             b.segments,
@@ -171,6 +187,10 @@ impl<'a> BioBuilder<'a> {
             b.file_offset,
             self.lender.keep(),
         );
+        if self.atomic {
+            req.set_atomic(true);
+        }
+        crate::trace::request_submitted!(req, b.file_offset);
         if dio.is_async() {
             dio.send_async(req, b.file_offset);
         } else {
@@ -187,5 +207,6 @@ impl Drop for BioBuilder<'_> {
         if !std::thread::panicking() {
             self.send();
         }
+        self.file.stats.add_cuts(self.merges, self.splits);
     }
 }

@@ -477,6 +477,7 @@ impl Dio {
 
 impl Completion for Dio {
     fn complete(self: Arc<Self>, req: Finished, result: std::io::Result<()>) {
+        crate::trace::request_completed!(req, result);
         if let Err(e) = result {
             let mut t = lock(&self.tail);
             let slot = &mut t.io_error;

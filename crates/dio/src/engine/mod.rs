@@ -6,6 +6,7 @@
 //! block map), `bio` (pieces into device requests), `complete` (counting, waiting,
 //! result rules).
 
+mod atomic;
 mod bio;
 mod complete;
 mod request;
@@ -78,6 +79,32 @@ impl Flags {
     /// through bounce buffers, and writes read-modify-write them under the block
     /// range lock. Without it, misaligned requests fail with EINVAL.
     pub const UNALIGNED: Flags = Flags(1 << 7);
+    /// Untorn write (the kernel's `RWF_ATOMIC`): the write lands whole or not at
+    /// all, even across a power loss. The engine sends it as exactly one device
+    /// request flagged [`Request::atomic`](crate::Request::atomic) (passed to the
+    /// kernel as `RWF_ATOMIC` by the io_uring and pread back ends), and refuses,
+    /// before a byte moves, with [`Error::Incompatible`] for
+    /// [`Feature::AtomicWrite`](crate::Feature::AtomicWrite) naming the rule and the
+    /// sizes the device takes, any write that cannot be untorn: on a device without
+    /// atomic write units ([`DirectFile::atomic_write_units`]), of a length that is
+    /// not a power of two within them, at an offset (file or device) that is not a
+    /// multiple of its length, over a range the block map does not map as one run
+    /// of written blocks, or one that would need [`Flags::UNALIGNED`]'s padding.
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use dio::{AlignedBuf, DirectFile, FileState, Flags, Geometry, IdentityMap, MemDevice, MemDeviceConfig};
+    /// let geo = Geometry::new(512, 1 << 20).with_atomic_write(4096, 65536, 0);
+    /// let dev = Arc::new(MemDevice::new(MemDeviceConfig::new(1 << 20, 512).geometry(geo)));
+    /// let file = DirectFile::new(dev, Arc::new(IdentityMap::new(4096, 1 << 20)), Arc::new(FileState::new(1 << 20))).unwrap();
+    /// assert_eq!(file.atomic_write_units(), Some((4096, 65536)));
+    /// let buf = AlignedBuf::new(16384, 4096);
+    /// assert_eq!(file.write_at(16384, &buf, Flags::ATOMIC).unwrap(), 16384);
+    /// // 16 KiB at 4 KiB is not aligned to its length: refused, nothing written.
+    /// let e = file.write_at(4096, &buf, Flags::ATOMIC).unwrap_err();
+    /// assert!(matches!(e, dio::Error::Incompatible(ref i) if i.feature == dio::Feature::AtomicWrite));
+    /// ```
+    pub const ATOMIC: Flags = Flags(1 << 8);
 
     /// Whether every flag of `other` is set.
     pub fn contains(self, other: Flags) -> bool {
@@ -105,11 +132,16 @@ impl std::ops::BitOrAssign for Flags {
     }
 }
 
-/// Bytes moved through one [`DirectFile`] (the seed's per-task I/O accounting).
+/// Bytes moved through one [`DirectFile`] (the seed's per-task I/O accounting),
+/// and how its calls were cut into device requests. For counts per device request
+/// (requests, in flight, latency), wrap the device in a
+/// [`StatsDevice`](crate::StatsDevice).
 #[derive(Debug, Default)]
 pub struct Stats {
     read: AtomicU64,
     written: AtomicU64,
+    merges: AtomicU64,
+    splits: AtomicU64,
 }
 
 impl Stats {
@@ -120,6 +152,26 @@ impl Stats {
     /// Bytes written by completed calls.
     pub fn bytes_written(&self) -> u64 {
         self.written.load(Ordering::Relaxed)
+    }
+    /// Merges: pieces of calls (a buffer, or the part of one in a block-map
+    /// extent) that joined a device request already under way rather than starting
+    /// one (the block layer's back merges).
+    pub fn merges(&self) -> u64 {
+        self.merges.load(Ordering::Relaxed)
+    }
+    /// Splits: extra device requests a piece needed because it did not fit in one
+    /// (the device's byte or segment limit, or an alignment cut).
+    pub fn splits(&self) -> u64 {
+        self.splits.load(Ordering::Relaxed)
+    }
+    /// Add one call's merges and splits (counted locally, published once).
+    pub(crate) fn add_cuts(&self, merges: u64, splits: u64) {
+        if merges != 0 {
+            self.merges.fetch_add(merges, Ordering::Relaxed);
+        }
+        if splits != 0 {
+            self.splits.fetch_add(splits, Ordering::Relaxed);
+        }
     }
 }
 
@@ -226,6 +278,45 @@ impl DirectFile {
         }
     }
 
+    /// The same file (block map, state, read-only or not) over `dev`, a wrapper of
+    /// this file's device such as a [`StatsDevice`](crate::StatsDevice). Both
+    /// handles may be used at once; their [`Stats`] are separate. Fails with
+    /// [`Error::Invalid`] unless `dev` has this device's geometry.
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use dio::{DirectFile, FileState, Flags, IdentityMap, MemDevice, MemDeviceConfig, StatsDevice};
+    /// # let dev = Arc::new(MemDevice::new(MemDeviceConfig::new(1 << 20, 512)));
+    /// # let file = DirectFile::new(dev, Arc::new(IdentityMap::new(4096, 1 << 20)), Arc::new(FileState::new(1 << 20))).unwrap();
+    /// let counted = Arc::new(StatsDevice::new(file.device().clone()));
+    /// let observed = file.with_device(counted.clone()).unwrap();
+    /// observed.write_at(0, &[0u8; 4096], Flags::UNALIGNED).unwrap();
+    /// assert_eq!(counted.stats().writes, 1);
+    /// ```
+    pub fn with_device(&self, dev: Arc<dyn Device>) -> Result<DirectFile> {
+        let s = &self.shared;
+        if dev.geometry() != s.geometry {
+            return Err(Error::Invalid(format!(
+                "with_device: device \"{}\" has geometry {:?}, the file's device {:?}",
+                dev.name(),
+                dev.geometry(),
+                s.geometry
+            )));
+        }
+        Ok(DirectFile {
+            shared: Arc::new(Shared {
+                dev,
+                map: Arc::clone(&s.map),
+                state: Arc::clone(&s.state),
+                geometry: s.geometry,
+                fs_block: s.fs_block,
+                read_only: s.read_only,
+                end_io: s.end_io,
+                stats: Stats::default(),
+            }),
+        })
+    }
+
     /// The file's state (size, locks, in-flight count).
     pub fn state(&self) -> &Arc<FileState> {
         &self.shared.state
@@ -246,9 +337,17 @@ impl DirectFile {
     pub fn size(&self) -> u64 {
         self.shared.state.size()
     }
-    /// Bytes moved so far.
+    /// Bytes moved so far, merges and splits.
     pub fn stats(&self) -> &Stats {
         &self.shared.stats
+    }
+
+    /// The sizes of untorn writes ([`Flags::ATOMIC`]) the device offers,
+    /// `(unit_min, unit_max)` in bytes (powers of two; a write must also be aligned
+    /// to its length), or `None` where it offers none. For a host file or block
+    /// device these are what statx (`STATX_WRITE_ATOMIC`) reports for it.
+    pub fn atomic_write_units(&self) -> Option<(u32, u32)> {
+        self.shared.geometry.atomic_write_units()
     }
 
     /// The alignment a caller needs, as statx(STATX_DIOALIGN) reports it: memory
@@ -271,6 +370,10 @@ impl DirectFile {
                 bufs.iter().map(|b| (b.as_ptr() as usize, b.len())),
             )
         {
+            if flags.contains(Flags::ATOMIC) {
+                let len = bufs.iter().map(|b| b.len() as u64).sum();
+                return Err(atomic::refuse_unaligned(file, Op::Read, offset, len));
+            }
             return unaligned::read(file, offset, bufs, flags);
         }
         buf::io_scope(drain(file), |scope| {
@@ -328,6 +431,10 @@ impl DirectFile {
                 bufs.iter().map(|b| (b.as_ptr() as usize, b.len())),
             )
         {
+            if flags.contains(Flags::ATOMIC) {
+                let len = bufs.iter().map(|b| b.len() as u64).sum();
+                return Err(atomic::refuse_unaligned(file, Op::Write, offset, len));
+            }
             return unaligned::write(file, offset, bufs, flags);
         }
         buf::io_scope(drain(file), |scope| {
@@ -437,6 +544,11 @@ impl DirectFile {
                 offset,
                 bufs.iter_mut().map(|b| (b.as_mut_ptr() as usize, b.len())),
             );
+            if !aligned && flags.contains(Flags::ATOMIC) {
+                let len = bufs.iter().map(|b| b.len() as u64).sum();
+                let result = Err(atomic::refuse_unaligned(file, op, offset, len));
+                return done(Completed { result, bufs });
+            }
             if !aligned {
                 return match op {
                     Op::Read => unaligned::read_async(file, offset, bufs, flags, done),

@@ -219,6 +219,12 @@ pub(crate) fn run(
     mut done: Option<Done>,
     extra: Extra,
 ) -> Option<Res> {
+    let _span = crate::trace::call_span!(
+        op,
+        offset,
+        mem.iter().map(|m| m.len() as u64).sum::<u64>(),
+        file
+    );
     let state = &file.state;
     let unlock_range = |r: Option<(u64, u64)>| {
         if let Some((s, e)) = r {
@@ -239,6 +245,12 @@ pub(crate) fn run(
             return finish_now(done, r.map(|_| 0));
         }
     };
+    if flags.contains(Flags::ATOMIC) {
+        if let Err(e) = super::atomic::check_call(file, op, offset, checked.len, mem) {
+            unlock_range(extra.range_locked);
+            return finish_now(done, Err(e));
+        }
+    }
     let fs = u64::from(file.fs_block);
     let end = offset + checked.len;
 
@@ -354,6 +366,24 @@ pub(crate) fn run(
         state.defer(retry(done, extra));
         return None;
     }
+    if flags.contains(Flags::ATOMIC) {
+        // Under the range lock and the in-flight count: no truncate moves the
+        // blocks between this look and the walk.
+        let looked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            super::atomic::check_mapped(file, offset, checked.len)
+        }));
+        if !matches!(looked, Ok(Ok(()))) {
+            if !skip_count {
+                state.dio_end();
+            }
+            release_lock(&mut held);
+            unlock_range(range_lock);
+            match looked {
+                Ok(r) => return finish_now(done, r.map(|()| 0)),
+                Err(p) => std::panic::resume_unwind(p),
+            }
+        }
+    }
     let i_size = state.size();
     if op == Op::Read && offset >= i_size {
         if !skip_count {
@@ -418,6 +448,7 @@ pub(crate) fn run(
         // Durable writes go out with FUA; if metadata changes too (allocation, a
         // new size), a flush at completion covers it.
         let mut builder = BioBuilder::new(&dio, file, op, dsync, poll, lender);
+        builder.atomic = flags.contains(Flags::ATOMIC);
         walked = walk(
             &walk_in,
             &mut builder,
