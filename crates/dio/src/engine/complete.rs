@@ -52,8 +52,9 @@ pub(crate) struct Call {
     pub(crate) i_size: u64,
     /// Extend i_size to the written end, at most to this, at completion.
     pub(crate) extend: Option<u64>,
-    /// Skip the in-flight count.
-    pub(crate) skip_count: bool,
+    /// The shard of the file's in-flight count the call is counted on (None: not
+    /// counted, [`Flags::SKIP_DIO_COUNT`](super::Flags::SKIP_DIO_COUNT)).
+    pub(crate) count: Option<usize>,
     /// Block range held in the file's range lock until completion.
     pub(crate) range_lock: Option<(u64, u64)>,
     /// The file lock a locking-mode write holds until it completes.
@@ -415,16 +416,15 @@ impl Dio {
             }
         }
         if let (Op::Write, Ok(n)) = (call.op, &result) {
-            let stats = &file.stats;
-            stats.written.fetch_add(*n as u64, Ordering::Relaxed);
+            file.stats.written.add(*n as u64);
             if let Some(limit) = call.extend {
                 file.state.extend_to((call.offset + *n as u64).min(limit));
             }
         } else if let (Op::Read, Ok(n)) = (call.op, &result) {
-            file.stats.read.fetch_add(*n as u64, Ordering::Relaxed);
+            file.stats.read.add(*n as u64);
         }
-        if !call.skip_count {
-            file.state.dio_end();
+        if let Some(at) = call.count {
+            file.state.dio_end(at);
         }
         // Last: releasing locks may start calls that were parked on them.
         if let Some(k) = call.file_lock {

@@ -9,6 +9,7 @@
 mod bio;
 mod complete;
 mod request;
+mod shard;
 mod state;
 mod unaligned;
 mod walk;
@@ -16,7 +17,7 @@ mod walk;
 use std::future::Future;
 use std::io::{IoSlice, IoSliceMut};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex};
 use std::task::{Context, Poll, Waker};
 
@@ -106,20 +107,24 @@ impl std::ops::BitOrAssign for Flags {
 }
 
 /// Bytes moved through one [`DirectFile`] (the seed's per-task I/O accounting).
+///
+/// Every completed call adds to them: each counter is sharded by thread (a line
+/// per shard), so threads doing I/O on one file do not all write one cache line;
+/// reading one sums the shards.
 #[derive(Debug, Default)]
 pub struct Stats {
-    read: AtomicU64,
-    written: AtomicU64,
+    read: shard::Sharded,
+    written: shard::Sharded,
 }
 
 impl Stats {
     /// Bytes read by completed calls.
     pub fn bytes_read(&self) -> u64 {
-        self.read.load(Ordering::Relaxed)
+        self.read.sum(Ordering::Relaxed)
     }
     /// Bytes written by completed calls.
     pub fn bytes_written(&self) -> u64 {
-        self.written.load(Ordering::Relaxed)
+        self.written.sum(Ordering::Relaxed)
     }
 }
 
@@ -275,6 +280,9 @@ impl DirectFile {
         }
         buf::io_scope(drain(file), |scope| {
             let mem = scope.lend_mut(bufs);
+            if let Some(r) = request::read_one(file, offset, mem, scope.lender(), flags) {
+                return r;
+            }
             request::run(
                 file,
                 Op::Read,
