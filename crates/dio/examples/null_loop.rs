@@ -6,7 +6,10 @@
 //!
 //! Prints ns per read (one thread), or with THREADS > 1 the reads per second of all
 //! threads against one thread's, on one shared file (`shared`, the default) or one
-//! file per thread (`own`).
+//! file per thread (`own`, one device). The wall-time ratio needs as many idle cores
+//! as threads; the CPU-time ratio (THREADS x one thread's CPU per read / the CPU per
+//! read with THREADS) shows a shared hot spot on a loaded machine too, since cache
+//! lines that bounce between cores cost CPU time per read.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -48,24 +51,44 @@ fn run(f: &DirectFile, reads: u64, start: u64) -> (f64, f64) {
 }
 
 /// Reads per second of `threads` threads together, each doing `reads` reads (wall
-/// time; a loaded machine lowers it).
-fn rate(threads: usize, reads: u64, own: bool) -> f64 {
-    let shared = file();
+/// time: a loaded machine lowers it), and the mean CPU time per read of a thread.
+fn rate(threads: usize, reads: u64, own: bool) -> (f64, f64) {
+    // One device; one file on it, or one file each (own state, map, counters).
+    let dev = Arc::new(MemDevice::new(
+        MemDeviceConfig::new(SIZE, 512).null().without_stats(),
+    ));
+    let open = || {
+        DirectFile::new(
+            dev.clone(),
+            Arc::new(IdentityMap::new(4096, SIZE)),
+            Arc::new(FileState::new(SIZE)),
+        )
+        .expect("open the null file")
+    };
+    let shared = open();
     let files: Vec<DirectFile> = (0..threads)
-        .map(|_| if own { file() } else { shared.clone() })
+        .map(|_| if own { open() } else { shared.clone() })
         .collect();
     let start = std::sync::Barrier::new(threads);
     let t0 = Instant::now();
-    std::thread::scope(|s| {
-        for (t, f) in files.iter().enumerate() {
-            let start = &start;
-            s.spawn(move || {
-                start.wait();
-                run(f, reads, t as u64 * (SIZE / threads as u64))
-            });
-        }
+    let cpu: f64 = std::thread::scope(|s| {
+        let hs: Vec<_> = files
+            .iter()
+            .enumerate()
+            .map(|(t, f)| {
+                let start = &start;
+                s.spawn(move || {
+                    run(f, reads / 10, 0); // warm up
+                    start.wait();
+                    run(f, reads, t as u64 * (SIZE / threads as u64)).1
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().expect("reader")).sum()
     });
-    (threads as u64 * reads) as f64 / t0.elapsed().as_secs_f64()
+    let wall = t0.elapsed().as_secs_f64();
+    let total = (threads as u64 * reads) as f64;
+    (total / wall, cpu * 1e9 / total)
 }
 
 fn main() {
@@ -84,13 +107,15 @@ fn main() {
         );
         return;
     }
-    let one = rate(1, reads, own);
-    let many = rate(threads, reads, own);
+    let (one, cpu1) = rate(1, reads, own);
+    let (many, cpun) = rate(threads, reads, own);
     println!(
-        "1 thread: {:.2} M reads/s; {threads} threads ({}): {:.2} M reads/s; ratio {:.2}x",
+        "1 thread: {:.2} M reads/s ({cpu1:.1} ns of CPU per read); {threads} threads ({}): \
+         {:.2} M reads/s ({cpun:.1} ns of CPU per read); ratio {:.2}x (by CPU per read: {:.2}x)",
         one / 1e6,
         if own { "a file each" } else { "one file" },
         many / 1e6,
-        many / one
+        many / one,
+        threads as f64 * cpu1 / cpun
     );
 }

@@ -357,6 +357,15 @@ impl Request {
     /// thread goes on completing other requests.
     #[inline]
     pub fn complete(mut self, result: io::Result<()>) {
+        self.complete_here(result);
+    }
+
+    /// [`Request::complete`], for a device that completes a request where it holds
+    /// it: no copy of the request is made to move it into the call (a copy of a
+    /// request built a moment ago stalls on store forwarding). The request is left
+    /// completed: dropping it does nothing more.
+    #[inline]
+    pub(crate) fn complete_here(&mut self, result: io::Result<()>) {
         let Some(c) = self.completion.take() else {
             return;
         };
@@ -368,7 +377,6 @@ impl Request {
             tag: self.tag,
             keep: std::mem::replace(&mut self.keep, Keep::Vouched),
         };
-        drop(self);
         let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             c.complete(done, result);
         }));
