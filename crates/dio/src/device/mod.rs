@@ -463,6 +463,12 @@ impl Finished {
     pub fn tag(&self) -> u64 {
         self.tag
     }
+    /// Give up what the request kept (a ticket on lent memory, an owned buffer, a
+    /// forwarded request), in place: what dropping it does, without moving it.
+    #[inline]
+    pub(crate) fn release(&mut self) {
+        self.keep = Keep::Vouched;
+    }
     /// The owned buffer of a [`Request::with_buf`] request, if it is a `B`.
     pub fn take_buf<B: 'static>(&mut self) -> Option<B> {
         match std::mem::replace(&mut self.keep, Keep::Vouched) {

@@ -144,6 +144,13 @@ impl Dio {
     /// one (no allocation per call). Give it back with [`Dio::recycle`].
     #[inline]
     pub(crate) fn sync_call() -> Arc<Dio> {
+        Dio::sync_call_with(0)
+    }
+
+    /// [`Dio::sync_call`] for a call that will send `requests` requests, counted in
+    /// already (no [`Dio::get`] for them).
+    #[inline]
+    pub(crate) fn sync_call_with(requests: usize) -> Arc<Dio> {
         match SPARE.with(|s| s.take()) {
             Some(spare) => {
                 // The last call on it saw every request complete (its errors taken,
@@ -152,13 +159,17 @@ impl Dio {
                 // the drop of its reference: all it does then is look at `sleeping`
                 // and perhaps unpark this thread, which a waiter tolerates (it parks
                 // in a loop on its own condition).
-                spare.refs.store(1, Ordering::Relaxed);
+                spare.refs.store(1 + requests, Ordering::Relaxed);
                 spare.io_failed.store(false, Ordering::Relaxed);
                 spare.defer.store(false, Ordering::Relaxed);
                 spare.sleeping.store(false, Ordering::Relaxed);
                 spare
             }
-            None => Arc::new(Dio::blank(true)),
+            None => {
+                let dio = Dio::blank(true);
+                dio.refs.store(1 + requests, Ordering::Relaxed);
+                Arc::new(dio)
+            }
         }
     }
 
@@ -438,7 +449,7 @@ impl Dio {
 }
 
 impl Completion for Dio {
-    fn complete(self: Arc<Self>, req: Finished, result: std::io::Result<()>) {
+    fn complete(self: Arc<Self>, mut req: Finished, result: std::io::Result<()>) {
         if let Err(e) = result {
             let mut t = lock(&self.tail);
             let slot = &mut t.io_error;
@@ -454,7 +465,9 @@ impl Completion for Dio {
             }
             self.io_failed.store(true, Ordering::Release);
         }
-        drop(req);
+        // The request's claim on lent memory goes before the call can see it done
+        // (in place: a move of the request to drop it would copy it).
+        req.release();
         if !self.sync {
             // Room for one more: send what waits.
             self.submitted.fetch_sub(1, Ordering::SeqCst);

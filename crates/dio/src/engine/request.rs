@@ -309,7 +309,9 @@ pub(crate) fn read_one(
         flush: false,
     };
     let poll = flags.contains(Flags::POLL);
-    let dio = Dio::sync_call();
+    let mapped = matches!(e.mapping, Mapping::Mapped(_));
+    // The one request is counted in at once.
+    let dio = Dio::sync_call_with(usize::from(mapped));
     let walked = match e.mapping {
         Mapping::Mapped(b) => {
             counted.armed = true;
@@ -318,7 +320,6 @@ pub(crate) fn read_one(
                 dio: &dio,
                 poll,
             };
-            dio.get();
             let req = Request::build(
                 Op::Read,
                 b << sh,
