@@ -520,8 +520,8 @@ fn a_request_a_device_drops_completes_with_ecanceled_instead_of_hanging() {
 
 /// An identity map without end_io, for the engine's fast path of a one-buffer sync
 /// read (one lookup, one request, no walk): it answers the whole range asked
-/// (`whole`) or one block at a time (the fast path then hands its answer to the
-/// walk), and panics at its `panic_at`-th lookup, or in submit_io once the request
+/// (`whole`) or one block at a time with the boundary flag (the fast path then
+/// hands its answer to the walk), and panics at its `panic_at`-th lookup, or in submit_io once the request
 /// is out.
 struct Plain {
     inner: IdentityMap,
@@ -553,8 +553,12 @@ impl BlockMap for Plain {
     }
     fn map(&self, block: u64, max: u64, create: bool) -> Result<Extent> {
         self.hit(Hook::Map);
-        self.inner
-            .map(block, if self.whole { max } else { 1 }, create)
+        if self.whole {
+            self.inner.map(block, max, create)
+        } else {
+            // One block, sent at once: in flight when the next lookup panics.
+            Ok(self.inner.map(block, 1, create)?.boundary(true))
+        }
     }
     fn submit_io(&self, dev: &dyn Device, req: Request, file_offset: u64) {
         self.inner.submit_io(dev, req, file_offset);
