@@ -603,9 +603,7 @@ fn a_panic_in_a_one_buffer_read_on_the_fast_path_leaves_nothing_behind() {
             let file =
                 DirectFile::new(counting, map.clone(), Arc::new(FileState::new(SIZE))).unwrap();
             let mut buf = AlignedBuf::from_slice(&vec![0x33; len], 4096);
-            let got = catch_unwind(AssertUnwindSafe(|| {
-                file.read_at(0, &mut buf, Flags::NONE)
-            }));
+            let got = catch_unwind(AssertUnwindSafe(|| file.read_at(0, &mut buf, Flags::NONE)));
             assert!(got.is_err(), "{what}: the panic did not reach the caller");
             if hook == Hook::SubmitIo || at == 2 {
                 assert!(
@@ -613,8 +611,16 @@ fn a_panic_in_a_one_buffer_read_on_the_fast_path_leaves_nothing_behind() {
                     "{what}: nothing was in flight at the panic"
                 );
             }
-            assert_eq!(live.load(Ordering::SeqCst), 0, "{what}: a request outlived the call");
-            assert_eq!(file.state().dio_count(), 0, "{what}: in-flight count left behind");
+            assert_eq!(
+                live.load(Ordering::SeqCst),
+                0,
+                "{what}: a request outlived the call"
+            );
+            assert_eq!(
+                file.state().dio_count(),
+                0,
+                "{what}: in-flight count left behind"
+            );
             let snapshot = buf.to_vec();
             map.armed.store(false, Ordering::SeqCst);
             let f = file.clone();
@@ -624,7 +630,11 @@ fn a_panic_in_a_one_buffer_read_on_the_fast_path_leaves_nothing_behind() {
                 f.truncate(SIZE).unwrap();
             });
             std::thread::sleep(Duration::from_millis(250));
-            assert_eq!(&buf[..], &snapshot[..], "{what}: the buffer changed after the call");
+            assert_eq!(
+                &buf[..],
+                &snapshot[..],
+                "{what}: the buffer changed after the call"
+            );
         }
     }
 }

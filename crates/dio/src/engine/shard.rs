@@ -17,13 +17,8 @@ pub(crate) const SHARDS: usize = 16;
 struct Line(AtomicU64);
 
 /// A counter split in [`SHARDS`] lines.
+#[derive(Default)]
 pub(crate) struct Sharded(Box<[Line; SHARDS]>);
-
-impl Default for Sharded {
-    fn default() -> Self {
-        Sharded(Box::default())
-    }
-}
 
 impl std::fmt::Debug for Sharded {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
