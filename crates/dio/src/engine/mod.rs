@@ -4,7 +4,12 @@
 //!
 //! Layers: `request` (validation, locks, sync/async), `walk` (buffers against the
 //! block map), `bio` (pieces into device requests), `complete` (counting, waiting,
-//! result rules).
+//! result rules). The commonest call, a sync read of one aligned buffer that one
+//! extent maps and one request carries, takes a short way through `request` (no
+//! walk, no builder); anything else, or a lookup that answers less, goes the whole
+//! way. Per-file counters that every call writes (the in-flight count, the byte
+//! counters) are sharded by thread (`shard`), so threads on one file share no
+//! written cache line.
 
 mod bio;
 mod complete;
