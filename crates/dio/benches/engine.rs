@@ -1,6 +1,9 @@
 //! Engine overhead and copy bandwidth on the RAM device.
 //!
 //! `cargo bench -p dio --bench engine`
+//!
+//! (For a quick figure without criterion, side by side with fio's null engine, and
+//! the 1-vs-N-thread rates: `examples/null_loop.rs`.)
 //! - `null_4k` / `null_1m`: one aligned read through the engine to a null device
 //!   (no storage, no copy, no counters, completes inline): the engine's own cost per
 //!   request.

@@ -517,3 +517,124 @@ fn a_request_a_device_drops_completes_with_ecanceled_instead_of_hanging() {
     });
     assert_eq!(e.errno(), libc::ECANCELED, "{e}");
 }
+
+/// An identity map without end_io, for the engine's fast path of a one-buffer sync
+/// read (one lookup, one request, no walk): it answers the whole range asked
+/// (`whole`) or one block at a time with the boundary flag (the fast path then
+/// hands its answer to the walk), and panics at its `panic_at`-th lookup, or in submit_io once the request
+/// is out.
+struct Plain {
+    inner: IdentityMap,
+    hook: Hook,
+    panic_at: usize,
+    whole: bool,
+    calls: AtomicUsize,
+    armed: std::sync::atomic::AtomicBool,
+    live: Arc<AtomicUsize>,
+    live_at_panic: AtomicUsize,
+}
+
+impl Plain {
+    fn hit(&self, hook: Hook) {
+        if self.hook == hook
+            && self.armed.load(Ordering::SeqCst)
+            && self.calls.fetch_add(1, Ordering::SeqCst) + 1 == self.panic_at
+        {
+            self.live_at_panic
+                .store(self.live.load(Ordering::SeqCst), Ordering::SeqCst);
+            panic!("injected panic in {hook:?}");
+        }
+    }
+}
+
+impl BlockMap for Plain {
+    fn block_size(&self) -> u32 {
+        self.inner.block_size()
+    }
+    fn map(&self, block: u64, max: u64, create: bool) -> Result<Extent> {
+        self.hit(Hook::Map);
+        if self.whole {
+            self.inner.map(block, max, create)
+        } else {
+            // One block, sent at once: in flight when the next lookup panics.
+            Ok(self.inner.map(block, 1, create)?.boundary(true))
+        }
+    }
+    fn submit_io(&self, dev: &dyn Device, req: Request, file_offset: u64) {
+        self.inner.submit_io(dev, req, file_offset);
+        self.hit(Hook::SubmitIo);
+    }
+    fn max_file_size(&self) -> u64 {
+        self.inner.max_file_size()
+    }
+    fn has_end_io(&self) -> bool {
+        false
+    }
+}
+
+#[test]
+fn a_panic_in_a_one_buffer_read_on_the_fast_path_leaves_nothing_behind() {
+    for (name, dev) in devices() {
+        // (hook, panic at, whole extents, read length): a panic in the one lookup;
+        // in submit_io with the request out; in the walk's second lookup after the
+        // fast path handed it a one-block answer, with the first block's request out.
+        for (hook, at, whole, len) in [
+            (Hook::Map, 1, true, 4096),
+            (Hook::SubmitIo, 1, true, 4096),
+            (Hook::SubmitIo, 1, true, 65536),
+            (Hook::Map, 2, false, 8192),
+        ] {
+            let what = format!("{name} {hook:?} at {at}, whole {whole}, {len} bytes");
+            let live = Arc::new(AtomicUsize::new(0));
+            let counting: Arc<dyn Device> = Arc::new(Counting {
+                inner: dev.clone(),
+                live: live.clone(),
+            });
+            let map = Arc::new(Plain {
+                inner: IdentityMap::new(FS, SIZE),
+                hook,
+                panic_at: at,
+                whole,
+                calls: AtomicUsize::new(0),
+                armed: std::sync::atomic::AtomicBool::new(true),
+                live: live.clone(),
+                live_at_panic: AtomicUsize::new(0),
+            });
+            let file =
+                DirectFile::new(counting, map.clone(), Arc::new(FileState::new(SIZE))).unwrap();
+            let mut buf = AlignedBuf::from_slice(&vec![0x33; len], 4096);
+            let got = catch_unwind(AssertUnwindSafe(|| file.read_at(0, &mut buf, Flags::NONE)));
+            assert!(got.is_err(), "{what}: the panic did not reach the caller");
+            if hook == Hook::SubmitIo || at == 2 {
+                assert!(
+                    map.live_at_panic.load(Ordering::SeqCst) >= 1 || name != "ram",
+                    "{what}: nothing was in flight at the panic"
+                );
+            }
+            assert_eq!(
+                live.load(Ordering::SeqCst),
+                0,
+                "{what}: a request outlived the call"
+            );
+            assert_eq!(
+                file.state().dio_count(),
+                0,
+                "{what}: in-flight count left behind"
+            );
+            let snapshot = buf.to_vec();
+            map.armed.store(false, Ordering::SeqCst);
+            let f = file.clone();
+            bounded(20, move || {
+                let mut back = AlignedBuf::new(4096, 4096);
+                assert_eq!(f.read_at(0, &mut back, Flags::NONE).unwrap(), 4096);
+                f.truncate(SIZE).unwrap();
+            });
+            std::thread::sleep(Duration::from_millis(250));
+            assert_eq!(
+                &buf[..],
+                &snapshot[..],
+                "{what}: the buffer changed after the call"
+            );
+        }
+    }
+}

@@ -437,7 +437,7 @@ impl Shared {
     }
 
     /// Move the data of `req` (`len` bytes) and return its result.
-    #[inline]
+    #[inline(always)]
     fn execute(&self, req: &mut Request, len: u64, fail: bool) -> io::Result<()> {
         check_request_len(&self.cfg.geometry, req, len)?;
         if fail {
@@ -472,14 +472,16 @@ impl Shared {
         Ok(())
     }
 
-    #[inline]
-    fn finish(&self, mut req: Request, fail: bool) {
-        let len = req.len();
-        let result = self.execute(&mut req, len, fail);
+    /// Complete `req`. Inlined into `submit`, so that the request is completed
+    /// where it arrived instead of being copied into another frame first (a copy of
+    /// a freshly built request stalls on store forwarding).
+    #[inline(always)]
+    fn finish(&self, req: &mut Request, len: u64, fail: bool) {
+        let result = self.execute(req, len, fail);
         if self.cfg.stats {
             self.in_flight.fetch_sub(1, Ordering::SeqCst);
         }
-        req.complete(result);
+        req.complete_here(result);
     }
 }
 
@@ -505,12 +507,13 @@ fn completion_thread(s: &Shared, rx: &mpsc::Receiver<Queued>) {
             } else {
                 0
             };
-            let (req, due, fail) = batch.remove(i).expect("index in range");
+            let (mut req, due, fail) = batch.remove(i).expect("index in range");
             let now = Instant::now();
             if due > now {
                 thread::sleep(due - now);
             }
-            s.finish(req, fail);
+            let len = req.len();
+            s.finish(&mut req, len, fail);
         }
     }
 }
@@ -520,7 +523,7 @@ impl Device for MemDevice {
         self.shared.cfg.geometry
     }
 
-    fn submit(&self, req: Request) {
+    fn submit(&self, mut req: Request) {
         let s = &self.shared;
         let len = req.len();
         let seq = if s.cfg.stats {
@@ -553,11 +556,12 @@ impl Device for MemDevice {
         match &self.worker {
             Some((tx, _)) => {
                 let due = Instant::now() + s.cfg.latency.unwrap_or_default();
-                if let Err(mpsc::SendError((req, _, fail))) = tx.send((req, due, fail)) {
-                    s.finish(req, fail);
+                if let Err(mpsc::SendError((mut req, _, fail))) = tx.send((req, due, fail)) {
+                    s.finish(&mut req, len, fail);
                 }
             }
-            None => s.finish(req, fail),
+            // Inline: completed in place, in the caller's request.
+            None => s.finish(&mut req, len, fail),
         }
     }
 

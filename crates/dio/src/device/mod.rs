@@ -435,6 +435,15 @@ impl Request {
     /// thread goes on completing other requests.
     #[inline]
     pub fn complete(mut self, result: io::Result<()>) {
+        self.complete_here(result);
+    }
+
+    /// [`Request::complete`], for a device that completes a request where it holds
+    /// it: no copy of the request is made to move it into the call (a copy of a
+    /// request built a moment ago stalls on store forwarding). The request is left
+    /// completed: dropping it does nothing more.
+    #[inline]
+    pub(crate) fn complete_here(&mut self, result: io::Result<()>) {
         let Some(c) = self.completion.take() else {
             return;
         };
@@ -446,7 +455,6 @@ impl Request {
             tag: self.tag,
             keep: std::mem::replace(&mut self.keep, Keep::Vouched),
         };
-        drop(self);
         let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             c.complete(done, result);
         }));
@@ -533,6 +541,12 @@ impl Finished {
     /// The creator's tag.
     pub fn tag(&self) -> u64 {
         self.tag
+    }
+    /// Give up what the request kept (a ticket on lent memory, an owned buffer, a
+    /// forwarded request), in place: what dropping it does, without moving it.
+    #[inline]
+    pub(crate) fn release(&mut self) {
+        self.keep = Keep::Vouched;
     }
     /// The owned buffer of a [`Request::with_buf`] request, if it is a `B`.
     pub fn take_buf<B: 'static>(&mut self) -> Option<B> {

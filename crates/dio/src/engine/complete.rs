@@ -52,8 +52,9 @@ pub(crate) struct Call {
     pub(crate) i_size: u64,
     /// Extend i_size to the written end, at most to this, at completion.
     pub(crate) extend: Option<u64>,
-    /// Skip the in-flight count.
-    pub(crate) skip_count: bool,
+    /// The shard of the file's in-flight count the call is counted on (None: not
+    /// counted, [`Flags::SKIP_DIO_COUNT`](super::Flags::SKIP_DIO_COUNT)).
+    pub(crate) count: Option<usize>,
     /// Block range held in the file's range lock until completion.
     pub(crate) range_lock: Option<(u64, u64)>,
     /// The file lock a locking-mode write holds until it completes.
@@ -146,6 +147,13 @@ impl Dio {
     /// one (no allocation per call). Give it back with [`Dio::recycle`].
     #[inline]
     pub(crate) fn sync_call() -> Arc<Dio> {
+        Dio::sync_call_with(0)
+    }
+
+    /// [`Dio::sync_call`] for a call that will send `requests` requests, counted in
+    /// already (no [`Dio::get`] for them).
+    #[inline]
+    pub(crate) fn sync_call_with(requests: usize) -> Arc<Dio> {
         match SPARE.with(|s| s.take()) {
             Some(spare) => {
                 // The last call on it saw every request complete (its errors taken,
@@ -154,13 +162,17 @@ impl Dio {
                 // the drop of its reference: all it does then is look at `sleeping`
                 // and perhaps unpark this thread, which a waiter tolerates (it parks
                 // in a loop on its own condition).
-                spare.refs.store(1, Ordering::Relaxed);
+                spare.refs.store(1 + requests, Ordering::Relaxed);
                 spare.io_failed.store(false, Ordering::Relaxed);
                 spare.defer.store(false, Ordering::Relaxed);
                 spare.sleeping.store(false, Ordering::Relaxed);
                 spare
             }
-            None => Arc::new(Dio::blank(true)),
+            None => {
+                let dio = Dio::blank(true);
+                dio.refs.store(1 + requests, Ordering::Relaxed);
+                Arc::new(dio)
+            }
         }
     }
 
@@ -453,16 +465,15 @@ impl Dio {
     #[inline]
     fn finish_tail(&self, file: &Shared, call: &Call, result: Res) -> Res {
         if let (Op::Write, Ok(n)) = (call.op, &result) {
-            let stats = &file.stats;
-            stats.written.fetch_add(*n as u64, Ordering::Relaxed);
+            file.stats.written.add(*n as u64);
             if let Some(limit) = call.extend {
                 file.state.extend_to((call.offset + *n as u64).min(limit));
             }
         } else if let (Op::Read, Ok(n)) = (call.op, &result) {
-            file.stats.read.fetch_add(*n as u64, Ordering::Relaxed);
+            file.stats.read.add(*n as u64);
         }
-        if !call.skip_count {
-            file.state.dio_end();
+        if let Some(at) = call.count {
+            file.state.dio_end(at);
         }
         // Last: releasing locks may start calls that were parked on them.
         if let Some(k) = call.file_lock {
@@ -476,7 +487,7 @@ impl Dio {
 }
 
 impl Completion for Dio {
-    fn complete(self: Arc<Self>, req: Finished, result: std::io::Result<()>) {
+    fn complete(self: Arc<Self>, mut req: Finished, result: std::io::Result<()>) {
         crate::trace::request_completed!(req, result);
         if let Err(e) = result {
             let mut t = lock(&self.tail);
@@ -493,7 +504,9 @@ impl Completion for Dio {
             }
             self.io_failed.store(true, Ordering::Release);
         }
-        drop(req);
+        // The request's claim on lent memory goes before the call can see it done
+        // (in place: a move of the request to drop it would copy it).
+        req.release();
         if !self.sync {
             // Room for one more: send what waits.
             self.submitted.fetch_sub(1, Ordering::SeqCst);

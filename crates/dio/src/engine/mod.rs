@@ -4,12 +4,18 @@
 //!
 //! Layers: `request` (validation, locks, sync/async), `walk` (buffers against the
 //! block map), `bio` (pieces into device requests), `complete` (counting, waiting,
-//! result rules).
+//! result rules). The commonest call, a sync read of one aligned buffer that one
+//! extent maps and one request carries, takes a short way through `request` (no
+//! walk, no builder); anything else, or a lookup that answers less, goes the whole
+//! way. Per-file counters that every call writes (the in-flight count, the byte
+//! counters) are sharded by thread (`shard`), so threads on one file share no
+//! written cache line.
 
 mod atomic;
 mod bio;
 mod complete;
 mod request;
+mod shard;
 mod state;
 mod unaligned;
 mod walk;
@@ -17,7 +23,7 @@ mod walk;
 use std::future::Future;
 use std::io::{IoSlice, IoSliceMut};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex};
 use std::task::{Context, Poll, Waker};
 
@@ -136,41 +142,45 @@ impl std::ops::BitOrAssign for Flags {
 /// and how its calls were cut into device requests. For counts per device request
 /// (requests, in flight, latency), wrap the device in a
 /// [`StatsDevice`](crate::StatsDevice).
+///
+/// Every completed call adds to them: each counter is sharded by thread (a line
+/// per shard), so threads doing I/O on one file do not all write one cache line;
+/// reading one sums the shards.
 #[derive(Debug, Default)]
 pub struct Stats {
-    read: AtomicU64,
-    written: AtomicU64,
-    merges: AtomicU64,
-    splits: AtomicU64,
+    read: shard::Sharded,
+    written: shard::Sharded,
+    merges: shard::Sharded,
+    splits: shard::Sharded,
 }
 
 impl Stats {
     /// Bytes read by completed calls.
     pub fn bytes_read(&self) -> u64 {
-        self.read.load(Ordering::Relaxed)
+        self.read.sum(Ordering::Relaxed)
     }
     /// Bytes written by completed calls.
     pub fn bytes_written(&self) -> u64 {
-        self.written.load(Ordering::Relaxed)
+        self.written.sum(Ordering::Relaxed)
     }
     /// Merges: pieces of calls (a buffer, or the part of one in a block-map
     /// extent) that joined a device request already under way rather than starting
     /// one (the block layer's back merges).
     pub fn merges(&self) -> u64 {
-        self.merges.load(Ordering::Relaxed)
+        self.merges.sum(Ordering::Relaxed)
     }
     /// Splits: extra device requests a piece needed because it did not fit in one
     /// (the device's byte or segment limit, or an alignment cut).
     pub fn splits(&self) -> u64 {
-        self.splits.load(Ordering::Relaxed)
+        self.splits.sum(Ordering::Relaxed)
     }
     /// Add one call's merges and splits (counted locally, published once).
     pub(crate) fn add_cuts(&self, merges: u64, splits: u64) {
         if merges != 0 {
-            self.merges.fetch_add(merges, Ordering::Relaxed);
+            self.merges.add(merges);
         }
         if splits != 0 {
-            self.splits.fetch_add(splits, Ordering::Relaxed);
+            self.splits.add(splits);
         }
     }
 }
@@ -378,6 +388,9 @@ impl DirectFile {
         }
         buf::io_scope(drain(file), |scope| {
             let mem = scope.lend_mut(bufs);
+            if let Some(r) = request::read_one(file, offset, mem, scope.lender(), flags) {
+                return r;
+            }
             request::run(
                 file,
                 Op::Read,

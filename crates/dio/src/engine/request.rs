@@ -7,10 +7,11 @@ use std::sync::Arc;
 
 use super::bio::BioBuilder;
 use super::complete::{Call, Dio, Done, Res, Stop};
-use super::walk::{walk, Seen, Walk};
+use super::walk::{walk, Looked, Seen, Walk};
 use super::{Flags, Shared};
+use crate::buf::Segments;
 use crate::buf::{Lender, MemRef};
-use crate::device::{CompletionMode, Op};
+use crate::device::{CompletionMode, Op, Request};
 use crate::engine::{Begin, Job, LockKind};
 use crate::error::AlignPart;
 use crate::map::Mapping;
@@ -205,6 +206,193 @@ pub(crate) fn run_async(
     );
 }
 
+/// The fast path of the commonest call: a sync read of one aligned buffer that one
+/// extent maps and one device request carries, on a file whose map has no end_io.
+/// It does what [`run`] does for such a call (the same count, i_size sample, lookup
+/// and result rules) without the walk, the request builder and the file-lock logic.
+/// Returns None, having done nothing, for a call of another shape (the general path
+/// takes it); a call that turns out to need the walk after its lookup continues in
+/// the walk with that lookup's answer.
+///
+/// A panic in the map or its submit_io hook unwinds through guards instead of being
+/// caught: they wait for the request if it went out and count the call out, which
+/// is all the general path does for it when the map has no end_io (no lock is held,
+/// no result is delivered); the panic then goes on to the caller, as there.
+#[inline]
+pub(crate) fn read_one(
+    file: &Arc<Shared>,
+    offset: u64,
+    mem: &[MemRef],
+    lender: Lender<'_>,
+    flags: Flags,
+) -> Option<Res> {
+    let [m] = mem else {
+        return None;
+    };
+    let geo = &file.geometry;
+    let fs = u64::from(file.fs_block);
+    let len = m.len() as u64;
+    // Whole fs blocks (so the dio block is the fs block), an aligned address, one
+    // request's worth, within the file system's limit; no locking mode, and not
+    // ATOMIC (the whole way refuses atomic reads).
+    if file.end_io
+        || flags.contains(Flags::LOCKING)
+        || flags.contains(Flags::ATOMIC)
+        || len == 0
+        || (offset | len) & (fs - 1) != 0
+        || m.addr() & (geo.mem_align as usize - 1) != 0
+        || len > u64::from(geo.max_bytes)
+        || offset
+            .checked_add(len)
+            .is_none_or(|end| end > file.map.max_file_size())
+    {
+        return None;
+    }
+    let state = &file.state;
+    let count = if flags.contains(Flags::SKIP_DIO_COUNT) {
+        None
+    } else {
+        match state.try_dio_begin() {
+            Begin::Counted(at) => Some(at),
+            // A truncate is under way: the general path waits for it.
+            Begin::Closed => return None,
+        }
+    };
+    let i_size = state.size();
+    if offset >= i_size {
+        if let Some(at) = count {
+            state.dio_end(at);
+        }
+        return Some(Ok(0));
+    }
+    let mut counted = CountGuard {
+        file,
+        count,
+        armed: true,
+    };
+    let sh = fs.trailing_zeros();
+    let (block, blocks) = (offset >> sh, len >> sh);
+    let looked = file.map.map(block, blocks, false);
+    let simple = match &looked {
+        Ok(e) if e.len >= blocks => match e.mapping {
+            Mapping::Mapped(b) => b
+                .checked_add(blocks)
+                .is_some_and(|end| end <= geo.size >> sh),
+            Mapping::Hole | Mapping::Unwritten(_) => true,
+        },
+        _ => false,
+    };
+    counted.armed = false;
+    if !simple {
+        let p = Prepared {
+            op: Op::Read,
+            offset,
+            checked: Checked { dio_block: fs, len },
+            i_size,
+            logical_end: offset + len,
+            count,
+            range_lock: None,
+            held: None,
+            flags,
+        };
+        return walk_call(file, p, mem, lender, None, None, Some(Ok(looked)));
+    }
+    let Ok(e) = &looked else {
+        unreachable!("a simple answer is an extent")
+    };
+    let call = Call {
+        op: Op::Read,
+        offset,
+        i_size,
+        extend: None,
+        count,
+        range_lock: None,
+        file_lock: None,
+        flush: false,
+        dsync: false,
+    };
+    let poll = flags.contains(Flags::POLL);
+    let mapped = matches!(e.mapping, Mapping::Mapped(_));
+    // The one request is counted in at once.
+    let dio = Dio::sync_call_with(usize::from(mapped));
+    let walked = match e.mapping {
+        Mapping::Mapped(b) => {
+            counted.armed = true;
+            let waiting = WaitGuard {
+                file,
+                dio: &dio,
+                poll,
+            };
+            let req = Request::build(
+                Op::Read,
+                b << sh,
+                Segments::from(*m),
+                false,
+                dio.clone(),
+                offset,
+                lender.keep(),
+            );
+            file.map.submit_io(&*file.dev, req, offset);
+            std::mem::forget(waiting);
+            counted.armed = false;
+            len
+        }
+        Mapping::Hole | Mapping::Unwritten(_) => {
+            // Zeros, up to EOF rounded up to the block (the walk's rule).
+            let eof = i_size.saturating_add(fs - 1) & !(fs - 1);
+            let n = len.min(eof - offset);
+            m.slice(0, n as usize).zero();
+            n
+        }
+    };
+    let private = e.private.clone();
+    drop(looked);
+    // The map has no end_io: nothing in the finish can panic.
+    dio.submitter_done(
+        file,
+        &call,
+        poll,
+        walked,
+        &mut Stop::Clean,
+        private,
+        &mut None,
+    )
+}
+
+/// Counts a call out if the fast path unwinds (a panic in the block map).
+struct CountGuard<'a> {
+    file: &'a Shared,
+    count: Option<usize>,
+    armed: bool,
+}
+
+impl Drop for CountGuard<'_> {
+    #[inline]
+    fn drop(&mut self) {
+        if self.armed {
+            if let Some(at) = self.count {
+                self.file.state.dio_end(at);
+            }
+        }
+    }
+}
+
+/// Waits for the fast path's request if the submit_io hook unwinds (the request
+/// may be out); [`std::mem::forget`] it once submit_io returns.
+struct WaitGuard<'a> {
+    file: &'a Shared,
+    dio: &'a Arc<Dio>,
+    poll: bool,
+}
+
+impl Drop for WaitGuard<'_> {
+    fn drop(&mut self) {
+        let dev = &*self.file.dev;
+        dev.unplug();
+        self.dio.wait_in_flight_at_most(dev, 0, self.poll);
+    }
+}
+
 /// Run one call. `done` is None for a sync call (the result is returned) and Some
 /// for an async one (the result goes there, and None is returned).
 #[allow(clippy::too_many_arguments)]
@@ -346,8 +534,15 @@ pub(crate) fn run(
 
     // Counted in before i_size is sampled and blocks are mapped, so that a truncate
     // either waits for this call or runs entirely before it.
-    let skip_count = flags.contains(Flags::SKIP_DIO_COUNT);
-    if !skip_count && matches!(state.try_dio_begin(), Begin::Closed) {
+    let count = if flags.contains(Flags::SKIP_DIO_COUNT) {
+        None
+    } else {
+        match state.try_dio_begin() {
+            Begin::Counted(at) => Some(at),
+            Begin::Closed => None,
+        }
+    };
+    if !flags.contains(Flags::SKIP_DIO_COUNT) && count.is_none() {
         // A truncate is under way: this call starts once it is over.
         release_lock(&mut held);
         if flags.contains(Flags::NOWAIT) {
@@ -373,8 +568,8 @@ pub(crate) fn run(
             super::atomic::check_mapped(file, offset, checked.len)
         }));
         if !matches!(looked, Ok(Ok(()))) {
-            if !skip_count {
-                state.dio_end();
+            if let Some(at) = count {
+                state.dio_end(at);
             }
             release_lock(&mut held);
             unlock_range(range_lock);
@@ -386,17 +581,78 @@ pub(crate) fn run(
     }
     let i_size = state.size();
     if op == Op::Read && offset >= i_size {
-        if !skip_count {
-            state.dio_end();
+        if let Some(at) = count {
+            state.dio_end(at);
         }
         release_lock(&mut held);
         unlock_range(range_lock);
         return finish_now(done, Ok(0));
     }
+    let logical_end = extra.logical_end.unwrap_or(end).min(end);
+    let call = Prepared {
+        op,
+        offset,
+        checked,
+        i_size,
+        logical_end,
+        count,
+        range_lock,
+        held,
+        flags,
+    };
+    walk_call(file, call, mem, lender, pin, done, None)
+}
+
+/// A call past its checks, its locks and its count, with i_size sampled: what the
+/// walk and the finish need.
+struct Prepared {
+    op: Op,
+    offset: u64,
+    checked: Checked,
+    i_size: u64,
+    /// The file may grow to here at most.
+    logical_end: u64,
+    count: Option<usize>,
+    range_lock: Option<(u64, u64)>,
+    /// The file lock, if the locking mode took it.
+    held: Option<LockKind>,
+    flags: Flags,
+}
+
+/// The rest of a call: walk the buffers against the block map, send the requests,
+/// and finish (sync: wait, and return the result; async: the last completion
+/// finishes). `first` is the block map's answer for the call's first block, when the
+/// fast path asked already (it must not be asked twice).
+fn walk_call(
+    file: &Arc<Shared>,
+    p: Prepared,
+    mem: &[MemRef],
+    lender: Lender<'_>,
+    pin: Option<&mut dyn FnMut(MemRef) -> bool>,
+    done: Option<Done>,
+    first: Option<Looked>,
+) -> Option<Res> {
+    let Prepared {
+        op,
+        offset,
+        checked,
+        i_size,
+        logical_end,
+        count,
+        range_lock,
+        mut held,
+        flags,
+    } = p;
+    let state = &file.state;
+    let fs = u64::from(file.fs_block);
+    let release_lock = |held: &mut Option<LockKind>| {
+        if let Some(k) = held.take() {
+            state.file_lock().release(k);
+        }
+    };
     // An extending write completes only once its data is on the device, and then
     // moves i_size. Unless the file system allows async extension, that finish runs
     // on the completion worker (where it may block), never in a device's context.
-    let logical_end = extra.logical_end.unwrap_or(end).min(end);
     let extend = op == Op::Write && logical_end > i_size;
     let defer_extend = done.is_some() && extend && !flags.contains(Flags::ASYNC_EXTEND);
     let dsync = op == Op::Write && flags.contains(Flags::DSYNC);
@@ -405,7 +661,7 @@ pub(crate) fn run(
         offset,
         i_size,
         extend: extend.then_some(logical_end),
-        skip_count,
+        count,
         range_lock,
         file_lock: None,
         flush: false,
@@ -453,6 +709,7 @@ pub(crate) fn run(
             &walk_in,
             &mut builder,
             &*file.map,
+            first,
             |e: &crate::map::Extent| {
                 last_private = e.private.clone();
                 defer |= e.defer_completion;

@@ -6,6 +6,8 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 
+use super::shard::{self, Sharded};
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -15,7 +17,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct FileState {
     size: AtomicU64,
     file_lock: FileLock,
-    dio_count: AtomicU64,
+    /// In-flight direct I/O, sharded by thread: every call counts itself in and out,
+    /// so one shared count would be a line every thread writes. A call counts down
+    /// the shard it counted up (see [`Begin::Counted`]); truncate sums the shards.
+    dio_count: Sharded,
     dio_waiters: AtomicU64,
     dio_zero: Mutex<()>,
     dio_zero_cv: Condvar,
@@ -32,7 +37,7 @@ impl FileState {
         FileState {
             size: AtomicU64::new(size),
             file_lock: FileLock::default(),
-            dio_count: AtomicU64::new(0),
+            dio_count: Sharded::default(),
             dio_waiters: AtomicU64::new(0),
             dio_zero: Mutex::new(()),
             dio_zero_cv: Condvar::new(),
@@ -80,7 +85,7 @@ impl FileState {
 
     /// Direct I/O requests in flight on this file.
     pub fn dio_count(&self) -> u64 {
-        self.dio_count.load(Ordering::Acquire)
+        self.dio_count.sum(Ordering::SeqCst)
     }
 
     /// Count a direct I/O in, before it samples i_size or maps a block. While a
@@ -92,28 +97,33 @@ impl FileState {
     ///
     /// The count goes up before the gate is checked, and truncate closes the gate
     /// before it checks the count (both SeqCst): either truncate waits for this I/O,
-    /// or this I/O sees the gate and steps back.
+    /// or this I/O sees the gate and steps back. The count is the calling thread's
+    /// shard of it; truncate reads every shard after closing the gate, so it sees
+    /// every call that got past the gate (each shard only counts calls in flight on
+    /// it, and a call counts down the shard it counted up: a sum of shards read one
+    /// by one is never below the calls in flight throughout the reading).
     ///
     /// The truncating thread itself passes: it reaches here only from a completion
     /// callback run while truncate drains, and truncate then drains this call too.
     #[inline]
     pub(crate) fn try_dio_begin(&self) -> Begin {
-        self.dio_count.fetch_add(1, Ordering::SeqCst);
+        let at = shard::shard();
+        self.dio_count.at(at).fetch_add(1, Ordering::SeqCst);
         if !self.truncating.load(Ordering::SeqCst) {
-            return Begin::Counted;
+            return Begin::Counted(at);
         }
-        self.dio_begin_truncating()
+        self.dio_begin_truncating(at)
     }
 
     /// [`FileState::try_dio_begin`] while a truncate is under way.
     #[cold]
-    fn dio_begin_truncating(&self) -> Begin {
+    fn dio_begin_truncating(&self, at: usize) -> Begin {
         let g = lock(&self.gate);
         if g.truncator == Some(std::thread::current().id()) {
-            return Begin::Counted;
+            return Begin::Counted(at);
         }
         drop(g);
-        self.dio_end();
+        self.dio_end(at);
         Begin::Closed
     }
 
@@ -147,14 +157,17 @@ impl FileState {
         Gate(self)
     }
 
+    /// Count a direct I/O out of shard `at`, the one [`FileState::try_dio_begin`]
+    /// counted it in (on whatever thread the call finishes).
     #[inline]
-    pub(crate) fn dio_end(&self) {
+    pub(crate) fn dio_end(&self, at: usize) {
         // A waiter registers before it checks the count, and we check for waiters
         // after the count drops (both SeqCst): one of us sees the other. Taking the
-        // mutex orders the wakeup after the waiter went to sleep.
-        if self.dio_count.fetch_sub(1, Ordering::SeqCst) == 1
-            && self.dio_waiters.load(Ordering::SeqCst) > 0
-        {
+        // mutex orders the wakeup after the waiter went to sleep. (The waiter sums
+        // the shards again: a wakeup for a shard that is not the last is cheap, and
+        // there is a waiter only while a truncate drains.)
+        self.dio_count.at(at).fetch_sub(1, Ordering::SeqCst);
+        if self.dio_waiters.load(Ordering::SeqCst) > 0 {
             self.wake_dio_waiters();
         }
     }
@@ -169,7 +182,7 @@ impl FileState {
     pub fn wait_dio_zero(&self) {
         let mut g = lock(&self.dio_zero);
         self.dio_waiters.fetch_add(1, Ordering::SeqCst);
-        while self.dio_count.load(Ordering::SeqCst) != 0 {
+        while self.dio_count() != 0 {
             g = self.dio_zero_cv.wait(g).unwrap_or_else(|e| e.into_inner());
         }
         self.dio_waiters.fetch_sub(1, Ordering::SeqCst);
@@ -326,8 +339,8 @@ pub(crate) type Job = Box<dyn FnOnce() + Send>;
 
 /// What [`FileState::try_dio_begin`] did.
 pub(crate) enum Begin {
-    /// The call is counted in flight.
-    Counted,
+    /// The call is counted in flight, on this shard of the count.
+    Counted(usize),
     /// A truncate is under way: not counted.
     Closed,
 }

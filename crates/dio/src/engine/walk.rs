@@ -15,6 +15,10 @@ use crate::error::CorruptKind;
 use crate::map::{Extent, Mapping};
 use crate::Error;
 
+/// The block map's answer for a call's first block, asked before the walk (by the
+/// fast path): the result, or the payload of the map's panic.
+pub(crate) type Looked = std::thread::Result<crate::Result<Extent>>;
+
 /// Inputs of one walk.
 pub(crate) struct Walk<'a> {
     pub op: Op,
@@ -78,16 +82,18 @@ impl Cursor<'_> {
 /// Run the walk, feeding `builder`; `pin`, if any, is asked for every memory piece before it
 /// is used and may refuse it (a memory fault). Returns bytes walked, and stores how
 /// it stopped in `stop` (in place: the caller's slot is written once, not moved).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn walk(
     w: &Walk<'_>,
     builder: &mut BioBuilder<'_>,
     map: &dyn crate::BlockMap,
+    first: Option<Looked>,
     on_extent: impl FnMut(&Extent),
     pin: Option<&mut dyn FnMut(MemRef) -> bool>,
     seen: &mut Seen,
     stop: &mut Stop,
 ) -> u64 {
-    let (walked, s) = walk_inner(w, builder, map, on_extent, pin, seen);
+    let (walked, s) = walk_inner(w, builder, map, first, on_extent, pin, seen);
     *stop = s;
     walked
 }
@@ -97,6 +103,7 @@ fn walk_inner(
     w: &Walk<'_>,
     builder: &mut BioBuilder<'_>,
     map: &dyn crate::BlockMap,
+    mut first: Option<Looked>,
     mut on_extent: impl FnMut(&Extent),
     mut pin: Option<&mut dyn FnMut(MemRef) -> bool>,
     seen: &mut Seen,
@@ -127,13 +134,20 @@ fn walk_inner(
             break Stop::Clean;
         }
         if left == 0 {
-            let first = pos >> sh;
-            let count = ((end - 1) >> sh) - first + 1;
+            let block = pos >> sh;
+            let count = ((end - 1) >> sh) - block + 1;
             // With skip-holes, no allocation inside i_size (guard the empty file:
             // the seed's (i_size - 1) underflowed there).
-            let inside = w.i_size > 0 && first <= (w.i_size - 1) >> sh;
+            let inside = w.i_size > 0 && block <= (w.i_size - 1) >> sh;
             let create = w.op == Op::Write && !(w.skip_holes && inside);
-            let r = map.map(first, count, create);
+            // The first answer may have been asked already (for the same block,
+            // count and create: the fast path of a read); a panic in that lookup
+            // goes on from here, as one in this walk's own lookups would.
+            let r = match first.take() {
+                Some(Ok(r)) => r,
+                Some(Err(payload)) => std::panic::resume_unwind(payload),
+                None => map.map(block, count, create),
+            };
             let e = match &r {
                 Ok(e) => e,
                 Err(_) => break Stop::Error(r.expect_err("matched an error")),
@@ -141,7 +155,7 @@ fn walk_inner(
             if e.len == 0 {
                 break Stop::Error(Error::corrupt(
                     CorruptKind::BlockMap,
-                    format!("block map returned an empty extent at file block {first}"),
+                    format!("block map returned an empty extent at file block {block}"),
                 ));
             }
             let len = e.len.min(count);

@@ -1,0 +1,100 @@
+//! Counters that many threads write: one cache line per shard, each thread adds to
+//! its own shard, and a reader sums them. A per-file count that every call writes
+//! would otherwise be one line bouncing between the cores of every thread doing I/O
+//! on the file (the engine's in-flight count, its byte counters).
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+/// Shards per counter: threads beyond this share (a thread's shard is its order of
+/// first use, modulo this).
+pub(crate) const SHARDS: usize = 16;
+
+/// One shard on a line of its own (128 bytes: the adjacent-line prefetcher pairs
+/// 64-byte lines).
+#[derive(Default)]
+#[repr(align(128))]
+struct Line(AtomicU64);
+
+/// A counter split in [`SHARDS`] lines.
+#[derive(Default)]
+pub(crate) struct Sharded(Box<[Line; SHARDS]>);
+
+impl std::fmt::Debug for Sharded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.sum(Ordering::Relaxed))
+    }
+}
+
+/// The calling thread's shard.
+#[inline]
+pub(crate) fn shard() -> usize {
+    thread_local! {
+        static SHARD: Cell<usize> = const { Cell::new(usize::MAX) };
+    }
+    // A const-initialised Cell has no destructor: `with` works at any point of
+    // the thread's life, also in other thread-locals' destructors.
+    SHARD.with(|s| {
+        let v = s.get();
+        if v < SHARDS {
+            v
+        } else {
+            first_shard(s)
+        }
+    })
+}
+
+#[cold]
+fn first_shard(s: &Cell<usize>) -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let v = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
+    s.set(v);
+    v
+}
+
+impl Sharded {
+    /// The shard `i`'s counter.
+    #[inline]
+    pub(crate) fn at(&self, i: usize) -> &AtomicU64 {
+        &self.0[i % SHARDS].0
+    }
+
+    /// Add `n` on the calling thread's shard.
+    #[inline]
+    pub(crate) fn add(&self, n: u64) {
+        self.at(shard()).fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The sum of every shard (wrapping: one shard may be counted down by a thread
+    /// other than the one that counted it up, for callers that track a shard).
+    pub(crate) fn sum(&self, order: Ordering) -> u64 {
+        self.0
+            .iter()
+            .fold(0u64, |s, l| s.wrapping_add(l.0.load(order)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_sum_what_every_thread_added() {
+        let c = Sharded::default();
+        std::thread::scope(|s| {
+            for t in 0..40u64 {
+                let c = &c;
+                s.spawn(move || {
+                    for _ in 0..1000 {
+                        c.add(t);
+                    }
+                });
+            }
+        });
+        assert_eq!(c.sum(Ordering::Relaxed), 1000 * (0..40).sum::<u64>());
+        // Threads in turn get different shards.
+        let a = std::thread::spawn(shard).join().unwrap();
+        let b = std::thread::spawn(shard).join().unwrap();
+        assert_ne!(a, b);
+    }
+}
