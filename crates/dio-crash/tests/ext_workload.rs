@@ -414,7 +414,7 @@ fn record_and_replay(name: &str, mkfs: &str, extra: &[&str], seed: u64) -> Optio
     let dev = SyncDevice::new(f, geo, &SyncConfig::default()).unwrap();
     let log_path = dir.join("log");
     let rec = Arc::new(Recorder::create(dev, &log_path).unwrap());
-    let ops = if long { 300 } else { 60 };
+    let ops = if long { 400 } else { 120 };
     let history = {
         let fs = Ext::open_writable(rec.clone() as Arc<dyn Device>, geo.size).unwrap();
         assert!(fs.is_journaled());
@@ -429,7 +429,7 @@ fn record_and_replay(name: &str, mkfs: &str, extra: &[&str], seed: u64) -> Optio
     let history = Arc::new(history);
     let log = Arc::new(Log::open(&log_path).unwrap());
     let opts = ReplayOptions {
-        max_per_window: if long { 24 } else { 6 },
+        max_per_window: if long { 32 } else { 8 },
         max_states: Some(if long { 40_000 } else { 1_500 }),
         seed,
         torn: true,

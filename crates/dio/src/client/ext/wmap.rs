@@ -104,8 +104,9 @@ impl AllocMap {
         let backup_tree = st.tree.clone();
         let backup_inode = st.inode.clone();
         let r = (|| {
-            if st.converted {
-                // Written extents reach the disk only after their data.
+            if st.converted && !self.fs.data_flush_in_commit() {
+                // Written extents reach the disk only after their data (with a
+                // journal, the commit's flush before its commit block does it).
                 self.fs
                     .io
                     .device()
