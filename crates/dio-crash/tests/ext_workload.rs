@@ -115,7 +115,9 @@ fn walk(fs: &Ext, dir: &str, out: &mut BTreeMap<String, Node>) -> Result<(), Str
             FileType::Regular => {
                 let f = fs.open_file(&inode).map_err(|e| format!("{path}: {e}"))?;
                 let mut data = vec![0u8; f.size() as usize];
-                let n = f.read_at(0, &mut data).map_err(|e| format!("{path}: {e}"))?;
+                let n = f
+                    .read_at(0, &mut data)
+                    .map_err(|e| format!("{path}: {e}"))?;
                 data.truncate(n);
                 out.insert(path, Node::File(data));
             }
@@ -183,7 +185,11 @@ impl Checker for ModelFs {
         let where_ = self.history.op_name(at);
         let fs = match Ext::open(state.device(), state.size()) {
             Ok(fs) => fs,
-            Err(e) => return Ok(Verdict::Fail(format!("{where_}: the image does not open: {e}"))),
+            Err(e) => {
+                return Ok(Verdict::Fail(format!(
+                    "{where_}: the image does not open: {e}"
+                )))
+            }
         };
         let mut found = BTreeMap::new();
         if let Err(e) = walk(&fs, "", &mut found) {
@@ -353,11 +359,10 @@ fn workload(rec: &Recorder<SyncDevice>, fs: &Ext, seed: u64, ops: usize) -> Hist
             }
             90..=94 => {
                 // rmdir an empty directory if there is one, else unlink a link or file.
-                let empty = dirs.iter().skip(1).find(|d| {
-                    !tree
-                        .keys()
-                        .any(|k| k.starts_with(&format!("{d}/")))
-                });
+                let empty = dirs
+                    .iter()
+                    .skip(1)
+                    .find(|d| !tree.keys().any(|k| k.starts_with(&format!("{d}/"))));
                 match empty {
                     Some(d) => {
                         let d = d.clone();
@@ -430,8 +435,15 @@ fn record_and_replay(
         h
     };
     // The image as dio left it passes e2fsck.
-    let out = Command::new("e2fsck").arg("-fn").arg(&img).output().unwrap();
-    assert!(out.status.success(), "e2fsck -fn of the final image: {out:?}");
+    let out = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "e2fsck -fn of the final image: {out:?}"
+    );
     drop(rec);
     let history = Arc::new(history);
     let log = Arc::new(Log::open(&log_path).unwrap());
@@ -512,7 +524,10 @@ fn mutation_commit_before_data_is_caught() {
     let Some(o) = record_and_replay("ext4-mutation", "mkfs.ext4", &[], 41, true) else {
         return;
     };
-    assert!(o.sum.failed > 0, "committing before the data went unnoticed");
+    assert!(
+        o.sum.failed > 0,
+        "committing before the data went unnoticed"
+    );
     assert!(
         o.sum
             .failures

@@ -72,6 +72,7 @@ mod journal;
 mod jwrite;
 mod map;
 mod ops;
+mod orphan;
 mod superblock;
 mod tree;
 mod tx;
@@ -354,6 +355,12 @@ impl Ext {
         if writable && jwrite::wants_journal(&fs) {
             let w = jwrite::Writer::open(&fs, &raw)?;
             *lock(&fs.journal) = Some(w);
+        }
+        if writable && orphan::head(&fs)? != 0 && tx::alloc_refusal(&fs).is_none() {
+            // After a crash: finish what the orphan list says was under way
+            // (mid-unlink, mid-truncate) and recount the superblock's free
+            // counts, as the kernel's mount and e2fsck do.
+            orphan::after_crash(&fs)?;
         }
         // A journal that needs recovery: replay it in memory (writable opens
         // replayed it on disk above), then read the superblock and descriptors

@@ -432,6 +432,12 @@ impl ExtWriter {
         Ok(())
     }
 
+    /// Free the blocks past the file's size (an orphan's truncate left part
+    /// way: see `orphan.rs`).
+    pub(crate) fn cut_past_size(&self) -> Result<()> {
+        BlockMap::truncate(&*self.map, self.size())
+    }
+
     /// Record the size and flush: everything written is durable.
     pub fn sync(&self) -> Result<()> {
         self.commit_size()?;
