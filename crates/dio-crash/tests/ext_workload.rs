@@ -460,7 +460,7 @@ fn record_and_replay(
     };
     let e2fsck = Sampled {
         inner: E2fsckChecker,
-        every: if long { 10 } else { 60 },
+        every: if long { 25 } else { 60 },
         seen: AtomicU64::new(0),
         ran: AtomicU64::new(0),
     };

@@ -1182,11 +1182,17 @@ fn journal_speed() {
         v.sort_by(|a, b| a.partial_cmp(b).unwrap());
         v[v.len() / 2]
     };
-    let works: [(&str, &dyn Fn(&Ext), f64); 2] = [
+    type Work<'a> = (&'a str, &'a dyn Fn(&Ext), f64);
+    let works: [Work; 2] = [
         ("new 1 GiB file", &big, 1.3),
         ("10,000 small files", &small, 2.0),
     ];
-    for (what, work, target) in works {
+    // DIO_JBD2_BENCH_ONLY=big or =small runs one of the two.
+    let only = std::env::var("DIO_JBD2_BENCH_ONLY").unwrap_or_default();
+    for (k, (what, work, target)) in works.into_iter().enumerate() {
+        if (only == "big" && k != 0) || (only == "small" && k != 1) {
+            continue;
+        }
         let (mut j, mut n, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..pairs {
             let a = time(true, work);
