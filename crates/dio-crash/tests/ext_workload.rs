@@ -425,7 +425,7 @@ fn record_and_replay(
     let dev = SyncDevice::new(f, geo, &SyncConfig::default()).unwrap();
     let log_path = dir.join("log");
     let rec = Arc::new(Recorder::create(dev, &log_path).unwrap());
-    let ops = if long { 400 } else { 120 };
+    let ops = if long { 400 } else { 160 };
     let history = {
         let fs = Ext::open_writable(rec.clone() as Arc<dyn Device>, geo.size).unwrap();
         assert!(fs.is_journaled());
@@ -449,7 +449,7 @@ fn record_and_replay(
     let log = Arc::new(Log::open(&log_path).unwrap());
     let opts = ReplayOptions {
         max_per_window: if long { 32 } else { 8 },
-        max_states: Some(if long { 40_000 } else { 1_500 }),
+        max_states: Some(if long { 40_000 } else { 2_000 }),
         seed,
         torn: true,
         atomic_unit: 4096,
