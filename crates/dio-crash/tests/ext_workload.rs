@@ -211,8 +211,8 @@ impl Checker for ModelFs {
     }
 }
 
-/// Runs the inner checker on one state in `every` (and on every state that
-/// follows a barrier's durable prefix... kept simple: by count).
+/// Runs the inner checker on one state in `every`, by count (e2fsck costs two
+/// processes a state; the model checks every state).
 struct Sampled<C> {
     inner: C,
     every: u64,
