@@ -215,7 +215,19 @@ impl Mount {
 
 impl Drop for Mount {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
+        // A loop device can stay busy for a moment (udev probing it): retry,
+        // then detach lazily so nothing stays mounted.
+        for attempt in 0..20u32 {
+            let ok = Command::new("umount")
+                .arg(&self.0)
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if ok {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10 << attempt.min(5)));
+        }
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
 }
 
