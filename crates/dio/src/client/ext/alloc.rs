@@ -481,6 +481,34 @@ impl Alloc {
         Ok(())
     }
 
+    /// Set the superblock's free block and inode counts to the sums of the group
+    /// descriptors' (the kernel recounts them at mount, e2fsck checks them): a
+    /// kernel that crashed leaves the superblock's stale. Whether they changed.
+    pub(crate) fn recount_super(&mut self, fs: &Fs) -> bool {
+        let sb = &fs.sb;
+        let (mut blocks, mut inodes) = (0u64, 0u64);
+        for g in 0..sb.groups {
+            blocks += self.free_blocks_in(g);
+            inodes += self.free_inodes_in(g);
+        }
+        let changed =
+            self.sb_get_free_blocks(sb) != blocks || u64::from(self.sb_free_inodes()) != inodes;
+        if changed {
+            self.sb_set_free_blocks(sb, blocks);
+            self.sb_set_free_inodes(inodes as u32);
+            self.sb_dirty = true;
+        }
+        changed
+    }
+
+    /// Set the superblock's `s_last_orphan` (the orphan list's head) in this
+    /// operation (see `orphan.rs`).
+    pub(crate) fn set_last_orphan(&mut self, ino: u32) {
+        let off = self.sb_off;
+        put32(&mut self.sb_block.1[off..], 0xE8, ino);
+        self.sb_dirty = true;
+    }
+
     /// Put every changed bitmap, descriptor block and the superblock block into
     /// `tx` (bitmaps first), with their checksums.
     pub(crate) fn flush_into(&mut self, fs: &Fs, tx: &mut Tx) {

@@ -11,22 +11,31 @@
 //! commit block's checksum), or the v1 commit checksum (compat `checksum`).
 //!
 //! Order, which is what makes it crash-safe:
-//! 1. the superblock gets `needs_recovery` (as the kernel keeps it while
-//!    mounted: without it the kernel discards the journal) and, when the journal
-//!    was empty, the journal superblock gets the transaction's start and id;
-//! 2. revoke, descriptor and copy blocks are written, then a flush: they, and
-//!    every data block the caller wrote before calling (ordered mode), are durable
-//!    before
+//! 1. at the first commit of an open, the superblock gets `needs_recovery` (as
+//!    the kernel keeps it while mounted: without it the kernel discards the
+//!    journal); it stays set until the file system is closed clean (the last
+//!    handle dropped, or [`Ext::checkpoint`](super::Ext::checkpoint)), so a
+//!    commit does not write the superblock twice. When the journal was empty,
+//!    the journal superblock gets the transaction's start and id;
+//! 2. revoke, descriptor and copy blocks are written, then a flush: they, the
+//!    superblock writes of step 1, and every data block the caller wrote before
+//!    calling (ordered mode), are durable before
 //! 3. the commit block is written and flushed: from here the transaction is
-//!    committed and survives a crash (recovery replays it);
-//! 4. checkpoint (unless the caller asked to stop at the commit): the new
-//!    contents are written in place and flushed, then the journal superblock is
-//!    marked empty and `needs_recovery` cleared (no flush needed: replaying
-//!    checkpointed transactions again writes the same bytes).
+//!    committed and survives a crash (recovery replays it).
 //!
-//! Three flushes per checkpointed commit, two without the checkpoint: callers
-//! that commit often can leave checkpoints to the end (`checkpoint` false, then
-//! an empty commit with `checkpoint` true), as the kernel checkpoints lazily.
+//! Two flushes per commit. Checkpointing is lazy, as the kernel's: committed
+//! transactions stay in the log (replay redoes them) until the log runs short
+//! of space for the next one, or the file system is closed; a checkpoint writes
+//! every logged block in place, flushes, then marks the journal empty (and, at
+//! close, clears `needs_recovery` and flushes again). Marking the journal empty
+//! needs no flush of its own: replaying checkpointed transactions again writes
+//! the same bytes.
+//!
+//! There is no asynchronous commit (the commit block written together with the
+//! log blocks, its checksum vouching for them): recovery checks a whole
+//! transaction against its commit block only with the v1 `checksum` feature,
+//! while csum v2/v3 check each block on its own and replay the rest of a
+//! transaction around a bad one, so the flush before the commit block stays.
 //!
 //! Until it is checkpointed, a block's latest contents are only in the journal:
 //! the file system's metadata reads see the journal copy (see
@@ -71,6 +80,12 @@ pub(crate) struct Writer {
     pub(crate) checkpoint: bool,
     /// The error that stopped the writer part way through a commit.
     failed: Option<Error>,
+    /// `needs_recovery` was set on disk by this open (cleared at a clean close).
+    live: bool,
+    /// MUTATION for crash tests (ordered mode broken on purpose): the flush
+    /// between the data and the commit block is left out, so a commit can reach
+    /// the disk before the data its metadata points at.
+    pub(crate) commit_before_data: bool,
 }
 
 impl Writer {
@@ -104,6 +119,8 @@ impl Writer {
             pending: BTreeMap::new(),
             checkpoint: true,
             failed: None,
+            live: false,
+            commit_before_data: false,
         })
     }
 
@@ -193,7 +210,7 @@ impl Writer {
         revokes.dedup();
         if blocks.is_empty() && revokes.is_empty() {
             if checkpoint {
-                self.checkpoint(fs, &[])?;
+                self.checkpoint(fs, &[], true)?;
             }
             return Ok(());
         }
@@ -213,13 +230,17 @@ impl Writer {
             )));
         }
         if total >= self.free() {
-            self.checkpoint(fs, &[])?;
+            self.checkpoint(fs, &[], false)?;
         }
 
-        // 1. Live: needs_recovery, and the log's start when it was empty.
+        // 1. Live: needs_recovery (once per open), and the log's start when it
+        // was empty.
+        if !self.live {
+            set_needs_recovery(fs, true)?;
+            self.live = true;
+        }
         let mut sb_dirty = false;
         if self.tail == 0 {
-            set_needs_recovery(fs, true)?;
             self.tail = self.head;
             self.journal.sb.start = self.head;
             self.journal.sb.sequence = self.tid;
@@ -246,7 +267,9 @@ impl Writer {
                 .map(|l| l.bytes.as_slice())
                 .zip(at.iter().copied()),
         )?;
-        flush(fs)?;
+        if !self.commit_before_data {
+            flush(fs)?;
+        }
 
         // 3. The commit block, flushed.
         let commit_at = self.journal.log.locate(fs, pos)?;
@@ -269,9 +292,9 @@ impl Writer {
         self.head = self.journal.sb.next(pos);
         self.tid = self.tid.wrapping_add(1);
 
-        // 4. Checkpoint.
+        // 4. Checkpoint, when asked to (else lazily: see the module docs).
         if checkpoint {
-            self.checkpoint(fs, blocks)?;
+            self.checkpoint(fs, blocks, true)?;
         }
         Ok(())
     }
@@ -299,12 +322,39 @@ impl Writer {
 
     /// Write every block whose latest contents are only in the journal in place
     /// (`fresh` has the contents of some of them at hand; the rest are read from
-    /// their journal copies), flush, then mark the journal empty and clear
-    /// `needs_recovery` (see the module doc for why that needs no flush).
-    fn checkpoint(&mut self, fs: &Fs, fresh: &[(u64, &[u8])]) -> Result<()> {
-        if self.tail == 0 {
+    /// their journal copies), flush, then mark the journal empty (see the module
+    /// doc for why that needs no flush); with `clean`, then clear
+    /// `needs_recovery` and flush: the image is clean until the next commit.
+    fn checkpoint(&mut self, fs: &Fs, fresh: &[(u64, &[u8])], clean: bool) -> Result<()> {
+        if self.tail != 0 {
+            self.write_back(fs, fresh)?;
+        }
+        if clean && self.live {
+            set_needs_recovery(fs, false)?;
+            flush(fs)?;
+            self.live = false;
+        }
+        Ok(())
+    }
+
+    /// Close: checkpoint and leave the image clean, unless the writer stopped
+    /// on an error or was told not to checkpoint (then the journal stays for
+    /// whoever opens the image next to replay).
+    pub(crate) fn close(&mut self, fs: &Fs) -> Result<()> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
+        if !self.checkpoint {
             return Ok(());
         }
+        let r = self.checkpoint(fs, &[], true);
+        if let Err(e) = &r {
+            self.failed = Some(e.clone());
+        }
+        r
+    }
+
+    fn write_back(&mut self, fs: &Fs, fresh: &[(u64, &[u8])]) -> Result<()> {
         let bs = u64::from(fs.sb.block_size);
         let fresh: HashMap<u64, &[u8]> = fresh.iter().copied().collect();
         let sb_block = SUPERBLOCK_OFFSET / bs;
@@ -339,7 +389,6 @@ impl Writer {
         self.journal.sb.start = 0;
         self.journal.sb.sequence = self.tid;
         self.journal.write_sb(fs)?;
-        set_needs_recovery(fs, false)?;
         self.tail = 0;
         self.pending.clear();
         fs.io.set_logged(fs.sb.block_size, &self.pending);
@@ -558,7 +607,7 @@ impl Fs {
 
     /// Make metadata changes durable, the one call for every file system: with a
     /// journal, `blocks` and `revoked` are one transaction ([`Writer::commit`]),
-    /// checkpointed unless the writer's knob says otherwise; without, `blocks`
+    /// checkpointed lazily (see the module docs); without, `blocks`
     /// are written in place and flushed (`revoked` means nothing there). On
     /// return the change survives a crash. Data blocks the change points at
     /// must have been written before the call (the flush covers them). The
@@ -566,10 +615,7 @@ impl Fs {
     pub(crate) fn commit_metadata(&self, blocks: &[(u64, &[u8])], revoked: &[u64]) -> Result<()> {
         let mut journal = lock(&self.journal);
         match journal.as_mut() {
-            Some(w) => {
-                let checkpoint = w.checkpoint;
-                w.commit(self, blocks, revoked, checkpoint)
-            }
+            Some(w) => w.commit(self, blocks, revoked, false),
             None => {
                 let bs = self.sb.block_size as usize;
                 for &(b, data) in blocks {
@@ -589,6 +635,22 @@ impl Fs {
         }
     }
 
+    /// The blocks of the runs `freed` (start, length) whose latest contents are
+    /// only in the journal: freed metadata the transaction that frees them must
+    /// revoke, or a checkpoint (or a replay) would write their old contents over
+    /// whatever reuses them.
+    pub(crate) fn logged_in(&self, freed: &[(u64, u64)]) -> Vec<u64> {
+        let journal = lock(&self.journal);
+        let Some(w) = journal.as_ref() else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for &(s, n) in freed {
+            out.extend(w.pending.range(s..s.saturating_add(n)).map(|(b, _)| *b));
+        }
+        out
+    }
+
     /// Commit a transaction through the journal (see [`Writer::commit`]).
     pub(crate) fn journal_commit(
         &self,
@@ -597,7 +659,12 @@ impl Fs {
         checkpoint: bool,
     ) -> Result<()> {
         match lock(&self.journal).as_mut() {
-            Some(w) => w.commit(self, blocks, revoked, checkpoint),
+            Some(w) => {
+                if !checkpoint {
+                    w.checkpoint = false;
+                }
+                w.commit(self, blocks, revoked, checkpoint)
+            }
             None => Err(Error::Invalid(
                 "the file system has no journal open for writing".into(),
             )),
@@ -632,6 +699,59 @@ impl Fs {
     }
 }
 
+impl Drop for Fs {
+    /// A clean close: the journal checkpointed and `needs_recovery` cleared.
+    /// Errors cannot be reported here; the journal then stays committed and is
+    /// replayed by whoever opens the image next ([`super::Ext::checkpoint`]
+    /// reports them).
+    fn drop(&mut self) {
+        let w = self.journal.get_mut().map(Option::take);
+        if let Ok(Some(mut w)) = w {
+            let _ = w.close(self);
+        }
+    }
+}
+
+impl super::Ext {
+    /// Checkpoint the journal and leave the image clean (`needs_recovery`
+    /// cleared), as dropping the last handle of the file system does, but with
+    /// errors reported. Committed transactions are durable without it (a crash
+    /// leaves them for journal replay); this is for callers that want the image
+    /// clean before they go on (another tool opening it, a copy). No effect
+    /// without a journal, or after [`super::Ext::set_journal_checkpoint`]`(false)`.
+    pub fn checkpoint(&self) -> Result<()> {
+        let _meta = lock(&self.fs.meta);
+        match lock(&self.fs.journal).as_mut() {
+            Some(w) => w.close(&self.fs),
+            None => Ok(()),
+        }
+    }
+
+    /// MUTATION, for crash tests only: break ordered mode on purpose. With `on`,
+    /// a journal commit no longer flushes the data blocks its metadata points
+    /// at before writing its commit block, so a crash can leave a committed
+    /// transaction pointing at blocks whose data never landed (stale bytes in
+    /// a file whose size covers them). The crash harness must catch it. Never
+    /// use it for anything else.
+    #[doc(hidden)]
+    pub fn mutation_commit_before_data(&self, on: bool) {
+        if let Some(w) = lock(&self.fs.journal).as_mut() {
+            w.commit_before_data = on;
+        }
+    }
+}
+
+impl Fs {
+    /// Whether the flush that orders data before the metadata pointing at it
+    /// may be left to the journal commit: with a journal the commit flushes
+    /// before its commit block anyway (unless broken on purpose, see
+    /// [`super::Ext::mutation_commit_before_data`], which then skips this one
+    /// too).
+    pub(crate) fn data_flush_in_commit(&self) -> bool {
+        lock(&self.journal).is_some()
+    }
+}
+
 /// Whether `fs` keeps a journal that writes must go through.
 pub(crate) fn wants_journal(fs: &Fs) -> bool {
     fs.sb.has_compat(compat::HAS_JOURNAL)
@@ -658,8 +778,9 @@ mod tests {
         (dev, img.len() as u64)
     }
 
-    /// `commit_metadata` lands the blocks in place and durably, with or without a
-    /// journal, and leaves a journal clean.
+    /// `commit_metadata` makes the blocks durable (through the journal, read
+    /// back from it before the checkpoint), and a close leaves them in place and
+    /// the journal clean, with or without a journal.
     #[test]
     fn commit_metadata_lands_blocks_durably_with_or_without_a_journal() {
         for (name, journaled) in [("ext2-1k", false), ("ext3-2k", true)] {
@@ -673,8 +794,23 @@ mod tests {
             let flushes = dev.stats().flushes;
             fs.commit_metadata(&[(b, &data)], &[]).unwrap();
             assert!(dev.stats().flushes > flushes, "{name}");
-            assert_eq!(dev.read_raw(b * bs as u64, bs), data, "{name}");
+            assert_eq!(fs.read_block(b, "test").unwrap(), data, "{name}");
+            let sb = dev.read_raw(1024, 1024);
+            assert_eq!(
+                super::super::bytes::le32(&sb, 0x60) & 0x4 != 0,
+                journaled,
+                "{name}: needs_recovery while open"
+            );
+            // A second commit does not write the superblock again.
+            let requests = dev.stats().requests;
+            fs.commit_metadata(&[(b, &data)], &[]).unwrap();
+            if journaled {
+                // Descriptor and copy (one run), then the commit block.
+                assert_eq!(dev.stats().requests - requests, 2, "{name}");
+            }
             assert!(fs.commit_metadata(&[(b, &data[1..])], &[]).is_err());
+            drop(ext);
+            assert_eq!(dev.read_raw(b * bs as u64, bs), data, "{name}");
             let sb = dev.read_raw(1024, 1024);
             assert_eq!(super::super::bytes::le32(&sb, 0x60) & 0x4, 0, "{name}");
         }

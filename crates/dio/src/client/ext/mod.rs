@@ -72,6 +72,7 @@ mod journal;
 mod jwrite;
 mod map;
 mod ops;
+mod orphan;
 mod superblock;
 mod tree;
 mod tx;
@@ -355,6 +356,12 @@ impl Ext {
             let w = jwrite::Writer::open(&fs, &raw)?;
             *lock(&fs.journal) = Some(w);
         }
+        if writable && orphan::head(&fs)? != 0 && tx::alloc_refusal(&fs).is_none() {
+            // After a crash: finish what the orphan list says was under way
+            // (mid-unlink, mid-truncate) and recount the superblock's free
+            // counts, as the kernel's mount and e2fsck do.
+            orphan::after_crash(&fs)?;
+        }
         // A journal that needs recovery: replay it in memory (writable opens
         // replayed it on disk above), then read the superblock and descriptors
         // again through it, as the kernel sees them after recovery.
@@ -417,9 +424,12 @@ impl Ext {
     /// records for the fs blocks in `revoked` (whose earlier journal copies must
     /// not be replayed), like debugfs's `journal_write`: a low-level tool for
     /// metadata changes made elsewhere and for crash tests. Each of `blocks` is
-    /// (fs block, its new contents, one block long). With `checkpoint` false the
-    /// transaction stays committed in the journal, the image needing recovery, as
-    /// a crash right after the commit would leave it.
+    /// (fs block, its new contents, one block long). With `checkpoint` true the
+    /// journal is checkpointed and the image left clean before the call
+    /// returns; with `checkpoint` false the transaction stays committed in the
+    /// journal, the image needing recovery, as a crash right after the commit
+    /// would leave it: not even closing the file system checkpoints it (as
+    /// [`Ext::set_journal_checkpoint`]`(false)`).
     ///
     /// Errors: [`Error::ReadOnly`]; [`Error::Invalid`] without a journal, for a
     /// block past the file system or given twice; [`Error::NoSpace`] when the
@@ -437,10 +447,11 @@ impl Ext {
         self.fs.journal_commit(blocks, revoked, checkpoint)
     }
 
-    /// Whether metadata writes (e.g. [`ExtFile::touch`]) checkpoint each
-    /// transaction they commit (the default). Off, every later transaction stays
-    /// committed in the journal and the image needs recovery: for crash tests.
-    /// No effect without a journal.
+    /// Whether the journal is checkpointed (lazily: when the log runs short of
+    /// space, and when the file system is closed; the default). Off, every
+    /// transaction committed from then on stays in the journal, even at close,
+    /// and the image needs recovery: for crash tests. No effect without a
+    /// journal.
     pub fn set_journal_checkpoint(&self, on: bool) {
         if let Some(w) = lock(&self.fs.journal).as_mut() {
             w.checkpoint = on;

@@ -1354,7 +1354,7 @@ fn indirect_blocks(fs: &Arc<Fs>, inode: &Inode) -> Result<Vec<(u64, u64)>> {
 
 /// Free everything `inode` owns and mark it deleted (the caller frees the inode
 /// number with the transaction).
-fn release(op: &mut Op<'_>, inode: &mut Inode) -> Result<()> {
+pub(crate) fn release(op: &mut Op<'_>, inode: &mut Inode) -> Result<()> {
     let fs = op.fs;
     let has_blocks = super::map::has_blocks(fs, inode) && !inode.has_flag(flags::INLINE_DATA);
     if has_blocks {

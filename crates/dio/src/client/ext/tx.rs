@@ -268,7 +268,9 @@ impl Op<'_> {
         }
         let mut blocks: Vec<(u64, &[u8])> = tx.latest.iter().map(|(b, d)| (*b, &d[..])).collect();
         blocks.sort_unstable_by_key(|b| b.0);
-        let revoked: Vec<u64> = freed.iter().filter(|r| r.1 == 1).map(|r| r.0).collect();
+        let mut revoked: Vec<u64> = freed.iter().filter(|r| r.1 == 1).map(|r| r.0).collect();
+        // Freed blocks still logged (in a multi-block run too) are revoked.
+        revoked.extend(fs.logged_in(&freed));
         fs.commit_metadata(&blocks, &revoked)
     }
 }

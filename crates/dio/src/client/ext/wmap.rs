@@ -133,8 +133,9 @@ impl AllocMap {
         let backup_tree = st.tree.clone();
         let backup_inode = st.inode.clone();
         let r = (|| {
-            if st.converted {
-                // Written extents reach the disk only after their data.
+            if st.converted && !self.fs.data_flush_in_commit() {
+                // Written extents reach the disk only after their data (with a
+                // journal, the commit's flush before its commit block does it).
                 self.fs
                     .io
                     .device()
@@ -595,6 +596,12 @@ impl ExtWriter {
             }
             Ok(())
         })
+    }
+
+    /// Free the blocks past the file's size (an orphan's truncate left part
+    /// way: see `orphan.rs`).
+    pub(crate) fn cut_past_size(&self) -> Result<()> {
+        BlockMap::truncate(&*self.map, self.size())
     }
 
     /// Record the size and flush: everything written is durable.
