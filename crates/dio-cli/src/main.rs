@@ -338,6 +338,20 @@ struct WriteArgs {
 fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Cat(a) => copy::cat(&a.path, a.offset, a.length, &a.pipe),
+        Command::Cp(a) if a.recursive && into_image(&a.dst) && put::is_host_dir(&a.src) => {
+            put::cp_tree(
+                &a.src,
+                &a.dst,
+                &put::TreeArgs {
+                    preserve: a.preserve,
+                    put: &a.put,
+                    progress: !a.pipe.no_progress
+                        && (a.pipe.progress
+                            || std::io::IsTerminal::is_terminal(&std::io::stderr())),
+                    engine: a.pipe.engine,
+                },
+            )
+        }
         Command::Cp(a) if a.recursive => {
             extract::cp_r(&a.src, &a.dst, a.preserve, a.sparse, &a.pipe)
         }

@@ -24,6 +24,9 @@ pub(crate) struct MetaIo {
     /// checkpointed: see [`super::jwrite`]), and the fs block size: reads see
     /// their journal copies.
     logged: Mutex<(u64, BTreeMap<u64, Copy>)>,
+    /// Blocks changed by a batch of operations not yet written (see
+    /// `tx::Batch`), with the fs block size: reads see them last.
+    pending: Mutex<(u64, BTreeMap<u64, Vec<u8>>)>,
     /// Device logical block (power of two).
     lb: u64,
     align: usize,
@@ -39,6 +42,7 @@ impl MetaIo {
             dev,
             replay: None,
             logged: Mutex::default(),
+            pending: Mutex::default(),
             lb: u64::from(g.logical_block),
             align: g.mem_align.max(1) as usize,
             size: size.min(g.size),
@@ -52,6 +56,7 @@ impl MetaIo {
             dev: Arc::clone(&self.dev),
             replay: Some((replay, u64::from(block_size))),
             logged: Mutex::default(),
+            pending: Mutex::default(),
             lb: self.lb,
             align: self.align,
             size: self.size,
@@ -108,7 +113,47 @@ impl MetaIo {
         if !logged.1.is_empty() {
             self.patch(&logged.1, logged.0, offset, &mut out)?;
         }
+        drop(logged);
+        let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if !pending.1.is_empty() && !out.is_empty() {
+            let bs = pending.0;
+            let end = offset + out.len() as u64;
+            for (&block, data) in pending.1.range(offset / bs..=(end - 1) / bs) {
+                let b0 = block * bs;
+                let (s, e) = (offset.max(b0), end.min(b0 + bs));
+                out[(s - offset) as usize..(e - offset) as usize]
+                    .copy_from_slice(&data[(s - b0) as usize..(e - b0) as usize]);
+            }
+        }
         Ok(out)
+    }
+
+    /// The pending (batched, unwritten) copy of fs block `block`.
+    pub(crate) fn pending_get(&self, block: u64) -> Option<Vec<u8>> {
+        let p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        p.1.get(&block).cloned()
+    }
+
+    /// Set the pending copy of fs block `block` (of `bs` bytes).
+    pub(crate) fn pending_put(&self, bs: u32, block: u64, data: Vec<u8>) {
+        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        p.0 = u64::from(bs);
+        p.1.insert(block, data);
+    }
+
+    /// How many blocks are pending.
+    pub(crate) fn pending_len(&self) -> usize {
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
+            .len()
+    }
+
+    /// Take every pending block (they are written, or dropped after a failure).
+    pub(crate) fn pending_take(&self) -> BTreeMap<u64, Vec<u8>> {
+        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        std::mem::take(&mut p.1)
     }
 
     /// Replace the bytes of `out` (read at `offset`) that fall in `blocks` (of

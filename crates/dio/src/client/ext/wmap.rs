@@ -105,12 +105,9 @@ impl AllocMap {
         let backup_inode = st.inode.clone();
         let r = (|| {
             if st.converted {
-                // Written extents reach the disk only after their data.
-                self.fs
-                    .io
-                    .device()
-                    .flush()
-                    .map_err(|e| Error::os("flush the image", e))?;
+                // Written extents reach the disk only after their data (a batch
+                // flushes before it writes them).
+                super::tx::data_barrier(&self.fs)?;
             }
             let mut op = Op::begin(&self.fs)?;
             let t = change(&mut op, st)?;
@@ -431,14 +428,12 @@ impl ExtWriter {
         Ok(())
     }
 
-    /// Record the size and flush: everything written is durable.
+    /// Record the size and flush: everything written is durable (while the
+    /// file system batches, see [`super::Ext::begin_batch`], durable with the
+    /// batch).
     pub fn sync(&self) -> Result<()> {
         self.commit_size()?;
-        self.fs
-            .io
-            .device()
-            .flush()
-            .map_err(|e| Error::os("flush the image", e))
+        super::tx::data_barrier(&self.fs)
     }
 
     /// Set the owner, mode bits (permission bits only) and times.
