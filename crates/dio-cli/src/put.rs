@@ -604,8 +604,8 @@ struct Tally {
     special: u64,
     bytes: u64,
     failed: u64,
-    /// Operations since the batch was last written, and data bytes.
-    since_files: u64,
+    /// Names and data bytes since the batch was last written.
+    since_names: u64,
     since_bytes: u64,
     last_shown: Option<std::time::Instant>,
 }
@@ -613,16 +613,29 @@ struct Tally {
 /// Write the batch every this many names or data bytes (and at the end).
 const BATCH_NAMES: u64 = 5000;
 const BATCH_BYTES: u64 = 1 << 30;
+/// Files copied at once (their data writes overlap; the metadata operations
+/// take turns).
+const TREE_WORKERS: usize = 8;
 
+/// A regular file for a worker to copy.
+struct FileJob {
+    host: PathBuf,
+    img: Vec<u8>,
+    size: u64,
+    attrs: Attrs,
+}
+
+/// What the walk and the workers share.
 struct TreeCopy<'a> {
-    t: &'a Target,
+    ext: &'a Ext,
+    image: String,
     a: &'a TreeArgs<'a>,
-    tally: Tally,
-    /// Host (dev, ino) of files with several links -> their path in the image.
-    links: std::collections::HashMap<(u64, u64), Vec<u8>>,
+    tally: std::sync::Mutex<Tally>,
+    /// Set by the first failure that stops the copy (ENOSPC, a batch write).
+    fatal: std::sync::Mutex<Option<Failure>>,
+    stop: std::sync::atomic::AtomicBool,
     /// The image's own host file (never copied into itself).
     image_id: Option<(u64, u64)>,
-    buf: Vec<u8>,
 }
 
 /// Whether `src` is a host directory (then `cp -r SRC IMG:/DIR` copies it in).
@@ -643,6 +656,16 @@ fn stamp_of(secs: i64, nsecs: i64) -> dio::ext::Timestamp {
     dio::ext::Timestamp {
         secs,
         nsecs: nsecs.clamp(0, 999_999_999) as u32,
+    }
+}
+
+fn human(n: u64) -> String {
+    if n >= 10 << 20 {
+        format!("{} MiB", n >> 20)
+    } else if n >= 10 << 10 {
+        format!("{} KiB", n >> 10)
+    } else {
+        format!("{n} bytes")
     }
 }
 
@@ -685,20 +708,60 @@ pub fn cp_tree(src: &OsStr, dst: &OsStr, a: &TreeArgs) -> Result<(), Failure> {
         return Err(Failure::at(&src_path, "is not a directory"));
     }
     t.ext.begin_batch().map_err(|e| t.fail(e))?;
-    let mut c = TreeCopy {
-        t: &t,
+    let c = TreeCopy {
+        ext: &t.ext,
+        image: source_name(&t.loc.source),
         a,
-        tally: Tally::default(),
-        links: Default::default(),
+        tally: Default::default(),
+        fatal: Default::default(),
+        stop: Default::default(),
         image_id,
-        buf: Vec::new(),
     };
-    let r = c.dir(&src_path, &meta, &root);
+    let mut dir_times = Vec::new();
+    let mut links = std::collections::HashMap::new();
+    let (tx, rx) = std::sync::mpsc::sync_channel::<FileJob>(TREE_WORKERS * 4);
+    let rx = std::sync::Mutex::new(rx);
+    std::thread::scope(|scope| {
+        for _ in 0..TREE_WORKERS {
+            let (c, rx) = (&c, &rx);
+            scope.spawn(move || {
+                let mut buf = Vec::new();
+                loop {
+                    let job = match rx.lock().unwrap_or_else(|e| e.into_inner()).recv() {
+                        Ok(j) => j,
+                        Err(_) => break,
+                    };
+                    if c.stopped() {
+                        continue;
+                    }
+                    let r = c.file(&job, &mut buf);
+                    c.finish(&job.img, r.map(|n| (Kind::File, n)));
+                }
+            });
+        }
+        let mut w = Walk {
+            c: &c,
+            jobs: tx,
+            links: &mut links,
+            dir_times: &mut dir_times,
+        };
+        w.dir(&src_path, &meta, &root);
+        // Dropping the sender ends the workers once the queue is empty.
+    });
+    if a.preserve && !c.stopped() {
+        // The entries moved the directories' times: set them last, deepest
+        // first (a directory's own change touches nothing above it).
+        for (ino, img, attrs) in dir_times.iter().rev() {
+            if let Err(e) = t.ext.set_attrs(*ino, attrs) {
+                c.finish(img, Err(e));
+            }
+        }
+    }
     // What was copied is written and flushed whatever happened after it.
     let ended = t.ext.end_batch().map_err(|e| t.fail(e));
     c.show(true);
     let synced = ended.and_then(|_| t.sync());
-    let tl = &c.tally;
+    let tl = c.tally.lock().unwrap_or_else(|e| e.into_inner());
     say(format_args!(
         "copied {} files ({}), {} directories, {} symlinks, {} hard links, {} special files into {}{}",
         tl.files,
@@ -714,28 +777,35 @@ pub fn cp_tree(src: &OsStr, dst: &OsStr, a: &TreeArgs) -> Result<(), Failure> {
             String::new()
         }
     ));
-    r?;
+    let failed = tl.failed;
+    drop(tl);
+    if let Some(f) = c.fatal.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        return Err(f);
+    }
     synced?;
-    if c.tally.failed > 0 {
+    if failed > 0 {
         return Err(Failure::Quiet);
     }
     Ok(())
 }
 
-fn human(n: u64) -> String {
-    if n >= 10 << 20 {
-        format!("{} MiB", n >> 20)
-    } else if n >= 10 << 10 {
-        format!("{} KiB", n >> 10)
-    } else {
-        format!("{n} bytes")
-    }
+#[derive(Clone, Copy)]
+enum Kind {
+    File,
+    Dir,
+    Symlink,
+    HardLink,
+    Special,
 }
 
 impl TreeCopy<'_> {
-    fn attrs(&self, m: &std::fs::Metadata, default_mode: Option<u16>) -> dio::ext::Attrs {
+    fn stopped(&self) -> bool {
+        self.stop.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn attrs(&self, m: &std::fs::Metadata, default_mode: Option<u16>) -> Attrs {
         use std::os::unix::fs::MetadataExt;
-        let mut at = dio::ext::Attrs::new();
+        let mut at = Attrs::new();
         if self.a.preserve {
             at = at
                 .mode((m.mode() & 0o7777) as u16)
@@ -761,237 +831,91 @@ impl TreeCopy<'_> {
         at
     }
 
-    /// A failure of one entry: reported, counted, the copy goes on; running
-    /// out of space stops it.
-    fn entry_failed(&mut self, img: &[u8], e: Error) -> Result<(), Failure> {
-        let msg = format!(
-            "{}:{}: {e}",
-            source_name(&self.t.loc.source),
-            String::from_utf8_lossy(img)
-        );
-        if matches!(e, Error::NoSpace(_)) {
-            return Err(Failure::msg(format!(
-                "{}:{}: No space left on device ({e}); what was copied before it is kept",
-                source_name(&self.t.loc.source),
-                String::from_utf8_lossy(img)
-            )));
+    /// Count one entry done (or report its failure: the copy goes on, except
+    /// when the image is full or a batch could not be written).
+    fn finish(&self, img: &[u8], r: dio::Result<(Kind, u64)>) {
+        let where_ = format!("{}:{}", self.image, String::from_utf8_lossy(img));
+        let mut tl = self.tally.lock().unwrap_or_else(|e| e.into_inner());
+        match r {
+            Ok((kind, bytes)) => {
+                match kind {
+                    Kind::File => tl.files += 1,
+                    Kind::Dir => tl.dirs += 1,
+                    Kind::Symlink => tl.symlinks += 1,
+                    Kind::HardLink => tl.hard_links += 1,
+                    Kind::Special => tl.special += 1,
+                }
+                tl.bytes += bytes;
+                tl.since_names += 1;
+                tl.since_bytes += bytes;
+                if tl.since_names >= BATCH_NAMES || tl.since_bytes >= BATCH_BYTES {
+                    tl.since_names = 0;
+                    tl.since_bytes = 0;
+                    drop(tl);
+                    if let Err(e) = self.ext.commit_batch() {
+                        self.fail_all(Failure::msg(format!("{}: {e}", self.image)));
+                    }
+                    self.show(false);
+                    return;
+                }
+            }
+            Err(e @ Error::NoSpace(_)) => {
+                drop(tl);
+                self.fail_all(Failure::msg(format!(
+                    "{where_}: No space left on device ({e}); what was copied before it is kept"
+                )));
+                return;
+            }
+            Err(e) => {
+                tl.failed += 1;
+                say(format_args!("{where_}: {e}"));
+            }
         }
-        say(msg);
-        self.tally.failed += 1;
-        Ok(())
+        drop(tl);
+        self.show(false);
     }
 
-    fn show(&mut self, last: bool) {
+    fn fail_all(&self, f: Failure) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut fatal = self.fatal.lock().unwrap_or_else(|e| e.into_inner());
+        if fatal.is_none() {
+            *fatal = Some(f);
+        }
+    }
+
+    fn show(&self, last: bool) {
         if !self.a.progress {
             return;
         }
         let now = std::time::Instant::now();
+        let mut tl = self.tally.lock().unwrap_or_else(|e| e.into_inner());
         if !last
-            && self
-                .tally
+            && tl
                 .last_shown
                 .is_some_and(|t| now.duration_since(t).as_millis() < 200)
         {
             return;
         }
-        self.tally.last_shown = Some(now);
-        let tl = &self.tally;
+        tl.last_shown = Some(now);
         let line = format!(
-            "\r{} files, {} directories, {} copied   ",
+            "\r{} files, {} directories, {} copied   {}",
             tl.files + tl.hard_links + tl.symlinks + tl.special,
             tl.dirs,
-            human(tl.bytes)
+            human(tl.bytes),
+            if last { "\n" } else { "" }
         );
-        let mut err = std::io::stderr().lock();
-        let _ = std::io::Write::write_all(&mut err, line.as_bytes());
-        if last {
-            let _ = std::io::Write::write_all(&mut err, b"\n");
-        }
+        let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
     }
 
-    /// One name done: write the batch when it has grown.
-    fn done(&mut self, bytes: u64) -> Result<(), Failure> {
-        self.tally.since_files += 1;
-        self.tally.since_bytes += bytes;
-        if self.tally.since_files >= BATCH_NAMES || self.tally.since_bytes >= BATCH_BYTES {
-            self.tally.since_files = 0;
-            self.tally.since_bytes = 0;
-            self.t.ext.commit_batch().map_err(|e| self.t.fail(e))?;
-        }
-        self.show(false);
-        Ok(())
-    }
-
-    fn dir(
-        &mut self,
-        host: &std::path::Path,
-        meta: &std::fs::Metadata,
-        img: &[u8],
-    ) -> Result<(), Failure> {
-        use std::os::unix::fs::MetadataExt;
-        let ino = match self.t.ext.lookup(img, true) {
-            Ok(i) if i.file_type() == FileType::Directory => i.ino,
-            Ok(_) => {
-                return self.entry_failed(img, Error::path(dio::PathErrorKind::NotADirectory, img));
-            }
-            Err(_) => match self
-                .t
-                .ext
-                .mkdir(img, &self.attrs(meta, Some((meta.mode() & 0o777) as u16)))
-            {
-                Ok(i) => {
-                    self.tally.dirs += 1;
-                    i.ino
-                }
-                Err(e) => return self.entry_failed(img, e),
-            },
-        };
-        self.done(0)?;
-        let mut entries: Vec<std::fs::DirEntry> = match std::fs::read_dir(host) {
-            Ok(rd) => rd.filter_map(|e| e.ok()).collect(),
-            Err(e) => {
-                say(format_args!("{}: {e}", host.display()));
-                self.tally.failed += 1;
-                return Ok(());
-            }
-        };
-        entries.sort_by_key(|e| e.file_name());
-        for e in entries {
-            let path = e.path();
-            let name = e.file_name();
-            let target = join(img, name.as_bytes());
-            let m = match std::fs::symlink_metadata(&path) {
-                Ok(m) => m,
-                Err(err) => {
-                    say(format_args!("{}: {err}", path.display()));
-                    self.tally.failed += 1;
-                    continue;
-                }
-            };
-            if self.image_id == Some((m.dev(), m.ino())) {
-                say(format_args!(
-                    "{}: skipped: it is the image being written",
-                    path.display()
-                ));
-                self.tally.failed += 1;
-                continue;
-            }
-            self.entry(&path, &m, &target)?;
-        }
-        if self.a.preserve {
-            // The entries moved the directory's times: set them last.
-            if let Err(e) = self.t.ext.set_attrs(ino, &self.attrs(meta, None)) {
-                return self.entry_failed(img, e);
-            }
-        }
-        Ok(())
-    }
-
-    fn entry(
-        &mut self,
-        host: &std::path::Path,
-        m: &std::fs::Metadata,
-        img: &[u8],
-    ) -> Result<(), Failure> {
-        use std::os::unix::fs::{FileTypeExt, MetadataExt};
-        let ft = m.file_type();
-        if ft.is_dir() {
-            return self.dir(host, m, img);
-        }
-        // A second name of an inode already copied: a hard link.
-        if m.nlink() > 1 {
-            if let Some(first) = self.links.get(&(m.dev(), m.ino())).cloned() {
-                let _ = self.remove_existing(img);
-                match self.t.ext.link(&first, img) {
-                    Ok(_) => self.tally.hard_links += 1,
-                    Err(e) => self.entry_failed(img, e)?,
-                }
-                return self.done(0);
-            }
-        }
-        let perm = Some((m.mode() & 0o777) as u16);
-        let made = if ft.is_file() {
-            self.file(host, m, img, perm)
-        } else if ft.is_symlink() {
-            match std::fs::read_link(host) {
-                Ok(target) => {
-                    let _ = self.remove_existing(img);
-                    let r = self.t.ext.symlink(
-                        target.as_os_str().as_bytes(),
-                        img,
-                        &self.attrs(m, None),
-                    );
-                    if r.is_ok() {
-                        self.tally.symlinks += 1;
-                    }
-                    r.map(|_| ())
-                }
-                Err(e) => {
-                    say(format_args!("{}: {e}", host.display()));
-                    self.tally.failed += 1;
-                    return Ok(());
-                }
-            }
-        } else {
-            let kind = if ft.is_fifo() {
-                FileType::Fifo
-            } else if ft.is_socket() {
-                FileType::Socket
-            } else if ft.is_char_device() {
-                FileType::CharDevice
-            } else {
-                FileType::BlockDevice
-            };
-            let rdev = m.rdev();
-            let _ = self.remove_existing(img);
-            let r = self.t.ext.mknod(
-                img,
-                kind,
-                libc::major(rdev as libc::dev_t),
-                libc::minor(rdev as libc::dev_t),
-                &self.attrs(m, perm),
-            );
-            if r.is_ok() {
-                self.tally.special += 1;
-            }
-            r.map(|_| ())
-        };
-        match made {
-            Ok(()) => {
-                if m.nlink() > 1 {
-                    self.links.insert((m.dev(), m.ino()), img.to_vec());
-                }
-                self.done(if ft.is_file() { m.len() } else { 0 })
-            }
-            Err(e) => self.entry_failed(img, e),
-        }
-    }
-
-    /// GNU cp replaces a non-directory DST: remove one in the way of a name
-    /// the library will not replace itself.
-    fn remove_existing(&self, img: &[u8]) -> dio::Result<()> {
-        match self.t.ext.lookup(img, false) {
-            Ok(i) if i.file_type() != FileType::Directory => self.t.ext.remove(img, false),
-            _ => Ok(()),
-        }
-    }
-
-    fn file(
-        &mut self,
-        host: &std::path::Path,
-        m: &std::fs::Metadata,
-        img: &[u8],
-        perm: Option<u16>,
-    ) -> dio::Result<()> {
+    /// Copy one regular file (a new inode named once its bytes are in).
+    fn file(&self, job: &FileJob, buf: &mut Vec<u8>) -> dio::Result<u64> {
         use std::io::Read as _;
-        let attrs = self.attrs(m, perm);
-        let mut f = std::fs::File::open(host).map_err(|e| Error::os("open the source", e))?;
-        let size = m.len();
-        let buf = &mut self.buf;
+        let mut f =
+            std::fs::File::open(&job.host).map_err(|e| Error::os("open the source", e))?;
         let mut written = 0u64;
-        self.t.ext.put_file(img, &attrs, |w| {
-            if size > 0 {
-                w.allocate(0, size)?;
+        self.ext.put_file(&job.img, &job.attrs, |w| {
+            if job.size > 0 {
+                w.allocate(0, job.size)?;
             }
             loop {
                 buf.clear();
@@ -1007,7 +931,7 @@ impl TreeCopy<'_> {
                     return Err(Error::NoSpace(format!(
                         "only {} of {} bytes fit",
                         written + k as u64,
-                        size
+                        job.size
                     )));
                 }
                 written += n as u64;
@@ -1017,8 +941,154 @@ impl TreeCopy<'_> {
             }
             Ok(())
         })?;
-        self.tally.files += 1;
-        self.tally.bytes += written;
-        Ok(())
+        Ok(written)
+    }
+
+    /// GNU cp replaces a non-directory DST: remove one in the way of a name
+    /// the library will not replace itself.
+    fn remove_existing(&self, img: &[u8]) {
+        if let Ok(i) = self.ext.lookup(img, false) {
+            if i.file_type() != FileType::Directory {
+                let _ = self.ext.remove(img, false);
+            }
+        }
+    }
+}
+
+/// The walk of the host tree (one thread): directories, links and special
+/// files in order, regular files handed to the workers.
+struct Walk<'a, 'b> {
+    c: &'a TreeCopy<'b>,
+    jobs: std::sync::mpsc::SyncSender<FileJob>,
+    /// Host (dev, ino) of files with several links -> their path in the image.
+    links: &'a mut std::collections::HashMap<(u64, u64), Vec<u8>>,
+    /// Directories whose attributes -p sets at the end.
+    dir_times: &'a mut Vec<(u32, Vec<u8>, Attrs)>,
+}
+
+impl Walk<'_, '_> {
+    fn dir(&mut self, host: &std::path::Path, meta: &std::fs::Metadata, img: &[u8]) {
+        use std::os::unix::fs::MetadataExt;
+        let c = self.c;
+        if c.stopped() {
+            return;
+        }
+        let ino = match c.ext.lookup(img, true) {
+            Ok(i) if i.file_type() == FileType::Directory => i.ino,
+            Ok(_) => {
+                c.finish(img, Err(Error::path(dio::PathErrorKind::NotADirectory, img)));
+                return;
+            }
+            Err(_) => {
+                let perm = Some((meta.mode() & 0o777) as u16);
+                match c.ext.mkdir(img, &c.attrs(meta, perm)) {
+                    Ok(i) => {
+                        c.finish(img, Ok((Kind::Dir, 0)));
+                        i.ino
+                    }
+                    Err(e) => return c.finish(img, Err(e)),
+                }
+            }
+        };
+        if c.a.preserve {
+            self.dir_times
+                .push((ino, img.to_vec(), c.attrs(meta, None)));
+        }
+        let mut entries: Vec<std::fs::DirEntry> = match std::fs::read_dir(host) {
+            Ok(rd) => rd.filter_map(|e| e.ok()).collect(),
+            Err(e) => {
+                say(format_args!("{}: {e}", host.display()));
+                c.tally.lock().unwrap_or_else(|e| e.into_inner()).failed += 1;
+                return;
+            }
+        };
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            if c.stopped() {
+                return;
+            }
+            let path = e.path();
+            let target = join(img, e.file_name().as_bytes());
+            let m = match std::fs::symlink_metadata(&path) {
+                Ok(m) => m,
+                Err(err) => {
+                    say(format_args!("{}: {err}", path.display()));
+                    c.tally.lock().unwrap_or_else(|e| e.into_inner()).failed += 1;
+                    continue;
+                }
+            };
+            if c.image_id == Some((m.dev(), m.ino())) {
+                say(format_args!(
+                    "{}: skipped: it is the image being written",
+                    path.display()
+                ));
+                c.tally.lock().unwrap_or_else(|e| e.into_inner()).failed += 1;
+                continue;
+            }
+            self.entry(&path, &m, &target);
+        }
+    }
+
+    fn entry(&mut self, host: &std::path::Path, m: &std::fs::Metadata, img: &[u8]) {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        let c = self.c;
+        let ft = m.file_type();
+        if ft.is_dir() {
+            return self.dir(host, m, img);
+        }
+        let perm = Some((m.mode() & 0o777) as u16);
+        let key = (m.dev(), m.ino());
+        if m.nlink() > 1 {
+            // A second name of an inode already copied: a hard link.
+            if let Some(first) = self.links.get(&key) {
+                c.remove_existing(img);
+                let r = c.ext.link(first, img).map(|_| (Kind::HardLink, 0));
+                return c.finish(img, r);
+            }
+        }
+        let r = if ft.is_file() {
+            let job = FileJob {
+                host: host.to_path_buf(),
+                img: img.to_vec(),
+                size: m.len(),
+                attrs: c.attrs(m, perm),
+            };
+            if m.nlink() == 1 {
+                // Nothing waits for it: a worker copies it.
+                let _ = self.jobs.send(job);
+                return;
+            }
+            // Its later names link to it: copied here, before them.
+            c.file(&job, &mut Vec::new()).map(|n| (Kind::File, n))
+        } else if ft.is_symlink() {
+            match std::fs::read_link(host) {
+                Ok(target) => {
+                    c.remove_existing(img);
+                    c.ext
+                        .symlink(target.as_os_str().as_bytes(), img, &c.attrs(m, None))
+                        .map(|_| (Kind::Symlink, 0))
+                }
+                Err(e) => Err(Error::os("read the symlink", e)),
+            }
+        } else {
+            let kind = if ft.is_fifo() {
+                FileType::Fifo
+            } else if ft.is_socket() {
+                FileType::Socket
+            } else if ft.is_char_device() {
+                FileType::CharDevice
+            } else {
+                FileType::BlockDevice
+            };
+            let rdev = m.rdev() as libc::dev_t;
+            c.remove_existing(img);
+            c.ext
+                .mknod(img, kind, libc::major(rdev), libc::minor(rdev), &c.attrs(m, perm))
+                .map(|_| (Kind::Special, 0))
+        };
+        if r.is_ok() && m.nlink() > 1 {
+            self.links.insert(key, img.to_vec());
+        }
+        c.finish(img, r);
     }
 }

@@ -105,6 +105,9 @@ impl MetaIo {
     /// Read `len` bytes at device byte `offset`; `what` names the structure for
     /// errors.
     pub(crate) fn read(&self, offset: u64, len: usize, what: &str) -> Result<Vec<u8>> {
+        if let Some(out) = self.read_pending(offset, len) {
+            return Ok(out);
+        }
         let mut out = self.read_plain(offset, len, what)?;
         if let Some((replay, bs)) = &self.replay {
             self.patch(&replay.blocks, *bs, offset, &mut out)?;
@@ -126,6 +129,23 @@ impl MetaIo {
             }
         }
         Ok(out)
+    }
+
+    /// `[offset, offset + len)` when it lies inside one pending block (no
+    /// device read: the pending copy is the newest).
+    fn read_pending(&self, offset: u64, len: usize) -> Option<Vec<u8>> {
+        let p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if p.1.is_empty() || len == 0 {
+            return None;
+        }
+        let bs = p.0;
+        let block = offset / bs;
+        if (offset + len as u64 - 1) / bs != block {
+            return None;
+        }
+        let d = p.1.get(&block)?;
+        let at = (offset - block * bs) as usize;
+        Some(d[at..at + len].to_vec())
     }
 
     /// The pending (batched, unwritten) copy of fs block `block`.

@@ -345,6 +345,24 @@ impl Batch {
             tstages[s].extend(list);
         }
         for (block, latest) in tx.latest {
+            let batch_top = (0..3).rev().find(|&s| self.stages[s].contains_key(&block));
+            let tx_low = (0..3).find(|&s| tstages[s].contains_key(&block));
+            let in_order = match (batch_top, tx_low) {
+                (None, _) => true,
+                (Some(b), Some(t)) => b <= t,
+                (Some(_), None) => false,
+            };
+            if in_order {
+                // Nothing in the batch sits at a later stage than this
+                // operation's first copy: its copies are the copies.
+                for s in 0..3 {
+                    if let Some(d) = tstages[s].remove(&block) {
+                        self.stages[s].insert(block, d);
+                    }
+                }
+                fs.io.pending_put(bs, block, latest);
+                continue;
+            }
             match fs.io.pending_get(block) {
                 None => {
                     // New to the batch: the operation's own copies.
