@@ -36,12 +36,12 @@ PY
 fi
 mkdir -p "$MNT"
 ( cd "$TREE" && for d in d*; do echo "mkdir /$d"; for f in "$d"/*; do echo "write $TREE/$f /$f"; done; done ) > "$W/cmds"
-mkimg() { rm -f "$IMG"; mkfs.ext4 -q -F -b 4096 -O "$FEAT" "$IMG" 1G; sync; }
+mkimg() { rm -f "$IMG"; mkfs.ext4 -q -F -b 4096 -O "$FEAT" "$IMG" 1G >/dev/null; sync; }
 now() { date +%s.%N; }
 t_dio() { mkimg; local s; s=$(now); "$DIO" cp -r "$TREE/." "$IMG:/" --no-progress 2>/dev/null; now_e=$(now); echo "$now_e - $s" | bc; }
 t_debugfs() { mkimg; local s; s=$(now); debugfs -w -f "$W/cmds" "$IMG" >/dev/null 2>&1; sync "$IMG"; now_e=$(now); echo "$now_e - $s" | bc; }
 t_loop() { mkimg; local s; s=$(now); mount -o loop "$IMG" "$MNT"; cp -a "$TREE/." "$MNT/"; umount "$MNT"; now_e=$(now); echo "$now_e - $s" | bc; }
-t_mke2fs() { rm -f "$IMG"; sync; local s; s=$(now); mkfs.ext4 -q -F -b 4096 -O "$FEAT" -d "$TREE" "$IMG" 1G; sync "$IMG"; now_e=$(now); echo "$now_e - $s" | bc; }
+t_mke2fs() { rm -f "$IMG"; sync; local s; s=$(now); mkfs.ext4 -q -F -b 4096 -O "$FEAT" -d "$TREE" "$IMG" 1G >/dev/null; sync "$IMG"; now_e=$(now); echo "$now_e - $s" | bc; }
 check() { e2fsck -fn "$IMG" >/dev/null 2>&1 || { echo "e2fsck found errors after $1" >&2; exit 1; }; }
 median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 declare -A R

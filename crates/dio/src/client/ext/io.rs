@@ -27,6 +27,9 @@ pub(crate) struct MetaIo {
     /// Blocks changed by a batch of operations not yet written (see
     /// `tx::Batch`), with the fs block size: reads see them last.
     pending: Mutex<(u64, BTreeMap<u64, Vec<u8>>)>,
+    /// Counts the times pending blocks were taken (written): a read that
+    /// started on the device before and patches after must start again.
+    pending_gen: std::sync::atomic::AtomicU64,
     /// Device logical block (power of two).
     lb: u64,
     align: usize,
@@ -43,6 +46,7 @@ impl MetaIo {
             replay: None,
             logged: Mutex::default(),
             pending: Mutex::default(),
+            pending_gen: Default::default(),
             lb: u64::from(g.logical_block),
             align: g.mem_align.max(1) as usize,
             size: size.min(g.size),
@@ -57,6 +61,7 @@ impl MetaIo {
             replay: Some((replay, u64::from(block_size))),
             logged: Mutex::default(),
             pending: Mutex::default(),
+            pending_gen: Default::default(),
             lb: self.lb,
             align: self.align,
             size: self.size,
@@ -105,9 +110,11 @@ impl MetaIo {
     /// Read `len` bytes at device byte `offset`; `what` names the structure for
     /// errors.
     pub(crate) fn read(&self, offset: u64, len: usize, what: &str) -> Result<Vec<u8>> {
+        use std::sync::atomic::Ordering;
         if let Some(out) = self.read_pending(offset, len) {
             return Ok(out);
         }
+        let gen = self.pending_gen.load(Ordering::Acquire);
         let mut out = self.read_plain(offset, len, what)?;
         if let Some((replay, bs)) = &self.replay {
             self.patch(&replay.blocks, *bs, offset, &mut out)?;
@@ -118,6 +125,12 @@ impl MetaIo {
         }
         drop(logged);
         let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if self.pending_gen.load(Ordering::Acquire) != gen {
+            // A batch was written (and its blocks dropped from memory) while
+            // this read was on the device: read again.
+            drop(pending);
+            return self.read(offset, len, what);
+        }
         if !pending.1.is_empty() && !out.is_empty() {
             let bs = pending.0;
             let end = offset + out.len() as u64;
@@ -170,9 +183,16 @@ impl MetaIo {
             .len()
     }
 
+    /// A copy of every pending block.
+    pub(crate) fn pending_clone(&self) -> BTreeMap<u64, Vec<u8>> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).1.clone()
+    }
+
     /// Take every pending block (they are written, or dropped after a failure).
     pub(crate) fn pending_take(&self) -> BTreeMap<u64, Vec<u8>> {
         let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        self.pending_gen
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         std::mem::take(&mut p.1)
     }
 

@@ -449,14 +449,16 @@ impl Op<'_> {
             if self.alloc.is_some() {
                 self.alloc()?.flush_into(fs, &mut tx);
             }
-            let mut all: BTreeMap<u64, Vec<u8>> = fs.io.pending_take();
+            // The pending blocks stay readable until the journal holds them.
+            let mut all: BTreeMap<u64, Vec<u8>> = fs.io.pending_clone();
             all.extend(tx.latest);
             let blocks: Vec<(u64, &[u8])> = all.iter().map(|(b, d)| (*b, &d[..])).collect();
             let revoked: Vec<u64> = freed.iter().filter(|r| r.1 == 1).map(|r| r.0).collect();
-            if blocks.is_empty() && revoked.is_empty() {
-                return Ok(());
+            if !blocks.is_empty() || !revoked.is_empty() {
+                fs.commit_metadata(&blocks, &revoked)?;
             }
-            return fs.commit_metadata(&blocks, &revoked);
+            let _ = fs.io.pending_take();
+            return Ok(());
         }
         let flush = || {
             fs.io
