@@ -601,6 +601,15 @@ pub(crate) fn alloc_refusal(fs: &Fs) -> Option<Error> {
     if !fs.writable {
         return Some(Error::ReadOnly);
     }
+    if fs
+        .sb
+        .has_ro_compat(super::superblock::ro_compat::BIGALLOC)
+    {
+        return Some(Error::incompatible(
+            Feature::Bigalloc,
+            "bigalloc: allocating writes on clustered images are not implemented",
+        ));
+    }
     if fs.sb.has_compat(compat::HAS_JOURNAL) && !fs.journaled() {
         return Some(Error::incompatible(
             Feature::JournalWrite,
