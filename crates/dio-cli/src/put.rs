@@ -910,8 +910,7 @@ impl TreeCopy<'_> {
     /// Copy one regular file (a new inode named once its bytes are in).
     fn file(&self, job: &FileJob, buf: &mut Vec<u8>) -> dio::Result<u64> {
         use std::io::Read as _;
-        let mut f =
-            std::fs::File::open(&job.host).map_err(|e| Error::os("open the source", e))?;
+        let mut f = std::fs::File::open(&job.host).map_err(|e| Error::os("open the source", e))?;
         let mut written = 0u64;
         self.ext.put_file(&job.img, &job.attrs, |w| {
             if job.size > 0 {
@@ -976,7 +975,10 @@ impl Walk<'_, '_> {
         let ino = match c.ext.lookup(img, true) {
             Ok(i) if i.file_type() == FileType::Directory => i.ino,
             Ok(_) => {
-                c.finish(img, Err(Error::path(dio::PathErrorKind::NotADirectory, img)));
+                c.finish(
+                    img,
+                    Err(Error::path(dio::PathErrorKind::NotADirectory, img)),
+                );
                 return;
             }
             Err(_) => {
@@ -1083,7 +1085,13 @@ impl Walk<'_, '_> {
             let rdev = m.rdev() as libc::dev_t;
             c.remove_existing(img);
             c.ext
-                .mknod(img, kind, libc::major(rdev), libc::minor(rdev), &c.attrs(m, perm))
+                .mknod(
+                    img,
+                    kind,
+                    libc::major(rdev),
+                    libc::minor(rdev),
+                    &c.attrs(m, perm),
+                )
                 .map(|_| (Kind::Special, 0))
         };
         if r.is_ok() && m.nlink() > 1 {

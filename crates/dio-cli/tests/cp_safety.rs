@@ -464,7 +464,10 @@ fn dash_is_stdin_and_stdout_and_streams_use_plain_io() {
     assert_ok(&o, "cp - img:/hello.txt");
     assert_eq!(dio(&["cat", &hello]).stdout, b"HELLO");
     if dio_testkit::have("e2fsck") {
-        let o = Command::new("e2fsck").args(["-fn", s(&img)]).output().unwrap();
+        let o = Command::new("e2fsck")
+            .args(["-fn", s(&img)])
+            .output()
+            .unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
     }
 }

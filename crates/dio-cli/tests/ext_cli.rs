@@ -256,7 +256,11 @@ fn cp_out_of_and_into_images() {
     let ba = unpack("ext4-bigalloc", "cp");
     let hello = debugfs_cat(&ba, "/hello.txt");
     std::fs::write(&big, vec![7u8; hello.len() + 1]).unwrap();
-    let e = err(&dio(&["cp", big.to_str().unwrap(), &format!("{ba}:/hello.txt")]));
+    let e = err(&dio(&[
+        "cp",
+        big.to_str().unwrap(),
+        &format!("{ba}:/hello.txt"),
+    ]));
     assert!(e.contains("would grow"), "{e}");
     assert!(debugfs_cat(&ba, "/hello.txt") == hello);
     fsck_clean(&ba);

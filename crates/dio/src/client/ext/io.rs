@@ -185,7 +185,11 @@ impl MetaIo {
 
     /// A copy of every pending block.
     pub(crate) fn pending_clone(&self) -> BTreeMap<u64, Vec<u8>> {
-        self.pending.lock().unwrap_or_else(|e| e.into_inner()).1.clone()
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
+            .clone()
     }
 
     /// Take every pending block (they are written, or dropped after a failure).

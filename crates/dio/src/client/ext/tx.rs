@@ -601,10 +601,7 @@ pub(crate) fn alloc_refusal(fs: &Fs) -> Option<Error> {
     if !fs.writable {
         return Some(Error::ReadOnly);
     }
-    if fs
-        .sb
-        .has_ro_compat(super::superblock::ro_compat::BIGALLOC)
-    {
+    if fs.sb.has_ro_compat(super::superblock::ro_compat::BIGALLOC) {
         return Some(Error::incompatible(
             Feature::Bigalloc,
             "bigalloc: allocating writes on clustered images are not implemented",
