@@ -355,9 +355,9 @@ impl Batch {
             if in_order {
                 // Nothing in the batch sits at a later stage than this
                 // operation's first copy: its copies are the copies.
-                for s in 0..3 {
-                    if let Some(d) = tstages[s].remove(&block) {
-                        self.stages[s].insert(block, d);
+                for (mine, theirs) in self.stages.iter_mut().zip(tstages.iter_mut()) {
+                    if let Some(d) = theirs.remove(&block) {
+                        mine.insert(block, d);
                     }
                 }
                 fs.io.pending_put(bs, block, latest);
@@ -366,9 +366,9 @@ impl Batch {
             match fs.io.pending_get(block) {
                 None => {
                     // New to the batch: the operation's own copies.
-                    for s in 0..3 {
-                        if let Some(d) = tstages[s].remove(&block) {
-                            self.stages[s].insert(block, d);
+                    for (mine, theirs) in self.stages.iter_mut().zip(tstages.iter_mut()) {
+                        if let Some(d) = theirs.remove(&block) {
+                            mine.insert(block, d);
                         }
                     }
                 }
