@@ -46,7 +46,7 @@ Examples:
   dio cp disk.img /dev/loop0                 copy a file to a block device (and back)
   dio cat disk.img:/etc/passwd               a file inside an ext2/3/4 image
   dio ls -l disk.img:/var/log                list a directory inside an image
-  dio write disk.img:/data --offset 100 < x  write bytes at an offset (grows images without a journal)
+  dio write disk.img:/data --offset 100 < x  write bytes at an offset (grows, fills holes)
   dio cp file disk.img:/dir/                 create or replace a file in an image
   dio mkdir -p disk.img:/a/b                 make directories (also rm -r, ln -s, truncate -s)
   dio bench                                  direct vs buffered on a scratch file here
@@ -91,12 +91,25 @@ Examples:
 DST is sparse: SRC's holes and runs of zero blocks become holes (--sparse=never
 writes every byte).
 
-Into an image without a journal, DST is created or replaced (a directory DST gets
-SRC's name in it): the bytes go to a new inode, which takes the name only once they
-are all written, so a failure (no space left, a read error) leaves DST as it was.
---mode and --owner set the new file's permissions and owner. Into an image with a
-journal, an existing DST's bytes are overwritten in place: no allocation, no growth; a
-shorter source leaves the rest of the file as it was.
+Into an image, DST is created or replaced (a directory DST gets SRC's name in it): the
+bytes go to a new inode, which takes the name only once they are all written, so a
+failure (no space left, a read error) leaves DST as it was. On an image with a journal
+the changes go through it. --mode and --owner set the new file's permissions and owner.
+Where dio cannot allocate (bigalloc images), an existing DST's bytes are overwritten in
+place: no allocation, no growth; a shorter source leaves the rest of the file as it was.
+
+With -r and SRC a host directory, DST IMAGE:/DIR gets a copy of the tree (the `mke2fs -d`
+use case, on an existing image, with or without a journal): DIR/NAME when DIR exists
+(SRC/. copies SRC's contents), else DIR itself. Regular files, directories, symlinks,
+hard links (one inode), fifos, sockets and device nodes are created as mke2fs -d
+creates them; existing non-directories are replaced. Without -p: the source's permission
+bits, owner root (or --mode/--owner); with -p: mode, owner, atime, mtime, ctime and
+crtime of the source (--mode/--owner still override). Operations are batched (a few
+flushes or one journal transaction per few thousand names) in the crash-safe order of
+single operations. A failing entry is reported and skipped (exit 1 at the end); a full
+image stops the copy with `No space left on device` (exit 1), keeping what was copied
+before it consistent. Progress on stderr on a terminal (or --progress); a summary line
+ends the copy.
 
 Refused, with nothing touched: SRC and DST sharing storage (the same file, an image
 and a file inside it, a loop device and its backing file, an export and a file
@@ -133,11 +146,10 @@ Examples:
   printf 'new' | dio write disk.img:/etc/motd --offset 7
   dio write /dev/loop0 --offset 512 --input sector.bin
 
-Inside an image without a journal the write may grow the file and fill holes (blocks are
-allocated; the size moves once the data is on the image). Inside an image with a journal
-the write is in place: it is refused, with nothing written, if it would need allocation (a
-hole, an unwritten extent) or grow the file; mtime, ctime and the inode checksum are
-updated (through the journal: committed, then written in place). An image whose journal
+Inside an image the write may grow the file and fill holes (blocks are allocated; the
+size moves once the data is on the image; with a journal, through it). Where dio cannot
+allocate (bigalloc images) the write is in place: it is refused, with nothing written, if
+it would need allocation (a hole, an unwritten extent) or grow the file. An image whose journal
 needs recovery is recovered first, as e2fsck would.
 
 Exit status 0 means the bytes are durable: the file's data (fdatasync), the device or the
@@ -190,12 +202,15 @@ Examples:
 
 Blocks and inodes are freed (through the journal on images with one).")]
     Rm(put::RmArgs),
-    /// Make a symbolic link inside an ext2/3/4 image.
+    /// Make a symbolic or hard link inside an ext2/3/4 image.
     #[command(after_help = "\
 Examples:
   dio ln -s /usr/bin/python3 disk.img:/usr/local/bin/python
+  dio ln disk.img:/etc/passwd disk.img:/etc/passwd.link     a hard link (same inode)
 
-Targets shorter than 60 bytes live in the inode, longer ones in a block.")]
+Symlink targets shorter than 60 bytes live in the inode, longer ones in a block. A hard
+link (without -s) names an existing non-directory again: its link count goes up and its
+ctime moves; directories are refused.")]
     Ln(put::LnArgs),
     /// Set the size of a file inside an ext2/3/4 image (created if missing).
     #[command(after_help = "\
@@ -258,8 +273,7 @@ struct CpArgs {
     #[arg(value_name = "SRC")]
     src: OsString,
     /// Destination file (created or truncated), directory, block device, or
-    /// IMAGE:/PATH (created or replaced; overwritten in place on images with a
-    /// journal).
+    /// IMAGE:/PATH (created or replaced; -r: a host directory's copy).
     #[arg(value_name = "DST")]
     dst: OsString,
     /// Holes in a file DST: `auto` (and `always`) keeps SRC's holes and turns runs
@@ -339,6 +353,20 @@ struct WriteArgs {
 fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Cat(a) => copy::cat(&a.path, a.offset, a.length, &a.pipe),
+        Command::Cp(a) if a.recursive && into_image(&a.dst) && put::is_host_dir(&a.src) => {
+            put::cp_tree(
+                &a.src,
+                &a.dst,
+                &put::TreeArgs {
+                    preserve: a.preserve,
+                    put: &a.put,
+                    progress: !a.pipe.no_progress
+                        && (a.pipe.progress
+                            || std::io::IsTerminal::is_terminal(&std::io::stderr())),
+                    engine: a.pipe.engine,
+                },
+            )
+        }
         Command::Cp(a) if a.recursive => {
             extract::cp_r(&a.src, &a.dst, a.preserve, a.sparse, &a.pipe)
         }

@@ -5,9 +5,11 @@
 //! `cp` writes the new bytes into a new inode that no directory names yet and
 //! gives it the name only once every byte is on the image: a failure (ENOSPC, a
 //! read error) frees it again and leaves DST as it was. On an image with a
-//! journal, mkdir, rm, ln and truncate go through the journal (one transaction
-//! each), while `cp` and `write` keep the in-place overwrite of an existing file
-//! they had before (as they do where the library refuses allocation).
+//! journal every change goes through the journal (one transaction each; `cp -r`
+//! batches many). Where the library refuses allocation (a feature it cannot
+//! allocate on), `cp` and `write` keep the in-place overwrite of an existing
+//! file. `cp -r DIR IMG:/DIR` copies a host tree in (`mke2fs -d` on an existing
+//! image), batching its operations (`Ext::begin_batch`).
 
 use std::ffi::OsStr;
 use std::io::Read;
@@ -19,7 +21,7 @@ use clap::Args;
 use dio::ext::{Attrs, Ext, FileType};
 use dio::{Error, Flags};
 
-use crate::fail::Failure;
+use crate::fail::{say, Failure};
 use crate::location::{Location, Opened, Source};
 use crate::Engine;
 
@@ -105,14 +107,10 @@ impl Target {
         self.loc.fail(e)
     }
 
+    /// Whether the library refuses allocating writes here (a feature it cannot
+    /// allocate on): cp and write then keep their in-place overwrite.
     fn journal_refused(&self) -> bool {
-        // cp and write keep their in-place meaning on journalled images for
-        // now (the existing CLI tests and docs rely on it): only images without
-        // a journal, or where the library refuses allocation, differ.
-        self.ext
-            .superblock()
-            .has_compat(dio::ext::compat::HAS_JOURNAL)
-            || matches!(self.ext.can_allocate(), Err(Error::Incompatible(_)))
+        matches!(self.ext.can_allocate(), Err(Error::Incompatible(_)))
     }
 
     fn sync(&self) -> Result<(), Failure> {
@@ -204,8 +202,8 @@ impl Input {
     }
 }
 
-/// `dio cp SRC IMG:/PATH` on an image without a journal: create or replace.
-/// `None`: the image has a journal; the caller overwrites in place instead.
+/// `dio cp SRC IMG:/PATH`: create or replace. `None`: the library cannot
+/// allocate on this image; the caller overwrites in place instead.
 pub fn cp(src: &OsStr, dst: &OsStr, put: &PutArgs, engine: Engine) -> Option<Result<(), Failure>> {
     // Sources sharing storage with DST are refused before anything is opened.
     if src != "-" {
@@ -321,8 +319,8 @@ fn cp_into(src: &OsStr, t: &Target, put: &PutArgs, engine: Engine) -> Result<(),
     t.sync()
 }
 
-/// `dio write IMG:/PATH --offset N` on an image without a journal: grows the
-/// file and fills holes. `None`: the image has a journal (overwrite in place).
+/// `dio write IMG:/PATH --offset N`: grows the file and fills holes. `None`:
+/// the library cannot allocate on this image (the caller overwrites in place).
 pub fn write(
     target: &OsStr,
     offset: u64,
@@ -485,10 +483,12 @@ pub fn rm(a: &RmArgs) -> Result<(), Failure> {
 
 #[derive(Args, Debug)]
 pub struct LnArgs {
-    /// Make a symbolic link (the only kind supported).
-    #[arg(short = 's', long, required = true)]
+    /// Make a symbolic link (else a hard link: TARGET is IMAGE:/PATH in the
+    /// same image, not a directory).
+    #[arg(short = 's', long)]
     symbolic: bool,
-    /// What the link points to (stored as given).
+    /// What the link points to: for -s stored as given; else the existing
+    /// IMAGE:/PATH.
     #[arg(value_name = "TARGET")]
     target: std::ffi::OsString,
     /// IMAGE:/LINK to create.
@@ -502,11 +502,51 @@ pub struct LnArgs {
 }
 
 pub fn ln(a: &LnArgs) -> Result<(), Failure> {
+    if !a.symbolic {
+        return hard_link(a);
+    }
     let t = Target::open(&a.link, a.engine)?;
-    let _ = a.symbolic;
     t.ext
         .symlink(a.target.as_bytes(), t.path(), &a.put.attrs())
         .map_err(|e| t.fail(e))?;
+    t.sync()
+}
+
+/// `dio ln IMG:/EXISTING IMG:/NEW`: a second name for an inode.
+fn hard_link(a: &LnArgs) -> Result<(), Failure> {
+    if a.put.mode.is_some() || a.put.owner.is_some() {
+        return Err(Failure::usage(
+            "--mode and --owner make no sense for a hard link (it shares the inode)",
+        ));
+    }
+    let from = Location::parse(&a.target)?;
+    let to = Location::parse(&a.link)?;
+    let Some(existing) = from.inner.as_deref() else {
+        return Err(Failure::usage(format!(
+            "{}: a hard link needs IMAGE:/PATH (or ln -s for a symbolic link)",
+            a.target.to_string_lossy()
+        )));
+    };
+    if to.inner.is_some() && from.source != to.source {
+        return Err(Failure::usage(format!(
+            "{} and {}: a hard link stays inside one image",
+            from.display(),
+            to.display()
+        )));
+    }
+    let t = Target::open(&a.link, a.engine)?;
+    t.ext.link(existing, t.path()).map_err(|e| match &e {
+        Error::Path(p) if p.kind == dio::PathErrorKind::IsADirectory => Failure::msg(format!(
+            "{}: is a directory (hard links to directories are not allowed)",
+            from.display()
+        )),
+        Error::Path(p)
+            if p.kind == dio::PathErrorKind::NotFound && t.ext.lookup(existing, false).is_err() =>
+        {
+            from.fail(e)
+        }
+        _ => t.fail(e),
+    })?;
     t.sync()
 }
 
@@ -542,4 +582,521 @@ pub fn truncate(a: &TruncateArgs) -> Result<(), Failure> {
         t.sync()?;
     }
     Ok(())
+}
+
+/// `dio cp -r DIR IMG:/DIR`: what to keep and how to report.
+pub struct TreeArgs<'a> {
+    /// -p: mode, owner and times of the sources.
+    pub preserve: bool,
+    pub put: &'a PutArgs,
+    /// Show progress (a terminal or --progress, not --no-progress).
+    pub progress: bool,
+    pub engine: Engine,
+}
+
+/// Counts of a tree copy, for the summary line.
+#[derive(Default)]
+struct Tally {
+    files: u64,
+    dirs: u64,
+    symlinks: u64,
+    hard_links: u64,
+    special: u64,
+    bytes: u64,
+    failed: u64,
+    /// Names and data bytes since the batch was last written.
+    since_names: u64,
+    since_bytes: u64,
+    last_shown: Option<std::time::Instant>,
+}
+
+/// Write the batch every this many names or data bytes (and at the end).
+const BATCH_NAMES: u64 = 5000;
+const BATCH_BYTES: u64 = 1 << 30;
+/// Files copied at once (their data writes overlap; the metadata operations
+/// take turns).
+const TREE_WORKERS: usize = 8;
+
+/// A regular file for a worker to copy.
+struct FileJob {
+    host: PathBuf,
+    img: Vec<u8>,
+    size: u64,
+    attrs: Attrs,
+}
+
+/// What the walk and the workers share.
+struct TreeCopy<'a> {
+    ext: &'a Ext,
+    image: String,
+    a: &'a TreeArgs<'a>,
+    tally: std::sync::Mutex<Tally>,
+    /// Set by the first failure that stops the copy (ENOSPC, a batch write).
+    fatal: std::sync::Mutex<Option<Failure>>,
+    stop: std::sync::atomic::AtomicBool,
+    /// The image's own host file (never copied into itself).
+    image_id: Option<(u64, u64)>,
+}
+
+/// Whether `src` is a host directory (then `cp -r SRC IMG:/DIR` copies it in).
+pub fn is_host_dir(src: &OsStr) -> bool {
+    matches!(Location::parse(src), Ok(Location { source: Source::Host(ref p), inner: None }) if p.is_dir())
+}
+
+fn join(dir: &[u8], name: &[u8]) -> Vec<u8> {
+    let mut p = dir.to_vec();
+    if p.last() != Some(&b'/') {
+        p.push(b'/');
+    }
+    p.extend_from_slice(name);
+    p
+}
+
+fn stamp_of(secs: i64, nsecs: i64) -> dio::ext::Timestamp {
+    dio::ext::Timestamp {
+        secs,
+        nsecs: nsecs.clamp(0, 999_999_999) as u32,
+    }
+}
+
+fn human(n: u64) -> String {
+    if n >= 10 << 20 {
+        format!("{} MiB", n >> 20)
+    } else if n >= 10 << 10 {
+        format!("{} KiB", n >> 10)
+    } else {
+        format!("{n} bytes")
+    }
+}
+
+/// `dio cp -r DIR IMG:/DIR`.
+pub fn cp_tree(src: &OsStr, dst: &OsStr, a: &TreeArgs) -> Result<(), Failure> {
+    use std::os::unix::fs::MetadataExt;
+    let src_path = PathBuf::from(src);
+    let shared = Location::parse(src).and_then(|s| {
+        let d = Location::parse(dst)?;
+        crate::storage::refuse_shared(&s, &d, a.engine)
+    });
+    shared?;
+    let t = Target::open(dst, a.engine)?;
+    t.ext.can_allocate().map_err(|e| t.fail(e))?;
+    let image_id = match &t.loc.source {
+        Source::Host(p) => std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino())),
+        Source::Nbd(_) => None,
+    };
+    // GNU cp: into an existing directory as DIR/NAME; else DST is the copy.
+    // `SRC/.` copies SRC's contents into DST.
+    let contents_only = src.as_bytes().ends_with(b"/.") || src == ".";
+    let dst_path = t.path().to_vec();
+    let root = match t.ext.lookup(&dst_path, true) {
+        Ok(i) if i.file_type() == FileType::Directory => {
+            if contents_only {
+                dst_path
+            } else {
+                let name = src_path.file_name().ok_or_else(|| {
+                    Failure::at(&src_path, "has no name to copy into a directory")
+                })?;
+                join(&dst_path, name.as_bytes())
+            }
+        }
+        Ok(_) => return Err(t.fail("exists and is not a directory")),
+        Err(Error::Path(e)) if e.kind == dio::PathErrorKind::NotFound => dst_path,
+        Err(e) => return Err(t.fail(e)),
+    };
+    let meta = std::fs::symlink_metadata(&src_path).map_err(|e| Failure::at(&src_path, e))?;
+    if !meta.is_dir() {
+        return Err(Failure::at(&src_path, "is not a directory"));
+    }
+    t.ext.begin_batch().map_err(|e| t.fail(e))?;
+    let c = TreeCopy {
+        ext: &t.ext,
+        image: source_name(&t.loc.source),
+        a,
+        tally: Default::default(),
+        fatal: Default::default(),
+        stop: Default::default(),
+        image_id,
+    };
+    let mut dir_times = Vec::new();
+    let mut links = std::collections::HashMap::new();
+    let (tx, rx) = std::sync::mpsc::sync_channel::<FileJob>(TREE_WORKERS * 4);
+    let rx = std::sync::Mutex::new(rx);
+    std::thread::scope(|scope| {
+        for _ in 0..TREE_WORKERS {
+            let (c, rx) = (&c, &rx);
+            scope.spawn(move || {
+                let mut buf = Vec::new();
+                loop {
+                    let job = match rx.lock().unwrap_or_else(|e| e.into_inner()).recv() {
+                        Ok(j) => j,
+                        Err(_) => break,
+                    };
+                    if c.stopped() {
+                        continue;
+                    }
+                    let r = c.file(&job, &mut buf);
+                    c.finish(&job.img, r.map(|n| (Kind::File, n)));
+                }
+            });
+        }
+        let mut w = Walk {
+            c: &c,
+            jobs: tx,
+            links: &mut links,
+            dir_times: &mut dir_times,
+        };
+        w.dir(&src_path, &meta, &root);
+        // Dropping the sender ends the workers once the queue is empty.
+    });
+    if a.preserve && !c.stopped() {
+        // The entries moved the directories' times: set them last, deepest
+        // first (a directory's own change touches nothing above it).
+        for (ino, img, attrs) in dir_times.iter().rev() {
+            if let Err(e) = t.ext.set_attrs(*ino, attrs) {
+                c.finish(img, Err(e));
+            }
+        }
+    }
+    // What was copied is written and flushed whatever happened after it.
+    let ended = t.ext.end_batch().map_err(|e| t.fail(e));
+    c.show(true);
+    let synced = ended.and_then(|_| t.sync());
+    let tl = c.tally.lock().unwrap_or_else(|e| e.into_inner());
+    say(format_args!(
+        "copied {} files ({}), {} directories, {} symlinks, {} hard links, {} special files into {}{}",
+        tl.files,
+        human(tl.bytes),
+        tl.dirs,
+        tl.symlinks,
+        tl.hard_links,
+        tl.special,
+        t.loc.display(),
+        if tl.failed > 0 {
+            format!("; {} failed", tl.failed)
+        } else {
+            String::new()
+        }
+    ));
+    let failed = tl.failed;
+    drop(tl);
+    if let Some(f) = c.fatal.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        return Err(f);
+    }
+    synced?;
+    if failed > 0 {
+        return Err(Failure::Quiet);
+    }
+    Ok(())
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    File,
+    Dir,
+    Symlink,
+    HardLink,
+    Special,
+}
+
+impl TreeCopy<'_> {
+    fn stopped(&self) -> bool {
+        self.stop.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn attrs(&self, m: &std::fs::Metadata, default_mode: Option<u16>) -> Attrs {
+        use std::os::unix::fs::MetadataExt;
+        let mut at = Attrs::new();
+        if self.a.preserve {
+            at = at
+                .mode((m.mode() & 0o7777) as u16)
+                .owner(m.uid(), m.gid())
+                .times(
+                    stamp_of(m.atime(), m.atime_nsec()),
+                    stamp_of(m.mtime(), m.mtime_nsec()),
+                );
+            let crtime = m.created().ok().and_then(|t| {
+                let d = t.duration_since(std::time::UNIX_EPOCH).ok()?;
+                Some(stamp_of(d.as_secs() as i64, i64::from(d.subsec_nanos())))
+            });
+            at = at.change_times(stamp_of(m.ctime(), m.ctime_nsec()), crtime);
+        } else if let Some(dm) = default_mode {
+            at = at.mode(dm);
+        }
+        if let Some(md) = self.a.put.mode {
+            at = at.mode(md);
+        }
+        if let Some((u, g)) = self.a.put.owner {
+            at = at.owner(u, g.unwrap_or(u));
+        }
+        at
+    }
+
+    /// Count one entry done (or report its failure: the copy goes on, except
+    /// when the image is full or a batch could not be written).
+    fn finish(&self, img: &[u8], r: dio::Result<(Kind, u64)>) {
+        let where_ = format!("{}:{}", self.image, String::from_utf8_lossy(img));
+        let mut tl = self.tally.lock().unwrap_or_else(|e| e.into_inner());
+        match r {
+            Ok((kind, bytes)) => {
+                match kind {
+                    Kind::File => tl.files += 1,
+                    Kind::Dir => tl.dirs += 1,
+                    Kind::Symlink => tl.symlinks += 1,
+                    Kind::HardLink => tl.hard_links += 1,
+                    Kind::Special => tl.special += 1,
+                }
+                tl.bytes += bytes;
+                tl.since_names += 1;
+                tl.since_bytes += bytes;
+                if tl.since_names >= BATCH_NAMES || tl.since_bytes >= BATCH_BYTES {
+                    tl.since_names = 0;
+                    tl.since_bytes = 0;
+                    drop(tl);
+                    if let Err(e) = self.ext.commit_batch() {
+                        self.fail_all(Failure::msg(format!("{}: {e}", self.image)));
+                    }
+                    self.show(false);
+                    return;
+                }
+            }
+            Err(e @ Error::NoSpace(_)) => {
+                drop(tl);
+                self.fail_all(Failure::msg(format!(
+                    "{where_}: No space left on device ({e}); what was copied before it is kept"
+                )));
+                return;
+            }
+            Err(e) => {
+                tl.failed += 1;
+                say(format_args!("{where_}: {e}"));
+            }
+        }
+        drop(tl);
+        self.show(false);
+    }
+
+    fn fail_all(&self, f: Failure) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut fatal = self.fatal.lock().unwrap_or_else(|e| e.into_inner());
+        if fatal.is_none() {
+            *fatal = Some(f);
+        }
+    }
+
+    fn show(&self, last: bool) {
+        if !self.a.progress {
+            return;
+        }
+        let now = std::time::Instant::now();
+        let mut tl = self.tally.lock().unwrap_or_else(|e| e.into_inner());
+        if !last
+            && tl
+                .last_shown
+                .is_some_and(|t| now.duration_since(t).as_millis() < 200)
+        {
+            return;
+        }
+        tl.last_shown = Some(now);
+        let line = format!(
+            "\r{} files, {} directories, {} copied   {}",
+            tl.files + tl.hard_links + tl.symlinks + tl.special,
+            tl.dirs,
+            human(tl.bytes),
+            if last { "\n" } else { "" }
+        );
+        let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
+    }
+
+    /// Copy one regular file (a new inode named once its bytes are in).
+    fn file(&self, job: &FileJob, buf: &mut Vec<u8>) -> dio::Result<u64> {
+        use std::io::Read as _;
+        let mut f = std::fs::File::open(&job.host).map_err(|e| Error::os("open the source", e))?;
+        let mut written = 0u64;
+        self.ext.put_file(&job.img, &job.attrs, |w| {
+            if job.size > 0 {
+                w.allocate(0, job.size)?;
+            }
+            loop {
+                buf.clear();
+                let n = (&mut f)
+                    .take(CHUNK as u64)
+                    .read_to_end(buf)
+                    .map_err(|e| Error::os("read the source", e))?;
+                if n == 0 {
+                    break;
+                }
+                let k = w.direct().write_at(written, buf, Flags::UNALIGNED)?;
+                if k < n {
+                    return Err(Error::NoSpace(format!(
+                        "only {} of {} bytes fit",
+                        written + k as u64,
+                        job.size
+                    )));
+                }
+                written += n as u64;
+            }
+            if w.size() != written {
+                w.set_len(written)?;
+            }
+            Ok(())
+        })?;
+        Ok(written)
+    }
+
+    /// GNU cp replaces a non-directory DST: remove one in the way of a name
+    /// the library will not replace itself.
+    fn remove_existing(&self, img: &[u8]) {
+        if let Ok(i) = self.ext.lookup(img, false) {
+            if i.file_type() != FileType::Directory {
+                let _ = self.ext.remove(img, false);
+            }
+        }
+    }
+}
+
+/// The walk of the host tree (one thread): directories, links and special
+/// files in order, regular files handed to the workers.
+struct Walk<'a, 'b> {
+    c: &'a TreeCopy<'b>,
+    jobs: std::sync::mpsc::SyncSender<FileJob>,
+    /// Host (dev, ino) of files with several links -> their path in the image.
+    links: &'a mut std::collections::HashMap<(u64, u64), Vec<u8>>,
+    /// Directories whose attributes -p sets at the end.
+    dir_times: &'a mut Vec<(u32, Vec<u8>, Attrs)>,
+}
+
+impl Walk<'_, '_> {
+    fn dir(&mut self, host: &std::path::Path, meta: &std::fs::Metadata, img: &[u8]) {
+        use std::os::unix::fs::MetadataExt;
+        let c = self.c;
+        if c.stopped() {
+            return;
+        }
+        let ino = match c.ext.lookup(img, true) {
+            Ok(i) if i.file_type() == FileType::Directory => i.ino,
+            Ok(_) => {
+                c.finish(
+                    img,
+                    Err(Error::path(dio::PathErrorKind::NotADirectory, img)),
+                );
+                return;
+            }
+            Err(_) => {
+                let perm = Some((meta.mode() & 0o777) as u16);
+                match c.ext.mkdir(img, &c.attrs(meta, perm)) {
+                    Ok(i) => {
+                        c.finish(img, Ok((Kind::Dir, 0)));
+                        i.ino
+                    }
+                    Err(e) => return c.finish(img, Err(e)),
+                }
+            }
+        };
+        if c.a.preserve {
+            self.dir_times
+                .push((ino, img.to_vec(), c.attrs(meta, None)));
+        }
+        let mut entries: Vec<std::fs::DirEntry> = match std::fs::read_dir(host) {
+            Ok(rd) => rd.filter_map(|e| e.ok()).collect(),
+            Err(e) => {
+                say(format_args!("{}: {e}", host.display()));
+                c.tally.lock().unwrap_or_else(|e| e.into_inner()).failed += 1;
+                return;
+            }
+        };
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            if c.stopped() {
+                return;
+            }
+            let path = e.path();
+            let target = join(img, e.file_name().as_bytes());
+            let m = match std::fs::symlink_metadata(&path) {
+                Ok(m) => m,
+                Err(err) => {
+                    say(format_args!("{}: {err}", path.display()));
+                    c.tally.lock().unwrap_or_else(|e| e.into_inner()).failed += 1;
+                    continue;
+                }
+            };
+            if c.image_id == Some((m.dev(), m.ino())) {
+                say(format_args!(
+                    "{}: skipped: it is the image being written",
+                    path.display()
+                ));
+                c.tally.lock().unwrap_or_else(|e| e.into_inner()).failed += 1;
+                continue;
+            }
+            self.entry(&path, &m, &target);
+        }
+    }
+
+    fn entry(&mut self, host: &std::path::Path, m: &std::fs::Metadata, img: &[u8]) {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        let c = self.c;
+        let ft = m.file_type();
+        if ft.is_dir() {
+            return self.dir(host, m, img);
+        }
+        let perm = Some((m.mode() & 0o777) as u16);
+        let key = (m.dev(), m.ino());
+        if m.nlink() > 1 {
+            // A second name of an inode already copied: a hard link.
+            if let Some(first) = self.links.get(&key) {
+                c.remove_existing(img);
+                let r = c.ext.link(first, img).map(|_| (Kind::HardLink, 0));
+                return c.finish(img, r);
+            }
+        }
+        let r = if ft.is_file() {
+            let job = FileJob {
+                host: host.to_path_buf(),
+                img: img.to_vec(),
+                size: m.len(),
+                attrs: c.attrs(m, perm),
+            };
+            if m.nlink() == 1 {
+                // Nothing waits for it: a worker copies it.
+                let _ = self.jobs.send(job);
+                return;
+            }
+            // Its later names link to it: copied here, before them.
+            c.file(&job, &mut Vec::new()).map(|n| (Kind::File, n))
+        } else if ft.is_symlink() {
+            match std::fs::read_link(host) {
+                Ok(target) => {
+                    c.remove_existing(img);
+                    c.ext
+                        .symlink(target.as_os_str().as_bytes(), img, &c.attrs(m, None))
+                        .map(|_| (Kind::Symlink, 0))
+                }
+                Err(e) => Err(Error::os("read the symlink", e)),
+            }
+        } else {
+            let kind = if ft.is_fifo() {
+                FileType::Fifo
+            } else if ft.is_socket() {
+                FileType::Socket
+            } else if ft.is_char_device() {
+                FileType::CharDevice
+            } else {
+                FileType::BlockDevice
+            };
+            let rdev = m.rdev() as libc::dev_t;
+            c.remove_existing(img);
+            c.ext
+                .mknod(
+                    img,
+                    kind,
+                    libc::major(rdev),
+                    libc::minor(rdev),
+                    &c.attrs(m, perm),
+                )
+                .map(|_| (Kind::Special, 0))
+        };
+        if r.is_ok() && m.nlink() > 1 {
+            self.links.insert(key, img.to_vec());
+        }
+        c.finish(img, r);
+    }
 }

@@ -226,7 +226,8 @@ fn cp_out_of_and_into_images() {
         "cp into dir",
     );
     assert!(std::fs::read(dir.join("random")).unwrap() == debugfs_cat(&img, "/data/random"));
-    // In place: same size, then shorter (the rest stays).
+    // Into the image (it has a journal): same size, shorter, longer; each
+    // replaces the file, through the journal.
     let len = debugfs_cat(&img, "/data/random").len();
     let new: Vec<u8> = (0..len).map(|i| (i * 13 % 256) as u8).collect();
     let src = scratch().join("new-random");
@@ -240,20 +241,26 @@ fn cp_out_of_and_into_images() {
     std::fs::write(&src, b"short").unwrap();
     let o = dio(&["cp", src.to_str().unwrap(), &format!("{img}:/data/random")]);
     ok(&o, "cp shorter");
-    let mut expect = new.clone();
-    expect[..5].copy_from_slice(b"short");
-    assert!(debugfs_cat(&img, "/data/random") == expect);
-    // Growing is refused, with nothing written.
-    let big = scratch().join("too-big");
-    std::fs::write(&big, vec![7u8; len + 1]).unwrap();
-    let e = err(&dio(&[
-        "cp",
-        big.to_str().unwrap(),
-        &format!("{img}:/data/random"),
-    ]));
-    assert!(e.contains("would grow"), "{e}");
-    assert!(debugfs_cat(&img, "/data/random") == expect);
+    assert_eq!(debugfs_cat(&img, "/data/random"), b"short");
+    let big = scratch().join("bigger");
+    let bigger: Vec<u8> = (0..3 * len + 7).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(&big, &bigger).unwrap();
+    ok(
+        &dio(&["cp", big.to_str().unwrap(), &format!("{img}:/data/random")]),
+        "cp longer",
+    );
+    assert!(debugfs_cat(&img, "/data/random") == bigger);
     fsck_clean(&img);
+    // bigalloc images allocate in clusters: cp grows the file there too.
+    let ba = unpack("ext4-bigalloc", "cp");
+    let hello = debugfs_cat(&ba, "/hello.txt");
+    std::fs::write(&big, vec![7u8; hello.len() + 5000]).unwrap();
+    ok(
+        &dio(&["cp", big.to_str().unwrap(), &format!("{ba}:/hello.txt")]),
+        "cp growing a file on bigalloc",
+    );
+    assert!(debugfs_cat(&ba, "/hello.txt") == vec![7u8; hello.len() + 5000]);
+    fsck_clean(&ba);
 }
 
 #[test]
@@ -371,7 +378,7 @@ fn stat_extents_match_filefrag_on_a_kernel_mount() {
 }
 
 #[test]
-fn write_overwrites_in_place_and_refuses_allocation() {
+fn write_overwrites_grows_and_fills_holes() {
     if !have("debugfs") {
         eprintln!("skipping: debugfs (e2fsprogs) is not installed");
         return;
@@ -405,26 +412,49 @@ fn write_overwrites_in_place_and_refuses_allocation() {
     );
     expect[1..9].copy_from_slice(b"via link");
     assert!(debugfs_cat(&img, "/data/pattern") == expect);
-    let image_before = std::fs::read(&img).unwrap();
-    let e = err(&dio_stdin(
-        &["write", &format!("{img}:/data/sparse"), "--offset", "16000"],
-        Some(&[9u8; 600]),
-    ));
-    assert!(e.contains("hole"), "{e}");
-    let e = err(&dio_stdin(
-        &[
-            "write",
-            &format!("{img}:/data/pattern"),
-            "--offset",
-            &(expect.len() - 1).to_string(),
-        ],
-        Some(b"xy"),
-    ));
-    assert!(e.contains("grow"), "{e}");
-    assert!(
-        std::fs::read(&img).unwrap() == image_before,
-        "refused writes changed the image"
+    // Into a hole, and past the end: blocks are allocated (through the
+    // journal: the image has one).
+    let mut sparse = debugfs_cat(&img, "/data/sparse");
+    ok(
+        &dio_stdin(
+            &["write", &format!("{img}:/data/sparse"), "--offset", "16000"],
+            Some(&[9u8; 600]),
+        ),
+        "write into a hole",
     );
+    sparse[16000..16600].fill(9);
+    assert!(debugfs_cat(&img, "/data/sparse") == sparse);
+    ok(
+        &dio_stdin(
+            &[
+                "write",
+                &format!("{img}:/data/pattern"),
+                "--offset",
+                &(expect.len() - 1).to_string(),
+            ],
+            Some(b"xy"),
+        ),
+        "write growing",
+    );
+    let n = expect.len();
+    expect[n - 1] = b'x';
+    expect.push(b'y');
+    assert!(debugfs_cat(&img, "/data/pattern") == expect);
+    fsck_clean(&img);
+    // bigalloc: a write past the end allocates in the file's cluster.
+    let ba = unpack("ext4-bigalloc-1k", "write");
+    let mut hello = debugfs_cat(&ba, "/hello.txt");
+    ok(
+        &dio_stdin(
+            &["write", &format!("{ba}:/hello.txt"), "--offset", "10"],
+            Some(b"xy"),
+        ),
+        "write growing on bigalloc",
+    );
+    hello.truncate(10);
+    hello.extend_from_slice(b"xy");
+    assert!(debugfs_cat(&ba, "/hello.txt") == hello);
+    fsck_clean(&ba);
     // A journal that needs recovery is recovered first (here: nothing to
     // replay), then the write goes through it.
     let j = unpack("ext3-2k", "recovery");
@@ -784,15 +814,27 @@ fn usage_mistakes_exit_2_with_plain_messages() {
 }
 
 #[test]
-fn write_errors_name_the_offset_given_and_the_real_size() {
+fn write_errors_name_the_offset_given() {
+    // Past the largest offset the format maps: refused before anything moves,
+    // naming the offset the user gave.
     let img = unpack("ext4-1k", "writeerr");
+    let before = std::fs::read(&img).unwrap();
     let o = dio_stdin(
-        &["write", &format!("{img}:/hello.txt"), "--offset", "100"],
+        &[
+            "write",
+            &format!("{img}:/hello.txt"),
+            "--offset",
+            "18446744073709551000",
+        ],
         Some(b"x"),
     );
     assert_eq!(code(&o), Some(1));
     let e = err(&o);
-    assert!(e.contains("offset 100") && e.contains("11 bytes"), "{e}");
+    assert!(e.contains("offset 18446744073709551000"), "{e}");
+    assert!(
+        std::fs::read(&img).unwrap() == before,
+        "a refused write changed the image"
+    );
 }
 
 /// Issue 15, item 5: an image whose journal needs recovery is read through the

@@ -24,6 +24,12 @@ pub(crate) struct MetaIo {
     /// checkpointed: see [`super::jwrite`]), and the fs block size: reads see
     /// their journal copies.
     logged: Mutex<(u64, BTreeMap<u64, Copy>)>,
+    /// Blocks changed by a batch of operations not yet written (see
+    /// `tx::Batch`), with the fs block size: reads see them last.
+    pending: Mutex<(u64, BTreeMap<u64, Vec<u8>>)>,
+    /// Counts the times pending blocks were taken (written): a read that
+    /// started on the device before and patches after must start again.
+    pending_gen: std::sync::atomic::AtomicU64,
     /// Device logical block (power of two).
     lb: u64,
     align: usize,
@@ -39,6 +45,8 @@ impl MetaIo {
             dev,
             replay: None,
             logged: Mutex::default(),
+            pending: Mutex::default(),
+            pending_gen: Default::default(),
             lb: u64::from(g.logical_block),
             align: g.mem_align.max(1) as usize,
             size: size.min(g.size),
@@ -52,6 +60,8 @@ impl MetaIo {
             dev: Arc::clone(&self.dev),
             replay: Some((replay, u64::from(block_size))),
             logged: Mutex::default(),
+            pending: Mutex::default(),
+            pending_gen: Default::default(),
             lb: self.lb,
             align: self.align,
             size: self.size,
@@ -100,6 +110,11 @@ impl MetaIo {
     /// Read `len` bytes at device byte `offset`; `what` names the structure for
     /// errors.
     pub(crate) fn read(&self, offset: u64, len: usize, what: &str) -> Result<Vec<u8>> {
+        use std::sync::atomic::Ordering;
+        if let Some(out) = self.read_pending(offset, len) {
+            return Ok(out);
+        }
+        let gen = self.pending_gen.load(Ordering::Acquire);
         let mut out = self.read_plain(offset, len, what)?;
         if let Some((replay, bs)) = &self.replay {
             self.patch(&replay.blocks, *bs, offset, &mut out)?;
@@ -108,7 +123,81 @@ impl MetaIo {
         if !logged.1.is_empty() {
             self.patch(&logged.1, logged.0, offset, &mut out)?;
         }
+        drop(logged);
+        let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if self.pending_gen.load(Ordering::Acquire) != gen {
+            // A batch was written (and its blocks dropped from memory) while
+            // this read was on the device: read again.
+            drop(pending);
+            return self.read(offset, len, what);
+        }
+        if !pending.1.is_empty() && !out.is_empty() {
+            let bs = pending.0;
+            let end = offset + out.len() as u64;
+            for (&block, data) in pending.1.range(offset / bs..=(end - 1) / bs) {
+                let b0 = block * bs;
+                let (s, e) = (offset.max(b0), end.min(b0 + bs));
+                out[(s - offset) as usize..(e - offset) as usize]
+                    .copy_from_slice(&data[(s - b0) as usize..(e - b0) as usize]);
+            }
+        }
         Ok(out)
+    }
+
+    /// `[offset, offset + len)` when it lies inside one pending block (no
+    /// device read: the pending copy is the newest).
+    fn read_pending(&self, offset: u64, len: usize) -> Option<Vec<u8>> {
+        let p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if p.1.is_empty() || len == 0 {
+            return None;
+        }
+        let bs = p.0;
+        let block = offset / bs;
+        if (offset + len as u64 - 1) / bs != block {
+            return None;
+        }
+        let d = p.1.get(&block)?;
+        let at = (offset - block * bs) as usize;
+        Some(d[at..at + len].to_vec())
+    }
+
+    /// The pending (batched, unwritten) copy of fs block `block`.
+    pub(crate) fn pending_get(&self, block: u64) -> Option<Vec<u8>> {
+        let p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        p.1.get(&block).cloned()
+    }
+
+    /// Set the pending copy of fs block `block` (of `bs` bytes).
+    pub(crate) fn pending_put(&self, bs: u32, block: u64, data: Vec<u8>) {
+        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        p.0 = u64::from(bs);
+        p.1.insert(block, data);
+    }
+
+    /// How many blocks are pending.
+    pub(crate) fn pending_len(&self) -> usize {
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
+            .len()
+    }
+
+    /// A copy of every pending block.
+    pub(crate) fn pending_clone(&self) -> BTreeMap<u64, Vec<u8>> {
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
+            .clone()
+    }
+
+    /// Take every pending block (they are written, or dropped after a failure).
+    pub(crate) fn pending_take(&self) -> BTreeMap<u64, Vec<u8>> {
+        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        self.pending_gen
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        std::mem::take(&mut p.1)
     }
 
     /// Replace the bytes of `out` (read at `offset`) that fall in `blocks` (of

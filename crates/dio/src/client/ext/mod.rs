@@ -125,6 +125,8 @@ pub(crate) struct Fs {
     alloc: Mutex<Option<alloc::Alloc>>,
     /// Inodes with an open [`ExtWriter`].
     writers: Mutex<HashSet<u32>>,
+    /// Operations committed together (see [`Ext::begin_batch`]), when on.
+    pub(crate) batch: Mutex<Option<tx::Batch>>,
 }
 
 /// Now, as an inode timestamp.
@@ -263,6 +265,7 @@ impl Fs {
             meta: Mutex::new(()),
             alloc: Mutex::new(None),
             writers: Mutex::new(HashSet::new()),
+            batch: Mutex::new(None),
         }
     }
 

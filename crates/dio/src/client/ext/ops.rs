@@ -57,6 +57,10 @@ pub struct Attrs {
     pub atime: Option<Timestamp>,
     /// Modification time.
     pub mtime: Option<Timestamp>,
+    /// Change time (else now).
+    pub ctime: Option<Timestamp>,
+    /// Creation time (where the inode has room for it; else now).
+    pub crtime: Option<Timestamp>,
 }
 
 impl Attrs {
@@ -79,6 +83,12 @@ impl Attrs {
     pub fn times(mut self, atime: Timestamp, mtime: Timestamp) -> Attrs {
         self.atime = Some(atime);
         self.mtime = Some(mtime);
+        self
+    }
+    /// With change and creation times (as `mke2fs -d` keeps them).
+    pub fn change_times(mut self, ctime: Timestamp, crtime: Option<Timestamp>) -> Attrs {
+        self.ctime = Some(ctime);
+        self.crtime = crtime;
         self
     }
 }
@@ -107,6 +117,16 @@ pub(crate) fn apply_attrs(inode: &mut Inode, attrs: &Attrs) {
     if let Some(t) = attrs.mtime {
         inode.set_time(super::inode::OFF_MTIME, super::inode::OFF_MTIME_EXTRA, t);
         inode.mtime = t;
+    }
+    if let Some(t) = attrs.ctime {
+        inode.set_time(super::inode::OFF_CTIME, super::inode::OFF_CTIME_EXTRA, t);
+        inode.ctime = t;
+    }
+    if let Some(t) = attrs.crtime {
+        // i_crtime and its extra word: only inside the inode's extra space.
+        if inode.raw.len() >= 0x98 && 0x98 <= 128 + usize::from(le16(&inode.raw, 0x80)) {
+            inode.set_time(0x90, 0x94, t);
+        }
     }
 }
 
@@ -1472,11 +1492,9 @@ fn new_inode(fs: &Fs, ino: u32, mode: u16, attrs: &Attrs, extents: bool) -> Resu
         inode.set_time(off, extra, t);
     }
     let a = Attrs {
-        mode: attrs.mode,
         uid: Some(attrs.uid.unwrap_or(0)),
         gid: Some(attrs.gid.unwrap_or(0)),
-        atime: attrs.atime,
-        mtime: attrs.mtime,
+        ..attrs.clone()
     };
     apply_attrs(&mut inode, &a);
     Ok(inode)
@@ -1613,6 +1631,102 @@ impl Ext {
             tree::set_size(inode, target.len() as u64);
             Ok(())
         })
+    }
+
+    /// Make a hard link: the new name `path` for the inode `existing` names
+    /// (not followed if a symlink). Directories are refused
+    /// ([`PathErrorKind::IsADirectory`]), as is an existing `path`. The link
+    /// count goes up (and ctime moves) before the name is written, so a crash
+    /// leaves at worst a count one too high (e2fsck fixes it).
+    pub fn link(&self, existing: &[u8], path: &[u8]) -> Result<Inode> {
+        let fs = &self.fs;
+        let src = self.lookup(existing, false)?;
+        if src.file_type() == FileType::Directory {
+            return Err(Error::path(PathErrorKind::IsADirectory, existing));
+        }
+        let (parent, name) = self.parent_of(path)?;
+        let mut op = Op::begin(fs)?;
+        let parent = op.inode(parent.ino)?;
+        if self.exists_in(&parent, &name)?.is_some() {
+            return Err(Error::path(PathErrorKind::AlreadyExists, path));
+        }
+        let mut target = op.inode(src.ino)?;
+        if target.links >= 65000 {
+            return Err(Error::Invalid(format!(
+                "{}: too many links ({})",
+                String::from_utf8_lossy(existing),
+                target.links
+            )));
+        }
+        target.links += 1;
+        put16(&mut target.raw, 0x1A, target.links);
+        stamp(&mut target, false);
+        op.put_inode_at(FRESH, &mut target)?;
+        let mut d = DirW::load(fs, parent)?;
+        dir_add(
+            &mut op,
+            &mut d,
+            &name,
+            target.ino,
+            type_byte(target.file_type()),
+        )?;
+        stamp(&mut d.inode, true);
+        op.put_inode(&mut d.inode)?;
+        op.commit()?;
+        Ok(target)
+    }
+
+    /// Make a special file at `path`: a fifo, a socket, or a character or block
+    /// device `major:minor` (stored as the kernel and `mke2fs -d` store it: the
+    /// old 16-bit form when both fit in a byte, else the new form). Other types
+    /// are refused ([`Error::Invalid`]).
+    pub fn mknod(
+        &self,
+        path: &[u8],
+        kind: FileType,
+        major: u32,
+        minor: u32,
+        attrs: &Attrs,
+    ) -> Result<Inode> {
+        let bits: u16 = match kind {
+            FileType::Fifo => 0o010000,
+            FileType::CharDevice => 0o020000,
+            FileType::BlockDevice => 0o060000,
+            FileType::Socket => 0o140000,
+            _ => {
+                return Err(Error::Invalid(format!(
+                    "mknod makes fifos, sockets and device nodes, not a {}",
+                    kind.name()
+                )))
+            }
+        };
+        let device = matches!(kind, FileType::CharDevice | FileType::BlockDevice);
+        self.make(path, bits, attrs, &move |_, inode, _| {
+            inode.flags &= !flags::EXTENTS;
+            put32(&mut inode.raw, 0x20, inode.flags);
+            inode.raw[0x28..0x28 + 60].fill(0);
+            if device {
+                if major < 256 && minor < 256 {
+                    put32(&mut inode.raw, 0x28, major * 256 + minor);
+                } else {
+                    let v = (minor & 0xff) | (major << 8) | ((minor & !0xff) << 12);
+                    put32(&mut inode.raw, 0x2C, v);
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Set the mode bits, owner and times of inode `ino` (any type; ctime is
+    /// now unless `attrs` gives it): e.g. a directory's times after its entries
+    /// are in.
+    pub fn set_attrs(&self, ino: u32, attrs: &Attrs) -> Result<Inode> {
+        let mut op = Op::begin(&self.fs)?;
+        let mut inode = op.inode(ino)?;
+        apply_attrs(&mut inode, attrs);
+        op.put_inode(&mut inode)?;
+        op.commit()?;
+        Ok(inode)
     }
 
     /// Remove the name `path`: with `dir` false a file, symlink or other

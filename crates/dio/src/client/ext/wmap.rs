@@ -135,12 +135,9 @@ impl AllocMap {
         let r = (|| {
             if st.converted && !self.fs.data_flush_in_commit() {
                 // Written extents reach the disk only after their data (with a
-                // journal, the commit's flush before its commit block does it).
-                self.fs
-                    .io
-                    .device()
-                    .flush()
-                    .map_err(|e| Error::os("flush the image", e))?;
+                // journal, the commit's flush before its commit block does it; a
+                // batch flushes before it writes them).
+                super::tx::data_barrier(&self.fs)?;
             }
             let mut op = Op::begin(&self.fs)?;
             let t = change(&mut op, st)?;
@@ -604,14 +601,12 @@ impl ExtWriter {
         BlockMap::truncate(&*self.map, self.size())
     }
 
-    /// Record the size and flush: everything written is durable.
+    /// Record the size and flush: everything written is durable (while the
+    /// file system batches, see [`super::Ext::begin_batch`], durable with the
+    /// batch).
     pub fn sync(&self) -> Result<()> {
         self.commit_size()?;
-        self.fs
-            .io
-            .device()
-            .flush()
-            .map_err(|e| Error::os("flush the image", e))
+        super::tx::data_barrier(&self.fs)
     }
 
     /// Set the owner, mode bits (permission bits only) and times.
