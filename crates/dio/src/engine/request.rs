@@ -248,6 +248,7 @@ pub(crate) fn read_one(
     {
         return None;
     }
+    let _span = crate::trace::call_span!(Op::Read, offset, len, file);
     let state = &file.state;
     let count = if flags.contains(Flags::SKIP_DIO_COUNT) {
         None
@@ -332,6 +333,7 @@ pub(crate) fn read_one(
                 offset,
                 lender.keep(),
             );
+            crate::trace::request_submitted!(req, offset);
             file.map.submit_io(&*file.dev, req, offset);
             std::mem::forget(waiting);
             counted.armed = false;
