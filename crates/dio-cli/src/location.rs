@@ -262,9 +262,11 @@ impl Image {
         self._opened.backend_name()
     }
 
-    /// Make the image's writes durable (flush its device).
+    /// Make the image's writes durable (flush its device), and leave its journal
+    /// checkpointed and clean (errors reported here, not dropped at close).
     pub fn sync(&self) -> dio::Result<()> {
-        self._opened.direct().sync_data()
+        self._opened.direct().sync_data()?;
+        self.ext.checkpoint()
     }
 
     /// Open the inode's data (a regular file, symlinks already followed).

@@ -114,7 +114,14 @@ impl Target {
     }
 
     fn sync(&self) -> Result<(), Failure> {
-        self._opened.direct().sync_data().map_err(|e| self.fail(e))
+        self._opened
+            .direct()
+            .sync_data()
+            .map_err(|e| self.fail(e))?;
+        // Committed is durable already; checkpointing now leaves a clean journal
+        // for the next tool (debugfs does not replay one) and reports its errors
+        // instead of dropping them at close.
+        self.ext.checkpoint().map_err(|e| self.fail(e))
     }
 }
 

@@ -251,6 +251,15 @@ fn cp_out_of_and_into_images() {
     );
     assert!(debugfs_cat(&img, "/data/random") == bigger);
     fsck_clean(&img);
+    // The command leaves the journal checkpointed: nothing needs recovery (debugfs,
+    // which reads without replaying, sees the new bytes above).
+    let sb = dio_testkit::sh(std::process::Command::new("dumpe2fs").args(["-h", &img]));
+    let features = sb
+        .lines()
+        .find(|l| l.starts_with("Filesystem features:"))
+        .unwrap_or_default();
+    assert!(features.contains("has_journal"), "{features}");
+    assert!(!features.contains("needs_recovery"), "{features}");
     // bigalloc images allocate in clusters: cp grows the file there too.
     let ba = unpack("ext4-bigalloc", "cp");
     let hello = debugfs_cat(&ba, "/hello.txt");
