@@ -73,6 +73,10 @@ pub struct FsxArgs {
     /// Corrupt the model at this operation (shows what a divergence looks like).
     #[arg(long, hide = true)]
     corrupt_model_at: Option<u64>,
+    /// After a clean run, write the bytes fsx expects the file to hold (its
+    /// model) to this host file, e.g. to compare with a kernel mount.
+    #[arg(long, value_name = "FILE")]
+    dump: Option<PathBuf>,
 }
 
 /// `dio fsx`.
@@ -84,7 +88,7 @@ pub fn run(a: &FsxArgs) -> Result<(), Failure> {
             .unwrap_or(1)
     });
     let mut span = a.span.unwrap_or(4 << 20);
-    let target = open_target(a, seed, &mut span)?;
+    let (target, finish) = open_target(a, seed, &mut span)?;
     let mut opts = Options::new(seed).span(span);
     opts = match (a.ops, a.duration) {
         (_, Some(secs)) if secs > 0.0 => opts.duration(Duration::from_secs_f64(secs)),
@@ -97,6 +101,7 @@ pub fn run(a: &FsxArgs) -> Result<(), Failure> {
     opts.verify_every = a.verify_every;
     opts.log_len = a.log.max(1);
     opts.corrupt_model_at = a.corrupt_model_at;
+    opts.dump = a.dump.clone();
     let stop = Arc::new(AtomicBool::new(false));
     let _ = signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&stop));
     opts.stop = Some(Arc::clone(&stop));
@@ -118,6 +123,10 @@ pub fn run(a: &FsxArgs) -> Result<(), Failure> {
     let result = dio_fsx::run(&target, &opts, &mut progress);
     if tty {
         let _ = write!(std::io::stderr().lock(), "\r{:60}\r", "");
+    }
+    if let (Ok(_), Some(finish)) = (&result, &finish) {
+        // The size and the converted extents of the allocating writes, on disk.
+        finish().map_err(|e| Failure::msg(format!("fsx: {}: {e}", target.name())))?;
     }
     match result {
         Ok(r) => {
@@ -143,7 +152,14 @@ pub fn run(a: &FsxArgs) -> Result<(), Failure> {
     }
 }
 
-fn open_target(a: &FsxArgs, seed: u64, span: &mut u64) -> Result<Target, Failure> {
+/// What to do after a clean run (record an allocating writer's size on disk).
+type Finish = Box<dyn Fn() -> dio::Result<()>>;
+
+fn open_target(
+    a: &FsxArgs,
+    seed: u64,
+    span: &mut u64,
+) -> Result<(Target, Option<Finish>), Failure> {
     if a.faults != 0.0 && !a.target.starts_with("mem") {
         return Err(Failure::msg("--faults needs the RAM device (TARGET mem)"));
     }
@@ -170,7 +186,8 @@ fn open_target(a: &FsxArgs, seed: u64, span: &mut u64) -> Result<Target, Failure
             let bytes = u32::try_from(bytes).map_err(|_| bad())?;
             cfg = cfg.limits(segs.max(1), bytes);
         }
-        return Target::mem(&cfg).map_err(|e| Failure::msg(e.to_string()));
+        let t = Target::mem(&cfg).map_err(|e| Failure::msg(e.to_string()))?;
+        return Ok((t, None));
     }
     let loc = Location::parse(std::ffi::OsStr::new(&a.target))?;
     if loc.inner.is_some() {
@@ -196,23 +213,45 @@ fn open_target(a: &FsxArgs, seed: u64, span: &mut u64) -> Result<Target, Failure
         ..RawOptions::default()
     };
     let raw = crate::copy::open(&path, &opts)?;
-    Ok(Target::raw(raw))
+    Ok((Target::raw(raw), None))
 }
 
 /// A file inside an ext image (on a host file, a block device or an NBD export),
-/// overwritten in place.
-fn open_ext(a: &FsxArgs, loc: &Location) -> Result<Target, Failure> {
+/// truncated to 0 at the start, then grown, shrunk and filled by allocating
+/// writes; where the image does not allow allocation (features dio does not
+/// write), overwritten in place within its size.
+fn open_ext(a: &FsxArgs, loc: &Location) -> Result<(Target, Option<Finish>), Failure> {
     let image = Image::open(loc, true, true, a.engine)?;
-    let file = image.file(loc)?;
-    // Overwrites stay inside written blocks: refuse holes and unwritten extents
-    // up front rather than report them as divergences.
-    file.check_write(0, file.size()).map_err(|e| loc.fail(e))?;
-    let direct = file.overwriter().map_err(|e| loc.fail(e))?;
-    let name = format!("ext file {} ({})", loc.display(), image.backend_name());
-    Ok(Target::file(
-        name,
-        direct,
-        None,
-        Some(Box::new((image, file))),
-    ))
+    // A regular file (the check opens it; a writer needs it closed).
+    drop(image.file(loc)?);
+    let backend = image.backend_name();
+    match image.ext.writer(&image.inode) {
+        Ok(w) => {
+            let w = std::sync::Arc::new(w);
+            let name = format!("ext file {} (allocating, {backend})", loc.display());
+            let (r, f) = (std::sync::Arc::clone(&w), std::sync::Arc::clone(&w));
+            let t = Target::file(
+                name,
+                w.direct().clone(),
+                Some(Box::new(move |s| r.set_len(s))),
+                Some(Box::new((image, w))),
+            );
+            Ok((t, Some(Box::new(move || f.sync()))))
+        }
+        Err(e @ (dio::Error::Incompatible(_) | dio::Error::ReadOnly)) => {
+            say(format_args!(
+                "fsx: {}: no allocating writes ({e}): overwrites in place",
+                loc.display()
+            ));
+            let file = image.file(loc)?;
+            // Overwrites stay inside written blocks: refuse holes and unwritten
+            // extents up front rather than report them as divergences.
+            file.check_write(0, file.size()).map_err(|e| loc.fail(e))?;
+            let direct = file.overwriter().map_err(|e| loc.fail(e))?;
+            let name = format!("ext file {} ({backend})", loc.display());
+            let t = Target::file(name, direct, None, Some(Box::new((image, file))));
+            Ok((t, None))
+        }
+        Err(e) => Err(loc.fail(e)),
+    }
 }

@@ -31,6 +31,9 @@ pub struct Options {
     pub corrupt_model_at: Option<u64>,
     /// Stop when this becomes true (Ctrl-C).
     pub stop: Option<Arc<AtomicBool>>,
+    /// After a clean run, write the model's final bytes (the file as fsx
+    /// expects it, `size` bytes) to this host file.
+    pub dump: Option<std::path::PathBuf>,
 }
 
 impl Options {
@@ -49,6 +52,7 @@ impl Options {
             verify_every: 1000,
             corrupt_model_at: None,
             stop: None,
+            dump: None,
         }
     }
     /// Run this many operations.

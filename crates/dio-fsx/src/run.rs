@@ -87,6 +87,15 @@ pub fn run(
     x.op += 1;
     x.verify()?;
     x.op -= 1;
+    if let Some(path) = &opts.dump {
+        let bytes = &x.model.data[..x.model.size as usize];
+        if let Err(e) = std::fs::write(path, bytes) {
+            return Err(x.diverge(
+                format!("writing the model to {}: {e}", path.display()),
+                None,
+            ));
+        }
+    }
     Ok(x.snapshot())
 }
 

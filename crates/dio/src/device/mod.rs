@@ -484,7 +484,7 @@ impl Drop for Request {
 
 static CALLBACK_PANICS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-fn note_callback_panic() {
+pub(crate) fn note_callback_panic() {
     CALLBACK_PANICS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
 }
 

@@ -486,8 +486,72 @@ impl Dio {
     }
 }
 
+thread_local! {
+    /// How many [`DeferCompletions`] guards this thread holds.
+    static DEFER_DEPTH: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+    /// Engine completions reaped on this thread while it held one.
+    static DEFERRED: std::cell::RefCell<Vec<(Arc<Dio>, Finished, std::io::Result<()>)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// While alive, engine completions that this thread reaps (an io_uring poll or
+/// a sync device completing inline inside a metadata read, say) are queued
+/// instead of run; the last guard to drop runs them. A block map takes one
+/// with any lock that it holds across device I/O: a completion may call the
+/// map again (`end_io`, or a read-modify-write that starts its write and
+/// maps it), and on the thread that holds the lock that call would wait on
+/// itself.
+///
+/// Drop it only after the lock it covers is released.
+pub(crate) struct DeferCompletions(());
+
+impl DeferCompletions {
+    pub(crate) fn new() -> DeferCompletions {
+        DEFER_DEPTH.with(|d| d.set(d.get() + 1));
+        DeferCompletions(())
+    }
+}
+
+impl Drop for DeferCompletions {
+    fn drop(&mut self) {
+        let depth = DEFER_DEPTH.with(|d| {
+            let v = d.get() - 1;
+            d.set(v);
+            v
+        });
+        if depth != 0 {
+            return;
+        }
+        // Each run may reap (and queue) more while a map lock is held again.
+        loop {
+            let batch = DEFERRED.with(|q| std::mem::take(&mut *q.borrow_mut()));
+            if batch.is_empty() {
+                return;
+            }
+            for (dio, req, result) in batch {
+                let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    dio.run_completion(req, result);
+                }));
+                if caught.is_err() {
+                    crate::device::note_callback_panic();
+                }
+            }
+        }
+    }
+}
+
 impl Completion for Dio {
-    fn complete(self: Arc<Self>, mut req: Finished, result: std::io::Result<()>) {
+    fn complete(self: Arc<Self>, req: Finished, result: std::io::Result<()>) {
+        if DEFER_DEPTH.with(|d| d.get()) != 0 {
+            DEFERRED.with(|q| q.borrow_mut().push((self, req, result)));
+            return;
+        }
+        self.run_completion(req, result);
+    }
+}
+
+impl Dio {
+    fn run_completion(self: Arc<Self>, mut req: Finished, result: std::io::Result<()>) {
         crate::trace::request_completed!(req, result);
         if let Err(e) = result {
             let mut t = lock(&self.tail);

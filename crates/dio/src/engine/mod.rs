@@ -34,6 +34,7 @@ use crate::AlignedBuf;
 use crate::{Error, Result};
 
 pub use bio::{MAX_IN_FLIGHT, MAX_SEGMENTS};
+pub(crate) use complete::DeferCompletions;
 pub(crate) use state::{Begin, Job, LockKind};
 pub use state::{FileLockGuard, FileState};
 

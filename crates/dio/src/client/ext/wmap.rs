@@ -49,6 +49,9 @@ pub(crate) struct FileW {
     /// The tree in memory has conversions whose data has not been flushed yet:
     /// the next store flushes the device first.
     pub(crate) converted: bool,
+    /// Why queued conversions could not be applied (they stay queued): no
+    /// metadata change until they are.
+    queued_err: Option<Error>,
 }
 
 /// The allocating block map of one extent file.
@@ -56,10 +59,104 @@ pub(crate) struct AllocMap {
     fs: Arc<Fs>,
     st: Mutex<FileW>,
     bs: u32,
+    /// The file is mapped by indirect blocks (fixed for the map's life).
+    indirect: bool,
+    /// File blocks written while `st` was held, to convert (see `end_io`).
+    queued: Mutex<Vec<(u64, u64)>>,
 }
 
-fn lock(m: &Mutex<FileW>) -> MutexGuard<'_, FileW> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
+/// The file's state, locked. The lock is held across device I/O (metadata
+/// reads and writes of an allocation, a truncate, a commit), and that I/O may
+/// reap other requests of this file on this very thread (io_uring reaps
+/// inline; so does the sync engine), whose completions call the map again
+/// (`end_io`, or a read-modify-write that starts and maps its write): engine
+/// completions wait until the lock is released (see
+/// [`crate::engine::DeferCompletions`]).
+pub(crate) struct Locked<'a> {
+    // Declared first: released before the deferred completions run.
+    guard: MutexGuard<'a, FileW>,
+    _defer: crate::engine::DeferCompletions,
+}
+
+impl std::ops::Deref for Locked<'_> {
+    type Target = FileW;
+    fn deref(&self) -> &FileW {
+        &self.guard
+    }
+}
+
+impl std::ops::DerefMut for Locked<'_> {
+    fn deref_mut(&mut self) -> &mut FileW {
+        &mut self.guard
+    }
+}
+
+impl AllocMap {
+    /// Lock the file's state, with the conversions of writes that completed
+    /// while it was held (see [`AllocMap::end_io`]) applied.
+    fn lock(&self) -> Locked<'_> {
+        let defer = crate::engine::DeferCompletions::new();
+        let mut st = Locked {
+            guard: self.st.lock().unwrap_or_else(|e| e.into_inner()),
+            _defer: defer,
+        };
+        self.drain(&mut st);
+        st
+    }
+
+    /// The lock if it is free (never waits).
+    fn try_lock(&self) -> Option<Locked<'_>> {
+        let defer = crate::engine::DeferCompletions::new();
+        let guard = match self.st.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        let mut st = Locked {
+            guard,
+            _defer: defer,
+        };
+        self.drain(&mut st);
+        Some(st)
+    }
+
+    /// Apply the queued conversions.
+    fn drain(&self, st: &mut FileW) {
+        let queued = std::mem::take(&mut *self.queued());
+        let mut left = queued.into_iter();
+        while let Some((b0, b1)) = left.next() {
+            match self.convert(st, b0, b1) {
+                Ok(()) => {}
+                Err(e) => {
+                    // Kept for the next lock; until then no metadata change
+                    // (which could free these blocks as never written).
+                    let mut q = self.queued();
+                    q.push((b0, b1));
+                    q.extend(left);
+                    st.queued_err = Some(e);
+                    return;
+                }
+            }
+        }
+        st.queued_err = None;
+    }
+
+    fn queued(&self) -> MutexGuard<'_, Vec<(u64, u64)>> {
+        self.queued.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Written blocks `[b0, b1)` become written extents (or pointers) in memory.
+    fn convert(&self, st: &mut FileW, b0: u64, b1: u64) -> Result<()> {
+        let ino = st.inode.ino;
+        let changed = match &mut st.ind {
+            Some(ind) => ind.written(&self.fs, ino, b0, b1)?,
+            None => st.tree.convert(b0, b1),
+        };
+        if changed {
+            st.converted = true;
+        }
+        Ok(())
+    }
 }
 
 impl AllocMap {
@@ -130,6 +227,9 @@ impl AllocMap {
         goal: u64,
         change: impl FnOnce(&mut Op<'_>, &mut FileW) -> Result<T>,
     ) -> Result<T> {
+        if let Some(e) = &st.queued_err {
+            return Err(e.clone());
+        }
         let backup_tree = st.tree.clone();
         let backup_inode = st.inode.clone();
         let r = (|| {
@@ -163,7 +263,7 @@ impl BlockMap for AllocMap {
 
     fn map(&self, block: u64, max_blocks: u64, create: bool) -> Result<Extent> {
         let max = max_blocks.max(1);
-        let mut st = lock(&self.st);
+        let mut st = self.lock();
         if st.ind.is_some() {
             return self.map_indirect(&mut st, block, max, create);
         }
@@ -210,16 +310,21 @@ impl BlockMap for AllocMap {
         };
         // Converted in memory now (this handle maps the blocks as written from
         // here on); on disk at the next store, after a flush of the data.
+        //
+        // Never waits for the lock: its holder may be waiting for a metadata
+        // read that this thread (a device's completion thread) has to deliver.
+        // When it is held, the conversion is queued, and whoever takes the lock
+        // next (every map lookup does) applies it first.
         let bs = u64::from(self.bs);
         let (b0, b1) = (offset / bs, (offset + n).div_ceil(bs));
-        let mut st = lock(&self.st);
-        let ino = st.inode.ino;
-        let changed = match &mut st.ind {
-            Some(ind) => ind.written(&self.fs, ino, b0, b1)?,
-            None => st.tree.convert(b0, b1),
-        };
-        if changed {
-            st.converted = true;
+        match self.try_lock() {
+            Some(mut st) => self.convert(&mut st, b0, b1)?,
+            None => {
+                self.queued().push((b0, b1));
+                // The holder may have let go before the push: apply it now if
+                // the lock is free, so it is not left waiting.
+                drop(self.try_lock());
+            }
         }
         result
     }
@@ -238,7 +343,7 @@ impl BlockMap for AllocMap {
             r => return r,
         };
         let flush_dev = || dev.flush().map_err(|e| Error::io(offset, e));
-        let mut st = lock(&self.st);
+        let mut st = self.lock();
         let grows = size.is_some_and(|s| s > st.inode.size);
         if !st.converted && !grows {
             // No metadata of this file waits in memory: the data alone.
@@ -279,7 +384,7 @@ impl BlockMap for AllocMap {
 
     fn truncate(&self, size: u64) -> Result<()> {
         let bs = u64::from(self.bs);
-        let mut st = lock(&self.st);
+        let mut st = self.lock();
         let from = size.div_ceil(bs);
         let goal = Self::group_goal(&self.fs, st.inode.ino);
         let fs = &self.fs;
@@ -303,8 +408,10 @@ impl BlockMap for AllocMap {
     }
 
     fn max_file_size(&self) -> u64 {
+        // Without the lock: the engine asks on submit paths, which may run
+        // inside a completion on a thread that holds it.
         let bs = u64::from(self.bs);
-        let blocks = if lock(&self.st).ind.is_some() {
+        let blocks = if self.indirect {
             let p = bs / 4;
             12 + p + p * p + p * p * p
         } else {
@@ -418,14 +525,18 @@ impl ExtWriter {
         let ino = inode.ino;
         let size = inode.size;
         let dsync = inode.has_flag(SYNC_FL);
+        let indirect = ind.is_some();
         let map = Arc::new(AllocMap {
             fs: Arc::clone(fs),
+            indirect,
             st: Mutex::new(FileW {
                 inode,
                 tree: ExtTree::new(exts, blocks),
                 ind,
                 converted: false,
+                queued_err: None,
             }),
+            queued: Mutex::new(Vec::new()),
             bs: fs.sb.block_size,
         });
         let dev: Arc<dyn Device> = Arc::clone(fs.io.device());
@@ -469,7 +580,7 @@ impl ExtWriter {
 
     /// The inode as last written.
     pub fn inode(&self) -> Inode {
-        lock(&self.map.st).inode.clone()
+        self.map.lock().inode.clone()
     }
 
     /// The engine handle (async and vectored writes, any flags). Writes through it
@@ -490,7 +601,7 @@ impl ExtWriter {
         }
         let n = self.file.write_at(offset, data, flags)?;
         // A dsync write stored its size in its completion.
-        if !self.is_dsync() || lock(&self.map.st).inode.size < self.file.size() {
+        if !self.is_dsync() || self.map.lock().inode.size < self.file.size() {
             self.commit_size()?;
         }
         Ok(n)
@@ -501,7 +612,7 @@ impl ExtWriter {
     /// the blocks of writes that failed.
     pub fn commit_size(&self) -> Result<()> {
         let size = self.file.size();
-        let mut st = lock(&self.map.st);
+        let mut st = self.map.lock();
         let goal = AllocMap::group_goal(&self.fs, self.ino);
         let fs = &self.fs;
         self.map.change(&mut st, goal, |op, st| {
@@ -522,7 +633,7 @@ impl ExtWriter {
     /// Change the size: down frees the blocks past it, up leaves a hole.
     pub fn set_len(&self, size: u64) -> Result<()> {
         self.file.truncate(size)?;
-        let mut st = lock(&self.map.st);
+        let mut st = self.map.lock();
         if st.inode.size != size {
             let goal = AllocMap::group_goal(&self.fs, self.ino);
             self.map.change(&mut st, goal, |_, st| {
@@ -545,7 +656,7 @@ impl ExtWriter {
         }
         let bs = u64::from(self.fs.sb.block_size);
         let (b0, end) = (offset / bs, (offset + len).div_ceil(bs));
-        let mut st = lock(&self.map.st);
+        let mut st = self.map.lock();
         if st.ind.is_some() {
             // Indirect files: blocks pending until written, a run per table.
             drop(st);
@@ -611,7 +722,7 @@ impl ExtWriter {
 
     /// Set the owner, mode bits (permission bits only) and times.
     pub fn set_attrs(&self, attrs: &super::ops::Attrs) -> Result<()> {
-        let mut st = lock(&self.map.st);
+        let mut st = self.map.lock();
         let goal = AllocMap::group_goal(&self.fs, self.ino);
         self.map.change(&mut st, goal, |_, st| {
             super::ops::apply_attrs(&mut st.inode, attrs);
