@@ -486,11 +486,14 @@ impl Dio {
     }
 }
 
+/// An engine completion put off by [`DeferCompletions`].
+type Deferred = (Arc<Dio>, Finished, std::io::Result<()>);
+
 thread_local! {
     /// How many [`DeferCompletions`] guards this thread holds.
     static DEFER_DEPTH: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
     /// Engine completions reaped on this thread while it held one.
-    static DEFERRED: std::cell::RefCell<Vec<(Arc<Dio>, Finished, std::io::Result<()>)>> =
+    static DEFERRED: std::cell::RefCell<Vec<Deferred>> =
         const { std::cell::RefCell::new(Vec::new()) };
 }
 
