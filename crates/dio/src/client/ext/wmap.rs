@@ -256,12 +256,9 @@ impl AllocMap {
     }
 }
 
-impl BlockMap for AllocMap {
-    fn block_size(&self) -> u32 {
-        self.bs
-    }
-
-    fn map(&self, block: u64, max_blocks: u64, create: bool) -> Result<Extent> {
+impl AllocMap {
+    /// The mapping of `block` (allocating with `create`).
+    fn map_locked(&self, block: u64, max_blocks: u64, create: bool) -> Result<Extent> {
         let max = max_blocks.max(1);
         let mut st = self.lock();
         if st.ind.is_some() {
@@ -295,6 +292,24 @@ impl BlockMap for AllocMap {
             Ok((p, n))
         })?;
         Ok(Extent::unwritten(got.0, got.1).new_blocks(true))
+    }
+}
+
+impl BlockMap for AllocMap {
+    fn block_size(&self) -> u32 {
+        self.bs
+    }
+
+    fn map(&self, block: u64, max_blocks: u64, create: bool) -> Result<Extent> {
+        // Every call completes on the engine's completion worker (as ext4
+        // converts unwritten extents in a workqueue): its end_io and whatever
+        // its callback starts (a read-modify-write maps its write) may wait for
+        // the lock, whose holder may be waiting for a metadata read that a
+        // device completion thread must deliver; that thread must not be the
+        // one waiting.
+        Ok(self
+            .map_locked(block, max_blocks, create)?
+            .defer_completion(true))
     }
 
     fn end_io(
