@@ -165,11 +165,18 @@ impl IndW {
             let n = room[..limit].iter().take_while(|&&p| p == 0).count().max(1);
             return Ok(Extent::hole(n as u64));
         }
+        // A pending block (allocated, its write in flight) reads as zeros until
+        // that write completes: a run is all pending or all written.
+        let pending = |k: usize| self.pending.contains_key(&(s.0, s.1 + k));
+        let unwritten = pending(0);
         let mut n = 1;
-        while n < limit && u64::from(room[n]) == first + n as u64 {
+        while n < limit && u64::from(room[n]) == first + n as u64 && pending(n) == unwritten {
             n += 1;
         }
         fs.check_blocks(first, n as u64, ino)?;
+        if unwritten {
+            return Ok(Extent::unwritten(first, n as u64));
+        }
         Ok(Extent::mapped(first, n as u64).boundary(s.0 != 0 && n == room.len()))
     }
 

@@ -442,6 +442,11 @@ impl AllocMap {
         let ino = st.inode.ino;
         let ind = st.ind.as_mut().expect("an indirect file");
         let e = ind.map(fs, ino, block, max)?;
+        if let (true, Mapping::Unwritten(_)) = (create, e.mapping) {
+            // Pending blocks (a write in flight): new to this write too, as
+            // unwritten extents are.
+            return Ok(e.new_blocks(true));
+        }
         if !create || e.mapping != Mapping::Hole {
             return Ok(e);
         }
