@@ -18,7 +18,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
 
@@ -106,6 +106,10 @@ struct Inner {
 struct Pool {
     sets: Vec<Arc<Set>>,
     workers: Vec<thread::JoinHandle<()>>,
+    /// Threads given a set so far (the next one gets set number `assigned`).
+    /// Counted under the lock: a thread numbered past the sets that exist gets a
+    /// new one, in the order the threads take the lock.
+    assigned: usize,
 }
 
 /// An `O_DIRECT` file or block device driven by positioned reads and writes.
@@ -119,8 +123,6 @@ pub struct SyncDevice {
     /// The first set: every thread's without `per_thread`.
     first: Option<Arc<Set>>,
     pool: Mutex<Pool>,
-    /// Threads given a set so far (the next one gets set number `assigned`).
-    assigned: AtomicUsize,
 }
 
 /// Device ids for the threads' tables.
@@ -157,9 +159,9 @@ impl SyncDevice {
             first: None,
             pool: Mutex::new(Pool {
                 sets: Vec::new(),
+                assigned: 0,
                 workers: Vec::new(),
             }),
-            assigned: AtomicUsize::new(0),
         };
         if cfg.workers > 0 {
             // The first set now, so that a failure to spawn shows at open.
@@ -233,9 +235,10 @@ impl SyncDevice {
 
     #[cold]
     fn assign(&self) -> Arc<Set> {
-        let n = self.assigned.fetch_add(1, Ordering::Relaxed);
         let set = {
             let mut pool = lock(&self.pool);
+            let n = pool.assigned;
+            pool.assigned += 1;
             if n < pool.sets.len() {
                 Arc::clone(&pool.sets[n])
             } else if pool.sets.len() < MAX_SETS {
