@@ -15,6 +15,7 @@ use std::fs::File;
 use std::io::{self, IsTerminal, Read, Write};
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use clap::{Args, ValueEnum};
 use dio::ext::ExtFile;
@@ -23,7 +24,7 @@ use dio::{RawFile, RawOptions};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::fail::{print_notes, say, Failure};
-use crate::location::{Image, Location, Opened, Source};
+use crate::location::{counted, Counter, Image, Location, Opened, Source};
 use crate::pipeline::{self, Input, Job, Names, Output, Progress, Runs, Stop};
 use crate::size::{human, parse_size};
 use crate::Engine;
@@ -59,6 +60,12 @@ pub struct PipeArgs {
     /// Never show progress.
     #[arg(long)]
     pub no_progress: bool,
+    /// After the copy, print the source device's request counts to stderr:
+    /// requests and bytes, flushes, errors, most in flight, latency percentiles,
+    /// and the engine's merges and splits (for IMAGE:/PATH, the image's metadata
+    /// reads count too). Not with cp -r or into an image.
+    #[arg(long)]
+    pub stats: bool,
 }
 
 impl PipeArgs {
@@ -162,24 +169,54 @@ enum Held {
 }
 
 impl Held {
-    fn open(end: &End, engine: Engine) -> Result<Held, Failure> {
-        match end {
+    /// Open a source; with `stats`, its device requests are counted (the one
+    /// place `--stats` hooks in: raw files, block devices, exports and images
+    /// are all opened here), and the counter is returned.
+    fn open(
+        end: &End,
+        engine: Engine,
+        stats: bool,
+    ) -> Result<(Held, Option<Arc<Counter>>), Failure> {
+        let open = |loc: &Location| -> Result<(Opened, Option<Arc<Counter>>), Failure> {
+            let o = loc.source.open(false, false, engine)?;
+            if stats {
+                let (o, c) = counted(o)?;
+                Ok((o, Some(c)))
+            } else {
+                Ok((o, None))
+            }
+        };
+        let held = match end {
             End::Stdio => Ok(Held::Stream(Box::new(io::stdin()))),
             End::Plain(p) => Ok(Held::Stream(Box::new(
                 File::open(p).map_err(|e| Failure::at(p, e))?,
             ))),
             End::Loc(loc) if loc.inner.is_some() => {
-                let img = Image::open(loc, false, true, engine)?;
+                let (o, c) = open(loc)?;
+                let img = Image::open_on(loc, o, false, true)?;
                 let file = img.file(loc)?;
                 let runs = image_runs(&img, &file)?;
-                Ok(Held::Image {
-                    _img: Box::new(img),
-                    file,
-                    runs,
-                })
+                return Ok((
+                    Held::Image {
+                        _img: Box::new(img),
+                        file,
+                        runs,
+                    },
+                    c,
+                ));
             }
-            End::Loc(loc) => Ok(Held::Whole(loc.source.open(false, false, engine)?)),
+            End::Loc(loc) => {
+                let (o, c) = open(loc)?;
+                return Ok((Held::Whole(o), c));
+            }
+        };
+        if stats {
+            say(format_args!(
+                "note: --stats: {} is not read through dio (no device to count)",
+                end.name("stdin")
+            ));
         }
+        held.map(|h| (h, None))
     }
 
     fn size(&self) -> Option<u64> {
@@ -317,6 +354,21 @@ fn stdout_failure(e: io::Error) -> Failure {
     }
 }
 
+/// `--stats`: what the source's device was asked, on stderr, after the copy
+/// (also after a failed one: what was done until then).
+fn print_stats(src: &str, counter: &Counter, file: Option<&DirectFile>) {
+    let s = counter.stats();
+    let mut text = format!("stats: {src}\n");
+    for line in s.to_string().lines() {
+        text += &format!("  device  {line}\n");
+    }
+    if let Some(f) = file {
+        let e = f.stats();
+        text += &format!("  engine  {} merges, {} splits\n", e.merges(), e.splits());
+    }
+    let _ = write!(io::stderr().lock(), "dio: {text}");
+}
+
 /// The byte range `--offset`/`--length` selects in a file of `size` bytes.
 pub fn range(size: u64, offset: Option<u64>, length: Option<u64>) -> (u64, u64) {
     let start = offset.unwrap_or(0).min(size);
@@ -337,7 +389,7 @@ pub fn cat(
     args.check()?;
     let end = End::parse(arg)?;
     let src_name = end.name("stdin");
-    let mut held = Held::open(&end, args.engine)?;
+    let (mut held, counter) = Held::open(&end, args.engine, args.stats)?;
     let stdout = io::stdout();
     let mut out = stdout.lock();
     let show = shown(args);
@@ -390,6 +442,9 @@ pub fn cat(
         &bar,
     );
     bar.finish_and_clear();
+    if let Some(c) = &counter {
+        print_stats(&src_name, c, held.direct());
+    }
     match result {
         Ok(p) => {
             out.flush().map_err(stdout_failure)?;
@@ -458,7 +513,7 @@ pub fn cp(
     }
     let (src_name, dst_name) = (src_end.name("stdin"), dst_end.name("stdout"));
     let stop = Stop::on_signals();
-    let mut held = Held::open(&src_end, args.engine)?;
+    let (mut held, counter) = Held::open(&src_end, args.engine, args.stats)?;
     let mut size = held.size();
     // A stream into an image file: spool it (at most one byte more than fits),
     // so the whole range is checked before anything is written.
@@ -612,6 +667,9 @@ pub fn cp(
         }
     };
     bar.finish_and_clear();
+    if let Some(c) = &counter {
+        print_stats(&src_name, c, held.direct());
+    }
     match result {
         Ok(p) => {
             finish(&mut dst, p.total.unwrap_or(0), &dst_name)?;

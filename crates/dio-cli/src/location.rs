@@ -207,6 +207,61 @@ impl Source {
     }
 }
 
+/// An opened source whose device requests are counted (`--stats`): every read
+/// and write of it (an image's metadata and file data included, as `Image::open_on`
+/// opens the image on this device) passes through a [`dio::StatsDevice`].
+pub struct Counted {
+    inner: Opened,
+    /// The source's file over the counting device.
+    direct: dio::DirectFile,
+}
+
+impl std::fmt::Debug for Counted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Counted")
+            .field("inner", &self.inner)
+            .finish()
+    }
+}
+
+/// The device wrapper that counts a source's requests.
+pub type Counter = dio::StatsDevice<Arc<dyn dio::Device>>;
+
+/// Wrap an opened source so that its device requests are counted; the counter
+/// is returned with it.
+pub fn counted(inner: Opened) -> Result<(Opened, Arc<Counter>), Failure> {
+    let counter = Arc::new(dio::StatsDevice::new(Arc::clone(inner.device())));
+    let direct = inner
+        .direct()
+        .with_device(counter.clone())
+        .map_err(|e| Failure::msg(e.to_string()))?;
+    Ok((Box::new(Counted { inner, direct }), counter))
+}
+
+impl dio::Source for Counted {
+    fn direct(&self) -> &dio::DirectFile {
+        &self.direct
+    }
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn notes(&self) -> &[String] {
+        self.inner.notes()
+    }
+    fn backend_name(&self) -> &'static str {
+        self.inner.backend_name()
+    }
+    fn resizable(&self) -> bool {
+        self.inner.resizable()
+    }
+    fn set_len(&self, size: u64) -> dio::Result<()> {
+        self.inner.set_len(size)
+    }
+    fn data_runs(&self, end: u64) -> Box<dyn Iterator<Item = dio::Run> + '_> {
+        self.inner.data_runs(end)
+    }
+}
+
 /// An ext image opened from a location, with the inode its inner path names.
 pub struct Image {
     // Keeps the host file (and its device) open as long as the image is used.
@@ -224,8 +279,19 @@ impl Image {
         follow: bool,
         engine: Engine,
     ) -> Result<Image, Failure> {
-        let inner = loc.inner.as_deref().expect("an image location");
         let opened = loc.source.open(write, false, engine)?;
+        Image::open_on(loc, opened, write, follow)
+    }
+
+    /// [`Image::open`] on a source already opened (`write`: for writing), e.g.
+    /// one whose requests are [`counted`].
+    pub fn open_on(
+        loc: &Location,
+        opened: Opened,
+        write: bool,
+        follow: bool,
+    ) -> Result<Image, Failure> {
+        let inner = loc.inner.as_deref().expect("an image location");
         let dev = Arc::clone(opened.device());
         let size = opened.size();
         let ext = if write {

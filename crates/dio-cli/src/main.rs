@@ -71,6 +71,7 @@ Examples:
   dio cat disk.img:/etc/passwd                a file inside an ext2/3/4 image (symlinks followed)
   dio cat disk.img --offset 1024 --length 1024  any byte range
   some-command | dio cat - --offset 10        `-` is stdin (pipes are read with plain I/O)
+  dio cat disk.img --bs 64k --stats > /dev/null  then the device's request counts on stderr
 
 A LOCATION is a host file or block device, IMAGE:/PATH for a file inside an ext2/3/4 image,
 or nbd://HOST[:PORT]/EXPORT (nbd+unix:///EXPORT?socket=PATH), optionally followed by :/PATH.")]
@@ -85,6 +86,7 @@ Examples:
   dio cp --mode 600 --owner 1000:1000 key disk.img:/home/me/.ssh/
   dio cp -r disk.img:/etc ./out               a directory tree out of an image (into ./out/etc)
   dio cp -rp disk.img:/ ./root                the whole image, keeping modes, owners, times
+  dio cp --stats /dev/sdb disk.img            then SRC's device request counts on stderr
 
 `-` is stdin (as SRC) or stdout (as DST). Pipes, FIFOs and character devices (e.g.
 /dev/null) are read or written with plain I/O, the other side still direct. A file
@@ -353,6 +355,12 @@ struct WriteArgs {
 fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Cat(a) => copy::cat(&a.path, a.offset, a.length, &a.pipe),
+        Command::Cp(a) if a.pipe.stats && (a.recursive || into_image(&a.dst)) => {
+            Err(Failure::usage(
+                "--stats counts the source of `dio cat` and of `dio cp` into a file, device \
+                 or export; not with -r, not into an image",
+            ))
+        }
         Command::Cp(a) if a.recursive && into_image(&a.dst) && put::is_host_dir(&a.src) => {
             put::cp_tree(
                 &a.src,
