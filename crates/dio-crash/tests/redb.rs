@@ -682,11 +682,17 @@ struct Tally {
     older: u64,
     /// States before the database existed that did not open.
     refused_before_create: u64,
+    /// States also opened through redb's own file backend.
+    file_backend: u64,
 }
 
 struct RedbChecker<'a> {
     run: &'a Run,
     tally: Mutex<Tally>,
+    /// Every this many states, the state is also written out as an image file
+    /// and opened by redb's own file backend, which must find the same database.
+    file_every: u64,
+    seen: std::sync::atomic::AtomicU64,
 }
 
 thread_local! {
@@ -768,6 +774,13 @@ impl RedbChecker<'_> {
                 t.older += 1;
             }
         }
+        let nth = self.seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if nth % self.file_every == 0 {
+            if let Err(why) = self.through_a_file(view, len, &got)? {
+                return Ok(Err(why));
+            }
+            self.tally.lock().unwrap().file_backend += 1;
+        }
         let mut rng = Rng::new(at);
         let more = quietly(|| -> Result<(), String> {
             check_ranges(&db, &self.run.snaps[k], &mut rng)?;
@@ -789,6 +802,62 @@ impl RedbChecker<'_> {
             Err(p) => Ok(Err(format!("redb panicked: {}", panic_text(&*p)))),
             Ok(r) => Ok(r),
         }
+    }
+}
+
+/// A file removed on drop.
+struct TempFile(std::path::PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+impl RedbChecker<'_> {
+    /// The state as an image file cut to the file's length, opened by redb's
+    /// `Database::create` (its file backend): the same contents as `want`.
+    fn through_a_file(
+        &self,
+        view: &StateView,
+        len: u64,
+        want: &Snap,
+    ) -> dio_crash::Result<Result<(), String>> {
+        // Plain (buffered) I/O on this file: the temp dir (often tmpfs, where
+        // redb's fsyncs cost nothing).
+        static SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let img = TempFile(std::env::temp_dir().join(format!(
+            "dio-crash-redb-{}-{}.img",
+            std::process::id(),
+            SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        )));
+        view.write_image(&img.0)?;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&img.0)
+            .and_then(|f| f.set_len(len));
+        if let Err(e) = f {
+            return Ok(Err(format!("cut {} to {len}: {e}", img.0.display())));
+        }
+        let r = quietly(|| -> Result<Snap, String> {
+            let db = Database::builder()
+                .set_cache_size(CACHE)
+                .create(&img.0)
+                .map_err(|e| format!("redb's file backend cannot open the state: {e}"))?;
+            read_snap(&db)
+        });
+        Ok(match r {
+            Err(p) => Err(format!(
+                "redb panicked on the state as a file: {}",
+                panic_text(&*p)
+            )),
+            Ok(Err(e)) => Err(e),
+            Ok(Ok(got)) if got != *want => Err(format!(
+                "redb's file backend and the overlay disagree: {}",
+                diff(&got, want)
+            )),
+            Ok(Ok(_)) => Ok(()),
+        })
     }
 }
 
@@ -814,26 +883,28 @@ fn record_and_check(name: &str, seed: u64, flush: bool) -> (Run, dio_crash::Summ
     ));
     let rec = Arc::new(Recorder::create(Arc::clone(&mem), &log_path).unwrap());
     let long = common::long();
-    let txs = if long { 400 } else { 120 };
+    let txs = if long { 600 } else { 120 };
     let run = workload(&rec, seed, txs, flush);
     drop(rec);
     let log = Arc::new(Log::open(&log_path).unwrap());
     let opts = ReplayOptions {
-        max_per_window: 16,
-        max_states: Some(if long { 30_000 } else { 2000 }),
+        max_per_window: if long { 48 } else { 16 },
+        max_states: Some(if long { 40_000 } else { 2000 }),
         seed,
         ..ReplayOptions::default()
     };
     let checker = RedbChecker {
         run: &run,
         tally: Mutex::new(Tally::default()),
+        file_every: 100,
+        seen: Default::default(),
     };
     let sum = run_checked(&log, &checker, &opts, &dir);
     let tally = checker.tally.into_inner().unwrap();
     eprintln!(
         "redb {name}: {} commits ({} not durable), {} aborted, {} records, {} states, \
          {} failed, {:.0} states/s; states showing the newest allowed commit {}, an older \
-         one {}, refused before the database existed {}",
+         one {}, refused before the database existed {}, also opened as a file {}",
         run.commits.len(),
         run.non_durable,
         run.aborted,
@@ -843,7 +914,8 @@ fn record_and_check(name: &str, seed: u64, flush: bool) -> (Run, dio_crash::Summ
         sum.rate(),
         tally.newest,
         tally.older,
-        tally.refused_before_create
+        tally.refused_before_create,
+        tally.file_backend
     );
     let _ = std::fs::remove_dir_all(&dir);
     (run, sum, tally)
@@ -867,6 +939,7 @@ fn redb_workload_every_crash_state_opens_at_a_committed_state() {
     // The replay reached states in the middle of commits, and states after
     // them.
     assert!(tally.newest > 0 && tally.older > 0, "{tally:?}");
+    assert!(tally.file_backend >= 10, "{tally:?}");
 }
 
 #[test]
