@@ -21,8 +21,10 @@
 //! written (volatile) by every `set_len` and made durable by the next
 //! `sync_data`, as `fdatasync` does for a file's size.
 //!
-//! The mutation test runs the same workload over a backend whose `sync_data`
-//! does not flush: the checker must fail states.
+//! The mutation tests run the same workload over broken backends, and the
+//! checker must fail states: one whose `sync_data` does not flush, and one that
+//! holds writes back (write-behind) and whose `sync_data` flushes before it sends
+//! them (the bug a write-behind backend must not have).
 
 mod common;
 
@@ -59,11 +61,24 @@ fn def(name: &str) -> TableDefinition<'_, u64, &'static [u8]> {
 // The backend the workload runs on.
 
 /// [`RedbBackend`] plus the file's length kept on the device (see the module
-/// docs). `flush` false is the mutation: `sync_data` does nothing.
+/// docs), correct or with a mutation.
 struct Stored {
     inner: RedbBackend,
     len_file: DirectFile,
-    flush: bool,
+    mode: Mode,
+    /// Writes held back ([`Mode::FlushBeforeWrites`]).
+    held: Mutex<Vec<(u64, Vec<u8>)>>,
+}
+
+/// How the test backend behaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Correct,
+    /// MUTATION: `sync_data` does nothing.
+    NoFlush,
+    /// MUTATION: writes are held back until the next read, resize or sync, and
+    /// `sync_data` flushes the device before it sends them.
+    FlushBeforeWrites,
 }
 
 impl std::fmt::Debug for Stored {
@@ -73,6 +88,15 @@ impl std::fmt::Debug for Stored {
 }
 
 impl Stored {
+    /// Send the writes held back.
+    fn drain(&self) -> io::Result<()> {
+        let held = std::mem::take(&mut *self.held.lock().unwrap());
+        for (offset, data) in held {
+            self.inner.write(offset, &data)?;
+        }
+        Ok(())
+    }
+
     fn write_len(&self, len: u64) -> io::Result<()> {
         let mut buf = AlignedBuf::new(4096, 4096);
         buf.fill(0);
@@ -89,20 +113,29 @@ impl StorageBackend for Stored {
         self.inner.len()
     }
     fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), io::Error> {
+        self.drain()?;
         self.inner.read(offset, out)
     }
     fn set_len(&self, len: u64) -> Result<(), io::Error> {
+        self.drain()?;
         self.inner.set_len(len)?;
         self.write_len(len)
     }
     fn sync_data(&self) -> Result<(), io::Error> {
-        if self.flush {
-            self.inner.sync_data()
-        } else {
-            Ok(())
+        match self.mode {
+            Mode::Correct => self.inner.sync_data(),
+            Mode::NoFlush => Ok(()),
+            Mode::FlushBeforeWrites => {
+                self.inner.sync_data()?;
+                self.drain()
+            }
         }
     }
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), io::Error> {
+        if self.mode == Mode::FlushBeforeWrites {
+            self.held.lock().unwrap().push((offset, data.to_vec()));
+            return Ok(());
+        }
         self.inner.write(offset, data)
     }
 }
@@ -272,7 +305,7 @@ const KEYS: u64 = 1500;
 
 type Rec = Recorder<Arc<MemDevice>>;
 
-fn open_db(rec: &Arc<Rec>, state: &Arc<FileState>, flush: bool) -> Database {
+fn open_db(rec: &Arc<Rec>, state: &Arc<FileState>, mode: Mode) -> Database {
     let file = DirectFile::new(
         rec.clone(),
         Arc::new(IdentityMap::new(4096, LEN_AT)),
@@ -288,7 +321,8 @@ fn open_db(rec: &Arc<Rec>, state: &Arc<FileState>, flush: bool) -> Database {
     let backend = Stored {
         inner: RedbBackend::new(file),
         len_file,
-        flush,
+        mode,
+        held: Mutex::new(Vec::new()),
     };
     Database::builder()
         .set_cache_size(CACHE)
@@ -432,10 +466,10 @@ impl Work<'_> {
 }
 
 /// Run the workload of `txs` transactions on a database over `rec`.
-fn workload(rec: &Arc<Rec>, seed: u64, txs: usize, flush: bool) -> Run {
+fn workload(rec: &Arc<Rec>, seed: u64, txs: usize, mode: Mode) -> Run {
     let mut rng = Rng::new(seed);
     let state = Arc::new(FileState::new(0));
-    let mut db = open_db(rec, &state, flush);
+    let mut db = open_db(rec, &state, mode);
     let created = rec.mark("created").unwrap();
     let mut w = Work {
         rec,
@@ -463,7 +497,7 @@ fn workload(rec: &Arc<Rec>, seed: u64, txs: usize, flush: bool) -> Run {
             // Reopen: a clean close, then an open over a new backend.
             drop(db);
             rec.mark("reopen").unwrap();
-            db = open_db(rec, &state, flush);
+            db = open_db(rec, &state, mode);
             w.verify(&db, "reopen");
         } else if i == at(4) {
             let tx = db.begin_write().unwrap();
@@ -874,7 +908,7 @@ impl Checker for RedbChecker<'_> {
 }
 
 /// Record the workload, replay it, check every state with redb.
-fn record_and_check(name: &str, seed: u64, flush: bool) -> (Run, dio_crash::Summary, Tally) {
+fn record_and_check(name: &str, seed: u64, mode: Mode) -> (Run, dio_crash::Summary, Tally) {
     let dir = common::scratch(name);
     let log_path = dir.join("log");
     // Threaded completions: the requests of one call complete out of order.
@@ -884,12 +918,17 @@ fn record_and_check(name: &str, seed: u64, flush: bool) -> (Run, dio_crash::Summ
     let rec = Arc::new(Recorder::create(Arc::clone(&mem), &log_path).unwrap());
     let long = common::long();
     let txs = if long { 600 } else { 120 };
-    let run = workload(&rec, seed, txs, flush);
+    let run = workload(&rec, seed, txs, mode);
     drop(rec);
     let log = Arc::new(Log::open(&log_path).unwrap());
     let opts = ReplayOptions {
         max_per_window: if long { 48 } else { 16 },
-        max_states: Some(if long { 40_000 } else { 2000 }),
+        // The mutations fail early: fewer states suffice.
+        max_states: Some(match (long, mode) {
+            (true, _) => 40_000,
+            (false, Mode::Correct) => 2000,
+            (false, _) => 600,
+        }),
         seed,
         ..ReplayOptions::default()
     };
@@ -932,7 +971,7 @@ fn run_checked(
 
 #[test]
 fn redb_workload_every_crash_state_opens_at_a_committed_state() {
-    let (run, sum, tally) = record_and_check("redb", 7, true);
+    let (run, sum, tally) = record_and_check("redb", 7, Mode::Correct);
     assert!(run.non_durable > 0 && run.aborted > 0);
     assert!(sum.states >= 1000, "only {} states", sum.states);
     assert_eq!(sum.failed, 0, "{:#?}", sum.failures);
@@ -942,13 +981,9 @@ fn redb_workload_every_crash_state_opens_at_a_committed_state() {
     assert!(tally.file_backend >= 10, "{tally:?}");
 }
 
-#[test]
-fn mutation_sync_data_that_does_not_flush_is_caught() {
-    let (_, sum, _) = record_and_check("redb-noflush", 7, false);
-    assert!(
-        sum.failed > 0,
-        "a backend that never flushes went unnoticed"
-    );
+fn expect_caught(name: &str, mode: Mode) {
+    let (_, sum, _) = record_and_check(name, 7, mode);
+    assert!(sum.failed > 0, "{mode:?} went unnoticed");
     let f = &sum.failures[0];
     assert_eq!(f.checker, "redb");
     let spec = f.spec.to_string();
@@ -958,4 +993,14 @@ fn mutation_sync_data_that_does_not_flush_is_caught() {
         f.mark,
         f.message
     );
+}
+
+#[test]
+fn mutation_sync_data_that_does_not_flush_is_caught() {
+    expect_caught("redb-noflush", Mode::NoFlush);
+}
+
+#[test]
+fn mutation_write_behind_flushed_before_its_writes_is_caught() {
+    expect_caught("redb-early-flush", Mode::FlushBeforeWrites);
 }
