@@ -171,6 +171,10 @@ struct Run {
     created: u64,
     non_durable: usize,
     aborted: usize,
+    /// Tables deleted, commits with two-phase commit, with quick repair.
+    tables_deleted: usize,
+    two_phase: usize,
+    quick_repair: usize,
 }
 
 impl Run {
@@ -386,11 +390,13 @@ impl Work<'_> {
         if !durable {
             tx.set_durability(Durability::None).unwrap();
         } else {
-            if rng.below(6) == 0 {
+            if !abort && rng.below(6) == 0 {
                 tx.set_two_phase_commit(true);
+                self.run.two_phase += 1;
             }
-            if rng.below(6) == 0 {
+            if !abort && rng.below(6) == 0 {
                 tx.set_quick_repair(true);
+                self.run.quick_repair += 1;
             }
         }
         let mut next = self.model.clone();
@@ -450,6 +456,7 @@ impl Work<'_> {
             let name = TABLES[rng.below(3) as usize];
             assert!(tx.delete_table(def(name)).unwrap());
             next.tables.remove(name);
+            self.run.tables_deleted += 1;
         }
         if abort {
             tx.abort().unwrap();
@@ -941,12 +948,16 @@ fn record_and_check(name: &str, seed: u64, mode: Mode) -> (Run, dio_crash::Summa
     let sum = run_checked(&log, &checker, &opts, &dir);
     let tally = checker.tally.into_inner().unwrap();
     eprintln!(
-        "redb {name}: {} commits ({} not durable), {} aborted, {} records, {} states, \
+        "redb {name}: {} commits ({} not durable, {} two-phase, {} quick-repair), {} aborted, \
+         {} tables deleted, {} records, {} states, \
          {} failed, {:.0} states/s; states showing the newest allowed commit {}, an older \
          one {}, refused before the database existed {}, also opened as a file {}",
         run.commits.len(),
         run.non_durable,
+        run.two_phase,
+        run.quick_repair,
         run.aborted,
+        run.tables_deleted,
         sum.records,
         sum.states,
         sum.failed,
@@ -973,6 +984,7 @@ fn run_checked(
 fn redb_workload_every_crash_state_opens_at_a_committed_state() {
     let (run, sum, tally) = record_and_check("redb", 7, Mode::Correct);
     assert!(run.non_durable > 0 && run.aborted > 0);
+    assert!(run.two_phase > 0 && run.quick_repair > 0 && run.tables_deleted > 0);
     assert!(sum.states >= 1000, "only {} states", sum.states);
     assert_eq!(sum.failed, 0, "{:#?}", sum.failures);
     // The replay reached states in the middle of commits, and states after
