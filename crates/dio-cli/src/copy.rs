@@ -186,37 +186,36 @@ impl Held {
                 Ok((o, None))
             }
         };
-        let held = match end {
-            End::Stdio => Ok(Held::Stream(Box::new(io::stdin()))),
-            End::Plain(p) => Ok(Held::Stream(Box::new(
-                File::open(p).map_err(|e| Failure::at(p, e))?,
-            ))),
+        let (held, counter) = match end {
+            End::Stdio => (Held::Stream(Box::new(io::stdin())), None),
+            End::Plain(p) => (
+                Held::Stream(Box::new(File::open(p).map_err(|e| Failure::at(p, e))?)),
+                None,
+            ),
             End::Loc(loc) if loc.inner.is_some() => {
                 let (o, c) = open(loc)?;
                 let img = Image::open_on(loc, o, false, true)?;
                 let file = img.file(loc)?;
                 let runs = image_runs(&img, &file)?;
-                return Ok((
-                    Held::Image {
-                        _img: Box::new(img),
-                        file,
-                        runs,
-                    },
-                    c,
-                ));
+                let held = Held::Image {
+                    _img: Box::new(img),
+                    file,
+                    runs,
+                };
+                (held, c)
             }
             End::Loc(loc) => {
                 let (o, c) = open(loc)?;
-                return Ok((Held::Whole(o), c));
+                (Held::Whole(o), c)
             }
         };
-        if stats {
+        if stats && counter.is_none() {
             say(format_args!(
                 "note: --stats: {} is not read through dio (no device to count)",
                 end.name("stdin")
             ));
         }
-        held.map(|h| (h, None))
+        Ok((held, counter))
     }
 
     fn size(&self) -> Option<u64> {
