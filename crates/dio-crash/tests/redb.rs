@@ -753,9 +753,9 @@ fn quietly<T>(f: impl FnOnce() -> T) -> std::thread::Result<T> {
             }
         }));
     });
-    QUIET.with(|q| q.set(true));
+    let was = QUIET.with(|q| q.replace(true));
     let r = catch_unwind(AssertUnwindSafe(f));
-    QUIET.with(|q| q.set(false));
+    QUIET.with(|q| q.set(was));
     r
 }
 
@@ -767,35 +767,49 @@ fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
 }
 
 impl RedbChecker<'_> {
+    /// Judge a state; a panic anywhere in redb (opening, reading, checking,
+    /// writing, or closing: a clean close commits) fails the state.
     fn judge(&self, view: &StateView) -> dio_crash::Result<Result<(), String>> {
+        let stage = std::cell::Cell::new("opening");
+        match quietly(|| self.judge_in(view, &stage)) {
+            Err(p) => Ok(Err(format!(
+                "redb panicked {} the state: {}",
+                stage.get(),
+                panic_text(&*p)
+            ))),
+            Ok(r) => r,
+        }
+    }
+
+    fn judge_in(
+        &self,
+        view: &StateView,
+        stage: &std::cell::Cell<&'static str>,
+    ) -> dio_crash::Result<Result<(), String>> {
         let at = view.spec().at;
         let len = state_len(view)?;
         let before_create = at <= self.run.created;
         let backend = StateBackend::new(view.clone(), len);
-        let opened = quietly(|| {
-            Database::builder()
-                .set_cache_size(CACHE)
-                .create_with_backend(backend)
-        });
+        let opened = Database::builder()
+            .set_cache_size(CACHE)
+            .create_with_backend(backend);
         let mut db = match opened {
-            Err(p) => return Ok(Err(format!("redb panicked opening: {}", panic_text(&*p)))),
-            Ok(Err(e)) if before_create => {
-                let _ = e;
+            Err(_) if before_create => {
                 self.tally.lock().unwrap().refused_before_create += 1;
                 return Ok(Ok(()));
             }
-            Ok(Err(e)) => return Ok(Err(format!("redb cannot open (length {len}): {e}"))),
-            Ok(Ok(db)) => db,
+            Err(e) => return Ok(Err(format!("redb cannot open (length {len}): {e}"))),
+            Ok(db) => db,
         };
         let (lo, hi) = if before_create {
             (0, 0)
         } else {
             self.run.allowed(at)
         };
-        let got = match quietly(|| read_snap(&db)) {
-            Err(p) => return Ok(Err(format!("redb panicked reading: {}", panic_text(&*p)))),
-            Ok(Err(e)) => return Ok(Err(format!("reading the opened database: {e}"))),
-            Ok(Ok(s)) => s,
+        stage.set("reading");
+        let got = match read_snap(&db) {
+            Err(e) => return Ok(Err(format!("reading the opened database: {e}"))),
+            Ok(s) => s,
         };
         let Some(k) = (lo..=hi).rev().find(|&k| self.run.snaps[k] == got) else {
             return Ok(Err(format!(
@@ -817,13 +831,15 @@ impl RedbChecker<'_> {
         }
         let nth = self.seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if nth % self.file_every == 0 {
+            stage.set("writing out");
             if let Err(why) = self.through_a_file(view, len, &got)? {
                 return Ok(Err(why));
             }
             self.tally.lock().unwrap().file_backend += 1;
         }
         let mut rng = Rng::new(at);
-        let more = quietly(|| -> Result<(), String> {
+        stage.set("checking");
+        let more = (|| -> Result<(), String> {
             check_ranges(&db, &self.run.snaps[k], &mut rng)?;
             db.check_integrity()
                 .map_err(|e| format!("check_integrity: {e}"))?;
@@ -838,11 +854,10 @@ impl RedbChecker<'_> {
             tx.commit()
                 .map_err(|e| format!("commit after the crash: {e}"))?;
             Ok(())
-        });
-        match more {
-            Err(p) => Ok(Err(format!("redb panicked: {}", panic_text(&*p)))),
-            Ok(r) => Ok(r),
-        }
+        })();
+        stage.set("closing");
+        drop(db);
+        Ok(more)
     }
 }
 
