@@ -143,7 +143,10 @@ impl StorageBackend for Stored {
 // ---------------------------------------------------------------------------
 // The model.
 
-type Tables = BTreeMap<String, BTreeMap<u64, Vec<u8>>>;
+/// A value of the model (shared between the snapshots that hold it).
+type Bytes = Arc<[u8]>;
+
+type Tables = BTreeMap<String, BTreeMap<u64, Bytes>>;
 
 /// The database as of one commit.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -207,7 +210,7 @@ fn read_snap(db: &Database) -> Result<Snap, String> {
         let mut m = BTreeMap::new();
         for item in t.iter().map_err(|x| e("iter", &x))? {
             let (k, v) = item.map_err(|x| e(&format!("iter {name}"), &x))?;
-            m.insert(k.value(), v.value().to_vec());
+            m.insert(k.value(), Bytes::from(v.value()));
         }
         tables.insert(name, m);
     }
@@ -229,13 +232,13 @@ fn check_ranges(db: &Database, want: &Snap, rng: &mut Rng) -> Result<(), String>
         for _ in 0..3 {
             let a = rng.below(KEYS);
             let b = a + rng.below(400);
-            let got: Vec<(u64, Vec<u8>)> = t
+            let got: Vec<(u64, Bytes)> = t
                 .range(a..b)
                 .map_err(|x| x.to_string())?
-                .map(|r| r.map(|(k, v)| (k.value(), v.value().to_vec())))
+                .map(|r| r.map(|(k, v)| (k.value(), Bytes::from(v.value()))))
                 .collect::<Result<_, _>>()
                 .map_err(|x| x.to_string())?;
-            let exp: Vec<(u64, Vec<u8>)> = m.range(a..b).map(|(k, v)| (*k, v.clone())).collect();
+            let exp: Vec<(u64, Bytes)> = m.range(a..b).map(|(k, v)| (*k, v.clone())).collect();
             if got != exp {
                 return Err(format!(
                     "table {name}: range {a}..{b} gives {} entries, the model {}",
@@ -405,7 +408,7 @@ impl Work<'_> {
             let name = TABLES[rng.below(3) as usize];
             let m = next.tables.entry(name.to_string()).or_default();
             let mut t = tx.open_table(def(name)).unwrap();
-            let existing = |m: &BTreeMap<u64, Vec<u8>>, rng: &mut Rng| {
+            let existing = |m: &BTreeMap<u64, Bytes>, rng: &mut Rng| {
                 m.keys()
                     .nth(rng.below(m.len().max(1) as u64) as usize)
                     .copied()
@@ -416,21 +419,21 @@ impl Work<'_> {
                     self.version += 1;
                     let v = value(rng, self.version);
                     t.insert(k, v.as_slice()).unwrap();
-                    m.insert(k, v);
+                    m.insert(k, v.into());
                 }
                 9..=11 => {
                     if let Some(k) = existing(m, rng) {
                         self.version += 1;
                         let v = value(rng, self.version);
                         let old = t.insert(k, v.as_slice()).unwrap();
-                        assert_eq!(old.map(|o| o.value().to_vec()).as_ref(), m.get(&k));
-                        m.insert(k, v);
+                        assert_eq!(old.map(|o| Bytes::from(o.value())).as_ref(), m.get(&k));
+                        m.insert(k, v.into());
                     }
                 }
                 12..=16 => {
                     if let Some(k) = existing(m, rng) {
                         let old = t.remove(k).unwrap();
-                        assert_eq!(old.map(|o| o.value().to_vec()), m.remove(&k));
+                        assert_eq!(old.map(|o| Bytes::from(o.value())), m.remove(&k));
                     }
                 }
                 17 => {
