@@ -35,7 +35,7 @@ use super::inode::{flags, FileType, Inode, Timestamp};
 use super::map::{read_extent_tree_blocks, FileExtent};
 use super::superblock::{compat, incompat};
 use super::tree::{self, ExtTree};
-use super::tx::{Op, FRESH, UNLINK};
+use super::tx::{Op, FRESH, LINK, TRIM, UNLINK};
 use super::wmap::{stamp, ExtWriter};
 use super::{Ext, Fs};
 use crate::error::{CorruptKind, Feature, PathErrorKind};
@@ -358,7 +358,7 @@ fn dir_add(op: &mut Op<'_>, d: &mut DirW, name: &[u8], ino: u32, t: u8) -> Resul
             let limit = block.len() - tail;
             if insert_in_area(fs, d.inode.ino, b, &mut block[..limit], name, ino, t, need)? {
                 seal_leaf(fs, &d.inode, &mut block);
-                op.tx.put(p, block);
+                put_dir_block(op, p, block);
                 return Ok(());
             }
         }
@@ -389,6 +389,27 @@ fn dir_add(op: &mut Op<'_>, d: &mut DirW, name: &[u8], ino: u32, t: u8) -> Resul
         return Ok(());
     }
     unreachable!("the loop returns")
+}
+
+/// Put directory block `p` (a leaf or an index block changed in place) into
+/// `op`: linked, or at the later stage at which this operation or the open
+/// batch already holds it (a block a split trims, see [`dx_split`]: bytes
+/// changed on top of the trimmed ones must not reach the disk before the
+/// trim's stage, when the entries it drops are reachable elsewhere). A block
+/// still fresh (new in this operation or batch: nothing on disk points to it)
+/// stays fresh: what it holds counts only once it is linked.
+fn put_dir_block(op: &mut Op<'_>, p: u64, block: Vec<u8>) {
+    put_dir_at(op, LINK, p, block);
+}
+
+/// Put directory block `p` at `stage` or later, as [`put_dir_block`].
+fn put_dir_at(op: &mut Op<'_>, stage: usize, p: u64, block: Vec<u8>) {
+    let stage = match op.stage_of(p) {
+        Some(FRESH) => FRESH,
+        Some(s) => s.max(stage),
+        None => stage,
+    };
+    op.tx.put_at(stage, p, block);
 }
 
 /// Put the entry into the first entry of `area` with room for it (a free
@@ -536,7 +557,7 @@ fn make_indexed(op: &mut Op<'_>, d: &mut DirW) -> Result<bool> {
     op.tx.put_fresh(p1, leaf);
     link_block(op, d, 1, p1)?;
     tree::set_size(&mut d.inode, 2 * bs as u64);
-    op.tx.put(p0, root);
+    put_dir_at(op, TRIM, p0, root);
     Ok(true)
 }
 
@@ -729,7 +750,7 @@ fn dx_split(op: &mut Op<'_>, d: &mut DirW, name: &[u8]) -> Result<()> {
         op.tx.put_fresh(p, hi_b);
         link_block(op, d, nb, p)?;
         tree::set_size(&mut d.inode, (nb + 1) * bs);
-        op.tx.put(lp, lo_b);
+        put_dir_at(op, TRIM, lp, lo_b);
         // Its index entry, after the old leaf's.
         dx_insert(
             &mut index,
@@ -739,7 +760,7 @@ fn dx_split(op: &mut Op<'_>, d: &mut DirW, name: &[u8]) -> Result<()> {
             nb,
         );
         seal_dx(fs, &d.inode, &mut index, bottom.at);
-        op.tx.put(pp, index);
+        put_dir_block(op, pp, index);
         return Ok(());
     }
     Err(dx_bad(d, "htree index keeps needing room"))
@@ -817,7 +838,7 @@ fn dx_make_room(op: &mut Op<'_>, d: &mut DirW, path: &DxPath) -> Result<()> {
         put32(&mut root, root_l.at + 4, nb as u32);
         root[0x1E] = (indirect + 1) as u8;
         seal_dx(fs, &d.inode, &mut root, root_l.at);
-        op.tx.put(rp, root);
+        put_dir_block(op, rp, root);
         return Ok(());
     }
     // Level k has room and the node below it on the path is full: split it.
@@ -837,11 +858,11 @@ fn dx_make_room(op: &mut Op<'_>, d: &mut DirW, path: &DxPath) -> Result<()> {
     op.tx.put_fresh(p, upper);
     link_block(op, d, nb, p)?;
     tree::set_size(&mut d.inode, (nb + 1) * bs);
-    op.tx.put(cp, node);
+    put_dir_at(op, TRIM, cp, node);
     let (pp, mut pblock) = dx_read(op, d, parent.b)?;
     dx_insert(&mut pblock, parent.at, parent.pos, split_hash, nb);
     seal_dx(fs, &d.inode, &mut pblock, parent.at);
-    op.tx.put(pp, pblock);
+    put_dir_block(op, pp, pblock);
     Ok(())
 }
 
@@ -1078,7 +1099,7 @@ fn area_store(op: &mut Op<'_>, d: &mut DirW, a: &Area, mut bytes: Vec<u8>) {
     match *a {
         Area::Block(p) => {
             seal_leaf(op.fs, &d.inode, &mut bytes);
-            op.tx.put(p, bytes);
+            put_dir_block(op, p, bytes);
         }
         Area::Inline(off, len) => d.inode.raw[off..off + len].copy_from_slice(&bytes),
     }

@@ -11,6 +11,9 @@
 //!   and symlink blocks, a new inode);
 //! - [`LINK`]: blocks that point at others (inodes, existing tree, indirect and
 //!   directory blocks, which may now name the fresh ones);
+//! - [`TRIM`]: directory blocks losing entries that a split copied to a block
+//!   made reachable at `LINK` (so a crash in between leaves a name twice, never
+//!   nowhere: `e2fsck -fy` rebuilds the index and drops the copy);
 //! - [`UNLINK`]: what a removed name pointed to (the inode cleared, dtime set),
 //!   after the name is gone;
 //! - `freed`, `freed_inodes`: blocks and inodes to give back once nothing points
@@ -43,9 +46,9 @@
 //! neighbour's change). Frees wait for the end of the batch, so nothing freed
 //! is reused inside it. Writing the batch without a journal: the fresh copies,
 //! a flush (the file data written so far with them), the linked copies, a
-//! flush, the unlinked ones, then (after a flush) the frees: the per-operation
-//! order, for all at once, with two to four flushes per batch instead of two or
-//! three per operation. With a journal a batch is one transaction (bounded to a
+//! flush, the trimmed ones, a flush, the unlinked ones, then (after a flush)
+//! the frees: the per-operation order, for all at once, with two to five
+//! flushes per batch instead of two to five per operation. With a journal a batch is one transaction (bounded to a
 //! quarter of the journal). A failed operation inside a batch drops only its
 //! own changes (the allocator reloads through the pending blocks).
 
@@ -63,15 +66,21 @@ use crate::{Error, Result};
 pub(crate) const FRESH: usize = 0;
 /// Blocks that link fresh ones in.
 pub(crate) const LINK: usize = 1;
+/// Blocks that drop what a linked copy made redundant: a directory block
+/// losing the entries a split moved to a block linked at [`LINK`] (see
+/// `dx_split` in `ops`), after that block is reachable.
+pub(crate) const TRIM: usize = 2;
 /// Blocks that drop what unlinked names pointed to (an unlinked inode's own
 /// changes), after the names are gone.
-pub(crate) const UNLINK: usize = 2;
+pub(crate) const UNLINK: usize = 3;
+/// How many write stages there are.
+const STAGES: usize = 4;
 
 /// The set of whole fs blocks changed by one operation (see the module docs).
 #[derive(Default)]
 pub(crate) struct Tx {
     /// Per stage, blocks in the order first put.
-    stages: [Vec<(u64, Vec<u8>)>; 3],
+    stages: [Vec<(u64, Vec<u8>)>; STAGES],
     /// The latest bytes of every block put.
     latest: HashMap<u64, Vec<u8>>,
     /// Block runs to free after everything else is on disk.
@@ -183,6 +192,21 @@ impl<'a> Op<'a> {
     /// Put `inode` (with its checksum) into its inode-table block, linked.
     pub(crate) fn put_inode(&mut self, inode: &mut Inode) -> Result<()> {
         self.put_inode_at(LINK, inode)
+    }
+
+    /// The latest write stage at which this operation, or the open batch, holds
+    /// `block` (`None`: neither changed it). A directory block one of them
+    /// trims is changed again only at that stage or later (see `ops`).
+    pub(crate) fn stage_of(&self, block: u64) -> Option<usize> {
+        let mine = (0..STAGES)
+            .rev()
+            .find(|&s| self.tx.stages[s].iter().any(|(b, _)| *b == block));
+        let batch = super::lock(&self.fs.batch).as_ref().and_then(|b| {
+            (0..STAGES)
+                .rev()
+                .find(|&s| b.stages[s].contains_key(&block))
+        });
+        mine.max(batch)
     }
 
     /// Put `inode` at write stage `stage` (a new inode is fresh: nothing names
@@ -308,7 +332,7 @@ impl Op<'_> {
 /// Operations committed together (see the module docs).
 pub(crate) struct Batch {
     /// Per stage, the copy of each block to write at that stage.
-    stages: [HashMap<u64, Vec<u8>>; 3],
+    stages: [HashMap<u64, Vec<u8>>; STAGES],
     freed: Vec<(u64, u64)>,
     freed_inodes: Vec<(u32, bool)>,
     /// Write the batch once this many blocks are pending.
@@ -342,13 +366,15 @@ impl Batch {
         let bs = fs.sb.block_size;
         self.freed.extend(tx.freed);
         self.freed_inodes.extend(tx.freed_inodes);
-        let mut tstages: [HashMap<u64, Vec<u8>>; 3] = Default::default();
+        let mut tstages: [HashMap<u64, Vec<u8>>; STAGES] = Default::default();
         for (s, list) in tx.stages.into_iter().enumerate() {
             tstages[s].extend(list);
         }
         for (block, latest) in tx.latest {
-            let batch_top = (0..3).rev().find(|&s| self.stages[s].contains_key(&block));
-            let tx_low = (0..3).find(|&s| tstages[s].contains_key(&block));
+            let batch_top = (0..STAGES)
+                .rev()
+                .find(|&s| self.stages[s].contains_key(&block));
+            let tx_low = (0..STAGES).find(|&s| tstages[s].contains_key(&block));
             let in_order = match (batch_top, tx_low) {
                 (None, _) => true,
                 (Some(b), Some(t)) => b <= t,
@@ -376,7 +402,7 @@ impl Batch {
                 }
                 Some(base) => {
                     let mut disk: Option<Vec<u8>> = None;
-                    for t in 0..3 {
+                    for t in 0..STAGES {
                         let here =
                             self.stages[t].contains_key(&block) || tstages[t].contains_key(&block);
                         // The operation's change up to stage t.
