@@ -226,7 +226,7 @@ fn record_and_replay(c: &Config) -> Option<Outcome> {
         .args(["-U", UUID, "-E", &format!("hash_seed={UUID}")])
         .args(c.args)
         .arg(&img)
-        .arg("8M")
+        .arg(if c.block == 1024 { "4M" } else { "8M" })
         .output()
         .unwrap();
     assert!(out.status.success(), "{}: {out:?}", c.mkfs);
@@ -303,7 +303,7 @@ fn record_and_replay(c: &Config) -> Option<Outcome> {
             }
             1 => {
                 splits += 1;
-                long || splits <= 3 || splits % 20 == 0
+                long || splits <= 2 || splits % 40 == 0
             }
             _ => true,
         };
@@ -448,7 +448,7 @@ fn ext3_1k_directory_growth_is_all_or_nothing() {
         args: &[],
         block: 1024,
         journal: true,
-        index_ops: 2,
-        max_names: 2000,
+        index_ops: 1,
+        max_names: 40,
     });
 }

@@ -234,7 +234,21 @@ impl Fs {
     /// Read inode `ino` from disk, let `change` edit it, and write it back with
     /// its checksum, all under the metadata lock: the one way the ext client
     /// writes metadata. Returns the inode as written.
-    fn update_inode(&self, ino: u32, change: impl FnOnce(&mut Inode)) -> Result<Inode> {
+    ///
+    /// While a batch is open (`Ext::begin_batch`) the change goes into the
+    /// batch as an operation of its own: written in place, it could be
+    /// overwritten by the batch's older copy of the inode's table block (a
+    /// lost update), and it would write (with a journal: commit) the batch's
+    /// pending changes to that block early.
+    fn update_inode(self: &Arc<Self>, ino: u32, change: impl FnOnce(&mut Inode)) -> Result<Inode> {
+        if tx::batching(self) {
+            let mut op = tx::Op::begin(self)?;
+            let mut inode = op.inode(ino)?;
+            change(&mut inode);
+            op.put_inode(&mut inode)?;
+            op.commit()?;
+            return Ok(inode);
+        }
         let _meta = lock(&self.meta);
         let mut inode = self.read_inode(ino)?;
         change(&mut inode);
@@ -1089,7 +1103,9 @@ impl ExtFile {
     /// starting from the inode as it is on disk now, under the file system's
     /// metadata lock. With a journal (ext3, ext4) the inode's block is committed
     /// as a jbd2 transaction (after a flush, so data written before is durable
-    /// first) and then written in place: on return it survives a crash.
+    /// first) and then written in place: on return it survives a crash. While a
+    /// batch is open ([`Ext::begin_batch`]) the change joins the batch and is
+    /// written with it.
     pub fn touch(&self) -> Result<()> {
         if !self.fs.writable {
             return Err(Error::ReadOnly);

@@ -35,7 +35,7 @@ use super::inode::{flags, FileType, Inode, Timestamp};
 use super::map::{read_extent_tree_blocks, FileExtent};
 use super::superblock::{compat, incompat};
 use super::tree::{self, ExtTree};
-use super::tx::{Op, FRESH, LINK, TRIM, UNLINK};
+use super::tx::{Op, FRESH, LINK, LATE, UNLINK};
 use super::wmap::{stamp, ExtWriter};
 use super::{Ext, Fs};
 use crate::error::{CorruptKind, Feature, PathErrorKind};
@@ -557,7 +557,7 @@ fn make_indexed(op: &mut Op<'_>, d: &mut DirW) -> Result<bool> {
     op.tx.put_fresh(p1, leaf);
     link_block(op, d, 1, p1)?;
     tree::set_size(&mut d.inode, 2 * bs as u64);
-    put_dir_at(op, TRIM, p0, root);
+    put_dir_at(op, LATE, p0, root);
     Ok(true)
 }
 
@@ -750,7 +750,7 @@ fn dx_split(op: &mut Op<'_>, d: &mut DirW, name: &[u8]) -> Result<()> {
         op.tx.put_fresh(p, hi_b);
         link_block(op, d, nb, p)?;
         tree::set_size(&mut d.inode, (nb + 1) * bs);
-        put_dir_at(op, TRIM, lp, lo_b);
+        put_dir_at(op, LATE, lp, lo_b);
         // Its index entry, after the old leaf's.
         dx_insert(
             &mut index,
@@ -858,7 +858,7 @@ fn dx_make_room(op: &mut Op<'_>, d: &mut DirW, path: &DxPath) -> Result<()> {
     op.tx.put_fresh(p, upper);
     link_block(op, d, nb, p)?;
     tree::set_size(&mut d.inode, (nb + 1) * bs);
-    put_dir_at(op, TRIM, cp, node);
+    put_dir_at(op, LATE, cp, node);
     let (pp, mut pblock) = dx_read(op, d, parent.b)?;
     dx_insert(&mut pblock, parent.at, parent.pos, split_hash, nb);
     seal_dx(fs, &d.inode, &mut pblock, parent.at);

@@ -11,9 +11,12 @@
 //!   and symlink blocks, a new inode);
 //! - [`LINK`]: blocks that point at others (inodes, existing tree, indirect and
 //!   directory blocks, which may now name the fresh ones);
-//! - [`TRIM`]: directory blocks losing entries that a split copied to a block
-//!   made reachable at `LINK` (so a crash in between leaves a name twice, never
-//!   nowhere: `e2fsck -fy` rebuilds the index and drops the copy);
+//! - [`LATE`]: blocks that must reach the disk only once the linked ones are
+//!   there: a directory block losing the entries a split copied to a block
+//!   made reachable at `LINK` (so a crash in between leaves a name twice,
+//!   never nowhere: `e2fsck -fy` rebuilds the index and drops the copy); a
+//!   file's inode whose size covers blocks that indirect or extent-tree blocks
+//!   linked at `LINK` point to (data, then pointers, then the size);
 //! - [`UNLINK`]: what a removed name pointed to (the inode cleared, dtime set),
 //!   after the name is gone;
 //! - `freed`, `freed_inodes`: blocks and inodes to give back once nothing points
@@ -66,10 +69,11 @@ use crate::{Error, Result};
 pub(crate) const FRESH: usize = 0;
 /// Blocks that link fresh ones in.
 pub(crate) const LINK: usize = 1;
-/// Blocks that drop what a linked copy made redundant: a directory block
-/// losing the entries a split moved to a block linked at [`LINK`] (see
-/// `dx_split` in `ops`), after that block is reachable.
-pub(crate) const TRIM: usize = 2;
+/// Blocks written after the linked ones (see the module docs): a directory
+/// block losing the entries a split moved to a block linked at [`LINK`] (see
+/// `dx_split` in `ops`), a file's inode (its size) after the tree or
+/// indirect blocks that map its new blocks (see `wmap`).
+pub(crate) const LATE: usize = 2;
 /// Blocks that drop what unlinked names pointed to (an unlinked inode's own
 /// changes), after the names are gone.
 pub(crate) const UNLINK: usize = 3;

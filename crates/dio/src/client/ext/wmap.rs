@@ -33,7 +33,7 @@ use super::imap::IndW;
 use super::inode::{flags, Inode};
 use super::map::{map_extents, FileExtent};
 use super::tree::{self, ExtTree, MAX_UNWRITTEN};
-use super::tx::Op;
+use super::tx::{Op, LATE};
 use super::Fs;
 use crate::device::{Device, Op as IoOp};
 use crate::error::Feature;
@@ -203,18 +203,22 @@ impl AllocMap {
     }
 
     /// Write the tree, i_blocks and the inode through `op`; the caller commits.
+    /// The inode goes at the late stage, after the tree or indirect blocks
+    /// (linked): a crash between them leaves pointers to written blocks past
+    /// the old size, never a size over pointers that did not land (holes or
+    /// unwritten extents reading as zeros where data was written).
     pub(crate) fn store(op: &mut Op<'_>, st: &mut FileW, goal: u64) -> Result<()> {
         let mut inode = st.inode.clone();
         if let Some(ind) = &mut st.ind {
             ind.store(op, &mut inode);
-            op.put_inode(&mut inode)?;
+            op.put_inode_at(LATE, &mut inode)?;
             st.inode = inode;
             return Ok(());
         }
         st.tree.write(op, &mut inode, goal)?;
         let ib = st.tree.i_blocks(&inode, &op.fs.sb);
         tree::set_i_blocks(&mut inode, ib);
-        op.put_inode(&mut inode)?;
+        op.put_inode_at(LATE, &mut inode)?;
         st.inode = inode;
         Ok(())
     }
