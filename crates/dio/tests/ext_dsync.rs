@@ -199,7 +199,10 @@ fn a_dsync_allocating_write_is_durable_when_it_returns() {
         // (without a journal the last one, after the tree and inode; with one,
         // the commit block's and the checkpoint's) are dropped.
         let (before, after) = good.last_write;
-        let k = if journal { 2 } else { 1 };
+        // (ext2's indirect table goes before the inode with its size, a flush
+        // apart: dropping only the last leaves pointers to the written blocks,
+        // from which e2fsck -fy rebuilds the size.)
+        let k = if journal || name == "ext2-1k" { 2 } else { 1 };
         assert!(after >= before + k, "{name}: {before}..{after} flushes");
         let bad = run(&base, Some(after - k + 1..=after));
         let got = after_crash(&format!("{name}-mutant"), &bad.image);
