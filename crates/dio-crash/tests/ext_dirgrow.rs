@@ -200,6 +200,9 @@ struct Config {
     /// level), or at `max_names`.
     index_ops: usize,
     max_names: usize,
+    /// Batch the creates (`Ext::begin_batch`), writing the batch every this
+    /// many (0: no batch).
+    batch: usize,
 }
 
 struct Outcome {
@@ -243,7 +246,7 @@ fn record_and_replay(c: &Config) -> Option<Outcome> {
     let dev = SyncDevice::new(f, geo, &SyncConfig::default()).unwrap();
     let log_path = dir.join("log");
     let rec = Arc::new(Recorder::create(dev, &log_path).unwrap());
-    let mut ops = Vec::new();
+    let mut ops: Vec<Op> = Vec::new();
     // Per operation: how many blocks it added to /d.
     let mut grew = Vec::new();
     {
@@ -252,13 +255,32 @@ fn record_and_replay(c: &Config) -> Option<Outcome> {
         let mut size = fs.lookup(b"/d", false).unwrap().size;
         let mut index_ops = 0;
         let mut converted = false;
+        // Batched: the operations since the last batch write.
+        let mut unwritten = 0;
+        let mut stop = false;
+        if c.batch > 0 {
+            fs.begin_batch().unwrap();
+        }
         for k in 0..c.max_names {
             let name = name_of(k);
             let mut path = b"/d/".to_vec();
             path.extend_from_slice(&name);
             let begin = rec.mark(&format!("begin {k}")).unwrap();
             let inode = fs.create(&path, &Attrs::new()).unwrap();
-            let end = rec.mark(&format!("end {k}")).unwrap();
+            let mut end = rec.mark(&format!("end {k}")).unwrap();
+            if c.batch > 0 {
+                unwritten += 1;
+            }
+            if c.batch > 0 && (unwritten == c.batch || stop) {
+                // The batch goes out: its names are made only now.
+                fs.commit_batch().unwrap();
+                end = rec.mark(&format!("batch written {k}")).unwrap();
+                let n = ops.len();
+                for o in &mut ops[n + 1 - unwritten..] {
+                    o.end = end;
+                }
+                unwritten = 0;
+            }
             ops.push(Op {
                 begin,
                 end,
@@ -275,9 +297,18 @@ fn record_and_replay(c: &Config) -> Option<Outcome> {
                 converted = true;
             } else if g >= 2 {
                 index_ops += 1;
-                if index_ops >= c.index_ops {
-                    break;
-                }
+                stop |= index_ops >= c.index_ops;
+            }
+            if stop && unwritten == 0 {
+                break;
+            }
+        }
+        if c.batch > 0 {
+            fs.end_batch().unwrap();
+            let end = rec.mark("batch ended").unwrap();
+            let n = ops.len();
+            for o in &mut ops[n - unwritten..] {
+                o.end = end;
             }
         }
     }
@@ -398,6 +429,7 @@ fn ext2_1k_directory_growth_is_crash_safe() {
         journal: false,
         index_ops: 2,
         max_names: 2000,
+        batch: 0,
     });
 }
 
@@ -411,6 +443,7 @@ fn ext4_nojournal_1k_csum_directory_growth_is_crash_safe() {
         journal: false,
         index_ops: 2,
         max_names: 2000,
+        batch: 0,
     });
 }
 
@@ -424,6 +457,7 @@ fn ext4_nojournal_4k_directory_growth_is_crash_safe() {
         journal: false,
         index_ops: 1,
         max_names: 150,
+        batch: 0,
     });
 }
 
@@ -437,6 +471,7 @@ fn ext4_journal_1k_directory_growth_is_all_or_nothing() {
         journal: true,
         index_ops: 2,
         max_names: 2000,
+        batch: 0,
     });
 }
 
@@ -450,5 +485,34 @@ fn ext3_1k_directory_growth_is_all_or_nothing() {
         journal: true,
         index_ops: 1,
         max_names: 40,
+        batch: 0,
+    });
+}
+
+#[test]
+fn ext2_1k_batched_directory_growth_is_crash_safe() {
+    check(Config {
+        tag: "ext2-1k-batch",
+        mkfs: "mkfs.ext2",
+        args: &[],
+        block: 1024,
+        journal: false,
+        index_ops: 2,
+        max_names: 2000,
+        batch: 9,
+    });
+}
+
+#[test]
+fn ext4_nojournal_4k_csum_batched_directory_growth_is_crash_safe() {
+    check(Config {
+        tag: "ext4-nj-4k-csum-batch",
+        mkfs: "mkfs.ext4",
+        args: &["-O", "^has_journal,metadata_csum"],
+        block: 4096,
+        journal: false,
+        index_ops: 1,
+        max_names: 150,
+        batch: 40,
     });
 }
