@@ -43,11 +43,7 @@ fn file(i: usize) -> (String, Vec<u8>) {
 const KEEP: &[u8] = b"the file from before the batch\n";
 
 /// Every regular file under `dir` (path -> bytes), through dio's reader.
-fn files_under(
-    fs: &Ext,
-    dir: &str,
-    out: &mut BTreeMap<String, Vec<u8>>,
-) -> Result<(), String> {
+fn files_under(fs: &Ext, dir: &str, out: &mut BTreeMap<String, Vec<u8>>) -> Result<(), String> {
     let inode = fs
         .lookup(if dir.is_empty() { b"/" } else { dir.as_bytes() }, false)
         .map_err(|e| format!("{dir}/: {e}"))?;
@@ -89,8 +85,8 @@ impl BatchChecker {
     fn judge(&self, img: &Path) -> Result<(), String> {
         let (f, geo) = dio::probe::open_probed(img, false).map_err(|e| format!("open: {e}"))?;
         let dev = SyncDevice::new(f, geo, &SyncConfig::default()).map_err(|e| format!("{e}"))?;
-        let fs = Ext::open(Arc::new(dev) as Arc<dyn Device>, geo.size)
-            .map_err(|e| format!("{e}"))?;
+        let fs =
+            Ext::open(Arc::new(dev) as Arc<dyn Device>, geo.size).map_err(|e| format!("{e}"))?;
         let mut found = BTreeMap::new();
         files_under(&fs, "", &mut found)?;
         if found.get("/keep").map(Vec::as_slice) != Some(KEEP) {
@@ -255,7 +251,10 @@ fn batch_crash(tag: &str, mkfs: &str, args: &[&str], journal: bool) {
         .arg(&img)
         .output()
         .unwrap();
-    assert!(out.status.success(), "e2fsck -fn of the final image: {out:?}");
+    assert!(
+        out.status.success(),
+        "e2fsck -fn of the final image: {out:?}"
+    );
     let log = Arc::new(Log::open(&log_path).unwrap());
     let opts = ReplayOptions {
         max_per_window: if long { 64 } else { 12 },
@@ -342,10 +341,15 @@ fn touch_inside_a_batch_joins_it() {
             if !journal && dio_testkit::have("debugfs") {
                 // Before the batch is written the image does not hold the new
                 // inode: the touch did not write its table block early.
-                let (block, off) = dio_testkit::tools::inode_location(&img, &format!("<{new_ino}>"));
+                let (block, off) =
+                    dio_testkit::tools::inode_location(&img, &format!("<{new_ino}>"));
                 let raw = std::fs::read(&img).unwrap();
                 let at = (block * 4096 + off) as usize;
-                assert_eq!(&raw[at..at + 2], &[0, 0], "the new inode reached the disk early");
+                assert_eq!(
+                    &raw[at..at + 2],
+                    &[0, 0],
+                    "the new inode reached the disk early"
+                );
             }
             fs.end_batch().unwrap();
         }

@@ -53,11 +53,14 @@ struct History {
 
 /// The names of `/d`, `lost+found`'s entries, read through dio's reader from
 /// the image file `img`.
-fn listing(img: &Path) -> Result<(Vec<(Vec<u8>, u32)>, Vec<Vec<u8>>), String> {
+/// Names with their inodes.
+type Names = Vec<(Vec<u8>, u32)>;
+
+fn listing(img: &Path) -> Result<(Names, Vec<Vec<u8>>), String> {
     let (f, geo) = dio::probe::open_probed(img, false).map_err(|e| format!("open: {e}"))?;
     let dev = SyncDevice::new(f, geo, &SyncConfig::default()).map_err(|e| format!("{e}"))?;
     let fs = Ext::open(Arc::new(dev) as Arc<dyn Device>, geo.size).map_err(|e| format!("{e}"))?;
-    let list = |p: &[u8]| -> Result<Vec<(Vec<u8>, u32)>, String> {
+    let list = |p: &[u8]| -> Result<Names, String> {
         let dir = fs
             .lookup(p, false)
             .map_err(|e| format!("{}: {e}", String::from_utf8_lossy(p)))?;
@@ -318,7 +321,10 @@ fn record_and_replay(c: &Config) -> Option<Outcome> {
         .arg(&img)
         .output()
         .unwrap();
-    assert!(out.status.success(), "e2fsck -fn of the final image: {out:?}");
+    assert!(
+        out.status.success(),
+        "e2fsck -fn of the final image: {out:?}"
+    );
 
     // The operations to replay: the conversion (the first growth), the first
     // leaf splits, every operation that changed the index.
@@ -415,7 +421,13 @@ fn check(c: Config) {
     let Some(o) = record_and_replay(&c) else {
         return;
     };
-    assert!(o.states >= 20, "{}: {} states ({})", c.tag, o.states, o.kinds);
+    assert!(
+        o.states >= 20,
+        "{}: {} states ({})",
+        c.tag,
+        o.states,
+        o.kinds
+    );
     assert_eq!(o.failed, 0, "{}: {:#?}", c.tag, o.first);
 }
 

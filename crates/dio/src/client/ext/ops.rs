@@ -35,7 +35,7 @@ use super::inode::{flags, FileType, Inode, Timestamp};
 use super::map::{read_extent_tree_blocks, FileExtent};
 use super::superblock::{compat, incompat};
 use super::tree::{self, ExtTree};
-use super::tx::{Op, FRESH, LINK, LATE, UNLINK};
+use super::tx::{Op, FRESH, LATE, LINK, UNLINK};
 use super::wmap::{stamp, ExtWriter};
 use super::{Ext, Fs};
 use crate::error::{CorruptKind, Feature, PathErrorKind};
@@ -484,6 +484,24 @@ fn max_indirect_levels(fs: &Fs) -> u8 {
 /// move to a new leaf, block 1. The caller then splits that leaf as needed.
 /// Returns false (the directory stays linear) without dir_index, or with a
 /// default hash the kernel does not index with.
+///
+/// **Write order without a journal** (the stages of `tx`; this one and
+/// [`dx_split`] and [`dx_make_room`] follow one rule: a block never loses an
+/// entry before a copy of it is reachable elsewhere). Fresh: the new leaf with
+/// copies of block 0's entries. Linked: the inode (INDEX flag, size, the
+/// pointer to block 1). Late: block 0 rewritten as the root. A crash before
+/// the late stage leaves every name in block 0 (and maybe in block 1 too);
+/// `e2fsck -fy` (1.47) then says "HTREE directory inode has an invalid root
+/// node. Clear HTree index", rebuilds the directory (pass 3A) and clears the
+/// duplicate entries ("Duplicate entry ... found. Clear", link counts fixed):
+/// every name once. The INDEX flag goes with the inode, not with the root, on
+/// purpose: a linear directory holding a name twice is not rebuilt by
+/// e2fsck, which would keep both and raise the link count. A name must never
+/// be in three places either: e2fsck clears one duplicate of a name and
+/// renames the third ("~0"); so a block still fresh (here block 1, when the
+/// caller splits it in the same operation or batch) is changed in place at
+/// the fresh stage instead of trimmed late (see [`put_dir_at`]). The crash
+/// tests in `dio-crash/tests/ext_dirgrow.rs` replay every stage.
 fn make_indexed(op: &mut Op<'_>, d: &mut DirW) -> Result<bool> {
     let fs = op.fs;
     if !fs.sb.has_compat(compat::DIR_INDEX) || fs.sb.def_hash_version > super::hash::TEA {
@@ -686,6 +704,17 @@ fn dx_insert(block: &mut [u8], at: usize, pos: usize, hash: u32, child: u64) {
 /// the collision bit when the halves share a hash, as the kernel's
 /// `do_split`), and add the new leaf to its index block, making room in the
 /// index first when that block is full.
+///
+/// Write order without a journal (see [`make_indexed`]): fresh, the new leaf
+/// with copies of the upper half; linked, the inode (size, pointer or extent
+/// of the new block) and the index entry for it (lookups find the upper half
+/// in the new leaf from then on); late, the old leaf without the upper half.
+/// Between the linked and late stages the upper half is in both leaves:
+/// `e2fsck -fy` says "block #N has bad max hash", clears the index, rebuilds
+/// the directory and drops the duplicates. A crash inside the linked stage
+/// (index entry without the inode: "bad block number N"; the inode without the
+/// entry: "block #N not referenced") is rebuilt the same way, with the old
+/// leaf still whole. Names are never only in a block nothing reaches.
 fn dx_split(op: &mut Op<'_>, d: &mut DirW, name: &[u8]) -> Result<()> {
     let fs = op.fs;
     let bs = u64::from(fs.sb.block_size);
@@ -790,6 +819,13 @@ fn seal_dx(fs: &Fs, dir: &Inode, block: &mut [u8], at: usize) {
 /// to a new node below it (one more level), unless the tree has as many
 /// levels as the file system allows (two, or three with large_dir): then
 /// ENOSPC, "directory index full", as the kernel says.
+///
+/// Write order without a journal (see [`make_indexed`]): the new node (a
+/// copy of the moved index entries) fresh; the inode and the parent's (or the
+/// root's) entry for it linked; the split node's shortened count late. Between
+/// them leaves are indexed twice: e2fsck says "referenced twice" or "bad max
+/// hash", clears the index and rebuilds the directory from its leaves, which
+/// an index change never touches, so no name is at stake.
 fn dx_make_room(op: &mut Op<'_>, d: &mut DirW, path: &DxPath) -> Result<()> {
     let fs = op.fs;
     let bs = u64::from(fs.sb.block_size);
