@@ -220,7 +220,11 @@ pub(crate) enum LockKind {
 /// truncate and allocating writes hold it alone. Sync callers wait for it; an async
 /// call never waits (it may run on a thread that delivers completions): it parks
 /// itself, and is started again when the lock is released.
+///
+/// On lines of its own: every locking-mode call writes it, and the file's size and
+/// truncate flag next to it are read by every call.
 #[derive(Default)]
+#[repr(align(128))]
 pub(crate) struct FileLock {
     st: Mutex<LockState>,
     cv: Condvar,
