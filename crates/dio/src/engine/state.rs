@@ -679,9 +679,8 @@ mod tests {
                                 }
                                 let tx = tx.clone();
                                 let job = Box::new(move || tx.send(()).unwrap());
-                                match lk.park_unless_free(s, e, job) {
-                                    Some(job) => job(),
-                                    None => {}
+                                if let Some(job) = lk.park_unless_free(s, e, job) {
+                                    job();
                                 }
                                 rx.recv().unwrap();
                             }
