@@ -525,6 +525,7 @@ impl RangeLock {
     }
 
     /// Lock `[start, end)`, waiting for overlapping holders.
+    #[inline]
     pub(crate) fn lock(&self, start: u64, end: u64) {
         let (start, end) = nonempty(start, end);
         while let Err(i) = self.try_take(start, end) {
@@ -566,23 +567,36 @@ impl RangeLock {
     /// thread).
     pub(crate) fn unlock(&self, start: u64, end: u64) {
         let (start, end) = nonempty(start, end);
+        let mask = shards_of(start, end);
+        if mask.is_power_of_two() {
+            if let Some(parked) = self.unlock_in(mask.trailing_zeros() as usize, start, end) {
+                parked.into_iter().for_each(|job| job());
+            }
+            return;
+        }
         let mut parked = Vec::new();
-        for i in each(shards_of(start, end)) {
-            let shard = &self.shards[i];
-            let mut g = lock(&shard.held);
-            g.remove(start, end);
-            let wake = g.waiters > 0;
-            if !g.parked.is_empty() {
-                parked.append(&mut g.parked);
-            }
-            drop(g);
-            if wake {
-                shard.released.notify_all();
+        for i in each(mask) {
+            if let Some(mut more) = self.unlock_in(i, start, end) {
+                parked.append(&mut more);
             }
         }
-        for job in parked {
-            job();
+        parked.into_iter().for_each(|job| job());
+    }
+
+    /// Release `[start, end)` in shard `i`, wake its waiters, and hand back the
+    /// calls parked on it, if any.
+    #[inline]
+    fn unlock_in(&self, i: usize, start: u64, end: u64) -> Option<Vec<Job>> {
+        let shard = &self.shards[i];
+        let mut g = lock(&shard.held);
+        g.remove(start, end);
+        let wake = g.waiters > 0;
+        let parked = (!g.parked.is_empty()).then(|| std::mem::take(&mut g.parked));
+        drop(g);
+        if wake {
+            shard.released.notify_all();
         }
+        parked
     }
 }
 
