@@ -17,6 +17,12 @@
 //! CPU per call measured: a cache line that bounces between cores costs CPU time per
 //! call, so it shows a shared hot spot on a loaded machine too, where wall time
 //! cannot).
+//!
+//! On a loaded machine the threads seldom run at the same moment, so a line they
+//! share seldom bounces and neither ratio shows it. Run under a real-time policy
+//! (as root: `chrt -f 10 target/release/examples/null_loop 3000000 2,4 shared write`)
+//! and the threads get the cores for the few seconds of the run: both ratios are
+//! then meaningful even while other work waits.
 
 use std::sync::Arc;
 use std::time::Instant;

@@ -32,7 +32,7 @@ fn id(round: u64, w: usize) -> u64 {
 
 #[test]
 fn overlapping_writes_across_stripes_serialise_under_threads() {
-    for seed in [1u64, 2, 3] {
+    for seed in [1u64, 2] {
         bounded(120, move || {
             let r = rig_with(
                 MemDeviceConfig::new(16 << 20, 512).fill(STALE).threaded(
