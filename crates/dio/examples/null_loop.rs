@@ -1,15 +1,28 @@
-//! The engine's own cost per request: a loop of one-block 4 KiB sync reads on the
-//! null RAM device (no storage, no copy, no counters, completes inline), the
-//! counterpart of `fio --ioengine=null --bs=4k --rw=randread --iodepth=1`.
+//! The engine's own cost per request: a loop of one-block 4 KiB sync reads (or
+//! writes) on the null RAM device (no storage, no copy, no counters, completes
+//! inline), the counterpart of `fio --ioengine=null --bs=4k --rw=randread --iodepth=1`.
 //!
-//! `cargo run --release -p dio --example null_loop -- [READS] [THREADS] [shared|own]`
+//! `cargo run --release -p dio --example null_loop -- [OPS] [THREADS] [shared|own] [read|write]`
 //!
-//! Prints ns per read (one thread), or with THREADS > 1 the reads per second of all
-//! threads against one thread's, on one shared file (`shared`, the default) or one
-//! file per thread (`own`, one device). The wall-time ratio needs as many idle cores
-//! as threads; the CPU-time ratio (THREADS x one thread's CPU per read / the CPU per
-//! read with THREADS) shows a shared hot spot on a loaded machine too, since cache
-//! lines that bounce between cores cost CPU time per read.
+//! - `OPS`: calls per thread (default 5000000).
+//! - `THREADS`: a count, or a comma list for a sweep (`1,2,4,8`); default 1.
+//! - `shared` (default): every thread on one file; `own`: a file each (one device).
+//! - `read` (default) or `write`: 4 KiB calls at aligned, non-overlapping offsets
+//!   (each thread its own part of the file); writes overwrite, so the file never grows.
+//!
+//! With one thread it prints ns per call. With more, for each thread count it prints
+//! the calls per second of all threads, the CPU time per call (the sum of the threads'
+//! CPU time over all calls) and two ratios against one thread: by wall time (needs as
+//! many idle cores as threads) and by CPU per call (THREADS x one thread's rate at the
+//! CPU per call measured: a cache line that bounces between cores costs CPU time per
+//! call, so it shows a shared hot spot on a loaded machine too, where wall time
+//! cannot).
+//!
+//! On a loaded machine the threads seldom run at the same moment, so a line they
+//! share seldom bounces and neither ratio shows it. Run under a real-time policy
+//! (as root: `chrt -f 10 target/release/examples/null_loop 3000000 2,4 shared write`)
+//! and the threads get the cores for the few seconds of the run: both ratios are
+//! then meaningful even while other work waits.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -18,12 +31,15 @@ use dio::{AlignedBuf, DirectFile, FileState, Flags, IdentityMap, MemDevice, MemD
 
 const SIZE: u64 = 1 << 30;
 
-fn file() -> DirectFile {
-    let dev = Arc::new(MemDevice::new(
+fn device() -> Arc<MemDevice> {
+    Arc::new(MemDevice::new(
         MemDeviceConfig::new(SIZE, 512).null().without_stats(),
-    ));
+    ))
+}
+
+fn open(dev: &Arc<MemDevice>) -> DirectFile {
     DirectFile::new(
-        dev,
+        dev.clone(),
         Arc::new(IdentityMap::new(4096, SIZE)),
         Arc::new(FileState::new(SIZE)),
     )
@@ -36,86 +52,109 @@ fn thread_cpu() -> f64 {
     t.tv_sec as f64 + t.tv_nsec as f64 * 1e-9
 }
 
-/// `reads` 4 KiB reads on `f` from offset `start` on; returns the seconds taken,
+/// `ops` 4 KiB calls on `f` in `[start, start + span)`; returns the seconds taken,
 /// wall and the thread's CPU.
-fn run(f: &DirectFile, reads: u64, start: u64) -> (f64, f64) {
+fn run(f: &DirectFile, ops: u64, start: u64, span: u64, write: bool) -> (f64, f64) {
     let mut buf = AlignedBuf::new(4096, 4096);
-    let mut off = start;
+    let mut at = 0;
     let (t0, c0) = (Instant::now(), thread_cpu());
-    for _ in 0..reads {
-        off = (off + 4096) % SIZE;
-        let n = f.read_at(off, &mut buf, Flags::NONE).expect("null read");
+    for _ in 0..ops {
+        at = (at + 4096) % span;
+        let n = if write {
+            f.write_at(start + at, &buf, Flags::NONE)
+        } else {
+            f.read_at(start + at, &mut buf, Flags::NONE)
+        }
+        .expect("null call");
         debug_assert_eq!(n, 4096);
     }
     (t0.elapsed().as_secs_f64(), thread_cpu() - c0)
 }
 
-/// Reads per second of `threads` threads together, each doing `reads` reads (wall
-/// time: a loaded machine lowers it), and the mean CPU time per read of a thread.
-fn rate(threads: usize, reads: u64, own: bool) -> (f64, f64) {
+/// Calls per second of `threads` threads together, each doing `ops` calls (wall
+/// time: a loaded machine lowers it), and the CPU time per call.
+fn rate(threads: usize, ops: u64, own: bool, write: bool) -> (f64, f64) {
     // One device; one file on it, or one file each (own state, map, counters).
-    let dev = Arc::new(MemDevice::new(
-        MemDeviceConfig::new(SIZE, 512).null().without_stats(),
-    ));
-    let open = || {
-        DirectFile::new(
-            dev.clone(),
-            Arc::new(IdentityMap::new(4096, SIZE)),
-            Arc::new(FileState::new(SIZE)),
-        )
-        .expect("open the null file")
-    };
-    let shared = open();
+    let dev = device();
+    let shared = open(&dev);
     let files: Vec<DirectFile> = (0..threads)
-        .map(|_| if own { open() } else { shared.clone() })
+        .map(|_| if own { open(&dev) } else { shared.clone() })
         .collect();
+    let span = (SIZE / threads as u64) & !4095;
     let start = std::sync::Barrier::new(threads);
-    let t0 = Instant::now();
+    let t0 = std::sync::Mutex::new(None);
     let cpu: f64 = std::thread::scope(|s| {
         let hs: Vec<_> = files
             .iter()
             .enumerate()
             .map(|(t, f)| {
-                let start = &start;
+                let (start, t0) = (&start, &t0);
                 s.spawn(move || {
-                    run(f, reads / 10, 0); // warm up
-                    start.wait();
-                    run(f, reads, t as u64 * (SIZE / threads as u64)).1
+                    let base = t as u64 * span;
+                    run(f, ops / 10, base, span, write); // warm up
+                    if start.wait().is_leader() {
+                        *t0.lock().unwrap() = Some(Instant::now());
+                    }
+                    run(f, ops, base, span, write).1
                 })
             })
             .collect();
-        hs.into_iter().map(|h| h.join().expect("reader")).sum()
+        hs.into_iter().map(|h| h.join().expect("worker")).sum()
     });
-    let wall = t0.elapsed().as_secs_f64();
-    let total = (threads as u64 * reads) as f64;
+    let wall = t0.lock().unwrap().expect("started").elapsed().as_secs_f64();
+    let total = (threads as u64 * ops) as f64;
     (total / wall, cpu * 1e9 / total)
 }
 
 fn main() {
-    let mut args = std::env::args().skip(1);
-    let reads: u64 = args.next().map_or(5_000_000, |a| a.parse().expect("READS"));
-    let threads: usize = args.next().map_or(1, |a| a.parse().expect("THREADS"));
-    let own = args.next().is_some_and(|a| a == "own");
-    if threads <= 1 {
-        let f = file();
-        run(&f, reads / 10, 0); // warm up
-        let (secs, cpu) = run(&f, reads, 0);
+    let (mut ops, mut threads, mut own, mut write) = (5_000_000u64, vec![1usize], false, false);
+    let mut numbers = 0;
+    for a in std::env::args().skip(1) {
+        match a.as_str() {
+            "shared" => own = false,
+            "own" => own = true,
+            "read" => write = false,
+            "write" => write = true,
+            _ if numbers == 0 => {
+                ops = a.parse().expect("OPS: a number");
+                numbers += 1;
+            }
+            _ if numbers == 1 => {
+                threads = a
+                    .split(',')
+                    .map(|t| t.parse().expect("THREADS: a number or a comma list"))
+                    .collect();
+                numbers += 1;
+            }
+            _ => panic!("usage: null_loop [OPS] [THREADS[,THREADS..]] [shared|own] [read|write]"),
+        }
+    }
+    let what = if write { "write" } else { "read" };
+    if threads == [1] {
+        let f = open(&device());
+        run(&f, ops / 10, 0, SIZE, write); // warm up
+        let (secs, cpu) = run(&f, ops, 0, SIZE, write);
         println!(
-            "{:.1} ns/read ({:.1} ns of CPU)",
-            secs * 1e9 / reads as f64,
-            cpu * 1e9 / reads as f64
+            "{:.1} ns/{what} ({:.1} ns of CPU)",
+            secs * 1e9 / ops as f64,
+            cpu * 1e9 / ops as f64
         );
         return;
     }
-    let (one, cpu1) = rate(1, reads, own);
-    let (many, cpun) = rate(threads, reads, own);
+    let (one, cpu1) = rate(1, ops, own, write);
     println!(
-        "1 thread: {:.2} M reads/s ({cpu1:.1} ns of CPU per read); {threads} threads ({}): \
-         {:.2} M reads/s ({cpun:.1} ns of CPU per read); ratio {:.2}x (by CPU per read: {:.2}x)",
-        one / 1e6,
+        "{what}s, {}: 1 thread: {:.2} M/s, {cpu1:.1} ns of CPU per {what}",
         if own { "a file each" } else { "one file" },
-        many / 1e6,
-        many / one,
-        threads as f64 * cpu1 / cpun
+        one / 1e6
     );
+    for &n in threads.iter().filter(|&&n| n > 1) {
+        let (many, cpun) = rate(n, ops, own, write);
+        println!(
+            "  {n} threads: {:.2} M/s, {cpun:.1} ns of CPU per {what}; ratio to 1 thread \
+             {:.2}x by wall time, {:.2}x by CPU per {what}",
+            many / 1e6,
+            many / one,
+            n as f64 * cpu1 / cpun
+        );
+    }
 }

@@ -758,7 +758,10 @@ pub(crate) fn zeroes(len: usize) -> MemRef {
 /// One scope's claim counter: every request over the scope's borrowed memory holds a
 /// clone of the scope's `Arc<Tracker>`, so the scope is drained when it holds the
 /// only reference left (one atomic increment and decrement per request, nothing
-/// more).
+/// more). Aligned to 128 bytes: its count is written by every call of its thread,
+/// and must not share a cache line with a neighbour another thread uses (see the
+/// engine's `Dio`).
+#[repr(align(128))]
 pub(crate) struct Tracker;
 
 /// A request's claim on a scope's borrowed memory: the scope does not end while one

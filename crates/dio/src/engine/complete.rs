@@ -74,6 +74,14 @@ pub(crate) struct Call {
 /// passes the file, the [`Call`], the walk's outcome and the result around on its
 /// own stack. Only an async call, which finishes on whatever thread completes it,
 /// carries the file and (once the walk is over) its call and outcome inside.
+///
+/// Aligned to 128 bytes, so its allocation (its `Arc` count included) has its own
+/// cache lines: a thread's sync `Dio` is written by every call it makes, and a
+/// neighbour on its line that another thread uses (a small allocation of the
+/// caller's, such as the `Vec` holding the file handles) would bounce between the
+/// cores at every call (two threads reading one file cost 130 ns of CPU per read
+/// instead of 62, on the null device).
+#[repr(align(128))]
 pub(crate) struct Dio {
     /// The file, for an async call (it finishes on another thread); None for a sync
     /// call, whose submitter has the file at hand.

@@ -197,7 +197,12 @@ pub(crate) fn drain(file: &Shared) -> impl FnMut() + '_ {
     }
 }
 
-/// What every call on one file shares.
+/// What every call on one file shares, read by every call.
+///
+/// Aligned to 128 bytes, so that in its `Arc` allocation the reference count has
+/// lines of its own: an async call clones the `Arc` (its completion needs the
+/// file), and that write must not evict these fields from the other cores.
+#[repr(align(128))]
 pub(crate) struct Shared {
     pub(crate) dev: Arc<dyn Device>,
     pub(crate) map: Arc<dyn BlockMap>,

@@ -220,7 +220,11 @@ pub(crate) enum LockKind {
 /// truncate and allocating writes hold it alone. Sync callers wait for it; an async
 /// call never waits (it may run on a thread that delivers completions): it parks
 /// itself, and is started again when the lock is released.
+///
+/// On lines of its own: every locking-mode call writes it, and the file's size and
+/// truncate flag next to it are read by every call.
 #[derive(Default)]
+#[repr(align(128))]
 pub(crate) struct FileLock {
     st: Mutex<LockState>,
     cv: Condvar,
@@ -364,14 +368,45 @@ impl std::fmt::Debug for GateState {
 /// Exclusive locks on byte ranges of a file: a holder waits until no overlapping
 /// range is held. Non-overlapping ranges never wait for each other.
 ///
-/// Every write takes one (the fs-block-rounded range of the write), so with many
-/// writes in flight the held set is large: it is kept ordered by start, and as held
-/// ranges never overlap (and are never empty), the only held range that can
-/// overlap `[start, end)` is the one with the greatest start below `end`: a binary
-/// search under the mutex, not a scan of every range in flight. (A sorted vector,
-/// not a tree: it keeps its capacity, so a lock allocates nothing.)
+/// Every write takes one (the fs-block-rounded range of the write), so the lock
+/// must not be one mutex that every writer of the file takes: that line would
+/// bounce between the cores of all writers, overlapping or not. The file is cut in
+/// stripes of [`STRIPE`] bytes, and each stripe belongs to one of [`LOCK_SHARDS`]
+/// shards (a hash of the stripe number, so that neighbouring stripes, and writers
+/// far apart in the file, land on different shards). A shard has its own mutex, on
+/// a line of its own, and holds every held range that touches one of its stripes (a
+/// range spanning several stripes is held in each of their shards; one spanning
+/// [`LOCK_SHARDS`] stripes or more, in all). Two ranges that overlap share a byte,
+/// so a stripe, so a shard: checking the shards of a range's stripes finds every
+/// holder that overlaps it. Writers in different stripes of different shards share
+/// no line.
+///
+/// Within a shard, held ranges never overlap (they are held ranges of the file, and
+/// those never overlap) and are never empty: kept ordered by start, the only one
+/// that can overlap `[start, end)` is the one with the greatest start below `end`,
+/// a binary search under the shard's mutex. (A sorted vector, not a tree: it keeps
+/// its capacity, so a lock allocates nothing.)
+///
+/// A lock of several shards takes their mutexes in increasing order, checks them
+/// all, and inserts into all or none, so it is atomic like the single-shard one. A
+/// waiter waits on the shard where it found the overlapping holder; that holder's
+/// release goes through that shard, and wakes it (or starts its parked retry).
 #[derive(Debug, Default)]
 pub(crate) struct RangeLock {
+    shards: Box<[RangeShard; LOCK_SHARDS]>,
+}
+
+/// Shards of a [`RangeLock`].
+pub(crate) const LOCK_SHARDS: usize = 16;
+
+/// Bytes per stripe of a [`RangeLock`]: a 4 KiB write takes one shard, a 1 MiB one
+/// at most two.
+pub(crate) const STRIPE: u64 = 1 << 20;
+
+/// One shard of a [`RangeLock`], on lines of its own.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct RangeShard {
     held: Mutex<Ranges>,
     released: Condvar,
 }
@@ -403,6 +438,34 @@ fn nonempty(start: u64, end: u64) -> (u64, u64) {
     (start, end.max(start.saturating_add(1)))
 }
 
+/// The shards of the stripes of the non-empty range `[start, end)`, one bit each.
+#[inline]
+fn shards_of(start: u64, end: u64) -> u32 {
+    let (first, last) = (start / STRIPE, (end - 1) / STRIPE);
+    if last - first >= LOCK_SHARDS as u64 - 1 {
+        return (1 << LOCK_SHARDS) - 1;
+    }
+    (first..=last).fold(0, |m, s| m | 1 << shard_of(s))
+}
+
+/// The shard of stripe `s` (Fibonacci hashing: the top bits of a multiple).
+#[inline]
+fn shard_of(s: u64) -> u32 {
+    (s.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - LOCK_SHARDS.trailing_zeros())) as u32
+}
+
+/// The shards of `mask`, in increasing order.
+#[inline]
+fn each(mut mask: u32) -> impl Iterator<Item = usize> {
+    std::iter::from_fn(move || {
+        (mask != 0).then(|| {
+            let i = mask.trailing_zeros();
+            mask &= mask - 1;
+            i as usize
+        })
+    })
+}
+
 impl Ranges {
     #[inline]
     fn overlaps(&self, start: u64, end: u64) -> bool {
@@ -415,98 +478,177 @@ impl Ranges {
         let at = self.held.partition_point(|&(s, _)| s < start);
         self.held.insert(at, (start, end));
     }
+
+    #[inline]
+    fn remove(&mut self, start: u64, end: u64) {
+        let at = self.held.partition_point(|&(s, _)| s < start);
+        if self.held.get(at) == Some(&(start, end)) {
+            self.held.remove(at);
+        }
+    }
 }
 
 impl RangeLock {
+    fn shard(&self, i: usize) -> MutexGuard<'_, Ranges> {
+        lock(&self.shards[i].held)
+    }
+
+    /// Take the non-empty range `[start, end)` if no overlapping range is held;
+    /// else the shard where an overlapping one was seen.
+    #[inline]
+    fn try_take(&self, start: u64, end: u64) -> std::result::Result<(), usize> {
+        let mask = shards_of(start, end);
+        if mask.is_power_of_two() {
+            let i = mask.trailing_zeros() as usize;
+            let mut g = self.shard(i);
+            if g.overlaps(start, end) {
+                return Err(i);
+            }
+            g.insert(start, end);
+            return Ok(());
+        }
+        // Every shard's mutex, in increasing order (as every taker of several does:
+        // no deadlock), then check all and insert into all.
+        let mut guards: [Option<MutexGuard<'_, Ranges>>; LOCK_SHARDS] =
+            std::array::from_fn(|_| None);
+        for i in each(mask) {
+            let g = self.shard(i);
+            if g.overlaps(start, end) {
+                return Err(i);
+            }
+            guards[i] = Some(g);
+        }
+        for g in guards.iter_mut().flatten() {
+            g.insert(start, end);
+        }
+        Ok(())
+    }
+
     /// Lock `[start, end)`, waiting for overlapping holders.
+    #[inline]
     pub(crate) fn lock(&self, start: u64, end: u64) {
         let (start, end) = nonempty(start, end);
-        let mut g = lock(&self.held);
-        while g.overlaps(start, end) {
-            g.waiters += 1;
-            g = self.released.wait(g).unwrap_or_else(|e| e.into_inner());
-            g.waiters -= 1;
+        while let Err(i) = self.try_take(start, end) {
+            // Wait until that shard no longer holds an overlapping range, then try
+            // the whole range again.
+            let shard = &self.shards[i];
+            let mut g = lock(&shard.held);
+            while g.overlaps(start, end) {
+                g.waiters += 1;
+                g = shard.released.wait(g).unwrap_or_else(|e| e.into_inner());
+                g.waiters -= 1;
+            }
         }
-        g.insert(start, end);
     }
 
     /// Lock `[start, end)` if no overlapping range is held.
     pub(crate) fn try_lock(&self, start: u64, end: u64) -> bool {
         let (start, end) = nonempty(start, end);
-        let mut g = lock(&self.held);
-        if g.overlaps(start, end) {
-            return false;
-        }
-        g.insert(start, end);
-        true
+        self.try_take(start, end).is_ok()
     }
 
     /// Park `job` until a range is released, unless `[start, end)` is free now: then
     /// the job comes back, to be run (retried) by the caller. For async calls, which
-    /// never wait.
+    /// never wait. The job parks in the shard where an overlapping holder is seen,
+    /// under that shard's mutex: the holder's release runs it.
     pub(crate) fn park_unless_free(&self, start: u64, end: u64, job: Job) -> Option<Job> {
         let (start, end) = nonempty(start, end);
-        let mut g = lock(&self.held);
-        if !g.overlaps(start, end) {
-            return Some(job);
+        for i in each(shards_of(start, end)) {
+            let mut g = self.shard(i);
+            if g.overlaps(start, end) {
+                g.parked.push(job);
+                return None;
+            }
         }
-        g.parked.push(job);
-        None
+        Some(job)
     }
 
     /// Release a range taken with `lock`; parked calls are started again (on this
     /// thread).
     pub(crate) fn unlock(&self, start: u64, end: u64) {
         let (start, end) = nonempty(start, end);
-        let mut g = lock(&self.held);
-        let at = g.held.partition_point(|&(s, _)| s < start);
-        if g.held.get(at) == Some(&(start, end)) {
-            g.held.remove(at);
+        let mask = shards_of(start, end);
+        if mask.is_power_of_two() {
+            if let Some(parked) = self.unlock_in(mask.trailing_zeros() as usize, start, end) {
+                parked.into_iter().for_each(|job| job());
+            }
+            return;
         }
+        let mut parked = Vec::new();
+        for i in each(mask) {
+            if let Some(mut more) = self.unlock_in(i, start, end) {
+                parked.append(&mut more);
+            }
+        }
+        parked.into_iter().for_each(|job| job());
+    }
+
+    /// Release `[start, end)` in shard `i`, wake its waiters, and hand back the
+    /// calls parked on it, if any.
+    #[inline]
+    fn unlock_in(&self, i: usize, start: u64, end: u64) -> Option<Vec<Job>> {
+        let shard = &self.shards[i];
+        let mut g = lock(&shard.held);
+        g.remove(start, end);
         let wake = g.waiters > 0;
-        let parked = std::mem::take(&mut g.parked);
+        let parked = (!g.parked.is_empty()).then(|| std::mem::take(&mut g.parked));
         drop(g);
         if wake {
-            self.released.notify_all();
+            shard.released.notify_all();
         }
-        for job in parked {
-            job();
-        }
+        parked
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::RangeLock;
+    use super::{RangeLock, STRIPE};
+    use std::sync::Mutex;
 
-    /// try_lock agrees with a brute-force overlap check over the held set, for
-    /// random ranges (touching, nested, empty, up to u64::MAX), and unlock frees
-    /// exactly what was taken.
-    #[test]
-    fn range_lock_matches_a_brute_force_model() {
-        let lk = RangeLock::default();
-        let mut model: Vec<(u64, u64)> = Vec::new();
-        let mut x = 0x2545_f491_4f6c_dd1du64;
-        let mut rnd = |n: u64| {
+    fn xorshift(mut x: u64) -> impl FnMut(u64) -> u64 {
+        move |n| {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
             x % n
+        }
+    }
+
+    /// A random range: small or spanning stripes, empty, or to the end of any file.
+    fn range(rnd: &mut impl FnMut(u64) -> u64) -> (u64, u64) {
+        // Units of a sector, or of a quarter stripe (ranges across stripes, and
+        // across more stripes than there are shards).
+        let unit = if rnd(2) == 0 { 512 } else { STRIPE / 4 };
+        let s = rnd(64) * unit + [0, STRIPE - 512, 3 * STRIPE][rnd(3) as usize];
+        let e = match rnd(10) {
+            0 => s,
+            1 => u64::MAX,
+            _ => s + (1 + rnd(80)) * unit,
         };
-        for _ in 0..20_000 {
+        (s, e)
+    }
+
+    fn overlap(model: &[(u64, u64)], s: u64, e: u64) -> bool {
+        let (ms, me) = (s, e.max(s + 1));
+        model.iter().any(|&(a, b)| a < me && ms < b.max(a + 1))
+    }
+
+    /// try_lock agrees with a brute-force overlap check over the held set, for
+    /// random ranges (touching, nested, empty, within one stripe and across many,
+    /// up to u64::MAX), and unlock frees exactly what was taken.
+    #[test]
+    fn range_lock_matches_a_brute_force_model() {
+        let lk = RangeLock::default();
+        let mut model: Vec<(u64, u64)> = Vec::new();
+        let mut rnd = xorshift(0x2545_f491_4f6c_dd1d);
+        for _ in 0..40_000 {
             if !model.is_empty() && rnd(3) == 0 {
                 let (s, e) = model.swap_remove(rnd(model.len() as u64) as usize);
                 lk.unlock(s, e);
                 continue;
             }
-            let s = rnd(64) * 512;
-            let e = match rnd(10) {
-                0 => s,
-                1 => u64::MAX,
-                _ => s + (1 + rnd(8)) * 512,
-            };
-            let (ms, me) = (s, e.max(s + 1));
-            let busy = model.iter().any(|&(a, b)| a < me && ms < b.max(a + 1));
+            let (s, e) = range(&mut rnd);
+            let busy = overlap(&model, s, e);
             assert_eq!(lk.try_lock(s, e), !busy, "[{s}, {e}) over {model:?}");
             if !busy {
                 model.push((s, e));
@@ -515,6 +657,58 @@ mod tests {
         for (s, e) in model.drain(..) {
             lk.unlock(s, e);
         }
+        assert!(lk.try_lock(0, u64::MAX));
+    }
+
+    /// Threads lock random ranges (blocking, or parking a retry as async calls do)
+    /// and, while holding one, find no overlapping range held by another thread in
+    /// a model of the held set: the shards together exclude as one lock would.
+    #[test]
+    fn range_lock_excludes_overlapping_holders_across_threads() {
+        let lk = RangeLock::default();
+        let held: Mutex<Vec<(u64, u64)>> = Mutex::new(Vec::new());
+        let check_in = |s: u64, e: u64| {
+            let mut h = held.lock().unwrap();
+            assert!(!overlap(&h, s, e), "[{s}, {e}) granted over {h:?}");
+            h.push((s, e));
+        };
+        let check_out = |s: u64, e: u64| {
+            let mut h = held.lock().unwrap();
+            let at = h.iter().position(|&r| r == (s, e)).expect("held");
+            h.swap_remove(at);
+        };
+        std::thread::scope(|sc| {
+            for t in 0..6u64 {
+                let (lk, check_in, check_out) = (&lk, &check_in, &check_out);
+                sc.spawn(move || {
+                    let mut rnd = xorshift(0x9e37_79b9 * (t + 1));
+                    for i in 0..3000 {
+                        let (s, e) = range(&mut rnd);
+                        if i % 4 == 0 {
+                            // The async way: try, park a retry, run it when handed back.
+                            let (tx, rx) = std::sync::mpsc::channel();
+                            loop {
+                                if lk.try_lock(s, e) {
+                                    break;
+                                }
+                                let tx = tx.clone();
+                                let job = Box::new(move || tx.send(()).unwrap());
+                                if let Some(job) = lk.park_unless_free(s, e, job) {
+                                    job();
+                                }
+                                rx.recv().unwrap();
+                            }
+                        } else {
+                            lk.lock(s, e);
+                        }
+                        check_in(s, e);
+                        std::thread::yield_now();
+                        check_out(s, e);
+                        lk.unlock(s, e);
+                    }
+                });
+            }
+        });
         assert!(lk.try_lock(0, u64::MAX));
     }
 }
