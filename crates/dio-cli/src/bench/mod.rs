@@ -87,6 +87,12 @@ pub struct BenchArgs {
     /// compare its cost with aligned runs (direct runs only).
     #[arg(long, value_parser = parse_size, default_value_t = 0)]
     pub skew: u64,
+    /// Submit every I/O at the end of its call (one io_uring_enter each, as fio's
+    /// default --iodepth_batch_submit=1 does) instead of in one enter per round:
+    /// by default the I/Os started for a batch of completions go to the kernel
+    /// together, in the enter that also waits for the next completions.
+    #[arg(long)]
+    pub no_batch: bool,
     /// Register the I/O buffers with the io_uring ring once (fixed buffers: no page
     /// pinning per I/O), as fio's --fixedbufs does.
     #[arg(long)]
@@ -417,6 +423,7 @@ fn single(path: &Path, args: &BenchArgs) -> Result<(), Failure> {
         span: span(size, bs)?,
         runtime: runtime(args, 5.0),
         skew: args.skew,
+        batch: !args.no_batch,
     };
     let mut jobs = Vec::new();
     let (mode, engine, report) = if args.buffered {

@@ -59,6 +59,9 @@ pub struct Workload {
     pub runtime: Duration,
     /// Bytes added to every offset (0: aligned I/O; else byte-granular).
     pub skew: u64,
+    /// Direct runs: the calls started for a batch of completions go to the kernel
+    /// together ([`dio::UringPlug`]), else each at its call's end.
+    pub batch: bool,
 }
 
 impl Workload {
@@ -382,6 +385,9 @@ pub fn direct_job(
     } else {
         CpuTime::now()
     };
+    // The calls started for a batch of completions go to the kernel together, in
+    // the enter that waits for the next ones (io_uring; other back ends ignore it).
+    let plug = w.batch.then(dio::UringPlug::new);
     let t0 = Instant::now();
     let deadline = t0 + w.runtime;
     for i in 0..qd {
@@ -428,6 +434,7 @@ pub fn direct_job(
             }
         }
     }
+    drop(plug);
     let cpu1 = if thread_cpu {
         CpuTime::thread()
     } else {
