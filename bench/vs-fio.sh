@@ -25,9 +25,9 @@
 #   WORKLOADS ("randread:4k:32 randwrite:4k:32 read:1M:8 write:1M:8"),
 #   DIO (the dio binary; default: target/release/dio, built if missing),
 #   FIXEDBUFS=1 (registered buffers on both sides: dio --fixed-bufs, fio --fixedbufs),
-#   NOBATCH=1 (dio --no-batch: one io_uring_enter per I/O, as fio's default
-#   iodepth_batch_submit=1; by default dio submits a round's I/Os in the one enter
-#   that also waits for the next completions).
+#   BATCH=N (dio --batch N: I/Os submitted per io_uring_enter at most; 1 is one
+#   enter per I/O, as fio's default iodepth_batch_submit=1; dio's default is a
+#   quarter of the queue depth, fio keeps its default).
 # Needs fio, and python3 or jq. Installs nothing.
 set -euo pipefail
 
@@ -40,7 +40,7 @@ JOBS=${JOBS:-1}
 WORKLOADS=${WORKLOADS:-"randread:4k:32 randwrite:4k:32 read:1M:8 write:1M:8"}
 DIO_OPTS=(); FIO_OPTS=()
 if [ "${FIXEDBUFS:-0}" = 1 ]; then DIO_OPTS=(--fixed-bufs); FIO_OPTS=(--fixedbufs=1); fi
-if [ "${NOBATCH:-0}" = 1 ]; then DIO_OPTS+=(--no-batch); fi
+if [ -n "${BATCH:-}" ]; then DIO_OPTS+=(--batch "$BATCH"); fi
 TARGET=${1:-$ROOT/target/vs-fio/bench.dat}
 
 die() { echo "vs-fio: $*" >&2; exit 1; }

@@ -1,5 +1,6 @@
 //! `UringPlug`: while a thread holds one, its calls' io_uring requests stay in the
-//! submission ring until the thread polls or the plug drops. The oracle for
+//! submission ring until the thread polls or the plug drops (or, with a limit,
+//! until that many are held). The oracle for
 //! "submitted" is the kernel's own account of each ring (`SqHead`/`SqTail` in
 //! /proc/self/fdinfo of every io_uring descriptor of this process), and the data
 //! is checked against the file as std::fs reads it. One test function: the rings
@@ -183,6 +184,20 @@ fn polled_device(name: &str, per_thread: bool) {
         &disk[BLOCK..3 * BLOCK],
         "{name}: sync read under a plug"
     );
+    drop(plug);
+
+    // A limit of 3: every third call submits what is held (fio's
+    // iodepth_batch_submit), the rest waits for the poll. An inner plug's smaller
+    // limit lasts as long as it does.
+    let plug = UringPlug::new();
+    let inner = UringPlug::with_limit(3);
+    let rx = start(file, false);
+    assert_eq!(unsubmitted(), CALLS % 3, "{name}: limit 3");
+    finish(file, &rx, &path, true);
+    drop(inner);
+    let rx = start(file, false);
+    assert_eq!(unsubmitted(), CALLS, "{name}: the outer plug's limit again");
+    finish(file, &rx, &path, true);
     drop(plug);
 
     // Without a plug, every call's requests go at its end.

@@ -359,6 +359,7 @@ thread_local! {
     static PLUG: RefCell<PlugState> = const {
         RefCell::new(PlugState {
             depth: 0,
+            limit: usize::MAX,
             held: Vec::new(),
         })
     };
@@ -366,6 +367,8 @@ thread_local! {
 
 struct PlugState {
     depth: u32,
+    /// Requests a ring holds back at most (the smallest limit of the open plugs).
+    limit: usize,
     held: Vec<Arc<Inner>>,
 }
 
@@ -377,9 +380,15 @@ struct PlugState {
 /// plug of the thread drops. A loop that reaps a batch of completions and starts a
 /// call for each saves a system call (and on virtio disks a doorbell) per call.
 ///
+/// [`UringPlug::with_limit`] bounds what a ring holds back: the call that brings
+/// its queue to the limit submits it (fio's `iodepth_batch_submit`), so that a
+/// long round does not keep the first requests of the round from the device while
+/// the last ones are started.
+///
 /// For a thread that polls its device ([`CompletionMode::Polled`]): an
 /// interrupt-mode device (reaper thread) submits at once regardless, and the other
-/// back ends ignore plugs. Plugs nest; a plug belongs to the thread that made it.
+/// back ends ignore plugs. Plugs nest (the smallest limit holds); a plug belongs to
+/// the thread that made it.
 ///
 /// ```no_run
 /// # fn main() -> dio::Result<()> {
@@ -392,6 +401,8 @@ struct PlugState {
 /// ```
 #[must_use = "the plug lasts as long as the value"]
 pub struct UringPlug {
+    /// The limit of the enclosing plugs, restored at drop.
+    outer_limit: usize,
     /// Not `Send`: the plug is this thread's.
     _thread: std::marker::PhantomData<*const ()>,
 }
@@ -399,8 +410,23 @@ pub struct UringPlug {
 impl UringPlug {
     /// Plug this thread's submissions until the value drops.
     pub fn new() -> UringPlug {
-        let _ = PLUG.try_with(|p| p.borrow_mut().depth += 1);
+        UringPlug::with_limit(usize::MAX)
+    }
+
+    /// The same, holding back at most `limit` requests per ring (at least 1;
+    /// 1 submits every call's requests at its end, as without a plug).
+    pub fn with_limit(limit: usize) -> UringPlug {
+        let outer_limit = PLUG
+            .try_with(|p| {
+                let mut p = p.borrow_mut();
+                p.depth += 1;
+                let outer = p.limit;
+                p.limit = outer.min(limit.max(1));
+                outer
+            })
+            .unwrap_or(usize::MAX);
         UringPlug {
+            outer_limit,
             _thread: std::marker::PhantomData,
         }
     }
@@ -418,6 +444,7 @@ impl Drop for UringPlug {
             .try_with(|p| {
                 let mut p = p.borrow_mut();
                 p.depth = p.depth.saturating_sub(1);
+                p.limit = self.outer_limit;
                 if p.depth == 0 {
                     std::mem::take(&mut p.held)
                 } else {
@@ -443,6 +470,10 @@ fn hold_for_plug(ring: &Arc<Inner>) -> bool {
     PLUG.try_with(|p| {
         let mut p = p.borrow_mut();
         if p.depth == 0 {
+            return false;
+        }
+        if ring.pending.load(Ordering::Relaxed) >= p.limit {
+            // Enough for one enter: submit them now.
             return false;
         }
         if !p.held.iter().any(|r| Arc::ptr_eq(r, ring)) {
