@@ -17,6 +17,12 @@
 //! submitted. A thread that exits drains and releases its rings; a ring is never
 //! dropped with requests in flight (they own memory the kernel writes).
 //!
+//! A [`UringPlug`] held by a thread keeps its calls' entries in the submission
+//! queue (up to its limit) until the thread polls or the plug drops: a loop that
+//! starts a call per completion of a round then submits the round in one enter.
+//! A waiting poll of a single-issuer ring is one enter: it submits what is queued,
+//! runs the deferred completion work and sleeps until a completion arrives.
+//!
 //! It knows nothing of files, block maps or the engine: it moves device ranges.
 
 use std::cell::RefCell;
