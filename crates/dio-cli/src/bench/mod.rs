@@ -74,7 +74,8 @@ pub struct BenchArgs {
     #[arg(long, value_enum, default_value_t = Engine::Auto)]
     pub engine: Engine,
     /// Print one JSON object (iops, bw_bytes, lat_ns {p50, p99, p999}, cpu_usr,
-    /// cpu_sys, and with --jobs a "jobs" array of the same per job) instead of text.
+    /// cpu_sys, batch, and with --jobs a "jobs" array of the same per job) instead
+    /// of text.
     #[arg(long)]
     pub json: bool,
     /// Measure the page cache instead (pread/pwrite, one thread per queue slot).
@@ -620,6 +621,7 @@ fn report_json(w: &Workload, r: &Report) -> Value {
         "rw": w.rw.name(),
         "bs": w.bs,
         "qd": w.qd,
+        "batch": w.batch,
         "size": w.span,
         "runtime_s": r.elapsed.as_secs_f64(),
         "ios": r.ios,
