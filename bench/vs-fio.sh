@@ -24,7 +24,10 @@
 #   JOBS (1),
 #   WORKLOADS ("randread:4k:32 randwrite:4k:32 read:1M:8 write:1M:8"),
 #   DIO (the dio binary; default: target/release/dio, built if missing),
-#   FIXEDBUFS=1 (registered buffers on both sides: dio --fixed-bufs, fio --fixedbufs).
+#   FIXEDBUFS=1 (registered buffers on both sides: dio --fixed-bufs, fio --fixedbufs),
+#   BATCH=N (dio --batch N: I/Os submitted per io_uring_enter at most; 1 is one
+#   enter per I/O, as fio's default iodepth_batch_submit=1; dio's default is a
+#   quarter of the queue depth, fio keeps its default).
 # Needs fio, and python3 or jq. Installs nothing.
 set -euo pipefail
 
@@ -35,8 +38,9 @@ SIZE=${SIZE:-256M}
 ENGINE=${ENGINE:-uring}
 JOBS=${JOBS:-1}
 WORKLOADS=${WORKLOADS:-"randread:4k:32 randwrite:4k:32 read:1M:8 write:1M:8"}
-DIO_FIXED=(); FIO_FIXED=()
-if [ "${FIXEDBUFS:-0}" = 1 ]; then DIO_FIXED=(--fixed-bufs); FIO_FIXED=(--fixedbufs=1); fi
+DIO_OPTS=(); FIO_OPTS=()
+if [ "${FIXEDBUFS:-0}" = 1 ]; then DIO_OPTS=(--fixed-bufs); FIO_OPTS=(--fixedbufs=1); fi
+if [ -n "${BATCH:-}" ]; then DIO_OPTS+=(--batch "$BATCH"); fi
 TARGET=${1:-$ROOT/target/vs-fio/bench.dat}
 
 die() { echo "vs-fio: $*" >&2; exit 1; }
@@ -141,14 +145,14 @@ for spec in $WORKLOADS; do
   : >"$WORK/ratios"
   run_dio() {
     timed "$WORK/dio.json" "$DIO" bench "$TARGET" --rw "$rw" --bs "$bs" --qd "$qd" --size "$SIZE" \
-      --runtime "$RUNTIME" --engine "$ENGINE" --jobs "$JOBS" --json "${FORCE[@]}" "${DIO_FIXED[@]}" \
+      --runtime "$RUNTIME" --engine "$ENGINE" --jobs "$JOBS" --json "${FORCE[@]}" "${DIO_OPTS[@]}" \
       || die "dio bench failed ($label)"
     D_SPENT=$CPU_SPENT
   }
   run_fio() {
     timed "$WORK/fio.json" fio --name=vs-fio --filename="$TARGET" --size="$SIZE" --rw="$rw" --bs="$bs" \
       --iodepth="$qd" --runtime="$RUNTIME" --time_based --direct=1 --ioengine=io_uring \
-      --norandommap --randrepeat=0 --numjobs="$JOBS" --group_reporting "${FIO_FIXED[@]}" --output-format=json 2>"$WORK/fio.err" \
+      --norandommap --randrepeat=0 --numjobs="$JOBS" --group_reporting "${FIO_OPTS[@]}" --output-format=json 2>"$WORK/fio.err" \
       || die "fio failed ($label): $(cat "$WORK/fio.err")"
     F_SPENT=$CPU_SPENT
   }

@@ -164,6 +164,7 @@ Examples:
   dio bench data.bin --rw randread --bs 4k --qd 32 --runtime 5
   dio bench /dev/nvme0n1 --rw read --bs 1M --qd 8 --json
   dio bench data.bin --rw randread --qd 64 --jobs 2   two threads, a ring each (fio --numjobs=2)
+  dio bench data.bin --rw randread --qd 64 --batch 1  one io_uring_enter per I/O (fio's default submission)
   dio bench nbd://host/disk --jobs 2 --qd 32          two threads, an NBD connection each (multi-conn)
 
 Without TARGET and without --rw, runs randread 4k qd32, randwrite 4k qd32, read 1M qd8 and

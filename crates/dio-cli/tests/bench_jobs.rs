@@ -157,3 +157,65 @@ fn jobs_need_a_single_workload() {
     let o = dio(&["bench", "x", "--jobs", "0"]);
     assert_eq!(o.status.code(), Some(2), "{o:?}");
 }
+
+/// `io_uring_enter` calls of a traced `dio bench` run, and the I/Os it reports.
+fn enters_and_ios(dir: &Path, f: &str, extra: &[&str]) -> (u64, u64) {
+    let trace = dir.join("strace.txt");
+    let o = Command::new("strace")
+        .args(["-f", "-c", "-e", "trace=io_uring_enter", "-o"])
+        .arg(&trace)
+        .arg(env!("CARGO_BIN_EXE_dio"))
+        .args([
+            "bench",
+            f,
+            "--rw",
+            "randread",
+            "--qd",
+            "32",
+            "--runtime",
+            "0.5",
+            "--engine",
+            "uring",
+            "--json",
+        ])
+        .args(extra)
+        .output()
+        .expect("run strace");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: Value = serde_json::from_slice(&o.stdout).expect("one JSON object");
+    let ios = v["ios"].as_u64().unwrap();
+    let summary = std::fs::read_to_string(&trace).unwrap();
+    // "% time  seconds  usecs/call  calls  errors  syscall": the calls column.
+    let enters = summary
+        .lines()
+        .find(|l| l.trim_end().ends_with(" io_uring_enter"))
+        .and_then(|l| l.split_whitespace().nth(3)?.parse().ok())
+        .unwrap_or_else(|| panic!("no io_uring_enter line in:\n{summary}"));
+    (enters, ios)
+}
+
+/// By default the I/Os started for a round of completions go to the kernel
+/// together (a plug; at most a quarter of --qd per enter, the last of a round in
+/// the enter that also waits for the next round): fewer enters than I/Os, as
+/// counted by strace. (The first 32 go in 4 enters; every later enter submits 8 or
+/// returns at least one completion, unless it times out after 10 ms, which 28
+/// times in half a second would need a stalled disk.) With --batch 1 every call
+/// enters the ring at its end: at least one enter per I/O.
+#[test]
+fn a_round_of_ios_goes_to_the_kernel_in_one_enter() {
+    if !uring() {
+        return;
+    }
+    if !dio_testkit::have("strace") {
+        dio_testkit::skip("strace is not installed");
+        return;
+    }
+    let dir = scratch();
+    let f = data_file(dir.path(), 8 << 20);
+    let (enters, ios) = enters_and_ios(dir.path(), &f, &[]);
+    assert!(ios > 32, "{ios} I/Os");
+    assert!(enters < ios, "batched: {enters} enters for {ios} I/Os");
+    let (enters, ios) = enters_and_ios(dir.path(), &f, &["--batch", "1"]);
+    assert!(ios > 32, "{ios} I/Os");
+    assert!(enters >= ios, "--batch 1: {enters} enters for {ios} I/Os");
+}

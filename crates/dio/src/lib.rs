@@ -334,7 +334,7 @@ pub use device::{
 };
 pub use device::{IoStats, LatencyHistogram, StatsDevice, LATENCY_BUCKETS};
 #[cfg(feature = "io-uring")]
-pub use device::{UringConfig, UringDevice};
+pub use device::{UringConfig, UringDevice, UringPlug};
 pub use engine::{
     Completed, DioFuture, DirectFile, FileLockGuard, FileState, Flags, Stats, MAX_IN_FLIGHT,
     MAX_SEGMENTS,

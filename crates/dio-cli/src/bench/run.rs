@@ -59,6 +59,10 @@ pub struct Workload {
     pub runtime: Duration,
     /// Bytes added to every offset (0: aligned I/O; else byte-granular).
     pub skew: u64,
+    /// Direct runs: I/Os submitted together at most ([`dio::UringPlug`] with this
+    /// limit: the I/Os started for a round of completions go to the kernel in one
+    /// enter, or in enters of this many); 1 submits each at its call's end.
+    pub batch: u32,
 }
 
 impl Workload {
@@ -382,6 +386,9 @@ pub fn direct_job(
     } else {
         CpuTime::now()
     };
+    // The calls started for a batch of completions go to the kernel together, in
+    // the enter that waits for the next ones (io_uring; other back ends ignore it).
+    let plug = (w.batch > 1).then(|| dio::UringPlug::with_limit(w.batch as usize));
     let t0 = Instant::now();
     let deadline = t0 + w.runtime;
     for i in 0..qd {
@@ -428,6 +435,7 @@ pub fn direct_job(
             }
         }
     }
+    drop(plug);
     let cpu1 = if thread_cpu {
         CpuTime::thread()
     } else {

@@ -237,6 +237,7 @@ pub fn suite(args: &BenchArgs) -> Result<(), Failure> {
             span: span(target.size, bs)?,
             runtime,
             skew: 0,
+            batch: super::batch_for(args, qd),
         };
         let label = w.label();
         cold(&buffered_file)?;

@@ -24,7 +24,7 @@ pub use mem::{LoggedRequest, MemDevice, MemDeviceConfig, MemStats};
 pub use stats::{IoStats, LatencyHistogram, StatsDevice, LATENCY_BUCKETS};
 pub use sync::{SyncConfig, SyncDevice};
 #[cfg(feature = "io-uring")]
-pub use uring::{UringConfig, UringDevice};
+pub use uring::{UringConfig, UringDevice, UringPlug};
 
 /// Direction of a device request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

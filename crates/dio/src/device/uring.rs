@@ -17,6 +17,12 @@
 //! submitted. A thread that exits drains and releases its rings; a ring is never
 //! dropped with requests in flight (they own memory the kernel writes).
 //!
+//! A [`UringPlug`] held by a thread keeps its calls' entries in the submission
+//! queue (up to its limit) until the thread polls or the plug drops: a loop that
+//! starts a call per completion of a round then submits the round in one enter.
+//! A waiting poll of a single-issuer ring is one enter: it submits what is queued,
+//! runs the deferred completion work and sleeps until a completion arrives.
+//!
 //! It knows nothing of files, block maps or the engine: it moves device ranges.
 
 use std::cell::RefCell;
@@ -351,6 +357,137 @@ impl PerThread {
         }
         r
     }
+}
+
+thread_local! {
+    /// This thread's open plugs ([`UringPlug`]) and the rings whose submission
+    /// they held back.
+    static PLUG: RefCell<PlugState> = const {
+        RefCell::new(PlugState {
+            depth: 0,
+            limit: usize::MAX,
+            held: Vec::new(),
+        })
+    };
+}
+
+struct PlugState {
+    depth: u32,
+    /// Requests a ring holds back at most (the smallest limit of the open plugs).
+    limit: usize,
+    held: Vec<Arc<Inner>>,
+}
+
+/// Holds back the io_uring submissions of this thread's calls while it lives (the
+/// block layer's plug, across calls): each call's requests stay queued in the
+/// submission ring instead of going to the kernel at the call's end, and go in one
+/// `io_uring_enter` with the others at the thread's next [`Device::poll`] (which
+/// then also waits for completions, one system call for both) or when the last
+/// plug of the thread drops. A loop that reaps a batch of completions and starts a
+/// call for each saves a system call (and on virtio disks a doorbell) per call.
+///
+/// [`UringPlug::with_limit`] bounds what a ring holds back: the call that brings
+/// its queue to the limit submits it (fio's `iodepth_batch_submit`), so that a
+/// long round does not keep the first requests of the round from the device while
+/// the last ones are started.
+///
+/// For a thread that polls its device ([`CompletionMode::Polled`]): an
+/// interrupt-mode device (reaper thread) submits at once regardless, and the other
+/// back ends ignore plugs. Plugs nest (the smallest limit holds); a plug belongs to
+/// the thread that made it.
+///
+/// ```no_run
+/// # fn main() -> dio::Result<()> {
+/// # let raw = dio::RawFile::open("f.dat", &dio::RawOptions::default())?;
+/// let file = raw.direct();
+/// let _plug = dio::UringPlug::new();
+/// // ... start async calls; poll with file.poll(true) to submit and reap ...
+/// # Ok(())
+/// # }
+/// ```
+#[must_use = "the plug lasts as long as the value"]
+pub struct UringPlug {
+    /// The limit of the enclosing plugs, restored at drop.
+    outer_limit: usize,
+    /// Not `Send`: the plug is this thread's.
+    _thread: std::marker::PhantomData<*const ()>,
+}
+
+impl UringPlug {
+    /// Plug this thread's submissions until the value drops.
+    pub fn new() -> UringPlug {
+        UringPlug::with_limit(usize::MAX)
+    }
+
+    /// The same, holding back at most `limit` requests per ring (at least 1;
+    /// 1 submits every call's requests at its end, as without a plug).
+    pub fn with_limit(limit: usize) -> UringPlug {
+        let outer_limit = PLUG
+            .try_with(|p| {
+                let mut p = p.borrow_mut();
+                p.depth += 1;
+                let outer = p.limit;
+                p.limit = outer.min(limit.max(1));
+                outer
+            })
+            .unwrap_or(usize::MAX);
+        UringPlug {
+            outer_limit,
+            _thread: std::marker::PhantomData,
+        }
+    }
+}
+
+impl Default for UringPlug {
+    fn default() -> Self {
+        UringPlug::new()
+    }
+}
+
+impl Drop for UringPlug {
+    fn drop(&mut self) {
+        let held = PLUG
+            .try_with(|p| {
+                let mut p = p.borrow_mut();
+                p.depth = p.depth.saturating_sub(1);
+                p.limit = self.outer_limit;
+                if p.depth == 0 {
+                    std::mem::take(&mut p.held)
+                } else {
+                    Vec::new()
+                }
+            })
+            .unwrap_or_default();
+        for ring in held {
+            ring.flush();
+        }
+    }
+}
+
+impl std::fmt::Debug for UringPlug {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("UringPlug")
+    }
+}
+
+/// Whether a plug on this thread takes over the submission of `ring`'s queue.
+#[inline]
+fn hold_for_plug(ring: &Arc<Inner>) -> bool {
+    PLUG.try_with(|p| {
+        let mut p = p.borrow_mut();
+        if p.depth == 0 {
+            return false;
+        }
+        if ring.pending.load(Ordering::Relaxed) >= p.limit {
+            // Enough for one enter: submit them now.
+            return false;
+        }
+        if !p.held.iter().any(|r| Arc::ptr_eq(r, ring)) {
+            p.held.push(Arc::clone(ring));
+        }
+        true
+    })
+    .unwrap_or(false)
 }
 
 fn bufs_empty(set: &FixedSet) -> bool {
@@ -933,7 +1070,17 @@ impl Inner {
         complete_all(batch);
     }
 
-    fn unplug(&self) {
+    /// Submit what is queued, unless a [`UringPlug`] on this thread holds it back
+    /// (then the plug's end, or this thread's next poll, submits it).
+    fn unplug(self: &Arc<Self>) {
+        if self.pending.load(Ordering::Acquire) == 0 || hold_for_plug(self) {
+            return;
+        }
+        self.flush();
+    }
+
+    /// Submit what is queued now (plug or not).
+    fn flush(&self) {
         if self.pending.load(Ordering::Acquire) == 0 {
             return;
         }
@@ -944,13 +1091,16 @@ impl Inner {
     }
 
     fn poll(&self, wait: bool) -> io::Result<usize> {
+        if self.defer && !self.iopoll && wait {
+            return Ok(self.poll_single_issuer());
+        }
         if self.defer && !wait {
             // Deferred completion work runs only in an enter with GETEVENTS, which
             // a plain submit carries when the kernel flags pending work.
             let _st = lock(&self.state);
             self.submit_locked()?;
         }
-        self.unplug();
+        self.flush();
         let n = self.reap_and_complete();
         if n > 0 || !wait {
             return Ok(n);
@@ -963,6 +1113,30 @@ impl Inner {
         }
         self.wait_unlocked(POLL_WAIT, true);
         Ok(self.reap_and_complete())
+    }
+
+    /// A waiting poll of a ring only this thread enters (single issuer, deferred
+    /// task run): its completion queue fills only in this thread's enters, so what
+    /// is there is reaped first without a system call; if nothing is, one enter
+    /// submits what is queued (also what a plug held back), runs the deferred
+    /// completion work and sleeps until a completion arrives (as fio's
+    /// submit-and-wait does): one system call per round, not a submit and then a
+    /// wait.
+    fn poll_single_issuer(&self) -> usize {
+        let n = self.reap_and_complete();
+        if n > 0 {
+            return n;
+        }
+        if self.in_flight.load(Ordering::Acquire) == 0 {
+            // Nothing of ours in the kernel or queued: a completion may be on its
+            // way through another thread (a parked call restarted there).
+            thread::yield_now();
+            return 0;
+        }
+        // Everything queued goes in this enter (only this thread pushes).
+        self.pending.store(0, Ordering::Release);
+        self.wait_unlocked(POLL_WAIT, false);
+        self.reap_and_complete()
     }
 
     /// Complete every request in flight (polling). False if the ring keeps failing
@@ -1375,6 +1549,13 @@ impl Device for UringDevice {
     }
 
     fn unplug(&self) {
+        if self.mode == CompletionMode::Interrupt {
+            // Completions come on the reaper thread, which no plug may delay.
+            if let Rings::Shared(inner) = &self.rings {
+                inner.flush();
+            }
+            return;
+        }
         match &self.rings {
             Rings::Shared(inner) => inner.unplug(),
             Rings::PerThread(pt) => {
