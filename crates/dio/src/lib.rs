@@ -345,4 +345,4 @@ pub use error::{
 pub use error::{TlsError, TlsErrorKind};
 pub use map::{BlockMap, Extent, IdentityMap, Mapping, Private, TestMap, TestMapConfig};
 #[cfg(feature = "redb")]
-pub use stream::redb::RedbBackend;
+pub use stream::redb::{RedbBackend, RedbOptions};
