@@ -176,6 +176,393 @@ fn a_workload_gives_the_same_results_on_dio_and_on_redbs_file_backend() {
     assert!(got_all == want_all);
 }
 
+// ---- The backend itself against a byte model ----
+//
+// redb calls `StorageBackend` with any offsets and lengths; the backend keeps
+// aligned blocks (a cache that reads ahead, a write-back buffer). These drive it
+// directly with small budgets, so that eviction, readahead, write-back and the
+// read-modify-write of partial blocks all happen, and compare every read with a
+// `Vec<u8>`. The device is judged by its own bytes: `MemDevice::crash` keeps only
+// what was flushed, so after a crash the device must hold exactly what the last
+// `sync_data` covered.
+
+use dio::StatsDevice;
+use dio_testkit::Rng as TRng;
+use redb::StorageBackend;
+
+const DEV: u64 = 8 << 20;
+const BLOCK: u64 = 4096;
+
+fn mem_file(dev: &Arc<MemDevice>, len: u64) -> DirectFile {
+    DirectFile::new(
+        dev.clone(),
+        Arc::new(IdentityMap::new(4096, DEV)),
+        Arc::new(FileState::new(len)),
+    )
+    .unwrap()
+}
+
+/// Budgets small enough that every mechanism runs: (cache, write-back,
+/// readahead) in blocks.
+const BUDGETS: [(usize, usize, usize); 4] = [(24, 8, 8), (6, 2, 4), (0, 0, 0), (64, 64, 32)];
+
+fn options((cache, write_back, readahead): (usize, usize, usize)) -> RedbOptions {
+    let b = BLOCK as usize;
+    RedbOptions::default()
+        .cache(cache * b)
+        .write_back(write_back * b)
+        .readahead(readahead * b)
+}
+
+/// A random operation mix on `backend` against `model`: unaligned and aligned
+/// writes (straddling blocks, past the end), reads (checked, and past the end
+/// refused), growth and shrinking. Returns when it picks `sync`, `reopen` or
+/// `crash` for the caller (0, 1, 2) after `steps` operations or earlier.
+fn churn(backend: &RedbBackend, model: &mut Vec<u8>, rng: &mut TRng, steps: usize) -> u32 {
+    for _ in 0..steps {
+        let len = model.len() as u64;
+        match rng.below(100) {
+            0..40 => {
+                // redb's shapes: whole pages at page offsets, 320-byte headers
+                // at 0; and any bytes anywhere, a little past the end too.
+                let (off, n) = match rng.below(4) {
+                    0 => (rng.below(len / BLOCK + 2) * BLOCK, BLOCK * rng.range(1..4)),
+                    1 => (0, 320),
+                    _ => (rng.below(len + 2 * BLOCK), rng.range(1..3 * BLOCK)),
+                };
+                let data = dio_testkit::bytes(n as usize, rng.next_u64());
+                backend.write(off, &data).unwrap();
+                let end = (off + n) as usize;
+                if end > model.len() {
+                    model.resize(end, 0);
+                }
+                model[off as usize..end].copy_from_slice(&data);
+            }
+            40..80 => {
+                if len == 0 {
+                    continue;
+                }
+                let off = rng.below(len);
+                let n = rng.range(1..3 * BLOCK).min(len - off) as usize;
+                let mut out = vec![0x55u8; n];
+                backend.read(off, &mut out).unwrap();
+                assert!(
+                    out == model[off as usize..off as usize + n],
+                    "read {off}+{n} differs from the model"
+                );
+                if rng.percent(5) {
+                    let mut past = vec![0u8; n + 1];
+                    let e = backend.read(len - n as u64, &mut past).unwrap_err();
+                    assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof);
+                }
+            }
+            80..88 => {
+                // Shrink into or grow over cached and dirty blocks, often to an
+                // unaligned length.
+                let to = if rng.percent(50) {
+                    rng.below(len + 1)
+                } else {
+                    len + rng.below(64 * BLOCK)
+                };
+                let to = to.min(2 << 20);
+                backend.set_len(to).unwrap();
+                model.resize(to as usize, 0);
+                assert_eq!(backend.len().unwrap(), to);
+            }
+            88..95 => return 0,
+            95..98 => return 1,
+            _ => return 2,
+        }
+    }
+    0
+}
+
+#[test]
+fn backend_matches_a_byte_model_and_survives_crashes_at_every_sync() {
+    for (seed, budget) in BUDGETS.iter().enumerate() {
+        // A device full of garbage: growth must read, and be written, as zeros.
+        let dev = Arc::new(MemDevice::new(
+            MemDeviceConfig::new(DEV, 512).fill(0xAA).crash_mode(),
+        ));
+        let mut rng = TRng::new(seed as u64 + 1);
+        let mut model = Vec::new();
+        let mut durable = Vec::new();
+        let mut backend = RedbBackend::new(mem_file(&dev, 0)).with_options(options(*budget));
+        let (mut syncs, mut crashes, mut reopens) = (0, 0, 0);
+        for _ in 0..200 {
+            match churn(&backend, &mut model, &mut rng, 30) {
+                0 => {
+                    backend.sync_data().unwrap();
+                    durable = model.clone();
+                    syncs += 1;
+                    // What sync_data covered is on the device and flushed.
+                    assert_eq!(backend.file().size(), model.len() as u64);
+                    assert!(dev.read_raw(0, model.len()) == model, "device after sync");
+                }
+                1 => {
+                    // Drop (writes what is dirty) and open again over the same file.
+                    let file = backend.file().clone();
+                    drop(backend);
+                    assert_eq!(file.size(), model.len() as u64);
+                    backend = RedbBackend::new(file).with_options(options(*budget));
+                    reopens += 1;
+                }
+                _ => {
+                    // Power loss: only what the last sync covered survives.
+                    drop(backend);
+                    dev.crash();
+                    assert!(
+                        dev.read_raw(0, durable.len()) == durable,
+                        "seed {seed}: the device lost synced bytes in a crash"
+                    );
+                    model = durable.clone();
+                    backend = RedbBackend::new(mem_file(&dev, durable.len() as u64))
+                        .with_options(options(*budget));
+                    crashes += 1;
+                }
+            }
+        }
+        backend.sync_data().unwrap();
+        assert!(dev.read_raw(0, model.len()) == model);
+        eprintln!("budget {budget:?}: {syncs} syncs, {reopens} reopens, {crashes} crashes");
+        assert!(syncs > 10 && crashes > 2 && reopens > 2);
+    }
+}
+
+#[test]
+fn backend_on_a_host_file_matches_the_model_and_the_file_after_each_sync() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let path = dir.path().join("model.redb");
+    for (seed, budget) in BUDGETS.iter().enumerate() {
+        let _ = std::fs::remove_file(&path);
+        let mut rng = TRng::new(100 + seed as u64);
+        let mut model = Vec::new();
+        let mut backend = RedbBackend::raw(raw(&path)).with_options(options(*budget));
+        for _ in 0..50 {
+            if churn(&backend, &mut model, &mut rng, 30) == 1 {
+                drop(backend);
+                backend = RedbBackend::raw(raw(&path)).with_options(options(*budget));
+                continue;
+            }
+            backend.sync_data().unwrap();
+            // The kernel's view of the file: every byte and the length.
+            let file = std::fs::read(&path).unwrap();
+            if file != model {
+                let at = file.iter().zip(&model).position(|(a, b)| a != b);
+                panic!(
+                    "seed {seed}: file after sync: {} bytes, model {}; first difference at {at:?}",
+                    file.len(),
+                    model.len()
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn partial_writes_straddling_cached_blocks_read_each_block_once() {
+    let dev = Arc::new(StatsDevice::new(MemDevice::new(
+        MemDeviceConfig::new(DEV, 512).fill(0x11),
+    )));
+    let file = DirectFile::new(
+        dev.clone(),
+        Arc::new(IdentityMap::new(4096, DEV)),
+        Arc::new(FileState::new(64 * BLOCK)),
+    )
+    .unwrap();
+    let backend = RedbBackend::new(file);
+    // Read blocks 0..8 (cached), then write across the boundaries of 2..6 in
+    // odd pieces: no device read, and nothing written before the sync.
+    let mut out = vec![0u8; 8 * BLOCK as usize];
+    backend.read(0, &mut out).unwrap();
+    assert!(out.iter().all(|&b| b == 0x11));
+    let before = dev.stats();
+    let mut model = out.clone();
+    for (off, n) in [
+        (2 * BLOCK - 7, 20),
+        (3 * BLOCK + 100, 2 * BLOCK),
+        (6 * BLOCK - 1, 2),
+    ] {
+        let data = dio_testkit::bytes(n as usize, off);
+        backend.write(off, &data).unwrap();
+        model[off as usize..(off + n) as usize].copy_from_slice(&data);
+    }
+    backend.read(0, &mut out).unwrap();
+    assert!(out == model, "reads see the writes before any sync");
+    let after = dev.stats();
+    assert_eq!(
+        after.reads, before.reads,
+        "cached blocks are not read again"
+    );
+    assert_eq!(
+        after.writes, before.writes,
+        "nothing written before sync_data"
+    );
+    // Blocks 12 and 13, not cached: one read of each for their partial writes,
+    // however many writes touch them.
+    for i in 0..10 {
+        backend
+            .write(12 * BLOCK + 4000 + i * 13, &[i as u8; 13])
+            .unwrap();
+    }
+    assert_eq!(dev.stats().reads - after.reads, 2);
+    backend.sync_data().unwrap();
+    let synced = dev.stats();
+    assert_eq!(synced.flushes - after.flushes, 1);
+    // Blocks 1..7 and 12..14 went as two requests.
+    assert_eq!(synced.writes - after.writes, 2);
+    assert!(dev.inner().read_raw(0, model.len()) == model);
+    let mut tail = vec![0u8; 13];
+    backend.read(12 * BLOCK + 4000 + 9 * 13, &mut tail).unwrap();
+    assert_eq!(tail, [9u8; 13]);
+}
+
+#[test]
+fn a_sync_writes_runs_of_blocks_as_few_large_requests() {
+    let dev = Arc::new(StatsDevice::new(MemDevice::new(MemDeviceConfig::new(
+        DEV, 512,
+    ))));
+    let file = DirectFile::new(
+        dev.clone(),
+        Arc::new(IdentityMap::new(4096, DEV)),
+        Arc::new(FileState::new(0)),
+    )
+    .unwrap();
+    let backend = RedbBackend::new(file);
+    backend.set_len(4 << 20).unwrap();
+    // 512 pages written in a shuffled order from unaligned heap buffers.
+    let mut order: Vec<u64> = (0..512).collect();
+    let mut rng = TRng::new(5);
+    for i in (1..order.len()).rev() {
+        order.swap(i, rng.below(i as u64 + 1) as usize);
+    }
+    for &p in &order {
+        backend
+            .write(p * BLOCK, &[p as u8; BLOCK as usize])
+            .unwrap();
+    }
+    assert_eq!(dev.stats().writes, 0);
+    backend.sync_data().unwrap();
+    let s = dev.stats();
+    // 2 MiB of pages and 2 MiB of the growth's zeros: 1 MiB per request.
+    assert_eq!((s.writes, s.bytes_written, s.flushes), (4, 4 << 20, 1));
+    // A second sync with nothing written flushes nothing.
+    backend.sync_data().unwrap();
+    assert_eq!(dev.stats().flushes, 1);
+    let raw = dev.inner().read_raw(0, 4 << 20);
+    for p in 0..1024usize {
+        let want = if p < 512 { p as u8 } else { 0 };
+        assert!(
+            raw[p * 4096..(p + 1) * 4096].iter().all(|&b| b == want),
+            "page {p}"
+        );
+    }
+}
+
+#[test]
+fn readahead_grows_on_sequential_reads_and_stops_on_random_ones() {
+    let dev = Arc::new(StatsDevice::new(MemDevice::new(
+        MemDeviceConfig::new(DEV, 512).fill(7),
+    )));
+    let file = DirectFile::new(
+        dev.clone(),
+        Arc::new(IdentityMap::new(4096, DEV)),
+        Arc::new(FileState::new(DEV)),
+    )
+    .unwrap();
+    // Sequential pages: far fewer requests than pages.
+    let backend = RedbBackend::new(file.clone());
+    let mut page = vec![0u8; BLOCK as usize];
+    for p in 0..512 {
+        backend.read(p * BLOCK, &mut page).unwrap();
+        assert!(page.iter().all(|&b| b == 7));
+    }
+    let seq = dev.stats();
+    assert!(
+        seq.reads <= 40,
+        "{} requests for 512 sequential pages",
+        seq.reads
+    );
+    assert!(seq.bytes_read <= (512 + 32) * BLOCK);
+    // Random pages over 8 MiB with a 256 KiB cache: readahead would be wasted,
+    // so the window shrinks to nothing and the bytes read stay close to those
+    // asked for.
+    drop(backend);
+    dev.reset();
+    let backend = RedbBackend::new(file).with_options(RedbOptions::default().cache(256 << 10));
+    let mut rng = TRng::new(9);
+    let n = 3000;
+    for _ in 0..n {
+        backend
+            .read(rng.below(DEV / BLOCK) * BLOCK, &mut page)
+            .unwrap();
+    }
+    let rand = dev.stats();
+    assert!(
+        rand.bytes_read < n * BLOCK * 5 / 4,
+        "{} bytes read for {n} random pages",
+        rand.bytes_read
+    );
+}
+
+#[test]
+fn readers_racing_a_writer_see_only_whole_values() {
+    // Threaded completions with latency, so a read's device request is in
+    // flight while the writer writes back, syncs, shrinks and grows.
+    let dev = Arc::new(MemDevice::new(MemDeviceConfig::new(DEV, 512).threaded(
+        Some(std::time::Duration::from_micros(50)),
+        true,
+        3,
+    )));
+    let backend = Arc::new(RedbBackend::new(mem_file(&dev, 0)).with_options(options((8, 4, 4))));
+    // Pages 0..64: page p holds byte p, then byte p + 64 after the writer's
+    // first pass, and so on: a reader may see any generation, but one per page.
+    for p in 0..64u64 {
+        backend
+            .write(p * BLOCK, &[p as u8; BLOCK as usize])
+            .unwrap();
+    }
+    backend.sync_data().unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let readers: Vec<_> = (0..2)
+        .map(|t| {
+            let (backend, stop) = (backend.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut rng = TRng::new(t + 40);
+                let mut page = vec![0u8; BLOCK as usize];
+                let mut reads = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) || reads < 200 {
+                    let p = rng.below(64);
+                    backend.read(p * BLOCK, &mut page).unwrap();
+                    assert!(page.iter().all(|&b| b == page[0]), "a torn page {p}");
+                    assert_eq!(u64::from(page[0]) % 64, p, "page {p} holds another page");
+                    reads += 1;
+                }
+            })
+        })
+        .collect();
+    let mut rng = TRng::new(77);
+    for gen in 1..4u64 {
+        for p in 0..64u64 {
+            let v = (p + 64 * gen) as u8;
+            backend.write(p * BLOCK, &[v; BLOCK as usize]).unwrap();
+            // Churn past the pages the readers read: write-back, shrink, grow.
+            let far = 64 + rng.below(64);
+            backend.write(far * BLOCK + 5, &[1; 9]).unwrap();
+            if rng.percent(10) {
+                backend.set_len(64 * BLOCK + rng.below(64 * BLOCK)).unwrap();
+            }
+            if rng.percent(10) {
+                backend.sync_data().unwrap();
+            }
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for r in readers {
+        r.join().unwrap();
+    }
+}
+
 // ---- Speed: redb on dio against redb on its file backend ----
 
 /// Which backend a speed run uses.

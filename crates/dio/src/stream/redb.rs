@@ -240,7 +240,8 @@ impl RedbBackend {
                 cache: Cache::new(0),
                 window: 1,
                 epoch: 0,
-                synced: true,
+                // Another backend may have written without a flush.
+                synced: false,
                 stage: None,
                 fetch: None,
             }),
@@ -438,6 +439,16 @@ impl RedbBackend {
                     break;
                 }
             }
+            if want % self.block as usize != 0 {
+                if let Target::Raw(r) = &self.target {
+                    // The engine pads an unaligned end to the device's block, and
+                    // a host file's size follows the padded write: put it back.
+                    if let Err(e) = r.set_len(g.len) {
+                        result = Err(e.into());
+                        break;
+                    }
+                }
+            }
             for blk in start..start + n {
                 if let Some(d) = g.dirty.remove(&blk) {
                     let dirty = g.dirty.len();
@@ -512,13 +523,21 @@ impl RedbBackend {
     }
 }
 
-/// Clean blocks: those handed to redb (evicted first, least recently used
-/// first), and those read ahead and not yet asked for (evicted oldest first).
+/// Clean blocks: those handed to redb (least recently used first out), and
+/// those read ahead and not yet asked for (oldest first out). Blocks handed to
+/// redb go first, as redb keeps its own copy of them; but blocks read ahead take
+/// at most half the cache, and leave once they have waited unasked through
+/// twice the cache's worth of accesses.
 struct Cache {
     map: HashMap<u64, Entry>,
+    /// `(block, stamp)` in use order; entries whose stamp no longer matches the
+    /// block's are stale and skipped.
     used: VecDeque<(u64, u64)>,
     fresh: VecDeque<(u64, u64)>,
+    /// Blocks read ahead and not yet asked for.
+    fresh_count: usize,
     cap: usize,
+    /// Accesses so far.
     stamp: u64,
     /// Blocks read ahead then asked for, and read ahead then evicted unasked,
     /// since the window last changed.
@@ -538,6 +557,7 @@ impl Cache {
             map: HashMap::new(),
             used: VecDeque::new(),
             fresh: VecDeque::new(),
+            fresh_count: 0,
             cap,
             stamp: 0,
             hits: 0,
@@ -547,20 +567,16 @@ impl Cache {
 
     /// Block `blk`, marked used.
     fn get(&mut self, blk: u64) -> Option<&[u8]> {
-        self.stamp += 1;
-        let stamp = self.stamp;
         let e = self.map.get_mut(&blk)?;
+        self.stamp += 1;
         if !e.used {
             e.used = true;
             self.hits += 1;
+            self.fresh_count -= 1;
         }
-        e.stamp = stamp;
-        self.used.push_back((blk, stamp));
-        if self.used.len() > 2 * self.map.len() + 64 {
-            let map = &self.map;
-            self.used
-                .retain(|&(b, s)| map.get(&b).is_some_and(|e| e.used && e.stamp == s));
-        }
+        e.stamp = self.stamp;
+        self.used.push_back((blk, self.stamp));
+        self.compact();
         self.map.get(&blk).map(|e| &*e.data)
     }
 
@@ -569,6 +585,7 @@ impl Cache {
         let e = self.map.remove(&blk)?;
         if !e.used {
             self.hits += 1;
+            self.fresh_count -= 1;
         }
         Some(e.data)
     }
@@ -576,7 +593,7 @@ impl Cache {
     /// Keep block `blk`, within the capacity left by `dirty` dirty blocks (or
     /// not at all).
     fn insert(&mut self, blk: u64, data: Box<[u8]>, used: bool, dirty: usize) {
-        self.map.remove(&blk);
+        drop(self.take(blk));
         while self.map.len() + dirty >= self.cap {
             if !self.evict() {
                 return;
@@ -589,24 +606,55 @@ impl Cache {
             self.used.push_back((blk, stamp));
         } else {
             self.fresh.push_back((blk, stamp));
+            self.fresh_count += 1;
+        }
+        self.compact();
+    }
+
+    /// Whether a queue entry is the block's current one.
+    fn live(map: &HashMap<u64, Entry>, (blk, stamp): (u64, u64), used: bool) -> bool {
+        map.get(&blk)
+            .is_some_and(|e| e.used == used && e.stamp == stamp)
+    }
+
+    /// Drop stale queue entries once they outnumber the blocks.
+    fn compact(&mut self) {
+        let limit = 2 * self.map.len() + 64;
+        let map = &self.map;
+        if self.used.len() > limit {
+            self.used.retain(|&q| Cache::live(map, q, true));
+        }
+        if self.fresh.len() > limit {
+            self.fresh.retain(|&q| Cache::live(map, q, false));
         }
     }
 
-    /// Evict one block: the least recently used of those handed to redb, else
-    /// the oldest read ahead.
+    /// Evict one block (see [`Cache`] for which).
     fn evict(&mut self) -> bool {
-        while let Some((blk, s)) = self.used.pop_front() {
-            if self.map.get(&blk).is_some_and(|e| e.used && e.stamp == s) {
-                self.map.remove(&blk);
-                return true;
+        while let Some(&q) = self.fresh.front() {
+            if Cache::live(&self.map, q, false) {
+                break;
+            }
+            self.fresh.pop_front();
+        }
+        let stale_fresh = self
+            .fresh
+            .front()
+            .is_some_and(|&(_, s)| s + 2 * (self.cap as u64) < self.stamp);
+        if !(stale_fresh || self.fresh_count > self.cap / 2) {
+            while let Some(q) = self.used.pop_front() {
+                if Cache::live(&self.map, q, true) {
+                    self.map.remove(&q.0);
+                    return true;
+                }
             }
         }
-        while let Some((blk, s)) = self.fresh.pop_front() {
-            if self.map.get(&blk).is_some_and(|e| !e.used && e.stamp == s) {
-                self.map.remove(&blk);
-                self.waste += 1;
-                return true;
-            }
+        if let Some((blk, _)) = self.fresh.pop_front() {
+            // Live: the loop above left a live entry in front.
+            self.map.remove(&blk);
+            self.fresh_count -= 1;
+            self.waste += 1;
+            return true;
         }
         false
     }
@@ -619,10 +667,10 @@ impl Cache {
     /// Drop every block from `first` on.
     fn remove_from(&mut self, first: u64) {
         self.map.retain(|&b, _| b < first);
+        self.fresh_count = self.map.values().filter(|e| !e.used).count();
         let map = &self.map;
-        let live = |&(b, s): &(u64, u64)| map.get(&b).is_some_and(|e| e.stamp == s);
-        self.used.retain(live);
-        self.fresh.retain(live);
+        self.used.retain(|&q| Cache::live(map, q, true));
+        self.fresh.retain(|&q| Cache::live(map, q, false));
     }
 }
 
