@@ -717,12 +717,16 @@ fn bench_run(
 /// each phase after a cold open (the file's pages dropped from the page cache;
 /// dio uses none), on redb's file backend and on dio, in alternating pairs.
 /// Equal memory: both get the same redb cache, and dio's backend gets as its
-/// block cache plus write-back buffer ([`RedbOptions`]) the most page cache the
-/// file backend's run held of the file (`fincore`, after each phase). Prints
+/// block cache, clean and dirty blocks together ([`RedbOptions`]), the most page
+/// cache the file backend's run held of the file (`fincore`, after each phase,
+/// so the page cache's dirty pages are counted too). Prints
 /// every ratio (file time over dio time: above 1 means dio is faster). Env-gated:
 /// `DIO_REDB_BENCH=1 cargo test --release -p dio --features redb --test redb -- --nocapture redb_speed`
 /// (`DIO_REDB_ELEMENTS`, default 200000; `DIO_REDB_PAIRS`, default 3;
-/// `DIO_REDB_CACHE_MIB`, the file backend's redb cache, default 16).
+/// `DIO_REDB_CACHE_MIB`, redb's cache on both sides, default 16;
+/// `DIO_REDB_DIO_CACHE_MIB`, dio's block cache, the rest of the same budget
+/// going to dio's redb cache: 0 is redb's cache alone over a write-through
+/// backend).
 #[test]
 fn redb_speed() {
     if std::env::var_os("DIO_REDB_BENCH").is_none() {
@@ -737,6 +741,10 @@ fn redb_speed() {
     let n = env("DIO_REDB_ELEMENTS", 200_000);
     let rounds = env("DIO_REDB_PAIRS", 3);
     let cache = env("DIO_REDB_CACHE_MIB", 16) << 20;
+    let dio_cache = std::env::var("DIO_REDB_DIO_CACHE_MIB")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .map(|m| m << 20);
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let pairs = bench_pairs(n);
     let names = [
@@ -755,11 +763,12 @@ fn redb_speed() {
         // The page cache takes dirty pages up to its whole size here (the kernel's
         // dirty limits are a fraction of RAM): so does dio's block cache.
         let page_cache = page_cache as usize;
+        // The same total either way: what dio's blocks do not take goes to
+        // redb's cache.
+        let blocks = dio_cache.unwrap_or(page_cache).min(page_cache + cache);
         let budget = Budget {
-            redb: cache,
-            backend: RedbOptions::default()
-                .cache(page_cache)
-                .write_back(page_cache),
+            redb: cache + page_cache - blocks,
+            backend: RedbOptions::default().cache(blocks).write_back(blocks),
         };
         let (dio, _) = bench_run(Side::Dio, dir.path(), &pairs, budget);
         eprintln!(
@@ -767,7 +776,7 @@ fn redb_speed() {
              dio {dio:.3?} s (redb cache {} MiB + block cache {} MiB)",
             cache >> 20,
             page_cache >> 20,
-            cache >> 20,
+            budget.redb >> 20,
             budget.backend.cache >> 20,
         );
         ratios.push(std::array::from_fn(|i| file[i] / dio[i]));

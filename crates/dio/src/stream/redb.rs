@@ -31,10 +31,13 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io;
 use std::sync::{Mutex, MutexGuard};
 
-use crate::{AlignedBuf, DirectFile, Flags, RawFile};
+use crate::{AlignedBuf, DioFuture, DirectFile, Flags, RawFile};
 
 /// Most bytes in one device request the backend makes.
 const MAX_IO: usize = 1 << 20;
+/// Write-back requests in flight at once, and their most bytes.
+const MAX_FLIGHT: usize = 32;
+const MAX_FLIGHT_BYTES: usize = 4 << 20;
 /// Readahead outcomes (blocks read ahead and then asked for, or evicted unasked)
 /// between two window adjustments.
 const ADAPT_EVERY: u32 = 32;
@@ -411,43 +414,22 @@ impl RedbBackend {
         for blk in zeros_from..end {
             push(blk, &mut runs);
         }
-        let mut stage = self.buffer(
-            &mut g.stage,
-            MAX_IO.min(self.block as usize * per_io as usize),
-        );
         let b = self.block as usize;
+        let size = self.file().size();
+        let mut flight: VecDeque<((u64, u64), DioFuture<AlignedBuf>)> = VecDeque::new();
+        let mut flight_bytes = 0;
         let mut result = Ok(());
-        for (start, n) in runs {
-            for i in 0..n {
-                let dst = &mut stage[i as usize * b..(i as usize + 1) * b];
-                match g.dirty.get(&(start + i)) {
-                    Some(d) => dst.copy_from_slice(d),
-                    None => dst.fill(0),
+        // A finished run: its blocks move to the cache, or the error is kept (the
+        // first one) and its blocks stay dirty.
+        let finish = |g: &mut Inner,
+                      (start, n): (u64, u64),
+                      r: io::Result<()>,
+                      result: &mut io::Result<()>| {
+            if let Err(e) = r {
+                if result.is_ok() {
+                    *result = Err(e);
                 }
-            }
-            let off = start * self.block;
-            let want = (n * self.block).min(g.len - off) as usize;
-            // A run ending at an unaligned length: the engine pads its last block.
-            match self.file().write_at(off, &stage[..want], Flags::UNALIGNED) {
-                Ok(done) if done == want => {}
-                Ok(done) => {
-                    result = Err(short("write", off, want, done));
-                    break;
-                }
-                Err(e) => {
-                    result = Err(e.into());
-                    break;
-                }
-            }
-            if want % self.block as usize != 0 {
-                if let Target::Raw(r) = &self.target {
-                    // The engine pads an unaligned end to the device's block, and
-                    // a host file's size follows the padded write: put it back.
-                    if let Err(e) = r.set_len(g.len) {
-                        result = Err(e.into());
-                        break;
-                    }
-                }
+                return;
             }
             for blk in start..start + n {
                 if let Some(d) = g.dirty.remove(&blk) {
@@ -458,8 +440,76 @@ impl RedbBackend {
             if start + n > zeros_from {
                 g.zero_from = start + n;
             }
+        };
+        let done = |c: crate::Completed<AlignedBuf>, off: u64, want: usize| match c.result {
+            Ok(n) if n == want => Ok(()),
+            Ok(n) => Err(short("write", off, want, n)),
+            Err(e) => Err(io::Error::from(e)),
+        };
+        for (start, n) in runs {
+            let off = start * self.block;
+            let want = (n * self.block).min(g.len - off) as usize;
+            // Runs inside the file go in parallel, several requests in flight;
+            // those that extend it (deferred growth) or end unaligned, in order.
+            let parallel =
+                start + n <= zeros_from && want == n as usize * b && off + want as u64 <= size;
+            while let Some(&(run, _)) = flight.front() {
+                if parallel && flight.len() < MAX_FLIGHT && flight_bytes + want <= MAX_FLIGHT_BYTES
+                {
+                    break;
+                }
+                let (_, fut) = flight.pop_front().expect("a front");
+                let r = done(fut.wait(), run.0 * self.block, run.1 as usize * b);
+                flight_bytes -= run.1 as usize * b;
+                finish(g, run, r, &mut result);
+            }
+            if result.is_err() {
+                break;
+            }
+            let mut buf = if parallel {
+                AlignedBuf::new(want, self.align)
+            } else {
+                self.buffer(&mut g.stage, want)
+            };
+            for i in 0..n as usize {
+                let dst = &mut buf[i * b..((i + 1) * b).min(want)];
+                match g.dirty.get(&(start + i as u64)) {
+                    Some(d) => dst.copy_from_slice(&d[..dst.len()]),
+                    None => dst.fill(0),
+                }
+            }
+            if parallel {
+                flight.push_back((
+                    (start, n),
+                    self.file().write_future(off, vec![buf], Flags::NONE),
+                ));
+                flight_bytes += want;
+                continue;
+            }
+            // A run ending at an unaligned length: the engine pads its last block.
+            let mut r = match self.file().write_at(off, &buf[..want], Flags::UNALIGNED) {
+                Ok(done) if done == want => Ok(()),
+                Ok(done) => Err(short("write", off, want, done)),
+                Err(e) => Err(e.into()),
+            };
+            Self::keep(&mut g.stage, buf);
+            if r.is_ok() && want % b != 0 {
+                if let Target::Raw(raw) = &self.target {
+                    // The engine pads an unaligned end to the device's block, and
+                    // a host file's size follows the padded write: put it back.
+                    r = raw.set_len(g.len).map_err(io::Error::from);
+                }
+            }
+            finish(g, (start, n), r, &mut result);
+            if result.is_err() {
+                break;
+            }
         }
-        Self::keep(&mut g.stage, stage);
+        // Every request in flight finishes before the lock is released.
+        while let Some((run, fut)) = flight.pop_front() {
+            let r = done(fut.wait(), run.0 * self.block, run.1 as usize * b);
+            finish(g, run, r, &mut result);
+        }
         if result.is_ok() && self.deferred_growth() {
             g.zero_from = end;
         }
