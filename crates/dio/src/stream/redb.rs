@@ -12,12 +12,14 @@
 //!   doubles while most blocks read ahead are then asked for, and halves while most
 //!   are evicted unasked, down to no readahead for truly random access over more
 //!   data than the cache holds. Blocks handed to redb are evicted before blocks
-//!   read ahead (redb keeps its own copy of what it read).
+//!   read ahead (redb keeps its own copy of what it read), though blocks read
+//!   ahead hold at most half the cache and age out unasked.
 //! - **Writes** go to dirty blocks in memory: a block only partly written is read
 //!   once (from the cache if there), and later writes to it merge in memory. Dirty
 //!   blocks go to the device in block order, as few requests of up to 1 MiB as
-//!   their runs allow, when they exceed [`RedbOptions::write_back`] and at every
-//!   `sync_data`, which then flushes the device. A read sees every write before it.
+//!   their runs allow (several in flight), when they exceed
+//!   [`RedbOptions::write_back`] and at every `sync_data`, which then flushes the
+//!   device. A read sees every write before it.
 //! - **Growth** of a [`RedbBackend::new`] file writes no zeros at `set_len`: the
 //!   new bytes read as zeros and are written, with the dirty blocks among them, at
 //!   the next write-back. A [`RedbBackend::raw`] host file grows by `ftruncate`.
@@ -856,8 +858,9 @@ impl redb::StorageBackend for RedbBackend {
         Ok(())
     }
 
+    /// Writes what is dirty (redb syncs before it closes a database it wrote).
     fn close(&self) -> Result<(), io::Error> {
-        self.sync_data()
+        self.write_out(&mut self.lock())
     }
 }
 
