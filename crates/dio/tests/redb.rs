@@ -174,6 +174,33 @@ fn a_workload_gives_the_same_results_on_dio_and_on_redbs_file_backend() {
     });
     assert_eq!(got, want, "the transcripts differ (dio RAM file)");
     assert!(got_all == want_all);
+
+    // Again with a backend cache of a few blocks, so redb's pages are evicted,
+    // read ahead, written back and read back from the device all the time.
+    let dev = Arc::new(MemDevice::new(
+        MemDeviceConfig::new(256 << 20, 512).fill(0x55),
+    ));
+    let file = DirectFile::new(
+        dev,
+        Arc::new(IdentityMap::new(4096, 256 << 20)),
+        Arc::new(FileState::new(0)),
+    )
+    .unwrap();
+    let tiny = RedbOptions::default()
+        .cache(6 << 12)
+        .write_back(3 << 12)
+        .readahead(4 << 12);
+    let (got, got_all) = workload(&|| {
+        Database::builder()
+            .set_cache_size(64 << 10)
+            .create_with_backend(RedbBackend::new(file.clone()).with_options(tiny))
+            .unwrap()
+    });
+    assert_eq!(
+        got, want,
+        "the transcripts differ (dio RAM file, tiny caches)"
+    );
+    assert!(got_all == want_all);
 }
 
 // ---- The backend itself against a byte model ----
