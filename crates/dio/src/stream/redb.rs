@@ -841,13 +841,19 @@ impl redb::StorageBackend for RedbBackend {
             }
             // A block written whole (or up to the storage's end) needs no old bytes.
             let whole = at.start == 0 && (at.end == b as usize || e >= g.len);
-            let mut d = if whole {
+            let d = if whole && src.len() == b as usize {
                 drop(g.cache.take(blk));
-                vec![0u8; b as usize].into_boxed_slice()
+                Box::from(src)
             } else {
-                self.load_block(&mut g, blk)?
+                let mut d = if whole {
+                    drop(g.cache.take(blk));
+                    vec![0u8; b as usize].into_boxed_slice()
+                } else {
+                    self.load_block(&mut g, blk)?
+                };
+                d[at].copy_from_slice(src);
+                d
             };
-            d[at].copy_from_slice(src);
             g.dirty.insert(blk, d);
             let dirty = g.dirty.len();
             g.cache.trim(dirty);
