@@ -1,33 +1,5 @@
 //! redb on direct I/O (feature `redb`): [`RedbBackend`], with a block cache that
 //! reads ahead and a write-back buffer ([`RedbOptions`]).
-//!
-//! redb calls its backend with byte ranges that are not aligned for direct I/O
-//! (page-aligned offsets in unaligned heap buffers, 320-byte header updates) and
-//! many small writes between two `sync_data` calls. The backend keeps its own
-//! aligned blocks of `B` bytes (4 KiB, or the device's block if larger):
-//!
-//! - **Reads** are served from written-but-unsynced blocks, then from the block
-//!   cache, and the rest from the device in one aligned request per call, widened
-//!   to an aligned readahead window. The window adapts as the kernel's does: it
-//!   doubles while most blocks read ahead are then asked for, and halves while most
-//!   are evicted unasked, down to no readahead for truly random access over more
-//!   data than the cache holds. Blocks handed to redb are evicted before blocks
-//!   read ahead (redb keeps its own copy of what it read), though blocks read
-//!   ahead hold at most half the cache and age out unasked.
-//! - **Writes** go to dirty blocks in memory: a block only partly written is read
-//!   once (from the cache if there), and later writes to it merge in memory. Dirty
-//!   blocks go to the device in block order, as few requests of up to 1 MiB as
-//!   their runs allow (several in flight), when they exceed
-//!   [`RedbOptions::write_back`] and at every `sync_data`, which then flushes the
-//!   device. A read sees every write before it.
-//! - **Growth** of a [`RedbBackend::new`] file writes no zeros at `set_len`: the
-//!   new bytes read as zeros and are written, with the dirty blocks among them, at
-//!   the next write-back. A [`RedbBackend::raw`] host file grows by `ftruncate`.
-//!
-//! Durability is redb's contract: everything written before `sync_data` is on the
-//! device and flushed when it returns; writes between two syncs may reach the
-//! device in any order (as through the page cache). Dropping the backend (or
-//! redb's `close`) writes what is dirty.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io;
@@ -112,8 +84,36 @@ enum Target {
 /// redb keeps its own page cache, so the kernel's would be a second copy of
 /// every page; over dio the database's I/O goes straight to the device, through
 /// a block cache with adaptive readahead and a write-back buffer that turns
-/// redb's many small writes into few large aligned ones at each `sync_data` (see
-/// [`RedbOptions`] for the memory it takes, and the [module](self) for how).
+/// redb's many small writes into few large aligned ones at each `sync_data`
+/// ([`RedbOptions`] sets the memory it takes).
+///
+/// redb calls its backend with byte ranges that are not aligned for direct I/O
+/// (page-aligned offsets in unaligned heap buffers, 320-byte header updates) and
+/// many small writes between two `sync_data` calls. The backend keeps its own
+/// aligned blocks of `B` bytes (4 KiB, or the device's block if larger):
+///
+/// - **Reads** are served from written-but-unsynced blocks, then from the block
+///   cache, and the rest from the device in one aligned request per call, widened
+///   to an aligned readahead window. The window adapts as the kernel's does: it
+///   doubles while most blocks read ahead are then asked for, and halves while most
+///   are evicted unasked, down to no readahead for truly random access over more
+///   data than the cache holds. Blocks handed to redb are evicted before blocks
+///   read ahead (redb keeps its own copy of what it read), though blocks read
+///   ahead hold at most half the cache and age out unasked.
+/// - **Writes** go to dirty blocks in memory: a block only partly written is read
+///   once (from the cache if there), and later writes to it merge in memory. Dirty
+///   blocks go to the device in block order, as few requests of up to 1 MiB as
+///   their runs allow (several in flight), when they exceed
+///   [`RedbOptions::write_back`] and at every `sync_data`, which then flushes the
+///   device. A read sees every write before it.
+/// - **Growth** of a [`RedbBackend::new`] file writes no zeros at `set_len`: the
+///   new bytes read as zeros and are written, with the dirty blocks among them, at
+///   the next write-back. A [`RedbBackend::raw`] host file grows by `ftruncate`.
+///
+/// Durability is redb's contract: everything written before `sync_data` is on the
+/// device and flushed when it returns; writes between two syncs may reach the
+/// device in any order (as through the page cache). Dropping the backend (or
+/// redb's `close`) writes what is dirty.
 ///
 /// Over a host file: `RedbBackend::raw(RawFile::open(path, &RawOptions { write: true,
 /// create: true, ..RawOptions::default() })?)`. Here over the RAM device:
