@@ -445,6 +445,37 @@ fn partial_writes_straddling_cached_blocks_read_each_block_once() {
 }
 
 #[test]
+fn a_failed_write_back_keeps_the_data_and_the_next_sync_writes_it() {
+    let dev = Arc::new(MemDevice::new(MemDeviceConfig::new(DEV, 512).crash_mode()));
+    let backend = RedbBackend::new(mem_file(&dev, 0));
+    let mut model = vec![0u8; 64 * BLOCK as usize];
+    backend.set_len(model.len() as u64).unwrap();
+    backend.sync_data().unwrap();
+    for (i, off) in [0, 5 * BLOCK + 3, 40 * BLOCK - 100].into_iter().enumerate() {
+        let data = dio_testkit::bytes(2 * BLOCK as usize, i as u64);
+        backend.write(off, &data).unwrap();
+        model[off as usize..off as usize + data.len()].copy_from_slice(&data);
+    }
+    // The device refuses writes to block 40: the sync fails and says so...
+    dev.fail_range(40 * BLOCK..40 * BLOCK + 1, Some(dio::Op::Write));
+    let e = backend.sync_data().unwrap_err();
+    let errno = e
+        .get_ref()
+        .and_then(|d| d.downcast_ref::<dio::Error>())
+        .map(dio::Error::errno);
+    assert_eq!(errno, Some(libc::EIO), "{e}");
+    // ... reads still see every write ...
+    let mut out = vec![0u8; model.len()];
+    backend.read(0, &mut out).unwrap();
+    assert!(out == model);
+    // ... and once the device takes writes again, the next sync writes them all.
+    dev.clear_faults();
+    backend.sync_data().unwrap();
+    dev.crash();
+    assert!(dev.read_raw(0, model.len()) == model);
+}
+
+#[test]
 fn a_sync_writes_runs_of_blocks_as_few_large_requests() {
     let dev = Arc::new(StatsDevice::new(MemDevice::new(MemDeviceConfig::new(
         DEV, 512,
