@@ -455,12 +455,14 @@ impl RedbBackend {
             // those that extend it (deferred growth) or end unaligned, in order.
             let parallel =
                 start + n <= zeros_from && want == n as usize * b && off + want as u64 <= size;
-            while let Some(&(run, _)) = flight.front() {
-                if parallel && flight.len() < MAX_FLIGHT && flight_bytes + want <= MAX_FLIGHT_BYTES
+            while let Some((run, fut)) = flight.pop_front() {
+                if parallel
+                    && flight.len() + 1 < MAX_FLIGHT
+                    && flight_bytes + want <= MAX_FLIGHT_BYTES
                 {
+                    flight.push_front((run, fut));
                     break;
                 }
-                let (_, fut) = flight.pop_front().expect("a front");
                 let r = done(fut.wait(), run.0 * self.block, run.1 as usize * b);
                 flight_bytes -= run.1 as usize * b;
                 finish(g, run, r, &mut result);
