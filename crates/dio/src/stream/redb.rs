@@ -22,9 +22,10 @@ const ADAPT_EVERY: u32 = 32;
 /// Clean and dirty blocks share `cache`, as clean and dirty pages share the page
 /// cache: dirty blocks evict clean ones, and are written back when they exceed
 /// `write_back`. The backend holds at most `max(cache, write_back)` bytes of
-/// blocks, plus one 1 MiB staging buffer and one readahead buffer. Where redb on
-/// its file backend would use the page cache, give the backend that memory as
-/// `cache`: redb's cache plus it is then the same budget.
+/// blocks, plus, while it writes back, up to 4 MiB of requests in flight, and a
+/// staging and a readahead buffer of at most 1 MiB each. Where redb on its file
+/// backend would use the page cache, give the backend that memory as `cache`:
+/// redb's cache plus it is then the same budget.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RedbOptions {
