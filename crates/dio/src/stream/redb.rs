@@ -207,8 +207,9 @@ fn short(what: &str, offset: u64, want: usize, got: usize) -> io::Error {
 impl RedbBackend {
     /// A backend over `file` with [`RedbOptions::default`]. Growing the storage
     /// makes the new bytes read as zeros, written (with redb's data among them)
-    /// at the next write-back, as the device may hold anything there; shrinking
-    /// truncates the file.
+    /// at the next write-back, as the device may hold anything there (so growth
+    /// the file cannot hold fails there, at `sync_data`, not at `set_len`);
+    /// shrinking truncates the file.
     pub fn new(file: DirectFile) -> RedbBackend {
         RedbBackend::build(Target::Direct(file))
     }
