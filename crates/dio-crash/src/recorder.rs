@@ -6,7 +6,7 @@ use std::io;
 use std::path::Path;
 use std::sync::Arc;
 
-use dio::{Completion, CompletionMode, Device, Finished, Geometry, Op, Request};
+use dio::{Completion, Device, DeviceWrapper, Finished, Op, Request};
 
 use crate::log::{Entry, Header, LogWriter};
 use crate::Result;
@@ -118,9 +118,11 @@ impl Completion for Logged {
     }
 }
 
-impl<D: Device> Device for Recorder<D> {
-    fn geometry(&self) -> Geometry {
-        self.inner.geometry()
+impl<D: Device> DeviceWrapper for Recorder<D> {
+    type Inner = D;
+
+    fn inner(&self) -> &D {
+        &self.inner
     }
 
     fn submit(&self, req: Request) {
@@ -132,18 +134,6 @@ impl<D: Device> Device for Recorder<D> {
             submitted: self.log.records(),
         });
         self.inner.submit(req.forward(done));
-    }
-
-    fn unplug(&self) {
-        self.inner.unplug()
-    }
-
-    fn poll(&self, wait: bool) -> io::Result<usize> {
-        self.inner.poll(wait)
-    }
-
-    fn completion_mode(&self) -> CompletionMode {
-        self.inner.completion_mode()
     }
 
     fn flush(&self) -> io::Result<()> {

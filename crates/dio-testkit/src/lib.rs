@@ -24,8 +24,8 @@ use std::path::Path;
 
 pub mod tools;
 pub use tools::{
-    assert_fsck_clean, debugfs, debugfs_w, e2fsck, inode_location, kernel_mount, mke2fs, sh,
-    status_of, LoopDev, Mount,
+    assert_fsck_clean, copy_at_rest, debugfs, debugfs_w, e2fsck, inode_location, kernel_mount,
+    mke2fs, sh, status_of, LoopDev, Mount,
 };
 
 /// The byte test devices are filled with: a read that shows it returned data the

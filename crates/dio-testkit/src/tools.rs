@@ -97,6 +97,35 @@ pub fn inode_location(img: &Path, path: &str) -> (u64, u64) {
     (block, offset)
 }
 
+/// Copies `img`, which the kernel has mounted, to `to` as it stood at one moment.
+///
+/// One plain copy of a mounted image is not a state the disk was ever in: the
+/// kernel keeps writing while the copy reads from the first byte to the last (the
+/// jbd2 commit timer, writeback started by memory pressure or by a `sync`
+/// elsewhere on the machine, the lazy inode-table init), so the copy can hold a
+/// metadata block from before a checkpoint beside a journal superblock from after
+/// it, whose tail has moved past the transaction that block still needs. This
+/// reads the whole image again and again until two reads in a row agree and
+/// writes that one: a write the first read missed would show in the second.
+/// Panics if the image never holds still (20 tries, 50 ms apart).
+pub fn copy_at_rest(img: &Path, to: &Path) {
+    let read = || std::fs::read(img).unwrap_or_else(|e| panic!("{}: {e}", img.display()));
+    let mut last = read();
+    for _ in 0..20 {
+        let next = read();
+        if next == last {
+            std::fs::write(to, &next).unwrap_or_else(|e| panic!("{}: {e}", to.display()));
+            return;
+        }
+        last = next;
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!(
+        "{}: the kernel kept writing it; no two copies in a row agreed",
+        img.display()
+    );
+}
+
 /// A kernel loop mount of an image at `IMG.mnt`, unmounted on drop.
 #[derive(Debug)]
 pub struct Mount {

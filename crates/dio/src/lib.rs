@@ -332,7 +332,7 @@ pub use device::{
     FaultConfig, FaultDevice, FaultStats, Finished, Geometry, LoggedRequest, MemDevice,
     MemDeviceConfig, MemStats, Op, Request, SyncConfig, SyncDevice,
 };
-pub use device::{IoStats, LatencyHistogram, StatsDevice, LATENCY_BUCKETS};
+pub use device::{DeviceWrapper, IoStats, LatencyHistogram, StatsDevice, LATENCY_BUCKETS};
 #[cfg(feature = "io-uring")]
 pub use device::{UringConfig, UringDevice, UringPlug};
 pub use engine::{

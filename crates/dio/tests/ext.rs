@@ -942,7 +942,7 @@ fn needs_recovery_image(tag: &str, opts: &str, mkfs: &[&str]) -> Option<PathBuf>
     // Committed, not yet checkpointed: the kernel writes metadata in place only
     // after 30 s or when the journal fills.
     let copy = scratch_dir().join(format!("recover-{tag}-copy.img"));
-    std::fs::copy(&img, &copy).unwrap();
+    copy_at_rest(&img, &copy);
     drop(m);
     let raw = std::fs::read(&copy).unwrap();
     let incompat = u32::from_le_bytes(raw[1024 + 0x60..1024 + 0x64].try_into().unwrap());

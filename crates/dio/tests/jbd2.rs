@@ -591,7 +591,8 @@ fn fsync(p: &Path) {
 
 /// An image whose journal the kernel left needing recovery: files and
 /// directories created, changed and removed under mount options `opts`, each
-/// change fsync'd (so committed), the image copied while still mounted. The
+/// change fsync'd (so committed), the image copied while still mounted (at rest:
+/// one moment's state, see `copy_at_rest`). The
 /// kernel checkpoints lazily, so the copy holds committed transactions not yet
 /// written in place. `None` (with the reason printed) without root.
 fn kernel_left_needing_recovery(tag: &str, mkfs: &[&str], opts: &str) -> Option<PathBuf> {
@@ -633,7 +634,7 @@ fn kernel_left_needing_recovery(tag: &str, mkfs: &[&str], opts: &str) -> Option<
     fsync(&r.join("dir"));
     fsync(r);
     let copy = scratch(&format!("kernel-{tag}-crash.img"));
-    std::fs::copy(&img, &copy).unwrap();
+    copy_at_rest(&img, &copy);
     drop(m);
     if !needs_recovery(&copy) {
         skip(format!("({tag}) the copy does not need recovery"));

@@ -13,7 +13,7 @@ use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::{Completion, CompletionMode, Device, Finished, Geometry, Request};
+use super::{Completion, Device, DeviceWrapper, Finished, Request};
 
 /// How a [`FaultDevice`] fails requests.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -154,9 +154,11 @@ impl Completion for FailAfter {
     }
 }
 
-impl Device for FaultDevice {
-    fn geometry(&self) -> Geometry {
-        self.inner.geometry()
+impl DeviceWrapper for FaultDevice {
+    type Inner = dyn Device;
+
+    fn inner(&self) -> &(dyn Device + 'static) {
+        &*self.inner
     }
 
     fn submit(&self, req: Request) {
@@ -179,34 +181,6 @@ impl Device for FaultDevice {
             }
         }
         self.inner.submit(req);
-    }
-
-    fn unplug(&self) {
-        self.inner.unplug();
-    }
-
-    fn poll(&self, wait: bool) -> io::Result<usize> {
-        self.inner.poll(wait)
-    }
-
-    fn completion_mode(&self) -> CompletionMode {
-        self.inner.completion_mode()
-    }
-
-    fn watch(&self) -> bool {
-        self.inner.watch()
-    }
-
-    fn unwatch(&self) {
-        self.inner.unwatch()
-    }
-
-    fn flush(&self) -> io::Result<()> {
-        self.inner.flush()
-    }
-
-    fn name(&self) -> &str {
-        self.inner.name()
     }
 }
 

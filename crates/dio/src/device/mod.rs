@@ -18,6 +18,7 @@ mod stats;
 pub(crate) mod sync;
 #[cfg(feature = "io-uring")]
 pub(crate) mod uring;
+mod wrapper;
 
 pub use fault::{FaultConfig, FaultDevice, FaultStats};
 pub use mem::{LoggedRequest, MemDevice, MemDeviceConfig, MemStats};
@@ -25,6 +26,7 @@ pub use stats::{IoStats, LatencyHistogram, StatsDevice, LATENCY_BUCKETS};
 pub use sync::{SyncConfig, SyncDevice};
 #[cfg(feature = "io-uring")]
 pub use uring::{UringConfig, UringDevice, UringPlug};
+pub use wrapper::DeviceWrapper;
 
 /// Direction of a device request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{Completion, CompletionMode, Device, Finished, Geometry, Op, Request};
+use super::{Completion, Device, DeviceWrapper, Finished, Op, Request};
 
 /// Buckets of a [`LatencyHistogram`]: bucket `i` counts latencies in
 /// `[2^i, 2^(i+1))` nanoseconds (bucket 0 also counts 0 ns).
@@ -359,9 +359,11 @@ impl<D> StatsDevice<D> {
     }
 }
 
-impl<D: Device> Device for StatsDevice<D> {
-    fn geometry(&self) -> Geometry {
-        self.inner.geometry()
+impl<D: Device> DeviceWrapper for StatsDevice<D> {
+    type Inner = D;
+
+    fn inner(&self) -> &D {
+        &self.inner
     }
 
     fn submit(&self, req: Request) {
@@ -388,18 +390,6 @@ impl<D: Device> Device for StatsDevice<D> {
         self.inner.submit(req.forward(timed));
     }
 
-    fn unplug(&self) {
-        self.inner.unplug()
-    }
-
-    fn poll(&self, wait: bool) -> io::Result<usize> {
-        self.inner.poll(wait)
-    }
-
-    fn completion_mode(&self) -> CompletionMode {
-        self.inner.completion_mode()
-    }
-
     fn flush(&self) -> io::Result<()> {
         let r = self.inner.flush();
         let c = &self.counters;
@@ -408,9 +398,5 @@ impl<D: Device> Device for StatsDevice<D> {
             c.errors.fetch_add(1, Ordering::Relaxed);
         }
         r
-    }
-
-    fn name(&self) -> &str {
-        self.inner.name()
     }
 }

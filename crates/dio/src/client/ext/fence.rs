@@ -10,7 +10,7 @@
 use std::io;
 use std::sync::Arc;
 
-use crate::device::{CompletionMode, Device, Geometry, Op, Request};
+use crate::device::{Device, DeviceWrapper, Op, Request};
 
 /// The image's device, writable only through the ext block map.
 pub(crate) struct Fence {
@@ -23,9 +23,11 @@ impl Fence {
     }
 }
 
-impl Device for Fence {
-    fn geometry(&self) -> Geometry {
-        self.inner.geometry()
+impl DeviceWrapper for Fence {
+    type Inner = dyn Device;
+
+    fn inner(&self) -> &(dyn Device + 'static) {
+        &*self.inner
     }
 
     fn submit(&self, req: Request) {
@@ -37,33 +39,5 @@ impl Device for Fence {
             return;
         }
         self.inner.submit(req);
-    }
-
-    fn unplug(&self) {
-        self.inner.unplug();
-    }
-
-    fn poll(&self, wait: bool) -> io::Result<usize> {
-        self.inner.poll(wait)
-    }
-
-    fn completion_mode(&self) -> CompletionMode {
-        self.inner.completion_mode()
-    }
-
-    fn watch(&self) -> bool {
-        self.inner.watch()
-    }
-
-    fn unwatch(&self) {
-        self.inner.unwatch()
-    }
-
-    fn flush(&self) -> io::Result<()> {
-        self.inner.flush()
-    }
-
-    fn name(&self) -> &str {
-        self.inner.name()
     }
 }
