@@ -11,7 +11,9 @@
 //!   one calls [`skip`] with the reason and returns.
 //! - The outside judges ([`tools`], re-exported here): [`sh`], [`mke2fs`], [`e2fsck`],
 //!   [`assert_fsck_clean`], [`debugfs`], [`inode_location`], kernel loop mounts
-//!   ([`Mount`], [`kernel_mount`]) and loop devices ([`LoopDev`]), undone on drop.
+//!   ([`Mount`], [`kernel_mount`]) and loop devices ([`LoopDev`]), undone on drop;
+//!   a copy of a mounted image at one moment ([`copy_at_rest`]); NBD servers
+//!   ([`ServerProcess`], [`qemu_nbd_unix`]) killed on drop.
 //!
 //! The crate does not depend on dio, so the library's own unit tests could use it too
 //! without a dependency cycle.
@@ -24,8 +26,9 @@ use std::path::Path;
 
 pub mod tools;
 pub use tools::{
-    assert_fsck_clean, copy_at_rest, debugfs, debugfs_w, e2fsck, inode_location, kernel_mount,
-    mke2fs, sh, status_of, LoopDev, Mount,
+    assert_fsck_clean, copy_at_rest, debugfs, debugfs_script, debugfs_w, e2fsck, free_port, ino_of,
+    inode_location, kernel_mount, mke2fs, qemu_nbd_tcp, qemu_nbd_unix, sh, status_of, Listen,
+    LoopDev, Mount, ServerProcess,
 };
 
 /// The byte test devices are filled with: a read that shows it returned data the
@@ -129,6 +132,18 @@ pub fn have(tool: &str) -> bool {
 fn is_executable(p: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// Whether every tool of `tools` is on `PATH`; if one is not, says that the test
+/// skips because it is not installed (see [`skip`]) and returns false.
+pub fn need(tools: &[&str]) -> bool {
+    match tools.iter().find(|t| !have(t)) {
+        Some(t) => {
+            skip(format!("{t} is not installed"));
+            false
+        }
+        None => true,
+    }
 }
 
 /// Say that a test skips, and why (`skipped: REASON` on stderr, where `cargo test`

@@ -1,9 +1,12 @@
 //! The outside judges the tests call: commands run with their output kept for the
 //! failure message, `e2fsck`, `mke2fs`, `debugfs`, kernel loop mounts and loop
-//! devices (both undone on drop, also when a test panics).
+//! devices (both undone on drop, also when a test panics), and NBD servers
+//! (qemu-nbd, nbdkit) killed on drop.
 
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use crate::{have, is_root, skip};
 
@@ -72,6 +75,35 @@ pub fn debugfs(img: &Path, request: &str) -> String {
 /// `debugfs -w -R REQUEST IMG`: its stdout.
 pub fn debugfs_w(img: &Path, request: &str) -> String {
     sh(Command::new("debugfs").args(["-w", "-R", request]).arg(img))
+}
+
+/// `debugfs -w -f SCRIPT IMG`, the script being `cmds` one a line (written beside
+/// the image as `IMG.debugfs`): its stdout and stderr together (debugfs reports a
+/// failed request on stderr and still exits 0, so callers check the text).
+pub fn debugfs_script(img: &Path, cmds: &[&str]) -> String {
+    let script = PathBuf::from(format!("{}.debugfs", img.display()));
+    std::fs::write(&script, cmds.join("\n") + "\n")
+        .unwrap_or_else(|e| panic!("{}: {e}", script.display()));
+    let (code, out) = status_of(
+        Command::new("debugfs")
+            .arg("-w")
+            .arg("-f")
+            .arg(&script)
+            .arg(img),
+    );
+    assert_eq!(code, 0, "debugfs -w -f {}: {out}", script.display());
+    let _ = std::fs::remove_file(&script);
+    out
+}
+
+/// The inode number of `path` in `img`, from `debugfs stat`.
+pub fn ino_of(img: &Path, path: &str) -> u32 {
+    let text = debugfs(img, &format!("stat {path}"));
+    text.split("Inode: ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("debugfs stat {path}: {text}"))
 }
 
 /// Where the inode of `path` lies in `img`: (block number, byte offset in that block),
@@ -158,15 +190,21 @@ impl Mount {
 
 impl Drop for Mount {
     fn drop(&mut self) {
-        let ok = Command::new("umount")
-            .arg(&self.dir)
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            // Busy (a test panicked with a file open): detach lazily, never leave
-            // a loop device behind.
-            let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+        // A mount can stay busy for a moment (udev probing the loop device):
+        // retry for about 5 s, then detach lazily (a test panicked with a file
+        // open), never leaving a loop device behind.
+        for attempt in 0..20u32 {
+            let ok = Command::new("umount")
+                .arg(&self.dir)
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if ok {
+                let _ = std::fs::remove_dir(&self.dir);
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10 << attempt.min(5)));
         }
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
         let _ = std::fs::remove_dir(&self.dir);
     }
 }
@@ -234,4 +272,103 @@ impl Drop for LoopDev {
     fn drop(&mut self) {
         let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
     }
+}
+
+/// Where a [`ServerProcess`] listens.
+#[derive(Debug, Clone, Copy)]
+pub enum Listen<'a> {
+    /// A Unix socket at this path.
+    Unix(&'a Path),
+    /// A TCP port on 127.0.0.1.
+    Tcp(u16),
+}
+
+/// A server process (qemu-nbd, nbdkit), killed and reaped on drop, also when the
+/// test panics.
+#[derive(Debug)]
+pub struct ServerProcess {
+    child: Option<Child>,
+}
+
+impl ServerProcess {
+    /// Starts `cmd` (stdin and stdout to /dev/null) and waits until it listens at
+    /// `at`: the socket file exists (a probe connection would make the server log a
+    /// broken handshake), or a TCP connection succeeds. Panics if it cannot start,
+    /// exits first, or is not up within 10 s.
+    pub fn start(mut cmd: Command, at: Listen<'_>) -> ServerProcess {
+        cmd.stdin(Stdio::null()).stdout(Stdio::null());
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("{cmd:?}: cannot start: {e}"));
+        let mut srv = ServerProcess { child: Some(child) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let up = match at {
+                Listen::Unix(p) => p.exists(),
+                Listen::Tcp(port) => TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_ok(),
+            };
+            if up {
+                // bind() makes the file a moment before listen() accepts.
+                std::thread::sleep(Duration::from_millis(20));
+                return srv;
+            }
+            if let Some(st) = srv.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("{cmd:?}: the server exited at start: {st}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{cmd:?}: the server did not come up"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The server's process id.
+    pub fn id(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Kills the server now (a server that dies under its clients).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("no free TCP port on 127.0.0.1: {e}"))
+}
+
+/// `qemu-nbd --persistent --shared=8 -x disk -f FMT IMAGE` listening on the Unix
+/// socket `sock` (`--persistent` keeps it up across connections, `--shared=8` lets
+/// a test open several), up and serving export "disk":
+/// `nbd+unix:///disk?socket=SOCK`.
+pub fn qemu_nbd_unix(image: &Path, fmt: &str, sock: &Path) -> ServerProcess {
+    let mut cmd = Command::new("qemu-nbd");
+    cmd.args(["--persistent", "--shared=8", "-x", "disk", "-f", fmt]);
+    cmd.arg("-k").arg(sock).arg(image);
+    ServerProcess::start(cmd, Listen::Unix(sock))
+}
+
+/// The same on TCP 127.0.0.1: the server and its port
+/// (`nbd://127.0.0.1:PORT/disk`).
+pub fn qemu_nbd_tcp(image: &Path, fmt: &str) -> (ServerProcess, u16) {
+    let port = free_port();
+    let mut cmd = Command::new("qemu-nbd");
+    cmd.args(["--persistent", "--shared=8", "-x", "disk", "-f", fmt]);
+    cmd.args(["-b", "127.0.0.1", "-p", &port.to_string()])
+        .arg(image);
+    (ServerProcess::start(cmd, Listen::Tcp(port)), port)
 }

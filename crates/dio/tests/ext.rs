@@ -13,7 +13,9 @@ use dio::ext::{Ext, FileType};
 use dio::Mapping;
 use dio::{CorruptKind, Error, Feature};
 use dio::{RawFile, RawOptions};
-use dio_testkit::{assert_fsck_clean, have, inode_location, is_root, kernel_mount, sh, Rng};
+use dio_testkit::{
+    assert_fsck_clean, copy_at_rest, have, inode_location, is_root, kernel_mount, sh, Rng,
+};
 
 const IMAGES: &[&str] = &[
     "ext4-4k",

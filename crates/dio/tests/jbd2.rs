@@ -11,12 +11,15 @@
 //! lacks one prints why and skips.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::Arc;
 
 use dio::ext::{incompat, Ext};
 use dio::{RawFile, RawOptions};
-use dio_testkit::{have, is_root, skip};
+use dio_testkit::{
+    assert_fsck_clean as assert_clean, copy_at_rest, debugfs_script as debugfs, e2fsck, have,
+    ino_of, inode_location, kernel_mount, need, sh, skip,
+};
 
 const JBD2_MAGIC: [u8; 4] = [0xC0, 0x3B, 0x39, 0x98];
 
@@ -27,34 +30,7 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 fn need_e2fsprogs() -> bool {
-    let ok = have("mke2fs") && have("e2fsck") && have("debugfs");
-    if !ok {
-        skip("e2fsprogs (mke2fs, e2fsck, debugfs) is not installed");
-    }
-    ok
-}
-
-fn run(cmd: &mut Command) -> Output {
-    let o = cmd.output().unwrap();
-    assert!(
-        o.status.success(),
-        "{cmd:?}: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    o
-}
-
-/// Run debugfs commands (one a line) on `img`, writable; the output.
-fn debugfs(img: &Path, cmds: &[&str]) -> String {
-    let script = PathBuf::from(format!("{}.debugfs", img.display()));
-    std::fs::write(&script, cmds.join("\n") + "\n").unwrap();
-    let o = run(Command::new("debugfs")
-        .arg("-w")
-        .arg("-f")
-        .arg(&script)
-        .arg(img));
-    String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)
+    need(&["mke2fs", "e2fsck", "debugfs"])
 }
 
 /// A journal flavour: how the image is made.
@@ -87,12 +63,12 @@ fn make_image(flavour: Flavour, tag: &str) -> PathBuf {
     std::fs::create_dir_all(tree.join("d")).unwrap();
     std::fs::write(tree.join("f"), vec![7u8; 10000]).unwrap();
     std::fs::write(tree.join("d/g"), b"g\n").unwrap();
-    run(Command::new("touch")
+    sh(Command::new("touch")
         .args(["-d", "2001-02-03 04:05:06"])
         .arg(tree.join("f")));
     let img = scratch(&format!("{}-{tag}.img", flavour.name));
     let _ = std::fs::remove_file(&img);
-    run(Command::new("mke2fs")
+    sh(Command::new("mke2fs")
         .args(["-q", "-F"])
         .args(flavour.mkfs)
         .arg("-d")
@@ -146,97 +122,17 @@ fn copy(img: &Path, suffix: &str) -> PathBuf {
     to
 }
 
-/// `e2fsck` with `args` on `img`: its exit code and output.
-fn e2fsck(img: &Path, args: &[&str]) -> (i32, String) {
-    let o = Command::new("e2fsck").args(args).arg(img).output().unwrap();
-    (
-        o.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr),
-    )
-}
-
-/// `e2fsck -fn` finds nothing to fix.
-fn assert_clean(img: &Path) {
-    let (code, out) = e2fsck(img, &["-fn"]);
-    assert_eq!(code, 0, "{}: e2fsck -fn: {out}", img.display());
-}
-
-/// Byte offset of the inode of `path`, from `debugfs imap`.
+/// Byte offset of the inode of `path`.
 fn inode_offset(img: &Path, path: &str, bs: u64) -> u64 {
-    let o = run(Command::new("debugfs")
-        .args(["-R", &format!("imap {path}")])
-        .arg(img));
-    let text = String::from_utf8_lossy(&o.stdout);
-    let line = text
-        .lines()
-        .find(|l| l.contains("located at block"))
-        .unwrap_or_else(|| panic!("imap {path}: {text}"));
-    let block: u64 = line
-        .split("block ")
-        .nth(1)
-        .unwrap()
-        .split(',')
-        .next()
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    let off = u64::from_str_radix(line.split("offset 0x").nth(1).unwrap().trim(), 16).unwrap();
-    block * bs + off
-}
-
-/// A kernel loop mount, unmounted on drop.
-struct Mount(PathBuf);
-
-impl Mount {
-    fn new(img: &Path, opts: &str) -> Option<Mount> {
-        if !is_root() {
-            skip("(the kernel part) the loop mount needs root");
-            return None;
-        }
-        let dir = PathBuf::from(format!("{}.mnt", img.display()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let o = Command::new("mount")
-            .args(["-o", &format!("loop,{opts}")])
-            .arg(img)
-            .arg(&dir)
-            .output()
-            .unwrap();
-        if !o.status.success() {
-            skip(format!(
-                "(the kernel part) mount -o loop failed: {}",
-                String::from_utf8_lossy(&o.stderr)
-            ));
-            return None;
-        }
-        Some(Mount(dir))
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        // A loop device can stay busy for a moment (udev probing it): retry,
-        // then detach lazily so nothing stays mounted.
-        for attempt in 0..20u32 {
-            let ok = Command::new("umount")
-                .arg(&self.0)
-                .output()
-                .is_ok_and(|o| o.status.success());
-            if ok {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10 << attempt.min(5)));
-        }
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
+    let (block, offset) = inode_location(img, path);
+    block * bs + offset
 }
 
 /// Free fs blocks of `img` (from `debugfs ffb`), `n` of them from `goal`.
 fn free_blocks(img: &Path, n: usize, goal: u64) -> Vec<u64> {
-    let o = run(Command::new("debugfs")
+    let text = sh(Command::new("debugfs")
         .args(["-R", &format!("ffb {n} {goal}")])
         .arg(img));
-    let text = String::from_utf8_lossy(&o.stdout);
     let list: Vec<u64> = text
         .split(':')
         .nth(1)
@@ -290,8 +186,7 @@ fn uncheckpointed_touch(flavour: Flavour) {
     );
 
     // debugfs parses dio's journal.
-    let o = run(Command::new("debugfs").args(["-R", "logdump -a"]).arg(&img));
-    let dump = String::from_utf8_lossy(&o.stdout);
+    let dump = sh(Command::new("debugfs").args(["-R", "logdump -a"]).arg(&img));
     let table = ino_at / bs;
     assert!(
         dump.contains("(descriptor block)")
@@ -335,9 +230,9 @@ fn uncheckpointed_touch(flavour: Flavour) {
 
     // The kernel replays it at mount.
     let kimg = copy(&img, "kernel");
-    if let Some(m) = Mount::new(&kimg, "rw") {
+    if let Some(m) = kernel_mount(&kimg, "rw") {
         assert_eq!(
-            mtime(&m.0.join("f")),
+            mtime(&m.path().join("f")),
             (want.mtime.secs, want.mtime.nsecs),
             "{}: the kernel's mtime",
             flavour.name
@@ -443,7 +338,7 @@ fn check_replays(img: &Path, want: &[(u64, Vec<u8>)], what: &str) {
     }
     assert_same_image(&dio, &jo, what);
     let kimg = copy(img, "kernel");
-    if let Some(m) = Mount::new(&kimg, "rw") {
+    if let Some(m) = kernel_mount(&kimg, "rw") {
         drop(m);
         for (b, data) in want {
             assert!(
@@ -487,8 +382,7 @@ fn escapes_and_revokes(flavour: Flavour) {
             flavour.name
         );
     }
-    let o = run(Command::new("debugfs").args(["-R", "logdump -a"]).arg(&img));
-    let dump = String::from_utf8_lossy(&o.stdout);
+    let dump = sh(Command::new("debugfs").args(["-R", "logdump -a"]).arg(&img));
     assert!(
         dump.contains("(revoke table)") && dump.contains(&format!("FS block {} logged", x[0])),
         "{}: {dump}",
@@ -551,8 +445,7 @@ fn wrap_around(flavour: Flavour) {
             flavour.name
         );
     }
-    let o = run(Command::new("debugfs").args(["-R", "logdump"]).arg(&img));
-    let dump = String::from_utf8_lossy(&o.stdout);
+    let dump = sh(Command::new("debugfs").args(["-R", "logdump"]).arg(&img));
     let start: u64 = dump
         .split("Journal starts at block ")
         .nth(1)
@@ -598,13 +491,13 @@ fn fsync(p: &Path) {
 fn kernel_left_needing_recovery(tag: &str, mkfs: &[&str], opts: &str) -> Option<PathBuf> {
     let img = scratch(&format!("kernel-{tag}.img"));
     let _ = std::fs::remove_file(&img);
-    run(Command::new("mke2fs")
+    sh(Command::new("mke2fs")
         .args(["-q", "-F"])
         .args(mkfs)
         .arg(&img)
         .arg("32M"));
-    let m = Mount::new(&img, &format!("rw,{opts}"))?;
-    let r = &m.0;
+    let m = kernel_mount(&img, &format!("rw,{opts}"))?;
+    let r = m.path();
     std::fs::create_dir(r.join("dir")).unwrap();
     for i in 0..30u64 {
         let p = r.join(format!("dir/f{i}"));
@@ -700,7 +593,7 @@ fn commit_cost() {
     // A file with every block written (no holes: the host file system would
     // allocate at the first write of each, and its flushes would time that).
     std::fs::write(&img, vec![0u8; 128 << 20]).unwrap();
-    run(Command::new("mke2fs")
+    sh(Command::new("mke2fs")
         .args(["-q", "-F", "-t", "ext4", "-b", "4096", "-J", "size=16"])
         .args(["-E", "nodiscard,lazy_itable_init=0,lazy_journal_init=0"])
         .arg(&img));
@@ -791,7 +684,7 @@ fn writable_opens_refuse_journals_dio_cannot_write() {
     assert!(std::fs::read(&img).unwrap() == before);
 
     let img = make_image(EXT4, "fast-commit");
-    run(Command::new("tune2fs")
+    sh(Command::new("tune2fs")
         .args(["-O", "fast_commit"])
         .arg(&img));
     let raw = RawFile::open(
@@ -809,7 +702,7 @@ fn writable_opens_refuse_journals_dio_cannot_write() {
     );
 
     let ext2 = scratch("ext2.img");
-    run(Command::new("mke2fs")
+    sh(Command::new("mke2fs")
         .args(["-q", "-F", "-t", "ext2"])
         .arg("-d")
         .arg(scratch("ext4-external.tree"))
@@ -857,8 +750,7 @@ fn bad_transactions_are_refused_and_change_nothing() {
     assert!(invalid(ext.journal_write(&[(3000, &b[1..])], &[], true)));
     assert!(invalid(ext.journal_write(&[], &[blocks + 5], true)));
     let journal_block = {
-        let o = run(Command::new("debugfs").args(["-R", "bmap <8> 5"]).arg(&img));
-        String::from_utf8_lossy(&o.stdout)
+        sh(Command::new("debugfs").args(["-R", "bmap <8> 5"]).arg(&img))
             .trim()
             .parse::<u64>()
             .unwrap()
@@ -1051,8 +943,7 @@ fn every_crash_state_of_a_journaled_update_replays_to_old_or_new() {
 
 /// The volume label of `img`, from dumpe2fs.
 fn label(img: &Path) -> String {
-    let o = run(Command::new("dumpe2fs").arg("-h").arg(img));
-    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    let text = sh(Command::new("dumpe2fs").arg("-h").arg(img));
     text.lines()
         .find_map(|l| l.strip_prefix("Filesystem volume name:"))
         .unwrap_or_else(|| panic!("{text}"))
@@ -1108,7 +999,7 @@ fn superblock_changes_go_through_the_journal() {
         assert_eq!(label(&fsck), "replayed", "{}", flavour.name);
         assert_clean(&fsck);
         let kimg = copy(&img, "kernel");
-        if let Some(m) = Mount::new(&kimg, "rw") {
+        if let Some(m) = kernel_mount(&kimg, "rw") {
             drop(m);
             assert_eq!(label(&kimg), "replayed", "{}", flavour.name);
         }
@@ -1139,7 +1030,7 @@ fn journal_speed() {
         let f = std::fs::File::create(&img).unwrap();
         f.set_len(1400 << 20).unwrap();
         drop(f);
-        run(Command::new("mke2fs")
+        sh(Command::new("mke2fs")
             .args(["-q", "-F", "-t", "ext4", "-b", "4096"])
             .args([
                 "-O",
@@ -1230,8 +1121,7 @@ fn last_orphan(img: &Path) -> u32 {
 
 /// "Free blocks" and "Free inodes" of `dumpe2fs -h`.
 fn free_counts(img: &Path) -> (u64, u64) {
-    let o = run(Command::new("dumpe2fs").arg("-h").arg(img));
-    let text = String::from_utf8_lossy(&o.stdout);
+    let text = sh(Command::new("dumpe2fs").arg("-h").arg(img));
     let get = |key: &str| -> u64 {
         text.lines()
             .find_map(|l| l.strip_prefix(key))
@@ -1241,19 +1131,6 @@ fn free_counts(img: &Path) -> (u64, u64) {
             .unwrap()
     };
     (get("Free blocks:"), get("Free inodes:"))
-}
-
-/// The inode number of `path`, from debugfs.
-fn ino_of(img: &Path, path: &str) -> u32 {
-    let o = run(Command::new("debugfs")
-        .args(["-R", &format!("stat {path}")])
-        .arg(img));
-    let text = String::from_utf8_lossy(&o.stdout);
-    text.split("Inode: ")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("stat {path}: {text}"))
 }
 
 /// `img` (with an orphan list) processed two ways: by e2fsck -fy (copy B) and
@@ -1311,7 +1188,7 @@ fn orphan_list_is_processed_like_e2fsck() {
         std::fs::write(tree.join("keep"), b"keep\n").unwrap();
         let img = scratch(&format!("orphan-{name}.img"));
         let _ = std::fs::remove_file(&img);
-        run(Command::new("mke2fs")
+        sh(Command::new("mke2fs")
             .args(["-q", "-F"])
             .args(mkfs)
             .arg("-d")
@@ -1358,15 +1235,15 @@ fn kernel_made_orphan_is_freed_like_e2fsck() {
     ] {
         let img = scratch(&format!("korphan-{name}.img"));
         let _ = std::fs::remove_file(&img);
-        run(Command::new("mke2fs")
+        sh(Command::new("mke2fs")
             .args(["-q", "-F"])
             .args(mkfs)
             .arg(&img)
             .arg("32M"));
-        let Some(m) = Mount::new(&img, "rw") else {
+        let Some(m) = kernel_mount(&img, "rw") else {
             return;
         };
-        let r = m.0.clone();
+        let r = m.path().to_path_buf();
         std::fs::write(r.join("keep"), vec![1u8; 30000]).unwrap();
         let held = {
             let p = r.join("gone");
@@ -1375,9 +1252,9 @@ fn kernel_made_orphan_is_freed_like_e2fsck() {
             std::fs::remove_file(&p).unwrap();
             f
         };
-        run(Command::new("sync").arg("-f").arg(&r));
+        sh(Command::new("sync").arg("-f").arg(&r));
         let crash = scratch(&format!("korphan-{name}-crash.img"));
-        std::fs::copy(&img, &crash).unwrap();
+        copy_at_rest(&img, &crash);
         drop(held);
         drop(m);
         let _ = std::fs::remove_file(&img);

@@ -10,11 +10,11 @@
 mod common;
 
 use common::{aligned, bounded, have, random_bytes as pattern};
+use dio_testkit::{free_port, qemu_nbd_tcp, qemu_nbd_unix, Listen, ServerProcess};
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -59,71 +59,40 @@ macro_rules! need {
 
 /// A server process, killed and reaped on drop; its scratch directory goes too.
 struct Server {
-    child: Option<Child>,
+    proc: ServerProcess,
     uri: NbdUri,
     dir: PathBuf,
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.proc.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
 impl Server {
     /// Start `cmd` (which listens on `uri`) and wait until it accepts connections.
-    fn start(mut cmd: Command, uri: NbdUri, dir: PathBuf) -> Server {
-        cmd.stdin(Stdio::null()).stdout(Stdio::null());
-        let child = cmd.spawn().expect("spawn NBD server");
-        let mut srv = Server {
-            child: Some(child),
-            uri,
-            dir,
+    fn start(cmd: Command, uri: NbdUri, dir: PathBuf) -> Server {
+        let proc = match &uri.address {
+            dio::nbd::Address::Unix(p) => ServerProcess::start(cmd, Listen::Unix(p)),
+            dio::nbd::Address::Tcp { port, .. } => ServerProcess::start(cmd, Listen::Tcp(*port)),
         };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let up = match &srv.uri.address {
-                // The socket file appears once the server listens (a probe
-                // connection would only make the server log a broken handshake).
-                dio::nbd::Address::Unix(p) => p.exists(),
-                dio::nbd::Address::Tcp { host, port } => {
-                    TcpStream::connect((host.as_str(), *port)).is_ok()
-                }
-            };
-            if up {
-                // bind() makes the file a moment before listen() accepts.
-                thread::sleep(Duration::from_millis(20));
-                return srv;
-            }
-            if let Some(st) = srv.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("NBD server exited at start: {st}");
-            }
-            assert!(Instant::now() < deadline, "NBD server did not come up");
-            thread::sleep(Duration::from_millis(20));
-        }
+        Server { proc, uri, dir }
     }
 
     /// qemu-nbd serving `image` (format `fmt`) as export "disk", on a Unix socket or
     /// on TCP 127.0.0.1. `--persistent` keeps it up across connections (the
     /// readiness probe is one); `--shared=8` lets tests open several.
     fn qemu(dir: PathBuf, image: &Path, fmt: &str, tcp: bool) -> Server {
-        let mut cmd = Command::new("qemu-nbd");
-        cmd.args(["--persistent", "--shared=8", "-x", "disk", "-f", fmt]);
-        let uri = if tcp {
-            let port = free_port();
-            cmd.args(["-b", "127.0.0.1", "-p", &port.to_string()]);
-            NbdUri::tcp("127.0.0.1", port, "disk")
+        let (proc, uri) = if tcp {
+            let (proc, port) = qemu_nbd_tcp(image, fmt);
+            (proc, NbdUri::tcp("127.0.0.1", port, "disk"))
         } else {
             let sock = dir.join("s");
-            cmd.arg("-k").arg(&sock);
-            NbdUri::unix(sock, "disk")
+            (qemu_nbd_unix(image, fmt, &sock), NbdUri::unix(sock, "disk"))
         };
-        cmd.arg(image);
-        Server::start(cmd, uri, dir)
+        Server { proc, uri, dir }
     }
 
     /// nbdkit with `filters`, the memory plugin of `size` and `args`, on a Unix
@@ -151,20 +120,8 @@ impl Server {
     }
 
     fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.proc.kill();
     }
-}
-
-/// A TCP port on 127.0.0.1 that was free a moment ago.
-fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn cfg() -> NbdConfig {
@@ -1179,7 +1136,7 @@ fn qemu_nbd_shared_export_takes_several_connections() {
     std::fs::write(&img, vec![0u8; 8 * MIB]).unwrap();
     // --shared=8: qemu-nbd advertises multi-conn.
     let srv = Server::qemu(dir, &img, "raw", false);
-    let pid = srv.child.as_ref().unwrap().id();
+    let pid = srv.proc.id().unwrap();
     let uri = srv.uri.clone();
     bounded(60, move || {
         let idle = open_sockets(pid);
