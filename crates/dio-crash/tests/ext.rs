@@ -6,33 +6,17 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 
 use common::scratch;
-use dio::{AlignedBuf, Device, SyncConfig, SyncDevice};
+use dio::{AlignedBuf, Device, SyncDevice};
 use dio_crash::{
-    run, Base, Checker, E2fsckChecker, ExpectedFile, FilesChecker, Log, ModelChecker, MountChecker,
+    Base, Checker, E2fsckChecker, ExpectedFile, FilesChecker, Log, ModelChecker, MountChecker,
     Recorder, ReplayOptions, Summary,
 };
+use dio_testkit::{assert_fsck_clean, debugfs, debugfs_w, inode_location, mke2fs, need};
 
 const BS: u64 = 4096;
-
-fn tools() -> bool {
-    for t in ["mkfs.ext4", "debugfs", "e2fsck"] {
-        if !dio_testkit::have(t) {
-            dio_testkit::skip(format!("{t} is not installed"));
-            return false;
-        }
-    }
-    true
-}
-
-fn sh(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    assert!(out.status.success(), "{cmd:?}: {out:?}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// An 8 MiB ext4 image (no metadata checksums: the test edits an inode by hand)
 /// holding /f: one block of 'A' inside i_size (4096), and a second block of the
@@ -45,37 +29,25 @@ fn make_image(dir: &Path) -> (PathBuf, u64, u64) {
     f.extend(vec![b'X'; BS as usize]);
     std::fs::write(src.join("f"), &f).unwrap();
     let img = dir.join("disk.img");
-    sh(Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-b", "4096", "-O", "^metadata_csum", "-d"])
-        .arg(&src)
-        .arg(&img)
-        .arg("8M"));
-    sh(Command::new("debugfs")
-        .args(["-w", "-R", "sif /f size 4096"])
-        .arg(&img));
-    let imap = sh(Command::new("debugfs").args(["-R", "imap /f"]).arg(&img));
-    // "located at block 34, offset 0x0b00"
-    let (block, offset) = {
-        let l = imap
-            .lines()
-            .find(|l| l.contains("located at block"))
-            .unwrap();
-        let b: u64 = l
-            .split("block ")
-            .nth(1)
-            .unwrap()
-            .split(',')
-            .next()
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
-        let o = u64::from_str_radix(l.split("0x").nth(1).unwrap().trim(), 16).unwrap();
-        (b, o)
-    };
-    let bmap = sh(Command::new("debugfs").args(["-R", "bmap /f 1"]).arg(&img));
-    let data_block: u64 = bmap.trim().parse().unwrap();
-    sh(Command::new("e2fsck").arg("-fn").arg(&img));
+    let src = src.to_str().unwrap();
+    mke2fs(
+        &img,
+        &[
+            "-t",
+            "ext4",
+            "-b",
+            "4096",
+            "-O",
+            "^metadata_csum",
+            "-d",
+            src,
+        ],
+        8,
+    );
+    debugfs_w(&img, "sif /f size 4096");
+    let (block, offset) = inode_location(&img, "/f");
+    let data_block: u64 = debugfs(&img, "bmap /f 1").trim().parse().unwrap();
+    assert_fsck_clean(&img);
     (img, block * BS + offset, data_block * BS)
 }
 
@@ -87,17 +59,15 @@ struct Rig {
 }
 
 fn rig(name: &str) -> Option<(Rig, u64, u64)> {
-    if !tools() {
+    if !need(&["mke2fs", "debugfs", "e2fsck"]) {
         return None;
     }
     let dir = scratch(name);
     let (img, inode_at, block1_at) = make_image(&dir);
     let base = dir.join("base.img");
     std::fs::copy(&img, &base).unwrap();
-    let (f, geo) = dio::probe::open_probed(&img, true).unwrap();
-    let dev = SyncDevice::new(f, geo, &SyncConfig::default()).unwrap();
     let log = dir.join("log");
-    let rec = Recorder::create(dev, &log).unwrap();
+    let (rec, _) = common::record(&img, &log);
     Some((
         Rig {
             dir,
@@ -138,32 +108,19 @@ fn versions() -> Vec<ExpectedFile> {
 }
 
 fn replay(r: &Rig, checkers: &[&dyn Checker]) -> Summary {
-    let log = Arc::new(Log::open(&r.log).unwrap());
     let opts = ReplayOptions {
         max_per_window: if common::long() { 64 } else { 8 },
         seed: 7,
         ..ReplayOptions::default()
     };
-    let sum = run(
-        &log,
-        Base::File(r.base.clone()),
+    common::replay(
+        "ext",
+        &r.log,
+        &r.base,
         checkers,
         &opts,
         &r.dir.join("states"),
     )
-    .unwrap();
-    eprintln!(
-        "{} records, {} states, {} failed, {:.1} states/s, skipped: {:?}",
-        sum.records,
-        sum.states,
-        sum.failed,
-        sum.rate(),
-        sum.skipped
-    );
-    for f in sum.failures.iter().take(3) {
-        eprintln!("  {} [{}] {}", f.spec, f.checker, f.message);
-    }
-    sum
 }
 
 fn mount_checker(dir: &Path) -> MountChecker {
@@ -239,12 +196,7 @@ fn dio_in_place_overwrite_then_flush_passes_e2fsck_and_the_model() {
     let fs = dio::ext::Ext::open_writable(rec.clone(), size).unwrap();
     let file = fs.open_file(&fs.lookup(b"/f", true).unwrap()).unwrap();
     // Where block 0 of /f lives, for the claim.
-    let block0 = {
-        let out = sh(Command::new("debugfs")
-            .args(["-R", "bmap /f 0"])
-            .arg(&r.base));
-        out.trim().parse::<u64>().unwrap() * BS
-    };
+    let block0 = { debugfs(&r.base, "bmap /f 0").trim().parse::<u64>().unwrap() * BS };
     let mut model = vec![b'A'; BS as usize];
     for (k, (off, len)) in [(100u64, 3000usize), (0, 4096), (4000, 96), (17, 1)]
         .into_iter()

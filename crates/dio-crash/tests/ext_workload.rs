@@ -22,16 +22,13 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use dio::ext::{Attrs, Ext, FileType};
-use dio::{Device, SyncConfig, SyncDevice};
-use dio_crash::{
-    run, Base, Checker, E2fsckChecker, Log, Recorder, ReplayOptions, StateView, Summary, Verdict,
-};
+use dio::{Device, SyncDevice};
+use dio_crash::{Checker, E2fsckChecker, Recorder, ReplayOptions, StateView, Summary, Verdict};
+use dio_testkit::{assert_fsck_clean, mke2fs, need};
 
 /// What a path holds in one version of the tree.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -233,30 +230,6 @@ impl<C: Checker> Checker for Sampled<C> {
     }
 }
 
-fn tools(mkfs: &str) -> bool {
-    for t in [mkfs, "e2fsck"] {
-        if !dio_testkit::have(t) {
-            dio_testkit::skip(format!("{t} is not installed"));
-            return false;
-        }
-    }
-    true
-}
-
-/// A fresh `mkfs` image of `mb` MiB with 4 KiB blocks.
-fn make_image(dir: &Path, mkfs: &str, mb: u64, extra: &[&str]) -> PathBuf {
-    let img = dir.join("disk.img");
-    let out = Command::new(mkfs)
-        .args(["-q", "-F", "-b", "4096"])
-        .args(extra)
-        .arg(&img)
-        .arg(format!("{mb}M"))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{mkfs}: {out:?}");
-    img
-}
-
 /// The workload: `ops` seeded operations through dio's ext writer on `fs`,
 /// marks around each; returns the history.
 fn workload(rec: &Recorder<SyncDevice>, fs: &Ext, seed: u64, ops: usize) -> History {
@@ -408,26 +381,27 @@ struct Outcome {
 /// Record a workload on a fresh image and replay it.
 fn record_and_replay(
     name: &str,
-    mkfs: &str,
+    fs: &str,
     extra: &[&str],
     seed: u64,
     mutate: bool,
 ) -> Option<Outcome> {
-    if !tools(mkfs) {
+    if !need(&["mke2fs", "e2fsck"]) {
         return None;
     }
     let long = common::long();
     let dir = common::scratch(name);
-    let img = make_image(&dir, mkfs, 16, extra);
+    let img = dir.join("disk.img");
+    // A fresh image of 16 MiB with 4 KiB blocks.
+    mke2fs(&img, &[&["-t", fs, "-b", "4096"], extra].concat(), 16);
     let base = dir.join("base.img");
     std::fs::copy(&img, &base).unwrap();
-    let (f, geo) = dio::probe::open_probed(&img, true).unwrap();
-    let dev = SyncDevice::new(f, geo, &SyncConfig::default()).unwrap();
     let log_path = dir.join("log");
-    let rec = Arc::new(Recorder::create(dev, &log_path).unwrap());
+    let (rec, size) = common::record(&img, &log_path);
+    let rec = Arc::new(rec);
     let ops = if long { 400 } else { 160 };
     let history = {
-        let fs = Ext::open_writable(rec.clone() as Arc<dyn Device>, geo.size).unwrap();
+        let fs = Ext::open_writable(rec.clone() as Arc<dyn Device>, size).unwrap();
         assert!(fs.is_journaled());
         fs.mutation_commit_before_data(mutate);
         let h = workload(&rec, &fs, seed, ops);
@@ -435,18 +409,9 @@ fn record_and_replay(
         h
     };
     // The image as dio left it passes e2fsck.
-    let out = Command::new("e2fsck")
-        .arg("-fn")
-        .arg(&img)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "e2fsck -fn of the final image: {out:?}"
-    );
+    assert_fsck_clean(&img);
     drop(rec);
     let history = Arc::new(history);
-    let log = Arc::new(Log::open(&log_path).unwrap());
     let opts = ReplayOptions {
         max_per_window: if long { 32 } else { 8 },
         max_states: Some(if long { 40_000 } else { 2_000 }),
@@ -464,27 +429,18 @@ fn record_and_replay(
         seen: AtomicU64::new(0),
         ran: AtomicU64::new(0),
     };
-    let sum = run(
-        &log,
-        Base::File(base.clone()),
+    let sum = common::replay(
+        name,
+        &log_path,
+        &base,
         &[&model, &e2fsck],
         &opts,
         &dir.join("states"),
-    )
-    .unwrap();
-    eprintln!(
-        "{name}: {ops} ops, {} records, {} states ({} through e2fsck), {} failed, {:.1} states/s, {:.1} s, skipped: {:?}",
-        sum.records,
-        sum.states,
-        e2fsck.ran.load(Ordering::Relaxed),
-        sum.failed,
-        sum.rate(),
-        sum.elapsed.as_secs_f64(),
-        sum.skipped
     );
-    for f in sum.failures.iter().take(3) {
-        eprintln!("  {} [{}] {}", f.spec, f.checker, f.message);
-    }
+    eprintln!(
+        "{name}: {ops} ops, {} states through e2fsck",
+        e2fsck.ran.load(Ordering::Relaxed)
+    );
     let e2fsck_ran = e2fsck.ran.load(Ordering::Relaxed);
     if sum.failed == 0 {
         let _ = std::fs::remove_dir_all(&dir);
@@ -498,7 +454,7 @@ fn record_and_replay(
 
 #[test]
 fn ext4_random_allocating_workload_every_crash_state_is_consistent() {
-    let Some(o) = record_and_replay("ext4-workload", "mkfs.ext4", &[], 41, false) else {
+    let Some(o) = record_and_replay("ext4-workload", "ext4", &[], 41, false) else {
         return;
     };
     assert!(o.ops > 0 && o.sum.states >= 1000, "{} states", o.sum.states);
@@ -508,7 +464,7 @@ fn ext4_random_allocating_workload_every_crash_state_is_consistent() {
 
 #[test]
 fn ext3_random_allocating_workload_every_crash_state_is_consistent() {
-    let Some(o) = record_and_replay("ext3-workload", "mkfs.ext3", &[], 43, false) else {
+    let Some(o) = record_and_replay("ext3-workload", "ext3", &[], 43, false) else {
         return;
     };
     assert!(o.ops > 0 && o.sum.states >= 1000, "{} states", o.sum.states);
@@ -521,7 +477,7 @@ fn ext3_random_allocating_workload_every_crash_state_is_consistent() {
 /// committed size covers bytes that never landed.
 #[test]
 fn mutation_commit_before_data_is_caught() {
-    let Some(o) = record_and_replay("ext4-mutation", "mkfs.ext4", &[], 41, true) else {
+    let Some(o) = record_and_replay("ext4-mutation", "ext4", &[], 41, true) else {
         return;
     };
     assert!(

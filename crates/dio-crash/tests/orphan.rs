@@ -8,38 +8,16 @@
 
 mod common;
 
-use std::process::Command;
 use std::sync::Arc;
 
-use dio::{Device, SyncConfig, SyncDevice};
-use dio_crash::{
-    run, Base, E2fsckChecker, ExpectedFile, FilesChecker, Log, Recorder, ReplayOptions,
-};
-
-fn sh(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    assert!(out.status.success(), "{cmd:?}: {out:?}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn ino_of(img: &std::path::Path, path: &str) -> u32 {
-    let text = sh(Command::new("debugfs")
-        .args(["-R", &format!("stat {path}")])
-        .arg(img));
-    text.split("Inode: ")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("stat {path}: {text}"))
-}
+use dio::Device;
+use dio_crash::{E2fsckChecker, ExpectedFile, FilesChecker, ReplayOptions};
+use dio_testkit::{assert_fsck_clean, debugfs_script, ino_of, mke2fs, need};
 
 #[test]
 fn orphan_processing_is_crash_safe() {
-    for t in ["mkfs.ext4", "debugfs", "e2fsck"] {
-        if !dio_testkit::have(t) {
-            dio_testkit::skip(format!("{t} is not installed"));
-            return;
-        }
+    if !need(&["mke2fs", "debugfs", "e2fsck"]) {
+        return;
     }
     let dir = common::scratch("orphan");
     let tree = dir.join("tree");
@@ -49,48 +27,38 @@ fn orphan_processing_is_crash_safe() {
     std::fs::write(tree.join("u"), vec![9u8; 300_000]).unwrap();
     std::fs::write(tree.join("keep"), b"keep\n").unwrap();
     let img = dir.join("disk.img");
-    sh(Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-b", "4096", "-d"])
-        .arg(&tree)
-        .arg(&img)
-        .arg("16M"));
+    mke2fs(
+        &img,
+        &["-t", "ext4", "-b", "4096", "-d", tree.to_str().unwrap()],
+        16,
+    );
     let (ti, ui) = (ino_of(&img, "/t"), ino_of(&img, "/u"));
-    let script = dir.join("script");
-    std::fs::write(
-        &script,
-        format!(
-            "sif /t size 5000\nsif /u dtime {ti}\nunlink /u\nsif <{ui}> links_count 0\nssv last_orphan {ui}\n"
-        ),
-    )
-    .unwrap();
-    sh(Command::new("debugfs")
-        .arg("-w")
-        .arg("-f")
-        .arg(&script)
-        .arg(&img));
+    debugfs_script(
+        &img,
+        &[
+            "sif /t size 5000",
+            &format!("sif /u dtime {ti}"),
+            "unlink /u",
+            &format!("sif <{ui}> links_count 0"),
+            &format!("ssv last_orphan {ui}"),
+        ],
+    );
     let base = dir.join("base.img");
     std::fs::copy(&img, &base).unwrap();
 
-    let (f, geo) = dio::probe::open_probed(&img, true).unwrap();
-    let dev = SyncDevice::new(f, geo, &SyncConfig::default()).unwrap();
     let log_path = dir.join("log");
-    let rec = Arc::new(Recorder::create(dev, &log_path).unwrap());
+    let (rec, size) = common::record(&img, &log_path);
+    let rec = Arc::new(rec);
     {
-        let fs = dio::ext::Ext::open_writable(rec.clone() as Arc<dyn Device>, geo.size).unwrap();
+        let fs = dio::ext::Ext::open_writable(rec.clone() as Arc<dyn Device>, size).unwrap();
         fs.checkpoint().unwrap();
     }
     drop(rec);
     let sb = std::fs::read(&img).unwrap();
     let last_orphan = u32::from_le_bytes(sb[1024 + 0xE8..1024 + 0xEC].try_into().unwrap());
     assert_eq!(last_orphan, 0, "the list is empty after the open");
-    let out = Command::new("e2fsck")
-        .arg("-fn")
-        .arg(&img)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
+    assert_fsck_clean(&img);
 
-    let log = Arc::new(Log::open(&log_path).unwrap());
     let files = FilesChecker {
         files: vec![
             ExpectedFile::exactly("/t", t[..5000].to_vec()),
@@ -108,20 +76,13 @@ fn orphan_processing_is_crash_safe() {
         torn: true,
         atomic_unit: 4096,
     };
-    let sum = run(
-        &log,
-        Base::File(base),
+    let sum = common::replay(
+        "orphan processing",
+        &log_path,
+        &base,
         &[&files, &E2fsckChecker],
         &opts,
         &dir.join("states"),
-    )
-    .unwrap();
-    eprintln!(
-        "orphan processing: {} records, {} states, {} failed, {:.1} states/s",
-        sum.records,
-        sum.states,
-        sum.failed,
-        sum.rate()
     );
     assert!(sum.states >= 20, "{} states", sum.states);
     assert_eq!(sum.failed, 0, "{:#?}", sum.failures);

@@ -4,14 +4,14 @@
 #![allow(dead_code)]
 
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use dio::{
-    AlignedBuf, Completion, CompletionMode, Device, DirectFile, Finished, Flags, Geometry, Op,
-    Request,
+    AlignedBuf, Completion, Device, DeviceWrapper, DirectFile, Finished, Flags, Op, Request,
+    SyncConfig, SyncDevice,
 };
-use dio_crash::Recorder;
+use dio_crash::{run, Base, Checker, Log, Recorder, ReplayOptions, Summary};
 
 /// A fresh directory under the crate's target tmp dir (O_DIRECT works there).
 /// Directories of earlier runs of the same test whose process is gone are removed.
@@ -46,26 +46,53 @@ pub fn long() -> bool {
 
 pub use dio_testkit::Rng;
 
+/// A recorder over the image file `img` (O_DIRECT, pread/pwrite) logging to `log`,
+/// and the image's size.
+pub fn record(img: &Path, log: &Path) -> (Recorder<SyncDevice>, u64) {
+    let (f, geo) = dio::probe::open_probed(img, true).unwrap();
+    let dev = SyncDevice::new(f, geo, &SyncConfig::default()).unwrap();
+    (Recorder::create(dev, log).unwrap(), geo.size)
+}
+
+/// Replays the log at `log` over the image `base` through `checkers` (the states
+/// under `states`), and prints what it found: the counts and the first failures.
+pub fn replay(
+    name: &str,
+    log: &Path,
+    base: &Path,
+    checkers: &[&dyn Checker],
+    opts: &ReplayOptions,
+    states: &Path,
+) -> Summary {
+    let log = Arc::new(Log::open(log).unwrap());
+    let sum = run(&log, Base::File(base.to_path_buf()), checkers, opts, states).unwrap();
+    eprintln!(
+        "{name}: {} records, {} states, {} failed, {:.1} states/s, {:.1} s, skipped: {:?}",
+        sum.records,
+        sum.states,
+        sum.failed,
+        sum.rate(),
+        sum.elapsed.as_secs_f64(),
+        sum.skipped
+    );
+    for f in sum.failures.iter().take(3) {
+        eprintln!("  {} [{}] {}", f.spec, f.checker, f.message);
+    }
+    sum
+}
+
 /// Passes everything through but clears FUA: a device without FUA (the block
 /// layer then relies on flushes).
 pub struct StripFua<D>(pub D);
 
-impl<D: Device> Device for StripFua<D> {
-    fn geometry(&self) -> Geometry {
-        self.0.geometry()
+impl<D: Device> DeviceWrapper for StripFua<D> {
+    type Inner = D;
+    fn inner(&self) -> &D {
+        &self.0
     }
     fn submit(&self, mut req: Request) {
         req.set_fua(false);
         self.0.submit(req)
-    }
-    fn poll(&self, wait: bool) -> io::Result<usize> {
-        self.0.poll(wait)
-    }
-    fn completion_mode(&self) -> CompletionMode {
-        self.0.completion_mode()
-    }
-    fn flush(&self) -> io::Result<()> {
-        self.0.flush()
     }
     fn name(&self) -> &str {
         "strip-fua"
@@ -75,18 +102,10 @@ impl<D: Device> Device for StripFua<D> {
 /// MUTATION: acknowledges flushes without doing them.
 pub struct DropFlush<D>(pub D);
 
-impl<D: Device> Device for DropFlush<D> {
-    fn geometry(&self) -> Geometry {
-        self.0.geometry()
-    }
-    fn submit(&self, req: Request) {
-        self.0.submit(req)
-    }
-    fn poll(&self, wait: bool) -> io::Result<usize> {
-        self.0.poll(wait)
-    }
-    fn completion_mode(&self) -> CompletionMode {
-        self.0.completion_mode()
+impl<D: Device> DeviceWrapper for DropFlush<D> {
+    type Inner = D;
+    fn inner(&self) -> &D {
+        &self.0
     }
     fn flush(&self) -> io::Result<()> {
         Ok(())
@@ -130,28 +149,23 @@ impl<D: Device> EarlyAck<D> {
     }
 }
 
-impl<D: Device> Device for EarlyAck<D> {
-    fn geometry(&self) -> Geometry {
-        self.inner.geometry()
+impl<D: Device> DeviceWrapper for EarlyAck<D> {
+    type Inner = D;
+    fn inner(&self) -> &D {
+        &self.inner
     }
     fn submit(&self, req: Request) {
         self.drain();
         if req.op() == Op::Read {
             return self.inner.submit(req);
         }
-        let mut buf = AlignedBuf::new(req.len() as usize, self.geometry().buffer_align());
+        let mut buf = AlignedBuf::new(req.len() as usize, self.inner.geometry().buffer_align());
         req.copy_out(0, &mut buf);
         self.held
             .lock()
             .unwrap()
             .push((req.offset(), buf, req.fua()));
         req.complete(Ok(()));
-    }
-    fn poll(&self, wait: bool) -> io::Result<usize> {
-        self.inner.poll(wait)
-    }
-    fn completion_mode(&self) -> CompletionMode {
-        self.inner.completion_mode()
     }
     fn flush(&self) -> io::Result<()> {
         // The bug: the flush does not wait for (or send) the writes it holds.
