@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use dio_testkit::is_root;
+use dio_testkit::{assert_fsck_clean, have, is_root, mke2fs, LoopDev};
 use tempfile::TempDir;
 
 fn scratch() -> TempDir {
@@ -124,26 +124,10 @@ fn usage_errors_are_refused() {
     assert_eq!(o.status.code(), Some(2));
 }
 
-struct Loop(String);
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").args(["-d", &self.0]).status();
-    }
-}
-
-fn attach_loop(backing: &Path) -> Result<Loop, String> {
-    let o = Command::new("losetup")
-        .args(["-f", "--show", s(backing)])
-        .output()
-        .map_err(|e| format!("losetup: {e}"))?;
-    if !o.status.success() {
-        return Err(format!("losetup: {}", text(&o.stderr).trim()));
-    }
-    Ok(Loop(text(&o.stdout).trim().to_string()))
-}
-
 fn ext_image(dir: &Path) -> Result<std::path::PathBuf, String> {
+    if !have("mke2fs") {
+        return Err("mke2fs is not installed".into());
+    }
     let src = dir.join("ext-src");
     std::fs::create_dir_all(&src).map_err(|e| e.to_string())?;
     // A size that is not a multiple of any block: the span ends mid-sector.
@@ -152,16 +136,7 @@ fn ext_image(dir: &Path) -> Result<std::path::PathBuf, String> {
         .collect();
     std::fs::write(src.join("data.bin"), data).map_err(|e| e.to_string())?;
     let img = dir.join("ext.img");
-    std::fs::File::create(&img)
-        .and_then(|f| f.set_len(16 << 20))
-        .map_err(|e| e.to_string())?;
-    let o = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-b", "4096", "-d", s(&src), s(&img)])
-        .output()
-        .map_err(|e| format!("mkfs.ext4: {e}"))?;
-    if !o.status.success() {
-        return Err(format!("mkfs.ext4: {}", text(&o.stderr).trim()));
-    }
+    mke2fs(&img, &["-t", "ext4", "-b", "4096", "-d", s(&src)], 16);
     Ok(img)
 }
 
@@ -209,13 +184,14 @@ fn short_soak_on_every_target() {
     if !is_root() {
         eprintln!("skip loop device: not root");
     } else {
-        match attach_loop(&backing) {
+        match LoopDev::attach(&backing, 512) {
             Err(e) => eprintln!("skip loop device: {e}"),
             Ok(dev) => {
-                let o = dio_bounded(30, &["fsx", &dev.0, "--ops", "10"]);
+                let dev = s(dev.path());
+                let o = dio_bounded(30, &["fsx", dev, "--ops", "10"]);
                 assert_eq!(o.status.code(), Some(1), "block device needs --force");
                 clean(
-                    &["fsx", &dev.0, "--force", "--seed", "14", "--duration", "4"],
+                    &["fsx", dev, "--force", "--seed", "14", "--duration", "4"],
                     60,
                 );
             }
@@ -227,27 +203,28 @@ fn short_soak_on_every_target() {
         Ok(img) => {
             let loc = format!("{}:/data.bin", s(&img));
             clean(&["fsx", &loc, "--seed", "15", "--duration", "4"], 60);
-            if let Ok(o) = Command::new("e2fsck").args(["-fn", s(&img)]).output() {
-                assert!(o.status.success(), "e2fsck after fsx: {}", text(&o.stdout));
-            }
+            assert_fsck_clean(&img);
         }
     }
 }
 
 /// `dio fsx IMG:/file` on an allocating writer: the file grows, shrinks (truncates)
-/// and has its holes filled, on ext4 without and with a journal and on ext2 (indirect
-/// blocks), with io_uring and the sync engine (async unaligned writes start their
-/// writes from completions while allocations read metadata: this hung before). Then
-/// e2fsck -fn is clean and the kernel reads the file as fsx's model says.
+/// and has its holes filled, on ext4 without and with a journal, on ext3 (indirect
+/// blocks and a journal) and on ext2, with io_uring and the sync engine (async
+/// unaligned writes start their writes from completions while allocations read
+/// metadata: this hung before), and on an ext4 image served over NBD by qemu-nbd
+/// (skipped with a reason where qemu-nbd is missing). Then e2fsck -fn is clean and
+/// the kernel reads the file as fsx's model says.
 #[test]
 fn ext_allocating_writer_matches_the_model_fsck_and_kernel() {
-    use dio_testkit::{assert_fsck_clean, debugfs_w, have, kernel_mount, mke2fs};
+    use dio_testkit::{debugfs_w, kernel_mount, qemu_nbd_unix, skip};
     if !have("mke2fs") || !have("debugfs") {
-        eprintln!("skipped: mke2fs and debugfs are needed");
+        skip("mke2fs and debugfs are needed");
         return;
     }
     let dir = scratch();
-    let cases: [(&str, &[&str], &str, &str); 4] = [
+    // (name, mke2fs arguments, engine or "nbd", operations)
+    let cases: [(&str, &[&str], &str, &str); 6] = [
         (
             "ext4-nj",
             &["-t", "ext4", "-O", "^has_journal"],
@@ -261,30 +238,40 @@ fn ext_allocating_writer_matches_the_model_fsck_and_kernel() {
             "800",
         ),
         ("ext4-j", &["-t", "ext4"], "auto", "600"),
+        ("ext3", &["-t", "ext3"], "auto", "400"),
         ("ext2", &["-t", "ext2"], "auto", "600"),
+        ("ext4-j-nbd", &["-t", "ext4"], "nbd", "400"),
     ];
     for (i, (name, mkfs, engine, ops)) in cases.into_iter().enumerate() {
+        if engine == "nbd" && !have("qemu-nbd") {
+            skip(format!(
+                "{name}: qemu-nbd is not installed (apt-get install qemu-utils)"
+            ));
+            continue;
+        }
         let img = dir.path().join(format!("{name}.img"));
         mke2fs(&img, mkfs, 64);
         debugfs_w(&img, "write /dev/null f");
         let model = dir.path().join(format!("{name}.model"));
-        let loc = format!("{}:/f", s(&img));
         let seed = (40 + i).to_string();
-        let out = clean(
-            &[
-                "fsx",
-                &loc,
-                "--engine",
-                engine,
-                "--seed",
-                &seed,
-                "--ops",
-                ops,
-                "--dump",
-                s(&model),
-            ],
-            120,
-        );
+        let mut args = vec!["fsx"];
+        // The image on a host file, or served over NBD (a Unix socket) while fsx
+        // runs; the server stops before the checks below read the image.
+        let (loc, server) = if engine == "nbd" {
+            let sock = dir.path().join(format!("{name}.sock"));
+            let server = qemu_nbd_unix(&img, "raw", &sock);
+            (
+                format!("nbd+unix:///disk?socket={}:/f", s(&sock)),
+                Some(server),
+            )
+        } else {
+            args.extend(["--engine", engine]);
+            (format!("{}:/f", s(&img)), None)
+        };
+        args.extend(["--seed", &seed, "--ops", ops, "--dump", s(&model)]);
+        args.insert(1, &loc);
+        let out = clean(&args, 120);
+        drop(server);
         // Growing, shrinking and hole-filling all happened.
         assert!(
             out.contains("allocating") || out.contains("truncates"),
