@@ -51,6 +51,30 @@ pub fn mke2fs(img: &Path, args: &[&str], mib: u64) {
         .arg(format!("{mib}M")));
 }
 
+/// Makes an image of `mib` MiB at `img` whose free space holds `fill`: the file is
+/// written whole with that byte, then `mke2fs -F -q -E nodiscard ARGS` (no discard,
+/// so mke2fs leaves it). A block the file system never wrote reads as `fill`, so a
+/// reader that shows stale data is caught.
+pub fn mke2fs_filled(img: &Path, args: &[&str], mib: u64, fill: u8) {
+    std::fs::write(img, vec![fill; (mib << 20) as usize])
+        .unwrap_or_else(|e| panic!("{}: {e}", img.display()));
+    sh(Command::new("mke2fs")
+        .args(["-F", "-q", "-E", "nodiscard"])
+        .args(args)
+        .arg(img));
+}
+
+/// The value of `KEY:` in `dumpe2fs -h IMG` (for instance "Free blocks"),
+/// trimmed; panics if dumpe2fs fails or does not print it.
+pub fn superblock_field(img: &Path, key: &str) -> String {
+    let text = sh(Command::new("dumpe2fs").arg("-h").arg(img));
+    let prefix = format!("{key}:");
+    text.lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .map(|v| v.trim().to_string())
+        .unwrap_or_else(|| panic!("dumpe2fs -h {}: no {key}:\n{text}", img.display()))
+}
+
 /// `e2fsck ARGS IMG`: its exit code and output.
 pub fn e2fsck(img: &Path, args: &[&str]) -> (i32, String) {
     status_of(Command::new("e2fsck").args(args).arg(img))

@@ -14,7 +14,10 @@
 //! `DIO_EXT_BIG=1` makes the big-directory tests full size (50,000 names,
 //! 65,001 subdirectories).
 
-use dio_testkit::{have, is_root};
+use dio_testkit::{
+    assert_fsck_clean, debugfs, debugfs_w, e2fsck, have, is_root, kernel_mount, mke2fs_filled,
+    Mount,
+};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -31,21 +34,9 @@ fn scratch() -> PathBuf {
 
 fn mkfs(name: &str, args: &[&str], size_mib: u64) -> PathBuf {
     let img = scratch().join(format!("{name}.img"));
-    let _ = std::fs::remove_file(&img);
     // Free space full of a pattern (and no discard by mke2fs): a byte of it
     // showing through a file is stale data.
-    std::fs::write(&img, vec![0xA5u8; (size_mib << 20) as usize]).unwrap();
-    let out = Command::new("mke2fs")
-        .args(["-q", "-F", "-E", "nodiscard"])
-        .args(args)
-        .arg(&img)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "mke2fs {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    mke2fs_filled(&img, args, size_mib, 0xA5);
     img
 }
 
@@ -63,14 +54,7 @@ fn open(img: &Path) -> (RawFile, Ext) {
 }
 
 fn fsck(img: &Path) {
-    let out = Command::new("e2fsck").arg("-fn").arg(img).output().unwrap();
-    assert!(
-        out.status.success(),
-        "e2fsck -fn {}:\n{}{}",
-        img.display(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_fsck_clean(img);
 }
 
 /// A tiny deterministic generator.
@@ -307,34 +291,14 @@ fn check_dio(img: &Path, m: &Model) {
     }
 }
 
-struct Mount {
-    dir: PathBuf,
-}
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.dir).status();
-    }
+fn mount(img: &Path) -> Option<Mount> {
+    kernel_mount(img, "ro")
 }
 
-fn mount(img: &Path) -> Option<Mount> {
-    if !is_root() {
-        eprintln!("skipped: the kernel mount check needs root");
-        return None;
-    }
-    let dir = img.with_extension("mnt");
-    std::fs::create_dir_all(&dir).unwrap();
-    let ok = Command::new("mount")
-        .args(["-o", "ro,loop"])
-        .arg(img)
-        .arg(&dir)
-        .status()
-        .unwrap()
-        .success();
-    if !ok {
-        eprintln!("skipped: mount -o loop failed");
-        return None;
-    }
-    Some(Mount { dir })
+/// A read-write kernel mount for the kernel to make what a test then changes
+/// (the test has checked it is root): a failure is the test's.
+fn mount_rw(img: &Path) -> Mount {
+    Mount::new(img, "rw").unwrap_or_else(|e| panic!("mount {}: {e}", img.display()))
 }
 
 /// Walk a kernel mount into a model.
@@ -364,7 +328,7 @@ fn walk(root: &Path, rel: &str, out: &mut Model) {
 fn check_kernel(img: &Path, m: &Model) {
     let Some(mnt) = mount(img) else { return };
     let mut seen = Model::new();
-    walk(&mnt.dir, "", &mut seen);
+    walk(&mnt.path(), "", &mut seen);
     drop(mnt);
     assert_eq!(seen.len(), m.len(), "the kernel sees another tree");
     for (p, n) in m {
@@ -643,16 +607,8 @@ fn htree_directories_take_names_split_leaves_and_lose_names() {
         );
         let mut names: std::collections::BTreeSet<String> = Default::default();
         {
-            let dir = img.with_extension("mnt");
-            std::fs::create_dir_all(&dir).unwrap();
-            assert!(Command::new("mount")
-                .args(["-o", "loop"])
-                .arg(&img)
-                .arg(&dir)
-                .status()
-                .unwrap()
-                .success());
-            let m = Mount { dir: dir.clone() };
+            let m = mount_rw(&img);
+            let dir = m.path().to_path_buf();
             std::fs::create_dir(dir.join("big")).unwrap();
             for i in 0..300 {
                 let n = format!("file-with-a-long-name-{i}");
@@ -697,14 +653,14 @@ fn htree_directories_take_names_split_leaves_and_lose_names() {
         eprintln!("htree-{tag}: {added} names added, {full} refused (full leaf)");
         fsck(&img);
         let Some(mnt) = mount(&img) else { continue };
-        let seen: std::collections::BTreeSet<String> = std::fs::read_dir(mnt.dir.join("big"))
+        let seen: std::collections::BTreeSet<String> = std::fs::read_dir(mnt.path().join("big"))
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         for n in &names {
             // A lookup by name goes through the kernel's own hash index.
             assert!(
-                mnt.dir.join("big").join(n).symlink_metadata().is_ok(),
+                mnt.path().join("big").join(n).symlink_metadata().is_ok(),
                 "{n}"
             );
         }
@@ -988,14 +944,6 @@ fn ram(img: &Path) -> (Arc<dio::MemDevice>, u64) {
     (dev, size)
 }
 
-fn e2fsck_status(img: &Path, args: &str) -> (i32, String) {
-    let o = Command::new("e2fsck").arg(args).arg(img).output().unwrap();
-    (
-        o.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-    )
-}
-
 #[test]
 fn a_crash_at_any_flush_leaves_a_repairable_image_and_synced_files_intact() {
     if !have("mke2fs") || !have("e2fsck") {
@@ -1020,7 +968,7 @@ fn a_crash_at_any_flush_leaves_a_repairable_image_and_synced_files_intact() {
         }
         let img = scratch().join(format!("crash-{cut}.img"));
         std::fs::write(&img, dev.read_raw(0, size as usize)).unwrap();
-        let (code, out) = e2fsck_status(&img, "-fy");
+        let (code, out) = e2fsck(&img, &["-fy"]);
         assert!(code <= 1, "cut {cut}: e2fsck -fy exit {code}:\n{out}");
         for bad in ["Multiply-claimed", "duplicate", "shared with"] {
             assert!(!out.contains(bad), "cut {cut}: a block owned twice:\n{out}");
@@ -1189,16 +1137,8 @@ fn htree_index_grows_a_level_and_splits_index_nodes() {
     }
     let img = mkfs("htree-levels", &["-t", "ext4", "-b", "1024", "-O", NOJ], 32);
     {
-        let dir = img.with_extension("mnt");
-        std::fs::create_dir_all(&dir).unwrap();
-        assert!(Command::new("mount")
-            .args(["-o", "loop"])
-            .arg(&img)
-            .arg(&dir)
-            .status()
-            .unwrap()
-            .success());
-        let m = Mount { dir: dir.clone() };
+        let m = mount_rw(&img);
+        let dir = m.path().to_path_buf();
         std::fs::create_dir(dir.join("big")).unwrap();
         for i in 0..200 {
             std::fs::write(dir.join("big").join(format!("k{i}")), b"").unwrap();
@@ -1220,13 +1160,7 @@ fn htree_index_grows_a_level_and_splits_index_nodes() {
     fsck(&img);
     if have("debugfs") {
         // The index grew a level, and its nodes split (the root has several).
-        let o = Command::new("debugfs")
-            .arg("-R")
-            .arg("htree /big")
-            .arg(&img)
-            .output()
-            .unwrap();
-        let out = String::from_utf8_lossy(&o.stdout);
+        let out = debugfs(&img, "htree /big");
         assert!(out.contains("Indirect levels: 1"), "{out}");
         let root_count: usize = out
             .lines()
@@ -1245,11 +1179,14 @@ fn htree_index_grows_a_level_and_splits_index_nodes() {
     let Some(mnt) = mount(&img) else { return };
     for n in &names {
         assert!(
-            mnt.dir.join("big").join(n).symlink_metadata().is_ok(),
+            mnt.path().join("big").join(n).symlink_metadata().is_ok(),
             "{n}"
         );
     }
-    assert_eq!(std::fs::read_dir(mnt.dir.join("big")).unwrap().count(), 900);
+    assert_eq!(
+        std::fs::read_dir(mnt.path().join("big")).unwrap().count(),
+        900
+    );
 }
 
 #[test]
@@ -1260,16 +1197,8 @@ fn removing_files_with_an_xattr_block_frees_or_unshares_it() {
     }
     let img = mkfs("xattr", &["-t", "ext4", "-b", "4096", "-O", NOJ], 16);
     {
-        let dir = img.with_extension("mnt");
-        std::fs::create_dir_all(&dir).unwrap();
-        assert!(Command::new("mount")
-            .args(["-o", "loop"])
-            .arg(&img)
-            .arg(&dir)
-            .status()
-            .unwrap()
-            .success());
-        let m = Mount { dir: dir.clone() };
+        let m = mount_rw(&img);
+        let dir = m.path().to_path_buf();
         for f in ["a", "b", "c"] {
             std::fs::write(dir.join(f), b"data").unwrap();
         }
@@ -1323,13 +1252,7 @@ fn htree_levels(img: &Path, path: &str) -> Option<u32> {
     if !have("debugfs") {
         return None;
     }
-    let o = Command::new("debugfs")
-        .arg("-R")
-        .arg(format!("htree {path}"))
-        .arg(img)
-        .output()
-        .unwrap();
-    let out = String::from_utf8_lossy(&o.stdout);
+    let out = debugfs(img, &format!("htree {path}"));
     out.lines()
         .find_map(|l| l.trim().strip_prefix("Indirect levels: "))
         .and_then(|n| n.trim().parse().ok())
@@ -1408,7 +1331,7 @@ fn check_big(img: &Path, names: &[String]) {
     drop(ext);
     eprintln!("dio: {:.2} s", t0.elapsed().as_secs_f64());
     let Some(mnt) = mount(img) else { return };
-    let seen: std::collections::BTreeSet<String> = std::fs::read_dir(mnt.dir.join("big"))
+    let seen: std::collections::BTreeSet<String> = std::fs::read_dir(mnt.path().join("big"))
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
@@ -1416,13 +1339,13 @@ fn check_big(img: &Path, names: &[String]) {
     for n in names.iter().step_by(97) {
         assert!(seen.contains(n), "{n} not listed");
         assert!(
-            mnt.dir.join("big").join(n).symlink_metadata().is_ok(),
+            mnt.path().join("big").join(n).symlink_metadata().is_ok(),
             "{n}: the kernel's lookup"
         );
     }
     let missing = big_name(999_999, names[0].len());
     assert!(mnt
-        .dir
+        .path()
         .join("big")
         .join(missing)
         .symlink_metadata()
@@ -1534,13 +1457,7 @@ fn dir_nlink_counts_1_past_65000_subdirectories() {
         0
     } else {
         for (d, links) in [("/p", 64_998), ("/q", 64_999)] {
-            let o = Command::new("debugfs")
-                .args(["-w", "-R"])
-                .arg(format!("sif {d} links_count {links}"))
-                .arg(&img)
-                .output()
-                .unwrap();
-            assert!(o.status.success());
+            debugfs_w(&img, &format!("sif {d} links_count {links}"));
         }
         // /p is hashed (many long names), /q is not.
         let (_raw, ext) = open(&img);
@@ -1583,12 +1500,14 @@ fn dir_nlink_counts_1_past_65000_subdirectories() {
     }
     if let Some(mnt) = mount(&img) {
         use std::os::unix::fs::MetadataExt;
-        assert_eq!(std::fs::metadata(mnt.dir.join("p")).unwrap().nlink(), 1);
-        assert!(mnt.dir.join("p/s64999").is_dir());
+        assert_eq!(std::fs::metadata(mnt.path().join("p")).unwrap().nlink(), 1);
+        assert!(mnt.path().join("p/s64999").is_dir());
         if big {
-            let n = std::fs::read_dir(mnt.dir.join("p")).unwrap().count();
+            let n = std::fs::read_dir(mnt.path().join("p")).unwrap().count();
             assert_eq!(n, 65_000);
-            let sample = std::fs::read_dir(mnt.dir.join("p/s12345")).unwrap().count();
+            let sample = std::fs::read_dir(mnt.path().join("p/s12345"))
+                .unwrap()
+                .count();
             assert_eq!(sample, 0);
         }
     }
@@ -1621,16 +1540,8 @@ fn inline_directories_take_names_convert_to_a_block_and_lose_names() {
         // system.data xattr, /e empty.
         let mut k_names: Vec<String> = (0..5).map(|i| format!("k{i}")).collect();
         {
-            let dir = img.with_extension("mnt");
-            std::fs::create_dir_all(&dir).unwrap();
-            assert!(Command::new("mount")
-                .args(["-o", "loop"])
-                .arg(&img)
-                .arg(&dir)
-                .status()
-                .unwrap()
-                .success());
-            let m = Mount { dir: dir.clone() };
+            let m = mount_rw(&img);
+            let dir = m.path().to_path_buf();
             std::fs::create_dir(dir.join("k")).unwrap();
             std::fs::create_dir(dir.join("e")).unwrap();
             for n in &k_names {
@@ -1710,7 +1621,7 @@ fn inline_directories_take_names_convert_to_a_block_and_lose_names() {
         assert!(inode_of(&img, "/e").has_flag(INLINE_DATA));
         let Some(mnt) = mount(&img) else { continue };
         let ls = |p: &str| -> std::collections::BTreeSet<String> {
-            std::fs::read_dir(mnt.dir.join(p))
+            std::fs::read_dir(mnt.path().join(p))
                 .unwrap()
                 .map(|e| e.unwrap().file_name().into_string().unwrap())
                 .collect()
@@ -1719,10 +1630,13 @@ fn inline_directories_take_names_convert_to_a_block_and_lose_names() {
         assert_eq!(ls("k"), k_names.iter().cloned().collect());
         assert_eq!(ls("e"), ["f".to_string()].into_iter().collect());
         for n in &k_names {
-            assert!(mnt.dir.join("k").join(n).symlink_metadata().is_ok(), "{n}");
+            assert!(
+                mnt.path().join("k").join(n).symlink_metadata().is_ok(),
+                "{n}"
+            );
         }
-        assert!(mnt.dir.join("d/name-5").is_dir());
-        let dir_links = std::fs::metadata(mnt.dir.join("d")).unwrap();
+        assert!(mnt.path().join("d/name-5").is_dir());
+        let dir_links = std::fs::metadata(mnt.path().join("d")).unwrap();
         use std::os::unix::fs::MetadataExt;
         // `.`, its name in /, and name-5, name-8, name-11.
         assert_eq!(dir_links.nlink(), 5);
@@ -1749,13 +1663,7 @@ fn dio_made_htrees_hash_with_every_version_and_signedness() {
                 .output()
                 .unwrap();
             assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-            let o = Command::new("debugfs")
-                .args(["-w", "-R"])
-                .arg(format!("ssv flags {flags}"))
-                .arg(&img)
-                .output()
-                .unwrap();
-            assert!(o.status.success());
+            debugfs_w(&img, &format!("ssv flags {flags}"));
             let mut names = Vec::new();
             {
                 let (dev, size, ext) = ram_ext(&img);
@@ -1781,13 +1689,7 @@ fn dio_made_htrees_hash_with_every_version_and_signedness() {
                 .map(|(_, n)| n)
                 .collect();
             fsck(&img);
-            let o = Command::new("debugfs")
-                .arg("-R")
-                .arg("htree /h")
-                .arg(&img)
-                .output()
-                .unwrap();
-            let out = String::from_utf8_lossy(&o.stdout);
+            let out = debugfs(&img, "htree /h");
             let want = match alg {
                 "legacy" => 0,
                 "half_md4" => 1,
@@ -1801,11 +1703,11 @@ fn dio_made_htrees_hash_with_every_version_and_signedness() {
             if let Some(mnt) = mount(&img) {
                 for n in &names {
                     assert!(
-                        mnt.dir.join("h").join(n).symlink_metadata().is_ok(),
+                        mnt.path().join("h").join(n).symlink_metadata().is_ok(),
                         "{tag}: the kernel does not find {n}"
                     );
                 }
-                let count = std::fs::read_dir(mnt.dir.join("h")).unwrap().count();
+                let count = std::fs::read_dir(mnt.path().join("h")).unwrap().count();
                 assert_eq!(count, names.len(), "{tag}");
             }
             let _ = std::fs::remove_file(&img);
