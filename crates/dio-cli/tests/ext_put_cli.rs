@@ -3,7 +3,7 @@
 //! leaves nothing half-written; images with a journal refuse (or, for cp/write
 //! of existing files, overwrite in place as before).
 
-use dio_testkit::{have, is_root};
+use dio_testkit::{assert_fsck_clean, have, kernel_mount, mke2fs_filled, superblock_field};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
@@ -49,62 +49,29 @@ fn scratch() -> PathBuf {
     d
 }
 
+/// An image whose free space holds 0xA5 (stale bytes a file must never show).
 fn mkfs(name: &str, args: &[&str], mib: u64) -> String {
     let img = scratch().join(format!("{name}.img"));
-    std::fs::write(&img, vec![0xA5u8; (mib << 20) as usize]).unwrap();
-    let o = Command::new("mke2fs")
-        .args(["-q", "-F", "-E", "nodiscard"])
-        .args(args)
-        .arg(&img)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    mke2fs_filled(&img, args, mib, 0xA5);
     img.to_str().unwrap().to_string()
 }
 
 fn fsck(img: &str) {
-    let o = Command::new("e2fsck").args(["-fn", img]).output().unwrap();
-    assert!(
-        o.status.success(),
-        "e2fsck -fn {img}:\n{}",
-        String::from_utf8_lossy(&o.stdout)
-    );
+    assert_fsck_clean(Path::new(img));
 }
 
 fn free_blocks(img: &str) -> String {
-    let o = Command::new("dumpe2fs").args(["-h", img]).output().unwrap();
-    String::from_utf8_lossy(&o.stdout)
-        .lines()
-        .filter(|l| l.starts_with("Free blocks:") || l.starts_with("Free inodes:"))
-        .collect::<Vec<_>>()
+    let img = Path::new(img);
+    ["Free blocks", "Free inodes"]
+        .map(|k| format!("{k}: {}", superblock_field(img, k)))
         .join(",")
 }
 
 /// Mount `img` read-only and run `f` on the mount point (skipped without root).
 fn with_mount(img: &str, f: impl FnOnce(&Path)) {
-    if !is_root() {
-        eprintln!("skipped: the kernel mount check needs root");
-        return;
+    if let Some(m) = kernel_mount(Path::new(img), "ro") {
+        f(m.path());
     }
-    let dir = PathBuf::from(format!("{img}.mnt"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let st = Command::new("mount")
-        .args(["-o", "ro,loop", img])
-        .arg(&dir)
-        .status()
-        .unwrap();
-    if !st.success() {
-        eprintln!("skipped: mount -o loop failed");
-        return;
-    }
-    struct Umount(PathBuf);
-    impl Drop for Umount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _u = Umount(dir.clone());
-    f(&dir);
 }
 
 #[test]

@@ -5,7 +5,7 @@
 //! `debugfs -R logdump` reads the journal; a full image stops the copy with
 //! "No space left on device", exit 1, and a clean file system.
 
-use dio_testkit::{bytes, have, is_root, skip};
+use dio_testkit::{assert_fsck_clean, bytes, have, is_root, kernel_mount, mke2fs, skip};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -36,51 +36,19 @@ fn scratch(name: &str) -> PathBuf {
 
 fn mkfs(dir: &Path, features: &str, mib: u64) -> String {
     let img = dir.join("img");
-    let f = std::fs::File::create(&img).unwrap();
-    f.set_len(mib << 20).unwrap();
-    let o = Command::new("mke2fs")
-        .args(["-q", "-F", "-t", "ext4", "-b", "4096", "-O", features])
-        .arg(&img)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    mke2fs(&img, &["-t", "ext4", "-b", "4096", "-O", features], mib);
     img.to_str().unwrap().to_string()
 }
 
 fn fsck(img: &str) {
-    let o = Command::new("e2fsck").args(["-fn", img]).output().unwrap();
-    assert!(
-        o.status.success(),
-        "e2fsck -fn {img}:\n{}",
-        String::from_utf8_lossy(&o.stdout)
-    );
+    assert_fsck_clean(Path::new(img));
 }
 
 /// Mount `img` read-only and run `f` on the mount point (skipped without root).
 fn with_mount(img: &str, f: impl FnOnce(&Path)) {
-    if !is_root() {
-        skip("the kernel mount check needs root");
-        return;
+    if let Some(m) = kernel_mount(Path::new(img), "ro") {
+        f(m.path());
     }
-    let dir = PathBuf::from(format!("{img}.mnt"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let st = Command::new("mount")
-        .args(["-o", "ro,loop", img])
-        .arg(&dir)
-        .status()
-        .unwrap();
-    if !st.success() {
-        skip("mount -o loop failed");
-        return;
-    }
-    struct Umount(PathBuf);
-    impl Drop for Umount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _u = Umount(dir.clone());
-    f(&dir);
 }
 
 /// A host tree: nested directories, files of many sizes (empty, sub-block,
