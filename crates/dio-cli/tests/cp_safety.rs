@@ -13,7 +13,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use dio_testkit::{bytes, is_root, skip};
+use dio_testkit::{bytes, have, is_root, mke2fs, skip, LoopDev, Mount};
 use tempfile::TempDir;
 
 fn scratch() -> TempDir {
@@ -139,25 +139,6 @@ fn cp_refuses_an_export_and_a_file_inside_it_before_connecting() {
     }
 }
 
-struct Loop(String);
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").args(["-d", &self.0]).status();
-    }
-}
-
-fn attach(file: &Path) -> Result<Loop, String> {
-    let o = Command::new("losetup")
-        .args(["-f", "--show", s(file)])
-        .output()
-        .map_err(|e| e.to_string())?;
-    if !o.status.success() {
-        return Err(String::from_utf8_lossy(&o.stderr).into_owned());
-    }
-    Ok(Loop(String::from_utf8_lossy(&o.stdout).trim().to_string()))
-}
-
 #[test]
 fn cp_refuses_a_loop_device_and_its_backing_file() {
     if !is_root() {
@@ -166,17 +147,18 @@ fn cp_refuses_a_loop_device_and_its_backing_file() {
     let dir = scratch();
     let img = unpack(dir.path(), "ext4-1k");
     let before = fs::read(&img).unwrap();
-    let lo = match attach(&img) {
+    let lo = match LoopDev::attach(&img, 512) {
         Ok(l) => l,
         Err(e) => return skip(format!("losetup: {e}")),
     };
-    let dev_inner = format!("{}:/hello.txt", lo.0);
+    let lo = s(lo.path());
+    let dev_inner = format!("{lo}:/hello.txt");
     let img_inner = format!("{}:/hello.txt", s(&img));
     for (src, dst) in [
-        (s(&img), lo.0.as_str()),
-        (lo.0.as_str(), s(&img)),
+        (s(&img), lo),
+        (lo, s(&img)),
         (dev_inner.as_str(), s(&img)),
-        (img_inner.as_str(), lo.0.as_str()),
+        (img_inner.as_str(), lo),
     ] {
         let o = dio(&["cp", src, dst]);
         assert_eq!(o.status.code(), Some(1), "cp {src} {dst}: {}", stderr(&o));
@@ -263,7 +245,7 @@ fn ctrl_c_mid_copy_to_a_device_reports_how_far_it_got() {
     let dir = scratch();
     let back = dir.path().join("dev");
     fs::File::create(&back).unwrap().set_len(64 << 20).unwrap();
-    let lo = match attach(&back) {
+    let lo = match LoopDev::attach(&back, 512) {
         Ok(l) => l,
         Err(e) => return skip(format!("losetup: {e}")),
     };
@@ -280,7 +262,7 @@ fn ctrl_c_mid_copy_to_a_device_reports_how_far_it_got() {
         "--qd",
         "1",
         s(&src),
-        &lo.0,
+        s(lo.path()),
     ])
     .stderr(Stdio::piped())
     .spawn()
@@ -291,7 +273,7 @@ fn ctrl_c_mid_copy_to_a_device_reports_how_far_it_got() {
         if let Some(st) = child.try_wait().unwrap() {
             panic!("dio finished ({st}) before it could be interrupted");
         }
-        let mut f = fs::File::open(&lo.0).unwrap();
+        let mut f = fs::File::open(lo.path()).unwrap();
         f.read_exact(&mut first).unwrap();
         if first[..] == data[..4096] {
             break;
@@ -343,39 +325,14 @@ fn ctrl_c_during_a_stream_copy_cuts_dst_to_what_was_written() {
     assert!(got[..] == data[..n as usize]);
 }
 
-/// A small loop-mounted ext4, unmounted and detached on drop.
-struct SmallFs {
-    mnt: PathBuf,
-}
-
-impl Drop for SmallFs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.mnt).status();
+/// A small loop-mounted ext4 (`IMG.mnt`), unmounted and detached on drop.
+fn small_fs(dir: &Path, mib: u64) -> Result<Mount, String> {
+    if !have("mke2fs") {
+        return Err("mke2fs is not installed".into());
     }
-}
-
-fn small_fs(dir: &Path, mib: u64) -> Result<SmallFs, String> {
     let img = dir.join("small.ext4");
-    fs::File::create(&img)
-        .and_then(|f| f.set_len(mib << 20))
-        .map_err(|e| e.to_string())?;
-    let mk = Command::new("mkfs.ext4")
-        .args(["-q", "-F", s(&img)])
-        .output()
-        .map_err(|e| format!("mkfs.ext4: {e}"))?;
-    if !mk.status.success() {
-        return Err(String::from_utf8_lossy(&mk.stderr).into_owned());
-    }
-    let mnt = dir.join("mnt");
-    fs::create_dir_all(&mnt).map_err(|e| e.to_string())?;
-    let m = Command::new("mount")
-        .args(["-o", "loop", s(&img), s(&mnt)])
-        .output()
-        .map_err(|e| e.to_string())?;
-    if !m.status.success() {
-        return Err(String::from_utf8_lossy(&m.stderr).into_owned());
-    }
-    Ok(SmallFs { mnt })
+    mke2fs(&img, &["-t", "ext4"], mib);
+    Mount::new(&img, "rw")
 }
 
 #[test]
@@ -393,7 +350,7 @@ fn a_full_file_system_leaves_the_copied_prefix_and_exits_1() {
     let data = bytes(size, 3);
     fs::write(&src, &data).unwrap();
     for engine in ["auto", "sync"] {
-        let dst = fsys.mnt.join(format!("dst-{engine}"));
+        let dst = fsys.path().join(format!("dst-{engine}"));
         let o = dio(&["cp", "--engine", engine, s(&src), s(&dst)]);
         let err = stderr(&o);
         assert_eq!(o.status.code(), Some(1), "{err}");
@@ -409,7 +366,7 @@ fn a_full_file_system_leaves_the_copied_prefix_and_exits_1() {
         );
         fs::remove_file(&dst).unwrap();
         // Let ext4 hand the freed blocks back before the next run.
-        let _ = Command::new("sync").arg("-f").arg(&fsys.mnt).status();
+        let _ = Command::new("sync").arg("-f").arg(fsys.path()).status();
     }
 }
 
@@ -520,12 +477,12 @@ fn a_mostly_empty_device_copies_to_a_sparse_file() {
     let mut data = vec![0u8; 64 << 20];
     data[10 << 20..14 << 20].copy_from_slice(&bytes(4 << 20, 8));
     fs::write(&back, &data).unwrap();
-    let lo = match attach(&back) {
+    let lo = match LoopDev::attach(&back, 512) {
         Ok(l) => l,
         Err(e) => return skip(format!("losetup: {e}")),
     };
     let out = dir.path().join("out");
-    assert_ok(&dio(&["cp", &lo.0, s(&out)]), "cp dev file");
+    assert_ok(&dio(&["cp", s(lo.path()), s(&out)]), "cp dev file");
     assert!(fs::read(&out).unwrap() == data);
     assert!(
         allocated(&out) <= (4 << 20) + (64 << 10),
@@ -577,20 +534,20 @@ fn the_file_system_unmounts_right_after_dio_exits() {
     let src = dir.path().join("src");
     fs::write(&src, bytes(1 << 20, 5)).unwrap();
     for round in 0..20 {
-        let dst = fsys.mnt.join(format!("x{round}"));
+        let dst = fsys.path().join(format!("x{round}"));
         let o = dio(&["cp", "--engine", "uring", s(&src), s(&dst)]);
         if round == 0 && !o.status.success() && stderr(&o).contains("io_uring") {
             return skip(format!("no io_uring here: {}", stderr(&o)));
         }
         assert!(o.status.success(), "round {round}: {}", stderr(&o));
-        let u = Command::new("umount").arg(&fsys.mnt).output().unwrap();
+        let u = Command::new("umount").arg(fsys.path()).output().unwrap();
         assert!(
             u.status.success(),
             "round {round}: umount right after dio exited: {}",
             String::from_utf8_lossy(&u.stderr)
         );
         let m = Command::new("mount")
-            .args(["-o", "loop", s(&img), s(&fsys.mnt)])
+            .args(["-o", "loop", s(&img), s(fsys.path())])
             .output()
             .unwrap();
         assert!(m.status.success(), "{}", String::from_utf8_lossy(&m.stderr));

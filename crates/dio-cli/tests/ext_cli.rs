@@ -2,7 +2,9 @@
 //! ranges, against the fixture images of the dio crate, debugfs, `filefrag -v` on a
 //! kernel mount (as root) and `e2fsck -fn` after every write.
 
-use dio_testkit::{have, is_root};
+use dio_testkit::{
+    assert_fsck_clean, copy_at_rest, have, is_root, mke2fs, superblock_field, Mount,
+};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -70,44 +72,10 @@ fn unpack(name: &str, tag: &str) -> String {
     p.to_str().unwrap().to_string()
 }
 
-/// A mount point, unmounted on drop (also when a test fails while it is mounted).
-struct Mounted(PathBuf);
-
-impl Mounted {
-    fn join(&self, p: impl AsRef<Path>) -> PathBuf {
-        self.0.join(p)
-    }
-    fn unmount(&mut self) {
-        if !self.0.as_os_str().is_empty() {
-            let _ = Command::new("umount").arg(&self.0).status();
-            self.0 = PathBuf::new();
-        }
-    }
-}
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        self.unmount();
-    }
-}
-
 /// Mount `img` read-only through a loop device at `IMG.mnt` (root only); the
-/// journal is not replayed, so the image stays as it is.
-fn mount_ro(img: &str) -> Result<Mounted, String> {
-    let mnt = PathBuf::from(format!("{img}.mnt"));
-    std::fs::create_dir_all(&mnt).map_err(|e| e.to_string())?;
-    let m = Command::new("mount")
-        .args(["-o", "loop,ro,noload", img])
-        .arg(&mnt)
-        .output()
-        .map_err(|e| e.to_string())?;
-    if !m.status.success() {
-        return Err(format!(
-            "mount failed: {}",
-            String::from_utf8_lossy(&m.stderr)
-        ));
-    }
-    Ok(Mounted(mnt))
+/// journal is not replayed, so the image stays as it is. Unmounted on drop.
+fn mount_ro(img: &str) -> Result<Mount, String> {
+    Mount::new(Path::new(img), "ro,noload")
 }
 
 fn debugfs_cat(img: &str, path: &str) -> Vec<u8> {
@@ -119,11 +87,7 @@ fn debugfs_cat(img: &str, path: &str) -> Vec<u8> {
 }
 
 fn fsck_clean(img: &str) {
-    if !have("e2fsck") {
-        return;
-    }
-    let o = Command::new("e2fsck").args(["-fn", img]).output().unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    assert_fsck_clean(Path::new(img));
 }
 
 #[test]
@@ -329,7 +293,7 @@ fn stat_extents_match_filefrag_on_a_kernel_mount() {
         eprintln!("skipping filefrag comparison: needs root (mount -o loop) and filefrag");
         return;
     }
-    let mut mnt = match mount_ro(&img) {
+    let mnt = match mount_ro(&img) {
         Ok(m) => m,
         Err(e) => {
             eprintln!("skipping filefrag comparison: {e}");
@@ -340,7 +304,7 @@ fn stat_extents_match_filefrag_on_a_kernel_mount() {
     for p in ["/data/sparse", "/frag", "/data/pattern", "/data/random"] {
         let ff = Command::new("filefrag")
             .arg("-v")
-            .arg(mnt.join(&p[1..]))
+            .arg(mnt.path().join(&p[1..]))
             .output()
             .unwrap();
         let theirs: Vec<(u64, u64, u64, bool)> = String::from_utf8_lossy(&ff.stdout)
@@ -380,7 +344,7 @@ fn stat_extents_match_filefrag_on_a_kernel_mount() {
             .collect();
         checks.push((p, ours == theirs, ours.len(), theirs.len()));
     }
-    mnt.unmount();
+    drop(mnt);
     for (p, same, a, b) in checks {
         assert!(same, "{p}: dio lists {a} extents, filefrag {b}");
     }
@@ -529,7 +493,7 @@ fn writes_to_a_mounted_image_are_refused() {
     }
     let img = unpack("ext4-1k", "mounted");
     let before = ok(&dio(&["cat", &format!("{img}:/hello.txt")]), "cat");
-    let mut mnt = match mount_ro(&img) {
+    let mnt = match mount_ro(&img) {
         Ok(m) => m,
         Err(e) => {
             eprintln!("skipping: {e}");
@@ -552,7 +516,7 @@ fn writes_to_a_mounted_image_are_refused() {
     let refused_cp = dio(&["cp", cp_src.to_str().unwrap(), &target]);
     let refused_dev = (!loopdev.is_empty())
         .then(|| dio_stdin(&["write", "--offset", "0", &loopdev], Some(b"XY")));
-    mnt.unmount();
+    drop(mnt);
     let e = err(&refused);
     assert!(e.contains("mounted") && e.contains("unmount"), "{e}");
     let e = err(&refused_cp);
@@ -673,23 +637,18 @@ fn stat_shows_inline_data_and_device_numbers() {
         eprintln!("skipped the device part: not root (mknod through a loop mount)");
         return;
     }
-    let mnt = PathBuf::from(format!("{img}.mnt"));
-    std::fs::create_dir_all(&mnt).unwrap();
-    let m = Command::new("mount")
-        .args(["-o", "loop", &img])
-        .arg(&mnt)
-        .output()
-        .unwrap();
-    if !m.status.success() {
-        eprintln!("skipped the device part: {}", text(&m.stderr));
-        return;
-    }
-    let mut mounted = Mounted(mnt);
+    let mounted = match Mount::new(Path::new(&img), "rw") {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("skipped the device part: {e}");
+            return;
+        }
+    };
     let mk = Command::new("mknod")
-        .arg(mounted.join("tty"))
+        .arg(mounted.path().join("tty"))
         .args(["c", "4", "65"])
         .status();
-    mounted.unmount();
+    drop(mounted);
     assert!(mk.unwrap().success());
     let o = dio(&["stat", &format!("{img}:/tty")]);
     let out = String::from_utf8(ok(&o, "stat dev")).unwrap();
@@ -722,7 +681,7 @@ fn ls_long_and_stat_agree_with_the_kernel() {
     let k = Command::new("ls")
         .env("TZ", "UTC")
         .args(["-ln", "--time-style=long-iso"])
-        .arg(mnt.join(""))
+        .arg(mnt.path().join(""))
         .output()
         .unwrap();
     let kernel = String::from_utf8(k.stdout).unwrap();
@@ -753,7 +712,7 @@ fn ls_long_and_stat_agree_with_the_kernel() {
         let k = Command::new("stat")
             .env("TZ", "UTC")
             .args(["-c", "%b|%y"])
-            .arg(mnt.join(f))
+            .arg(mnt.path().join(f))
             .output()
             .unwrap();
         let k = String::from_utf8(k.stdout).unwrap();
@@ -850,48 +809,29 @@ fn write_errors_name_the_offset_given() {
 /// journal (replayed in memory, as the kernel would), with a note, and left as it is.
 #[test]
 fn an_image_needing_recovery_is_read_through_its_journal_with_a_note() {
-    if !is_root() || !have("mkfs.ext4") {
-        eprintln!("skipping: needs root and mkfs.ext4 to make an image with a live journal");
+    if !is_root() || !have("mke2fs") || !have("dumpe2fs") {
+        eprintln!("skipping: needs root and e2fsprogs to make an image with a live journal");
         return;
     }
     let dir = scratch().join("recovery");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let img = dir.join("live.img");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(32 << 20)
-        .unwrap();
     let s = |p: &Path| p.to_str().unwrap().to_string();
-    assert!(Command::new("mkfs.ext4")
-        .args(["-q", "-F", &s(&img)])
-        .status()
-        .unwrap()
-        .success());
-    let mnt = dir.join("mnt");
-    std::fs::create_dir_all(&mnt).unwrap();
+    mke2fs(&img, &["-t", "ext4"], 32);
     // Changes committed to the journal but not yet written in place: copy the image
-    // while it is still mounted, a second after the commit.
+    // while it is still mounted, a second after the commit (at rest: one moment's
+    // state, not blocks from before and after a checkpoint).
     let copy = dir.join("needs-recovery.img");
     let mut made = false;
     for _ in 0..4 {
-        assert!(Command::new("mount")
-            .args(["-o", "loop,commit=1", &s(&img), &s(&mnt)])
-            .status()
-            .unwrap()
-            .success());
-        let m = Mounted(mnt.clone());
-        std::fs::create_dir_all(mnt.join("d")).unwrap();
-        std::fs::write(mnt.join("d/new.txt"), b"journaled\n").unwrap();
+        let m = Mount::new(&img, "rw,commit=1").unwrap_or_else(|e| panic!("mount: {e}"));
+        std::fs::create_dir_all(m.path().join("d")).unwrap();
+        std::fs::write(m.path().join("d/new.txt"), b"journaled\n").unwrap();
         std::thread::sleep(std::time::Duration::from_millis(2500));
-        std::fs::copy(&img, &copy).unwrap();
+        copy_at_rest(&img, &copy);
         drop(m);
-        let h = Command::new("dumpe2fs")
-            .arg("-h")
-            .arg(&copy)
-            .output()
-            .unwrap();
-        if String::from_utf8_lossy(&h.stdout).contains("needs_recovery") {
+        if superblock_field(&copy, "Filesystem features").contains("needs_recovery") {
             made = true;
             break;
         }
@@ -908,18 +848,13 @@ fn an_image_needing_recovery_is_read_through_its_journal_with_a_note() {
     // The kernel's view after its own replay (of another copy).
     let replayed = dir.join("replayed.img");
     std::fs::copy(&copy, &replayed).unwrap();
-    assert!(Command::new("mount")
-        .args(["-o", "loop", &s(&replayed), &s(&mnt)])
-        .status()
-        .unwrap()
-        .success());
-    let m = Mounted(mnt.clone());
-    let mut names: Vec<String> = std::fs::read_dir(mnt.join("d"))
+    let m = Mount::new(&replayed, "rw").unwrap_or_else(|e| panic!("mount: {e}"));
+    let mut names: Vec<String> = std::fs::read_dir(m.path().join("d"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     names.sort();
-    let kernel_file = std::fs::read(mnt.join("d/new.txt")).ok();
+    let kernel_file = std::fs::read(m.path().join("d/new.txt")).ok();
     drop(m);
     assert_eq!(text(&listing).lines().collect::<Vec<_>>(), names);
     if let Some(k) = kernel_file {
