@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use dio::Device;
 use dio_crash::{E2fsckChecker, ExpectedFile, FilesChecker, ReplayOptions};
-use dio_testkit::{assert_fsck_clean, debugfs_script, ino_of, mke2fs, need};
+use dio_testkit::{assert_fsck_clean, make_orphans, mke2fs, need};
 
 #[test]
 fn orphan_processing_is_crash_safe() {
@@ -32,17 +32,7 @@ fn orphan_processing_is_crash_safe() {
         &["-t", "ext4", "-b", "4096", "-d", tree.to_str().unwrap()],
         16,
     );
-    let (ti, ui) = (ino_of(&img, "/t"), ino_of(&img, "/u"));
-    debugfs_script(
-        &img,
-        &[
-            "sif /t size 5000",
-            &format!("sif /u dtime {ti}"),
-            "unlink /u",
-            &format!("sif <{ui}> links_count 0"),
-            &format!("ssv last_orphan {ui}"),
-        ],
-    );
+    make_orphans(&img, 5000);
     let base = dir.join("base.img");
     std::fs::copy(&img, &base).unwrap();
 

@@ -120,6 +120,25 @@ pub fn debugfs_script(img: &Path, cmds: &[&str]) -> String {
     out
 }
 
+/// Leaves `img` as a crash mid-truncate and mid-unlink leaves it, with debugfs:
+/// /t's size cut to `t_size` with its blocks past that still mapped, /u unlinked
+/// with its inode kept (no links, a deletion time), and the orphan list /u -> /t
+/// in the superblock. Both files must exist; returns /u's inode, the list's head.
+pub fn make_orphans(img: &Path, t_size: u64) -> u32 {
+    let (ti, ui) = (ino_of(img, "/t"), ino_of(img, "/u"));
+    debugfs_script(
+        img,
+        &[
+            &format!("sif /t size {t_size}"),
+            &format!("sif /u dtime {ti}"),
+            "unlink /u",
+            &format!("sif <{ui}> links_count 0"),
+            &format!("ssv last_orphan {ui}"),
+        ],
+    );
+    ui
+}
+
 /// The inode number of `path` in `img`, from `debugfs stat`.
 pub fn ino_of(img: &Path, path: &str) -> u32 {
     let text = debugfs(img, &format!("stat {path}"));

@@ -18,7 +18,7 @@ use dio::ext::{incompat, Ext};
 use dio::{RawFile, RawOptions};
 use dio_testkit::{
     assert_fsck_clean as assert_clean, copy_at_rest, debugfs_script as debugfs, e2fsck, have,
-    ino_of, inode_location, kernel_mount, need, sh, skip,
+    inode_location, kernel_mount, make_orphans, mke2fs, need, sh, skip,
 };
 
 const JBD2_MAGIC: [u8; 4] = [0xC0, 0x3B, 0x39, 0x98];
@@ -490,12 +490,7 @@ fn fsync(p: &Path) {
 /// written in place. `None` (with the reason printed) without root.
 fn kernel_left_needing_recovery(tag: &str, mkfs: &[&str], opts: &str) -> Option<PathBuf> {
     let img = scratch(&format!("kernel-{tag}.img"));
-    let _ = std::fs::remove_file(&img);
-    sh(Command::new("mke2fs")
-        .args(["-q", "-F"])
-        .args(mkfs)
-        .arg(&img)
-        .arg("32M"));
+    mke2fs(&img, mkfs, 32);
     let m = kernel_mount(&img, &format!("rw,{opts}"))?;
     let r = m.path();
     std::fs::create_dir(r.join("dir")).unwrap();
@@ -1166,6 +1161,12 @@ fn orphans_like_e2fsck(img: &Path, what: &str) -> PathBuf {
     a
 }
 
+/// The flavours of the orphan tests: ext4 with 4 KiB blocks, ext3 with 1 KiB.
+const ORPHAN_FLAVOURS: [(&str, &[&str]); 2] = [
+    ("ext4", &["-t", "ext4", "-b", "4096"]),
+    ("ext3", &["-t", "ext3", "-b", "1024"]),
+];
+
 /// Orphans made with debugfs, as a crash mid-truncate and mid-unlink leaves
 /// them: /t (64 KiB) with i_size cut to 5000, blocks past it still mapped, and
 /// /u unlinked with its inode kept (links 0); the list /u -> /t. dio frees what
@@ -1175,10 +1176,7 @@ fn orphan_list_is_processed_like_e2fsck() {
     if !need_e2fsprogs() || !have("dumpe2fs") {
         return;
     }
-    for (name, mkfs) in [
-        ("ext4", &["-t", "ext4", "-b", "4096"][..]),
-        ("ext3", &["-t", "ext3", "-b", "1024"][..]),
-    ] {
+    for (name, mkfs) in ORPHAN_FLAVOURS {
         let tree = scratch(&format!("orphan-{name}.tree"));
         let _ = std::fs::remove_dir_all(&tree);
         std::fs::create_dir_all(&tree).unwrap();
@@ -1187,25 +1185,8 @@ fn orphan_list_is_processed_like_e2fsck() {
         std::fs::write(tree.join("u"), vec![9u8; 40000]).unwrap();
         std::fs::write(tree.join("keep"), b"keep\n").unwrap();
         let img = scratch(&format!("orphan-{name}.img"));
-        let _ = std::fs::remove_file(&img);
-        sh(Command::new("mke2fs")
-            .args(["-q", "-F"])
-            .args(mkfs)
-            .arg("-d")
-            .arg(&tree)
-            .arg(&img)
-            .arg("16M"));
-        let (ti, ui) = (ino_of(&img, "/t"), ino_of(&img, "/u"));
-        debugfs(
-            &img,
-            &[
-                "sif /t size 5000",
-                &format!("sif /u dtime {ti}"),
-                "unlink /u",
-                &format!("sif <{ui}> links_count 0"),
-                &format!("ssv last_orphan {ui}"),
-            ],
-        );
+        mke2fs(&img, &[mkfs, &["-d", tree.to_str().unwrap()]].concat(), 16);
+        let ui = make_orphans(&img, 5000);
         assert_eq!(last_orphan(&img), ui);
         let a = orphans_like_e2fsck(&img, name);
         let (_raw, ext) = open(&a, false);
@@ -1229,17 +1210,9 @@ fn kernel_made_orphan_is_freed_like_e2fsck() {
     if !need_e2fsprogs() || !have("dumpe2fs") {
         return;
     }
-    for (name, mkfs) in [
-        ("ext4", &["-t", "ext4", "-b", "4096"][..]),
-        ("ext3", &["-t", "ext3", "-b", "1024"][..]),
-    ] {
+    for (name, mkfs) in ORPHAN_FLAVOURS {
         let img = scratch(&format!("korphan-{name}.img"));
-        let _ = std::fs::remove_file(&img);
-        sh(Command::new("mke2fs")
-            .args(["-q", "-F"])
-            .args(mkfs)
-            .arg(&img)
-            .arg("32M"));
+        mke2fs(&img, mkfs, 32);
         let Some(m) = kernel_mount(&img, "rw") else {
             return;
         };
