@@ -13,7 +13,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use dio_testkit::{bytes, have, is_root, mke2fs, skip, LoopDev, Mount};
+use dio_testkit::{bytes, have, is_root, mke2fs, output_with_stdin, skip, LoopDev, Mount};
 use tempfile::TempDir;
 
 fn scratch() -> TempDir {
@@ -31,20 +31,7 @@ fn dio(args: &[&str]) -> Output {
 }
 
 fn dio_stdin(args: &[&str], input: &[u8]) -> Output {
-    let mut child = dio_cmd(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run dio");
-    let mut stdin = child.stdin.take().unwrap();
-    let input = input.to_vec();
-    let feeder = std::thread::spawn(move || {
-        let _ = stdin.write_all(&input);
-    });
-    let out = child.wait_with_output().unwrap();
-    feeder.join().unwrap();
-    out
+    output_with_stdin(&mut dio_cmd(args), Some(input))
 }
 
 fn s(p: &Path) -> &str {

@@ -3,35 +3,19 @@
 //! kernel mount (as root) and `e2fsck -fn` after every write.
 
 use dio_testkit::{
-    assert_fsck_clean, copy_at_rest, have, is_root, mke2fs, superblock_field, Mount,
+    assert_fsck_clean, copy_at_rest, have, is_root, mke2fs, output_with_stdin, superblock_field,
+    Mount,
 };
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 fn dio(args: &[&str]) -> Output {
     dio_stdin(args, None)
 }
 
 fn dio_stdin(args: &[&str], input: Option<&[u8]>) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_dio"))
-        .args(args)
-        .stdin(if input.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    if let Some(i) = input {
-        // dio may refuse before it reads its input: a closed pipe is not an error.
-        if let Err(e) = c.stdin.take().unwrap().write_all(i) {
-            assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe, "{e}");
-        }
-    }
-    c.wait_with_output().unwrap()
+    output_with_stdin(Command::new(env!("CARGO_BIN_EXE_dio")).args(args), input)
 }
 
 fn ok(o: &Output, what: &str) -> Vec<u8> {

@@ -3,27 +3,14 @@
 //! leaves nothing half-written; images with a journal refuse (or, for cp/write
 //! of existing files, overwrite in place as before).
 
-use dio_testkit::{assert_fsck_clean, have, kernel_mount, mke2fs_filled, superblock_field};
+use dio_testkit::{
+    assert_fsck_clean, have, kernel_mount, mke2fs_filled, output_with_stdin, superblock_field,
+};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 fn dio(args: &[&str], input: Option<&[u8]>) -> Output {
-    use std::io::Write;
-    let mut c = Command::new(env!("CARGO_BIN_EXE_dio"))
-        .args(args)
-        .stdin(if input.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    if let Some(i) = input {
-        let _ = c.stdin.take().unwrap().write_all(i);
-    }
-    c.wait_with_output().unwrap()
+    output_with_stdin(Command::new(env!("CARGO_BIN_EXE_dio")).args(args), input)
 }
 
 fn ok(o: &Output, what: &str) {

@@ -5,7 +5,7 @@
 
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::{have, is_root, skip};
@@ -24,6 +24,42 @@ pub fn sh(cmd: &mut Command) -> String {
         String::from_utf8_lossy(&o.stderr)
     );
     String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Runs `cmd` with `input` on its stdin (`None`: /dev/null) and returns its
+/// output, stdout and stderr captured. The input is fed from a thread, so a large
+/// one cannot deadlock against a full stdout pipe; the command may exit before
+/// reading it all (a refusal): a broken pipe is not an error, any other write
+/// error panics.
+pub fn output_with_stdin(cmd: &mut Command, input: Option<&[u8]>) -> Output {
+    use std::io::Write;
+    let mut child = cmd
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{cmd:?}: cannot run: {e}"));
+    let feeder = input.map(|i| {
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        let i = i.to_vec();
+        std::thread::spawn(move || match stdin.write_all(&i) {
+            Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e),
+            _ => Ok(()),
+        })
+    });
+    let out = child
+        .wait_with_output()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    if let Some(f) = feeder {
+        if let Err(e) = f.join().expect("the stdin feeder panicked") {
+            panic!("{cmd:?}: writing its stdin: {e}");
+        }
+    }
+    out
 }
 
 /// Runs `cmd` and returns its exit code (-1 if killed) and its stdout and stderr
