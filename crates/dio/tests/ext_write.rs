@@ -355,6 +355,17 @@ fn workload_sized(name: &str, args: &[&str], ops: u64, seed: u64, max_file: u64,
     }
 }
 
+/// The workload that grows one wide directory: 100 operations a round, at least
+/// `rounds` rounds, long names mostly in the root, files of up to 20,000 bytes.
+fn wide_dir_workload(name: &str, args: &[&str], rounds: u64, seed: u64) -> Option<PathBuf> {
+    let shape = Shape {
+        long_names: true,
+        flat: true,
+        mib: 0,
+    };
+    workload_shaped(name, args, 100, rounds, seed, 20_000, shape)
+}
+
 /// The workload in `rounds` rounds of `ops` operations (more while a soak
 /// lasts), each round checked by e2fsck, dio and (with `rounds` > 1) the
 /// kernel; the image is left for more checks (None when skipped).
@@ -745,18 +756,11 @@ fn workload_ext4_4k_inline_data_image() {
 fn workload_ext2_1k_directories_past_12_blocks() {
     // No dir_index: the root grows past its 12 direct blocks through
     // indirect blocks.
-    let Some(img) = workload_shaped(
+    let Some(img) = wide_dir_workload(
         "w-ext2-1k-wide",
         &["-t", "ext2", "-b", "1024", "-O", "^dir_index"],
-        100,
         4,
         11,
-        20_000,
-        Shape {
-            long_names: true,
-            flat: true,
-            mib: 0,
-        },
     ) else {
         return;
     };
@@ -767,19 +771,8 @@ fn workload_ext2_1k_directories_past_12_blocks() {
 #[test]
 fn workload_ext2_1k_htree_on_indirect_blocks() {
     // dir_index: the root becomes an htree mapped by indirect blocks.
-    let Some(img) = workload_shaped(
-        "w-ext2-1k-htree",
-        &["-t", "ext2", "-b", "1024"],
-        100,
-        4,
-        12,
-        20_000,
-        Shape {
-            long_names: true,
-            flat: true,
-            mib: 0,
-        },
-    ) else {
+    let Some(img) = wide_dir_workload("w-ext2-1k-htree", &["-t", "ext2", "-b", "1024"], 4, 12)
+    else {
         return;
     };
     let (_raw, ext) = open(&img);
@@ -790,7 +783,7 @@ fn workload_ext2_1k_htree_on_indirect_blocks() {
 
 #[test]
 fn workload_ext4_1k_large_dir() {
-    let Some(img) = workload_shaped(
+    let Some(img) = wide_dir_workload(
         "w-1k-largedir",
         &[
             "-t",
@@ -800,15 +793,8 @@ fn workload_ext4_1k_large_dir() {
             "-O",
             &format!("{NOJ},large_dir"),
         ],
-        100,
         3,
         13,
-        20_000,
-        Shape {
-            long_names: true,
-            flat: true,
-            mib: 0,
-        },
     ) else {
         return;
     };

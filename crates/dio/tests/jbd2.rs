@@ -651,6 +651,19 @@ fn commit_cost() {
     ext.journal_write(&[], &[], true).unwrap();
 }
 
+/// The error of a writable open of `img` (which must fail), the image closed.
+fn writable_open_error(img: &Path) -> dio::Error {
+    let raw = RawFile::open(
+        img,
+        &RawOptions {
+            write: true,
+            ..RawOptions::default()
+        },
+    )
+    .unwrap();
+    Ext::open_writable(Arc::clone(raw.direct().device()), raw.size()).unwrap_err()
+}
+
 /// What a writable open refuses, before changing a byte: an external journal
 /// device (no journal inode to write transactions into) and fast-commit
 /// journals. Without a journal (ext2) metadata is written in place.
@@ -662,35 +675,18 @@ fn writable_opens_refuse_journals_dio_cannot_write() {
     let img = make_image(EXT4, "external");
     debugfs(&img, &["ssv journal_inum 0"]);
     let before = std::fs::read(&img).unwrap();
-    let raw = RawFile::open(
-        &img,
-        &RawOptions {
-            write: true,
-            ..RawOptions::default()
-        },
-    )
-    .unwrap();
-    let e = Ext::open_writable(Arc::clone(raw.direct().device()), raw.size()).unwrap_err();
+    let e = writable_open_error(&img);
     assert!(
         matches!(&e, dio::Error::Incompatible(i) if i.feature == dio::Feature::ExternalJournal),
         "{e}"
     );
-    drop(raw);
     assert!(std::fs::read(&img).unwrap() == before);
 
     let img = make_image(EXT4, "fast-commit");
     sh(Command::new("tune2fs")
         .args(["-O", "fast_commit"])
         .arg(&img));
-    let raw = RawFile::open(
-        &img,
-        &RawOptions {
-            write: true,
-            ..RawOptions::default()
-        },
-    )
-    .unwrap();
-    let e = Ext::open_writable(Arc::clone(raw.direct().device()), raw.size()).unwrap_err();
+    let e = writable_open_error(&img);
     assert!(
         matches!(&e, dio::Error::Incompatible(i) if i.feature == dio::Feature::FastCommit),
         "{e}"
