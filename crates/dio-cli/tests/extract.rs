@@ -6,7 +6,7 @@
 //! name with `/`, a directory linked twice, symlinks waiting in the destination)
 //! must be reported, exit 1, and leave nothing outside the destination.
 
-use dio_testkit::{debugfs_w, have, is_root, kernel_mount, sh, Mount};
+use dio_testkit::{debugfs_w, have, is_root, kernel_mount, qemu_nbd_unix, sh, Mount};
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -637,19 +637,9 @@ fn a_host_source_or_a_missing_path_is_refused_clearly() {
     assert_eq!(o.status.code(), Some(2), "-p needs -r");
 }
 
-/// qemu-nbd serving an image on a Unix socket, killed on drop.
-struct QemuNbd(std::process::Child);
-
-impl Drop for QemuNbd {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn a_tree_comes_out_of_an_image_over_nbd() {
-    if !have("mke2fs") || Command::new("qemu-nbd").arg("--version").output().is_err() {
+    if !have("mke2fs") || !have("qemu-nbd") {
         eprintln!("skipped: mke2fs or qemu-nbd missing");
         return;
     }
@@ -659,32 +649,7 @@ fn a_tree_comes_out_of_an_image_over_nbd() {
     let img = dir.join("img");
     mkfs(&src, &img, 32, &[]);
     let sock = dir.join("sock");
-    let child = Command::new("qemu-nbd")
-        .args([
-            "--persistent",
-            "--shared=8",
-            "-x",
-            "disk",
-            "-f",
-            "raw",
-            "-k",
-        ])
-        .arg(&sock)
-        .arg(&img)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut srv = QemuNbd(child);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !sock.exists() {
-        assert!(srv.0.try_wait().unwrap().is_none(), "qemu-nbd exited");
-        assert!(
-            std::time::Instant::now() < deadline,
-            "qemu-nbd did not come up"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let srv = qemu_nbd_unix(&img, "raw", &sock);
     let out = dir.join("out");
     let uri = format!("nbd+unix:///disk?socket={}:/", sock.display());
     let o = dio(&[

@@ -4,12 +4,11 @@
 //! qemu-nbd is missing; every server is killed by a guard; every dio run is killed
 //! after a deadline.
 
-use dio_testkit::have;
+use dio_testkit::{have, qemu_nbd_tcp, qemu_nbd_unix, ServerProcess};
 use std::io::Read;
-use std::net::{Ipv4Addr, TcpListener};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -71,57 +70,17 @@ fn scratch(name: &str) -> PathBuf {
     d
 }
 
-/// qemu-nbd serving a raw image as export "disk", killed on drop.
-struct QemuNbd {
-    child: Child,
-}
-
-impl Drop for QemuNbd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl QemuNbd {
-    /// Serve `image` on a Unix socket in `dir` (`tcp`: also on a TCP port of
-    /// 127.0.0.1 instead). Returns the guard and the URI.
-    fn start(dir: &Path, image: &Path, tcp: bool) -> (QemuNbd, String) {
-        let mut cmd = Command::new("qemu-nbd");
-        cmd.args(["--persistent", "--shared=8", "-x", "disk", "-f", "raw"]);
-        let (uri, probe): (String, Box<dyn Fn() -> bool>) = if tcp {
-            let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
-            cmd.args(["-b", "127.0.0.1", "-p", &port.to_string()]);
-            (
-                format!("nbd://127.0.0.1:{port}/disk"),
-                Box::new(move || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()),
-            )
-        } else {
-            let sock = dir.join("s");
-            cmd.arg("-k").arg(&sock);
-            let s2 = sock.clone();
-            (
-                format!("nbd+unix:///disk?socket={}", sock.display()),
-                Box::new(move || s2.exists()),
-            )
-        };
-        cmd.arg(image).stdin(Stdio::null()).stdout(Stdio::null());
-        let child = cmd.spawn().unwrap();
-        let mut srv = QemuNbd { child };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !probe() {
-            if let Some(st) = srv.child.try_wait().unwrap() {
-                panic!("qemu-nbd exited: {st}");
-            }
-            assert!(Instant::now() < deadline, "qemu-nbd did not come up");
-            thread::sleep(Duration::from_millis(20));
-        }
-        thread::sleep(Duration::from_millis(20));
-        (srv, uri)
+/// qemu-nbd serving the raw `image` as export "disk" on a Unix socket in `dir`
+/// (`tcp`: on a TCP port of 127.0.0.1 instead), killed when the guard drops.
+/// Returns the guard and the URI.
+fn qemu_nbd(dir: &Path, image: &Path, tcp: bool) -> (ServerProcess, String) {
+    if tcp {
+        let (srv, port) = qemu_nbd_tcp(image, "raw");
+        (srv, format!("nbd://127.0.0.1:{port}/disk"))
+    } else {
+        let sock = dir.join("s");
+        let srv = qemu_nbd_unix(image, "raw", &sock);
+        (srv, format!("nbd+unix:///disk?socket={}", sock.display()))
     }
 }
 
@@ -147,7 +106,7 @@ fn cat_and_ls_read_exports_and_files_inside_images_on_them() {
     let whole = std::fs::read(&img).unwrap();
     let local = img.to_str().unwrap().to_string();
     for tcp in [true, false] {
-        let (_srv, uri) = QemuNbd::start(&dir, &img, tcp);
+        let (_srv, uri) = qemu_nbd(&dir, &img, tcp);
         // The export itself.
         let out = ok(&dio(&["cat", &uri]), "cat export");
         assert!(out == whole, "{uri}: cat differs from the image");
@@ -197,7 +156,7 @@ fn cp_of_a_sparse_export_skips_its_holes() {
     f.write_all_at(&a, 1 << 20).unwrap();
     f.write_all_at(&b, 40 << 20).unwrap();
     drop(f);
-    let (srv, uri) = QemuNbd::start(&dir, &img, true);
+    let (srv, uri) = qemu_nbd(&dir, &img, true);
     let out = dir.join("copy.raw");
     ok(
         &dio(&["cp", &uri, out.to_str().unwrap()]),
@@ -228,7 +187,7 @@ fn bench_measures_an_export_and_refuses_writes_without_force() {
     let dir = scratch("bench");
     let img = dir.join("disk.raw");
     std::fs::write(&img, vec![7u8; 8 << 20]).unwrap();
-    let (srv, uri) = QemuNbd::start(&dir, &img, false);
+    let (srv, uri) = qemu_nbd(&dir, &img, false);
     let out = ok(
         &dio(&[
             "bench",

@@ -6,19 +6,20 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{bounded, Rng};
+use common::{bounded, have, Rng};
 use dio::nbd::{NbdConfig, NbdDevice, NbdUri};
 use dio::{
     AlignedBuf, BlockMap, Completion, CompletionMode, Device, DirectFile, Extent, FileState,
     Finished, Flags, Geometry, IdentityMap, MemDevice, MemDeviceConfig, Op, Request, Result,
 };
 use dio::{SyncConfig, SyncDevice, UringConfig, UringDevice};
+use dio_testkit::{Listen, ServerProcess};
 
 const FS: u32 = 4096;
 
@@ -32,49 +33,34 @@ fn scratch_file(name: &str, size: u64) -> PathBuf {
     path
 }
 
-/// nbdkit's memory plugin on a Unix socket, killed on drop.
+/// nbdkit's memory plugin on a Unix socket, killed on drop (its directory goes
+/// too).
 struct Nbdkit {
-    child: Child,
+    proc: ServerProcess,
     dir: PathBuf,
 }
 
 impl Drop for Nbdkit {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.proc.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
 fn nbdkit(size: &str) -> Option<(Nbdkit, NbdUri)> {
-    let ok = Command::new("nbdkit")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
+    if !have("nbdkit") {
         eprintln!("skipping the NBD case: nbdkit is not installed (apt-get install nbdkit)");
         return None;
     }
     let dir = scratch_file("nbd", 0).with_extension("d");
     std::fs::create_dir_all(&dir).unwrap();
     let sock = dir.join("s");
-    let child = Command::new("nbdkit")
-        .args(["-f", "--exit-with-parent", "-U"])
+    let mut cmd = Command::new("nbdkit");
+    cmd.args(["-f", "--exit-with-parent", "-U"])
         .arg(&sock)
-        .args(["memory", size])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !sock.exists() {
-        assert!(Instant::now() < deadline, "nbdkit did not come up");
-        thread::sleep(Duration::from_millis(20));
-    }
-    thread::sleep(Duration::from_millis(50));
-    Some((Nbdkit { child, dir }, NbdUri::unix(sock, "")))
+        .args(["memory", size]);
+    let proc = ServerProcess::start(cmd, Listen::Unix(&sock));
+    Some((Nbdkit { proc, dir }, NbdUri::unix(sock, "")))
 }
 
 /// Every back end, as (name, device, keep-alive).
