@@ -8,16 +8,16 @@
 //! message printed. Tests skip with a printed reason when nbdkit, qemu-nbd or
 //! openssl is missing.
 
-use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use dio::nbd::{Address, NbdConfig, NbdFile, NbdUri, TlsOptions};
 use dio::{AlignedBuf, Error, Feature, Flags, Incompatible, TlsErrorKind};
+use dio_testkit::{free_port, Listen, ServerProcess};
 
 const MIB: usize = 1 << 20;
 
@@ -286,7 +286,7 @@ impl Pki {
 
 /// A server process, killed and reaped on drop, with its scratch directory.
 struct Server {
-    child: Option<Child>,
+    proc: ServerProcess,
     dir: PathBuf,
     port: u16,
     sock: PathBuf,
@@ -295,20 +295,9 @@ struct Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.proc.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// The bytes of the backing file the servers export (a pattern, 8 MiB).
@@ -333,32 +322,18 @@ impl Server {
         std::fs::write(&backing, content()).unwrap();
         let port = if tcp { free_port() } else { 0 };
         let sock = dir.join("s");
-        let mut cmd = build(&backing, port, &sock);
-        cmd.stdin(Stdio::null()).stdout(Stdio::null());
-        let child = cmd.spawn().expect("spawn NBD server");
-        let mut srv = Server {
-            child: Some(child),
+        let cmd = build(&backing, port, &sock);
+        let proc = if tcp {
+            ServerProcess::start(cmd, Listen::Tcp(port))
+        } else {
+            ServerProcess::start(cmd, Listen::Unix(&sock))
+        };
+        Server {
+            proc,
             dir,
             port,
             sock,
             backing,
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let up = if tcp {
-                TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_ok()
-            } else {
-                srv.sock.exists()
-            };
-            if up {
-                thread::sleep(Duration::from_millis(30));
-                return srv;
-            }
-            if let Some(st) = srv.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("NBD server exited at start: {st}");
-            }
-            assert!(Instant::now() < deadline, "NBD server did not come up");
-            thread::sleep(Duration::from_millis(20));
         }
     }
 
