@@ -179,35 +179,10 @@ fn ctrl_c_mid_copy_leaves_dst_holding_only_the_copied_prefix() {
     let size = 96usize << 20;
     let data = bytes(size, 42);
     fs::write(&src, &data).unwrap();
-    let mut child = dio_cmd(&[
-        "cp",
-        "--engine",
-        "sync",
-        "--bs",
-        "64k",
-        "--qd",
-        "1",
-        s(&src),
-        s(&dst),
-    ])
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
-    // Wait for the copy to be under way (DST has blocks), then freeze it so the
-    // signal lands mid-copy whatever the speed of the disk.
-    loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            panic!("dio finished ({st}) before it could be interrupted");
-        }
-        if fs::metadata(&dst).map(|m| m.blocks() > 0).unwrap_or(false) {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(1));
-    }
-    kill("-STOP", child.id());
-    kill("-INT", child.id());
-    kill("-CONT", child.id());
-    let o = child.wait_with_output().unwrap();
+    // Under way once DST has blocks.
+    let o = interrupt_copy(&src, &dst, || {
+        fs::metadata(&dst).map(|m| m.blocks() > 0).unwrap_or(false)
+    });
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(130), "{err}");
     assert!(err.contains("interrupted: "), "{err}");
@@ -220,6 +195,39 @@ fn ctrl_c_mid_copy_leaves_dst_holding_only_the_copied_prefix() {
         got[..] == data[..n as usize],
         "DST's bytes are the source's"
     );
+}
+
+/// Ctrl-C in the middle of a slow copy (`--engine sync --bs 64k --qd 1`) of `src`
+/// to `dst`: once `started` says it is under way, dio is stopped, sent SIGINT and
+/// continued, so the signal lands mid-copy whatever the speed of the disk.
+fn interrupt_copy(src: &Path, dst: &Path, mut started: impl FnMut() -> bool) -> Output {
+    let mut child = dio_cmd(&[
+        "cp",
+        "--engine",
+        "sync",
+        "--bs",
+        "64k",
+        "--qd",
+        "1",
+        s(src),
+        s(dst),
+    ])
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            panic!("dio finished ({st}) before it could be interrupted");
+        }
+        if started() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    kill("-STOP", child.id());
+    kill("-INT", child.id());
+    kill("-CONT", child.id());
+    child.wait_with_output().unwrap()
 }
 
 /// Ctrl-C in the middle of a copy to a block device: it says how far it got, and
@@ -240,37 +248,13 @@ fn ctrl_c_mid_copy_to_a_device_reports_how_far_it_got() {
     let size = 48usize << 20;
     let data = bytes(size, 11);
     fs::write(&src, &data).unwrap();
-    let mut child = dio_cmd(&[
-        "cp",
-        "--engine",
-        "sync",
-        "--bs",
-        "64k",
-        "--qd",
-        "1",
-        s(&src),
-        s(lo.path()),
-    ])
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
-    // Wait for the first bytes on the device, then stop it mid-copy.
+    // Under way once the first bytes are on the device.
     let mut first = vec![0u8; 4096];
-    loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            panic!("dio finished ({st}) before it could be interrupted");
-        }
+    let o = interrupt_copy(&src, lo.path(), || {
         let mut f = fs::File::open(lo.path()).unwrap();
         f.read_exact(&mut first).unwrap();
-        if first[..] == data[..4096] {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(1));
-    }
-    kill("-STOP", child.id());
-    kill("-INT", child.id());
-    kill("-CONT", child.id());
-    let o = child.wait_with_output().unwrap();
+        first[..] == data[..4096]
+    });
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(130), "{err}");
     let (n, m) = held(&err);
