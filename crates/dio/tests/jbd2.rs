@@ -79,15 +79,17 @@ fn make_image(flavour: Flavour, tag: &str) -> PathBuf {
     img
 }
 
+/// `path` opened through dio (O_DIRECT), read-write with `write`.
+fn raw(path: &Path, write: bool) -> RawFile {
+    let opts = RawOptions {
+        write,
+        ..RawOptions::default()
+    };
+    RawFile::open(path, &opts).unwrap()
+}
+
 fn open(path: &Path, write: bool) -> (RawFile, Ext) {
-    let raw = RawFile::open(
-        path,
-        &RawOptions {
-            write,
-            ..RawOptions::default()
-        },
-    )
-    .unwrap();
+    let raw = raw(path, write);
     let dev = Arc::clone(raw.direct().device());
     let ext = if write {
         Ext::open_writable(dev, raw.size()).unwrap()
@@ -653,14 +655,7 @@ fn commit_cost() {
 
 /// The error of a writable open of `img` (which must fail), the image closed.
 fn writable_open_error(img: &Path) -> dio::Error {
-    let raw = RawFile::open(
-        img,
-        &RawOptions {
-            write: true,
-            ..RawOptions::default()
-        },
-    )
-    .unwrap();
+    let raw = raw(img, true);
     Ext::open_writable(Arc::clone(raw.direct().device()), raw.size()).unwrap_err()
 }
 
