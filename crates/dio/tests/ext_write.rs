@@ -328,7 +328,7 @@ fn walk(root: &Path, rel: &str, out: &mut Model) {
 fn check_kernel(img: &Path, m: &Model) {
     let Some(mnt) = mount(img) else { return };
     let mut seen = Model::new();
-    walk(&mnt.path(), "", &mut seen);
+    walk(mnt.path(), "", &mut seen);
     drop(mnt);
     assert_eq!(seen.len(), m.len(), "the kernel sees another tree");
     for (p, n) in m {
