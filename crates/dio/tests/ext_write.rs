@@ -16,7 +16,7 @@
 
 use dio_testkit::{
     assert_fsck_clean, debugfs, debugfs_w, e2fsck, have, is_root, kernel_mount, mke2fs_filled,
-    Mount,
+    need, Mount,
 };
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -378,8 +378,7 @@ fn workload_shaped(
     max_file: u64,
     shape: Shape,
 ) -> Option<PathBuf> {
-    if !have("mke2fs") || !have("e2fsck") {
-        eprintln!("skipped: needs mke2fs and e2fsck");
+    if !need(&["mke2fs", "e2fsck"]) {
         return None;
     }
     let img = mkfs(name, args, if shape.mib == 0 { 48 } else { shape.mib });
@@ -473,8 +472,7 @@ fn workload_ext4_2k_no_64bit_no_flex_bg() {
 
 #[test]
 fn extent_tree_reaches_depth_2_and_the_kernel_reads_it() {
-    if !have("mke2fs") || !have("e2fsck") {
-        eprintln!("skipped: needs mke2fs and e2fsck");
+    if !need(&["mke2fs", "e2fsck"]) {
         return;
     }
     // 1 KiB blocks: 84 extents a leaf, 4 leaves under the inode at depth 1.
@@ -532,8 +530,7 @@ fn free_counts(img: &Path) -> (u64, u32) {
 
 #[test]
 fn enospc_leaves_nothing_half_written() {
-    if !have("mke2fs") || !have("e2fsck") {
-        eprintln!("skipped: needs mke2fs and e2fsck");
+    if !need(&["mke2fs", "e2fsck"]) {
         return;
     }
     let img = mkfs("enospc", &["-t", "ext4", "-b", "4096", "-O", NOJ], 8);
@@ -853,8 +850,7 @@ fn workload_ext4_4k_bigalloc_64k_clusters() {
 /// every cluster back (free counts as before); e2fsck and the kernel agree.
 #[test]
 fn bigalloc_blocks_of_one_logical_cluster_share_its_physical_cluster() {
-    if !have("mke2fs") || !have("e2fsck") {
-        eprintln!("skipped: needs mke2fs and e2fsck");
+    if !need(&["mke2fs", "e2fsck"]) {
         return;
     }
     let img = mkfs(
@@ -932,8 +928,7 @@ fn ram(img: &Path) -> (Arc<dio::MemDevice>, u64) {
 
 #[test]
 fn a_crash_at_any_flush_leaves_a_repairable_image_and_synced_files_intact() {
-    if !have("mke2fs") || !have("e2fsck") {
-        eprintln!("skipped: needs mke2fs and e2fsck");
+    if !need(&["mke2fs", "e2fsck"]) {
         return;
     }
     let base = mkfs("crash-base", &["-t", "ext4", "-b", "1024", "-O", NOJ], 8);
@@ -988,8 +983,7 @@ fn a_crash_at_any_flush_leaves_a_repairable_image_and_synced_files_intact() {
 
 #[test]
 fn an_eio_mid_write_leaves_size_and_extents_describing_only_what_was_written() {
-    if !have("mke2fs") || !have("e2fsck") {
-        eprintln!("skipped: needs mke2fs and e2fsck");
+    if !need(&["mke2fs", "e2fsck"]) {
         return;
     }
     let base = mkfs("eio", &["-t", "ext4", "-b", "4096", "-O", NOJ], 16);
@@ -1046,8 +1040,7 @@ fn an_eio_mid_write_leaves_size_and_extents_describing_only_what_was_written() {
 /// same blocks, so the block that fails is known.
 #[test]
 fn an_eio_mid_write_on_indirect_and_bigalloc_files_leaves_only_what_was_written() {
-    if !have("mke2fs") || !have("e2fsck") {
-        eprintln!("skipped: needs mke2fs and e2fsck");
+    if !need(&["mke2fs", "e2fsck"]) {
         return;
     }
     let configs: [(&str, &[&str]); 3] = [
@@ -1413,8 +1406,7 @@ fn subdirs(ext: &Ext, from: usize, to: usize) -> Result<(), Error> {
 
 #[test]
 fn dir_nlink_counts_1_past_65000_subdirectories() {
-    if !have("mke2fs") || !have("e2fsck") {
-        eprintln!("skipped: needs mke2fs and e2fsck");
+    if !need(&["mke2fs", "e2fsck"]) {
         return;
     }
     // The real thing is 65,001 directories (DIO_EXT_BIG=1); CI starts /p at a
