@@ -809,9 +809,10 @@ struct Recorder {
     events: std::sync::Mutex<Vec<Event>>,
 }
 
-impl dio::Device for Recorder {
-    fn geometry(&self) -> dio::Geometry {
-        self.inner.geometry()
+impl dio::DeviceWrapper for Recorder {
+    type Inner = dio::MemDevice;
+    fn inner(&self) -> &dio::MemDevice {
+        &self.inner
     }
     fn submit(&self, req: dio::Request) {
         if req.op() == dio::Op::Write {
@@ -823,11 +824,11 @@ impl dio::Device for Recorder {
                 ev.push(Event::Flush);
             }
         }
-        self.inner.submit(req);
+        dio::Device::submit(&self.inner, req);
     }
     fn flush(&self) -> std::io::Result<()> {
         self.events.lock().unwrap().push(Event::Flush);
-        self.inner.flush()
+        dio::Device::flush(&self.inner)
     }
     fn name(&self) -> &str {
         "recorder"
