@@ -28,8 +28,8 @@ pub mod tools;
 pub use tools::{
     assert_fsck_clean, copy_at_rest, debugfs, debugfs_script, debugfs_w, e2fsck, free_port, ino_of,
     inode_location, kernel_mount, make_orphans, mke2fs, mke2fs_filled, output_with_stdin,
-    qemu_nbd_tcp, qemu_nbd_unix, sh, status_of, superblock_field, Listen, LoopDev, Mount,
-    ServerProcess,
+    qemu_nbd_tcp, qemu_nbd_unix, settle_writeback, sh, status_of, superblock_field, Listen,
+    LoopDev, Mount, ServerProcess,
 };
 
 /// The byte test devices are filled with: a read that shows it returned data the

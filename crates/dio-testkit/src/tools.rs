@@ -237,6 +237,16 @@ pub fn copy_at_rest(img: &Path, to: &Path) {
     );
 }
 
+/// Writes back every dirty page of the machine (`sync`), before a test leaves
+/// changes in a mounted image's journal for a few seconds: the kernel's background
+/// writeback, which starts once the machine's dirty memory passes its threshold
+/// (other tests writing large files), writes every file system's dirty pages, a
+/// test image's too, and would put those changes in place before the test copies
+/// the image. Starting from clean memory, it stays out of the next seconds.
+pub fn settle_writeback() {
+    sh(&mut Command::new("sync"));
+}
+
 /// A kernel loop mount of an image at `IMG.mnt`, unmounted on drop.
 #[derive(Debug)]
 pub struct Mount {

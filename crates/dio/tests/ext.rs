@@ -14,7 +14,8 @@ use dio::Mapping;
 use dio::{CorruptKind, Error, Feature};
 use dio::{RawFile, RawOptions};
 use dio_testkit::{
-    assert_fsck_clean, copy_at_rest, have, inode_location, is_root, kernel_mount, sh, Rng,
+    assert_fsck_clean, copy_at_rest, have, inode_location, is_root, kernel_mount, settle_writeback,
+    sh, Rng,
 };
 
 const IMAGES: &[&str] = &[
@@ -900,6 +901,7 @@ fn needs_recovery_image(tag: &str, opts: &str, mkfs: &[&str]) -> Option<PathBuf>
         std::fs::write(r.join("big"), jdata(1, 300_000)).unwrap();
         std::fs::write(r.join("edit"), b"before\n").unwrap();
     }
+    settle_writeback();
     let m = kernel_mount(&img, &format!("rw,{opts}"))?;
     let r = m.path();
     std::fs::remove_dir_all(r.join("gone")).unwrap();

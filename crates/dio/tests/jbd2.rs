@@ -18,7 +18,7 @@ use dio::ext::{incompat, Ext};
 use dio::{RawFile, RawOptions};
 use dio_testkit::{
     assert_fsck_clean as assert_clean, copy_at_rest, debugfs_script as debugfs, e2fsck, have,
-    inode_location, kernel_mount, make_orphans, mke2fs, need, sh, skip,
+    inode_location, kernel_mount, make_orphans, mke2fs, need, settle_writeback, sh, skip,
 };
 
 const JBD2_MAGIC: [u8; 4] = [0xC0, 0x3B, 0x39, 0x98];
@@ -493,6 +493,7 @@ fn fsync(p: &Path) {
 fn kernel_left_needing_recovery(tag: &str, mkfs: &[&str], opts: &str) -> Option<PathBuf> {
     let img = scratch(&format!("kernel-{tag}.img"));
     mke2fs(&img, mkfs, 32);
+    settle_writeback();
     let m = kernel_mount(&img, &format!("rw,{opts}"))?;
     let r = m.path();
     std::fs::create_dir(r.join("dir")).unwrap();
