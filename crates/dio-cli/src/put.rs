@@ -745,7 +745,7 @@ pub fn cp_tree(src: &OsStr, dst: &OsStr, a: &TreeArgs) -> Result<(), Failure> {
         for _ in 0..TREE_WORKERS {
             let (c, rx) = (&c, &rx);
             scope.spawn(move || {
-                let mut buf = Vec::new();
+                let (mut buf, mut store) = (Vec::new(), Vec::new());
                 loop {
                     let job = match rx.lock().unwrap_or_else(|e| e.into_inner()).recv() {
                         Ok(j) => j,
@@ -759,7 +759,7 @@ pub fn cp_tree(src: &OsStr, dst: &OsStr, a: &TreeArgs) -> Result<(), Failure> {
                             let r = c.file(&job, &mut buf);
                             c.finish(&job.img, r.map(|n| (Kind::File, n)));
                         }
-                        Job::Group(jobs) => c.group(jobs, &mut buf),
+                        Job::Group(jobs) => c.group(jobs, &mut store, &mut buf),
                     }
                 }
             });
@@ -976,32 +976,48 @@ impl TreeCopy<'_> {
     /// names it); when the group cannot be created as one (a name exists,
     /// ENOSPC, ...), each file goes through [`TreeCopy::file`], which replaces
     /// what is in the way and reports each failure on its own.
-    fn group(&self, jobs: Vec<FileJob>, buf: &mut Vec<u8>) {
+    fn group(&self, jobs: Vec<FileJob>, store: &mut Vec<u8>, buf: &mut Vec<u8>) {
         use std::io::Read as _;
-        let mut read: Vec<(FileJob, Vec<u8>)> = Vec::with_capacity(jobs.len());
+        // Every file's bytes one after the other in `store` (kept by the
+        // worker: no fresh memory per group).
+        store.clear();
+        let mut read: Vec<(FileJob, std::ops::Range<usize>)> = Vec::with_capacity(jobs.len());
+        // Files that grew past SMALL_FILE since the walk saw them.
+        let mut grown = Vec::new();
         for job in jobs {
-            let r = std::fs::File::open(&job.host).and_then(|mut f| {
-                let mut data = Vec::with_capacity(job.size as usize + 1);
-                f.read_to_end(&mut data)?;
-                Ok(data)
+            let start = store.len();
+            let r = std::fs::File::open(&job.host).and_then(|f| {
+                store.reserve(job.size as usize + 1);
+                f.take(SMALL_FILE + 1).read_to_end(store)
             });
             match r {
-                Ok(data) => read.push((job, data)),
-                Err(e) => self.finish(&job.img, Err(Error::os("read the source", e))),
+                Ok(n) if n as u64 > SMALL_FILE => {
+                    store.truncate(start);
+                    grown.push(job);
+                }
+                Ok(_) => read.push((job, start..store.len())),
+                Err(e) => {
+                    store.truncate(start);
+                    self.finish(&job.img, Err(Error::os("read the source", e)))
+                }
             }
         }
         let files: Vec<dio::ext::NewFile<'_>> = read
             .iter()
-            .map(|(job, data)| dio::ext::NewFile {
+            .map(|(job, r)| dio::ext::NewFile {
                 path: &job.img,
                 attrs: &job.attrs,
-                data,
+                data: &store[r.clone()],
             })
             .collect();
+        for job in &grown {
+            let r = self.file(job, buf);
+            self.finish(&job.img, r.map(|n| (Kind::File, n)));
+        }
         match self.ext.put_files(&files) {
             Ok(_) => {
-                for (job, data) in &read {
-                    self.finish(&job.img, Ok((Kind::File, data.len() as u64)));
+                for (job, r) in &read {
+                    self.finish(&job.img, Ok((Kind::File, r.len() as u64)));
                 }
             }
             Err(_) => {

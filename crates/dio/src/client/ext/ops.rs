@@ -1988,8 +1988,18 @@ impl Ext {
         let mut groups: Vec<(Inode, Vec<(usize, Vec<u8>)>)> = Vec::new();
         let mut by_dir: std::collections::HashMap<u32, usize> = Default::default();
         let mut seen: std::collections::HashSet<(u32, Vec<u8>)> = Default::default();
+        // Parents by path: most files of a group share one.
+        let mut parents: std::collections::HashMap<Vec<u8>, Inode> = Default::default();
         for (i, f) in files.iter().enumerate() {
-            let (parent, name) = self.parent_of(f.path)?;
+            let (parent_path, name) = parent_and_name(f.path)?;
+            let parent = match parents.get(&parent_path) {
+                Some(p) => p.clone(),
+                None => {
+                    let (p, _) = self.parent_of(f.path)?;
+                    parents.insert(parent_path, p.clone());
+                    p
+                }
+            };
             if !seen.insert((parent.ino, name.clone())) {
                 return Err(Error::path(PathErrorKind::AlreadyExists, f.path));
             }
@@ -2002,10 +2012,27 @@ impl Ext {
         let mut op = Op::begin(fs)?;
         for (parent, names) in &mut groups {
             *parent = op.inode(parent.ino)?;
-            for (i, name) in names.iter() {
-                if self.exists_in(parent, name)?.is_some() {
-                    return Err(Error::path(PathErrorKind::AlreadyExists, files[*i].path));
-                }
+            let taken = |name: &[u8]| self.exists_in(parent, name).map(|e| e.is_some());
+            let clash = if names.len() < 8 {
+                names.iter().find_map(|(i, name)| match taken(name) {
+                    Ok(false) => None,
+                    Ok(true) => Some(Ok(*i)),
+                    Err(e) => Some(Err(e)),
+                })
+            } else {
+                // One pass over the directory instead of a lookup per name.
+                let mut all: std::collections::HashSet<Vec<u8>> = Default::default();
+                super::dir::Dir::new(fs, parent)?.for_each(&mut |e| {
+                    all.insert(e.name);
+                    false
+                })?;
+                names
+                    .iter()
+                    .find(|(_, name)| all.contains(name))
+                    .map(|(i, _)| Ok(*i))
+            };
+            if let Some(i) = clash {
+                return Err(Error::path(PathErrorKind::AlreadyExists, files[i?].path));
             }
         }
         let extents = fs.sb.has_incompat(incompat::EXTENTS);
