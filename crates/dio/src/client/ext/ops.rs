@@ -1985,7 +1985,9 @@ impl Ext {
             return Ok(Vec::new());
         }
         // Group the names by parent directory (each loaded once).
-        let mut groups: Vec<(Inode, Vec<(usize, Vec<u8>)>)> = Vec::new();
+        // Per parent: its inode, and the files (index, name) going into it.
+        type Group = (Inode, Vec<(usize, Vec<u8>)>);
+        let mut groups: Vec<Group> = Vec::new();
         let mut by_dir: std::collections::HashMap<u32, usize> = Default::default();
         let mut seen: std::collections::HashSet<(u32, Vec<u8>)> = Default::default();
         // Parents by path: most files of a group share one.
