@@ -981,6 +981,8 @@ impl TreeCopy<'_> {
         // Every file's bytes one after the other in `store` (kept by the
         // worker: no fresh memory per group).
         store.clear();
+        // Room for a whole group up front (no copies as it grows).
+        store.reserve((GROUP_BYTES + SMALL_FILE) as usize + 1);
         let mut read: Vec<(FileJob, std::ops::Range<usize>)> = Vec::with_capacity(jobs.len());
         // Files that grew past SMALL_FILE since the walk saw them.
         let mut grown = Vec::new();

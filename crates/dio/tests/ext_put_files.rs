@@ -279,12 +279,38 @@ fn put_files_on_fragmented_space_builds_extent_trees() {
         }])
         .unwrap();
         assert!(read_back(&ext, b"/holes") == data);
+        // A stretch of 9 MiB of neighbouring blocks: written in pieces, files
+        // cut across them.
+        let big: Vec<(String, Vec<u8>)> = (0..30)
+            .map(|i| {
+                (
+                    format!("/big{i}"),
+                    dio_testkit::bytes(300 * 1024 + 1, 10 + i),
+                )
+            })
+            .collect();
+        let files: Vec<NewFile<'_>> = big
+            .iter()
+            .map(|(p, d)| NewFile {
+                path: p.as_bytes(),
+                attrs: &plain,
+                data: d,
+            })
+            .collect();
+        ext.put_files(&files).unwrap();
+        for (p, d) in &big {
+            assert!(read_back(&ext, p.as_bytes()) == *d, "{p}");
+        }
     }
     assert_fsck_clean(&img);
     // 60 one-block holes: 60 extents, in a leaf block under the inode.
     assert_eq!(extent_depth(&img, "/holes"), Some(1));
     if let Some(m) = kernel_mount(&img, "ro") {
         assert!(std::fs::read(m.path().join("holes")).unwrap() == data);
+        for i in 0..30u64 {
+            let want = dio_testkit::bytes(300 * 1024 + 1, 10 + i);
+            assert!(std::fs::read(m.path().join(format!("big{i}"))).unwrap() == want);
+        }
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -1068,40 +1068,71 @@ fn refresh_tables(op: &mut Op<'_>, inode: &Inode) -> Result<()> {
 }
 
 /// Write the data of `files` at the device blocks `runs` give (device block,
-/// file, file block, blocks): neighbouring runs as one write of up to 8 MiB,
-/// the tail of each file's last block zeroed.
+/// file, file block, blocks): neighbouring runs as one stretch, written in
+/// pieces of [`GATHER`] bytes (a buffer each thread keeps for them: no fresh
+/// memory per piece), the tail of each file's last block zeroed.
 fn write_gathered(
     fs: &Fs,
     files: &[NewFile<'_>],
     runs: &mut [(u64, usize, u64, u64)],
 ) -> Result<()> {
-    const MAX_WRITE: u64 = 8 << 20;
+    thread_local! {
+        static SPARE: std::cell::RefCell<Option<crate::AlignedBuf>> = const { std::cell::RefCell::new(None) };
+    }
     let bs = u64::from(fs.sb.block_size);
+    let align = fs.io.align().max(1);
+    let per = (GATHER as u64 / bs).max(1);
     runs.sort_unstable_by_key(|r| r.0);
     let mut i = 0;
     while i < runs.len() {
+        // A stretch of neighbouring runs: runs[i..j], device blocks [start, end).
         let start = runs[i].0;
         let mut end = start + runs[i].3;
         let mut j = i + 1;
-        while j < runs.len() && runs[j].0 == end && (end - start + runs[j].3) * bs <= MAX_WRITE {
+        while j < runs.len() && runs[j].0 == end {
             end += runs[j].3;
             j += 1;
         }
-        let len = ((end - start) * bs) as usize;
-        let mut buf = crate::AlignedBuf::new(len, fs.io.align().max(1));
-        for &(p, f, l, n) in &runs[i..j] {
-            let data = files[f].data;
-            let from = ((l * bs) as usize).min(data.len());
-            let to = (((l + n) * bs) as usize).min(data.len());
-            let at = ((p - start) * bs) as usize;
-            buf[at..at + (to - from)].copy_from_slice(&data[from..to]);
-            buf[at + (to - from)..at + (n * bs) as usize].fill(0);
+        let mut k = i;
+        let mut p0 = start;
+        while p0 < end {
+            let p1 = (p0 + per).min(end);
+            let len = ((p1 - p0) * bs) as usize;
+            let spare = SPARE.with(|c| c.borrow_mut().take());
+            let mut buf = match spare {
+                Some(b) if b.len() == len && b.align() == align => b,
+                _ => crate::AlignedBuf::new(len, align),
+            };
+            while k < j && runs[k].0 + runs[k].3 <= p0 {
+                k += 1;
+            }
+            for &(p, f, l, n) in &runs[k..j] {
+                if p >= p1 {
+                    break;
+                }
+                // The part of this run inside [p0, p1).
+                let (a, b) = (p.max(p0), (p + n).min(p1));
+                let data = files[f].data;
+                let from = (((l + (a - p)) * bs) as usize).min(data.len());
+                let to = (((l + (b - p)) * bs) as usize).min(data.len());
+                let at = ((a - p0) * bs) as usize;
+                let stop = ((b - p0) * bs) as usize;
+                buf[at..at + (to - from)].copy_from_slice(&data[from..to]);
+                buf[at + (to - from)..stop].fill(0);
+            }
+            fs.io.write_aligned(p0 * bs, &mut buf, "file data")?;
+            if buf.len() == (per * bs) as usize {
+                SPARE.with(|c| *c.borrow_mut() = Some(buf));
+            }
+            p0 = p1;
         }
-        fs.io.write_aligned(start * bs, &mut buf, "file data")?;
         i = j;
     }
     Ok(())
 }
+
+/// The piece of gathered file data written at a time.
+const GATHER: usize = 4 << 20;
 
 /// Where a directory's entries sit: a leaf block (device block), or a range of
 /// the inode's raw bytes (inline data: the rest of i_block, or the
