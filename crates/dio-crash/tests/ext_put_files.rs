@@ -225,14 +225,14 @@ impl<C: Checker> Checker for Sampled<C> {
     }
 }
 
-/// A fresh `mkfs.ext4`/`mkfs.ext2` image of 16 MiB.
+/// A fresh `mkfs.ext4`/`mkfs.ext2` image (16 MiB; 64 MiB for the long run).
 fn make_image(dir: &Path, mkfs: &str, extra: &[&str]) -> PathBuf {
     let img = dir.join("disk.img");
     let out = Command::new(mkfs)
         .args(["-q", "-F"])
         .args(extra)
         .arg(&img)
-        .arg("16M")
+        .arg(if common::long() { "64M" } else { "16M" })
         .output()
         .unwrap();
     assert!(out.status.success(), "{mkfs}: {out:?}");
