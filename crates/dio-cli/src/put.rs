@@ -620,9 +620,22 @@ struct Tally {
 /// Write the batch every this many names or data bytes (and at the end).
 const BATCH_NAMES: u64 = 5000;
 const BATCH_BYTES: u64 = 1 << 30;
-/// Files copied at once (their data writes overlap; the metadata operations
-/// take turns).
-const TREE_WORKERS: usize = 8;
+/// Threads copying files: each reads a group of small files (or one large
+/// file) while another's group is being written.
+const TREE_WORKERS: usize = 3;
+/// Regular files up to this size are read whole and created in groups
+/// (`Ext::put_files`: one operation, their data in few large writes).
+const SMALL_FILE: u64 = 1 << 20;
+/// A group closes at this many files or data bytes.
+const GROUP_FILES: usize = 1024;
+const GROUP_BYTES: u64 = 8 << 20;
+
+/// What a worker copies: one file through `Ext::put_file`, or a group of small
+/// files through `Ext::put_files`.
+enum Job {
+    One(FileJob),
+    Group(Vec<FileJob>),
+}
 
 /// A regular file for a worker to copy.
 struct FileJob {
@@ -726,13 +739,13 @@ pub fn cp_tree(src: &OsStr, dst: &OsStr, a: &TreeArgs) -> Result<(), Failure> {
     };
     let mut dir_times = Vec::new();
     let mut links = std::collections::HashMap::new();
-    let (tx, rx) = std::sync::mpsc::sync_channel::<FileJob>(TREE_WORKERS * 4);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(TREE_WORKERS * 2);
     let rx = std::sync::Mutex::new(rx);
     std::thread::scope(|scope| {
         for _ in 0..TREE_WORKERS {
             let (c, rx) = (&c, &rx);
             scope.spawn(move || {
-                let mut buf = Vec::new();
+                let (mut buf, mut store) = (Vec::new(), Vec::new());
                 loop {
                     let job = match rx.lock().unwrap_or_else(|e| e.into_inner()).recv() {
                         Ok(j) => j,
@@ -741,8 +754,13 @@ pub fn cp_tree(src: &OsStr, dst: &OsStr, a: &TreeArgs) -> Result<(), Failure> {
                     if c.stopped() {
                         continue;
                     }
-                    let r = c.file(&job, &mut buf);
-                    c.finish(&job.img, r.map(|n| (Kind::File, n)));
+                    match job {
+                        Job::One(job) => {
+                            let r = c.file(&job, &mut buf);
+                            c.finish(&job.img, r.map(|n| (Kind::File, n)));
+                        }
+                        Job::Group(jobs) => c.group(jobs, &mut store, &mut buf),
+                    }
                 }
             });
         }
@@ -751,8 +769,11 @@ pub fn cp_tree(src: &OsStr, dst: &OsStr, a: &TreeArgs) -> Result<(), Failure> {
             jobs: tx,
             links: &mut links,
             dir_times: &mut dir_times,
+            group: Vec::new(),
+            group_bytes: 0,
         };
         w.dir(&src_path, &meta, &root);
+        w.send_group();
         // Dropping the sender ends the workers once the queue is empty.
     });
     if a.preserve && !c.stopped() {
@@ -950,6 +971,69 @@ impl TreeCopy<'_> {
         Ok(written)
     }
 
+    /// Copy a group of small files: each read whole, then all created in one
+    /// operation. A file that cannot be read is reported and left out (nothing
+    /// names it); when the group cannot be created as one (a name exists,
+    /// ENOSPC, ...), each file goes through [`TreeCopy::file`], which replaces
+    /// what is in the way and reports each failure on its own.
+    fn group(&self, jobs: Vec<FileJob>, store: &mut Vec<u8>, buf: &mut Vec<u8>) {
+        use std::io::Read as _;
+        // Every file's bytes one after the other in `store` (kept by the
+        // worker: no fresh memory per group).
+        store.clear();
+        // Room for a whole group up front (no copies as it grows).
+        store.reserve((GROUP_BYTES + SMALL_FILE) as usize + 1);
+        let mut read: Vec<(FileJob, std::ops::Range<usize>)> = Vec::with_capacity(jobs.len());
+        // Files that grew past SMALL_FILE since the walk saw them.
+        let mut grown = Vec::new();
+        for job in jobs {
+            let start = store.len();
+            let r = std::fs::File::open(&job.host).and_then(|f| {
+                store.reserve(job.size as usize + 1);
+                f.take(SMALL_FILE + 1).read_to_end(store)
+            });
+            match r {
+                Ok(n) if n as u64 > SMALL_FILE => {
+                    store.truncate(start);
+                    grown.push(job);
+                }
+                Ok(_) => read.push((job, start..store.len())),
+                Err(e) => {
+                    store.truncate(start);
+                    self.finish(&job.img, Err(Error::os("read the source", e)))
+                }
+            }
+        }
+        let files: Vec<dio::ext::NewFile<'_>> = read
+            .iter()
+            .map(|(job, r)| dio::ext::NewFile {
+                path: &job.img,
+                attrs: &job.attrs,
+                data: &store[r.clone()],
+            })
+            .collect();
+        for job in &grown {
+            let r = self.file(job, buf);
+            self.finish(&job.img, r.map(|n| (Kind::File, n)));
+        }
+        match self.ext.put_files(&files) {
+            Ok(_) => {
+                for (job, r) in &read {
+                    self.finish(&job.img, Ok((Kind::File, r.len() as u64)));
+                }
+            }
+            Err(_) => {
+                for (job, _) in &read {
+                    if self.stopped() {
+                        return;
+                    }
+                    let r = self.file(job, buf);
+                    self.finish(&job.img, r.map(|n| (Kind::File, n)));
+                }
+            }
+        }
+    }
+
     /// GNU cp replaces a non-directory DST: remove one in the way of a name
     /// the library will not replace itself.
     fn remove_existing(&self, img: &[u8]) {
@@ -965,7 +1049,10 @@ impl TreeCopy<'_> {
 /// files in order, regular files handed to the workers.
 struct Walk<'a, 'b> {
     c: &'a TreeCopy<'b>,
-    jobs: std::sync::mpsc::SyncSender<FileJob>,
+    jobs: std::sync::mpsc::SyncSender<Job>,
+    /// Small files gathered for the next group, and their bytes.
+    group: Vec<FileJob>,
+    group_bytes: u64,
     /// Host (dev, ino) of files with several links -> their path in the image.
     links: &'a mut std::collections::HashMap<(u64, u64), Vec<u8>>,
     /// Directories whose attributes -p sets at the end.
@@ -973,6 +1060,14 @@ struct Walk<'a, 'b> {
 }
 
 impl Walk<'_, '_> {
+    /// Hand the gathered small files to a worker.
+    fn send_group(&mut self) {
+        self.group_bytes = 0;
+        if !self.group.is_empty() {
+            let _ = self.jobs.send(Job::Group(std::mem::take(&mut self.group)));
+        }
+    }
+
     fn dir(&mut self, host: &std::path::Path, meta: &std::fs::Metadata, img: &[u8]) {
         use std::os::unix::fs::MetadataExt;
         let c = self.c;
@@ -1063,8 +1158,17 @@ impl Walk<'_, '_> {
                 attrs: c.attrs(m, perm),
             };
             if m.nlink() == 1 {
-                // Nothing waits for it: a worker copies it.
-                let _ = self.jobs.send(job);
+                // Nothing waits for it: a worker copies it, a small one in a
+                // group with others.
+                if job.size <= SMALL_FILE {
+                    self.group_bytes += job.size;
+                    self.group.push(job);
+                    if self.group.len() >= GROUP_FILES || self.group_bytes >= GROUP_BYTES {
+                        self.send_group();
+                    }
+                } else {
+                    let _ = self.jobs.send(Job::One(job));
+                }
                 return;
             }
             // Its later names link to it: copied here, before them.

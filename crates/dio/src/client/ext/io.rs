@@ -243,6 +243,33 @@ impl MetaIo {
         Ok(buf[skip..skip + len].to_vec())
     }
 
+    /// The alignment device writes need (offset, length and memory).
+    pub(crate) fn align(&self) -> usize {
+        self.align
+    }
+
+    /// Write `buf` at device byte `offset` as it is: `offset` and the length
+    /// must be multiples of [`MetaIo::align`] and `buf` allocated with it (file
+    /// data gathered by `Ext::put_files`, no copy and no read first).
+    pub(crate) fn write_aligned(
+        &self,
+        offset: u64,
+        buf: &mut AlignedBuf,
+        what: &str,
+    ) -> Result<()> {
+        if self.replay.is_some()
+            || offset % self.align as u64 != 0
+            || buf.len() % self.align != 0
+            || offset + buf.len() as u64 > self.size
+        {
+            return self.write(offset, &buf[..], what);
+        }
+        device::write_device(&*self.dev, offset, buf, false).map_err(|e| Error::Io {
+            offset,
+            source: std::sync::Arc::new(e),
+        })
+    }
+
     /// Write `data` at device byte `offset`, reading and patching partial logical
     /// blocks first.
     pub(crate) fn write(&self, offset: u64, data: &[u8], what: &str) -> Result<()> {

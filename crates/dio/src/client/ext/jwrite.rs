@@ -358,14 +358,43 @@ impl Writer {
         let bs = u64::from(fs.sb.block_size);
         let fresh: HashMap<u64, &[u8]> = fresh.iter().copied().collect();
         let sb_block = SUPERBLOCK_OFFSET / bs;
+        // The journal copies not in memory, read in runs of neighbouring log
+        // blocks (up to 1 MiB a read) rather than one read each.
+        let mut wanted: Vec<(u64, u64)> = self
+            .pending
+            .iter()
+            .filter(|(b, _)| !fresh.contains_key(b))
+            .map(|(&b, c)| (c.at, b))
+            .collect();
+        wanted.sort_unstable();
+        let mut copies: HashMap<u64, Vec<u8>> = HashMap::with_capacity(wanted.len());
+        let per_read = ((1u64 << 20) / bs).max(1);
+        let mut i = 0;
+        while i < wanted.len() {
+            let mut j = i + 1;
+            while j < wanted.len()
+                && wanted[j].0 == wanted[j - 1].0 + 1
+                && wanted[j].0 - wanted[i].0 < per_read
+            {
+                j += 1;
+            }
+            let run = fs.io.read_plain(
+                wanted[i].0 * bs,
+                ((wanted[j - 1].0 - wanted[i].0 + 1) * bs) as usize,
+                "journal blocks",
+            )?;
+            for (k, &(_, b)) in wanted[i..j].iter().enumerate() {
+                let at = k * bs as usize;
+                copies.insert(b, run[at..at + bs as usize].to_vec());
+            }
+            i = j;
+        }
         let mut out: Vec<(Vec<u8>, u64)> = Vec::with_capacity(self.pending.len());
         for (&b, copy) in &self.pending {
             let mut data = match fresh.get(&b) {
                 Some(d) => d.to_vec(),
                 None => {
-                    let mut d = fs
-                        .io
-                        .read_plain(copy.at * bs, bs as usize, "journal block")?;
+                    let mut d = copies.remove(&b).expect("read above");
                     if copy.escaped {
                         Replay::unescape(&mut d);
                     }

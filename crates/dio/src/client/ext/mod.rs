@@ -85,7 +85,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 pub use dir::DirEntry;
 pub use inode::{flags as inode_flags, FileType, Inode, Timestamp, ROOT_INO};
 pub use map::FileExtent;
-pub use ops::Attrs;
+pub use ops::{Attrs, NewFile};
 pub use superblock::{compat, incompat, ro_compat, Superblock};
 pub use wmap::ExtWriter;
 
