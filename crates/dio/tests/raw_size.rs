@@ -43,7 +43,10 @@ fn check(path: &Path, f: &RawFile, model: &[u8], what: &str) {
     assert_eq!(len, model.len() as u64, "{what}: host file size");
     assert_eq!(f.size(), model.len() as u64, "{what}: engine size");
     let on_disk = std::fs::read(path).expect("read back");
-    assert!(on_disk == model, "{what}: host file bytes differ from the model");
+    assert!(
+        on_disk == model,
+        "{what}: host file bytes differ from the model"
+    );
 }
 
 fn apply(model: &mut Vec<u8>, off: u64, data: &[u8]) {
@@ -100,7 +103,12 @@ fn writes_keep_the_size(backend: Backend, how: u32) {
         };
         assert_eq!(n, len, "write {off}+{len}");
         apply(&mut model, off, &data);
-        check(&path, &f, &model, &format!("write {off}+{len} (call {how})"));
+        check(
+            &path,
+            &f,
+            &model,
+            &format!("write {off}+{len} (call {how})"),
+        );
     }
     // A truncate to a partial block, then writes again.
     f.set_len(5000).unwrap();

@@ -64,6 +64,10 @@ pub(crate) struct Call {
     /// A write with `Flags::DSYNC`: completion goes through the map's
     /// `end_io_dsync`, which makes it durable.
     pub(crate) dsync: bool,
+    /// A byte-granular write whose padded last block may have grown the map's
+    /// storage past the file size: the finish calls the map's `trim_padding` (its
+    /// range lock reaches to the end of any file).
+    pub(crate) trim_padding: bool,
 }
 
 /// One direct-I/O call in flight (the seed's `struct dio`): what its requests'
@@ -411,6 +415,10 @@ impl Dio {
         // The map's end_io is user code: a panic there still releases the call's
         // locks and counts (below), and reaches a sync caller afterwards.
         let map = &file.map;
+        if call.trim_padding {
+            // First, so that a dsync write's flush below covers the new size too.
+            result = self.trim_padding(file, call, result, panic);
+        }
         if call.op == Op::Write && call.dsync && file.end_io {
             // The map makes the write durable (its metadata, and the flush).
             let r = result.map_err(|e| *e);
@@ -466,6 +474,39 @@ impl Dio {
             }
         }
         self.finish_tail(file, call, result)
+    }
+
+    /// Cut the storage a padded byte-granular write grew back to the file size, the
+    /// write counted ([`crate::BlockMap::trim_padding`]); still under the call's range
+    /// lock, which reaches to the end of any file, so no other write lies past it.
+    /// Runs whatever the write's result: a failed write may have grown it too.
+    #[cold]
+    fn trim_padding(
+        &self,
+        file: &Shared,
+        call: &Call,
+        result: Res,
+        panic: &mut Option<Payload>,
+    ) -> Res {
+        let mut size = file.state.size();
+        if let (Ok(n), Some(limit)) = (&result, call.extend) {
+            size = size.max((call.offset + *n as u64).min(limit));
+        }
+        let map = &file.map;
+        let trimmed =
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| map.trim_padding(size)))
+            {
+                Ok(r) => r,
+                Err(payload) => {
+                    *panic = Some(payload);
+                    Err(Error::Panicked("BlockMap::trim_padding"))
+                }
+            };
+        match (result, trimmed) {
+            (Ok(n), Ok(())) => Ok(n),
+            (Err(e), _) => Err(e),
+            (Ok(_), Err(e)) => Err(Box::new(e)),
+        }
     }
 
     /// The end of a call's finish, after end_io and the dsync flush: the counts,

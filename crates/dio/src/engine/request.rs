@@ -87,6 +87,10 @@ pub(crate) struct Extra {
     /// The file may grow only to here (a padded write covers more than the caller's
     /// bytes).
     pub logical_end: Option<u64>,
+    /// The write's padded last block may grow the map's storage past the file size:
+    /// the finish calls [`crate::BlockMap::trim_padding`] before it releases the
+    /// range (which then reaches to the end of any file).
+    pub trim_padding: bool,
 }
 
 /// The fs-block-rounded range a write locks.
@@ -295,6 +299,7 @@ pub(crate) fn read_one(
             range_lock: None,
             held: None,
             flags,
+            trim_padding: false,
         };
         return walk_call(file, p, mem, lender, None, None, Some(Ok(looked)));
     }
@@ -311,6 +316,7 @@ pub(crate) fn read_one(
         file_lock: None,
         flush: false,
         dsync: false,
+        trim_padding: false,
     };
     let poll = flags.contains(Flags::POLL);
     let mapped = matches!(e.mapping, Mapping::Mapped(_));
@@ -555,6 +561,7 @@ pub(crate) fn run(
         let extra = Extra {
             range_locked: range_lock,
             logical_end: extra.logical_end,
+            trim_padding: extra.trim_padding,
         };
         let Some(done) = done else {
             state.wait_gate();
@@ -601,6 +608,7 @@ pub(crate) fn run(
         range_lock,
         held,
         flags,
+        trim_padding: extra.trim_padding,
     };
     walk_call(file, call, mem, lender, pin, done, None)
 }
@@ -619,6 +627,8 @@ struct Prepared {
     /// The file lock, if the locking mode took it.
     held: Option<LockKind>,
     flags: Flags,
+    /// See [`Extra::trim_padding`].
+    trim_padding: bool,
 }
 
 /// The rest of a call: walk the buffers against the block map, send the requests,
@@ -644,6 +654,7 @@ fn walk_call(
         range_lock,
         mut held,
         flags,
+        trim_padding,
     } = p;
     let state = &file.state;
     let fs = u64::from(file.fs_block);
@@ -668,6 +679,7 @@ fn walk_call(
         file_lock: None,
         flush: false,
         dsync,
+        trim_padding,
     };
     let dio = match done {
         None => Dio::sync_call(),

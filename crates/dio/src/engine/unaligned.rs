@@ -303,10 +303,53 @@ fn too_large(file: &Shared, off: u64, len: u64) -> Result<()> {
     }
 }
 
-fn lock_range(file: &Shared, plan: &Plan, flags: Flags) -> Result<(u64, u64)> {
+/// The block range a write locks, and whether its padded last block may grow the
+/// map's storage past the file size (see [`Locked`]).
+fn lock_range(file: &Shared, plan: &Plan, flags: Flags) -> Result<Locked> {
+    loop {
+        let (want, trim) = range_to_lock(file, plan);
+        request::lock_write_range(file, want, flags)?;
+        if let Some(locked) = locked_as(file, plan, want, trim) {
+            return Ok(locked);
+        }
+    }
+}
+
+/// A write's locked block range. When the map trims padding
+/// ([`crate::BlockMap::trims_padding`]) and the write's padded end passes the file
+/// size, the range reaches to the end of any file: then no other write at or past
+/// the write's first block runs, and no truncate, until the write's finish has cut
+/// the padding back (`trim`), so the cut never meets another write's bytes.
+#[derive(Debug, Clone, Copy)]
+struct Locked {
+    range: (u64, u64),
+    trim: bool,
+}
+
+/// The range to lock for `plan`, and whether it is the wide one (to the end of any
+/// file), judged on the size now.
+fn range_to_lock(file: &Shared, plan: &Plan) -> ((u64, u64), bool) {
     let r = write_lock_range(u64::from(file.fs_block), plan.a0, plan.a1);
-    request::lock_write_range(file, r, flags)?;
-    Ok(r)
+    // Only a partial last block pads; only a padded end past the size grows storage.
+    let pads = plan.end & (plan.lb - 1) != 0 && plan.a1 > file.state.size();
+    if pads && file.map.trims_padding() {
+        ((r.0, u64::MAX), true)
+    } else {
+        (r, false)
+    }
+}
+
+/// With `want` locked: the lock, or None (`want` released again) when the narrow
+/// range no longer does, because a truncate shrank the file below the padded end
+/// between the look and the lock. Under the narrow lock the size stays at or past
+/// the padded end: shrinking below it needs a range that overlaps this one.
+fn locked_as(file: &Shared, plan: &Plan, want: (u64, u64), trim: bool) -> Option<Locked> {
+    let pads = plan.end & (plan.lb - 1) != 0 && plan.a1 > file.state.size();
+    if !trim && pads && file.map.trims_padding() {
+        file.state.ranges().unlock(want.0, want.1);
+        return None;
+    }
+    Some(Locked { range: want, trim })
 }
 
 fn pieces_mut(bufs: &[IoSliceMut<'_>]) -> Vec<(usize, usize)> {
@@ -476,7 +519,7 @@ pub(crate) fn write(
     let all: Vec<&[u8]> = bufs.iter().map(|b| &b[..]).collect();
     by_chunks(off, len, |pos, n, done| {
         let plan = Plan::new(pos, n as u64, lb);
-        let range = lock_range(file, &plan, flags)?;
+        let locked = lock_range(file, &plan, flags)?;
         let widened = &mut bounce[..(plan.a1 - plan.a0) as usize];
         // This chunk's bytes of the caller's buffers.
         let mut part = vec![0u8; 0];
@@ -488,7 +531,7 @@ pub(crate) fn write(
             vec![&part[..]]
         };
         let patched = fill_widened(file, &plan, widened, &src, flags);
-        let extra = after_patch(file, &plan, range, patched)?;
+        let extra = after_patch(file, &plan, locked, patched)?;
         let put = buf::io_scope(super::drain(file), |scope| {
             let m = scope.lend_buf(widened);
             run_sync(file, scope, Op::Write, plan.a0, &[m], flags, extra)
@@ -499,19 +542,15 @@ pub(crate) fn write(
 
 /// After the read-modify-write of a write holding `range`: on failure release the
 /// range and report; else what the write's call needs to release it when done.
-fn after_patch(
-    file: &Shared,
-    plan: &Plan,
-    range: (u64, u64),
-    patched: Result<()>,
-) -> Result<Extra> {
+fn after_patch(file: &Shared, plan: &Plan, locked: Locked, patched: Result<()>) -> Result<Extra> {
     if let Err(e) = patched {
-        file.state.ranges().unlock(range.0, range.1);
+        file.state.ranges().unlock(locked.range.0, locked.range.1);
         return Err(e);
     }
     Ok(Extra {
-        range_locked: Some(range),
+        range_locked: Some(locked.range),
         logical_end: Some(plan.end),
+        trim_padding: locked.trim,
     })
 }
 
@@ -522,7 +561,7 @@ fn write_direct(
     bufs: &[IoSlice<'_>],
     flags: Flags,
 ) -> Result<usize> {
-    let range = lock_range(file, plan, flags)?;
+    let locked = lock_range(file, plan, flags)?;
     let (mut head, mut tail) = plan.bounce_blocks(file);
     let src: Vec<&[u8]> = bufs.iter().map(|b| &b[..]).collect();
     let patched = read_modify(
@@ -533,7 +572,7 @@ fn write_direct(
         &src,
         flags,
     );
-    let extra = after_patch(file, plan, range, patched)?;
+    let extra = after_patch(file, plan, locked, patched)?;
     let n = buf::io_scope(super::drain(file), |scope| {
         let refs = scope.lend(bufs);
         let mem = widened(scope, plan, refs, head.as_mut(), tail.as_mut());
@@ -675,7 +714,7 @@ pub(crate) fn write_async<B: OwnedBuf>(
     let plan = Plan::new(off, len, lb);
     // The block range stays locked from the reads of the partial blocks to the end
     // of the write. An async call never waits for it: it parks and starts again.
-    let range = write_lock_range(u64::from(file.fs_block), plan.a0, plan.a1);
+    let (range, trim) = range_to_lock(file, &plan);
     let ranges = file.state.ranges();
     if !ranges.try_lock(range.0, range.1) {
         if flags.contains(Flags::NOWAIT) {
@@ -691,6 +730,10 @@ pub(crate) fn write_async<B: OwnedBuf>(
         }
         return;
     }
+    let Some(locked) = locked_as(file, &plan, range, trim) else {
+        // The file shrank below the padded end meanwhile: lock the wide range.
+        return write_async(file, off, bufs, flags, done);
+    };
     // Read the partial end blocks without waiting (this may be a device's
     // completion thread); patch and write once they are in.
     let (head, tail) = plan.bounce_blocks(file);
@@ -703,7 +746,7 @@ pub(crate) fn write_async<B: OwnedBuf>(
                 bufs,
             });
         }
-        Ok((head, tail)) => write_patched(&file2, plan, head, tail, bufs, flags, range, done),
+        Ok((head, tail)) => write_patched(&file2, plan, head, tail, bufs, flags, locked, done),
     });
 }
 
@@ -801,7 +844,7 @@ fn write_patched<B: OwnedBuf>(
     mut tail: Option<AlignedBuf>,
     mut bufs: Vec<B>,
     flags: Flags,
-    range: (u64, u64),
+    locked: Locked,
     done: impl FnOnce(Completed<B>) + Send + 'static,
 ) {
     let direct = middle_is_direct(file, &plan, &owned_pieces(&mut bufs));
@@ -853,8 +896,9 @@ fn write_patched<B: OwnedBuf>(
         });
     });
     let extra = Extra {
-        range_locked: Some(range),
+        range_locked: Some(locked.range),
         logical_end: Some(plan.end),
+        trim_padding: locked.trim,
     };
     request::run_async(file, Op::Write, plan.a0, &mem, flags, finish, extra);
 }

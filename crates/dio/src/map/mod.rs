@@ -207,6 +207,28 @@ pub trait BlockMap: Send + Sync {
     fn max_file_size(&self) -> u64 {
         i64::MAX as u64
     }
+
+    /// Whether a byte-granular write ([`crate::Flags::UNALIGNED`]) whose padded last
+    /// block reaches past the file size must be followed by
+    /// [`BlockMap::trim_padding`]: true for a map whose storage keeps a size of its
+    /// own that the padding grows (a host file under the raw client). The default,
+    /// false, costs nothing: the padding stays inside the last block, past i_size.
+    fn trims_padding(&self) -> bool {
+        false
+    }
+
+    /// A byte-granular write padded its last logical block to a whole block past
+    /// where its bytes end, and grew the storage beyond `size`, the file size with
+    /// this write counted: cut the storage back to `size`. Called only when
+    /// [`BlockMap::trims_padding`] answers true, before the write completes, while
+    /// the engine keeps every other write at or past the write's first block out
+    /// (it holds their block range) and no truncate runs: nothing but this write's
+    /// padding lies past `size`. It must never grow the storage. An error fails the
+    /// write (its bytes are on the device; the size is not).
+    fn trim_padding(&self, size: u64) -> Result<()> {
+        let _ = size;
+        Ok(())
+    }
 }
 
 /// The identity map of a raw file or block device: file block N is device block N.

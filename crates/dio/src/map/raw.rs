@@ -8,8 +8,9 @@ use crate::map::{BlockMap, Extent, IdentityMap};
 use crate::{Error, Result};
 
 /// The identity map of a raw file or device, with the file semantics at its end:
-/// reads past the end are short (not an error), and a write past the end of a block
-/// device fails with `ENOSPC`.
+/// reads past the end are short (not an error), a write past the end of a block
+/// device fails with `ENOSPC`, and a regular file's padded byte-granular writes are
+/// cut back to the file size ([`BlockMap::trim_padding`]).
 pub(crate) struct RawMap {
     pub(crate) identity: IdentityMap,
     pub(crate) blocks: u64,
@@ -40,6 +41,34 @@ impl BlockMap for RawMap {
 
     fn has_end_io(&self) -> bool {
         false
+    }
+
+    fn trims_padding(&self) -> bool {
+        self.resize.is_some()
+    }
+
+    /// Cut a regular file grown by a padded last block back to the size (what
+    /// `pwrite` without `O_DIRECT` would leave); never grows it.
+    fn trim_padding(&self, size: u64) -> Result<()> {
+        let Some(f) = &self.resize else {
+            return Ok(());
+        };
+        let len = f
+            .metadata()
+            .map_err(|e| Error::os(format!("stat {}", self.path.display()), e))?
+            .len();
+        if len <= size {
+            return Ok(());
+        }
+        crate::device::ftruncate(f.as_fd(), size).map_err(|e| {
+            Error::os(
+                format!(
+                    "cut the padding of {} back to {size} bytes",
+                    self.path.display()
+                ),
+                e,
+            )
+        })
     }
 
     fn truncate(&self, size: u64) -> Result<()> {
