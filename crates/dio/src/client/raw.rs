@@ -257,7 +257,9 @@ impl RawFile {
 
     /// Write `data` at any `offset` from any memory (a regular file grows; a block
     /// device refuses past its end). Unaligned heads and tails are
-    /// read-modify-written under the engine's range lock.
+    /// read-modify-written under the engine's range lock. A partial last block goes
+    /// to the device whole, and a regular file it grew is cut back before the call
+    /// returns: the file ends where `pwrite` would leave it ([`RawFile::size`]).
     pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<usize> {
         self.direct.write_at(offset, data, Flags::UNALIGNED)
     }

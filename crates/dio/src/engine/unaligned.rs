@@ -11,6 +11,15 @@
 //! aligned is bounced through an aligned buffer in bounded chunks, with no
 //! read-modify-write when offset and length are aligned.
 //!
+//! A padded last block can grow the map's storage past where the bytes end (a host
+//! file grows to the block's end). When the map asks for it
+//! ([`crate::BlockMap::trims_padding`]) and the padded end passes the file size,
+//! the write locks its range to the end of any file, and its finish, before that
+//! lock goes, has the map cut the storage back to the new size
+//! ([`crate::BlockMap::trim_padding`]): no other write past the block runs
+//! meanwhile, so the cut never meets another write's bytes, and writes that end
+//! inside the file or on a block boundary take the usual narrow range.
+//!
 //! It builds on the request layer and owns no walk or request-building logic.
 
 use std::io::{IoSlice, IoSliceMut};
