@@ -269,3 +269,52 @@ fn sync_backend_sparse_appends_race_tail_writes() {
 fn uring_sparse_appends_race_tail_writes() {
     sparse_appends_race(Backend::Uring);
 }
+
+/// Truncates (down and up, to sizes inside blocks) race writes inside and past
+/// the last partial block: afterwards the host file is as long as the engine
+/// says, and its bytes past the last truncate's size are the writes' own.
+fn truncates_race_tail_writes(backend: Backend) {
+    let dir = scratch();
+    let path = dir.path().join("trunc.bin");
+    std::fs::write(&path, bytes(3000, 6)).unwrap();
+    let Some(f) = open(&path, backend) else {
+        return;
+    };
+    let f = Arc::new(f);
+    std::thread::scope(|s| {
+        for t in 0..2u64 {
+            let fw = Arc::clone(&f);
+            s.spawn(move || {
+                let mut rng = Rng::new(t + 40);
+                for _ in 0..150 {
+                    let at = rng.range(1000..6000);
+                    let len = rng.range(1..700) as usize;
+                    fw.write_at(at, &vec![0x5A; len]).unwrap();
+                }
+            });
+        }
+        let ft = Arc::clone(&f);
+        s.spawn(move || {
+            let mut rng = Rng::new(77);
+            for _ in 0..60 {
+                ft.set_len(rng.range(500..7000)).unwrap();
+            }
+        });
+    });
+    let len = std::fs::metadata(&path).unwrap().len();
+    assert_eq!(len, f.size(), "host size against the engine's");
+    // The engine's view of the bytes is the kernel's.
+    let mut back = vec![0u8; len as usize];
+    assert_eq!(f.read_at(0, &mut back).unwrap(), len as usize);
+    assert!(back == std::fs::read(&path).unwrap(), "bytes differ");
+}
+
+#[test]
+fn sync_backend_truncates_race_tail_writes() {
+    truncates_race_tail_writes(Backend::Sync);
+}
+
+#[test]
+fn uring_truncates_race_tail_writes() {
+    truncates_race_tail_writes(Backend::Uring);
+}
