@@ -11,6 +11,8 @@ use dio::{
     AlignedBuf, Completion, Device, DeviceWrapper, DirectFile, Finished, Flags, Op, Request,
     SyncConfig, SyncDevice,
 };
+pub mod tree_model;
+
 use dio_crash::{run, Base, Checker, Log, Recorder, ReplayOptions, Summary};
 
 /// A fresh directory under the crate's target tmp dir (O_DIRECT works there).
