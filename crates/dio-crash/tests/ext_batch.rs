@@ -19,7 +19,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 
 use dio::ext::{Attrs, Ext, FileType, Timestamp};
@@ -68,12 +68,6 @@ fn files_under(fs: &Ext, dir: &str, out: &mut BTreeMap<String, Vec<u8>>) -> Resu
         }
     }
     Ok(())
-}
-
-fn tail(out: &std::process::Output) -> String {
-    let s = String::from_utf8_lossy(&out.stdout);
-    let lines: Vec<&str> = s.lines().filter(|l| !l.trim().is_empty()).collect();
-    lines[lines.len().saturating_sub(10)..].join("\n")
 }
 
 /// See the module docs.
@@ -155,36 +149,14 @@ impl Checker for BatchChecker {
 
     fn check(&self, state: &StateView) -> dio_crash::Result<Verdict> {
         let img = state.temp_image("batch")?;
-        let run = |args: &[&str]| {
-            Command::new("e2fsck")
-                .args(args)
-                .arg(img.path())
-                .stdin(Stdio::null())
-                .output()
-                .map_err(|source| dio_crash::CrashError::Io {
-                    context: "run e2fsck".to_string(),
-                    source,
-                })
+        let fix = match common::e2fsck_repair(img.path())? {
+            Ok(fix) => fix,
+            Err(why) => return Ok(Verdict::Fail(why)),
         };
-        let fix = run(&["-fy"])?;
-        let code = fix.status.code().unwrap_or(-1);
-        if !(0..=2).contains(&code) {
-            return Ok(Verdict::Fail(format!(
-                "e2fsck -fy exited {code}:\n{}",
-                tail(&fix)
-            )));
-        }
-        let check = run(&["-fn"])?;
-        if check.status.code() != Some(0) {
-            return Ok(Verdict::Fail(format!(
-                "e2fsck -fn after -fy is not clean:\n{}",
-                tail(&check)
-            )));
-        }
         Ok(match self.judge(img.path()) {
             Ok(()) => Verdict::Pass,
-            Err(why) if code == 0 => Verdict::Fail(why),
-            Err(why) => Verdict::Fail(format!("{why} (e2fsck -fy fixed:\n{})", tail(&fix))),
+            Err(why) if fix.code == 0 => Verdict::Fail(why),
+            Err(why) => Verdict::Fail(format!("{why} (e2fsck -fy fixed:\n{})", fix.log)),
         })
     }
 }

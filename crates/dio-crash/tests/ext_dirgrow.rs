@@ -26,7 +26,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 
 use dio::ext::{Attrs, Ext};
@@ -77,12 +77,6 @@ fn listing(img: &Path) -> Result<(Names, Vec<Vec<u8>>), String> {
     Ok((d, lf))
 }
 
-fn tail(out: &std::process::Output) -> String {
-    let s = String::from_utf8_lossy(&out.stdout);
-    let lines: Vec<&str> = s.lines().filter(|l| !l.trim().is_empty()).collect();
-    lines[lines.len().saturating_sub(10)..].join("\n")
-}
-
 /// `e2fsck -fy`, then `e2fsck -fn` clean, then the names (see the module docs).
 struct Repaired {
     history: Arc<History>,
@@ -109,40 +103,18 @@ impl Checker for Repaired {
                 Path::new(&keep).join(format!("{}.img", state.spec())),
             );
         }
-        let run = |args: &[&str]| {
-            Command::new("e2fsck")
-                .args(args)
-                .arg(img.path())
-                .stdin(Stdio::null())
-                .output()
-                .map_err(|source| dio_crash::CrashError::Io {
-                    context: "run e2fsck".to_string(),
-                    source,
-                })
+        let fix = match common::e2fsck_repair(img.path())? {
+            Ok(fix) => fix,
+            Err(why) => return Ok(Verdict::Fail(format!("{where_}: {why}"))),
         };
-        let fix = run(&["-fy"])?;
-        let code = fix.status.code().unwrap_or(-1);
-        if !(0..=2).contains(&code) {
-            return Ok(Verdict::Fail(format!(
-                "{where_}: e2fsck -fy exited {code}:\n{}",
-                tail(&fix)
-            )));
-        }
-        let check = run(&["-fn"])?;
-        if check.status.code() != Some(0) {
-            return Ok(Verdict::Fail(format!(
-                "{where_}: e2fsck -fn after -fy is not clean:\n{}",
-                tail(&check)
-            )));
-        }
         let (names, lost) = match listing(img.path()) {
             Ok(x) => x,
             Err(e) => return Ok(Verdict::Fail(format!("{where_}: after e2fsck -fy: {e}"))),
         };
-        let fixed = if code == 0 {
+        let fixed = if fix.code == 0 {
             String::new()
         } else {
-            format!(" (e2fsck -fy fixed:\n{})", tail(&fix))
+            format!(" (e2fsck -fy fixed:\n{})", fix.log)
         };
         if !lost.is_empty() {
             return Ok(Verdict::Fail(format!(

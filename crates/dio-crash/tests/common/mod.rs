@@ -229,3 +229,50 @@ pub fn raw_workload<D: Device>(
     }
     model
 }
+
+/// The last ten non-empty lines of a command's stdout (for failure messages).
+pub fn tail(out: &std::process::Output) -> String {
+    let s = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = s.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(10)..].join("\n")
+}
+
+/// What `e2fsck -fy` did to a crash state whose repair `e2fsck -fn` then found clean.
+pub struct Repair {
+    /// e2fsck -fy's exit code: 0 nothing to fix, 1 or 2 fixed.
+    pub code: i32,
+    /// The end of its report.
+    pub log: String,
+}
+
+/// Repair the image at `img` with `e2fsck -fy`, then require `e2fsck -fn` clean:
+/// `Ok(Err(why))` when either step breaks that rule.
+pub fn e2fsck_repair(img: &Path) -> dio_crash::Result<Result<Repair, String>> {
+    let run = |args: &[&str]| {
+        std::process::Command::new("e2fsck")
+            .args(args)
+            .arg(img)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .map_err(|source| dio_crash::CrashError::Io {
+                context: "run e2fsck".to_string(),
+                source,
+            })
+    };
+    let fix = run(&["-fy"])?;
+    let code = fix.status.code().unwrap_or(-1);
+    if !(0..=2).contains(&code) {
+        return Ok(Err(format!("e2fsck -fy exited {code}:\n{}", tail(&fix))));
+    }
+    let check = run(&["-fn"])?;
+    if check.status.code() != Some(0) {
+        return Ok(Err(format!(
+            "e2fsck -fn after -fy is not clean:\n{}",
+            tail(&check)
+        )));
+    }
+    Ok(Ok(Repair {
+        code,
+        log: tail(&fix),
+    }))
+}
