@@ -2,13 +2,17 @@
 //! writes) on the null RAM device (no storage, no copy, no counters, completes
 //! inline), the counterpart of `fio --ioengine=null --bs=4k --rw=randread --iodepth=1`.
 //!
-//! `cargo run --release -p dio --example null_loop -- [OPS] [THREADS] [shared|own] [read|write]`
+//! `cargo run --release -p dio --example null_loop -- [OPS] [THREADS] [shared|own] [read|write] [sync|async|locking]`
 //!
 //! - `OPS`: calls per thread (default 5000000).
 //! - `THREADS`: a count, or a comma list for a sweep (`1,2,4,8`); default 1.
 //! - `shared` (default): every thread on one file; `own`: a file each (one device).
 //! - `read` (default) or `write`: 4 KiB calls at aligned, non-overlapping offsets
 //!   (each thread its own part of the file); writes overwrite, so the file never grows.
+//! - `sync` (default): `read_at`/`write_at`; `async`: `read_async`/`write_async` with an
+//!   owned buffer (the null device completes inline, so one call at a time, each
+//!   through the async path: the call's state, its callback, the file handle it
+//!   carries); `locking`: sync calls with `Flags::LOCKING` (the file lock, shared).
 //!
 //! With one thread it prints ns per call. With more, for each thread count it prints
 //! the calls per second of all threads, the CPU time per call (the sum of the threads'
@@ -24,7 +28,7 @@
 //! and the threads get the cores for the few seconds of the run: both ratios are
 //! then meaningful even while other work waits.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use dio::{AlignedBuf, DirectFile, FileState, Flags, IdentityMap, MemDevice, MemDeviceConfig};
@@ -52,18 +56,51 @@ fn thread_cpu() -> f64 {
     t.tv_sec as f64 + t.tv_nsec as f64 * 1e-9
 }
 
+/// How each call is made.
+#[derive(Clone, Copy, PartialEq)]
+enum Call {
+    Sync,
+    Async,
+    Locking,
+}
+
 /// `ops` 4 KiB calls on `f` in `[start, start + span)`; returns the seconds taken,
 /// wall and the thread's CPU.
-fn run(f: &DirectFile, ops: u64, start: u64, span: u64, write: bool) -> (f64, f64) {
+fn run(f: &DirectFile, ops: u64, start: u64, span: u64, write: bool, call: Call) -> (f64, f64) {
     let mut buf = AlignedBuf::new(4096, 4096);
+    // Async calls: the buffer goes with the call and comes back in the callback.
+    let slot = Arc::new(Mutex::new(Some(AlignedBuf::new(4096, 4096))));
+    let flags = if call == Call::Locking {
+        Flags::LOCKING
+    } else {
+        Flags::NONE
+    };
     let mut at = 0;
     let (t0, c0) = (Instant::now(), thread_cpu());
     for _ in 0..ops {
         at = (at + 4096) % span;
+        if call == Call::Async {
+            let b = slot
+                .lock()
+                .unwrap()
+                .take()
+                .expect("the null device completes inline");
+            let back = Arc::clone(&slot);
+            let done = move |mut c: dio::Completed<AlignedBuf>| {
+                assert_eq!(c.result.expect("null call"), 4096);
+                *back.lock().unwrap() = c.bufs.pop();
+            };
+            if write {
+                f.write_async(start + at, vec![b], flags, done);
+            } else {
+                f.read_async(start + at, vec![b], flags, done);
+            }
+            continue;
+        }
         let n = if write {
-            f.write_at(start + at, &buf, Flags::NONE)
+            f.write_at(start + at, &buf, flags)
         } else {
-            f.read_at(start + at, &mut buf, Flags::NONE)
+            f.read_at(start + at, &mut buf, flags)
         }
         .expect("null call");
         debug_assert_eq!(n, 4096);
@@ -73,7 +110,7 @@ fn run(f: &DirectFile, ops: u64, start: u64, span: u64, write: bool) -> (f64, f6
 
 /// Calls per second of `threads` threads together, each doing `ops` calls (wall
 /// time: a loaded machine lowers it), and the CPU time per call.
-fn rate(threads: usize, ops: u64, own: bool, write: bool) -> (f64, f64) {
+fn rate(threads: usize, ops: u64, own: bool, write: bool, call: Call) -> (f64, f64) {
     // One device; one file on it, or one file each (own state, map, counters).
     let dev = device();
     let shared = open(&dev);
@@ -91,11 +128,11 @@ fn rate(threads: usize, ops: u64, own: bool, write: bool) -> (f64, f64) {
                 let (start, t0) = (&start, &t0);
                 s.spawn(move || {
                     let base = t as u64 * span;
-                    run(f, ops / 10, base, span, write); // warm up
+                    run(f, ops / 10, base, span, write, call); // warm up
                     if start.wait().is_leader() {
                         *t0.lock().unwrap() = Some(Instant::now());
                     }
-                    run(f, ops, base, span, write).1
+                    run(f, ops, base, span, write, call).1
                 })
             })
             .collect();
@@ -108,6 +145,7 @@ fn rate(threads: usize, ops: u64, own: bool, write: bool) -> (f64, f64) {
 
 fn main() {
     let (mut ops, mut threads, mut own, mut write) = (5_000_000u64, vec![1usize], false, false);
+    let mut call = Call::Sync;
     let mut numbers = 0;
     for a in std::env::args().skip(1) {
         match a.as_str() {
@@ -115,6 +153,9 @@ fn main() {
             "own" => own = true,
             "read" => write = false,
             "write" => write = true,
+            "sync" => call = Call::Sync,
+            "async" => call = Call::Async,
+            "locking" => call = Call::Locking,
             _ if numbers == 0 => {
                 ops = a.parse().expect("OPS: a number");
                 numbers += 1;
@@ -126,14 +167,17 @@ fn main() {
                     .collect();
                 numbers += 1;
             }
-            _ => panic!("usage: null_loop [OPS] [THREADS[,THREADS..]] [shared|own] [read|write]"),
+            _ => panic!(
+                "usage: null_loop [OPS] [THREADS[,THREADS..]] [shared|own] [read|write] \
+                 [sync|async|locking]"
+            ),
         }
     }
     let what = if write { "write" } else { "read" };
     if threads == [1] {
         let f = open(&device());
-        run(&f, ops / 10, 0, SIZE, write); // warm up
-        let (secs, cpu) = run(&f, ops, 0, SIZE, write);
+        run(&f, ops / 10, 0, SIZE, write, call); // warm up
+        let (secs, cpu) = run(&f, ops, 0, SIZE, write, call);
         println!(
             "{:.1} ns/{what} ({:.1} ns of CPU)",
             secs * 1e9 / ops as f64,
@@ -141,14 +185,14 @@ fn main() {
         );
         return;
     }
-    let (one, cpu1) = rate(1, ops, own, write);
+    let (one, cpu1) = rate(1, ops, own, write, call);
     println!(
         "{what}s, {}: 1 thread: {:.2} M/s, {cpu1:.1} ns of CPU per {what}",
         if own { "a file each" } else { "one file" },
         one / 1e6
     );
     for &n in threads.iter().filter(|&&n| n > 1) {
-        let (many, cpun) = rate(n, ops, own, write);
+        let (many, cpun) = rate(n, ops, own, write, call);
         println!(
             "  {n} threads: {:.2} M/s, {cpun:.1} ns of CPU per {what}; ratio to 1 thread \
              {:.2}x by wall time, {:.2}x by CPU per {what}",

@@ -14,7 +14,7 @@ use std::collections::VecDeque;
 
 use super::bio::MAX_IN_FLIGHT;
 use crate::device::{Completion, CompletionMode, Device, Finished, Op, Request};
-use crate::engine::LockKind;
+use crate::engine::Held;
 use crate::map::Private;
 use crate::{Error, Result};
 
@@ -58,7 +58,7 @@ pub(crate) struct Call {
     /// Block range held in the file's range lock until completion.
     pub(crate) range_lock: Option<(u64, u64)>,
     /// The file lock a locking-mode write holds until it completes.
-    pub(crate) file_lock: Option<LockKind>,
+    pub(crate) file_lock: Option<Held>,
     /// Flush the device before completing (dsync with metadata changes or no FUA).
     pub(crate) flush: bool,
     /// A write with `Flags::DSYNC`: completion goes through the map's
@@ -525,8 +525,8 @@ impl Dio {
             file.state.dio_end(at);
         }
         // Last: releasing locks may start calls that were parked on them.
-        if let Some(k) = call.file_lock {
-            file.state.file_lock().release(k);
+        if let Some(h) = call.file_lock {
+            file.state.file_lock().release(h);
         }
         if let Some((s, e)) = call.range_lock {
             file.state.ranges().unlock(s, e);

@@ -35,7 +35,7 @@ use crate::{Error, Result};
 
 pub use bio::{MAX_IN_FLIGHT, MAX_SEGMENTS};
 pub(crate) use complete::DeferCompletions;
-pub(crate) use state::{Begin, Job, LockKind};
+pub(crate) use state::{Begin, Held, Job, LockKind};
 pub use state::{FileLockGuard, FileState};
 
 /// Per-request flags (the seed's DIO_* flags and iocb flags).

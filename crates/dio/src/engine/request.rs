@@ -12,7 +12,7 @@ use super::{Flags, Shared};
 use crate::buf::Segments;
 use crate::buf::{Lender, MemRef};
 use crate::device::{CompletionMode, Op, Request};
-use crate::engine::{Begin, Job, LockKind};
+use crate::engine::{Begin, Held, Job, LockKind};
 use crate::error::AlignPart;
 use crate::map::Mapping;
 use crate::{Error, Result};
@@ -133,7 +133,7 @@ enum Need {
     /// This kind, not taken yet.
     Take(LockKind),
     /// The shared lock, taken already (by the overwrite check).
-    HeldShared,
+    HeldShared(Held),
 }
 
 /// The kind of file lock a locking-mode call needs: shared for reads and for
@@ -156,13 +156,14 @@ fn locking_kind(
         return Ok(Need::Take(LockKind::Exclusive));
     }
     let lk = file.state.file_lock();
-    if is_async {
-        if !lk.try_acquire(LockKind::Shared) {
-            return Ok(Need::Take(LockKind::Exclusive));
+    let shared = if is_async {
+        match lk.try_acquire(LockKind::Shared) {
+            Some(h) => h,
+            None => return Ok(Need::Take(LockKind::Exclusive)),
         }
     } else {
-        lk.acquire(LockKind::Shared);
-    }
+        lk.acquire(LockKind::Shared)
+    };
     let fs = u64::from(file.fs_block);
     let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let (mut block, last) = (offset / fs, (end - 1) / fs);
@@ -176,9 +177,9 @@ fn locking_kind(
         Ok(true)
     }));
     if matches!(checked, Ok(Ok(true))) {
-        return Ok(Need::HeldShared);
+        return Ok(Need::HeldShared(shared));
     }
-    lk.release(LockKind::Shared);
+    lk.release(shared);
     match checked {
         Ok(Ok(_)) => Ok(Need::Take(LockKind::Exclusive)),
         Ok(Err(e)) => Err(LockWait::Error(e)),
@@ -503,9 +504,12 @@ pub(crate) fn run(
     // reader maps a fresh block before its data is there (the seed's i_mutex).
     let mut held = None;
     if flags.contains(Flags::LOCKING) {
-        let (kind, have) = match locking_kind(file, op, offset, end, done.is_some()) {
-            Ok(Need::Take(k)) => (k, false),
-            Ok(Need::HeldShared) => (LockKind::Shared, true),
+        let kind = match locking_kind(file, op, offset, end, done.is_some()) {
+            Ok(Need::Take(k)) => k,
+            Ok(Need::HeldShared(h)) => {
+                held = Some(h);
+                LockKind::Shared
+            }
             Err(LockWait::Panicked(p)) => {
                 unlock_range(range_lock);
                 std::panic::resume_unwind(p);
@@ -516,27 +520,32 @@ pub(crate) fn run(
             }
         };
         let lk = state.file_lock();
-        match done {
-            _ if have => {}
-            None => lk.acquire(kind),
-            Some(d) if !lk.try_acquire(kind) => {
-                if flags.contains(Flags::NOWAIT) {
-                    unlock_range(range_lock);
-                    return finish_now(Some(d), Err(Error::WouldBlock));
-                }
-                unlock_range(own_range);
-                if let Some(job) = lk.park_unless_free(kind, retry(d, extra)) {
-                    job();
-                }
-                return None;
+        if held.is_none() {
+            match done {
+                None => held = Some(lk.acquire(kind)),
+                Some(d) => match lk.try_acquire(kind) {
+                    Some(h) => {
+                        held = Some(h);
+                        done = Some(d);
+                    }
+                    None => {
+                        if flags.contains(Flags::NOWAIT) {
+                            unlock_range(range_lock);
+                            return finish_now(Some(d), Err(Error::WouldBlock));
+                        }
+                        unlock_range(own_range);
+                        if let Some(job) = lk.park_unless_free(kind, retry(d, extra)) {
+                            job();
+                        }
+                        return None;
+                    }
+                },
             }
-            Some(d) => done = Some(d),
         }
-        held = Some(kind);
     }
-    let release_lock = |held: &mut Option<LockKind>| {
-        if let Some(k) = held.take() {
-            state.file_lock().release(k);
+    let release_lock = |held: &mut Option<Held>| {
+        if let Some(h) = held.take() {
+            state.file_lock().release(h);
         }
     };
 
@@ -625,7 +634,7 @@ struct Prepared {
     count: Option<usize>,
     range_lock: Option<(u64, u64)>,
     /// The file lock, if the locking mode took it.
-    held: Option<LockKind>,
+    held: Option<Held>,
     flags: Flags,
     /// See [`Extra::trim_padding`].
     trim_padding: bool,
@@ -658,9 +667,9 @@ fn walk_call(
     } = p;
     let state = &file.state;
     let fs = u64::from(file.fs_block);
-    let release_lock = |held: &mut Option<LockKind>| {
-        if let Some(k) = held.take() {
-            state.file_lock().release(k);
+    let release_lock = |held: &mut Option<Held>| {
+        if let Some(h) = held.take() {
+            state.file_lock().release(h);
         }
     };
     // An extending write completes only once its data is on the device, and then

@@ -3,7 +3,7 @@
 //! (i_dio_count), and the block-range lock that serialises writes which share a
 //! partly written fs block. No I/O happens here.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 
 use super::shard::{self, Sharded};
@@ -68,15 +68,13 @@ impl FileState {
     /// Take the file lock shared (what a locking-mode read holds during lookups, and
     /// a locking-mode overwrite of mapped blocks until it completes).
     pub fn lock_shared(&self) -> FileLockGuard<'_> {
-        self.file_lock.acquire(LockKind::Shared);
-        FileLockGuard(self, LockKind::Shared)
+        FileLockGuard(self, self.file_lock.acquire(LockKind::Shared))
     }
 
     /// Take the file lock exclusively (what truncate holds, and a locking-mode write
     /// that may allocate until its data is on the device).
     pub fn lock_exclusive(&self) -> FileLockGuard<'_> {
-        self.file_lock.acquire(LockKind::Exclusive);
-        FileLockGuard(self, LockKind::Exclusive)
+        FileLockGuard(self, self.file_lock.acquire(LockKind::Exclusive))
     }
 
     pub(crate) fn file_lock(&self) -> &FileLock {
@@ -195,11 +193,11 @@ impl FileState {
 
 /// The file lock held (see [`FileState::lock_shared`]); released on drop.
 #[must_use = "the lock is released when the guard drops"]
-pub struct FileLockGuard<'a>(&'a FileState, LockKind);
+pub struct FileLockGuard<'a>(&'a FileState, Held);
 
 impl std::fmt::Debug for FileLockGuard<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "FileLockGuard({:?})", self.1)
+        write!(f, "FileLockGuard({:?})", self.1.kind)
     }
 }
 
@@ -216,50 +214,61 @@ pub(crate) enum LockKind {
     Exclusive,
 }
 
+/// A hold on the file lock: its kind, and for a shared one the reader shard it was
+/// counted on (counted down there on release, on whatever thread releases).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Held {
+    pub(crate) kind: LockKind,
+    at: usize,
+}
+
+/// [`FileLock::gate`]: an exclusive holder holds the lock or is taking it (new
+/// readers go the slow way and wait).
+const WRITER: u8 = 1;
+/// [`FileLock::gate`]: someone sleeps or is parked on the lock (a reader that
+/// releases goes the slow way and wakes them).
+const WAITING: u8 = 2;
+
 /// The file lock (the seed's i_mutex / i_rwsem under DIO_LOCKING): readers share it,
 /// truncate and allocating writes hold it alone. Sync callers wait for it; an async
 /// call never waits (it may run on a thread that delivers completions): it parks
 /// itself, and is started again when the lock is released.
 ///
-/// On lines of its own: every locking-mode call writes it, and the file's size and
+/// Readers take no lock in common (a per-CPU rwsem, as the kernel's
+/// `percpu_rw_semaphore`): a reader counts itself in on its thread's shard of
+/// [`FileLock::readers`] and then checks [`WRITER`]; an exclusive holder sets
+/// [`WRITER`] and then waits for the shards to sum to zero. Both steps are SeqCst,
+/// so either the writer sees the reader's count or the reader sees the flag (and
+/// counts itself out again). A shard is counted down where it was counted up
+/// ([`Held`]), so a sum of shards read one by one is never below the readers that
+/// hold the lock throughout the reading. Everything else (sleepers, parked calls,
+/// the exclusive holder) is under the mutex, which a reader's release takes only
+/// when [`FileLock::gate`] is not zero.
+///
+/// On lines of its own: every locking-mode call reads it, and the file's size and
 /// truncate flag next to it are read by every call.
 #[derive(Default)]
 #[repr(align(128))]
 pub(crate) struct FileLock {
+    readers: Sharded,
+    gate: AtomicU8,
     st: Mutex<LockState>,
     cv: Condvar,
 }
 
 #[derive(Default)]
 struct LockState {
-    readers: usize,
-    writer: bool,
     /// Sync callers asleep waiting.
     sleepers: usize,
     parked: Vec<Job>,
-}
-
-impl LockState {
-    fn free_for(&self, kind: LockKind) -> bool {
-        match kind {
-            LockKind::Shared => !self.writer,
-            LockKind::Exclusive => !self.writer && self.readers == 0,
-        }
-    }
-    fn take(&mut self, kind: LockKind) {
-        match kind {
-            LockKind::Shared => self.readers += 1,
-            LockKind::Exclusive => self.writer = true,
-        }
-    }
 }
 
 impl std::fmt::Debug for FileLock {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let st = lock(&self.st);
         f.debug_struct("FileLock")
-            .field("readers", &st.readers)
-            .field("writer", &st.writer)
+            .field("readers", &self.readers.sum(Ordering::SeqCst))
+            .field("writer", &(self.gate.load(Ordering::SeqCst) & WRITER != 0))
             .field("parked", &st.parked.len())
             .finish()
     }
@@ -267,31 +276,98 @@ impl std::fmt::Debug for FileLock {
 
 impl FileLock {
     /// Take the lock, waiting for it.
-    pub(crate) fn acquire(&self, kind: LockKind) {
-        let mut st = lock(&self.st);
-        while !st.free_for(kind) {
-            st.sleepers += 1;
-            st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
-            st.sleepers -= 1;
+    pub(crate) fn acquire(&self, kind: LockKind) -> Held {
+        match kind {
+            LockKind::Shared => loop {
+                if let Some(h) = self.try_shared() {
+                    return h;
+                }
+                let mut st = lock(&self.st);
+                while self.gate.load(Ordering::SeqCst) & WRITER != 0 {
+                    st = self.sleep(st);
+                }
+            },
+            LockKind::Exclusive => {
+                let mut st = lock(&self.st);
+                while self.gate.load(Ordering::SeqCst) & WRITER != 0 {
+                    st = self.sleep(st);
+                }
+                self.gate.fetch_or(WRITER, Ordering::SeqCst);
+                while self.readers.sum(Ordering::SeqCst) != 0 {
+                    st = self.sleep(st);
+                }
+                Held { kind, at: 0 }
+            }
         }
-        st.take(kind);
+    }
+
+    /// Sleep until woken (a release, or a reader leaving while [`WRITER`] is set).
+    fn sleep<'a>(&self, mut st: MutexGuard<'a, LockState>) -> MutexGuard<'a, LockState> {
+        st.sleepers += 1;
+        self.gate.fetch_or(WAITING, Ordering::SeqCst);
+        st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+        st.sleepers -= 1;
+        self.settle(&st);
+        st
+    }
+
+    /// Clear [`WAITING`] when nobody sleeps or is parked any more (under the mutex).
+    fn settle(&self, st: &LockState) {
+        if st.sleepers == 0 && st.parked.is_empty() {
+            self.gate.fetch_and(!WAITING, Ordering::SeqCst);
+        }
+    }
+
+    /// Count a reader in, unless an exclusive holder is there.
+    #[inline]
+    fn try_shared(&self) -> Option<Held> {
+        let at = shard::shard();
+        self.readers.at(at).fetch_add(1, Ordering::SeqCst);
+        let held = Held {
+            kind: LockKind::Shared,
+            at,
+        };
+        if self.gate.load(Ordering::SeqCst) & WRITER == 0 {
+            return Some(held);
+        }
+        // A writer is there, or coming: step back (and wake it if it waits for us).
+        self.release(held);
+        None
     }
 
     /// Take the lock if it is free now.
-    pub(crate) fn try_acquire(&self, kind: LockKind) -> bool {
-        let mut st = lock(&self.st);
-        let free = st.free_for(kind);
-        if free {
-            st.take(kind);
+    pub(crate) fn try_acquire(&self, kind: LockKind) -> Option<Held> {
+        match kind {
+            LockKind::Shared => self.try_shared(),
+            LockKind::Exclusive => {
+                let st = lock(&self.st);
+                if self.gate.load(Ordering::SeqCst) & WRITER != 0 {
+                    return None;
+                }
+                self.gate.fetch_or(WRITER, Ordering::SeqCst);
+                if self.readers.sum(Ordering::SeqCst) == 0 {
+                    return Some(Held { kind, at: 0 });
+                }
+                // Readers hold it: give the flag back, and wake or restart whoever
+                // saw it meanwhile.
+                self.gate.fetch_and(!WRITER, Ordering::SeqCst);
+                self.wake(st);
+                None
+            }
         }
-        free
     }
 
     /// Park `job` until the lock is released, unless it is free now: then the job
     /// comes back, to be run (retried) by the caller.
     pub(crate) fn park_unless_free(&self, kind: LockKind, job: Job) -> Option<Job> {
         let mut st = lock(&self.st);
-        if st.free_for(kind) {
+        // Flagged first: a reader that leaves after the count below sees it.
+        self.gate.fetch_or(WAITING, Ordering::SeqCst);
+        let gate = self.gate.load(Ordering::SeqCst);
+        let free = gate & WRITER == 0
+            && (kind == LockKind::Shared || self.readers.sum(Ordering::SeqCst) == 0);
+        if free {
+            self.settle(&st);
             return Some(job);
         }
         st.parked.push(job);
@@ -299,16 +375,30 @@ impl FileLock {
     }
 
     /// Release the lock; parked calls are started again (on this thread).
-    pub(crate) fn release(&self, kind: LockKind) {
-        let (wake, parked) = {
-            let mut st = lock(&self.st);
-            match kind {
-                LockKind::Shared => st.readers -= 1,
-                LockKind::Exclusive => st.writer = false,
+    pub(crate) fn release(&self, held: Held) {
+        match held.kind {
+            LockKind::Shared => {
+                self.readers.at(held.at).fetch_sub(1, Ordering::SeqCst);
+                if self.gate.load(Ordering::SeqCst) == 0 {
+                    return;
+                }
+                self.wake(lock(&self.st));
             }
-            (st.sleepers > 0, std::mem::take(&mut st.parked))
-        };
-        if wake {
+            LockKind::Exclusive => {
+                let st = lock(&self.st);
+                self.gate.fetch_and(!WRITER, Ordering::SeqCst);
+                self.wake(st);
+            }
+        }
+    }
+
+    /// Wake the sleepers and restart the parked calls (outside the mutex).
+    fn wake(&self, mut st: MutexGuard<'_, LockState>) {
+        let parked = std::mem::take(&mut st.parked);
+        let sleepers = st.sleepers > 0;
+        self.settle(&st);
+        drop(st);
+        if sleepers {
             self.cv.notify_all();
         }
         for job in parked {
@@ -710,5 +800,172 @@ mod tests {
             }
         });
         assert!(lk.try_lock(0, u64::MAX));
+    }
+}
+
+#[cfg(test)]
+mod file_lock_tests {
+    use super::{FileLock, Held, LockKind};
+    use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+    use std::sync::{mpsc, Arc};
+    use std::time::Duration;
+
+    /// Who is inside: +1 per reader, -1000 for a writer.
+    struct Inside(AtomicI64);
+
+    impl Inside {
+        fn enter(&self, kind: LockKind) {
+            let now = match kind {
+                LockKind::Shared => self.0.fetch_add(1, Ordering::SeqCst) + 1,
+                LockKind::Exclusive => self.0.fetch_sub(1000, Ordering::SeqCst) - 1000,
+            };
+            match kind {
+                LockKind::Shared => assert!(now > 0, "a reader inside with a writer"),
+                LockKind::Exclusive => assert_eq!(now, -1000, "a writer not alone"),
+            }
+        }
+        fn leave(&self, kind: LockKind) {
+            match kind {
+                LockKind::Shared => self.0.fetch_sub(1, Ordering::SeqCst),
+                LockKind::Exclusive => self.0.fetch_add(1000, Ordering::SeqCst),
+            };
+        }
+    }
+
+    /// Readers and writers from 6 threads, waiting and trying, some readers released
+    /// on another thread than the one that took the lock: nobody is ever inside with
+    /// a writer, and every hold ends.
+    #[test]
+    fn readers_share_and_writers_are_alone() {
+        let lock = FileLock::default();
+        let inside = Inside(AtomicI64::new(0));
+        let (tx, rx) = mpsc::channel::<Held>();
+        let released_elsewhere = AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            // Releases readers' holds that other threads took.
+            let (lock_r, inside_r, rel) = (&lock, &inside, &released_elsewhere);
+            s.spawn(move || {
+                for h in rx {
+                    inside_r.leave(LockKind::Shared);
+                    lock_r.release(h);
+                    rel.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+            for t in 0..6u64 {
+                let (lock, inside, tx) = (&lock, &inside, tx.clone());
+                s.spawn(move || {
+                    let mut x = t * 0x9e37_79b9 + 1;
+                    for _ in 0..20_000 {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        let kind = if x % 8 == 0 {
+                            LockKind::Exclusive
+                        } else {
+                            LockKind::Shared
+                        };
+                        let held = if x % 3 == 0 {
+                            match lock.try_acquire(kind) {
+                                Some(h) => h,
+                                None => continue,
+                            }
+                        } else {
+                            lock.acquire(kind)
+                        };
+                        assert_eq!(held.kind, kind);
+                        inside.enter(kind);
+                        std::hint::spin_loop();
+                        if kind == LockKind::Shared && x % 5 == 0 {
+                            tx.send(held).unwrap();
+                            continue;
+                        }
+                        inside.leave(kind);
+                        lock.release(held);
+                    }
+                });
+            }
+            drop(tx);
+        });
+        assert_eq!(inside.0.load(Ordering::SeqCst), 0);
+        assert!(released_elsewhere.load(Ordering::Relaxed) > 0);
+        // Free again for both kinds.
+        let h = lock.try_acquire(LockKind::Exclusive).expect("free");
+        lock.release(h);
+    }
+
+    /// A call parked for the exclusive lock runs when the last reader leaves (on
+    /// another thread), and one parked for the shared lock when the writer leaves.
+    #[test]
+    fn parked_calls_restart_when_the_lock_frees() {
+        let lock = Arc::new(FileLock::default());
+        let r1 = lock.acquire(LockKind::Shared);
+        let r2 = lock.try_acquire(LockKind::Shared).expect("readers share");
+        assert!(lock.try_acquire(LockKind::Exclusive).is_none());
+        let ran = Arc::new(AtomicBool::new(false));
+        let job = {
+            let ran = Arc::clone(&ran);
+            Box::new(move || ran.store(true, Ordering::SeqCst))
+        };
+        assert!(lock.park_unless_free(LockKind::Exclusive, job).is_none());
+        lock.release(r1);
+        let l2 = Arc::clone(&lock);
+        // The last reader leaves on another thread: the parked call runs there.
+        std::thread::spawn(move || l2.release(r2)).join().unwrap();
+        assert!(ran.load(Ordering::SeqCst));
+
+        let w = lock.acquire(LockKind::Exclusive);
+        assert!(lock.try_acquire(LockKind::Shared).is_none());
+        let ran = Arc::new(AtomicBool::new(false));
+        let job = {
+            let (ran, lock) = (Arc::clone(&ran), Arc::clone(&lock));
+            Box::new(move || {
+                // Retried: the lock is free for it now.
+                let h = lock
+                    .try_acquire(LockKind::Shared)
+                    .expect("free after release");
+                lock.release(h);
+                ran.store(true, Ordering::SeqCst);
+            })
+        };
+        assert!(lock.park_unless_free(LockKind::Shared, job).is_none());
+        assert!(!ran.load(Ordering::SeqCst));
+        lock.release(w);
+        assert!(ran.load(Ordering::SeqCst));
+        // Free: a park hands the job straight back.
+        assert!(lock
+            .park_unless_free(LockKind::Exclusive, Box::new(|| {}))
+            .is_some());
+    }
+
+    /// A sync writer waits for the readers in, and readers arriving meanwhile wait
+    /// for it (no reader starves it by overlapping the next).
+    #[test]
+    fn a_waiting_writer_holds_new_readers_off() {
+        let lock = Arc::new(FileLock::default());
+        let r = lock.acquire(LockKind::Shared);
+        let (tx, rx) = mpsc::channel();
+        let l = Arc::clone(&lock);
+        let writer = std::thread::spawn(move || {
+            let w = l.acquire(LockKind::Exclusive);
+            tx.send(()).unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+            l.release(w);
+        });
+        // The writer has set its flag once a new reader can no longer get in.
+        while lock
+            .try_acquire(LockKind::Shared)
+            .map(|h| lock.release(h))
+            .is_some()
+        {
+            std::thread::yield_now();
+        }
+        assert!(rx.try_recv().is_err(), "the writer got in beside a reader");
+        lock.release(r);
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("the writer gets in");
+        // A sync reader now waits for the writer to leave.
+        let h = lock.acquire(LockKind::Shared);
+        lock.release(h);
+        writer.join().unwrap();
     }
 }
