@@ -27,7 +27,14 @@
 #   FIXEDBUFS=1 (registered buffers on both sides: dio --fixed-bufs, fio --fixedbufs),
 #   BATCH=N (dio --batch N: I/Os submitted per io_uring_enter at most; 1 is one
 #   enter per I/O, as fio's default iodepth_batch_submit=1; dio's default is a
-#   quarter of the queue depth, fio keeps its default).
+#   quarter of the queue depth, fio keeps its default),
+#   RAMP=S (seconds each side runs before it measures: dio --ramp S, fio
+#   --ramp_time=S; default 0). A VM that sat idle is slower for its first second
+#   or so (here: 0.2 s runs right after an idle pause reach 80-88k random-read
+#   IOPS where the steady state is 95k), and the two programs start differently
+#   (fio spends 0.3 s of CPU setting up before its clock starts, dio about 10 ms):
+#   RAMP=1 compares the steady states. CPU per I/O then includes the ramp's CPU on
+#   both sides (whole-process times over the counted I/Os): compare it at RAMP=0.
 # Needs fio, and python3 or jq. Installs nothing.
 set -euo pipefail
 
@@ -41,6 +48,8 @@ WORKLOADS=${WORKLOADS:-"randread:4k:32 randwrite:4k:32 read:1M:8 write:1M:8"}
 DIO_OPTS=(); FIO_OPTS=()
 if [ "${FIXEDBUFS:-0}" = 1 ]; then DIO_OPTS=(--fixed-bufs); FIO_OPTS=(--fixedbufs=1); fi
 if [ -n "${BATCH:-}" ]; then DIO_OPTS+=(--batch "$BATCH"); fi
+RAMP=${RAMP:-0}
+if [ "$RAMP" != 0 ]; then DIO_OPTS+=(--ramp "$RAMP"); FIO_OPTS+=(--ramp_time="$RAMP"); fi
 TARGET=${1:-$ROOT/target/vs-fio/bench.dat}
 
 die() { echo "vs-fio: $*" >&2; exit 1; }
@@ -128,7 +137,7 @@ timed() {
 
 median() { sort -g | awk '{v[NR]=$1} END {if (NR==0) print "nan"; else if (NR%2) print v[(NR+1)/2]; else print (v[NR/2]+v[NR/2+1])/2}'; }
 
-echo "vs-fio: $TARGET, $SIZE, $RUNTIME s per run, $PAIRS pairs per workload, $JOBS job(s), dio engine $ENGINE, fio io_uring" >&2
+echo "vs-fio: $TARGET, $SIZE, $RUNTIME s per run after a $RAMP s ramp, $PAIRS pairs per workload, $JOBS job(s), dio engine $ENGINE, fio io_uring" >&2
 printf '%-18s %12s %12s %12s %14s %14s\n' workload "IOPS dio/fio" "BW dio/fio" "CPU/IO d/f" "dio IOPS" "fio IOPS" >"$WORK/table"
 
 for spec in $WORKLOADS; do

@@ -57,3 +57,47 @@ fn bench_stats_counts_one_device_request_per_io() {
     assert!(text.contains("read latency: mean"), "{text}");
     assert!(text.contains("merges"), "{text}");
 }
+
+/// `--ramp`: the device serves the ramp's requests too, the report counts only
+/// those after it, and the measured time is --runtime, not ramp plus runtime.
+#[test]
+fn bench_ramp_is_run_but_not_counted() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let file = dir.path().join("bench.img");
+    let file = file.to_str().unwrap();
+    for jobs in ["1", "2"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_dio"))
+            .args([
+                "bench", file, "--size", "8M", "--rw", "randread", "--qd", "4",
+            ])
+            .args(["--runtime", "0.3", "--ramp", "0.3", "--stats", "--json"])
+            .args(["--jobs", jobs])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let ios = v["ios"].as_u64().unwrap();
+        let reads = v["device_stats"]["reads"].as_u64().unwrap();
+        assert!(ios > 0, "{v}");
+        // The ramp's reads reached the device (about as many as the run's; at
+        // least some), and none of them is in the report.
+        assert!(reads > ios, "ramp reads not sent or counted: {v}");
+        assert_eq!(v["ramp_s"].as_f64(), Some(0.3));
+        let runtime = v["runtime_s"].as_f64().unwrap();
+        assert!(runtime < 0.55, "the ramp is in the measured time: {v}");
+    }
+    for bad in ["-1", "nan", "x"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_dio"))
+            .args(["bench", file, "--rw", "randread", "--runtime", "0.1"])
+            .arg(format!("--ramp={bad}"))
+            .output()
+            .unwrap();
+        // A usage error, as clap's own (exit 2).
+        assert_eq!(out.status.code(), Some(2), "--ramp={bad}");
+        assert!(!String::from_utf8_lossy(&out.stderr).is_empty());
+    }
+}

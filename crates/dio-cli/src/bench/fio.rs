@@ -75,6 +75,7 @@ pub fn run(fio: &Path, target: &Path, w: &Workload) -> Result<FioReport, Failure
         .arg(format!("--bs={}", w.bs))
         .arg(format!("--iodepth={}", w.qd))
         .arg(format!("--runtime={}ms", w.runtime.as_millis().max(1)))
+        .arg(format!("--ramp_time={}ms", w.ramp.as_millis()))
         .args([
             "--time_based",
             "--direct=1",

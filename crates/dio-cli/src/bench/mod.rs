@@ -70,6 +70,13 @@ pub struct BenchArgs {
     /// Seconds per run [default: 5; 1.5 per run in the suite].
     #[arg(long)]
     pub runtime: Option<f64>,
+    /// Seconds to run the workload before measuring (fio's --ramp_time): the
+    /// I/Os of the ramp are not counted, and IOPS, latency and CPU are taken over
+    /// --runtime after it. A machine that was idle (a VM's virtual CPUs and disk)
+    /// is slower for the first second or so: ramp both sides of a comparison
+    /// alike [default: 0].
+    #[arg(long, default_value_t = 0.0)]
+    pub ramp: f64,
     /// I/O back end of the direct runs.
     #[arg(long, value_enum, default_value_t = Engine::Auto)]
     pub engine: Engine,
@@ -159,6 +166,11 @@ pub fn run(args: &BenchArgs) -> Result<(), Failure> {
                 "--runtime must be a number of seconds above 0",
             ));
         }
+    }
+    if !(args.ramp.is_finite() && (0.0..=86_400.0).contains(&args.ramp)) {
+        return Err(Failure::usage(
+            "--ramp must be a number of seconds, 0 or more",
+        ));
     }
     if args.bs == Some(0) || args.size == Some(0) {
         return Err(Failure::usage("--bs and --size must be above 0"));
@@ -429,6 +441,7 @@ fn single(path: &Path, args: &BenchArgs) -> Result<(), Failure> {
         qd,
         span: span(size, bs)?,
         runtime: runtime(args, 5.0),
+        ramp: Duration::from_secs_f64(args.ramp),
         skew: args.skew,
         batch: batch_for(args, qd),
     };
@@ -456,7 +469,15 @@ fn single(path: &Path, args: &BenchArgs) -> Result<(), Failure> {
         let arena = run::arena_for(direct, &w, args.jobs);
         run::register_fixed(fixed, &arena)?;
         jobs = run_jobs(direct, &w, &arena, args.jobs)?;
-        let cpu = jobs.iter().map(|(_, cpu0)| *cpu0).next();
+        // The process's CPU from the first job's start of measuring (after a ramp:
+        // what the ramp spent is not the run's).
+        let cpu = if w.ramp.is_zero() {
+            jobs.iter().map(|(_, cpu0)| *cpu0).next()
+        } else {
+            jobs.iter()
+                .map(|(r, _)| r.started_cpu)
+                .min_by_key(|c| c.user + c.system)
+        };
         let reports: Vec<Report> = jobs.iter().map(|(r, _)| r.clone()).collect();
         let combined = Report::combine(&reports, cpu.unwrap_or_default());
         ("direct", backend, combined)
@@ -525,7 +546,7 @@ fn single(path: &Path, args: &BenchArgs) -> Result<(), Failure> {
     let r = &report;
     let us = |ns: u64| ns as f64 / 1000.0;
     print(&format!(
-        "{} on {} ({}, {mode}, {engine}), {:.1} s\n  \
+        "{} on {} ({}, {mode}, {engine}), {:.1} s{}\n  \
          IOPS       {:.0}\n  \
          bandwidth  {}/s\n  \
          latency    p50 {:.1} us, p99 {:.1} us, p99.9 {:.1} us (mean {:.1} us, max {:.1} us)\n  \
@@ -534,6 +555,11 @@ fn single(path: &Path, args: &BenchArgs) -> Result<(), Failure> {
         path.display(),
         human(w.span),
         r.elapsed.as_secs_f64(),
+        if w.ramp.is_zero() {
+            String::new()
+        } else {
+            format!(" after a {:.1} s ramp", w.ramp.as_secs_f64())
+        },
         r.iops(),
         human(r.bw_bytes() as u64),
         us(r.lat.quantile(0.5)),
@@ -622,6 +648,7 @@ fn report_json(w: &Workload, r: &Report) -> Value {
         "bs": w.bs,
         "qd": w.qd,
         "batch": w.batch,
+        "ramp_s": w.ramp.as_secs_f64(),
         "size": w.span,
         "runtime_s": r.elapsed.as_secs_f64(),
         "ios": r.ios,

@@ -57,6 +57,9 @@ pub struct Workload {
     pub qd: u32,
     pub span: u64,
     pub runtime: Duration,
+    /// Run this long before measuring (fio's `ramp_time`): the I/Os of the ramp
+    /// are not counted, and the clocks start at its end.
+    pub ramp: Duration,
     /// Bytes added to every offset (0: aligned I/O; else byte-granular).
     pub skew: u64,
     /// Direct runs: I/Os submitted together at most ([`dio::UringPlug`] with this
@@ -85,12 +88,15 @@ pub struct Report {
     pub lat: Histogram,
     pub cpu_usr: f64,
     pub cpu_sys: f64,
+    /// The process's CPU time when the measured part began (after a ramp): where
+    /// the CPU of several jobs together is counted from.
+    pub started_cpu: CpuTime,
 }
 
 impl Report {
     /// What `ios` I/Os of `bs` bytes measured, timed from `t0` and `cpu0` to now.
     fn since(t0: Instant, cpu0: CpuTime, ios: u64, bs: u64, lat: Histogram) -> Report {
-        Report::between(t0, cpu0, CpuTime::now(), ios, bs, lat)
+        Report::between(t0, cpu0, CpuTime::now(), ios, bs, lat, cpu0)
     }
 
     /// The same, with the CPU time at the end given (a thread's, or the process's).
@@ -101,6 +107,7 @@ impl Report {
         ios: u64,
         bs: u64,
         lat: Histogram,
+        started_cpu: CpuTime,
     ) -> Report {
         let elapsed = t0.elapsed();
         let (cpu_usr, cpu_sys) = cpu0.percent_until(&cpu1, elapsed);
@@ -111,6 +118,7 @@ impl Report {
             lat,
             cpu_usr,
             cpu_sys,
+            started_cpu,
         }
     }
 
@@ -132,6 +140,7 @@ impl Report {
             lat,
             cpu_usr,
             cpu_sys,
+            started_cpu: cpu0,
         }
     }
 
@@ -381,16 +390,22 @@ pub fn direct_job(
     let mut in_flight = 0u32;
     let mut ios = 0u64;
     let phase = (w.skew % 4096) as usize;
-    let cpu0 = if thread_cpu {
-        CpuTime::thread()
-    } else {
-        CpuTime::now()
+    let cpu_now = || {
+        if thread_cpu {
+            CpuTime::thread()
+        } else {
+            CpuTime::now()
+        }
     };
+    let mut cpu0 = cpu_now();
+    let mut started_cpu = CpuTime::now();
     // The calls started for a batch of completions go to the kernel together, in
     // the enter that waits for the next ones (io_uring; other back ends ignore it).
     let plug = (w.batch > 1).then(|| dio::UringPlug::with_limit(w.batch as usize));
-    let t0 = Instant::now();
+    // Measured from the ramp's end: only I/Os that complete after it count.
+    let t0 = Instant::now() + w.ramp;
     let deadline = t0 + w.runtime;
+    let mut measuring = w.ramp.is_zero();
     for i in 0..qd {
         let slot = arena.take().expect("one arena slot per queue entry");
         let mut buf = Window::new(slot, phase, w.bs as usize).expect("the window fits");
@@ -427,8 +442,15 @@ pub fn direct_job(
                     failure.get_or_insert(Failure::msg(e.to_string()));
                 }
             }
-            lat.record(done.end.saturating_duration_since(done.start));
-            ios += 1;
+            if !measuring && done.end >= t0 {
+                measuring = true;
+                cpu0 = cpu_now();
+                started_cpu = CpuTime::now();
+            }
+            if measuring {
+                lat.record(done.end.saturating_duration_since(done.start));
+                ios += 1;
+            }
             if failure.is_none() && !interrupted() && done.end < deadline {
                 issue(done.buf, next_offset(&mut busy), Instant::now());
                 in_flight += 1;
@@ -436,12 +458,8 @@ pub fn direct_job(
         }
     }
     drop(plug);
-    let cpu1 = if thread_cpu {
-        CpuTime::thread()
-    } else {
-        CpuTime::now()
-    };
-    let report = Report::between(t0, cpu0, cpu1, ios, w.bs, lat);
+    let cpu1 = cpu_now();
+    let report = Report::between(t0, cpu0, cpu1, ios, w.bs, lat, started_cpu);
     match failure {
         Some(f) => Err(f),
         None => Ok(report),
@@ -516,8 +534,13 @@ pub fn buffered(file: &File, w: &Workload, cold_passes: bool) -> Result<Report, 
     let cursor = AtomicU64::new(0);
     let blocks = (w.span / w.bs).max(1);
     let perm = Permutation::new(blocks);
-    let cpu0 = CpuTime::now();
-    let t0 = Instant::now();
+    // Measured from the ramp's end (see `Workload::ramp`): the CPU from the first
+    // I/O started after it.
+    let ramp_cpu = std::sync::OnceLock::new();
+    if w.ramp.is_zero() {
+        let _ = ramp_cpu.set(CpuTime::now());
+    }
+    let t0 = Instant::now() + w.ramp;
     let deadline = t0 + w.runtime;
     let worker = |id: u32| -> std::io::Result<(u64, Histogram)> {
         let mut buf = vec![0u8; w.bs as usize];
@@ -548,13 +571,19 @@ pub fn buffered(file: &File, w: &Workload, cold_passes: bool) -> Result<Report, 
                 cursor.fetch_add(1, Ordering::Relaxed) % blocks * w.bs
             };
             let start = Instant::now();
+            let measured = start >= t0;
+            if measured {
+                ramp_cpu.get_or_init(CpuTime::now);
+            }
             if w.rw.is_write() {
                 file.write_all_at(&buf, off)?;
             } else {
                 file.read_exact_at(&mut buf, off)?;
             }
-            lat.record(start.elapsed());
-            ios += 1;
+            if measured {
+                lat.record(start.elapsed());
+                ios += 1;
+            }
         }
         Ok((ios, lat))
     };
@@ -579,6 +608,7 @@ pub fn buffered(file: &File, w: &Workload, cold_passes: bool) -> Result<Report, 
         file.sync_data()
             .map_err(|e| Failure::msg(format!("fdatasync: {e}")))?;
     }
+    let cpu0 = ramp_cpu.get().copied().unwrap_or_else(CpuTime::now);
     Ok(Report::since(t0, cpu0, ios, w.bs, lat))
 }
 

@@ -236,6 +236,7 @@ pub fn suite(args: &BenchArgs) -> Result<(), Failure> {
             qd,
             span: span(target.size, bs)?,
             runtime,
+            ramp: std::time::Duration::from_secs_f64(args.ramp),
             skew: 0,
             batch: super::batch_for(args, qd),
         };
