@@ -130,13 +130,78 @@ struct Tail {
     done: Option<Done>,
 }
 
+/// How many finished async calls' states a thread keeps for its next async calls.
+/// Enough for a batch of completions reaped at once whose callbacks then start the
+/// next calls (a few KiB per thread at most).
+const ASYNC_SPARES: usize = 32;
+
+thread_local! {
+    /// Finished async calls' states, each owned by this list alone (no other
+    /// reference to it exists) and blank: no file, no completion, no outcome, no
+    /// error, no private data.
+    static ASYNC_SPARE: std::cell::RefCell<Vec<Arc<Dio>>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
 impl Dio {
     /// A new async call's state: it carries the file, and the caller's completion.
-    pub(crate) fn new_async(file: Arc<Shared>, done: Done) -> Arc<Dio> {
-        let mut dio = Dio::blank(false);
-        dio.file = Some(file);
-        dio.tail.get_mut().unwrap_or_else(|e| e.into_inner()).done = Some(done);
-        Arc::new(dio)
+    /// The call will send `requests` requests, counted in already (no [`Dio::get`]
+    /// for them). A finished async call's state is reused when this thread kept one
+    /// ([`Dio::recycle_async`]), so a call allocates none.
+    #[inline]
+    pub(crate) fn new_async(file: Arc<Shared>, done: Done, requests: usize) -> Arc<Dio> {
+        let spare = ASYNC_SPARE
+            .try_with(|s| s.borrow_mut().pop())
+            .ok()
+            .flatten();
+        let mut dio = match spare {
+            Some(d) => d,
+            None => Arc::new(Dio::blank(false)),
+        };
+        match Arc::get_mut(&mut dio) {
+            Some(d) => {
+                // Blank (a new one, or reset by recycle_async): set what this call
+                // brings.
+                d.file = Some(file);
+                *d.refs.get_mut() = 1 + requests;
+                *d.submitted.get_mut() = requests;
+                d.tail.get_mut().unwrap_or_else(|e| e.into_inner()).done = Some(done);
+                dio
+            }
+            None => unreachable!("a new or spare async call state has no other owner"),
+        }
+    }
+
+    /// Keep a finished async call's state for this thread's next async call, if
+    /// nothing else refers to it any more (a completion of the call that is on its
+    /// way out, between its count going and its reference going, still holds one:
+    /// then it is freed as usual, by whoever drops it last). Everything of the call
+    /// goes first (its file, its completion, its outcome, its errors and private
+    /// data), so the next call starts from a blank state and nothing of the file is
+    /// kept alive by a thread's spare.
+    fn recycle_async(mut self: Arc<Self>) {
+        let Some(d) = Arc::get_mut(&mut self) else {
+            return;
+        };
+        d.file = None;
+        *d.tail.get_mut().unwrap_or_else(|e| e.into_inner()) = Tail::default();
+        *d.refs.get_mut() = 1;
+        *d.io_failed.get_mut() = false;
+        *d.defer.get_mut() = false;
+        *d.sleeping.get_mut() = false;
+        // Every request went out and completed: the queue and counts are empty.
+        let queue = d.queue.get_mut().unwrap_or_else(|e| e.into_inner());
+        debug_assert!(queue.is_empty());
+        queue.clear();
+        *d.queued.get_mut() = 0;
+        *d.submitted.get_mut() = 0;
+        let _ = ASYNC_SPARE.try_with(|s| {
+            if let Ok(mut s) = s.try_borrow_mut() {
+                if s.len() < ASYNC_SPARES {
+                    s.push(self);
+                }
+            }
+        });
     }
 
     fn blank(sync: bool) -> Dio {
@@ -337,9 +402,13 @@ impl Dio {
 
     fn finish_async(self: Arc<Self>) {
         if self.defer.load(Ordering::Acquire) {
-            deferred(Box::new(move || self.finish_and_deliver()));
+            deferred(Box::new(move || {
+                self.finish_and_deliver();
+                self.recycle_async();
+            }));
         } else {
             self.finish_and_deliver();
+            self.recycle_async();
         }
     }
 

@@ -692,7 +692,7 @@ fn walk_call(
     };
     let dio = match done {
         None => Dio::sync_call(),
-        Some(done) => Dio::new_async(Arc::clone(file), done),
+        Some(done) => Dio::new_async(Arc::clone(file), done, 0),
     };
     if defer_extend {
         dio.set_defer();
