@@ -578,7 +578,14 @@ impl DirectFile {
         let mem = buf::lend_owned(&mut bufs);
         // The buffers travel with the completion: their memory (stable across moves,
         // per OwnedBuf) stays alive until every request is done.
-        let done = Box::new(move |result| done(Completed { result, bufs }));
+        let done: complete::Done = Box::new(move |result| done(Completed { result, bufs }));
+        let done = match op {
+            Op::Read => match request::read_one_async(&self.shared, offset, &mem, flags, done) {
+                Some(done) => done,
+                None => return,
+            },
+            Op::Write => done,
+        };
         request::run_async(
             &self.shared,
             op,

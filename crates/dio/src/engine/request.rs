@@ -368,6 +368,166 @@ pub(crate) fn read_one(
     )
 }
 
+/// The async counterpart of [`read_one`]: an async read of one aligned buffer that
+/// one extent maps and one device request carries, on a file whose map has no
+/// end_io, without the walk, the request builder and the file-lock logic. Gives
+/// `done` back, having done nothing, for a call of another shape (the general path
+/// takes it); a call that turns out to need the walk after its lookup continues in
+/// the walk with that lookup's answer (a panic of it included).
+///
+/// User code (the map, its submit_io hook) is caught as the walk catches it: the
+/// call then finishes through `done` with [`Error::Panicked`], and the panic goes
+/// on to this caller.
+pub(crate) fn read_one_async(
+    file: &Arc<Shared>,
+    offset: u64,
+    mem: &[MemRef],
+    flags: Flags,
+    done: Done,
+) -> Option<Done> {
+    let [m] = mem else {
+        return Some(done);
+    };
+    let geo = &file.geometry;
+    let fs = u64::from(file.fs_block);
+    let len = m.len() as u64;
+    // The shape read_one takes (see there).
+    if file.end_io
+        || flags.contains(Flags::LOCKING)
+        || flags.contains(Flags::ATOMIC)
+        || len == 0
+        || (offset | len) & (fs - 1) != 0
+        || m.addr() & (geo.mem_align as usize - 1) != 0
+        || len > u64::from(geo.max_bytes)
+        || offset
+            .checked_add(len)
+            .is_none_or(|end| end > file.map.max_file_size())
+    {
+        return Some(done);
+    }
+    let _span = crate::trace::call_span!(Op::Read, offset, len, file);
+    let state = &file.state;
+    let count = if flags.contains(Flags::SKIP_DIO_COUNT) {
+        None
+    } else {
+        match state.try_dio_begin() {
+            Begin::Counted(at) => Some(at),
+            // A truncate is under way: the general path parks the call behind it.
+            Begin::Closed => return Some(done),
+        }
+    };
+    let i_size = state.size();
+    if offset >= i_size {
+        if let Some(at) = count {
+            state.dio_end(at);
+        }
+        done(Ok(0));
+        return None;
+    }
+    let sh = fs.trailing_zeros();
+    let (block, blocks) = (offset >> sh, len >> sh);
+    let looked: Looked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        file.map.map(block, blocks, false)
+    }));
+    let simple = match &looked {
+        Ok(Ok(e)) if e.len >= blocks => match e.mapping {
+            Mapping::Mapped(b) => b
+                .checked_add(blocks)
+                .is_some_and(|end| end <= geo.size >> sh),
+            Mapping::Hole | Mapping::Unwritten(_) => true,
+        },
+        _ => false,
+    };
+    if !simple {
+        let p = Prepared {
+            op: Op::Read,
+            offset,
+            checked: Checked { dio_block: fs, len },
+            i_size,
+            logical_end: offset + len,
+            count,
+            range_lock: None,
+            held: None,
+            flags,
+            trim_padding: false,
+        };
+        walk_call(file, p, mem, Lender::Owned, None, Some(done), Some(looked));
+        return None;
+    }
+    let Ok(Ok(e)) = &looked else {
+        unreachable!("a simple answer is an extent")
+    };
+    let call = Call {
+        op: Op::Read,
+        offset,
+        i_size,
+        extend: None,
+        count,
+        range_lock: None,
+        file_lock: None,
+        flush: false,
+        dsync: false,
+        trim_padding: false,
+    };
+    let mut stop = Stop::Clean;
+    let mut private = e.private.clone();
+    let mut panic = None;
+    let (dio, walked) = match e.mapping {
+        Mapping::Mapped(b) => {
+            // The one request is counted in (and as submitted) at once.
+            let dio = Dio::new_async(Arc::clone(file), done, 1);
+            if e.defer_completion {
+                dio.set_defer();
+            }
+            let req = Request::build(
+                Op::Read,
+                b << sh,
+                Segments::from(*m),
+                false,
+                dio.clone(),
+                offset,
+                Lender::Owned.keep(),
+            );
+            crate::trace::request_submitted!(req, offset);
+            let sent = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                file.map.submit_io(&*file.dev, req, offset);
+            }));
+            match sent {
+                Ok(()) => (dio, len),
+                Err(payload) => {
+                    // As the walk: nothing counts as read; the request, if it did
+                    // not go out, was cancelled as it dropped.
+                    stop = Stop::Error(Error::Panicked(
+                        "the block map, its submit_io hook or the pin closure",
+                    ));
+                    private = None;
+                    panic = Some(payload);
+                    (dio, 0)
+                }
+            }
+        }
+        Mapping::Hole | Mapping::Unwritten(_) => {
+            let dio = Dio::new_async(Arc::clone(file), done, 0);
+            if e.defer_completion {
+                dio.set_defer();
+            }
+            // Zeros, up to EOF rounded up to the block (the walk's rule).
+            let eof = i_size.saturating_add(fs - 1) & !(fs - 1);
+            let n = len.min(eof - offset);
+            m.slice(0, n as usize).zero();
+            (dio, n)
+        }
+    };
+    drop(looked);
+    let poll = flags.contains(Flags::POLL);
+    // Async: records the outcome; the last reference finishes the call.
+    let _ = dio.submitter_done(file, &call, poll, walked, &mut stop, private, &mut None);
+    if let Some(payload) = panic {
+        std::panic::resume_unwind(payload);
+    }
+    None
+}
+
 /// Counts a call out if the fast path unwinds (a panic in the block map).
 struct CountGuard<'a> {
     file: &'a Shared,
