@@ -110,7 +110,15 @@ pub(crate) struct Dio {
     queued: AtomicUsize,
     /// Async calls: requests submitted and not yet completed.
     submitted: AtomicUsize,
+    /// Set once by an async call's submitter when its walk is over: the call, bytes
+    /// walked, how the walk stopped, and the last mapping's private data for end_io.
+    /// Read in place by the finish (after the last reference's count went, which
+    /// orders the set before it).
+    outcome: OnceLock<Outcome>,
 }
+
+/// What an async call's submitter hands to its finish.
+type Outcome = (Call, u64, Stop, Option<Private>);
 
 thread_local! {
     /// The thread's spare sync-call state.
@@ -121,11 +129,6 @@ thread_local! {
 struct Tail {
     /// Lowest file offset of a failed device request, and its error.
     io_error: Option<(u64, Error)>,
-    /// Set once by an async call's submitter: the call, bytes walked, and how the
-    /// walk stopped.
-    outcome: Option<(Call, u64, Stop)>,
-    /// The private data of the last mapping, for end_io.
-    private: Option<Private>,
     /// The async caller's completion.
     done: Option<Done>,
 }
@@ -184,6 +187,8 @@ impl Dio {
             return;
         };
         d.file = None;
+        // Dropped in place.
+        d.outcome = OnceLock::new();
         *d.tail.get_mut().unwrap_or_else(|e| e.into_inner()) = Tail::default();
         *d.refs.get_mut() = 1;
         *d.io_failed.get_mut() = false;
@@ -217,6 +222,7 @@ impl Dio {
             queue: Mutex::new(VecDeque::new()),
             queued: AtomicUsize::new(0),
             submitted: AtomicUsize::new(0),
+            outcome: OnceLock::new(),
         }
     }
 
@@ -380,15 +386,20 @@ impl Dio {
         file.dev.unplug();
         if self.sync {
             self.wait_in_flight_at_most(&*file.dev, 0, poll);
-            let r = self.finish(file, call, walked, stop, private, panic);
+            let r = self.finish(file, call, walked, stop, private.as_ref(), panic);
             self.recycle();
             Some(r)
+        } else if self.refs.load(Ordering::Acquire) == 1 {
+            // Every request completed already (the submitter's is the last
+            // reference, and only the submitter adds to the count): finish here,
+            // from the submitter's own stack, as the last reference would.
+            self.refs.store(0, Ordering::Relaxed);
+            self.finish_async_with(call, walked, stop, private);
+            None
         } else {
-            {
-                let mut t = lock(&self.tail);
-                t.outcome = Some((*call, walked, std::mem::replace(stop, Stop::Clean)));
-                t.private = private;
-            }
+            let outcome = (*call, walked, std::mem::replace(stop, Stop::Clean), private);
+            let first = self.outcome.set(outcome).is_ok();
+            debug_assert!(first, "an async call's outcome is set once");
             self.put();
             None
         }
@@ -412,24 +423,40 @@ impl Dio {
         }
     }
 
+    /// The finish of an async call whose requests all completed before its
+    /// submitter was done: from the submitter's stack, unless it must be deferred
+    /// (then the outcome goes to the worker as usual).
+    fn finish_async_with(
+        self: Arc<Self>,
+        call: &Call,
+        walked: u64,
+        stop: &mut Stop,
+        private: Option<Private>,
+    ) {
+        if self.defer.load(Ordering::Acquire) {
+            let outcome = (*call, walked, std::mem::replace(stop, Stop::Clean), private);
+            let first = self.outcome.set(outcome).is_ok();
+            debug_assert!(first, "an async call's outcome is set once");
+            self.finish_async();
+            return;
+        }
+        self.deliver(call, walked, stop, private.as_ref());
+        self.recycle_async();
+    }
+
     /// An async call's finish, from the outcome its submitter recorded.
     fn finish_and_deliver(&self) {
-        let (outcome, private, done) = {
-            let mut t = lock(&self.tail);
-            (t.outcome.take(), t.private.take(), t.done.take())
-        };
-        let Some((call, walked, mut stop)) = outcome else {
+        let Some((call, walked, stop, private)) = self.outcome.get() else {
             unreachable!("an async call's submitter records its outcome before its reference goes");
         };
+        self.deliver(call, *walked, stop, private.as_ref());
+    }
+
+    /// Finish an async call and hand the result to its caller.
+    fn deliver(&self, call: &Call, walked: u64, stop: &Stop, private: Option<&Private>) {
+        let done = lock(&self.tail).done.take();
         // An async caller has no one to carry a panic of end_io to: it is the error.
-        let r = self.finish(
-            self.async_file(),
-            &call,
-            walked,
-            &mut stop,
-            private,
-            &mut None,
-        );
+        let r = self.finish(self.async_file(), call, walked, stop, private, &mut None);
         if let Some(done) = done {
             done(r.map_err(|e| *e));
         }
@@ -442,8 +469,8 @@ impl Dio {
         file: &Shared,
         call: &Call,
         walked: u64,
-        stop: &mut Stop,
-        private: Option<Private>,
+        stop: &Stop,
+        private: Option<&Private>,
         panic: &mut Option<Payload>,
     ) -> Res {
         // Every request is done: its error, if any, was stored before its reference
@@ -471,10 +498,7 @@ impl Dio {
             done = done.min(call.i_size.saturating_sub(call.offset));
         }
         let mut result: Res = match stop {
-            Stop::Error(_) => match std::mem::replace(stop, Stop::Clean) {
-                Stop::Error(e) => Err(Box::new(e)),
-                _ => unreachable!("matched above"),
-            },
+            Stop::Error(e) => Err(Box::new(e.clone())),
             Stop::MemoryFault(at) if done == 0 => Err(Box::new(Error::MemoryFault { at: *at })),
             _ => match io_error {
                 Some((_, e)) if done == 0 => Err(Box::new(e)),
@@ -499,14 +523,7 @@ impl Dio {
                 file,
                 call,
                 match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    map.end_io_dsync(
-                        &*file.dev,
-                        call.offset,
-                        r,
-                        private.as_ref(),
-                        size,
-                        call.flush,
-                    )
+                    map.end_io_dsync(&*file.dev, call.offset, r, private, size, call.flush)
                 })) {
                     Ok(r) => r.map_err(Box::new),
                     Err(payload) => {
@@ -519,7 +536,7 @@ impl Dio {
         if file.end_io {
             let r = result.map_err(|e| *e);
             result = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                map.end_io(call.op, call.offset, r, private.as_ref())
+                map.end_io(call.op, call.offset, r, private)
             })) {
                 Ok(r) => r.map_err(Box::new),
                 Err(payload) => {
