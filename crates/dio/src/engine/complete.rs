@@ -151,7 +151,7 @@ impl Dio {
     /// The call will send `requests` requests, counted in already (no [`Dio::get`]
     /// for them). A finished async call's state is reused when this thread kept one
     /// ([`Dio::recycle_async`]), so a call allocates none.
-    #[inline]
+    #[inline(never)]
     pub(crate) fn new_async(file: Arc<Shared>, done: Done, requests: usize) -> Arc<Dio> {
         let spare = ASYNC_SPARE
             .try_with(|s| s.borrow_mut().pop())
@@ -389,19 +389,33 @@ impl Dio {
             let r = self.finish(file, call, walked, stop, private.as_ref(), panic);
             self.recycle();
             Some(r)
-        } else if self.refs.load(Ordering::Acquire) == 1 {
+        } else {
+            self.async_submitter_done(call, walked, stop, private);
+            None
+        }
+    }
+
+    /// [`Dio::submitter_done`] of an async call (kept out of line: the sync path
+    /// inlines the rest).
+    #[inline(never)]
+    fn async_submitter_done(
+        self: Arc<Self>,
+        call: &Call,
+        walked: u64,
+        stop: &mut Stop,
+        private: Option<Private>,
+    ) {
+        if self.refs.load(Ordering::Acquire) == 1 {
             // Every request completed already (the submitter's is the last
             // reference, and only the submitter adds to the count): finish here,
             // from the submitter's own stack, as the last reference would.
             self.refs.store(0, Ordering::Relaxed);
             self.finish_async_with(call, walked, stop, private);
-            None
         } else {
             let outcome = (*call, walked, std::mem::replace(stop, Stop::Clean), private);
             let first = self.outcome.set(outcome).is_ok();
             debug_assert!(first, "an async call's outcome is set once");
             self.put();
-            None
         }
     }
 

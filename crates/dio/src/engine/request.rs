@@ -101,6 +101,7 @@ pub(crate) fn write_lock_range(fs: u64, start: u64, end: u64) -> (u64, u64) {
 /// Take a write's block-range lock. The holder may be an async write whose
 /// completion only arrives when someone polls the device: then wait by polling, so
 /// the waiter itself drives that completion instead of sleeping on it forever.
+#[inline]
 pub(crate) fn lock_write_range(file: &Shared, r: (u64, u64), flags: Flags) -> Result<()> {
     let ranges = file.state.ranges();
     if flags.contains(Flags::NOWAIT) {
