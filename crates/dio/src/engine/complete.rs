@@ -9,7 +9,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::{self, Thread};
 
-use super::Shared;
+use super::{Handle, Shared};
 use std::collections::VecDeque;
 
 use super::bio::MAX_IN_FLIGHT;
@@ -89,7 +89,7 @@ pub(crate) struct Call {
 pub(crate) struct Dio {
     /// The file, for an async call (it finishes on another thread); None for a sync
     /// call, whose submitter has the file at hand.
-    file: Option<Arc<Shared>>,
+    file: Option<FileRef>,
     /// 1 for the submitter plus one per device request in flight.
     refs: AtomicUsize,
     /// Everything completion reads once: one lock for all of it.
@@ -115,6 +115,24 @@ pub(crate) struct Dio {
     /// Read in place by the finish (after the last reference's count went, which
     /// orders the set before it).
     outcome: OnceLock<Outcome>,
+}
+
+/// How an async call holds its file.
+pub(crate) enum FileRef {
+    /// The file's own `Arc`, which every handle of the file shares.
+    Shared(Arc<Shared>),
+    /// The reference of the handle that started the call (see [`Handle`]).
+    Handle(Arc<Handle>),
+}
+
+impl FileRef {
+    #[inline]
+    fn get(&self) -> &Shared {
+        match self {
+            FileRef::Shared(f) => f,
+            FileRef::Handle(h) => &h.0,
+        }
+    }
 }
 
 /// What an async call's submitter hands to its finish.
@@ -152,7 +170,7 @@ impl Dio {
     /// for them). A finished async call's state is reused when this thread kept one
     /// ([`Dio::recycle_async`]), so a call allocates none.
     #[inline(never)]
-    pub(crate) fn new_async(file: Arc<Shared>, done: Done, requests: usize) -> Arc<Dio> {
+    pub(crate) fn new_async(file: FileRef, done: Done, requests: usize) -> Arc<Dio> {
         let spare = ASYNC_SPARE
             .try_with(|s| s.borrow_mut().pop())
             .ok()
@@ -268,7 +286,8 @@ impl Dio {
 
     fn async_file(&self) -> &Shared {
         self.file
-            .as_deref()
+            .as_ref()
+            .map(FileRef::get)
             .expect("an async call carries its file")
     }
 

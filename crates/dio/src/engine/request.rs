@@ -6,9 +6,9 @@
 use std::sync::Arc;
 
 use super::bio::BioBuilder;
-use super::complete::{Call, Dio, Done, Res, Stop};
+use super::complete::{Call, Dio, Done, FileRef, Res, Stop};
 use super::walk::{walk, Looked, Seen, Walk};
-use super::{Flags, Shared};
+use super::{Flags, Handle, Shared};
 use crate::buf::Segments;
 use crate::buf::{Lender, MemRef};
 use crate::device::{CompletionMode, Op, Request};
@@ -380,12 +380,13 @@ pub(crate) fn read_one(
 /// call then finishes through `done` with [`Error::Panicked`], and the panic goes
 /// on to this caller.
 pub(crate) fn read_one_async(
-    file: &Arc<Shared>,
+    handle: &Arc<Handle>,
     offset: u64,
     mem: &[MemRef],
     flags: Flags,
     done: Done,
 ) -> Option<Done> {
+    let file = &handle.0;
     let [m] = mem else {
         return Some(done);
     };
@@ -476,7 +477,7 @@ pub(crate) fn read_one_async(
     let (dio, walked) = match e.mapping {
         Mapping::Mapped(b) => {
             // The one request is counted in (and as submitted) at once.
-            let dio = Dio::new_async(Arc::clone(file), done, 1);
+            let dio = Dio::new_async(FileRef::Handle(Arc::clone(handle)), done, 1);
             if e.defer_completion {
                 dio.set_defer();
             }
@@ -508,7 +509,7 @@ pub(crate) fn read_one_async(
             }
         }
         Mapping::Hole | Mapping::Unwritten(_) => {
-            let dio = Dio::new_async(Arc::clone(file), done, 0);
+            let dio = Dio::new_async(FileRef::Handle(Arc::clone(handle)), done, 0);
             if e.defer_completion {
                 dio.set_defer();
             }
@@ -853,7 +854,7 @@ fn walk_call(
     };
     let dio = match done {
         None => Dio::sync_call(),
-        Some(done) => Dio::new_async(Arc::clone(file), done, 0),
+        Some(done) => Dio::new_async(FileRef::Shared(Arc::clone(file)), done, 0),
     };
     if defer_extend {
         dio.set_defer();
