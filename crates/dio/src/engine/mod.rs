@@ -607,8 +607,8 @@ impl DirectFile {
             },
             Op::Write => done,
         };
-        request::run_async(
-            &self.shared,
+        request::run_async_handle(
+            &self.handle,
             op,
             offset,
             &mem,

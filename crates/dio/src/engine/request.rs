@@ -188,6 +188,24 @@ fn locking_kind(
     }
 }
 
+/// An async call's completion, and the handle that started it, if a
+/// [`DirectFile`](super::DirectFile) did: the call carries the handle's reference
+/// rather than the file's own `Arc` (see [`Handle`]).
+pub(crate) struct Async {
+    done: Done,
+    handle: Option<Arc<Handle>>,
+}
+
+impl Async {
+    /// How the call holds its file.
+    fn file_ref(&mut self, file: &Arc<Shared>) -> FileRef {
+        match self.handle.take() {
+            Some(h) => FileRef::Handle(h),
+            None => FileRef::Shared(Arc::clone(file)),
+        }
+    }
+}
+
 /// Run one async call on memory the call owns (it travels with `done`, so there is
 /// nothing to pin).
 pub(crate) fn run_async(
@@ -199,8 +217,37 @@ pub(crate) fn run_async(
     done: Done,
     extra: Extra,
 ) {
+    let done = Async { done, handle: None };
     run(
         file,
+        op,
+        offset,
+        mem,
+        Lender::Owned,
+        flags,
+        None,
+        Some(done),
+        extra,
+    );
+}
+
+/// [`run_async`] for a call that `handle` starts (it carries the handle's
+/// reference).
+pub(crate) fn run_async_handle(
+    handle: &Arc<Handle>,
+    op: Op,
+    offset: u64,
+    mem: &[MemRef],
+    flags: Flags,
+    done: Done,
+    extra: Extra,
+) {
+    let done = Async {
+        done,
+        handle: Some(Arc::clone(handle)),
+    };
+    run(
+        &handle.0,
         op,
         offset,
         mem,
@@ -453,6 +500,10 @@ pub(crate) fn read_one_async(
             flags,
             trim_padding: false,
         };
+        let done = Async {
+            done,
+            handle: Some(Arc::clone(handle)),
+        };
         walk_call(file, p, mem, Lender::Owned, None, Some(done), Some(looked));
         return None;
     }
@@ -575,7 +626,7 @@ pub(crate) fn run(
     lender: Lender<'_>,
     flags: Flags,
     pin: Option<&mut dyn FnMut(MemRef) -> bool>,
-    mut done: Option<Done>,
+    mut done: Option<Async>,
     extra: Extra,
 ) -> Option<Res> {
     let _span = crate::trace::call_span!(
@@ -590,9 +641,9 @@ pub(crate) fn run(
             state.ranges().unlock(s, e);
         }
     };
-    let finish_now = |done: Option<Done>, r: Result<usize>| match done {
+    let finish_now = |done: Option<Async>, r: Result<usize>| match done {
         Some(d) => {
-            d(r);
+            (d.done)(r);
             None
         }
         None => Some(r.map_err(Box::new)),
@@ -616,9 +667,22 @@ pub(crate) fn run(
     // An async call never waits (it may run on a thread that delivers completions):
     // where a sync call would wait for a lock, it parks a retry of itself, started
     // again when the lock is released. It owns its memory and has nothing to pin.
-    let retry = |done: Done, extra: Extra| -> Job {
+    let retry = |done: Async, extra: Extra| -> Job {
         let (file, mem) = (Arc::clone(file), mem.to_vec());
-        Box::new(move || run_async(&file, op, offset, &mem, flags, done, extra))
+        Box::new(move || {
+            let lender = Lender::Owned;
+            run(
+                &file,
+                op,
+                offset,
+                &mem,
+                lender,
+                flags,
+                None,
+                Some(done),
+                extra,
+            );
+        })
     };
 
     // Writes that share an fs block with another write must not run at once: the
@@ -812,7 +876,7 @@ fn walk_call(
     mem: &[MemRef],
     lender: Lender<'_>,
     pin: Option<&mut dyn FnMut(MemRef) -> bool>,
-    done: Option<Done>,
+    done: Option<Async>,
     first: Option<Looked>,
 ) -> Option<Res> {
     let Prepared {
@@ -854,7 +918,7 @@ fn walk_call(
     };
     let dio = match done {
         None => Dio::sync_call(),
-        Some(done) => Dio::new_async(FileRef::Shared(Arc::clone(file)), done, 0),
+        Some(mut a) => Dio::new_async(a.file_ref(file), a.done, 0),
     };
     if defer_extend {
         dio.set_defer();
