@@ -200,8 +200,10 @@ pub(crate) fn drain(file: &Shared) -> impl FnMut() + '_ {
 /// What every call on one file shares, read by every call.
 ///
 /// Aligned to 128 bytes, so that in its `Arc` allocation the reference count has
-/// lines of its own: an async call clones the `Arc` (its completion needs the
-/// file), and that write must not evict these fields from the other cores.
+/// lines of its own: an async call that no [`DirectFile`] handle started (the
+/// byte-granular layer's, a parked retry) clones the `Arc` (its completion needs
+/// the file), and that write must not evict these fields from the other cores.
+/// Calls a handle starts carry the handle's own reference instead ([`Handle`]).
 #[repr(align(128))]
 pub(crate) struct Shared {
     pub(crate) dev: Arc<dyn Device>,
