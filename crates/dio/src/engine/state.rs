@@ -3,7 +3,7 @@
 //! (i_dio_count), and the block-range lock that serialises writes which share a
 //! partly written fs block. No I/O happens here.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 
 use super::shard::{self, Sharded};
@@ -459,28 +459,45 @@ impl std::fmt::Debug for GateState {
 /// range is held. Non-overlapping ranges never wait for each other.
 ///
 /// Every write takes one (the fs-block-rounded range of the write), so the lock
-/// must not be one mutex that every writer of the file takes: that line would
-/// bounce between the cores of all writers, overlapping or not. The file is cut in
-/// stripes of [`STRIPE`] bytes, and each stripe belongs to one of [`LOCK_SHARDS`]
-/// shards (a hash of the stripe number, so that neighbouring stripes, and writers
-/// far apart in the file, land on different shards). A shard has its own mutex, on
-/// a line of its own, and holds every held range that touches one of its stripes (a
-/// range spanning several stripes is held in each of their shards; one spanning
-/// [`LOCK_SHARDS`] stripes or more, in all). Two ranges that overlap share a byte,
-/// so a stripe, so a shard: checking the shards of a range's stripes finds every
-/// holder that overlaps it. Writers in different stripes of different shards share
-/// no line.
+/// must cost little and must not be one line that every writer of the file writes:
+/// that line would bounce between the cores of all writers, overlapping or not.
 ///
-/// Within a shard, held ranges never overlap (they are held ranges of the file, and
-/// those never overlap) and are never empty: kept ordered by start, the only one
-/// that can overlap `[start, end)` is the one with the greatest start below `end`,
-/// a binary search under the shard's mutex. (A sorted vector, not a tree: it keeps
-/// its capacity, so a lock allocates nothing.)
+/// **Shards.** The file is cut in stripes of [`STRIPE`] bytes, and each stripe
+/// belongs to one of [`LOCK_SHARDS`] shards (a hash of the stripe number, so that
+/// neighbouring stripes, and writers far apart in the file, land on different
+/// shards). A shard is on lines of its own and holds every held range that touches
+/// one of its stripes (a range spanning several stripes is held in each of their
+/// shards; one spanning [`LOCK_SHARDS`] stripes or more, in all). Two ranges that
+/// overlap share a byte, so a stripe, so a shard: checking the shards of a range's
+/// stripes finds every holder that overlaps it.
+///
+/// **Fast slots.** Most writes lock a range of whole sectors inside one stripe. Such
+/// a range fits one word exactly ([`fast_key`]), and a shard has [`SLOTS`] words
+/// for them: a holder claims a free slot with one compare-and-swap and gives it
+/// back with one swap, with no mutex and no list. A claim is first marked
+/// [`PENDING`]; the claimer then checks the shard's [`SLOW`] flag and the other
+/// slots (all SeqCst: of two overlapping claims, the later one's check sees the
+/// earlier one), and keeps the slot only if neither shows a conflict. A pending
+/// claim counts as held for everyone else's checks; the pending mark keeps a
+/// holder's release from taking another thread's transient claim of the same range
+/// for its own (only one thread ever holds a range without the mark).
+///
+/// **The slow side.** Everything else (ranges of several stripes or of partial
+/// sectors, a shard whose slots are full, a conflict, a waiter, a parked async call)
+/// goes under the shard's mutex: held ranges in an ordered vector, the waiters and
+/// the parked calls. Whoever works there first sets the shard's [`SLOW`] flag
+/// (SeqCst) and only then looks at the slots: a fast claim either is seen there, or
+/// sees the flag and checks again under the mutex. While the flag is set, new
+/// takers go the slow way, and a fast holder's release (swap, then a look at the
+/// flag: SeqCst both) comes to the mutex to wake the waiters and start the parked
+/// calls. The flag is cleared (under the mutex) once the shard's vector, waiters and
+/// parked calls are all empty: the vector is never non-empty without it.
 ///
 /// A lock of several shards takes their mutexes in increasing order, checks them
 /// all, and inserts into all or none, so it is atomic like the single-shard one. A
 /// waiter waits on the shard where it found the overlapping holder; that holder's
-/// release goes through that shard, and wakes it (or starts its parked retry).
+/// release goes through that shard (the flag makes a fast release do so too), and
+/// wakes it (or starts its parked retry).
 #[derive(Debug, Default)]
 pub(crate) struct RangeLock {
     shards: Box<[RangeShard; LOCK_SHARDS]>,
@@ -493,22 +510,45 @@ pub(crate) const LOCK_SHARDS: usize = 16;
 /// at most two.
 pub(crate) const STRIPE: u64 = 1 << 20;
 
+/// Fast slots per shard: with the flag and the condvar, one 64-byte line; the
+/// mutex side is the next line (the adjacent-line prefetcher pairs the two, which
+/// belong to the same shard).
+const SLOTS: usize = 7;
+
+/// [`RangeShard::mode`]: the mutex side is in use (see [`RangeLock`]).
+const SLOW: u32 = 1;
+
+/// A fast slot's claim not yet confirmed (see [`RangeLock`]).
+const PENDING: u64 = 1;
+
+/// Granularity of a fast slot's range: a sector.
+const SECTOR: u64 = 512;
+/// Sectors per stripe (11 bits of a key each for the offset and the length).
+const STRIPE_SECTORS: u64 = STRIPE / SECTOR;
+/// Where a key's stripe number (plus one) starts; below it, the length in sectors
+/// minus one (11 bits), the offset in sectors (11 bits), and [`PENDING`].
+const KEY_STRIPE: u32 = 23;
+
 /// One shard of a [`RangeLock`], on lines of its own.
 #[derive(Debug, Default)]
-#[repr(align(128))]
+#[repr(C, align(128))]
 struct RangeShard {
-    held: Mutex<Ranges>,
+    /// [`SLOW`] or 0.
+    mode: AtomicU32,
     released: Condvar,
+    /// Held (or [`PENDING`]) ranges of whole sectors in one stripe ([`fast_key`]), or 0.
+    slots: [AtomicU64; SLOTS],
+    held: Mutex<Ranges>,
 }
 
 #[derive(Default)]
 struct Ranges {
-    /// Held ranges (start, end), ordered by start.
+    /// Held ranges (start, end), ordered by start, that are not in a slot.
     held: Vec<(u64, u64)>,
-    /// Threads waiting for a range: only then does a release need a wakeup.
-    waiters: usize,
     /// Async calls waiting for a range, started again at the next release.
     parked: Vec<Job>,
+    /// Threads waiting for a range: only then does a release need a wakeup.
+    waiters: usize,
 }
 
 impl std::fmt::Debug for Ranges {
@@ -526,6 +566,35 @@ impl std::fmt::Debug for Ranges {
 #[inline]
 fn nonempty(start: u64, end: u64) -> (u64, u64) {
     (start, end.max(start.saturating_add(1)))
+}
+
+/// The word of the non-empty range `[start, end)` in a fast slot, if it has one:
+/// whole sectors inside one stripe (below 2^61 bytes). Never 0 and never
+/// [`PENDING`]-marked; two keys are equal only for equal ranges.
+#[inline]
+fn fast_key(start: u64, end: u64) -> Option<u64> {
+    let stripe = start / STRIPE;
+    let off = start % STRIPE;
+    let fits = (start | end) % SECTOR == 0
+        && end - start <= STRIPE - off
+        && stripe < (1 << (64 - KEY_STRIPE)) - 1;
+    fits.then(|| {
+        (stripe + 1) << KEY_STRIPE | ((end - start) / SECTOR - 1) << 12 | (off / SECTOR) << 1
+    })
+}
+
+/// The range `[start, end)` of a slot's word (marked or not).
+#[inline]
+fn key_range(key: u64) -> (u64, u64) {
+    let start = ((key >> KEY_STRIPE) - 1) * STRIPE + (key >> 1 & (STRIPE_SECTORS - 1)) * SECTOR;
+    let len = ((key >> 12 & (STRIPE_SECTORS - 1)) + 1) * SECTOR;
+    (start, start + len)
+}
+
+/// The shard of a key's stripe.
+#[inline]
+fn key_shard(key: u64) -> usize {
+    shard_of((key >> KEY_STRIPE) - 1) as usize
 }
 
 /// The shards of the stripes of the non-empty range `[start, end)`, one bit each.
@@ -578,32 +647,134 @@ impl Ranges {
     }
 }
 
-impl RangeLock {
-    fn shard(&self, i: usize) -> MutexGuard<'_, Ranges> {
-        lock(&self.shards[i].held)
+impl RangeShard {
+    /// Claim a free slot for `word`; its index.
+    #[inline]
+    fn claim(&self, word: u64) -> Option<usize> {
+        self.slots.iter().position(|s| {
+            s.load(Ordering::Relaxed) == 0
+                && s.compare_exchange(0, word, Ordering::SeqCst, Ordering::Relaxed)
+                    .is_ok()
+        })
     }
 
-    /// Take the non-empty range `[start, end)` if no overlapping range is held;
-    /// else the shard where an overlapping one was seen.
+    /// A slot other than `except` holds (or claims) a range overlapping
+    /// `[start, end)`.
     #[inline]
+    fn slots_overlap(&self, except: usize, start: u64, end: u64) -> bool {
+        self.slots.iter().enumerate().any(|(i, s)| {
+            let w = s.load(Ordering::SeqCst);
+            w != 0 && i != except && {
+                let (a, b) = key_range(w);
+                a < end && start < b
+            }
+        })
+    }
+
+    /// The shard's mutex, with [`SLOW`] set (before anything is looked at).
+    fn enter(&self) -> MutexGuard<'_, Ranges> {
+        let g = lock(&self.held);
+        // Set already: by a SeqCst store under this mutex, and not cleared since.
+        if self.mode.load(Ordering::Relaxed) & SLOW == 0 {
+            self.mode.store(SLOW, Ordering::SeqCst);
+        }
+        g
+    }
+
+    /// Clear [`SLOW`] when nothing is left on the mutex side (under the mutex).
+    fn settle(&self, g: &Ranges) {
+        if g.held.is_empty()
+            && g.waiters == 0
+            && g.parked.is_empty()
+            && self.mode.load(Ordering::Relaxed) != 0
+        {
+            self.mode.store(0, Ordering::SeqCst);
+        }
+    }
+
+    /// `[start, end)` overlaps a range held here, in the vector or a slot.
+    fn overlaps(&self, g: &Ranges, start: u64, end: u64) -> bool {
+        g.overlaps(start, end) || self.slots_overlap(SLOTS, start, end)
+    }
+
+    /// After a range left this shard: wake the waiters, and hand back the parked
+    /// calls (to be started outside the mutex).
+    fn released(&self, g: &mut Ranges) -> Vec<Job> {
+        if g.waiters > 0 {
+            self.released.notify_all();
+        }
+        let parked = std::mem::take(&mut g.parked);
+        self.settle(g);
+        parked
+    }
+
+    /// A fast slot was emptied while [`SLOW`] was set.
+    #[cold]
+    fn wake(&self) {
+        let parked = self.released(&mut lock(&self.held));
+        parked.into_iter().for_each(|job| job());
+    }
+
+    /// Keep the pending claim of slot `at` for `key` if nothing overlaps it (under
+    /// the mutex: the vector, and the other slots); else give it back.
+    #[cold]
+    fn confirm(&self, at: usize, key: u64) -> bool {
+        let (start, end) = key_range(key);
+        let mut g = lock(&self.held);
+        if !g.overlaps(start, end) && !self.slots_overlap(at, start, end) {
+            self.slots[at].store(key, Ordering::Release);
+            return true;
+        }
+        // Someone may wait (or be parked) for our claim.
+        self.slots[at].store(0, Ordering::SeqCst);
+        let parked = self.released(&mut g);
+        drop(g);
+        parked.into_iter().for_each(|job| job());
+        false
+    }
+}
+
+impl RangeLock {
+    /// Take the non-empty `[start, end)` in a fast slot, if it has a key, its shard
+    /// is not [`SLOW`], a slot is free and nothing overlaps.
+    #[inline]
+    fn take_fast(&self, start: u64, end: u64) -> bool {
+        let Some(key) = fast_key(start, end) else {
+            return false;
+        };
+        let sh = &self.shards[key_shard(key)];
+        if sh.mode.load(Ordering::Relaxed) & SLOW != 0 {
+            return false;
+        }
+        let Some(at) = sh.claim(key | PENDING) else {
+            return false;
+        };
+        if sh.mode.load(Ordering::SeqCst) & SLOW == 0 && !sh.slots_overlap(at, start, end) {
+            // Ours alone: unmark (only we write this slot until we release it).
+            sh.slots[at].store(key, Ordering::Release);
+            return true;
+        }
+        sh.confirm(at, key)
+    }
+
+    /// Take the non-empty range `[start, end)` on the slow side if no overlapping
+    /// range is held; else the shard where an overlapping one was seen.
     fn try_take(&self, start: u64, end: u64) -> std::result::Result<(), usize> {
         let mask = shards_of(start, end);
-        if mask.is_power_of_two() {
-            let i = mask.trailing_zeros() as usize;
-            let mut g = self.shard(i);
-            if g.overlaps(start, end) {
-                return Err(i);
-            }
-            g.insert(start, end);
-            return Ok(());
-        }
         // Every shard's mutex, in increasing order (as every taker of several does:
         // no deadlock), then check all and insert into all.
         let mut guards: [Option<MutexGuard<'_, Ranges>>; LOCK_SHARDS] =
             std::array::from_fn(|_| None);
         for i in each(mask) {
-            let g = self.shard(i);
-            if g.overlaps(start, end) {
+            let sh = &self.shards[i];
+            let g = sh.enter();
+            if sh.overlaps(&g, start, end) {
+                sh.settle(&g);
+                for (j, g) in guards.iter().enumerate() {
+                    if let Some(g) = g {
+                        self.shards[j].settle(g);
+                    }
+                }
                 return Err(i);
             }
             guards[i] = Some(g);
@@ -618,75 +789,83 @@ impl RangeLock {
     #[inline]
     pub(crate) fn lock(&self, start: u64, end: u64) {
         let (start, end) = nonempty(start, end);
+        if !self.take_fast(start, end) {
+            self.lock_slow(start, end);
+        }
+    }
+
+    #[cold]
+    fn lock_slow(&self, start: u64, end: u64) {
         while let Err(i) = self.try_take(start, end) {
             // Wait until that shard no longer holds an overlapping range, then try
             // the whole range again.
-            let shard = &self.shards[i];
-            let mut g = lock(&shard.held);
-            while g.overlaps(start, end) {
+            let sh = &self.shards[i];
+            let mut g = sh.enter();
+            while sh.overlaps(&g, start, end) {
                 g.waiters += 1;
-                g = shard.released.wait(g).unwrap_or_else(|e| e.into_inner());
+                g = sh.released.wait(g).unwrap_or_else(|e| e.into_inner());
                 g.waiters -= 1;
             }
+            sh.settle(&g);
         }
     }
 
     /// Lock `[start, end)` if no overlapping range is held.
+    #[inline]
     pub(crate) fn try_lock(&self, start: u64, end: u64) -> bool {
         let (start, end) = nonempty(start, end);
-        self.try_take(start, end).is_ok()
+        self.take_fast(start, end) || self.try_take(start, end).is_ok()
     }
 
     /// Park `job` until a range is released, unless `[start, end)` is free now: then
     /// the job comes back, to be run (retried) by the caller. For async calls, which
     /// never wait. The job parks in the shard where an overlapping holder is seen,
-    /// under that shard's mutex: the holder's release runs it.
+    /// under that shard's mutex and with its [`SLOW`] flag set: the holder's release
+    /// runs it.
     pub(crate) fn park_unless_free(&self, start: u64, end: u64, job: Job) -> Option<Job> {
         let (start, end) = nonempty(start, end);
         for i in each(shards_of(start, end)) {
-            let mut g = self.shard(i);
-            if g.overlaps(start, end) {
+            let sh = &self.shards[i];
+            let mut g = sh.enter();
+            if sh.overlaps(&g, start, end) {
                 g.parked.push(job);
                 return None;
             }
+            sh.settle(&g);
         }
         Some(job)
     }
 
     /// Release a range taken with `lock`; parked calls are started again (on this
     /// thread).
+    #[inline]
     pub(crate) fn unlock(&self, start: u64, end: u64) {
         let (start, end) = nonempty(start, end);
-        let mask = shards_of(start, end);
-        if mask.is_power_of_two() {
-            if let Some(parked) = self.unlock_in(mask.trailing_zeros() as usize, start, end) {
-                parked.into_iter().for_each(|job| job());
-            }
-            return;
-        }
-        let mut parked = Vec::new();
-        for i in each(mask) {
-            if let Some(mut more) = self.unlock_in(i, start, end) {
-                parked.append(&mut more);
+        if let Some(key) = fast_key(start, end) {
+            let sh = &self.shards[key_shard(key)];
+            // Only the holder has this word unmarked in a slot.
+            if let Some(slot) = sh.slots.iter().find(|s| s.load(Ordering::Relaxed) == key) {
+                slot.store(0, Ordering::SeqCst);
+                if sh.mode.load(Ordering::SeqCst) & SLOW != 0 {
+                    sh.wake();
+                }
+                return;
             }
         }
-        parked.into_iter().for_each(|job| job());
+        self.unlock_slow(start, end);
     }
 
-    /// Release `[start, end)` in shard `i`, wake its waiters, and hand back the
-    /// calls parked on it, if any.
-    #[inline]
-    fn unlock_in(&self, i: usize, start: u64, end: u64) -> Option<Vec<Job>> {
-        let shard = &self.shards[i];
-        let mut g = lock(&shard.held);
-        g.remove(start, end);
-        let wake = g.waiters > 0;
-        let parked = (!g.parked.is_empty()).then(|| std::mem::take(&mut g.parked));
-        drop(g);
-        if wake {
-            shard.released.notify_all();
+    /// Release a range held on the slow side.
+    #[cold]
+    fn unlock_slow(&self, start: u64, end: u64) {
+        let mut parked = Vec::new();
+        for i in each(shards_of(start, end)) {
+            let sh = &self.shards[i];
+            let mut g = lock(&sh.held);
+            g.remove(start, end);
+            parked.append(&mut sh.released(&mut g));
         }
-        parked
+        parked.into_iter().for_each(|job| job());
     }
 }
 
