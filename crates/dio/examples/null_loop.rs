@@ -2,7 +2,7 @@
 //! writes) on the null RAM device (no storage, no copy, no counters, completes
 //! inline), the counterpart of `fio --ioengine=null --bs=4k --rw=randread --iodepth=1`.
 //!
-//! `cargo run --release -p dio --example null_loop -- [OPS] [THREADS] [shared|own] [read|write] [sync|async|locking]`
+//! `cargo run --release -p dio --example null_loop -- [OPS] [THREADS] [shared|own] [read|write] [sync|async|locking] [seq|rand]`
 //!
 //! - `OPS`: calls per thread (default 5000000).
 //! - `THREADS`: a count, or a comma list for a sweep (`1,2,4,8`); default 1.
@@ -13,6 +13,8 @@
 //!   owned buffer (the null device completes inline, so one call at a time, each
 //!   through the async path: the call's state, its callback, the file handle it
 //!   carries); `locking`: sync calls with `Flags::LOCKING` (the file lock, shared).
+//! - `seq` (default): each thread sweeps its part of the file in order; `rand`: at
+//!   random 4 KiB-aligned offsets in its part.
 //!
 //! With one thread it prints ns per call. With more, for each thread count it prints
 //! the calls per second of all threads, the CPU time per call (the sum of the threads'
@@ -66,7 +68,15 @@ enum Call {
 
 /// `ops` 4 KiB calls on `f` in `[start, start + span)`; returns the seconds taken,
 /// wall and the thread's CPU.
-fn run(f: &DirectFile, ops: u64, start: u64, span: u64, write: bool, call: Call) -> (f64, f64) {
+fn run(
+    f: &DirectFile,
+    ops: u64,
+    start: u64,
+    span: u64,
+    write: bool,
+    call: Call,
+    rand: bool,
+) -> (f64, f64) {
     let mut buf = AlignedBuf::new(4096, 4096);
     // Async calls: the buffer goes with the call and comes back in the callback.
     let slot = Arc::new(Mutex::new(Some(AlignedBuf::new(4096, 4096))));
@@ -76,9 +86,18 @@ fn run(f: &DirectFile, ops: u64, start: u64, span: u64, write: bool, call: Call)
         Flags::NONE
     };
     let mut at = 0;
+    // xorshift64, seeded by the part of the file.
+    let mut x = start | 1;
     let (t0, c0) = (Instant::now(), thread_cpu());
     for _ in 0..ops {
-        at = (at + 4096) % span;
+        at = if rand {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % (span / 4096) * 4096
+        } else {
+            (at + 4096) % span
+        };
         if call == Call::Async {
             let b = slot
                 .lock()
@@ -110,7 +129,7 @@ fn run(f: &DirectFile, ops: u64, start: u64, span: u64, write: bool, call: Call)
 
 /// Calls per second of `threads` threads together, each doing `ops` calls (wall
 /// time: a loaded machine lowers it), and the CPU time per call.
-fn rate(threads: usize, ops: u64, own: bool, write: bool, call: Call) -> (f64, f64) {
+fn rate(threads: usize, ops: u64, own: bool, write: bool, call: Call, rand: bool) -> (f64, f64) {
     // One device; one file on it, or one file each (own state, map, counters).
     let dev = device();
     let shared = open(&dev);
@@ -128,11 +147,11 @@ fn rate(threads: usize, ops: u64, own: bool, write: bool, call: Call) -> (f64, f
                 let (start, t0) = (&start, &t0);
                 s.spawn(move || {
                     let base = t as u64 * span;
-                    run(f, ops / 10, base, span, write, call); // warm up
+                    run(f, ops / 10, base, span, write, call, rand); // warm up
                     if start.wait().is_leader() {
                         *t0.lock().unwrap() = Some(Instant::now());
                     }
-                    run(f, ops, base, span, write, call).1
+                    run(f, ops, base, span, write, call, rand).1
                 })
             })
             .collect();
@@ -146,6 +165,7 @@ fn rate(threads: usize, ops: u64, own: bool, write: bool, call: Call) -> (f64, f
 fn main() {
     let (mut ops, mut threads, mut own, mut write) = (5_000_000u64, vec![1usize], false, false);
     let mut call = Call::Sync;
+    let mut rand = false;
     let mut numbers = 0;
     for a in std::env::args().skip(1) {
         match a.as_str() {
@@ -156,6 +176,8 @@ fn main() {
             "sync" => call = Call::Sync,
             "async" => call = Call::Async,
             "locking" => call = Call::Locking,
+            "seq" => rand = false,
+            "rand" => rand = true,
             _ if numbers == 0 => {
                 ops = a.parse().expect("OPS: a number");
                 numbers += 1;
@@ -169,15 +191,15 @@ fn main() {
             }
             _ => panic!(
                 "usage: null_loop [OPS] [THREADS[,THREADS..]] [shared|own] [read|write] \
-                 [sync|async|locking]"
+                 [sync|async|locking] [seq|rand]"
             ),
         }
     }
     let what = if write { "write" } else { "read" };
     if threads == [1] {
         let f = open(&device());
-        run(&f, ops / 10, 0, SIZE, write, call); // warm up
-        let (secs, cpu) = run(&f, ops, 0, SIZE, write, call);
+        run(&f, ops / 10, 0, SIZE, write, call, rand); // warm up
+        let (secs, cpu) = run(&f, ops, 0, SIZE, write, call, rand);
         println!(
             "{:.1} ns/{what} ({:.1} ns of CPU)",
             secs * 1e9 / ops as f64,
@@ -185,14 +207,14 @@ fn main() {
         );
         return;
     }
-    let (one, cpu1) = rate(1, ops, own, write, call);
+    let (one, cpu1) = rate(1, ops, own, write, call, rand);
     println!(
         "{what}s, {}: 1 thread: {:.2} M/s, {cpu1:.1} ns of CPU per {what}",
         if own { "a file each" } else { "one file" },
         one / 1e6
     );
     for &n in threads.iter().filter(|&&n| n > 1) {
-        let (many, cpun) = rate(n, ops, own, write, call);
+        let (many, cpun) = rate(n, ops, own, write, call, rand);
         println!(
             "  {n} threads: {:.2} M/s, {cpun:.1} ns of CPU per {what}; ratio to 1 thread \
              {:.2}x by wall time, {:.2}x by CPU per {what}",
