@@ -44,7 +44,7 @@ impl FileState {
             truncating: AtomicBool::new(false),
             gate: Mutex::new(GateState::default()),
             gate_cv: Condvar::new(),
-            ranges: RangeLock::default(),
+            ranges: RangeLock::new(size),
         }
     }
 
@@ -463,13 +463,21 @@ impl std::fmt::Debug for GateState {
 /// that line would bounce between the cores of all writers, overlapping or not.
 ///
 /// **Shards.** The file is cut in stripes of [`STRIPE`] bytes, and each stripe
-/// belongs to one of [`LOCK_SHARDS`] shards (a hash of the stripe number, so that
-/// neighbouring stripes, and writers far apart in the file, land on different
-/// shards). A shard is on lines of its own and holds every held range that touches
-/// one of its stripes (a range spanning several stripes is held in each of their
-/// shards; one spanning [`LOCK_SHARDS`] stripes or more, in all). Two ranges that
-/// overlap share a byte, so a stripe, so a shard: checking the shards of a range's
-/// stripes finds every holder that overlaps it.
+/// belongs to one of [`LOCK_SHARDS`] shards. A shard is on lines of its own and
+/// holds every held range that touches one of its stripes (a range spanning several
+/// stripes is held in each of their shards; one spanning [`LOCK_SHARDS`] stripes or
+/// more, in all). Two ranges that overlap share a byte, so a stripe, so a shard:
+/// checking the shards of a range's stripes finds every holder that overlaps it.
+///
+/// Which shard: the file (its size when the lock is made) is cut in [`PARTS`]
+/// parts, each with its own [`PER_PART`] shards, and within a part a hash of the
+/// stripe number picks one. Writers in different parts of the file (threads that
+/// share a file out between them, sequentially or at random offsets) then never
+/// touch the same shard: a shard that both touch would be a line moving between
+/// their cores at every write. Writers in the same part (neighbours, or random
+/// writers over the whole file) meet on one of the part's shards as often as the
+/// hash makes two stripes collide. Past the size, parts repeat; a file made empty
+/// gets one-stripe parts (a hash over all shards).
 ///
 /// **Fast slots.** Most writes lock a range of whole sectors inside one stripe. Such
 /// a range fits one word exactly ([`fast_key`]), and a shard has [`SLOTS`] words
@@ -498,13 +506,26 @@ impl std::fmt::Debug for GateState {
 /// waiter waits on the shard where it found the overlapping holder; that holder's
 /// release goes through that shard (the flag makes a fast release do so too), and
 /// wakes it (or starts its parked retry).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct RangeLock {
     shards: Box<[RangeShard; LOCK_SHARDS]>,
+    /// 2^64 / stripes per part, rounded up: the part of stripe `s` is the high word
+    /// of `s` times this (modulo [`PARTS`]), a division without a divide.
+    part_mul: u128,
 }
 
+impl Default for RangeLock {
+    fn default() -> Self {
+        RangeLock::new(0)
+    }
+}
+
+/// Parts of the file with shards of their own (see [`RangeLock`]).
+const PARTS: usize = 4;
+/// Shards of a part.
+const PER_PART: usize = 16;
 /// Shards of a [`RangeLock`].
-pub(crate) const LOCK_SHARDS: usize = 16;
+pub(crate) const LOCK_SHARDS: usize = PARTS * PER_PART;
 
 /// Bytes per stripe of a [`RangeLock`]: a 4 KiB write takes one shard, a 1 MiB one
 /// at most two.
@@ -520,6 +541,12 @@ const SLOW: u32 = 1;
 
 /// A fast slot's claim not yet confirmed (see [`RangeLock`]).
 const PENDING: u64 = 1;
+
+/// The word of a pending claim of `key`.
+#[inline]
+fn pending(key: u64) -> u64 {
+    key | PENDING
+}
 
 /// Granularity of a fast slot's range: a sector.
 const SECTOR: u64 = 512;
@@ -591,31 +618,9 @@ fn key_range(key: u64) -> (u64, u64) {
     (start, start + len)
 }
 
-/// The shard of a key's stripe.
-#[inline]
-fn key_shard(key: u64) -> usize {
-    shard_of((key >> KEY_STRIPE) - 1) as usize
-}
-
-/// The shards of the stripes of the non-empty range `[start, end)`, one bit each.
-#[inline]
-fn shards_of(start: u64, end: u64) -> u32 {
-    let (first, last) = (start / STRIPE, (end - 1) / STRIPE);
-    if last - first >= LOCK_SHARDS as u64 - 1 {
-        return (1 << LOCK_SHARDS) - 1;
-    }
-    (first..=last).fold(0, |m, s| m | 1 << shard_of(s))
-}
-
-/// The shard of stripe `s` (Fibonacci hashing: the top bits of a multiple).
-#[inline]
-fn shard_of(s: u64) -> u32 {
-    (s.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - LOCK_SHARDS.trailing_zeros())) as u32
-}
-
 /// The shards of `mask`, in increasing order.
 #[inline]
-fn each(mut mask: u32) -> impl Iterator<Item = usize> {
+fn each(mut mask: u64) -> impl Iterator<Item = usize> {
     std::iter::from_fn(move || {
         (mask != 0).then(|| {
             let i = mask.trailing_zeros();
@@ -735,6 +740,41 @@ impl RangeShard {
 }
 
 impl RangeLock {
+    /// A lock for a file of `size` bytes (which sets the parts, see [`RangeLock`]).
+    pub(crate) fn new(size: u64) -> RangeLock {
+        let part_stripes = size.div_ceil(STRIPE).div_ceil(PARTS as u64).max(1);
+        RangeLock {
+            shards: Box::new(std::array::from_fn(|_| RangeShard::default())),
+            part_mul: (1u128 << 64).div_ceil(u128::from(part_stripes)),
+        }
+    }
+
+    /// The shard of stripe `s`: its part's, picked by Fibonacci hashing (the top
+    /// bits of a multiple). Any function of `s` alone would be correct.
+    #[inline]
+    fn shard_of(&self, s: u64) -> usize {
+        let part = ((u128::from(s) * self.part_mul) >> 64) as usize % PARTS;
+        let hash = s.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - PER_PART.trailing_zeros());
+        part * PER_PART + hash as usize
+    }
+
+    /// The shard of a key's stripe.
+    #[inline]
+    fn key_shard(&self, key: u64) -> usize {
+        self.shard_of((key >> KEY_STRIPE) - 1)
+    }
+
+    /// The shards of the stripes of the non-empty range `[start, end)`, one bit
+    /// each; all of them for a range of many stripes (a superset is correct too).
+    #[inline]
+    fn shards_of(&self, start: u64, end: u64) -> u64 {
+        let (first, last) = (start / STRIPE, (end - 1) / STRIPE);
+        if last - first >= LOCK_SHARDS as u64 - 1 {
+            return u64::MAX >> (64 - LOCK_SHARDS);
+        }
+        (first..=last).fold(0, |m, s| m | 1 << self.shard_of(s))
+    }
+
     /// Take the non-empty `[start, end)` in a fast slot, if it has a key, its shard
     /// is not [`SLOW`], a slot is free and nothing overlaps.
     #[inline]
@@ -742,11 +782,11 @@ impl RangeLock {
         let Some(key) = fast_key(start, end) else {
             return false;
         };
-        let sh = &self.shards[key_shard(key)];
+        let sh = &self.shards[self.key_shard(key)];
         if sh.mode.load(Ordering::Relaxed) & SLOW != 0 {
             return false;
         }
-        let Some(at) = sh.claim(key | PENDING) else {
+        let Some(at) = sh.claim(pending(key)) else {
             return false;
         };
         if sh.mode.load(Ordering::SeqCst) & SLOW == 0 && !sh.slots_overlap(at, start, end) {
@@ -760,7 +800,7 @@ impl RangeLock {
     /// Take the non-empty range `[start, end)` on the slow side if no overlapping
     /// range is held; else the shard where an overlapping one was seen.
     fn try_take(&self, start: u64, end: u64) -> std::result::Result<(), usize> {
-        let mask = shards_of(start, end);
+        let mask = self.shards_of(start, end);
         // Every shard's mutex, in increasing order (as every taker of several does:
         // no deadlock), then check all and insert into all.
         let mut guards: [Option<MutexGuard<'_, Ranges>>; LOCK_SHARDS] =
@@ -824,7 +864,7 @@ impl RangeLock {
     /// runs it.
     pub(crate) fn park_unless_free(&self, start: u64, end: u64, job: Job) -> Option<Job> {
         let (start, end) = nonempty(start, end);
-        for i in each(shards_of(start, end)) {
+        for i in each(self.shards_of(start, end)) {
             let sh = &self.shards[i];
             let mut g = sh.enter();
             if sh.overlaps(&g, start, end) {
@@ -842,7 +882,7 @@ impl RangeLock {
     pub(crate) fn unlock(&self, start: u64, end: u64) {
         let (start, end) = nonempty(start, end);
         if let Some(key) = fast_key(start, end) {
-            let sh = &self.shards[key_shard(key)];
+            let sh = &self.shards[self.key_shard(key)];
             // Only the holder has this word unmarked in a slot.
             if let Some(slot) = sh.slots.iter().find(|s| s.load(Ordering::Relaxed) == key) {
                 slot.store(0, Ordering::SeqCst);
@@ -859,7 +899,7 @@ impl RangeLock {
     #[cold]
     fn unlock_slow(&self, start: u64, end: u64) {
         let mut parked = Vec::new();
-        for i in each(shards_of(start, end)) {
+        for i in each(self.shards_of(start, end)) {
             let sh = &self.shards[i];
             let mut g = lock(&sh.held);
             g.remove(start, end);
@@ -871,8 +911,9 @@ impl RangeLock {
 
 #[cfg(test)]
 mod tests {
-    use super::{RangeLock, STRIPE};
-    use std::sync::Mutex;
+    use super::{fast_key, RangeLock, Ranges, PARTS, STRIPE};
+    use std::sync::atomic::Ordering;
+    use std::sync::{mpsc, Mutex};
 
     fn xorshift(mut x: u64) -> impl FnMut(u64) -> u64 {
         move |n| {
@@ -884,7 +925,7 @@ mod tests {
     }
 
     /// A random range: small or spanning stripes, empty, or to the end of any file.
-    fn range(rnd: &mut impl FnMut(u64) -> u64) -> (u64, u64) {
+    fn range(rnd: &mut dyn FnMut(u64) -> u64) -> (u64, u64) {
         // Units of a sector, or of a quarter stripe (ranges across stripes, and
         // across more stripes than there are shards).
         let unit = if rnd(2) == 0 { 512 } else { STRIPE / 4 };
@@ -897,36 +938,171 @@ mod tests {
         (s, e)
     }
 
+    /// A range crowded into a few stripes (so into few shards, more holders than a
+    /// shard has slots): mostly the fast slots' shape (whole sectors inside one
+    /// stripe; often the very same range, so that claims of one range race), some
+    /// not (bytes, across a boundary, empty, to the end of any file).
+    fn crowded(rnd: &mut dyn FnMut(u64) -> u64) -> (u64, u64) {
+        // Stripes 0 and 1, and the first stripes of the second and last parts of a
+        // 64 MiB file.
+        let base = [0, STRIPE, 16 * STRIPE, 48 * STRIPE][rnd(4) as usize];
+        let s = base + rnd(48) * 512;
+        match rnd(16) {
+            0 => (s + 1 + rnd(511), s + 4096 + rnd(700)),
+            1 => (base + STRIPE - 2048, base + STRIPE + 512 * (1 + rnd(8))),
+            2 => (s, s),
+            3 => (s, u64::MAX),
+            4..=7 => (base, base + 4096),
+            _ => (s, s + 512 * (1 + rnd(12))),
+        }
+    }
+
+    type Pick = fn(&mut dyn FnMut(u64) -> u64) -> (u64, u64);
+
     fn overlap(model: &[(u64, u64)], s: u64, e: u64) -> bool {
         let (ms, me) = (s, e.max(s + 1));
         model.iter().any(|&(a, b)| a < me && ms < b.max(a + 1))
     }
 
+    /// Nothing is left held, in a slot or on a mutex side, and no shard stays on
+    /// the slow side.
+    fn assert_clean(lk: &RangeLock) {
+        for (i, sh) in lk.shards.iter().enumerate() {
+            let g = sh.held.lock().unwrap();
+            let Ranges {
+                held,
+                parked,
+                waiters,
+            } = &*g;
+            assert!(
+                held.is_empty() && parked.is_empty() && *waiters == 0,
+                "shard {i}: {g:?}"
+            );
+            assert_eq!(sh.mode.load(Ordering::SeqCst), 0, "shard {i} stays slow");
+            for slot in &sh.slots {
+                assert_eq!(
+                    slot.load(Ordering::SeqCst),
+                    0,
+                    "shard {i}: a slot stays taken"
+                );
+            }
+        }
+    }
+
+    /// Locks for files of no size, of a few stripes (parts of two), and large.
+    fn locks() -> [RangeLock; 3] {
+        [
+            RangeLock::new(0),
+            RangeLock::new(7 * STRIPE + 5),
+            RangeLock::new(64 * STRIPE),
+        ]
+    }
+
     /// try_lock agrees with a brute-force overlap check over the held set, for
     /// random ranges (touching, nested, empty, within one stripe and across many,
-    /// up to u64::MAX), and unlock frees exactly what was taken.
+    /// up to u64::MAX; spread out, or crowded into a few shards with more holders
+    /// than slots), and unlock frees exactly what was taken.
     #[test]
     fn range_lock_matches_a_brute_force_model() {
-        let lk = RangeLock::default();
-        let mut model: Vec<(u64, u64)> = Vec::new();
-        let mut rnd = xorshift(0x2545_f491_4f6c_dd1d);
-        for _ in 0..40_000 {
-            if !model.is_empty() && rnd(3) == 0 {
-                let (s, e) = model.swap_remove(rnd(model.len() as u64) as usize);
-                lk.unlock(s, e);
-                continue;
-            }
-            let (s, e) = range(&mut rnd);
-            let busy = overlap(&model, s, e);
-            assert_eq!(lk.try_lock(s, e), !busy, "[{s}, {e}) over {model:?}");
-            if !busy {
-                model.push((s, e));
+        for (n, lk) in locks().iter().enumerate() {
+            for (crowd, pick) in [(false, range as Pick), (true, crowded)] {
+                let mut model: Vec<(u64, u64)> = Vec::new();
+                let mut rnd = xorshift(0x2545_f491_4f6c_dd1d + n as u64);
+                // Fast shapes taken in a slot, and spilled to the mutex side.
+                let (mut in_slot, mut spilled) = (0, 0);
+                for _ in 0..40_000 {
+                    if !model.is_empty() && rnd(3) == 0 {
+                        let (s, e) = model.swap_remove(rnd(model.len() as u64) as usize);
+                        lk.unlock(s, e);
+                        continue;
+                    }
+                    let (s, e) = pick(&mut rnd);
+                    let busy = overlap(&model, s, e);
+                    assert_eq!(lk.try_lock(s, e), !busy, "[{s}, {e}) over {model:?}");
+                    if !busy {
+                        model.push((s, e));
+                        if let Some(k) = fast_key(s, e.max(s + 1)) {
+                            let sh = &lk.shards[lk.key_shard(k)];
+                            if sh.slots.iter().any(|w| w.load(Ordering::SeqCst) == k) {
+                                in_slot += 1;
+                            } else {
+                                spilled += 1;
+                            }
+                        }
+                    }
+                }
+                assert!(in_slot > 1000, "{in_slot} ranges in a slot");
+                if crowd {
+                    // More holders in a shard than it has slots.
+                    assert!(spilled > 100, "{spilled} fast shapes spilled");
+                }
+                for (s, e) in model.drain(..) {
+                    lk.unlock(s, e);
+                }
+                assert_clean(lk);
+                assert!(lk.try_lock(0, u64::MAX));
+                lk.unlock(0, u64::MAX);
+                assert_clean(lk);
             }
         }
-        for (s, e) in model.drain(..) {
-            lk.unlock(s, e);
+    }
+
+    /// The parts: a file of 64 stripes has parts of 16, each with shards of its
+    /// own; every shard is used; ranges a part apart never share a shard.
+    #[test]
+    fn parts_keep_their_own_shards() {
+        let lk = RangeLock::new(64 * STRIPE);
+        let mut used = 0u64;
+        for s in 0..64 {
+            let i = lk.shard_of(s);
+            assert_eq!(i / super::PER_PART, s as usize / 16, "stripe {s}");
+            used |= 1 << i;
         }
-        assert!(lk.try_lock(0, u64::MAX));
+        assert!(used.count_ones() as usize > PARTS * super::PER_PART / 2);
+        for s in 0..16 {
+            assert_ne!(lk.shard_of(s), lk.shard_of(s + 32));
+        }
+        // The fast key is exact: every range of whole sectors inside one stripe
+        // comes back from its key.
+        for (s, e) in [(0, 512), (STRIPE - 512, STRIPE), (5 * STRIPE, 6 * STRIPE)] {
+            let k = fast_key(s, e).expect("a fast shape");
+            assert_eq!(super::key_range(k), (s, e));
+            assert_eq!(super::key_range(k | super::PENDING), (s, e));
+        }
+        for (s, e) in [
+            (0, 513),
+            (1, 512),
+            (STRIPE - 512, STRIPE + 512),
+            (u64::MAX - 512, u64::MAX),
+        ] {
+            assert!(fast_key(s, e).is_none(), "[{s}, {e})");
+        }
+    }
+
+    /// A holder's release frees its own slot, never another thread's claim of the
+    /// same range still pending (in a slot found first), which would leave the
+    /// holder's slot taken for good and the claimer waiting on it.
+    #[test]
+    fn a_release_leaves_a_pending_claim_of_the_same_range_alone() {
+        let lk = RangeLock::new(0);
+        let r = (8192, 12288);
+        let key = fast_key(r.0, r.1).unwrap();
+        let sh = &lk.shards[lk.key_shard(key)];
+        assert!(lk.try_lock(0, 4096));
+        assert!(lk.try_lock(r.0, r.1));
+        lk.unlock(0, 4096);
+        // Another thread's claim, between its compare-and-swap and its checks.
+        let at = sh.claim(super::pending(key)).unwrap();
+        assert_eq!(at, 0, "the first slot, before the holder's");
+        lk.unlock(r.0, r.1);
+        let words: Vec<u64> = sh.slots.iter().map(|w| w.load(Ordering::SeqCst)).collect();
+        assert_eq!(words[0], super::pending(key), "{words:x?}");
+        assert!(words[1..].iter().all(|&w| w == 0), "{words:x?}");
+        // The claimer's checks find nothing in its way: it keeps the range.
+        assert!(sh.confirm(at, key));
+        assert!(!lk.try_lock(r.0, r.1));
+        lk.unlock(r.0, r.1);
+        assert_clean(&lk);
     }
 
     /// Threads lock random ranges (blocking, or parking a retry as async calls do)
@@ -934,7 +1110,47 @@ mod tests {
     /// a model of the held set: the shards together exclude as one lock would.
     #[test]
     fn range_lock_excludes_overlapping_holders_across_threads() {
-        let lk = RangeLock::default();
+        bounded(|| {
+            for lk in locks() {
+                exclude_across_threads(&lk, range, 6, 3000);
+            }
+        });
+    }
+
+    /// The same, crowded into a few shards: claims of the fast slots race each
+    /// other and the slow side (more holders than slots, ranges of every shape in
+    /// the same shards), a thread holds up to three ranges, and some ranges are
+    /// released by another thread than the one that took them (as an async call's
+    /// completion does).
+    #[test]
+    fn fast_slots_exclude_when_crowded() {
+        bounded(|| {
+            for lk in locks() {
+                exclude_across_threads(&lk, crowded, 8, 4000);
+            }
+        });
+    }
+
+    /// Run `f`, failing if it has not finished in two minutes (a lost wakeup, or a
+    /// range never released, would hang it; it takes about a second).
+    fn bounded(f: impl FnOnce() + Send + 'static) {
+        let (tx, rx) = mpsc::channel();
+        let h = std::thread::spawn(move || {
+            f();
+            let _ = tx.send(());
+        });
+        match rx.recv_timeout(std::time::Duration::from_secs(120)) {
+            Ok(()) => h.join().unwrap(),
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                if let Err(p) = h.join() {
+                    std::panic::resume_unwind(p);
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => panic!("hung: not done in 120 s"),
+        }
+    }
+
+    fn exclude_across_threads(lk: &RangeLock, pick: Pick, threads: u64, rounds: usize) {
         let held: Mutex<Vec<(u64, u64)>> = Mutex::new(Vec::new());
         let check_in = |s: u64, e: u64| {
             let mut h = held.lock().unwrap();
@@ -946,16 +1162,32 @@ mod tests {
             let at = h.iter().position(|&r| r == (s, e)).expect("held");
             h.swap_remove(at);
         };
+        let (give, given) = mpsc::channel::<(u64, u64)>();
         std::thread::scope(|sc| {
-            for t in 0..6u64 {
-                let (lk, check_in, check_out) = (&lk, &check_in, &check_out);
+            // Releases ranges other threads took.
+            sc.spawn(|| {
+                for (s, e) in given {
+                    check_out(s, e);
+                    lk.unlock(s, e);
+                }
+            });
+            for t in 0..threads {
+                let (check_in, check_out, give) = (&check_in, &check_out, give.clone());
                 sc.spawn(move || {
                     let mut rnd = xorshift(0x9e37_79b9 * (t + 1));
-                    for i in 0..3000 {
-                        let (s, e) = range(&mut rnd);
-                        if i % 4 == 0 {
+                    let mut mine: Vec<(u64, u64)> = Vec::new();
+                    for i in 0..rounds {
+                        let (s, e) = pick(&mut rnd);
+                        if !mine.is_empty() {
+                            // More only if free now: waiting while holding could
+                            // wait for ever (two threads each waiting for the other).
+                            if mine.len() < 3 && lk.try_lock(s, e) {
+                                check_in(s, e);
+                                mine.push((s, e));
+                            }
+                        } else if i % 4 == 0 {
                             // The async way: try, park a retry, run it when handed back.
-                            let (tx, rx) = std::sync::mpsc::channel();
+                            let (tx, rx) = mpsc::channel();
                             loop {
                                 if lk.try_lock(s, e) {
                                     break;
@@ -967,18 +1199,35 @@ mod tests {
                                 }
                                 rx.recv().unwrap();
                             }
+                            check_in(s, e);
+                            mine.push((s, e));
                         } else {
                             lk.lock(s, e);
+                            check_in(s, e);
+                            mine.push((s, e));
                         }
-                        check_in(s, e);
                         std::thread::yield_now();
+                        if rnd(2) == 0 {
+                            let (s, e) = mine.swap_remove(rnd(mine.len() as u64) as usize);
+                            if rnd(4) == 0 {
+                                give.send((s, e)).unwrap();
+                            } else {
+                                check_out(s, e);
+                                lk.unlock(s, e);
+                            }
+                        }
+                    }
+                    for (s, e) in mine {
                         check_out(s, e);
                         lk.unlock(s, e);
                     }
                 });
             }
+            drop(give);
         });
+        assert_clean(lk);
         assert!(lk.try_lock(0, u64::MAX));
+        lk.unlock(0, u64::MAX);
     }
 }
 
