@@ -2,7 +2,7 @@
 //! writes) on the null RAM device (no storage, no copy, no counters, completes
 //! inline), the counterpart of `fio --ioengine=null --bs=4k --rw=randread --iodepth=1`.
 //!
-//! `cargo run --release -p dio --example null_loop -- [OPS] [THREADS] [shared|own] [read|write] [sync|async|locking] [seq|rand]`
+//! `cargo run --release -p dio --example null_loop -- [OPS] [THREADS] [shared|own] [read|write] [sync|async|locking] [seq|rand|randall]`
 //!
 //! - `OPS`: calls per thread (default 5000000).
 //! - `THREADS`: a count, or a comma list for a sweep (`1,2,4,8`); default 1.
@@ -14,7 +14,8 @@
 //!   through the async path: the call's state, its callback, the file handle it
 //!   carries); `locking`: sync calls with `Flags::LOCKING` (the file lock, shared).
 //! - `seq` (default): each thread sweeps its part of the file in order; `rand`: at
-//!   random 4 KiB-aligned offsets in its part.
+//!   random 4 KiB-aligned offsets in its part; `randall`: at random offsets in the
+//!   whole file (threads on one file then meet everywhere).
 //!
 //! With one thread it prints ns per call. With more, for each thread count it prints
 //! the calls per second of all threads, the CPU time per call (the sum of the threads'
@@ -75,7 +76,7 @@ fn run(
     span: u64,
     write: bool,
     call: Call,
-    rand: bool,
+    rand: Option<u64>,
 ) -> (f64, f64) {
     let mut buf = AlignedBuf::new(4096, 4096);
     // Async calls: the buffer goes with the call and comes back in the callback.
@@ -86,11 +87,11 @@ fn run(
         Flags::NONE
     };
     let mut at = 0;
-    // xorshift64, seeded by the part of the file.
-    let mut x = start | 1;
+    // xorshift64, from the seed of `rand`.
+    let mut x = rand.unwrap_or(1) | 1;
     let (t0, c0) = (Instant::now(), thread_cpu());
     for _ in 0..ops {
-        at = if rand {
+        at = if rand.is_some() {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
@@ -127,16 +128,38 @@ fn run(
     (t0.elapsed().as_secs_f64(), thread_cpu() - c0)
 }
 
+/// Where a thread's calls go.
+#[derive(Clone, Copy, PartialEq)]
+enum Rand {
+    /// In order through its part of the file.
+    Seq,
+    /// At random in its part.
+    Part,
+    /// At random in the whole file.
+    All,
+}
+
+impl Rand {
+    /// The random seed of thread `t`, if random.
+    fn seed(self, t: u64) -> Option<u64> {
+        (self != Rand::Seq).then(|| (t + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15))
+    }
+}
+
 /// Calls per second of `threads` threads together, each doing `ops` calls (wall
 /// time: a loaded machine lowers it), and the CPU time per call.
-fn rate(threads: usize, ops: u64, own: bool, write: bool, call: Call, rand: bool) -> (f64, f64) {
+fn rate(threads: usize, ops: u64, own: bool, write: bool, call: Call, rand: Rand) -> (f64, f64) {
     // One device; one file on it, or one file each (own state, map, counters).
     let dev = device();
     let shared = open(&dev);
     let files: Vec<DirectFile> = (0..threads)
         .map(|_| if own { open(&dev) } else { shared.clone() })
         .collect();
-    let span = (SIZE / threads as u64) & !4095;
+    let span = if rand == Rand::All {
+        SIZE
+    } else {
+        (SIZE / threads as u64) & !4095
+    };
     let start = std::sync::Barrier::new(threads);
     let t0 = std::sync::Mutex::new(None);
     let cpu: f64 = std::thread::scope(|s| {
@@ -146,7 +169,12 @@ fn rate(threads: usize, ops: u64, own: bool, write: bool, call: Call, rand: bool
             .map(|(t, f)| {
                 let (start, t0) = (&start, &t0);
                 s.spawn(move || {
-                    let base = t as u64 * span;
+                    let base = if rand == Rand::All {
+                        0
+                    } else {
+                        t as u64 * span
+                    };
+                    let rand = rand.seed(t as u64);
                     run(f, ops / 10, base, span, write, call, rand); // warm up
                     if start.wait().is_leader() {
                         *t0.lock().unwrap() = Some(Instant::now());
@@ -165,7 +193,7 @@ fn rate(threads: usize, ops: u64, own: bool, write: bool, call: Call, rand: bool
 fn main() {
     let (mut ops, mut threads, mut own, mut write) = (5_000_000u64, vec![1usize], false, false);
     let mut call = Call::Sync;
-    let mut rand = false;
+    let mut rand = Rand::Seq;
     let mut numbers = 0;
     for a in std::env::args().skip(1) {
         match a.as_str() {
@@ -176,8 +204,9 @@ fn main() {
             "sync" => call = Call::Sync,
             "async" => call = Call::Async,
             "locking" => call = Call::Locking,
-            "seq" => rand = false,
-            "rand" => rand = true,
+            "seq" => rand = Rand::Seq,
+            "rand" => rand = Rand::Part,
+            "randall" => rand = Rand::All,
             _ if numbers == 0 => {
                 ops = a.parse().expect("OPS: a number");
                 numbers += 1;
@@ -191,15 +220,15 @@ fn main() {
             }
             _ => panic!(
                 "usage: null_loop [OPS] [THREADS[,THREADS..]] [shared|own] [read|write] \
-                 [sync|async|locking] [seq|rand]"
+                 [sync|async|locking] [seq|rand|randall]"
             ),
         }
     }
     let what = if write { "write" } else { "read" };
     if threads == [1] {
         let f = open(&device());
-        run(&f, ops / 10, 0, SIZE, write, call, rand); // warm up
-        let (secs, cpu) = run(&f, ops, 0, SIZE, write, call, rand);
+        run(&f, ops / 10, 0, SIZE, write, call, rand.seed(0)); // warm up
+        let (secs, cpu) = run(&f, ops, 0, SIZE, write, call, rand.seed(0));
         println!(
             "{:.1} ns/{what} ({:.1} ns of CPU)",
             secs * 1e9 / ops as f64,

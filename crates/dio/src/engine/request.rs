@@ -104,12 +104,12 @@ pub(crate) fn write_lock_range(fs: u64, start: u64, end: u64) -> (u64, u64) {
 #[inline]
 pub(crate) fn lock_write_range(file: &Shared, r: (u64, u64), flags: Flags) -> Result<()> {
     let ranges = file.state.ranges();
+    // Free, as it mostly is: no need to ask the device how to wait.
+    if ranges.try_lock(r.0, r.1) {
+        return Ok(());
+    }
     if flags.contains(Flags::NOWAIT) {
-        return if ranges.try_lock(r.0, r.1) {
-            Ok(())
-        } else {
-            Err(Error::WouldBlock)
-        };
+        return Err(Error::WouldBlock);
     }
     if file.dev.completion_mode() == CompletionMode::Polled {
         while !ranges.try_lock(r.0, r.1) {
