@@ -1047,6 +1047,13 @@ mod tests {
         }
     }
 
+    /// A shard is two lines: the fast one (flag, condvar, slots) and the mutex side.
+    #[test]
+    fn a_shard_is_two_lines() {
+        assert_eq!(std::mem::size_of::<super::RangeShard>(), 128);
+        assert_eq!(std::mem::offset_of!(super::RangeShard, held), 64);
+    }
+
     /// The parts: a file of 64 stripes has parts of 16, each with shards of its
     /// own; every shard is used; ranges a part apart never share a shard.
     #[test]
