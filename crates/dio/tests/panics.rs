@@ -584,57 +584,62 @@ fn a_panic_in_a_one_buffer_read_on_the_fast_path_leaves_nothing_behind() {
             (Hook::SubmitIo, 1, true, 65536),
             (Hook::Map, 2, false, 8192),
         ] {
-            let what = format!("{name} {hook:?} at {at}, whole {whole}, {len} bytes");
-            let live = Arc::new(AtomicUsize::new(0));
-            let counting: Arc<dyn Device> = Arc::new(Counting {
-                inner: dev.clone(),
-                live: live.clone(),
-            });
-            let map = Arc::new(Plain {
-                inner: IdentityMap::new(FS, SIZE),
-                hook,
-                panic_at: at,
-                whole,
-                calls: AtomicUsize::new(0),
-                armed: std::sync::atomic::AtomicBool::new(true),
-                live: live.clone(),
-                live_at_panic: AtomicUsize::new(0),
-            });
-            let file =
-                DirectFile::new(counting, map.clone(), Arc::new(FileState::new(SIZE))).unwrap();
-            let mut buf = AlignedBuf::from_slice(&vec![0x33; len], 4096);
-            let got = catch_unwind(AssertUnwindSafe(|| file.read_at(0, &mut buf, Flags::NONE)));
-            assert!(got.is_err(), "{what}: the panic did not reach the caller");
-            if hook == Hook::SubmitIo || at == 2 {
-                assert!(
-                    map.live_at_panic.load(Ordering::SeqCst) >= 1 || name != "ram",
-                    "{what}: nothing was in flight at the panic"
+            // The locking mode holds the shared file lock over the lookup: a panic
+            // must give it back (the truncate below takes it exclusively).
+            for flags in [Flags::NONE, Flags::LOCKING] {
+                let what =
+                    format!("{name} {hook:?} at {at}, whole {whole}, {len} bytes, {flags:?}");
+                let live = Arc::new(AtomicUsize::new(0));
+                let counting: Arc<dyn Device> = Arc::new(Counting {
+                    inner: dev.clone(),
+                    live: live.clone(),
+                });
+                let map = Arc::new(Plain {
+                    inner: IdentityMap::new(FS, SIZE),
+                    hook,
+                    panic_at: at,
+                    whole,
+                    calls: AtomicUsize::new(0),
+                    armed: std::sync::atomic::AtomicBool::new(true),
+                    live: live.clone(),
+                    live_at_panic: AtomicUsize::new(0),
+                });
+                let file =
+                    DirectFile::new(counting, map.clone(), Arc::new(FileState::new(SIZE))).unwrap();
+                let mut buf = AlignedBuf::from_slice(&vec![0x33; len], 4096);
+                let got = catch_unwind(AssertUnwindSafe(|| file.read_at(0, &mut buf, flags)));
+                assert!(got.is_err(), "{what}: the panic did not reach the caller");
+                if hook == Hook::SubmitIo || at == 2 {
+                    assert!(
+                        map.live_at_panic.load(Ordering::SeqCst) >= 1 || name != "ram",
+                        "{what}: nothing was in flight at the panic"
+                    );
+                }
+                assert_eq!(
+                    live.load(Ordering::SeqCst),
+                    0,
+                    "{what}: a request outlived the call"
+                );
+                assert_eq!(
+                    file.state().dio_count(),
+                    0,
+                    "{what}: in-flight count left behind"
+                );
+                let snapshot = buf.to_vec();
+                map.armed.store(false, Ordering::SeqCst);
+                let f = file.clone();
+                bounded(20, move || {
+                    let mut back = AlignedBuf::new(4096, 4096);
+                    assert_eq!(f.read_at(0, &mut back, Flags::NONE).unwrap(), 4096);
+                    f.truncate(SIZE).unwrap();
+                });
+                std::thread::sleep(Duration::from_millis(250));
+                assert_eq!(
+                    &buf[..],
+                    &snapshot[..],
+                    "{what}: the buffer changed after the call"
                 );
             }
-            assert_eq!(
-                live.load(Ordering::SeqCst),
-                0,
-                "{what}: a request outlived the call"
-            );
-            assert_eq!(
-                file.state().dio_count(),
-                0,
-                "{what}: in-flight count left behind"
-            );
-            let snapshot = buf.to_vec();
-            map.armed.store(false, Ordering::SeqCst);
-            let f = file.clone();
-            bounded(20, move || {
-                let mut back = AlignedBuf::new(4096, 4096);
-                assert_eq!(f.read_at(0, &mut back, Flags::NONE).unwrap(), 4096);
-                f.truncate(SIZE).unwrap();
-            });
-            std::thread::sleep(Duration::from_millis(250));
-            assert_eq!(
-                &buf[..],
-                &snapshot[..],
-                "{what}: the buffer changed after the call"
-            );
         }
     }
 }

@@ -289,7 +289,6 @@ pub(crate) fn read_one(
     // request's worth, within the file system's limit; no locking mode, and not
     // ATOMIC (the whole way refuses atomic reads).
     if file.end_io
-        || flags.contains(Flags::LOCKING)
         || flags.contains(Flags::ATOMIC)
         || len == 0
         || (offset | len) & (fs - 1) != 0
@@ -303,6 +302,15 @@ pub(crate) fn read_one(
     }
     let _span = crate::trace::call_span!(Op::Read, offset, len, file);
     let state = &file.state;
+    // The locking mode's shared file lock, for the lookup and the submission (as the
+    // general path holds it), taken before the call counts itself in flight: a
+    // truncate holds the lock exclusively while it waits for that count.
+    let mut locked = FileLockHold {
+        file,
+        held: flags
+            .contains(Flags::LOCKING)
+            .then(|| state.file_lock().acquire(LockKind::Shared)),
+    };
     let count = if flags.contains(Flags::SKIP_DIO_COUNT) {
         None
     } else {
@@ -346,7 +354,7 @@ pub(crate) fn read_one(
             logical_end: offset + len,
             count,
             range_lock: None,
-            held: None,
+            held: locked.held.take(),
             flags,
             trim_padding: false,
         };
@@ -404,6 +412,8 @@ pub(crate) fn read_one(
     };
     let private = e.private.clone();
     drop(looked);
+    // The lookup and the request are done: a locking read waits without the lock.
+    drop(locked);
     // The map has no end_io: nothing in the finish can panic.
     dio.submitter_done(
         file,
@@ -579,6 +589,23 @@ pub(crate) fn read_one_async(
         std::panic::resume_unwind(payload);
     }
     None
+}
+
+/// The fast path's hold on the file lock (locking mode), released on drop: also
+/// when it returns early or unwinds (a panic in the block map or submit_io hook,
+/// after [`WaitGuard`] waited for the request).
+struct FileLockHold<'a> {
+    file: &'a Shared,
+    held: Option<Held>,
+}
+
+impl Drop for FileLockHold<'_> {
+    #[inline]
+    fn drop(&mut self) {
+        if let Some(h) = self.held.take() {
+            self.file.state.file_lock().release(h);
+        }
+    }
 }
 
 /// Counts a call out if the fast path unwinds (a panic in the block map).
