@@ -70,6 +70,24 @@ pub(crate) struct Call {
     pub(crate) trim_padding: bool,
 }
 
+impl Call {
+    /// A read of the one-request fast paths: no locks, nothing to extend or flush.
+    pub(crate) fn one_read(offset: u64, i_size: u64, count: Option<usize>) -> Call {
+        Call {
+            op: Op::Read,
+            offset,
+            i_size,
+            extend: None,
+            count,
+            range_lock: None,
+            file_lock: None,
+            flush: false,
+            dsync: false,
+            trim_padding: false,
+        }
+    }
+}
+
 /// One direct-I/O call in flight (the seed's `struct dio`): what its requests'
 /// completions share.
 ///

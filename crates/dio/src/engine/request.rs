@@ -259,6 +259,38 @@ pub(crate) fn run_async_handle(
     );
 }
 
+/// The shape of a read the one-request fast paths take: one buffer of whole fs
+/// blocks (so the dio block is the fs block) at an aligned address, one request's
+/// worth, within the file system's limit, on a map without end_io; not ATOMIC (the
+/// whole way refuses atomic reads).
+fn one_request_shape(file: &Shared, offset: u64, m: &MemRef, flags: Flags) -> bool {
+    let geo = &file.geometry;
+    let fs = u64::from(file.fs_block);
+    let len = m.len() as u64;
+    !(file.end_io
+        || flags.contains(Flags::ATOMIC)
+        || len == 0
+        || (offset | len) & (fs - 1) != 0
+        || m.addr() & (geo.mem_align as usize - 1) != 0
+        || len > u64::from(geo.max_bytes)
+        || offset
+            .checked_add(len)
+            .is_none_or(|end| end > file.map.max_file_size()))
+}
+
+/// Whether the map's answer covers all `blocks` of a fast-path read in one piece
+/// the device holds (or a hole / unwritten extent: zeros, no request).
+fn one_extent(file: &Shared, e: &crate::map::Extent, blocks: u64) -> bool {
+    let sh = file.fs_block.trailing_zeros();
+    e.len >= blocks
+        && match e.mapping {
+            Mapping::Mapped(b) => b
+                .checked_add(blocks)
+                .is_some_and(|end| end <= file.geometry.size >> sh),
+            Mapping::Hole | Mapping::Unwritten(_) => true,
+        }
+}
+
 /// The fast path of the commonest call: a sync read of one aligned buffer that one
 /// extent maps and one device request carries, on a file whose map has no end_io.
 /// It does what [`run`] does for such a call (the same count, i_size sample, lookup
@@ -282,22 +314,9 @@ pub(crate) fn read_one(
     let [m] = mem else {
         return None;
     };
-    let geo = &file.geometry;
     let fs = u64::from(file.fs_block);
     let len = m.len() as u64;
-    // Whole fs blocks (so the dio block is the fs block), an aligned address, one
-    // request's worth, within the file system's limit; no locking mode, and not
-    // ATOMIC (the whole way refuses atomic reads).
-    if file.end_io
-        || flags.contains(Flags::ATOMIC)
-        || len == 0
-        || (offset | len) & (fs - 1) != 0
-        || m.addr() & (geo.mem_align as usize - 1) != 0
-        || len > u64::from(geo.max_bytes)
-        || offset
-            .checked_add(len)
-            .is_none_or(|end| end > file.map.max_file_size())
-    {
+    if !one_request_shape(file, offset, m, flags) {
         return None;
     }
     let _span = crate::trace::call_span!(Op::Read, offset, len, file);
@@ -335,15 +354,7 @@ pub(crate) fn read_one(
     let sh = fs.trailing_zeros();
     let (block, blocks) = (offset >> sh, len >> sh);
     let looked = file.map.map(block, blocks, false);
-    let simple = match &looked {
-        Ok(e) if e.len >= blocks => match e.mapping {
-            Mapping::Mapped(b) => b
-                .checked_add(blocks)
-                .is_some_and(|end| end <= geo.size >> sh),
-            Mapping::Hole | Mapping::Unwritten(_) => true,
-        },
-        _ => false,
-    };
+    let simple = matches!(&looked, Ok(e) if one_extent(file, e, blocks));
     counted.armed = false;
     if !simple {
         let p = Prepared {
@@ -363,18 +374,7 @@ pub(crate) fn read_one(
     let Ok(e) = &looked else {
         unreachable!("a simple answer is an extent")
     };
-    let call = Call {
-        op: Op::Read,
-        offset,
-        i_size,
-        extend: None,
-        count,
-        range_lock: None,
-        file_lock: None,
-        flush: false,
-        dsync: false,
-        trim_padding: false,
-    };
+    let call = Call::one_read(offset, i_size, count);
     let poll = flags.contains(Flags::POLL);
     let mapped = matches!(e.mapping, Mapping::Mapped(_));
     // The one request is counted in at once.
@@ -447,21 +447,11 @@ pub(crate) fn read_one_async(
     let [m] = mem else {
         return Some(done);
     };
-    let geo = &file.geometry;
     let fs = u64::from(file.fs_block);
     let len = m.len() as u64;
-    // The shape read_one takes (see there).
-    if file.end_io
-        || flags.contains(Flags::LOCKING)
-        || flags.contains(Flags::ATOMIC)
-        || len == 0
-        || (offset | len) & (fs - 1) != 0
-        || m.addr() & (geo.mem_align as usize - 1) != 0
-        || len > u64::from(geo.max_bytes)
-        || offset
-            .checked_add(len)
-            .is_none_or(|end| end > file.map.max_file_size())
-    {
+    // The shape read_one takes, not in the locking mode (the general path takes and
+    // parks on the file lock).
+    if flags.contains(Flags::LOCKING) || !one_request_shape(file, offset, m, flags) {
         return Some(done);
     }
     let _span = crate::trace::call_span!(Op::Read, offset, len, file);
@@ -488,15 +478,7 @@ pub(crate) fn read_one_async(
     let looked: Looked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         file.map.map(block, blocks, false)
     }));
-    let simple = match &looked {
-        Ok(Ok(e)) if e.len >= blocks => match e.mapping {
-            Mapping::Mapped(b) => b
-                .checked_add(blocks)
-                .is_some_and(|end| end <= geo.size >> sh),
-            Mapping::Hole | Mapping::Unwritten(_) => true,
-        },
-        _ => false,
-    };
+    let simple = matches!(&looked, Ok(Ok(e)) if one_extent(file, e, blocks));
     if !simple {
         let p = Prepared {
             op: Op::Read,
@@ -520,18 +502,7 @@ pub(crate) fn read_one_async(
     let Ok(Ok(e)) = &looked else {
         unreachable!("a simple answer is an extent")
     };
-    let call = Call {
-        op: Op::Read,
-        offset,
-        i_size,
-        extend: None,
-        count,
-        range_lock: None,
-        file_lock: None,
-        flush: false,
-        dsync: false,
-        trim_padding: false,
-    };
+    let call = Call::one_read(offset, i_size, count);
     let mut stop = Stop::Clean;
     let mut private = e.private.clone();
     let mut panic = None;
