@@ -357,18 +357,8 @@ pub(crate) fn read_one(
     let simple = matches!(&looked, Ok(e) if one_extent(file, e, blocks));
     counted.armed = false;
     if !simple {
-        let p = Prepared {
-            op: Op::Read,
-            offset,
-            checked: Checked { dio_block: fs, len },
-            i_size,
-            logical_end: offset + len,
-            count,
-            range_lock: None,
-            held: locked.held.take(),
-            flags,
-            trim_padding: false,
-        };
+        let held = locked.held.take();
+        let p = Prepared::one_read(offset, fs, len, i_size, count, held, flags);
         return walk_call(file, p, mem, lender, None, None, Some(Ok(looked)));
     }
     let Ok(e) = &looked else {
@@ -480,18 +470,7 @@ pub(crate) fn read_one_async(
     }));
     let simple = matches!(&looked, Ok(Ok(e)) if one_extent(file, e, blocks));
     if !simple {
-        let p = Prepared {
-            op: Op::Read,
-            offset,
-            checked: Checked { dio_block: fs, len },
-            i_size,
-            logical_end: offset + len,
-            count,
-            range_lock: None,
-            held: None,
-            flags,
-            trim_padding: false,
-        };
+        let p = Prepared::one_read(offset, fs, len, i_size, count, None, flags);
         let done = Async {
             done,
             handle: Some(Arc::clone(handle)),
@@ -862,6 +841,33 @@ struct Prepared {
     flags: Flags,
     /// See [`Extra::trim_padding`].
     trim_padding: bool,
+}
+
+impl Prepared {
+    /// A fast-path read (one buffer of `len` bytes of whole `fs` blocks) that its
+    /// lookup sent to the walk: counted in, i_size sampled, the file lock `held`.
+    fn one_read(
+        offset: u64,
+        fs: u64,
+        len: u64,
+        i_size: u64,
+        count: Option<usize>,
+        held: Option<Held>,
+        flags: Flags,
+    ) -> Prepared {
+        Prepared {
+            op: Op::Read,
+            offset,
+            checked: Checked { dio_block: fs, len },
+            i_size,
+            logical_end: offset + len,
+            count,
+            range_lock: None,
+            held,
+            flags,
+            trim_padding: false,
+        }
+    }
 }
 
 /// The rest of a call: walk the buffers against the block map, send the requests,
