@@ -20,6 +20,11 @@
 #   TARGET   file or block device (default: target/vs-fio/bench.dat in this repo,
 #            created and laid out by the first dio run). Write workloads on a block
 #            device run only with ALLOW_WRITE=1 (they destroy its data).
+#            `zram`: a scratch RAM block device of SIZE (root; zram is built into most
+#            distribution kernels), filled with random bytes, removed at the end. A
+#            device that one core cannot saturate: where a disk (a VM's virtual disk
+#            here) is the ceiling for both programs, zram shows the submission path's
+#            own cost. Its writes run too (the device is scratch).
 # Environment: RUNTIME (seconds per run, 3), PAIRS (3), SIZE (256M), ENGINE (uring),
 #   JOBS (1),
 #   WORKLOADS ("randread:4k:32 randwrite:4k:32 read:1M:8 write:1M:8"),
@@ -72,6 +77,28 @@ if [ -z "${DIO:-}" ]; then
 fi
 [ -x "$DIO" ] || die "no dio binary at $DIO"
 
+WORK=$(mktemp -d "$ROOT/target/vs-fio.XXXXXX" 2>/dev/null || mktemp -d)
+ZRAM=
+cleanup() {
+  rm -rf "$WORK"
+  if [ -n "$ZRAM" ]; then
+    echo 1 >"/sys/block/zram$ZRAM/reset" 2>/dev/null || true
+    echo "$ZRAM" >/sys/class/zram-control/hot_remove 2>/dev/null || true
+  fi
+}
+trap cleanup EXIT
+
+if [ "$TARGET" = zram ]; then
+  [ -w /sys/class/zram-control/hot_add ] || die "zram needs root and a kernel with zram (/sys/class/zram-control): 'modprobe zram' where it is a module"
+  ZRAM=$(cat /sys/class/zram-control/hot_add) || die "could not add a zram device"
+  echo "$SIZE" >"/sys/block/zram$ZRAM/disksize" || die "could not size /dev/zram$ZRAM to $SIZE"
+  TARGET=/dev/zram$ZRAM
+  # Random bytes: zram stores them as they are, and neither side gets pages it can
+  # skip (zero or same-filled ones).
+  dd if=/dev/urandom of="$TARGET" bs=1M oflag=direct status=none 2>/dev/null || true
+  ALLOW_WRITE=1
+fi
+
 DEVICE=0
 FORCE=()
 if [ -b "$TARGET" ]; then
@@ -80,9 +107,6 @@ if [ -b "$TARGET" ]; then
 else
   mkdir -p "$(dirname "$TARGET")"
 fi
-
-WORK=$(mktemp -d "$ROOT/target/vs-fio.XXXXXX" 2>/dev/null || mktemp -d)
-trap 'rm -rf "$WORK"' EXIT
 
 # Print "iops bw_bytes cpu_percent ios" of a dio bench --json result.
 dio_numbers() {
