@@ -372,10 +372,31 @@ pub fn write(
             if n == 0 {
                 break;
             }
-            let k = w
-                .direct()
-                .write_at(pos, &buf[..n], Flags::UNALIGNED)
-                .map_err(|e| t.fail(format!("writing at offset {pos}: {e}")))?;
+            let k =
+                match w.direct().write_at(pos, &buf[..n], Flags::UNALIGNED) {
+                    Ok(k) => k,
+                    Err(e) => {
+                        // Give back the blocks of the failed chunk and keep what
+                        // earlier chunks wrote (durable, with the size that covers
+                        // it). A write refused before it took anything changes
+                        // nothing.
+                        let settled = w.discard_failed().and_then(|()| {
+                            if pos > offset {
+                                w.sync()
+                            } else {
+                                Ok(())
+                            }
+                        });
+                        let kept = match settled {
+                            Ok(()) if pos > offset => {
+                                format!(" (the file keeps the bytes written before offset {pos})")
+                            }
+                            Ok(()) => " (nothing was written)".to_string(),
+                            Err(e2) => format!(" (and recording what was written failed: {e2})"),
+                        };
+                        return Err(t.fail(format!("writing at offset {pos}: {e}{kept}")));
+                    }
+                };
             pos += k as u64;
             if k < n {
                 w.sync().map_err(|e| t.fail(e))?;

@@ -228,6 +228,59 @@ fn cp_enospc_leaves_nothing_half_written() {
     );
 }
 
+/// `dio write` that runs out of space part way (the second 8 MiB chunk does not
+/// fit) fails with exit 1, keeps the chunk that fit, durable, with the size that
+/// covers it, and gives back every block the failed chunk took: the free counts
+/// equal those of an image that was written only the first chunk.
+#[test]
+fn write_enospc_keeps_what_fit_and_leaks_nothing() {
+    if !have("mke2fs") || !have("e2fsck") || !have("dumpe2fs") {
+        eprintln!("skipped: needs e2fsprogs");
+        return;
+    }
+    let data: Vec<u8> = (0..24u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let first = &data[..8 << 20];
+    for (name, args) in [
+        ("ext2-1k", &["-t", "ext2", "-b", "1024"][..]),
+        (
+            "ext4-4k",
+            &["-t", "ext4", "-b", "4096", "-O", "^has_journal"][..],
+        ),
+    ] {
+        let mut free = Vec::new();
+        for (tag, input) in [("fits", first), ("full", &data[..])] {
+            let img = mkfs(&format!("wfull-{name}-{tag}"), args, 16);
+            ok(
+                &dio(&["truncate", "-s", "0", &format!("{img}:/w")], None),
+                "create",
+            );
+            let o = dio(
+                &["write", &format!("{img}:/w"), "--offset", "0"],
+                Some(input),
+            );
+            if tag == "fits" {
+                ok(&o, "write 8 MiB");
+            } else {
+                failed(&o, "write 24 MiB into 16 MiB");
+            }
+            fsck(&img);
+            let o = dio(&["cat", &format!("{img}:/w")], None);
+            ok(&o, "cat");
+            assert!(o.stdout == first, "{name} {tag}: /w is not the first 8 MiB");
+            with_mount(&img, |m| {
+                assert!(
+                    std::fs::read(m.join("w")).unwrap() == first,
+                    "{name}: kernel"
+                );
+            });
+            free.push(free_blocks(&img));
+        }
+        assert_eq!(free[0], free[1], "{name}: the failed chunk's blocks leaked");
+    }
+}
+
 #[test]
 fn journal_images_take_changes_through_the_journal() {
     if !have("mke2fs") || !have("e2fsck") {

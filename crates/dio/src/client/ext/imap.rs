@@ -12,6 +12,12 @@
 //! as 0. Pending blocks left by a failed write are freed when the writer records
 //! its size. A mapping that ends at the last pointer of an indirect block
 //! carries the boundary flag.
+//!
+//! A range is allocated in one operation, table after table ([`IndW::allocate_range`]):
+//! one set of bitmap writes and one commit for a whole write or preallocation,
+//! not one per indirect block (with 1 KiB blocks a table maps only 256 KiB). A
+//! store writes only the tables that changed since the last one; a table whose
+//! pending pointers are written later is written again then, with them.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -19,19 +25,20 @@ use super::bytes::{le32, put32};
 use super::inode::Inode;
 use super::tx::Op;
 use super::Fs;
-use crate::map::Extent;
+use crate::map::{Extent, Mapping};
 use crate::{Error, Result};
 
 /// Where a pointer lives: in the inode (`table` 0) or in an indirect block.
 type Slot = (u64, usize);
 
 /// The indirect-block map of one file, in memory.
+#[derive(Clone)]
 pub(crate) struct IndW {
     ptrs: [u32; 15],
     tables: HashMap<u64, Vec<u32>>,
-    /// Tables changed in memory.
+    /// Tables changed in memory since the last store (a pointer set, or a pending
+    /// pointer written).
     dirty: BTreeSet<u64>,
-    inode_dirty: bool,
     /// Data blocks allocated and not written yet: slot -> device block.
     pending: HashMap<Slot, u64>,
     per: u64,
@@ -49,7 +56,6 @@ impl IndW {
             ptrs,
             tables: HashMap::new(),
             dirty: BTreeSet::new(),
-            inode_dirty: false,
             pending: HashMap::new(),
             per: u64::from(fs.sb.block_size / 4),
             owned: (inode.blocks_512 / u64::from(fs.sb.block_size / 512))
@@ -79,8 +85,8 @@ impl IndW {
 
     fn set(&mut self, fs: &Fs, ino: u32, s: Slot, v: u32) -> Result<()> {
         if s.0 == 0 {
+            // The inode (and its pointers) is written with every store.
             self.ptrs[s.1] = v;
-            self.inode_dirty = true;
         } else {
             self.table(fs, ino, s.0)?[s.1] = v;
             self.dirty.insert(s.0);
@@ -224,6 +230,48 @@ impl IndW {
         ))
     }
 
+    /// Allocate every hole in file blocks `[b0, end)` through `op` (one operation:
+    /// all of it or, on an error, the caller drops `op` and this map's copy from
+    /// before), a run per table, each run's goal the block after the last. Returns
+    /// the extent of the run at `b0` if `b0` was a hole.
+    pub(crate) fn allocate_range(
+        &mut self,
+        op: &mut Op<'_>,
+        ino: u32,
+        b0: u64,
+        end: u64,
+        mut goal: u64,
+    ) -> Result<Option<Extent>> {
+        let fs = op.fs;
+        let mut first = None;
+        let mut b = b0;
+        while b < end {
+            let e = self.map(fs, ino, b, end - b)?;
+            if e.mapping != Mapping::Hole {
+                b += e.len.max(1);
+                continue;
+            }
+            // `end - b`, not the hole's length: a missing table reads as a hole of
+            // one block, and `allocate` takes only the empty slots of its table.
+            let (run, taken) = self.allocate(op, ino, b, end - b, goal)?;
+            self.owned += taken;
+            if let Mapping::Mapped(p) = run.mapping {
+                goal = p + run.len;
+            }
+            let at = b;
+            b += run.len.max(1);
+            if at == b0 {
+                first = Some(run);
+            }
+        }
+        Ok(first)
+    }
+
+    /// Blocks allocated and not written yet.
+    pub(crate) fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
     /// The data of file blocks `[b0, b1)` is on the device: no longer pending.
     pub(crate) fn written(&mut self, fs: &Fs, ino: u32, b0: u64, b1: u64) -> Result<bool> {
         if self.pending.is_empty() {
@@ -233,7 +281,14 @@ impl IndW {
         for b in b0..b1 {
             let mut meta = 0;
             if let Some(s) = self.leaf_slot(fs, ino, b, None, 0, &mut meta)? {
-                any |= self.pending.remove(&s).is_some();
+                if self.pending.remove(&s).is_some() {
+                    // Its pointer goes to disk with the next store (an inode
+                    // slot's with the inode, always written).
+                    any = true;
+                    if s.0 != 0 {
+                        self.dirty.insert(s.0);
+                    }
+                }
             }
         }
         Ok(any)
@@ -333,11 +388,6 @@ impl IndW {
                 put32(&mut data, i * 4, v);
             }
             op.tx.put(t, data);
-            if !self.pending.keys().any(|s| s.0 == t) {
-                continue;
-            }
-            // Still pending pointers: stays dirty for the next store.
-            self.dirty.insert(t);
         }
         for (i, &p) in self.ptrs.iter().enumerate() {
             let v = if self.pending.contains_key(&(0, i)) {
@@ -347,6 +397,17 @@ impl IndW {
             };
             put32(&mut inode.raw, 0x28 + i * 4, v);
         }
-        self.inode_dirty = false;
+    }
+
+    /// The tables a store would write: kept by a caller whose operation may fail
+    /// after the store (its writes then never happen), and given back with
+    /// [`IndW::restore_dirty`].
+    pub(crate) fn dirty_tables(&self) -> BTreeSet<u64> {
+        self.dirty.clone()
+    }
+
+    /// Mark `tables` changed again (their store's operation failed).
+    pub(crate) fn restore_dirty(&mut self, tables: BTreeSet<u64>) {
+        self.dirty.extend(tables);
     }
 }

@@ -63,6 +63,11 @@ pub(crate) struct AllocMap {
     indirect: bool,
     /// File blocks written while `st` was held, to convert (see `end_io`).
     queued: Mutex<Vec<(u64, u64)>>,
+    /// A write failed since the last size commit (see [`ExtWriter::commit_size`]).
+    write_failed: AtomicBool,
+    /// Blocks were allocated at or past the size on disk since the last size
+    /// commit.
+    grew: AtomicBool,
 }
 
 /// The file's state, locked. The lock is held across device I/O (metadata
@@ -236,6 +241,7 @@ impl AllocMap {
         }
         let backup_tree = st.tree.clone();
         let backup_inode = st.inode.clone();
+        let backup_dirty = st.ind.as_ref().map(IndW::dirty_tables);
         let r = (|| {
             if st.converted && !self.fs.data_flush_in_commit() {
                 // Written extents reach the disk only after their data (with a
@@ -254,7 +260,34 @@ impl AllocMap {
             Err(_) => {
                 st.tree = backup_tree;
                 st.inode = backup_inode;
+                if let (Some(ind), Some(dirty)) = (&mut st.ind, backup_dirty) {
+                    ind.restore_dirty(dirty);
+                }
             }
+        }
+        r
+    }
+
+    /// An allocation at file block `block`: past the size on disk, a failed
+    /// write's blocks there are given back at the next size commit.
+    fn note_growth(&self, st: &FileW, block: u64) {
+        if block.saturating_mul(u64::from(self.bs)) >= st.inode.size {
+            self.grew.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// [`AllocMap::change`] for a change of an indirect file's pointers (an
+    /// allocation, a cut): on any error the in-memory map is as before too.
+    fn change_ind<T>(
+        &self,
+        st: &mut FileW,
+        goal: u64,
+        change: impl FnOnce(&mut Op<'_>, &mut FileW) -> Result<T>,
+    ) -> Result<T> {
+        let backup = st.ind.clone();
+        let r = self.change(st, goal, change);
+        if r.is_err() {
+            st.ind = backup;
         }
         r
     }
@@ -295,6 +328,7 @@ impl AllocMap {
             });
             Ok((p, n))
         })?;
+        self.note_growth(&st, block);
         Ok(Extent::unwritten(got.0, got.1).new_blocks(true))
     }
 }
@@ -325,6 +359,10 @@ impl BlockMap for AllocMap {
     ) -> Result<usize> {
         let n = match (op, &result) {
             (IoOp::Write, Ok(n)) if *n > 0 => *n as u64,
+            (IoOp::Write, Err(_)) => {
+                self.write_failed.store(true, Ordering::Relaxed);
+                return result;
+            }
             _ => return result,
         };
         // Converted in memory now (this handle maps the blocks as written from
@@ -407,19 +445,8 @@ impl BlockMap for AllocMap {
         let from = size.div_ceil(bs);
         let goal = Self::group_goal(&self.fs, st.inode.ino);
         let fs = &self.fs;
-        self.change(&mut st, goal, |op, st| {
-            let ino = st.inode.ino;
-            if let Some(ind) = &mut st.ind {
-                let n = ind.cut(fs, ino, from, op)?;
-                ind.owned -= n;
-            }
-            let mut freed = st.tree.cut(from);
-            let r = cluster_ratio(&fs.sb);
-            if let Some(p) = st.tree.cluster_slot(from.saturating_sub(1), r) {
-                // The cluster of the new last block stays the file's.
-                freed = keep_cluster(freed, p / r, r);
-            }
-            op.tx.freed.extend(freed);
+        self.change_ind(&mut st, goal, |op, st| {
+            cut_blocks(fs, op, st, from)?;
             tree::set_size(&mut st.inode, size);
             stamp(&mut st.inode, true);
             Ok(())
@@ -461,12 +488,24 @@ impl AllocMap {
             });
         }
         let goal = Self::group_goal(fs, ino);
-        self.change(st, goal, |op, st| {
-            let ind = st.ind.as_mut().expect("an indirect file");
-            let (e, taken) = ind.allocate(op, ino, block, e.len.min(max), goal)?;
-            ind.owned += taken;
-            Ok(e)
-        })
+        // The whole write's blocks in one operation (bounded as an extent
+        // file's allocation is); where that does not fit, the hole at `block`
+        // alone, so that a write to an almost full image gets what there is.
+        let span = max.min(MAX_UNWRITTEN);
+        let first_run = e.len.min(span);
+        let alloc = |end: u64, st: &mut FileW| {
+            self.change_ind(st, goal, |op, st| {
+                let ind = st.ind.as_mut().expect("an indirect file");
+                let e = ind.allocate_range(op, ino, block, end, goal)?;
+                Ok(e.expect("a hole at the first block"))
+            })
+        };
+        let e = match alloc(block + span, st) {
+            Err(Error::NoSpace(_)) if span > first_run => alloc(block + first_run, st),
+            r => r,
+        }?;
+        self.note_growth(st, block);
+        Ok(e)
     }
 
     fn max_file_size_of(&self, st: &FileW) -> u64 {
@@ -482,6 +521,23 @@ impl AllocMap {
 }
 
 /// `runs` without the blocks of cluster `keep` (of `r` blocks).
+/// Free every block of the file from file block `from` on (data, indirect
+/// blocks, extent tree entries) through `op`.
+fn cut_blocks(fs: &Fs, op: &mut Op<'_>, st: &mut FileW, from: u64) -> Result<()> {
+    if let Some(ind) = &mut st.ind {
+        let n = ind.cut(fs, st.inode.ino, from, op)?;
+        ind.owned -= n;
+    }
+    let mut freed = st.tree.cut(from);
+    let r = cluster_ratio(&fs.sb);
+    if let Some(p) = st.tree.cluster_slot(from.saturating_sub(1), r) {
+        // The cluster of the new last block stays the file's.
+        freed = keep_cluster(freed, p / r, r);
+    }
+    op.tx.freed.extend(freed);
+    Ok(())
+}
+
 fn keep_cluster(runs: Vec<(u64, u64)>, keep: u64, r: u64) -> Vec<(u64, u64)> {
     let (k0, k1) = (keep * r, keep * r + r);
     let mut out = Vec::with_capacity(runs.len() + 1);
@@ -561,6 +617,8 @@ impl ExtWriter {
                 queued_err: None,
             }),
             queued: Mutex::new(Vec::new()),
+            write_failed: AtomicBool::new(false),
+            grew: AtomicBool::new(false),
             bs: fs.sb.block_size,
         });
         let dev: Arc<dyn Device> = Arc::clone(fs.io.device());
@@ -623,7 +681,16 @@ impl ExtWriter {
         if self.is_dsync() {
             flags |= Flags::DSYNC;
         }
-        let n = self.file.write_at(offset, data, flags)?;
+        let n = match self.file.write_at(offset, data, flags) {
+            Ok(n) => n,
+            Err(e) => {
+                // A failed write converted nothing, and the bitmaps on disk
+                // count the blocks it took: give them back now (its own error
+                // is the one to report).
+                let _ = self.discard_failed();
+                return Err(e);
+            }
+        };
         // A dsync write stored its size in its completion.
         if !self.is_dsync() || self.map.lock().inode.size < self.file.size() {
             self.commit_size()?;
@@ -633,25 +700,78 @@ impl ExtWriter {
 
     /// Record the engine's size (after extending writes) and mtime on disk. Call
     /// it with no write in flight: on files mapped by indirect blocks it frees
-    /// the blocks of writes that failed.
+    /// the blocks of writes that failed (call it, or [`ExtWriter::sync`], after a
+    /// write through [`ExtWriter::direct`] fails, or the image keeps them counted
+    /// as used).
     pub fn commit_size(&self) -> Result<()> {
+        self.record(true)
+    }
+
+    /// After a write through [`ExtWriter::direct`] failed: give back the blocks
+    /// it took (data blocks it allocated and never wrote, and the blocks it
+    /// allocated past the size), and record the size the writes before it
+    /// reached. Writes nothing where the failed write took nothing (a write
+    /// refused before it allocated leaves the image as it was), and does not
+    /// touch the file's times. Call it with no write in flight.
+    pub fn discard_failed(&self) -> Result<()> {
+        if !self.map.write_failed.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let took = {
+            let st = self.map.lock();
+            st.ind.as_ref().is_some_and(IndW::has_pending)
+                || self.map.grew.load(Ordering::Relaxed)
+                || st.inode.size < self.file.size()
+        };
+        if !took {
+            self.map.write_failed.store(false, Ordering::Relaxed);
+            return Ok(());
+        }
+        self.record(false)
+    }
+
+    /// Record the size (and with `touch` the mtime), giving back what failed
+    /// writes took.
+    fn record(&self, touch: bool) -> Result<()> {
         let size = self.file.size();
         let mut st = self.map.lock();
         let goal = AllocMap::group_goal(&self.fs, self.ino);
         let fs = &self.fs;
-        self.map.change(&mut st, goal, |op, st| {
+        // A failed write that allocated past the size leaves blocks there that
+        // hold nothing of the file (unwritten extents, or pending blocks and
+        // empty indirect blocks): given back, as the kernel's ext4 truncates
+        // after a failed extending direct write.
+        let failed = self.map.write_failed.swap(false, Ordering::Relaxed);
+        let failed = self.map.grew.swap(false, Ordering::Relaxed) && failed;
+        let bs = u64::from(fs.sb.block_size);
+        let change = |op: &mut Op<'_>, st: &mut FileW| {
             let ino = st.inode.ino;
             if let Some(ind) = &mut st.ind {
                 // Blocks a failed write allocated and never wrote.
                 let n = ind.drop_pending(fs, ino, op)?;
                 ind.owned -= n;
             }
+            if failed {
+                cut_blocks(fs, op, st, size.div_ceil(bs))?;
+            }
             if st.inode.size < size {
                 tree::set_size(&mut st.inode, size);
             }
-            stamp(&mut st.inode, true);
+            if touch {
+                stamp(&mut st.inode, true);
+            }
             Ok(())
-        })
+        };
+        if !failed {
+            return self.map.change(&mut st, goal, change);
+        }
+        // A cut walks the pointers: the map is kept to be put back on an error.
+        let r = self.map.change_ind(&mut st, goal, change);
+        if r.is_err() {
+            self.map.write_failed.store(true, Ordering::Relaxed);
+            self.map.grew.store(true, Ordering::Relaxed);
+        }
+        r
     }
 
     /// Change the size: down frees the blocks past it, up leaves a hole.
@@ -682,18 +802,20 @@ impl ExtWriter {
         let (b0, end) = (offset / bs, (offset + len).div_ceil(bs));
         let mut st = self.map.lock();
         if st.ind.is_some() {
-            // Indirect files: blocks pending until written, a run per table.
-            drop(st);
-            let mut b = b0;
-            while b < end {
-                let e = self.map.map(b, end - b, false)?;
-                let n = e.len.max(1).min(end - b);
-                if e.mapping == Mapping::Hole {
-                    b += self.map.map(b, n, true)?.len.max(1);
-                } else {
-                    b += n;
-                }
+            // Indirect files: blocks pending until written (a later write
+            // converts nothing: its end_io drops them from the pending list).
+            if end.saturating_mul(bs) > self.map.max_file_size_of(&st) {
+                return Err(Error::TooLarge {
+                    end: offset + len,
+                    max: self.map.max_file_size_of(&st),
+                });
             }
+            let goal = AllocMap::group_goal(&self.fs, self.ino);
+            let ino = self.ino;
+            self.map.change_ind(&mut st, goal, |op, st| {
+                let ind = st.ind.as_mut().expect("an indirect file");
+                ind.allocate_range(op, ino, b0, end, goal).map(drop)
+            })?;
             return Ok(());
         }
         if end > 1 << 32 {
