@@ -494,6 +494,9 @@ pub fn rm(a: &RmArgs) -> Result<(), Failure> {
     for p in &a.paths {
         let t = Target::open(p, a.engine)?;
         let path = t.path().to_vec();
+        // A tree's removals go out together, in batches (one ordered write, or
+        // one journal transaction, per batch), not one or two flushes a name.
+        let batched = a.recursive && t.ext.begin_batch().is_ok();
         let r = match t.ext.lookup(&path, false) {
             Err(Error::Path(e)) if a.force && e.kind == dio::PathErrorKind::NotFound => Ok(()),
             Err(e) => Err(e),
@@ -503,7 +506,10 @@ pub fn rm(a: &RmArgs) -> Result<(), Failure> {
             Ok(_) if a.recursive => remove_tree(&t.ext, &path),
             Ok(_) => t.ext.remove(&path, false),
         };
+        // What was removed before an error is written too.
+        let ended = if batched { t.ext.end_batch() } else { Ok(()) };
         r.map_err(|e| t.fail(e))?;
+        ended.map_err(|e| t.fail(e))?;
         t.sync()?;
     }
     Ok(())

@@ -12,6 +12,10 @@
 //!   or in lost+found, holds only bytes that were written to it (a prefix of
 //!   its contents, possibly empty): no size claiming bytes that never landed.
 //!
+//! The same for a batch that removes the tree again (what `dio rm -r` does):
+//! with a journal all or nothing; without one every file still named is whole
+//! and one e2fsck finds unnamed holds only its own bytes.
+//!
 //! Also here: an in-place inode change (`ExtFile::touch`) while a batch is
 //! open joins the batch instead of being overwritten by it.
 
@@ -73,6 +77,9 @@ fn files_under(fs: &Ext, dir: &str, out: &mut BTreeMap<String, Vec<u8>>) -> Resu
 /// See the module docs.
 struct BatchChecker {
     journal: bool,
+    /// The batch removes the files (else it makes them): a file still named
+    /// must be whole.
+    removing: bool,
 }
 
 impl BatchChecker {
@@ -124,6 +131,12 @@ impl BatchChecker {
                         want.len()
                     ));
                 }
+            } else if self.removing && data != want {
+                return Err(format!(
+                    "{path}: {} bytes, not its {}: a removal changed a file it left",
+                    data.len(),
+                    want.len()
+                ));
             } else if data.len() > want.len() || want[..data.len()] != data[..] {
                 let at = data.iter().zip(want).position(|(a, b)| a != b);
                 return Err(format!(
@@ -235,7 +248,10 @@ fn batch_crash(tag: &str, mkfs: &str, args: &[&str], journal: bool) {
         torn: true,
         atomic_unit: 4096,
     };
-    let checker = BatchChecker { journal };
+    let checker = BatchChecker {
+        journal,
+        removing: false,
+    };
     let sum = run(
         &log,
         Base::File(base),
@@ -257,6 +273,112 @@ fn batch_crash(tag: &str, mkfs: &str, args: &[&str], journal: bool) {
     assert!(sum.states >= 20, "{} states", sum.states);
     assert_eq!(sum.failed, 0, "{:#?}", sum.failures);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Remove `path` and everything under it, as `dio rm -r` does.
+fn remove_tree(fs: &Ext, path: &str) {
+    let inode = fs.lookup(path.as_bytes(), false).unwrap();
+    if inode.file_type() == FileType::Directory {
+        for e in fs.read_dir(&inode).unwrap() {
+            if e.name != b"." && e.name != b".." {
+                remove_tree(fs, &format!("{path}/{}", String::from_utf8_lossy(&e.name)));
+            }
+        }
+    }
+    fs.remove(path.as_bytes(), inode.file_type() == FileType::Directory)
+        .unwrap();
+}
+
+/// The tree of [`batch_crash`] made and flushed first, then removed in one batch
+/// under the recorder.
+fn remove_crash(tag: &str, mkfs: &str, args: &[&str], journal: bool) {
+    for t in [mkfs, "e2fsck"] {
+        if !dio_testkit::have(t) {
+            dio_testkit::skip(format!("{t} is not installed"));
+            return;
+        }
+    }
+    let long = common::long();
+    let dir = common::scratch(&format!("batch-rm-{tag}"));
+    let img = make_image(&dir, mkfs, args);
+    {
+        let (f, geo) = dio::probe::open_probed(&img, true).unwrap();
+        let dev = SyncDevice::new(f, geo, &SyncConfig::default()).unwrap();
+        let fs = Ext::open_writable(Arc::new(dev) as Arc<dyn Device>, geo.size).unwrap();
+        for d in ["/t", "/t/a", "/t/b"] {
+            fs.mkdir(d.as_bytes(), &Attrs::new()).unwrap();
+        }
+        for i in 0..FILES {
+            let (path, data) = file(i);
+            fs.put_file(path.as_bytes(), &Attrs::new(), |w| {
+                w.write_at(0, &data).map(drop)
+            })
+            .unwrap();
+        }
+        fs.checkpoint().unwrap();
+    }
+    let base = dir.join("base.img");
+    std::fs::copy(&img, &base).unwrap();
+    let (f, geo) = dio::probe::open_probed(&img, true).unwrap();
+    let dev = SyncDevice::new(f, geo, &SyncConfig::default()).unwrap();
+    let log_path = dir.join("log");
+    let rec = Arc::new(Recorder::create(dev, &log_path).unwrap());
+    {
+        let fs = Ext::open_writable(rec.clone() as Arc<dyn Device>, geo.size).unwrap();
+        assert_eq!(fs.is_journaled(), journal);
+        rec.mark("begin batch").unwrap();
+        fs.begin_batch().unwrap();
+        remove_tree(&fs, "/t");
+        fs.end_batch().unwrap();
+        fs.checkpoint().unwrap();
+        rec.mark("end batch").unwrap();
+    }
+    drop(rec);
+    dio_testkit::assert_fsck_clean(&img);
+    let log = Arc::new(Log::open(&log_path).unwrap());
+    let opts = ReplayOptions {
+        max_per_window: if long { 64 } else { 12 },
+        max_states: Some(if long { 4000 } else { 120 }),
+        seed: 13,
+        torn: true,
+        atomic_unit: 4096,
+    };
+    let checker = BatchChecker {
+        journal,
+        removing: true,
+    };
+    let sum = run(
+        &log,
+        Base::File(base),
+        &[&checker],
+        &opts,
+        &dir.join("states"),
+    )
+    .unwrap();
+    eprintln!(
+        "{tag}: {} records, {} states, {} failed, {:.1} s",
+        sum.records,
+        sum.states,
+        sum.failed,
+        sum.elapsed.as_secs_f64()
+    );
+    for f in sum.failures.iter().take(3) {
+        eprintln!("  {} {}", f.spec, f.message);
+    }
+    assert!(sum.states >= 20, "{} states", sum.states);
+    assert_eq!(sum.failed, 0, "{:#?}", sum.failures);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn batched_removal_ext4_journal_is_all_or_nothing() {
+    remove_crash("ext4-j", "mkfs.ext4", &[], true);
+}
+
+#[test]
+fn batched_removal_without_journal_leaves_whole_files() {
+    remove_crash("ext4-nj", "mkfs.ext4", &["-O", "^has_journal"], false);
+    remove_crash("ext2", "mkfs.ext2", &[], false);
 }
 
 #[test]
