@@ -500,6 +500,12 @@ pub fn rm(a: &RmArgs) -> Result<(), Failure> {
         let r = match t.ext.lookup(&path, false) {
             Err(Error::Path(e)) if a.force && e.kind == dio::PathErrorKind::NotFound => Ok(()),
             Err(e) => Err(e),
+            Ok(i) if i.ino == dio::ext::ROOT_INO => {
+                // As GNU rm's --preserve-root: checked before anything goes.
+                return Err(t.fail(
+                    "is the root directory, which cannot be removed (name what is in it instead)",
+                ));
+            }
             Ok(i) if i.file_type() == FileType::Directory && !a.recursive => {
                 return Err(t.fail("is a directory (use -r)"))
             }

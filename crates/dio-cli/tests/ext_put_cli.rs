@@ -228,6 +228,30 @@ fn cp_enospc_leaves_nothing_half_written() {
     );
 }
 
+/// `rm -r IMG:/` is refused before anything is removed (GNU rm's
+/// --preserve-root): exit 1, the image byte for byte as it was.
+#[test]
+fn rm_r_refuses_the_root_directory() {
+    if !have("mke2fs") {
+        eprintln!("skipped: needs e2fsprogs");
+        return;
+    }
+    let img = mkfs("rm-root", &["-t", "ext4", "-O", "^has_journal"], 8);
+    ok(
+        &dio(&["mkdir", "-p", &format!("{img}:/a/b")], None),
+        "mkdir",
+    );
+    let before = std::fs::read(&img).unwrap();
+    for path in ["/", "//", "/a/.."] {
+        failed(&dio(&["rm", "-r", &format!("{img}:{path}")], None), path);
+        failed(&dio(&["rm", "-rf", &format!("{img}:{path}")], None), path);
+    }
+    assert!(
+        std::fs::read(&img).unwrap() == before,
+        "rm -r / changed the image"
+    );
+}
+
 /// `dio write` that runs out of space part way (the second 8 MiB chunk does not
 /// fit) fails with exit 1, keeps the chunk that fit, durable, with the size that
 /// covers it, and gives back every block the failed chunk took: the free counts
