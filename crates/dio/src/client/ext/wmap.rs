@@ -491,7 +491,8 @@ impl AllocMap {
         // The whole write's blocks in one operation (bounded as an extent
         // file's allocation is); where that does not fit, the hole at `block`
         // alone, so that a write to an almost full image gets what there is.
-        let span = max.min(MAX_UNWRITTEN);
+        let last = self.max_file_size_of(st) / u64::from(self.bs);
+        let span = max.min(MAX_UNWRITTEN).min(last - block);
         let first_run = e.len.min(span);
         let alloc = |end: u64, st: &mut FileW| {
             self.change_ind(st, goal, |op, st| {
@@ -520,7 +521,6 @@ impl AllocMap {
     }
 }
 
-/// `runs` without the blocks of cluster `keep` (of `r` blocks).
 /// Free every block of the file from file block `from` on (data, indirect
 /// blocks, extent tree entries) through `op`.
 fn cut_blocks(fs: &Fs, op: &mut Op<'_>, st: &mut FileW, from: u64) -> Result<()> {
@@ -538,6 +538,7 @@ fn cut_blocks(fs: &Fs, op: &mut Op<'_>, st: &mut FileW, from: u64) -> Result<()>
     Ok(())
 }
 
+/// `runs` without the blocks of cluster `keep` (of `r` blocks).
 fn keep_cluster(runs: Vec<(u64, u64)>, keep: u64, r: u64) -> Vec<(u64, u64)> {
     let (k0, k1) = (keep * r, keep * r + r);
     let mut out = Vec::with_capacity(runs.len() + 1);
