@@ -590,6 +590,7 @@ impl super::Ext {
         let mut b = super::lock(&self.fs.batch);
         if b.is_none() {
             *b = Some(Batch::new(&self.fs));
+            self.fs.io.cache_on(self.fs.sb.block_size);
         }
         Ok(())
     }
@@ -613,6 +614,7 @@ impl super::Ext {
     pub fn end_batch(&self) -> Result<()> {
         let r = self.commit_batch();
         *super::lock(&self.fs.batch) = None;
+        self.fs.io.cache_off();
         r
     }
 }
