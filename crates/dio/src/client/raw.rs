@@ -183,6 +183,33 @@ fn choose_device(
     }
 }
 
+/// A character device, FIFO or socket has no blocks to address: refuse it by what
+/// it is (EINVAL), before an open that could block on a FIFO or blame the file
+/// system of `/dev` for refusing `O_DIRECT`.
+fn refuse_stream(path: &Path) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(m) = std::fs::metadata(path) else {
+        return Ok(());
+    };
+    let t = m.file_type();
+    let what = if t.is_char_device() {
+        "a character device"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        return Ok(());
+    };
+    Err(Error::os(
+        format!(
+            "{}: is {what}, not a regular file or block device: no direct I/O",
+            path.display()
+        ),
+        std::io::Error::from_raw_os_error(libc::EINVAL),
+    ))
+}
+
 impl RawFile {
     /// Open `path` (a regular file or a block device) for direct I/O.
     ///
@@ -191,6 +218,7 @@ impl RawFile {
     /// with [`Backend::Uring`].
     pub fn open(path: impl AsRef<Path>, opts: &RawOptions) -> Result<RawFile> {
         let path = path.as_ref();
+        refuse_stream(path)?;
         let extra = if opts.dsync { libc::O_DSYNC } else { 0 };
         let file = probe::open_direct_with(path, opts.write, opts.create, extra)?;
         let probed = probe::probe(file.as_fd(), path)?;

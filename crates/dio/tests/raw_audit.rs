@@ -1,0 +1,181 @@
+//! Defects found by driving the raw and NBD clients with real tools (rawaudit):
+//!
+//! - an NBD export whose size is not a multiple of the block size took writes past
+//!   its end and dropped the bytes past it (the server clips them) while the call
+//!   reported them written, and its size grew; a truncate "resized" it too. Judged
+//!   against the file nbdkit serves (`nbdkit file`), read with `std::fs`;
+//! - `RawFile::open` on a FIFO blocked in `open(2)` until a peer came (a FIFO cannot
+//!   do direct I/O anyway), and called /dev's file system unable to do O_DIRECT for
+//!   a character device: both now fail at once with `EINVAL`.
+//!
+//! Scratch files live under the target dir (`CARGO_TARGET_TMPDIR`).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use dio::nbd::{NbdConfig, NbdFile, NbdUri};
+use dio::{Flags, RawFile, RawOptions};
+use dio_testkit::{bytes, need, Listen, ServerProcess};
+
+fn scratch(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(name)
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .expect("temp dir under target/")
+}
+
+/// `nbdkit file BACKING` on a Unix socket in `dir`: the export is the file, byte
+/// for byte, so the file is the oracle of what the server holds.
+fn nbdkit_file(dir: &Path, backing: &Path) -> (ServerProcess, NbdUri) {
+    let sock = dir.join("s");
+    let mut cmd = Command::new("nbdkit");
+    cmd.args(["-f", "--exit-with-parent", "-U"])
+        .arg(&sock)
+        .arg("file")
+        .arg(backing);
+    let srv = ServerProcess::start(cmd, Listen::Unix(&sock));
+    (srv, NbdUri::unix(&sock, ""))
+}
+
+fn cfg() -> NbdConfig {
+    NbdConfig::default().timeout(Duration::from_secs(10))
+}
+
+/// An export of 1,000,001 bytes (the last 512-byte block holds 65 of them): writes
+/// inside it land byte-exact; a write past its end, byte-granular or aligned, fails
+/// with ENOSPC, never counts bytes the server dropped, and leaves the size alone;
+/// truncate cannot resize it.
+#[test]
+fn nbd_export_of_odd_size_refuses_writes_past_its_end() {
+    if !need(&["nbdkit"]) {
+        return;
+    }
+    let dir = scratch("nbd-odd");
+    let backing = dir.path().join("export.bin");
+    const SIZE: usize = 1_000_001;
+    let mut model = bytes(SIZE, 7);
+    std::fs::write(&backing, &model).expect("write backing file");
+    let (_srv, uri) = nbdkit_file(dir.path(), &backing);
+    let f = NbdFile::open(&uri, true, &cfg()).expect("open export");
+    let d = f.direct();
+    assert_eq!(d.size(), SIZE as u64);
+
+    // Inside the partial last block, up to the very last byte: fine.
+    let n = d
+        .write_at(SIZE as u64 - 3, b"xyz", Flags::UNALIGNED)
+        .expect("write the last 3 bytes");
+    assert_eq!(n, 3);
+    model[SIZE - 3..].copy_from_slice(b"xyz");
+    d.sync_data().expect("flush");
+
+    // Across the end (byte-granular), at the end, and a whole aligned block past it.
+    for (off, len) in [
+        (SIZE as u64 - 1, 3usize),
+        (SIZE as u64, 1),
+        (1_000_448, 512),
+    ] {
+        let flags = if off % 512 == 0 && len % 512 == 0 {
+            Flags::NONE
+        } else {
+            Flags::UNALIGNED
+        };
+        let buf = dio::AlignedBuf::from_slice(&vec![0x5a; len], 4096);
+        let r = d.write_at(off, &buf, flags);
+        let e = r.expect_err(&format!(
+            "a write of {len} at {off} passes the export's end"
+        ));
+        // ENOSPC from the export's map; an aligned request wholly past the last
+        // block meets the engine's size limit first (EFBIG).
+        assert!(
+            [libc::ENOSPC, libc::EFBIG].contains(&e.errno()),
+            "write of {len} at {off}: {e}"
+        );
+        assert_eq!(
+            d.size(),
+            SIZE as u64,
+            "size after a write of {len} at {off}"
+        );
+        // What a byte-granular write across the end put inside the export is the
+        // caller's (as a short write on a block device); restore the model there.
+        if off < SIZE as u64 {
+            let inside = SIZE - off as usize;
+            model[off as usize..].copy_from_slice(&vec![0x5a; inside]);
+        }
+    }
+    d.sync_data().expect("flush");
+    assert_eq!(
+        std::fs::metadata(&backing).expect("stat").len(),
+        SIZE as u64,
+        "the backing file keeps its size"
+    );
+    assert!(
+        std::fs::read(&backing).expect("read backing") == model,
+        "export bytes"
+    );
+
+    // The size is the export's.
+    let e = d.truncate(SIZE as u64 + 1).expect_err("grow an export");
+    assert_eq!(e.errno(), libc::EINVAL, "{e}");
+    let e = d.truncate(4096).expect_err("shrink an export");
+    assert_eq!(e.errno(), libc::EINVAL, "{e}");
+    assert_eq!(d.size(), SIZE as u64);
+    // Reads stop at the end, whole.
+    let mut tail = vec![0u8; 100];
+    let n = d
+        .read_at(SIZE as u64 - 10, &mut tail, Flags::UNALIGNED)
+        .expect("read the tail");
+    assert_eq!(&tail[..n], &model[SIZE - 10..]);
+}
+
+/// Open `path` on another thread; the answer within 20 s (None: it hung, and the
+/// thread is left blocked for the caller to release).
+fn open_bounded(path: PathBuf, write: bool) -> Option<dio::Result<RawFile>> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let opts = RawOptions {
+            write,
+            ..RawOptions::default()
+        };
+        let _ = tx.send(RawFile::open(&path, &opts));
+    });
+    rx.recv_timeout(Duration::from_secs(20)).ok()
+}
+
+/// A FIFO with nobody at the other end, and /dev/null: refused at once with EINVAL
+/// (before the fix, the FIFO's open blocked until a peer came).
+#[test]
+fn fifos_and_character_devices_are_refused_without_blocking() {
+    if !need(&["mkfifo"]) {
+        return;
+    }
+    let dir = scratch("fifo");
+    let fifo = dir.path().join("f");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo")
+        .success());
+    for write in [false, true] {
+        match open_bounded(fifo.clone(), write) {
+            Some(Err(e)) => assert_eq!(e.errno(), libc::EINVAL, "{e}"),
+            Some(Ok(_)) => panic!("a FIFO opened for direct I/O (write {write})"),
+            None => {
+                // Release the blocked open before failing.
+                let _ = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&fifo);
+                panic!("opening a FIFO with no peer hung (write {write})");
+            }
+        }
+    }
+    for write in [false, true] {
+        match open_bounded(PathBuf::from("/dev/null"), write) {
+            Some(Err(e)) => assert_eq!(e.errno(), libc::EINVAL, "{e}"),
+            Some(Ok(_)) => panic!("/dev/null opened for direct I/O"),
+            None => panic!("opening /dev/null hung"),
+        }
+    }
+}
