@@ -387,6 +387,7 @@ pub fn cat(
 ) -> Result<(), Failure> {
     args.check()?;
     let end = End::parse(arg)?;
+    refuse_shared_ends(&end, &End::Stdio, args.engine)?;
     let src_name = end.name("stdin");
     let (mut held, counter) = Held::open(&end, args.engine, args.stats)?;
     let stdout = io::stdout();
@@ -482,6 +483,22 @@ fn destination(src: &End, dst: End) -> Result<End, Failure> {
     Ok(End::Loc(loc))
 }
 
+/// Refuse (exit 1, nothing touched) when the two ends share storage, also when an
+/// end is `-` and the shell redirected stdin or stdout to a file or device
+/// (`dio cp - f < f` would truncate its own source; `dio cat f >> f` would
+/// never end).
+fn refuse_shared_ends(src: &End, dst: &End, engine: Engine) -> Result<(), Failure> {
+    let loc = |end: &End, fd: u8, stdio: &str| match end {
+        End::Loc(l) => Some((l.clone(), l.display())),
+        End::Stdio => crate::storage::stdio_location(fd).map(|l| (l, stdio.to_string())),
+        End::Plain(_) => None,
+    };
+    if let (Some((s, sn)), Some((d, dn))) = (loc(src, 0, "stdin"), loc(dst, 1, "stdout")) {
+        crate::storage::refuse_shared_as((&s, &sn), (&d, &dn), "copy", engine)?;
+    }
+    Ok(())
+}
+
 /// What DST is, once open; decides what a failure leaves behind.
 enum Dst {
     Stream(Box<dyn Write>),
@@ -507,9 +524,7 @@ pub fn cp(
     args.check()?;
     let src_end = End::parse(src_arg)?;
     let dst_end = destination(&src_end, End::parse(dst_arg)?)?;
-    if let (End::Loc(s), End::Loc(d)) = (&src_end, &dst_end) {
-        crate::storage::refuse_shared(s, d, args.engine)?;
-    }
+    refuse_shared_ends(&src_end, &dst_end, args.engine)?;
     let (src_name, dst_name) = (src_end.name("stdin"), dst_end.name("stdout"));
     let stop = Stop::on_signals();
     let (mut held, counter) = Held::open(&src_end, args.engine, args.stats)?;

@@ -67,6 +67,20 @@ pub fn run(
         .as_ref()
         .filter(|p| p.as_os_str() != "-")
         .map_or("stdin".to_string(), |p| p.display().to_string());
+    // Reading the bytes from the storage being written would read back what was
+    // just written (`--input F` onto F at a later offset never ends).
+    let input_loc = match input_path.as_ref().filter(|p| p.as_os_str() != "-") {
+        Some(p) => Location::parse(p.as_os_str()).ok(),
+        None => crate::storage::stdio_location(0),
+    };
+    if let Some(src) = input_loc {
+        crate::storage::refuse_shared_as(
+            (&src, &in_name),
+            (target, &target.display()),
+            "write",
+            engine,
+        )?;
+    }
     let (mut reader, known_len) = input(input_path)?;
     let read_fail = |e: std::io::Error| Failure::msg(format!("{in_name}: {e}"));
     if target.inner.is_some() {
@@ -121,12 +135,27 @@ pub fn run(
     }
     let out = target.source.open(true, true, engine)?;
     let file = out.direct();
+    // A block device or an export does not grow: bytes past its end are refused,
+    // before anything is written when the input's length is known, else once the
+    // input reaches the end (what fits is written first, as a short `pwrite`).
+    let end = (!out.resizable()).then(|| out.size());
+    if let (Some(size), Some(len)) = (end, known_len) {
+        if offset.saturating_add(len) > size {
+            return Err(target.fail(format!(
+                "holds {size} bytes: the {len} bytes of {in_name} at --offset {offset} would pass its end (nothing was written)"
+            )));
+        }
+    }
     let mut buf = vec![0u8; CHUNK];
     let mut pos = offset;
     loop {
-        let n = fill(&mut reader, &mut buf).map_err(read_fail)?;
+        let mut n = fill(&mut reader, &mut buf).map_err(read_fail)?;
         if n == 0 {
             break;
+        }
+        let past_end = end.filter(|&size| pos.saturating_add(n as u64) > size);
+        if let Some(size) = past_end {
+            n = size.saturating_sub(pos) as usize;
         }
         match file.write_at(pos, &buf[..n], Flags::UNALIGNED) {
             Ok(k) if k == n => {}
@@ -140,6 +169,13 @@ pub fn run(
             }
         }
         pos += n as u64;
+        if let Some(size) = past_end {
+            let _ = file.sync_data();
+            return Err(target.fail(format!(
+                "holds {size} bytes: {in_name} runs past its end; its first {} bytes were written at --offset {offset}, nothing past byte {size}",
+                pos.saturating_sub(offset)
+            )));
+        }
     }
     // A partial last block goes to the device whole; the library cuts a host
     // file it grew back to where the bytes end (`BlockMap::trim_padding`).

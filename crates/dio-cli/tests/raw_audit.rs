@@ -1,0 +1,253 @@
+//! Defects found by driving `dio` on host files, block devices and NBD exports with
+//! real tools (rawaudit), each checked here against an independent judge: the
+//! bytes `std::fs` reads back (the kernel), GNU coreutils doing the same thing, a
+//! loop device, the file `nbdkit file` serves.
+//!
+//! - `dio cp - F < F` truncated its own source (stdin was not checked for sharing
+//!   storage with DST); `dio cat F >> F` grew F by a copy of itself;
+//! - `dio write F --offset N --input F` (or `< F`) read back what it wrote and never
+//!   ended, growing F until the disk was full;
+//! - `dio write` on a device or export past its end: the bytes past the end of an
+//!   export of odd size were dropped with exit 0; on a block device the bytes that
+//!   fit were written and the error did not say so;
+//! - `dio fsx mem:SIZE` larger than memory aborted (exit 134) on a failed allocation.
+//!
+//! Scratch files live under the target dir (`CARGO_TARGET_TMPDIR`): tmpfs may
+//! refuse O_DIRECT.
+
+use std::fs;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use dio_testkit::{bytes, have, is_root, need, skip, Listen, LoopDev, ServerProcess};
+use tempfile::TempDir;
+
+fn scratch() -> TempDir {
+    tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir under target/")
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+fn dio_cmd(args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_dio"));
+    c.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+    c
+}
+
+/// Wait for `child` at most 30 s; a child still running then is killed and the
+/// test fails (a hang is the defect these tests guard against).
+fn finish(mut child: Child, what: &str) -> Output {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if child.try_wait().expect("wait").is_some() {
+            return child.wait_with_output().expect("output");
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what}: still running after 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn run(mut cmd: Command, what: &str) -> Output {
+    finish(cmd.spawn().expect("run dio"), what)
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn assert_exit(o: &Output, code: i32, what: &str) {
+    assert_eq!(o.status.code(), Some(code), "{what}: {}", stderr(o));
+}
+
+/// stdin redirected from DST (`dio cp - F < F`, also through a hard link): exit 1
+/// and F untouched; GNU cp refuses the same copy (`cp /dev/stdin F < F`).
+#[test]
+fn cp_from_stdin_redirected_from_dst_is_refused_and_dst_untouched() {
+    let dir = scratch();
+    let f = dir.path().join("f");
+    let link = dir.path().join("link");
+    let data = bytes(1 << 20 | 7, 1);
+    fs::write(&f, &data).unwrap();
+    fs::hard_link(&f, &link).unwrap();
+    if have("cp") {
+        let gnu = Command::new("cp")
+            .arg("/dev/stdin")
+            .arg(&f)
+            .stdin(fs::File::open(&f).unwrap())
+            .output()
+            .unwrap();
+        assert!(!gnu.status.success(), "GNU cp copied a file onto itself");
+        assert!(fs::read(&f).unwrap() == data, "GNU cp changed f");
+    }
+    for dst in [&f, &link] {
+        let mut c = dio_cmd(&["cp", "-", s(dst)]);
+        c.stdin(fs::File::open(&f).unwrap());
+        let o = run(c, "cp - DST < DST");
+        assert_exit(&o, 1, &format!("cp - {} < f", dst.display()));
+        assert!(
+            fs::read(&f).unwrap() == data,
+            "cp - {} < f changed f",
+            dst.display()
+        );
+    }
+    // A different file on stdin still copies, byte for byte.
+    let g = dir.path().join("g");
+    let mut c = dio_cmd(&["cp", "-", s(&g)]);
+    c.stdin(fs::File::open(&f).unwrap());
+    assert_exit(&run(c, "cp - g < f"), 0, "cp - g < f");
+    assert!(fs::read(&g).unwrap() == data, "cp - g < f: bytes");
+}
+
+/// stdout appending to SRC (`dio cat F >> F`, `dio cp F - >> F`): exit 1 and F
+/// unchanged, as GNU cat refuses it ("input file is output file").
+#[test]
+fn cat_and_cp_to_a_stdout_that_is_src_are_refused() {
+    let dir = scratch();
+    let f = dir.path().join("f");
+    let data = bytes(300_000, 2);
+    fs::write(&f, &data).unwrap();
+    let append = || fs::OpenOptions::new().append(true).open(&f).unwrap();
+    if have("cat") {
+        let gnu = Command::new("cat")
+            .arg(&f)
+            .stdout(append())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(!gnu.success(), "GNU cat appended a file to itself");
+        assert!(fs::read(&f).unwrap() == data, "GNU cat changed f");
+    }
+    for args in [vec!["cat", s(&f)], vec!["cp", s(&f), "-"]] {
+        let mut c = dio_cmd(&args);
+        c.stdout(append());
+        let o = run(c, "dio ... >> f");
+        assert_exit(&o, 1, &format!("{args:?} >> f"));
+        assert!(fs::read(&f).unwrap() == data, "{args:?} >> f changed f");
+    }
+    // Another file as stdout gets the bytes.
+    let g = dir.path().join("g");
+    let mut c = dio_cmd(&["cat", s(&f)]);
+    c.stdout(fs::File::create(&g).unwrap());
+    assert_exit(&run(c, "cat f > g"), 0, "cat f > g");
+    assert!(fs::read(&g).unwrap() == data, "cat f > g: bytes");
+}
+
+/// `dio write F --offset 10 --input F` and `... < F` read what they wrote and
+/// never ended: refused, F untouched.
+#[test]
+fn write_whose_input_is_its_target_is_refused() {
+    let dir = scratch();
+    let f = dir.path().join("f");
+    let data = bytes(2 << 20, 3);
+    fs::write(&f, &data).unwrap();
+    let o = run(
+        dio_cmd(&["write", s(&f), "--offset", "10", "--input", s(&f)]),
+        "write f --input f",
+    );
+    assert_exit(&o, 1, "write f --offset 10 --input f");
+    let mut c = dio_cmd(&["write", s(&f), "--offset", "10"]);
+    c.stdin(fs::File::open(&f).unwrap());
+    assert_exit(&run(c, "write f < f"), 1, "write f --offset 10 < f");
+    assert!(fs::read(&f).unwrap() == data, "f changed");
+}
+
+/// `dio write TARGET --offset N` with TARGET a device or export of fixed size.
+/// An input whose length is known and that would pass the end: exit 1, nothing
+/// written. A stream that runs past it: exit 1, what fits written (as `dd` does
+/// on a block device), nothing past the end. `read` gives TARGET's bytes.
+fn write_past_the_end(target: &str, size: usize, read: &dyn Fn() -> Vec<u8>) {
+    let dir = scratch();
+    let input = dir.path().join("in");
+    fs::write(&input, b"abc").unwrap();
+    let mut model = read();
+    assert_eq!(model.len(), size);
+    // Up to the last byte: fine.
+    let at = (size - 3).to_string();
+    let o = run(
+        dio_cmd(&["write", target, "--offset", &at, "--input", s(&input)]),
+        "write the last 3 bytes",
+    );
+    assert_exit(&o, 0, "write the last 3 bytes");
+    model[size - 3..].copy_from_slice(b"abc");
+    assert!(read() == model, "{target}: the last 3 bytes");
+    for off in [size - 1, size, size + 4096] {
+        let o = run(
+            dio_cmd(&[
+                "write",
+                target,
+                "--offset",
+                &off.to_string(),
+                "--input",
+                s(&input),
+            ]),
+            "write past the end",
+        );
+        assert_exit(&o, 1, &format!("write 3 bytes at {off} of {size}"));
+        assert!(read() == model, "{target}: write at {off} changed bytes");
+    }
+    // A stream: the byte that fits, then exit 1.
+    let mut c = dio_cmd(&["write", target, "--offset", &(size - 1).to_string()]);
+    c.stdin(fs::File::open(&input).unwrap());
+    assert_exit(&run(c, "stream past the end"), 1, "stream past the end");
+    model[size - 1] = b'a';
+    assert!(read() == model, "{target}: stream past the end");
+}
+
+/// A 1 MiB loop device (the kernel's block device), read back through `std::fs`.
+#[test]
+fn write_past_the_end_of_a_block_device_writes_nothing_past_it() {
+    if !is_root() {
+        return skip("not root: no loop devices");
+    }
+    let dir = scratch();
+    let back = dir.path().join("back");
+    fs::write(&back, bytes(1 << 20, 4)).unwrap();
+    let lo = match LoopDev::attach(&back, 512) {
+        Ok(l) => l,
+        Err(e) => return skip(format!("losetup: {e}")),
+    };
+    let dev = lo.path().to_path_buf();
+    write_past_the_end(s(&dev), 1 << 20, &|| fs::read(&dev).unwrap());
+}
+
+/// An export of 1,000,001 bytes served by `nbdkit file`: the file is the oracle.
+#[test]
+fn write_past_the_end_of_an_nbd_export_of_odd_size_fails() {
+    if !need(&["nbdkit"]) {
+        return;
+    }
+    let dir = scratch();
+    let back = dir.path().join("export.bin");
+    fs::write(&back, bytes(1_000_001, 5)).unwrap();
+    let sock = dir.path().join("s");
+    let mut cmd = Command::new("nbdkit");
+    cmd.args(["-f", "--exit-with-parent", "-U"])
+        .arg(&sock)
+        .arg("file")
+        .arg(&back);
+    let _srv = ServerProcess::start(cmd, Listen::Unix(&sock));
+    let uri = format!("nbd+unix:///?socket={}", s(&sock));
+    write_past_the_end(&uri, 1_000_001, &|| fs::read(&back).unwrap());
+}
+
+/// `fsx mem:SIZE` beyond the machine's memory, and `--size` beyond it: exit 1,
+/// never an abort.
+#[test]
+fn fsx_span_beyond_memory_fails_cleanly() {
+    let o = run(dio_cmd(&["fsx", "mem:100T", "--ops", "1"]), "fsx mem:100T");
+    assert_exit(&o, 1, "fsx mem:100T");
+    let dir = scratch();
+    let f = dir.path().join("f");
+    let o = run(
+        dio_cmd(&["fsx", s(&f), "--span", "100T", "--ops", "1"]),
+        "fsx --span 100T",
+    );
+    assert_exit(&o, 1, "fsx FILE --span 100T");
+}
