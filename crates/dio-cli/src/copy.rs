@@ -445,6 +445,10 @@ pub fn cat(
     if let Some(c) = &counter {
         print_stats(&src_name, c, held.direct());
     }
+    let result = result.and_then(|p| match shrank(&end, held.size()) {
+        Some(now) => Err((shrank_failure(&src_name, held.size(), now), p)),
+        None => Ok(p),
+    });
     match result {
         Ok(p) => {
             out.flush().map_err(stdout_failure)?;
@@ -455,6 +459,27 @@ pub fn cat(
         }
         Err((f, _)) => Err(f),
     }
+}
+
+/// The size of a host-file source that is now smaller than `size`, the size it
+/// had when opened: the copy read past its new end, and those reads came back as
+/// zeros (the size is sampled at open, as the kernel's i_size is for one call).
+fn shrank(src: &End, size: Option<u64>) -> Option<u64> {
+    let (End::Loc(loc), Some(size)) = (src, size) else {
+        return None;
+    };
+    let (Source::Host(p), None) = (&loc.source, &loc.inner) else {
+        return None;
+    };
+    let m = std::fs::metadata(p).ok()?;
+    (m.is_file() && m.len() < size).then_some(m.len())
+}
+
+fn shrank_failure(src: &str, size: Option<u64>, now: u64) -> Failure {
+    Failure::msg(format!(
+        "{src} shrank while it was copied, from {} to {now} bytes: the bytes past its new end are not what it held",
+        size.unwrap_or(0)
+    ))
 }
 
 /// Where `cp` writes: DST, or DST/NAME for a directory (NAME: SRC's last
@@ -684,6 +709,14 @@ pub fn cp(
     if let Some(c) = &counter {
         print_stats(&src_name, c, held.direct());
     }
+    // What was copied below SRC's new end is SRC's; past it, zeros it never held.
+    let result = result.and_then(|mut p| match shrank(&src_end, size) {
+        Some(now) => {
+            p.prefix = p.prefix.min(now);
+            Err((shrank_failure(&src_name, size, now), p))
+        }
+        None => Ok(p),
+    });
     match result {
         Ok(p) => {
             finish(&mut dst, p.total.unwrap_or(0), &dst_name)?;

@@ -251,3 +251,73 @@ fn fsx_span_beyond_memory_fails_cleanly() {
     );
     assert_exit(&o, 1, "fsx FILE --span 100T");
 }
+
+fn signal(sig: &str, pid: u32) {
+    let ok = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "kill {sig} {pid}");
+}
+
+/// SRC cut short while `cp` (and `cat`) read it: the reads past its new end came
+/// back as zeros, and the copy ended with exit 0 and a DST of the old size. Now:
+/// exit 1, and a file DST holds exactly what SRC holds (as `cmp` sees it). The
+/// copy is paused (SIGSTOP) while SRC is cut, so the cut lands mid-copy.
+#[test]
+fn a_source_that_shrinks_mid_copy_fails_and_dst_holds_what_it_holds() {
+    if !have("kill") {
+        return skip("kill is not installed");
+    }
+    let dir = scratch();
+    let src = dir.path().join("src");
+    let dst = dir.path().join("dst");
+    let data = bytes(32 << 20, 6);
+    let half = (16 << 20) + 100;
+    for cat in [false, true] {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            assert!(tries <= 5, "the copy always finished before it was paused");
+            fs::write(&src, &data).unwrap();
+            let _ = fs::remove_file(&dst);
+            let mut c = if cat {
+                let mut c = dio_cmd(&["cat", s(&src), "--bs", "64K", "--qd", "1"]);
+                c.stdout(fs::File::create(&dst).unwrap());
+                c
+            } else {
+                dio_cmd(&["cp", s(&src), s(&dst), "--bs", "64K", "--qd", "1"])
+            };
+            let mut child = c.spawn().unwrap();
+            let pid = child.id();
+            // cp sizes DST before its first read; cat's first bytes show up.
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while fs::metadata(&dst).map_or(0, |m| m.len()) == 0
+                && child.try_wait().unwrap().is_none()
+            {
+                assert!(Instant::now() < deadline, "the copy never started");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            signal("-STOP", pid);
+            if child.try_wait().unwrap().is_some() {
+                continue;
+            }
+            fs::OpenOptions::new()
+                .write(true)
+                .open(&src)
+                .unwrap()
+                .set_len(half)
+                .unwrap();
+            signal("-CONT", pid);
+            let o = finish(child, "copy of a shrinking file");
+            assert_exit(&o, 1, &format!("cat {cat}: a source that shrank"));
+            if !cat {
+                assert!(
+                    fs::read(&dst).unwrap() == data[..half as usize],
+                    "DST holds what SRC holds"
+                );
+            }
+            break;
+        }
+    }
+}
