@@ -310,6 +310,14 @@ fn record(a: &RecordArgs) -> Result<(), Failure> {
             "crash record runs on a host file, a block device or IMAGE:/PATH, not on an NBD export",
         ));
     };
+    // The writes go under any file system mounted from it, as `write` and `cp`
+    // refuse to do.
+    if let Some(holder) = dio::probe::in_use(path) {
+        return Err(Failure::msg(format!(
+            "refusing to write: {holder} (writing under a mounted file system corrupts \
+             it; unmount it first)"
+        )));
+    }
     if let Some(b) = &a.save_base {
         save_copy(path, b)?;
     }

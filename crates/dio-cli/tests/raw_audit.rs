@@ -10,7 +10,8 @@
 //! - `dio write` on a device or export past its end: the bytes past the end of an
 //!   export of odd size were dropped with exit 0; on a block device the bytes that
 //!   fit were written and the error did not say so;
-//! - `dio fsx mem:SIZE` larger than memory aborted (exit 134) on a failed allocation.
+//! - `dio fsx mem:SIZE` larger than memory aborted (exit 134) on a failed allocation;
+//! - `dio crash record` wrote into an image a kernel mount held (exit 0).
 //!
 //! Scratch files live under the target dir (`CARGO_TARGET_TMPDIR`): tmpfs may
 //! refuse O_DIRECT.
@@ -20,7 +21,9 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use dio_testkit::{bytes, have, is_root, need, skip, Listen, LoopDev, ServerProcess};
+use dio_testkit::{
+    bytes, have, is_root, mke2fs, need, skip, Listen, LoopDev, Mount, ServerProcess,
+};
 use tempfile::TempDir;
 
 fn scratch() -> TempDir {
@@ -320,4 +323,36 @@ fn a_source_that_shrinks_mid_copy_fails_and_dst_holds_what_it_holds() {
             break;
         }
     }
+}
+
+/// `crash record` on an image the kernel has mounted: refused (exit 1), as `write`
+/// and `cp` refuse it, and the bytes it would have filled (the boot block, which
+/// ext4 never touches) are as they were.
+#[test]
+fn crash_record_refuses_an_image_a_kernel_mount_holds() {
+    if !is_root() {
+        return skip("not root: no mounts");
+    }
+    if !have("mke2fs") {
+        return skip("mke2fs is not installed");
+    }
+    let dir = scratch();
+    let img = dir.path().join("m.ext4");
+    mke2fs(&img, &["-t", "ext4"], 16);
+    let before = fs::read(&img).unwrap()[..1024].to_vec();
+    let m = match Mount::new(&img, "rw") {
+        Ok(m) => m,
+        Err(e) => return skip(format!("mount: {e}")),
+    };
+    let log = dir.path().join("run.log");
+    let o = run(
+        dio_cmd(&["crash", "record", s(&log), s(&img), "fill:0:1024:171"]),
+        "crash record on a mounted image",
+    );
+    assert_exit(&o, 1, "crash record on a mounted image");
+    drop(m);
+    assert!(
+        fs::read(&img).unwrap()[..1024] == before[..],
+        "crash record wrote into a mounted image"
+    );
 }
