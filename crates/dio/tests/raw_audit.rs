@@ -272,3 +272,70 @@ fn zram_reads_and_writes_from_memory_off_a_page_are_byte_exact() {
         "bytes read into memory off a page"
     );
 }
+
+/// An export whose size is not a multiple of the minimum block size the server
+/// announces (nbdkit's blocksize-policy filter, 4096): its tail can only be
+/// reached with requests the server refuses, and every read touching it (a whole
+/// `cat`) failed with EINVAL from the server. Now the open refuses it by name; the
+/// same export rounded to the block opens and reads byte-exact.
+#[test]
+fn nbd_export_with_an_unreachable_tail_is_refused_at_open() {
+    if !need(&["nbdkit"]) {
+        return;
+    }
+    let has_filter = Command::new("nbdkit")
+        .args(["--filter=blocksize-policy", "null", "--dump-plugin"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_filter {
+        return dio_testkit::skip("nbdkit has no blocksize-policy filter");
+    }
+    let dir = scratch("nbd-minblock");
+    for (size, opens) in [(1_000_001usize, false), (1_003_520, true)] {
+        let backing = dir.path().join(format!("e{size}"));
+        let data = bytes(size, 9);
+        std::fs::write(&backing, &data).unwrap();
+        let sock = dir.path().join(format!("s{size}"));
+        let mut cmd = Command::new("nbdkit");
+        cmd.args([
+            "-f",
+            "--exit-with-parent",
+            "--filter=blocksize-policy",
+            "-U",
+        ])
+        .arg(&sock)
+        .arg("file")
+        .arg(&backing)
+        .args([
+            "blocksize-minimum=4096",
+            "blocksize-preferred=65536",
+            "blocksize-maximum=1M",
+            "blocksize-error-policy=error",
+        ]);
+        let _srv = ServerProcess::start(cmd, Listen::Unix(&sock));
+        let r = NbdFile::open(&NbdUri::unix(&sock, ""), false, &cfg());
+        if !opens {
+            let e = r.expect_err("an export with an unreachable tail opened");
+            assert!(
+                matches!(
+                    &e,
+                    dio::Error::Incompatible(i) if i.feature == dio::Feature::Nbd
+                ),
+                "{e}"
+            );
+            continue;
+        }
+        let f = r.expect("open an export of whole blocks");
+        let mut back = vec![0u8; size];
+        let mut at = 0;
+        while at < size {
+            let n = f
+                .direct()
+                .read_at(at as u64, &mut back[at..], Flags::UNALIGNED)
+                .expect("read");
+            assert!(n > 0, "read stopped at {at}");
+            at += n;
+        }
+        assert!(back == data, "export bytes");
+    }
+}
