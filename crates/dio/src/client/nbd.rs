@@ -10,13 +10,21 @@ pub use crate::device::nbd::{
 };
 use std::sync::Arc;
 
-use crate::device::Device;
-use crate::map::{BlockMap, Extent};
+use std::cell::Cell;
+
+use crate::device::{Device, Op};
+use crate::map::{BlockMap, Extent, Private};
 use crate::{DirectFile, Error, FileState, IdentityMap, Result};
 
 /// The identity map of an export, with a fixed size: a write that would pass the
 /// export's end fails with `ENOSPC` (a block device's answer) instead of the server
 /// or the device dropping the bytes past it, and the size never changes.
+///
+/// An export whose size is not a multiple of the block ends inside its last block.
+/// A write covering that block goes to the device whole and the device clips it at
+/// the export's end, so whether the caller's bytes fit is checked at the end of the
+/// call: a byte-granular write's own end in [`BlockMap::trim_padding`], any other
+/// write's end in [`BlockMap::end_io`].
 struct ExportMap {
     identity: IdentityMap,
     /// Blocks holding at least one byte of the export (the last may be partial).
@@ -26,7 +34,19 @@ struct ExportMap {
     uri: String,
 }
 
+thread_local! {
+    /// Set by [`ExportMap::trim_padding`] when a byte-granular write ends inside the
+    /// export, and taken by the [`ExportMap::end_io`] that follows it in the same
+    /// call's finish, on the same thread.
+    static TAIL_CHECKED: Cell<bool> = const { Cell::new(false) };
+}
+
 impl ExportMap {
+    /// Whether the export ends inside its last block.
+    fn ends_mid_block(&self) -> bool {
+        self.size % u64::from(self.block_size) != 0
+    }
+
     fn past_end(&self, end: u64) -> Error {
         Error::os(
             format!(
@@ -55,7 +75,29 @@ impl BlockMap for ExportMap {
     }
 
     fn has_end_io(&self) -> bool {
-        false
+        self.ends_mid_block()
+    }
+
+    fn end_io(
+        &self,
+        op: Op,
+        offset: u64,
+        result: Result<usize>,
+        _private: Option<&Private>,
+    ) -> Result<usize> {
+        if op != Op::Write {
+            return result;
+        }
+        let checked = TAIL_CHECKED.with(|c| c.replace(false));
+        let n = result?;
+        // The call covered the partial last block: its padded end passes the
+        // export's. A byte-granular write had its own end checked; any other
+        // wrote bytes past the end that the device dropped.
+        let end = offset.saturating_add(n as u64);
+        if end > self.size && !checked {
+            return Err(self.past_end(end));
+        }
+        Ok(n)
     }
 
     fn can_resize(&self, size: u64) -> Result<()> {
@@ -74,13 +116,14 @@ impl BlockMap for ExportMap {
     /// A byte-granular write into the export's partial last block: its padding
     /// is clipped by the device; its bytes past the export's end fail it.
     fn trims_padding(&self) -> bool {
-        self.size % u64::from(self.block_size) != 0
+        self.ends_mid_block()
     }
 
     fn trim_padding(&self, size: u64) -> Result<()> {
         if size > self.size {
             return Err(self.past_end(size));
         }
+        TAIL_CHECKED.with(|c| c.set(true));
         Ok(())
     }
 }
