@@ -11,7 +11,8 @@
 //!   export of odd size were dropped with exit 0; on a block device the bytes that
 //!   fit were written and the error did not say so;
 //! - `dio fsx mem:SIZE` larger than memory aborted (exit 134) on a failed allocation;
-//! - `dio crash record` wrote into an image a kernel mount held (exit 0).
+//! - `dio crash record` wrote into an image a kernel mount held (exit 0);
+//! - `dio bench --skew` past the span failed as a short I/O of the target.
 //!
 //! Scratch files live under the target dir (`CARGO_TARGET_TMPDIR`): tmpfs may
 //! refuse O_DIRECT.
@@ -355,4 +356,34 @@ fn crash_record_refuses_an_image_a_kernel_mount_holds() {
         fs::read(&img).unwrap()[..1024] == before[..],
         "crash record wrote into a mounted image"
     );
+}
+
+/// `bench --skew` as large as the span: every I/O fell past the file and the run
+/// failed with "short I/O" (exit 1), blaming the target. Now a usage error (exit
+/// 2); a skew that fits still runs.
+#[test]
+fn bench_skew_beyond_the_span_is_a_usage_error() {
+    let dir = scratch();
+    let f = dir.path().join("b");
+    let args = |skew: &str| {
+        dio_cmd(&[
+            "bench",
+            s(&f),
+            "--size",
+            "1M",
+            "--bs",
+            "4k",
+            "--runtime",
+            "0.1",
+            "--skew",
+            skew,
+        ])
+    };
+    assert_exit(
+        &run(args("99999999"), "bench --skew 99999999"),
+        2,
+        "--skew 99999999",
+    );
+    assert_exit(&run(args("1M"), "bench --skew 1M"), 2, "--skew 1M");
+    assert_exit(&run(args("100"), "bench --skew 100"), 0, "--skew 100");
 }

@@ -435,11 +435,19 @@ fn single(path: &Path, args: &BenchArgs) -> Result<(), Failure> {
         None => None,
     };
     let direct = observed.as_ref().unwrap_or(direct);
+    let span = span(size, bs)?;
+    // The shift needs a block to spare at the end of the span.
+    if args.skew != 0 && args.skew.div_ceil(bs).saturating_mul(bs) >= span {
+        return Err(Failure::usage(format!(
+            "--skew {} leaves no room: it must be less than --size ({size} bytes) minus --bs ({bs} bytes)",
+            args.skew
+        )));
+    }
     let w = Workload {
         rw,
         bs,
         qd,
-        span: span(size, bs)?,
+        span,
         runtime: runtime(args, 5.0),
         ramp: Duration::from_secs_f64(args.ramp),
         skew: args.skew,
