@@ -387,3 +387,34 @@ fn bench_skew_beyond_the_span_is_a_usage_error() {
     assert_exit(&run(args("1M"), "bench --skew 1M"), 2, "--skew 1M");
     assert_exit(&run(args("100"), "bench --skew 100"), 0, "--skew 100");
 }
+
+/// `dio bench` without a target, stopped by SIGTERM or SIGHUP once its scratch
+/// file exists: exit 128 + the signal (as `cp`), and the scratch file is gone.
+/// Before: SIGTERM gave 130 (Ctrl-C's), and SIGHUP killed it, leaving 256 MiB of
+/// scratch behind.
+#[test]
+fn bench_stopped_by_a_signal_removes_its_scratch_and_says_which() {
+    if !have("kill") {
+        return skip("kill is not installed");
+    }
+    for (sig, code) in [("-TERM", 143), ("-HUP", 129)] {
+        let dir = scratch();
+        let scratch_file = dir.path().join("dio-bench.tmp");
+        let mut c = dio_cmd(&["bench"]);
+        c.current_dir(dir.path()).stdin(Stdio::null());
+        let mut child = c.spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !scratch_file.exists() {
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "bench ended before its scratch file showed"
+            );
+            assert!(Instant::now() < deadline, "no scratch file after 30 s");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        signal(sig, child.id());
+        let o = finish(child, "bench after a signal");
+        assert_exit(&o, code, &format!("bench {sig}"));
+        assert!(!scratch_file.exists(), "bench {sig} left its scratch file");
+    }
+}

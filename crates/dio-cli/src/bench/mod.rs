@@ -17,7 +17,7 @@ use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use clap::Args;
@@ -119,27 +119,46 @@ pub struct BenchArgs {
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+/// The signal that stopped the runs (0: none).
+static SIGNAL: AtomicUsize = AtomicUsize::new(0);
 
-/// Whether Ctrl-C (or SIGTERM) arrived: runs stop early, scratch files go away.
+/// Whether Ctrl-C (or SIGTERM, SIGHUP) arrived: runs stop early, scratch files go
+/// away.
 pub fn interrupted() -> bool {
     INTERRUPTED.load(Ordering::Relaxed)
 }
 
 fn catch_signals() {
-    use signal_hook::consts::{SIGINT, SIGTERM};
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     use signal_hook::flag;
-    for sig in [SIGINT, SIGTERM] {
+    for sig in [SIGINT, SIGTERM, SIGHUP] {
         // A second signal exits at once; the first asks for a clean stop.
-        let _ = flag::register_conditional_shutdown(sig, 130, &INTERRUPTED);
+        let _ = flag::register_conditional_shutdown(sig, 128 + sig, &INTERRUPTED);
         let _ = flag::register(sig, &INTERRUPTED);
+        let _ = flag::register_usize(sig, &SIGNAL, sig as usize);
     }
 }
 
 fn stop_if_interrupted() -> Result<(), Failure> {
     if interrupted() {
-        Err(Failure::Interrupted)
+        Err(interrupt_failure())
     } else {
         Ok(())
+    }
+}
+
+/// How a signal ends the runs: exit 128 + the signal, as `cp` (130 for Ctrl-C).
+fn interrupt_failure() -> Failure {
+    match SIGNAL.load(Ordering::Relaxed) as i32 {
+        0 | libc::SIGINT => Failure::Interrupted,
+        signal => Failure::Signal {
+            signal,
+            message: if signal == libc::SIGTERM {
+                "terminated (SIGTERM)".to_string()
+            } else {
+                format!("stopped by signal {signal}")
+            },
+        },
     }
 }
 
