@@ -220,6 +220,16 @@ fn open_target(
         ..RawOptions::default()
     };
     let raw = crate::copy::open(&path, &opts)?;
+    let block = u64::from(raw.direct().geometry().logical_block);
+    if block_device && raw.size() < block {
+        return Err(Failure::at(
+            &path,
+            format!(
+                "holds {} bytes, less than one {block}-byte block: nothing to exercise",
+                raw.size()
+            ),
+        ));
+    }
     Ok((Target::raw(raw), None))
 }
 

@@ -12,7 +12,9 @@
 //!   fit were written and the error did not say so;
 //! - `dio fsx mem:SIZE` larger than memory aborted (exit 134) on a failed allocation;
 //! - `dio crash record` wrote into an image a kernel mount held (exit 0);
-//! - `dio bench --skew` past the span failed as a short I/O of the target.
+//! - `dio bench --skew` past the span failed as a short I/O of the target;
+//! - `dio bench` left its scratch file on SIGHUP and exited 130 on SIGTERM;
+//! - `dio fsx --force` on an empty device "passed"; `bench` blamed `--size`.
 //!
 //! Scratch files live under the target dir (`CARGO_TARGET_TMPDIR`): tmpfs may
 //! refuse O_DIRECT.
@@ -417,4 +419,32 @@ fn bench_stopped_by_a_signal_removes_its_scratch_and_says_which() {
         assert_exit(&o, code, &format!("bench {sig}"));
         assert!(!scratch_file.exists(), "bench {sig} left its scratch file");
     }
+}
+
+/// A block device of 0 bytes (a loop device over an empty file): `fsx --force`
+/// ran "17 ops, 0 divergences" on nothing (exit 0) and `bench` blamed `--size`,
+/// which was not given (exit 2). Both now say the device is empty (exit 1).
+#[test]
+fn fsx_and_bench_on_an_empty_device_say_so() {
+    if !is_root() {
+        return skip("not root: no loop devices");
+    }
+    let dir = scratch();
+    let back = dir.path().join("empty");
+    fs::write(&back, b"").unwrap();
+    let lo = match LoopDev::attach(&back, 512) {
+        Ok(l) => l,
+        Err(e) => return skip(format!("losetup: {e}")),
+    };
+    let dev = s(lo.path());
+    let o = run(
+        dio_cmd(&["fsx", dev, "--force", "--ops", "10"]),
+        "fsx on an empty device",
+    );
+    assert_exit(&o, 1, "fsx on an empty device");
+    let o = run(
+        dio_cmd(&["bench", dev, "--runtime", "0.1"]),
+        "bench on an empty device",
+    );
+    assert_exit(&o, 1, "bench on an empty device");
 }

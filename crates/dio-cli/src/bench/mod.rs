@@ -271,6 +271,9 @@ fn prepare(
     )?;
     let size = if is_device {
         let dev = raw.size();
+        if dev == 0 {
+            return Err(Failure::at(path, "holds 0 bytes: nothing to measure"));
+        }
         let size = size.unwrap_or(dev);
         if size > dev {
             return Err(Failure::at(
