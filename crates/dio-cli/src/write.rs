@@ -50,6 +50,66 @@ fn fill(r: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
     Ok(n)
 }
 
+/// An exclusive `flock` on a host file or device, held while a write patches a
+/// partial block. The read-modify-write of a byte-granular direct write is atomic
+/// only against the writes of this process (the engine's range lock): two `dio
+/// write` processes patching the same block lost one another's bytes. Others that
+/// take the lock wait; plain `pwrite`s of other programs are not covered (they
+/// need no read-modify-write, but one that lands during ours is lost the same way).
+struct PartialBlockLock {
+    file: File,
+    name: String,
+}
+
+/// Unlocks on drop.
+struct Held<'a>(&'a File);
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        let _ = rustix::fs::flock(self.0, rustix::fs::FlockOperation::Unlock);
+    }
+}
+
+impl PartialBlockLock {
+    /// A lock for a host target (None for an export: NBD has no locks).
+    fn open(target: &Location) -> Result<Option<PartialBlockLock>, Failure> {
+        let crate::location::Source::Host(path) = &target.source else {
+            return Ok(None);
+        };
+        // Any open file will do for flock: read, else write (a file we may only
+        // write).
+        let file = File::open(path)
+            .or_else(|_| File::options().write(true).open(path))
+            .map_err(|e| Failure::at(path, e))?;
+        Ok(Some(PartialBlockLock {
+            file,
+            name: target.display(),
+        }))
+    }
+
+    fn hold(&self) -> Result<Held<'_>, Failure> {
+        use rustix::fs::{flock, FlockOperation};
+        let fail = |e: rustix::io::Errno| {
+            Failure::msg(format!("{}: lock: {}", self.name, std::io::Error::from(e)))
+        };
+        // Another dio write holds it for one chunk: a moment. Past a second, say
+        // what we wait for (a lock some other program keeps).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        while flock(&self.file, FlockOperation::NonBlockingLockExclusive).is_err() {
+            if std::time::Instant::now() > deadline {
+                crate::fail::say(format_args!(
+                    "note: waiting for another process's lock (flock) on {}",
+                    self.name
+                ));
+                flock(&self.file, FlockOperation::LockExclusive).map_err(fail)?;
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        Ok(Held(&self.file))
+    }
+}
+
 /// `dio write`.
 pub fn run(
     target: &OsStr,
@@ -146,6 +206,8 @@ pub fn run(
             )));
         }
     }
+    let lock = PartialBlockLock::open(target)?;
+    let lb = u64::from(file.geometry().logical_block);
     let mut buf = vec![0u8; CHUNK];
     let mut pos = offset;
     loop {
@@ -157,6 +219,12 @@ pub fn run(
         if let Some(size) = past_end {
             n = size.saturating_sub(pos) as usize;
         }
+        let partial = (pos | (pos + n as u64)) & (lb - 1) != 0;
+        let _held = if partial {
+            lock.as_ref().map(PartialBlockLock::hold).transpose()?
+        } else {
+            None
+        };
         match file.write_at(pos, &buf[..n], Flags::UNALIGNED) {
             Ok(k) if k == n => {}
             Ok(k) => {
