@@ -48,9 +48,9 @@ pub struct FsxArgs {
     /// Largest read or write.
     #[arg(long, value_parser = parse_size, default_value = "256K")]
     max_len: u64,
-    /// Most async calls in flight in one batch.
-    #[arg(long, default_value_t = 16)]
-    qd: usize,
+    /// Most async calls in flight in one batch (1 to 1024; 1 runs as 2).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    qd: u16,
     /// fs block of the RAM device's test map.
     #[arg(long, value_parser = parse_size, default_value = "4K")]
     block: u64,
@@ -87,6 +87,13 @@ pub fn run(a: &FsxArgs) -> Result<(), Failure> {
             .map(|d| d.as_nanos() as u64 % 1_000_000_007)
             .unwrap_or(1)
     });
+    if let Some(secs) = a.duration {
+        if !(secs.is_finite() && secs > 0.0) {
+            return Err(Failure::usage(
+                "--duration must be a number of seconds above 0",
+            ));
+        }
+    }
     let mut span = a.span.unwrap_or(4 << 20);
     fits_in_memory(span, 1, "the model")?;
     let (target, finish) = open_target(a, seed, &mut span)?;
@@ -97,7 +104,7 @@ pub fn run(a: &FsxArgs) -> Result<(), Failure> {
         _ => opts.ops(10_000),
     };
     opts.max_len = a.max_len.max(1);
-    opts.max_batch = a.qd.max(2);
+    opts.max_batch = usize::from(a.qd.max(2));
     opts.unaligned = !a.aligned_only;
     opts.verify_every = a.verify_every;
     opts.log_len = a.log.max(1);

@@ -481,3 +481,22 @@ fn concurrent_writes_into_one_block_lose_nothing() {
         );
     }
 }
+
+/// `fsx --qd 0`, `--duration 0` and `--duration nan` ran a default run (exit 0),
+/// the values ignored; now usage errors (exit 2), as `bench` treats its own.
+#[test]
+fn fsx_rejects_a_zero_queue_depth_and_a_duration_that_is_not_a_time() {
+    for args in [
+        ["fsx", "mem", "--qd", "0"],
+        ["fsx", "mem", "--duration", "0"],
+        ["fsx", "mem", "--duration", "nan"],
+    ] {
+        let o = run(dio_cmd(&args), "fsx with a bad value");
+        assert_exit(&o, 2, &format!("{args:?}"));
+    }
+    let o = run(
+        dio_cmd(&["fsx", "mem", "--qd", "1", "--ops", "50"]),
+        "fsx --qd 1",
+    );
+    assert_exit(&o, 0, "fsx --qd 1");
+}
