@@ -15,7 +15,8 @@
 //! - `dio bench --skew` past the span failed as a short I/O of the target;
 //! - `dio bench` left its scratch file on SIGHUP and exited 130 on SIGTERM;
 //! - `dio fsx --force` on an empty device "passed"; `bench` blamed `--size`;
-//! - two `dio write` processes into one block lost one another's bytes.
+//! - two `dio write` processes into one block lost one another's bytes;
+//! - `dio fsx --qd 0` and `--duration 0`/`nan` were ignored (a default run, exit 0).
 //!
 //! Scratch files live under the target dir (`CARGO_TARGET_TMPDIR`): tmpfs may
 //! refuse O_DIRECT.
