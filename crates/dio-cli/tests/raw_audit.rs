@@ -10,6 +10,7 @@
 //! - `dio write` on a device or export past its end: the bytes past the end of an
 //!   export of odd size were dropped with exit 0; on a block device the bytes that
 //!   fit were written and the error did not say so;
+//! - a host-file SRC cut short mid-copy: `cp`/`cat` exit 0, zeros past its new end;
 //! - `dio fsx mem:SIZE` larger than memory aborted (exit 134) on a failed allocation;
 //! - `dio crash record` wrote into an image a kernel mount held (exit 0);
 //! - `dio bench --skew` past the span failed as a short I/O of the target;
