@@ -12,7 +12,8 @@
 //!   fit were written and the error did not say so;
 //! - a host-file SRC cut short mid-copy: `cp`/`cat` exit 0, zeros past its new end;
 //! - `dio fsx mem:SIZE` larger than memory aborted (exit 134) on a failed allocation;
-//! - `dio crash record` wrote into an image a kernel mount held (exit 0);
+//! - `dio crash record` wrote into an image a kernel mount held (exit 0), and grew
+//!   a host file of odd size to its last block's end;
 //! - `dio bench --skew` past the span failed as a short I/O of the target;
 //! - `dio bench` left its scratch file on SIGHUP and exited 130 on SIGTERM;
 //! - `dio fsx --force` on an empty device "passed"; `bench` blamed `--size`;
@@ -501,4 +502,34 @@ fn fsx_rejects_a_zero_queue_depth_and_a_duration_that_is_not_a_time() {
         "fsx --qd 1",
     );
     assert_exit(&o, 0, "fsx --qd 1");
+}
+
+/// `crash record` on a host file whose size is not a multiple of 512: a write
+/// into its last block grew the file to the block's end (100,001 -> 100,352
+/// bytes), and the in-place check let writes past its end through up to there.
+/// Now the file is what `pwrite` leaves, and a write past its end is refused
+/// before any op runs.
+#[test]
+fn crash_record_on_a_file_of_odd_size_leaves_it_as_pwrite_would() {
+    let dir = scratch();
+    let f = dir.path().join("f");
+    let mut model = bytes(100_001, 8);
+    fs::write(&f, &model).unwrap();
+    let w = dir.path().join("w");
+    fs::write(&w, b"xy").unwrap();
+    let log = dir.path().join("run.log");
+    let op = format!("write:99999:{}", s(&w));
+    let o = run(
+        dio_cmd(&["crash", "record", s(&log), s(&f), &op]),
+        "crash record into the last block",
+    );
+    assert_exit(&o, 0, "crash record into the last block");
+    model[99_999..].copy_from_slice(b"xy");
+    assert!(fs::read(&f).unwrap() == model, "the file after the write");
+    let o = run(
+        dio_cmd(&["crash", "record", s(&log), s(&f), &op, "fill:100000:2:1"]),
+        "crash record past the end",
+    );
+    assert_exit(&o, 1, "crash record past the end");
+    assert!(fs::read(&f).unwrap() == model, "nothing written");
 }
