@@ -387,6 +387,7 @@ pub fn cat(
 ) -> Result<(), Failure> {
     args.check()?;
     let end = End::parse(arg)?;
+    refuse_shared_ends(&end, &End::Stdio, args.engine)?;
     let src_name = end.name("stdin");
     let (mut held, counter) = Held::open(&end, args.engine, args.stats)?;
     let stdout = io::stdout();
@@ -444,6 +445,10 @@ pub fn cat(
     if let Some(c) = &counter {
         print_stats(&src_name, c, held.direct());
     }
+    let result = result.and_then(|p| match shrank(&end, held.size()) {
+        Some(now) => Err((shrank_failure(&src_name, held.size(), now), p)),
+        None => Ok(p),
+    });
     match result {
         Ok(p) => {
             out.flush().map_err(stdout_failure)?;
@@ -454,6 +459,27 @@ pub fn cat(
         }
         Err((f, _)) => Err(f),
     }
+}
+
+/// The size of a host-file source that is now smaller than `size`, the size it
+/// had when opened: the copy read past its new end, and those reads came back as
+/// zeros (the size is sampled at open, as the kernel's i_size is for one call).
+fn shrank(src: &End, size: Option<u64>) -> Option<u64> {
+    let (End::Loc(loc), Some(size)) = (src, size) else {
+        return None;
+    };
+    let (Source::Host(p), None) = (&loc.source, &loc.inner) else {
+        return None;
+    };
+    let m = std::fs::metadata(p).ok()?;
+    (m.is_file() && m.len() < size).then_some(m.len())
+}
+
+fn shrank_failure(src: &str, size: Option<u64>, now: u64) -> Failure {
+    Failure::msg(format!(
+        "{src} shrank while it was copied, from {} to {now} bytes: the bytes past its new end are not what it held",
+        size.unwrap_or(0)
+    ))
 }
 
 /// Where `cp` writes: DST, or DST/NAME for a directory (NAME: SRC's last
@@ -482,6 +508,22 @@ fn destination(src: &End, dst: End) -> Result<End, Failure> {
     Ok(End::Loc(loc))
 }
 
+/// Refuse (exit 1, nothing touched) when the two ends share storage, also when an
+/// end is `-` and the shell redirected stdin or stdout to a file or device
+/// (`dio cp - f < f` would truncate its own source; `dio cat f >> f` would
+/// never end).
+fn refuse_shared_ends(src: &End, dst: &End, engine: Engine) -> Result<(), Failure> {
+    let loc = |end: &End, fd: u8, stdio: &str| match end {
+        End::Loc(l) => Some((l.clone(), l.display())),
+        End::Stdio => crate::storage::stdio_location(fd).map(|l| (l, stdio.to_string())),
+        End::Plain(_) => None,
+    };
+    if let (Some((s, sn)), Some((d, dn))) = (loc(src, 0, "stdin"), loc(dst, 1, "stdout")) {
+        crate::storage::refuse_shared_as((&s, &sn), (&d, &dn), "copy", engine)?;
+    }
+    Ok(())
+}
+
 /// What DST is, once open; decides what a failure leaves behind.
 enum Dst {
     Stream(Box<dyn Write>),
@@ -507,9 +549,7 @@ pub fn cp(
     args.check()?;
     let src_end = End::parse(src_arg)?;
     let dst_end = destination(&src_end, End::parse(dst_arg)?)?;
-    if let (End::Loc(s), End::Loc(d)) = (&src_end, &dst_end) {
-        crate::storage::refuse_shared(s, d, args.engine)?;
-    }
+    refuse_shared_ends(&src_end, &dst_end, args.engine)?;
     let (src_name, dst_name) = (src_end.name("stdin"), dst_end.name("stdout"));
     let stop = Stop::on_signals();
     let (mut held, counter) = Held::open(&src_end, args.engine, args.stats)?;
@@ -669,6 +709,14 @@ pub fn cp(
     if let Some(c) = &counter {
         print_stats(&src_name, c, held.direct());
     }
+    // What was copied below SRC's new end is SRC's; past it, zeros it never held.
+    let result = result.and_then(|mut p| match shrank(&src_end, size) {
+        Some(now) => {
+            p.prefix = p.prefix.min(now);
+            Err((shrank_failure(&src_name, size, now), p))
+        }
+        None => Ok(p),
+    });
     match result {
         Ok(p) => {
             finish(&mut dst, p.total.unwrap_or(0), &dst_name)?;

@@ -310,6 +310,14 @@ fn record(a: &RecordArgs) -> Result<(), Failure> {
             "crash record runs on a host file, a block device or IMAGE:/PATH, not on an NBD export",
         ));
     };
+    // The writes go under any file system mounted from it, as `write` and `cp`
+    // refuse to do.
+    if let Some(holder) = dio::probe::in_use(path) {
+        return Err(Failure::msg(format!(
+            "refusing to write: {holder} (writing under a mounted file system corrupts \
+             it; unmount it first)"
+        )));
+    }
     if let Some(b) = &a.save_base {
         save_copy(path, b)?;
     }
@@ -324,6 +332,24 @@ fn record(a: &RecordArgs) -> Result<(), Failure> {
     match &loc.inner {
         None => {
             let size = geo.size;
+            // A host file ends where its bytes end, maybe inside its last block
+            // (the device's size is rounded up to a whole block).
+            let meta = std::fs::metadata(path).map_err(|e| Failure::at(path, e))?;
+            let end = if meta.is_file() { meta.len() } else { size };
+            // Every write in place, checked before the first one runs.
+            for op in &ops {
+                if let Op::Write { offset, data, .. } = op {
+                    if offset.saturating_add(data.len() as u64) > end {
+                        return Err(Failure::at(
+                            path,
+                            format!(
+                                "a write of {} bytes at {offset} ends past the end ({end} bytes): record writes in place",
+                                data.len()
+                            ),
+                        ));
+                    }
+                }
+            }
             let direct = DirectFile::new(
                 rec.clone(),
                 Arc::new(IdentityMap::new(geo.logical_block, size)),
@@ -337,15 +363,6 @@ fn record(a: &RecordArgs) -> Result<(), Failure> {
                         data,
                         dsync,
                     } => {
-                        if offset.saturating_add(data.len() as u64) > size {
-                            return Err(Failure::at(
-                                path,
-                                format!(
-                                    "a write of {} bytes at {offset} ends past the end ({size} bytes): record writes in place",
-                                    data.len()
-                                ),
-                            ));
-                        }
                         let mut flags = Flags::UNALIGNED;
                         if *dsync {
                             flags |= Flags::DSYNC;
@@ -373,6 +390,18 @@ fn record(a: &RecordArgs) -> Result<(), Failure> {
                         rec.mark(m).map_err(log_fail)?;
                     }
                 }
+            }
+            // A write into a partial last block went to the device whole and grew
+            // the file to the block's end: cut it back to where its bytes end (what
+            // `pwrite` leaves), durably.
+            if meta.is_file() && end < size {
+                let f = File::options()
+                    .write(true)
+                    .open(path)
+                    .map_err(|e| Failure::at(path, e))?;
+                f.set_len(end)
+                    .and_then(|()| f.sync_all())
+                    .map_err(|e| Failure::at(path, format!("cut back to {end} bytes: {e}")))?;
             }
         }
         Some(inner) => {

@@ -48,9 +48,9 @@ pub struct FsxArgs {
     /// Largest read or write.
     #[arg(long, value_parser = parse_size, default_value = "256K")]
     max_len: u64,
-    /// Most async calls in flight in one batch.
-    #[arg(long, default_value_t = 16)]
-    qd: usize,
+    /// Most async calls in flight in one batch (1 to 1024; 1 runs as 2).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    qd: u16,
     /// fs block of the RAM device's test map.
     #[arg(long, value_parser = parse_size, default_value = "4K")]
     block: u64,
@@ -87,7 +87,15 @@ pub fn run(a: &FsxArgs) -> Result<(), Failure> {
             .map(|d| d.as_nanos() as u64 % 1_000_000_007)
             .unwrap_or(1)
     });
+    if let Some(secs) = a.duration {
+        if !(secs.is_finite() && secs > 0.0) {
+            return Err(Failure::usage(
+                "--duration must be a number of seconds above 0",
+            ));
+        }
+    }
     let mut span = a.span.unwrap_or(4 << 20);
+    fits_in_memory(span, 1, "the model")?;
     let (target, finish) = open_target(a, seed, &mut span)?;
     let mut opts = Options::new(seed).span(span);
     opts = match (a.ops, a.duration) {
@@ -96,7 +104,7 @@ pub fn run(a: &FsxArgs) -> Result<(), Failure> {
         _ => opts.ops(10_000),
     };
     opts.max_len = a.max_len.max(1);
-    opts.max_batch = a.qd.max(2);
+    opts.max_batch = usize::from(a.qd.max(2));
     opts.unaligned = !a.aligned_only;
     opts.verify_every = a.verify_every;
     opts.log_len = a.log.max(1);
@@ -177,6 +185,7 @@ fn open_target(
         if *span < u64::from(block) {
             return Err(Failure::msg("the span must hold at least one block"));
         }
+        fits_in_memory(*span, 2, "the RAM device and the model")?;
         let mut cfg = MemTarget::new(*span, seed).faults(a.faults).fs_block(block);
         if let Some(l) = &a.limits {
             let bad = || Failure::msg("--limits takes SEGMENTS:BYTES, e.g. 256:1M");
@@ -192,6 +201,11 @@ fn open_target(
     let loc = Location::parse(std::ffi::OsStr::new(&a.target))?;
     if loc.inner.is_some() {
         return open_ext(a, &loc);
+    }
+    if let crate::location::Source::Nbd(uri) = &loc.source {
+        return Err(Failure::msg(format!(
+            "{uri}: fsx runs on mem, a host file, a block device or IMAGE:/PATH; a whole NBD export is not a target (a file in an image on it is: {uri}:/PATH)"
+        )));
     }
     let path = PathBuf::from(&a.target);
     if path.is_dir() {
@@ -213,6 +227,16 @@ fn open_target(
         ..RawOptions::default()
     };
     let raw = crate::copy::open(&path, &opts)?;
+    let block = u64::from(raw.direct().geometry().logical_block);
+    if block_device && raw.size() < block {
+        return Err(Failure::at(
+            &path,
+            format!(
+                "holds {} bytes, less than one {block}-byte block: nothing to exercise",
+                raw.size()
+            ),
+        ));
+    }
     Ok((Target::raw(raw), None))
 }
 
@@ -254,4 +278,27 @@ fn open_ext(a: &FsxArgs, loc: &Location) -> Result<(Target, Option<Finish>), Fai
         }
         Err(e) => Err(loc.fail(e)),
     }
+}
+
+/// Refuse a span whose `copies` in memory the machine cannot hold, instead of
+/// aborting on a failed allocation.
+fn fits_in_memory(span: u64, copies: u64, what: &str) -> Result<(), Failure> {
+    match mem_available() {
+        Some(avail) if span.saturating_mul(copies) > avail => Err(Failure::msg(format!(
+            "a span of {} is too large: {what} need{} {copies} x {} of memory, and {} is available",
+            span,
+            if copies == 1 { "s" } else { "" },
+            crate::size::human(span),
+            crate::size::human(avail)
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// `MemAvailable` of /proc/meminfo in bytes, if it can be read.
+fn mem_available() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib.saturating_mul(1024))
 }

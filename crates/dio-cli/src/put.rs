@@ -212,15 +212,22 @@ impl Input {
 /// `dio cp SRC IMG:/PATH`: create or replace. `None`: the library cannot
 /// allocate on this image; the caller overwrites in place instead.
 pub fn cp(src: &OsStr, dst: &OsStr, put: &PutArgs, engine: Engine) -> Option<Result<(), Failure>> {
-    // Sources sharing storage with DST are refused before anything is opened.
-    if src != "-" {
-        let shared = Location::parse(src).and_then(|s| {
+    // Sources sharing storage with DST are refused before anything is opened
+    // (stdin too, when the shell redirected it from the image).
+    let shared = if src != "-" {
+        Location::parse(src).and_then(|s| {
             let d = Location::parse(dst)?;
             crate::storage::refuse_shared(&s, &d, engine)
-        });
-        if let Err(e) = shared {
-            return Some(Err(e));
-        }
+        })
+    } else if let Some(s) = crate::storage::stdio_location(0) {
+        Location::parse(dst).and_then(|d| {
+            crate::storage::refuse_shared_as((&s, "stdin"), (&d, &d.display()), "copy", engine)
+        })
+    } else {
+        Ok(())
+    };
+    if let Err(e) = shared {
+        return Some(Err(e));
     }
     let t = match Target::open(dst, engine) {
         Ok(t) => t,

@@ -127,13 +127,35 @@ fn source_keys(src: &Source) -> Keys {
     keys
 }
 
+/// What stdin (fd 0) or stdout (fd 1) is when a shell redirection made it a
+/// regular file or a block device (`< FILE`, `> FILE`, `1<> FILE`): a location to
+/// check like a named one. Pipes, terminals and character devices: None.
+pub fn stdio_location(fd: u8) -> Option<Location> {
+    let path = PathBuf::from(format!("/proc/self/fd/{fd}"));
+    let m = fs::metadata(&path).ok()?;
+    (m.is_file() || m.file_type().is_block_device()).then_some(Location {
+        source: Source::Host(path),
+        inner: None,
+    })
+}
+
 /// Refuse (exit 1, nothing touched) when SRC and DST share storage.
 pub fn refuse_shared(src: &Location, dst: &Location, engine: Engine) -> Result<(), Failure> {
+    refuse_shared_as((src, &src.display()), (dst, &dst.display()), "copy", engine)
+}
+
+/// [`refuse_shared`] with the names to print (`stdin` for a redirected stdin) and
+/// what is refused (`copy`, `write`).
+pub fn refuse_shared_as(
+    (src, s): (&Location, &str),
+    (dst, d): (&Location, &str),
+    action: &str,
+    engine: Engine,
+) -> Result<(), Failure> {
     let (a, b) = (source_keys(&src.source), source_keys(&dst.source));
     if !a.overlap(&b) {
         return Ok(());
     }
-    let (s, d) = (src.display(), dst.display());
     let why = match (&src.inner, &dst.inner) {
         (None, None) if a.is.iter().any(|k| b.is.contains(k)) => {
             format!("{s} and {d} are the same file or device")
@@ -157,6 +179,6 @@ pub fn refuse_shared(src: &Location, dst: &Location, engine: Engine) -> Result<(
         }
     };
     Err(Failure::msg(format!(
-        "refusing to copy: {why} (nothing was written)"
+        "refusing to {action}: {why} (nothing was written)"
     )))
 }

@@ -50,6 +50,66 @@ fn fill(r: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
     Ok(n)
 }
 
+/// An exclusive `flock` on a host file or device, held while a write patches a
+/// partial block. The read-modify-write of a byte-granular direct write is atomic
+/// only against the writes of this process (the engine's range lock): two `dio
+/// write` processes patching the same block lost one another's bytes. Others that
+/// take the lock wait; plain `pwrite`s of other programs are not covered (they
+/// need no read-modify-write, but one that lands during ours is lost the same way).
+struct PartialBlockLock {
+    file: File,
+    name: String,
+}
+
+/// Unlocks on drop.
+struct Held<'a>(&'a File);
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        let _ = rustix::fs::flock(self.0, rustix::fs::FlockOperation::Unlock);
+    }
+}
+
+impl PartialBlockLock {
+    /// A lock for a host target (None for an export: NBD has no locks).
+    fn open(target: &Location) -> Result<Option<PartialBlockLock>, Failure> {
+        let crate::location::Source::Host(path) = &target.source else {
+            return Ok(None);
+        };
+        // Any open file will do for flock: read, else write (a file we may only
+        // write).
+        let file = File::open(path)
+            .or_else(|_| File::options().write(true).open(path))
+            .map_err(|e| Failure::at(path, e))?;
+        Ok(Some(PartialBlockLock {
+            file,
+            name: target.display(),
+        }))
+    }
+
+    fn hold(&self) -> Result<Held<'_>, Failure> {
+        use rustix::fs::{flock, FlockOperation};
+        let fail = |e: rustix::io::Errno| {
+            Failure::msg(format!("{}: lock: {}", self.name, std::io::Error::from(e)))
+        };
+        // Another dio write holds it for one chunk: a moment. Past a second, say
+        // what we wait for (a lock some other program keeps).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        while flock(&self.file, FlockOperation::NonBlockingLockExclusive).is_err() {
+            if std::time::Instant::now() > deadline {
+                crate::fail::say(format_args!(
+                    "note: waiting for another process's lock (flock) on {}",
+                    self.name
+                ));
+                flock(&self.file, FlockOperation::LockExclusive).map_err(fail)?;
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        Ok(Held(&self.file))
+    }
+}
+
 /// `dio write`.
 pub fn run(
     target: &OsStr,
@@ -67,6 +127,20 @@ pub fn run(
         .as_ref()
         .filter(|p| p.as_os_str() != "-")
         .map_or("stdin".to_string(), |p| p.display().to_string());
+    // Reading the bytes from the storage being written would read back what was
+    // just written (`--input F` onto F at a later offset never ends).
+    let input_loc = match input_path.as_ref().filter(|p| p.as_os_str() != "-") {
+        Some(p) => Location::parse(p.as_os_str()).ok(),
+        None => crate::storage::stdio_location(0),
+    };
+    if let Some(src) = input_loc {
+        crate::storage::refuse_shared_as(
+            (&src, &in_name),
+            (target, &target.display()),
+            "write",
+            engine,
+        )?;
+    }
     let (mut reader, known_len) = input(input_path)?;
     let read_fail = |e: std::io::Error| Failure::msg(format!("{in_name}: {e}"));
     if target.inner.is_some() {
@@ -121,13 +195,36 @@ pub fn run(
     }
     let out = target.source.open(true, true, engine)?;
     let file = out.direct();
+    // A block device or an export does not grow: bytes past its end are refused,
+    // before anything is written when the input's length is known, else once the
+    // input reaches the end (what fits is written first, as a short `pwrite`).
+    let end = (!out.resizable()).then(|| out.size());
+    if let (Some(size), Some(len)) = (end, known_len) {
+        if offset.saturating_add(len) > size {
+            return Err(target.fail(format!(
+                "holds {size} bytes: the {len} bytes of {in_name} at --offset {offset} would pass its end (nothing was written)"
+            )));
+        }
+    }
+    let lock = PartialBlockLock::open(target)?;
+    let lb = u64::from(file.geometry().logical_block);
     let mut buf = vec![0u8; CHUNK];
     let mut pos = offset;
     loop {
-        let n = fill(&mut reader, &mut buf).map_err(read_fail)?;
+        let mut n = fill(&mut reader, &mut buf).map_err(read_fail)?;
         if n == 0 {
             break;
         }
+        let past_end = end.filter(|&size| pos.saturating_add(n as u64) > size);
+        if let Some(size) = past_end {
+            n = size.saturating_sub(pos) as usize;
+        }
+        let partial = (pos | (pos + n as u64)) & (lb - 1) != 0;
+        let _held = if partial {
+            lock.as_ref().map(PartialBlockLock::hold).transpose()?
+        } else {
+            None
+        };
         match file.write_at(pos, &buf[..n], Flags::UNALIGNED) {
             Ok(k) if k == n => {}
             Ok(k) => {
@@ -140,6 +237,13 @@ pub fn run(
             }
         }
         pos += n as u64;
+        if let Some(size) = past_end {
+            let _ = file.sync_data();
+            return Err(target.fail(format!(
+                "holds {size} bytes: {in_name} runs past its end; its first {} bytes were written at --offset {offset}, nothing past byte {size}",
+                pos.saturating_sub(offset)
+            )));
+        }
     }
     // A partial last block goes to the device whole; the library cuts a host
     // file it grew back to where the bytes end (`BlockMap::trim_padding`).

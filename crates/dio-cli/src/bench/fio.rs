@@ -102,7 +102,7 @@ pub fn run(fio: &Path, target: &Path, w: &Workload) -> Result<FioReport, Failure
         if interrupted() {
             let _ = child.kill();
             let _ = child.wait();
-            return Err(Failure::Interrupted);
+            return Err(super::interrupt_failure());
         }
         std::thread::sleep(Duration::from_millis(20));
     };

@@ -17,7 +17,7 @@ use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use clap::Args;
@@ -119,27 +119,46 @@ pub struct BenchArgs {
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+/// The signal that stopped the runs (0: none).
+static SIGNAL: AtomicUsize = AtomicUsize::new(0);
 
-/// Whether Ctrl-C (or SIGTERM) arrived: runs stop early, scratch files go away.
+/// Whether Ctrl-C (or SIGTERM, SIGHUP) arrived: runs stop early, scratch files go
+/// away.
 pub fn interrupted() -> bool {
     INTERRUPTED.load(Ordering::Relaxed)
 }
 
 fn catch_signals() {
-    use signal_hook::consts::{SIGINT, SIGTERM};
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     use signal_hook::flag;
-    for sig in [SIGINT, SIGTERM] {
+    for sig in [SIGINT, SIGTERM, SIGHUP] {
         // A second signal exits at once; the first asks for a clean stop.
-        let _ = flag::register_conditional_shutdown(sig, 130, &INTERRUPTED);
+        let _ = flag::register_conditional_shutdown(sig, 128 + sig, &INTERRUPTED);
         let _ = flag::register(sig, &INTERRUPTED);
+        let _ = flag::register_usize(sig, &SIGNAL, sig as usize);
     }
 }
 
 fn stop_if_interrupted() -> Result<(), Failure> {
     if interrupted() {
-        Err(Failure::Interrupted)
+        Err(interrupt_failure())
     } else {
         Ok(())
+    }
+}
+
+/// How a signal ends the runs: exit 128 + the signal, as `cp` (130 for Ctrl-C).
+fn interrupt_failure() -> Failure {
+    match SIGNAL.load(Ordering::Relaxed) as i32 {
+        0 | libc::SIGINT => Failure::Interrupted,
+        signal => Failure::Signal {
+            signal,
+            message: if signal == libc::SIGTERM {
+                "terminated (SIGTERM)".to_string()
+            } else {
+                format!("stopped by signal {signal}")
+            },
+        },
     }
 }
 
@@ -252,6 +271,9 @@ fn prepare(
     )?;
     let size = if is_device {
         let dev = raw.size();
+        if dev == 0 {
+            return Err(Failure::at(path, "holds 0 bytes: nothing to measure"));
+        }
         let size = size.unwrap_or(dev);
         if size > dev {
             return Err(Failure::at(
@@ -435,11 +457,19 @@ fn single(path: &Path, args: &BenchArgs) -> Result<(), Failure> {
         None => None,
     };
     let direct = observed.as_ref().unwrap_or(direct);
+    let span = span(size, bs)?;
+    // The shift needs a block to spare at the end of the span.
+    if args.skew != 0 && args.skew.div_ceil(bs).saturating_mul(bs) >= span {
+        return Err(Failure::usage(format!(
+            "--skew {} leaves no room: it must be less than --size ({size} bytes) minus --bs ({bs} bytes)",
+            args.skew
+        )));
+    }
     let w = Workload {
         rw,
         bs,
         qd,
-        span: span(size, bs)?,
+        span,
         runtime: runtime(args, 5.0),
         ramp: Duration::from_secs_f64(args.ramp),
         skew: args.skew,

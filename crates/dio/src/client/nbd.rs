@@ -10,8 +10,123 @@ pub use crate::device::nbd::{
 };
 use std::sync::Arc;
 
-use crate::device::Device;
+use std::cell::Cell;
+
+use crate::device::{Device, Op};
+use crate::map::{BlockMap, Extent, Private};
 use crate::{DirectFile, Error, FileState, IdentityMap, Result};
+
+/// The identity map of an export, with a fixed size: a write that would pass the
+/// export's end fails with `ENOSPC` (a block device's answer) instead of the server
+/// or the device dropping the bytes past it, and the size never changes.
+///
+/// An export whose size is not a multiple of the block ends inside its last block.
+/// A write covering that block goes to the device whole and the device clips it at
+/// the export's end, so whether the caller's bytes fit is checked at the end of the
+/// call: a byte-granular write's own end in [`BlockMap::trim_padding`], any other
+/// write's end in [`BlockMap::end_io`].
+struct ExportMap {
+    identity: IdentityMap,
+    /// Blocks holding at least one byte of the export (the last may be partial).
+    blocks: u64,
+    block_size: u32,
+    size: u64,
+    uri: String,
+}
+
+thread_local! {
+    /// Set by [`ExportMap::trim_padding`] when a byte-granular write ends inside the
+    /// export, and taken by the [`ExportMap::end_io`] that follows it in the same
+    /// call's finish, on the same thread.
+    static TAIL_CHECKED: Cell<bool> = const { Cell::new(false) };
+}
+
+impl ExportMap {
+    /// Whether the export ends inside its last block.
+    fn ends_mid_block(&self) -> bool {
+        self.size % u64::from(self.block_size) != 0
+    }
+
+    fn past_end(&self, end: u64) -> Error {
+        Error::os(
+            format!(
+                "{}: write past the end of the export ({} bytes) to byte {end}",
+                self.uri, self.size
+            ),
+            std::io::Error::from_raw_os_error(libc::ENOSPC),
+        )
+    }
+}
+
+impl BlockMap for ExportMap {
+    fn block_size(&self) -> u32 {
+        self.block_size
+    }
+
+    fn map(&self, block: u64, max_blocks: u64, create: bool) -> Result<Extent> {
+        if create && block >= self.blocks {
+            return Err(self.past_end((block + 1) * u64::from(self.block_size)));
+        }
+        self.identity.map(block, max_blocks, create)
+    }
+
+    fn max_file_size(&self) -> u64 {
+        self.blocks * u64::from(self.block_size)
+    }
+
+    fn has_end_io(&self) -> bool {
+        self.ends_mid_block()
+    }
+
+    fn end_io(
+        &self,
+        op: Op,
+        offset: u64,
+        result: Result<usize>,
+        _private: Option<&Private>,
+    ) -> Result<usize> {
+        if op != Op::Write {
+            return result;
+        }
+        let checked = TAIL_CHECKED.with(|c| c.replace(false));
+        let n = result?;
+        // The call covered the partial last block: its padded end passes the
+        // export's. A byte-granular write had its own end checked; any other
+        // wrote bytes past the end that the device dropped.
+        let end = offset.saturating_add(n as u64);
+        if end > self.size && !checked {
+            return Err(self.past_end(end));
+        }
+        Ok(n)
+    }
+
+    fn can_resize(&self, size: u64) -> Result<()> {
+        if size == self.size {
+            return Ok(());
+        }
+        Err(Error::os(
+            format!(
+                "{}: an NBD export keeps its size ({} bytes), cannot become {size}",
+                self.uri, self.size
+            ),
+            std::io::Error::from_raw_os_error(libc::EINVAL),
+        ))
+    }
+
+    /// A byte-granular write into the export's partial last block: its padding
+    /// is clipped by the device; its bytes past the export's end fail it.
+    fn trims_padding(&self) -> bool {
+        self.ends_mid_block()
+    }
+
+    fn trim_padding(&self, size: u64) -> Result<()> {
+        if size > self.size {
+            return Err(self.past_end(size));
+        }
+        TAIL_CHECKED.with(|c| c.set(true));
+        Ok(())
+    }
+}
 
 /// An NBD export open for direct I/O. See the module docs.
 pub struct NbdFile {
@@ -65,7 +180,13 @@ impl NbdFile {
         }
         let geometry = dev.geometry();
         let size = dev.export_size();
-        let map = Arc::new(IdentityMap::new(geometry.logical_block, geometry.size));
+        let map = Arc::new(ExportMap {
+            identity: IdentityMap::new(geometry.logical_block, geometry.size),
+            blocks: geometry.size.div_ceil(u64::from(geometry.logical_block)),
+            block_size: geometry.logical_block,
+            size,
+            uri: uri.to_string(),
+        });
         let device: Arc<dyn Device> = Arc::clone(&dev) as Arc<dyn Device>;
         let mut direct = DirectFile::new(device, map, Arc::new(FileState::new(size)))?;
         if !write {

@@ -183,6 +183,33 @@ fn choose_device(
     }
 }
 
+/// A character device, FIFO or socket has no blocks to address: refuse it by what
+/// it is (EINVAL), before an open that could block on a FIFO or blame the file
+/// system of `/dev` for refusing `O_DIRECT`.
+fn refuse_stream(path: &Path) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(m) = std::fs::metadata(path) else {
+        return Ok(());
+    };
+    let t = m.file_type();
+    let what = if t.is_char_device() {
+        "a character device"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        return Ok(());
+    };
+    Err(Error::os(
+        format!(
+            "{}: is {what}, not a regular file or block device: no direct I/O",
+            path.display()
+        ),
+        std::io::Error::from_raw_os_error(libc::EINVAL),
+    ))
+}
+
 impl RawFile {
     /// Open `path` (a regular file or a block device) for direct I/O.
     ///
@@ -191,10 +218,11 @@ impl RawFile {
     /// with [`Backend::Uring`].
     pub fn open(path: impl AsRef<Path>, opts: &RawOptions) -> Result<RawFile> {
         let path = path.as_ref();
+        refuse_stream(path)?;
         let extra = if opts.dsync { libc::O_DSYNC } else { 0 };
         let file = probe::open_direct_with(path, opts.write, opts.create, extra)?;
         let probed = probe::probe(file.as_fd(), path)?;
-        let geometry = device_geometry(&probed, opts.write);
+        let geometry = device_geometry(&probed, opts.write, path);
         let mut notes = Vec::new();
 
         let dev = choose_device(file, path, geometry, opts, &mut notes)?;
@@ -370,13 +398,40 @@ impl RawFile {
 /// The device geometry a raw file is served with: a writable regular file may
 /// grow, so its device reaches to the largest file offset (reads past EOF come
 /// back short and zero-filled; the engine clips them at the file size).
-fn device_geometry(p: &Probed, write: bool) -> Geometry {
+fn device_geometry(p: &Probed, write: bool, path: &Path) -> Geometry {
     let mut g = p.geometry;
     if write && !p.block_device {
         let lb = u64::from(g.logical_block);
         g.size = (i64::MAX as u64) / lb * lb;
     }
+    if p.block_device && g.mem_align < g.logical_block && is_zram(path) {
+        // zram announces the default DMA alignment (512) but reads and writes
+        // wrong bytes, silently, for memory that does not start on a page (its
+        // 4 KiB logical block) (seen on Linux 6.18; tests/raw_audit.rs).
+        g = g.with_mem_align(g.logical_block);
+    }
     g
+}
+
+/// Whether the block device at `path` is a zram device (its sysfs name).
+fn is_zram(path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(m) = std::fs::metadata(path) else {
+        return false;
+    };
+    let rdev = m.rdev();
+    let sys = format!(
+        "/sys/dev/block/{}:{}",
+        rustix::fs::major(rdev),
+        rustix::fs::minor(rdev)
+    );
+    std::fs::canonicalize(sys)
+        .ok()
+        .and_then(|p| {
+            p.file_name()
+                .map(|n| n.to_string_lossy().starts_with("zram"))
+        })
+        .unwrap_or(false)
 }
 
 /// The data runs `[start, end)` of a file up to `end`, in order, asked of the kernel

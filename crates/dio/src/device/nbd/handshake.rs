@@ -361,6 +361,19 @@ pub fn check(export: Export) -> Result<Export> {
                 "unusable block sizes: minimum {min}, preferred {pref}, maximum {max}"
             )));
         }
+        // The tail past the last whole minimum block can only be reached with a
+        // request the server refuses (past the end, or shorter than its minimum):
+        // refuse the export at once rather than fail every request touching the
+        // tail (qemu's client refuses it too).
+        if min > 1 && size % u64::from(min) != 0 {
+            return Err(Error::incompatible(
+                Feature::Nbd,
+                format!(
+                    "export size {size} is not a multiple of the server's minimum block size {min}: its last {} bytes cannot be reached",
+                    size % u64::from(min)
+                ),
+            ));
+        }
     }
     Ok(export)
 }
