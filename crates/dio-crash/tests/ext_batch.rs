@@ -200,58 +200,78 @@ fn batch_crash(tag: &str, mkfs: &str, args: &[&str], journal: bool) {
             return;
         }
     }
-    let long = common::long();
     let dir = common::scratch(&format!("batch-{tag}"));
     let img = make_image(&dir, mkfs, args);
+    let (base, log_path) = record_batch(&dir, &img, journal, make_tree);
+    replay_batch(tag, &dir, &img, base, &log_path, journal, false, 11);
+}
+
+/// The directories and files of the batch (see the module docs).
+fn make_tree(fs: &Ext) {
+    for d in ["/t", "/t/a", "/t/b"] {
+        fs.mkdir(d.as_bytes(), &Attrs::new()).unwrap();
+    }
+    for i in 0..FILES {
+        let (path, data) = file(i);
+        fs.put_file(path.as_bytes(), &Attrs::new(), |w| {
+            if !data.is_empty() {
+                assert_eq!(w.write_at(0, &data)?, data.len());
+            }
+            Ok(())
+        })
+        .unwrap();
+    }
+}
+
+/// Keep `img` as the base, then run `batch` inside one batch on it through the
+/// log-writes recorder. Returns the base and the log.
+fn record_batch(
+    dir: &Path,
+    img: &Path,
+    journal: bool,
+    batch: impl FnOnce(&Ext),
+) -> (std::path::PathBuf, std::path::PathBuf) {
     let base = dir.join("base.img");
-    std::fs::copy(&img, &base).unwrap();
-    let (f, geo) = dio::probe::open_probed(&img, true).unwrap();
+    std::fs::copy(img, &base).unwrap();
+    let (f, geo) = dio::probe::open_probed(img, true).unwrap();
     let dev = SyncDevice::new(f, geo, &SyncConfig::default()).unwrap();
     let log_path = dir.join("log");
     let rec = Arc::new(Recorder::create(dev, &log_path).unwrap());
-    {
-        let fs = Ext::open_writable(rec.clone() as Arc<dyn Device>, geo.size).unwrap();
-        assert_eq!(fs.is_journaled(), journal);
-        rec.mark("begin batch").unwrap();
-        fs.begin_batch().unwrap();
-        for d in ["/t", "/t/a", "/t/b"] {
-            fs.mkdir(d.as_bytes(), &Attrs::new()).unwrap();
-        }
-        for i in 0..FILES {
-            let (path, data) = file(i);
-            fs.put_file(path.as_bytes(), &Attrs::new(), |w| {
-                if !data.is_empty() {
-                    assert_eq!(w.write_at(0, &data)?, data.len());
-                }
-                Ok(())
-            })
-            .unwrap();
-        }
-        fs.end_batch().unwrap();
-        rec.mark("end batch").unwrap();
-    }
-    drop(rec);
-    let out = Command::new("e2fsck")
-        .arg("-fn")
-        .arg(&img)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "e2fsck -fn of the final image: {out:?}"
-    );
-    let log = Arc::new(Log::open(&log_path).unwrap());
+    let fs = Ext::open_writable(rec.clone() as Arc<dyn Device>, geo.size).unwrap();
+    assert_eq!(fs.is_journaled(), journal);
+    rec.mark("begin batch").unwrap();
+    fs.begin_batch().unwrap();
+    batch(&fs);
+    fs.end_batch().unwrap();
+    fs.checkpoint().unwrap();
+    rec.mark("end batch").unwrap();
+    (base, log_path)
+}
+
+/// The image as dio left it passes `e2fsck -fn`; then every crash state of the
+/// recorded batch (seeded) passes [`BatchChecker`]; the scratch `dir` goes.
+#[allow(clippy::too_many_arguments)]
+fn replay_batch(
+    tag: &str,
+    dir: &Path,
+    img: &Path,
+    base: std::path::PathBuf,
+    log_path: &Path,
+    journal: bool,
+    removing: bool,
+    seed: u64,
+) {
+    dio_testkit::assert_fsck_clean(img);
+    let long = common::long();
+    let log = Arc::new(Log::open(log_path).unwrap());
     let opts = ReplayOptions {
         max_per_window: if long { 64 } else { 12 },
         max_states: Some(if long { 4000 } else { 120 }),
-        seed: 11,
+        seed,
         torn: true,
         atomic_unit: 4096,
     };
-    let checker = BatchChecker {
-        journal,
-        removing: false,
-    };
+    let checker = BatchChecker { journal, removing };
     let sum = run(
         &log,
         Base::File(base),
@@ -272,7 +292,7 @@ fn batch_crash(tag: &str, mkfs: &str, args: &[&str], journal: bool) {
     }
     assert!(sum.states >= 20, "{} states", sum.states);
     assert_eq!(sum.failed, 0, "{:#?}", sum.failures);
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// Remove `path` and everything under it, as `dio rm -r` does.
@@ -298,76 +318,26 @@ fn remove_crash(tag: &str, mkfs: &str, args: &[&str], journal: bool) {
             return;
         }
     }
-    let long = common::long();
     let dir = common::scratch(&format!("batch-rm-{tag}"));
     let img = make_image(&dir, mkfs, args);
     {
         let (f, geo) = dio::probe::open_probed(&img, true).unwrap();
         let dev = SyncDevice::new(f, geo, &SyncConfig::default()).unwrap();
         let fs = Ext::open_writable(Arc::new(dev) as Arc<dyn Device>, geo.size).unwrap();
-        for d in ["/t", "/t/a", "/t/b"] {
-            fs.mkdir(d.as_bytes(), &Attrs::new()).unwrap();
-        }
-        for i in 0..FILES {
-            let (path, data) = file(i);
-            fs.put_file(path.as_bytes(), &Attrs::new(), |w| {
-                w.write_at(0, &data).map(drop)
-            })
-            .unwrap();
-        }
+        make_tree(&fs);
         fs.checkpoint().unwrap();
     }
-    let base = dir.join("base.img");
-    std::fs::copy(&img, &base).unwrap();
-    let (f, geo) = dio::probe::open_probed(&img, true).unwrap();
-    let dev = SyncDevice::new(f, geo, &SyncConfig::default()).unwrap();
-    let log_path = dir.join("log");
-    let rec = Arc::new(Recorder::create(dev, &log_path).unwrap());
-    {
-        let fs = Ext::open_writable(rec.clone() as Arc<dyn Device>, geo.size).unwrap();
-        assert_eq!(fs.is_journaled(), journal);
-        rec.mark("begin batch").unwrap();
-        fs.begin_batch().unwrap();
-        remove_tree(&fs, "/t");
-        fs.end_batch().unwrap();
-        fs.checkpoint().unwrap();
-        rec.mark("end batch").unwrap();
-    }
-    drop(rec);
-    dio_testkit::assert_fsck_clean(&img);
-    let log = Arc::new(Log::open(&log_path).unwrap());
-    let opts = ReplayOptions {
-        max_per_window: if long { 64 } else { 12 },
-        max_states: Some(if long { 4000 } else { 120 }),
-        seed: 13,
-        torn: true,
-        atomic_unit: 4096,
-    };
-    let checker = BatchChecker {
+    let (base, log_path) = record_batch(&dir, &img, journal, |fs| remove_tree(fs, "/t"));
+    replay_batch(
+        &format!("rm-{tag}"),
+        &dir,
+        &img,
+        base,
+        &log_path,
         journal,
-        removing: true,
-    };
-    let sum = run(
-        &log,
-        Base::File(base),
-        &[&checker],
-        &opts,
-        &dir.join("states"),
-    )
-    .unwrap();
-    eprintln!(
-        "{tag}: {} records, {} states, {} failed, {:.1} s",
-        sum.records,
-        sum.states,
-        sum.failed,
-        sum.elapsed.as_secs_f64()
+        true,
+        13,
     );
-    for f in sum.failures.iter().take(3) {
-        eprintln!("  {} {}", f.spec, f.message);
-    }
-    assert!(sum.states >= 20, "{} states", sum.states);
-    assert_eq!(sum.failed, 0, "{:#?}", sum.failures);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

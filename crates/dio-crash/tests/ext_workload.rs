@@ -179,6 +179,19 @@ struct Outcome {
     ops: usize,
 }
 
+impl Outcome {
+    /// Enough states replayed, a sample through e2fsck, none failed.
+    fn assert_consistent(&self) {
+        assert!(
+            self.ops > 0 && self.sum.states >= 1000,
+            "{} states",
+            self.sum.states
+        );
+        assert!(self.e2fsck_ran >= 10);
+        assert_eq!(self.sum.failed, 0, "{:#?}", self.sum.failures);
+    }
+}
+
 /// Record a workload on a fresh image (blocks of `block` bytes) and replay it.
 fn record_and_replay(
     name: &str,
@@ -259,9 +272,7 @@ fn ext4_random_allocating_workload_every_crash_state_is_consistent() {
     let Some(o) = record_and_replay("ext4-workload", "ext4", "4096", &[], 41, false) else {
         return;
     };
-    assert!(o.ops > 0 && o.sum.states >= 1000, "{} states", o.sum.states);
-    assert!(o.e2fsck_ran >= 10);
-    assert_eq!(o.sum.failed, 0, "{:#?}", o.sum.failures);
+    o.assert_consistent();
 }
 
 #[test]
@@ -269,9 +280,7 @@ fn ext3_random_allocating_workload_every_crash_state_is_consistent() {
     let Some(o) = record_and_replay("ext3-workload", "ext3", "4096", &[], 43, false) else {
         return;
     };
-    assert!(o.ops > 0 && o.sum.states >= 1000, "{} states", o.sum.states);
-    assert!(o.e2fsck_ran >= 10);
-    assert_eq!(o.sum.failed, 0, "{:#?}", o.sum.failures);
+    o.assert_consistent();
 }
 
 /// 1 KiB blocks: an indirect table maps 256 KiB, so writes and holes cross from
@@ -282,9 +291,7 @@ fn ext3_1k_random_allocating_workload_every_crash_state_is_consistent() {
     let Some(o) = record_and_replay("ext3-1k-workload", "ext3", "1024", &[], 47, false) else {
         return;
     };
-    assert!(o.ops > 0 && o.sum.states >= 1000, "{} states", o.sum.states);
-    assert!(o.e2fsck_ran >= 10);
-    assert_eq!(o.sum.failed, 0, "{:#?}", o.sum.failures);
+    o.assert_consistent();
 }
 
 /// MUTATION: ordered mode broken on purpose (commit blocks not ordered after the
