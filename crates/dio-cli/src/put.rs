@@ -113,6 +113,12 @@ impl Target {
         matches!(self.ext.can_allocate(), Err(Error::Incompatible(_)))
     }
 
+    /// Write an open batch (if any) and make everything durable.
+    fn end_batch_and_sync(&self) -> Result<(), Failure> {
+        self.ext.end_batch().map_err(|e| self.fail(e))?;
+        self.sync()
+    }
+
     fn sync(&self) -> Result<(), Failure> {
         self._opened
             .direct()
@@ -498,34 +504,83 @@ fn remove_tree(ext: &Ext, path: &[u8]) -> dio::Result<()> {
 }
 
 pub fn rm(a: &RmArgs) -> Result<(), Failure> {
-    for p in &a.paths {
-        let t = Target::open(p, a.engine)?;
-        let path = t.path().to_vec();
-        // A tree's removals go out together, in batches (one ordered write, or
-        // one journal transaction, per batch), not one or two flushes a name.
-        let batched = a.recursive && t.ext.begin_batch().is_ok();
-        let r = match t.ext.lookup(&path, false) {
-            Err(Error::Path(e)) if a.force && e.kind == dio::PathErrorKind::NotFound => Ok(()),
-            Err(e) => Err(e),
-            Ok(i) if i.ino == dio::ext::ROOT_INO => {
-                // As GNU rm's --preserve-root: checked before anything goes.
-                return Err(t.fail(
-                    "is the root directory, which cannot be removed (name what is in it instead)",
-                ));
+    // Paths in one image (one after another on the command line) share one
+    // open and one batch: their removals go out together (one ordered write, or
+    // one journal transaction, per batch) and are synced once, not one or two
+    // flushes and an open per name. As GNU rm, a path that cannot be removed is
+    // reported and the others are still removed (exit 1 at the end).
+    let mut open: Option<Target> = None;
+    let mut failed = false;
+    // A message is reported and the next path taken; anything else (a usage
+    // mistake, a signal) stops the command.
+    let mut report = |f: Failure| match f {
+        Failure::Message(m) => {
+            say(m);
+            failed = true;
+            Ok(())
+        }
+        other => Err(other),
+    };
+    let r = (|| {
+        for p in &a.paths {
+            let loc = Location::parse(p)?;
+            match open.as_mut() {
+                Some(t) if t.loc.source == loc.source && loc.inner.is_some() => t.loc = loc,
+                _ => {
+                    if let Some(t) = open.take() {
+                        t.end_batch_and_sync()?;
+                    }
+                    match Target::open(p, a.engine) {
+                        Ok(t) => {
+                            // Where the library cannot batch, one operation a name.
+                            let _ = t.ext.begin_batch();
+                            open = Some(t);
+                        }
+                        Err(f) => {
+                            report(f)?;
+                            continue;
+                        }
+                    }
+                }
             }
-            Ok(i) if i.file_type() == FileType::Directory && !a.recursive => {
-                return Err(t.fail("is a directory (use -r)"))
+            let t = open.as_ref().expect("opened above");
+            if let Err(f) = rm_one(a, t) {
+                report(f)?;
             }
-            Ok(_) if a.recursive => remove_tree(&t.ext, &path),
-            Ok(_) => t.ext.remove(&path, false),
-        };
-        // What was removed before an error is written too.
-        let ended = if batched { t.ext.end_batch() } else { Ok(()) };
-        r.map_err(|e| t.fail(e))?;
-        ended.map_err(|e| t.fail(e))?;
-        t.sync()?;
+        }
+        Ok(())
+    })();
+    // What was removed before an error is written too.
+    let ended = match open {
+        Some(t) => t.end_batch_and_sync(),
+        None => Ok(()),
+    };
+    r.and(ended)?;
+    if failed {
+        return Err(Failure::Quiet);
     }
     Ok(())
+}
+
+/// Remove `t`'s path as `a` says.
+fn rm_one(a: &RmArgs, t: &Target) -> Result<(), Failure> {
+    let path = t.path();
+    let r = match t.ext.lookup(path, false) {
+        Err(Error::Path(e)) if a.force && e.kind == dio::PathErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+        Ok(i) if i.ino == dio::ext::ROOT_INO => {
+            // As GNU rm's --preserve-root: checked before anything goes.
+            return Err(t.fail(
+                "is the root directory, which cannot be removed (name what is in it instead)",
+            ));
+        }
+        Ok(i) if i.file_type() == FileType::Directory && !a.recursive => {
+            return Err(t.fail("is a directory (use -r)"))
+        }
+        Ok(_) if a.recursive => remove_tree(&t.ext, path),
+        Ok(_) => t.ext.remove(path, false),
+    };
+    r.map_err(|e| t.fail(e))
 }
 
 #[derive(Args, Debug)]

@@ -252,6 +252,46 @@ fn rm_r_refuses_the_root_directory() {
     );
 }
 
+/// `rm` of many paths in one image removes every one it can (GNU rm goes on past
+/// a path it cannot remove, exit 1 at the end) and leaves an image e2fsck and the
+/// kernel agree with.
+#[test]
+fn rm_goes_on_past_a_path_it_cannot_remove() {
+    if !have("mke2fs") || !have("e2fsck") {
+        eprintln!("skipped: needs e2fsprogs");
+        return;
+    }
+    let img = mkfs("rm-many", &["-t", "ext4"], 16);
+    ok(
+        &dio(&["mkdir", "-p", &format!("{img}:/d/sub")], None),
+        "mkdir",
+    );
+    for i in 0..40 {
+        ok(
+            &dio(&["cp", "-", &format!("{img}:/d/f{i}")], Some(b"x")),
+            "cp",
+        );
+    }
+    let mut args = vec!["rm".to_string()];
+    for i in 0..40 {
+        args.push(format!("{img}:/d/f{i}"));
+        if i == 10 {
+            args.push(format!("{img}:/d/missing"));
+            args.push(format!("{img}:/d/sub"));
+        }
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    failed(&dio(&args, None), "rm with a missing path and a directory");
+    fsck(&img);
+    let o = dio(&["ls", &format!("{img}:/d")], None);
+    ok(&o, "ls");
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "sub");
+    with_mount(&img, |m| {
+        let names: Vec<_> = std::fs::read_dir(m.join("d")).unwrap().collect();
+        assert_eq!(names.len(), 1, "the kernel sees {names:?}");
+    });
+}
+
 /// `dio write` that runs out of space part way (the second 8 MiB chunk does not
 /// fit) fails with exit 1, keeps the chunk that fit, durable, with the size that
 /// covers it, and gives back every block the failed chunk took: the free counts
