@@ -439,31 +439,35 @@ pub struct MkdirArgs {
 }
 
 pub fn mkdir(a: &MkdirArgs) -> Result<(), Failure> {
-    for d in &a.dirs {
-        let t = Target::open(d, a.engine)?;
-        let path = t.path().to_vec();
-        if a.parents {
-            let mut cur = Vec::new();
-            for part in path.split(|&c| c == b'/').filter(|p| !p.is_empty()) {
-                cur.push(b'/');
-                cur.extend_from_slice(part);
-                match t.ext.lookup(&cur, true) {
-                    Ok(i) if i.file_type() == FileType::Directory => continue,
-                    Ok(_) => {
-                        return Err(t.fail(format!(
-                            "{} exists and is not a directory",
-                            String::from_utf8_lossy(&cur)
-                        )))
-                    }
-                    Err(_) => {
-                        t.ext.mkdir(&cur, &a.put.attrs()).map_err(|e| t.fail(e))?;
-                    }
-                }
+    each_path(&a.dirs, a.engine, |t| mkdir_one(a, t))
+}
+
+/// Make `t`'s directory as `a` says.
+fn mkdir_one(a: &MkdirArgs, t: &Target) -> Result<(), Failure> {
+    let path = t.path();
+    if !a.parents {
+        return t
+            .ext
+            .mkdir(path, &a.put.attrs())
+            .map(drop)
+            .map_err(|e| t.fail(e));
+    }
+    let mut cur = Vec::new();
+    for part in path.split(|&c| c == b'/').filter(|p| !p.is_empty()) {
+        cur.push(b'/');
+        cur.extend_from_slice(part);
+        match t.ext.lookup(&cur, true) {
+            Ok(i) if i.file_type() == FileType::Directory => continue,
+            Ok(_) => {
+                return Err(t.fail(format!(
+                    "{} exists and is not a directory",
+                    String::from_utf8_lossy(&cur)
+                )))
             }
-        } else {
-            t.ext.mkdir(&path, &a.put.attrs()).map_err(|e| t.fail(e))?;
+            Err(_) => {
+                t.ext.mkdir(&cur, &a.put.attrs()).map_err(|e| t.fail(e))?;
+            }
         }
-        t.sync()?;
     }
     Ok(())
 }
@@ -504,11 +508,20 @@ fn remove_tree(ext: &Ext, path: &[u8]) -> dio::Result<()> {
 }
 
 pub fn rm(a: &RmArgs) -> Result<(), Failure> {
-    // Paths in one image (one after another on the command line) share one
-    // open and one batch: their removals go out together (one ordered write, or
-    // one journal transaction, per batch) and are synced once, not one or two
-    // flushes and an open per name. As GNU rm, a path that cannot be removed is
-    // reported and the others are still removed (exit 1 at the end).
+    each_path(&a.paths, a.engine, |t| rm_one(a, t))
+}
+
+/// Run `each` on every `IMAGE:/PATH` of `paths`. Paths in one image (one after
+/// another on the command line) share one open and one batch: their changes go
+/// out together (one ordered write, or one journal transaction, per batch) and
+/// are synced once, not one or two flushes and an open per name. As GNU rm and
+/// mkdir, a path that fails is reported and the others still run (exit 1 at the
+/// end); what was done before a failure is written and synced too.
+fn each_path(
+    paths: &[std::ffi::OsString],
+    engine: Engine,
+    mut each: impl FnMut(&Target) -> Result<(), Failure>,
+) -> Result<(), Failure> {
     let mut open: Option<Target> = None;
     let mut failed = false;
     // A message is reported and the next path taken; anything else (a usage
@@ -522,7 +535,7 @@ pub fn rm(a: &RmArgs) -> Result<(), Failure> {
         other => Err(other),
     };
     let r = (|| {
-        for p in &a.paths {
+        for p in paths {
             let loc = Location::parse(p)?;
             match open.as_mut() {
                 Some(t) if t.loc.source == loc.source && loc.inner.is_some() => t.loc = loc,
@@ -530,7 +543,7 @@ pub fn rm(a: &RmArgs) -> Result<(), Failure> {
                     if let Some(t) = open.take() {
                         t.end_batch_and_sync()?;
                     }
-                    match Target::open(p, a.engine) {
+                    match Target::open(p, engine) {
                         Ok(t) => {
                             // Where the library cannot batch, one operation a name.
                             let _ = t.ext.begin_batch();
@@ -543,14 +556,12 @@ pub fn rm(a: &RmArgs) -> Result<(), Failure> {
                     }
                 }
             }
-            let t = open.as_ref().expect("opened above");
-            if let Err(f) = rm_one(a, t) {
+            if let Err(f) = each(open.as_ref().expect("opened above")) {
                 report(f)?;
             }
         }
         Ok(())
     })();
-    // What was removed before an error is written too.
     let ended = match open {
         Some(t) => t.end_batch_and_sync(),
         None => Ok(()),
