@@ -531,6 +531,8 @@ enum Dst {
     Whole {
         out: Opened,
         is_file: bool,
+        /// A new host file, unnamed until it is done (see [`Unnamed`]).
+        unnamed: Option<Unnamed>,
     },
     /// A file inside an image, overwritten in place.
     Image {
@@ -591,7 +593,10 @@ pub fn cp(
             }
         }
         End::Loc(loc) => {
-            let out = loc.source.open(true, true, args.engine)?;
+            let (out, unnamed) = match open_unnamed(loc, args.engine) {
+                Some((out, u)) => (out, Some(u)),
+                None => (loc.source.open(true, true, args.engine)?, None),
+            };
             let is_file = out.resizable();
             if !is_file {
                 if let Some(n) = size {
@@ -603,7 +608,11 @@ pub fn cp(
                     }
                 }
             }
-            Dst::Whole { out, is_file }
+            Dst::Whole {
+                out,
+                is_file,
+                unnamed,
+            }
         }
     };
 
@@ -663,7 +672,7 @@ pub fn cp(
             };
             pipeline::run(input, Output::Ext(file), job, &names, &stop, &bar)
         }
-        Dst::Whole { out, is_file } => {
+        Dst::Whole { out, is_file, .. } => {
             let block = u64::from(out.direct().geometry().logical_block).max(512);
             let set_len = |len: u64| {
                 out.set_len(len)
@@ -729,6 +738,68 @@ pub fn cp(
     }
 }
 
+/// A new host file DST is made unnamed in its directory (`O_TMPFILE`) and named
+/// only once it holds what it will hold (see [`Unnamed`]): a copy killed where it
+/// cannot clean up (SIGKILL, a crash) leaves no DST claiming bytes it never got.
+/// None where DST exists or is not a host path, or where the file system cannot
+/// (DST is then created by name).
+fn open_unnamed(loc: &Location, engine: Engine) -> Option<(Opened, Unnamed)> {
+    let Source::Host(path) = &loc.source else {
+        return None;
+    };
+    if loc.inner.is_some() || path.symlink_metadata().is_ok() {
+        return None;
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let opts = RawOptions {
+        write: true,
+        unnamed: true,
+        backend: engine.backend(),
+        ..RawOptions::default()
+    };
+    let raw = RawFile::open(dir, &opts).ok()?;
+    let fd = raw.fd().try_clone_to_owned().ok()?;
+    print_notes(raw.notes());
+    Some((
+        Box::new(raw),
+        Unnamed {
+            fd,
+            path: path.clone(),
+        },
+    ))
+}
+
+/// An unnamed DST file and the name it takes when done.
+struct Unnamed {
+    fd: std::os::fd::OwnedFd,
+    path: PathBuf,
+}
+
+impl Unnamed {
+    /// Give the file its name (EEXIST if something took it meanwhile) and make
+    /// the name durable: its directory is synced.
+    fn link(&self) -> io::Result<()> {
+        use rustix::fs::{linkat, AtFlags, CWD};
+        use std::os::fd::AsRawFd;
+        let proc = format!("/proc/self/fd/{}", self.fd.as_raw_fd());
+        match linkat(CWD, proc.as_str(), CWD, &self.path, AtFlags::SYMLINK_FOLLOW) {
+            // No /proc: the same by the descriptor (needs CAP_DAC_READ_SEARCH).
+            Err(rustix::io::Errno::NOENT) => {
+                linkat(&self.fd, "", CWD, &self.path, AtFlags::EMPTY_PATH)?
+            }
+            r => r?,
+        }
+        let dir = match self.path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        File::open(dir)?.sync_all()
+    }
+}
+
 fn held_runs(held: &Held, n: u64) -> Result<Runs<'static>, Failure> {
     // The runs are collected so that the source can be borrowed mutably for its
     // input afterwards; SEEK_DATA is asked lazily for host files up to here.
@@ -744,11 +815,21 @@ fn finish(dst: &mut Dst, total: u64, name: &str) -> Result<(), Failure> {
     let fail = |e: dio::Error| Failure::msg(format!("{name}: {e}"));
     match dst {
         Dst::Stream(w) => w.flush().map_err(stdout_failure),
-        Dst::Whole { out, is_file } => {
+        Dst::Whole {
+            out,
+            is_file,
+            unnamed,
+        } => {
             if *is_file {
                 out.set_len(total).map_err(fail)?;
             }
-            out.direct().sync_data().map_err(fail)
+            out.direct().sync_data().map_err(fail)?;
+            match unnamed {
+                Some(u) => u
+                    .link()
+                    .map_err(|e| Failure::msg(format!("{name}: giving the copy its name: {e}"))),
+                None => Ok(()),
+            }
         }
         Dst::Image { img, file } => {
             file.touch().map_err(fail)?;
@@ -769,19 +850,28 @@ fn left_behind(dst: &mut Dst, p: &Progress, name: &str) -> String {
             let _ = w.flush();
             format!("{name} got the first {of}")
         }
-        Dst::Whole { out, is_file: true } => {
+        Dst::Whole {
+            out,
+            is_file: true,
+            unnamed,
+        } => {
             let cut = out.set_len(p.prefix);
             let synced = out.direct().sync_data();
             match (cut, synced) {
                 (Err(e), _) | (_, Err(e)) => {
                     format!("{name} could not be cut to the {of} copied: {e}")
                 }
-                _ => format!("{name} holds the first {of}"),
+                // A new DST takes its name now, with the copied prefix.
+                _ => match unnamed.as_ref().map(Unnamed::link) {
+                    Some(Err(e)) => format!("{name} was not created ({e}): nothing is left"),
+                    _ => format!("{name} holds the first {of}"),
+                },
             }
         }
         Dst::Whole {
             out,
             is_file: false,
+            ..
         } => {
             let _ = out.direct().sync_data();
             format!("{name} holds the first {of}; past that it holds what it held before")

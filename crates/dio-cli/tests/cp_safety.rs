@@ -179,9 +179,9 @@ fn ctrl_c_mid_copy_leaves_dst_holding_only_the_copied_prefix() {
     let size = 96usize << 20;
     let data = bytes(size, 42);
     fs::write(&src, &data).unwrap();
-    // Under way once DST has blocks.
-    let o = interrupt_copy(&src, &dst, || {
-        fs::metadata(&dst).map(|m| m.blocks() > 0).unwrap_or(false)
+    // Under way once DST (unnamed while it is written) has blocks.
+    let o = interrupt_copy(&src, &dst, |pid| {
+        dio_testkit::writes_unnamed_under(pid, dir.path())
     });
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(130), "{err}");
@@ -200,7 +200,7 @@ fn ctrl_c_mid_copy_leaves_dst_holding_only_the_copied_prefix() {
 /// Ctrl-C in the middle of a slow copy (`--engine sync --bs 64k --qd 1`) of `src`
 /// to `dst`: once `started` says it is under way, dio is stopped, sent SIGINT and
 /// continued, so the signal lands mid-copy whatever the speed of the disk.
-fn interrupt_copy(src: &Path, dst: &Path, mut started: impl FnMut() -> bool) -> Output {
+fn interrupt_copy(src: &Path, dst: &Path, mut started: impl FnMut(u32) -> bool) -> Output {
     let mut child = dio_cmd(&[
         "cp",
         "--engine",
@@ -219,7 +219,7 @@ fn interrupt_copy(src: &Path, dst: &Path, mut started: impl FnMut() -> bool) -> 
         if let Some(st) = child.try_wait().unwrap() {
             panic!("dio finished ({st}) before it could be interrupted");
         }
-        if started() {
+        if started(child.id()) {
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(1));
@@ -250,7 +250,7 @@ fn ctrl_c_mid_copy_to_a_device_reports_how_far_it_got() {
     fs::write(&src, &data).unwrap();
     // Under way once the first bytes are on the device.
     let mut first = vec![0u8; 4096];
-    let o = interrupt_copy(&src, lo.path(), || {
+    let o = interrupt_copy(&src, lo.path(), |_| {
         let mut f = fs::File::open(lo.path()).unwrap();
         f.read_exact(&mut first).unwrap();
         first[..] == data[..4096]
@@ -528,4 +528,44 @@ fn the_file_system_unmounts_right_after_dio_exits() {
             "round {round}"
         );
     }
+}
+
+/// A copy killed where it cannot clean up (SIGKILL, as a crash) leaves no new DST:
+/// the file is made unnamed and takes its name only once it holds what it will
+/// hold. Caught signals still leave the named prefix (tests above); a finished
+/// copy has its name, its bytes and the mode a plain create gives.
+#[test]
+fn a_killed_copy_leaves_no_new_dst() {
+    let dir = scratch();
+    let dst = dir.path().join("new");
+    let mut child = dio_cmd(&["cp", "--no-progress", "-", s(&dst)])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    // Bytes in, the stream left open: the copy is under way, not done.
+    stdin.write_all(&bytes(4 << 20, 3)).unwrap();
+    stdin.flush().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    drop(stdin);
+    assert!(
+        fs::symlink_metadata(&dst).is_err(),
+        "a killed copy left {} ({} bytes) that claims bytes it never got",
+        dst.display(),
+        fs::metadata(&dst).map(|m| m.len()).unwrap_or(0)
+    );
+    let src = dir.path().join("src");
+    fs::write(&src, bytes(3 << 20, 4)).unwrap();
+    assert_ok(&dio(&["cp", "--no-progress", s(&src), s(&dst)]), "cp");
+    assert!(fs::read(&dst).unwrap() == fs::read(&src).unwrap());
+    let umask = {
+        let probe = dir.path().join("umask-probe");
+        fs::write(&probe, b"").unwrap();
+        0o666 & !fs::metadata(&probe).unwrap().mode() & 0o777
+    };
+    assert_eq!(fs::metadata(&dst).unwrap().mode() & 0o777, 0o666 & !umask);
 }

@@ -108,6 +108,20 @@ pub fn pattern(buf: &mut [u8], op: u64, at: u64) {
     }
 }
 
+/// Whether process `pid` holds open an unnamed file (`O_TMPFILE`: how `dio cp`
+/// writes a new DST until it is done) under `dir`, with blocks already: the copy
+/// is under way.
+pub fn writes_unnamed_under(pid: u32, dir: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten().any(|e| {
+        std::fs::read_link(e.path()).is_ok_and(|t| t.starts_with(dir))
+            && std::fs::metadata(e.path()).is_ok_and(|m| m.nlink() == 0 && m.blocks() > 0)
+    })
+}
+
 /// `len` bytes of [`pattern`] for `seed` from offset 0.
 pub fn bytes(len: usize, seed: u64) -> Vec<u8> {
     let mut v = vec![0; len];

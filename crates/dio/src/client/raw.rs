@@ -58,6 +58,13 @@ pub struct RawOptions {
     /// Overrides `single_thread`. On the pread/pwrite back end: a worker set per
     /// submitting thread ([`SyncConfig::per_thread`]).
     pub ring_per_thread: bool,
+    /// Create the file unnamed (`O_TMPFILE`) in the directory `path` names:
+    /// nothing refers to it until the caller gives it a name (`linkat` of
+    /// [`RawFile::fd`] through `/proc/self/fd`), so a crash or a kill before that
+    /// leaves nothing behind. Needs `write`. A file system without `O_TMPFILE`
+    /// fails the open (EOPNOTSUPP, or EISDIR on old kernels): create it by name
+    /// then.
+    pub unnamed: bool,
 }
 
 impl Default for RawOptions {
@@ -72,6 +79,7 @@ impl Default for RawOptions {
             sqpoll: false,
             single_thread: false,
             ring_per_thread: false,
+            unnamed: false,
         }
     }
 }
@@ -219,8 +227,18 @@ impl RawFile {
     pub fn open(path: impl AsRef<Path>, opts: &RawOptions) -> Result<RawFile> {
         let path = path.as_ref();
         refuse_stream(path)?;
-        let extra = if opts.dsync { libc::O_DSYNC } else { 0 };
-        let file = probe::open_direct_with(path, opts.write, opts.create, extra)?;
+        let mut extra = if opts.dsync { libc::O_DSYNC } else { 0 };
+        if opts.unnamed {
+            if !opts.write {
+                return Err(Error::Invalid(format!(
+                    "{}: an unnamed file is created for writing",
+                    path.display()
+                )));
+            }
+            extra |= libc::O_TMPFILE;
+        }
+        let create = opts.create && !opts.unnamed;
+        let file = probe::open_direct_with(path, opts.write, create, extra)?;
         let probed = probe::probe(file.as_fd(), path)?;
         let geometry = device_geometry(&probed, opts.write, path);
         let mut notes = Vec::new();
