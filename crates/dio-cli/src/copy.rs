@@ -265,7 +265,7 @@ fn whole<'a>(start: u64, end: u64) -> Runs<'a> {
 
 /// Data runs of an image file: its written extents (holes and unwritten extents
 /// are skipped), or the whole file when its data is inline.
-fn image_runs(img: &Image, file: &ExtFile) -> Result<Vec<(u64, u64)>, Failure> {
+pub(crate) fn image_runs(img: &Image, file: &ExtFile) -> Result<Vec<(u64, u64)>, Failure> {
     let bs = u64::from(img.ext.block_size());
     let size = file.size();
     if file.direct().is_none() {

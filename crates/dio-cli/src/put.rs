@@ -190,6 +190,23 @@ impl Input {
         Ok((Input::Direct(opened), Some(n), name))
     }
 
+    /// The runs of `[0, size)` that hold data, in order: a host file's
+    /// SEEK_DATA, an export's block status, an image file's written extents. A
+    /// stream (`size` unknown) is one run, read to its end.
+    fn runs(&self, size: Option<u64>) -> Result<Vec<(u64, u64)>, Failure> {
+        let Some(n) = size else {
+            return Ok(vec![(0, u64::MAX)]);
+        };
+        match self {
+            Input::Stream(_) => Ok(vec![(0, n)]),
+            Input::Image { _img, file } => crate::copy::image_runs(_img, file),
+            Input::Direct(o) => o
+                .data_runs(n)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| Failure::msg(format!("reading the data map of the source: {e}"))),
+        }
+    }
+
     fn read_at(&mut self, pos: u64, buf: &mut [u8]) -> std::io::Result<usize> {
         match self {
             Input::Stream(r) => {
@@ -240,6 +257,17 @@ pub fn cp(src: &OsStr, dst: &OsStr, put: &PutArgs, engine: Engine) -> Option<Res
         Err(e) => return Some(Err(e)),
     };
     if t.journal_refused() {
+        // In place into a file that exists; a new one (a name that is not there,
+        // or a directory to copy into) cannot be made, and the reason is the
+        // refusal, not the name.
+        let new_file = match t.ext.lookup(t.path(), true) {
+            Err(Error::Path(p)) => p.kind == dio::PathErrorKind::NotFound,
+            Ok(i) => i.file_type() == FileType::Directory,
+            Err(_) => false,
+        };
+        if let (true, Err(e)) = (new_file, t.ext.can_allocate()) {
+            return Some(Err(t.fail(e)));
+        }
         return None;
     }
     Some(cp_into(src, &t, put, engine))
@@ -261,33 +289,51 @@ fn cp_into(src: &OsStr, t: &Target, put: &PutArgs, engine: Engine) -> Result<(),
             path.extend_from_slice(name.as_bytes());
         }
     }
+    // Only the source's data runs are allocated and written: its holes stay
+    // holes (a size past the last run is set at the end).
+    let runs = input.runs(size)?;
     let mut read_err = None;
     let r = t.ext.put_file(&path, &put.attrs(), |w| {
-        if let Some(n) = size {
-            w.allocate(0, n)?;
+        for &(start, end) in &runs {
+            if size.is_some() {
+                w.allocate(start, end - start)?;
+            }
         }
         // A reader thread fills buffers while this one writes the previous.
-        let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<(dio::AlignedBuf, usize)>(2);
+        let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<(dio::AlignedBuf, u64, usize)>(2);
         let (empty_tx, empty_rx) = std::sync::mpsc::channel::<dio::AlignedBuf>();
         for _ in 0..3 {
             let _ = empty_tx.send(dio::AlignedBuf::new(CHUNK, 4096));
         }
         std::thread::scope(|scope| {
             let input = &mut input;
-            let reader = scope.spawn(move || -> Result<(), String> {
-                let mut pos = 0u64;
-                while let Ok(mut buf) = empty_rx.recv() {
-                    let n = input.read_at(pos, &mut buf).map_err(|e| e.to_string())?;
-                    if n == 0 || full_tx.send((buf, n)).is_err() {
-                        break;
+            let runs = &runs;
+            // Where the source ended: its size, or less if it shrank under us.
+            let reader = scope.spawn(move || -> Result<Option<u64>, String> {
+                for &(start, end) in runs {
+                    let mut pos = start;
+                    while pos < end {
+                        let Ok(mut buf) = empty_rx.recv() else {
+                            return Ok(None);
+                        };
+                        let want = (end - pos).min(buf.len() as u64) as usize;
+                        let n = input
+                            .read_at(pos, &mut buf[..want])
+                            .map_err(|e| e.to_string())?;
+                        if n == 0 {
+                            return Ok(Some(pos));
+                        }
+                        if full_tx.send((buf, pos, n)).is_err() {
+                            return Ok(None);
+                        }
+                        pos += n as u64;
                     }
-                    pos += n as u64;
                 }
-                Ok(())
+                Ok(size)
             });
-            let mut pos = 0u64;
+            let mut top = 0u64;
             let written = (|| {
-                while let Ok((buf, n)) = full_rx.recv() {
+                while let Ok((buf, pos, n)) = full_rx.recv() {
                     let k = w.direct().write_at(pos, &buf[..n], Flags::UNALIGNED)?;
                     if k < n {
                         return Err(Error::NoSpace(format!(
@@ -296,7 +342,7 @@ fn cp_into(src: &OsStr, t: &Target, put: &PutArgs, engine: Engine) -> Result<(),
                             size.unwrap_or(pos + n as u64)
                         )));
                     }
-                    pos += n as u64;
+                    top = pos + n as u64;
                     let _ = empty_tx.send(buf);
                 }
                 Ok(())
@@ -304,18 +350,20 @@ fn cp_into(src: &OsStr, t: &Target, put: &PutArgs, engine: Engine) -> Result<(),
             // Stop the reader (it ends when its channels close).
             drop(full_rx);
             drop(empty_tx);
-            match reader.join() {
+            let end = match reader.join() {
                 Ok(Err(e)) => {
                     read_err = Some(format!("{in_name}: {e}"));
                     return Err(Error::Invalid("the source could not be read".into()));
                 }
                 Err(_) => return Err(Error::Invalid("the reader thread panicked".into())),
-                Ok(Ok(())) => {}
-            }
+                Ok(Ok(end)) => end,
+            };
             written?;
-            // A source shorter than it said (a file that shrank): keep what was read.
-            if w.size() < pos || size.is_some_and(|s| s != pos) {
-                w.set_len(pos)?;
+            // The source's size (holes at its end included), or what was read of
+            // a stream or of a file that shrank.
+            let end = end.unwrap_or(top);
+            if w.size() != end {
+                w.set_len(end)?;
             }
             Ok(())
         })
@@ -1041,33 +1089,43 @@ impl TreeCopy<'_> {
         let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
     }
 
-    /// Copy one regular file (a new inode named once its bytes are in).
+    /// Copy one regular file (a new inode named once its bytes are in). Only its
+    /// data runs are allocated and written: its holes stay holes.
     fn file(&self, job: &FileJob, buf: &mut Vec<u8>) -> dio::Result<u64> {
-        use std::io::Read as _;
-        let mut f = std::fs::File::open(&job.host).map_err(|e| Error::os("open the source", e))?;
-        let mut written = 0u64;
+        use std::os::fd::AsFd as _;
+        use std::os::unix::fs::FileExt as _;
+        let f = std::fs::File::open(&job.host).map_err(|e| Error::os("open the source", e))?;
+        let runs = dio::DataRuns::of(f.as_fd(), job.size).collect::<dio::Result<Vec<_>>>()?;
+        let mut written = job.size;
         self.ext.put_file(&job.img, &job.attrs, |w| {
-            if job.size > 0 {
-                w.allocate(0, job.size)?;
+            for &(start, end) in &runs {
+                w.allocate(start, end - start)?;
             }
-            loop {
-                buf.clear();
-                let n = (&mut f)
-                    .take(CHUNK as u64)
-                    .read_to_end(buf)
-                    .map_err(|e| Error::os("read the source", e))?;
-                if n == 0 {
-                    break;
+            buf.resize(CHUNK, 0);
+            'runs: for &(start, end) in &runs {
+                let mut pos = start;
+                while pos < end {
+                    let want = (end - pos).min(CHUNK as u64) as usize;
+                    let n = match f.read_at(&mut buf[..want], pos) {
+                        Ok(n) => n,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        Err(e) => return Err(Error::os("read the source", e)),
+                    };
+                    if n == 0 {
+                        // The file shrank since the walk saw it: keep what was read.
+                        written = pos;
+                        break 'runs;
+                    }
+                    let k = w.direct().write_at(pos, &buf[..n], Flags::UNALIGNED)?;
+                    if k < n {
+                        return Err(Error::NoSpace(format!(
+                            "only {} of {} bytes fit",
+                            pos + k as u64,
+                            job.size
+                        )));
+                    }
+                    pos += n as u64;
                 }
-                let k = w.direct().write_at(written, buf, Flags::UNALIGNED)?;
-                if k < n {
-                    return Err(Error::NoSpace(format!(
-                        "only {} of {} bytes fit",
-                        written + k as u64,
-                        job.size
-                    )));
-                }
-                written += n as u64;
             }
             if w.size() != written {
                 w.set_len(written)?;

@@ -150,6 +150,9 @@ pub enum Feature {
     HtreeInsert,
     /// Allocating writes to files mapped by ext2/3 indirect blocks.
     IndirectAlloc,
+    /// Allocating writes on an image with quota files (`quota`): dio does not
+    /// update the usage they record.
+    Quota,
 }
 
 /// What is not supported, and the details.

@@ -73,6 +73,10 @@ pub(crate) struct Alloc {
     /// Clusters freed by the operation being committed (bigalloc: blocks of one
     /// file share clusters, so two freed runs may name the same one).
     freed_clusters: std::collections::HashSet<u64>,
+    /// Whether the inode `alloc_inode` gave out last lies past the part of its
+    /// group's table that was ever used (`bg_itable_unused`), where the table
+    /// may hold anything (lazy_itable_init).
+    pub(crate) fresh_slot: bool,
 }
 
 impl Alloc {
@@ -106,6 +110,7 @@ impl Alloc {
             per_block,
             ratio: cluster_ratio(sb),
             freed_clusters: std::collections::HashSet::new(),
+            fresh_slot: false,
         })
     }
 
@@ -251,7 +256,9 @@ impl Alloc {
                 let at = self.block_bitmap_at(g);
                 fs.check_blocks(at, 1, 0)
                     .map_err(|_| bad_desc(g, "block bitmap lies outside the file system"))?;
-                fs.read_block(at, "block bitmap")?
+                let bm = fs.read_block(at, "block bitmap")?;
+                self.check_block_bitmap(sb, g, &bm)?;
+                bm
             };
             self.bbitmap.insert(g, bm);
         }
@@ -278,11 +285,76 @@ impl Alloc {
                 let at = self.inode_bitmap_at(g);
                 fs.check_blocks(at, 1, 0)
                     .map_err(|_| bad_desc(g, "inode bitmap lies outside the file system"))?;
-                fs.read_block(at, "inode bitmap")?
+                let bm = fs.read_block(at, "inode bitmap")?;
+                if sb.metadata_csum() {
+                    let n = (sb.inodes_per_group / 8) as usize;
+                    let c = crc32c(sb.checksum_seed, &bm[..n]);
+                    let lo = le16(self.desc(g), 0x1A);
+                    let hi = if self.wide {
+                        le16(self.desc(g), 0x3A)
+                    } else {
+                        0
+                    };
+                    let (want, got) = if self.wide {
+                        (u32::from(lo) | u32::from(hi) << 16, c)
+                    } else {
+                        (u32::from(lo), c & 0xFFFF)
+                    };
+                    if want != got {
+                        return Err(bad_bitmap(g, "inode", want, got));
+                    }
+                }
+                bm
             };
             self.ibitmap.insert(g, bm);
         }
         Ok(self.ibitmap.get_mut(&g).expect("inserted above"))
+    }
+
+    /// Refuse a block bitmap read from disk that cannot be right, before anything
+    /// is allocated from it (a block it shows free that is in use would end up
+    /// in two files): its checksum with `metadata_csum`, and, as the kernel's
+    /// `ext4_valid_block_bitmap`, the bits of the group's own metadata (superblock
+    /// backup, descriptors and their reserve, the bitmaps and inode tables that
+    /// lie in it) must be set.
+    fn check_block_bitmap(&self, sb: &Superblock, g: u32, bm: &[u8]) -> Result<()> {
+        if sb.metadata_csum() {
+            let n = (sb.clusters_per_group / 8) as usize;
+            let c = crc32c(sb.checksum_seed, &bm[..n]);
+            let lo = le16(self.desc(g), 0x18);
+            let (want, got) = if self.wide && sb.desc_size >= 64 {
+                (u32::from(lo) | u32::from(le16(self.desc(g), 0x38)) << 16, c)
+            } else {
+                (u32::from(lo), c & 0xFFFF)
+            };
+            if want != got {
+                return Err(bad_bitmap(g, "block", want, got));
+            }
+        }
+        let first = sb.group_first_block(g);
+        let in_group = self.blocks_in_group(sb, g);
+        let r = self.ratio;
+        let unset = |b: u64| b >= first && b < first + in_group && !get_bit(bm, (b - first) / r);
+        let base = Self::base_meta_blocks(sb, g, self.per_block).min(in_group);
+        let itable = itable_blocks(sb);
+        let mut missing = (first..first + base).find(|&b| unset(b));
+        for h in 0..sb.groups {
+            if missing.is_some() {
+                break;
+            }
+            let t = self.inode_table_at(h);
+            missing = [self.block_bitmap_at(h), self.inode_bitmap_at(h)]
+                .into_iter()
+                .chain(t..t.saturating_add(itable))
+                .find(|&b| unset(b));
+        }
+        match missing {
+            Some(b) => Err(Error::corrupt(
+                CorruptKind::Bitmap,
+                format!("group {g}: the block bitmap shows metadata block {b} free"),
+            )),
+            None => Ok(()),
+        }
     }
 
     fn blocks_in_group(&self, sb: &Superblock, g: u32) -> u64 {
@@ -441,9 +513,11 @@ impl Alloc {
                 let d = self.used_dirs_in(g) + 1;
                 self.set16(g, 0x10, 0x30, d);
             }
+            self.fresh_slot = false;
             if sb.csum_groups() {
                 let unused = self.itable_unused(g);
-                let used_upto = u64::from(ipg) - unused;
+                let used_upto = u64::from(ipg).saturating_sub(unused);
+                self.fresh_slot = i >= used_upto;
                 if i + 1 > used_upto {
                     self.set16(g, 0x1C, 0x32, u64::from(ipg) - (i + 1));
                 }
@@ -580,6 +654,13 @@ impl Alloc {
             self.sb_dirty = false;
         }
     }
+}
+
+fn bad_bitmap(g: u32, which: &str, want: u32, got: u32) -> Error {
+    Error::corrupt(
+        CorruptKind::Bitmap,
+        format!("group {g}: {which} bitmap checksum {got:#x}, the descriptor says {want:#x}"),
+    )
 }
 
 fn bad_desc(g: u32, m: &str) -> Error {

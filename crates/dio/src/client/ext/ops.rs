@@ -1695,7 +1695,7 @@ impl Ext {
         let mut d = DirW::load(fs, parent)?;
         let is_dir = kind == S_IFDIR;
         let pg = (d.inode.ino - 1) / fs.sb.inodes_per_group;
-        let ino = op.alloc()?.alloc_inode(fs, pg, is_dir)?;
+        let ino = op.new_inode_no(pg, is_dir)?;
         let default_mode = match kind {
             S_IFDIR => 0o755,
             S_IFLNK => 0o777,
@@ -1970,7 +1970,7 @@ impl Ext {
         let inode = {
             let mut op = Op::begin(fs)?;
             let pg = (parent.ino - 1) / fs.sb.inodes_per_group;
-            let ino = op.alloc()?.alloc_inode(fs, pg, false)?;
+            let ino = op.new_inode_no(pg, false)?;
             let extents = fs.sb.has_incompat(incompat::EXTENTS);
             let mut inode = new_inode(fs, ino, S_IFREG | 0o644, attrs, extents)?;
             op.put_inode_at(FRESH, &mut inode)?;
@@ -2080,7 +2080,7 @@ impl Ext {
             let pg = (parent.ino - 1) / ipg;
             for (i, _) in names {
                 let f = &files[*i];
-                let ino = op.alloc()?.alloc_inode(fs, pg, false)?;
+                let ino = op.new_inode_no(pg, false)?;
                 let mut inode = new_inode(fs, ino, S_IFREG | 0o644, f.attrs, extents)?;
                 let n = (f.data.len() as u64).div_ceil(bs);
                 let mut g = goal.unwrap_or_else(|| fs.sb.group_first_block((ino - 1) / ipg));

@@ -60,9 +60,9 @@ use std::sync::{Arc, MutexGuard};
 
 use super::alloc::Alloc;
 use super::inode::{self, Inode};
-use super::superblock::compat;
+use super::superblock::{compat, ro_compat};
 use super::Fs;
-use crate::error::Feature;
+use crate::error::{CorruptKind, Feature};
 use crate::{Error, Result};
 
 /// Write stages, in the order they reach the disk with a flush between them.
@@ -167,6 +167,31 @@ impl<'a> Op<'a> {
         Ok(self.alloc.as_mut().expect("loaded above"))
     }
 
+    /// A new inode from the bitmaps ([`Alloc::alloc_inode`]), refused as a corrupt
+    /// bitmap when its slot in the inode table holds a live inode (a mode and
+    /// links): taking it would destroy that file. Slots never used
+    /// (`bg_itable_unused`) may hold anything and are not looked at.
+    pub(crate) fn new_inode_no(&mut self, goal_group: u32, dir: bool) -> Result<u32> {
+        let fs = self.fs;
+        let ino = self.alloc()?.alloc_inode(fs, goal_group, dir)?;
+        if self.alloc()?.fresh_slot {
+            return Ok(ino);
+        }
+        let (block, off) = self.fs.inode_place(ino)?;
+        let b = self.read(block, "inode table block")?;
+        let mode = u16::from_le_bytes([b[off], b[off + 1]]);
+        let links = u16::from_le_bytes([b[off + 0x1A], b[off + 0x1B]]);
+        if mode != 0 && links != 0 {
+            return Err(Error::corrupt(
+                CorruptKind::Bitmap,
+                format!(
+                    "the inode bitmap shows inode {ino} free, but it is in use (mode {mode:o}, {links} links)"
+                ),
+            ));
+        }
+        Ok(ino)
+    }
+
     /// Read fs block `block` as this operation sees it.
     pub(crate) fn read(&self, block: u64, what: &str) -> Result<Vec<u8>> {
         match self.tx.get(block) {
@@ -184,9 +209,7 @@ impl<'a> Op<'a> {
             return Inode::parse(
                 ino,
                 raw,
-                self.fs
-                    .sb
-                    .has_ro_compat(super::superblock::ro_compat::HUGE_FILE),
+                self.fs.sb.has_ro_compat(ro_compat::HUGE_FILE),
                 self.fs.sb.block_size,
             );
         }
@@ -639,6 +662,14 @@ pub(crate) fn alloc_refusal(fs: &Fs) -> Option<Error> {
         return Some(Error::incompatible(
             Feature::JournalWrite,
             "has_journal: creating, growing and removing files on an image with a journal needs the journal writer (in-place overwrites work)",
+        ));
+    }
+    if fs.sb.has_ro_compat(ro_compat::QUOTA) {
+        // Every block and inode allocated or freed changes the usage the quota
+        // files record; left stale, e2fsck reports the image inconsistent.
+        return Some(Error::incompatible(
+            Feature::Quota,
+            "quota: dio does not update quota files, so it does not create, grow or remove files on this image (in-place overwrites work; `tune2fs -O ^quota` first)",
         ));
     }
     None

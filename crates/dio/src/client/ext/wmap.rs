@@ -880,6 +880,19 @@ impl ExtWriter {
 
 impl Drop for ExtWriter {
     fn drop(&mut self) {
+        // Indirect files: blocks that failed writes (ENOSPC part-way, an I/O
+        // error) or an unwritten `allocate` took are still marked in the
+        // bitmaps while no pointer on disk names them; give them back, or
+        // e2fsck finds them leaked.
+        let pending = self
+            .map
+            .lock()
+            .ind
+            .as_ref()
+            .is_some_and(|i| i.has_pending());
+        if pending {
+            let _ = self.commit_size();
+        }
         super::lock(&self.fs.writers).remove(&self.ino);
     }
 }
