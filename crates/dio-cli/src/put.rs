@@ -292,6 +292,8 @@ fn cp_into(src: &OsStr, t: &Target, put: &PutArgs, engine: Engine) -> Result<(),
     // Only the source's data runs are allocated and written: its holes stay
     // holes (a size past the last run is set at the end).
     let runs = input.runs(size)?;
+    // A signal stops the copy between chunks; the new inode is then given back.
+    let stop = crate::pipeline::Stop::on_signals();
     let mut read_err = None;
     let r = t.ext.put_file(&path, &put.attrs(), |w| {
         for &(start, end) in &runs {
@@ -334,6 +336,9 @@ fn cp_into(src: &OsStr, t: &Target, put: &PutArgs, engine: Engine) -> Result<(),
             let mut top = 0u64;
             let written = (|| {
                 while let Ok((buf, pos, n)) = full_rx.recv() {
+                    if stop.fired().is_some() {
+                        return Err(Error::Invalid("interrupted".into()));
+                    }
                     let k = w.direct().write_at(pos, &buf[..n], Flags::UNALIGNED)?;
                     if k < n {
                         return Err(Error::NoSpace(format!(
@@ -368,6 +373,14 @@ fn cp_into(src: &OsStr, t: &Target, put: &PutArgs, engine: Engine) -> Result<(),
             Ok(())
         })
     });
+    if let Some(signal) = stop.fired() {
+        if r.is_err() {
+            return Err(Failure::Signal {
+                signal,
+                message: format!("interrupted: nothing was written to {}", t.loc.display()),
+            });
+        }
+    }
     if let Some(m) = read_err {
         return Err(Failure::msg(format!(
             "{m} (nothing was written to {})",
@@ -808,6 +821,9 @@ struct TreeCopy<'a> {
     /// Set by the first failure that stops the copy (ENOSPC, a batch write).
     fatal: std::sync::Mutex<Option<Failure>>,
     stop: std::sync::atomic::AtomicBool,
+    /// SIGINT, SIGTERM, SIGHUP: the copy stops between files and chunks, and
+    /// what was copied stays consistent (a file cut short is given back).
+    signal: crate::pipeline::Stop,
     /// The image's own host file (never copied into itself).
     image_id: Option<(u64, u64)>,
 }
@@ -889,6 +905,7 @@ pub fn cp_tree(src: &OsStr, dst: &OsStr, a: &TreeArgs) -> Result<(), Failure> {
         tally: Default::default(),
         fatal: Default::default(),
         stop: Default::default(),
+        signal: crate::pipeline::Stop::on_signals(),
         image_id,
     };
     let mut dir_times = Vec::new();
@@ -965,6 +982,15 @@ pub fn cp_tree(src: &OsStr, dst: &OsStr, a: &TreeArgs) -> Result<(), Failure> {
         return Err(f);
     }
     synced?;
+    if let Some(signal) = c.signal.fired() {
+        return Err(Failure::Signal {
+            signal,
+            message: format!(
+                "interrupted: what was copied before it is kept in {}",
+                t.loc.display()
+            ),
+        });
+    }
     if failed > 0 {
         return Err(Failure::Quiet);
     }
@@ -982,7 +1008,7 @@ enum Kind {
 
 impl TreeCopy<'_> {
     fn stopped(&self) -> bool {
-        self.stop.load(std::sync::atomic::Ordering::Relaxed)
+        self.stop.load(std::sync::atomic::Ordering::Relaxed) || self.signal.fired().is_some()
     }
 
     fn attrs(&self, m: &std::fs::Metadata, default_mode: Option<u16>) -> Attrs {
@@ -1105,6 +1131,9 @@ impl TreeCopy<'_> {
             'runs: for &(start, end) in &runs {
                 let mut pos = start;
                 while pos < end {
+                    if self.stopped() {
+                        return Err(Error::Invalid("the copy was stopped".into()));
+                    }
                     let want = (end - pos).min(CHUNK as u64) as usize;
                     let n = match f.read_at(&mut buf[..want], pos) {
                         Ok(n) => n,
