@@ -334,19 +334,24 @@ impl Alloc {
         let first = sb.group_first_block(g);
         let in_group = self.blocks_in_group(sb, g);
         let r = self.ratio;
-        let unset = |b: u64| b >= first && b < first + in_group && !get_bit(bm, (b - first) / r);
+        let end = first + in_group;
+        // The first block of `[start, start + n)` within this group whose bit
+        // is clear (only the part inside the group is looked at, so a group
+        // costs O(1) per other group plus its own metadata).
+        let unset = |start: u64, n: u64| {
+            (start.max(first)..start.saturating_add(n).min(end))
+                .find(|&b| !get_bit(bm, (b - first) / r))
+        };
         let base = Self::base_meta_blocks(sb, g, self.per_block).min(in_group);
         let itable = itable_blocks(sb);
-        let mut missing = (first..first + base).find(|&b| unset(b));
+        let mut missing = unset(first, base);
         for h in 0..sb.groups {
             if missing.is_some() {
                 break;
             }
-            let t = self.inode_table_at(h);
-            missing = [self.block_bitmap_at(h), self.inode_bitmap_at(h)]
-                .into_iter()
-                .chain(t..t.saturating_add(itable))
-                .find(|&b| unset(b));
+            missing = unset(self.block_bitmap_at(h), 1)
+                .or_else(|| unset(self.inode_bitmap_at(h), 1))
+                .or_else(|| unset(self.inode_table_at(h), itable));
         }
         match missing {
             Some(b) => Err(Error::corrupt(

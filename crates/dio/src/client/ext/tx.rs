@@ -139,6 +139,9 @@ pub(crate) struct Op<'a> {
     _meta: MutexGuard<'a, ()>,
     pub(crate) tx: Tx,
     done: bool,
+    /// New inodes whose table slot was used before: checked to hold no live
+    /// inode when they are first put (see [`Op::new_inode_no`]).
+    unchecked: Vec<u32>,
 }
 
 impl<'a> Op<'a> {
@@ -156,6 +159,7 @@ impl<'a> Op<'a> {
             _meta: meta,
             tx: Tx::default(),
             done: false,
+            unchecked: Vec::new(),
         })
     }
 
@@ -167,27 +171,16 @@ impl<'a> Op<'a> {
         Ok(self.alloc.as_mut().expect("loaded above"))
     }
 
-    /// A new inode from the bitmaps ([`Alloc::alloc_inode`]), refused as a corrupt
-    /// bitmap when its slot in the inode table holds a live inode (a mode and
-    /// links): taking it would destroy that file. Slots never used
-    /// (`bg_itable_unused`) may hold anything and are not looked at.
+    /// A new inode from the bitmaps ([`Alloc::alloc_inode`]). When it is first
+    /// put, its slot in the inode table must not hold a live inode (a mode and
+    /// links), or the bitmap is corrupt and taking the slot would destroy that
+    /// file: the operation is refused before anything is written. Slots never
+    /// used (`bg_itable_unused`) may hold anything and are not looked at.
     pub(crate) fn new_inode_no(&mut self, goal_group: u32, dir: bool) -> Result<u32> {
         let fs = self.fs;
         let ino = self.alloc()?.alloc_inode(fs, goal_group, dir)?;
-        if self.alloc()?.fresh_slot {
-            return Ok(ino);
-        }
-        let (block, off) = self.fs.inode_place(ino)?;
-        let b = self.read(block, "inode table block")?;
-        let mode = u16::from_le_bytes([b[off], b[off + 1]]);
-        let links = u16::from_le_bytes([b[off + 0x1A], b[off + 0x1B]]);
-        if mode != 0 && links != 0 {
-            return Err(Error::corrupt(
-                CorruptKind::Bitmap,
-                format!(
-                    "the inode bitmap shows inode {ino} free, but it is in use (mode {mode:o}, {links} links)"
-                ),
-            ));
+        if !self.alloc()?.fresh_slot {
+            self.unchecked.push(ino);
         }
         Ok(ino)
     }
@@ -244,6 +237,20 @@ impl<'a> Op<'a> {
         }
         let (block, off) = self.fs.inode_place(inode.ino)?;
         let mut b = self.read(block, "inode table block")?;
+        if let Some(i) = self.unchecked.iter().position(|&n| n == inode.ino) {
+            self.unchecked.swap_remove(i);
+            let mode = u16::from_le_bytes([b[off], b[off + 1]]);
+            let links = u16::from_le_bytes([b[off + 0x1A], b[off + 0x1B]]);
+            if mode != 0 && links != 0 {
+                return Err(Error::corrupt(
+                    CorruptKind::Bitmap,
+                    format!(
+                        "the inode bitmap shows inode {} free, but it is in use (mode {mode:o}, {links} links)",
+                        inode.ino
+                    ),
+                ));
+            }
+        }
         b[off..off + inode.raw.len()].copy_from_slice(&inode.raw);
         self.tx.put_at(stage, block, b);
         Ok(())
