@@ -375,6 +375,19 @@ fn enospc_on_indirect_files_leaks_no_block() {
             String::from_utf8_lossy(&st.stderr).contains("not found"),
             "{name}: the failed cp left /f{i}"
         );
+        // A sparse source whose first data run fits and whose second does not:
+        // the first run's blocks are given back with the inode.
+        let sparse = scratch(&format!("{name}.sparse"));
+        {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::File::create(&sparse).unwrap();
+            f.write_all_at(&data[..200_000], 0).unwrap();
+            f.write_all_at(&data, 4 << 20).unwrap();
+        }
+        let o = dio_s(&["cp", sparse.to_str().unwrap(), &at(&img, "/sparse")]);
+        refused(&o, "a sparse cp into a full image");
+        assert_clean(&img, &format!("{name}: a sparse cp failing with ENOSPC"));
+        let _ = std::fs::remove_file(&sparse);
         // Growing a file into the full image: what fits is kept (or nothing),
         // never a size over bytes that were not written.
         let o = dio_s(&[

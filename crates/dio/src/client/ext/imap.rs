@@ -294,11 +294,6 @@ impl IndW {
         Ok(any)
     }
 
-    /// Whether blocks are pending (allocated, their data not known written).
-    pub(crate) fn has_pending(&self) -> bool {
-        !self.pending.is_empty()
-    }
-
     /// Free the pending blocks (a failed write's): pointers cleared in memory.
     /// Returns how many.
     pub(crate) fn drop_pending(&mut self, fs: &Fs, ino: u32, op: &mut Op<'_>) -> Result<u64> {

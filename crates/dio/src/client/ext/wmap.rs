@@ -880,18 +880,14 @@ impl ExtWriter {
 
 impl Drop for ExtWriter {
     fn drop(&mut self) {
-        // Indirect files: blocks that failed writes (ENOSPC part-way, an I/O
-        // error) or an unwritten `allocate` took are still marked in the
-        // bitmaps while no pointer on disk names them; give them back, or
-        // e2fsck finds them leaked.
-        let pending = self
-            .map
-            .lock()
-            .ind
-            .as_ref()
-            .is_some_and(|i| i.has_pending());
-        if pending {
-            let _ = self.commit_size();
+        // Blocks that failed writes (ENOSPC part-way, an I/O error) or an
+        // unwritten `allocate` of an indirect file took are still counted in
+        // the bitmaps while no pointer on disk names them: a writer dropped
+        // without `discard_failed` or `sync` (a caller's error path) gives them
+        // back, or e2fsck finds them leaked.
+        let pending = self.map.lock().ind.as_ref().is_some_and(IndW::has_pending);
+        if pending || self.map.write_failed.load(Ordering::Relaxed) {
+            let _ = self.record(false);
         }
         super::lock(&self.fs.writers).remove(&self.ino);
     }
