@@ -582,6 +582,11 @@ impl Alloc {
 
     /// Set the superblock's `s_last_orphan` (the orphan list's head) in this
     /// operation (see `orphan.rs`).
+    /// The head of the orphan list (`s_last_orphan`), as this allocator has it.
+    pub(crate) fn last_orphan(&self) -> u32 {
+        le32(&self.sb_block.1[self.sb_off..], 0xE8)
+    }
+
     pub(crate) fn set_last_orphan(&mut self, ino: u32) {
         let off = self.sb_off;
         put32(&mut self.sb_block.1[off..], 0xE8, ino);

@@ -1965,14 +1965,18 @@ impl Ext {
             }
         }
 
-        // The new inode, named nowhere yet (a crash leaves it for e2fsck's
-        // lost+found).
+        // The new inode, named nowhere yet: with a journal an orphan with no
+        // links (a crash leaves it for the kernel's mount, e2fsck or dio's next
+        // writable open to free); without one a crash leaves it for e2fsck.
         let inode = {
             let mut op = Op::begin(fs)?;
             let pg = (parent.ino - 1) / fs.sb.inodes_per_group;
             let ino = op.new_inode_no(pg, false)?;
             let extents = fs.sb.has_incompat(incompat::EXTENTS);
             let mut inode = new_inode(fs, ino, S_IFREG | 0o644, attrs, extents)?;
+            if fs.journaled() {
+                super::orphan::add_unnamed(&mut op, &mut inode)?;
+            }
             op.put_inode_at(FRESH, &mut inode)?;
             op.commit()?;
             inode
@@ -2151,6 +2155,15 @@ impl Ext {
         let fs = &self.fs;
         let (parent, name) = self.parent_of(path)?;
         let mut op = Op::begin(fs)?;
+        if super::orphan::take_off(&mut op, ino)? {
+            // An unnamed orphan named in this same operation: an inode with
+            // its one link.
+            let mut me = op.inode(ino)?;
+            put32(&mut me.raw, 0x14, 0);
+            me.links = 1;
+            put16(&mut me.raw, 0x1A, 1);
+            op.put_inode(&mut me)?;
+        }
         let parent = op.inode(parent.ino)?;
         let mut d = DirW::load(fs, parent)?;
         match self.exists_in(&d.inode, &name)? {
@@ -2189,6 +2202,7 @@ impl Ext {
     fn discard(&self, ino: u32) -> Result<()> {
         let fs = &self.fs;
         let mut op = Op::begin(fs)?;
+        super::orphan::take_off(&mut op, ino)?;
         let mut inode = op.inode(ino)?;
         release(&mut op, &mut inode)?;
         op.tx.freed_inodes.push((ino, false));

@@ -30,8 +30,9 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use super::bytes::{le32, put32};
+use super::bytes::{le32, put16, put32};
 use super::inode::FileType;
+use super::inode::Inode;
 use super::superblock::{SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE};
 use super::tx::{Op, UNLINK};
 use super::Fs;
@@ -42,6 +43,48 @@ use crate::{Error, Result};
 const LAST_ORPHAN: usize = 0xE8;
 /// `i_dtime` in an inode: the next orphan while on the list.
 const DTIME: usize = 0x14;
+
+/// Make new inode `inode` (named nowhere yet) an orphan with no links, at the
+/// head of the list, in the operation that creates it: a crash (or SIGKILL)
+/// before it is named leaves it for the kernel's mount, e2fsck or dio's next
+/// writable open to free, as the kernel does for an `O_TMPFILE` inode. Only
+/// with a journal (the kernel keeps no orphan list without one).
+pub(crate) fn add_unnamed(op: &mut Op<'_>, inode: &mut Inode) -> Result<()> {
+    let head = op.alloc()?.last_orphan();
+    put32(&mut inode.raw, DTIME, head);
+    inode.links = 0;
+    put16(&mut inode.raw, 0x1A, 0);
+    op.alloc()?.set_last_orphan(inode.ino);
+    Ok(())
+}
+
+/// Take `ino` off the orphan list in `op` (its predecessor, or the
+/// superblock's head, skips it); `false` if it is not on the list. The caller
+/// rewrites `ino` itself (links, `i_dtime`).
+pub(crate) fn take_off(op: &mut Op<'_>, ino: u32) -> Result<bool> {
+    let head = op.alloc()?.last_orphan();
+    if head == 0 {
+        return Ok(false);
+    }
+    let next = le32(&op.inode(ino)?.raw, DTIME);
+    if head == ino {
+        op.alloc()?.set_last_orphan(next);
+        return Ok(true);
+    }
+    let mut seen = HashSet::new();
+    let mut cur = head;
+    while cur != 0 && seen.insert(cur) {
+        let mut i = op.inode(cur)?;
+        let n = le32(&i.raw, DTIME);
+        if n == ino {
+            put32(&mut i.raw, DTIME, next);
+            op.put_inode(&mut i)?;
+            return Ok(true);
+        }
+        cur = n;
+    }
+    Ok(false)
+}
 
 /// What orphan processing did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]

@@ -214,6 +214,13 @@ impl AllocMap {
     /// unwritten extents reading as zeros where data was written).
     pub(crate) fn store(op: &mut Op<'_>, st: &mut FileW, goal: u64) -> Result<()> {
         let mut inode = st.inode.clone();
+        if inode.links == 0 {
+            // An unnamed orphan (`Ext::put_file` with a journal): its i_dtime
+            // is the orphan list's link, which other operations may have
+            // moved since this copy was read.
+            let now = op.inode(inode.ino)?;
+            inode.raw[0x14..0x18].copy_from_slice(&now.raw[0x14..0x18]);
+        }
         if let Some(ind) = &mut st.ind {
             ind.store(op, &mut inode);
             op.put_inode_at(LATE, &mut inode)?;
