@@ -21,7 +21,10 @@
 //!
 //! dio's own unlink and truncate never need the list: each is one journal
 //! transaction (all of it or none survives a crash), and without a journal the
-//! kernel keeps no orphan list either.
+//! kernel keeps no orphan list either. The new inode `Ext::put_file` fills
+//! before naming it spans transactions: with a journal it is an orphan with no
+//! links until the operation that names it takes it off the list
+//! ([`add_unnamed`], [`take_off`]), as the kernel keeps an `O_TMPFILE` inode.
 //!
 //! The `orphan_file` feature (orphans in a file rather than a chain) is not
 //! processed: a writable open refuses an image whose orphan file has entries
