@@ -538,16 +538,9 @@ fn the_file_system_unmounts_right_after_dio_exits() {
 fn a_killed_copy_leaves_no_new_dst() {
     let dir = scratch();
     let dst = dir.path().join("new");
-    let mut child = dio_cmd(&["cp", "--no-progress", "-", s(&dst)])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
     // Bytes in, the stream left open: the copy is under way, not done.
-    stdin.write_all(&bytes(4 << 20, 3)).unwrap();
-    stdin.flush().unwrap();
+    let (mut child, stdin) =
+        dio_testkit::cp_from_open_pipe(env!("CARGO_BIN_EXE_dio"), &dst, &bytes(4 << 20, 3));
     std::thread::sleep(std::time::Duration::from_millis(300));
     child.kill().unwrap();
     child.wait().unwrap();

@@ -422,25 +422,16 @@ fn enospc_on_indirect_files_leaks_no_block() {
 #[test]
 fn sigint_during_cp_into_a_journaled_image_leaves_nothing_behind() {
     use std::io::Write;
-    use std::process::Stdio;
     if !need(&["mke2fs", "e2fsck", "debugfs", "kill"]) {
         return;
     }
     let img = scratch("sigint.img");
     mke2fs(&img, &["-t", "ext4"], 64);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_dio"))
-        .args(["cp", "-"])
-        .arg(at(&img, "/f"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
     let chunk = vec![0x5Au8; 9 << 20];
     // Once dio has taken this in (the pipe holds 64 KiB), it is copying, with
     // its handlers in place.
-    stdin.write_all(&chunk).unwrap();
+    let (child, mut stdin) =
+        dio_testkit::cp_from_open_pipe(env!("CARGO_BIN_EXE_dio"), at(&img, "/f"), &chunk);
     let pid = child.id().to_string();
     let o = Command::new("kill").args(["-INT", &pid]).output().unwrap();
     assert!(o.status.success(), "kill -INT {pid}");
@@ -474,25 +465,18 @@ fn sigint_during_cp_into_a_journaled_image_leaves_nothing_behind() {
 
 #[test]
 fn sigkill_during_cp_into_a_journaled_image_leaves_an_orphan_not_a_leak() {
-    use std::io::Write;
-    use std::process::Stdio;
     if !need(&["mke2fs", "e2fsck", "debugfs"]) {
         return;
     }
     let img = scratch("sigkill.img");
     mke2fs(&img, &["-t", "ext4"], 64);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_dio"))
-        .args(["cp", "-"])
-        .arg(at(&img, "/f"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
     // Once dio has taken this in, its new inode is on the image (made before
     // the first byte is read) and a chunk is being written into it.
-    stdin.write_all(&vec![0x6Bu8; 9 << 20]).unwrap();
+    let (mut child, stdin) = dio_testkit::cp_from_open_pipe(
+        env!("CARGO_BIN_EXE_dio"),
+        at(&img, "/f"),
+        &vec![0x6Bu8; 9 << 20],
+    );
     child.kill().unwrap();
     let _ = child.wait();
     drop(stdin);

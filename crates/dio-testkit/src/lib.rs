@@ -108,6 +108,30 @@ pub fn pattern(buf: &mut [u8], op: u64, at: u64) {
     }
 }
 
+/// `BIN cp - DST` (`dio`'s binary) with its stdin a pipe into which `first` has
+/// been written and which is left open, so that the copy is under way and not
+/// done; stdout is dropped and stderr captured.
+pub fn cp_from_open_pipe(
+    bin: &str,
+    dst: impl AsRef<std::ffi::OsStr>,
+    first: &[u8],
+) -> (std::process::Child, std::process::ChildStdin) {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(bin)
+        .args(["cp", "--no-progress", "-"])
+        .arg(dst)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run dio cp");
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    stdin.write_all(first).expect("feed dio cp");
+    stdin.flush().expect("feed dio cp");
+    (child, stdin)
+}
+
 /// Whether process `pid` holds open an unnamed file (`O_TMPFILE`: how `dio cp`
 /// writes a new DST until it is done) under `dir`, with blocks already: the copy
 /// is under way.
