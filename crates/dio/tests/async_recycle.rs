@@ -140,21 +140,7 @@ fn run(threaded: bool, end_io: bool) {
     if threaded {
         cfg = cfg.threaded(None, true, 7);
     }
-    let dev = Arc::new(MemDevice::new(cfg));
-    for b in (0..BLOCKS).filter(|&b| bad_dev(b)) {
-        dev.fail_range(b * FS..(b + 1) * FS, None);
-    }
-    let map = Arc::new(CheckedMap {
-        end_io,
-        stale: AtomicU64::new(0),
-        end_ios: AtomicU64::new(0),
-    });
-    let file = DirectFile::new(
-        dev.clone(),
-        map.clone(),
-        Arc::new(FileState::new(BLOCKS * FS)),
-    )
-    .unwrap();
+    let (map, file) = rig(cfg, end_io);
     // The model: each block's bytes (all zero at first); thread t owns the blocks
     // b with b % THREADS == t, so no two calls in flight share a block.
     let model: Vec<Mutex<Vec<u8>>> = (0..BLOCKS)
@@ -239,15 +225,9 @@ fn run(threaded: bool, end_io: bool) {
     }
 }
 
-/// Chains of async calls, each call started by the previous one's completion: on a
-/// threaded device they all run on the device's thread after the first, so the call
-/// states that thread recycles (finished by a completion, their outcome handed over
-/// by the submitter) are the ones it reuses.
-fn run_chains(end_io: bool) {
-    const CHAINS: u64 = 8;
-    let dev = Arc::new(MemDevice::new(
-        MemDeviceConfig::new(BLOCKS * FS, 512).threaded(None, true, 9),
-    ));
+/// The device of `cfg` failing the bad blocks, a checked map and the file.
+fn rig(cfg: MemDeviceConfig, end_io: bool) -> (Arc<CheckedMap>, DirectFile) {
+    let dev = Arc::new(MemDevice::new(cfg));
     for b in (0..BLOCKS).filter(|&b| bad_dev(b)) {
         dev.fail_range(b * FS..(b + 1) * FS, None);
     }
@@ -256,12 +236,20 @@ fn run_chains(end_io: bool) {
         stale: AtomicU64::new(0),
         end_ios: AtomicU64::new(0),
     });
-    let file = DirectFile::new(
-        dev.clone(),
-        map.clone(),
-        Arc::new(FileState::new(BLOCKS * FS)),
-    )
-    .unwrap();
+    let file = DirectFile::new(dev, map.clone(), Arc::new(FileState::new(BLOCKS * FS))).unwrap();
+    (map, file)
+}
+
+/// Chains of async calls, each call started by the previous one's completion: on a
+/// threaded device they all run on the device's thread after the first, so the call
+/// states that thread recycles (finished by a completion, their outcome handed over
+/// by the submitter) are the ones it reuses.
+fn run_chains(end_io: bool) {
+    const CHAINS: u64 = 8;
+    let (map, file) = rig(
+        MemDeviceConfig::new(BLOCKS * FS, 512).threaded(None, true, 9),
+        end_io,
+    );
     struct Ctx {
         file: DirectFile,
         model: Vec<Mutex<Vec<u8>>>,

@@ -217,16 +217,13 @@ pub(crate) fn run_async(
     done: Done,
     extra: Extra,
 ) {
-    let done = Async { done, handle: None };
-    run(
+    start_async(
         file,
         op,
         offset,
         mem,
-        Lender::Owned,
         flags,
-        None,
-        Some(done),
+        Async { done, handle: None },
         extra,
     );
 }
@@ -246,8 +243,21 @@ pub(crate) fn run_async_handle(
         done,
         handle: Some(Arc::clone(handle)),
     };
+    start_async(&handle.0, op, offset, mem, flags, done, extra);
+}
+
+/// Start an async call on owned memory.
+fn start_async(
+    file: &Arc<Shared>,
+    op: Op,
+    offset: u64,
+    mem: &[MemRef],
+    flags: Flags,
+    done: Async,
+    extra: Extra,
+) {
     run(
-        &handle.0,
+        file,
         op,
         offset,
         mem,
