@@ -204,6 +204,19 @@ fn run(threaded: bool, end_io: bool) {
         }
     });
     // Every block as the model has it, read sync.
+    check_model(&file, &model);
+    assert_eq!(
+        map.stale.load(Ordering::Relaxed),
+        0,
+        "end_io saw private data of another call"
+    );
+    if end_io {
+        assert!(map.end_ios.load(Ordering::Relaxed) >= THREADS * OPS);
+    }
+}
+
+/// Every block the model knows, read sync, is as the model has it.
+fn check_model(file: &DirectFile, model: &[Mutex<Vec<u8>>]) {
     let mut buf = AlignedBuf::new(FS as usize, FS as usize);
     for b in (0..BLOCKS).filter(|&b| matches!(want(b), Want::Bytes)) {
         assert_eq!(
@@ -214,14 +227,6 @@ fn run(threaded: bool, end_io: bool) {
             buf[..] == model[b as usize].lock().unwrap()[..],
             "block {b} differs from the model at the end"
         );
-    }
-    assert_eq!(
-        map.stale.load(Ordering::Relaxed),
-        0,
-        "end_io saw private data of another call"
-    );
-    if end_io {
-        assert!(map.end_ios.load(Ordering::Relaxed) >= THREADS * OPS);
     }
 }
 
@@ -327,17 +332,7 @@ fn run_chains(end_io: bool) {
         failures.len(),
         failures[0]
     );
-    let mut buf = AlignedBuf::new(FS as usize, FS as usize);
-    for b in (0..BLOCKS).filter(|&b| matches!(want(b), Want::Bytes)) {
-        assert_eq!(
-            file.read_at(b * FS, &mut buf, Flags::NONE).unwrap(),
-            FS as usize
-        );
-        assert!(
-            buf[..] == ctx.model[b as usize].lock().unwrap()[..],
-            "block {b} differs from the model at the end"
-        );
-    }
+    check_model(&ctx.file, &ctx.model);
     assert_eq!(
         map.stale.load(Ordering::Relaxed),
         0,

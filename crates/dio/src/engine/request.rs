@@ -269,6 +269,26 @@ fn start_async(
     );
 }
 
+/// The one device request of a fast-path read: `m` read from device byte `at`
+/// for the call `dio` (file offset `offset`).
+fn one_read_request(
+    at: u64,
+    m: &MemRef,
+    dio: Arc<dyn crate::device::Completion>,
+    offset: u64,
+    lender: &Lender,
+) -> Request {
+    Request::build(
+        Op::Read,
+        at,
+        Segments::from(*m),
+        false,
+        dio,
+        offset,
+        lender.keep(),
+    )
+}
+
 /// The shape of a read the one-request fast paths take: one buffer of whole fs
 /// blocks (so the dio block is the fs block) at an aligned address, one request's
 /// worth, within the file system's limit, on a map without end_io; not ATOMIC (the
@@ -387,15 +407,7 @@ pub(crate) fn read_one(
                 dio: &dio,
                 poll,
             };
-            let req = Request::build(
-                Op::Read,
-                b << sh,
-                Segments::from(*m),
-                false,
-                dio.clone(),
-                offset,
-                lender.keep(),
-            );
+            let req = one_read_request(b << sh, m, dio.clone(), offset, &lender);
             crate::trace::request_submitted!(req, offset);
             file.map.submit_io(&*file.dev, req, offset);
             std::mem::forget(waiting);
@@ -502,15 +514,7 @@ pub(crate) fn read_one_async(
             if e.defer_completion {
                 dio.set_defer();
             }
-            let req = Request::build(
-                Op::Read,
-                b << sh,
-                Segments::from(*m),
-                false,
-                dio.clone(),
-                offset,
-                Lender::Owned.keep(),
-            );
+            let req = one_read_request(b << sh, m, dio.clone(), offset, &Lender::Owned);
             crate::trace::request_submitted!(req, offset);
             let sent = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 file.map.submit_io(&*file.dev, req, offset);
